@@ -1,0 +1,157 @@
+"""Read the YAML documents a user would ``kubectl apply`` (a file, or a folder of files).
+
+All or nothing: :func:`load_documents` validates every document before returning any, so a bad one
+is refused with one line naming the file, the document's index, the field and what is wrong, and
+the caller keeps the state it had. ``kind: List`` (``kubectl get -o yaml`` output) is flattened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from localmodel.errors import InvalidInput, SpecError
+from localmodel.resources import LocalModelCache, LocalModelNode, LocalModelNodeGroup, Node
+from localmodel.state.base import (
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    ResourceKind,
+)
+
+# kind -> (where it lives, how to validate and normalise it)
+_PARSERS: dict[str, tuple[ResourceKind, Callable[[Any], JSON]]] = {
+    "LocalModelCache": (LOCAL_MODEL_CACHE, lambda d: LocalModelCache.from_json(d).to_json()),
+    "LocalModelNodeGroup": (
+        LOCAL_MODEL_NODE_GROUP,
+        lambda d: LocalModelNodeGroup.from_json(d).to_json(),
+    ),
+    "LocalModelNode": (LOCAL_MODEL_NODE, lambda d: LocalModelNode.from_json(d).to_json()),
+    "Node": (NODE, lambda d: _node(d)),
+}
+SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True)
+class Document:
+    where: str  # "file.yaml#2": the file and the document's index in it, for messages
+    kind: ResourceKind
+    object: JSON
+
+    @property
+    def name(self) -> str:
+        return str(self.object["metadata"]["name"])
+
+
+def load_documents(path: Path, *, kinds: Iterable[str] | None = None) -> list[Document]:
+    """Every document under ``path``, validated; raises SpecError (one line) on the first bad one."""
+    allowed = set(kinds) if kinds is not None else set(_PARSERS)
+    files = _files(path)
+    docs: list[Document] = []
+    seen: dict[tuple[str, str], str] = {}
+    for file in files:
+        for doc in _parse_file(file, allowed):
+            key = (doc.kind.kind, doc.name)
+            if key in seen:
+                raise SpecError(
+                    f"{doc.kind.kind} {doc.name!r} is defined twice (first in {seen[key]})",
+                    where=doc.where,
+                )
+            seen[key] = doc.where
+            docs.append(doc)
+    return docs
+
+
+def parse_text(text: str, *, where: str, kinds: Iterable[str] | None = None) -> list[Document]:
+    """Documents from a string (for tests and stdin)."""
+    return list(_parse_stream(text, where, set(kinds) if kinds is not None else set(_PARSERS)))
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix in SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    raise SpecError(f"no such file or folder: {path}", where=str(path))
+
+
+def _parse_file(file: Path, allowed: set[str]) -> list[Document]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read: {e}", where=str(file)) from e
+    return list(_parse_stream(text, str(file), allowed))
+
+
+def _parse_stream(text: str, where: str, allowed: set[str]) -> Iterable[Document]:
+    try:
+        raw_docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"not valid YAML: {problem}{line}", where=where) from e
+    except (ValueError, RecursionError) as e:  # e.g. a timestamp out of range, deep nesting
+        raise SpecError(f"not valid YAML: {e}", where=where) from e
+    for index, raw in enumerate(raw_docs):
+        if raw is None:
+            continue
+        doc_where = f"{where}#{index}"
+        items = raw.get("items") if isinstance(raw, dict) and _is_list(raw) else [raw]
+        if not isinstance(items, list):
+            raise SpecError("expected items to be a list", field="items", where=doc_where)
+        for j, item in enumerate(items):
+            item_where = doc_where if items is not None and len(items) == 1 else f"{doc_where}[{j}]"
+            yield _document(item, item_where, allowed)
+
+
+def _is_list(raw: dict[str, Any]) -> bool:
+    kind = raw.get("kind")
+    return isinstance(kind, str) and kind.endswith("List") and "items" in raw
+
+
+def _document(raw: Any, where: str, allowed: set[str]) -> Document:
+    if not isinstance(raw, dict):
+        raise SpecError(f"expected a Kubernetes object, got {type(raw).__name__}", where=where)
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise SpecError("is required", field="kind", where=where)
+    if kind not in allowed:
+        raise SpecError(
+            f"unknown kind {kind!r}; expected one of {', '.join(sorted(allowed))}",
+            field="kind",
+            where=where,
+        )
+    resource, parse = _PARSERS[kind]
+    if raw.get("apiVersion") != resource.api_version:
+        raise SpecError(
+            f"expected {resource.api_version!r} for {kind}, got {raw.get('apiVersion')!r}",
+            field="apiVersion",
+            where=where,
+        )
+    try:
+        normalised = parse(raw)
+    except SpecError as e:
+        raise e.located(where) from None
+    except InvalidInput as e:
+        raise SpecError(str(e), where=where) from None
+    return Document(where, resource, normalised)
+
+
+def _node(raw: Any) -> JSON:
+    node = Node.from_json(raw)
+    out: JSON = dict(raw)
+    out["metadata"] = dict(raw.get("metadata") or {}, name=node.name)
+    return out

@@ -1,0 +1,86 @@
+"""The project's exception tree. Everything modelcache raises on purpose is one of these.
+
+    ModelcacheError                  base: catch this to catch everything we raise on purpose
+    ├── InvalidInput                 bad user input; the CLI exits 2 (QuantityError, URIError, SpecError)
+    │   ├── QuantityError            a Kubernetes Quantity that does not parse
+    │   ├── URIError                 a source URI of an unknown scheme or a malformed one
+    │   └── SpecError                a document or field that does not fit the schema
+    └── ClusterStateError            the cluster state (API server or embedded) refused or failed
+        ├── NotFound                 the object does not exist (HTTP 404)
+        ├── AlreadyExists            create of an existing name (HTTP 409 on create)
+        ├── Conflict                 stale resourceVersion on write (HTTP 409)
+        ├── Gone                     a watch's resourceVersion is too old (HTTP 410): relist
+        └── Unavailable              the state source cannot be reached right now (retryable)
+
+Third-party exceptions are mapped into this tree in one place per boundary (``from e``), so callers
+never catch an httpx or botocore error directly.
+"""
+
+from __future__ import annotations
+
+
+class ModelcacheError(Exception):
+    """Base of every error modelcache raises on purpose."""
+
+
+class InvalidInput(ModelcacheError):
+    """Input from a user (flag, document, field) that cannot be accepted as it is."""
+
+
+class QuantityError(InvalidInput, ValueError):
+    """A Kubernetes Quantity string that does not parse."""
+
+
+class URIError(InvalidInput, ValueError):
+    """A source URI that names an unknown scheme or is malformed."""
+
+
+class SpecError(InvalidInput, ValueError):
+    """A document or a field that does not fit the custom resource's schema.
+
+    ``where`` names the document (file and index) and ``field`` the dotted path, so the one-line
+    message tells the user exactly what to fix.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, where: str | None = None) -> None:
+        self.reason = message
+        self.field = field
+        self.where = where
+        parts = [p for p in (where, field) if p]
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+    def located(self, where: str) -> SpecError:
+        """The same error, placed in a document (``file.yaml#2``)."""
+        return SpecError(self.reason, field=self.field, where=where)
+
+    def nested(self, prefix: str) -> SpecError:
+        """The same error, with ``prefix`` prepended to the field path."""
+        field = f"{prefix}.{self.field}" if self.field else prefix
+        return SpecError(self.reason, field=field, where=self.where)
+
+
+class ClusterStateError(ModelcacheError):
+    """The cluster state source refused a request or failed."""
+
+    status: int = 500
+
+
+class NotFound(ClusterStateError):
+    status = 404
+
+
+class AlreadyExists(ClusterStateError):
+    status = 409
+
+
+class Conflict(ClusterStateError):
+    status = 409
+
+
+class Gone(ClusterStateError):
+    status = 410
+
+
+class Unavailable(ClusterStateError):
+    status = 503

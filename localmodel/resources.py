@@ -1,0 +1,765 @@
+"""Typed, frozen views of the three custom resources and of Nodes, parsed from and written to the
+exact JSON Kubernetes stores.
+
+``from_json`` validates and raises :class:`SpecError` naming the field (``spec.modelSize``);
+``to_json`` writes the stored form back. KServe's field names are a strict subset: a LocalModelCache
+written for KServe parses unchanged. The alias ``nodeGroup`` (a string or a list, as KServe's
+announcement example spells it) is accepted and normalised to ``nodeGroups``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from localmodel.errors import InvalidInput, SpecError
+from localmodel.layout import STORAGE_KEY_RE, storage_key
+from localmodel.quantity import Quantity
+from localmodel.selectors import NodeSelector
+from localmodel.state.base import (
+    API_VERSION,
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+)
+from localmodel.uri import parse_uri
+
+FINALIZER = "localmodel.kserve.io/finalizer"
+NODEGROUP_ANNOTATION = "serving.kserve.io/nodegroup"
+LOCALMODEL_LABEL = "internal.serving.kserve.io/localmodel"
+
+
+class NodeState(enum.StrEnum):
+    """A node's copy of a cache, as KServe names it (LocalModelCache.status.nodeStatus)."""
+
+    NOT_READY = "NodeNotReady"
+    DOWNLOAD_PENDING = "NodeDownloadPending"
+    DOWNLOADING = "NodeDownloading"
+    DOWNLOADED = "NodeDownloaded"
+    DOWNLOAD_ERROR = "NodeDownloadError"
+
+
+class ModelState(enum.StrEnum):
+    """One model on one node, as KServe names it (LocalModelNode.status.modelStatus)."""
+
+    PENDING = "ModelDownloadPending"
+    DOWNLOADING = "ModelDownloading"
+    DOWNLOADED = "ModelDownloaded"
+    ERROR = "ModelDownloadError"
+
+
+# -- field readers: each names the field it failed on ------------------------------------------
+
+T = TypeVar("T")
+
+
+def _obj(data: Any, path: str) -> Mapping[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SpecError(f"expected an object, got {type(data).__name__}", field=path)
+    return data
+
+
+def _str(data: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> str | None:
+    value = data.get(key)
+    if value is None or value == "":
+        if required:
+            raise SpecError("is required", field=f"{path}.{key}")
+        return None
+    if not isinstance(value, str):
+        raise SpecError(f"expected a string, got {value!r}", field=f"{path}.{key}")
+    return value
+
+
+def _int(data: Mapping[str, Any], key: str, path: str, default: int = 0) -> int:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SpecError(f"expected a whole number ≥ 0, got {value!r}", field=f"{path}.{key}")
+    return value
+
+
+def _quantity(data: Mapping[str, Any], key: str, path: str, *, required: bool) -> Quantity | None:
+    value = data.get(key)
+    if value is None or value == "":
+        if required:
+            raise SpecError("is required (a quantity such as 10Gi)", field=f"{path}.{key}")
+        return None
+    try:
+        return Quantity.parse(value, field=f"{path}.{key}")
+    except InvalidInput as e:
+        raise SpecError(str(e).split(": ", 1)[-1], field=f"{path}.{key}") from e
+
+
+def _str_map(data: Mapping[str, Any], key: str, path: str) -> dict[str, str]:
+    raw = _obj(data.get(key), f"{path}.{key}")
+    out = {}
+    for k, v in raw.items():
+        if not isinstance(v, str):
+            raise SpecError(f"expected a string, got {v!r}", field=f"{path}.{key}.{k}")
+        out[str(k)] = v
+    return out
+
+
+def _enum(cls: type[T], value: Any, path: str) -> T:
+    try:
+        return cls(value)  # type: ignore[call-arg]
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        raise SpecError(f"{value!r} is not one of {choices}", field=path) from None
+
+
+def _drop_none(d: JSON) -> JSON:
+    return {k: v for k, v in d.items() if v is not None and v != {} and v != []}
+
+
+# -- shared pieces ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: str | None = None
+    deletion_timestamp: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    finalizers: tuple[str, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ObjectMeta:
+        meta = _obj(data, "metadata")
+        name = _str(meta, "name", "metadata", required=True)
+        assert name is not None
+        generation = meta.get("generation")
+        finalizers = meta.get("finalizers") or []
+        if not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers):
+            raise SpecError("expected a list of strings", field="metadata.finalizers")
+        return cls(
+            name=name,
+            namespace=_str(meta, "namespace", "metadata"),
+            uid=_str(meta, "uid", "metadata"),
+            resource_version=_str(meta, "resourceVersion", "metadata"),
+            generation=generation if isinstance(generation, int) else None,
+            creation_timestamp=_str(meta, "creationTimestamp", "metadata"),
+            deletion_timestamp=_str(meta, "deletionTimestamp", "metadata"),
+            labels=_str_map(meta, "labels", "metadata"),
+            annotations=_str_map(meta, "annotations", "metadata"),
+            finalizers=tuple(finalizers),
+            raw=dict(meta),
+        )
+
+    def to_json(self) -> JSON:
+        out = dict(self.raw)
+        out.update(
+            _drop_none(
+                {
+                    "name": self.name,
+                    "namespace": self.namespace,
+                    "labels": dict(self.labels) or None,
+                    "annotations": dict(self.annotations) or None,
+                    "finalizers": list(self.finalizers) or None,
+                }
+            )
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """Credentials reference (KServe's ``storage``): a key in the storage-config secret."""
+
+    key: str | None = None
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, path: str) -> StorageSpec | None:
+        if data is None:
+            return None
+        raw = _obj(data, path)
+        return cls(key=_str(raw, "key", path), parameters=_str_map(raw, "parameters", path))
+
+    def to_json(self) -> JSON:
+        return _drop_none({"key": self.key, "parameters": dict(self.parameters) or None})
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    node_group: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, path: str) -> Condition:
+        raw = _obj(data, path)
+        ctype = _str(raw, "type", path, required=True)
+        status = raw.get("status")
+        if status not in ("True", "False", "Unknown"):
+            raise SpecError(f"{status!r} is not one of True, False, Unknown", field=f"{path}.status")
+        assert ctype is not None
+        return cls(
+            type=ctype,
+            status=status,
+            reason=_str(raw, "reason", path) or "",
+            message=_str(raw, "message", path) or "",
+            last_transition_time=_str(raw, "lastTransitionTime", path),
+            node_group=_str(raw, "nodeGroup", path),
+        )
+
+    def to_json(self) -> JSON:
+        return _drop_none(
+            {
+                "type": self.type,
+                "status": self.status,
+                "reason": self.reason or None,
+                "message": self.message or None,
+                "lastTransitionTime": self.last_transition_time,
+                "nodeGroup": self.node_group,
+            }
+        )
+
+
+def _conditions(data: Mapping[str, Any], path: str) -> tuple[Condition, ...]:
+    raw = data.get("conditions") or []
+    if not isinstance(raw, list):
+        raise SpecError("expected a list", field=f"{path}.conditions")
+    return tuple(Condition.from_json(c, f"{path}.conditions[{i}]") for i, c in enumerate(raw))
+
+
+def _check_kind(data: Any, kind: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise SpecError(f"expected a {kind} object, got {type(data).__name__}")
+    if data.get("kind") not in (None, kind):
+        raise SpecError(f"expected kind {kind}, got {data.get('kind')!r}", field="kind")
+    if data.get("apiVersion") not in (None, API_VERSION):
+        raise SpecError(
+            f"expected apiVersion {API_VERSION}, got {data.get('apiVersion')!r}", field="apiVersion"
+        )
+    return data
+
+
+def _header(kind: str, meta: ObjectMeta) -> JSON:
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": meta.to_json()}
+
+
+# -- LocalModelCache ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModelCacheSpec:
+    source_model_uri: str
+    model_size: Quantity
+    node_groups: tuple[str, ...]
+    service_account_name: str | None = None
+    storage: StorageSpec | None = None
+
+    @property
+    def storage_key(self) -> str:
+        return storage_key(self.source_model_uri)
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelCacheSpec:
+        spec = _obj(data, "spec")
+        if not spec:
+            raise SpecError("is required", field="spec")
+        uri = _str(spec, "sourceModelUri", "spec", required=True)
+        assert uri is not None
+        try:
+            parse_uri(uri, field="spec.sourceModelUri")
+        except InvalidInput as e:
+            raise SpecError(str(e).split(": ", 1)[-1], field="spec.sourceModelUri") from e
+        size = _quantity(spec, "modelSize", "spec", required=True)
+        assert size is not None
+        if size.value <= 0:
+            raise SpecError("must be greater than zero", field="spec.modelSize")
+        groups = _node_groups(spec)
+        return cls(
+            source_model_uri=uri,
+            model_size=size,
+            node_groups=groups,
+            service_account_name=_str(spec, "serviceAccountName", "spec"),
+            storage=StorageSpec.from_json(spec.get("storage"), "spec.storage"),
+        )
+
+    def to_json(self) -> JSON:
+        return _drop_none(
+            {
+                "sourceModelUri": self.source_model_uri,
+                "modelSize": self.model_size.to_json(),
+                "nodeGroups": list(self.node_groups),
+                "serviceAccountName": self.service_account_name,
+                "storage": self.storage.to_json() if self.storage else None,
+            }
+        )
+
+
+def _node_groups(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    primary, alias = spec.get("nodeGroups"), spec.get("nodeGroup")
+    if primary is not None and alias is not None:
+        raise SpecError("give either nodeGroups or its alias nodeGroup, not both", field="spec.nodeGroup")
+    name = "nodeGroups" if alias is None else "nodeGroup"
+    value = primary if alias is None else alias
+    if isinstance(value, str):
+        value = [value]
+    if value is None or value == []:
+        raise SpecError("needs at least one node group", field="spec.nodeGroups")
+    if not isinstance(value, list):
+        raise SpecError("expected a list of node group names", field=f"spec.{name}")
+    for i, g in enumerate(value):
+        if not isinstance(g, str) or not g:
+            raise SpecError(f"expected a node group name, got {g!r}", field=f"spec.{name}[{i}]")
+    if len(set(value)) != len(value):
+        raise SpecError("lists a node group twice", field=f"spec.{name}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Copies:
+    available: int = 0
+    total: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class InferenceServiceRef:
+    name: str
+    namespace: str
+
+
+@dataclass(frozen=True)
+class LocalModelCacheStatus:
+    node_status: Mapping[str, NodeState] = field(default_factory=dict)
+    copies: Copies = Copies()
+    inference_services: tuple[InferenceServiceRef, ...] = ()
+    observed_generation: int | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelCacheStatus:
+        st = _obj(data, "status")
+        ns = _obj(st.get("nodeStatus"), "status.nodeStatus")
+        copies = _obj(st.get("copies"), "status.copies")
+        isvcs = st.get("inferenceServices") or []
+        if not isinstance(isvcs, list):
+            raise SpecError("expected a list", field="status.inferenceServices")
+        refs = []
+        for i, ref in enumerate(isvcs):
+            raw = _obj(ref, f"status.inferenceServices[{i}]")
+            refs.append(
+                InferenceServiceRef(
+                    _str(raw, "name", f"status.inferenceServices[{i}]") or "",
+                    _str(raw, "namespace", f"status.inferenceServices[{i}]") or "",
+                )
+            )
+        return cls(
+            node_status={str(k): _enum(NodeState, v, f"status.nodeStatus.{k}") for k, v in ns.items()},
+            copies=Copies(
+                available=_int(copies, "available", "status.copies"),
+                total=_int(copies, "total", "status.copies"),
+                failed=_int(copies, "failed", "status.copies"),
+            ),
+            inference_services=tuple(refs),
+            observed_generation=st.get("observedGeneration"),
+            conditions=_conditions(st, "status"),
+        )
+
+    def to_json(self) -> JSON:
+        return _drop_none(
+            {
+                "nodeStatus": {k: v.value for k, v in sorted(self.node_status.items())},
+                "copies": {
+                    "available": self.copies.available,
+                    "total": self.copies.total,
+                    "failed": self.copies.failed,
+                },
+                "inferenceServices": [
+                    {"name": r.name, "namespace": r.namespace} for r in self.inference_services
+                ],
+                "observedGeneration": self.observed_generation,
+                "conditions": [c.to_json() for c in self.conditions],
+            }
+        )
+
+
+@dataclass(frozen=True)
+class LocalModelCache:
+    metadata: ObjectMeta
+    spec: LocalModelCacheSpec
+    status: LocalModelCacheStatus = LocalModelCacheStatus()
+
+    kind = LOCAL_MODEL_CACHE
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelCache:
+        data = _check_kind(data, "LocalModelCache")
+        return cls(
+            metadata=ObjectMeta.from_json(data.get("metadata")),
+            spec=LocalModelCacheSpec.from_json(data.get("spec")),
+            status=LocalModelCacheStatus.from_json(data.get("status")),
+        )
+
+    def to_json(self) -> JSON:
+        out = _header("LocalModelCache", self.metadata)
+        out["spec"] = self.spec.to_json()
+        status = self.status.to_json()
+        if status != LocalModelCacheStatus().to_json():
+            out["status"] = status
+        return out
+
+
+# -- LocalModelNodeGroup ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModelNodeGroupSpec:
+    storage_limit: Quantity
+    persistent_volume_spec: Mapping[str, Any] = field(default_factory=dict)
+    persistent_volume_claim_spec: Mapping[str, Any] = field(default_factory=dict)
+    node_selector: NodeSelector | None = None
+
+    @property
+    def cache_path(self) -> str | None:
+        """The folder on the node: the PV's hostPath or local path (one source of truth)."""
+        for source in ("hostPath", "local"):
+            path = (self.persistent_volume_spec.get(source) or {}).get("path")
+            if isinstance(path, str) and path:
+                return path
+        return None
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelNodeGroupSpec:
+        spec = _obj(data, "spec")
+        if not spec:
+            raise SpecError("is required", field="spec")
+        limit = _quantity(spec, "storageLimit", "spec", required=True)
+        assert limit is not None
+        if limit.value <= 0:
+            raise SpecError(
+                f"{limit.to_json()!r} leaves no room for any model; give the per-node size of "
+                "the cache, e.g. 500Gi",
+                field="spec.storageLimit",
+            )
+        pv = dict(_obj(spec.get("persistentVolumeSpec"), "spec.persistentVolumeSpec"))
+        pvc = dict(_obj(spec.get("persistentVolumeClaimSpec"), "spec.persistentVolumeClaimSpec"))
+        affinity = _obj(pv.get("nodeAffinity"), "spec.persistentVolumeSpec.nodeAffinity")
+        selector = None
+        if affinity.get("required") is not None:
+            try:
+                selector = NodeSelector.from_json(affinity["required"])
+            except SpecError as e:
+                raise e.nested("spec.persistentVolumeSpec.nodeAffinity.required") from None
+        for source in ("hostPath", "local"):
+            path = _obj(pv.get(source), f"spec.persistentVolumeSpec.{source}").get("path")
+            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+                raise SpecError(
+                    f"expected an absolute path, got {path!r}",
+                    field=f"spec.persistentVolumeSpec.{source}.path",
+                )
+        return cls(limit, pv, pvc, selector)
+
+    def to_json(self) -> JSON:
+        return _drop_none(
+            {
+                "storageLimit": self.storage_limit.to_json(),
+                "persistentVolumeSpec": dict(self.persistent_volume_spec) or None,
+                "persistentVolumeClaimSpec": dict(self.persistent_volume_claim_spec) or None,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class LocalModelNodeGroupStatus:
+    used: Quantity | None = None
+    available: Quantity | None = None
+    nodes: int | None = None
+    observed_generation: int | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelNodeGroupStatus:
+        st = _obj(data, "status")
+        return cls(
+            used=_quantity(st, "used", "status", required=False),
+            available=_quantity(st, "available", "status", required=False),
+            nodes=st.get("nodes"),
+            observed_generation=st.get("observedGeneration"),
+            conditions=_conditions(st, "status"),
+        )
+
+    def to_json(self) -> JSON:
+        return _drop_none(
+            {
+                "used": self.used.to_json() if self.used else None,
+                "available": self.available.to_json() if self.available else None,
+                "nodes": self.nodes,
+                "observedGeneration": self.observed_generation,
+                "conditions": [c.to_json() for c in self.conditions],
+            }
+        )
+
+
+@dataclass(frozen=True)
+class LocalModelNodeGroup:
+    metadata: ObjectMeta
+    spec: LocalModelNodeGroupSpec
+    status: LocalModelNodeGroupStatus = LocalModelNodeGroupStatus()
+
+    kind = LOCAL_MODEL_NODE_GROUP
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelNodeGroup:
+        data = _check_kind(data, "LocalModelNodeGroup")
+        return cls(
+            metadata=ObjectMeta.from_json(data.get("metadata")),
+            spec=LocalModelNodeGroupSpec.from_json(data.get("spec")),
+            status=LocalModelNodeGroupStatus.from_json(data.get("status")),
+        )
+
+    def to_json(self) -> JSON:
+        out = _header("LocalModelNodeGroup", self.metadata)
+        out["spec"] = self.spec.to_json()
+        if status := self.status.to_json():
+            out["status"] = status
+        return out
+
+
+# -- LocalModelNode -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModelInfo:
+    source_model_uri: str
+    model_name: str
+    namespace: str | None = None
+    node_group: str | None = None
+    service_account_name: str | None = None
+    storage: StorageSpec | None = None
+    model_size: Quantity | None = None
+
+    @property
+    def storage_key(self) -> str:
+        return storage_key(self.source_model_uri)
+
+    @classmethod
+    def from_json(cls, data: Any, path: str) -> LocalModelInfo:
+        raw = _obj(data, path)
+        uri = _str(raw, "sourceModelUri", path, required=True)
+        name = _str(raw, "modelName", path, required=True)
+        assert uri is not None and name is not None
+        key = _str(raw, "storageKey", path)
+        if key is not None and (not STORAGE_KEY_RE.fullmatch(key) or key != storage_key(uri)):
+            raise SpecError(
+                f"{key!r} is not the storage key of {uri!r} ({storage_key(uri)})",
+                field=f"{path}.storageKey",
+            )
+        return cls(
+            source_model_uri=uri,
+            model_name=name,
+            namespace=_str(raw, "namespace", path),
+            node_group=_str(raw, "nodeGroup", path),
+            service_account_name=_str(raw, "serviceAccountName", path),
+            storage=StorageSpec.from_json(raw.get("storage"), f"{path}.storage"),
+            model_size=_quantity(raw, "modelSize", path, required=False),
+        )
+
+    def to_json(self) -> JSON:
+        return _drop_none(
+            {
+                "sourceModelUri": self.source_model_uri,
+                "modelName": self.model_name,
+                "namespace": self.namespace,
+                "nodeGroup": self.node_group,
+                "serviceAccountName": self.service_account_name,
+                "storage": self.storage.to_json() if self.storage else None,
+                "modelSize": self.model_size.to_json() if self.model_size else None,
+                "storageKey": self.storage_key,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class ModelProgress:
+    """Our addition to KServe's per-model state: what a user needs to see a download's health."""
+
+    state: ModelState
+    storage_key: str | None = None
+    source_model_uri: str | None = None
+    revision: str | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    retry_after: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, path: str) -> ModelProgress:
+        raw = _obj(data, path)
+        return cls(
+            state=_enum(ModelState, raw.get("state"), f"{path}.state"),
+            storage_key=_str(raw, "storageKey", path),
+            source_model_uri=_str(raw, "sourceModelUri", path),
+            revision=_str(raw, "revision", path),
+            bytes_done=_int(raw, "bytesDone", path),
+            bytes_total=_int(raw, "bytesTotal", path),
+            files_done=_int(raw, "filesDone", path),
+            files_total=_int(raw, "filesTotal", path),
+            start_time=_str(raw, "startTime", path),
+            completion_time=_str(raw, "completionTime", path),
+            reason=_str(raw, "reason", path),
+            message=_str(raw, "message", path),
+            retry_after=_str(raw, "retryAfter", path),
+        )
+
+    def to_json(self) -> JSON:
+        return _drop_none(
+            {
+                "state": self.state.value,
+                "storageKey": self.storage_key,
+                "sourceModelUri": self.source_model_uri,
+                "revision": self.revision,
+                "bytesDone": self.bytes_done,
+                "bytesTotal": self.bytes_total,
+                "filesDone": self.files_done,
+                "filesTotal": self.files_total,
+                "startTime": self.start_time,
+                "completionTime": self.completion_time,
+                "reason": self.reason,
+                "message": self.message,
+                "retryAfter": self.retry_after,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Capacity:
+    limit: Quantity | None = None
+    used: Quantity | None = None
+    available: Quantity | None = None
+
+
+@dataclass(frozen=True)
+class LocalModelNodeStatus:
+    model_status: Mapping[str, ModelState] = field(default_factory=dict)
+    models: Mapping[str, ModelProgress] = field(default_factory=dict)
+    capacity: Capacity = Capacity()
+    summary: str | None = None
+    observed_generation: int | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelNodeStatus:
+        st = _obj(data, "status")
+        ms = _obj(st.get("modelStatus"), "status.modelStatus")
+        models = _obj(st.get("models"), "status.models")
+        cap = _obj(st.get("capacity"), "status.capacity")
+        return cls(
+            model_status={str(k): _enum(ModelState, v, f"status.modelStatus.{k}") for k, v in ms.items()},
+            models={str(k): ModelProgress.from_json(v, f"status.models.{k}") for k, v in models.items()},
+            capacity=Capacity(
+                limit=_quantity(cap, "limit", "status.capacity", required=False),
+                used=_quantity(cap, "used", "status.capacity", required=False),
+                available=_quantity(cap, "available", "status.capacity", required=False),
+            ),
+            summary=_str(st, "summary", "status"),
+            observed_generation=st.get("observedGeneration"),
+            conditions=_conditions(st, "status"),
+        )
+
+    def to_json(self) -> JSON:
+        cap = _drop_none(
+            {
+                "limit": self.capacity.limit.to_json() if self.capacity.limit else None,
+                "used": self.capacity.used.to_json() if self.capacity.used else None,
+                "available": self.capacity.available.to_json() if self.capacity.available else None,
+            }
+        )
+        return _drop_none(
+            {
+                "modelStatus": {k: v.value for k, v in sorted(self.model_status.items())},
+                "models": {k: v.to_json() for k, v in sorted(self.models.items())},
+                "capacity": cap,
+                "summary": self.summary,
+                "observedGeneration": self.observed_generation,
+                "conditions": [c.to_json() for c in self.conditions],
+            }
+        )
+
+
+@dataclass(frozen=True)
+class LocalModelNode:
+    metadata: ObjectMeta
+    local_models: tuple[LocalModelInfo, ...] = ()
+    status: LocalModelNodeStatus = LocalModelNodeStatus()
+
+    kind = LOCAL_MODEL_NODE
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @classmethod
+    def from_json(cls, data: Any) -> LocalModelNode:
+        data = _check_kind(data, "LocalModelNode")
+        spec = _obj(data.get("spec"), "spec")
+        raw_models = spec.get("localModels") or []
+        if not isinstance(raw_models, list):
+            raise SpecError("expected a list", field="spec.localModels")
+        models = tuple(
+            LocalModelInfo.from_json(m, f"spec.localModels[{i}]") for i, m in enumerate(raw_models)
+        )
+        names = [m.model_name for m in models]
+        if len(set(names)) != len(names):
+            raise SpecError("lists a modelName twice", field="spec.localModels")
+        return cls(
+            metadata=ObjectMeta.from_json(data.get("metadata")),
+            local_models=models,
+            status=LocalModelNodeStatus.from_json(data.get("status")),
+        )
+
+    def to_json(self) -> JSON:
+        out = _header("LocalModelNode", self.metadata)
+        out["spec"] = {"localModels": [m.to_json() for m in self.local_models]}
+        if status := self.status.to_json():
+            out["status"] = status
+        return out
+
+
+# -- Node (core/v1): only what placement reads ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    uid: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> Node:
+        if not isinstance(data, Mapping):
+            raise SpecError("expected a Node object")
+        meta = ObjectMeta.from_json(data.get("metadata"))
+        return cls(name=meta.name, labels=dict(meta.labels), uid=meta.uid)

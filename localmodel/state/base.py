@@ -1,0 +1,269 @@
+"""The one small interface the agent and the controller use to read and write cluster state.
+
+Two backends implement it: :mod:`localmodel.state.kube` (a Kubernetes API server) and
+:mod:`localmodel.state.memory` (embedded, in memory, loaded from YAML). Objects cross this
+interface as the plain JSON dicts Kubernetes stores (``apiVersion``, ``kind``, ``metadata``,
+``spec``, ``status``); typed views live in :mod:`localmodel.resources`.
+
+Semantics both backends share (the behavioural tests in ``tests/test_state_backends.py`` run on both):
+
+- ``metadata.resourceVersion`` changes on every write; a write that carries a stale one raises
+  :class:`~localmodel.errors.Conflict`.
+- ``patch`` merges (RFC 7386 JSON merge patch) into everything but ``status``; ``patch_status``
+  merges into ``status`` only. ``None`` values delete keys.
+- ``delete`` of an object with finalizers sets ``metadata.deletionTimestamp`` and keeps it until a
+  patch empties ``metadata.finalizers``; then it is gone (a DELETED watch event).
+- ``watch_raw`` streams changes after a resourceVersion and raises :class:`~localmodel.errors.Gone`
+  when that version is too old; :func:`watch` on top of it lists, streams, and relists on ``Gone``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from localmodel.errors import Conflict, Gone
+
+JSON = dict[str, Any]
+EventType = Literal["ADDED", "MODIFIED", "DELETED"]
+
+GROUP = "serving.kserve.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+@dataclass(frozen=True)
+class ResourceKind:
+    """Where a kind lives in the API: enough to build URLs and to key an in-memory store."""
+
+    group: str  # "" for the core group
+    version: str
+    kind: str
+    plural: str
+    namespaced: bool
+    has_status: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+LOCAL_MODEL_CACHE = ResourceKind(GROUP, VERSION, "LocalModelCache", "localmodelcaches", False)
+LOCAL_MODEL_NODE_GROUP = ResourceKind(GROUP, VERSION, "LocalModelNodeGroup", "localmodelnodegroups", False)
+LOCAL_MODEL_NODE = ResourceKind(GROUP, VERSION, "LocalModelNode", "localmodelnodes", False)
+NODE = ResourceKind("", "v1", "Node", "nodes", False)
+POD = ResourceKind("", "v1", "Pod", "pods", True)
+EVENT = ResourceKind("", "v1", "Event", "events", True, has_status=False)
+PERSISTENT_VOLUME = ResourceKind("", "v1", "PersistentVolume", "persistentvolumes", False)
+PERSISTENT_VOLUME_CLAIM = ResourceKind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", True)
+LEASE = ResourceKind("coordination.k8s.io", "v1", "Lease", "leases", True, has_status=False)
+
+KINDS: tuple[ResourceKind, ...] = (
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE_GROUP,
+    LOCAL_MODEL_NODE,
+    NODE,
+    POD,
+    EVENT,
+    PERSISTENT_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
+    LEASE,
+)
+KINDS_BY_NAME: dict[str, ResourceKind] = {k.kind: k for k in KINDS}
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: EventType
+    object: JSON
+
+
+@dataclass(frozen=True)
+class ObjectList:
+    items: list[JSON]
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Label and field selectors, as the API takes them (``a=b,c!=d``; fields: ``metadata.name=x``)."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    def label_string(self) -> str | None:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())) or None
+
+    def field_string(self) -> str | None:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.fields.items())) or None
+
+    def matches(self, obj: JSON) -> bool:
+        meta = obj.get("metadata", {})
+        labels = meta.get("labels") or {}
+        if any(labels.get(k) != v for k, v in self.labels.items()):
+            return False
+        for path, want in self.fields.items():
+            cur: Any = obj
+            for part in path.split("."):
+                cur = cur.get(part) if isinstance(cur, dict) else None
+            if str(cur if cur is not None else "") != want:
+                return False
+        return True
+
+
+class ClusterState(Protocol):
+    """Get, list, watch, create, patch, patch status and delete objects of the kinds above."""
+
+    async def get(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> JSON:
+        """The object; raises NotFound."""
+        ...
+
+    async def list(
+        self, kind: ResourceKind, *, namespace: str | None = None, selector: Selector | None = None
+    ) -> ObjectList:
+        """Every object of the kind (in ``namespace`` if given), with the list's resourceVersion."""
+        ...
+
+    def watch_raw(
+        self,
+        kind: ResourceKind,
+        *,
+        resource_version: str,
+        namespace: str | None = None,
+        selector: Selector | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        """Changes after ``resource_version``; may end (reconnect) and raises Gone when too old."""
+        ...
+
+    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
+        """The created object; raises AlreadyExists."""
+        ...
+
+    async def patch(
+        self,
+        kind: ResourceKind,
+        name: str,
+        patch: JSON,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> JSON:
+        """Merge-patch metadata and spec; with ``resource_version`` raises Conflict when stale."""
+        ...
+
+    async def patch_status(
+        self,
+        kind: ResourceKind,
+        name: str,
+        status: JSON,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> JSON:
+        """Merge-patch ``status`` only; with ``resource_version`` raises Conflict when stale."""
+        ...
+
+    async def delete(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> None:
+        """Delete, or mark for deletion while finalizers remain; raises NotFound."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def watch(
+    state: ClusterState,
+    kind: ResourceKind,
+    *,
+    namespace: str | None = None,
+    selector: Selector | None = None,
+    retry_delay: float = 1.0,
+) -> AsyncIterator[WatchEvent]:
+    """List then watch, forever: the informer pattern without a cache of its own.
+
+    Starts with an ADDED event per existing object. When the stream ends it resumes from the last
+    resourceVersion seen; on Gone it relists and reports the difference (DELETED for objects that
+    vanished meanwhile, MODIFIED for the rest), so a level-triggered consumer never misses a state.
+    """
+    known: dict[tuple[str | None, str], JSON] = {}
+    first = True
+    while True:
+        listing = await state.list(kind, namespace=namespace, selector=selector)
+        current = {_key(o): o for o in listing.items}
+        for key, obj in known.items():
+            if key not in current:
+                yield WatchEvent("DELETED", obj)
+        for key, obj in current.items():
+            yield WatchEvent("ADDED" if first or key not in known else "MODIFIED", obj)
+        known = current
+        first = False
+        rv = listing.resource_version
+        try:
+            while True:
+                async for event in state.watch_raw(
+                    kind, resource_version=rv, namespace=namespace, selector=selector
+                ):
+                    rv = event.object.get("metadata", {}).get("resourceVersion", rv)
+                    if event.type == "DELETED":
+                        known.pop(_key(event.object), None)
+                    else:
+                        known[_key(event.object)] = event.object
+                    yield event
+        except Gone:
+            await asyncio.sleep(retry_delay * random.uniform(0.5, 1.0))  # noqa: S311
+
+
+def _key(obj: JSON) -> tuple[str | None, str]:
+    meta = obj.get("metadata", {})
+    return meta.get("namespace"), meta["name"]
+
+
+async def update_status(
+    state: ClusterState,
+    kind: ResourceKind,
+    name: str,
+    compute: Callable[[JSON], JSON | None] | Callable[[JSON], Awaitable[JSON | None]],
+    *,
+    namespace: str | None = None,
+    attempts: int = 5,
+) -> JSON | None:
+    """Read, compute a status patch, write it guarded by resourceVersion; retry on Conflict.
+
+    ``compute`` gets a deep copy of the current object and returns the merge patch for its status,
+    or None when nothing needs writing (so no write happens at all).
+    """
+    for attempt in range(attempts):
+        current = await state.get(kind, name, namespace=namespace)
+        result = compute(copy.deepcopy(current))
+        patch = await result if isinstance(result, Awaitable) else result
+        if patch is None:
+            return None
+        try:
+            return await state.patch_status(
+                kind,
+                name,
+                patch,
+                namespace=namespace,
+                resource_version=current["metadata"].get("resourceVersion"),
+            )
+        except Conflict:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.05 * (2**attempt) * random.uniform(0.5, 1.5))  # noqa: S311
+    return None  # pragma: no cover - the loop either returns or raises
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: dicts merge recursively, None deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result

@@ -1,0 +1,278 @@
+"""The embedded cluster state: in memory, with the API server's semantics, optionally persisted.
+
+What standalone mode runs on (no Kubernetes): the same documents a user would ``kubectl apply`` are
+loaded into it, and the agent and controller use it exactly as they use the API server, through
+:class:`~localmodel.state.base.ClusterState`. It keeps a bounded history of changes so watches can
+resume from a resourceVersion, and answers Gone for one older than that history, as etcd compaction
+makes a real server do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound, SpecError
+from localmodel.state.base import (
+    JSON,
+    KINDS_BY_NAME,
+    ObjectList,
+    ResourceKind,
+    Selector,
+    WatchEvent,
+    merge_patch,
+)
+
+Key = tuple[str, str | None, str]  # (kind, namespace, name)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class MemoryState:
+    """In-memory ClusterState. ``persist_to`` keeps a JSON snapshot after every write."""
+
+    def __init__(self, *, persist_to: Path | None = None, history: int = 10_000) -> None:
+        self._objects: dict[Key, JSON] = {}
+        self._rv = 0
+        self._history: deque[tuple[int, str, WatchEvent]] = deque(maxlen=history)
+        self._changed = asyncio.Condition()
+        self._persist_to = persist_to
+        if persist_to is not None and persist_to.exists():
+            self._restore(persist_to)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> JSON:
+        obj = self._objects.get(self._key(kind, name, namespace))
+        if obj is None:
+            raise NotFound(f"{kind.kind} {name!r} not found")
+        return copy.deepcopy(obj)
+
+    async def list(
+        self, kind: ResourceKind, *, namespace: str | None = None, selector: Selector | None = None
+    ) -> ObjectList:
+        items = [
+            copy.deepcopy(obj)
+            for (k, ns, _), obj in sorted(self._objects.items(), key=lambda kv: _sort_key(kv[0]))
+            if k == kind.kind
+            and (namespace is None or ns == namespace)
+            and (selector is None or selector.matches(obj))
+        ]
+        return ObjectList(items, str(self._rv))
+
+    async def watch_raw(
+        self,
+        kind: ResourceKind,
+        *,
+        resource_version: str,
+        namespace: str | None = None,
+        selector: Selector | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        since = int(resource_version or 0)
+        oldest = self._history[0][0] if self._history else self._rv + 1
+        if since + 1 < oldest and since < self._rv and len(self._history) == self._history.maxlen:
+            raise Gone(f"resourceVersion {since} is too old (oldest kept: {oldest})")
+        while True:
+            for rv, k, event in list(self._history):
+                if rv <= since or k != kind.kind:
+                    continue
+                since = rv
+                meta = event.object["metadata"]
+                if namespace is not None and meta.get("namespace") != namespace:
+                    continue
+                if selector is not None and not selector.matches(event.object):
+                    continue
+                yield WatchEvent(event.type, copy.deepcopy(event.object))
+            async with self._changed:
+                await self._changed.wait_for(partial(self._newer_than, since))
+
+    def _newer_than(self, rv: int) -> bool:
+        return self._rv > rv
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            raise SpecError("is required", field="metadata.name")
+        if kind.namespaced:
+            meta.setdefault("namespace", "default")
+        else:
+            meta.pop("namespace", None)
+        key = self._key(kind, name, meta.get("namespace"))
+        if key in self._objects:
+            raise AlreadyExists(f"{kind.kind} {name!r} already exists")
+        obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        meta.pop("deletionTimestamp", None)
+        return await self._store(kind, key, obj, "ADDED")
+
+    async def patch(
+        self,
+        kind: ResourceKind,
+        name: str,
+        patch: JSON,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> JSON:
+        key, current = self._current(kind, name, namespace, resource_version, patch)
+        body = {k: v for k, v in patch.items() if k != "status" or not kind.has_status}
+        updated = merge_patch(current, body)
+        # Identity fields are the server's, whatever the patch says.
+        for field in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"):
+            if field in current["metadata"]:
+                updated["metadata"][field] = current["metadata"][field]
+        updated["apiVersion"], updated["kind"] = kind.api_version, kind.kind
+        if updated.get("spec") != current.get("spec"):
+            updated["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        if updated["metadata"].get("deletionTimestamp") and not updated["metadata"].get("finalizers"):
+            return await self._remove(kind, key, updated)
+        if updated == current:
+            return copy.deepcopy(current)
+        return await self._store(kind, key, updated, "MODIFIED")
+
+    async def patch_status(
+        self,
+        kind: ResourceKind,
+        name: str,
+        status: JSON,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> JSON:
+        key, current = self._current(kind, name, namespace, resource_version, None)
+        updated = copy.deepcopy(current)
+        merged = merge_patch(current.get("status") or {}, status)
+        if merged:
+            updated["status"] = merged
+        else:
+            updated.pop("status", None)
+        if updated == current:
+            return copy.deepcopy(current)
+        return await self._store(kind, key, updated, "MODIFIED")
+
+    async def delete(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> None:
+        key, current = self._current(kind, name, namespace, None, None)
+        if current["metadata"].get("finalizers"):
+            if not current["metadata"].get("deletionTimestamp"):
+                updated = copy.deepcopy(current)
+                updated["metadata"]["deletionTimestamp"] = _now()
+                await self._store(kind, key, updated, "MODIFIED")
+            return
+        await self._remove(kind, key, current)
+
+    async def close(self) -> None:
+        return None
+
+    # -- bulk load (standalone) ----------------------------------------------------------------
+
+    async def apply(self, kind: ResourceKind, objects: Iterable[JSON], *, prune: bool) -> None:
+        """Make the specs of ``kind`` equal to ``objects`` (create or patch; delete others if
+        ``prune``), keeping each object's status: what ``kubectl apply --prune`` does for a folder."""
+        wanted = {o["metadata"]["name"]: o for o in objects}
+        for name, obj in wanted.items():
+            ns = obj["metadata"].get("namespace") if kind.namespaced else None
+            try:
+                current = await self.get(kind, name, namespace=ns)
+            except NotFound:
+                await self.create(kind, obj)
+                continue
+            patch = {k: v for k, v in obj.items() if k not in ("status", "metadata")}
+            # Keys the new document dropped must be removed, not kept by the merge.
+            for k in current.get("spec") or {}:
+                if k not in (obj.get("spec") or {}):
+                    patch.setdefault("spec", {})[k] = None
+            meta = obj.get("metadata") or {}
+            patch["metadata"] = {
+                "labels": meta.get("labels") or None,
+                "annotations": meta.get("annotations") or None,
+            }
+            await self.patch(kind, name, patch, namespace=ns)
+        if prune:
+            for (k, ns, name), _obj in list(self._objects.items()):
+                if k == kind.kind and name not in wanted:
+                    await self.delete(kind, name, namespace=ns)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(kind: ResourceKind, name: str, namespace: str | None) -> Key:
+        return (kind.kind, (namespace or "default") if kind.namespaced else None, name)
+
+    def _current(
+        self,
+        kind: ResourceKind,
+        name: str,
+        namespace: str | None,
+        resource_version: str | None,
+        patch: JSON | None,
+    ) -> tuple[Key, JSON]:
+        key = self._key(kind, name, namespace)
+        current = self._objects.get(key)
+        if current is None:
+            raise NotFound(f"{kind.kind} {name!r} not found")
+        wanted = resource_version
+        if wanted is None and patch is not None:
+            wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+            raise Conflict(
+                f"{kind.kind} {name!r} was modified (resourceVersion "
+                f"{current['metadata']['resourceVersion']}, not {wanted}); read it again"
+            )
+        return key, current
+
+    async def _store(self, kind: ResourceKind, key: Key, obj: JSON, event: str) -> JSON:
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self._objects[key] = obj
+        return await self._emit(kind, event, obj)
+
+    async def _remove(self, kind: ResourceKind, key: Key, obj: JSON) -> JSON:
+        self._rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        del self._objects[key]
+        return await self._emit(kind, "DELETED", obj)
+
+    async def _emit(self, kind: ResourceKind, event: str, obj: JSON) -> JSON:
+        snapshot = copy.deepcopy(obj)
+        self._history.append((self._rv, kind.kind, WatchEvent(event, snapshot)))  # type: ignore[arg-type]
+        self._persist()
+        async with self._changed:
+            self._changed.notify_all()
+        return copy.deepcopy(obj)
+
+    def _persist(self) -> None:
+        if self._persist_to is None:
+            return
+        data = {"resourceVersion": self._rv, "objects": list(self._objects.values())}
+        tmp = self._persist_to.with_name(self._persist_to.name + ".tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        tmp.replace(self._persist_to)  # atomic: a crash leaves the old snapshot or the new
+
+    def _restore(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())
+            self._rv = int(data["resourceVersion"])
+            for obj in data["objects"]:
+                kind = KINDS_BY_NAME[obj["kind"]]
+                meta = obj["metadata"]
+                self._objects[self._key(kind, meta["name"], meta.get("namespace"))] = obj
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SpecError(f"cannot restore the embedded state: {e}", where=str(path)) from e
+
+
+def _sort_key(key: Key) -> tuple[str, str, str]:
+    return key[0], key[1] or "", key[2]

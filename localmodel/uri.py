@@ -1,0 +1,155 @@
+"""Source model URIs: hf://, s3://, http(s)://, file:// and plain absolute paths.
+
+A parsed :class:`SourceURI` keeps the string exactly as written (``raw``: the storage key is computed
+from it) and offers :meth:`SourceURI.redacted` for anything that is logged or stored in a status, so
+a signed URL's query string or a userinfo password never leaks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from localmodel.errors import URIError
+
+Scheme = Literal["hf", "s3", "http", "https", "file"]
+SUPPORTED = ("hf", "s3", "http", "https", "file")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+_HF_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_HF_REVISION = re.compile(r"[A-Za-z0-9._/-]{1,255}")
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class SourceURI:
+    raw: str
+    scheme: Scheme
+    # hf: repo_id and revision; s3: bucket and key/prefix; http(s): the URL; file: the path.
+    repo_id: str = ""
+    revision: str | None = None
+    bucket: str = ""
+    key: str = ""
+    url: str = ""
+    path: str = ""
+
+    @property
+    def archive_suffix(self) -> str | None:
+        """For http(s): the archive type the URL's path names, if any."""
+        name = urlsplit(self.url).path.lower() if self.url else self.path.lower()
+        return next((s for s in ARCHIVE_SUFFIXES if name.endswith(s)), None)
+
+    def redacted(self) -> str:
+        """The URI with anything secret-shaped removed (query string, userinfo)."""
+        if self.scheme in ("http", "https"):
+            parts = urlsplit(self.raw)
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            suffix = "?<redacted>" if parts.query else ""
+            return f"{parts.scheme}://{host}{parts.path}{suffix}"
+        return self.raw
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+    def with_revision(self, revision: str | None) -> SourceURI:
+        if revision is None:
+            return self
+        if self.scheme != "hf":
+            raise URIError(f"--revision applies to hf:// sources only, not {self.scheme}://")
+        _check_revision(revision, self.raw)
+        return SourceURI(self.raw, "hf", repo_id=self.repo_id, revision=revision)
+
+
+def parse_uri(text: object, *, field: str = "sourceModelUri") -> SourceURI:
+    """Parse a source URI or raise URIError naming the field and the fix."""
+    if not isinstance(text, str) or not text.strip():
+        raise URIError(f"{field}: expected a URI such as hf://owner/model, got {text!r}")
+    if text != text.strip() or any(c in text for c in "\n\r\t\x00"):
+        raise URIError(f"{field}: {_short(text)!r} contains whitespace or control characters")
+    if text.startswith("/"):
+        return _file(text, text, field)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise URIError(
+            f"{field}: {_short(text)!r} has no scheme; use hf://, s3://, http(s)://, file:// "
+            "or an absolute path"
+        )
+    scheme = scheme.lower()
+    if scheme not in SUPPORTED:
+        raise URIError(
+            f"{field}: scheme {scheme!r} is not supported; use one of "
+            + ", ".join(f"{s}://" for s in SUPPORTED)
+        )
+    if scheme == "hf":
+        return _hf(text, rest, field)
+    if scheme == "s3":
+        return _s3(text, rest, field)
+    if scheme == "file":
+        host, slash, path = rest.partition("/")
+        if host not in ("", "localhost") or not slash:
+            raise URIError(
+                f"{field}: {_short(text)!r}: file URIs name an absolute path, like file:///models/x"
+            )
+        return _file(text, unquote("/" + path), field)
+    return _http(text, field)
+
+
+def _hf(raw: str, rest: str, field: str) -> SourceURI:
+    repo, colon, revision = rest.partition(":")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(_HF_PART.fullmatch(p) for p in parts) or ".." in repo:
+        raise URIError(f"{field}: {_short(raw)!r}: expected hf://OWNER/REPO or hf://OWNER/REPO:REVISION")
+    if colon:
+        _check_revision(revision, raw, field)
+    return SourceURI(raw, "hf", repo_id=repo, revision=revision if colon else None)
+
+
+def _check_revision(revision: str, raw: str, field: str = "--revision") -> None:
+    if not _HF_REVISION.fullmatch(revision) or ".." in revision:
+        raise URIError(f"{field}: {_short(raw)!r}: revision {revision!r} is not a valid git ref")
+
+
+def _s3(raw: str, rest: str, field: str) -> SourceURI:
+    bucket, _, key = rest.partition("/")
+    if not _S3_BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise URIError(
+            f"{field}: {_short(raw)!r}: bucket {bucket!r} is not a valid S3 bucket name "
+            "(3-63 lowercase letters, digits, dots, hyphens)"
+        )
+    if any(seg == ".." for seg in key.split("/")):
+        raise URIError(f"{field}: {_short(raw)!r}: the key must not contain '..'")
+    return SourceURI(raw, "s3", bucket=bucket, key=key)
+
+
+def _http(raw: str, field: str) -> SourceURI:
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as e:
+        raise URIError(f"{field}: {_short(raw)!r}: {e}") from e
+    scheme = parts.scheme.lower()
+    if not parts.hostname:
+        raise URIError(f"{field}: {scheme}:// URIs need a host, like {scheme}://host/model.tar.gz")
+    name = parts.path.rstrip("/").rsplit("/", 1)[-1]
+    if not name or name in (".", ".."):
+        raise URIError(
+            f"{field}: {SourceURI(raw, 'http', url=raw).redacted()!r} names no file; "
+            "http(s) sources are one file or one archive"
+        )
+    return SourceURI(raw, "https" if scheme == "https" else "http", url=raw)
+
+
+def _file(raw: str, path: str, field: str) -> SourceURI:
+    if not path.startswith("/") or any(seg == ".." for seg in path.split("/")):
+        raise URIError(f"{field}: {_short(raw)!r}: expected an absolute path without '..'")
+    return SourceURI(raw, "file", path=path)
+
+
+def _short(text: str) -> str:
+    # Error messages echo input: drop any query string (a signed URL's secret) and keep one line.
+    text = text.split("?", 1)[0]
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -1,0 +1,5 @@
+"""Shared pytest configuration. Fixture modules live in tests/support/ and are registered here."""
+
+pytest_plugins: list[str] = [
+    # one line per fixture module, e.g. "tests.support.kube_emulator"
+]

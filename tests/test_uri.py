@@ -1,0 +1,97 @@
+import pytest
+
+from localmodel.errors import URIError
+from localmodel.layout import CacheLayout, storage_key
+from localmodel.uri import parse_uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "fields"),
+    [
+        (
+            "hf://meta-llama/Llama-3.1-8B",
+            {"scheme": "hf", "repo_id": "meta-llama/Llama-3.1-8B", "revision": None},
+        ),
+        ("hf://org/m:main", {"scheme": "hf", "repo_id": "org/m", "revision": "main"}),
+        ("hf://org/m:refs/pr/1", {"revision": "refs/pr/1"}),
+        ("hf://org/m:" + "a" * 40, {"revision": "a" * 40}),
+        (
+            "s3://my-bucket/models/llama",
+            {"scheme": "s3", "bucket": "my-bucket", "key": "models/llama"},
+        ),
+        ("s3://my-bucket", {"bucket": "my-bucket", "key": ""}),
+        ("s3://my-bucket/one/file.safetensors", {"key": "one/file.safetensors"}),
+        ("http://host:8080/m.tar.gz", {"scheme": "http", "url": "http://host:8080/m.tar.gz"}),
+        ("https://host/m.zip?X-Amz-Signature=abc", {"scheme": "https"}),
+        ("file:///mnt/nfs/model", {"scheme": "file", "path": "/mnt/nfs/model"}),
+        ("file://localhost/mnt/x", {"path": "/mnt/x"}),
+        ("/mnt/nfs/model", {"scheme": "file", "path": "/mnt/nfs/model"}),
+    ],
+)
+def test_parses(uri: str, fields: dict[str, object]) -> None:
+    parsed = parse_uri(uri)
+    assert parsed.raw == uri
+    for name, value in fields.items():
+        assert getattr(parsed, name) == value
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("gs://bucket/x", "scheme 'gs' is not supported"),
+        ("pvc://claim/x", "scheme 'pvc' is not supported"),
+        ("meta-llama/Llama", "has no scheme"),
+        ("hf://just-a-name", "hf://OWNER/REPO"),
+        ("hf://a/b/c", "hf://OWNER/REPO"),
+        ("hf://a/../b", "hf://OWNER/REPO"),
+        ("hf://a/b:", "not a valid git ref"),
+        ("hf://a/b:x y", "not a valid git ref"),
+        ("s3://Bad_Bucket/x", "not a valid S3 bucket"),
+        ("s3://bucket/../x", "'..'"),
+        ("https://", "need a host"),
+        ("https://host/", "names no file"),
+        ("https://host:99999/x.bin", "Port out of range"),
+        ("file://relative/path", "absolute path"),
+        ("/a/../etc", "without '..'"),
+        ("", "expected a URI"),
+        (" hf://a/b", "whitespace"),
+    ],
+)
+def test_rejects_with_reason(uri: str, message: str) -> None:
+    with pytest.raises(URIError, match="sourceModelUri") as info:
+        parse_uri(uri)
+    assert message in str(info.value)
+
+
+def test_redaction_hides_query_and_userinfo() -> None:
+    uri = parse_uri("https://user:pa55@host/m.tar.gz?X-Amz-Signature=TOPSECRET")
+    assert "TOPSECRET" not in uri.redacted() and "pa55" not in uri.redacted()
+    assert "TOPSECRET" not in str(uri)
+    assert uri.archive_suffix == ".tar.gz"
+    with pytest.raises(URIError) as info:
+        parse_uri("https://host/?sig=TOPSECRET")
+    assert "TOPSECRET" not in str(info.value)
+
+
+def test_revision_override() -> None:
+    assert parse_uri("hf://a/b:main").with_revision("v2").revision == "v2"
+    with pytest.raises(URIError, match="hf://"):
+        parse_uri("s3://bucket/x").with_revision("v2")
+
+
+def test_storage_key_matches_kserve() -> None:
+    # KServe's GetStorageKey: hex(sha256(uri))[:16]; the constant comes from `sha256sum`.
+    assert storage_key("hf://meta-llama/meta-llama-3-8b-instruct") == "c277d78a31bc6624"
+    assert storage_key("hf://meta-llama/meta-llama-3-8b-instruct:main") != "c277d78a31bc6624"
+
+
+def test_layout_paths_refuse_non_keys(tmp_path) -> None:
+    layout = CacheLayout(tmp_path)
+    key = storage_key("hf://a/b")
+    assert layout.model_dir(key) == tmp_path / "models" / key
+    assert layout.manifest_file(key).parent == tmp_path / ".modelcache" / "manifests"
+    assert CacheLayout.of_model_dir(layout.model_dir(key)) == (layout, key)
+    assert CacheLayout.of_model_dir(tmp_path / "elsewhere") is None
+    for bad in ("../../etc", "ABCDEF0123456789", "abc"):
+        with pytest.raises(ValueError, match="storage key"):
+            layout.model_dir(bad)
