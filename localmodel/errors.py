@@ -5,12 +5,19 @@
     │   ├── QuantityError            a Kubernetes Quantity that does not parse
     │   ├── URIError                 a source URI of an unknown scheme or a malformed one
     │   └── SpecError                a document or field that does not fit the schema
-    └── ClusterStateError            the cluster state (API server or embedded) refused or failed
-        ├── NotFound                 the object does not exist (HTTP 404)
-        ├── AlreadyExists            create of an existing name (HTTP 409 on create)
-        ├── Conflict                 stale resourceVersion on write (HTTP 409)
-        ├── Gone                     a watch's resourceVersion is too old (HTTP 410): relist
-        └── Unavailable              the state source cannot be reached right now (retryable)
+    ├── ClusterStateError            the cluster state (API server or embedded) refused or failed
+    │   ├── NotFound                 the object does not exist (HTTP 404)
+    │   ├── AlreadyExists            create of an existing name (HTTP 409 on create)
+    │   ├── Conflict                 stale resourceVersion on write (HTTP 409)
+    │   ├── Gone                     a watch's resourceVersion is too old (HTTP 410): relist
+    │   └── Unavailable              the state source cannot be reached right now (retryable)
+    └── DownloadError                a model could not be fetched; ``reason`` is a CamelCase word
+        ├── AccessDenied             401/403: gated or private, or credentials missing/wrong
+        ├── SourceNotFound           the repository, revision, bucket, key or file does not exist
+        ├── TransientError           network error, timeout, 429 or 5xx: retried with backoff
+        ├── IntegrityError           bytes that do not match the source's size or checksum
+        ├── UnsafePath               a remote name that would land outside the model's folder
+        └── DiskFull                 no space left (ENOSPC) or over the node's quota
 
 Third-party exceptions are mapped into this tree in one place per boundary (``from e``), so callers
 never catch an httpx or botocore error directly.
@@ -84,3 +91,39 @@ class Gone(ClusterStateError):
 
 class Unavailable(ClusterStateError):
     status = 503
+
+
+class DownloadError(ModelcacheError):
+    """A model could not be fetched. Messages never carry tokens or signed query strings."""
+
+    reason = "DownloadFailed"
+
+
+class AccessDenied(DownloadError):
+    reason = "AccessDenied"
+
+
+class SourceNotFound(DownloadError):
+    reason = "NotFound"
+
+
+class TransientError(DownloadError):
+    """Worth retrying: ``retry_after`` is the server's Retry-After in seconds, when it sent one."""
+
+    reason = "NetworkError"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IntegrityError(DownloadError):
+    reason = "VerificationFailed"
+
+
+class UnsafePath(DownloadError):
+    reason = "UnsafePath"
+
+
+class DiskFull(DownloadError):
+    reason = "DiskFull"

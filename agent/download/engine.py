@@ -1,0 +1,509 @@
+"""The transfer engine: one for every source.
+
+Parallel across files and within large files (ranged GETs written with ``pwrite`` into a
+preallocated file), under a global connection limit and an optional byte-rate cap; retries with
+exponential backoff and jitter on connection errors, timeouts, 429 and 5xx (honouring Retry-After),
+never on 401/403/404. Memory is bounded by ``concurrency * read_size`` whatever the model's size.
+
+Integrity: every file is checked against its size, and (unless ``verify`` is off) against the
+strongest checksum the source offers (sha256, else git blob sha1, else MD5); a mismatch is fetched
+once more from scratch, then fails the download naming the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import errno
+import hashlib
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from agent.download.listing import Listing, RemoteFile
+from agent.download.staging import Destination, FileProgress, Progress, publish
+from agent.download.unpack import unpack
+from localmodel.errors import DiskFull, DownloadError, IntegrityError, TransientError
+from localmodel.manifest import FileEntry, Manifest
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    concurrency: int = 16  # connections at once, all files together
+    chunk_size: int = 64 * MiB  # a large file is fetched as ranges of this size
+    read_size: int = 1 * MiB
+    max_bandwidth: float | None = None  # bytes per second, all connections together
+    verify: bool = True
+    attempts: int = 6  # per request, transient errors only
+    backoff_initial: float = 0.5
+    backoff_max: float = 60.0
+    connect_timeout: float = 30.0
+    read_timeout: float = 120.0
+    checkpoint_interval: float = 2.0  # seconds between syncs of the resume state
+
+
+class ProgressSink(Protocol):
+    def start(self, *, total_bytes: int, done_bytes: int, files: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+
+
+class NoProgress:
+    def start(self, *, total_bytes: int, done_bytes: int, files: int) -> None:
+        return None
+
+    def advance(self, nbytes: int) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class PullResult:
+    files: int
+    bytes_total: int
+    bytes_transferred: int
+    seconds: float
+    revision: str | None
+    up_to_date: bool  # nothing was fetched: the destination already matched the source
+
+
+class RateLimiter:
+    """A token bucket shared by all connections: one second of burst at most."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def acquire(self, n: int) -> None:
+        async with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= n
+            if self.tokens < 0:
+                await asyncio.sleep(-self.tokens / self.rate)
+
+
+def same_files(manifest: Manifest, listing: Listing) -> bool:
+    """The published copy is what the source holds now (same revision, paths, sizes, hashes)."""
+    if listing.archive is not None:
+        return manifest.revision == listing.revision and manifest.revision is not None
+    theirs = {(f.path, f.size, f.sha256, f.git_sha1) for f in listing.files}
+    ours = {
+        (f.path, f.size, f.sha256 if _has_sha256(listing, f.path) else None, f.sha1) for f in manifest.files
+    }
+    return manifest.revision == listing.revision and theirs == ours
+
+
+def _has_sha256(listing: Listing, path: str) -> bool:
+    return any(f.path == path and f.sha256 for f in listing.files)
+
+
+class Transfer:
+    """One download of one listing into one destination."""
+
+    def __init__(
+        self,
+        listing: Listing,
+        dest: Destination,
+        *,
+        uri: str,
+        storage_key: str,
+        session: aiohttp.ClientSession,
+        settings: TransferSettings,
+        progress: ProgressSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.listing = listing
+        self.dest = dest
+        self.uri = uri
+        self.storage_key = storage_key
+        self.session = session
+        self.settings = settings
+        self.progress = progress or NoProgress()
+        self.clock = clock
+        self.files_dir = dest.staging / "files"
+        self.archive_dir = dest.staging / "archive"
+        self.state_path = dest.staging / "progress.json"
+        self.limiter = RateLimiter(settings.max_bandwidth) if settings.max_bandwidth else None
+        self.slots = asyncio.Semaphore(settings.concurrency)
+        self.transferred = 0
+        self.dirty: set[str] = set()  # files with chunks written since the last checkpoint
+        self.pending_chunks: dict[str, set[int]] = {}
+        self.fds: dict[str, int] = {}
+        self.state = Progress(listing.revision, settings.chunk_size, {})
+
+    # -- the whole download ----------------------------------------------------------------
+
+    async def run(self) -> PullResult:
+        started = self.clock()
+        self._load_state()
+        total = self.listing.total_bytes
+        done = sum(self._durable_bytes(f) for f in self.listing.files)
+        self.progress.start(total_bytes=total, done_bytes=done, files=len(self.listing.files))
+        checkpointer = asyncio.create_task(self._checkpoint_loop())
+        try:
+            order = sorted(self.listing.files, key=lambda f: -(f.size or 0))
+            async with asyncio.TaskGroup() as group:
+                for f in order:
+                    group.create_task(self._fetch_and_verify(f))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        finally:
+            checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpointer
+            self._checkpoint()
+            self._close_fds()
+        if self.listing.archive is not None:
+            await asyncio.to_thread(self._unpack)
+        manifest = await asyncio.to_thread(self._manifest)
+        await asyncio.to_thread(publish, self.dest, manifest)
+        return PullResult(
+            files=len(manifest.files),
+            bytes_total=manifest.total_bytes,
+            bytes_transferred=self.transferred,
+            seconds=self.clock() - started,
+            revision=self.listing.revision,
+            up_to_date=False,
+        )
+
+    def _target(self, f: RemoteFile) -> Path:
+        base = self.archive_dir if self.listing.archive is not None else self.files_dir
+        return base / f.path
+
+    def _load_state(self) -> None:
+        old = Progress.load(self.state_path)
+        usable = (
+            old is not None
+            and old.revision == self.listing.revision
+            and old.chunk_size == self.settings.chunk_size
+        )
+        for f in self.listing.files:
+            fresh = FileProgress(f.size, f.sha256, f.git_sha1, f.md5)
+            kept = old.files.get(f.path) if usable and old is not None else None
+            target = self._target(f)
+            if kept is not None and kept.identity() == fresh.identity() and target.is_file():
+                if not (f.size is not None and target.stat().st_size == f.size):
+                    kept.chunks.clear()
+                    kept.verified = False
+                self.state.files[f.path] = kept
+            else:
+                self.state.files[f.path] = fresh
+        if old is None or not usable:
+            # Files of another revision are overwritten in place; stale ones must not linger.
+            shutil.rmtree(self.files_dir, ignore_errors=True)
+            shutil.rmtree(self.archive_dir, ignore_errors=True)
+        self.state.save(self.state_path)
+
+    def _chunks(self, f: RemoteFile) -> list[tuple[int, int, int]]:
+        """(index, start, end-exclusive) for each chunk of a file of known size."""
+        size = f.size or 0
+        step = self.settings.chunk_size
+        return [(i, s, min(s + step, size)) for i, s in enumerate(range(0, size, step))] or [(0, 0, 0)]
+
+    def _durable_bytes(self, f: RemoteFile) -> int:
+        st = self.state.files[f.path]
+        if st.verified:
+            return f.size or 0
+        return sum(end - start for i, start, end in self._chunks(f) if i in st.chunks) if f.size else 0
+
+    # -- one file ---------------------------------------------------------------------------
+
+    async def _fetch_and_verify(self, f: RemoteFile) -> None:
+        st = self.state.files[f.path]
+        for attempt in (1, 2):
+            if not st.verified:
+                await self._fetch(f)
+                ok, digest = await asyncio.to_thread(self._verify, f)
+                if not ok:
+                    if attempt == 2:
+                        raise IntegrityError(
+                            f"{self.listing.source}: {f.path}: content does not match the source's "
+                            f"checksum after a second fetch ({digest})"
+                        )
+                    st.chunks.clear()  # once more from scratch
+                    self.dirty.add(f.path)
+                    continue
+                st.verified, st.computed_sha256 = True, digest
+                self.dirty.add(f.path)
+            return
+
+    async def _fetch(self, f: RemoteFile) -> None:
+        target = self._target(f)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        st = self.state.files[f.path]
+        if f.local_path is not None:
+            await asyncio.to_thread(self._copy_local, f, target)
+            st.chunks = {i for i, _, _ in self._chunks(f)}
+            self.dirty.add(f.path)
+            return
+        fd = self._open(f, target)
+        todo = [c for c in self._chunks(f) if c[0] not in st.chunks]
+        if not todo:
+            return
+        if f.size is None or len(self._chunks(f)) == 1:
+            await self._request(f, fd, todo[0], whole=True)
+            return
+        # The first range tells whether the server honours ranges; only then fan out.
+        ranged = await self._request(f, fd, todo[0], whole=False)
+        if not ranged:
+            return  # the server sent the whole file in that one response
+        async with asyncio.TaskGroup() as group:
+            for chunk in todo[1:]:
+                group.create_task(self._request(f, fd, chunk, whole=False))
+
+    def _open(self, f: RemoteFile, target: Path) -> int:
+        if f.path in self.fds:
+            return self.fds[f.path]
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+        self.fds[f.path] = fd
+        try:
+            if f.size and os.fstat(fd).st_size != f.size:
+                os.ftruncate(fd, 0)
+                os.posix_fallocate(fd, 0, f.size)  # ENOSPC now, not after 90 GB
+        except OSError as e:
+            raise _os_error(e, f.path) from e
+        return fd
+
+    async def _request(self, f: RemoteFile, fd: int, chunk: tuple[int, int, int], *, whole: bool) -> bool:
+        """Fetch one chunk (or, with ``whole``, the whole file); True if the server did ranges."""
+        index, start, end = chunk
+        written = 0
+        ranged = True
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(self.settings.attempts),
+            wait=self._wait,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                async with self.slots:
+                    headers = dict(f.headers)
+                    pos = start + written
+                    if not whole or written:
+                        headers["Range"] = f"bytes={pos}-{end - 1}" if f.size else f"bytes={pos}-"
+                    try:
+                        async with self.session.get(f.url or "", headers=headers) as response:
+                            if response.status >= 400:
+                                raise _status_error(self.listing.source, f.path, response)
+                            if response.status == 200 and "Range" in headers:
+                                if not whole and pos == 0:
+                                    ranged = False  # no range support: this response is the file
+                                    end = f.size or 0
+                                else:
+                                    # Resuming a server that ignores ranges: start the file over.
+                                    written, pos, start = 0, 0, 0
+                            written += await self._stream(f, fd, response, pos, written)
+                    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                        raise TransientError(f"{self.listing.source}: {f.path}: {type(e).__name__}") from e
+                    except TimeoutError as e:
+                        raise TransientError(f"{self.listing.source}: {f.path}: timed out") from e
+                    expected = (end - start) if f.size is not None else None
+                    if expected is not None and written < expected:
+                        raise TransientError(
+                            f"{self.listing.source}: {f.path}: connection closed after {written} of "
+                            f"{expected} bytes"
+                        )
+        st = self.state.files[f.path]
+        st.chunks.update({i for i, _, _ in self._chunks(f)} if (not ranged or whole) else {index})
+        self.dirty.add(f.path)
+        return ranged and not whole
+
+    async def _stream(
+        self, f: RemoteFile, fd: int, response: aiohttp.ClientResponse, pos: int, written: int
+    ) -> int:
+        got = 0
+        limit = None if f.size is None else f.size
+        async for data in response.content.iter_chunked(self.settings.read_size):
+            if limit is not None and pos + got + len(data) > limit:
+                raise IntegrityError(
+                    f"{self.listing.source}: {f.path}: the server sent more than the listed {limit} bytes"
+                )
+            if self.limiter is not None:
+                await self.limiter.acquire(len(data))
+            try:
+                os.pwrite(fd, data, pos + got)
+            except OSError as e:
+                raise _os_error(e, f.path) from e
+            got += len(data)
+            self.transferred += len(data)
+            self.progress.advance(len(data))
+        return got
+
+    def _wait(self, retry_state: object) -> float:
+        attempt = getattr(retry_state, "attempt_number", 1)
+        outcome = getattr(retry_state, "outcome", None)
+        error = outcome.exception() if outcome is not None else None
+        base = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1))
+        delay = random.uniform(base / 2, base)  # noqa: S311 - jitter, not crypto
+        if isinstance(error, TransientError) and error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, self.settings.backoff_max))
+        return delay
+
+    def _copy_local(self, f: RemoteFile, target: Path) -> None:
+        assert f.local_path is not None
+        try:
+            with open(f.local_path, "rb") as src, open(target, "wb") as dst:
+                while True:
+                    n = (
+                        os.copy_file_range(src.fileno(), dst.fileno(), 64 * MiB)
+                        if hasattr(os, "copy_file_range")
+                        else dst.write(src.read(64 * MiB))
+                    )
+                    if not n:
+                        break
+                    self.transferred += n
+                    self.progress.advance(n)
+                os.fdatasync(dst.fileno())
+        except FileNotFoundError as e:
+            raise DownloadError(f"{self.listing.source}: {f.path} vanished during the copy") from e
+        except OSError as e:
+            raise _os_error(e, f.path) from e
+
+    # -- verification -----------------------------------------------------------------------
+
+    def _verify(self, f: RemoteFile) -> tuple[bool, str]:
+        """(ok, description); the sha256 is computed when the source offers one."""
+        target = self._target(f)
+        fd = self.fds.pop(f.path, None)
+        if fd is not None:
+            os.fdatasync(fd)
+            os.close(fd)
+        size = target.stat().st_size
+        if f.size is not None and size != f.size:
+            return False, f"size {size}, expected {f.size}"
+        if not self.settings.verify:
+            return True, ""
+        if f.sha256:
+            h = hashlib.sha256()
+            want, name = f.sha256.lower(), "sha256"
+        elif f.git_sha1:
+            h = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
+            want, name = f.git_sha1.lower(), "git sha1"
+        elif f.md5:
+            h = hashlib.md5(usedforsecurity=False)
+            want, name = f.md5.lower(), "md5"
+        else:
+            return True, ""
+        with open(target, "rb") as fh:
+            while block := fh.read(8 * MiB):
+                h.update(block)
+        got = h.hexdigest()
+        if got != want:
+            return False, f"{name} {got}, expected {want}"
+        return True, got if name == "sha256" else ""
+
+    # -- durability -------------------------------------------------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval)
+            dirty, self.dirty = self.dirty, set()
+            if dirty:
+                # Snapshot first: a chunk recorded must have been written before the sync below.
+                snapshot = copy.deepcopy(self.state)
+                fds = [self.fds[p] for p in dirty if p in self.fds]
+                await asyncio.to_thread(self._sync_and_save, fds, snapshot)
+
+    def _checkpoint(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        if dirty:
+            self._sync_and_save([self.fds[p] for p in dirty if p in self.fds], self.state)
+
+    def _sync_and_save(self, fds: list[int], snapshot: Progress) -> None:
+        """Sync the data of files with new chunks, then record those chunks (in that order)."""
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.fdatasync(fd)
+        snapshot.save(self.state_path)
+
+    def _close_fds(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+    # -- finishing --------------------------------------------------------------------------
+
+    def _unpack(self) -> None:
+        (f,) = self.listing.files
+        unpack(
+            self._target(f),
+            self.files_dir,
+            archive_type=self.listing.archive or "",
+            source=self.listing.source,
+        )
+
+    def _manifest(self) -> Manifest:
+        if self.listing.archive is not None:
+            entries = tuple(
+                FileEntry(p.relative_to(self.files_dir).as_posix(), p.stat().st_size)
+                for p in sorted(self.files_dir.rglob("*"))
+                if p.is_file()
+            )
+        else:
+            entries = tuple(
+                f.entry(sha256=self.state.files[f.path].computed_sha256 or None) for f in self.listing.files
+            )
+            entries = tuple(FileEntry(e.path, self._target_size(e.path), e.sha256, e.sha1) for e in entries)
+        return Manifest(
+            source_model_uri=self.uri,
+            storage_key=self.storage_key,
+            revision=self.listing.revision,
+            files=entries,
+            published_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+
+    def _target_size(self, path: str) -> int:
+        return (self.files_dir / path).stat().st_size
+
+
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The most telling error of a task group: a download error over a cancellation."""
+    flat: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            flat.append(e)
+
+    walk(eg)
+    for kind in (DiskFull, IntegrityError, DownloadError, Exception):
+        for e in flat:
+            if isinstance(e, kind):
+                return e
+    return flat[0]
+
+
+def _status_error(source: str, path: str, response: aiohttp.ClientResponse) -> DownloadError:
+    from agent.download.sources import _http_status_error
+
+    retry_after = response.headers.get("Retry-After")
+    try:
+        delay = float(retry_after) if retry_after is not None else None
+    except ValueError:
+        delay = None
+    error = _http_status_error(f"{source}: {path}", response.status, delay)
+    return error
+
+
+def _os_error(e: OSError, path: str) -> DownloadError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{path}: no space left on the cache's filesystem ({os.strerror(e.errno)})")
+    return DownloadError(f"{path}: {os.strerror(e.errno or 0)}")

@@ -1,0 +1,63 @@
+"""What a source says a model is: a pinned revision and a list of files with sizes and checksums.
+
+Every source turns a URI into a :class:`Listing`; the transfer engine fetches whatever the listing
+names, the same way for all of them (HTTP GETs with ranges, or a local copy). Paths from a remote are
+checked here, once, before anything touches the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from localmodel.errors import UnsafePath
+from localmodel.manifest import FileEntry, is_safe_relative_path
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str  # relative POSIX path inside the model folder, checked safe
+    size: int | None  # None only when the source does not say (a plain HTTP file)
+    sha256: str | None = None
+    git_sha1: str | None = None  # git blob sha1 (Hugging Face, non-LFS files)
+    md5: str | None = None  # S3 single-part ETag
+    url: str | None = field(default=None, repr=False)  # may carry a signature: never logged
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry a token
+    local_path: str | None = None  # file:// sources
+
+    def entry(self, *, sha256: str | None = None) -> FileEntry:
+        return FileEntry(self.path, self.size or 0, sha256 or self.sha256, self.git_sha1)
+
+
+@dataclass(frozen=True)
+class Listing:
+    source: str  # the URI, redacted
+    revision: str | None  # the commit (hf), or a digest of the objects' ETags (s3, http)
+    files: tuple[RemoteFile, ...]
+    archive: str | None = None  # ".tar.gz", ... when the one file is to be unpacked
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+def checked_path(path: str, *, source: str) -> str:
+    """The path, if it stays inside the model's folder; UnsafePath (failing the download) if not."""
+    if not is_safe_relative_path(path):
+        raise UnsafePath(
+            f"{source}: refusing remote path {path[:200]!r}: absolute, '..' or empty parts would "
+            "write outside the model's folder"
+        )
+    return path
+
+
+def check_unique(files: tuple[RemoteFile, ...], *, source: str) -> None:
+    """Two entries for one path, or a file that is also a folder, cannot both be laid out."""
+    paths = {f.path for f in files}
+    if len(paths) != len(files):
+        raise UnsafePath(f"{source}: the listing names a file twice")
+    for f in files:
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in paths:
+                raise UnsafePath(f"{source}: {f.path!r} needs {'/'.join(parts[:i])!r} to be a folder")
