@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from agent.download.engine import TransferSettings
 from agent.download.pull import pull
@@ -55,7 +55,8 @@ class _Bar:
     """A tqdm bar on a terminal; nothing otherwise (logs get the summary line only)."""
 
     def __init__(self, stream: IO[str], enabled: bool) -> None:
-        self.stream, self.enabled, self.bar = stream, enabled, None
+        self.stream, self.enabled = stream, enabled
+        self.bar: Any = None
 
     def start(self, *, total_bytes: int, done_bytes: int, files: int) -> None:
         if self.enabled:

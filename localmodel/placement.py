@@ -1,0 +1,156 @@
+"""Placement and admission, pure: which nodes form each group, which caches each group admits, which
+models each node must hold. The controller runs it for the cluster; the agent in standalone mode
+runs the same code for its own node, so both always agree.
+
+Admission: a group admits a cache only if the ``modelSize`` of the caches it already admitted plus
+this one fits the group's per-node ``storageLimit``. Caches are considered oldest first (creation
+time, then name), so the outcome is stable and a new cache never pushes out an old one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from localmodel.quantity import format_quantity
+from localmodel.resources import LocalModelCache, LocalModelInfo, LocalModelNodeGroup, Node
+
+INSUFFICIENT_STORAGE = "InsufficientStorage"
+NODE_GROUP_NOT_FOUND = "NodeGroupNotFound"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    cache: str
+    group: str
+    reason: str  # InsufficientStorage | NodeGroupNotFound
+    message: str
+
+
+@dataclass(frozen=True)
+class GroupUsage:
+    limit: int
+    used: int  # sum of the admitted caches' modelSize
+
+    @property
+    def available(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: Mapping[str, tuple[str, ...]]  # group -> cache names, in admission order
+    refused: tuple[Refusal, ...]
+    usage: Mapping[str, GroupUsage]  # group -> limit and admitted bytes
+
+    def groups_of(self, cache: str) -> tuple[str, ...]:
+        return tuple(g for g, caches in sorted(self.admitted.items()) if cache in caches)
+
+
+def human(n: int) -> str:
+    """Bytes as a Kubernetes quantity, binary units where exact ("140Gi", "60Gi")."""
+    return format_quantity(n, "BinarySI")
+
+
+def _age_key(cache: LocalModelCache) -> tuple[str, str]:
+    # RFC 3339 timestamps in UTC sort as strings; objects without one (not yet stored) go last.
+    return (cache.metadata.creation_timestamp or "9999", cache.name)
+
+
+def admit(caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGroup]) -> Admission:
+    by_name = {g.name: g for g in groups}
+    used = dict.fromkeys(by_name, 0)
+    admitted: dict[str, list[str]] = {g: [] for g in by_name}
+    refused: list[Refusal] = []
+    for cache in sorted(caches, key=_age_key):
+        if cache.metadata.deletion_timestamp:
+            continue  # a cache being deleted holds no capacity and gets no new copies
+        size = cache.spec.model_size.bytes
+        for group_name in cache.spec.node_groups:
+            group = by_name.get(group_name)
+            if group is None:
+                refused.append(
+                    Refusal(
+                        cache.name,
+                        group_name,
+                        NODE_GROUP_NOT_FOUND,
+                        f"node group {group_name!r} does not exist; create it or remove it from "
+                        "spec.nodeGroups",
+                    )
+                )
+                continue
+            limit = group.spec.storage_limit.bytes
+            if used[group_name] + size > limit:
+                free = max(0, limit - used[group_name])
+                refused.append(
+                    Refusal(
+                        cache.name,
+                        group_name,
+                        INSUFFICIENT_STORAGE,
+                        f"needs {human(size)}, group {group_name} has {human(free)} of {human(limit)} free",
+                    )
+                )
+                continue
+            used[group_name] += size
+            admitted[group_name].append(cache.name)
+    return Admission(
+        admitted={g: tuple(c) for g, c in admitted.items()},
+        refused=tuple(refused),
+        usage={g: GroupUsage(by_name[g].spec.storage_limit.bytes, used[g]) for g in by_name},
+    )
+
+
+def members(group: LocalModelNodeGroup, nodes: Iterable[Node]) -> tuple[str, ...]:
+    """The nodes a group's PV node affinity selects (none when it has no affinity)."""
+    selector = group.spec.node_selector
+    if selector is None:
+        return ()
+    return tuple(sorted(n.name for n in nodes if selector.matches(n.name, n.labels)))
+
+
+def groups_of_node(node: Node, groups: Iterable[LocalModelNodeGroup]) -> tuple[str, ...]:
+    return tuple(
+        sorted(
+            g.name
+            for g in groups
+            if g.spec.node_selector is not None and g.spec.node_selector.matches(node.name, node.labels)
+        )
+    )
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    """What one node must hold: its groups and one entry per model (a model listed by two of its
+    groups is held once, for the first group by name)."""
+
+    node: str
+    groups: tuple[str, ...]
+    models: tuple[LocalModelInfo, ...] = field(default=())
+
+
+def place_node(
+    node: Node,
+    caches: Iterable[LocalModelCache],
+    groups: Iterable[LocalModelNodeGroup],
+    admission: Admission | None = None,
+) -> NodePlacement:
+    caches = list(caches)
+    groups = list(groups)
+    admission = admission or admit(caches, groups)
+    mine = groups_of_node(node, groups)
+    by_name = {c.name: c for c in caches}
+    models: dict[str, LocalModelInfo] = {}
+    for group in mine:
+        for cache_name in admission.admitted.get(group, ()):
+            cache = by_name[cache_name]
+            if cache.name in models:
+                continue
+            models[cache.name] = LocalModelInfo(
+                source_model_uri=cache.spec.source_model_uri,
+                model_name=cache.name,
+                node_group=group,
+                service_account_name=cache.spec.service_account_name,
+                storage=cache.spec.storage,
+                model_size=cache.spec.model_size,
+            )
+    return NodePlacement(node.name, mine, tuple(models[k] for k in sorted(models)))
