@@ -1,0 +1,126 @@
+"""The agent's pure planner: given what the node must hold, what its disk holds and what is in
+flight, decide what to keep, download, delete and refuse. No I/O: frozen inputs, a frozen plan.
+
+Capacity rules:
+- A model's need is its real size once the source listing is known, else its declared ``modelSize``.
+- Space held by published models and by in-flight downloads counts against both the group's
+  ``storageLimit`` and the filesystem's real free space (a download in flight still has
+  ``need - bytes already staged`` to write).
+- A model that does not fit is refused with how much it needs and how much is available; a model
+  still desired is never evicted to make room.
+- A model whose real size exceeds its declared size is refused, unless it still fits, in which case
+  it proceeds with a warning (the declared size is what the controller admitted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from localmodel.placement import human
+
+
+@dataclass(frozen=True)
+class Want:
+    """A model the node must hold."""
+
+    name: str
+    key: str
+    declared: int | None  # modelSize, bytes
+    real: int | None = None  # from the source listing, once known
+
+    @property
+    def need(self) -> int:
+        return self.real if self.real is not None else (self.declared or 0)
+
+
+@dataclass(frozen=True)
+class Disk:
+    published: Mapping[str, int]  # storage key -> bytes on disk (complete, trusted)
+    staged: Mapping[str, int] = field(default_factory=dict)  # storage key -> bytes already staged
+    free: int = 0  # free bytes on the cache's filesystem, now
+
+
+@dataclass(frozen=True)
+class Refused:
+    name: str
+    reason: str  # InsufficientStorage | SizeExceedsDeclared
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    keep: tuple[str, ...]  # names of wanted models already published
+    download: tuple[str, ...]  # names to fetch (or keep fetching)
+    delete: tuple[str, ...]  # storage keys to remove (published or staged), none of them wanted
+    refuse: tuple[Refused, ...]
+    warnings: Mapping[str, str]  # name -> message (proceeding, but something to know)
+    limit: int | None
+    used: int  # published kept + reserved for downloads, after the plan
+
+    @property
+    def available(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+
+def plan(
+    wants: tuple[Want, ...],
+    disk: Disk,
+    *,
+    limit: int | None,
+    in_flight: frozenset[str] = frozenset(),
+) -> Plan:
+    """``in_flight``: storage keys being downloaded right now (they keep their reservation first)."""
+    wanted_keys = {w.key for w in wants}
+    delete = tuple(sorted((set(disk.published) | set(disk.staged)) - wanted_keys - in_flight))
+    freed = sum(disk.published.get(k, 0) + disk.staged.get(k, 0) for k in delete)
+    keep = [w for w in wants if w.key in disk.published]
+    used = sum(disk.published[w.key] for w in keep)
+    free = disk.free + freed
+    # Downloads in flight first (they already hold space), then the rest by name: stable.
+    order = sorted(
+        (w for w in wants if w.key not in disk.published), key=lambda w: (w.key not in in_flight, w.name)
+    )
+    download: list[str] = []
+    refuse: list[Refused] = []
+    warnings: dict[str, str] = {}
+    for w in order:
+        need = w.need
+        to_write = max(0, need - disk.staged.get(w.key, 0))
+        over_limit = limit is not None and used + need > limit
+        if over_limit or to_write > free:
+            if over_limit and limit is not None:
+                room = f"{human(max(0, limit - used))} of the node group's {human(limit)} limit"
+            else:
+                room = f"{human(free)} free on the cache's filesystem"
+            bigger = w.real is not None and w.declared is not None and w.real > w.declared
+            refuse.append(
+                Refused(
+                    w.name,
+                    "SizeExceedsDeclared" if bigger else "InsufficientStorage",
+                    (
+                        f"the source holds {human(need)}, more than the declared modelSize "
+                        f"{human(w.declared or 0)}, and only {room} is available"
+                    )
+                    if bigger
+                    else f"needs {human(to_write if not over_limit else need)}, {room} is available",
+                )
+            )
+            continue
+        if w.real is not None and w.declared is not None and w.real > w.declared:
+            warnings[w.name] = (
+                f"the source holds {human(w.real)}, more than the declared modelSize "
+                f"{human(w.declared)}; it still fits, so it is downloaded"
+            )
+        download.append(w.name)
+        used += need
+        free -= to_write
+    return Plan(
+        keep=tuple(sorted(w.name for w in keep)),
+        download=tuple(download),
+        delete=delete,
+        refuse=tuple(refuse),
+        warnings=warnings,
+        limit=limit,
+        used=used,
+    )
