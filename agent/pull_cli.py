@@ -37,6 +37,16 @@ def parse_rate(text: str) -> float:
     return float(value.value)
 
 
+def _size(text: str) -> int:
+    try:
+        value = Quantity.parse(text, field="--chunk-size").bytes
+    except QuantityError as e:
+        raise InvalidInput(str(e)) from None
+    if value < 64 << 10:
+        raise InvalidInput(f"--chunk-size: {text!r} is too small (at least 64Ki)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modelcache pull", description="Download a whole model into DEST, verified.")
     p.add_argument(
@@ -46,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")
     p.add_argument("--concurrency", type=int, default=16, help="connections at once (default 16)")
     p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="cap, e.g. 200MB/s (default: none)")
+    p.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=64 << 20,
+        help="large files are fetched as parallel ranges of this size (default 64Mi)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip checksums (sizes are still checked)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; only the summary line")
     return p
@@ -88,7 +104,10 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput(f"--concurrency: {args.concurrency} is out of range (1-256)")
     uri = parse_uri(args.uri, field="URI").with_revision(args.revision)
     settings = TransferSettings(
-        concurrency=args.concurrency, max_bandwidth=args.max_bandwidth, verify=not args.no_verify
+        concurrency=args.concurrency,
+        chunk_size=args.chunk_size,
+        max_bandwidth=args.max_bandwidth,
+        verify=not args.no_verify,
     )
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     try:

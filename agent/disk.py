@@ -1,0 +1,156 @@
+"""The node's cache folder: lock it, check its format, scan what it holds, delete what is unwanted.
+
+Thin I/O around :mod:`localmodel.layout`. Nothing here deletes outside ``<cache-dir>/models`` and
+``<cache-dir>/.modelcache``: every path is built from a validated storage key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.download.staging import Destination, finish_publish, remove_published, write_atomic
+from localmodel.errors import InvalidInput, ModelcacheError
+from localmodel.layout import FORMAT_VERSION, STORAGE_KEY_RE, CacheLayout
+from localmodel.manifest import Manifest
+
+
+class CacheLocked(ModelcacheError):
+    """Another agent process holds this cache folder."""
+
+
+@dataclass(frozen=True)
+class Published:
+    key: str
+    manifest: Manifest
+    size: int  # bytes on disk per the manifest (sizes checked at scan)
+
+
+@dataclass(frozen=True)
+class Scan:
+    published: dict[str, Published]
+    staged: dict[str, int]  # key -> bytes staged so far
+    untrusted: tuple[str, ...]  # keys whose folder exists but does not match a manifest
+    free: int
+
+
+class CacheDir:
+    def __init__(self, root: Path) -> None:
+        self.layout = CacheLayout(root)
+        self._lock_fd: int | None = None
+
+    def destination(self, key: str) -> Destination:
+        return Destination.in_cache(self.layout, key)
+
+    def open(self) -> None:
+        """Create the hidden folders, take the lock, check the on-disk format version."""
+        layout = self.layout
+        for d in (layout.models, layout.manifests, layout.staging, layout.trash):
+            d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLocked(
+                f"{layout.root} is in use by another modelcache agent (lock {layout.lock_file}); "
+                "run one agent per cache folder"
+            ) from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        if layout.format_file.exists():
+            text = layout.format_file.read_text().strip()
+            version = int(text) if text.isdigit() else -1
+            if version > FORMAT_VERSION or version < 1:
+                self.close()
+                raise InvalidInput(
+                    f"{layout.root} has on-disk format {text!r}, which this modelcache (format "
+                    f"{FORMAT_VERSION}) does not know; upgrade modelcache. Nothing was changed."
+                )
+        else:
+            write_atomic(layout.format_file, f"{FORMAT_VERSION}\n".encode())
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def scan(self, *, verify: bool = False) -> Scan:
+        """Finish interrupted publishes, empty the trash, then report what is here.
+
+        A published folder is trusted when its manifest exists and every file has the manifest's
+        size (``verify`` also re-hashes sha256). Anything else under ``models/`` is untrusted.
+        """
+        layout = self.layout
+        for pending in _subdirs(layout.staging):
+            if STORAGE_KEY_RE.match(pending.name):
+                finish_publish(self.destination(pending.name))
+        for leftover in _subdirs(layout.trash):
+            shutil.rmtree(leftover, ignore_errors=True)
+        published: dict[str, Published] = {}
+        untrusted: list[str] = []
+        for folder in _subdirs(layout.models):
+            key = folder.name
+            if not STORAGE_KEY_RE.match(key):
+                continue  # not ours: never touched
+            manifest = self._trusted(key, verify=verify)
+            if manifest is None:
+                untrusted.append(key)
+            else:
+                published[key] = Published(key, manifest, manifest.total_bytes)
+        staged = {d.name: _tree_bytes(d) for d in _subdirs(layout.staging) if STORAGE_KEY_RE.match(d.name)}
+        return Scan(published, staged, tuple(sorted(untrusted)), self.free_bytes())
+
+    def _trusted(self, key: str, *, verify: bool) -> Manifest | None:
+        dest = self.destination(key)
+        manifest = dest.published()
+        if manifest is None:
+            return None
+        import hashlib
+
+        for entry in manifest.files:
+            path = dest.final / entry.path
+            try:
+                if path.stat().st_size != entry.size:
+                    return None
+            except OSError:
+                return None
+            if verify and entry.sha256:
+                h = hashlib.sha256()
+                with path.open("rb") as fh:
+                    while block := fh.read(8 << 20):
+                        h.update(block)
+                if h.hexdigest() != entry.sha256:
+                    return None
+        return manifest
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.layout.root)
+        return st.f_bavail * st.f_frsize
+
+    def delete(self, key: str) -> None:
+        """Remove a model (published and staged) by storage key."""
+        remove_published(self.destination(key))
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                # Allocated bytes, not apparent size: preallocated files count as what they hold.
+                total += (Path(dirpath) / name).stat().st_blocks * 512
+    return total

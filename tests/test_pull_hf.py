@@ -1,0 +1,209 @@
+"""`modelcache pull hf://...` against a local Hugging Face-compatible hub."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.download.engine import TransferSettings
+from agent.download.pull import pull
+from agent.download.sources import SourceSettings
+from agent.download.staging import Destination
+from localmodel.errors import AccessDenied, IntegrityError, UnsafePath
+from localmodel.uri import parse_uri
+from tests.support.hfhub import Hub
+
+MiB = 1 << 20
+TOKEN = "hf_SECRETtoken1234567890"
+
+
+def model_files() -> dict[str, bytes]:
+    return {
+        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+        "tokenizer/tokenizer.json": b'{"vocab": {}}' * 10,
+        "model-00001-of-00002.safetensors": os.urandom(3 * MiB + 17),
+        "model-00002-of-00002.safetensors": os.urandom(2 * MiB),
+        "nested/deep/readme.md": b"# hi\n",
+    }
+
+
+async def run_pull(hub: Hub, uri: str, dest: Path, **kw: object) -> object:
+    settings = TransferSettings(**{"chunk_size": MiB, "backoff_initial": 0.01, **kw})  # type: ignore[arg-type]
+    return await pull(
+        parse_uri(uri),
+        Destination.for_folder(dest),
+        sources=SourceSettings(hf_endpoint=hub.endpoint, hf_token=os.environ.get("HF_TOKEN")),
+        transfer=settings,
+    )
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+async def test_pull_lays_out_the_repo_and_verifies(hf_hub: Hub, tmp_path: Path) -> None:
+    files = model_files()
+    sha = hf_hub.add_repo("org/model", files)
+    result = await run_pull(hf_hub, "hf://org/model", tmp_path / "m")
+    assert tree(tmp_path / "m") == files
+    assert result.revision == sha and result.bytes_transferred == sum(map(len, files.values()))
+    manifest = json.loads((tmp_path / ".modelcache" / "pull" / "m.json").read_text())
+    shards = {f["path"]: f for f in manifest["files"]}
+    assert (
+        shards["model-00002-of-00002.safetensors"]["sha256"]
+        == hf_hub.file("org/model", "model-00002-of-00002.safetensors").sha256
+    )
+    assert shards["config.json"]["sha1"]  # small files are verified by their git blob sha1
+    # Large files went as parallel ranges.
+    assert hf_hub.count("GET", "model-00001-of-00002") == 4
+
+    hf_hub.requests.clear()
+    again = await run_pull(hf_hub, "hf://org/model", tmp_path / "m")
+    assert again.up_to_date and again.bytes_transferred == 0
+    assert [r.method for r in hf_hub.requests if "/resolve/" in r.path] == []
+    assert len(hf_hub.requests) == 2  # one listing: the revision, then the tree
+
+
+async def test_revision_is_pinned_and_selectable(hf_hub: Hub, tmp_path: Path) -> None:
+    v1 = hf_hub.add_repo("org/model", {"a.txt": b"one"}, revision="v1")
+    main = hf_hub.add_repo("org/model", {"a.txt": b"two", "b.txt": b"new"}, revision="main")
+    r1 = await run_pull(hf_hub, "hf://org/model:v1", tmp_path / "one")
+    assert r1.revision == v1 and tree(tmp_path / "one") == {"a.txt": b"one"}
+    r2 = await run_pull(hf_hub, "hf://org/model", tmp_path / "two")
+    assert r2.revision == main and tree(tmp_path / "two") == {"a.txt": b"two", "b.txt": b"new"}
+    # Every file was fetched at the pinned commit, never at a moving branch name.
+    assert all(
+        f"/resolve/{main}/" in r.path or f"/resolve/{v1}/" in r.path
+        for r in hf_hub.requests
+        if "/resolve/" in r.path
+    )
+
+
+async def test_gated_repo_needs_a_token_and_never_leaks_it(
+    hf_hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    hf_hub.add_repo("org/gated", model_files(), token=TOKEN)
+    with pytest.raises(AccessDenied, match="access denied to org/gated"):
+        await run_pull(hf_hub, "hf://org/gated", tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    await run_pull(hf_hub, "hf://org/gated", tmp_path / "g")
+    assert tree(tmp_path / "g") == {
+        p: f.disk.read_bytes()
+        for p, f in hf_hub.repos["org/gated"].commits[hf_hub.repos["org/gated"].refs["main"]].items()
+    }
+    out, err = capfd.readouterr()
+    assert TOKEN not in out + err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes()
+
+
+async def test_gated_repo_cli_exit_1_names_repo(hf_hub: Hub, tmp_path: Path) -> None:
+    hf_hub.add_repo("org/gated", {"a": b"x"}, token=TOKEN)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "modelcache",
+        "pull",
+        "hf://org/gated",
+        str(tmp_path / "g"),
+        "--quiet",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert err.decode().startswith("modelcache pull: access denied to org/gated")
+
+
+async def test_tampered_file_is_refetched_once_then_fails_naming_it(hf_hub: Hub, tmp_path: Path) -> None:
+    hf_hub.add_repo("org/model", model_files())
+    hf_hub.tamper("org/model", "model-00002-of-00002.safetensors")
+    with pytest.raises(IntegrityError, match="model-00002-of-00002.safetensors.*sha256"):
+        await run_pull(hf_hub, "hf://org/model", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert hf_hub.count("GET", "model-00002-of-00002") == 4  # 2 ranges, fetched twice
+
+
+async def test_no_verify_skips_hashes_but_not_sizes(hf_hub: Hub, tmp_path: Path) -> None:
+    hf_hub.add_repo("org/model", model_files())
+    hf_hub.tamper("org/model", "config.json")
+    await run_pull(hf_hub, "hf://org/model", tmp_path / "m", verify=False)
+    assert (tmp_path / "m" / "config.json").exists()
+
+
+async def test_503_twice_then_success(hf_hub: Hub, tmp_path: Path) -> None:
+    files = model_files()
+    hf_hub.add_repo("org/model", files)
+    hf_hub.file("org/model", "config.json").fail_first = 2
+    hf_hub.file("org/model", "config.json").retry_after = "0"
+    await run_pull(hf_hub, "hf://org/model", tmp_path / "m")
+    assert tree(tmp_path / "m") == files
+    assert hf_hub.count("GET", "config.json") == 3
+
+
+@pytest.mark.parametrize("path", ["../escape.txt", "/abs/path.txt", "a/../../b.txt"])
+async def test_hostile_listing_is_refused_and_nothing_written(hf_hub: Hub, tmp_path: Path, path: str) -> None:
+    hf_hub.add_repo("org/model", {"a.txt": b"a"})
+    hf_hub.add_hostile_entry("org/model", path)
+    with pytest.raises(UnsafePath):
+        await run_pull(hf_hub, "hf://org/model", tmp_path / "out" / "m")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out" / "escape.txt").exists()
+    assert not (tmp_path / "out" / "m").exists()
+
+
+async def test_server_without_ranges(hf_hub: Hub, tmp_path: Path) -> None:
+    files = model_files()
+    hf_hub.add_repo("org/model", files)
+    hf_hub.ranges = False
+    await run_pull(hf_hub, "hf://org/model", tmp_path / "m")
+    assert tree(tmp_path / "m") == files
+    assert hf_hub.count("GET", "model-00001-of-00002") == 1
+
+
+async def test_sigkill_mid_file_then_resume_fetches_only_the_rest(hf_hub: Hub, tmp_path: Path) -> None:
+    big = os.urandom(24 * MiB)
+    hf_hub.add_repo("org/model", {"big.safetensors": big, "config.json": b"{}"})
+    hf_hub.file("org/model", "big.safetensors").rate = 3 * MiB  # per response
+    dest = tmp_path / "m"
+    env = dict(os.environ, HF_ENDPOINT=hf_hub.endpoint)
+    argv = [
+        sys.executable,
+        "-m",
+        "modelcache",
+        "pull",
+        "hf://org/model",
+        str(dest),
+        "--quiet",
+        "--chunk-size",
+        "1Mi",
+        "--concurrency",
+        "4",
+    ]
+    proc = await asyncio.create_subprocess_exec(*argv, env=env)
+    progress = tmp_path / ".modelcache" / "pull" / "m" / "progress.json"
+    for _ in range(300):
+        await asyncio.sleep(0.05)
+        if (
+            progress.exists()
+            and len(json.loads(progress.read_text())["files"]["big.safetensors"]["chunks"]) >= 4
+        ):
+            break
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    done = set(json.loads(progress.read_text())["files"]["big.safetensors"]["chunks"])
+    assert 4 <= len(done) < 24 and not dest.exists()
+
+    hf_hub.file("org/model", "big.safetensors").rate = None
+    hf_hub.requests.clear()
+    proc = await asyncio.create_subprocess_exec(*argv, env=env)
+    assert await proc.wait() == 0
+    assert (dest / "big.safetensors").read_bytes() == big
+    fetched = [r.range for r in hf_hub.requests if r.method == "GET" and "big.safetensors" in r.path]
+    starts = {int(r.split("=")[1].split("-")[0]) // MiB for r in fetched if r}
+    assert starts == set(range(24)) - done  # only the chunks that were not durable
