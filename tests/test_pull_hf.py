@@ -116,7 +116,7 @@ async def test_gated_repo_cli_exit_1_names_repo(hf_hub: Hub, tmp_path: Path) -> 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate()
+    _, err = await proc.communicate()
     assert proc.returncode == 1
     assert err.decode().startswith("modelcache pull: access denied to org/gated")
 
@@ -124,7 +124,7 @@ async def test_gated_repo_cli_exit_1_names_repo(hf_hub: Hub, tmp_path: Path) -> 
 async def test_tampered_file_is_refetched_once_then_fails_naming_it(hf_hub: Hub, tmp_path: Path) -> None:
     hf_hub.add_repo("org/model", model_files())
     hf_hub.tamper("org/model", "model-00002-of-00002.safetensors")
-    with pytest.raises(IntegrityError, match="model-00002-of-00002.safetensors.*sha256"):
+    with pytest.raises(IntegrityError, match=r"model-00002-of-00002\.safetensors.*sha256"):
         await run_pull(hf_hub, "hf://org/model", tmp_path / "m")
     assert not (tmp_path / "m").exists()
     assert hf_hub.count("GET", "model-00002-of-00002") == 4  # 2 ranges, fetched twice
