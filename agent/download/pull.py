@@ -57,7 +57,7 @@ async def pull(
         run = Transfer(
             listing,
             dest,
-            uri=uri.raw,
+            uri=uri.redacted(),  # the manifest is a state file: no signed query in it
             storage_key=storage_key(uri.raw),
             session=session,
             settings=transfer,
