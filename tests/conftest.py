@@ -4,4 +4,5 @@ pytest_plugins: list[str] = [
     # one line per fixture module, e.g. "tests.support.kube_emulator"
     "tests.support.hfhub",
     "tests.support.s3",
+    "tests.support.kubeapi",
 ]

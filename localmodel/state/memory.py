@@ -43,7 +43,9 @@ class MemoryState:
     def __init__(self, *, persist_to: Path | None = None, history: int = 10_000) -> None:
         self._objects: dict[Key, JSON] = {}
         self._rv = 0
-        self._history: deque[tuple[int, str, WatchEvent]] = deque(maxlen=history)
+        self._history: deque[tuple[int, str, WatchEvent]] = deque()
+        self._history_limit = history
+        self._compacted = 0  # events up to this resourceVersion are no longer kept
         self._changed = asyncio.Condition()
         self._persist_to = persist_to
         if persist_to is not None and persist_to.exists():
@@ -78,9 +80,8 @@ class MemoryState:
         selector: Selector | None = None,
     ) -> AsyncIterator[WatchEvent]:
         since = int(resource_version or 0)
-        oldest = self._history[0][0] if self._history else self._rv + 1
-        if since + 1 < oldest and since < self._rv and len(self._history) == self._history.maxlen:
-            raise Gone(f"resourceVersion {since} is too old (oldest kept: {oldest})")
+        if since < self._compacted:
+            raise Gone(f"resourceVersion {since} is too old (history kept from {self._compacted})")
         while True:
             for rv, k, event in list(self._history):
                 if rv <= since or k != kind.kind:
@@ -94,6 +95,8 @@ class MemoryState:
                 yield WatchEvent(event.type, copy.deepcopy(event.object))
             async with self._changed:
                 await self._changed.wait_for(partial(self._newer_than, since))
+            if since < self._compacted:
+                raise Gone(f"resourceVersion {since} was compacted; list again")
 
     def _newer_than(self, rv: int) -> bool:
         return self._rv > rv
@@ -176,6 +179,11 @@ class MemoryState:
     async def close(self) -> None:
         return None
 
+    def compact(self) -> None:
+        """Forget the change history, as etcd compaction does: every watch must relist (Gone)."""
+        self._history.clear()
+        self._compacted = self._rv + 1
+
     # -- bulk load (standalone) ----------------------------------------------------------------
 
     async def apply(self, kind: ResourceKind, objects: Iterable[JSON], *, prune: bool) -> None:
@@ -249,6 +257,8 @@ class MemoryState:
     async def _emit(self, kind: ResourceKind, event: str, obj: JSON) -> JSON:
         snapshot = copy.deepcopy(obj)
         self._history.append((self._rv, kind.kind, WatchEvent(event, snapshot)))  # type: ignore[arg-type]
+        while len(self._history) > self._history_limit:
+            self._compacted = self._history.popleft()[0]
         self._persist()
         async with self._changed:
             self._changed.notify_all()

@@ -1,0 +1,224 @@
+"""A Kubernetes API emulator on 127.0.0.1: the REST surface and wire formats of a real API server.
+
+Paths (``/api/v1/...``, ``/apis/GROUP/VERSION/[namespaces/NS/]PLURAL[/NAME[/status]]``), Status
+bodies on errors, 201 on create, 409 AlreadyExists and 409 Conflict (a stale
+``metadata.resourceVersion`` in a merge patch), 415 for patch types a real server refuses on custom
+resources, ``/status`` isolation, label and field selectors, and watches as newline-delimited JSON
+that resume from a resourceVersion and answer an expired one with an ERROR event carrying a 410
+Status, as real servers do. Storage semantics (resourceVersions, finalizers, generation) come from
+the embedded backend; ``expire_watches()`` makes every watch from now on answer 410 once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest_asyncio
+from aiohttp import web
+
+from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, Gone, NotFound, SpecError
+from localmodel.state.base import KINDS, ResourceKind, Selector
+from localmodel.state.memory import MemoryState
+
+BY_PATH = {(k.group, k.version, k.plural): k for k in KINDS}
+
+
+def _status(code: int, reason: str, message: str) -> web.Response:
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    return web.json_response(body, status=code)
+
+
+def _selector(request: web.Request) -> Selector | None:
+    def pairs(text: str) -> dict[str, str]:
+        return dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+
+    labels = pairs(request.query.get("labelSelector", ""))
+    fields = pairs(request.query.get("fieldSelector", ""))
+    return Selector(labels, fields) if labels or fields else None
+
+
+class KubeAPI:
+    def __init__(self) -> None:
+        self.store = MemoryState()
+        self.url = ""
+        self.requests: list[tuple[str, str]] = []
+        self._expire = False
+        self._runner: web.AppRunner | None = None
+        self._watches: set[asyncio.Task[None]] = set()
+
+    def expire_watches(self) -> None:
+        """Like an etcd compaction: open watches end, and the next one answers 410 Gone."""
+        self._expire = True
+        for task in list(self._watches):
+            task.cancel()
+
+    async def start(self) -> None:
+        app = web.Application()
+        for prefix in ("/api/{version}", "/apis/{group}/{version}"):
+            for ns in ("", "/namespaces/{namespace}"):
+                app.router.add_route("*", f"{prefix}{ns}/{{plural}}", self._collection)
+                app.router.add_route("*", f"{prefix}{ns}/{{plural}}/{{name}}", self._item)
+                app.router.add_route("*", f"{prefix}{ns}/{{plural}}/{{name}}/status", self._status_item)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _kind(self, request: web.Request) -> ResourceKind:
+        m = request.match_info
+        kind = BY_PATH.get((m.get("group", ""), m["version"], m["plural"]))
+        if kind is None:
+            raise web.HTTPNotFound(
+                text=json.dumps(
+                    {
+                        "kind": "Status",
+                        "code": 404,
+                        "message": "the server could not find the requested resource",
+                    }
+                )
+            )
+        return kind
+
+    async def _collection(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path_qs))
+        kind = self._kind(request)
+        ns = request.match_info.get("namespace")
+        if request.method == "GET" and request.query.get("watch") in ("true", "True", "1"):
+            return await self._watch(request, kind, ns)
+        if request.method == "GET":
+            listing = await self.store.list(kind, namespace=ns, selector=_selector(request))
+            return web.json_response(
+                {
+                    "kind": f"{kind.kind}List",
+                    "apiVersion": kind.api_version,
+                    "metadata": {"resourceVersion": listing.resource_version},
+                    "items": listing.items,
+                }
+            )
+        if request.method == "POST":
+            obj = await request.json()
+            if ns:
+                obj.setdefault("metadata", {})["namespace"] = ns
+            try:
+                return web.json_response(await self.store.create(kind, obj), status=201)
+            except AlreadyExists as e:
+                return _status(409, "AlreadyExists", str(e))
+            except SpecError as e:
+                return _status(422, "Invalid", str(e))
+        return _status(405, "MethodNotAllowed", request.method)
+
+    async def _item(self, request: web.Request) -> web.StreamResponse:
+        return await self._one(request, status=False)
+
+    async def _status_item(self, request: web.Request) -> web.StreamResponse:
+        return await self._one(request, status=True)
+
+    async def _one(self, request: web.Request, *, status: bool) -> web.StreamResponse:
+        self.requests.append((request.method, request.path_qs))
+        kind = self._kind(request)
+        ns = request.match_info.get("namespace")
+        name = request.match_info["name"]
+        try:
+            if request.method == "GET":
+                return web.json_response(await self.store.get(kind, name, namespace=ns))
+            if request.method == "DELETE":
+                current = await self.store.get(kind, name, namespace=ns)
+                await self.store.delete(kind, name, namespace=ns)
+                return web.json_response(current)
+            if request.method == "PATCH":
+                ctype = request.content_type
+                if ctype != "application/merge-patch+json" and not (
+                    ctype == "application/strategic-merge-patch+json" and not kind.group
+                ):
+                    return _status(
+                        415,
+                        "UnsupportedMediaType",
+                        f"unsupported patch type {ctype}; use application/merge-patch+json",
+                    )
+                patch: dict[str, Any] = await request.json()
+                rv = (patch.get("metadata") or {}).get("resourceVersion")
+                if status:
+                    return web.json_response(
+                        await self.store.patch_status(
+                            kind, name, patch.get("status") or {}, namespace=ns, resource_version=rv
+                        )
+                    )
+                return web.json_response(
+                    await self.store.patch(kind, name, patch, namespace=ns, resource_version=rv)
+                )
+        except NotFound as e:
+            return _status(404, "NotFound", str(e))
+        except Conflict as e:
+            return _status(409, "Conflict", f"Operation cannot be fulfilled: {e}")
+        except ClusterStateError as e:
+            return _status(500, "InternalError", str(e))
+        return _status(405, "MethodNotAllowed", request.method)
+
+    async def _watch(self, request: web.Request, kind: ResourceKind, ns: str | None) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        rv = request.query.get("resourceVersion") or (await self.store.list(kind)).resource_version
+        timeout = float(request.query.get("timeoutSeconds", "300"))
+        if self._expire:
+            self._expire = False
+            status = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "code": 410,
+                "reason": "Expired",
+                "message": f"too old resource version: {rv}",
+            }
+            await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
+            return response
+
+        async def stream() -> None:
+            async for event in self.store.watch_raw(
+                kind, resource_version=rv, namespace=ns, selector=_selector(request)
+            ):
+                await response.write(
+                    json.dumps({"type": event.type, "object": event.object}).encode() + b"\n"
+                )
+
+        task = asyncio.ensure_future(asyncio.wait_for(stream(), timeout))
+        self._watches.add(task)
+        try:
+            await task
+        except TimeoutError:
+            pass  # timeoutSeconds reached: the stream ends, as a real server ends it
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise  # the request itself is going away
+            # expire_watches() ended only this stream: the client reconnects and gets 410
+        except Gone as e:
+            status = {"kind": "Status", "code": 410, "reason": "Expired", "message": str(e)}
+            await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
+        finally:
+            self._watches.discard(task)
+        return response
+
+
+@pytest_asyncio.fixture
+async def kube_api() -> AsyncIterator[KubeAPI]:
+    api = KubeAPI()
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.close()

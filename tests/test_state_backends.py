@@ -1,0 +1,237 @@
+"""The ClusterState interface behaves the same on both backends: the embedded one, and the
+Kubernetes API over HTTP (against the emulator in tests/support/kubeapi.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound
+from localmodel.state.base import (
+    EVENT,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    NODE,
+    ClusterState,
+    Selector,
+    WatchEvent,
+    update_status,
+    watch,
+)
+from localmodel.state.kube import KubeState
+from localmodel.state.memory import MemoryState
+from tests.support.kubeapi import KubeAPI
+
+
+@dataclass
+class Backend:
+    state: ClusterState
+    expire: Callable[[], None]
+    lists: Callable[[], int]  # list calls so far: proves a relist happened
+
+
+class CountingMemoryState(MemoryState):
+    lists = 0
+
+    async def list(self, *args: Any, **kw: Any) -> Any:
+        self.lists += 1
+        return await super().list(*args, **kw)
+
+
+@pytest_asyncio.fixture(params=["memory", "kube"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        memory = CountingMemoryState()
+        yield Backend(memory, memory.compact, lambda: memory.lists)
+        return
+    api = KubeAPI()
+    await api.start()
+    state = KubeState.for_url(api.url, watch_timeout=5)
+    try:
+        yield Backend(
+            state,
+            api.expire_watches,
+            lambda: sum(1 for m, p in api.requests if m == "GET" and "watch=" not in p and "/nodes" in p),
+        )
+    finally:
+        await state.close()
+        await api.close()
+
+
+def cache(name: str, **labels: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"sourceModelUri": f"hf://org/{name}", "modelSize": "1Gi", "nodeGroups": ["g"]},
+    }
+
+
+async def test_create_get_list_with_selectors(backend: Backend) -> None:
+    s = backend.state
+    created = await s.create(LOCAL_MODEL_CACHE, cache("a", tier="gold"))
+    assert created["kind"] == "LocalModelCache" and created["metadata"]["resourceVersion"]
+    await s.create(LOCAL_MODEL_CACHE, cache("b", tier="silver"))
+    got = await s.get(LOCAL_MODEL_CACHE, "a")
+    assert got["spec"]["sourceModelUri"] == "hf://org/a" and got["apiVersion"] == "serving.kserve.io/v1alpha1"
+    names = lambda lst: [o["metadata"]["name"] for o in lst.items]  # noqa: E731
+    assert names(await s.list(LOCAL_MODEL_CACHE)) == ["a", "b"]
+    assert names(await s.list(LOCAL_MODEL_CACHE, selector=Selector(labels={"tier": "silver"}))) == ["b"]
+    assert names(await s.list(LOCAL_MODEL_CACHE, selector=Selector(fields={"metadata.name": "a"}))) == ["a"]
+    with pytest.raises(AlreadyExists):
+        await s.create(LOCAL_MODEL_CACHE, cache("a"))
+    with pytest.raises(NotFound):
+        await s.get(LOCAL_MODEL_CACHE, "nope")
+
+
+async def test_patch_merges_and_stale_version_conflicts(backend: Backend) -> None:
+    s = backend.state
+    v1 = await s.create(LOCAL_MODEL_CACHE, cache("a"))
+    v2 = await s.patch(
+        LOCAL_MODEL_CACHE, "a", {"spec": {"modelSize": "2Gi"}, "metadata": {"labels": {"x": "y"}}}
+    )
+    assert v2["spec"]["modelSize"] == "2Gi" and v2["spec"]["nodeGroups"] == ["g"]
+    assert v2["metadata"]["labels"]["x"] == "y"
+    assert v2["metadata"]["resourceVersion"] != v1["metadata"]["resourceVersion"]
+    assert v2["metadata"]["generation"] == 2
+    with pytest.raises(Conflict):
+        await s.patch(
+            LOCAL_MODEL_CACHE,
+            "a",
+            {"spec": {"modelSize": "3Gi"}},
+            resource_version=v1["metadata"]["resourceVersion"],
+        )
+    v3 = await s.patch(
+        LOCAL_MODEL_CACHE,
+        "a",
+        {"metadata": {"labels": {"x": None}}},
+        resource_version=v2["metadata"]["resourceVersion"],
+    )
+    assert "x" not in (v3["metadata"].get("labels") or {})
+    with pytest.raises(NotFound):
+        await s.patch(LOCAL_MODEL_CACHE, "nope", {"spec": {}})
+
+
+async def test_status_is_its_own_subresource(backend: Backend) -> None:
+    s = backend.state
+    await s.create(LOCAL_MODEL_CACHE, cache("a"))
+    after = await s.patch(LOCAL_MODEL_CACHE, "a", {"status": {"copies": {"total": 9}}})
+    assert "status" not in after  # the main endpoint ignores status
+    st = await s.patch_status(
+        LOCAL_MODEL_CACHE, "a", {"copies": {"total": 2}, "nodeStatus": {"n1": "NodeDownloaded"}}
+    )
+    assert st["status"]["copies"] == {"total": 2} and st["spec"]["modelSize"] == "1Gi"
+    st = await s.patch_status(LOCAL_MODEL_CACHE, "a", {"nodeStatus": {"n1": None}})
+    assert st["status"].get("nodeStatus", {}) == {}
+    assert st["metadata"]["generation"] == 1  # status writes do not bump generation
+
+
+async def test_update_status_retries_after_a_concurrent_write(backend: Backend) -> None:
+    s = backend.state
+    await s.create(LOCAL_MODEL_CACHE, cache("a"))
+    calls = []
+
+    async def compute(obj: dict[str, Any]) -> dict[str, Any]:
+        calls.append(obj["metadata"]["resourceVersion"])
+        if len(calls) == 1:  # someone else writes between our read and our write
+            await s.patch_status(LOCAL_MODEL_CACHE, "a", {"copies": {"failed": 1}})
+        return {"copies": {"total": (obj.get("status", {}).get("copies", {}).get("failed", 0)) + 10}}
+
+    result = await update_status(s, LOCAL_MODEL_CACHE, "a", compute)
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert result is not None and result["status"]["copies"] == {"failed": 1, "total": 11}
+    assert await update_status(s, LOCAL_MODEL_CACHE, "a", lambda obj: None) is None
+
+
+async def test_delete_with_finalizers(backend: Backend) -> None:
+    s = backend.state
+    obj = cache("a")
+    obj["metadata"]["finalizers"] = ["localmodel.kserve.io/finalizer"]
+    await s.create(LOCAL_MODEL_CACHE, obj)
+    await s.delete(LOCAL_MODEL_CACHE, "a")
+    marked = await s.get(LOCAL_MODEL_CACHE, "a")
+    assert marked["metadata"]["deletionTimestamp"]
+    await s.patch(LOCAL_MODEL_CACHE, "a", {"metadata": {"finalizers": None}})
+    with pytest.raises(NotFound):
+        await s.get(LOCAL_MODEL_CACHE, "a")
+    with pytest.raises(NotFound):
+        await s.delete(LOCAL_MODEL_CACHE, "a")
+
+
+async def collect(agen: AsyncIterator[WatchEvent], n: int) -> list[tuple[str, str]]:
+    out = []
+    async for event in agen:
+        out.append((event.type, event.object["metadata"]["name"]))
+        if len(out) == n:
+            break
+    return out
+
+
+async def test_watch_lists_then_streams(backend: Backend) -> None:
+    s = backend.state
+    await s.create(NODE, {"metadata": {"name": "n1"}})
+    stream = watch(s, NODE)
+    first = await asyncio.wait_for(collect(stream, 1), 5)
+    assert first == [("ADDED", "n1")]
+    await s.create(NODE, {"metadata": {"name": "n2"}})
+    await s.patch(NODE, "n1", {"metadata": {"labels": {"gpu": "h100"}}})
+    await s.delete(NODE, "n2")
+    assert await asyncio.wait_for(collect(stream, 3), 5) == [
+        ("ADDED", "n2"),
+        ("MODIFIED", "n1"),
+        ("DELETED", "n2"),
+    ]
+    await stream.aclose()
+
+
+async def test_watch_with_field_selector_sees_only_its_object(backend: Backend) -> None:
+    s = backend.state
+    stream = watch(s, LOCAL_MODEL_NODE, selector=Selector(fields={"metadata.name": "mine"}))
+    await s.create(LOCAL_MODEL_NODE, {"metadata": {"name": "other"}, "spec": {"localModels": []}})
+    await s.create(LOCAL_MODEL_NODE, {"metadata": {"name": "mine"}, "spec": {"localModels": []}})
+    assert await asyncio.wait_for(collect(stream, 1), 5) == [("ADDED", "mine")]
+    await stream.aclose()
+
+
+async def test_watch_raw_from_an_expired_version_is_gone_and_watch_recovers(backend: Backend) -> None:
+    s = backend.state
+    await s.create(NODE, {"metadata": {"name": "n1"}})
+    await s.create(NODE, {"metadata": {"name": "n2"}})
+    old = (await s.list(NODE)).resource_version
+    await s.delete(NODE, "n2")
+    backend.expire()
+    with pytest.raises(Gone):
+        async for _ in s.watch_raw(NODE, resource_version=old):
+            pass
+    # watch() relists on Gone, and reports what changed meanwhile, deletions included.
+    stream = watch(s, NODE, retry_delay=0.01)
+    assert await asyncio.wait_for(collect(stream, 1), 5) == [("ADDED", "n1")]
+    lists = backend.lists()
+    backend.expire()
+    await s.create(NODE, {"metadata": {"name": "n3"}})
+    await s.delete(NODE, "n1")
+    events = await asyncio.wait_for(collect(stream, 2), 5)
+    assert sorted(events) == [("ADDED", "n3"), ("DELETED", "n1")]
+    assert backend.lists() > lists
+    await stream.aclose()
+
+
+async def test_events_are_namespaced_objects(backend: Backend) -> None:
+    s = backend.state
+    event = {
+        "metadata": {"name": "node-1.abc", "namespace": "default"},
+        "involvedObject": {
+            "kind": "LocalModelNode",
+            "name": "node-1",
+            "apiVersion": "serving.kserve.io/v1alpha1",
+        },
+        "reason": "DownloadStarted",
+        "message": "started",
+        "type": "Normal",
+    }
+    await s.create(EVENT, event)
+    listed = await s.list(EVENT, namespace="default")
+    assert [e["reason"] for e in listed.items] == ["DownloadStarted"]
