@@ -235,3 +235,35 @@ async def test_events_are_namespaced_objects(backend: Backend) -> None:
     await s.create(EVENT, event)
     listed = await s.list(EVENT, namespace="default")
     assert [e["reason"] for e in listed.items] == ["DownloadStarted"]
+
+
+async def test_kube_backend_from_a_kubeconfig_sends_its_token(kube_api: KubeAPI, tmp_path: Any) -> None:
+    seen: list[str] = []
+    from aiohttp import web
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization", ""))
+        return await handler(request)
+
+    kube_api.middlewares.append(record)
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        f"""
+apiVersion: v1
+kind: Config
+current-context: test
+clusters: [{{name: c, cluster: {{server: "{kube_api.url}"}}}}]
+users: [{{name: u, user: {{token: tok-123}}}}]
+contexts: [{{name: test, context: {{cluster: c, user: u}}}}]
+"""
+    )
+    state = KubeState.from_environment(kubeconfig=str(config))
+    try:
+        await state.create(NODE, {"metadata": {"name": "n1"}})
+        assert (await state.get(NODE, "n1"))["metadata"]["name"] == "n1"
+    finally:
+        await state.close()
+    assert seen and all(h == "Bearer tok-123" for h in seen)
+    with pytest.raises(Exception, match="cannot load a Kubernetes configuration"):
+        KubeState.from_environment(kubeconfig=str(tmp_path / "missing"))

@@ -55,6 +55,7 @@ class KubeAPI:
         self._expire = False
         self._runner: web.AppRunner | None = None
         self._watches: set[asyncio.Task[None]] = set()
+        self.middlewares: list[Any] = []  # tests may add aiohttp middlewares before start()
 
     def expire_watches(self) -> None:
         """Like an etcd compaction: open watches end, and the next one answers 410 Gone."""
@@ -63,7 +64,7 @@ class KubeAPI:
             task.cancel()
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._middleware])
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
             for ns in ("", "/namespaces/{namespace}"):
                 app.router.add_route("*", f"{prefix}{ns}/{{plural}}", self._collection)
@@ -78,6 +79,13 @@ class KubeAPI:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        for extra in self.middlewares:
+            handler = _bind(extra, handler)
+        result: web.StreamResponse = await handler(request)
+        return result
 
     def _kind(self, request: web.Request) -> ResourceKind:
         m = request.match_info
@@ -212,6 +220,14 @@ class KubeAPI:
         finally:
             self._watches.discard(task)
         return response
+
+
+def _bind(middleware: Any, handler: Any) -> Any:
+    async def bound(request: web.Request) -> web.StreamResponse:
+        result: web.StreamResponse = await middleware(request, handler)
+        return result
+
+    return bound
 
 
 @pytest_asyncio.fixture
