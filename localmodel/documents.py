@@ -113,8 +113,7 @@ def _parse_stream(text: str, where: str, allowed: set[str]) -> Iterable[Document
         if not isinstance(items, list):
             raise SpecError("expected items to be a list", field="items", where=doc_where)
         for j, item in enumerate(items):
-            item_where = doc_where if items is not None and len(items) == 1 else f"{doc_where}[{j}]"
-            yield _document(item, item_where, allowed)
+            yield _document(item, doc_where if len(items) == 1 else f"{doc_where}[{j}]", allowed)
 
 
 def _is_list(raw: dict[str, Any]) -> bool:

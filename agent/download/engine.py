@@ -101,14 +101,10 @@ def same_files(manifest: Manifest, listing: Listing) -> bool:
     if listing.archive is not None:
         return manifest.revision == listing.revision and manifest.revision is not None
     theirs = {(f.path, f.size, f.sha256, f.git_sha1) for f in listing.files}
-    ours = {
-        (f.path, f.size, f.sha256 if _has_sha256(listing, f.path) else None, f.sha1) for f in manifest.files
-    }
+    # The manifest also records sha256s we computed ourselves; compare only what the source offers.
+    offered = {f.path for f in listing.files if f.sha256}
+    ours = {(f.path, f.size, f.sha256 if f.path in offered else None, f.sha1) for f in manifest.files}
     return manifest.revision == listing.revision and theirs == ours
-
-
-def _has_sha256(listing: Listing, path: str) -> bool:
-    return any(f.path == path and f.sha256 for f in listing.files)
 
 
 class Transfer:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localmodel.errors import SpecError
 from localmodel.layout import CacheLayout
 from localmodel.manifest import Manifest
 
@@ -59,8 +60,8 @@ class Destination:
             return None
         try:
             return Manifest.read(self.manifest)
-        except Exception:
-            return None
+        except SpecError:
+            return None  # unreadable or from a newer format: not trusted, never deleted here
 
 
 @dataclass
