@@ -134,6 +134,13 @@ class CacheDir:
         st = os.statvfs(self.layout.root)
         return st.f_bavail * st.f_frsize
 
+    def staged_bytes(self, key: str) -> int:
+        """Bytes allocated in a model's staging folder (preallocated files count whole)."""
+        return _tree_bytes(self.layout.staging_dir(key))
+
+    def staged_keys(self) -> list[str]:
+        return [d.name for d in _subdirs(self.layout.staging) if STORAGE_KEY_RE.match(d.name)]
+
     def delete(self, key: str) -> None:
         """Remove a model (published and staged) by storage key."""
         remove_published(self.destination(key))

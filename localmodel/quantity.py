@@ -127,3 +127,13 @@ def format_quantity(value: Fraction | int, fmt: Format = "BinarySI") -> str:
         return f"{sign}{n}" + (f"e{exp}" if exp else "")
     suffix = {v: k for k, v in _DECIMAL.items()}[exp]
     return f"{sign}{n}{suffix}"
+
+
+def readable(n: int) -> str:
+    """Bytes for people, in binary units with one decimal ("2.9 MiB"); not a Quantity."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

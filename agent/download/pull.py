@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
 
 from agent.download.engine import ProgressSink, PullResult, Transfer, TransferSettings, same_files
+from agent.download.listing import Listing
 from agent.download.sources import SourceSettings, list_source
 from agent.download.staging import Destination, finish_publish
 from localmodel.layout import storage_key
@@ -36,8 +38,13 @@ async def pull(
     transfer: TransferSettings,
     progress: ProgressSink | None = None,
     session: aiohttp.ClientSession | None = None,
+    admit: Callable[[Listing], None] | None = None,
 ) -> PullResult:
-    """Make ``dest`` hold exactly what ``uri`` holds now, verified; resumes what a crash left."""
+    """Make ``dest`` hold exactly what ``uri`` holds now, verified; resumes what a crash left.
+
+    ``admit`` sees the listing before any byte is fetched and may raise to refuse it (the agent
+    checks the real size against the node's capacity there).
+    """
     started = time.monotonic()
     own = session is None
     session = session or client_session(transfer)
@@ -54,6 +61,8 @@ async def pull(
                 revision=listing.revision,
                 up_to_date=True,
             )
+        if admit is not None:
+            admit(listing)
         run = Transfer(
             listing,
             dest,

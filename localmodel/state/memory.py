@@ -84,9 +84,13 @@ class MemoryState:
             raise Gone(f"resourceVersion {since} is too old (history kept from {self._compacted})")
         while True:
             for rv, k, event in list(self._history):
-                if rv <= since or k != kind.kind:
+                if rv <= since:
                     continue
+                # Past every event seen, whatever its kind: else writes to other kinds would make
+                # the wait below return at once forever (a busy loop).
                 since = rv
+                if k != kind.kind:
+                    continue
                 meta = event.object["metadata"]
                 if namespace is not None and meta.get("namespace") != namespace:
                     continue

@@ -1,0 +1,170 @@
+"""``modelcache agent``: the node agent, against a Kubernetes API server or, with ``--standalone``,
+against YAML documents. The environment is read here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from agent.desired import parse_labels
+from agent.download.engine import TransferSettings
+from agent.download.sources import SourceSettings
+from agent.http import Servers, health_routes, metrics_routes, parse_addr
+from agent.loop import Agent, AgentSettings
+from agent.metrics import AgentMetrics
+from agent.pull_cli import parse_rate
+from agent.standalone import StandaloneSource
+from localmodel.errors import InvalidInput
+from localmodel.state.base import ClusterState
+from localmodel.state.memory import MemoryState
+
+log = logging.getLogger("modelcache.agent")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InvalidInput(message)
+
+
+def _positive(flag: str, kind: type[int] | type[float] = int) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value: float = kind(text)
+        except ValueError:
+            raise InvalidInput(f"{flag}: {text!r} is not a number") from None
+        if value <= 0:
+            raise InvalidInput(f"{flag}: must be greater than zero, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
+    p.add_argument(
+        "--cache-dir", type=Path, required=True, help="the cache folder (the node group's PV path)"
+    )
+    p.add_argument(
+        "--standalone", type=Path, metavar="PATH", help="YAML file or folder instead of an API server"
+    )
+    p.add_argument("--node-labels", default="", help="standalone: this node's labels, k=v,k2=v2")
+    p.add_argument("--health-addr", default=":8081", help="/healthz, /readyz, /status (default :8081; 'off')")
+    p.add_argument("--metrics-addr", default=":9090", help="/metrics (default :9090; 'off')")
+    p.add_argument("--kubeconfig", type=Path, help="a kubeconfig (default: in-cluster, then $KUBECONFIG)")
+    p.add_argument("--context", help="the kubeconfig context")
+    p.add_argument(
+        "--max-concurrent-downloads",
+        type=_positive("--max-concurrent-downloads"),
+        default=2,
+        help="models fetched at once (default 2)",
+    )
+    p.add_argument(
+        "--concurrency", type=_positive("--concurrency"), default=16, help="connections, all models (16)"
+    )
+    p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="a cap for the node, e.g. 500MB/s")
+    p.add_argument("--resync", type=_positive("--resync", float), default=60.0, help="seconds (60)")
+    p.add_argument(
+        "--retry-min", type=_positive("--retry-min", float), default=300.0, help="first retry after (300 s)"
+    )
+    p.add_argument(
+        "--retry-max", type=_positive("--retry-max", float), default=3600.0, help="longest (3600 s)"
+    )
+    p.add_argument("--status-interval", type=_positive("--status-interval", float), default=2.0)
+    p.add_argument("--verify-on-start", action="store_true", help="re-hash every published file at start")
+    p.add_argument("--once", action="store_true", help="exit once every model is downloaded or failed")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    if not args.node_name:
+        raise InvalidInput("--node-name is required (or set NODE_NAME, e.g. from the pod's spec.nodeName)")
+    if args.retry_max < args.retry_min:
+        raise InvalidInput("--retry-max must be at least --retry-min")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = AgentSettings(
+        node_name=args.node_name,
+        cache_dir=args.cache_dir.absolute(),
+        max_downloads=args.max_concurrent_downloads,
+        resync=args.resync,
+        status_interval=args.status_interval,
+        retry_base=args.retry_min,
+        retry_cap=args.retry_max,
+        verify_on_start=args.verify_on_start,
+        transfer=TransferSettings(concurrency=args.concurrency, max_bandwidth=args.max_bandwidth),
+        sources=SourceSettings.from_env(),
+    )
+    labels = parse_labels(args.node_labels)
+    health = None if args.health_addr == "off" else parse_addr(args.health_addr, flag="--health-addr")
+    metrics = None if args.metrics_addr == "off" else parse_addr(args.metrics_addr, flag="--metrics-addr")
+    return asyncio.run(_run(args, settings=settings, labels=labels, health=health, metrics_addr=metrics))
+
+
+async def _run(
+    args: argparse.Namespace,
+    *,
+    settings: AgentSettings,
+    labels: dict[str, str],
+    health: tuple[str, int] | None,
+    metrics_addr: tuple[str, int] | None,
+) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    registry = CollectorRegistry()
+    source: StandaloneSource | None = None
+    state: ClusterState
+    if args.standalone is not None:
+        memory = MemoryState()
+        source = StandaloneSource(args.standalone, node_name=settings.node_name, labels=labels, state=memory)
+        await source.load()
+        state = memory
+    else:
+        from localmodel.state.kube import KubeState
+
+        state = KubeState.from_environment(
+            kubeconfig=str(args.kubeconfig) if args.kubeconfig else None, context=args.context
+        )
+    agent = Agent(
+        state=state,
+        settings=settings,
+        metrics=AgentMetrics(registry),
+        source_error=(lambda: source.error) if source is not None else (lambda: None),
+    )
+    routes: dict[tuple[str, int], list] = {}  # type: ignore[type-arg]
+    names: dict[str, tuple[str, int]] = {}
+    if health is not None:
+        routes.setdefault(health, []).extend(
+            health_routes(ready=lambda: agent.ready, status=lambda: agent.status_json)
+        )
+        names["health"] = health
+    if metrics_addr is not None:
+        routes.setdefault(metrics_addr, []).extend(metrics_routes(registry))
+        names["metrics"] = metrics_addr
+    servers = Servers()
+    await servers.start(routes, names)
+    poller = asyncio.create_task(source.run()) if source is not None else None
+    try:
+        code = await agent.run(stop, once=args.once)
+    finally:
+        if poller is not None:
+            poller.cancel()
+        await servers.stop()
+        await state.close()
+    if stop.is_set():
+        log.info("stopped on signal; partial downloads resume at the next start")
+        return 0
+    return code

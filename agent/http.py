@@ -1,0 +1,79 @@
+"""The agent's HTTP endpoints: ``/healthz``, ``/readyz`` and ``/status`` on the health address, the
+Prometheus exposition on the metrics address (the same server when both addresses are equal)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from localmodel.errors import InvalidInput
+from localmodel.state.base import JSON
+
+log = logging.getLogger("modelcache.agent")
+
+
+def parse_addr(text: str, *, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``:PORT`` (all interfaces); port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidInput(f"{flag}: {text!r} is not HOST:PORT; write e.g. 0.0.0.0:8081 or :8081")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def health_routes(*, ready: Callable[[], bool], status: Callable[[], JSON]) -> list[web.RouteDef]:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text="not ready: cluster state not reached or disk not scanned\n")
+
+    async def status_handler(_: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(status(), indent=1) + "\n", content_type="application/json")
+
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status_handler)]
+
+
+def metrics_routes(registry: CollectorRegistry) -> list[web.RouteDef]:
+    async def metrics(_: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    return [web.get("/metrics", metrics)]
+
+
+class Servers:
+    """Starts one aiohttp site per distinct address; ``bound`` tells the ports actually taken."""
+
+    def __init__(self) -> None:
+        self.runners: list[web.AppRunner] = []
+        self.bound: dict[str, tuple[str, int]] = {}
+
+    async def start(
+        self, routes: dict[tuple[str, int], list[web.RouteDef]], names: dict[str, tuple[str, int]]
+    ) -> None:
+        sites: dict[tuple[str, int], tuple[str, int]] = {}
+        for addr, route_list in routes.items():
+            app = web.Application()
+            app.add_routes(route_list)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, addr[0], addr[1])
+            await site.start()
+            self.runners.append(runner)
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            port = sockets[0].getsockname()[1] if sockets else addr[1]
+            sites[addr] = (addr[0], port)
+            log.info("listening on %s:%d (%s)", addr[0], port, ", ".join(r.path for r in route_list))
+        self.bound = {name: sites[addr] for name, addr in names.items()}
+
+    async def stop(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()

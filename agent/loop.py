@@ -1,0 +1,623 @@
+"""The agent's reconcile loop: one per node, the same for both backends.
+
+Level-triggered: watch events on the node's LocalModelNode and on the node groups, the end of a
+download and a periodic resync all wake one ``reconcile()``, which reads only in-memory state and the
+disk, asks the pure planner (:mod:`agent.planner`) what to keep, fetch, delete and refuse, and acts.
+Downloads run as tasks, at most ``max_downloads`` at once; the status is written by its own task at
+most every ``status_interval`` seconds and only when it changed.
+
+Safety: nothing is deleted until the node's LocalModelNode has been seen (no object is not "hold
+nothing"); deletes go through :class:`agent.disk.CacheDir`, which only builds paths from storage keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent.desired import Desired, desired, retry_delay
+from agent.disk import CacheDir, Scan
+from agent.download.engine import TransferSettings
+from agent.download.listing import Listing
+from agent.download.pull import client_session, pull
+from agent.download.sources import SourceSettings
+from agent.download.staging import write_atomic
+from agent.events import EventRecorder
+from agent.metrics import AgentMetrics
+from agent.planner import Disk, Plan, Refused, Want, plan
+from localmodel.errors import DiskFull, DownloadError, IntegrityError, ModelcacheError, SpecError
+from localmodel.quantity import Quantity, readable
+from localmodel.resources import (
+    Capacity,
+    Condition,
+    LocalModelNode,
+    LocalModelNodeGroup,
+    LocalModelNodeStatus,
+    ModelProgress,
+    ModelState,
+)
+from localmodel.state.base import (
+    JSON,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+    ClusterState,
+    Selector,
+    update_status,
+    watch,
+)
+from localmodel.uri import parse_uri
+
+log = logging.getLogger("modelcache.agent")
+
+STATE_FILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node_name: str
+    cache_dir: Path
+    max_downloads: int = 2  # models fetched at once; connections are shared (transfer.concurrency)
+    resync: float = 60.0
+    status_interval: float = 2.0
+    retry_base: float = 300.0  # a failed model is retried after 5 min, doubling to an hour
+    retry_cap: float = 3600.0
+    verify_on_start: bool = False
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    sources: SourceSettings = field(default_factory=SourceSettings)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Record:
+    """What the agent knows of one storage key (mutable; the loop owns it)."""
+
+    key: str
+    uri: str  # redacted: a record is reported
+    state: ModelState = ModelState.PENDING
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    revision: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    failures: int = 0
+    retry_at: float | None = None  # monotonic time before which a failed model is not retried
+    retry_after: str | None = None
+    warning: str | None = None
+    real_size: int | None = None
+
+    def progress(self) -> ModelProgress:
+        return ModelProgress(
+            state=self.state,
+            storage_key=self.key,
+            source_model_uri=self.uri,
+            revision=self.revision,
+            bytes_done=self.bytes_done,
+            bytes_total=self.bytes_total,
+            files_done=self.files_done,
+            files_total=self.files_total,
+            start_time=self.start_time,
+            completion_time=self.completion_time,
+            reason=self.reason,
+            message=self.message or self.warning,
+            retry_after=self.retry_after,
+        )
+
+
+class _Progress:
+    """The engine's progress sink, feeding a record and the byte counter."""
+
+    def __init__(self, record: Record, metrics: AgentMetrics) -> None:
+        self.record = record
+        self.metrics = metrics
+
+    def start(self, *, total_bytes: int, done_bytes: int, files: int) -> None:
+        self.record.bytes_total = total_bytes
+        self.record.bytes_done = done_bytes
+        self.record.files_total = files
+
+    def advance(self, nbytes: int) -> None:
+        self.record.bytes_done += nbytes
+        self.metrics.bytes_downloaded.inc(nbytes)
+
+
+class _RefusedBySize(Exception):
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.message)
+        self.refused = refused
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        state: ClusterState,
+        settings: AgentSettings,
+        metrics: AgentMetrics,
+        source_error: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.state = state
+        self.settings = settings
+        self.metrics = metrics
+        self.source_error = source_error  # standalone: why the documents could not be loaded
+        self.cache = CacheDir(settings.cache_dir)
+        self.events = EventRecorder(state, node_name=settings.node_name)
+        self.records: dict[str, Record] = {}
+        self.published: dict[str, int] = {}  # key -> bytes, trusted
+        self.untrusted: set[str] = set()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.removing: set[str] = set()  # keys cancelled because no longer wanted
+        self.node: LocalModelNode | None = None
+        self.node_seen = False  # the first list of our LocalModelNode answered (exists or not)
+        self.groups: dict[str, LocalModelNodeGroup] = {}
+        self.groups_seen = False
+        self.desired = Desired((), None, False, {})
+        self.config_error: str | None = None
+        self.last_plan: Plan | None = None
+        self.refused: dict[str, Refused] = {}  # key -> why
+        self.scanned = False
+        self.wake = asyncio.Event()
+        self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
+        self.session: aiohttp.ClientSession | None = None
+        self.last_status: JSON | None = None
+        self.status_json: JSON = {}
+        self.stopping = False
+
+    # -- readiness -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.scanned and self.node_seen and self.groups_seen
+
+    def settled(self) -> bool:
+        """Every desired model is published or failed/refused, and nothing runs: ``--once`` ends."""
+        if not self.ready or not self.desired.known or self.tasks:
+            return False
+        return all(
+            self.records.get(m.storage_key) is not None
+            and self.records[m.storage_key].state in (ModelState.DOWNLOADED, ModelState.ERROR)
+            for m in self.desired.models
+        )
+
+    def all_downloaded(self) -> bool:
+        return all(
+            (r := self.records.get(m.storage_key)) is not None and r.state is ModelState.DOWNLOADED
+            for m in self.desired.models
+        )
+
+    # -- the whole life ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, once: bool = False) -> int:
+        """Until ``stop`` is set (SIGTERM) or, with ``once``, until every model is settled.
+        Returns the exit code: 0, or 1 when ``once`` ends with a model not downloaded."""
+        self.cache.open()  # raises CacheLocked when another agent holds the folder
+        background: list[asyncio.Task[Any]] = []
+        try:
+            scan = await asyncio.to_thread(self.cache.scan, verify=self.settings.verify_on_start)
+            self._load_scan(scan)
+            self.scanned = True
+            self.session = client_session(self.settings.transfer)
+            background = [
+                asyncio.create_task(self._watch_node(), name="watch-node"),
+                asyncio.create_task(self._watch_groups(), name="watch-groups"),
+                asyncio.create_task(self._status_loop(), name="status"),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            while not stop.is_set():
+                if self.ready:
+                    await self.reconcile()
+                if once and self.settled():
+                    break
+                self.wake.clear()
+                waker = asyncio.create_task(self.wake.wait())
+                await asyncio.wait(
+                    {waker, stopper}, timeout=self._next_wakeup(), return_when=asyncio.FIRST_COMPLETED
+                )
+                waker.cancel()
+            stopper.cancel()
+            return 0 if self.all_downloaded() else 1
+        finally:
+            self.stopping = True
+            await self._shutdown(background)
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        # Downloads stop where they are: the engine syncs and records durable chunks on cancel,
+        # so the next start resumes them.
+        for task in [*self.tasks.values(), *background]:
+            task.cancel()
+        for task in [*self.tasks.values(), *background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(ModelcacheError, OSError):
+            await self.write_status(force=True)
+        if self.session is not None:
+            await self.session.close()
+        self.cache.close()
+
+    def _next_wakeup(self) -> float:
+        now = time.monotonic()
+        waits = [self.settings.resync]
+        waits += [r.retry_at - now for r in self.records.values() if r.retry_at is not None]
+        return max(0.05, min(waits))
+
+    def _load_scan(self, scan: Scan) -> None:
+        for key, pub in scan.published.items():
+            self.published[key] = pub.size
+            rec = self.records.setdefault(key, Record(key, pub.manifest.source_model_uri))
+            rec.state = ModelState.DOWNLOADED
+            rec.bytes_done = rec.bytes_total = pub.size
+            rec.files_total = rec.files_done = len(pub.manifest.files)
+            rec.revision = pub.manifest.revision
+        self.untrusted = set(scan.untrusted)
+        for key in scan.untrusted:
+            log.warning("models/%s does not match its manifest: not served, fetched again if wanted", key)
+        self._update_disk_metrics()
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    async def _watch_node(self) -> None:
+        selector = Selector(fields={"metadata.name": self.settings.node_name})
+        await self._watch_forever(LOCAL_MODEL_NODE, selector, self._on_node, "node_seen")
+
+    async def _watch_groups(self) -> None:
+        await self._watch_forever(LOCAL_MODEL_NODE_GROUP, None, self._on_group, "groups_seen")
+
+    async def _watch_forever(
+        self,
+        kind: Any,
+        selector: Selector | None,
+        handle: Callable[[str, JSON], None],
+        seen_flag: str,
+    ) -> None:
+        delay = 1.0
+        while True:
+            try:
+                # The first list answers "exists or not": an empty list is a real answer too.
+                await self.state.list(kind, selector=selector)
+                setattr(self, seen_flag, True)
+                self.wake.set()
+                async for event in watch(self.state, kind, selector=selector):
+                    handle(event.type, event.object)
+                    self.wake.set()
+                    delay = 1.0
+            except ModelcacheError as e:
+                log.warning("watching %s failed (%s); retrying in %.0fs", kind.plural, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(60.0, delay * 2)
+
+    def _on_node(self, kind: str, obj: JSON) -> None:
+        if obj.get("metadata", {}).get("name") != self.settings.node_name:
+            return  # a server that ignores the field selector: never act on another node's object
+        if kind == "DELETED":
+            self.node = None
+            return
+        try:
+            self.node = LocalModelNode.from_json(obj)
+            self.events.uid = self.node.metadata.uid
+            self.config_error = None
+        except SpecError as e:
+            # Keep acting on the last good object; say why in the status.
+            self.config_error = f"LocalModelNode {self.settings.node_name}: {e}"
+            log.warning("%s", self.config_error)
+
+    def _on_group(self, kind: str, obj: JSON) -> None:
+        name = obj.get("metadata", {}).get("name", "")
+        if kind == "DELETED":
+            self.groups.pop(name, None)
+            return
+        try:
+            self.groups[name] = LocalModelNodeGroup.from_json(obj)
+        except SpecError as e:
+            log.warning("LocalModelNodeGroup %s ignored: %s", name, e)
+
+    # -- reconcile -----------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        try:
+            self.desired = desired(self.node, self.groups, cache_dir=self.settings.cache_dir)
+        except SpecError as e:
+            # A mismatched cache folder would make every model look missing: change nothing.
+            if self.config_error != str(e):
+                await self.events.emit("InvalidConfiguration", str(e), warning=True)
+            self.config_error = str(e)
+            return
+        d = self.desired
+        wanted = {m.storage_key: m for m in d.models}
+        if d.known:
+            for key in list(self.tasks):
+                if key not in wanted:
+                    self.removing.add(key)
+                    self.tasks[key].cancel()
+        result = self._plan()
+        self.last_plan = result
+        for key in result.delete if d.known else ():
+            if key in self.tasks:
+                continue  # its cancellation finishes first; the next reconcile deletes it
+            await self._delete(key)
+        now = time.monotonic()
+        by_name = {m.model_name: m for m in d.models}
+        self.refused = {}
+        for r in result.refuse:
+            model = by_name[r.name]
+            self.refused[model.storage_key] = r
+            rec = self._record(model.storage_key, model.source_model_uri)
+            if rec.reason != r.reason or rec.state is not ModelState.ERROR:
+                self.metrics.refusals.labels(r.reason).inc()
+                await self.events.emit("Refused", f"{r.name}: {r.message}", warning=True)
+            rec.state, rec.reason, rec.message = ModelState.ERROR, r.reason, r.message
+            if (task := self.tasks.get(model.storage_key)) is not None:
+                task.cancel()  # staging is kept: it resumes if room appears
+        for name in result.download:
+            model = by_name[name]
+            key = model.storage_key
+            rec = self._record(key, model.source_model_uri)
+            rec.warning = result.warnings.get(name)
+            if key in self.tasks or (rec.retry_at is not None and rec.retry_at > now):
+                continue
+            if rec.state is ModelState.ERROR and rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
+                rec.reason = rec.message = None  # room appeared
+            rec.state = ModelState.PENDING if rec.state is not ModelState.ERROR else rec.state
+            self.tasks[key] = asyncio.create_task(
+                self._download(model.model_name, key, model.source_model_uri)
+            )
+        for name in result.keep:
+            rec = self._record(by_name[name].storage_key, by_name[name].source_model_uri)
+            rec.state = ModelState.DOWNLOADED
+        self.metrics.pending.set(
+            sum(
+                1
+                for k in wanted
+                if k not in self.published and self.records[k].state is not ModelState.DOWNLOADING
+            )
+        )
+        self.metrics.limit_bytes.set(d.limit or 0)
+
+    def _plan(self, real: Mapping[str, int] | None = None) -> Plan:
+        real = real or {}
+        wants = tuple(
+            Want(
+                name=m.model_name,
+                key=m.storage_key,
+                declared=m.model_size.bytes if m.model_size else None,
+                real=real.get(m.storage_key, self.records[m.storage_key].real_size)
+                if m.storage_key in self.records
+                else real.get(m.storage_key),
+            )
+            for m in self.desired.models
+        )
+        staged = {k: self.cache.staged_bytes(k) for k in self.cache.staged_keys()}
+        for key in self.untrusted:
+            staged.setdefault(key, 0)
+        disk = Disk(published=dict(self.published), staged=staged, free=self.cache.free_bytes())
+        return plan(wants, disk, limit=self.desired.limit, in_flight=frozenset(self.tasks))
+
+    def _record(self, key: str, uri: str) -> Record:
+        rec = self.records.get(key)
+        if rec is None:
+            rec = self.records[key] = Record(key, parse_uri(uri).redacted())
+        return rec
+
+    async def _delete(self, key: str) -> None:
+        was_published = key in self.published
+        await asyncio.to_thread(self.cache.delete, key)
+        self.published.pop(key, None)
+        self.untrusted.discard(key)
+        rec = self.records.pop(key, None)
+        self.removing.discard(key)
+        self._update_disk_metrics()
+        if was_published:
+            self.metrics.evictions.inc()
+            what = rec.uri if rec else key
+            await self.events.emit("Deleted", f"{what} (models/{key}) is no longer wanted on this node")
+
+    # -- one download ----------------------------------------------------------------------------
+
+    async def _download(self, name: str, key: str, uri_text: str) -> None:
+        rec = self.records[key]
+        try:
+            async with self.slots:
+                await self._fetch(name, rec, uri_text)
+        except asyncio.CancelledError:
+            if key in self.removing:
+                log.info("%s: no longer wanted; download cancelled", name)
+            elif rec.state is ModelState.DOWNLOADING:
+                rec.state = ModelState.PENDING
+            if not self.stopping:
+                self.tasks.pop(key, None)
+                self.wake.set()
+            raise
+        self.tasks.pop(key, None)
+        self.wake.set()
+
+    async def _fetch(self, name: str, rec: Record, uri_text: str) -> None:
+        uri = parse_uri(uri_text)
+        rec.state = ModelState.DOWNLOADING
+        rec.start_time, rec.completion_time = _now(), None
+        rec.reason = rec.message = rec.retry_after = None
+        rec.retry_at = None
+        await self.events.emit("DownloadStarted", f"{name}: fetching {rec.uri} into models/{rec.key}")
+        started = time.monotonic()
+        self.metrics.in_flight.inc()
+        try:
+            result = await pull(
+                uri,
+                self.cache.destination(rec.key),
+                sources=self.settings.sources,
+                transfer=self.settings.transfer,
+                progress=_Progress(rec, self.metrics),
+                session=self.session,
+                admit=lambda listing: self._admit(name, rec, listing),
+            )
+        except _RefusedBySize as e:
+            rec.state, rec.reason, rec.message = ModelState.ERROR, e.refused.reason, e.refused.message
+            return
+        except DownloadError as e:
+            await self._failed(name, rec, e)
+            return
+        finally:
+            self.metrics.in_flight.dec()
+        self.published[rec.key] = result.bytes_total
+        self.untrusted.discard(rec.key)
+        rec.state = ModelState.DOWNLOADED
+        rec.bytes_done = rec.bytes_total = result.bytes_total
+        rec.files_total = rec.files_done = result.files
+        rec.revision = result.revision
+        rec.completion_time = _now()
+        rec.failures = 0
+        self.metrics.completed.inc()
+        self.metrics.download_seconds.observe(time.monotonic() - started)
+        self._update_disk_metrics()
+        how = (
+            "already up to date"
+            if result.up_to_date
+            else f"{readable(result.bytes_total)} in {result.seconds:.1f}s"
+        )
+        await self.events.emit("DownloadCompleted", f"{name}: {rec.uri} is ready in models/{rec.key} ({how})")
+
+    def _admit(self, name: str, rec: Record, listing: Listing) -> None:
+        """Called with the source's listing before any byte moves: the real size must fit too."""
+        rec.real_size = listing.total_bytes
+        rec.revision = listing.revision
+        for refused in self._plan({rec.key: listing.total_bytes}).refuse:
+            if refused.name == name:
+                raise _RefusedBySize(refused)
+
+    async def _failed(self, name: str, rec: Record, e: DownloadError) -> None:
+        rec.failures += 1
+        delay = retry_delay(rec.failures, base=self.settings.retry_base, cap=self.settings.retry_cap)
+        rec.state = ModelState.ERROR
+        rec.reason = e.reason
+        rec.message = str(e)
+        rec.retry_at = time.monotonic() + delay
+        rec.retry_after = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.metrics.failures.labels(e.reason).inc()
+        if isinstance(e, IntegrityError):
+            self.metrics.verification_failures.inc()
+        if isinstance(e, DiskFull) and rec.key not in self.published:
+            # A download that cannot complete must not keep the space it took from the others.
+            await asyncio.to_thread(self.cache.delete, rec.key)
+        await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {delay / 60:.0f} min)", warning=True)
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _update_disk_metrics(self) -> None:
+        try:
+            st = os.statvfs(self.settings.cache_dir)
+        except OSError:
+            return
+        self.metrics.disk_capacity.set(st.f_blocks * st.f_frsize)
+        self.metrics.disk_available.set(st.f_bavail * st.f_frsize)
+        self.metrics.disk_used.set((st.f_blocks - st.f_bfree) * st.f_frsize)
+        self.metrics.models_cached.set(len(self.published))
+        self.metrics.bytes_cached.set(sum(self.published.values()))
+
+    def node_status(self) -> LocalModelNodeStatus:
+        d = self.desired
+        model_status: dict[str, ModelState] = {}
+        models: dict[str, ModelProgress] = {}
+        for m in d.models:
+            rec = self.records.get(m.storage_key)
+            progress = rec.progress() if rec else ModelProgress(ModelState.PENDING, m.storage_key)
+            for alias in d.aliases.get(m.storage_key, (m.model_name,)):
+                model_status[alias] = progress.state
+                models[alias] = progress
+        used = self.last_plan.used if self.last_plan else sum(self.published.values())
+        capacity = Capacity(
+            limit=Quantity.from_bytes(d.limit) if d.limit is not None else None,
+            used=Quantity.from_bytes(used),
+            available=Quantity.from_bytes(max(0, d.limit - used)) if d.limit is not None else None,
+        )
+        counts: dict[str, int] = {}
+        for state in model_status.values():
+            counts[state.value] = counts.get(state.value, 0) + 1
+        summary = f"{counts.get(ModelState.DOWNLOADED.value, 0)}/{len(model_status)} downloaded"
+        if n := counts.get(ModelState.DOWNLOADING.value):
+            summary += f", {n} downloading"
+        if n := counts.get(ModelState.ERROR.value):
+            summary += f", {n} failed or refused"
+        conditions = []
+        problem = self.config_error or self.source_error()
+        conditions.append(
+            Condition(
+                type="ConfigurationValid",
+                status="False" if problem else "True",
+                reason="InvalidConfiguration" if problem else "Valid",
+                message=problem or "",
+            )
+        )
+        return LocalModelNodeStatus(
+            model_status=model_status,
+            models=models,
+            capacity=capacity,
+            summary=summary,
+            observed_generation=self.node.metadata.generation if self.node else None,
+            conditions=tuple(conditions),
+        )
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                await self.write_status()
+            except ModelcacheError as e:
+                log.warning("could not write the LocalModelNode status: %s", e)
+            await asyncio.sleep(self.settings.status_interval)
+
+    async def write_status(self, *, force: bool = False) -> None:
+        if not self.ready and not force:
+            return
+        status = self.node_status().to_json()
+        self.status_json = {
+            "version": STATE_FILE_VERSION,
+            "node": self.settings.node_name,
+            "cacheDir": str(self.settings.cache_dir),
+            "ready": self.ready,
+            "status": status,
+        }
+        if status == self.last_status:
+            return
+        await asyncio.to_thread(
+            write_atomic,
+            self.cache.layout.state_file,
+            json.dumps({**self.status_json, "updated": _now()}, indent=1).encode(),
+        )
+        if self.node is not None:
+            await update_status(
+                self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
+            )
+        self.last_status = status
+
+
+def _status_patch(current: JSON, status: JSON) -> JSON | None:
+    """The merge patch that makes the stored status equal ``status``, or None when it already is."""
+    old = current.get("status") or {}
+    return None if old == status else _diff(old, status)
+
+
+def _diff(old: JSON, new: JSON) -> JSON:
+    # Merge patches merge maps: keys that went away must be sent as None, at every depth.
+    patch: JSON = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            if value != before:
+                patch[key] = _diff(before, value)
+        elif value != before:
+            patch[key] = value
+    return patch

@@ -1,0 +1,106 @@
+"""Standalone mode's source of truth: LocalModelCache and LocalModelNodeGroup documents in a file or
+folder, loaded into the embedded cluster state, with this node's LocalModelNode computed from them.
+
+The reconcile loop then watches the embedded state exactly as it watches an API server. The path is
+polled (cheap: a stat per file) so an edit is picked up within ``interval`` seconds; a file that fails
+to parse leaves the last good state in force and :attr:`error` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from agent.desired import standalone_node
+from localmodel.documents import load_documents
+from localmodel.errors import InvalidInput, NotFound
+from localmodel.resources import LocalModelCache, LocalModelNodeGroup
+from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
+from localmodel.state.memory import MemoryState
+
+log = logging.getLogger("modelcache.agent")
+
+KINDS = ("LocalModelCache", "LocalModelNodeGroup")
+
+
+def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+class StandaloneSource:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        node_name: str,
+        labels: Mapping[str, str],
+        state: MemoryState,
+        interval: float = 1.0,
+    ) -> None:
+        self.path = path
+        self.node_name = node_name
+        self.labels = dict(labels)
+        self.state = state
+        self.interval = interval
+        self.error: str | None = None
+        self.loaded = False
+        self._seen: tuple[tuple[str, int, int], ...] | None = None
+
+    async def load(self) -> bool:
+        """Load the documents once; on a bad file keep the last good state and record why."""
+        if not self.path.exists():
+            self._fail(f"{self.path} does not exist; pass a YAML file or folder to --standalone")
+            return False
+        self._seen = await asyncio.to_thread(_fingerprint, self.path)
+        try:
+            docs = await asyncio.to_thread(load_documents, self.path, kinds=KINDS)
+            caches = [LocalModelCache.from_json(d.object) for d in docs if d.kind is LOCAL_MODEL_CACHE]
+            groups = [
+                LocalModelNodeGroup.from_json(d.object) for d in docs if d.kind is LOCAL_MODEL_NODE_GROUP
+            ]
+        except InvalidInput as e:
+            self._fail(f"{e} (the last good documents stay in force)")
+            return False
+        await self.state.apply(LOCAL_MODEL_NODE_GROUP, [g.to_json() for g in groups], prune=True)
+        await self.state.apply(LOCAL_MODEL_CACHE, [c.to_json() for c in caches], prune=True)
+        node = standalone_node(node_name=self.node_name, labels=self.labels, caches=caches, groups=groups)
+        try:
+            await self.state.get(LOCAL_MODEL_NODE, self.node_name)
+        except NotFound:
+            await self.state.create(LOCAL_MODEL_NODE, node)
+        else:
+            await self.state.patch(LOCAL_MODEL_NODE, self.node_name, {"spec": node["spec"]})
+        if self.error is not None:
+            log.info("%s loaded again; the error is gone", self.path)
+        self.error = None
+        self.loaded = True
+        log.info(
+            "standalone: %d cache(s), %d group(s); this node holds %d model(s)",
+            len(caches),
+            len(groups),
+            len(node["spec"]["localModels"]),
+        )
+        return True
+
+    def _fail(self, message: str) -> None:
+        if message != self.error:
+            log.error("%s", message)
+        self.error = message
+
+    async def run(self) -> None:
+        """Reload whenever a file under the path changes (added, removed, edited)."""
+        while True:
+            await asyncio.sleep(self.interval)
+            current = await asyncio.to_thread(_fingerprint, self.path) if self.path.exists() else ()
+            if current != self._seen:
+                await self.load()

@@ -1,0 +1,105 @@
+"""``modelcache status --cache-dir DIR``: what a node's cache holds and is doing, from the state file
+the agent keeps under the cache folder (``.modelcache/state.json``), or, without one, from a scan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from localmodel.errors import InvalidInput, SpecError
+from localmodel.layout import STORAGE_KEY_RE, CacheLayout
+from localmodel.manifest import Manifest
+from localmodel.quantity import readable
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InvalidInput(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="modelcache status", description="What a node's model cache holds and is doing.")
+    p.add_argument("--cache-dir", type=Path, required=True)
+    p.add_argument("--output", choices=["table", "json"], default="table")
+    return p
+
+
+def read_state(cache_dir: Path) -> dict[str, Any]:
+    """The agent's last status, or what the folder holds when no agent ever ran on it."""
+    layout = CacheLayout(cache_dir)
+    if not cache_dir.is_dir():
+        raise InvalidInput(f"--cache-dir: {cache_dir} does not exist")
+    try:
+        data = json.loads(layout.state_file.read_text())
+    except FileNotFoundError:
+        return _from_disk(layout)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"cannot read {layout.state_file}: {e}", field="--cache-dir") from None
+    if not isinstance(data, dict) or not isinstance(data.get("status"), dict):
+        raise SpecError(f"{layout.state_file} is not an agent state file", field="--cache-dir")
+    return data
+
+
+def _from_disk(layout: CacheLayout) -> dict[str, Any]:
+    models: dict[str, Any] = {}
+    for folder in sorted(layout.models.glob("*")) if layout.models.is_dir() else []:
+        if not STORAGE_KEY_RE.match(folder.name):
+            continue
+        try:
+            manifest = Manifest.read(layout.manifest_file(folder.name))
+        except (SpecError, OSError):
+            continue
+        models[folder.name] = {
+            "state": "ModelDownloaded",
+            "storageKey": folder.name,
+            "sourceModelUri": manifest.source_model_uri,
+            "bytesDone": manifest.total_bytes,
+            "bytesTotal": manifest.total_bytes,
+        }
+    return {"node": None, "ready": False, "status": {"models": models, "summary": "no agent state file"}}
+
+
+def render_table(data: dict[str, Any]) -> str:
+    status = data.get("status") or {}
+    models = status.get("models") or {}
+    rows = [("NAME", "STORAGE KEY", "STATE", "DONE/TOTAL", "REASON")]
+    for name, m in sorted(models.items()):
+        done, total = int(m.get("bytesDone") or 0), int(m.get("bytesTotal") or 0)
+        pct = f" {100 * done // total}%" if total else ""
+        rows.append(
+            (
+                name,
+                str(m.get("storageKey") or ""),
+                str(m.get("state") or ""),
+                f"{readable(done)} / {readable(total)}{pct}",
+                str(m.get("reason") or ""),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    cap = status.get("capacity") or {}
+    head = f"node {data.get('node') or '-'}: {status.get('summary') or ''}"
+    if cap:
+        head += f"; capacity used {cap.get('used', '-')} of {cap.get('limit', 'no limit')}"
+    if data.get("updated"):
+        head += f" (as of {data['updated']})"
+    problems = [
+        c.get("message")
+        for c in status.get("conditions") or []
+        if c.get("status") == "False" and c.get("message")
+    ]
+    return "\n".join([head, *lines, *(f"warning: {p}" for p in problems)])
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    data = read_state(args.cache_dir)
+    if args.output == "json":
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+    else:
+        sys.stdout.write(render_table(data) + "\n")
+    return 0

@@ -1,0 +1,211 @@
+"""Merging vLLM arguments from several layers into one argv, each flag once. Pure: no I/O.
+
+KServe appends the runtime's args, then the InferenceService's; its multi-node script appended those
+to its own flags. A flag given twice (`--port` by the runtime, again by the user) crashed strict
+launchers (KServe #3453, #4584), and `--tensor_parallel_size` was silently dropped by a parser that
+only knew the hyphen form. Here every layer is parsed into :class:`Flag` values compared in canonical
+form, later occurrences replace earlier ones, and the result names each flag exactly once.
+
+Canonical form:
+- `--max_model_len` and `--max-model-len` are one flag (vLLM normalises `_` to `-` as well);
+- `--port=9000` and `--port 9000` are one value;
+- `-tp`, `-pp`, `-dp`, `-q` are vLLM's short names of long flags;
+- `--no-x` is the negation of `--x`: whichever comes last wins;
+- KServe's names map to vLLM's: `--model_name` is `--served-model-name`, `--http_port` is `--port`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+# vLLM's short options and KServe's names, to the vLLM long flag they mean.
+ALIASES: Mapping[str, str] = {
+    "-tp": "--tensor-parallel-size",
+    "-pp": "--pipeline-parallel-size",
+    "-dp": "--data-parallel-size",
+    "-q": "--quantization",
+    "--model-name": "--served-model-name",
+    "--http-port": "--port",
+}
+
+# Flags that never take a value. Only needed to tell `--enforce-eager VALUE-LOOKING-TOKEN` apart; a
+# flag followed by another flag is recognised as valueless without this list.
+BOOLEAN_FLAGS = frozenset(
+    {
+        "--async-scheduling",
+        "--calculate-kv-scales",
+        "--disable-async-output-proc",
+        "--disable-cascade-attn",
+        "--disable-custom-all-reduce",
+        "--disable-fastapi-docs",
+        "--disable-frontend-multiprocessing",
+        "--disable-log-requests",
+        "--disable-log-stats",
+        "--disable-sliding-window",
+        "--disable-uvicorn-access-log",
+        "--enable-auto-tool-choice",
+        "--enable-chunked-prefill",
+        "--enable-eplb",
+        "--enable-expert-parallel",
+        "--enable-force-include-usage",
+        "--enable-log-outputs",
+        "--enable-log-requests",
+        "--enable-lora",
+        "--enable-prefix-caching",
+        "--enable-prompt-tokens-details",
+        "--enable-request-id-headers",
+        "--enable-server-load-tracking",
+        "--enable-sleep-mode",
+        "--enable-tokenizer-info-endpoint",
+        "--enforce-eager",
+        "--fully-sharded-loras",
+        "--headless",
+        "--return-tokens-as-token-ids",
+        "--skip-tokenizer-init",
+        "--trust-remote-code",
+        "--use-tqdm-on-load",
+        # KServe huggingfaceserver's switches
+        "--enable-docs-url",
+        "--return-probabilities",
+        "--return-raw-logits",
+        "--use-id2label",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag in canonical form. ``key`` is the positive long name (``--max-model-len``) or, for a
+    single-dash option this module does not know, the option as written up to any ``=``."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    negated: bool = False
+
+    def tokens(self) -> list[str]:
+        if self.negated:
+            return ["--no-" + self.key[2:]]
+        if self.key == "-O" and len(self.values) == 1:
+            # vLLM's optimisation shorthand is written attached (-O3); `-O 3` is not read the same by
+            # every version.
+            return ["-O" + self.values[0]]
+        if len(self.values) == 1 and self.values[0].startswith("-"):
+            # A value that looks like a flag (a negative number, "-1") must stay attached.
+            return [f"{self.key}={self.values[0]}"]
+        return [self.key, *self.values]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    flags: tuple[Flag, ...]
+    positionals: tuple[str, ...]
+
+
+def _is_flag(arg: str) -> bool:
+    if not arg.startswith("-") or arg == "-":
+        return False
+    # Negative numbers are values (`--temperature -1` is not a flag named "-1").
+    try:
+        float(arg)
+    except ValueError:
+        return True
+    return False
+
+
+def canonical(name: str) -> tuple[str, bool]:
+    """The canonical key of a flag as written (without any ``=value``) and whether it negates."""
+    if name.startswith("--"):
+        key = "--" + name[2:].replace("_", "-")
+        negated = False
+        if key.startswith("--no-") and len(key) > len("--no-"):
+            key, negated = "--" + key[len("--no-") :], True
+        return ALIASES.get(key, key), negated
+    return ALIASES.get(name, name), False
+
+
+def _split_attached(name: str) -> tuple[str, str | None]:
+    # `-O3` is `-O` with the value 3 attached, as vLLM documents it.
+    if name.startswith("-O") and len(name) > 2 and not name.startswith("--"):
+        return "-O", name[2:].lstrip("=")
+    return name, None
+
+
+def parse(argv: Sequence[str]) -> Parsed:
+    """Split argv into flags (with the values that follow each) and stray positionals, in order."""
+    flags: list[Flag] = []
+    positionals: list[str] = []
+    i, n = 0, len(argv)
+    while i < n:
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            positionals.extend(argv[i:])
+            break
+        if not _is_flag(arg):
+            positionals.append(arg)
+            continue
+        attached_name, attached = _split_attached(arg)
+        if attached is not None:
+            flags.append(Flag(attached_name, (attached,)))
+            continue
+        name, eq, inline = arg.partition("=")
+        key, negated = canonical(name)
+        if eq:
+            flags.append(Flag(key, () if negated else (inline,), negated))
+            continue
+        values: list[str] = []
+        if not negated and key not in BOOLEAN_FLAGS:
+            # vLLM has nargs="+" flags (--served-model-name a b): take every value up to the next flag.
+            while i < n and not _is_flag(argv[i]) and argv[i] != "--":
+                values.append(argv[i])
+                i += 1
+        flags.append(Flag(key, tuple(values), negated))
+    return Parsed(tuple(flags), tuple(positionals))
+
+
+def merge(*layers: Iterable[Flag]) -> tuple[Flag, ...]:
+    """Layers from lowest to highest precedence; the last occurrence of each key wins. A key keeps
+    the position of its first occurrence so the lowest layer's flags read first."""
+    last: dict[str, Flag] = {}
+    for layer in layers:
+        for flag in layer:
+            last[flag.key] = flag
+    # dict preserves first insertion order even when a value is replaced.
+    return tuple(last.values())
+
+
+def to_argv(flags: Iterable[Flag]) -> list[str]:
+    return [token for flag in flags for token in flag.tokens()]
+
+
+def merge_argv(*layers: Sequence[str]) -> list[str]:
+    """Merge argv layers (lowest first) into one argv; positionals are kept in order, first."""
+    parsed = [parse(layer) for layer in layers]
+    positionals = [p for layer in parsed for p in layer.positionals]
+    return positionals + to_argv(merge(*(p.flags for p in parsed)))
+
+
+def find(flags: Iterable[Flag], key: str) -> Flag | None:
+    """The flag with this key (given in any spelling), or None."""
+    want, _ = canonical(key.partition("=")[0])
+    return next((f for f in flags if f.key == want), None)
+
+
+def value(flags: Iterable[Flag], key: str) -> str | None:
+    """The single value of a flag, or None when it is absent, negated or valueless."""
+    flag = find(flags, key)
+    if flag is None or flag.negated or not flag.values:
+        return None
+    return flag.values[-1]
+
+
+def without(flags: Iterable[Flag], *keys: str) -> tuple[Flag, ...]:
+    drop = {canonical(k)[0] for k in keys}
+    return tuple(f for f in flags if f.key not in drop)
+
+
+def flag(key: str, *values: object) -> Flag:
+    """A flag in canonical form from a name in any spelling (``flag("-tp", 8)``)."""
+    canon, negated = canonical(key)
+    return Flag(canon, () if negated else tuple(str(v) for v in values), negated)

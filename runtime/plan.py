@@ -1,0 +1,331 @@
+"""The parallelism plan: how many GPUs, nodes, tensor and pipeline stages. Pure: no I/O.
+
+The rules, each from a failure KServe's users hit (kserve-localmodel.md, runtime.md):
+- TP and PP default to what the GPUs given allow; PP = 1 is valid (KServe once refused it, #4228).
+- A TP larger than one node's GPUs is split across nodes: TP 16 on nodes of 8 GPUs is TP 8 x PP 2,
+  the total kept (KServe asked one pod for 16 GPUs, #4226). TP across nodes would send every layer's
+  all-reduce over the network (vLLM #29447).
+- A GPU count set explicitly (REQUEST_GPU_COUNT, --gpus-per-node) wins over a derived one, and must
+  then be used whole: TP x PP has to equal it.
+- Heads must divide by TP (and KV heads, or TP by them), PP stages cannot outnumber layers, and every
+  GPU must be the same model (vLLM #13760). A plan that breaks one is refused naming the numbers and
+  one that works.
+
+Every adjustment is written to ``notes`` so ``--dry-run`` says what was decided and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from localmodel.errors import InvalidInput
+
+Executor = Literal["mp", "ray"]
+
+# Encoder-only families: vLLM serves them without pipeline parallelism (no SupportsPP).
+_NO_PP_PREFIXES = ("Bert", "Roberta", "XLMRoberta", "DistilBert", "Electra", "DebertaV2", "ModernBert")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs from a model's config.json; None where the config does not say."""
+
+    attention_heads: int | None = None
+    kv_heads: int | None = None
+    layers: int | None = None
+    architectures: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        # Multimodal configs keep the language model's shape under text_config / llm_config.
+        for nested in ("text_config", "llm_config", "language_config"):
+            inner = config.get(nested)
+            if isinstance(inner, Mapping) and _first_int(inner, _HEAD_KEYS) is not None:
+                merged = {**inner, "architectures": config.get("architectures")}
+                return cls.from_config(merged)
+        heads = _first_int(config, _HEAD_KEYS)
+        kv = _first_int(config, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num"))
+        if kv is None and config.get("multi_query") is True:
+            kv = 1
+        archs = config.get("architectures")
+        return cls(
+            attention_heads=heads,
+            kv_heads=kv if kv is not None else heads,
+            layers=_first_int(config, ("num_hidden_layers", "n_layer", "num_layers", "n_layers")),
+            architectures=tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else (),
+        )
+
+
+_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+
+
+def _first_int(config: Mapping[str, Any], keys: Sequence[str]) -> int | None:
+    for key in keys:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What was asked and what was found. ``gpus_per_node_explicit`` marks a count the user set
+    (flag or REQUEST_GPU_COUNT) rather than one detected on the node."""
+
+    gpus_per_node: int
+    gpus_per_node_explicit: bool = False
+    nodes: int | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    gpu_models: tuple[str, ...] = ()
+    # Where each number came from, for messages: {"tensor_parallel_size": "TENSOR_PARALLEL_SIZE"}.
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    nodes: int
+    gpus_per_node: int
+    executor: Executor
+    notes: tuple[str, ...] = ()
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def _positive(name: str, value: int | None, source: str) -> None:
+    if value is not None and value < 1:
+        raise InvalidInput(f"{source}={value}: {name} must be a whole number ≥ 1")
+
+
+def _valid_tps(shape: ModelShape, limit: int) -> list[int]:
+    return [t for t in range(1, limit + 1) if _tp_problem(shape, t) is None]
+
+
+def _tp_problem(shape: ModelShape, tp: int) -> str | None:
+    if shape.attention_heads is not None and shape.attention_heads % tp:
+        return f"{shape.attention_heads} attention heads are not divisible by tensor parallel size {tp}"
+    kv = shape.kv_heads
+    if kv is not None and kv % tp and tp % kv:
+        return (
+            f"{kv} KV heads and tensor parallel size {tp}: neither divides the other "
+            "(vLLM shards or replicates KV heads only then)"
+        )
+    return None
+
+
+def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
+    """Decide TP, PP, nodes and executor, or raise InvalidInput naming the numbers and a fix."""
+    src = {
+        "tensor_parallel_size": "--tensor-parallel-size",
+        "pipeline_parallel_size": "--pipeline-parallel-size",
+        "nodes": "--nodes",
+        "gpus_per_node": "--gpus-per-node",
+        **req.sources,
+    }
+    _positive("the GPU count per node", req.gpus_per_node, src["gpus_per_node"])
+    _positive("the node count", req.nodes, src["nodes"])
+    _positive("the tensor parallel size", req.tensor_parallel_size, src["tensor_parallel_size"])
+    _positive("the pipeline parallel size", req.pipeline_parallel_size, src["pipeline_parallel_size"])
+
+    models = sorted(set(req.gpu_models))
+    if len(models) > 1:
+        counts = ", ".join(f"{req.gpu_models.count(m)}x {m}" for m in models)
+        raise InvalidInput(
+            f"GPUs of different models ({counts}): vLLM needs one GPU model for every rank; "
+            "schedule onto nodes of a single GPU type (a nodeSelector on the GPU product label)"
+        )
+
+    g = req.gpus_per_node
+    notes: list[str] = []
+    tp, pp, nodes = req.tensor_parallel_size, req.pipeline_parallel_size, req.nodes
+
+    if tp is None:
+        if pp is None:
+            per_node = g
+        elif nodes is not None:
+            if pp < nodes:
+                raise InvalidInput(
+                    f"{src['pipeline_parallel_size']}={pp} across {src['nodes']}={nodes} nodes leaves "
+                    f"nodes without a stage; set the pipeline parallel size to {nodes}"
+                )
+            # Several stages share a node: each gets its share of the node's GPUs.
+            per_node = max(1, g // math.ceil(pp / nodes))
+        else:
+            # No node count given: keep the stages on this node when they fit.
+            per_node = max(1, g // pp) if pp <= g else g
+        valid = _valid_tps(shape, per_node)
+        tp = max(valid) if valid else 1
+        if tp == per_node == g:
+            notes.append(f"tensor parallel size {tp}: the GPUs per node (not given)")
+        elif tp == per_node:
+            notes.append(f"tensor parallel size {tp}: {g} GPUs per node shared by the pipeline stages")
+        else:
+            notes.append(
+                f"tensor parallel size {tp}: the largest that fits {per_node} GPUs per stage and "
+                f"divides the model's heads ({_heads(shape)})"
+            )
+    elif tp > g:
+        if tp % g:
+            raise InvalidInput(
+                f"{src['tensor_parallel_size']}={tp} is more than the {g} GPUs of one node and not a "
+                f"multiple of them, so it cannot be split into whole nodes; use {_multiples(g, tp)}"
+            )
+        factor = tp // g
+        old_pp = pp or 1
+        notes.append(
+            f"tensor parallel size {tp} is more than the {g} GPUs of one node: split into "
+            f"TP {g} x PP {old_pp * factor} ({tp * old_pp} GPUs kept), so tensor-parallel traffic "
+            "stays inside a node"
+        )
+        tp, pp = g, old_pp * factor
+
+    if pp is None:
+        pp = nodes if nodes is not None and nodes > 1 else 1
+        if pp > 1:
+            notes.append(f"pipeline parallel size {pp}: one stage per node")
+
+    world = tp * pp
+    if nodes is None:
+        nodes = max(1, math.ceil(world / g))
+        if nodes > 1:
+            notes.append(f"{nodes} nodes: TP {tp} x PP {pp} = {world} GPUs at {g} per node")
+
+    problem = _tp_problem(shape, tp)
+    if problem is not None:
+        valid = _valid_tps(shape, g)
+        hint = f"use a tensor parallel size of {_or_list(valid)}" if valid else "use TP 1"
+        raise InvalidInput(f"{problem}; {hint}")
+    if shape.layers is not None and pp > shape.layers:
+        raise InvalidInput(
+            f"pipeline parallel size {pp} is more than the model's {shape.layers} layers; "
+            f"use a pipeline parallel size ≤ {shape.layers}"
+        )
+    if pp > 1:
+        arch = next((a for a in shape.architectures if a.startswith(_NO_PP_PREFIXES)), None)
+        if arch is not None:
+            raise InvalidInput(
+                f"{arch} cannot be split into pipeline stages in vLLM (pipeline parallel size {pp}); "
+                "use a pipeline parallel size of 1"
+            )
+
+    total = nodes * g
+    where = f"{nodes} node{'s' if nodes > 1 else ''} x {g} GPUs = {total}"
+    if world > total:
+        need_nodes = math.ceil(world / g)
+        raise InvalidInput(
+            f"TP {tp} x PP {pp} = {world} GPUs, but {where}; use {src['nodes']}={need_nodes} "
+            f"or {_fits(shape, g, nodes)}"
+        )
+    if world < total:
+        if req.gpus_per_node_explicit:
+            raise InvalidInput(
+                f"TP {tp} x PP {pp} = {world} GPUs, but {src['gpus_per_node']} asks for {where}, which "
+                f"would leave GPUs idle; use {_fits(shape, g, nodes)}"
+                + (f", or {src['gpus_per_node']}={world // nodes}" if world % nodes == 0 else "")
+            )
+        if nodes > 1 and world <= (nodes - 1) * g:
+            raise InvalidInput(
+                f"TP {tp} x PP {pp} = {world} GPUs fits on fewer than the {nodes} nodes given "
+                f"({g} GPUs each); use {src['nodes']}={math.ceil(world / g)} or {_fits(shape, g, nodes)}"
+            )
+        notes.append(f"uses {world} of the {total} GPUs available ({where})")
+
+    executor: Executor = "ray" if nodes > 1 else "mp"
+    return Plan(tp, pp, nodes, g, executor, tuple(notes))
+
+
+def _heads(shape: ModelShape) -> str:
+    if shape.attention_heads is None:
+        return "unknown"
+    return f"{shape.attention_heads} heads, {shape.kv_heads} KV heads"
+
+
+def _or_list(values: Sequence[int]) -> str:
+    items = [str(v) for v in values]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _multiples(g: int, tp: int) -> str:
+    lower = (tp // g) * g
+    return f"a tensor parallel size of {_or_list([v for v in (lower, lower + g) if v > 0])}"
+
+
+def _fits(shape: ModelShape, g: int, nodes: int) -> str:
+    """A TP x PP that uses ``nodes`` nodes of ``g`` GPUs exactly, when the model allows one."""
+    valid = _valid_tps(shape, g)
+    if g in valid:
+        return f"TP {g} x PP {nodes}"
+    if valid:
+        return f"TP {max(valid)} x PP {nodes} (and fewer GPUs per node)"
+    return f"TP 1 x PP {nodes}"
+
+
+# Compute capability of the GPU models people serve on (from NVIDIA's tables).
+_CAPABILITY: tuple[tuple[str, float], ...] = (
+    ("B200", 10.0),
+    ("B100", 10.0),
+    ("GB200", 10.0),
+    ("H200", 9.0),
+    ("H100", 9.0),
+    ("H800", 9.0),
+    ("GH200", 9.0),
+    ("L40S", 8.9),
+    ("L40", 8.9),
+    ("L4", 8.9),
+    ("RTX 4090", 8.9),
+    ("RTX 6000 ADA", 8.9),
+    ("A100", 8.0),
+    ("A800", 8.0),
+    ("A30", 8.0),
+    ("A10G", 8.6),
+    ("A10", 8.6),
+    ("A40", 8.6),
+    ("RTX A6000", 8.6),
+    ("T4", 7.5),
+    ("V100", 7.0),
+)
+
+
+def compute_capability(gpu_model: str) -> float | None:
+    name = gpu_model.upper()
+    return next((cc for key, cc in _CAPABILITY if key in name), None)
+
+
+def check_hardware(gpu_model: str | None, dtype: str | None, quantization: str | None) -> tuple[str, ...]:
+    """Refuse a dtype or quantization the GPU cannot run, before vLLM spends a minute finding out;
+    return notes for choices that run in a slower mode."""
+    if not gpu_model:
+        return ()
+    cc = compute_capability(gpu_model)
+    if cc is None:
+        return (f"GPU model {gpu_model!r} not in the launcher's table: dtype and quantization not checked",)
+    notes: list[str] = []
+    if dtype in ("bfloat16", "bf16") and cc < 8.0:
+        raise InvalidInput(
+            f"--dtype {dtype}: {gpu_model} (compute capability {cc}) has no bfloat16; use --dtype float16"
+        )
+    q = (quantization or "").lower()
+    if q in ("fp8", "fbgemm_fp8", "ptpc_fp8"):
+        if cc < 8.0:
+            raise InvalidInput(
+                f"--quantization {quantization}: {gpu_model} (compute capability {cc}) cannot run FP8 "
+                "weights (needs 8.0, A100 or newer); use an FP16/BF16 or AWQ/GPTQ checkpoint"
+            )
+        if cc < 8.9:
+            notes.append(
+                f"--quantization {quantization} on {gpu_model}: no FP8 tensor cores (compute capability "
+                f"{cc} < 8.9), vLLM runs it weight-only (FP8 weights, 16-bit compute)"
+            )
+    if q in ("awq", "awq_marlin") and cc < 7.5:
+        raise InvalidInput(
+            f"--quantization {quantization}: AWQ needs compute capability 7.5, {gpu_model} has {cc}; "
+            "use a GPTQ or 16-bit checkpoint"
+        )
+    return tuple(notes)
