@@ -20,7 +20,7 @@ from agent.download.sources import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes, parse_addr
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
-from agent.pull_cli import parse_rate
+from agent.pull_cli import parse_rate, parse_size
 from agent.standalone import StandaloneSource
 from localmodel.errors import InvalidInput
 from localmodel.state.base import ClusterState
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_positive("--concurrency"), default=16, help="connections, all models (16)"
     )
     p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="a cap for the node, e.g. 500MB/s")
+    p.add_argument("--chunk-size", type=parse_size, default=64 << 20, help="range size (64Mi)")
     p.add_argument("--resync", type=_positive("--resync", float), default=60.0, help="seconds (60)")
     p.add_argument(
         "--retry-min", type=_positive("--retry-min", float), default=300.0, help="first retry after (300 s)"
@@ -103,7 +104,9 @@ def main(argv: Sequence[str]) -> int:
         retry_base=args.retry_min,
         retry_cap=args.retry_max,
         verify_on_start=args.verify_on_start,
-        transfer=TransferSettings(concurrency=args.concurrency, max_bandwidth=args.max_bandwidth),
+        transfer=TransferSettings(
+            concurrency=args.concurrency, max_bandwidth=args.max_bandwidth, chunk_size=args.chunk_size
+        ),
         sources=SourceSettings.from_env(),
     )
     labels = parse_labels(args.node_labels)

@@ -368,7 +368,7 @@ class Agent:
             model = by_name[name]
             key = model.storage_key
             rec = self._record(key, model.source_model_uri)
-            rec.warning = result.warnings.get(name)
+            rec.warning = result.warnings.get(name, rec.warning)
             if key in self.tasks or (rec.retry_at is not None and rec.retry_at > now):
                 continue
             if rec.state is ModelState.ERROR and rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
@@ -495,9 +495,11 @@ class Agent:
         """Called with the source's listing before any byte moves: the real size must fit too."""
         rec.real_size = listing.total_bytes
         rec.revision = listing.revision
-        for refused in self._plan({rec.key: listing.total_bytes}).refuse:
+        result = self._plan({rec.key: listing.total_bytes})
+        for refused in result.refuse:
             if refused.name == name:
                 raise _RefusedBySize(refused)
+        rec.warning = result.warnings.get(name)
 
     async def _failed(self, name: str, rec: Record, e: DownloadError) -> None:
         rec.failures += 1

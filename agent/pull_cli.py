@@ -37,7 +37,7 @@ def parse_rate(text: str) -> float:
     return float(value.value)
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     try:
         value = Quantity.parse(text, field="--chunk-size").bytes
     except QuantityError as e:
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="cap, e.g. 200MB/s (default: none)")
     p.add_argument(
         "--chunk-size",
-        type=_size,
+        type=parse_size,
         default=64 << 20,
         help="large files are fetched as parallel ranges of this size (default 64Mi)",
     )

@@ -5,4 +5,5 @@ pytest_plugins: list[str] = [
     "tests.support.hfhub",
     "tests.support.s3",
     "tests.support.kubeapi",
+    "tests.support.agents",
 ]

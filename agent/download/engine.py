@@ -500,6 +500,6 @@ def _status_error(source: str, path: str, response: aiohttp.ClientResponse) -> D
 
 
 def _os_error(e: OSError, path: str) -> DownloadError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DiskFull(f"{path}: no space left on the cache's filesystem ({os.strerror(e.errno)})")
     return DownloadError(f"{path}: {os.strerror(e.errno or 0)}")

@@ -183,6 +183,14 @@ class MemoryState:
     async def close(self) -> None:
         return None
 
+    async def restore(self, kind: ResourceKind, obj: JSON) -> None:
+        """Store a copy of another store's object as it is (metadata kept): ``create`` would give
+        it a new creationTimestamp, and admission goes by creation time, so a dry run of a real
+        cluster must keep the real ones."""
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        await self._store(kind, self._key(kind, meta["name"], meta.get("namespace")), obj, "ADDED")
+
     def compact(self) -> None:
         """Forget the change history, as etcd compaction does: every watch must relist (Gone)."""
         self._history.clear()

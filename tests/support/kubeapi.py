@@ -77,6 +77,9 @@ class KubeAPI:
         self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
 
     async def close(self) -> None:
+        # Open watch streams would otherwise hold the server's shutdown for its grace period.
+        for task in list(self._watches):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -1,0 +1,162 @@
+"""`modelcache controller`: the cluster controller, over a Kubernetes API server or, with
+``--standalone PATH``, over the YAML documents in PATH (caches, node groups, Nodes).
+
+``--once`` reconciles one time and exits. With ``--output json|yaml`` it is a dry run: the cluster
+(or the documents) is copied into the embedded backend, reconciled there, and every
+LocalModelCache, LocalModelNodeGroup and LocalModelNode is printed with its spec and status; nothing
+is written to the API server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS
+from controller.reconcile import WATCHED, Controller, Settings
+from localmodel.documents import load_documents
+from localmodel.errors import InvalidInput
+from localmodel.state.base import (
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    ClusterState,
+)
+from localmodel.state.kube import KubeState
+from localmodel.state.memory import MemoryState
+
+PRINTED = (LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, LOCAL_MODEL_NODE)
+STANDALONE_KINDS = ("LocalModelCache", "LocalModelNodeGroup", "Node", "LocalModelNode")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InvalidInput(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="modelcache controller", description="The cluster controller.")
+    p.add_argument("--standalone", metavar="PATH", type=Path, help="YAML documents (a file or a folder)")
+    p.add_argument("--once", action="store_true", help="reconcile one time and exit")
+    p.add_argument("--output", choices=("json", "yaml"), help="with --once: print the objects (dry run)")
+    p.add_argument(
+        "--max-concurrent-node-downloads",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+        metavar="N",
+        help="nodes fetching one model from its origin at once (0: no limit)",
+    )
+    p.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, $KUBECONFIG, ~/.kube/config")
+    p.add_argument("--context", metavar="NAME", help="kubeconfig context")
+    p.add_argument("--resync", type=float, default=300.0, metavar="SECONDS", help="full reconcile period")
+    p.add_argument("--leader-elect", dest="leader_elect", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--lease-namespace", default="default", metavar="NS", help="where the leader Lease lives")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    if args.max_concurrent_node_downloads < 0:
+        raise InvalidInput("--max-concurrent-node-downloads must be 0 (no limit) or more")
+    if args.resync <= 0:
+        raise InvalidInput("--resync must be more than 0 seconds")
+    if args.output and not args.once:
+        raise InvalidInput("--output needs --once")
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    settings = Settings(max_concurrent_downloads=args.max_concurrent_node_downloads)
+    if args.standalone is not None:
+        path: Path = args.standalone
+        memory = MemoryState()
+        await load_standalone(memory, path, initial=True)
+
+        async def refresh() -> None:
+            await load_standalone(memory, path, initial=False)
+
+        controller = Controller(memory, settings, refresh=None if args.once else refresh)
+        return await _go(controller, args, memory)
+    kube = KubeState.from_environment(args.kubeconfig, args.context)
+    try:
+        if args.once and args.output:
+            memory = MemoryState()
+            await copy_state(kube, memory)
+            return await _go(Controller(memory, settings), args, memory)
+        if args.once:
+            return await _go(Controller(kube, settings), args, kube)
+        if not args.leader_elect:
+            return await _go(Controller(kube, settings), args, kube)
+        from controller.leader import LeaderElector
+
+        elector = LeaderElector(kube, namespace=args.lease_namespace)
+        return await elector.run_while_leader(lambda stop: _go(Controller(kube, settings), args, kube, stop))
+    finally:
+        await kube.close()
+
+
+async def _go(
+    controller: Controller, args: argparse.Namespace, state: ClusterState, stop: asyncio.Event | None = None
+) -> int:
+    if args.once:
+        await controller.run(once=True)
+        if args.output:
+            _print(await dump(state), args.output)
+        return 0
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await controller.run(resync=args.resync, stop=stop)
+    return 0
+
+
+async def load_standalone(state: MemoryState, path: Path, *, initial: bool) -> None:
+    """The documents under ``path`` into the embedded state. LocalModelNodes in the documents are
+    loaded once (a way to give their status in a dry run); later the controller owns them."""
+    docs = load_documents(path, kinds=STANDALONE_KINDS)
+    for kind in (NODE, LOCAL_MODEL_NODE_GROUP, LOCAL_MODEL_CACHE):
+        objs = [d.object for d in docs if d.kind is kind]
+        await state.apply(kind, objs, prune=not initial)
+    if initial:
+        for d in docs:
+            if d.kind is LOCAL_MODEL_NODE:
+                await state.create(LOCAL_MODEL_NODE, d.object)
+
+
+async def copy_state(source: ClusterState, target: MemoryState) -> None:
+    """Every object the controller reads, with its status and metadata, from ``source``."""
+    for kind in WATCHED:
+        for obj in (await source.list(kind)).items:
+            await target.restore(kind, obj)
+
+
+async def dump(state: ClusterState) -> list[JSON]:
+    out: list[JSON] = []
+    for kind in PRINTED:
+        for obj in (await state.list(kind)).items:
+            meta = obj.get("metadata") or {}
+            # What the user wrote and what the controller decided; server bookkeeping is noise.
+            for k in ("resourceVersion", "managedFields"):
+                meta.pop(k, None)
+            out.append(obj)
+    return out
+
+
+def _print(objs: list[JSON], fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(json.dumps(objs, indent=2, sort_keys=False) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))

@@ -1,0 +1,181 @@
+"""Leader election over a coordination.k8s.io/v1 Lease, as client-go does it, so that two replicas
+of the controller never both write.
+
+Every write to the Lease carries the resourceVersion it read, so of two candidates that saw it free
+only one wins (the other gets Conflict). The leader renews every ``renew_every`` seconds; when it
+cannot renew for ``renew_deadline`` seconds it stops its work and exits with 1 (the pod restarts as
+a candidate) rather than risk a second writer, and a candidate takes a Lease over only when its
+holder has not renewed it for ``lease_duration`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound
+from localmodel.state.base import JSON, LEASE, ClusterState
+
+log = logging.getLogger("modelcache.controller.leader")
+
+LEASE_NAME = "modelcache-controller"
+
+
+def _fmt(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # a MicroTime, as the API stores it
+
+
+def _parse(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    return None
+
+
+class LeaderElector:
+    def __init__(
+        self,
+        state: ClusterState,
+        *,
+        namespace: str = "default",
+        name: str = LEASE_NAME,
+        identity: str | None = None,
+        lease_duration: float = 15.0,
+        renew_deadline: float = 10.0,
+        renew_every: float = 2.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.state = state
+        self.namespace = namespace
+        self.name = name
+        host = os.environ.get("POD_NAME") or socket.gethostname()
+        self.identity = identity or f"{host}_{secrets.token_hex(4)}"
+        self.lease_duration = lease_duration
+        self.renew_deadline = renew_deadline
+        self.renew_every = renew_every
+        self.clock = clock
+
+    async def try_acquire_or_renew(self) -> bool:
+        """One attempt: True when this identity holds the Lease afterwards."""
+        now = self.clock()
+        try:
+            lease = await self.state.get(LEASE, self.name, namespace=self.namespace)
+        except NotFound:
+            body: JSON = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(now, transitions=0, acquired=now),
+            }
+            try:
+                await self.state.create(LEASE, body)
+            except AlreadyExists:
+                return False
+            return True
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity")
+        renewed = _parse(spec.get("renewTime"))
+        duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
+        expired = renewed is None or now > renewed + timedelta(seconds=duration)
+        if holder and holder != self.identity and not expired:
+            return False
+        mine = holder == self.identity
+        transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
+        acquired = _parse(spec.get("acquireTime")) if mine else now
+        try:
+            await self.state.patch(
+                LEASE,
+                self.name,
+                {"spec": self._spec(now, transitions=transitions, acquired=acquired or now)},
+                namespace=self.namespace,
+                resource_version=lease["metadata"].get("resourceVersion"),
+            )
+        except Conflict:
+            return False
+        return True
+
+    def _spec(self, now: datetime, *, transitions: int, acquired: datetime) -> JSON:
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self.lease_duration),
+            "acquireTime": _fmt(acquired),
+            "renewTime": _fmt(now),
+            "leaseTransitions": transitions,
+        }
+
+    async def release(self) -> None:
+        """Let the next candidate in at once instead of after the lease duration."""
+        try:
+            lease = await self.state.get(LEASE, self.name, namespace=self.namespace)
+            if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                return
+            await self.state.patch(
+                LEASE,
+                self.name,
+                {"spec": {"holderIdentity": None, "leaseDurationSeconds": 1}},
+                namespace=self.namespace,
+                resource_version=lease["metadata"].get("resourceVersion"),
+            )
+        except ClusterStateError as e:
+            log.warning("cannot release the leader lease: %s", e)
+
+    async def run_while_leader(self, work: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+        """Wait to lead, then run ``work(stop)``; ``stop`` is set when leadership is lost. Returns
+        the work's exit code, or 1 when leadership was lost."""
+        while True:
+            try:
+                if await self.try_acquire_or_renew():
+                    break
+            except ClusterStateError as e:
+                log.warning("leader election: %s", e)
+            await asyncio.sleep(self.renew_every)
+        log.info("leading as %s", self.identity)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(work(stop))
+        last = asyncio.get_running_loop().time()
+        lost = False
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=self.renew_every)
+                if task.done():
+                    break
+                try:
+                    ok = await self.try_acquire_or_renew()
+                except ClusterStateError as e:
+                    log.warning("cannot renew the leader lease: %s", e)
+                    ok = False
+                now = asyncio.get_running_loop().time()
+                if ok:
+                    last = now
+                elif now - last > self.renew_deadline or (not ok and await self._taken()):
+                    log.error("lost the leader lease; stopping")
+                    lost = True
+                    stop.set()
+                    await task
+                    break
+            code = task.result()
+        finally:
+            if not task.done():
+                stop.set()
+                task.cancel()
+            if not lost:
+                await self.release()
+        return 1 if lost else code
+
+    async def _taken(self) -> bool:
+        try:
+            lease = await self.state.get(LEASE, self.name, namespace=self.namespace)
+        except ClusterStateError:
+            return False
+        holder = (lease.get("spec") or {}).get("holderIdentity")
+        return bool(holder) and holder != self.identity

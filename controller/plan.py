@@ -1,0 +1,597 @@
+"""The controller's decision, pure: from frozen inputs (caches, groups, nodes, the LocalModelNodes as
+they are, the pods that use models) to a frozen plan of writes. No I/O; ``controller.reconcile``
+reads the cluster, runs :func:`plan` and applies what it returns.
+
+Rules the plan keeps:
+
+- Placement and admission come from :mod:`localmodel.placement` (the agent in standalone mode runs
+  the same code, so both agree); :func:`layout` computes them once per change of caches, groups or
+  nodes, and :func:`plan` reuses that while only LocalModelNodes or pods change.
+- A model leaves a node's spec when the node left the group, the cache dropped the group, the group
+  is gone, the cache is refused or deleted, unless a running pod on that node uses it: then it stays,
+  listed in the ``RETAINED_ANNOTATION`` of the LocalModelNode, and goes once the pod is gone.
+- Rollout pacing: a model is added to at most ``max_concurrent_downloads`` node specs that are still
+  fetching it (pending or downloading) at any time; the other nodes that must hold it wait as
+  NodeDownloadPending. A failed or NotReady node does not hold a slot, so a broken node never
+  stalls a rollout. Removals are never paced.
+- One status write per object, only when the fields the controller owns differ; condition
+  transition times change only when a condition's status changes, so an unchanged cluster plans no
+  write at all.
+- Events are derived from the difference between the stored status and the new one, so a replayed
+  reconcile does not repeat them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from localmodel.placement import (
+    Admission,
+    Refusal,
+    admit,
+    human,
+)
+from localmodel.quantity import Quantity
+from localmodel.resources import (
+    FINALIZER,
+    LOCALMODEL_LABEL,
+    Condition,
+    LocalModelCache,
+    LocalModelInfo,
+    LocalModelNode,
+    LocalModelNodeGroup,
+    ModelState,
+    Node,
+    NodeState,
+)
+
+# Our additions to KServe's names (KServe has no equivalent).
+RETAINED_ANNOTATION = "modelcache.io/retained-in-use"  # on a LocalModelNode: models kept for a pod
+MODEL_ANNOTATION = "modelcache.io/model"  # on a pod: the LocalModelCache it serves
+
+ADMITTED = "Admitted"
+READY = "Ready"
+DEFAULT_MAX_CONCURRENT_DOWNLOADS = 8
+
+_MODEL_TO_NODE = {
+    ModelState.PENDING: NodeState.DOWNLOAD_PENDING,
+    ModelState.DOWNLOADING: NodeState.DOWNLOADING,
+    ModelState.DOWNLOADED: NodeState.DOWNLOADED,
+    ModelState.ERROR: NodeState.DOWNLOAD_ERROR,
+}
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # 0: no limit
+    now: str = "1970-01-01T00:00:00Z"  # for condition transition times
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The cluster as the controller sees it, keyed by name."""
+
+    caches: Mapping[str, LocalModelCache]
+    groups: Mapping[str, LocalModelNodeGroup]
+    nodes: Mapping[str, Node]
+    local_model_nodes: Mapping[str, LocalModelNode] = field(default_factory=dict)
+    in_use: Mapping[str, frozenset[str]] = field(default_factory=dict)  # node -> caches pods use there
+    not_ready: frozenset[str] = frozenset()  # nodes whose Ready condition is not True
+    # cache -> nodes whose LocalModelNode spec lists it, when the caller keeps this index itself
+    # (computed from local_model_nodes otherwise; a reconcile of one node must not walk them all).
+    listed: Mapping[str, AbstractSet[str]] | None = None
+
+
+def listing(lmns: Iterable[LocalModelNode]) -> dict[str, set[str]]:
+    """cache -> nodes whose LocalModelNode spec lists it."""
+    out: dict[str, set[str]] = {}
+    for lmn in lmns:
+        for m in lmn.local_models:
+            out.setdefault(m.model_name, set()).add(lmn.name)
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Placement of the whole cluster: depends on caches, groups and nodes only."""
+
+    admission: Admission
+    members: Mapping[str, tuple[str, ...]]  # group -> member node names, sorted
+    node_groups: Mapping[str, tuple[str, ...]]  # node -> its groups, sorted (only nodes in a group)
+    wanted: Mapping[str, Mapping[str, LocalModelInfo]]  # node -> cache name -> what it must hold
+    holders: Mapping[str, tuple[str, ...]]  # cache -> nodes that must hold it, sorted
+
+
+def layout(
+    caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGroup], nodes: Iterable[Node]
+) -> Layout:
+    """What :func:`localmodel.placement.place_node` gives for every node, computed per group and per
+    combination of groups instead of per node: 5,000 nodes share a handful of combinations."""
+    caches = list(caches)
+    groups = sorted(groups, key=lambda g: g.name)
+    nodes = list(nodes)
+    admission = admit(caches, groups)
+    by_name = {c.name: c for c in caches}
+    members: dict[str, list[str]] = {g.name: [] for g in groups}
+    node_groups: dict[str, tuple[str, ...]] = {}
+    for node in sorted(nodes, key=lambda n: n.name):
+        mine = tuple(
+            g.name
+            for g in groups
+            if g.spec.node_selector is not None and g.spec.node_selector.matches(node.name, node.labels)
+        )
+        if mine:
+            node_groups[node.name] = mine
+            for g in mine:
+                members[g].append(node.name)
+    per_combination: dict[tuple[str, ...], Mapping[str, LocalModelInfo]] = {}
+    wanted: dict[str, Mapping[str, LocalModelInfo]] = {}
+    holders: dict[str, list[str]] = {}
+    for node_name, mine in node_groups.items():
+        models = per_combination.get(mine)
+        if models is None:
+            found: dict[str, LocalModelInfo] = {}
+            for g in mine:  # sorted: a model two of the node's groups list is held for the first
+                for cache_name in admission.admitted.get(g, ()):
+                    if cache_name not in found:
+                        found[cache_name] = _info(by_name[cache_name], g)
+            models = per_combination[mine] = {k: found[k] for k in sorted(found)}
+        wanted[node_name] = models
+        for cache_name in models:
+            holders.setdefault(cache_name, []).append(node_name)
+    return Layout(
+        admission=admission,
+        members={g: tuple(m) for g, m in members.items()},
+        node_groups=node_groups,
+        wanted=wanted,
+        holders={c: tuple(n) for c, n in holders.items()},
+    )
+
+
+def _info(cache: LocalModelCache, group: str) -> LocalModelInfo:
+    return LocalModelInfo(
+        source_model_uri=cache.spec.source_model_uri,
+        model_name=cache.name,
+        node_group=group,
+        service_account_name=cache.spec.service_account_name,
+        storage=cache.spec.storage,
+        model_size=cache.spec.model_size,
+    )
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeWrite:
+    """Create, patch or delete one LocalModelNode (named after its node)."""
+
+    name: str
+    action: Literal["create", "patch", "delete"]
+    models: tuple[LocalModelInfo, ...] = ()
+    retained: tuple[str, ...] = ()  # cache names kept only because a running pod uses them
+    node_uid: str | None = None  # for the owner reference on create
+
+
+@dataclass(frozen=True)
+class StatusWrite:
+    kind: Literal["LocalModelCache", "LocalModelNodeGroup"]
+    name: str
+    patch: Mapping[str, Any]  # JSON merge patch of status (None deletes a key)
+
+
+@dataclass(frozen=True)
+class FinalizerWrite:
+    cache: str
+    add: bool  # False: remove it, the cache's models are gone from every node spec
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Literal["LocalModelCache", "LocalModelNodeGroup"]
+    name: str
+    uid: str | None
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    nodes: tuple[NodeWrite, ...] = ()
+    statuses: tuple[StatusWrite, ...] = ()
+    finalizers: tuple[FinalizerWrite, ...] = ()
+    events: tuple[Event, ...] = ()
+    node_status: Mapping[str, Mapping[str, NodeState]] = field(default_factory=dict)  # cache -> node
+
+    @property
+    def empty(self) -> bool:
+        return not (self.nodes or self.statuses or self.finalizers)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What an incremental reconcile looks at: these caches and these nodes (plus, for each cache,
+    the nodes whose spec must change for it). A full reconcile passes no scope."""
+
+    caches: frozenset[str] = frozenset()
+    nodes: frozenset[str] = frozenset()
+
+
+# -- the decision -------------------------------------------------------------------------------
+
+
+def plan(
+    snapshot: Snapshot,
+    options: Options = Options(),
+    *,
+    placed: Layout | None = None,
+    scope: Scope | None = None,
+) -> Plan:
+    placed = placed or layout(snapshot.caches.values(), snapshot.groups.values(), snapshot.nodes.values())
+    lmns = snapshot.local_model_nodes
+    listed_now = snapshot.listed if snapshot.listed is not None else listing(lmns.values())
+    nobody: frozenset[str] = frozenset()
+
+    if scope is None:
+        cache_scope: set[str] = set(snapshot.caches) | set(listed_now)
+        node_scope: set[str] = set(snapshot.nodes) | set(lmns)
+    else:
+        node_scope = set(scope.nodes)
+        cache_scope = set(scope.caches)
+        for n in scope.nodes:  # a node in scope brings every model it holds or must hold
+            cache_scope.update(placed.wanted.get(n, {}))
+            if n in lmns:
+                cache_scope.update(m.model_name for m in lmns[n].local_models)
+
+    # Pacing, per cache in scope: which nodes' specs list it after this plan.
+    listed_next: dict[str, set[str]] = {}
+    limit = options.max_concurrent_downloads
+    for c in sorted(cache_scope):
+        cache = snapshot.caches.get(c)
+        holders = placed.holders.get(c, ())
+        if cache is None or not holders:
+            listed_next[c] = set()
+            continue
+        key = cache.spec.storage_key
+        current = listed_now.get(c, nobody)
+        keep: set[str] = set()
+        active = 0
+        candidates: list[str] = []
+        for n in holders:
+            state = _model_state(lmns.get(n), key)
+            if n in current:
+                keep.add(n)
+                if n not in snapshot.not_ready and state not in (ModelState.DOWNLOADED, ModelState.ERROR):
+                    active += 1
+            elif state is ModelState.DOWNLOADED:
+                keep.add(n)  # already on disk (another cache with this URI): costs the origin nothing
+            elif n not in snapshot.not_ready:
+                candidates.append(n)
+        slots = len(candidates) if limit <= 0 else max(0, limit - active)
+        keep.update(candidates[:slots])
+        listed_next[c] = keep
+        node_scope.update(current ^ keep)
+
+    node_writes, listed_after, retained_new = _node_writes(snapshot, placed, listed_next, node_scope)
+
+    statuses: list[StatusWrite] = []
+    finalizers: list[FinalizerWrite] = []
+    events: list[Event] = []
+    node_status: dict[str, Mapping[str, NodeState]] = {}
+    for c in sorted(cache_scope):
+        cache = snapshot.caches.get(c)
+        if cache is None:
+            continue
+        for n in sorted(retained_new.get(c, ())):
+            events.append(
+                Event(
+                    "LocalModelCache",
+                    c,
+                    cache.metadata.uid,
+                    "Normal",
+                    "RetainedInUse",
+                    f"kept on node {n}: a running pod there uses it; removed once the pod is gone",
+                )
+            )
+        if cache.metadata.deletion_timestamp:
+            # Who lists it after the writes: nodes out of scope keep what they list now.
+            after = (set(listed_now.get(c, nobody)) - node_scope) | listed_after.get(c, set())
+            if FINALIZER in cache.metadata.finalizers and not after:
+                finalizers.append(FinalizerWrite(c, add=False))
+            continue
+        if FINALIZER not in cache.metadata.finalizers:
+            finalizers.append(FinalizerWrite(c, add=True))
+        states = _node_states(snapshot, placed, cache, listed_next.get(c, set()))
+        node_status[c] = states
+        write, evs = _cache_status(snapshot, placed, cache, states, options.now)
+        if write is not None:
+            statuses.append(write)
+        events.extend(evs)
+
+    if scope is None:  # group status changes only with caches, groups or nodes: full reconciles
+        for g in sorted(snapshot.groups):
+            write = _group_status(snapshot.groups[g], placed)
+            if write is not None:
+                statuses.append(write)
+
+    return Plan(
+        nodes=tuple(node_writes),
+        statuses=tuple(statuses),
+        finalizers=tuple(finalizers),
+        events=tuple(events),
+        node_status=node_status,
+    )
+
+
+def _model_state(lmn: LocalModelNode | None, key: str) -> ModelState | None:
+    return None if lmn is None else lmn.status.model_status.get(key)
+
+
+def _node_writes(
+    snapshot: Snapshot,
+    placed: Layout,
+    listed_next: Mapping[str, set[str]],
+    node_scope: set[str],
+) -> tuple[list[NodeWrite], dict[str, set[str]], dict[str, set[str]]]:
+    """Per node in scope, its spec after this plan. Returns the writes, cache -> nodes listing it
+    (nodes in scope only), and cache -> nodes that newly retain it for a pod."""
+    writes: list[NodeWrite] = []
+    listed_after: dict[str, set[str]] = {}
+    retained_new: dict[str, set[str]] = {}
+    lmns = snapshot.local_model_nodes
+    for n in sorted(node_scope):
+        lmn = lmns.get(n)
+        node = snapshot.nodes.get(n)
+        if node is None:
+            if lmn is not None:
+                # The owner reference makes the API server's garbage collector do this too; the
+                # embedded backend has none, and a pod cannot run on a deleted node anyway.
+                writes.append(NodeWrite(n, "delete"))
+            continue
+        wanted = placed.wanted.get(n, {})
+        models: dict[str, LocalModelInfo] = {}
+        for c, info in wanted.items():
+            nodes = listed_next.get(c)
+            if nodes is None:  # out of scope: keep what the node lists now
+                if lmn is not None and any(m.model_name == c for m in lmn.local_models):
+                    models[c] = info
+            elif n in nodes:
+                models[c] = info
+        retained: list[str] = []
+        in_use = snapshot.in_use.get(n, frozenset())
+        previously = _retained(lmn)
+        if lmn is not None:
+            for m in lmn.local_models:
+                if m.model_name not in models and m.model_name in in_use:
+                    models[m.model_name] = m
+                    retained.append(m.model_name)
+                    if m.model_name not in previously:
+                        retained_new.setdefault(m.model_name, set()).add(n)
+        final = tuple(models[k] for k in sorted(models))
+        for c in models:
+            listed_after.setdefault(c, set()).add(n)
+        if lmn is None:
+            if n in placed.node_groups or final:
+                writes.append(NodeWrite(n, "create", final, tuple(sorted(retained)), node.uid))
+        elif final != lmn.local_models or tuple(sorted(retained)) != previously:
+            writes.append(NodeWrite(n, "patch", final, tuple(sorted(retained))))
+    return writes, listed_after, retained_new
+
+
+def _retained(lmn: LocalModelNode | None) -> tuple[str, ...]:
+    if lmn is None:
+        return ()
+    raw = lmn.metadata.annotations.get(RETAINED_ANNOTATION, "")
+    return tuple(sorted(x for x in raw.split(",") if x))
+
+
+def _node_states(
+    snapshot: Snapshot, placed: Layout, cache: LocalModelCache, listed: set[str]
+) -> dict[str, NodeState]:
+    key = cache.spec.storage_key
+    states: dict[str, NodeState] = {}
+    for n in placed.holders.get(cache.name, ()):
+        if n in snapshot.not_ready:
+            states[n] = NodeState.NOT_READY
+        elif n not in listed:
+            states[n] = NodeState.DOWNLOAD_PENDING  # waiting for a rollout slot
+        else:
+            state = _model_state(snapshot.local_model_nodes.get(n), key)
+            states[n] = NodeState.DOWNLOAD_PENDING if state is None else _MODEL_TO_NODE[state]
+    return states
+
+
+def _cache_status(
+    snapshot: Snapshot,
+    placed: Layout,
+    cache: LocalModelCache,
+    states: Mapping[str, NodeState],
+    now: str,
+) -> tuple[StatusWrite | None, list[Event]]:
+    old = cache.status
+    available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
+    failed = sum(1 for s in states.values() if s is NodeState.DOWNLOAD_ERROR)
+    total = len(states)
+    refusals = {r.group: r for r in placed.admission.refused if r.cache == cache.name}
+    usage = placed.admission.usage
+    conditions: list[Condition] = []
+    events: list[Event] = []
+    old_conditions = {(c.type, c.node_group): c for c in old.conditions}
+
+    def condition(ctype: str, group: str, ok: bool, reason: str, message: str) -> Condition:
+        status = "True" if ok else "False"
+        before = old_conditions.get((ctype, group))
+        since = before.last_transition_time if before is not None and before.status == status else None
+        return Condition(ctype, status, reason, message, since or now, group)
+
+    def event(kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        events.append(Event("LocalModelCache", cache.name, cache.metadata.uid, kind, reason, message))
+
+    for g in dict.fromkeys(cache.spec.node_groups):
+        refusal: Refusal | None = refusals.get(g)
+        if refusal is None:
+            u = usage[g]
+            admitted = condition(
+                ADMITTED,
+                g,
+                True,
+                ADMITTED,
+                f"admitted to node group {g}: {human(u.used)} of {human(u.limit)} per node in use",
+            )
+            members = placed.members.get(g, ())
+            ready = sum(1 for n in members if states.get(n) is NodeState.DOWNLOADED)
+            errors = sum(1 for n in members if states.get(n) is NodeState.DOWNLOAD_ERROR)
+            if not members:
+                ready_c = condition(READY, g, False, "NoNodes", f"node group {g} selects no nodes")
+            elif ready == len(members):
+                ready_c = condition(READY, g, True, "Downloaded", f"{ready} of {len(members)} nodes hold it")
+            elif errors:
+                ready_c = condition(
+                    READY,
+                    g,
+                    False,
+                    "DownloadError",
+                    f"{ready} of {len(members)} nodes hold it, {errors} failed",
+                )
+            else:
+                ready_c = condition(
+                    READY, g, False, "Downloading", f"{ready} of {len(members)} nodes hold it"
+                )
+        else:
+            admitted = condition(ADMITTED, g, False, refusal.reason, refusal.message)
+            ready_c = condition(READY, g, False, refusal.reason, refusal.message)
+        before = old_conditions.get((ADMITTED, g))
+        if before is None or (before.status, before.reason) != (admitted.status, admitted.reason):
+            if admitted.status == "True":
+                event("Normal", ADMITTED, admitted.message)
+            else:
+                event("Warning", admitted.reason, admitted.message)
+        conditions += [admitted, ready_c]
+
+    new_holders = sorted(set(states) - set(old.node_status))
+    if new_holders:
+        shown = ", ".join(new_holders[:5]) + (
+            f" (+{len(new_holders) - 5} more)" if len(new_holders) > 5 else ""
+        )
+        event("Normal", "Placed", f"placed on {len(new_holders)} node(s): {shown}")
+    for n, s in sorted(states.items()):
+        if s is NodeState.DOWNLOAD_ERROR and old.node_status.get(n) is not NodeState.DOWNLOAD_ERROR:
+            event("Warning", "CopyFailed", f"copy on node {n} failed{_error_detail(snapshot, n, cache)}")
+    if total and available == total and not (old.copies.total and old.copies.available == old.copies.total):
+        event("Normal", "AllCopiesReady", f"all {total} node(s) hold the model")
+
+    new_json: dict[str, Any] = {
+        "nodeStatus": {n: s.value for n, s in sorted(states.items())},
+        "copies": {"available": available, "total": total, "failed": failed},
+        "conditions": [c.to_json() for c in conditions],
+        "observedGeneration": cache.metadata.generation,
+    }
+    old_json = old.to_json()
+    current = {
+        "nodeStatus": old_json.get("nodeStatus", {}),
+        "copies": old_json.get("copies"),
+        "conditions": old_json.get("conditions", []),
+        "observedGeneration": old.observed_generation,
+    }
+    if current == new_json:
+        return None, events
+    patch = dict(new_json)
+    # A merge patch merges maps: prune the entries of nodes that no longer hold the model.
+    patch["nodeStatus"] = {**dict.fromkeys(old.node_status), **new_json["nodeStatus"]}
+    return StatusWrite("LocalModelCache", cache.name, patch), events
+
+
+def _error_detail(snapshot: Snapshot, node: str, cache: LocalModelCache) -> str:
+    lmn = snapshot.local_model_nodes.get(node)
+    progress = None if lmn is None else lmn.status.models.get(cache.spec.storage_key)
+    if progress is None or not (progress.reason or progress.message):
+        return ""
+    return ": " + ": ".join(x for x in (progress.reason, progress.message) if x)
+
+
+def _group_status(group: LocalModelNodeGroup, placed: Layout) -> StatusWrite | None:
+    usage = placed.admission.usage[group.name]
+    new = {
+        "used": Quantity.from_bytes(usage.used).to_json(),
+        "available": Quantity.from_bytes(usage.available).to_json(),
+        "nodes": len(placed.members.get(group.name, ())),
+        "observedGeneration": group.metadata.generation,
+    }
+    st = group.status
+    current = {
+        "used": st.used.to_json() if st.used is not None else None,
+        "available": st.available.to_json() if st.available is not None else None,
+        "nodes": st.nodes,
+        "observedGeneration": st.observed_generation,
+    }
+    # Quantities compare by value: "1Gi" stored by someone else equals 1073741824.
+    same = (
+        st.used == Quantity.from_bytes(usage.used)
+        and st.available == Quantity.from_bytes(usage.available)
+        and current["nodes"] == new["nodes"]
+        and current["observedGeneration"] == new["observedGeneration"]
+    )
+    return None if same else StatusWrite("LocalModelNodeGroup", group.name, new)
+
+
+# -- readers of raw objects the typed views leave out (pure) --------------------------------------
+
+
+def node_ready(node: Mapping[str, Any]) -> bool:
+    """A Node's Ready condition; a Node with no conditions at all (a standalone document) is ready."""
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if isinstance(c, Mapping) and c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return True
+
+
+def models_in_use(
+    pods: Iterable[Mapping[str, Any]],
+    caches: Iterable[LocalModelCache],
+    groups: Iterable[LocalModelNodeGroup],
+) -> dict[str, frozenset[str]]:
+    """node -> caches that a pod on it uses: a pod that is not finished, bound to a node, and that
+    names the cache (KServe's localmodel label, or our annotation), mounts its PVC (``<cache>-<group>``,
+    KServe's name) or mounts its folder on the node."""
+    caches = list(caches)
+    by_claim: dict[str, str] = {}
+    by_path: dict[str, str] = {}
+    paths = {g.name: g.spec.cache_path for g in groups}
+    for c in caches:
+        for g in c.spec.node_groups:
+            by_claim[f"{c.name}-{g}"] = c.name
+            if (root := paths.get(g)) is not None:
+                by_path[f"{root.rstrip('/')}/models/{c.spec.storage_key}"] = c.name
+    used: dict[str, set[str]] = {}
+    for pod in pods:
+        spec = pod.get("spec") or {}
+        node = spec.get("nodeName")
+        if not node or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        meta = pod.get("metadata") or {}
+        found: set[str] = set()
+        named = (meta.get("labels") or {}).get(LOCALMODEL_LABEL) or (meta.get("annotations") or {}).get(
+            MODEL_ANNOTATION
+        )
+        if isinstance(named, str) and named:
+            found.add(named)  # even for a cache already deleted: its copy stays while the pod runs
+        for volume in spec.get("volumes") or []:
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            if claim in by_claim:
+                found.add(by_claim[claim])
+            path = (volume.get("hostPath") or {}).get("path")
+            if isinstance(path, str):
+                path = path.rstrip("/")
+                for prefix, owner in by_path.items():
+                    if path == prefix or path.startswith(prefix + "/"):
+                        found.add(owner)
+        if found:
+            used.setdefault(node, set()).update(found)
+    return {n: frozenset(c) for n, c in used.items()}

@@ -1,0 +1,488 @@
+"""The controller's I/O: keep a view of the cluster from watches, run :func:`controller.plan.plan`
+over it, apply the writes it returns.
+
+Level-triggered: every change only marks what is dirty; the loop then plans from the whole view, so
+a missed or coalesced event loses nothing, and a periodic full resync repairs anything else. A
+change of caches, groups or node labels re-plans everything (placement depends on all of them); a
+change of one LocalModelNode or pod re-plans only that node and the models it holds, which is what
+keeps a status update from a 5,000-node cluster cheap. Status-only echoes of the controller's own
+writes, and Node heartbeats, change nothing the plan reads and are dropped on arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from controller.plan import (
+    DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    RETAINED_ANNOTATION,
+    Event,
+    Layout,
+    NodeWrite,
+    Options,
+    Plan,
+    Scope,
+    Snapshot,
+    StatusWrite,
+    layout,
+    models_in_use,
+    node_ready,
+    plan,
+)
+from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound, SpecError
+from localmodel.resources import (
+    FINALIZER,
+    LocalModelCache,
+    LocalModelNode,
+    LocalModelNodeGroup,
+    Node,
+)
+from localmodel.state.base import (
+    EVENT,
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    POD,
+    ClusterState,
+    ResourceKind,
+    WatchEvent,
+    merge_patch,
+    update_status,
+    watch,
+)
+
+log = logging.getLogger("modelcache.controller")
+
+COMPONENT = "modelcache-controller"
+WATCHED: tuple[ResourceKind, ...] = (LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE, LOCAL_MODEL_NODE, POD)
+_KINDS = {LOCAL_MODEL_CACHE.kind: LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP.kind: LOCAL_MODEL_NODE_GROUP}
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Settings:
+    max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS
+    event_namespace: str = "default"  # where Kubernetes keeps Events of cluster-scoped objects
+    clock: Callable[[], str] = utc_now
+
+
+@dataclass
+class _View:
+    """The controller's picture of the cluster: typed objects by name, fed by lists and watches."""
+
+    caches: dict[str, LocalModelCache] = field(default_factory=dict)
+    groups: dict[str, LocalModelNodeGroup] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    not_ready: set[str] = field(default_factory=set)
+    lmns: dict[str, LocalModelNode] = field(default_factory=dict)
+    listed: dict[str, set[str]] = field(default_factory=dict)  # cache -> nodes whose spec lists it
+    pods: dict[tuple[str, str], JSON] = field(default_factory=dict)
+    pod_use: dict[tuple[str, str], tuple[str, frozenset[str]]] = field(default_factory=dict)
+
+
+class Controller:
+    """One controller over one ClusterState. ``observe`` takes watch events, ``reconcile`` plans and
+    writes; ``run`` wires both to the watches with a periodic full resync."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        settings: Settings | None = None,
+        *,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.state = state
+        self.settings = settings or Settings()
+        self._refresh = refresh  # standalone: reload the documents before each full resync
+        self._view = _View()
+        self._layout: Layout | None = None
+        self._in_use: dict[str, frozenset[str]] | None = None
+        self._full = True
+        self._dirty_nodes: set[str] = set()
+        self._dirty_caches: set[str] = set()
+        self.reconciles = 0
+
+    # -- the view ------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read everything (a full list of each watched kind) into a fresh view."""
+        self._view = _View()
+        self._invalidate()
+        for kind in WATCHED:
+            listing = await self.state.list(kind)
+            for obj in listing.items:
+                self.observe(kind, WatchEvent("ADDED", obj))
+        self._full = True
+
+    def observe(self, kind: ResourceKind, event: WatchEvent) -> None:
+        """Take one change into the view, and mark what the next reconcile must look at."""
+        obj = event.object
+        name = obj.get("metadata", {}).get("name")
+        if not isinstance(name, str):
+            return
+        deleted = event.type == "DELETED"
+        try:
+            if kind is LOCAL_MODEL_CACHE:
+                self._observe_spec(
+                    self._view.caches, name, None if deleted else LocalModelCache.from_json(obj)
+                )
+            elif kind is LOCAL_MODEL_NODE_GROUP:
+                group = None if deleted else LocalModelNodeGroup.from_json(obj)
+                self._observe_spec(self._view.groups, name, group)
+            elif kind is NODE:
+                self._observe_node(name, None if deleted else obj)
+            elif kind is LOCAL_MODEL_NODE:
+                self._observe_lmn(name, None if deleted else LocalModelNode.from_json(obj))
+            elif kind is POD:
+                self._observe_pod(obj, deleted)
+        except SpecError as e:
+            # One bad object must not stop the controller for everyone else; it is left out.
+            log.warning("ignoring %s %s: %s", kind.kind, name, e)
+
+    def _observe_lmn(self, name: str, new: LocalModelNode | None) -> None:
+        old = self._view.lmns.get(name)
+        self._set_lmn(name, new)
+        if (
+            old is None
+            or new is None
+            or old.local_models != new.local_models
+            or old.metadata.annotations != new.metadata.annotations
+        ):
+            self._dirty_nodes.add(name)  # not our own write's echo: re-plan the whole node
+            return
+        # An agent's report: only the models whose state changed need a look (pacing and status).
+        before, after = old.status.model_status, new.status.model_status
+        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        for m in new.local_models:
+            if m.storage_key in changed:
+                self._dirty_caches.add(m.model_name)
+
+    def _set_lmn(self, name: str, lmn: LocalModelNode | None) -> None:
+        """Keep the view and its cache -> nodes index in step."""
+        view = self._view
+        old = view.lmns.pop(name, None)
+        if old is not None:
+            for m in old.local_models:
+                nodes = view.listed.get(m.model_name)
+                if nodes is not None:
+                    nodes.discard(name)
+                    if not nodes:
+                        del view.listed[m.model_name]
+        if lmn is not None:
+            view.lmns[name] = lmn
+            for m in lmn.local_models:
+                view.listed.setdefault(m.model_name, set()).add(name)
+
+    def _observe_spec(self, store: dict[str, Any], name: str, new: Any) -> None:
+        old = store.get(name)
+        if new is None:
+            if store.pop(name, None) is not None:
+                self._invalidate()
+            return
+        store[name] = new
+        # Our own status writes come back as MODIFIED: only what placement reads re-plans.
+        if old is None or old.spec != new.spec or _meta_key(old) != _meta_key(new):
+            self._invalidate()
+        elif isinstance(new, LocalModelCache) and (
+            old.status != new.status or old.metadata.finalizers != new.metadata.finalizers
+        ):
+            self._dirty_caches.add(name)  # e.g. someone else changed its status: put ours back
+
+    def _observe_node(self, name: str, obj: JSON | None) -> None:
+        view = self._view
+        if obj is None:
+            if view.nodes.pop(name, None) is not None:
+                view.not_ready.discard(name)
+                self._invalidate()
+            return
+        node = Node.from_json(obj)
+        ready = node_ready(obj)
+        old = view.nodes.get(name)
+        view.nodes[name] = node
+        if old is None or old.labels != node.labels or old.uid != node.uid:
+            self._invalidate()
+        if ready == (name in view.not_ready):
+            (view.not_ready.discard if ready else view.not_ready.add)(name)
+            self._full = True  # readiness changes pacing and nodeStatus of every model on it
+
+    def _observe_pod(self, obj: JSON, deleted: bool) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "default", meta["name"])
+        view = self._view
+        before = view.pod_use.pop(key, None)
+        view.pods.pop(key, None)
+        if not deleted:
+            view.pods[key] = obj
+            use = models_in_use([obj], view.caches.values(), view.groups.values())
+            if use:
+                ((node, caches),) = use.items()
+                view.pod_use[key] = (node, caches)
+        after = view.pod_use.get(key)
+        if before != after:
+            self._in_use = None
+            for item in (before, after):
+                if item is not None:
+                    self._dirty_nodes.add(item[0])
+
+    def _invalidate(self) -> None:
+        self._layout = None
+        self._in_use = None
+        self._full = True
+
+    @property
+    def pending(self) -> bool:
+        return self._full or bool(self._dirty_nodes or self._dirty_caches)
+
+    # -- reconcile -----------------------------------------------------------------------------
+
+    async def reconcile(self, *, full: bool | None = None) -> Plan:
+        """Plan from the view and apply: everything when ``full`` (or when something placement reads
+        changed), else only what changed since the last reconcile."""
+        view = self._view
+        full = self._full if full is None else full or self._full
+        scope = None if full else Scope(frozenset(self._dirty_caches), frozenset(self._dirty_nodes))
+        self._full = False
+        self._dirty_nodes = set()
+        self._dirty_caches = set()
+        if self._layout is None:
+            self._layout = layout(view.caches.values(), view.groups.values(), view.nodes.values())
+        if self._in_use is None:
+            if full:  # claim names and paths depend on caches and groups: recompute from the pods
+                self._in_use = models_in_use(view.pods.values(), view.caches.values(), view.groups.values())
+            else:
+                merged: dict[str, set[str]] = {}
+                for node, caches in view.pod_use.values():
+                    merged.setdefault(node, set()).update(caches)
+                self._in_use = {n: frozenset(c) for n, c in merged.items()}
+        snapshot = Snapshot(
+            caches=view.caches,
+            groups=view.groups,
+            nodes=view.nodes,
+            local_model_nodes=view.lmns,
+            in_use=self._in_use,
+            not_ready=frozenset(view.not_ready),
+            listed=view.listed,
+        )
+        options = Options(self.settings.max_concurrent_downloads, self.settings.clock())
+        result = plan(snapshot, options, placed=self._layout, scope=scope)
+        try:
+            await self._apply(result)
+        except ClusterStateError:
+            self._full = True  # retry everything on the next pass
+            raise
+        self.reconciles += 1
+        return result
+
+    async def _apply(self, result: Plan) -> None:
+        # Node specs first: a finalizer comes off only once no node spec lists the model.
+        for write in result.nodes:
+            await self._write_node(write)
+        for status in result.statuses:
+            await self._write_status(status)
+        for fin in result.finalizers:
+            await self._write_finalizer(fin.cache, add=fin.add)
+        for event in result.events:
+            await self._emit(event)
+
+    async def _write_node(self, write: NodeWrite) -> None:
+        retained = ",".join(write.retained) or None
+        models = [m.to_json() for m in write.models]
+        try:
+            if write.action == "delete":
+                with contextlib.suppress(NotFound):
+                    await self.state.delete(LOCAL_MODEL_NODE, write.name)
+                self._set_lmn(write.name, None)
+                return
+            if write.action == "create":
+                meta: JSON = {"name": write.name}
+                if write.node_uid:
+                    # Garbage-collected with its Node on a real cluster.
+                    meta["ownerReferences"] = [
+                        {"apiVersion": "v1", "kind": "Node", "name": write.name, "uid": write.node_uid}
+                    ]
+                if retained:
+                    meta["annotations"] = {RETAINED_ANNOTATION: retained}
+                body = {
+                    "apiVersion": LOCAL_MODEL_NODE.api_version,
+                    "kind": LOCAL_MODEL_NODE.kind,
+                    "metadata": meta,
+                    "spec": {"localModels": models},
+                }
+                try:
+                    stored = await self.state.create(LOCAL_MODEL_NODE, body)
+                except AlreadyExists:
+                    stored = await self._patch_node(write.name, models, retained)
+            else:
+                stored = await self._patch_node(write.name, models, retained)
+        except NotFound:
+            self._dirty_nodes.add(write.name)  # gone meanwhile: the next pass sees why
+            return
+        self._set_lmn(write.name, LocalModelNode.from_json(stored))
+
+    async def _patch_node(self, name: str, models: list[JSON], retained: str | None) -> JSON:
+        # The controller owns the spec and this annotation; the agent owns the status.
+        patch = {
+            "metadata": {"annotations": {RETAINED_ANNOTATION: retained}},
+            "spec": {"localModels": models},
+        }
+        return await self.state.patch(LOCAL_MODEL_NODE, name, patch)
+
+    async def _write_status(self, write: StatusWrite) -> None:
+        kind = _KINDS[write.kind]
+
+        def compute(current: JSON) -> JSON | None:
+            status = current.get("status") or {}
+            return None if merge_patch(status, write.patch) == status else dict(write.patch)
+
+        try:
+            stored = await update_status(self.state, kind, write.name, compute)
+        except NotFound:
+            return
+        if stored is not None:
+            self.observe(kind, WatchEvent("MODIFIED", stored))
+
+    async def _write_finalizer(self, name: str, *, add: bool) -> None:
+        for _ in range(5):
+            try:
+                current = await self.state.get(LOCAL_MODEL_CACHE, name)
+            except NotFound:
+                self._view.caches.pop(name, None)
+                return
+            finalizers = list(current["metadata"].get("finalizers") or [])
+            if (FINALIZER in finalizers) == add:
+                return
+            finalizers = [*finalizers, FINALIZER] if add else [f for f in finalizers if f != FINALIZER]
+            try:
+                # Lists replace whole in a merge patch: guard against another writer's finalizer.
+                stored = await self.state.patch(
+                    LOCAL_MODEL_CACHE,
+                    name,
+                    {"metadata": {"finalizers": finalizers or None}},
+                    resource_version=current["metadata"]["resourceVersion"],
+                )
+            except Conflict:
+                continue
+            except NotFound:
+                stored = None
+            if stored is None or (not finalizers and current["metadata"].get("deletionTimestamp")):
+                self.observe(LOCAL_MODEL_CACHE, WatchEvent("DELETED", current))
+            else:
+                self.observe(LOCAL_MODEL_CACHE, WatchEvent("MODIFIED", stored))
+            return
+        self._full = True
+
+    async def _emit(self, event: Event) -> None:
+        now = self.settings.clock()
+        kind = _KINDS[event.kind]
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{event.name}.{secrets.token_hex(8)}",
+                "namespace": self.settings.event_namespace,
+            },
+            "involvedObject": {
+                "apiVersion": kind.api_version,
+                "kind": kind.kind,
+                "name": event.name,
+                **({"uid": event.uid} if event.uid else {}),
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.state.create(EVENT, body)
+        except ClusterStateError as e:
+            # An Event is best effort: losing one must not stop a reconcile.
+            log.warning("cannot record event %s on %s: %s", event.reason, event.name, e)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        once: bool = False,
+        resync: float = 300.0,
+        retry_delay: float = 2.0,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Reconcile until ``stop`` is set (or once). Watches feed the view; each batch of changes
+        triggers one reconcile; every ``resync`` seconds a full one runs anyway."""
+        if self._refresh is not None:
+            await self._refresh()
+        await self.load()
+        await self.reconcile(full=True)
+        if once:
+            return
+        stop = stop or asyncio.Event()
+        queue: asyncio.Queue[tuple[ResourceKind, WatchEvent]] = asyncio.Queue()
+        pumps = [asyncio.create_task(self._pump(kind, queue, retry_delay)) for kind in WATCHED]
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + resync
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                getter = asyncio.create_task(queue.get())
+                timeout = max(0.0, next_resync - loop.time())
+                done, _ = await asyncio.wait(
+                    {getter, stopping}, timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+                if getter in done:
+                    self.observe(*getter.result())
+                    while not queue.empty():  # a burst of changes is one reconcile
+                        self.observe(*queue.get_nowait())
+                else:
+                    getter.cancel()
+                if stopping in done:
+                    break
+                full = loop.time() >= next_resync
+                if full:
+                    next_resync = loop.time() + resync
+                    if self._refresh is not None:
+                        await self._refresh()
+                if not (full or self.pending):
+                    continue
+                try:
+                    await self.reconcile(full=full)
+                except ClusterStateError as e:
+                    log.warning("reconcile failed, retrying: %s", e)
+                    await asyncio.sleep(retry_delay)
+        finally:
+            stopping.cancel()
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, stopping, return_exceptions=True)
+
+    async def _pump(
+        self, kind: ResourceKind, queue: asyncio.Queue[tuple[ResourceKind, WatchEvent]], retry_delay: float
+    ) -> None:
+        while True:
+            try:
+                async for event in watch(self.state, kind):
+                    queue.put_nowait((kind, event))
+            except ClusterStateError as e:
+                log.warning("watch of %s failed, restarting: %s", kind.plural, e)
+                await asyncio.sleep(retry_delay)
+
+
+def _meta_key(obj: Any) -> tuple[Any, ...]:
+    m = obj.metadata
+    return (m.generation, m.creation_timestamp, m.deletion_timestamp, m.uid)

@@ -1,0 +1,411 @@
+"""The controller's loop against both cluster-state backends: the embedded one, and the Kubernetes
+API over HTTP (the emulator in tests/support/kubeapi.py). Changes go in through the backend, the
+controller sees them through its watches, and the tests wait for the state it converges to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from controller import cli
+from controller.leader import LeaderElector
+from controller.plan import RETAINED_ANNOTATION
+from controller.reconcile import Controller, Settings
+from localmodel.errors import InvalidInput, NotFound, SpecError
+from localmodel.layout import storage_key
+from localmodel.resources import FINALIZER
+from localmodel.state.base import (
+    EVENT,
+    LEASE,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    POD,
+    ClusterState,
+)
+from localmodel.state.kube import KubeState
+from localmodel.state.memory import MemoryState
+from modelcache.cli import main as modelcache_main
+from tests.support.kubeapi import KubeAPI
+
+
+@pytest_asyncio.fixture(params=["memory", "kube"])
+async def state(request: pytest.FixtureRequest) -> AsyncIterator[ClusterState]:
+    if request.param == "memory":
+        yield MemoryState()  # MemoryState plus the watch fix (controller/embedded.py)
+        return
+    api = KubeAPI()
+    api.store = MemoryState()  # the emulator's storage needs the same watch fix
+    await api.start()
+    kube = KubeState.for_url(api.url, watch_timeout=5)
+    try:
+        yield kube
+    finally:
+        await kube.close()
+        api.expire_watches()  # ends the server's open watch streams now, not at their timeout
+        await api.close()
+
+
+def group(name: str, limit: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "LocalModelNodeGroup",
+        "metadata": {"name": name},
+        "spec": {
+            "storageLimit": limit,
+            "persistentVolumeSpec": {
+                "hostPath": {"path": "/models"},
+                "nodeAffinity": {
+                    "required": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "gpu", "operator": "In", "values": [name]}]}
+                        ]
+                    }
+                },
+            },
+        },
+    }
+
+
+def cache(name: str, size: str, groups: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "LocalModelCache",
+        "metadata": {"name": name},
+        "spec": {"sourceModelUri": f"hf://org/{name}", "modelSize": size, "nodeGroups": groups},
+    }
+
+
+def node(name: str, gpu: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"gpu": gpu}}}
+
+
+async def models_on(state: ClusterState, name: str) -> list[str] | None:
+    try:
+        lmn = await state.get(LOCAL_MODEL_NODE, name)
+    except NotFound:
+        return None
+    return [m["modelName"] for m in lmn["spec"].get("localModels") or []]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("the controller did not converge")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(state: ClusterState, **settings: Any) -> AsyncIterator[Controller]:
+    controller = Controller(state, Settings(**settings))
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(resync=30, retry_delay=0.05, stop=stop))
+    try:
+        await eventually(lambda: _true(controller.reconciles > 0 or task.done()))
+        yield controller
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def setup_two_groups(state: ClusterState) -> None:
+    await state.create(LOCAL_MODEL_NODE_GROUP, group("a100", "500Gi"))
+    await state.create(LOCAL_MODEL_NODE_GROUP, group("h100", "100Gi"))
+    for n, gpu in (("a1", "a100"), ("a2", "a100"), ("h1", "h100")):
+        await state.create(NODE, node(n, gpu))
+
+
+async def test_a_cache_on_two_groups_that_fits_only_one(state: ClusterState) -> None:
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("small", "60Gi", ["a100", "h100"]))
+    await state.create(LOCAL_MODEL_CACHE, cache("big", "140Gi", ["a100", "h100"]))
+    await Controller(state).run(once=True)
+
+    assert await models_on(state, "a1") == ["big", "small"]
+    assert await models_on(state, "h1") == ["small"]
+    lmn = await state.get(LOCAL_MODEL_NODE, "a1")
+    a1 = await state.get(NODE, "a1")
+    assert lmn["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Node", "name": "a1", "uid": a1["metadata"]["uid"]}
+    ]
+    big = await state.get(LOCAL_MODEL_CACHE, "big")
+    assert big["metadata"]["finalizers"] == [FINALIZER]
+    assert big["status"]["nodeStatus"] == {"a1": "NodeDownloadPending", "a2": "NodeDownloadPending"}
+    assert big["status"]["copies"] == {"available": 0, "total": 2, "failed": 0}
+    refused = next(
+        c for c in big["status"]["conditions"] if c["type"] == "Admitted" and c["nodeGroup"] == "h100"
+    )
+    assert (refused["status"], refused["reason"]) == ("False", "InsufficientStorage")
+    # Created in the same second: admitted by name, so "big" was weighed first on an empty h100.
+    assert refused["message"] == "needs 140Gi, group h100 has 100Gi of 100Gi free"
+    h100 = await state.get(LOCAL_MODEL_NODE_GROUP, "h100")
+    assert h100["status"] == {"used": "60Gi", "available": "40Gi", "nodes": 1, "observedGeneration": 1}
+    events = (await state.list(EVENT, namespace="default")).items
+    said = {(e["involvedObject"]["name"], e["reason"], e["type"]) for e in events}
+    assert ("big", "InsufficientStorage", "Warning") in said and ("small", "Placed", "Normal") in said
+    assert all(e["involvedObject"]["kind"] == "LocalModelCache" for e in events)
+
+    # Agents report; a second pass writes the statuses once, and a third writes nothing at all.
+    for n in ("a1", "a2"):
+        key = storage_key("hf://org/big")
+        await state.patch_status(LOCAL_MODEL_NODE, n, {"modelStatus": {key: "ModelDownloaded"}})
+    await Controller(state).run(once=True)
+    big = await state.get(LOCAL_MODEL_CACHE, "big")
+    assert big["status"]["copies"] == {"available": 2, "total": 2, "failed": 0}
+    before = {
+        k.kind: await state.list(k) for k in (LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP)
+    }
+    n_events = len((await state.list(EVENT, namespace="default")).items)
+    await Controller(state).run(once=True)
+    for kind_name, listing in before.items():
+        kind = {LOCAL_MODEL_CACHE.kind: LOCAL_MODEL_CACHE}.get(kind_name) or (
+            LOCAL_MODEL_NODE if kind_name == LOCAL_MODEL_NODE.kind else LOCAL_MODEL_NODE_GROUP
+        )
+        after = await state.list(kind)
+        assert [o["metadata"]["resourceVersion"] for o in after.items] == [
+            o["metadata"]["resourceVersion"] for o in listing.items
+        ]
+    assert len((await state.list(EVENT, namespace="default")).items) == n_events
+
+
+async def test_node_leaves_group_group_dropped_node_deleted(state: ClusterState) -> None:
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["a100", "h100"]))
+    async with running(state):
+        await eventually(lambda: _all_have(state, ["a1", "a2", "h1"], ["m"]))
+        # a2 leaves a100
+        await state.patch(NODE, "a2", {"metadata": {"labels": {"gpu": "none"}}})
+        await eventually(lambda: _has(state, "a2", []))
+        # the cache drops h100
+        await state.patch(LOCAL_MODEL_CACHE, "m", {"spec": {"nodeGroups": ["a100"]}})
+        await eventually(lambda: _has(state, "h1", []))
+        assert await models_on(state, "a1") == ["m"]
+        # a1 is deleted: its LocalModelNode goes, and so does its nodeStatus entry
+        await state.delete(NODE, "a1")
+        await eventually(lambda: _has(state, "a1", None))
+
+        async def pruned() -> bool:
+            status = (await state.get(LOCAL_MODEL_CACHE, "m")).get("status") or {}
+            return status.get("nodeStatus") == {} or "nodeStatus" not in status
+
+        await eventually(pruned)
+
+
+async def test_cache_deleted_while_its_group_is_gone(state: ClusterState) -> None:
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+    async with running(state):
+        await eventually(lambda: _has(state, "h1", ["m"]))
+
+        async def finalized() -> bool:
+            fins = (await state.get(LOCAL_MODEL_CACHE, "m"))["metadata"].get("finalizers")
+            return fins == [FINALIZER]
+
+        await eventually(finalized)
+        await state.delete(LOCAL_MODEL_NODE_GROUP, "h100")
+        await state.delete(LOCAL_MODEL_CACHE, "m")
+
+        async def gone() -> bool:
+            try:
+                await state.get(LOCAL_MODEL_CACHE, "m")
+            except NotFound:
+                return True
+            return False
+
+        await eventually(gone)
+        assert await models_on(state, "h1") == []
+
+
+async def test_a_model_in_use_stays_until_the_pod_is_gone(state: ClusterState) -> None:
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+    async with running(state):
+        await eventually(lambda: _has(state, "h1", ["m"]))
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "server",
+                "namespace": "team",
+                "labels": {"internal.serving.kserve.io/localmodel": "m"},
+            },
+            "spec": {"nodeName": "h1", "containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Running"},
+        }
+        await state.create(POD, pod)
+        await asyncio.sleep(0.2)  # let the watch deliver the pod before the node changes
+        await state.patch(NODE, "h1", {"metadata": {"labels": {"gpu": "none"}}})
+
+        async def retained() -> bool:
+            lmn = await state.get(LOCAL_MODEL_NODE, "h1")
+            return lmn["metadata"].get("annotations", {}).get(RETAINED_ANNOTATION) == "m"
+
+        await eventually(retained)
+        assert await models_on(state, "h1") == ["m"]
+        await state.delete(POD, "server", namespace="team")
+        await eventually(lambda: _has(state, "h1", []))
+        lmn = await state.get(LOCAL_MODEL_NODE, "h1")
+        assert RETAINED_ANNOTATION not in (lmn["metadata"].get("annotations") or {})
+
+
+async def test_pacing_twenty_nodes_three_at_a_time(state: ClusterState) -> None:
+    await state.create(LOCAL_MODEL_NODE_GROUP, group("g", "100Gi"))
+    names = [f"n{i:02}" for i in range(20)]
+    for n in names:
+        await state.create(NODE, node(n, "g"))
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["g"]))
+    key = storage_key("hf://org/m")
+    most = 0
+    async with running(state, max_concurrent_downloads=3):
+        done: set[str] = set()
+        for _ in range(200):
+            listed = {n for n in names if (await models_on(state, n)) == ["m"]}
+            fetching = listed - done
+            most = max(most, len(fetching))
+            assert len(fetching) <= 3
+            if len(done) == 20:
+                break
+            # Agents finish whatever they were given.
+            for n in sorted(fetching):
+                await state.patch_status(LOCAL_MODEL_NODE, n, {"modelStatus": {key: "ModelDownloaded"}})
+                done.add(n)
+            await asyncio.sleep(0.05)
+        assert len(done) == 20 and most == 3
+
+        async def all_copies() -> bool:
+            status = (await state.get(LOCAL_MODEL_CACHE, "m")).get("status") or {}
+            return status.get("copies") == {"available": 20, "total": 20, "failed": 0}
+
+        await eventually(all_copies)
+        events = (await state.list(EVENT, namespace="default")).items
+        assert [e["reason"] for e in events].count("AllCopiesReady") == 1
+
+
+async def test_leader_election(state: ClusterState) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    a = LeaderElector(state, identity="a", lease_duration=15, clock=lambda: now[0])
+    b = LeaderElector(state, identity="b", lease_duration=15, clock=lambda: now[0])
+    assert await a.try_acquire_or_renew()
+    assert not await b.try_acquire_or_renew()
+    now[0] += timedelta(seconds=10)
+    assert await a.try_acquire_or_renew()  # renewed
+    now[0] += timedelta(seconds=10)
+    assert not await b.try_acquire_or_renew()  # 10 s since the renewal: still a's
+    now[0] += timedelta(seconds=6)
+    assert await b.try_acquire_or_renew()  # a stopped renewing: b takes over
+    assert not await a.try_acquire_or_renew()
+    lease = await state.get(LEASE, "modelcache-controller", namespace="default")
+    assert lease["spec"]["holderIdentity"] == "b" and lease["spec"]["leaseTransitions"] == 1
+    await b.release()
+    assert await a.try_acquire_or_renew()  # released: no need to wait for expiry
+
+    async def work(stop: asyncio.Event) -> int:
+        return 7
+
+    c = LeaderElector(state, identity="c", renew_every=0.01)
+    now[0] = datetime.now(UTC) - timedelta(seconds=60)  # a's lease is long expired for c's clock
+    assert await a.try_acquire_or_renew()
+    assert await c.run_while_leader(work) == 7
+
+
+async def _has(state: ClusterState, name: str, models: list[str] | None) -> bool:
+    return await models_on(state, name) == models
+
+
+async def _all_have(state: ClusterState, names: list[str], models: list[str]) -> bool:
+    return all([await models_on(state, n) == models for n in names])
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def write_docs(folder: Path) -> None:
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "groups.yaml").write_text(yaml.safe_dump_all([group("a100", "500Gi"), group("h100", "100Gi")]))
+    (folder / "caches.yaml").write_text(yaml.safe_dump_all([cache("big", "140Gi", ["a100", "h100"])]))
+    nodes = {"apiVersion": "v1", "kind": "List", "items": [node("a1", "a100"), node("h1", "h100")]}
+    (folder / "nodes.yaml").write_text(yaml.safe_dump(nodes))
+
+
+def test_cli_once_prints_every_object_as_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_docs(tmp_path / "docs")
+    assert (
+        modelcache_main(["controller", "--standalone", str(tmp_path / "docs"), "--once", "--output", "json"])
+        == 0
+    )
+    objs = json.loads(capsys.readouterr().out)
+    assert [(o["kind"], o["metadata"]["name"]) for o in objs] == [
+        ("LocalModelCache", "big"),
+        ("LocalModelNodeGroup", "a100"),
+        ("LocalModelNodeGroup", "h100"),
+        ("LocalModelNode", "a1"),
+        ("LocalModelNode", "h1"),
+    ]
+    big, a100, _, a1, h1 = objs
+    assert big["status"]["nodeStatus"] == {"a1": "NodeDownloadPending"}
+    assert {(c["type"], c["nodeGroup"], c["status"]) for c in big["status"]["conditions"]} >= {
+        ("Admitted", "a100", "True"),
+        ("Admitted", "h100", "False"),
+    }
+    assert a100["status"]["used"] == "140Gi"
+    assert [m["modelName"] for m in a1["spec"]["localModels"]] == ["big"]
+    assert h1["spec"]["localModels"] == []
+
+
+def test_cli_yaml_output_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    write_docs(tmp_path / "docs")
+    args = ["--standalone", str(tmp_path / "docs"), "--once", "--output", "yaml"]
+    assert cli.main([*args, "--max-concurrent-node-downloads", "1"]) == 0
+    kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
+    assert kinds.count("LocalModelNode") == 2
+    with pytest.raises(InvalidInput):
+        cli.main(["--bogus"])
+    with pytest.raises(InvalidInput):
+        cli.main(["--standalone", str(tmp_path), "--output", "json"])  # --output needs --once
+    with pytest.raises(InvalidInput):
+        cli.main([*args, "--max-concurrent-node-downloads", "-1"])
+    (tmp_path / "docs" / "bad.yaml").write_text(
+        "apiVersion: serving.kserve.io/v1alpha1\nkind: LocalModelCache\n"
+    )
+    with pytest.raises(SpecError):
+        cli.main(args)
+    assert modelcache_main(["controller", *args]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+async def test_embedded_watch_waits_while_other_kinds_change() -> None:
+    """A watch of one kind must sleep, not spin, after writes of other kinds (the controller has
+    five watches on one event loop); see controller/embedded.py."""
+    state = MemoryState()
+    seen: list[str] = []
+
+    async def watch_nodes() -> None:
+        async for event in state.watch_raw(NODE, resource_version="0"):
+            seen.append(event.object["metadata"]["name"])
+
+    task = asyncio.create_task(watch_nodes())
+    await state.create(LOCAL_MODEL_NODE_GROUP, group("g", "1Gi"))
+    await asyncio.sleep(0.01)  # with a spinning watch this never returns
+    await state.create(NODE, node("n1", "g"))
+    await eventually(lambda: _true(seen == ["n1"]), timeout=2)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
