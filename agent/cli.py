@@ -150,9 +150,7 @@ async def _run(
     routes: dict[tuple[str, int], list] = {}  # type: ignore[type-arg]
     names: dict[str, tuple[str, int]] = {}
     if health is not None:
-        routes.setdefault(health, []).extend(
-            health_routes(ready=lambda: agent.ready, status=lambda: agent.status_json)
-        )
+        routes.setdefault(health, []).extend(health_routes(ready=lambda: agent.ready, status=agent.snapshot))
         names["health"] = health
     if metrics_addr is not None:
         routes.setdefault(metrics_addr, []).extend(metrics_routes(registry))

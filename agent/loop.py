@@ -177,7 +177,6 @@ class Agent:
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
         self.session: aiohttp.ClientSession | None = None
         self.last_status: JSON | None = None
-        self.status_json: JSON = {}
         self.stopping = False
 
     # -- readiness -------------------------------------------------------------------------------
@@ -581,23 +580,27 @@ class Agent:
                 log.warning("could not write the LocalModelNode status: %s", e)
             await asyncio.sleep(self.settings.status_interval)
 
-    async def write_status(self, *, force: bool = False) -> None:
-        if not self.ready and not force:
-            return
-        status = self.node_status().to_json()
-        self.status_json = {
+    def snapshot(self) -> JSON:
+        """What the state file, ``GET /status`` and ``modelcache status`` show."""
+        return {
             "version": STATE_FILE_VERSION,
             "node": self.settings.node_name,
             "cacheDir": str(self.settings.cache_dir),
             "ready": self.ready,
-            "status": status,
+            "status": self.node_status().to_json(),
         }
+
+    async def write_status(self, *, force: bool = False) -> None:
+        if not self.ready and not force:
+            return
+        snapshot = self.snapshot()
+        status = snapshot["status"]
         if status == self.last_status:
             return
         await asyncio.to_thread(
             write_atomic,
             self.cache.layout.state_file,
-            json.dumps({**self.status_json, "updated": _now()}, indent=1).encode(),
+            json.dumps({**snapshot, "updated": _now()}, indent=1).encode(),
         )
         if self.node is not None:
             await update_status(
