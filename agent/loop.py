@@ -209,8 +209,17 @@ class Agent:
         self.cache.open()  # raises CacheLocked when another agent holds the folder
         background: list[asyncio.Task[Any]] = []
         try:
+            started = time.monotonic()
             scan = await asyncio.to_thread(self.cache.scan, verify=self.settings.verify_on_start)
             self._load_scan(scan)
+            log.info(
+                "scanned %s: %d published model(s), %d partial, %d untrusted, in %.3fs",
+                self.settings.cache_dir,
+                len(scan.published),
+                len(scan.staged),
+                len(scan.untrusted),
+                time.monotonic() - started,
+            )
             self.scanned = True
             self.session = client_session(self.settings.transfer)
             background = [
@@ -453,11 +462,16 @@ class Agent:
         rec.retry_at = None
         await self.events.emit("DownloadStarted", f"{name}: fetching {rec.uri} into models/{rec.key}")
         started = time.monotonic()
+        dest = self.cache.destination(rec.key)
+        if rec.key in self.untrusted:
+            # The folder no longer matches its manifest: without this the pull would find the
+            # manifest up to date with the source and fetch nothing.
+            await asyncio.to_thread(dest.manifest.unlink, missing_ok=True)
         self.metrics.in_flight.inc()
         try:
             result = await pull(
                 uri,
-                self.cache.destination(rec.key),
+                dest,
                 sources=self.settings.sources,
                 transfer=self.settings.transfer,
                 progress=_Progress(rec, self.metrics),

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from localmodel.placement import human
+from localmodel.quantity import readable
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ def plan(
             if over_limit and limit is not None:
                 room = f"{human(max(0, limit - used))} of the node group's {human(limit)} limit"
             else:
-                room = f"{human(free)} free on the cache's filesystem"
+                # Free space is rarely a round number: exact Ki would be unreadable.
+                amount = human(free) if free % (1 << 20) == 0 else readable(free)
+                room = f"{amount} free on the cache's filesystem"
             bigger = w.real is not None and w.declared is not None and w.real > w.declared
             refuse.append(
                 Refused(

@@ -5,6 +5,9 @@
 (or the documents) is copied into the embedded backend, reconciled there, and every
 LocalModelCache, LocalModelNodeGroup and LocalModelNode is printed with its spec and status; nothing
 is written to the API server.
+
+``--webhook-addr HOST:PORT`` with ``--webhook-cert-dir DIR`` (``tls.crt``, ``tls.key``) also serves the
+admission webhooks (:mod:`controller.webhook`) over HTTPS, in every replica, leader or not.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import yaml
 
 from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS
 from controller.reconcile import WATCHED, Controller, Settings
+from controller.webhook import WebhookServer
 from localmodel.documents import load_documents
 from localmodel.errors import InvalidInput
 from localmodel.state.base import (
@@ -62,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--leader-elect", dest="leader_elect", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lease-namespace", default="default", metavar="NS", help="where the leader Lease lives")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--webhook-addr", metavar="HOST:PORT", help="serve the admission webhooks (HTTPS) here")
+    p.add_argument(
+        "--webhook-cert-dir", metavar="DIR", type=Path, help="tls.crt and tls.key for the webhooks"
+    )
     return p
 
 
@@ -73,12 +81,31 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--resync must be more than 0 seconds")
     if args.output and not args.once:
         raise InvalidInput("--output needs --once")
+    if bool(args.webhook_addr) != bool(args.webhook_cert_dir):
+        raise InvalidInput("--webhook-addr and --webhook-cert-dir go together")
+    if args.webhook_addr and args.once:
+        raise InvalidInput("--once does not serve the webhooks; leave out --webhook-addr")
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     return asyncio.run(_main(args))
 
 
 async def _main(args: argparse.Namespace) -> int:
     settings = Settings(max_concurrent_downloads=args.max_concurrent_node_downloads)
+    if args.standalone is None and args.webhook_addr:
+        kube = KubeState.from_environment(args.kubeconfig, args.context)
+        try:
+            server = WebhookServer(kube, args.webhook_addr, args.webhook_cert_dir)
+            await server.start()  # before leader election: every replica answers the API server
+            try:
+                return await _controller(args, settings, kube)
+            finally:
+                await server.stop()
+        finally:
+            await kube.close()
+    return await _controller(args, settings, None)
+
+
+async def _controller(args: argparse.Namespace, settings: Settings, kube: KubeState | None) -> int:
     if args.standalone is not None:
         path: Path = args.standalone
         memory = MemoryState()
@@ -88,8 +115,16 @@ async def _main(args: argparse.Namespace) -> int:
             await load_standalone(memory, path, initial=False)
 
         controller = Controller(memory, settings, refresh=None if args.once else refresh)
-        return await _go(controller, args, memory)
-    kube = KubeState.from_environment(args.kubeconfig, args.context)
+        if not args.webhook_addr:
+            return await _go(controller, args, memory)
+        server = WebhookServer(memory, args.webhook_addr, args.webhook_cert_dir)
+        await server.start()
+        try:
+            return await _go(controller, args, memory)
+        finally:
+            await server.stop()
+    owned = kube is None
+    kube = kube or KubeState.from_environment(args.kubeconfig, args.context)
     try:
         if args.once and args.output:
             memory = MemoryState()
@@ -104,7 +139,8 @@ async def _main(args: argparse.Namespace) -> int:
         elector = LeaderElector(kube, namespace=args.lease_namespace)
         return await elector.run_while_leader(lambda stop: _go(Controller(kube, settings), args, kube, stop))
     finally:
-        await kube.close()
+        if owned:
+            await kube.close()
 
 
 async def _go(

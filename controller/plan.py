@@ -19,10 +19,20 @@ Rules the plan keeps:
   write at all.
 - Events are derived from the difference between the stored status and the new one, so a replayed
   reconcile does not repeat them.
+- Serving (KServe's names): for each namespace that serves a cache from a group that admits it, a
+  PersistentVolumeClaim ``<cache>-<group>`` in that namespace bound to a PersistentVolume
+  ``<cache>-<group>-<namespace>`` (the group's PV spec, reclaim policy Retain). A namespace serves a
+  cache when a pod there names it (KServe's localmodel label, our annotation) or mounts that claim,
+  when the cache's ``SERVING_NAMESPACES_ANNOTATION`` lists it, or once its claim exists; both go when
+  the cache, the group, or the cache's use of the group goes.
+- Node labels: ``MODEL_LABEL_PREFIX + <storage key>`` = ``ready`` on each node whose LocalModelNode
+  lists the model and reports it ModelDownloaded; removed otherwise. The scheduler reads it through
+  the node affinity the pod webhook adds.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -38,6 +48,7 @@ from localmodel.quantity import Quantity
 from localmodel.resources import (
     FINALIZER,
     LOCALMODEL_LABEL,
+    NODEGROUP_ANNOTATION,
     Condition,
     LocalModelCache,
     LocalModelInfo,
@@ -51,6 +62,18 @@ from localmodel.resources import (
 # Our additions to KServe's names (KServe has no equivalent).
 RETAINED_ANNOTATION = "modelcache.io/retained-in-use"  # on a LocalModelNode: models kept for a pod
 MODEL_ANNOTATION = "modelcache.io/model"  # on a pod: the LocalModelCache it serves
+# On a Node: "modelcache.io/model.<storage key>: ready" while the node holds that model, downloaded.
+# The name part ("model." + 16 hex digits) keeps within a label name's 63 characters for any URI.
+MODEL_LABEL_PREFIX = "modelcache.io/model."
+MODEL_LABEL_VALUE = "ready"
+# On a LocalModelCache: namespaces (comma-separated) to create its serving PVCs in before any pod.
+SERVING_NAMESPACES_ANNOTATION = "modelcache.io/serving-namespaces"
+# On the PVs and PVCs the controller creates: the selector it watches them by, and what each is for.
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "modelcache-controller"
+VOLUME_CACHE_ANNOTATION = "modelcache.io/cache"
+VOLUME_GROUP_ANNOTATION = "modelcache.io/node-group"
+VOLUME_NAMESPACE_ANNOTATION = "modelcache.io/namespace"
 
 ADMITTED = "Admitted"
 READY = "Ready"
@@ -73,6 +96,23 @@ class Options:
     now: str = "1970-01-01T00:00:00Z"  # for condition transition times
 
 
+@dataclass(frozen=True, order=True)
+class ServingDemand:
+    cache: str
+    group: str | None  # None: the cache's first node group (KServe's default)
+    namespace: str
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    """A PV or PVC the controller created: what it serves, read back from its annotations."""
+
+    cache: str
+    group: str
+    namespace: str
+    deleting: bool = False
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The cluster as the controller sees it, keyed by name."""
@@ -86,6 +126,13 @@ class Snapshot:
     # cache -> nodes whose LocalModelNode spec lists it, when the caller keeps this index itself
     # (computed from local_model_nodes otherwise; a reconcile of one node must not walk them all).
     listed: Mapping[str, AbstractSet[str]] | None = None
+    # node -> storage keys its MODEL_LABEL_PREFIX labels mark ready now (absent: none)
+    node_models: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # (cache, node group or None for the cache's first, namespace) that pods ask to be served
+    serving: frozenset[ServingDemand] = frozenset()
+    # the serving PVs and PVCs the controller created, as they are
+    volumes: Mapping[str, VolumeRef] = field(default_factory=dict)  # PV name ->
+    claims: Mapping[tuple[str, str], VolumeRef] = field(default_factory=dict)  # (namespace, name) ->
 
 
 def listing(lmns: Iterable[LocalModelNode]) -> dict[str, set[str]]:
@@ -203,16 +250,37 @@ class Event:
 
 
 @dataclass(frozen=True)
+class LabelWrite:
+    """Set (True) or remove (False) the ready label of each storage key on one Node."""
+
+    node: str
+    labels: Mapping[str, bool]  # storage key -> ready
+
+
+@dataclass(frozen=True)
+class VolumeWrite:
+    """Create or delete one serving PersistentVolume or PersistentVolumeClaim."""
+
+    kind: Literal["PersistentVolume", "PersistentVolumeClaim"]
+    action: Literal["create", "delete"]
+    name: str
+    namespace: str | None = None  # PVCs only
+    body: Mapping[str, Any] | None = None  # the object to create
+
+
+@dataclass(frozen=True)
 class Plan:
     nodes: tuple[NodeWrite, ...] = ()
     statuses: tuple[StatusWrite, ...] = ()
     finalizers: tuple[FinalizerWrite, ...] = ()
     events: tuple[Event, ...] = ()
     node_status: Mapping[str, Mapping[str, NodeState]] = field(default_factory=dict)  # cache -> node
+    labels: tuple[LabelWrite, ...] = ()
+    volumes: tuple[VolumeWrite, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.nodes or self.statuses or self.finalizers)
+        return not (self.nodes or self.statuses or self.finalizers or self.labels or self.volumes)
 
 
 @dataclass(frozen=True)
@@ -222,6 +290,7 @@ class Scope:
 
     caches: frozenset[str] = frozenset()
     nodes: frozenset[str] = frozenset()
+    labels: frozenset[str] = frozenset()  # nodes whose model labels to check (their status changed)
 
 
 # -- the decision -------------------------------------------------------------------------------
@@ -321,12 +390,15 @@ def plan(
             if write is not None:
                 statuses.append(write)
 
+    label_scope = (set(snapshot.nodes) | set(lmns)) if scope is None else node_scope | set(scope.labels)
     return Plan(
         nodes=tuple(node_writes),
         statuses=tuple(statuses),
         finalizers=tuple(finalizers),
         events=tuple(events),
         node_status=node_status,
+        labels=tuple(label_writes(snapshot, label_scope, node_writes)),
+        volumes=tuple(volume_writes(snapshot, placed.admission.admitted)),
     )
 
 
@@ -595,3 +667,215 @@ def models_in_use(
         if found:
             used.setdefault(node, set()).update(found)
     return {n: frozenset(c) for n, c in used.items()}
+
+
+# -- node labels: which models each node holds, ready ----------------------------------------------
+
+
+def model_label(key: str) -> str:
+    """The Node label that marks the model with storage key ``key`` downloaded on that node."""
+    return MODEL_LABEL_PREFIX + key
+
+
+def model_labels(labels: Mapping[str, str]) -> frozenset[str]:
+    """The storage keys a Node's labels mark ready."""
+    n = len(MODEL_LABEL_PREFIX)
+    return frozenset(k[n:] for k, v in labels.items() if k.startswith(MODEL_LABEL_PREFIX) and v)
+
+
+def ready_keys(lmn: LocalModelNode | None, models: Iterable[LocalModelInfo] | None = None) -> frozenset[str]:
+    """Storage keys a node holds ready: listed in its spec (``models``, when a plan changes it) and
+    reported ModelDownloaded by its agent."""
+    if lmn is None:
+        return frozenset()
+    listed = lmn.local_models if models is None else models
+    status = lmn.status.model_status
+    return frozenset(m.storage_key for m in listed if status.get(m.storage_key) is ModelState.DOWNLOADED)
+
+
+def label_writes(
+    snapshot: Snapshot, nodes: AbstractSet[str], node_writes: Iterable[NodeWrite] = ()
+) -> list[LabelWrite]:
+    """For each node in ``nodes`` that exists: the label changes that make its model labels equal
+    to what it holds ready (after ``node_writes``: a model leaving a spec loses its label now)."""
+    next_models = {w.name: w.models for w in node_writes if w.action != "delete"}
+    out: list[LabelWrite] = []
+    for n in sorted(nodes):
+        if n not in snapshot.nodes:
+            continue
+        want = ready_keys(snapshot.local_model_nodes.get(n), next_models.get(n))
+        have = snapshot.node_models.get(n, frozenset())
+        if want != have:
+            changes = {k: True for k in want - have} | {k: False for k in have - want}
+            out.append(LabelWrite(n, {k: changes[k] for k in sorted(changes)}))
+    return out
+
+
+# -- serving: KServe's PVs and PVCs --------------------------------------------------------------
+
+
+def claim_name(cache: str, group: str) -> str:
+    """KServe's PVC name for a cached model served from a node group (in each serving namespace)."""
+    return f"{cache}-{group}"
+
+
+def volume_name(cache: str, group: str, namespace: str) -> str:
+    """KServe's PV name behind that claim (PVs are cluster-wide: one per namespace)."""
+    return f"{cache}-{group}-{namespace}"
+
+
+def serving_demands(
+    pods: Iterable[Mapping[str, Any]], caches: Mapping[str, LocalModelCache]
+) -> set[ServingDemand]:
+    """What pods ask to be served: a pod not finished that names a cache (KServe's localmodel label
+    or our annotation; its group from ``serving.kserve.io/nodegroup``), or mounts a claim named
+    ``<cache>-<group>`` of a cache that lists that group."""
+    by_claim = {claim_name(c.name, g): (c.name, g) for c in caches.values() for g in c.spec.node_groups}
+    out: set[ServingDemand] = set()
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        meta = pod.get("metadata") or {}
+        ns = meta.get("namespace") or "default"
+        annotations = meta.get("annotations") or {}
+        named = (meta.get("labels") or {}).get(LOCALMODEL_LABEL) or annotations.get(MODEL_ANNOTATION)
+        if isinstance(named, str) and named:
+            group = annotations.get(NODEGROUP_ANNOTATION)
+            out.add(ServingDemand(named, group if isinstance(group, str) and group else None, ns))
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            if isinstance(claim, str) and claim in by_claim:
+                c, g = by_claim[claim]
+                out.add(ServingDemand(c, g, ns))
+    return out
+
+
+def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -> list[VolumeWrite]:
+    """Create the serving PV and PVC of every (cache, group, namespace) that is served and whose
+    group admits the cache; delete the controller's others (claims first)."""
+    wanted: dict[tuple[str, str, str], None] = {}
+
+    def want(cache_name: str, group: str | None, namespace: str) -> None:
+        cache = snapshot.caches.get(cache_name)
+        if cache is None or cache.metadata.deletion_timestamp:
+            return
+        if group is None:
+            group = cache.spec.node_groups[0]
+        if group in cache.spec.node_groups and cache_name in admitted.get(group, ()):
+            wanted[(cache_name, group, namespace)] = None
+
+    for d in snapshot.serving:
+        want(d.cache, d.group, d.namespace)
+    for ref in (*snapshot.claims.values(), *snapshot.volumes.values()):
+        if not ref.deleting:  # once made, kept while the cache is admitted to that group
+            want(ref.cache, ref.group, ref.namespace)
+    for cache in snapshot.caches.values():
+        raw = cache.metadata.annotations.get(SERVING_NAMESPACES_ANNOTATION, "")
+        for ns in (x.strip() for x in raw.split(",")):
+            if ns:
+                for g in cache.spec.node_groups:
+                    want(cache.name, g, ns)
+
+    out: list[VolumeWrite] = []
+    wanted_claims = {(ns, claim_name(c, g)) for c, g, ns in wanted}
+    wanted_volumes = {volume_name(c, g, ns) for c, g, ns in wanted}
+    for (ns, name), ref in sorted(snapshot.claims.items()):
+        if (ns, name) not in wanted_claims and not ref.deleting:
+            out.append(VolumeWrite("PersistentVolumeClaim", "delete", name, ns))
+    for name, ref in sorted(snapshot.volumes.items()):
+        if name not in wanted_volumes and not ref.deleting:
+            out.append(VolumeWrite("PersistentVolume", "delete", name))
+    for c, g, ns in sorted(wanted):
+        cache, group = snapshot.caches[c], snapshot.groups[g]
+        pv_name = volume_name(c, g, ns)
+        if pv_name not in snapshot.volumes:
+            out.append(VolumeWrite("PersistentVolume", "create", pv_name, body=volume_body(cache, group, ns)))
+        if (ns, claim_name(c, g)) not in snapshot.claims:
+            out.append(
+                VolumeWrite(
+                    "PersistentVolumeClaim",
+                    "create",
+                    claim_name(c, g),
+                    ns,
+                    body=claim_body(cache, group, ns),
+                )
+            )
+    return out
+
+
+def _volume_meta(cache: LocalModelCache, group: str, namespace: str, name: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {MANAGED_BY_LABEL: MANAGED_BY},
+        "annotations": {
+            VOLUME_CACHE_ANNOTATION: cache.name,
+            VOLUME_GROUP_ANNOTATION: group,
+            VOLUME_NAMESPACE_ANNOTATION: namespace,
+        },
+    }
+    if cache.metadata.uid:
+        # Collected with the cache on a real cluster, as KServe's are; the controller also deletes
+        # them itself when the group goes (a second owner would keep them alive, not end them).
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": cache.kind.api_version,
+                "kind": cache.kind.kind,
+                "name": cache.name,
+                "uid": cache.metadata.uid,
+                "blockOwnerDeletion": False,
+            }
+        ]
+    return meta
+
+
+def volume_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str) -> dict[str, Any]:
+    """The PV: the group's persistentVolumeSpec as KServe uses it (its path is the group's cache
+    folder, which KServe's serving path reads as ``models/...`` under the claim), pre-bound to the
+    claim, never recycled (the agent owns the folder)."""
+    spec = copy.deepcopy(dict(group.spec.persistent_volume_spec))
+    pvc = group.spec.persistent_volume_claim_spec
+    spec.setdefault("capacity", {"storage": group.spec.storage_limit.to_json()})
+    spec.setdefault("accessModes", list(pvc.get("accessModes") or ["ReadOnlyMany"]))
+    spec.setdefault("storageClassName", pvc.get("storageClassName") or "")
+    spec["persistentVolumeReclaimPolicy"] = "Retain"
+    spec["claimRef"] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "namespace": namespace,
+        "name": claim_name(cache.name, group.name),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": _volume_meta(
+            cache, group.name, namespace, volume_name(cache.name, group.name, namespace)
+        ),
+        "spec": spec,
+    }
+
+
+def claim_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str) -> dict[str, Any]:
+    """The PVC ``<cache>-<group>``: the group's persistentVolumeClaimSpec, bound to its PV by name."""
+    pv = volume_body(cache, group, namespace)["spec"]
+    spec = copy.deepcopy(dict(group.spec.persistent_volume_claim_spec))
+    spec.setdefault("accessModes", list(pv["accessModes"]))
+    spec.setdefault("resources", {"requests": {"storage": pv["capacity"].get("storage")}})
+    spec["storageClassName"] = pv["storageClassName"]  # must equal the PV's for them to bind
+    spec["volumeName"] = volume_name(cache.name, group.name, namespace)
+    meta = _volume_meta(cache, group.name, namespace, claim_name(cache.name, group.name))
+    meta["namespace"] = namespace
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
+def volume_ref(obj: Mapping[str, Any]) -> VolumeRef | None:
+    """What a PV or PVC the controller made serves; None for any other."""
+    meta = obj.get("metadata") or {}
+    if (meta.get("labels") or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
+        return None
+    a = meta.get("annotations") or {}
+    cache, group, ns = (
+        a.get(k) for k in (VOLUME_CACHE_ANNOTATION, VOLUME_GROUP_ANNOTATION, VOLUME_NAMESPACE_ANNOTATION)
+    )
+    if not (isinstance(cache, str) and isinstance(group, str) and isinstance(ns, str)):
+        return None
+    return VolumeRef(cache, group, ns, deleting=bool(meta.get("deletionTimestamp")))

@@ -22,19 +22,31 @@ from typing import Any
 
 from controller.plan import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MODEL_LABEL_PREFIX,
+    MODEL_LABEL_VALUE,
     RETAINED_ANNOTATION,
     Event,
+    LabelWrite,
     Layout,
     NodeWrite,
     Options,
     Plan,
     Scope,
+    ServingDemand,
     Snapshot,
     StatusWrite,
+    VolumeRef,
+    VolumeWrite,
     layout,
+    model_label,
+    model_labels,
     models_in_use,
     node_ready,
     plan,
+    serving_demands,
+    volume_ref,
 )
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound, SpecError
 from localmodel.resources import (
@@ -51,9 +63,12 @@ from localmodel.state.base import (
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
+    PERSISTENT_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
     POD,
     ClusterState,
     ResourceKind,
+    Selector,
     WatchEvent,
     merge_patch,
     update_status,
@@ -63,7 +78,20 @@ from localmodel.state.base import (
 log = logging.getLogger("modelcache.controller")
 
 COMPONENT = "modelcache-controller"
-WATCHED: tuple[ResourceKind, ...] = (LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE, LOCAL_MODEL_NODE, POD)
+WATCHED: tuple[ResourceKind, ...] = (
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    LOCAL_MODEL_NODE,
+    POD,
+    PERSISTENT_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
+)
+# Only the PVs and PVCs the controller made are its business: watched by their label.
+SELECTORS: dict[ResourceKind, Selector] = {
+    PERSISTENT_VOLUME: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
+    PERSISTENT_VOLUME_CLAIM: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
+}
 _KINDS = {LOCAL_MODEL_CACHE.kind: LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP.kind: LOCAL_MODEL_NODE_GROUP}
 
 
@@ -90,6 +118,10 @@ class _View:
     listed: dict[str, set[str]] = field(default_factory=dict)  # cache -> nodes whose spec lists it
     pods: dict[tuple[str, str], JSON] = field(default_factory=dict)
     pod_use: dict[tuple[str, str], tuple[str, frozenset[str]]] = field(default_factory=dict)
+    pod_serving: dict[tuple[str, str], frozenset[ServingDemand]] = field(default_factory=dict)
+    node_models: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> keys labelled ready
+    volumes: dict[str, VolumeRef] = field(default_factory=dict)  # the PVs we made, by name
+    claims: dict[tuple[str, str], VolumeRef] = field(default_factory=dict)  # our PVCs, (namespace, name)
 
 
 class Controller:
@@ -109,9 +141,12 @@ class Controller:
         self._view = _View()
         self._layout: Layout | None = None
         self._in_use: dict[str, frozenset[str]] | None = None
+        self._serving: frozenset[ServingDemand] | None = None
         self._full = True
         self._dirty_nodes: set[str] = set()
         self._dirty_caches: set[str] = set()
+        self._dirty_labels: set[str] = set()
+        self._volumes_dirty = False
         self.reconciles = 0
 
     # -- the view ------------------------------------------------------------------------------
@@ -121,7 +156,7 @@ class Controller:
         self._view = _View()
         self._invalidate()
         for kind in WATCHED:
-            listing = await self.state.list(kind)
+            listing = await self.state.list(kind, selector=SELECTORS.get(kind))
             for obj in listing.items:
                 self.observe(kind, WatchEvent("ADDED", obj))
         self._full = True
@@ -147,6 +182,8 @@ class Controller:
                 self._observe_lmn(name, None if deleted else LocalModelNode.from_json(obj))
             elif kind is POD:
                 self._observe_pod(obj, deleted)
+            elif kind is PERSISTENT_VOLUME or kind is PERSISTENT_VOLUME_CLAIM:
+                self._observe_volume(kind, obj, deleted)
         except SpecError as e:
             # One bad object must not stop the controller for everyone else; it is left out.
             log.warning("ignoring %s %s: %s", kind.kind, name, e)
@@ -154,6 +191,8 @@ class Controller:
     def _observe_lmn(self, name: str, new: LocalModelNode | None) -> None:
         old = self._view.lmns.get(name)
         self._set_lmn(name, new)
+        if old is None or new is None or old.status.model_status != new.status.model_status:
+            self._dirty_labels.add(name)  # which models it holds ready: its node labels
         if (
             old is None
             or new is None
@@ -199,15 +238,33 @@ class Controller:
             old.status != new.status or old.metadata.finalizers != new.metadata.finalizers
         ):
             self._dirty_caches.add(name)  # e.g. someone else changed its status: put ours back
+        if (
+            isinstance(new, LocalModelCache)
+            and old is not None
+            and old.metadata.annotations != new.metadata.annotations
+        ):
+            self._volumes_dirty = True  # its serving namespaces
 
     def _observe_node(self, name: str, obj: JSON | None) -> None:
         view = self._view
         if obj is None:
+            view.node_models.pop(name, None)
             if view.nodes.pop(name, None) is not None:
                 view.not_ready.discard(name)
                 self._invalidate()
             return
-        node = Node.from_json(obj)
+        parsed = Node.from_json(obj)
+        # Our model labels are the controller's output, not placement's input: kept apart, so that
+        # writing them re-plans nothing (and a group cannot select nodes by them).
+        node = Node(
+            parsed.name,
+            {k: v for k, v in parsed.labels.items() if not k.startswith(MODEL_LABEL_PREFIX)},
+            parsed.uid,
+        )
+        models = model_labels(parsed.labels)
+        if view.node_models.get(name, frozenset()) != models:
+            view.node_models[name] = models
+            self._dirty_labels.add(name)  # someone else changed them: put ours back
         ready = node_ready(obj)
         old = view.nodes.get(name)
         view.nodes[name] = node
@@ -222,6 +279,7 @@ class Controller:
         key = (meta.get("namespace") or "default", meta["name"])
         view = self._view
         before = view.pod_use.pop(key, None)
+        serving_before = view.pod_serving.pop(key, None)
         view.pods.pop(key, None)
         if not deleted:
             view.pods[key] = obj
@@ -229,6 +287,12 @@ class Controller:
             if use:
                 ((node, caches),) = use.items()
                 view.pod_use[key] = (node, caches)
+            demands = frozenset(serving_demands([obj], view.caches))
+            if demands:
+                view.pod_serving[key] = demands
+        if serving_before != view.pod_serving.get(key):
+            self._serving = None
+            self._volumes_dirty = True
         after = view.pod_use.get(key)
         if before != after:
             self._in_use = None
@@ -236,14 +300,35 @@ class Controller:
                 if item is not None:
                     self._dirty_nodes.add(item[0])
 
+    def _observe_volume(self, kind: ResourceKind, obj: JSON, deleted: bool) -> None:
+        meta = obj.get("metadata") or {}
+        ref = None if deleted else volume_ref(obj)
+        if kind is PERSISTENT_VOLUME:
+            store: dict[Any, VolumeRef] = self._view.volumes
+            key: Any = meta["name"]
+        else:
+            store = self._view.claims
+            key = (meta.get("namespace") or "default", meta["name"])
+        if store.get(key) != ref:
+            if ref is None:
+                store.pop(key, None)
+            else:
+                store[key] = ref
+            self._volumes_dirty = True  # e.g. deleted by someone: made again if still wanted
+
     def _invalidate(self) -> None:
         self._layout = None
         self._in_use = None
+        self._serving = None
         self._full = True
 
     @property
     def pending(self) -> bool:
-        return self._full or bool(self._dirty_nodes or self._dirty_caches)
+        return (
+            self._full
+            or self._volumes_dirty
+            or bool(self._dirty_nodes or self._dirty_caches or self._dirty_labels)
+        )
 
     # -- reconcile -----------------------------------------------------------------------------
 
@@ -252,10 +337,18 @@ class Controller:
         changed), else only what changed since the last reconcile."""
         view = self._view
         full = self._full if full is None else full or self._full
-        scope = None if full else Scope(frozenset(self._dirty_caches), frozenset(self._dirty_nodes))
+        scope = (
+            None
+            if full
+            else Scope(
+                frozenset(self._dirty_caches), frozenset(self._dirty_nodes), frozenset(self._dirty_labels)
+            )
+        )
         self._full = False
         self._dirty_nodes = set()
         self._dirty_caches = set()
+        self._dirty_labels = set()
+        self._volumes_dirty = False
         if self._layout is None:
             self._layout = layout(view.caches.values(), view.groups.values(), view.nodes.values())
         if self._in_use is None:
@@ -266,6 +359,15 @@ class Controller:
                 for node, caches in view.pod_use.values():
                     merged.setdefault(node, set()).update(caches)
                 self._in_use = {n: frozenset(c) for n, c in merged.items()}
+        if self._serving is None:
+            if full:  # claim names depend on caches: recompute from the pods
+                for key, obj in view.pods.items():
+                    demands = frozenset(serving_demands([obj], view.caches))
+                    if demands:
+                        view.pod_serving[key] = demands
+                    else:
+                        view.pod_serving.pop(key, None)
+            self._serving = frozenset(d for ds in view.pod_serving.values() for d in ds)
         snapshot = Snapshot(
             caches=view.caches,
             groups=view.groups,
@@ -274,6 +376,10 @@ class Controller:
             in_use=self._in_use,
             not_ready=frozenset(view.not_ready),
             listed=view.listed,
+            node_models=view.node_models,
+            serving=self._serving,
+            volumes=view.volumes,
+            claims=view.claims,
         )
         options = Options(self.settings.max_concurrent_downloads, self.settings.clock())
         result = plan(snapshot, options, placed=self._layout, scope=scope)
@@ -293,8 +399,41 @@ class Controller:
             await self._write_status(status)
         for fin in result.finalizers:
             await self._write_finalizer(fin.cache, add=fin.add)
+        for labels in result.labels:
+            await self._write_labels(labels)
+        for volume in result.volumes:
+            await self._write_volume(volume)
         for event in result.events:
             await self._emit(event)
+
+    async def _write_labels(self, write: LabelWrite) -> None:
+        labels = {model_label(k): MODEL_LABEL_VALUE if ready else None for k, ready in write.labels.items()}
+        try:
+            stored = await self.state.patch(NODE, write.node, {"metadata": {"labels": labels}})
+        except NotFound:
+            return  # the node is gone; so is its label
+        self.observe(NODE, WatchEvent("MODIFIED", stored))
+
+    async def _write_volume(self, write: VolumeWrite) -> None:
+        kind = PERSISTENT_VOLUME if write.kind == "PersistentVolume" else PERSISTENT_VOLUME_CLAIM
+        try:
+            if write.action == "delete":
+                await self.state.delete(kind, write.name, namespace=write.namespace)
+                stored = await self.state.get(kind, write.name, namespace=write.namespace)
+                self.observe(kind, WatchEvent("MODIFIED", stored))  # still there: pvc-protection
+            else:
+                assert write.body is not None
+                stored = await self.state.create(kind, dict(write.body))
+                self.observe(kind, WatchEvent("ADDED", stored))
+        except NotFound:
+            gone = {"metadata": {"name": write.name, "namespace": write.namespace}}
+            self.observe(kind, WatchEvent("DELETED", gone))
+        except AlreadyExists:
+            # Someone's object of that name: ours only if it carries our label; never overwritten.
+            stored = await self.state.get(kind, write.name, namespace=write.namespace)
+            if volume_ref(stored) is None:
+                log.warning("%s %s exists and is not the controller's; left alone", write.kind, write.name)
+            self.observe(kind, WatchEvent("ADDED", stored))
 
     async def _write_node(self, write: NodeWrite) -> None:
         retained = ",".join(write.retained) or None
@@ -476,7 +615,7 @@ class Controller:
     ) -> None:
         while True:
             try:
-                async for event in watch(self.state, kind):
+                async for event in watch(self.state, kind, selector=SELECTORS.get(kind)):
                     queue.put_nowait((kind, event))
             except ClusterStateError as e:
                 log.warning("watch of %s failed, restarting: %s", kind.plural, e)

@@ -12,6 +12,7 @@ command line in order; then the plan sets TP, PP and the executor it decided (an
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ from typing import Any, NoReturn
 from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
+from runtime.classify import EngineChoice, OutputOptions, choose_engine, is_classifier, kserve_task
 from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, make_plan
 from runtime.preflight import PreflightReport, preflight
 from runtime.ray import (
@@ -57,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="modelcache serve",
         allow_abbrev=False,  # a vLLM flag must never be taken for an abbreviation of ours
         description="Serve a cached model with vLLM. Flags not listed here pass through to `vllm serve`.",
+        epilog=(
+            "A sequence classifier (architecture *ForSequenceClassification, or --task "
+            "sequence_classification) is served with KServe's v1/v2 predict protocols instead; it reads "
+            "--return_probabilities, --return_raw_logits, --use_id2label, --backend huggingface|vllm, "
+            "--dtype, --max_length and --trust-remote-code."
+        ),
     )
     p.add_argument(
         "--model_dir", "--model-dir", dest="model_dir", help=f"model folder (default {DEFAULT_MODEL_DIR})"
@@ -113,6 +121,7 @@ class Launch:
     ray_address: str | None = None
     ray_timeout: float = 900.0
     preflight: PreflightReport | None = field(default=None, compare=False)
+    classifier: EngineChoice | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -129,6 +138,9 @@ class Launch:
         }
         if self.ray_start:
             out["ray_start"] = list(self.ray_start)
+        if self.classifier is not None:
+            out["server"] = "classify"
+            out["engine"] = self.classifier.engine
         return out
 
 
@@ -206,11 +218,137 @@ def vllm_command(env: Mapping[str, str]) -> list[str]:
     return [*shlex.split(custom), "serve"] if custom else ["vllm", "serve"]
 
 
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here, without importing it (that takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+# The classification server's own flags, from the merged argv: (flag, its name there, takes a value).
+CLASSIFY_FLAGS: tuple[tuple[str, str, bool], ...] = (
+    ("--host", "--host", True),
+    ("--backend", "--backend", True),
+    ("--dtype", "--dtype", True),
+    ("--max-length", "--max_length", True),
+    ("--max-model-len", "--max_length", True),
+    ("--return-probabilities", "--return_probabilities", False),
+    ("--return-raw-logits", "--return_raw_logits", False),
+    ("--use-id2label", "--use_id2label", False),
+    ("--trust-remote-code", "--trust_remote_code", False),
+)
+# Consumed here or meaningless to the classification server; not reported as ignored.
+CLASSIFY_CONSUMED = frozenset(
+    {"--port", "--served-model-name", "--task", "--tensor-parallel-size", "--pipeline-parallel-size"}
+)
+
+
+def _switch(flags: Sequence[vargs.Flag], key: str) -> bool:
+    found = vargs.find(flags, key)
+    return found is not None and not found.negated
+
+
+def classifier_launch(
+    ns: argparse.Namespace,
+    merged: Sequence[vargs.Flag],
+    *,
+    model_dir: Path,
+    report: PreflightReport,
+    shape: ModelShape,
+    env: Mapping[str, str],
+    tp: int | None,
+    pp: int | None,
+    nodes: int | None,
+    found: tuple[str, ...] | None,
+    explicit_gpus: int | None,
+    vllm_here: bool,
+    notes: list[str],
+) -> Launch:
+    """A sequence classifier: KServe's v1/v2 predict protocols from runtime.classify_server, one node."""
+    if ns.worker or (nodes is not None and nodes > 1):
+        raise InvalidInput(
+            f"a sequence classifier is served on one node (nodes={nodes or 1}"
+            f"{', --worker' if ns.worker else ''}); deploy the single-node runtime"
+        )
+    if pp is not None and pp > 1:
+        raise InvalidInput(
+            f"--pipeline-parallel-size {pp}: a sequence classifier is served without pipeline stages; "
+            "use --pipeline-parallel-size 1"
+        )
+    per_node = explicit_gpus if explicit_gpus is not None else len(found or ())
+    tp = tp or 1
+    if tp > 1 and per_node and tp > per_node:
+        raise InvalidInput(f"--tensor-parallel-size {tp} but {per_node} GPUs here; use at most {per_node}")
+    options = OutputOptions(
+        return_probabilities=_switch(merged, "--return-probabilities"),
+        return_raw_logits=_switch(merged, "--return-raw-logits"),
+        use_id2label=_switch(merged, "--use-id2label"),
+    )
+    # The server makes the final choice against vLLM's registry; here vLLM being installed stands in
+    # for it (importing vLLM to ask would cost seconds of start-up).
+    choice = choose_engine(
+        shape.architectures,
+        backend=vargs.value(merged, "--backend"),
+        vllm_archs=frozenset(shape.architectures) if vllm_here else None,
+        options=options,
+    )
+    arch = ", ".join(shape.architectures) or "no architecture in config.json"
+    why = "--task sequence_classification" if kserve_task(vargs.value(merged, "--task")) else arch
+    notes.append(
+        f"sequence classifier ({why}): served by runtime.classify_server with KServe's v1/v2 predict "
+        f"protocols on {choice.reason}"
+    )
+    if choice.engine == "huggingface" and tp > 1:
+        notes.append(f"--tensor-parallel-size {tp} not used: transformers runs the classifier on one device")
+    served = vargs.find(merged, "--served-model-name")
+    name = served.values[0] if served is not None and served.values else "model"
+    command = [
+        sys.executable,
+        "-m",
+        "runtime.classify_server",
+        "--model_dir",
+        str(model_dir),
+        "--model_name",
+        name,
+        "--port",
+        vargs.value(merged, "--port") or "8080",
+    ]
+    if choice.engine == "vllm" and tp > 1:
+        command += ["--tensor_parallel_size", str(tp)]
+    for key, target, takes_value in CLASSIFY_FLAGS:
+        if takes_value:
+            if (v := vargs.value(merged, key)) is not None and target not in command:
+                command += [target, v]
+        elif _switch(merged, key):
+            command.append(target)
+    known = {k for k, _, _ in CLASSIFY_FLAGS} | CLASSIFY_CONSUMED
+    ignored = [f.key for f in merged if f.key not in known]
+    if ignored:
+        notes.append(f"not used by the classification server: {', '.join(ignored)}")
+    added: dict[str, str] = dict(OFFLINE_ENV)
+    if not env.get("VLLM_CACHE_ROOT") and choice.engine == "vllm":
+        cache = compile_cache_dir(model_dir)
+        if _writable(cache):
+            added["VLLM_CACHE_ROOT"] = str(cache)
+    plan = Plan(tp, 1, 1, per_node, "mp", ())
+    return Launch(
+        plan=plan,
+        model_dir=model_dir,
+        role="single",
+        command=tuple(command),
+        env=added,
+        notes=tuple(notes),
+        dry_run=ns.dry_run,
+        ray_timeout=ns.ray_timeout,
+        preflight=report,
+        classifier=choice,
+    )
+
+
 def build(
     argv: Sequence[str],
     env: Mapping[str, str],
     *,
     gpus: GpuDetector = detect_gpus,
+    vllm_here: Callable[[], bool] = vllm_installed,
 ) -> Launch:
     """Parse, preflight and plan; pure apart from reading the model folder and asking for GPUs."""
     ns, rest = _parser().parse_known_args(list(argv))
@@ -247,6 +385,28 @@ def build(
     if explicit is None and (requested := _int_env(env, "REQUEST_GPU_COUNT")) is not None:
         explicit = requested
         sources["gpus_per_node"] = "REQUEST_GPU_COUNT"
+
+    task = vargs.value(merged, "--task")
+    if is_classifier(shape.architectures, task):
+        return classifier_launch(
+            ns,
+            merged,
+            model_dir=model_dir,
+            report=report,
+            shape=shape,
+            env=env,
+            tp=tp,
+            pp=pp,
+            nodes=nodes,
+            found=found,
+            explicit_gpus=explicit,
+            vllm_here=vllm_here(),
+            notes=notes,
+        )
+    if task is not None and kserve_task(task) is not None:
+        # KServe's task names mean nothing to vLLM, which would refuse them.
+        notes.append(f"--task {task}: KServe's task name, not passed to vLLM")
+        merged = vargs.without(merged, "--task")
     gpu_source = sources.get("gpus_per_node", "--gpus-per-node")
     if explicit is not None:
         if found is not None and explicit > len(found):

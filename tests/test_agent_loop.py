@@ -258,3 +258,22 @@ async def test_a_second_agent_on_the_same_folder_is_refused(cluster: Cluster, tm
             else:
                 raise AssertionError("the second agent was not refused")
         assert not first.task.done()
+
+
+async def test_verify_on_start_refetches_a_tampered_model(
+    cluster: Cluster, hf_hub: Hub, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    body = os.urandom(64 * KiB)
+    hf_hub.add_repo("org/a", {"w.bin": body})
+    await seed(cluster.store, group_doc("g", path=cache), node_doc("n1", [("a", "hf://org/a", "1Mi")]))
+    async with running_agent(cluster.state, cache, store=cluster.store) as run:
+        await eventually(lambda: run.model_dir("hf://org/a").is_dir(), what="a published")
+    target = cache / "models" / storage_key("hf://org/a") / "w.bin"
+    target.write_bytes(b"\0" * len(body))  # same size: only a re-hash can tell
+    async with running_agent(cluster.state, cache, store=cluster.store) as run:
+        await eventually(lambda: run.agent.ready, what="ready")
+        await asyncio.sleep(0.3)
+        assert target.read_bytes() != body  # trusted by size, as the default start-up is cheap
+    async with running_agent(cluster.state, cache, store=cluster.store, verify_on_start=True) as run:
+        await eventually(lambda: target.exists() and target.read_bytes() == body, what="a fetched again")

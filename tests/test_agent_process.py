@@ -18,8 +18,10 @@ import aiohttp
 import yaml
 
 from localmodel.layout import storage_key
-from tests.support.agents import cache_doc, eventually, group_doc
+from localmodel.state.base import EVENT, KINDS_BY_NAME, LOCAL_MODEL_NODE
+from tests.support.agents import cache_doc, eventually, group_doc, node_doc
 from tests.support.hfhub import Hub
+from tests.support.kubeapi import KubeAPI
 
 MiB = 1 << 20
 
@@ -238,3 +240,40 @@ async def test_endpoints_and_status_command(hf_hub: Hub, tmp_path: Path) -> None
     )
     data = json.loads((await out.communicate())[0])
     assert data["status"]["models"]["m"]["bytesTotal"] == 100_002
+
+
+async def test_kube_mode_watches_only_its_own_node(hf_hub: Hub, kube_api: KubeAPI, tmp_path: Path) -> None:
+    hf_hub.add_repo("org/m", {"w.bin": os.urandom(10_000)})
+    cache = tmp_path / "cache"
+    for obj in (
+        group_doc("g", path=cache),
+        node_doc("n1", [("m", "hf://org/m", "1Mi")]),
+        node_doc("n2", [("other", "hf://org/other", "1Mi")]),
+    ):
+        await kube_api.store.create(KINDS_BY_NAME[obj["kind"]], obj)
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        f"""
+apiVersion: v1
+kind: Config
+current-context: test
+clusters: [{{name: c, cluster: {{server: "{kube_api.url}"}}}}]
+users: [{{name: u, user: {{token: agent-token}}}}]
+contexts: [{{name: test, context: {{cluster: c, user: u}}}}]
+"""
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "modelcache", "agent", "--node-name", "n1", "--cache-dir", str(cache),
+        "--kubeconfig", str(config), "--health-addr", "off", "--metrics-addr", "off", "--once",
+        env=env(hf_hub),
+    )  # fmt: skip
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    n1 = await kube_api.store.get(LOCAL_MODEL_NODE, "n1")
+    assert n1["status"]["modelStatus"] == {"m": "ModelDownloaded"}
+    assert "status" not in await kube_api.store.get(LOCAL_MODEL_NODE, "n2")
+    node_reads = [p for m, p in kube_api.requests if m == "GET" and "/localmodelnodes" in p]
+    assert node_reads and all(
+        "fieldSelector=metadata.name%3Dn1" in p or p.endswith("/n1") for p in node_reads
+    )
+    events = (await kube_api.store.list(EVENT, namespace="default")).items
+    assert {e["reason"] for e in events} >= {"DownloadStarted", "DownloadCompleted"}

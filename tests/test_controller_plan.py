@@ -24,6 +24,7 @@ from controller.plan import (
     models_in_use,
     node_ready,
     plan,
+    volume_ref,
 )
 from localmodel.placement import place_node
 from localmodel.resources import (
@@ -141,7 +142,32 @@ def settle(s: Snapshot, p: Plan) -> Snapshot:
             caches[f.cache] = dataclasses.replace(
                 c, metadata=dataclasses.replace(c.metadata, finalizers=fins)
             )
-    return dataclasses.replace(s, caches=caches, groups=groups, local_model_nodes=lmns)
+    node_models = dict(s.node_models)
+    for lw in p.labels:
+        now = set(node_models.get(lw.node, frozenset()))
+        now |= {k for k, ready in lw.labels.items() if ready}
+        now -= {k for k, ready in lw.labels.items() if not ready}
+        node_models[lw.node] = frozenset(now)
+    volumes, claims = dict(s.volumes), dict(s.claims)
+    for vw in p.volumes:
+        if vw.action == "delete":
+            volumes.pop(vw.name, None) if vw.namespace is None else claims.pop((vw.namespace, vw.name), None)
+            continue
+        ref = volume_ref(dict(vw.body or {}))
+        assert ref is not None
+        if vw.namespace is None:
+            volumes[vw.name] = ref
+        else:
+            claims[(vw.namespace, vw.name)] = ref
+    return dataclasses.replace(
+        s,
+        caches=caches,
+        groups=groups,
+        local_model_nodes=lmns,
+        node_models=node_models,
+        volumes=volumes,
+        claims=claims,
+    )
 
 
 def report(s: Snapshot, states: Mapping[str, Mapping[str, ModelState]]) -> Snapshot:

@@ -213,7 +213,7 @@ async def test_cache_deleted_while_its_group_is_gone(state: ClusterState) -> Non
 
         async def finalized() -> bool:
             fins = (await state.get(LOCAL_MODEL_CACHE, "m"))["metadata"].get("finalizers")
-            return fins == [FINALIZER]
+            return bool(fins == [FINALIZER])
 
         await eventually(finalized)
         await state.delete(LOCAL_MODEL_NODE_GROUP, "h100")
@@ -252,7 +252,7 @@ async def test_a_model_in_use_stays_until_the_pod_is_gone(state: ClusterState) -
 
         async def retained() -> bool:
             lmn = await state.get(LOCAL_MODEL_NODE, "h1")
-            return lmn["metadata"].get("annotations", {}).get(RETAINED_ANNOTATION) == "m"
+            return bool(lmn["metadata"].get("annotations", {}).get(RETAINED_ANNOTATION) == "m")
 
         await eventually(retained)
         assert await models_on(state, "h1") == ["m"]

@@ -1,0 +1,235 @@
+"""The admission webhooks over HTTPS (AdmissionReview v1): the I/O around :mod:`controller.admission`.
+
+Served by every replica of the controller, leader or not (the API server calls whichever the
+Service picks), so each request reads what it needs from the cluster state itself rather than from
+the leader's view: for a pod, its cache and group (two GETs) and the nodes labelled ready for that
+model (one list by label selector); for a cache, the caches and groups. Certificates come from a
+folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
+reloaded when they change, so a renewed certificate needs no restart.
+
+Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches``, ``GET /healthz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from aiohttp import web
+
+from controller.admission import Verdict, place_pod, pod_ask, review_response, validate_cache
+from controller.plan import MODEL_LABEL_VALUE, model_label
+from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
+from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
+from localmodel.state.base import (
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    ClusterState,
+    Selector,
+)
+
+log = logging.getLogger("modelcache.controller.webhook")
+
+MUTATE_PODS = "/mutate/pods"
+VALIDATE_CACHES = "/validate/localmodelcaches"
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
+MAX_BODY = 8 * 1024 * 1024  # a pod with large inline env or a big cache spec still fits
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::]:8443`` for IPv6; an empty host listens everywhere)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInput(f"--webhook-addr: expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def ssl_context(cert_dir: Path) -> ssl.SSLContext:
+    cert, key = cert_dir / CERT_FILE, cert_dir / KEY_FILE
+    for f in (cert, key):
+        if not f.is_file():
+            raise InvalidInput(f"--webhook-cert-dir: {f} is missing (a Secret with tls.crt and tls.key)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise InvalidInput(f"--webhook-cert-dir: cannot load {cert} and {key}: {e}") from e
+    return context
+
+
+class Webhook:
+    """The two handlers over one ClusterState."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+
+    # -- decisions with their reads ---------------------------------------------------------------
+
+    async def review_pod(self, request: JSON) -> Verdict:
+        if request.get("operation") != "CREATE":
+            return Verdict(True)
+        pod = request.get("object") or {}
+        ask = pod_ask(pod)
+        if not ask.any:
+            return Verdict(True)
+        cache = await self._get_cache(ask.cache) if ask.cache is not None else None
+        group_name = ask.group or (cache.spec.node_groups[0] if cache is not None else None)
+        group = await self._get_group(group_name) if group_name is not None else None
+        ready: list[Node] = []
+        if cache is not None and group is not None:
+            label = model_label(cache.spec.storage_key)
+            nodes = await self.state.list(NODE, selector=Selector(labels={label: MODEL_LABEL_VALUE}))
+            ready = [Node.from_json(n) for n in nodes.items]
+        return place_pod(pod, cache=cache, group=group, ready_nodes=ready)
+
+    async def review_cache(self, request: JSON) -> Verdict:
+        operation = str(request.get("operation") or "")
+        if operation not in ("CREATE", "UPDATE"):
+            return Verdict(True)
+        caches = [_typed(LocalModelCache, o) for o in (await self.state.list(LOCAL_MODEL_CACHE)).items]
+        groups = [
+            _typed(LocalModelNodeGroup, o) for o in (await self.state.list(LOCAL_MODEL_NODE_GROUP)).items
+        ]
+        return validate_cache(
+            operation,
+            request.get("object"),
+            request.get("oldObject"),
+            caches=[c for c in caches if c is not None],
+            groups=[g for g in groups if g is not None],
+        )
+
+    async def _get_cache(self, name: str) -> LocalModelCache | None:
+        try:
+            return _typed(LocalModelCache, await self.state.get(LOCAL_MODEL_CACHE, name))
+        except NotFound:
+            return None
+
+    async def _get_group(self, name: str) -> LocalModelNodeGroup | None:
+        try:
+            return _typed(LocalModelNodeGroup, await self.state.get(LOCAL_MODEL_NODE_GROUP, name))
+        except NotFound:
+            return None
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post(MUTATE_PODS, self._handler(self.review_pod, "pod"))
+        app.router.add_post(VALIDATE_CACHES, self._handler(self.review_cache, "LocalModelCache"))
+        app.router.add_get("/healthz", _healthz)
+        return app
+
+    def _handler(
+        self, review: Callable[[JSON], Awaitable[Verdict]], what: str
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                body = await request.json()
+            except ValueError:
+                return web.json_response({"error": "expected an AdmissionReview (JSON)"}, status=400)
+            req = body.get("request") if isinstance(body, dict) else None
+            if not isinstance(req, dict) or not isinstance(req.get("uid"), str):
+                return web.json_response(
+                    {"error": "expected an AdmissionReview with request.uid"}, status=400
+                )
+            try:
+                verdict = await review(req)
+            except ClusterStateError as e:
+                # Refused rather than let through unchecked: the pod's owner retries.
+                log.warning("cannot review %s %s: %s", what, _name(req), e)
+                verdict = Verdict.refuse(f"modelcache cannot check this {what} now: {e}", code=503)
+            if not verdict.allowed:
+                log.info("refused %s %s: %s", what, _name(req), verdict.message)
+            return web.json_response(review_response(req["uid"], verdict))
+
+        return handle
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+_T = TypeVar("_T", LocalModelCache, LocalModelNodeGroup)
+
+
+def _typed(cls: type[_T], obj: JSON) -> _T | None:
+    try:
+        return cls.from_json(obj)
+    except SpecError as e:
+        log.warning("ignoring invalid %s %s: %s", cls.__name__, obj.get("metadata", {}).get("name"), e)
+        return None
+
+
+def _name(req: JSON) -> str:
+    obj = req.get("object") or req.get("oldObject") or {}
+    meta = obj.get("metadata") or {}
+    name = req.get("name") or meta.get("name") or meta.get("generateName") or "?"
+    ns = req.get("namespace")
+    return f"{ns}/{name}" if ns else str(name)
+
+
+class WebhookServer:
+    """The HTTPS server: ``start`` listens, ``stop`` closes; certificates reload while it runs."""
+
+    def __init__(self, state: ClusterState, addr: str, cert_dir: Path, *, reload_every: float = 30.0) -> None:
+        self.host, self.port = parse_addr(addr)
+        self.cert_dir = cert_dir
+        self.context = ssl_context(cert_dir)
+        self.webhook = Webhook(state)
+        self.reload_every = reload_every
+        self._runner: web.AppRunner | None = None
+        self._reloader: asyncio.Task[None] | None = None
+        self._stamp = self._cert_stamp()
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.webhook.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context)
+        await site.start()
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
+        log.info("webhooks listening on https://%s:%d", self.host, self.port)
+        self._reloader = asyncio.create_task(self._reload_loop())
+
+    async def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloader
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _cert_stamp(self) -> tuple[float, float]:
+        try:
+            return ((self.cert_dir / CERT_FILE).stat().st_mtime, (self.cert_dir / KEY_FILE).stat().st_mtime)
+        except OSError:
+            return (0.0, 0.0)
+
+    def reload_if_changed(self) -> bool:
+        """Load the certificate again when its files changed; new connections get the new one."""
+        stamp = self._cert_stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            self.context.load_cert_chain(self.cert_dir / CERT_FILE, self.cert_dir / KEY_FILE)
+        except (ssl.SSLError, OSError) as e:
+            log.warning("cannot reload the webhook certificate (keeping the old one): %s", e)
+            return False
+        self._stamp = stamp
+        log.info("reloaded the webhook certificate")
+        return True
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_every)
+            self.reload_if_changed()

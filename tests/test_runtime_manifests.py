@@ -1,0 +1,160 @@
+"""The runtime's manifests: ClusterServingRuntimes (launcher in `command`, flags only in `args`, probes on
+the health endpoint, KServe's environment), the example LocalModelCache + InferenceService, the
+kustomization (rendered with `kubectl kustomize` where kubectl is on PATH), and Dockerfile.runtime."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runtime import args as vargs
+from tests.test_crds import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "manifests" / "runtime"
+SINGLE = FOLDER / "clusterservingruntime.yaml"
+MULTI = FOLDER / "clusterservingruntime-multinode.yaml"
+EXAMPLE = FOLDER / "example.yaml"
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def one(path: Path) -> dict[str, Any]:
+    (doc,) = load(path)
+    return doc
+
+
+def container(doc: dict[str, Any]) -> dict[str, Any]:
+    (c,) = doc["spec"]["containers"]
+    return c
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+@pytest.mark.parametrize("path", [SINGLE, MULTI])
+def test_runtime_is_a_cluster_serving_runtime_with_the_launcher_as_command(path: Path) -> None:
+    doc = one(path)
+    assert doc["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert doc["kind"] == "ClusterServingRuntime"
+    assert {"name": "huggingface", "version": "1"}.items() <= doc["spec"]["supportedModelFormats"][0].items()
+    c = container(doc)
+    assert c["name"] == "kserve-container"
+    assert c["command"] == ["modelcache", "serve"]
+    # args are flags only (no script): the InferenceService's args append and merge with them
+    parsed = vargs.parse(c["args"])
+    assert parsed.positionals == ()
+    keys = [f.key for f in parsed.flags]
+    assert keys == ["--served-model-name", "--model-dir", "--port"]
+    assert vargs.value(parsed.flags, "--model_dir") == "/mnt/models"
+    assert vargs.value(parsed.flags, "--model_name") == "{{.Name}}"
+    port = int(vargs.value(parsed.flags, "--http_port") or 0)
+    assert port == 8080
+    assert [p["containerPort"] for p in c["ports"]] == [port]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": port}, probe
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 1800
+    assert env_of(c)["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", c["image"]) and not c["image"].endswith(":latest")
+
+
+def test_user_args_merge_with_the_runtime_args() -> None:
+    runtime_args = container(one(SINGLE))["args"]
+    service = load(EXAMPLE)[1]
+    user = service["spec"]["predictor"]["model"]["args"]
+    merged = vargs.merge_argv(runtime_args, user, ["--http_port", "9000"])
+    assert merged.count("--port") == 1 and merged[merged.index("--port") + 1] == "9000"
+    assert merged[merged.index("--max-model-len") + 1] == "8192"
+
+
+def test_multinode_runtime_has_a_worker_that_joins_the_head() -> None:
+    doc = one(MULTI)
+    worker = doc["spec"]["workerSpec"]
+    assert worker["pipelineParallelSize"] >= 1 and worker["tensorParallelSize"] >= 1
+    (w,) = worker["containers"]
+    assert w["command"] == ["modelcache", "serve", "--worker"]
+    assert vargs.parse(w["args"]).positionals == ()
+    assert vargs.value(vargs.parse(w["args"]).flags, "--model-dir") == "/mnt/models"
+    env = env_of(w)
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # KServe's controller sets these; the manifest must not pin them
+    for name in ("HEAD_SVC", "RAY_NODE_COUNT", "TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE"):
+        assert name not in env and name not in env_of(container(doc))
+    # a worker serves no HTTP: no probes that would read /health
+    assert not {"readinessProbe", "livenessProbe"} & set(w)
+    assert w["image"] == container(doc)["image"]
+
+
+def test_runtimes_share_one_image() -> None:
+    images = {container(one(p))["image"] for p in (SINGLE, MULTI)}
+    assert len(images) == 1
+    kustomization = yaml.safe_load((FOLDER / "kustomization.yaml").read_text())
+    (image,) = images
+    name, tag = image.rsplit(":", 1)
+    assert kustomization["images"] == [{"name": name, "newTag": tag}]
+
+
+def test_example_cache_and_inference_service() -> None:
+    docs = load(EXAMPLE)
+    caches = [d for d in docs if d["kind"] == "LocalModelCache"]
+    services = [d for d in docs if d["kind"] == "InferenceService"]
+    assert len(caches) == len(services) == 2
+    for cache, svc in zip(caches, services, strict=True):
+        assert validate(cache) == []  # the project's own CRD schema and CEL rules
+        assert svc["apiVersion"] == "serving.kserve.io/v1beta1"
+        group = svc["metadata"]["annotations"]["serving.kserve.io/nodegroup"]
+        assert group in cache["spec"]["nodeGroups"]
+        model = svc["spec"]["predictor"]["model"]
+        assert model["storageUri"] == cache["spec"]["sourceModelUri"]
+        assert model["runtime"] in {one(SINGLE)["metadata"]["name"], one(MULTI)["metadata"]["name"]}
+        assert vargs.parse(model["args"]).positionals == ()
+    multi = services[1]
+    assert multi["spec"]["predictor"]["model"]["runtime"] == one(MULTI)["metadata"]["name"]
+    assert multi["spec"]["predictor"]["workerSpec"]["tensorParallelSize"] == 8
+
+
+def test_kustomization_lists_the_runtimes() -> None:
+    k = yaml.safe_load((FOLDER / "kustomization.yaml").read_text())
+    assert sorted(k["resources"]) == sorted([SINGLE.name, MULTI.name])
+    for name in k["resources"]:
+        assert (FOLDER / name).is_file()
+
+
+def test_kubectl_kustomize_renders() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH")
+    done = subprocess.run([kubectl, "kustomize", str(FOLDER)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert sorted(d["metadata"]["name"] for d in docs) == ["modelcache-vllm", "modelcache-vllm-multinode"]
+    for d in docs:
+        assert d["metadata"]["labels"]["app.kubernetes.io/name"] == "modelcache"
+        assert container(d)["command"] == ["modelcache", "serve"]
+
+
+# -- Dockerfile.runtime -------------------------------------------------------------------------
+
+
+def test_dockerfile_pins_vllm_and_has_no_entrypoint() -> None:
+    text = (ROOT / "Dockerfile.runtime").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
+    assert froms, "no FROM"
+    base = froms[-1]
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", base), base
+    assert not re.search(r"^\s*ENTRYPOINT", text, re.MULTILINE) or re.search(
+        r"^\s*ENTRYPOINT\s+\[\]", text, re.MULTILINE
+    )
+    assert "--no-deps" in text
+    # the image tag of the runtimes names the same vLLM release
+    version = base.split(":v", 1)[1].split("@")[0]
+    assert container(one(SINGLE))["image"].endswith(f"-vllm{version}")
