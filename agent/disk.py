@@ -142,8 +142,10 @@ class CacheDir:
         return [d.name for d in _subdirs(self.layout.staging) if STORAGE_KEY_RE.match(d.name)]
 
     def delete(self, key: str) -> None:
-        """Remove a model (published and staged) by storage key."""
+        """Remove a model (published and staged) by storage key, and the runtime's compile cache
+        kept beside it (``modelcache serve`` writes it there)."""
         remove_published(self.destination(key))
+        shutil.rmtree(self.layout.hidden / "compile-cache" / key, ignore_errors=True)
 
 
 def _subdirs(path: Path) -> list[Path]:
