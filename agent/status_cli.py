@@ -13,7 +13,7 @@ from typing import Any
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.layout import STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest
-from localmodel.quantity import readable
+from localmodel.quantity import Quantity, readable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +84,8 @@ def render_table(data: dict[str, Any]) -> str:
     cap = status.get("capacity") or {}
     head = f"node {data.get('node') or '-'}: {status.get('summary') or ''}"
     if cap:
-        head += f"; capacity used {cap.get('used', '-')} of {cap.get('limit', 'no limit')}"
+        limit = _size(cap["limit"]) if cap.get("limit") else "no limit"
+        head += f"; {_size(cap.get('used'))} used of {limit}"
     if data.get("updated"):
         head += f" (as of {data['updated']})"
     problems = [
@@ -93,6 +94,13 @@ def render_table(data: dict[str, Any]) -> str:
         if c.get("status") == "False" and c.get("message")
     ]
     return "\n".join([head, *lines, *(f"warning: {p}" for p in problems)])
+
+
+def _size(quantity: Any) -> str:
+    try:
+        return readable(Quantity.parse(quantity).bytes)
+    except InvalidInput:
+        return str(quantity)
 
 
 def main(argv: Sequence[str]) -> int:
