@@ -379,9 +379,9 @@ class Agent:
             rec.warning = result.warnings.get(name, rec.warning)
             if key in self.tasks or (rec.retry_at is not None and rec.retry_at > now):
                 continue
-            if rec.state is ModelState.ERROR and rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
+            if rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
                 rec.reason = rec.message = None  # room appeared
-            rec.state = ModelState.PENDING if rec.state is not ModelState.ERROR else rec.state
+            rec.state = ModelState.PENDING  # until a download slot is free
             self.tasks[key] = asyncio.create_task(
                 self._download(model.model_name, key, model.source_model_uri)
             )

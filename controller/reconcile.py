@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +48,7 @@ from controller.plan import (
     volume_ref,
 )
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound, SpecError
+from localmodel.events import event_body
 from localmodel.resources import (
     FINALIZER,
     LocalModelCache,
@@ -524,29 +524,17 @@ class Controller:
 
     async def _emit(self, event: Event) -> None:
         now = self.settings.clock()
-        kind = _KINDS[event.kind]
-        body: JSON = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{event.name}.{secrets.token_hex(8)}",
-                "namespace": self.settings.event_namespace,
-            },
-            "involvedObject": {
-                "apiVersion": kind.api_version,
-                "kind": kind.kind,
-                "name": event.name,
-                **({"uid": event.uid} if event.uid else {}),
-            },
-            "type": event.type,
-            "reason": event.reason,
-            "message": event.message,
-            "source": {"component": COMPONENT},
-            "reportingComponent": COMPONENT,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event_body(
+            involved=_KINDS[event.kind],
+            name=event.name,
+            uid=event.uid,
+            reason=event.reason,
+            message=event.message,
+            type_=event.type,
+            component=COMPONENT,
+            now=now,
+            namespace=self.settings.event_namespace,
+        )
         try:
             await self.state.create(EVENT, body)
         except ClusterStateError as e:
