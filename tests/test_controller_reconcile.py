@@ -20,7 +20,6 @@ from controller.leader import LeaderElector
 from controller.plan import RETAINED_ANNOTATION
 from controller.reconcile import Controller, Settings
 from localmodel.errors import InvalidInput, NotFound, SpecError
-from localmodel.layout import storage_key
 from localmodel.resources import FINALIZER
 from localmodel.state.base import (
     EVENT,
@@ -160,9 +159,8 @@ async def test_a_cache_on_two_groups_that_fits_only_one(state: ClusterState) -> 
     assert all(e["involvedObject"]["kind"] == "LocalModelCache" for e in events)
 
     # Agents report; a second pass writes the statuses once, and a third writes nothing at all.
-    for n in ("a1", "a2"):
-        key = storage_key("hf://org/big")
-        await state.patch_status(LOCAL_MODEL_NODE, n, {"modelStatus": {key: "ModelDownloaded"}})
+    for n in ("a1", "a2"):  # modelStatus is keyed by modelName, as KServe's agent writes it
+        await state.patch_status(LOCAL_MODEL_NODE, n, {"modelStatus": {"big": "ModelDownloaded"}})
     await Controller(state).run(once=True)
     big = await state.get(LOCAL_MODEL_CACHE, "big")
     assert big["status"]["copies"] == {"available": 2, "total": 2, "failed": 0}
@@ -268,7 +266,6 @@ async def test_pacing_twenty_nodes_three_at_a_time(state: ClusterState) -> None:
     for n in names:
         await state.create(NODE, node(n, "g"))
     await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["g"]))
-    key = storage_key("hf://org/m")
     most = 0
     async with running(state, max_concurrent_downloads=3):
         done: set[str] = set()
@@ -281,7 +278,7 @@ async def test_pacing_twenty_nodes_three_at_a_time(state: ClusterState) -> None:
                 break
             # Agents finish whatever they were given.
             for n in sorted(fetching):
-                await state.patch_status(LOCAL_MODEL_NODE, n, {"modelStatus": {key: "ModelDownloaded"}})
+                await state.patch_status(LOCAL_MODEL_NODE, n, {"modelStatus": {"m": "ModelDownloaded"}})
                 done.add(n)
             await asyncio.sleep(0.05)
         assert len(done) == 20 and most == 3

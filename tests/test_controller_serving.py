@@ -78,11 +78,11 @@ async def test_node_label_follows_the_downloaded_state(state: ClusterState) -> N
     async with running(state) as controller:
         await eventually(lambda: exists(state, LOCAL_MODEL_NODE, "a1"))
         assert await labels_of(state, "a1") == {}
-        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {KEY: "ModelDownloading"}})
+        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"m": "ModelDownloading"}})
         await asyncio.sleep(0.1)
         assert await labels_of(state, "a1") == {}
         full_before = controller.reconciles
-        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {KEY: "ModelDownloaded"}})
+        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"m": "ModelDownloaded"}})
 
         async def labelled() -> bool:
             return await labels_of(state, "a1") == {LABEL: "ready"}
@@ -93,14 +93,14 @@ async def test_node_label_follows_the_downloaded_state(state: ClusterState) -> N
         # Someone removes it: put back. A failed copy loses it.
         await state.patch(NODE, "a1", {"metadata": {"labels": {LABEL: None}}})
         await eventually(labelled)
-        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {KEY: "ModelDownloadError"}})
+        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"m": "ModelDownloadError"}})
 
         async def unlabelled() -> bool:
             return await labels_of(state, "a1") == {}
 
         await eventually(unlabelled)
         # Downloaded again, then the cache drops the group: the label goes with the spec entry.
-        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {KEY: "ModelDownloaded"}})
+        await state.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"m": "ModelDownloaded"}})
         await eventually(labelled)
         await state.patch(LOCAL_MODEL_CACHE, "m", {"spec": {"nodeGroups": ["h100"]}})
         await eventually(unlabelled)
@@ -112,11 +112,12 @@ def test_label_writes_pure() -> None:
     g = LocalModelNodeGroup.from_json(group("a100", "100Gi"))
     c = LocalModelCache.from_json(cache("m", "1Gi", ["a100"]))
     other = storage_key("hf://org/gone")
+    # modelStatus is keyed by modelName; a name the spec no longer lists is not ready here.
     lmn = LocalModelNode.from_json(
         {
             "metadata": {"name": "a1"},
             "spec": {"localModels": [{"sourceModelUri": "hf://org/m", "modelName": "m"}]},
-            "status": {"modelStatus": {KEY: "ModelDownloaded", other: "ModelDownloaded"}},
+            "status": {"modelStatus": {"m": "ModelDownloaded", "gone": "ModelDownloaded"}},
         }
     )
     s = Snapshot(

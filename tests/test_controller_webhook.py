@@ -190,7 +190,7 @@ async def test_pod_placement_over_https(https: tuple[ClusterState, Client, Webho
     await st.create(LOCAL_MODEL_CACHE, cache("slow", "10Gi", ["a100"]))
     await Controller(st).run(once=True)
     key = storage_key("hf://org/m")
-    await st.patch_status(LOCAL_MODEL_NODE, "a2", {"modelStatus": {key: "ModelDownloaded"}})
+    await st.patch_status(LOCAL_MODEL_NODE, "a2", {"modelStatus": {"m": "ModelDownloaded"}})
     await Controller(st).run(once=True)  # labels a2 as holding m
     ready = {"key": MODEL_LABEL_PREFIX + key, "operator": "In", "values": ["ready"]}
 

@@ -116,7 +116,8 @@ async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, t
         try:
             got = await eventually(copies, timeout=30, what="three available copies")
         except AssertionError as e:
-            raise AssertionError(f"{e}\n{dump_logs()}") from None
+            cache_obj = await store.get(LOCAL_MODEL_CACHE, "llama")
+            raise AssertionError(f"{e}\n{cache_obj}\n{dump_logs()}") from None
         assert got == {"available": 3, "total": 3, "failed": 0}
         key = storage_key(URI)
         for name, cache in caches.items():
@@ -147,7 +148,9 @@ async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, t
         assert verdict.allowed, verdict.message
         (op,) = verdict.patch
         assert op["path"] == "/spec/affinity"
-        terms = op["value"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        terms = op["value"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
         placed = [
             n
             for n, gpu in NODES.items()
@@ -157,7 +160,9 @@ async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, t
         # A group-only pod (no cache named) is pinned to the group's nodes as well.
         pod["metadata"]["labels"] = {}
         verdict = await Webhook(state).review_pod({"operation": "CREATE", "object": pod})
-        terms = verdict.patch[0]["value"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        terms = verdict.patch[0]["value"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
         assert [n for n, g in NODES.items() if any(_term_matches(t, n, {"gpu": g}) for t in terms)] == [
             "a100-1",
             "a100-2",

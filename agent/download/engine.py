@@ -294,6 +294,7 @@ class Transfer:
                         headers["Range"] = f"bytes={pos}-{end - 1}" if f.size else f"bytes={pos}-"
                     try:
                         async with self.session.get(f.url or "", headers=headers) as response:
+                            _widen_reads(response, self.settings.read_size)
                             if response.status >= 400:
                                 raise _status_error(self.listing.source, f.path, response)
                             if response.status == 200 and "Range" in headers:
@@ -485,6 +486,23 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
             if isinstance(e, kind):
                 return e
     return flat[0]
+
+
+def _widen_reads(response: aiohttp.ClientResponse, size: int) -> None:
+    """Let a plain-TCP connection read up to ``size`` bytes per ``recv()``.
+
+    asyncio's selector transport reads at most 256 KiB per call, and each read costs a
+    ``data_received`` callback, a parser feed and a ``pwrite`` here; reading ``read_size`` (1 MiB)
+    at once makes up to 4x fewer of them, which matters where the client's CPU is the limit (few
+    cores, a fast local server: bench/pull.py measured about 5 % more throughput). Memory stays
+    bounded: aiohttp pauses a connection once its buffer passes twice ``read_bufsize``, so one read
+    may overshoot that by ``size`` instead of 256 KiB. TLS transports (and other event loops) have
+    no such attribute and are left as they are.
+    """
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    if transport is not None and 0 < getattr(transport, "max_size", size) < size:
+        transport.max_size = size  # type: ignore[attr-defined]
 
 
 def _status_error(source: str, path: str, response: aiohttp.ClientResponse) -> DownloadError:
