@@ -238,3 +238,12 @@ def test_kubectl_kustomize_renders_the_crds() -> None:
     )
     kinds = sorted(d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out.stdout))
     assert kinds == ["LocalModelCache", "LocalModelNode", "LocalModelNodeGroup"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.yaml")), ids=lambda p: p.parent.name)
+def test_examples_pass_schema_cel_and_parser(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        assert validate(doc) == [], doc["metadata"]["name"]
+    parse_text(path.read_text(), where=path.name)
