@@ -20,6 +20,7 @@ from agent.download.staging import Destination
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound, UnsafePath
 from localmodel.uri import parse_uri
 from tests.support.s3 import S3
+from tests.support.s3files import S3Files
 
 MiB = 1 << 20
 
@@ -205,3 +206,27 @@ async def test_http_size_mismatch_is_an_integrity_error(http_files: Files, tmp_p
     with pytest.raises(IntegrityError, match="more than the listed"):
         await run(f"{http_files.url}/m.bin", tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+async def test_s3_prefix_objects_are_verified_by_their_full_object_sha256(
+    s3files: S3Files, tmp_path: Path
+) -> None:
+    bucket = s3files.bucket("models")
+    good, bad = os.urandom(3 * MiB), os.urandom(2 * MiB)
+    s3files.put(bucket, "m/good.bin", good, sha256=True)
+    s3files.put(bucket, "m/plain.json", b"{}")
+    await run("s3://models/m", tmp_path / "ok")
+    manifest = Destination.for_folder(tmp_path / "ok").published()
+    assert manifest is not None
+    assert {e.path: e.sha256 for e in manifest.files}["good.bin"] == hashlib.sha256(good).hexdigest()
+    # One HEAD asks whether "m" is a single object; then only the object stored with a checksum
+    # costs a HEAD of its own.
+    heads = [r.key for r in s3files.requests if r.method == "HEAD"]
+    assert heads == ["m", "m/good.bin"]
+
+    # An object whose bytes do not match the checksum S3 stored for it fails, naming the file.
+    s3files.put(bucket, "m/bad.bin", bad)
+    s3files.describe(bucket, "m/bad.bin", sha256=hashlib.sha256(b"other bytes").hexdigest())
+    with pytest.raises(IntegrityError, match=r"bad\.bin"):
+        await run("s3://models/m", tmp_path / "fails")
+    assert not (tmp_path / "fails").exists()

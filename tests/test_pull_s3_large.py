@@ -170,6 +170,7 @@ async def test_3gib_object_sigkill_then_resume_fetches_only_missing_ranges(
     published = out / "model.safetensors"
     _assert_really_written(published, big_object)
     assert (out / "config.json").read_bytes() == b'{"architectures": ["LlamaForCausalLM"]}'
-    # A prefix listing carries no checksum value (as on S3), so the engine checked the big file by
-    # size; the marks across every chunk boundary (checked above) show each range of either run
-    # landed where it belongs: a chunk recorded but not written would read as zeros there.
+    # A prefix listing names the checksum algorithm only; the engine asked HeadObject for the big
+    # file's full-object SHA256 and verified it; the marks across every chunk boundary (checked
+    # above) show each range of either run landed where it belongs.
+    assert any(r.method == "HEAD" and r.key == KEY for r in s3files.requests)

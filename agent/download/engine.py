@@ -253,12 +253,14 @@ class Transfer:
         if f.size is None or len(self._chunks(f)) == 1:
             await self._request(f, fd, todo[0], whole=True)
             return
-        # The first range tells whether the server honours ranges; only then fan out.
-        ranged = await self._request(f, fd, todo[0], whole=False)
-        if not ranged:
-            return  # the server sent the whole file in that one response
+        if not f.ranges:
+            # The first range tells whether the server honours ranges; only then fan out.
+            ranged = await self._request(f, fd, todo[0], whole=False)
+            if not ranged:
+                return  # the server sent the whole file in that one response
+            todo = todo[1:]
         async with asyncio.TaskGroup() as group:
-            for chunk in todo[1:]:
+            for chunk in todo:
                 group.create_task(self._request(f, fd, chunk, whole=False))
 
     def _open(self, f: RemoteFile, target: Path) -> int:

@@ -24,6 +24,7 @@ class RemoteFile:
     url: str | None = field(default=None, repr=False)  # may carry a signature: never logged
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry a token
     local_path: str | None = None  # file:// sources
+    ranges: bool = False  # the source always honours Range (S3): fan out at once, no probe first
 
     def entry(self, *, sha256: str | None = None) -> FileEntry:
         return FileEntry(self.path, self.size or 0, sha256 or self.sha256, self.git_sha1)

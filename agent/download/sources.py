@@ -181,6 +181,7 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
                 objects.extend(o for o in page.get("Contents", []) if not o["Key"].endswith("/"))
             if not objects:
                 raise SourceNotFound(f"{source}: no objects under this prefix")
+        _fetch_s3_checksums(client, uri.bucket or "", objects)
         files = []
         for obj in objects:
             path = checked_path(obj["Key"][len(base) :], source=source)
@@ -195,6 +196,7 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
                     sha256=_s3_sha256(obj),
                     md5=etag if len(etag) == 32 and "-" not in etag else None,
                     url=url,
+                    ranges=True,
                 )
             )
     except NoCredentialsError as e:
@@ -216,6 +218,31 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
 
 def _s3_code(e: Any) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _fetch_s3_checksums(client: Any, bucket: str, objects: list[dict[str, Any]]) -> None:
+    """A listing names an object's checksum algorithm, never its value: one HeadObject each for the
+    objects stored with a full-object SHA256, so they are verified by it (in parallel: a model may
+    have hundreds of files)."""
+    wanted = [
+        o
+        for o in objects
+        if "ChecksumSHA256" not in o
+        and "SHA256" in (o.get("ChecksumAlgorithm") or ())
+        and o.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+    ]
+    if not wanted:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def head(obj: dict[str, Any]) -> None:
+        answer = client.head_object(Bucket=bucket, Key=obj["Key"], ChecksumMode="ENABLED")
+        for field in ("ChecksumSHA256", "ChecksumType"):
+            if field in answer:
+                obj[field] = answer[field]
+
+    with ThreadPoolExecutor(max_workers=min(16, len(wanted))) as pool:
+        list(pool.map(head, wanted))  # list(): re-raise the first ClientError here
 
 
 def _s3_sha256(obj: Mapping[str, Any]) -> str | None:
