@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
@@ -139,6 +139,7 @@ class Transfer:
         self.dirty: set[str] = set()  # files with chunks written since the last checkpoint
         self.pending_chunks: dict[str, set[int]] = {}
         self.fds: dict[str, int] = {}
+        self.hashers: dict[str, _Hasher] = {}  # files hashed as their finished prefix grows
         self.state = Progress(listing.revision, settings.chunk_size, {})
 
     # -- the whole download ----------------------------------------------------------------
@@ -222,8 +223,15 @@ class Transfer:
         st = self.state.files[f.path]
         for attempt in (1, 2):
             if not st.verified:
+                hasher = self._hasher(f)
+                if hasher is not None:
+                    self.hashers[f.path] = hasher
                 await self._fetch(f)
-                ok, digest = await asyncio.to_thread(self._verify, f)
+                digest_now = None
+                if hasher is not None:
+                    digest_now = await hasher.finish(st.chunks)
+                    del self.hashers[f.path]
+                ok, digest = await asyncio.to_thread(self._verify, f, digest_now)
                 if not ok:
                     if attempt == 2:
                         raise IntegrityError(
@@ -320,6 +328,8 @@ class Transfer:
         st = self.state.files[f.path]
         st.chunks.update({i for i, _, _ in self._chunks(f)} if (not ranged or whole) else {index})
         self.dirty.add(f.path)
+        if (hasher := self.hashers.get(f.path)) is not None:
+            hasher.poke(st.chunks)
         return ranged and not whole
 
     async def _stream(
@@ -375,8 +385,30 @@ class Transfer:
 
     # -- verification -----------------------------------------------------------------------
 
-    def _verify(self, f: RemoteFile) -> tuple[bool, str]:
-        """(ok, description); the sha256 is computed when the source offers one."""
+    def _hash_for(self, f: RemoteFile, size: int) -> tuple[Any, str, str] | None:
+        """The hash the source's checksum calls for: (hash object, expected hex, name)."""
+        if f.sha256:
+            return hashlib.sha256(), f.sha256.lower(), "sha256"
+        if f.git_sha1:
+            return (
+                hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False),
+                f.git_sha1.lower(),
+                "git sha1",
+            )
+        if f.md5:
+            return hashlib.md5(usedforsecurity=False), f.md5.lower(), "md5"
+        return None
+
+    def _hasher(self, f: RemoteFile) -> _Hasher | None:
+        # Worth it only for files fetched as several ranges; the rest are hashed after the fetch.
+        if not self.settings.verify or f.size is None or f.local_path is not None or len(self._chunks(f)) < 2:
+            return None
+        spec = self._hash_for(f, f.size)
+        return None if spec is None else _Hasher(spec[0], self._target(f), self._chunks(f))
+
+    def _verify(self, f: RemoteFile, digest: str | None = None) -> tuple[bool, str]:
+        """(ok, description); the sha256 is computed when the source offers one. ``digest`` is the
+        hash already computed while the file downloaded, if any."""
         target = self._target(f)
         fd = self.fds.pop(f.path, None)
         if fd is not None:
@@ -387,21 +419,17 @@ class Transfer:
             return False, f"size {size}, expected {f.size}"
         if not self.settings.verify:
             return True, ""
-        if f.sha256:
-            h = hashlib.sha256()
-            want, name = f.sha256.lower(), "sha256"
-        elif f.git_sha1:
-            h = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
-            want, name = f.git_sha1.lower(), "git sha1"
-        elif f.md5:
-            h = hashlib.md5(usedforsecurity=False)
-            want, name = f.md5.lower(), "md5"
-        else:
+        spec = self._hash_for(f, size)
+        if spec is None:
             return True, ""
-        with open(target, "rb") as fh:
-            while block := fh.read(8 * MiB):
-                h.update(block)
-        got = h.hexdigest()
+        h, want, name = spec
+        if digest is not None:
+            got = digest
+        else:
+            with open(target, "rb") as fh:
+                while block := fh.read(8 * MiB):
+                    h.update(block)
+            got = h.hexdigest()
         if got != want:
             return False, f"{name} {got}, expected {want}"
         return True, got if name == "sha256" else ""
@@ -469,6 +497,48 @@ class Transfer:
 
     def _target_size(self, path: str) -> int:
         return (self.files_dir / path).stat().st_size
+
+
+class _Hasher:
+    """Hashes a file's contiguous prefix of finished chunks in a thread while the rest downloads,
+    so verifying a large file costs little after its last byte arrives. Chunks finished by an
+    earlier run (resume) are hashed first, from disk."""
+
+    def __init__(self, h: Any, path: Path, chunks: list[tuple[int, int, int]]) -> None:
+        self.h = h
+        self.path = path
+        self.chunks = chunks
+        self.next = 0  # index into chunks of the first one not hashed yet
+        self.task: asyncio.Future[None] | None = None
+
+    def poke(self, done: set[int]) -> None:
+        if (self.task is None or self.task.done()) and self._ready(done):
+            self.task = asyncio.ensure_future(asyncio.to_thread(self._run, done))
+
+    def _ready(self, done: set[int]) -> bool:
+        return self.next < len(self.chunks) and self.chunks[self.next][0] in done
+
+    def _run(self, done: set[int]) -> None:
+        # Reads only chunks whose bytes were all written: other ranges may be written meanwhile.
+        with open(self.path, "rb") as fh:
+            while self._ready(done):
+                _, start, end = self.chunks[self.next]
+                fh.seek(start)
+                left = end - start
+                while left > 0:
+                    block = fh.read(min(8 * MiB, left))
+                    if not block:
+                        return  # shorter than expected: the size check reports it
+                    self.h.update(block)
+                    left -= len(block)
+                self.next += 1
+
+    async def finish(self, done: set[int]) -> str | None:
+        """The digest once every chunk is hashed, or None when some chunk is missing."""
+        if self.task is not None:
+            await self.task
+        await asyncio.to_thread(self._run, done)
+        return self.h.hexdigest() if self.next == len(self.chunks) else None
 
 
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
