@@ -133,7 +133,7 @@ async def test_source_error_is_reported_and_retried_with_backoff(
 ) -> None:
     cache = tmp_path / "cache"
     await seed(cluster.store, group_doc("g", path=cache), node_doc("n1", [("m", "hf://org/later", "1Mi")]))
-    async with running_agent(cluster.state, cache, store=cluster.store, retry_base=0.5, retry_cap=2.0) as run:
+    async with running_agent(cluster.state, cache, store=cluster.store, retry_base=1.5, retry_cap=1.5) as run:
 
         async def failed() -> dict | None:
             st = await run.status()
