@@ -8,6 +8,10 @@ is written to the API server.
 
 ``--webhook-addr HOST:PORT`` with ``--webhook-cert-dir DIR`` (``tls.crt``, ``tls.key``) also serves the
 admission webhooks (:mod:`controller.webhook`) over HTTPS, in every replica, leader or not.
+
+``--metrics-addr HOST:PORT`` (default ``:9091``; ``off`` disables) serves the Prometheus metrics
+(:mod:`controller.metrics`) at ``/metrics`` over HTTP, in every replica: a standby reports
+``modelcache_controller_is_leader 0`` and no copies. ``--once`` serves none.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+from prometheus_client import CollectorRegistry
 
+from controller.metrics import DEFAULT_METRICS_ADDR, ControllerMetrics, MetricsServer
+from controller.metrics import parse_addr as parse_metrics_addr
 from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS
 from controller.reconcile import WATCHED, Controller, Settings
 from controller.webhook import WebhookServer
@@ -70,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--webhook-cert-dir", metavar="DIR", type=Path, help="tls.crt and tls.key for the webhooks"
     )
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help=f"serve Prometheus metrics at /metrics (default {DEFAULT_METRICS_ADDR}; off: none)",
+    )
     return p
 
 
@@ -85,11 +97,29 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--webhook-addr and --webhook-cert-dir go together")
     if args.webhook_addr and args.once:
         raise InvalidInput("--once does not serve the webhooks; leave out --webhook-addr")
+    if args.metrics_addr not in (None, "off"):
+        if args.once:
+            raise InvalidInput("--once does not serve metrics; leave out --metrics-addr")
+        parse_metrics_addr(args.metrics_addr)
+    if args.metrics_addr is None:
+        args.metrics_addr = "off" if args.once else DEFAULT_METRICS_ADDR
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     return asyncio.run(_main(args))
 
 
 async def _main(args: argparse.Namespace) -> int:
+    metrics = ControllerMetrics(CollectorRegistry())
+    if args.metrics_addr in (None, "off"):  # main() turns a missing flag into the default
+        return await _serve(args, metrics)
+    server = MetricsServer(metrics.registry, args.metrics_addr)
+    await server.start()  # before leader election: a standby is scraped too (is_leader 0)
+    try:
+        return await _serve(args, metrics)
+    finally:
+        await server.stop()
+
+
+async def _serve(args: argparse.Namespace, metrics: ControllerMetrics) -> int:
     settings = Settings(max_concurrent_downloads=args.max_concurrent_node_downloads)
     if args.standalone is None and args.webhook_addr:
         kube = KubeState.from_environment(args.kubeconfig, args.context)
@@ -97,15 +127,17 @@ async def _main(args: argparse.Namespace) -> int:
             server = WebhookServer(kube, args.webhook_addr, args.webhook_cert_dir)
             await server.start()  # before leader election: every replica answers the API server
             try:
-                return await _controller(args, settings, kube)
+                return await _controller(args, settings, kube, metrics)
             finally:
                 await server.stop()
         finally:
             await kube.close()
-    return await _controller(args, settings, None)
+    return await _controller(args, settings, None, metrics)
 
 
-async def _controller(args: argparse.Namespace, settings: Settings, kube: KubeState | None) -> int:
+async def _controller(
+    args: argparse.Namespace, settings: Settings, kube: KubeState | None, metrics: ControllerMetrics
+) -> int:
     if args.standalone is not None:
         path: Path = args.standalone
         memory = MemoryState()
@@ -114,7 +146,7 @@ async def _controller(args: argparse.Namespace, settings: Settings, kube: KubeSt
         async def refresh() -> None:
             await load_standalone(memory, path, initial=False)
 
-        controller = Controller(memory, settings, refresh=None if args.once else refresh)
+        controller = Controller(memory, settings, refresh=None if args.once else refresh, metrics=metrics)
         if not args.webhook_addr:
             return await _go(controller, args, memory)
         server = WebhookServer(memory, args.webhook_addr, args.webhook_cert_dir)
@@ -129,15 +161,15 @@ async def _controller(args: argparse.Namespace, settings: Settings, kube: KubeSt
         if args.once and args.output:
             memory = MemoryState()
             await copy_state(kube, memory)
-            return await _go(Controller(memory, settings), args, memory)
-        if args.once:
-            return await _go(Controller(kube, settings), args, kube)
-        if not args.leader_elect:
-            return await _go(Controller(kube, settings), args, kube)
+            return await _go(Controller(memory, settings, metrics=metrics), args, memory)
+        if args.once or not args.leader_elect:
+            return await _go(Controller(kube, settings, metrics=metrics), args, kube)
         from controller.leader import LeaderElector
 
         elector = LeaderElector(kube, namespace=args.lease_namespace)
-        return await elector.run_while_leader(lambda stop: _go(Controller(kube, settings), args, kube, stop))
+        return await elector.run_while_leader(
+            lambda stop: _go(Controller(kube, settings, metrics=metrics), args, kube, stop)
+        )
     finally:
         if owned:
             await kube.close()
@@ -145,6 +177,21 @@ async def _controller(args: argparse.Namespace, settings: Settings, kube: KubeSt
 
 async def _go(
     controller: Controller, args: argparse.Namespace, state: ClusterState, stop: asyncio.Event | None = None
+) -> int:
+    """Run the controller: only ever called while this replica leads (or needs no election)."""
+    metrics = controller.metrics
+    if metrics is not None:
+        metrics.is_leader.set(1)
+    try:
+        return await _run(controller, args, state, stop)
+    finally:
+        if metrics is not None:
+            metrics.is_leader.set(0)
+            metrics.set_copies({})  # a standby's picture would go stale: the new leader reports
+
+
+async def _run(
+    controller: Controller, args: argparse.Namespace, state: ClusterState, stop: asyncio.Event | None
 ) -> int:
     if args.once:
         await controller.run(once=True)

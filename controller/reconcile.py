@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from controller.metrics import ControllerMetrics, Copies
 from controller.plan import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     MANAGED_BY,
@@ -55,6 +57,7 @@ from localmodel.resources import (
     LocalModelNode,
     LocalModelNodeGroup,
     Node,
+    NodeState,
 )
 from localmodel.state.base import (
     EVENT,
@@ -134,9 +137,12 @@ class Controller:
         settings: Settings | None = None,
         *,
         refresh: Callable[[], Awaitable[None]] | None = None,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self.state = state
         self.settings = settings or Settings()
+        self.metrics = metrics
+        self._copies: dict[str, dict[str, Copies]] = {}  # cache -> group -> copies, for the metrics
         self._refresh = refresh  # standalone: reload the documents before each full resync
         self._view = _View()
         self._layout: Layout | None = None
@@ -337,6 +343,15 @@ class Controller:
         changed), else only what changed since the last reconcile."""
         view = self._view
         full = self._full if full is None else full or self._full
+        started = time.monotonic()
+        try:
+            return await self._reconcile(view, full)
+        finally:
+            if self.metrics is not None:
+                self.metrics.reconciles.labels(kind="full" if full else "incremental").inc()
+                self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+
+    async def _reconcile(self, view: _View, full: bool) -> Plan:
         scope = (
             None
             if full
@@ -383,13 +398,56 @@ class Controller:
         )
         options = Options(self.settings.max_concurrent_downloads, self.settings.clock())
         result = plan(snapshot, options, placed=self._layout, scope=scope)
+        if self.metrics is not None:
+            self._count_copies(result, self._layout, full=full)
         try:
             await self._apply(result)
         except ClusterStateError:
             self._full = True  # retry everything on the next pass
+            self._write_failed()
             raise
         self.reconciles += 1
         return result
+
+    def _count_copies(self, result: Plan, placed: Layout, *, full: bool) -> None:
+        """Copies per cache and node group from the plan's node states: all caches after a full
+        reconcile, the caches it looked at after an incremental one."""
+        assert self.metrics is not None
+        view = self._view
+        if full:
+            self._copies = {}
+        else:  # deleted caches re-plan fully; this only keeps the picture right if one did not
+            for c in [c for c in self._copies if c not in result.node_status and c not in view.caches]:
+                del self._copies[c]
+        for c, states in result.node_status.items():
+            cache = view.caches.get(c)
+            if cache is None:
+                self._copies.pop(c, None)
+                continue
+            admitted = set(placed.admission.groups_of(c))
+            groups: dict[str, Copies] = {}
+            for g in dict.fromkeys(cache.spec.node_groups):
+                if g not in view.groups:
+                    continue  # no such group (the cache's Ready condition says so)
+                if g not in admitted:
+                    groups[g] = Copies()  # refused: no node of the group must hold it
+                    continue
+                held = [states[n] for n in placed.members.get(g, ()) if n in states]
+                groups[g] = Copies(
+                    available=sum(1 for s in held if s is NodeState.DOWNLOADED),
+                    total=len(held),
+                    failed=sum(1 for s in held if s is NodeState.DOWNLOAD_ERROR),
+                )
+            self._copies[c] = groups
+        self.metrics.set_copies({(c, g): n for c, gs in self._copies.items() for g, n in gs.items()})
+
+    def _wrote(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.writes.labels(kind=kind).inc()
+
+    def _write_failed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.write_errors.inc()
 
     async def _apply(self, result: Plan) -> None:
         # Node specs first: a finalizer comes off only once no node spec lists the model.
@@ -412,6 +470,7 @@ class Controller:
             stored = await self.state.patch(NODE, write.node, {"metadata": {"labels": labels}})
         except NotFound:
             return  # the node is gone; so is its label
+        self._wrote(NODE.kind)
         self.observe(NODE, WatchEvent("MODIFIED", stored))
 
     async def _write_volume(self, write: VolumeWrite) -> None:
@@ -419,11 +478,13 @@ class Controller:
         try:
             if write.action == "delete":
                 await self.state.delete(kind, write.name, namespace=write.namespace)
+                self._wrote(kind.kind)
                 stored = await self.state.get(kind, write.name, namespace=write.namespace)
                 self.observe(kind, WatchEvent("MODIFIED", stored))  # still there: pvc-protection
             else:
                 assert write.body is not None
                 stored = await self.state.create(kind, dict(write.body))
+                self._wrote(kind.kind)
                 self.observe(kind, WatchEvent("ADDED", stored))
         except NotFound:
             gone = {"metadata": {"name": write.name, "namespace": write.namespace}}
@@ -442,6 +503,7 @@ class Controller:
             if write.action == "delete":
                 with contextlib.suppress(NotFound):
                     await self.state.delete(LOCAL_MODEL_NODE, write.name)
+                    self._wrote(LOCAL_MODEL_NODE.kind)
                 self._set_lmn(write.name, None)
                 return
             if write.action == "create":
@@ -468,6 +530,7 @@ class Controller:
         except NotFound:
             self._dirty_nodes.add(write.name)  # gone meanwhile: the next pass sees why
             return
+        self._wrote(LOCAL_MODEL_NODE.kind)
         self._set_lmn(write.name, LocalModelNode.from_json(stored))
 
     async def _patch_node(self, name: str, models: list[JSON], retained: str | None) -> JSON:
@@ -490,6 +553,7 @@ class Controller:
         except NotFound:
             return
         if stored is not None:
+            self._wrote(kind.kind)
             self.observe(kind, WatchEvent("MODIFIED", stored))
 
     async def _write_finalizer(self, name: str, *, add: bool) -> None:
@@ -515,12 +579,15 @@ class Controller:
                 continue
             except NotFound:
                 stored = None
+            else:
+                self._wrote(LOCAL_MODEL_CACHE.kind)
             if stored is None or (not finalizers and current["metadata"].get("deletionTimestamp")):
                 self.observe(LOCAL_MODEL_CACHE, WatchEvent("DELETED", current))
             else:
                 self.observe(LOCAL_MODEL_CACHE, WatchEvent("MODIFIED", stored))
             return
-        self._full = True
+        self._full = True  # another writer kept changing it: the next pass tries again
+        self._write_failed()
 
     async def _emit(self, event: Event) -> None:
         now = self.settings.clock()
@@ -537,8 +604,10 @@ class Controller:
         )
         try:
             await self.state.create(EVENT, body)
+            self._wrote(EVENT.kind)
         except ClusterStateError as e:
             # An Event is best effort: losing one must not stop a reconcile.
+            self._write_failed()
             log.warning("cannot record event %s on %s: %s", event.reason, event.name, e)
 
     # -- the loop ------------------------------------------------------------------------------

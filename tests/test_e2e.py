@@ -94,6 +94,7 @@ async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, t
     try:
         procs["controller"] = await spawn(
             "controller", "--kubeconfig", str(config), "--resync", "1", "--no-leader-elect",
+            "--metrics-addr", "off",
             env=env, log=logs / "controller.log",
         )  # fmt: skip
         for name, cache in caches.items():

@@ -109,6 +109,18 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
             "additionalProperties": False,
         }
     ),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _doc(
+        {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": _OBJ,
+                "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+            "additionalProperties": False,
+        }
+    ),
     ("cert-manager.io/v1", "Issuer"): _doc(
         {
             "type": "object",
@@ -200,7 +212,14 @@ def test_overlay_contents() -> None:
     assert "CustomResourceDefinition" not in kinds(kserve), "KServe installs the CRDs"
     assert {"DaemonSet", "Deployment", "PodDisruptionBudget"} <= kinds(kserve)
     prom = render("overlays/standalone-prometheus")
-    assert {"PodMonitor", "PrometheusRule", "CustomResourceDefinition", "DaemonSet"} <= kinds(prom)
+    assert {
+        "PodMonitor",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "CustomResourceDefinition",
+        "DaemonSet",
+    } <= kinds(prom)
+    _controller_metrics_are_scraped(prom)
     dashboard = find(prom, "ConfigMap", "modelcache-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["dashboard.json"])["uid"] == "modelcache"
@@ -211,6 +230,22 @@ def test_overlay_contents() -> None:
         pdb["spec"]["selector"]["matchLabels"].items()
         <= controller["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def _controller_metrics_are_scraped(docs: tuple[dict[str, Any], ...]) -> None:
+    """The ServiceMonitor selects the metrics Service, whose port reaches --metrics-addr's."""
+    monitor = find(docs, "ServiceMonitor", "modelcache-controller")
+    service = find(docs, "Service", "modelcache-controller-metrics")
+    deployment = find(docs, "Deployment", "modelcache-controller")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert endpoint["path"] == "/metrics"
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert f"--metrics-addr=:{port['targetPort']}" in container["args"]
 
 
 def _agent(docs: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The monitoring bundle against a real Prometheus (the Debian package; skipped where it is not
 installed): it scrapes a running agent (standalone mode) that downloads one model, fails another
-(a repository that does not exist, retried); every dashboard query
-over the agent's metrics then returns data through the HTTP API (refusals excepted: that counter has
-no series before a first refusal), and the alert rules load.
+(a repository that does not exist, retried), and a running controller (standalone mode, over the
+same caches and a node of their group); every dashboard query over the agent's and the controller's
+metrics then returns data through the HTTP API (refusals excepted: that counter has no series before
+a first refusal), and the alert rules load.
 
 The dashboard's queries over kube-state-metrics' LocalModelCache series need kube-state-metrics and a
 cluster; they are checked for syntax only (Prometheus parses them and answers an empty result)."""
@@ -66,13 +67,15 @@ def rule_groups() -> dict[str, Any]:
     return {"groups": yaml.safe_load(ALERTS.read_text())["spec"]["groups"]}
 
 
-def test_dashboard_covers_the_agent_metrics() -> None:
+def test_dashboard_covers_the_agent_and_controller_metrics() -> None:
     from prometheus_client import CollectorRegistry
 
     from agent.metrics import AgentMetrics
+    from controller.metrics import ControllerMetrics
 
     registry = CollectorRegistry()
     AgentMetrics(registry)
+    ControllerMetrics(registry)
     names = {m.name for m in registry.collect()}
     text = " ".join(expr for _, expr in dashboard_queries())
     missing = {n for n in names if not re.search(rf"\b{re.escape(n)}(_total|_bucket)?\b", text)}
@@ -91,7 +94,12 @@ def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
     done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     names = {r["alert"] for g in rule_groups()["groups"] for r in g["rules"]}
-    assert {"ModelcacheDownloadFailing", "ModelcacheDiskAlmostFull", "ModelcacheNoReadyCopy"} <= names
+    assert {
+        "ModelcacheDownloadFailing",
+        "ModelcacheDiskAlmostFull",
+        "ModelcacheNoReadyCopy",
+        "ModelcacheNodeGroupNoReadyCopy",
+    } <= names
 
 
 @pytest.mark.skipif(prometheus is None, reason="prometheus (Debian package) is not installed")
@@ -110,7 +118,12 @@ async def test_prometheus_scrapes_an_agent_and_the_dashboard_has_data(hf_hub: Hu
             ]
         )
     )
-    metrics_port, prom_port = free_port(), free_port()
+    # The controller's documents: the same group and caches, and a Node in the group (the agent's
+    # standalone mode takes no Nodes). No agent reports to this controller: no copy is ever ready.
+    controller_docs = tmp_path / "controller.yaml"
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "box", "labels": {"gpu": "h100"}}}
+    controller_docs.write_text(yaml.safe_dump_all([*yaml.safe_load_all(docs.read_text()), node]))
+    metrics_port, prom_port, controller_port = free_port(), free_port(), free_port()
     rules = tmp_path / "rules.yml"
     rules.write_text(yaml.safe_dump(rule_groups()))
     config = tmp_path / "prometheus.yml"
@@ -120,7 +133,13 @@ async def test_prometheus_scrapes_an_agent_and_the_dashboard_has_data(hf_hub: Hu
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(rules)],
-                "scrape_configs": [{"job_name": "modelcache-agent", "static_configs": [target]}],
+                "scrape_configs": [
+                    {"job_name": "modelcache-agent", "static_configs": [target]},
+                    {
+                        "job_name": "modelcache-controller",
+                        "static_configs": [{"targets": [f"127.0.0.1:{controller_port}"]}],
+                    },
+                ],
             }
         )
     )
@@ -130,6 +149,7 @@ async def test_prometheus_scrapes_an_agent_and_the_dashboard_has_data(hf_hub: Hu
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     agent: asyncio.subprocess.Process | None = None
+    controller: asyncio.subprocess.Process | None = None
     base = f"http://127.0.0.1:{prom_port}/api/v1"
     try:
         async with aiohttp.ClientSession() as http:
@@ -155,12 +175,24 @@ async def test_prometheus_scrapes_an_agent_and_the_dashboard_has_data(hf_hub: Hu
                 "--chunk-size", "1Mi", "--log-level", "ERROR",
                 env=dict(os.environ, HF_ENDPOINT=hf_hub.endpoint, HF_HUB_DISABLE_XET="1"),
             )  # fmt: skip
+            controller = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "modelcache", "controller", "--standalone", str(controller_docs),
+                "--metrics-addr", f"127.0.0.1:{controller_port}", "--resync", "1", "--log-level", "ERROR",
+            )  # fmt: skip
             await eventually(lambda: has('up{job="modelcache-agent"} == 1'), timeout=30, what="first scrape")
+            await eventually(
+                lambda: has('up{job="modelcache-controller"} == 1'), timeout=30, what="controller scraped"
+            )
             await eventually(lambda: has("modelcache_models_cached == 1"), timeout=30, what="model cached")
             await eventually(
                 lambda: has("sum(modelcache_download_failures_total) >= 2"),
                 timeout=30,
                 what="retried failures",
+            )
+            await eventually(
+                lambda: has("sum(rate(modelcache_controller_reconciles_total[20s])) > 0"),
+                timeout=30,
+                what="controller reconciles",
             )
             await asyncio.sleep(2)  # a few more scrapes after the last change
 
@@ -189,17 +221,33 @@ async def test_prometheus_scrapes_an_agent_and_the_dashboard_has_data(hf_hub: Hu
                 "ModelcacheDownloadFailing",
                 "ModelcacheDiskAlmostFull",
                 "ModelcacheNoReadyCopy",
+                "ModelcacheNodeGroupNoReadyCopy",
             } <= loaded.keys()
             assert all(rule["health"] in ("ok", "unknown") for rule in loaded.values()), loaded
             # The failing half of ModelcacheDownloadFailing holds (the completed model keeps the whole
             # rule from applying to this node, and its `for` is an hour).
             assert await has("sum by (node) (increase(modelcache_download_failures_total[1h])) > 0")
+            # ModelcacheNodeGroupNoReadyCopy's expression holds for both caches in h100 (its `for`
+            # is 30 minutes): the controller placed them on "box", which never reports a copy.
+            (rule,) = [
+                r
+                for g in rule_groups()["groups"]
+                for r in g["rules"]
+                if r.get("alert") == "ModelcacheNodeGroupNoReadyCopy"
+            ]
+            firing = await query(rule["expr"])
+            assert firing is not None
+            assert {(s["metric"]["cache"], s["metric"]["group"]) for s in firing} == {
+                ("ok", "h100"),
+                ("missing", "h100"),
+            }
     finally:
-        for proc in (agent, prom):
+        for proc in (agent, controller, prom):
             if proc is not None and proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
-        if agent is not None:
-            await asyncio.wait_for(agent.wait(), 15)
+        for proc in (agent, controller):
+            if proc is not None:
+                await asyncio.wait_for(proc.wait(), 15)
         try:
             await asyncio.wait_for(prom.wait(), 15)
         except TimeoutError:

@@ -1,0 +1,149 @@
+"""The controller's Prometheus metrics, and the small aiohttp server that exposes them. They live in
+a registry passed in (tests build a fresh one); the README's metrics table lists every one of them.
+
+``modelcache_controller_copies`` is the per node group view of each LocalModelCache's copies: set
+from every reconcile's plan, so it is current in the leader only (a standby replica keeps no
+series; ``modelcache_controller_is_leader`` tells which replica leads). Series of caches and groups
+that are gone are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from localmodel.errors import InvalidInput
+
+log = logging.getLogger("modelcache.controller")
+
+# A reconcile takes milliseconds on a small cluster, seconds on thousands of nodes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RECONCILE_KINDS = ("full", "incremental")
+COPY_STATES = ("available", "total", "failed")
+DEFAULT_METRICS_ADDR = ":9091"
+
+
+@dataclass(frozen=True)
+class Copies:
+    """One cache's copies in one node group: nodes that hold it downloaded, nodes that must hold
+    it, nodes whose copy failed."""
+
+    available: int = 0
+    total: int = 0
+    failed: int = 0
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.reconciles = Counter(
+            "modelcache_controller_reconciles",
+            "Reconcile passes, by kind (full: everything; incremental: only what changed). Failed "
+            "passes count too (see modelcache_controller_write_errors_total).",
+            ["kind"],
+            registry=registry,
+        )
+        self.reconcile_seconds = Histogram(
+            "modelcache_controller_reconcile_duration_seconds",
+            "Wall time of a reconcile pass: planning plus the writes it makes.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.writes = Counter(
+            "modelcache_controller_writes",
+            "Objects written (created, patched, deleted), by kind (LocalModelNode, LocalModelCache, "
+            "LocalModelNodeGroup, Node, PersistentVolume, PersistentVolumeClaim, Event).",
+            ["kind"],
+            registry=registry,
+        )
+        self.write_errors = Counter(
+            "modelcache_controller_write_errors",
+            "Writes that failed (the reconcile is retried; a lost Event is not).",
+            registry=registry,
+        )
+        self.is_leader = Gauge(
+            "modelcache_controller_is_leader",
+            "1 while this replica leads (reconciles and writes), 0 while it waits.",
+            registry=registry,
+        )
+        self.copies = Gauge(
+            "modelcache_controller_copies",
+            "Copies of each LocalModelCache per node group, by state: available (downloaded), "
+            "total (nodes that must hold it), failed (download error).",
+            ["cache", "group", "state"],
+            registry=registry,
+        )
+        for kind in RECONCILE_KINDS:
+            self.reconciles.labels(kind=kind)  # both series exist from the start, at 0
+        self._copies: dict[tuple[str, str], Copies] = {}
+
+    def set_copies(self, copies: Mapping[tuple[str, str], Copies]) -> None:
+        """The whole picture, (cache, group) -> copies: series of pairs not in it are removed."""
+        for cache, group in set(self._copies) - set(copies):
+            for state in COPY_STATES:
+                self.copies.remove(cache, group, state)
+        for (cache, group), c in copies.items():
+            if self._copies.get((cache, group)) == c:
+                continue
+            self.copies.labels(cache, group, "available").set(c.available)
+            self.copies.labels(cache, group, "total").set(c.total)
+            self.copies.labels(cache, group, "failed").set(c.failed)
+        self._copies = dict(copies)
+
+
+def parse_addr(text: str, *, flag: str = "--metrics-addr") -> tuple[str, int]:
+    """``HOST:PORT`` or ``:PORT`` (all interfaces); port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidInput(f"{flag}: {text!r} is not HOST:PORT; write e.g. 0.0.0.0:9091 or :9091")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+class MetricsServer:
+    """Serves ``GET /metrics`` (the Prometheus text format) over plain HTTP."""
+
+    def __init__(self, registry: CollectorRegistry, addr: str) -> None:
+        self.registry = registry
+        self.host, self.port = parse_addr(addr)
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        async def metrics(_: web.Request) -> web.Response:
+            resp = web.Response(body=generate_latest(self.registry))
+            resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return resp
+
+        app = web.Application()
+        app.add_routes([web.get("/metrics", metrics)])
+        return app
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise InvalidInput(f"--metrics-addr: cannot listen on {self.host}:{self.port}: {e}") from e
+        self._runner = runner
+        addresses = runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
+        log.info("metrics listening on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
