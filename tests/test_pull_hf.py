@@ -207,3 +207,41 @@ async def test_sigkill_mid_file_then_resume_fetches_only_the_rest(hf_hub: Hub, t
     fetched = [r.range for r in hf_hub.requests if r.method == "GET" and "big.safetensors" in r.path]
     starts = {int(r.split("=")[1].split("-")[0]) // MiB for r in fetched if r}
     assert starts == set(range(24)) - done  # only the chunks that were not durable
+
+
+async def test_a_new_revision_fetches_only_what_changed(hf_hub: Hub, tmp_path: Path) -> None:
+    files = model_files()
+    hf_hub.add_repo("org/m", files)
+    dest = tmp_path / "m"
+    await run_pull(hf_hub, "hf://org/m", dest)
+    before = (dest / "model-00001-of-00002.safetensors").stat()
+
+    changed = dict(files, **{"model-00002-of-00002.safetensors": os.urandom(2 * MiB), "new.txt": b"hi"})
+    hf_hub.add_repo("org/m", changed)  # a push to main: one shard changed, one file added
+    hf_hub.requests.clear()
+    result = await run_pull(hf_hub, "hf://org/m", dest)
+    assert tree(dest) == changed
+    fetched = {
+        r.path.rsplit("/", 1)[-1] for r in hf_hub.requests if r.method == "GET" and "/resolve/" in r.path
+    }
+    assert "model-00001-of-00002.safetensors" not in fetched  # unchanged: linked from the old copy
+    assert {"model-00002-of-00002.safetensors", "new.txt"} <= fetched
+    assert result.bytes_transferred < 3 * MiB  # type: ignore[attr-defined]
+    assert (dest / "model-00001-of-00002.safetensors").stat().st_ino == before.st_ino
+
+
+async def test_a_damaged_old_copy_is_fetched_again_not_reused(hf_hub: Hub, tmp_path: Path) -> None:
+    files = model_files()
+    hf_hub.add_repo("org/m", files)
+    dest = tmp_path / "m"
+    await run_pull(hf_hub, "hf://org/m", dest)
+    shard = dest / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))  # same size: only the hash can tell
+    old_inode = shard.stat().st_ino
+    hf_hub.add_repo("org/m", dict(files, **{"new.txt": b"hi"}))
+    await run_pull(hf_hub, "hf://org/m", dest)
+    assert shard.read_bytes() == files["model-00001-of-00002.safetensors"]
+    # Fetched into a new file: the published copy was never written in place.
+    assert shard.stat().st_ino != old_inode

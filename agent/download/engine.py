@@ -121,8 +121,11 @@ class Transfer:
         settings: TransferSettings,
         progress: ProgressSink | None = None,
         clock: Callable[[], float] = time.monotonic,
+        previous: Manifest | None = None,
     ) -> None:
         self.listing = listing
+        # What is published now (another revision): files it holds unchanged are linked, not fetched.
+        self.previous = {e.path: e for e in previous.files} if previous is not None else {}
         self.dest = dest
         self.uri = uri
         self.storage_key = storage_key
@@ -147,6 +150,8 @@ class Transfer:
     async def run(self) -> PullResult:
         started = self.clock()
         self._load_state()
+        if self.previous:
+            await asyncio.to_thread(self._link_unchanged)
         total = self.listing.total_bytes
         done = sum(self._durable_bytes(f) for f in self.listing.files)
         self.progress.start(total_bytes=total, done_bytes=done, files=len(self.listing.files))
@@ -245,6 +250,34 @@ class Transfer:
                 self.dirty.add(f.path)
             return
 
+    def _link_unchanged(self) -> None:
+        for f in self.listing.files:
+            st = self.state.files[f.path]
+            if not st.chunks and not st.verified:
+                target = self._target(f)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if self._reuse(f, target):
+                    st.chunks = {i for i, _, _ in self._chunks(f)}
+                    self.dirty.add(f.path)
+
+    def _reuse(self, f: RemoteFile, target: Path) -> bool:
+        """Hard-link the published copy of a file the new revision did not change (same path, size
+        and source checksum). The caller still verifies it, so a damaged old copy is never kept."""
+        old = self.previous.get(f.path)
+        if old is None or self.listing.archive is not None or f.size is None or old.size != f.size:
+            return False
+        same = (f.sha256 is not None and f.sha256.lower() == (old.sha256 or "").lower()) or (
+            f.git_sha1 is not None and f.git_sha1.lower() == (old.sha1 or "").lower()
+        )
+        if not same:
+            return False
+        try:
+            target.unlink(missing_ok=True)
+            os.link(self.dest.final / f.path, target)
+        except OSError:
+            return False  # gone meanwhile, or a filesystem without hard links: fetch it
+        return True
+
     async def _fetch(self, f: RemoteFile) -> None:
         target = self._target(f)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -254,10 +287,10 @@ class Transfer:
             st.chunks = {i for i, _, _ in self._chunks(f)}
             self.dirty.add(f.path)
             return
-        fd = self._open(f, target)
         todo = [c for c in self._chunks(f) if c[0] not in st.chunks]
         if not todo:
             return
+        fd = self._open(f, target)
         if f.size is None or len(self._chunks(f)) == 1:
             await self._request(f, fd, todo[0], whole=True)
             return
@@ -274,6 +307,11 @@ class Transfer:
     def _open(self, f: RemoteFile, target: Path) -> int:
         if f.path in self.fds:
             return self.fds[f.path]
+        with contextlib.suppress(FileNotFoundError):
+            if target.stat().st_nlink > 1:
+                # Linked from the published copy (_reuse) and found damaged: writing into it would
+                # change the published model in place. A new file instead.
+                target.unlink()
         fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
         self.fds[f.path] = fd
         try:

@@ -71,6 +71,7 @@ async def pull(
             session=session,
             settings=transfer,
             progress=progress,
+            previous=published,
         )
         return await run.run()
     finally:
