@@ -84,7 +84,9 @@ async def wait_chunks(progress: Path, path: str, n: int) -> None:
 async def test_sigkill_mid_download_then_restart_resumes_only_the_rest(hf_hub: Hub, tmp_path: Path) -> None:
     big = os.urandom(24 * MiB)
     hf_hub.add_repo("org/m", {"big.safetensors": big, "config.json": b"{}"})
-    hf_hub.file("org/m", "big.safetensors").rate = 3 * MiB
+    hf_hub.file("org/m", "big.safetensors").rate = (
+        1 * MiB
+    )  # 4 connections: 4 MiB/s, so the 2 s checkpoint lands mid-file
     cache, docs = setup(tmp_path, cache_doc("m", "hf://org/m", "30Mi", ["h100"]))
     key = storage_key("hf://org/m")
     progress = cache / ".modelcache" / "staging" / key / "progress.json"
@@ -109,7 +111,7 @@ async def test_sigkill_mid_download_then_restart_resumes_only_the_rest(hf_hub: H
 
 async def test_sigterm_stops_promptly_and_leaves_resumable_state(hf_hub: Hub, tmp_path: Path) -> None:
     hf_hub.add_repo("org/m", {"big.safetensors": os.urandom(16 * MiB)})
-    hf_hub.file("org/m", "big.safetensors").rate = 2 * MiB
+    hf_hub.file("org/m", "big.safetensors").rate = 1 * MiB
     cache, docs = setup(tmp_path, cache_doc("m", "hf://org/m", "30Mi", ["h100"]))
     key = storage_key("hf://org/m")
     progress = cache / ".modelcache" / "staging" / key / "progress.json"

@@ -169,7 +169,9 @@ async def test_server_without_ranges(hf_hub: Hub, tmp_path: Path) -> None:
 async def test_sigkill_mid_file_then_resume_fetches_only_the_rest(hf_hub: Hub, tmp_path: Path) -> None:
     big = os.urandom(24 * MiB)
     hf_hub.add_repo("org/model", {"big.safetensors": big, "config.json": b"{}"})
-    hf_hub.file("org/model", "big.safetensors").rate = 3 * MiB  # per response
+    hf_hub.file("org/model", "big.safetensors").rate = (
+        1 * MiB
+    )  # per response: the 2 s checkpoint lands mid-file
     dest = tmp_path / "m"
     env = dict(os.environ, HF_ENDPOINT=hf_hub.endpoint)
     argv = [

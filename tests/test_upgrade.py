@@ -29,7 +29,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
 
 async def test_new_agent_keeps_published_models_and_resumes_partial(hf_hub: Hub, tmp_path: Path) -> None:
     small = os.urandom(2 * MiB)
-    big = os.urandom(12 * MiB)
+    big = os.urandom(24 * MiB)
     hf_hub.add_repo("org/done", {"w.safetensors": small, "config.json": b"{}"})
     hf_hub.add_repo("org/partial", {"big.safetensors": big})
     cache, docs = setup(tmp_path, cache_doc("done", "hf://org/done", "4Mi", ["h100"]))
@@ -43,16 +43,17 @@ async def test_new_agent_keeps_published_models_and_resumes_partial(hf_hub: Hub,
     cache, docs = setup(
         tmp_path,
         cache_doc("done", "hf://org/done", "4Mi", ["h100"]),
-        cache_doc("partial", "hf://org/partial", "16Mi", ["h100"]),
+        cache_doc("partial", "hf://org/partial", "30Mi", ["h100"]),
     )
-    hf_hub.file("org/partial", "big.safetensors").rate = 2 * MiB
+    # Slow enough (4 connections x 1 MiB/s) that the first checkpoint (2 s) lands mid-file.
+    hf_hub.file("org/partial", "big.safetensors").rate = 1 * MiB
     old = await asyncio.create_subprocess_exec(*argv(cache, docs), env=env(hf_hub))
     progress = cache / ".modelcache" / "staging" / partial_key / "progress.json"
     await wait_chunks(progress, "big.safetensors", 3)
     old.send_signal(signal.SIGKILL)
     await old.wait()
     durable = set(json.loads(progress.read_text())["files"]["big.safetensors"]["chunks"])
-    assert 3 <= len(durable) < 12
+    assert 3 <= len(durable) < 24
 
     hf_hub.file("org/partial", "big.safetensors").rate = None
     hf_hub.requests.clear()
@@ -65,7 +66,7 @@ async def test_new_agent_keeps_published_models_and_resumes_partial(hf_hub: Hub,
     assert (cache / "models" / partial_key / "big.safetensors").read_bytes() == big
     fetched = [r.range for r in hf_hub.requests if r.method == "GET" and "big.safetensors" in r.path]
     starts = {int(r.split("=")[1].split("-")[0]) // MiB for r in fetched if r}
-    assert starts == set(range(12)) - durable, "only the chunks not yet durable are fetched again"
+    assert starts == set(range(24)) - durable, "only the chunks not yet durable are fetched again"
     assert (cache / ".modelcache" / "format").read_text().strip() == str(FORMAT_VERSION)
     state = json.loads((cache / ".modelcache" / "state.json").read_text())
     assert state["status"]["modelStatus"] == {"done": "ModelDownloaded", "partial": "ModelDownloaded"}
