@@ -20,7 +20,6 @@ from typing import Any
 
 from controller.plan import Options, Snapshot, layout, plan
 from controller.reconcile import Controller, Settings
-from localmodel.layout import storage_key
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
 from localmodel.state.base import (
     LOCAL_MODEL_CACHE,
@@ -125,10 +124,10 @@ async def full_and_incremental(nodes: int, groups: int, caches: int, limit: int)
     samples = []
     for lmn in lmns[:: max(1, len(lmns) // 20)][:20]:
         models = lmn["spec"]["localModels"]
-        key = storage_key(models[0]["sourceModelUri"])
+        name = models[0]["modelName"]  # modelStatus is keyed by modelName, as the agents write it
         t0 = time.perf_counter()
         updated = await state.patch_status(
-            LOCAL_MODEL_NODE, lmn["metadata"]["name"], {"modelStatus": {key: "ModelDownloaded"}}
+            LOCAL_MODEL_NODE, lmn["metadata"]["name"], {"modelStatus": {name: "ModelDownloaded"}}
         )
         controller.observe(LOCAL_MODEL_NODE, WatchEvent("MODIFIED", updated))
         result = await controller.reconcile()
