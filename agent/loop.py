@@ -171,7 +171,6 @@ class Agent:
         self.desired = Desired((), None, False, {})
         self.config_error: str | None = None
         self.last_plan: Plan | None = None
-        self.refused: dict[str, Refused] = {}  # key -> why
         self.scanned = False
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
@@ -361,10 +360,8 @@ class Agent:
             await self._delete(key)
         now = time.monotonic()
         by_name = {m.model_name: m for m in d.models}
-        self.refused = {}
         for r in result.refuse:
             model = by_name[r.name]
-            self.refused[model.storage_key] = r
             rec = self._record(model.storage_key, model.source_model_uri)
             if rec.reason != r.reason or rec.state is not ModelState.ERROR:
                 self.metrics.refusals.labels(r.reason).inc()
