@@ -17,21 +17,17 @@ from prometheus_client import CollectorRegistry
 from agent.desired import parse_labels
 from agent.download.engine import TransferSettings
 from agent.download.sources import SourceSettings
-from agent.http import Servers, health_routes, metrics_routes, parse_addr
+from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
 from agent.pull_cli import parse_rate, parse_size
 from agent.standalone import StandaloneSource
+from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.errors import InvalidInput
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
 
 log = logging.getLogger("modelcache.agent")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InvalidInput(message)
 
 
 def _positive(flag: str, kind: type[int] | type[float] = int) -> Callable[[str], float]:
@@ -48,7 +44,7 @@ def _positive(flag: str, kind: type[int] | type[float] = int) -> Callable[[str],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
+    p = UsageParser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
     p.add_argument(
         "--cache-dir", type=Path, required=True, help="the cache folder (the node group's PV path)"

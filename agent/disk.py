@@ -131,8 +131,7 @@ class CacheDir:
         return manifest
 
     def free_bytes(self) -> int:
-        st = os.statvfs(self.layout.root)
-        return st.f_bavail * st.f_frsize
+        return shutil.disk_usage(self.layout.root).free
 
     def staged_bytes(self, key: str) -> int:
         """Bytes allocated in a model's staging folder (preallocated files count whole)."""

@@ -10,18 +10,9 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from localmodel.errors import InvalidInput
 from localmodel.state.base import JSON
 
 log = logging.getLogger("modelcache.agent")
-
-
-def parse_addr(text: str, *, flag: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``:PORT`` (all interfaces); port 0 picks a free one."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise InvalidInput(f"{flag}: {text!r} is not HOST:PORT; write e.g. 0.0.0.0:8081 or :8081")
-    return (host.strip("[]") or "0.0.0.0", int(port))
 
 
 def health_routes(*, ready: Callable[[], bool], status: Callable[[], JSON]) -> list[web.RouteDef]:

@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
+import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +52,9 @@ from localmodel.state.base import (
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     ClusterState,
+    ResourceKind,
     Selector,
+    merge_patch_to,
     update_status,
     watch,
 )
@@ -165,9 +167,9 @@ class Agent:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.removing: set[str] = set()  # keys cancelled because no longer wanted
         self.node: LocalModelNode | None = None
-        self.node_seen = False  # the first list of our LocalModelNode answered (exists or not)
+        # Kinds whose first list answered (exists or not): ready needs both.
+        self.listed: set[str] = set()
         self.groups: dict[str, LocalModelNodeGroup] = {}
-        self.groups_seen = False
         self.desired = Desired((), None, False, {})
         self.config_error: str | None = None
         self.last_plan: Plan | None = None
@@ -182,7 +184,7 @@ class Agent:
 
     @property
     def ready(self) -> bool:
-        return self.scanned and self.node_seen and self.groups_seen
+        return self.scanned and {LOCAL_MODEL_NODE.kind, LOCAL_MODEL_NODE_GROUP.kind} <= self.listed
 
     def settled(self) -> bool:
         """Every desired model is published or failed/refused, and nothing runs: ``--once`` ends."""
@@ -281,26 +283,26 @@ class Agent:
 
     async def _watch_node(self) -> None:
         selector = Selector(fields={"metadata.name": self.settings.node_name})
-        await self._watch_forever(LOCAL_MODEL_NODE, selector, self._on_node, "node_seen")
+        await self._watch_forever(LOCAL_MODEL_NODE, selector, self._on_node)
 
     async def _watch_groups(self) -> None:
-        await self._watch_forever(LOCAL_MODEL_NODE_GROUP, None, self._on_group, "groups_seen")
+        await self._watch_forever(LOCAL_MODEL_NODE_GROUP, None, self._on_group)
 
     async def _watch_forever(
         self,
-        kind: Any,
+        kind: ResourceKind,
         selector: Selector | None,
         handle: Callable[[str, JSON], None],
-        seen_flag: str,
     ) -> None:
+        def listed() -> None:
+            # The list answers "exists or not": an empty one is a real answer too.
+            self.listed.add(kind.kind)
+            self.wake.set()
+
         delay = 1.0
         while True:
             try:
-                # The first list answers "exists or not": an empty list is a real answer too.
-                await self.state.list(kind, selector=selector)
-                setattr(self, seen_flag, True)
-                self.wake.set()
-                async for event in watch(self.state, kind, selector=selector):
+                async for event in watch(self.state, kind, selector=selector, on_list=listed):
                     handle(event.type, event.object)
                     self.wake.set()
                     delay = 1.0
@@ -394,16 +396,13 @@ class Agent:
         )
         self.metrics.limit_bytes.set(d.limit or 0)
 
-    def _plan(self, real: Mapping[str, int] | None = None) -> Plan:
-        real = real or {}
+    def _plan(self) -> Plan:
         wants = tuple(
             Want(
                 name=m.model_name,
                 key=m.storage_key,
                 declared=m.model_size.bytes if m.model_size else None,
-                real=real.get(m.storage_key, self.records[m.storage_key].real_size)
-                if m.storage_key in self.records
-                else real.get(m.storage_key),
+                real=rec.real_size if (rec := self.records.get(m.storage_key)) else None,
             )
             for m in self.desired.models
         )
@@ -505,7 +504,7 @@ class Agent:
         """Called with the source's listing before any byte moves: the real size must fit too."""
         rec.real_size = listing.total_bytes
         rec.revision = listing.revision
-        result = self._plan({rec.key: listing.total_bytes})
+        result = self._plan()
         for refused in result.refuse:
             if refused.name == name:
                 raise _RefusedBySize(refused)
@@ -530,15 +529,15 @@ class Agent:
     # -- status --------------------------------------------------------------------------------
 
     def _update_disk_metrics(self) -> None:
-        try:
-            st = os.statvfs(self.settings.cache_dir)
-        except OSError:
-            return
-        self.metrics.disk_capacity.set(st.f_blocks * st.f_frsize)
-        self.metrics.disk_available.set(st.f_bavail * st.f_frsize)
-        self.metrics.disk_used.set((st.f_blocks - st.f_bfree) * st.f_frsize)
         self.metrics.models_cached.set(len(self.published))
         self.metrics.bytes_cached.set(sum(self.published.values()))
+        try:
+            usage = shutil.disk_usage(self.settings.cache_dir)
+        except OSError:
+            return
+        self.metrics.disk_capacity.set(usage.total)
+        self.metrics.disk_available.set(usage.free)
+        self.metrics.disk_used.set(usage.used)
 
     def node_status(self) -> LocalModelNodeStatus:
         d = self.desired
@@ -623,17 +622,4 @@ class Agent:
 def _status_patch(current: JSON, status: JSON) -> JSON | None:
     """The merge patch that makes the stored status equal ``status``, or None when it already is."""
     old = current.get("status") or {}
-    return None if old == status else _diff(old, status)
-
-
-def _diff(old: JSON, new: JSON) -> JSON:
-    # Merge patches merge maps: keys that went away must be sent as None, at every depth.
-    patch: JSON = {k: None for k in old if k not in new}
-    for key, value in new.items():
-        before = old.get(key)
-        if isinstance(value, dict) and isinstance(before, dict):
-            if value != before:
-                patch[key] = _diff(before, value)
-        elif value != before:
-            patch[key] = value
-    return patch
+    return None if old == status else merge_patch_to(old, status)

@@ -13,14 +13,10 @@ from agent.download.engine import TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
+from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, QuantityError
 from localmodel.quantity import Quantity
 from localmodel.uri import parse_uri
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InvalidInput(message)
 
 
 def parse_rate(text: str) -> float:
@@ -48,7 +44,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="modelcache pull", description="Download a whole model into DEST, verified.")
+    p = UsageParser(prog="modelcache pull", description="Download a whole model into DEST, verified.")
     p.add_argument(
         "uri", metavar="URI", help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH"
     )

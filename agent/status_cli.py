@@ -10,19 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.layout import STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest
 from localmodel.quantity import Quantity, readable
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InvalidInput(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="modelcache status", description="What a node's model cache holds and is doing.")
+    p = UsageParser(prog="modelcache status", description="What a node's model cache holds and is doing.")
     p.add_argument("--cache-dir", type=Path, required=True)
     p.add_argument("--output", choices=["table", "json"], default="table")
     return p

@@ -29,10 +29,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from controller.metrics import DEFAULT_METRICS_ADDR, ControllerMetrics, MetricsServer
-from controller.metrics import parse_addr as parse_metrics_addr
 from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS
 from controller.reconcile import WATCHED, Controller, Settings
 from controller.webhook import WebhookServer
+from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.documents import load_documents
 from localmodel.errors import InvalidInput
 from localmodel.state.base import (
@@ -50,13 +50,8 @@ PRINTED = (LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, LOCAL_MODEL_NODE)
 STANDALONE_KINDS = ("LocalModelCache", "LocalModelNodeGroup", "Node", "LocalModelNode")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InvalidInput(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="modelcache controller", description="The cluster controller.")
+    p = UsageParser(prog="modelcache controller", description="The cluster controller.")
     p.add_argument("--standalone", metavar="PATH", type=Path, help="YAML documents (a file or a folder)")
     p.add_argument("--once", action="store_true", help="reconcile one time and exit")
     p.add_argument("--output", choices=("json", "yaml"), help="with --once: print the objects (dry run)")
@@ -100,7 +95,7 @@ def main(argv: Sequence[str]) -> int:
     if args.metrics_addr not in (None, "off"):
         if args.once:
             raise InvalidInput("--once does not serve metrics; leave out --metrics-addr")
-        parse_metrics_addr(args.metrics_addr)
+        parse_addr(args.metrics_addr, flag="--metrics-addr")
     if args.metrics_addr is None:
         args.metrics_addr = "off" if args.once else DEFAULT_METRICS_ADDR
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

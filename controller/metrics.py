@@ -23,6 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from localmodel.cliargs import parse_addr
 from localmodel.errors import InvalidInput
 
 log = logging.getLogger("modelcache.controller")
@@ -102,20 +103,12 @@ class ControllerMetrics:
         self._copies = dict(copies)
 
 
-def parse_addr(text: str, *, flag: str = "--metrics-addr") -> tuple[str, int]:
-    """``HOST:PORT`` or ``:PORT`` (all interfaces); port 0 picks a free one."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise InvalidInput(f"{flag}: {text!r} is not HOST:PORT; write e.g. 0.0.0.0:9091 or :9091")
-    return (host.strip("[]") or "0.0.0.0", int(port))
-
-
 class MetricsServer:
     """Serves ``GET /metrics`` (the Prometheus text format) over plain HTTP."""
 
     def __init__(self, registry: CollectorRegistry, addr: str) -> None:
         self.registry = registry
-        self.host, self.port = parse_addr(addr)
+        self.host, self.port = parse_addr(addr, flag="--metrics-addr")
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:

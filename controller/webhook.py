@@ -24,6 +24,7 @@ from aiohttp import web
 
 from controller.admission import Verdict, place_pod, pod_ask, review_response, validate_cache
 from controller.plan import MODEL_LABEL_VALUE, model_label
+from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
 from localmodel.state.base import (
@@ -45,11 +46,7 @@ MAX_BODY = 8 * 1024 * 1024  # a pod with large inline env or a big cache spec st
 
 
 def parse_addr(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::]:8443`` for IPv6; an empty host listens everywhere)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InvalidInput(f"--webhook-addr: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return cliargs.parse_addr(text, flag="--webhook-addr")
 
 
 def ssl_context(cert_dir: Path) -> ssl.SSLContext:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
@@ -49,7 +50,7 @@ ENV_FLAGS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(UsageParser):
     def error(self, message: str) -> NoReturn:
         raise InvalidInput(f"{message}; see `modelcache serve --help`")
 

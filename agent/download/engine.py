@@ -140,7 +140,6 @@ class Transfer:
         self.slots = asyncio.Semaphore(settings.concurrency)
         self.transferred = 0
         self.dirty: set[str] = set()  # files with chunks written since the last checkpoint
-        self.pending_chunks: dict[str, set[int]] = {}
         self.fds: dict[str, int] = {}
         self.hashers: dict[str, _Hasher] = {}  # files hashed as their finished prefix grows
         self.state = Progress(listing.revision, settings.chunk_size, {})

@@ -181,17 +181,21 @@ async def watch(
     namespace: str | None = None,
     selector: Selector | None = None,
     retry_delay: float = 1.0,
+    on_list: Callable[[], None] | None = None,
 ) -> AsyncIterator[WatchEvent]:
     """List then watch, forever: the informer pattern without a cache of its own.
 
     Starts with an ADDED event per existing object. When the stream ends it resumes from the last
     resourceVersion seen; on Gone it relists and reports the difference (DELETED for objects that
     vanished meanwhile, MODIFIED for the rest), so a level-triggered consumer never misses a state.
+    ``on_list`` is called after each list: an empty list yields no event but is an answer too.
     """
     known: dict[tuple[str | None, str], JSON] = {}
     first = True
     while True:
         listing = await state.list(kind, namespace=namespace, selector=selector)
+        if on_list is not None:
+            on_list()
         current = {_key(o): o for o in listing.items}
         for key, obj in known.items():
             if key not in current:
@@ -267,3 +271,17 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def merge_patch_to(old: JSON, new: JSON) -> JSON:
+    """The merge patch that turns ``old`` into ``new``: the inverse of :func:`merge_patch` (maps
+    merge, so keys that went away are sent as None, at every depth)."""
+    patch: JSON = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            if value != before:
+                patch[key] = merge_patch_to(before, value)
+        elif value != before:
+            patch[key] = value
+    return patch

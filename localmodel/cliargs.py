@@ -1,0 +1,22 @@
+"""What every ``modelcache`` subcommand's command line shares: a usage error is InvalidInput (one
+line on stderr, exit 2, as the contract fixes), and the ``HOST:PORT`` addresses servers listen on."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from localmodel.errors import InvalidInput
+
+
+class UsageParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise InvalidInput(message)
+
+
+def parse_addr(text: str, *, flag: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[::1]:PORT``; port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidInput(f"{flag}: {text!r} is not HOST:PORT; write e.g. 0.0.0.0:8081 or :8081")
+    return (host.strip("[]") or "0.0.0.0", int(port))
