@@ -24,13 +24,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from agent.desired import Desired, desired, retry_delay
 from agent.disk import CacheDir, Scan
+from agent.download.client import HttpClient
 from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
-from agent.download.pull import client_session, pull
+from agent.download.pull import http_client, pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import write_atomic
 from agent.events import EventRecorder
@@ -176,7 +175,7 @@ class Agent:
         self.scanned = False
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
-        self.session: aiohttp.ClientSession | None = None
+        self.client: HttpClient | None = None
         self.last_status: JSON | None = None
         self.stopping = False
 
@@ -222,7 +221,7 @@ class Agent:
                 time.monotonic() - started,
             )
             self.scanned = True
-            self.session = client_session(self.settings.transfer)
+            self.client = http_client(self.settings.transfer)
             background = [
                 asyncio.create_task(self._watch_node(), name="watch-node"),
                 asyncio.create_task(self._watch_groups(), name="watch-groups"),
@@ -256,8 +255,8 @@ class Agent:
                 await task
         with contextlib.suppress(ModelcacheError, OSError):
             await self.write_status(force=True)
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            self.client.close()
         self.cache.close()
 
     def _next_wakeup(self) -> float:
@@ -471,7 +470,7 @@ class Agent:
                 sources=self.settings.sources,
                 transfer=self.settings.transfer,
                 progress=_Progress(rec, self.metrics),
-                session=self.session,
+                client=self.client,
                 admit=lambda listing: self._admit(name, rec, listing),
             )
         except _RefusedBySize as e:

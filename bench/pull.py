@@ -104,6 +104,7 @@ def run(
     for _ in range(REPEAT):
         if before is not None:
             fresh(before).mkdir()
+            os.sync()  # the last run's deleted files are settled before this one's clock starts
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)

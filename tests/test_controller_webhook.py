@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
-import ipaddress
 import json
 import os
 import signal
 import socket
 import ssl
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,57 +29,10 @@ from localmodel.layout import storage_key
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
 from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, ClusterState
 from tests import test_controller_reconcile as base
+from tests.support.tls import make_cert
 from tests.test_controller_reconcile import cache, group, setup_two_groups
 
 state = base.state  # the fixture: the embedded backend and the API emulator
-
-
-def make_cert(folder: Path, common_name: str = "localhost") -> None:
-    """A self-signed tls.crt/tls.key for 127.0.0.1 and localhost, as cert-manager would mount them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        subprocess.run(
-            [
-                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", str(folder / "tls.key"), "-out", str(folder / "tls.crt"), "-days", "1",
-                "-subj", f"/CN={common_name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )  # fmt: skip
-        return
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    (folder / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "tls.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
 
 
 class Client:

@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from agent.download.engine import TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
-from localmodel.errors import AccessDenied, IntegrityError, UnsafePath
+from localmodel.errors import AccessDenied, IntegrityError, TransientError, UnsafePath
 from localmodel.uri import parse_uri
 from tests.support.hfhub import Hub
 
@@ -247,3 +248,17 @@ async def test_a_damaged_old_copy_is_fetched_again_not_reused(hf_hub: Hub, tmp_p
     assert shard.read_bytes() == files["model-00001-of-00002.safetensors"]
     # Fetched into a new file: the published copy was never written in place.
     assert shard.stat().st_ino != old_inode
+
+
+async def test_an_unreachable_hub_is_a_transient_error_naming_the_endpoint(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    with pytest.raises(TransientError, match=f"cannot reach {endpoint}"):
+        await pull(
+            parse_uri("hf://org/model"),
+            Destination.for_folder(tmp_path / "m"),
+            sources=SourceSettings(hf_endpoint=endpoint),
+            transfer=TransferSettings(),
+        )
+    assert not (tmp_path / "m").exists()

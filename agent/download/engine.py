@@ -1,9 +1,11 @@
 """The transfer engine: one for every source.
 
 Parallel across files and within large files (ranged GETs written with ``pwrite`` into a
-preallocated file), under a global connection limit and an optional byte-rate cap; retries with
-exponential backoff and jitter on connection errors, timeouts, 429 and 5xx (honouring Retry-After),
-never on 401/403/404. Memory is bounded by ``concurrency * read_size`` whatever the model's size.
+preallocated file), under a global connection limit and an optional byte-rate cap (both held by the
+:class:`~agent.download.client.HttpClient`, whose worker threads receive and write the bytes); retries
+with exponential backoff and jitter on connection errors, timeouts, 429 and 5xx (honouring
+Retry-After), never on 401/403/404. Memory is bounded by ``concurrency * read_size`` whatever the
+model's size.
 
 Integrity: every file is checked against its size, and (unless ``verify`` is off) against the
 strongest checksum the source offers (sha256, else git blob sha1, else MD5); a mismatch is fetched
@@ -20,6 +22,7 @@ import hashlib
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from agent.download.client import HttpClient, Response
 from agent.download.listing import Listing, RemoteFile
 from agent.download.staging import Destination, FileProgress, Progress, publish
 from agent.download.unpack import unpack
@@ -77,25 +80,6 @@ class PullResult:
     up_to_date: bool  # nothing was fetched: the destination already matched the source
 
 
-class RateLimiter:
-    """A token bucket shared by all connections: one second of burst at most."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.stamp = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    async def acquire(self, n: int) -> None:
-        async with self.lock:
-            now = time.monotonic()
-            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-            self.tokens -= n
-            if self.tokens < 0:
-                await asyncio.sleep(-self.tokens / self.rate)
-
-
 def same_files(manifest: Manifest, listing: Listing) -> bool:
     """The published copy is what the source holds now (same revision, paths, sizes, hashes)."""
     if listing.archive is not None:
@@ -117,7 +101,7 @@ class Transfer:
         *,
         uri: str,
         storage_key: str,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         settings: TransferSettings,
         progress: ProgressSink | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -129,15 +113,13 @@ class Transfer:
         self.dest = dest
         self.uri = uri
         self.storage_key = storage_key
-        self.session = session
+        self.client = client
         self.settings = settings
         self.progress = progress or NoProgress()
         self.clock = clock
         self.files_dir = dest.staging / "files"
         self.archive_dir = dest.staging / "archive"
         self.state_path = dest.staging / "progress.json"
-        self.limiter = RateLimiter(settings.max_bandwidth) if settings.max_bandwidth else None
-        self.slots = asyncio.Semaphore(settings.concurrency)
         self.transferred = 0
         self.dirty: set[str] = set()  # files with chunks written since the last checkpoint
         self.fds: dict[str, int] = {}
@@ -231,10 +213,15 @@ class Transfer:
                 if hasher is not None:
                     self.hashers[f.path] = hasher
                 await self._fetch(f)
+                # The file's bytes go to disk while the hash catches up, not after it.
+                synced = asyncio.ensure_future(asyncio.to_thread(self._sync_close, f))
                 digest_now = None
-                if hasher is not None:
-                    digest_now = await hasher.finish(st.chunks)
-                    del self.hashers[f.path]
+                try:
+                    if hasher is not None:
+                        digest_now = await hasher.finish(st.chunks)
+                        del self.hashers[f.path]
+                finally:
+                    await synced
                 ok, digest = await asyncio.to_thread(self._verify, f, digest_now)
                 if not ok:
                     if attempt == 2:
@@ -324,8 +311,7 @@ class Transfer:
     async def _request(self, f: RemoteFile, fd: int, chunk: tuple[int, int, int], *, whole: bool) -> bool:
         """Fetch one chunk (or, with ``whole``, the whole file); True if the server did ranges."""
         index, start, end = chunk
-        written = 0
-        ranged = True
+        body = _Body(self, f, fd, start=start, end=end, whole=whole)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self.settings.attempts),
@@ -334,61 +320,33 @@ class Transfer:
         )
         async for attempt in retrying:
             with attempt:
-                async with self.slots:
-                    headers = dict(f.headers)
-                    pos = start + written
-                    if not whole or written:
-                        headers["Range"] = f"bytes={pos}-{end - 1}" if f.size else f"bytes={pos}-"
-                    try:
-                        async with self.session.get(f.url or "", headers=headers) as response:
-                            _widen_reads(response, self.settings.read_size)
-                            if response.status >= 400:
-                                raise _status_error(self.listing.source, f.path, response)
-                            if response.status == 200 and "Range" in headers:
-                                if not whole and pos == 0:
-                                    ranged = False  # no range support: this response is the file
-                                    end = f.size or 0
-                                else:
-                                    # Resuming a server that ignores ranges: start the file over.
-                                    written, pos, start = 0, 0, 0
-                            written += await self._stream(f, fd, response, pos, written)
-                    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                        raise TransientError(f"{self.listing.source}: {f.path}: {type(e).__name__}") from e
-                    except TimeoutError as e:
-                        raise TransientError(f"{self.listing.source}: {f.path}: timed out") from e
-                    expected = (end - start) if f.size is not None else None
-                    if expected is not None and written < expected:
-                        raise TransientError(
-                            f"{self.listing.source}: {f.path}: connection closed after {written} of "
-                            f"{expected} bytes"
-                        )
+                headers = dict(f.headers)
+                body.pos = body.start + body.written
+                body.asked_range = not whole or body.written > 0
+                if body.asked_range:
+                    headers["Range"] = f"bytes={body.pos}-{body.end - 1}" if f.size else f"bytes={body.pos}-"
+                try:
+                    await self.client.request(
+                        "GET", f.url or "", headers=headers, label=body.label, accept=body.accept
+                    )
+                finally:
+                    self._advance(body.take_unreported())
+                expected = (body.end - body.start) if f.size is not None else None
+                if expected is not None and body.written < expected:
+                    raise TransientError(
+                        f"{body.label}: connection closed after {body.written} of {expected} bytes"
+                    )
         st = self.state.files[f.path]
-        st.chunks.update({i for i, _, _ in self._chunks(f)} if (not ranged or whole) else {index})
+        st.chunks.update({i for i, _, _ in self._chunks(f)} if (not body.ranged or whole) else {index})
         self.dirty.add(f.path)
         if (hasher := self.hashers.get(f.path)) is not None:
             hasher.poke(st.chunks)
-        return ranged and not whole
+        return body.ranged and not whole
 
-    async def _stream(
-        self, f: RemoteFile, fd: int, response: aiohttp.ClientResponse, pos: int, written: int
-    ) -> int:
-        got = 0
-        limit = None if f.size is None else f.size
-        async for data in response.content.iter_chunked(self.settings.read_size):
-            if limit is not None and pos + got + len(data) > limit:
-                raise IntegrityError(
-                    f"{self.listing.source}: {f.path}: the server sent more than the listed {limit} bytes"
-                )
-            if self.limiter is not None:
-                await self.limiter.acquire(len(data))
-            try:
-                os.pwrite(fd, data, pos + got)
-            except OSError as e:
-                raise _os_error(e, f.path) from e
-            got += len(data)
-            self.transferred += len(data)
-            self.progress.advance(len(data))
-        return got
+    def _advance(self, nbytes: int) -> None:
+        if nbytes:
+            self.transferred += nbytes
+            self.progress.advance(nbytes)
 
     def _wait(self, retry_state: object) -> float:
         attempt = getattr(retry_state, "attempt_number", 1)
@@ -447,10 +405,7 @@ class Transfer:
         """(ok, description); the sha256 is computed when the source offers one. ``digest`` is the
         hash already computed while the file downloaded, if any."""
         target = self._target(f)
-        fd = self.fds.pop(f.path, None)
-        if fd is not None:
-            os.fdatasync(fd)
-            os.close(fd)
+        self._sync_close(f)
         size = target.stat().st_size
         if f.size is not None and size != f.size:
             return False, f"size {size}, expected {f.size}"
@@ -472,6 +427,14 @@ class Transfer:
         return True, got if name == "sha256" else ""
 
     # -- durability -------------------------------------------------------------------------
+
+    def _sync_close(self, f: RemoteFile) -> None:
+        fd = self.fds.pop(f.path, None)
+        if fd is not None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -536,6 +499,64 @@ class Transfer:
         return (self.files_dir / path).stat().st_size
 
 
+class _Body:
+    """One chunk's bytes as they arrive: checked against the listed size and ``pwrite`` at their
+    offset. ``accept`` and ``write`` run in the client's worker thread; the event loop reads the
+    fields once the request is over, and is told of progress every :data:`REPORT_EVERY` bytes."""
+
+    REPORT_EVERY = 16 * MiB
+
+    def __init__(
+        self, transfer: Transfer, f: RemoteFile, fd: int, *, start: int, end: int, whole: bool
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transfer = transfer
+        self.label = f"{transfer.listing.source}: {f.path}"
+        self.path = f.path
+        self.limit = f.size
+        self.fd = fd
+        self.start, self.end, self.whole = start, end, whole
+        self.pos = start  # where the next byte goes
+        self.written = 0  # bytes of this chunk on disk, over every attempt
+        self.asked_range = False
+        self.ranged = True
+        self.unreported = 0
+        self.lock = threading.Lock()
+
+    def accept(self, response: Response) -> Callable[[memoryview], None]:
+        if response.status >= 400:
+            raise _status_error(self.label, response)
+        if response.status == 200 and self.asked_range:
+            if not self.whole and self.pos == 0:
+                self.ranged = False  # no range support: this response is the whole file
+                self.end = self.limit or 0
+            else:
+                # Resuming from a server that ignores ranges: the file starts over.
+                self.written = self.pos = self.start = 0
+        return self.write
+
+    def write(self, data: memoryview) -> None:
+        n = len(data)
+        if self.limit is not None and self.pos + n > self.limit:
+            raise IntegrityError(f"{self.label}: the server sent more than the listed {self.limit} bytes")
+        try:
+            os.pwrite(self.fd, data, self.pos)
+        except OSError as e:
+            raise _os_error(e, self.path) from e
+        self.pos += n
+        self.written += n
+        with self.lock:
+            self.unreported += n
+            if self.unreported >= self.REPORT_EVERY:
+                self.loop.call_soon_threadsafe(self.transfer._advance, self.unreported)
+                self.unreported = 0
+
+    def take_unreported(self) -> int:
+        with self.lock:
+            n, self.unreported = self.unreported, 0
+        return n
+
+
 class _Hasher:
     """Hashes a file's contiguous prefix of finished chunks in a thread while the rest downloads,
     so verifying a large file costs little after its last byte arrives. Chunks finished by an
@@ -597,24 +618,7 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     return flat[0]
 
 
-def _widen_reads(response: aiohttp.ClientResponse, size: int) -> None:
-    """Let a plain-TCP connection read up to ``size`` bytes per ``recv()``.
-
-    asyncio's selector transport reads at most 256 KiB per call, and each read costs a
-    ``data_received`` callback, a parser feed and a ``pwrite`` here; reading ``read_size`` (1 MiB)
-    at once makes up to 4x fewer of them, which matters where the client's CPU is the limit (few
-    cores, a fast local server: bench/pull.py measured about 5 % more throughput). Memory stays
-    bounded: aiohttp pauses a connection once its buffer passes twice ``read_bufsize``, so one read
-    may overshoot that by ``size`` instead of 256 KiB. TLS transports (and other event loops) have
-    no such attribute and are left as they are.
-    """
-    connection = response.connection
-    transport = connection.transport if connection is not None else None
-    if transport is not None and 0 < getattr(transport, "max_size", size) < size:
-        transport.max_size = size  # type: ignore[attr-defined]
-
-
-def _status_error(source: str, path: str, response: aiohttp.ClientResponse) -> DownloadError:
+def _status_error(label: str, response: Response) -> DownloadError:
     from agent.download.sources import _http_status_error
 
     retry_after = response.headers.get("Retry-After")
@@ -622,8 +626,7 @@ def _status_error(source: str, path: str, response: aiohttp.ClientResponse) -> D
         delay = float(retry_after) if retry_after is not None else None
     except ValueError:
         delay = None
-    error = _http_status_error(f"{source}: {path}", response.status, delay)
-    return error
+    return _http_status_error(label, response.status, delay)
 
 
 def _os_error(e: OSError, path: str) -> DownloadError:

@@ -9,8 +9,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import aiohttp
-
+from agent.download.client import HttpClient
 from agent.download.engine import ProgressSink, PullResult, Transfer, TransferSettings, same_files
 from agent.download.listing import Listing
 from agent.download.sources import SourceSettings, list_source
@@ -19,14 +18,14 @@ from localmodel.layout import storage_key
 from localmodel.uri import SourceURI
 
 
-def client_session(settings: TransferSettings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=settings.concurrency, limit_per_host=settings.concurrency)
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-    )
-    # A larger read buffer means fewer, bigger writes; memory stays concurrency x this.
-    return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, read_bufsize=settings.read_size, auto_decompress=False
+def http_client(settings: TransferSettings) -> HttpClient:
+    """The client for every download of a process: its connection limit and byte-rate cap are global."""
+    return HttpClient(
+        concurrency=settings.concurrency,
+        read_size=settings.read_size,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_bandwidth=settings.max_bandwidth,
     )
 
 
@@ -37,7 +36,7 @@ async def pull(
     sources: SourceSettings,
     transfer: TransferSettings,
     progress: ProgressSink | None = None,
-    session: aiohttp.ClientSession | None = None,
+    client: HttpClient | None = None,
     admit: Callable[[Listing], None] | None = None,
 ) -> PullResult:
     """Make ``dest`` hold exactly what ``uri`` holds now, verified; resumes what a crash left.
@@ -46,11 +45,11 @@ async def pull(
     checks the real size against the node's capacity there).
     """
     started = time.monotonic()
-    own = session is None
-    session = session or client_session(transfer)
+    own = client is None
+    client = client or http_client(transfer)
     try:
         await asyncio.to_thread(finish_publish, dest)
-        listing = await list_source(uri, settings=sources, session=session)
+        listing = await list_source(uri, settings=sources, client=client)
         published = await asyncio.to_thread(dest.published)
         if published is not None and same_files(published, listing):
             return PullResult(
@@ -68,7 +67,7 @@ async def pull(
             dest,
             uri=uri.redacted(),  # the manifest is a state file: no signed query in it
             storage_key=storage_key(uri.raw),
-            session=session,
+            client=client,
             settings=transfer,
             progress=progress,
             previous=published,
@@ -76,4 +75,4 @@ async def pull(
         return await run.run()
     finally:
         if own:
-            await session.close()
+            client.close()

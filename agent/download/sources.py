@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from agent.download.client import HttpClient, Response
 from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.uri import SourceURI
@@ -47,20 +46,21 @@ class SourceSettings:
         )
 
 
-async def list_source(uri: SourceURI, *, settings: SourceSettings, session: aiohttp.ClientSession) -> Listing:
+async def list_source(uri: SourceURI, *, settings: SourceSettings, client: HttpClient) -> Listing:
     if uri.scheme == "hf":
         return await asyncio.to_thread(_list_hf, uri, settings)
     if uri.scheme == "s3":
         return await asyncio.to_thread(_list_s3, uri, settings)
     if uri.scheme == "file":
         return await asyncio.to_thread(_list_file, uri)
-    return await _list_http(uri, session)
+    return await _list_http(uri, client)
 
 
 # -- Hugging Face ---------------------------------------------------------------------------------
 
 
 def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
+    from httpx2 import HTTPError  # what huggingface_hub's client raises for connection errors
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -92,7 +92,7 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
         raise AccessDenied(f"access denied to {uri.repo_id}: not found{hint}") from e
     except HfHubHTTPError as e:
         raise _http_status_error(source, _status(e), _retry_after(e)) from e
-    except OSError as e:  # connection errors surface as requests/httpx OSErrors
+    except (OSError, HTTPError) as e:  # connection errors and timeouts of the hub's HTTP client
         raise TransientError(f"{source}: cannot reach {settings.hf_endpoint}: {type(e).__name__}") from e
     headers = {"Authorization": f"Bearer {settings.hf_token}"} if settings.hf_token else {}
     files = []
@@ -262,20 +262,21 @@ def _s3_sha256(obj: Mapping[str, Any]) -> str | None:
 # -- HTTP(S) --------------------------------------------------------------------------------------
 
 
-async def _list_http(uri: SourceURI, session: aiohttp.ClientSession) -> Listing:
+async def _list_http(uri: SourceURI, client: HttpClient) -> Listing:
     source = uri.redacted()
     name = uri.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     checked_path(name, source=source)
-    try:
-        async with session.head(uri.url, allow_redirects=True) as response:
-            if response.status >= 400 and response.status != 405:
-                raise _http_status_error(source, response.status)
-            size = response.content_length if response.status < 400 else None
-            etag = response.headers.get("ETag", "")
-    except aiohttp.ClientError as e:
-        raise TransientError(f"{source}: {type(e).__name__}") from e
-    except TimeoutError as e:
-        raise TransientError(f"{source}: timed out") from e
+    seen: list[Response] = []
+
+    def accept(response: Response) -> None:
+        if response.status >= 400 and response.status != 405:  # 405: no HEAD; the GET will tell
+            raise _http_status_error(source, response.status)
+        seen.append(response)
+
+    await client.request("HEAD", uri.url, headers={}, label=source, accept=accept)
+    (response,) = seen
+    size = response.content_length if response.status < 400 else None
+    etag = response.headers.get("ETag", "")
     file = RemoteFile(path=name, size=size, url=uri.url)
     revision = hashlib.sha256(f"{etag}:{size}".encode()).hexdigest()[:16] if etag else None
     return Listing(source=source, revision=revision, files=(file,), archive=uri.archive_suffix)
