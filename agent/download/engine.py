@@ -419,8 +419,8 @@ class Transfer:
         if digest is not None:
             got = digest
         else:
-            with _Mapped(target) as view:
-                _hash_view(h, view)
+            with open(target, "rb") as fh:
+                _hash_file(h, fh.fileno(), 0, size)
             got = h.hexdigest()
         if got != want:
             return False, f"{name} {got}, expected {want}"
@@ -578,12 +578,13 @@ class _Hasher:
 
     def _run(self, done: set[int]) -> None:
         # Reads only chunks whose bytes were all written: other ranges may be written meanwhile.
-        with _Mapped(self.path) as view:
+        with open(self.path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             while self._ready(done):
                 _, start, end = self.chunks[self.next]
-                if end > len(view):
+                if end > size:
                     return  # shorter than expected: the size check reports it
-                _hash_view(self.h, view[start:end])
+                _hash_file(self.h, fh.fileno(), start, end)
                 self.next += 1
 
     async def finish(self, done: set[int]) -> str | None:
@@ -594,32 +595,17 @@ class _Hasher:
         return self.h.hexdigest() if self.next == len(self.chunks) else None
 
 
-class _Mapped:
-    """A file's bytes as a read-only memoryview of its mapping: hashed from the page cache with no
-    copy (reading into a buffer first costs a copy of every byte: about 15 % more CPU per hash)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.mapping: mmap.mmap | None = None
-        self.view = memoryview(b"")
-
-    def __enter__(self) -> memoryview:
-        with open(self.path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size:
-                self.mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                self.mapping.madvise(mmap.MADV_SEQUENTIAL)
-                self.view = memoryview(self.mapping)
-        return self.view
-
-    def __exit__(self, *exc: object) -> None:
-        self.view.release()
-        if self.mapping is not None:
-            self.mapping.close()
-
-
-def _hash_view(h: Any, view: memoryview) -> None:
-    for start in range(0, len(view), 16 * MiB):
-        h.update(view[start : start + 16 * MiB])
+def _hash_file(h: Any, fd: int, start: int, end: int) -> None:
+    """Hash bytes ``start:end`` of an open file from the page cache through short-lived read-only
+    mappings: no copy of every byte into a buffer (about 15 % less CPU per hash than reading), and
+    at most one window mapped at a time, so the process's resident memory stays small."""
+    window = 16 * MiB
+    for offset in range(start, end, window):
+        skew = offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+        length = min(window, end - offset)
+        mapped = mmap.mmap(fd, length + skew, offset=offset - skew, access=mmap.ACCESS_READ)
+        with mapped, memoryview(mapped) as view:
+            h.update(view[skew:])
 
 
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
