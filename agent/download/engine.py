@@ -47,7 +47,9 @@ MiB = 1 << 20
 class TransferSettings:
     concurrency: int = 16  # connections at once, all files together
     chunk_size: int = 64 * MiB  # a large file is fetched as ranges of this size
-    read_size: int = 1 * MiB
+    # Each worker's receive buffer. Small enough to stay in a core's L2 cache between the receive
+    # and the write: bench/pull.py measured 512 KiB ~10 % faster than 1 MiB and 2 MiB 40 % slower.
+    read_size: int = 512 << 10
     max_bandwidth: float | None = None  # bytes per second, all connections together
     verify: bool = True
     attempts: int = 6  # per request, transient errors only
