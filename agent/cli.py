@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from agent.desired import parse_labels
+from agent.download.client import proxies_from_env
 from agent.download.engine import TransferSettings
 from agent.download.sources import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
@@ -101,7 +102,10 @@ def main(argv: Sequence[str]) -> int:
         retry_cap=args.retry_max,
         verify_on_start=args.verify_on_start,
         transfer=TransferSettings(
-            concurrency=args.concurrency, max_bandwidth=args.max_bandwidth, chunk_size=args.chunk_size
+            concurrency=args.concurrency,
+            max_bandwidth=args.max_bandwidth,
+            chunk_size=args.chunk_size,
+            proxies=proxies_from_env(),
         ),
         sources=SourceSettings.from_env(),
     )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from agent.download.client import proxies_from_env
 from agent.download.engine import TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
@@ -104,6 +105,7 @@ def main(argv: Sequence[str]) -> int:
         chunk_size=args.chunk_size,
         max_bandwidth=args.max_bandwidth,
         verify=not args.no_verify,
+        proxies=proxies_from_env(),
     )
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     try:

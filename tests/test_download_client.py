@@ -15,7 +15,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from agent.download.client import HttpClient, Response
-from localmodel.errors import AccessDenied, DownloadError, TransientError
+from localmodel.errors import AccessDenied, DownloadError, InvalidInput, TransientError
+from tests.support.proxy import Proxy
 from tests.support.tls import make_cert
 
 MiB = 1 << 20
@@ -285,3 +286,53 @@ async def test_the_rate_cap_holds_for_all_requests_together() -> None:
     finally:
         capped.close()
         await server.stop()
+
+
+async def test_proxies_tunnel_https_forward_http_and_honour_no_proxy(tmp_path: Path) -> None:
+    make_cert(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+
+    def routes(server: Server) -> list[web.RouteDef]:
+        async def blob(request: web.Request) -> web.Response:
+            return web.Response(body=b"through " + request.scheme.encode())
+
+        return [web.get("/blob", blob)]
+
+    plain, tls, proxy = Server(routes), Server(routes), Proxy()
+    await plain.start()
+    await tls.start(ssl_context=context)
+    await proxy.start()
+    auth_url = proxy.url.replace("http://", "http://user:p%40ss@")
+
+    def make(proxies: dict[str, str]) -> HttpClient:
+        return HttpClient(
+            concurrency=2,
+            read_size=MiB,
+            connect_timeout=5,
+            read_timeout=5,
+            ssl_context=ssl.create_default_context(cafile=str(tmp_path / "tls.crt")),
+            proxies=proxies,
+        )
+
+    via = make({"http": auth_url, "https": auth_url})
+    bypass = make({"http": auth_url, "https": auth_url, "no": "localhost,127.0.0.1"})
+    try:
+        assert await fetch(via, f"{plain.url}/blob?x=1") == (200, b"through http")
+        assert await fetch(via, f"{tls.url}/blob") == (200, b"through https")
+        basic = "Basic dXNlcjpwQHNz"  # user:p@ss
+        assert proxy.seen == [
+            ("GET", f"{plain.url}/blob?x=1", basic),
+            ("CONNECT", tls.url.removeprefix("https://"), basic),
+        ]
+        proxy.seen.clear()
+        assert await fetch(bypass, f"{plain.url}/blob") == (200, b"through http")
+        assert proxy.seen == []
+        with pytest.raises(InvalidInput, match="https_proxy: only http://"):
+            make({"https": "https://proxy.example:3128"})
+    finally:
+        via.close()
+        bypass.close()
+        await proxy.stop()
+        await plain.stop()
+        await tls.stop()

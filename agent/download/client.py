@@ -14,6 +14,10 @@ connection limit, its rate limiter the global byte-rate cap, its idle connection
 Redirects (301, 302, 303, 307, 308) are followed up to :data:`MAX_REDIRECTS`; ``Authorization`` is
 dropped when a redirect leaves the origin (a Hugging Face token never reaches a CDN).
 
+Proxies: the ``http_proxy``/``https_proxy``/``no_proxy`` variables, as curl and huggingface_hub read
+them (read at the entry point: :func:`proxies_from_env`). https goes through a CONNECT tunnel, http
+as an absolute-form request; ``user:password@`` in the proxy's URL becomes Proxy-Authorization.
+
 Errors, mapped here and only here (``from e``) into the project's tree:
 
 - :class:`~localmodel.errors.TransientError`: refused, reset or closed connections, timeouts, a body
@@ -36,13 +40,14 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from localmodel.errors import DownloadError, TransientError
+from localmodel.errors import DownloadError, InvalidInput, TransientError
 
 MAX_REDIRECTS = 10
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -105,6 +110,16 @@ class _Call:
                 sock.shutdown(socket.SHUT_RDWR)  # a worker blocked in recv returns at once
 
 
+def proxies_from_env() -> dict[str, str]:
+    """``{"http": URL, "https": URL, "no": "host,.domain"}`` from the environment (entry points only)."""
+    return urllib.request.getproxies_environment()
+
+
+# Where a connection goes: ("direct", scheme, host, port), ("proxy", host, port) for plain http sent
+# to a proxy, or ("tunnel", proxy host, proxy port, host, port) for https through CONNECT.
+Route = tuple[str | int, ...]
+
+
 class HttpClient:
     def __init__(
         self,
@@ -115,14 +130,22 @@ class HttpClient:
         read_timeout: float,
         max_bandwidth: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: Mapping[str, str] | None = None,
     ) -> None:
+        self.proxies = dict(proxies or {})
+        for scheme in ("http", "https"):
+            if scheme in self.proxies and _proxy_url(self.proxies[scheme]).scheme != "http":
+                raise InvalidInput(
+                    f"{scheme}_proxy: only http:// proxies are supported (https goes through CONNECT); "
+                    "set it to http://HOST:PORT"
+                )
         self.read_size = read_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
         self.ssl_context = ssl_context or ssl.create_default_context()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._idle: dict[Route, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
@@ -141,9 +164,11 @@ class HttpClient:
         except asyncio.CancelledError:
             call.stop()
             if not future.cancel():
-                while not future.done():
+                while not waiting.done():
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait([waiting])
+            if not waiting.cancelled():
+                waiting.exception()  # Stopped, most likely: seen here, not logged as never retrieved
             raise
 
     def close(self) -> None:
@@ -180,9 +205,8 @@ class HttpClient:
     ) -> int:
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
-            key = (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn, answer = self._send(call, key, method, target, headers, label)
+            key, target, extra = self._route(parts)
+            conn, answer = self._send(call, key, method, target, {**headers, **extra}, label)
             try:
                 location = answer.getheader("Location")
                 if answer.status in REDIRECTS and location:
@@ -210,10 +234,25 @@ class HttpClient:
                 call.sock = None
         raise DownloadError(f"{label}: more than {MAX_REDIRECTS} redirects")
 
+    def _route(self, parts: SplitResult) -> tuple[Route, str, dict[str, str]]:
+        """(pool key, request target, extra headers) for a URL, through a proxy where one is set."""
+        scheme, host = parts.scheme, parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        proxy = self.proxies.get(scheme)
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # stable, untyped
+        if not proxy or bypass(host, self.proxies):
+            return ("direct", scheme, host, port), path, {}
+        via = _proxy_url(proxy)
+        phost, pport = via.hostname or "", via.port or 80
+        if scheme == "https":
+            return ("tunnel", phost, pport, host, port), path, {}
+        return ("proxy", phost, pport), parts.geturl(), _proxy_auth(via)
+
     def _send(
         self,
         call: _Call,
-        key: tuple[str, str, int],
+        key: Route,
         method: str,
         target: str,
         headers: dict[str, str],
@@ -260,30 +299,51 @@ class HttpClient:
             sink(buf[:n])
             got += n
 
-    def _idle_connection(self, key: tuple[str, str, int]) -> http.client.HTTPConnection | None:
+    def _idle_connection(self, key: Route) -> http.client.HTTPConnection | None:
         with self._lock:
             conns = self._idle.get(key)
             return conns.pop() if conns else None
 
-    def _connect(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
-        scheme, host, port = key
+    def _connect(self, key: Route) -> http.client.HTTPConnection:
+        kind, *where = key
         conn: http.client.HTTPConnection
-        if scheme == "https":
+        if kind == "direct" and where[0] == "https":
             conn = http.client.HTTPSConnection(
-                host, port, timeout=self.connect_timeout, context=self.ssl_context
+                str(where[1]), int(where[2]), timeout=self.connect_timeout, context=self.ssl_context
             )
+        elif kind == "tunnel":
+            phost, pport, host, port = where
+            conn = http.client.HTTPSConnection(
+                str(phost), int(pport), timeout=self.connect_timeout, context=self.ssl_context
+            )
+            conn.set_tunnel(str(host), int(port), headers=_proxy_auth(_proxy_url(self.proxies["https"])))
+        elif kind == "proxy":
+            conn = http.client.HTTPConnection(str(where[0]), int(where[1]), timeout=self.connect_timeout)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            conn = http.client.HTTPConnection(str(where[1]), int(where[2]), timeout=self.connect_timeout)
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)
         return conn
 
     def _checkin(
-        self, key: tuple[str, str, int], conn: http.client.HTTPConnection, answer: http.client.HTTPResponse
+        self, key: Route, conn: http.client.HTTPConnection, answer: http.client.HTTPResponse
     ) -> None:
         if answer.will_close or not answer.isclosed() or self._closed:
             conn.close()
             return
         with self._lock:
             self._idle.setdefault(key, []).append(conn)
+
+
+def _proxy_url(text: str) -> SplitResult:
+    return urlsplit(text if "://" in text else f"http://{text}")  # "host:port" is how many set it
+
+
+def _proxy_auth(via: SplitResult) -> dict[str, str]:
+    if via.username is None:
+        return {}
+    import base64
+
+    pair = f"{unquote(via.username)}:{unquote(via.password or '')}".encode()
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}

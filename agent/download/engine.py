@@ -25,8 +25,8 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +58,8 @@ class TransferSettings:
     connect_timeout: float = 30.0
     read_timeout: float = 120.0
     checkpoint_interval: float = 2.0  # seconds between syncs of the resume state
+    # http_proxy/https_proxy/no_proxy as read at the entry point (client.proxies_from_env)
+    proxies: Mapping[str, str] = field(default_factory=dict)
 
 
 class ProgressSink(Protocol):

@@ -26,6 +26,7 @@ def http_client(settings: TransferSettings) -> HttpClient:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         max_bandwidth=settings.max_bandwidth,
+        proxies=settings.proxies,
     )
 
 
