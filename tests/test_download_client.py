@@ -4,6 +4,7 @@ redirects, kept-alive connections the server closed, cancellation, TLS, the glob
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
 import time
@@ -336,3 +337,43 @@ async def test_proxies_tunnel_https_forward_http_and_honour_no_proxy(tmp_path: P
         await proxy.stop()
         await plain.stop()
         await tls.stop()
+
+
+async def test_cancelling_during_a_connect_that_hangs_returns_at_once() -> None:
+    """A listener whose accept queue is full drops new SYNs, so a connect hangs until its timeout;
+    cancelling the caller must not wait for that (the worker has not touched accept or a sink)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue; later connects are left hanging
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    await asyncio.sleep(0.2)
+    slow = HttpClient(concurrency=2, read_size=MiB, connect_timeout=3, read_timeout=3)
+    called: list[int] = []
+
+    def accept(response: Response) -> None:
+        called.append(response.status)
+
+    try:
+        task = asyncio.create_task(
+            slow.request("GET", f"http://127.0.0.1:{port}/x", headers={}, label="t", accept=accept)
+        )
+        await asyncio.sleep(0.5)
+        assert not task.done()  # still connecting
+        before = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - before < 0.5
+        await asyncio.sleep(3.5)  # the connect times out in the worker, which then stops
+        assert called == []
+    finally:
+        slow.close()
+        for s in fillers:
+            s.close()
+        listener.close()

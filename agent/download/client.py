@@ -96,18 +96,36 @@ class RateLimiter:
 
 
 class _Call:
-    """One request in a worker: the flag and the socket that let the event loop stop it."""
+    """One request in a worker, and what lets the event loop stop it: a flag, and the socket the
+    worker is using (attached only once connected: until then the worker cannot have called
+    ``accept`` or a sink, so a caller that is cancelled need not wait for a slow connect)."""
 
     def __init__(self) -> None:
         self.stopped = threading.Event()
+        self.lock = threading.Lock()
         self.sock: socket.socket | None = None
 
-    def stop(self) -> None:
-        self.stopped.set()
-        sock = self.sock
-        if sock is not None:
+    def attach(self, sock: socket.socket | None) -> bool:
+        """In the worker, before using a connection: False when the request was stopped."""
+        with self.lock:
+            if self.stopped.is_set():
+                return False
+            self.sock = sock
+            return True
+
+    def detach(self) -> None:
+        with self.lock:
+            self.sock = None
+
+    def stop(self) -> bool:
+        """From the event loop: True when the worker may be using a connection (wait for it)."""
+        with self.lock:
+            self.stopped.set()
+            if self.sock is None:
+                return False
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # a worker blocked in recv returns at once
+                self.sock.shutdown(socket.SHUT_RDWR)  # a worker blocked in recv returns at once
+            return True
 
 
 def proxies_from_env() -> dict[str, str]:
@@ -143,7 +161,7 @@ class HttpClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
-        self.ssl_context = ssl_context or ssl.create_default_context()
+        self._ssl_context = ssl_context
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")
         self._idle: dict[Route, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
@@ -154,22 +172,29 @@ class HttpClient:
         self, method: str, url: str, *, headers: Mapping[str, str], label: str, accept: Accept
     ) -> int:
         """Send one request in a worker; ``accept`` sees the response, its sink the body. The
-        number of body bytes given to the sink. Cancelling the caller stops the worker and waits
-        for it, so no sink runs after this returns or raises."""
+        number of body bytes given to the sink. Cancelling the caller stops the worker and, when it
+        is past connecting, waits for it: no ``accept`` or sink runs after this returns or raises."""
         call = _Call()
         future: Future[int] = self._pool.submit(self._run, call, method, url, dict(headers), label, accept)
         waiting = asyncio.wrap_future(future)
         try:
             return await asyncio.shield(waiting)
         except asyncio.CancelledError:
-            call.stop()
-            if not future.cancel():
+            # Its outcome (Stopped, most likely) is seen here, not logged as never retrieved.
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+            using = call.stop()
+            if not future.cancel() and using:
                 while not waiting.done():
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait([waiting])
-            if not waiting.cancelled():
-                waiting.exception()  # Stopped, most likely: seen here, not logged as never retrieved
             raise
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        # Made on first use: loading the system's CA bundle costs about 20 ms that plain http never needs.
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     def close(self) -> None:
         self._closed = True
@@ -231,7 +256,7 @@ class HttpClient:
                 conn.close()
                 raise
             finally:
-                call.sock = None
+                call.detach()
         raise DownloadError(f"{label}: more than {MAX_REDIRECTS} redirects")
 
     def _route(self, parts: SplitResult) -> tuple[Route, str, dict[str, str]]:
@@ -264,8 +289,7 @@ class HttpClient:
         for fresh in (conn is None, True):
             if conn is None:
                 conn = self._connect(key)
-            call.sock = conn.sock
-            if call.stopped.is_set():
+            if not call.attach(conn.sock):
                 conn.close()
                 raise Stopped(label)
             try:
