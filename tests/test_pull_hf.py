@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.download.engine import TransferSettings
-from agent.download.pull import pull
+from agent.download.pull import http_client, pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
 from localmodel.errors import AccessDenied, IntegrityError, TransientError, UnsafePath
@@ -262,3 +262,37 @@ async def test_an_unreachable_hub_is_a_transient_error_naming_the_endpoint(tmp_p
             transfer=TransferSettings(),
         )
     assert not (tmp_path / "m").exists()
+
+
+async def test_downloads_sharing_a_client_take_turns(hf_hub: Hub, tmp_path: Path) -> None:
+    """One client (the agent's) for two models: the second is not queued behind every chunk of the
+    first. The big model has 16 throttled ranges on 2 connections; the small one finishes first."""
+    hf_hub.add_repo("org/big", {"model.safetensors": os.urandom(4 * MiB)})
+    hf_hub.add_repo("org/small", {"model.safetensors": os.urandom(256 << 10)})
+    hf_hub.file("org/big", "model.safetensors").rate = 4 * MiB  # 1 MiB/s per connection, 2 connections
+    settings = TransferSettings(concurrency=2, chunk_size=256 << 10, backoff_initial=0.01)
+    client = http_client(settings)
+    sources = SourceSettings(hf_endpoint=hf_hub.endpoint)
+    finished: list[str] = []
+
+    async def one(repo: str) -> None:
+        await pull(
+            parse_uri(f"hf://{repo}"),
+            Destination.for_folder(tmp_path / repo.split("/")[1]),
+            sources=sources,
+            transfer=settings,
+            client=client,
+        )
+        finished.append(repo)
+
+    try:
+        big = asyncio.create_task(one("org/big"))
+        while hf_hub.count("GET", "org/big/resolve") < 2:  # both connections busy with the big one
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(one("org/small"), 10)
+        # The small one's request went between the big one's ranges, not after all 16 of them.
+        assert finished == ["org/small"] and hf_hub.count("GET", "org/big/resolve") <= 6
+        await asyncio.wait_for(big, 30)
+        assert finished == ["org/small", "org/big"]
+    finally:
+        client.close()

@@ -129,6 +129,9 @@ class Transfer:
         self.dirty: set[str] = set()  # files with chunks written since the last checkpoint
         self.fds: dict[str, int] = {}
         self.hashers: dict[str, _Hasher] = {}  # files hashed as their finished prefix grows
+        # At most `concurrency` requests of this download queued in the shared client at once, so the
+        # client's workers take turns between downloads rather than serving one model's whole queue.
+        self.slots = asyncio.Semaphore(settings.concurrency)
         self.state = Progress(listing.revision, settings.chunk_size, {})
 
     # -- the whole download ----------------------------------------------------------------
@@ -331,9 +334,10 @@ class Transfer:
                 if body.asked_range:
                     headers["Range"] = f"bytes={body.pos}-{body.end - 1}" if f.size else f"bytes={body.pos}-"
                 try:
-                    await self.client.request(
-                        "GET", f.url or "", headers=headers, label=body.label, accept=body.accept
-                    )
+                    async with self.slots:
+                        await self.client.request(
+                            "GET", f.url or "", headers=headers, label=body.label, accept=body.accept
+                        )
                 finally:
                     self._advance(body.take_unreported())
                 expected = (body.end - body.start) if f.size is not None else None
