@@ -9,7 +9,7 @@ The asyncio side only schedules requests and sees their outcome.
 
 One client serves every download of a process: its pool of ``concurrency`` workers is the global
 connection limit, its rate limiter the global byte-rate cap, its idle connections are reused
-(HTTP/1.1 keep-alive, one pool per scheme, host and port).
+(HTTP/1.1 keep-alive, one pool per server, or per proxy).
 
 Redirects (301, 302, 303, 307, 308) are followed up to :data:`MAX_REDIRECTS`; ``Authorization`` is
 dropped when a redirect leaves the origin (a Hugging Face token never reaches a CDN).
@@ -59,7 +59,7 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class Response:
-    """What ``accept`` sees before the body: the final status, its headers, whether it is a HEAD."""
+    """What ``accept`` sees before the body: the final status (after redirects) and its headers."""
 
     status: int
     headers: Message  # case-insensitive ``get``
