@@ -50,6 +50,7 @@ from localmodel.resources import (
     LOCALMODEL_LABEL,
     NODEGROUP_ANNOTATION,
     Condition,
+    InferenceServiceRef,
     LocalModelCache,
     LocalModelInfo,
     LocalModelNode,
@@ -133,6 +134,8 @@ class Snapshot:
     # the serving PVs and PVCs the controller created, as they are
     volumes: Mapping[str, VolumeRef] = field(default_factory=dict)  # PV name ->
     claims: Mapping[tuple[str, str], VolumeRef] = field(default_factory=dict)  # (namespace, name) ->
+    # cache -> the InferenceServices that use it (KServe's status.inferenceServices), sorted
+    inference_services: Mapping[str, tuple[InferenceServiceRef, ...]] = field(default_factory=dict)
 
 
 def listing(lmns: Iterable[LocalModelNode]) -> dict[str, set[str]]:
@@ -558,9 +561,11 @@ def _cache_status(
     if total and available == total and not (old.copies.total and old.copies.available == old.copies.total):
         event("Normal", "AllCopiesReady", f"all {total} node(s) hold the model")
 
+    refs = snapshot.inference_services.get(cache.name, ())
     new_json: dict[str, Any] = {
         "nodeStatus": {n: s.value for n, s in sorted(states.items())},
         "copies": {"available": available, "total": total, "failed": failed},
+        "inferenceServices": [{"name": r.name, "namespace": r.namespace} for r in refs],
         "conditions": [c.to_json() for c in conditions],
         "observedGeneration": cache.metadata.generation,
     }
@@ -568,6 +573,7 @@ def _cache_status(
     current = {
         "nodeStatus": old_json.get("nodeStatus", {}),
         "copies": old_json.get("copies"),
+        "inferenceServices": old_json.get("inferenceServices") or [],
         "conditions": old_json.get("conditions", []),
         "observedGeneration": old.observed_generation,
     }
@@ -576,6 +582,8 @@ def _cache_status(
     patch = dict(new_json)
     # A merge patch merges maps: prune the entries of nodes that no longer hold the model.
     patch["nodeStatus"] = {**dict.fromkeys(old.node_status), **new_json["nodeStatus"]}
+    if not refs:
+        patch["inferenceServices"] = None  # absent when none, as KServe writes it
     return StatusWrite("LocalModelCache", cache.name, patch), events
 
 
@@ -747,6 +755,29 @@ def serving_demands(
                 c, g = by_claim[claim]
                 out.add(ServingDemand(c, g, ns))
     return out
+
+
+def isvc_caches(isvc: Mapping[str, Any], caches: Mapping[str, LocalModelCache]) -> frozenset[str]:
+    """The caches an InferenceService uses: the one KServe's webhook names in its
+    ``internal.serving.kserve.io/localmodel`` label, and those whose ``sourceModelUri`` covers a
+    predictor's ``storageUri`` (the same URI, or a path below it, as KServe matches them)."""
+    meta = isvc.get("metadata") or {}
+    out: set[str] = set()
+    named = (meta.get("labels") or {}).get(LOCALMODEL_LABEL)
+    if isinstance(named, str) and named in caches:
+        out.add(named)
+    predictor = (isvc.get("spec") or {}).get("predictor") or {}
+    uris = [predictor.get("storageUri")] + [
+        part.get("storageUri") for part in predictor.values() if isinstance(part, Mapping)
+    ]
+    for uri in uris:
+        if not isinstance(uri, str) or not uri:
+            continue
+        for c in caches.values():
+            base = c.spec.source_model_uri.rstrip("/")
+            if uri == c.spec.source_model_uri or uri.startswith(base + "/"):
+                out.add(c.name)
+    return frozenset(out)
 
 
 def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -> list[VolumeWrite]:

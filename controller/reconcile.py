@@ -40,6 +40,7 @@ from controller.plan import (
     StatusWrite,
     VolumeRef,
     VolumeWrite,
+    isvc_caches,
     layout,
     model_label,
     model_labels,
@@ -53,6 +54,7 @@ from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFou
 from localmodel.events import event_body
 from localmodel.resources import (
     FINALIZER,
+    InferenceServiceRef,
     LocalModelCache,
     LocalModelNode,
     LocalModelNodeGroup,
@@ -61,6 +63,7 @@ from localmodel.resources import (
 )
 from localmodel.state.base import (
     EVENT,
+    INFERENCE_SERVICE,
     JSON,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
@@ -89,7 +92,10 @@ WATCHED: tuple[ResourceKind, ...] = (
     POD,
     PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
+    INFERENCE_SERVICE,
 )
+# Watched where their API exists: without KServe there are no InferenceServices to report.
+OPTIONAL: frozenset[ResourceKind] = frozenset({INFERENCE_SERVICE})
 # Only the PVs and PVCs the controller made are its business: watched by their label.
 SELECTORS: dict[ResourceKind, Selector] = {
     PERSISTENT_VOLUME: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
@@ -106,6 +112,7 @@ def utc_now() -> str:
 class Settings:
     max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS
     event_namespace: str = "default"  # where Kubernetes keeps Events of cluster-scoped objects
+    optional_retry: float = 60.0  # seconds between looks for an API the cluster lacks (KServe's)
     clock: Callable[[], str] = utc_now
 
 
@@ -125,6 +132,8 @@ class _View:
     node_models: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> keys labelled ready
     volumes: dict[str, VolumeRef] = field(default_factory=dict)  # the PVs we made, by name
     claims: dict[tuple[str, str], VolumeRef] = field(default_factory=dict)  # our PVCs, (namespace, name)
+    isvcs: dict[tuple[str, str], JSON] = field(default_factory=dict)  # (namespace, name) -> object
+    isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
 
 
 class Controller:
@@ -148,6 +157,8 @@ class Controller:
         self._layout: Layout | None = None
         self._in_use: dict[str, frozenset[str]] | None = None
         self._serving: frozenset[ServingDemand] | None = None
+        self._isvc_refs: dict[str, tuple[InferenceServiceRef, ...]] | None = None  # cache ->
+        self._missing: set[ResourceKind] = set()  # optional kinds whose API this cluster lacks
         self._full = True
         self._dirty_nodes: set[str] = set()
         self._dirty_caches: set[str] = set()
@@ -162,7 +173,13 @@ class Controller:
         self._view = _View()
         self._invalidate()
         for kind in WATCHED:
-            listing = await self.state.list(kind, selector=SELECTORS.get(kind))
+            try:
+                listing = await self.state.list(kind, selector=SELECTORS.get(kind))
+            except NotFound:
+                if kind not in OPTIONAL:
+                    raise
+                self._lacks(kind)
+                continue
             for obj in listing.items:
                 self.observe(kind, WatchEvent("ADDED", obj))
         self._full = True
@@ -190,6 +207,8 @@ class Controller:
                 self._observe_pod(obj, deleted)
             elif kind is PERSISTENT_VOLUME or kind is PERSISTENT_VOLUME_CLAIM:
                 self._observe_volume(kind, obj, deleted)
+            elif kind is INFERENCE_SERVICE:
+                self._observe_isvc(obj, deleted)
         except SpecError as e:
             # One bad object must not stop the controller for everyone else; it is left out.
             log.warning("ignoring %s %s: %s", kind.kind, name, e)
@@ -322,10 +341,36 @@ class Controller:
                 store[key] = ref
             self._volumes_dirty = True  # e.g. deleted by someone: made again if still wanted
 
+    def _observe_isvc(self, obj: JSON, deleted: bool) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "default", meta["name"])
+        view = self._view
+        before = view.isvc_use.pop(key, frozenset())
+        view.isvcs.pop(key, None)
+        after: frozenset[str] = frozenset()
+        if not deleted:
+            # Only what matching reads: an InferenceService's status is large and changes often.
+            view.isvcs[key] = {
+                "metadata": {"labels": meta.get("labels") or {}},
+                "spec": {"predictor": (obj.get("spec") or {}).get("predictor") or {}},
+            }
+            after = isvc_caches(view.isvcs[key], view.caches)
+            if after:
+                view.isvc_use[key] = after
+        if before != after:
+            self._dirty_caches.update(before ^ after)
+            self._isvc_refs = None
+
+    def _lacks(self, kind: ResourceKind) -> None:
+        if kind not in self._missing:
+            self._missing.add(kind)
+            log.info("%s: not served by this cluster; watched again later", kind.plural)
+
     def _invalidate(self) -> None:
         self._layout = None
         self._in_use = None
         self._serving = None
+        self._isvc_refs = None
         self._full = True
 
     @property
@@ -383,6 +428,16 @@ class Controller:
                     else:
                         view.pod_serving.pop(key, None)
             self._serving = frozenset(d for ds in view.pod_serving.values() for d in ds)
+        if self._isvc_refs is None:
+            if full:  # which caches an InferenceService uses depends on the caches
+                view.isvc_use = {
+                    k: use for k, obj in view.isvcs.items() if (use := isvc_caches(obj, view.caches))
+                }
+            refs: dict[str, list[InferenceServiceRef]] = {}
+            for (namespace, name), used in sorted(view.isvc_use.items()):
+                for c in used:
+                    refs.setdefault(c, []).append(InferenceServiceRef(name, namespace))
+            self._isvc_refs = {c: tuple(r) for c, r in refs.items()}
         snapshot = Snapshot(
             caches=view.caches,
             groups=view.groups,
@@ -395,6 +450,7 @@ class Controller:
             serving=self._serving,
             volumes=view.volumes,
             claims=view.claims,
+            inference_services=self._isvc_refs,
         )
         options = Options(self.settings.max_concurrent_downloads, self.settings.clock())
         result = plan(snapshot, options, placed=self._layout, scope=scope)
@@ -673,8 +729,13 @@ class Controller:
         while True:
             try:
                 async for event in watch(self.state, kind, selector=SELECTORS.get(kind)):
+                    self._missing.discard(kind)
                     queue.put_nowait((kind, event))
             except ClusterStateError as e:
+                if isinstance(e, NotFound) and kind in OPTIONAL:
+                    self._lacks(kind)  # e.g. KServe not installed (yet): look again now and then
+                    await asyncio.sleep(max(retry_delay, self.settings.optional_retry))
+                    continue
                 log.warning("watch of %s failed, restarting: %s", kind.plural, e)
                 await asyncio.sleep(retry_delay)
 

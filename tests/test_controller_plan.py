@@ -20,6 +20,7 @@ from controller.plan import (
     Plan,
     Scope,
     Snapshot,
+    isvc_caches,
     layout,
     models_in_use,
     node_ready,
@@ -512,3 +513,28 @@ def test_an_incremental_plan_agrees_with_a_full_one(s: Snapshot, data: st.DataOb
     full = settle(s, plan(s, opts, placed=placed))
     assert {k: spec_of(scoped, k) for k in s.nodes} == {k: spec_of(full, k) for k in s.nodes}
     assert {c: x.status for c, x in scoped.caches.items()} == {c: x.status for c, x in full.caches.items()}
+
+
+def test_which_caches_an_inference_service_uses() -> None:
+    caches = {c.name: c for c in (cache("llama", "1Gi", ["g"]), cache("llama-2", "1Gi", ["g"]))}
+    caches["s3"] = LocalModelCache.from_json(
+        {
+            "apiVersion": "serving.kserve.io/v1alpha1",
+            "kind": "LocalModelCache",
+            "metadata": {"name": "s3"},
+            "spec": {"sourceModelUri": "s3://bucket/models/", "modelSize": "1Gi", "nodeGroups": ["g"]},
+        }
+    )
+
+    def uses(predictor: dict[str, Any], labels: dict[str, str] | None = None) -> set[str]:
+        isvc = {"metadata": {"labels": labels or {}}, "spec": {"predictor": predictor}}
+        return set(isvc_caches(isvc, caches))
+
+    assert uses({"model": {"storageUri": "hf://org/llama"}}) == {"llama"}
+    assert uses({"model": {"storageUri": "hf://org/llama/lora"}}) == {"llama"}  # a path below it
+    assert uses({"model": {"storageUri": "hf://org/llama-2"}}) == {"llama-2"}  # not a path below llama
+    assert uses({"sklearn": {"storageUri": "s3://bucket/models/iris"}}) == {"s3"}  # older framework form
+    assert uses({"model": {"storageUri": "s3://bucket/models-old/x"}}) == set()
+    assert uses({}, {"internal.serving.kserve.io/localmodel": "llama-2"}) == {"llama-2"}
+    assert uses({}, {"internal.serving.kserve.io/localmodel": "gone"}) == set()  # no such cache
+    assert uses({"model": {"storageUri": 7}}) == set()  # not a string: ignored, not a crash

@@ -23,6 +23,7 @@ from localmodel.errors import InvalidInput, NotFound, SpecError
 from localmodel.resources import FINALIZER
 from localmodel.state.base import (
     EVENT,
+    INFERENCE_SERVICE,
     LEASE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
@@ -406,3 +407,77 @@ async def test_embedded_watch_waits_while_other_kinds_change() -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def isvc(name: str, namespace: str, uri: str | None = None, label: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if label:
+        meta["labels"] = {"internal.serving.kserve.io/localmodel": label}
+    predictor = {"model": {"modelFormat": {"name": "huggingface"}, "storageUri": uri}} if uri else {}
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": meta,
+        "spec": {"predictor": predictor},
+    }
+
+
+async def test_cache_status_lists_the_inference_services_that_use_it(state: ClusterState) -> None:
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("llama", "10Gi", ["h100"]))  # hf://org/llama
+    await state.create(INFERENCE_SERVICE, isvc("chat", "team-a", uri="hf://org/llama"))
+    await state.create(INFERENCE_SERVICE, isvc("sub", "team-b", uri="hf://org/llama/adapter"))
+    await state.create(INFERENCE_SERVICE, isvc("labelled", "team-a", label="llama"))
+    await state.create(INFERENCE_SERVICE, isvc("other", "team-a", uri="hf://org/llama-2"))
+
+    async def listed(expected: list[dict[str, str]]) -> bool:
+        st = (await state.get(LOCAL_MODEL_CACHE, "llama")).get("status") or {}
+        return bool(st.get("inferenceServices", []) == expected)
+
+    async with running(state):
+        await eventually(
+            lambda: listed(
+                [
+                    {"name": "chat", "namespace": "team-a"},
+                    {"name": "labelled", "namespace": "team-a"},
+                    {"name": "sub", "namespace": "team-b"},
+                ]
+            )
+        )
+        await state.delete(INFERENCE_SERVICE, "chat", namespace="team-a")
+        await state.patch(INFERENCE_SERVICE, "labelled", {"metadata": {"labels": None}}, namespace="team-a")
+        await eventually(lambda: listed([{"name": "sub", "namespace": "team-b"}]))
+        # A cache made after the InferenceService that uses it lists it too.
+        await state.create(LOCAL_MODEL_CACHE, cache("llama-2", "10Gi", ["h100"]))
+
+        async def other_listed() -> bool:
+            st = (await state.get(LOCAL_MODEL_CACHE, "llama-2")).get("status") or {}
+            return bool(st.get("inferenceServices") == [{"name": "other", "namespace": "team-a"}])
+
+        await eventually(other_listed)
+        await state.delete(INFERENCE_SERVICE, "sub", namespace="team-b")
+        await eventually(lambda: listed([]))
+        st = (await state.get(LOCAL_MODEL_CACHE, "llama"))["status"]
+        assert "inferenceServices" not in st  # absent when none, as KServe writes it
+
+
+async def test_a_cluster_without_kserve_is_reconciled_all_the_same(caplog: pytest.LogCaptureFixture) -> None:
+    api = KubeAPI(without=frozenset({INFERENCE_SERVICE}))
+    api.store = MemoryState()
+    await api.start()
+    kube = KubeState.for_url(api.url, watch_timeout=5)
+    try:
+        await setup_two_groups(kube)
+        await kube.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+        with caplog.at_level("INFO", logger="modelcache.controller"):
+            async with running(kube):
+                await eventually(lambda: _has(kube, "h1", ["m"]))
+                await asyncio.sleep(0.3)  # the watch of the missing API is not retried in a loop
+        missing = [r for r in caplog.records if "inferenceservices: not served" in r.getMessage()]
+        assert len(missing) == 1 and missing[0].levelname == "INFO"
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        assert sum(1 for _, path in api.requests if "inferenceservices" in path) <= 3
+    finally:
+        await kube.close()
+        api.expire_watches()
+        await api.close()

@@ -61,6 +61,10 @@ EVENT = ResourceKind("", "v1", "Event", "events", True, has_status=False)
 PERSISTENT_VOLUME = ResourceKind("", "v1", "PersistentVolume", "persistentvolumes", False)
 PERSISTENT_VOLUME_CLAIM = ResourceKind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", True)
 LEASE = ResourceKind("coordination.k8s.io", "v1", "Lease", "leases", True, has_status=False)
+# KServe's; read only, and only where KServe is installed (the controller fills caches' status from it).
+INFERENCE_SERVICE = ResourceKind(
+    "serving.kserve.io", "v1beta1", "InferenceService", "inferenceservices", True
+)
 
 KINDS: tuple[ResourceKind, ...] = (
     LOCAL_MODEL_CACHE,
@@ -72,6 +76,7 @@ KINDS: tuple[ResourceKind, ...] = (
     PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
     LEASE,
+    INFERENCE_SERVICE,
 )
 KINDS_BY_NAME: dict[str, ResourceKind] = {k.kind: k for k in KINDS}
 

@@ -48,7 +48,8 @@ def _selector(request: web.Request) -> Selector | None:
 
 
 class KubeAPI:
-    def __init__(self) -> None:
+    def __init__(self, *, without: frozenset[ResourceKind] = frozenset()) -> None:
+        self.without = without  # kinds this cluster does not serve (a CRD not installed): 404
         self.store = MemoryState()
         self.url = ""
         self.requests: list[tuple[str, str]] = []
@@ -93,7 +94,7 @@ class KubeAPI:
     def _kind(self, request: web.Request) -> ResourceKind:
         m = request.match_info
         kind = BY_PATH.get((m.get("group", ""), m["version"], m["plural"]))
-        if kind is None:
+        if kind is None or kind in self.without:
             raise web.HTTPNotFound(
                 text=json.dumps(
                     {
