@@ -377,3 +377,18 @@ async def test_cancelling_during_a_connect_that_hangs_returns_at_once() -> None:
         for s in fillers:
             s.close()
         listener.close()
+
+
+def test_without_a_system_ca_bundle_certifi_s_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "empty.pem").write_text("")
+    (tmp_path / "certs").mkdir()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "empty.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "certs"))
+    assert ssl.create_default_context().cert_store_stats()["x509_ca"] == 0  # as in a bare image
+    bare = HttpClient(concurrency=1, read_size=MiB, connect_timeout=5, read_timeout=5)
+    try:
+        assert bare.ssl_context.cert_store_stats()["x509_ca"] > 100
+    finally:
+        bare.close()

@@ -193,7 +193,14 @@ class HttpClient:
     def ssl_context(self) -> ssl.SSLContext:
         # Made on first use: loading the system's CA bundle costs about 20 ms that plain http never needs.
         if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()
+            context = ssl.create_default_context()  # the system's CAs (SSL_CERT_FILE/SSL_CERT_DIR honoured)
+            if not context.cert_store_stats()["x509_ca"]:
+                # An image without a CA bundle: certifi's, as huggingface_hub's and boto3's clients use.
+                with contextlib.suppress(ImportError):
+                    import certifi
+
+                    context.load_verify_locations(certifi.where())
+            self._ssl_context = context
         return self._ssl_context
 
     def close(self) -> None:
