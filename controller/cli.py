@@ -3,8 +3,9 @@
 
 ``--once`` reconciles one time and exits. With ``--output json|yaml`` it is a dry run: the cluster
 (or the documents) is copied into the embedded backend, reconciled there, and every
-LocalModelCache, LocalModelNodeGroup and LocalModelNode is printed with its spec and status; nothing
-is written to the API server.
+LocalModelCache, LocalModelNodeGroup and LocalModelNode is printed with its spec and status, with the
+Nodes it labels ready for a model and the serving PVs and PVCs it makes; nothing is written to the
+API server.
 
 ``--webhook-addr HOST:PORT`` with ``--webhook-cert-dir DIR`` (``tls.crt``, ``tls.key``) also serves the
 admission webhooks (:mod:`controller.webhook`) over HTTPS, in every replica, leader or not.
@@ -29,7 +30,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from controller.metrics import DEFAULT_METRICS_ADDR, ControllerMetrics, MetricsServer
-from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS
+from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_PREFIX
 from controller.reconcile import WATCHED, Controller, Settings
 from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr
@@ -41,12 +42,25 @@ from localmodel.state.base import (
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
+    PERSISTENT_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
     ClusterState,
+    Selector,
 )
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 
-PRINTED = (LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, LOCAL_MODEL_NODE)
+# What a dry run prints: the caches and groups with their status, every LocalModelNode, the nodes the
+# controller labelled ready for a model, and the serving PVs and PVCs it made.
+PRINTED = (
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE_GROUP,
+    LOCAL_MODEL_NODE,
+    NODE,
+    PERSISTENT_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
+)
+OURS = Selector(labels={MANAGED_BY_LABEL: MANAGED_BY})
 STANDALONE_KINDS = ("LocalModelCache", "LocalModelNodeGroup", "Node", "LocalModelNode")
 
 
@@ -224,8 +238,11 @@ async def copy_state(source: ClusterState, target: MemoryState) -> None:
 async def dump(state: ClusterState) -> list[JSON]:
     out: list[JSON] = []
     for kind in PRINTED:
-        for obj in (await state.list(kind)).items:
+        mine = kind in (PERSISTENT_VOLUME, PERSISTENT_VOLUME_CLAIM)
+        for obj in (await state.list(kind, selector=OURS if mine else None)).items:
             meta = obj.get("metadata") or {}
+            if kind is NODE and not any(k.startswith(MODEL_LABEL_PREFIX) for k in meta.get("labels") or {}):
+                continue  # a node the controller did not label: input, not a decision
             # What the user wrote and what the controller decided; server bookkeeping is noise.
             for k in ("resourceVersion", "managedFields"):
                 meta.pop(k, None)

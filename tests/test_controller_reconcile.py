@@ -481,3 +481,36 @@ async def test_a_cluster_without_kserve_is_reconciled_all_the_same(caplog: pytes
         await kube.close()
         api.expire_watches()
         await api.close()
+
+
+def test_dry_run_prints_node_labels_and_serving_volumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    write_docs(tmp_path / "docs")
+    served = cache("big", "140Gi", ["a100", "h100"])
+    served["metadata"]["annotations"] = {"modelcache.io/serving-namespaces": "team"}
+    (tmp_path / "docs" / "caches.yaml").write_text(yaml.safe_dump(served))
+    lmn = {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "LocalModelNode",
+        "metadata": {"name": "a1"},
+        "spec": {"localModels": [{"sourceModelUri": "hf://org/big", "modelName": "big"}]},
+        "status": {"modelStatus": {"big": "ModelDownloaded"}},
+    }
+    (tmp_path / "docs" / "node-status.yaml").write_text(yaml.safe_dump(lmn))
+    assert cli.main(["--standalone", str(tmp_path / "docs"), "--once", "--output", "json"]) == 0
+    objs = json.loads(capsys.readouterr().out)
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in objs]
+    assert [k for k in kinds if k[0] not in ("LocalModelCache", "LocalModelNodeGroup", "LocalModelNode")] == [
+        ("Node", "a1"),  # labelled ready; h1 holds nothing and is not printed
+        ("PersistentVolume", "big-a100-team"),
+        ("PersistentVolumeClaim", "big-a100"),
+    ]
+    a1 = next(o for o in objs if o["kind"] == "Node")
+    assert [v for k, v in a1["metadata"]["labels"].items() if k.startswith("modelcache.io/model.")] == [
+        "ready"
+    ]
+    big = next(o for o in objs if o["kind"] == "LocalModelCache")
+    assert big["status"]["nodeStatus"] == {"a1": "NodeDownloaded"}
