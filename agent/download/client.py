@@ -24,7 +24,7 @@ Errors, mapped here and only here (``from e``) into the project's tree:
   cut short, a malformed response: the engine retries these with backoff;
 - :class:`~localmodel.errors.DownloadError`: a TLS certificate that is not trusted, too many
   redirects (retrying would not help);
-- :class:`Stopped`: the awaiting task was cancelled; the worker stopped within one read.
+- :class:`Stopped`: the awaiting task was cancelled; the worker's connect or read was ended.
 
 An HTTP status is not an error here: the caller's ``accept`` sees the status and headers before any
 body byte and raises what it means. No message carries a URL (a signed query string is a secret):
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import socket
 import ssl
@@ -97,8 +98,9 @@ class RateLimiter:
 
 class _Call:
     """One request in a worker, and what lets the event loop stop it: a flag, and the socket the
-    worker is using (attached only once connected: until then the worker cannot have called
-    ``accept`` or a sink, so a caller that is cancelled need not wait for a slow connect)."""
+    worker is using, attached as soon as it exists (before it connects, so a hanging connect can be
+    ended). Before that (resolving the name) the worker cannot have called ``accept`` or a sink, so a
+    caller that is cancelled need not wait for it."""
 
     def __init__(self) -> None:
         self.stopped = threading.Event()
@@ -172,8 +174,9 @@ class HttpClient:
         self, method: str, url: str, *, headers: Mapping[str, str], label: str, accept: Accept
     ) -> int:
         """Send one request in a worker; ``accept`` sees the response, its sink the body. The
-        number of body bytes given to the sink. Cancelling the caller stops the worker and, when it
-        is past connecting, waits for it: no ``accept`` or sink runs after this returns or raises."""
+        number of body bytes given to the sink. Cancelling the caller stops the worker (a pending
+        connect or read ends at once) and waits for it unless it is still resolving the name: no
+        ``accept`` or sink runs after this returns or raises."""
         call = _Call()
         future: Future[int] = self._pool.submit(self._run, call, method, url, dict(headers), label, accept)
         waiting = asyncio.wrap_future(future)
@@ -295,7 +298,7 @@ class HttpClient:
         conn = self._idle_connection(key)
         for fresh in (conn is None, True):
             if conn is None:
-                conn = self._connect(key)
+                conn = self._connect(key, call)
             if not call.attach(conn.sock):
                 conn.close()
                 raise Stopped(label)
@@ -335,7 +338,7 @@ class HttpClient:
             conns = self._idle.get(key)
             return conns.pop() if conns else None
 
-    def _connect(self, key: Route) -> http.client.HTTPConnection:
+    def _connect(self, key: Route, call: _Call) -> http.client.HTTPConnection:
         kind, *where = key
         conn: http.client.HTTPConnection
         if kind == "direct" and where[0] == "https":
@@ -352,6 +355,8 @@ class HttpClient:
             conn = http.client.HTTPConnection(str(where[0]), int(where[1]), timeout=self.connect_timeout)
         else:
             conn = http.client.HTTPConnection(str(where[1]), int(where[2]), timeout=self.connect_timeout)
+        # http.client's hook for making the socket: ours shows it to the call before connecting.
+        conn._create_connection = functools.partial(_dial, call)  # type: ignore[attr-defined]
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)
@@ -365,6 +370,36 @@ class HttpClient:
             return
         with self._lock:
             self._idle.setdefault(key, []).append(conn)
+
+
+def _dial(
+    call: _Call,
+    address: tuple[str, int],
+    timeout: float | None,
+    source_address: tuple[str, int] | None = None,
+) -> socket.socket:
+    """``socket.create_connection``, with each socket attached to the call before it connects, so
+    stopping the call interrupts a connect that would hang until its timeout (an address that drops
+    SYNs): ``shutdown`` ends a pending ``connect`` at once."""
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        if not call.attach(sock):
+            sock.close()
+            raise Stopped(host)
+        try:
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(where)
+            return sock
+        except OSError as e:
+            sock.close()
+            if call.stopped.is_set():
+                raise Stopped(host) from e
+            error = e
+    raise error or OSError(f"{host}: no address")
 
 
 def _proxy_url(text: str) -> SplitResult:
