@@ -33,6 +33,8 @@ Rules the plan keeps:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -75,6 +77,8 @@ MANAGED_BY = "modelcache-controller"
 VOLUME_CACHE_ANNOTATION = "modelcache.io/cache"
 VOLUME_GROUP_ANNOTATION = "modelcache.io/node-group"
 VOLUME_NAMESPACE_ANNOTATION = "modelcache.io/namespace"
+# A digest of the spec it was made with: when the group's volume specs change, it is made again.
+VOLUME_SPEC_ANNOTATION = "modelcache.io/spec-digest"
 
 ADMITTED = "Admitted"
 READY = "Ready"
@@ -112,6 +116,7 @@ class VolumeRef:
     group: str
     namespace: str
     deleting: bool = False
+    digest: str | None = None  # of the spec it was made with (None: made by an older version)
 
 
 @dataclass(frozen=True)
@@ -815,6 +820,21 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     for name, ref in sorted(snapshot.volumes.items()):
         if name not in wanted_volumes and not ref.deleting:
             out.append(VolumeWrite("PersistentVolume", "delete", name))
+    # A pair made from a group's volume specs that have changed since (its path, its affinity) is made
+    # again: the claim and the volume go (the claim first), then the wanted ones are created anew.
+    # Kubernetes keeps a claim that pods mount until they are gone, so this waits for them.
+    for c, g, ns in sorted(wanted):
+        cache, group = snapshot.caches[c], snapshot.groups[g]
+        pv = snapshot.volumes.get(volume_name(c, g, ns))
+        pvc = snapshot.claims.get((ns, claim_name(c, g)))
+        stale = (pv is not None and pv.digest not in (None, _digest(volume_body(cache, group, ns)))) or (
+            pvc is not None and pvc.digest not in (None, _digest(claim_body(cache, group, ns)))
+        )
+        if stale:
+            if pvc is not None and not pvc.deleting:
+                out.append(VolumeWrite("PersistentVolumeClaim", "delete", claim_name(c, g), ns))
+            if pv is not None and not pv.deleting:
+                out.append(VolumeWrite("PersistentVolume", "delete", volume_name(c, g, ns)))
     for c, g, ns in sorted(wanted):
         cache, group = snapshot.caches[c], snapshot.groups[g]
         pv_name = volume_name(c, g, ns)
@@ -874,14 +894,9 @@ def volume_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: s
         "namespace": namespace,
         "name": claim_name(cache.name, group.name),
     }
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": _volume_meta(
-            cache, group.name, namespace, volume_name(cache.name, group.name, namespace)
-        ),
-        "spec": spec,
-    }
+    meta = _volume_meta(cache, group.name, namespace, volume_name(cache.name, group.name, namespace))
+    meta["annotations"][VOLUME_SPEC_ANNOTATION] = _spec_digest(spec)
+    return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": meta, "spec": spec}
 
 
 def claim_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str) -> dict[str, Any]:
@@ -894,7 +909,16 @@ def claim_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: st
     spec["volumeName"] = volume_name(cache.name, group.name, namespace)
     meta = _volume_meta(cache, group.name, namespace, claim_name(cache.name, group.name))
     meta["namespace"] = namespace
+    meta["annotations"][VOLUME_SPEC_ANNOTATION] = _spec_digest(spec)
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
+def _spec_digest(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    return str(body["metadata"]["annotations"][VOLUME_SPEC_ANNOTATION])
 
 
 def volume_ref(obj: Mapping[str, Any]) -> VolumeRef | None:
@@ -908,4 +932,11 @@ def volume_ref(obj: Mapping[str, Any]) -> VolumeRef | None:
     )
     if not (isinstance(cache, str) and isinstance(group, str) and isinstance(ns, str)):
         return None
-    return VolumeRef(cache, group, ns, deleting=bool(meta.get("deletionTimestamp")))
+    digest = a.get(VOLUME_SPEC_ANNOTATION)
+    return VolumeRef(
+        cache,
+        group,
+        ns,
+        deleting=bool(meta.get("deletionTimestamp")),
+        digest=digest if isinstance(digest, str) else None,
+    )

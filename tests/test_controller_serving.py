@@ -5,6 +5,7 @@ controller's loop from what it watches; plus the pure decisions behind them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from controller.plan import (
@@ -220,6 +221,28 @@ async def test_pv_and_pvc_for_each_serving_namespace(state: ClusterState) -> Non
         await eventually(all_gone)
 
 
+async def test_volumes_are_made_again_when_the_group_s_path_changes(state: ClusterState) -> None:
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+    await state.create(POD, pod("p", "team", annotations={"modelcache.io/model": "m"}))
+    async with running(state):
+        await eventually(lambda: exists(state, PERSISTENT_VOLUME, "m-h100-team"))
+        await eventually(lambda: exists(state, PERSISTENT_VOLUME_CLAIM, "m-h100", "team"))
+        spec = (await state.get(LOCAL_MODEL_NODE_GROUP, "h100"))["spec"]["persistentVolumeSpec"]
+        spec["hostPath"] = {"path": "/nvme/models"}
+        await state.patch(LOCAL_MODEL_NODE_GROUP, "h100", {"spec": {"persistentVolumeSpec": spec}})
+
+        async def moved() -> bool:
+            try:
+                pv = await state.get(PERSISTENT_VOLUME, "m-h100-team")
+                await state.get(PERSISTENT_VOLUME_CLAIM, "m-h100", namespace="team")
+            except NotFound:
+                return False
+            return bool(pv["spec"].get("hostPath") == {"path": "/nvme/models"})
+
+        await eventually(moved)
+
+
 async def test_volumes_go_with_the_cache_and_others_are_left_alone(state: ClusterState) -> None:
     await setup_two_groups(state)
     await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
@@ -273,7 +296,34 @@ def test_volume_writes_pure() -> None:
         ("PersistentVolumeClaim", "create", "big-a100", "t"),
     ]
     created = volume_writes(s, admitted)[1]
-    assert created.body is not None and volume_ref(created.body) == VolumeRef("big", "a100", "t")
+    assert created.body is not None
+    ref = volume_ref(created.body)
+    assert ref is not None and ref.digest is not None and len(ref.digest) == 16
+    assert dataclasses.replace(ref, digest=None) == VolumeRef("big", "a100", "t")
+    # Made from the group's specs as they were: the pair is made again once they change.
+    current = {"big-a100-t": ref}
+    claim = volume_ref(volume_writes(s, admitted)[2].body or {})
+    assert claim is not None
+    for volumes, claims, expected in (
+        (current, {("t", "big-a100"): claim}, []),  # as made: nothing to do
+        (
+            {"big-a100-t": dataclasses.replace(ref, digest="0" * 16)},
+            {("t", "big-a100"): claim},
+            [
+                ("PersistentVolumeClaim", "delete", "big-a100", "t"),
+                ("PersistentVolume", "delete", "big-a100-t", None),
+            ],
+        ),
+        (
+            {"big-a100-t": dataclasses.replace(ref, digest=None)},  # made by an older version: kept
+            {("t", "big-a100"): dataclasses.replace(claim, digest=None)},
+            [],
+        ),
+    ):
+        again = dataclasses.replace(
+            s, volumes=volumes, claims=claims, serving=frozenset({ServingDemand("big", None, "t")})
+        )
+        assert [(w.kind, w.action, w.name, w.namespace) for w in volume_writes(again, admitted)] == expected
     assert created.body["spec"]["capacity"] == {"storage": "100Gi"}
     assert serving_demands(
         [pod("x", "n", labels={"internal.serving.kserve.io/localmodel": "big"})], caches
