@@ -451,13 +451,14 @@ class Transfer:
             if dirty:
                 # Snapshot first: a chunk recorded must have been written before the sync below.
                 snapshot = copy.deepcopy(self.state)
-                fds = [self.fds[p] for p in dirty if p in self.fds]
+                # .get: a file finished meanwhile is closed by _sync_close in a thread (synced first).
+                fds = [fd for p in dirty if (fd := self.fds.get(p)) is not None]
                 await asyncio.to_thread(self._sync_and_save, fds, snapshot)
 
     def _checkpoint(self) -> None:
         dirty, self.dirty = self.dirty, set()
         if dirty:
-            self._sync_and_save([self.fds[p] for p in dirty if p in self.fds], self.state)
+            self._sync_and_save([fd for p in dirty if (fd := self.fds.get(p)) is not None], self.state)
 
     def _sync_and_save(self, fds: list[int], snapshot: Progress) -> None:
         """Sync the data of files with new chunks, then record those chunks (in that order)."""
