@@ -177,6 +177,7 @@ class Agent:
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
         self.client: HttpClient | None = None
         self.last_status: JSON | None = None
+        self.status_write: asyncio.Future[None] | None = None  # the last write, until it has landed
         self.stopping = False
 
     # -- readiness -------------------------------------------------------------------------------
@@ -602,10 +603,21 @@ class Agent:
     async def write_status(self, *, force: bool = False) -> None:
         if not self.ready and not force:
             return
+        # One write at a time, in order: a writer cancelled mid-write (the status loop, at shutdown)
+        # leaves its file write running in a thread, which would otherwise land after the next
+        # write and put the older status back.
+        if self.status_write is not None and not self.status_write.done():
+            await asyncio.wait([self.status_write])
         snapshot = self.snapshot()
         status = snapshot["status"]
         if status == self.last_status:
             return
+        self.status_write = asyncio.ensure_future(self._write_status(snapshot, status))
+        self.status_write.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen below
+        await asyncio.shield(self.status_write)
+        self.last_status = status
+
+    async def _write_status(self, snapshot: JSON, status: JSON) -> None:
         await asyncio.to_thread(
             write_atomic,
             self.cache.layout.state_file,
@@ -615,7 +627,6 @@ class Agent:
             await update_status(
                 self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
             )
-        self.last_status = status
 
 
 def _status_patch(current: JSON, status: JSON) -> JSON | None:

@@ -279,3 +279,19 @@ contexts: [{{name: test, context: {{cluster: c, user: u}}}}]
     )
     events = (await kube_api.store.list(EVENT, namespace="default")).items
     assert {e["reason"] for e in events} >= {"DownloadStarted", "DownloadCompleted"}
+
+
+async def test_once_on_a_cache_that_holds_everything_leaves_the_true_status(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
+    """Nothing to fetch: the agent ends at once, while its status loop's first write (taken before
+    the node's models were known) is still on its way. That older write must not land last."""
+    hf_hub.add_repo("org/m", {"config.json": b"{}", "w.bin": os.urandom(100_000)})
+    cache, docs = setup(tmp_path, cache_doc("m", "hf://org/m", "1Mi", ["h100"]))
+    for _ in range(3):
+        extra = ("--once", "--health-addr", "127.0.0.1:0", "--status-interval", "2")  # as scripts/quickstart
+        proc = await asyncio.create_subprocess_exec(*argv(cache, docs, *extra), env=env(hf_hub))
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        state = json.loads((cache / ".modelcache" / "state.json").read_text())
+        assert state["status"]["modelStatus"] == {"m": "ModelDownloaded"}
+        assert state["status"]["summary"] == "1/1 downloaded"
