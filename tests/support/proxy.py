@@ -26,7 +26,7 @@ class Proxy:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             line, *lines = head.split("\r\n")
             method, target, version = line.split(" ", 2)
-            headers = [tuple(h.split(": ", 1)) for h in lines if h]
+            headers = [(k, v.strip()) for k, _, v in (h.partition(":") for h in lines if h)]
             auth = next((v for k, v in headers if k.lower() == "proxy-authorization"), None)
             self.seen.append((method, target, auth))
             if method == "CONNECT":
