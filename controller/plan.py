@@ -77,7 +77,7 @@ MANAGED_BY = "modelcache-controller"
 VOLUME_CACHE_ANNOTATION = "modelcache.io/cache"
 VOLUME_GROUP_ANNOTATION = "modelcache.io/node-group"
 VOLUME_NAMESPACE_ANNOTATION = "modelcache.io/namespace"
-# A digest of the spec it was made with: when the group's volume specs change, it is made again.
+# A digest of the group's volume specs it was made from: when they change, it is made again.
 VOLUME_SPEC_ANNOTATION = "modelcache.io/spec-digest"
 
 ADMITTED = "Admitted"
@@ -823,14 +823,11 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     # A pair made from a group's volume specs that have changed since (its path, its affinity) is made
     # again: the claim and the volume go (the claim first), then the wanted ones are created anew.
     # Kubernetes keeps a claim that pods mount until they are gone, so this waits for them.
+    digests = {g: _volume_digest(snapshot.groups[g]) for g in {g for _, g, _ in wanted}}
     for c, g, ns in sorted(wanted):
-        cache, group = snapshot.caches[c], snapshot.groups[g]
         pv = snapshot.volumes.get(volume_name(c, g, ns))
         pvc = snapshot.claims.get((ns, claim_name(c, g)))
-        stale = (pv is not None and pv.digest not in (None, _digest(volume_body(cache, group, ns)))) or (
-            pvc is not None and pvc.digest not in (None, _digest(claim_body(cache, group, ns)))
-        )
-        if stale:
+        if any(ref is not None and ref.digest not in (None, digests[g]) for ref in (pv, pvc)):
             if pvc is not None and not pvc.deleting:
                 out.append(VolumeWrite("PersistentVolumeClaim", "delete", claim_name(c, g), ns))
             if pv is not None and not pv.deleting:
@@ -853,14 +850,17 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     return out
 
 
-def _volume_meta(cache: LocalModelCache, group: str, namespace: str, name: str) -> dict[str, Any]:
+def _volume_meta(
+    cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str, name: str
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "labels": {MANAGED_BY_LABEL: MANAGED_BY},
         "annotations": {
             VOLUME_CACHE_ANNOTATION: cache.name,
-            VOLUME_GROUP_ANNOTATION: group,
+            VOLUME_GROUP_ANNOTATION: group.name,
             VOLUME_NAMESPACE_ANNOTATION: namespace,
+            VOLUME_SPEC_ANNOTATION: _volume_digest(group),
         },
     }
     if cache.metadata.uid:
@@ -894,8 +894,7 @@ def volume_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: s
         "namespace": namespace,
         "name": claim_name(cache.name, group.name),
     }
-    meta = _volume_meta(cache, group.name, namespace, volume_name(cache.name, group.name, namespace))
-    meta["annotations"][VOLUME_SPEC_ANNOTATION] = _spec_digest(spec)
+    meta = _volume_meta(cache, group, namespace, volume_name(cache.name, group.name, namespace))
     return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": meta, "spec": spec}
 
 
@@ -907,18 +906,21 @@ def claim_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: st
     spec.setdefault("resources", {"requests": {"storage": pv["capacity"].get("storage")}})
     spec["storageClassName"] = pv["storageClassName"]  # must equal the PV's for them to bind
     spec["volumeName"] = volume_name(cache.name, group.name, namespace)
-    meta = _volume_meta(cache, group.name, namespace, claim_name(cache.name, group.name))
+    meta = _volume_meta(cache, group, namespace, claim_name(cache.name, group.name))
     meta["namespace"] = namespace
-    meta["annotations"][VOLUME_SPEC_ANNOTATION] = _spec_digest(spec)
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
-def _spec_digest(spec: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def _digest(body: Mapping[str, Any]) -> str:
-    return str(body["metadata"]["annotations"][VOLUME_SPEC_ANNOTATION])
+def _volume_digest(group: LocalModelNodeGroup) -> str:
+    """What a serving PV and PVC are made from on the group's side (the cache's name and the
+    namespace are in their names): a change here means they must be made again."""
+    spec = group.spec
+    made_from = [
+        dict(spec.persistent_volume_spec),
+        dict(spec.persistent_volume_claim_spec),
+        spec.storage_limit.to_json(),
+    ]
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def volume_ref(obj: Mapping[str, Any]) -> VolumeRef | None:

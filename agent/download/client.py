@@ -316,8 +316,8 @@ class HttpClient:
         raise AssertionError("unreachable")
 
     def _stream(self, call: _Call, answer: http.client.HTTPResponse, sink: Sink, label: str) -> int:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) != self.read_size:
+        buf = getattr(self._local, "buf", None)  # one per worker thread, reused for every read
+        if buf is None:
             buf = self._local.buf = memoryview(bytearray(self.read_size))
         got = 0
         while True:

@@ -411,10 +411,9 @@ class Transfer:
         return None if spec is None else _Hasher(spec[0], self._target(f), self._chunks(f))
 
     def _verify(self, f: RemoteFile, digest: str | None = None) -> tuple[bool, str]:
-        """(ok, description); the sha256 is computed when the source offers one. ``digest`` is the
-        hash already computed while the file downloaded, if any."""
+        """(ok, description), once the file is synced and closed; the sha256 is computed when the
+        source offers one. ``digest`` is the hash already computed while the file downloaded, if any."""
         target = self._target(f)
-        self._sync_close(f)
         size = target.stat().st_size
         if f.size is not None and size != f.size:
             return False, f"size {size}, expected {f.size}"
