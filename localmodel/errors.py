@@ -17,7 +17,9 @@
         ├── TransientError           network error, timeout, 429 or 5xx: retried with backoff
         ├── IntegrityError           bytes that do not match the source's size or checksum
         ├── UnsafePath               a remote name that would land outside the model's folder
-        └── DiskFull                 no space left (ENOSPC) or over the node's quota
+        ├── DiskFull                 no space left (ENOSPC) or over the node's quota
+        ├── PermissionDenied         the cache's filesystem refused a write (EACCES, EPERM, EROFS)
+        └── SourceNotAllowed         a source this process may not read (file:// outside the allowed prefixes)
 
 Third-party exceptions are mapped into this tree in one place per boundary (``from e``), so callers
 never catch an httpx or botocore error directly.
@@ -127,3 +129,11 @@ class UnsafePath(DownloadError):
 
 class DiskFull(DownloadError):
     reason = "DiskFull"
+
+
+class PermissionDenied(DownloadError):
+    reason = "PermissionDenied"
+
+
+class SourceNotAllowed(DownloadError):
+    reason = "SourceNotAllowed"
