@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 def read_state(cache_dir: Path) -> dict[str, Any]:
     """The agent's last status, or what the folder holds when no agent ever ran on it."""
     layout = CacheLayout(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InvalidInput(f"--cache-dir: {cache_dir} is not a folder; pass the agent's cache folder")
     if not cache_dir.is_dir():
         raise InvalidInput(f"--cache-dir: {cache_dir} does not exist")
     try:

@@ -4,12 +4,19 @@ line on stderr, exit 2, as the contract fixes), and the ``HOST:PORT`` addresses 
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from localmodel.errors import InvalidInput
 
 
 class UsageParser(argparse.ArgumentParser):
+    """argparse with usage errors as InvalidInput and no abbreviations: ``--standalon`` is an unknown
+    flag, never ``--standalone`` (a typo must not start a daemon with other settings)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise InvalidInput(message)
 
