@@ -16,6 +16,7 @@ Canonical form:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -209,3 +210,33 @@ def flag(key: str, *values: object) -> Flag:
     """A flag in canonical form from a name in any spelling (``flag("-tp", 8)``)."""
     canon, negated = canonical(key)
     return Flag(canon, () if negated else tuple(str(v) for v in values), negated)
+
+
+# The flags the launcher itself reads to plan: a misspelling of one passes through to vLLM unread
+# (and vLLM then refuses it, minutes later), while the plan silently takes the default.
+PLANNED_FLAGS = (
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--data-parallel-size",
+    "--distributed-executor-backend",
+    "--dtype",
+    "--quantization",
+    "--task",
+    "--served-model-name",
+    "--port",
+    "--tokenizer",
+)
+
+
+def near_misses(flags: Iterable[Flag], known: Iterable[str] = PLANNED_FLAGS) -> tuple[tuple[str, str], ...]:
+    """(flag as given, the known flag it is close to) for each flag that is not a known one but
+    within a typo of it (difflib ratio ≥ 0.85: ``--tensor-paralel-size`` → ``--tensor-parallel-size``)."""
+    known = tuple(known)
+    found = []
+    for f in flags:
+        if f.key in known:
+            continue
+        close = difflib.get_close_matches(f.key, known, n=1, cutoff=0.85)
+        if close:
+            found.append((f.key, close[0]))
+    return tuple(found)

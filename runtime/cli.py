@@ -366,6 +366,10 @@ def build(
     notes.extend(report.notes)
     shape = ModelShape.from_config(report.config)
 
+    for typed, meant in vargs.near_misses(parsed.flags):
+        notes.append(
+            f"{typed} is not a flag the launcher reads (did you mean {meant}?); passed to vLLM as given"
+        )
     env_flags = [vargs.flag(ENV_FLAGS[name], v) for name in ENV_FLAGS if (v := env.get(name, "").strip())]
     merged = vargs.merge(DEFAULTS, env_flags, parsed.flags)
     sources = {}

@@ -2,14 +2,16 @@
 
 The rules, each from a failure KServe's users hit (kserve-localmodel.md, runtime.md):
 - TP and PP default to what the GPUs given allow; PP = 1 is valid (KServe once refused it, #4228).
+  When a GPU count is set and the heads do not divide by it, the GPUs are filled with pipeline
+  stages (52 heads on 8 GPUs: TP 4 x PP 2, vLLM #2652) rather than the pod refused.
 - A TP larger than one node's GPUs is split across nodes: TP 16 on nodes of 8 GPUs is TP 8 x PP 2,
   the total kept (KServe asked one pod for 16 GPUs, #4226). TP across nodes would send every layer's
   all-reduce over the network (vLLM #29447).
 - A GPU count set explicitly (REQUEST_GPU_COUNT, --gpus-per-node) wins over a derived one, and must
   then be used whole: TP x PP has to equal it.
 - Heads must divide by TP (and KV heads, or TP by them), PP stages cannot outnumber layers, and every
-  GPU must be the same model (vLLM #13760). A plan that breaks one is refused naming the numbers and
-  one that works.
+  GPU must be the same model (vLLM #13760). A plan that breaks one is refused naming what was asked
+  (as typed), the numbers, and one that works.
 
 Every adjustment is written to ``notes`` so ``--dry-run`` says what was decided and why.
 """
@@ -146,6 +148,20 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
     notes: list[str] = []
     tp, pp, nodes = req.tensor_parallel_size, req.pipeline_parallel_size, req.nodes
 
+    explicit_fill = req.gpus_per_node_explicit and tp is None and pp is None
+    if explicit_fill and (fill := _fill(shape, g, nodes or 1)) is not None:
+        # A GPU count set, no split asked: every GPU is used, with pipeline stages where the heads
+        # do not divide by the GPUs per node (52 heads on 8 GPUs: TP 4 x PP 2, vLLM #2652) rather
+        # than a refusal. (A detected count may be left partly idle instead, with a note.)
+        tp, pp = fill
+        if tp == g:
+            notes.append(f"tensor parallel size {tp}: the GPUs per node (--tensor-parallel-size not given)")
+        else:
+            notes.append(
+                f"TP {tp} x PP {pp}: the model's heads ({_heads(shape)}) do not divide by {g} GPUs per "
+                f"node, so the largest tensor parallel size that does ({tp}) is filled up with "
+                f"{pp} pipeline stages"
+            )
     if tp is None:
         if pp is None:
             per_node = g
@@ -201,6 +217,11 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
     if problem is not None:
         valid = _valid_tps(shape, g)
         hint = f"use a tensor parallel size of {_or_list(valid)}" if valid else "use TP 1"
+        if req.tensor_parallel_size is not None and req.tensor_parallel_size != tp:
+            asked = (
+                f"{src['tensor_parallel_size']}={req.tensor_parallel_size} (TP {tp} x PP {pp} across nodes)"
+            )
+            raise InvalidInput(f"{asked}: {problem}; {hint}")
         raise InvalidInput(f"{problem}; {hint}")
     if shape.layers is not None and pp > shape.layers:
         raise InvalidInput(
@@ -217,16 +238,22 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
 
     total = nodes * g
     where = f"{nodes} node{'s' if nodes > 1 else ''} x {g} GPUs = {total}"
+    asked = _asked(req, src, tp, pp)
     if world > total:
         need_nodes = math.ceil(world / g)
         raise InvalidInput(
-            f"TP {tp} x PP {pp} = {world} GPUs, but {where}; use {src['nodes']}={need_nodes} "
+            f"{asked} needs {world} GPUs, but {where}; use {src['nodes']}={need_nodes} "
             f"or {_fits(shape, g, nodes)}"
         )
     if world < total:
         if req.gpus_per_node_explicit:
+            if req.tensor_parallel_size is None and req.pipeline_parallel_size is None:
+                raise InvalidInput(
+                    f"{src['gpus_per_node']}={g} asks for {where}, but no split of this model uses "
+                    f"them all ({_limits(shape)}); use {_smaller(shape, g, nodes, src)}"
+                )
             raise InvalidInput(
-                f"TP {tp} x PP {pp} = {world} GPUs, but {src['gpus_per_node']} asks for {where}, which "
+                f"{asked} uses {world} GPUs, but {src['gpus_per_node']}={g} asks for {where}, which "
                 f"would leave GPUs idle; use {_fits(shape, g, nodes)}"
                 + (f", or {src['gpus_per_node']}={world // nodes}" if world % nodes == 0 else "")
             )
@@ -239,6 +266,56 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
 
     executor: Executor = "ray" if nodes > 1 else "mp"
     return Plan(tp, pp, nodes, g, executor, tuple(notes))
+
+
+def _fill(shape: ModelShape, g: int, nodes: int) -> tuple[int, int] | None:
+    """The TP x PP that uses all ``nodes * g`` GPUs with the largest TP (at most ``g``, a divisor of
+    it, one the heads allow), PP no more than the layers and 1 for models vLLM cannot pipeline."""
+    for tp in sorted(_valid_tps(shape, g), reverse=True):
+        if g % tp:
+            continue
+        pp = nodes * g // tp
+        if shape.layers is not None and pp > shape.layers:
+            continue
+        if pp > 1 and any(a.startswith(_NO_PP_PREFIXES) for a in shape.architectures):
+            continue
+        return tp, pp
+    return None
+
+
+def _asked(req: PlanRequest, src: Mapping[str, str], tp: int, pp: int) -> str:
+    """The parallelism as the user wrote it (``--tensor-parallel-size=16``), else as derived."""
+    typed = [
+        f"{src[name]}={value}"
+        for name, value in (
+            ("tensor_parallel_size", req.tensor_parallel_size),
+            ("pipeline_parallel_size", req.pipeline_parallel_size),
+        )
+        if value is not None
+    ]
+    derived = f"TP {tp} x PP {pp}"
+    if not typed:
+        return derived
+    same = req.tensor_parallel_size in (None, tp) and req.pipeline_parallel_size in (None, pp)
+    return " ".join(typed) + ("" if same else f" (run as {derived})")
+
+
+def _limits(shape: ModelShape) -> str:
+    parts = []
+    if shape.attention_heads is not None:
+        parts.append(f"{_heads(shape)} allow TP {_or_list(_valid_tps(shape, shape.attention_heads))}")
+    if shape.layers is not None:
+        parts.append(f"{shape.layers} layers allow at most {shape.layers} pipeline stages")
+    return "; ".join(parts) or "the model's shape"
+
+
+def _smaller(shape: ModelShape, g: int, nodes: int, src: Mapping[str, str]) -> str:
+    """The largest GPU count per node below ``g`` that a split uses whole."""
+    for count in range(g - 1, 0, -1):
+        fill = _fill(shape, count, nodes)
+        if fill is not None:
+            return f"{src['gpus_per_node']}={count} (TP {fill[0]} x PP {fill[1]})"
+    return f"{src['gpus_per_node']}=1"
 
 
 def _heads(shape: ModelShape) -> str:

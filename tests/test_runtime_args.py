@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.args import Flag, find, flag, merge_argv, parse, to_argv, value, without
+from runtime.args import Flag, find, flag, merge_argv, near_misses, parse, to_argv, value, without
 
 
 @pytest.mark.parametrize(
@@ -177,3 +177,13 @@ def test_higher_layer_always_wins(argv: list[str]) -> None:
     out = parse(merge_argv(argv, top)).flags
     assert find(out, "--port") == Flag("--port", ("4242",))
     assert find(out, "--enforce-eager") == Flag("--enforce-eager", (), True)
+
+
+def test_near_misses_name_the_flag_meant() -> None:
+    flags = parse(["--tensor-paralel-size", "2", "--dtyp", "half", "--max-model-len", "10", "-tp", "2"]).flags
+    assert near_misses(flags) == (
+        ("--tensor-paralel-size", "--tensor-parallel-size"),
+        ("--dtyp", "--dtype"),
+    )
+    # Real flags, vLLM's own or planned, are never near misses.
+    assert near_misses(parse(["--enable-prefix-caching", "--pipeline_parallel_size", "2"]).flags) == ()

@@ -153,6 +153,20 @@ def test_issue_example_tp16_on_8_gpu_nodes(model: Path, bin_dir: Path) -> None:
     assert "--num-gpus=8" in out["ray_start"]
 
 
+def test_near_miss_of_a_planned_flag_is_named(model: Path, bin_dir: Path) -> None:
+    out = dry_run(
+        ["--model_dir", str(model), "--tensor-paralel-size", "2"],
+        clean_env(no_gpu_path(bin_dir), REQUEST_GPU_COUNT="1"),
+    )
+    assert out["tensor_parallel_size"] == 1  # the misspelt flag is not read
+    assert (
+        "--tensor-paralel-size is not a flag the launcher reads (did you mean --tensor-parallel-size?); "
+        "passed to vLLM as given"
+    ) in out["notes"]
+    i = out["command"].index("--tensor-paralel-size")
+    assert out["command"][i + 1] == "2"
+
+
 def test_kserve_runtime_and_service_args_merge(model: Path, bin_dir: Path) -> None:
     # KServe appends the runtime's args, then the InferenceService's: --port twice, two spellings.
     runtime_args = ["--model_name=llama", "--http_port=8080", "--max-model-len=2048"]
@@ -217,7 +231,7 @@ def test_vllm_cache_root_from_environment_is_kept(model: Path, bin_dir: Path) ->
         (
             ["--model_dir", "{model}", "-tp", "4"],
             {"REQUEST_GPU_COUNT": "8"},
-            ["REQUEST_GPU_COUNT asks for 1 node x 8 GPUs"],
+            ["REQUEST_GPU_COUNT=8 asks for 1 node x 8 GPUs"],
         ),
         (
             [

@@ -13,6 +13,8 @@ LLAMA_8B = ModelShape(32, 8, 32, ("LlamaForCausalLM",))
 LLAMA_70B = ModelShape(64, 8, 80, ("LlamaForCausalLM",))
 QWEN_05B = ModelShape(14, 2, 24, ("Qwen2ForCausalLM",))
 TINY = ModelShape(2, 2, 2, ("LlamaForCausalLM",))
+TINY4 = ModelShape(4, 4, 2, ("LlamaForCausalLM",))
+H52 = ModelShape(52, 52, 60, ("LlamaForCausalLM",))  # field case 14 (vLLM #2652)
 BERT = ModelShape(12, 12, 12, ("BertForSequenceClassification",))
 
 
@@ -54,6 +56,12 @@ BERT = ModelShape(12, 12, 12, ("BertForSequenceClassification",))
         (LLAMA_8B, PlanRequest(8, tensor_parallel_size=4), (4, 1, 1, "mp")),
         # KV heads fewer than TP: replicated, valid when TP is a multiple of them.
         (ModelShape(32, 2, 32), PlanRequest(8, tensor_parallel_size=8), (8, 1, 1, "mp")),
+        # A GPU count set (REQUEST_GPU_COUNT=8) and 52 heads: filled with pipeline stages, TP 4 x PP 2.
+        (H52, PlanRequest(8, True), (4, 2, 1, "mp")),
+        (ModelShape(40, 40, 40), PlanRequest(3, True), (1, 3, 1, "mp")),
+        (H52, PlanRequest(8, True, nodes=2), (4, 4, 2, "ray")),
+        # Detected (not set): partly idle with a note, as before.
+        (H52, PlanRequest(8), (4, 1, 1, "mp")),
         # Unknown shape: nothing to refuse on.
         (ModelShape(), PlanRequest(4), (4, 1, 1, "mp")),
     ],
@@ -100,11 +108,24 @@ def test_fewer_gpus_used_says_so() -> None:
             LLAMA_8B,
             PlanRequest(8, True, tensor_parallel_size=4, sources={"gpus_per_node": "REQUEST_GPU_COUNT"}),
             [
-                "TP 4 x PP 1 = 4 GPUs",
-                "REQUEST_GPU_COUNT asks for 1 node x 8 GPUs",
+                "--tensor-parallel-size=4 uses 4 GPUs",
+                "REQUEST_GPU_COUNT=8 asks for 1 node x 8 GPUs",
                 "TP 8 x PP 1",
                 "REQUEST_GPU_COUNT=4",
             ],
+        ),
+        # An explicit GPU count no split can use whole (4 heads, 2 layers, 3 GPUs): the message names
+        # the count asked, why, and a count that works, never the plan it refused.
+        (
+            TINY4,
+            PlanRequest(3, True),
+            ["--gpus-per-node=3 asks for 1 node x 3 GPUs", "2 layers", "use --gpus-per-node=2 (TP 2 x PP 1)"],
+        ),
+        # TP as typed (16), not as split (TP 8 x PP 2), leads the message.
+        (
+            ModelShape(40, 40, 40),
+            PlanRequest(8, True, nodes=1, tensor_parallel_size=16),
+            ["--tensor-parallel-size=16 (run as TP 8 x PP 2) needs 16 GPUs", "--nodes=2"],
         ),
         # Heads not divisible by TP.
         (
@@ -167,6 +188,14 @@ def test_refusals_name_numbers_and_a_fix(shape: ModelShape, req: PlanRequest, wo
     assert "\n" not in message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_fill_says_why_in_notes() -> None:
+    plan = make_plan(H52, PlanRequest(8, True, sources={"gpus_per_node": "REQUEST_GPU_COUNT"}))
+    assert plan.notes == (
+        "TP 4 x PP 2: the model's heads (52 heads, 52 KV heads) do not divide by 8 GPUs per node, so the "
+        "largest tensor parallel size that does (4) is filled up with 2 pipeline stages",
+    )
 
 
 def test_one_gpu_model_is_fine() -> None:
