@@ -362,7 +362,12 @@ def build(
     model_dir = resolve_model_dir(ns)
     notes: list[str] = []
 
-    report = preflight(model_dir, verify=ns.verify, manifest=Path(ns.manifest) if ns.manifest else None)
+    report = preflight(
+        model_dir,
+        verify=ns.verify,
+        manifest=Path(ns.manifest) if ns.manifest else None,
+        tokenizer_given=any(vargs.find(parsed.flags, f) for f in ("--tokenizer", "--skip-tokenizer-init")),
+    )
     notes.extend(report.notes)
     shape = ModelShape.from_config(report.config)
 

@@ -4,7 +4,7 @@ vLLM notices a shard missing from ``model.safetensors.index.json`` only after ~2
 only some missing tensors when the index is gone too, and serves garbage from a single-file checkpoint
 that lacks tensors; a truncated file is not checked at all (runtime.md). Here, from metadata only:
 
-- ``config.json`` is present and a JSON object;
+- ``config.json`` is present and a JSON object, with weights and a tokenizer beside it;
 - every shard an index names is present, and every tensor the index places in a shard is in that
   shard's header;
 - every ``*.safetensors`` file is exactly as long as its own header says (8 + header + data), which
@@ -57,8 +57,11 @@ def manifest_path(model_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def preflight(model_dir: Path, *, verify: bool = False, manifest: Path | None = None) -> PreflightReport:
-    """Check the folder; ``manifest`` overrides the one found beside a cache layout."""
+def preflight(
+    model_dir: Path, *, verify: bool = False, manifest: Path | None = None, tokenizer_given: bool = False
+) -> PreflightReport:
+    """Check the folder; ``manifest`` overrides the one found beside a cache layout;
+    ``tokenizer_given`` (``--tokenizer`` or ``--skip-tokenizer-init``) lifts the tokenizer check."""
     if not model_dir.is_dir():
         raise InvalidInput(
             f"model folder {model_dir} does not exist or is not a folder; pass --model_dir or "
@@ -77,9 +80,6 @@ def preflight(model_dir: Path, *, verify: bool = False, manifest: Path | None = 
             _header_tensors(single)
             checked.add(single.name)
             shard_bytes += single.stat().st_size
-    if not checked and not any(model_dir.glob("*.bin")) and not any(model_dir.glob("*.pt")):
-        notes.append("no *.safetensors or *.bin weights found beside config.json")
-
     manifest_file = manifest if manifest is not None else manifest_path(model_dir)
     hashed = 0
     total = shard_bytes
@@ -96,7 +96,42 @@ def preflight(model_dir: Path, *, verify: bool = False, manifest: Path | None = 
         notes.append(
             "--verify: no manifest beside this folder, so sizes and headers were checked, not hashes"
         )
+    if not any(any(model_dir.glob(pattern)) for pattern in _WEIGHTS):
+        raise InvalidInput(
+            f"{model_dir} has config.json but no weights (*.safetensors, *.bin, *.pt, *.pth); "
+            f"the folder is incomplete: {_REFETCH}"
+        )
+    if not tokenizer_given and not any(_tokenizer_files(model_dir)):
+        raise InvalidInput(
+            f"{model_dir} has no tokenizer files ({', '.join(_TOKENIZER_NAMES[:4])}, ...) and vLLM, "
+            "offline, cannot fetch one; re-pull the whole repository, or pass --tokenizer "
+            "(or --skip-tokenizer-init)"
+        )
+
     return PreflightReport(model_dir, config, len(checked), total, manifest_file, hashed, tuple(notes))
+
+
+_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# The files transformers' and vLLM's tokenizer loaders read (a folder needs one of these, or the
+# vocab.json + merges.txt pair of a GPT-2 style BPE): a folder filled from a weights-only prefix has none
+# and vLLM then fails at start-up, minutes later (field case 16; vLLM #31444).
+_TOKENIZER_NAMES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "tekken.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "qwen.tiktoken",
+)
+
+
+def _tokenizer_files(model_dir: Path) -> list[str]:
+    found = [name for name in _TOKENIZER_NAMES if (model_dir / name).is_file()]
+    if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
+        found.append("vocab.json")
+    return found
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:

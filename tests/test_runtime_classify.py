@@ -421,6 +421,7 @@ def _classifier_dir(root: Path, config: dict[str, Any]) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
     write_safetensors(folder / "model.safetensors", {"classifier.weight": 64})
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")  # a WordPiece tokenizer's file
     return folder
 
 

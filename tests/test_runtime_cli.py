@@ -167,6 +167,18 @@ def test_near_miss_of_a_planned_flag_is_named(model: Path, bin_dir: Path) -> Non
     assert out["command"][i + 1] == "2"
 
 
+def test_folder_without_tokenizer_needs_one_named(model: Path, bin_dir: Path) -> None:
+    (model / "tokenizer.json").unlink()
+    env = clean_env(no_gpu_path(bin_dir), REQUEST_GPU_COUNT="1")
+    done = serve(["--model_dir", str(model), "--dry-run"], env)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"modelcache serve: {model} has no tokenizer files")
+    for given in (["--tokenizer", "org/tok"], ["--skip-tokenizer-init"]):
+        command = dry_run(["--model_dir", str(model), *given], env)["command"]
+        i = command.index(given[0])
+        assert command[i : i + len(given)] == given
+
+
 def test_kserve_runtime_and_service_args_merge(model: Path, bin_dir: Path) -> None:
     # KServe appends the runtime's args, then the InferenceService's: --port twice, two spellings.
     runtime_args = ["--model_name=llama", "--http_port=8080", "--max-model-len=2048"]

@@ -168,6 +168,7 @@ def test_single_file_checkpoint(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(CONFIG))
+    (folder / "tokenizer.model").write_bytes(b"sentencepiece")
     size = write_safetensors(folder / "model.safetensors", {"a": 64, "b": 64})
     assert preflight(folder).files_checked == 1
     os.truncate(folder / "model.safetensors", size - 64)
@@ -184,11 +185,34 @@ def test_header_not_json(tmp_path: Path) -> None:
     assert "header is not JSON" in refused(folder)
 
 
-def test_no_weights_is_a_note(tmp_path: Path) -> None:
+def test_no_weights_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    assert "no *.safetensors or *.bin weights" in preflight(folder).notes[0]
+    (folder / "tokenizer.json").write_text("{}")
+    assert refused(folder) == (
+        f"{folder} has config.json but no weights (*.safetensors, *.bin, *.pt, *.pth); the folder is "
+        "incomplete: the cache agent re-fetches a model whose folder is removed; or run `modelcache "
+        "pull` again"
+    )
+    (folder / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    assert preflight(folder).files_checked == 0
+
+
+def test_no_tokenizer_is_refused_unless_one_is_given(tmp_path: Path) -> None:
+    # Field case 16 (vLLM #31444): weights and config from a weights-only prefix, no tokenizer.
+    folder = tmp_path / "notok"
+    make_model(folder)
+    (folder / "tokenizer.json").unlink()
+    message = refused(folder)
+    assert message.startswith(f"{folder} has no tokenizer files (tokenizer.json, tokenizer.model, ")
+    assert message.endswith("re-pull the whole repository, or pass --tokenizer (or --skip-tokenizer-init)")
+    assert preflight(folder, tokenizer_given=True).files_checked == 3  # the three shards
+    # A GPT-2 style BPE tokenizer is the pair vocab.json + merges.txt; one alone is not enough.
+    (folder / "vocab.json").write_text("{}")
+    assert "no tokenizer files" in refused(folder)
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    preflight(folder)
 
 
 def cached_model(tmp_path: Path, *, hashes: bool = False) -> tuple[Path, Path]:
