@@ -132,7 +132,13 @@ async def _run(
     state: ClusterState
     if args.standalone is not None:
         memory = MemoryState()
-        source = StandaloneSource(args.standalone, node_name=settings.node_name, labels=labels, state=memory)
+        source = StandaloneSource(
+            args.standalone,
+            node_name=settings.node_name,
+            labels=labels,
+            state=memory,
+            exclude=(settings.cache_dir,),
+        )
         await source.load()
         state = memory
     else:

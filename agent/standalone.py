@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from agent.desired import standalone_node
-from localmodel.documents import load_documents
+from localmodel.documents import document_files, load_documents
 from localmodel.errors import InvalidInput, NotFound
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup
 from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
@@ -25,8 +25,13 @@ log = logging.getLogger("modelcache.agent")
 KINDS = ("LocalModelCache", "LocalModelNodeGroup")
 
 
-def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+def _fingerprint(path: Path, exclude: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
+    """What the documents are now: only the files :func:`load_documents` reads, so the agent's own
+    writes (a cache folder inside the documents' folder) never look like edits."""
+    try:
+        files = document_files(path, exclude=exclude)
+    except InvalidInput:
+        return ()
     out = []
     for f in files:
         try:
@@ -46,8 +51,10 @@ class StandaloneSource:
         labels: Mapping[str, str],
         state: MemoryState,
         interval: float = 1.0,
+        exclude: tuple[Path, ...] = (),
     ) -> None:
         self.path = path
+        self.exclude = exclude  # the cache folder, when it sits inside the documents' folder
         self.node_name = node_name
         self.labels = dict(labels)
         self.state = state
@@ -61,9 +68,9 @@ class StandaloneSource:
         if not self.path.exists():
             self._fail(f"{self.path} does not exist; pass a YAML file or folder to --standalone")
             return False
-        self._seen = await asyncio.to_thread(_fingerprint, self.path)
+        self._seen = await asyncio.to_thread(_fingerprint, self.path, self.exclude)
         try:
-            docs = await asyncio.to_thread(load_documents, self.path, kinds=KINDS)
+            docs = await asyncio.to_thread(load_documents, self.path, kinds=KINDS, exclude=self.exclude)
             caches = [LocalModelCache.from_json(d.object) for d in docs if d.kind is LOCAL_MODEL_CACHE]
             groups = [
                 LocalModelNodeGroup.from_json(d.object) for d in docs if d.kind is LOCAL_MODEL_NODE_GROUP
@@ -101,6 +108,6 @@ class StandaloneSource:
         """Reload whenever a file under the path changes (added, removed, edited)."""
         while True:
             await asyncio.sleep(self.interval)
-            current = await asyncio.to_thread(_fingerprint, self.path) if self.path.exists() else ()
+            current = await asyncio.to_thread(_fingerprint, self.path, self.exclude)
             if current != self._seen:
                 await self.load()

@@ -49,10 +49,13 @@ class Document:
         return str(self.object["metadata"]["name"])
 
 
-def load_documents(path: Path, *, kinds: Iterable[str] | None = None) -> list[Document]:
-    """Every document under ``path``, validated; raises SpecError (one line) on the first bad one."""
+def load_documents(
+    path: Path, *, kinds: Iterable[str] | None = None, exclude: Iterable[Path] = ()
+) -> list[Document]:
+    """Every document under ``path`` (see :func:`document_files`), validated; raises SpecError (one
+    line) on the first bad one."""
     allowed = set(kinds) if kinds is not None else set(_PARSERS)
-    files = _files(path)
+    files = document_files(path, exclude=exclude)
     docs: list[Document] = []
     seen: dict[tuple[str, str], str] = {}
     for file in files:
@@ -73,16 +76,21 @@ def parse_text(text: str, *, where: str, kinds: Iterable[str] | None = None) -> 
     return list(_parse_stream(text, where, set(kinds) if kinds is not None else set(_PARSERS)))
 
 
-def _files(path: Path) -> list[Path]:
+def document_files(path: Path, *, exclude: Iterable[Path] = ()) -> list[Path]:
+    """``path`` itself, or the YAML/JSON files below it, in order: hidden files and folders skipped,
+    and everything under ``exclude`` (a cache folder kept inside the documents' folder holds the
+    models' own JSON files, which are no documents)."""
     if path.is_file():
         return [path]
     if path.is_dir():
+        skip = [e.absolute() for e in exclude]
         return sorted(
             p
             for p in path.rglob("*")
             if p.is_file()
             and p.suffix in SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not any(p.absolute().is_relative_to(e) for e in skip)
         )
     raise SpecError(f"no such file or folder: {path}", where=str(path))
 

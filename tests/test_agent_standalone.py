@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import yaml
 
 from agent.standalone import StandaloneSource
@@ -128,3 +130,43 @@ async def test_a_bad_file_at_start_deletes_nothing(hf_hub: Hub, tmp_path: Path) 
         await asyncio.sleep(0.5)
         assert run.agent.desired.known is False
     assert (key_dir / "w.bin").read_bytes() == b"precious"
+
+
+async def test_a_cache_folder_inside_the_documents_folder_is_not_read_as_documents(
+    hf_hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The model's own config.json lands under the documents' folder: it is no document, and the
+    # agent's writes there are no edits (they made it reload and log every second).
+    hf_hub.add_repo("org/a", {"config.json": b'{"kind": "LocalModelCache"}', "w.bin": os.urandom(50_000)})
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    cache = folder / "cache"
+    write_docs(
+        folder / "models.yaml",
+        group_doc("h100", limit="10Mi", path=cache),
+        cache_doc("a", "hf://org/a", "1Mi", ["h100"]),
+    )
+    caplog.set_level(logging.INFO, logger="modelcache.agent")
+    state = MemoryState()
+    source = StandaloneSource(
+        folder, node_name="box", labels={"gpu": "h100"}, state=state, interval=0.05, exclude=(cache,)
+    )
+    assert await source.load()
+    poller = asyncio.create_task(source.run())
+    try:
+        async with running_agent(
+            state, cache, store=state, node="box", source_error=lambda: source.error
+        ) as run:
+
+            async def downloaded() -> bool:
+                return states(await run.status()) == {"a": "ModelDownloaded"}
+
+            await eventually(downloaded, what="a downloaded")
+            await asyncio.sleep(0.5)  # ten polls after the agent's last writes
+    finally:
+        poller.cancel()
+    loads = [r for r in caplog.records if r.getMessage().startswith("standalone:")]
+    assert [r.getMessage() for r in loads] == [
+        "standalone: 1 cache(s), 1 group(s); this node holds 1 model(s)"
+    ]
+    assert source.error is None
