@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class Hub:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the repositories' files: tests leave nothing
 
     def _record(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
