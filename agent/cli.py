@@ -139,7 +139,10 @@ async def _run(
             state=memory,
             exclude=(settings.cache_dir,),
         )
-        await source.load()
+        if not await source.load(report=not args.once) and args.once:
+            # Nothing to settle on: --once would wait forever. (As a daemon the status says why,
+            # and an edit of the documents is picked up.)
+            raise InvalidInput(f"--standalone: {source.error}")
         state = memory
     else:
         from localmodel.state.kube import KubeState

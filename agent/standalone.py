@@ -63,10 +63,11 @@ class StandaloneSource:
         self.loaded = False
         self._seen: tuple[tuple[str, int, int], ...] | None = None
 
-    async def load(self) -> bool:
-        """Load the documents once; on a bad file keep the last good state and record why."""
+    async def load(self, *, report: bool = True) -> bool:
+        """Load the documents once; on a bad file keep the last good state and record why (logged
+        unless ``report`` is off: a caller that exits on it says it once itself)."""
         if not self.path.exists():
-            self._fail(f"{self.path} does not exist; pass a YAML file or folder to --standalone")
+            self._fail(f"{self.path} does not exist; pass a YAML file or folder to --standalone", report)
             return False
         self._seen = await asyncio.to_thread(_fingerprint, self.path, self.exclude)
         try:
@@ -76,7 +77,7 @@ class StandaloneSource:
                 LocalModelNodeGroup.from_json(d.object) for d in docs if d.kind is LOCAL_MODEL_NODE_GROUP
             ]
         except InvalidInput as e:
-            self._fail(f"{e} (the last good documents stay in force)")
+            self._fail(f"{e} (the last good documents stay in force)" if self.loaded else str(e), report)
             return False
         await self.state.apply(LOCAL_MODEL_NODE_GROUP, [g.to_json() for g in groups], prune=True)
         await self.state.apply(LOCAL_MODEL_CACHE, [c.to_json() for c in caches], prune=True)
@@ -99,8 +100,8 @@ class StandaloneSource:
         )
         return True
 
-    def _fail(self, message: str) -> None:
-        if message != self.error:
+    def _fail(self, message: str, report: bool = True) -> None:
+        if message != self.error and report:
             log.error("%s", message)
         self.error = message
 
