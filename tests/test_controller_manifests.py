@@ -48,6 +48,8 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
         assert "secrets" not in rule["resources"]
         if writes & set(rule["verbs"]):
             own = all(r.startswith("localmodel") for r in rule["resources"])
+            if rule["resources"] == ["localmodelnodegroups"]:
+                raise AssertionError(f"the controller never writes a group's spec: {rule}")
             if rule["resources"] == ["nodes"]:
                 assert rule["verbs"] == ["patch"], rule  # its model labels, nothing else
             elif rule["resources"] in (["persistentvolumes"], ["persistentvolumeclaims"]):
@@ -70,8 +72,8 @@ def test_webhooks_are_wired_to_the_service_and_certificate(rendered: list[dict[s
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    (port,) = container["ports"]
-    assert service["spec"]["ports"][0]["targetPort"] == port["name"] == "webhook"
+    (port,) = [p for p in container["ports"] if p["name"] == "webhook"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
     assert f"--webhook-addr=:{port['containerPort']}" in container["args"]
     cert_dir = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--webhook-cert-dir="))
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == cert_dir]
@@ -132,3 +134,20 @@ def test_only_pods_that_ask_are_sent_to_the_pod_webhook(rendered: list[dict[str,
     for meta, sent in cases:
         activation = {"object": celpy.json_to_cel({"metadata": meta})}
         assert all(bool(p.evaluate(activation)) for p in programs) is sent, meta
+
+
+def test_what_rbac_cannot_narrow_an_admission_policy_does(rendered: list[dict[str, Any]]) -> None:
+    """Node patches and PV/PVC writes are cluster-wide in RBAC: a ValidatingAdmissionPolicy bound with
+    Deny narrows each to the controller's own (tests/test_admission_policies.py evaluates them)."""
+    sa = next(d for d in rendered if d["kind"] == "ServiceAccount")
+    user = f"system:serviceaccount:{sa['metadata']['namespace']}:{sa['metadata']['name']}"
+    policies = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy"}
+    covered = set()
+    for policy in policies.values():
+        (condition,) = policy["spec"]["matchConditions"]
+        assert f"'{user}'" in condition["expression"]
+        for rule in policy["spec"]["matchConstraints"]["resourceRules"]:
+            covered |= set(rule["resources"])
+    assert {"nodes", "persistentvolumes", "persistentvolumeclaims"} <= covered
+    bindings = [d for d in rendered if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert {b["spec"]["policyName"] for b in bindings} == set(policies)
