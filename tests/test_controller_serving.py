@@ -141,6 +141,10 @@ def test_label_writes_pure() -> None:
 
 
 async def test_pv_and_pvc_for_each_serving_namespace(state: ClusterState) -> None:
+    """KServe's names, which its InferenceService path references: PVC ``<cache>-<group>`` and PV
+    ``<cache>-<group>-<namespace>`` (kserve/kserve pkg/controller/v1alpha1/localmodel/reconcilers/
+    utils.go:605-618 at v0.20); the PV itself is ours, one model's folder (see
+    tests/test_controller_security.py for KServe's subPath mount of it)."""
     await setup_two_groups(state)
     await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["a100", "h100"]))
     async with running(state):
