@@ -376,3 +376,56 @@ def test_an_agent_writes_only_its_own_node_s_object() -> None:
     other = lmn_patch("gpu-2", None)
     other["userInfo"]["username"] = CONTROLLER
     assert admit(p, other) == []
+
+
+# -- any pod: no mount of models/<key> under a claim --------------------------------------------------
+
+
+MOUNTS_POLICY = "modelcache-serving-mounts"
+
+
+def pod_create(pod: dict[str, Any]) -> dict[str, Any]:
+    return request(
+        "CREATE",
+        "pods",
+        user="system:serviceaccount:kube-system:replicaset-controller",
+        name="p",
+        namespace="team",
+        obj=pod,
+    )
+
+
+def test_a_legacy_subpath_mount_is_refused_and_the_webhook_s_rewrite_passes() -> None:
+    import jsonpatch
+
+    from controller.admission import serving_mounts
+    from tests.test_controller_security import kserve_pod
+
+    p = policies()[MOUNTS_POLICY]
+    req = kserve_pod("m-a100")
+    pod = req["object"]
+    denied = admit(p, pod_create(pod))
+    assert refused_for(denied, "mount it without that subPath"), denied
+    # What the pod webhook makes of it (KServe's label names the cache): allowed.
+    c = LocalModelCache.from_json(cache_doc("m", "10Gi", ["a100"]))
+    rewritten = jsonpatch.apply_patch(pod, serving_mounts(pod, c))
+    assert admit(p, pod_create(rewritten)) == []
+    # The same subPath on an emptyDir, a claim mounted at its root, an init container: judged alike.
+    scratch = copy.deepcopy(pod)
+    scratch["spec"]["volumes"][0] = {"name": "kserve-pvc-source", "emptyDir": {}}
+    assert admit(p, pod_create(scratch)) == []
+    init = copy.deepcopy(rewritten)
+    init["spec"]["initContainers"] = [
+        {
+            "name": "i",
+            "volumeMounts": [{"name": "kserve-pvc-source", "mountPath": "/m", "subPath": f"/models/{KEY}"}],
+        }
+    ]
+    assert refused_for(admit(p, pod_create(init)), "mount it without that subPath")
+    bare = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c"}]},
+    }
+    assert admit(p, pod_create(bare)) == []
