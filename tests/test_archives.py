@@ -102,13 +102,25 @@ def test_tar_whose_header_lies_writes_only_what_it_declares(tmp_path: Path) -> N
     assert (into / "w.bin").read_bytes() == data[:100]
 
 
-def test_tar_whose_header_declares_past_the_cap_is_refused_before_writing(tmp_path: Path) -> None:
+def test_tar_bomb_is_refused_before_writing(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = 100 * MiB
+        tar.addfile(info, io.BytesIO(bytes(100 * MiB)))
+    into = tmp_path / "into"
+    with pytest.raises(IntegrityError, match=r"declares 100\.0 MiB, more than 200 times the archive's"):
+        unpack(archive, into, archive_type=".tar.gz", source="s")
+    assert not into.exists()
+
+
+def test_truncated_tar_is_invalid_and_leaves_nothing(tmp_path: Path) -> None:
     info = tarfile.TarInfo("w.bin")
     info.size = 4 << 30  # 4 GiB declared, a few bytes present
     archive = tmp_path / "huge.tar"
     archive.write_bytes(info.tobuf(format=tarfile.GNU_FORMAT) + b"x" * 512 + bytes(1024))
     into = tmp_path / "into"
-    with pytest.raises(IntegrityError, match=r"declares 4\.0 GiB, more than 200 times the archive's"):
+    with pytest.raises(DownloadError, match="not a valid .tar archive: unexpected end of data"):
         unpack(archive, into, archive_type=".tar", source="s")
     assert not into.exists()
 
