@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip checksums (sizes are still checked)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; only the summary line")
     p.add_argument(
-        "--force", action="store_true", help="replace a DEST that modelcache did not publish (its files are lost)"
+        "--force",
+        action="store_true",
+        help="replace a DEST that modelcache did not publish (its files are lost)",
     )
     p.add_argument(
         "--lock-wait",
@@ -96,12 +98,12 @@ def check_dest(raw: str, *, home: Path) -> Path:
     if real == home.resolve():
         raise InvalidInput(f"DEST: {dest} is your home folder; name a new or empty folder for the model")
     for folder in (dest, dest.parent):
-        if (folder / ".modelcache").is_dir() and (folder / "models").is_dir():
-            if folder == dest or dest.name in ("models", ".modelcache"):
-                raise InvalidInput(
-                    f"DEST: {dest} is part of a modelcache cache folder; pull into "
-                    f"{folder / 'models'}/<storage key> or a new folder"
-                )
+        is_cache = (folder / ".modelcache").is_dir() and (folder / "models").is_dir()
+        if is_cache and (folder == dest or dest.name in ("models", ".modelcache")):
+            raise InvalidInput(
+                f"DEST: {dest} is part of a modelcache cache folder; pull into "
+                f"{folder / 'models'}/<storage key> or a new folder"
+            )
     if ".modelcache" in dest.parts:
         raise InvalidInput(f"DEST: {dest} is inside modelcache's hidden folder; name another folder")
     return dest

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.unpack import MAX_RATIO, unpack
-from localmodel.errors import DiskFull, DownloadError, IntegrityError
 from agent.download.engine import TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
+from agent.download.unpack import MAX_RATIO, unpack
+from localmodel.errors import DiskFull, DownloadError, IntegrityError
 from localmodel.uri import parse_uri
 from tests.test_pull_s3_http import Files, http_files, run, targz
 
@@ -32,11 +32,13 @@ MiB = 1 << 20
 
 def zip_bomb(size: int) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-        with z.open("zeros.bin", "w", force_zip64=True) as out:
-            block = bytes(MiB)
-            for _ in range(size // MiB):
-                out.write(block)
+    with (
+        zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z,
+        z.open("zeros.bin", "w", force_zip64=True) as out,
+    ):
+        block = bytes(MiB)
+        for _ in range(size // MiB):
+            out.write(block)
     return buf.getvalue()
 
 
@@ -81,7 +83,9 @@ async def test_zip_bomb_is_refused_before_writing(http_files: Files, tmp_path: P
 async def test_declared_model_size_caps_the_archive(http_files: Files, tmp_path: Path) -> None:
     members = {"w.bin": os.urandom(300 * 1024)}
     http_files.bodies["/m.tar.gz"] = targz(members)
-    with pytest.raises(IntegrityError, match=r"declares 300\.0 KiB, more than the declared modelSize 100\.0 KiB"):
+    with pytest.raises(
+        IntegrityError, match=r"declares 300\.0 KiB, more than the declared modelSize 100\.0 KiB"
+    ):
         await capped(f"{http_files.url}/m.tar.gz", tmp_path / "a", 100 * 1024)
     assert not (tmp_path / "a").exists()
     await capped(f"{http_files.url}/m.tar.gz", tmp_path / "b", 400 * 1024)
@@ -120,7 +124,7 @@ def test_truncated_tar_is_invalid_and_leaves_nothing(tmp_path: Path) -> None:
     archive = tmp_path / "huge.tar"
     archive.write_bytes(info.tobuf(format=tarfile.GNU_FORMAT) + b"x" * 512 + bytes(1024))
     into = tmp_path / "into"
-    with pytest.raises(DownloadError, match="not a valid .tar archive: unexpected end of data"):
+    with pytest.raises(DownloadError, match=r"not a valid \.tar archive: unexpected end of data"):
         unpack(archive, into, archive_type=".tar", source="s")
     assert not into.exists()
 
@@ -139,7 +143,7 @@ def test_zip_whose_directory_lies_about_the_size_is_refused(tmp_path: Path) -> N
     archive = tmp_path / "lying.zip"
     archive.write_bytes(bytes(raw))
     into = tmp_path / "into"
-    with pytest.raises(DownloadError, match="not a valid .zip archive"):
+    with pytest.raises(DownloadError, match=r"not a valid \.zip archive"):
         unpack(archive, into, archive_type=".zip", source="s")
     assert not into.exists()
 

@@ -151,7 +151,6 @@ def test_hostile_zip_names_are_refused(tmp_path: Path, name: str) -> None:
     assert not (tmp_path / "files" / "ok.txt").exists()
 
 
-
 # -- never delete what is not ours (13 §0) -------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ async def test_second_writer_waits_then_exits_1_naming_the_first(hf_hub: Hub, tm
     staging = tmp_path / ".modelcache" / "pull" / "m"
     await eventually(staging.exists, what="the first pull to start")
     second = await _pull("hf://org/slow", str(dest), "--lock-wait", "0.3")
-    out, err = await asyncio.wait_for(second.communicate(), 60)
+    _, err = await asyncio.wait_for(second.communicate(), 60)
     assert second.returncode == 1
     text = err.decode()
     assert text.count("\n") == 1 and "Traceback" not in text

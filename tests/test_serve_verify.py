@@ -44,5 +44,7 @@ def test_verify_with_model_dir_and_no_manifest_still_serves_with_a_note(tmp_path
     bin_dir.mkdir()
     folder = tmp_path / "plain"
     make_model(folder)
-    out = dry_run(["--model_dir", str(folder), "--gpus-per-node", "1", "--verify"], clean_env(no_gpu_path(bin_dir)))
+    out = dry_run(
+        ["--model_dir", str(folder), "--gpus-per-node", "1", "--verify"], clean_env(no_gpu_path(bin_dir))
+    )
     assert any("no manifest beside this folder" in n for n in out["notes"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import time
 from collections.abc import Callable
 
@@ -59,7 +58,13 @@ async def pull(
     """
     try:
         return await _pull(
-            uri, dest, sources=sources, transfer=transfer, progress=progress, client=client, admit=admit,
+            uri,
+            dest,
+            sources=sources,
+            transfer=transfer,
+            progress=progress,
+            client=client,
+            admit=admit,
             max_bytes=max_bytes,
         )
     except OSError as e:
@@ -74,9 +79,10 @@ def os_download_error(e: OSError) -> DownloadError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DiskFull(f"{where}no space left on the cache's filesystem ({text})")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDenied(f"{where}the filesystem refused the write ({text}); check the folder's "
-                                "owner, mode and mount")
-    return DownloadError(f"{where}{text}" + (f" ({os.strerror(e.errno)})" if e.errno and not e.strerror else ""))
+        return PermissionDenied(
+            f"{where}the filesystem refused the write ({text}); check the folder's owner, mode and mount"
+        )
+    return DownloadError(f"{where}{text}")
 
 
 async def _pull(

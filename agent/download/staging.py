@@ -51,7 +51,11 @@ class Destination:
     @classmethod
     def in_cache(cls, layout: CacheLayout, key: str) -> Destination:
         return cls(
-            layout.model_dir(key), layout.staging_dir(key), layout.manifest_file(key), layout.trash, layout.root
+            layout.model_dir(key),
+            layout.staging_dir(key),
+            layout.manifest_file(key),
+            layout.trash,
+            layout.root,
         )
 
     @classmethod
@@ -262,21 +266,21 @@ def fsync_dir(path: Path) -> None:
 # a byte of it. Our own removal and replacement make a folder writable again first.
 FILE_MODE = 0o444
 DIR_MODE = 0o555
+OWNER_WRITABLE = 0o700  # a folder of ours made writable again, for our own removal only
 
 
 def seal(top: Path) -> None:
     """Make every file under ``top`` 0444 and every folder 0555 (links are left alone: chmod would
     follow them). ``top`` itself is sealed by the caller once it is in place (renaming a folder to
     another parent needs write permission on it)."""
-    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+    for root, dirnames, filenames in os.walk(top, topdown=False):
+        dirpath = Path(root)
         for name in filenames:
-            p = os.path.join(dirpath, name)
-            if stat.S_ISREG(os.lstat(p).st_mode):
-                os.chmod(p, FILE_MODE)
+            if stat.S_ISREG((dirpath / name).lstat().st_mode):
+                (dirpath / name).chmod(FILE_MODE)
         for name in dirnames:
-            p = os.path.join(dirpath, name)
-            if stat.S_ISDIR(os.lstat(p).st_mode):
-                os.chmod(p, DIR_MODE)
+            if stat.S_ISDIR((dirpath / name).lstat().st_mode):
+                (dirpath / name).chmod(DIR_MODE)
 
 
 def remove_tree(path: Path) -> None:
@@ -288,9 +292,9 @@ def remove_tree(path: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         path.unlink()
         return
-    for dirpath, _, _ in os.walk(path):  # does not descend into links
+    for root, _, _ in os.walk(path):  # does not descend into links
         with contextlib.suppress(OSError):
-            os.chmod(dirpath, 0o755)
+            Path(root).chmod(OWNER_WRITABLE)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -321,7 +325,7 @@ def finish_publish(dest: Destination) -> bool:
             dest.trash.mkdir(parents=True, exist_ok=True)
             old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
             if _is_real_dir(dest.final):
-                os.chmod(dest.final, 0o755)  # moving a folder to another parent writes its '..'
+                dest.final.chmod(OWNER_WRITABLE)  # moving a folder to another parent writes its '..'
             dest.final.replace(old)
             files.replace(dest.final)
             remove_tree(old)
@@ -330,7 +334,7 @@ def finish_publish(dest: Destination) -> bool:
         fsync_dir(dest.final.parent)
     elif not _is_real_dir(dest.final):
         return False  # nothing staged and nothing published: the manifest is stale
-    os.chmod(dest.final, DIR_MODE)
+    dest.final.chmod(DIR_MODE)
     dest.manifest.parent.mkdir(parents=True, exist_ok=True)
     staged_manifest.replace(dest.manifest)
     fsync_dir(dest.manifest.parent)
@@ -352,7 +356,7 @@ def remove_published(dest: Destination) -> bool:
         if dest.owned():
             dest.trash.mkdir(parents=True, exist_ok=True)
             old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
-            os.chmod(dest.final, 0o755)
+            dest.final.chmod(OWNER_WRITABLE)
             dest.final.replace(old)
             remove_tree(old)
         else:

@@ -72,9 +72,7 @@ class _Budget:
         self.check(self.written, declared=False)
 
 
-def unpack(
-    archive: Path, into: Path, *, archive_type: str, source: str, limit: int | None = None
-) -> None:
+def unpack(archive: Path, into: Path, *, archive_type: str, source: str, limit: int | None = None) -> None:
     """Extract ``archive`` (.zip, or a tar of any compression) into ``into``.
 
     Raises UnsafePath, IntegrityError (over the declared size or the ratio), DiskFull (over the free
@@ -105,7 +103,11 @@ def _budget(archive: Path, into: Path, *, source: str, limit: int | None) -> _Bu
     size = archive.stat().st_size
     caps = [
         (free, "free", f"the {readable(free)} free on the cache's filesystem"),
-        (size * MAX_RATIO, "ratio", f"{MAX_RATIO} times the archive's {readable(size)} ({readable(size * MAX_RATIO)})"),
+        (
+            size * MAX_RATIO,
+            "ratio",
+            f"{MAX_RATIO} times the archive's {readable(size)} ({readable(size * MAX_RATIO)})",
+        ),
     ]
     if limit is not None:
         caps.append((limit, "declared", f"the declared modelSize {readable(limit)}"))
@@ -116,7 +118,7 @@ def _budget(archive: Path, into: Path, *, source: str, limit: int | None) -> _Bu
 def _copy(src: IO[bytes], dst: Path, budget: _Budget) -> None:
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISDIR(os.lstat(dst).st_mode):
-            os.unlink(dst)  # a later member of the same name wins, as in tar; never written through
+            dst.unlink()  # a later member of the same name wins, as in tar; never written through
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "wb") as out:
         while block := src.read(_BLOCK):
@@ -159,7 +161,7 @@ def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
                     raise DownloadError(f"{source}: archive member {m.name[:200]!r} has no data")
                 with src:
                     _copy(src, dst, budget)
-                os.chmod(dst, checked.mode & 0o755 if checked.mode is not None else 0o644)
+                dst.chmod(checked.mode & 0o755 if checked.mode is not None else 0o644)
             else:
                 tar.extract(checked, into, filter="data")
 
