@@ -147,3 +147,21 @@ def test_links_inside_the_layout_are_listed_never_followed_nor_deleted(tmp_path:
     assert (victim / "sub" / "precious.txt").read_text() == "keep"
     assert (victim / "precious.json").read_text() == "{}"
     cache.close()
+
+
+@pytest.mark.parametrize("inner", ["files", "progress.json"])
+def test_a_link_inside_a_staging_folder_is_refused(inner: str, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    cache = CacheDir(tmp_path / "cache")
+    cache.open()
+    dest = cache.destination(storage_key("hf://a/b"))
+    dest.staging.mkdir(parents=True)
+    (dest.staging / inner).symlink_to(victim if inner == "files" else victim / "precious.txt")
+    with pytest.raises(LinkRefused, match=f"{dest.staging / inner} is a symbolic link"):
+        dest.check_links()
+    with pytest.raises(LinkRefused):
+        cache.delete(storage_key("hf://a/b"))
+    assert (victim / "precious.txt").read_text() == "keep"
+    cache.close()

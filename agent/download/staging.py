@@ -86,7 +86,8 @@ class Destination:
 
     def check_links(self) -> None:
         """Raise :class:`LinkRefused` when a path of ours, or a folder on the way to it, is a link."""
-        for path in (self.final, self.staging, self.manifest, self.trash):
+        inner = (self.staging / name for name in ("files", "archive", "progress.json", "manifest.json"))
+        for path in (self.final, self.staging, self.manifest, self.trash, *inner):
             refuse_links(path, below=self.root)
 
     def owned(self) -> bool:
