@@ -98,7 +98,10 @@ def check_dest(raw: str, *, home: Path) -> Path:
     if real == home.resolve():
         raise InvalidInput(f"DEST: {dest} is your home folder; name a new or empty folder for the model")
     for folder in (dest, dest.parent):
-        is_cache = (folder / ".modelcache").is_dir() and (folder / "models").is_dir()
+        # A cache folder's marks (the agent's format file, the manifests); a pull's own hidden
+        # folder beside a DEST holds only pull/ and trash/, and a DEST may be named "models".
+        hidden = folder / ".modelcache"
+        is_cache = (hidden / "format").is_file() or (hidden / "manifests").is_dir()
         if is_cache and (folder == dest or dest.name in ("models", ".modelcache")):
             raise InvalidInput(
                 f"DEST: {dest} is part of a modelcache cache folder; pull into "
@@ -130,8 +133,9 @@ def writer_lock(dest: Destination, *, wait: float) -> Iterator[None]:
                     holder = os.pread(fd, 64, 0).decode(errors="replace").split()
                     who = f"process {holder[0]}" if holder and holder[0].isdigit() else "another process"
                     raise LockBusy(
-                        f"{dest.final} is being written by {who} (lock {path}, held after {wait:g} s "
-                        "of waiting); run again when it has finished, or raise --lock-wait"
+                        f"{dest.final} is in use by {who}, another modelcache pull or the cache's agent "
+                        f"(lock {path}, still held after {wait:g} s); run again when it has finished, "
+                        "or raise --lock-wait"
                     ) from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)

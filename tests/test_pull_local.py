@@ -212,7 +212,7 @@ def test_folders_that_are_never_a_models_are_usage_errors(
     home.mkdir()
     (home / ".bashrc").write_text("keep")
     (tmp_path / "cache" / "models").mkdir(parents=True)
-    (tmp_path / "cache" / ".modelcache").mkdir()
+    (tmp_path / "cache" / ".modelcache" / "manifests").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(work)
     dest = {"~": str(home), "cache": str(tmp_path / "cache")}.get(where, where)
@@ -248,3 +248,11 @@ def test_published_model_is_read_only_on_disk(tmp_path: Path) -> None:
     assert main(["pull", str(src), str(dest), "--quiet"]) == 0
     assert (dest / "nested" / "new.txt").read_text() == "new"
     assert not list((tmp_path / "out" / ".modelcache" / "trash").iterdir())
+
+
+def test_a_dest_named_models_can_be_pulled_again(tmp_path: Path) -> None:
+    src = _model(tmp_path)
+    dest = tmp_path / "work" / "models"
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0  # .modelcache/pull beside it is ours
+    assert _tree(dest) == _tree(src)

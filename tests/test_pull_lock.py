@@ -35,7 +35,7 @@ async def test_second_writer_waits_then_exits_1_naming_the_first(hf_hub: Hub, tm
     assert second.returncode == 1
     text = err.decode()
     assert text.count("\n") == 1 and "Traceback" not in text
-    assert f"being written by process {first.pid}" in text and "--lock-wait" in text
+    assert f"in use by process {first.pid}, another modelcache pull" in text and "--lock-wait" in text
     third = await _pull("hf://org/slow", str(dest), "--lock-wait", "60")
     _, err3 = await asyncio.wait_for(third.communicate(), 60)
     await asyncio.wait_for(first.communicate(), 60)
@@ -58,7 +58,8 @@ async def test_pull_into_a_cache_folder_takes_the_agents_lock(hf_hub: Hub, tmp_p
         proc = await _pull("hf://org/m", str(dest), "--lock-wait", "0.2")
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 1
-        assert f"being written by process {os.getpid()} (lock {layout.lock_file}" in err.decode()
+        text = err.decode()
+        assert f"in use by process {os.getpid()}" in text and f"(lock {layout.lock_file}, still held" in text
         assert not dest.exists() and not layout.staging_dir(storage_key("hf://org/m")).exists()
     finally:
         os.close(fd)
