@@ -694,10 +694,12 @@ class Agent:
         status = snapshot["status"]
         if status == self.last_status:
             return
+        file_error = self.state_file_error
         self.status_write = asyncio.ensure_future(self._write_status(snapshot, status))
         self.status_write.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen below
         await asyncio.shield(self.status_write)
-        self.last_status = status
+        # A state file that failed (or recovered) just now changes the condition: written next time.
+        self.last_status = status if self.state_file_error == file_error else None
 
     async def _write_status(self, snapshot: JSON, status: JSON) -> None:
         # The state file failing (a full disk, a link planted in its place) must not keep the
