@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -373,6 +374,7 @@ class Agent:
             return
         d = self.desired
         wanted = {m.storage_key: m for m in d.models}
+        self._forget_what_was_cleared()
         if d.known:
             for key in list(self.tasks):
                 if key not in wanted:
@@ -424,6 +426,12 @@ class Agent:
             )
         )
         self.metrics.limit_bytes.set(d.limit or 0)
+
+    def _forget_what_was_cleared(self) -> None:
+        """Links and foreign folders the user has removed since they were reported (a few lstat)."""
+        root = self.settings.cache_dir
+        self.links = {p for p in self.links if os.path.lexists(root / p)}
+        self.foreign = {k for k in self.foreign if os.path.lexists(self.cache.layout.models / k)}
 
     def _plan(self) -> Plan:
         wants = tuple(
@@ -482,7 +490,8 @@ class Agent:
         except Exception as e:
             # The last resort: whatever went wrong (a bug included) ends as a failure that is shown,
             # counted and retried, never as a task that vanished with the model "downloading".
-            log.error("%s: download failed unexpectedly: %s", name, _one_line(e), exc_info=e)
+            log.error("%s: download failed unexpectedly: %s", name, _one_line(e))
+            log.debug("%s: the unexpected failure", name, exc_info=e)
             with contextlib.suppress(Exception):
                 await self._failed(name, rec, DownloadError(f"{rec.uri}: {_one_line(e)}"))
             if rec.state is not ModelState.ERROR:

@@ -236,7 +236,16 @@ async def test_a_folder_without_our_manifest_is_never_deleted(
         (wanted / "theirs.bin").unlink()
         wanted.rmdir()
         await downloaded(run, "m")
-    assert (unwanted / "theirs.bin").read_bytes() == b"kserve's bytes"
+        cond = condition(await run.status(), "CacheFolderClean")
+        assert f"models/{unwanted.name}" in cond["message"] and f"models/{wanted.name}" not in cond["message"]
+        # And once the user removes the other one, the condition clears.
+        (unwanted / "theirs.bin").unlink()
+        unwanted.rmdir()
+
+        async def clean() -> bool:
+            return condition(await run.status(), "CacheFolderClean").get("status") == "True"
+
+        await eventually(clean, what="the condition cleared")
 
 
 def _victim(tmp_path: Path) -> Path:
