@@ -192,6 +192,25 @@ async def test_read_only_cache_is_permission_denied_then_recovers(
         await downloaded(run, "m")
 
 
+async def test_read_only_mount_over_models_fails_the_publish_with_a_reason_then_recovers(
+    mem: Cluster, hf_hub: Hub, tmp_path: Path
+) -> None:
+    hf_hub.add_repo("org/m", {"config.json": b"{}"})
+    cache = tmp_path / "cache"
+    await seed(mem.store, group_doc("g", path=cache), node_doc("n1", []))
+    async with running_agent(mem.state, cache, store=mem.store, retry_base=1.0, retry_cap=1.0) as run:
+        await eventually(lambda: run.agent.ready, what="ready")
+        with read_only(cache / "models"):
+            await mem.store.patch(
+                LOCAL_MODEL_NODE, "n1", {"spec": node_doc("n1", [("m", "hf://org/m", "1Mi")])["spec"]}
+            )
+            # Every byte fetched, the publish (a rename into the mount) refused: said, not stuck.
+            m = await failed_with(run, "m", "DownloadFailed")
+            assert "Invalid cross-device link" in m["message"] and "one filesystem" in m["message"]
+            assert m["bytesDone"] == m["bytesTotal"] == 2
+        await downloaded(run, "m")
+
+
 async def test_an_unforeseen_exception_is_a_download_failure_retried_until_it_is_gone(
     mem: Cluster, hf_hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -73,7 +73,8 @@ async def pull(
 
 def os_download_error(e: OSError) -> DownloadError:
     """The error tree's word for an OSError met while writing a model (rule: ENOSPC, EDQUOT and
-    EFBIG are DiskFull; EACCES, EPERM and EROFS are PermissionDenied; anything else DownloadFailed)."""
+    EFBIG are DiskFull; EACCES, EPERM and EROFS are PermissionDenied; anything else, EXDEV from a
+    publish across mounts included, DownloadFailed with the OS's one-line text)."""
     where = f"{e.filename}: " if e.filename is not None else ""
     text = (e.strerror or str(e)).replace("\n", " ")
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -81,6 +82,12 @@ def os_download_error(e: OSError) -> DownloadError:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionDenied(
             f"{where}the filesystem refused the write ({text}); check the folder's owner, mode and mount"
+        )
+    if e.errno == errno.EXDEV:
+        # A publish is a rename from .modelcache/ into models/: a mount over either breaks it.
+        return DownloadError(
+            f"{where}{text}: models/ and .modelcache/ of the cache folder must be one filesystem "
+            "(is a mount placed over one of them?)"
         )
     return DownloadError(f"{where}{text}")
 

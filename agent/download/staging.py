@@ -270,6 +270,17 @@ DIR_MODE = 0o555
 OWNER_WRITABLE = 0o700  # a folder of ours made writable again, for our own removal only
 
 
+def chmod_nofollow(path: Path, mode: int) -> None:
+    """chmod a folder (or file) without following a link put in its place after it was checked:
+    ELOOP instead. Files of a staging folder use a plain chmod after lstat (one syscall, not
+    three, per file of a 100,000-file model; the staging folder is the agent's alone)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def seal(top: Path) -> None:
     """Make every file under ``top`` 0444 and every folder 0555 (links are left alone: chmod would
     follow them). ``top`` itself is sealed by the caller once it is in place (renaming a folder to
@@ -281,7 +292,7 @@ def seal(top: Path) -> None:
                 (dirpath / name).chmod(FILE_MODE)
         for name in dirnames:
             if stat.S_ISDIR((dirpath / name).lstat().st_mode):
-                (dirpath / name).chmod(DIR_MODE)
+                chmod_nofollow(dirpath / name, DIR_MODE)
 
 
 def remove_tree(path: Path) -> None:
@@ -295,7 +306,7 @@ def remove_tree(path: Path) -> None:
         return
     for root, _, _ in os.walk(path):  # does not descend into links
         with contextlib.suppress(OSError):
-            Path(root).chmod(OWNER_WRITABLE)
+            chmod_nofollow(Path(root), OWNER_WRITABLE)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -326,7 +337,8 @@ def finish_publish(dest: Destination) -> bool:
             dest.trash.mkdir(parents=True, exist_ok=True)
             old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
             if _is_real_dir(dest.final):
-                dest.final.chmod(OWNER_WRITABLE)  # moving a folder to another parent writes its '..'
+                # Moving a folder to another parent writes its '..': it must be writable.
+                chmod_nofollow(dest.final, OWNER_WRITABLE)
             dest.final.replace(old)
             files.replace(dest.final)
             remove_tree(old)
@@ -335,7 +347,7 @@ def finish_publish(dest: Destination) -> bool:
         fsync_dir(dest.final.parent)
     elif not _is_real_dir(dest.final):
         return False  # nothing staged and nothing published: the manifest is stale
-    dest.final.chmod(DIR_MODE)
+    chmod_nofollow(dest.final, DIR_MODE)
     dest.manifest.parent.mkdir(parents=True, exist_ok=True)
     staged_manifest.replace(dest.manifest)
     fsync_dir(dest.manifest.parent)
@@ -357,7 +369,7 @@ def remove_published(dest: Destination) -> bool:
         if dest.owned():
             dest.trash.mkdir(parents=True, exist_ok=True)
             old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
-            dest.final.chmod(OWNER_WRITABLE)
+            chmod_nofollow(dest.final, OWNER_WRITABLE)
             dest.final.replace(old)
             remove_tree(old)
         else:
