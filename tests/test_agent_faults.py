@@ -168,6 +168,27 @@ async def test_archive_unpacking_past_the_free_space_is_disk_full_then_completes
             assert (run.model_dir(uri) / "w.bin").read_bytes() == data
 
 
+async def test_archive_unpacking_past_its_declared_model_size_is_refused(
+    mem: Cluster, http_files: Files, tmp_path: Path
+) -> None:
+    data = _semi_compressible(12 * MiB)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("w.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    http_files.bodies["/m.tar.gz"] = buf.getvalue()
+    uri = f"{http_files.url}/m.tar.gz"
+    cache = tmp_path / "cache"
+    await seed(mem.store, group_doc("g", path=cache), node_doc("n1", [("m", uri, "2Mi")]))
+    async with running_agent(mem.state, cache, store=mem.store, retry_base=5.0, retry_cap=5.0) as run:
+        m = await failed_with(run, "m", "VerificationFailed")
+        assert "declares 12.0 MiB, more than the declared modelSize 2.0 MiB" in m["message"]
+        assert not run.model_dir(uri).exists()
+        staged = cache / ".modelcache" / "staging" / storage_key(uri)
+        assert not (staged / "files").exists()  # the partial extraction is given back
+
+
 async def test_read_only_cache_is_permission_denied_then_recovers(
     mem: Cluster, hf_hub: Hub, tmp_path: Path
 ) -> None:

@@ -1,7 +1,10 @@
 """`modelcache pull` from local folders and archives: layout, atomic publish, up-to-date, safety."""
 
+import asyncio
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,6 +15,7 @@ from agent.download.unpack import unpack
 from localmodel.errors import UnsafePath
 from localmodel.manifest import Manifest
 from modelcache.cli import main
+from tests.support.hfhub import Hub
 
 
 def _model(root: Path) -> Path:
@@ -256,3 +260,29 @@ def test_a_dest_named_models_can_be_pulled_again(tmp_path: Path) -> None:
     assert main(["pull", str(src), str(dest), "--quiet"]) == 0
     assert main(["pull", str(src), str(dest), "--quiet"]) == 0  # .modelcache/pull beside it is ours
     assert _tree(dest) == _tree(src)
+
+
+async def test_a_full_disk_is_exit_1_with_one_line(hf_hub: Hub, tmp_path: Path) -> None:
+    hf_hub.add_repo("org/big", {"config.json": b"{}", "w.bin": os.urandom(3 << 20)})
+    small = tmp_path / "small"
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {done.stderr.decode().strip()}")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "modelcache"),
+            "pull",
+            "hf://org/big",
+            str(small / "model"),
+            "--quiet",
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, raw = await asyncio.wait_for(proc.communicate(), 60)
+        err = raw.decode()
+        assert proc.returncode == 1
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "no space left" in err
+        assert not (small / "model").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
