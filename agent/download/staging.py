@@ -11,6 +11,10 @@ A download works in its own staging folder on the same filesystem as its destina
 A chunk is recorded only after its bytes were synced, so after SIGKILL or power loss a restart
 re-fetches exactly the chunks not recorded. Publish renames ``files/`` onto the destination (the old
 copy, if any, is renamed to trash first), then moves the manifest into place.
+
+What is published is read-only (files 0444, folders 0555). Only what a manifest of ours names is
+ever replaced or deleted (:meth:`Destination.replaceable`, :meth:`Destination.owned`), and no
+symbolic link below the destination's root is followed (:func:`refuse_links`).
 """
 
 from __future__ import annotations
