@@ -29,7 +29,7 @@ from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
 from runtime.classify import EngineChoice, OutputOptions, choose_engine, is_classifier, kserve_task
 from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, make_plan
-from runtime.preflight import PreflightReport, preflight
+from runtime.preflight import PreflightReport, manifest_path, preflight
 from runtime.ray import (
     Runner,
     head_address,
@@ -362,6 +362,13 @@ def build(
     model_dir = resolve_model_dir(ns)
     notes: list[str] = []
 
+    if ns.verify and ns.model_uri and not ns.manifest and manifest_path(model_dir) is None:
+        # In --cache-dir mode a folder without the agent's manifest was not published by it (or its
+        # manifest was removed): nothing to verify against, so it is not served as verified.
+        raise InvalidInput(
+            f"--verify: {model_dir} has no manifest in {ns.cache_dir}/.modelcache/manifests, so it is "
+            f"not a verified publish; see `modelcache status --cache-dir {ns.cache_dir}`"
+        )
     report = preflight(
         model_dir,
         verify=ns.verify,
