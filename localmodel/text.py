@@ -23,13 +23,19 @@ def has_control(text: str) -> bool:
 
 
 def printable(text: str, *, limit: int = 200) -> str:
-    """``text`` on one line, each control or bidi character written as ``\\xNN`` or ``\\uNNNN``, and
+    """``text`` on one line, each control or bidi character written as ``\\n``, ``\\xNN`` or ``\\uNNNN``, and
     cut to ``limit`` characters (``...`` appended) so a hostile name cannot flood a log line."""
     if len(text) > limit:
         text = text[: max(0, limit - 3)] + "..."
     return _CONTROL.sub(_escape, text)
 
 
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
+    char = match.group()
+    if char in _SHORT:
+        return _SHORT[char]
+    code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
