@@ -136,6 +136,11 @@ def _check_revision(revision: str, raw: str, field: str = "--revision") -> None:
 
 def _s3(raw: str, rest: str, field: str) -> SourceURI:
     bucket, _, key = rest.partition("/")
+    if "@" in bucket:
+        raise URIError(
+            f"{field}: {_short(raw)!r}: s3:// URIs carry no credentials; give them through the "
+            "environment (AWS_ACCESS_KEY_ID, a profile, a role) or the cache's storage secret"
+        )
     if not _S3_BUCKET.fullmatch(bucket) or ".." in bucket:
         raise URIError(
             f"{field}: {_short(raw)!r}: bucket {bucket!r} is not a valid S3 bucket name "
