@@ -185,3 +185,14 @@ async def _ok(call: object) -> bool | None:
 )
 def test_is_loopback(remote: str | None, loopback: bool) -> None:
     assert is_loopback(remote) is loopback
+
+
+def test_disable_core_dumps_sets_the_limit_and_not_dumpable() -> None:
+    import subprocess
+
+    code = (
+        "import ctypes, resource; from agent.cli import disable_core_dumps; disable_core_dumps(); "
+        "print(resource.getrlimit(resource.RLIMIT_CORE), ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+    )  # 3: PR_GET_DUMPABLE
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["(0,", "0)", "0"]
