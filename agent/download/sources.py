@@ -160,11 +160,12 @@ def _backoff(settings: SourceSettings) -> Callable[[RetryCallState], float]:
 
 
 def _log_retry(uri: SourceURI) -> Callable[[RetryCallState], None]:
+    # INFO: the agent shows it; `pull` (no logging set up) keeps stderr to the one final line.
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         attempt = state.attempt_number + 1
-        log.warning("listing %s failed (%s); attempt %d in %.1f s", uri, error, attempt, wait)
+        log.info("listing %s failed (%s); attempt %d in %.1f s", uri, error, attempt, wait)
 
     return before_sleep
 
