@@ -193,6 +193,7 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False)
     revision = uri.revision or "main"
     try:
+        # model_info passes its own timeout (None: none at all) over the client's: give it ours.
         info = api.model_info(uri.repo_id, revision=revision, timeout=settings.read_timeout)
         sha = info.sha
         if not sha:

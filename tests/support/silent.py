@@ -36,6 +36,10 @@ class SilentServer:
         self.sock.close()
         self._thread.join(5)
         for conn in self._conns:
+            # shutdown first: it wakes the draining thread's recv and sends the client its EOF (a
+            # close alone waits for that recv to return).
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
     def _serve(self) -> None:
