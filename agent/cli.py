@@ -25,6 +25,7 @@ from agent.pull_cli import parse_rate, parse_size
 from agent.standalone import StandaloneSource
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.errors import InvalidInput
+from localmodel.logs import setup_logging
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
 
@@ -54,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--standalone", type=Path, metavar="PATH", help="YAML file or folder instead of an API server"
     )
     p.add_argument("--node-labels", default="", help="standalone: this node's labels, k=v,k2=v2")
-    p.add_argument("--health-addr", default=":8081", help="/healthz, /readyz, /status (default :8081; 'off')")
+    p.add_argument(
+        "--health-addr",
+        default=":8081",
+        help="/healthz, /readyz; /status to loopback clients only (default :8081; 'off')",
+    )
     p.add_argument("--metrics-addr", default=":9090", help="/metrics (default :9090; 'off')")
     p.add_argument("--kubeconfig", type=Path, help="a kubeconfig (default: in-cluster, then $KUBECONFIG)")
     p.add_argument("--context", help="the kubeconfig context")
@@ -79,8 +84,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=_positive("--status-interval", float), default=2.0)
     p.add_argument("--verify-on-start", action="store_true", help="re-hash every published file at start")
     p.add_argument("--once", action="store_true", help="exit once every model is downloaded or failed")
+    p.add_argument(
+        "--allow-file-sources",
+        metavar="PREFIX",
+        action="append",
+        default=[],
+        help="cluster mode: file:// sources (and absolute paths) may be read under this folder "
+        "(repeatable or comma-separated; default: none; standalone mode allows any)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def file_prefixes(values: Sequence[str], *, standalone: bool) -> tuple[str, ...] | None:
+    """The folders file sources may be read from: any (None) in standalone mode, else the absolute
+    paths given to ``--allow-file-sources`` (none by default)."""
+    if standalone:
+        return None
+    prefixes = tuple(p.strip() for value in values for p in value.split(",") if p.strip())
+    for prefix in prefixes:
+        if not prefix.startswith("/"):
+            raise InvalidInput(f"--allow-file-sources: {prefix!r} is not an absolute path")
+        if Path(prefix).resolve() == Path("/"):
+            raise InvalidInput("--allow-file-sources: '/' would allow every file of the node; name a folder")
+    return prefixes
+
+
+def disable_core_dumps() -> None:
+    """No core file (it would hold the HF token and AWS credentials in memory) and, on Linux, not
+    dumpable (PR_SET_DUMPABLE 0: no core, and no ptrace or /proc/<pid>/mem by other processes of
+    the same user). Best effort: an environment that forbids either keeps running."""
+    import contextlib
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_dumpable = 4  # <linux/prctl.h>
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -89,9 +133,8 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--node-name is required (or set NODE_NAME, e.g. from the pod's spec.nodeName)")
     if args.retry_max < args.retry_min:
         raise InvalidInput("--retry-max must be at least --retry-min")
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    disable_core_dumps()
     settings = AgentSettings(
         node_name=args.node_name,
         cache_dir=args.cache_dir.absolute(),
@@ -107,7 +150,9 @@ def main(argv: Sequence[str]) -> int:
             chunk_size=args.chunk_size,
             proxies=proxies_from_env(),
         ),
-        sources=SourceSettings.from_env(),
+        sources=SourceSettings.from_env(
+            file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None)
+        ),
     )
     labels = parse_labels(args.node_labels)
     health = None if args.health_addr == "off" else parse_addr(args.health_addr, flag="--health-addr")

@@ -1,8 +1,15 @@
 """The agent's HTTP endpoints: ``/healthz``, ``/readyz`` and ``/status`` on the health address, the
-Prometheus exposition on the metrics address (the same server when both addresses are equal)."""
+Prometheus exposition on the metrics address (the same server when both addresses are equal).
+
+``/status`` names every model's source and the node's cache: it answers loopback clients only
+(``kubectl port-forward`` and a shell in the pod are loopback), 403 to anyone else. The probes stay
+open to the kubelet, which connects from the node's address. One listener, so no second port to
+take on a host-network pod and nothing to configure.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -24,10 +31,27 @@ def health_routes(*, ready: Callable[[], bool], status: Callable[[], JSON]) -> l
             return web.Response(text="ok\n")
         return web.Response(status=503, text="not ready: cluster state not reached or disk not scanned\n")
 
-    async def status_handler(_: web.Request) -> web.Response:
+    async def status_handler(request: web.Request) -> web.Response:
+        if not is_loopback(request.remote):
+            return web.Response(
+                status=403,
+                text="/status answers loopback clients only: use kubectl port-forward, or "
+                "modelcache status --cache-dir DIR on the node\n",
+            )
         return web.Response(text=json.dumps(status(), indent=1) + "\n", content_type="application/json")
 
     return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status_handler)]
+
+
+def is_loopback(remote: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and their IPv4-mapped forms; False for anything else or unknown."""
+    try:
+        address = ipaddress.ip_address((remote or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def metrics_routes(registry: CollectorRegistry) -> list[web.RouteDef]:

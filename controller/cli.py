@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.documents import load_documents
 from localmodel.errors import InvalidInput
+from localmodel.logs import setup_logging
 from localmodel.state.base import (
     JSON,
     LOCAL_MODEL_CACHE,
@@ -112,7 +112,7 @@ def main(argv: Sequence[str]) -> int:
         parse_addr(args.metrics_addr, flag="--metrics-addr")
     if args.metrics_addr is None:
         args.metrics_addr = "off" if args.once else DEFAULT_METRICS_ADDR
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     return asyncio.run(_main(args))
 
 

@@ -2,7 +2,8 @@
 
 A parsed :class:`SourceURI` keeps the string exactly as written (``raw``: the storage key is computed
 from it) and offers :meth:`SourceURI.redacted` for anything that is logged or stored in a status, so
-a signed URL's query string or a userinfo password never leaks.
+a signed URL's query string or a userinfo password never leaks. :func:`redact` is that one rule, for
+every scheme (and for strings that did not parse, which error messages echo).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from localmodel.errors import URIError
+from localmodel.text import has_control, printable
 
 Scheme = Literal["hf", "s3", "http", "https", "file"]
 SUPPORTED = ("hf", "s3", "http", "https", "file")
@@ -42,15 +44,8 @@ class SourceURI:
         return next((s for s in ARCHIVE_SUFFIXES if name.endswith(s)), None)
 
     def redacted(self) -> str:
-        """The URI with anything secret-shaped removed (query string, userinfo)."""
-        if self.scheme in ("http", "https"):
-            parts = urlsplit(self.raw)
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
-            suffix = "?<redacted>" if parts.query else ""
-            return f"{parts.scheme}://{host}{parts.path}{suffix}"
-        return self.raw
+        """The URI as :func:`redact` shows it: no userinfo, no query string, no control character."""
+        return redact(self.raw)
 
     def __str__(self) -> str:
         return self.redacted()
@@ -64,12 +59,35 @@ class SourceURI:
         return SourceURI(self.raw, "hf", repo_id=self.repo_id, revision=revision)
 
 
+def redact(text: str, *, limit: int = 200) -> str:
+    """``text`` (a URI of any scheme, parsed or not, or a bare path) fit for a log, a status or an
+    Event, by one rule for every scheme:
+
+    - userinfo (``user:password@`` before the host) is dropped;
+    - a query string becomes ``?<redacted>`` (a presigned URL's signature, an S3 ``versionId``, a
+      token in a parameter) and a fragment is dropped;
+    - control and bidi characters are escaped (:func:`localmodel.text.printable`), and the result is
+      cut to ``limit`` characters.
+
+    A bare absolute path has no query: it is only escaped.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return printable(text, limit=limit)
+    rest, query, _ = rest.partition("?")
+    rest = rest.split("#", 1)[0]
+    authority, slash, path = rest.partition("/")
+    authority = authority.rsplit("@", 1)[-1]
+    suffix = "?<redacted>" if query else ""
+    return printable(f"{scheme.lower()}://{authority}{slash}{path}", limit=limit) + suffix
+
+
 def parse_uri(text: object, *, field: str = "sourceModelUri") -> SourceURI:
     """Parse a source URI or raise URIError naming the field and the fix."""
     if not isinstance(text, str) or not text.strip():
         raise URIError(f"{field}: expected a URI such as hf://owner/model, got {text!r}")
-    if text != text.strip() or any(c in text for c in "\n\r\t\x00"):
-        raise URIError(f"{field}: {_short(text)!r} contains whitespace or control characters")
+    if text != text.strip() or has_control(text):
+        raise URIError(f"{field}: '{_short(text)}' contains whitespace or control characters")
     if text.startswith("/"):
         return _file(text, text, field)
     scheme, sep, rest = text.partition("://")
@@ -94,7 +112,10 @@ def parse_uri(text: object, *, field: str = "sourceModelUri") -> SourceURI:
             raise URIError(
                 f"{field}: {_short(text)!r}: file URIs name an absolute path, like file:///models/x"
             )
-        return _file(text, unquote("/" + path), field)
+        decoded = unquote("/" + path)
+        if has_control(decoded):
+            raise URIError(f"{field}: '{_short(text)}' names a path with control characters")
+        return _file(text, decoded, field)
     return _http(text, field)
 
 
@@ -115,6 +136,11 @@ def _check_revision(revision: str, raw: str, field: str = "--revision") -> None:
 
 def _s3(raw: str, rest: str, field: str) -> SourceURI:
     bucket, _, key = rest.partition("/")
+    if "@" in bucket:
+        raise URIError(
+            f"{field}: {_short(raw)!r}: s3:// URIs carry no credentials; give them through the "
+            "environment (AWS_ACCESS_KEY_ID, a profile, a role) or the cache's storage secret"
+        )
     if not _S3_BUCKET.fullmatch(bucket) or ".." in bucket:
         raise URIError(
             f"{field}: {_short(raw)!r}: bucket {bucket!r} is not a valid S3 bucket name "
@@ -136,10 +162,7 @@ def _http(raw: str, field: str) -> SourceURI:
         raise URIError(f"{field}: {scheme}:// URIs need a host, like {scheme}://host/model.tar.gz")
     name = parts.path.rstrip("/").rsplit("/", 1)[-1]
     if not name or name in (".", ".."):
-        raise URIError(
-            f"{field}: {SourceURI(raw, 'http', url=raw).redacted()!r} names no file; "
-            "http(s) sources are one file or one archive"
-        )
+        raise URIError(f"{field}: '{redact(raw)}' names no file; http(s) sources are one file or one archive")
     return SourceURI(raw, "https" if scheme == "https" else "http", url=raw)
 
 
@@ -150,6 +173,5 @@ def _file(raw: str, path: str, field: str) -> SourceURI:
 
 
 def _short(text: str) -> str:
-    # Error messages echo input: drop any query string (a signed URL's secret) and keep one line.
-    text = text.split("?", 1)[0]
-    return text if len(text) <= 120 else text[:117] + "..."
+    # Error messages echo input: the one redaction rule, kept short.
+    return redact(text, limit=120)

@@ -95,3 +95,41 @@ def test_layout_paths_refuse_non_keys(tmp_path) -> None:
     for bad in ("../../etc", "ABCDEF0123456789", "abc"):
         with pytest.raises(ValueError, match="storage key"):
             layout.model_dir(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("hf://org/m:main", "hf://org/m:main"),
+        ("s3://bkt/models/llama?versionId=3HL4kqtJlcpXroDTDmJ", "s3://bkt/models/llama?<redacted>"),
+        ("s3://AKIAKEY:SECRET@bkt/m", "s3://bkt/m"),
+        ("gs://bkt/m?GoogleAccessId=x&Signature=SECRET", "gs://bkt/m?<redacted>"),
+        ("http://user:pa55@host:8080/m.tar.gz?sig=SECRET#frag", "http://host:8080/m.tar.gz?<redacted>"),
+        ("https://host/m.zip?X-Amz-Signature=SECRET", "https://host/m.zip?<redacted>"),
+        ("HTTPS://u@Host/m.zip", "https://Host/m.zip"),
+        ("file:///models/m?token=SECRET", "file:///models/m?<redacted>"),
+        ("file:///models/m", "file:///models/m"),
+        ("/models/m", "/models/m"),
+        ("s3://bkt/a\nINFO forged", "s3://bkt/a\\nINFO forged"),
+        ("/models/\u202egnp.exe", "/models/\\u202egnp.exe"),
+    ],
+)
+def test_one_redaction_rule_for_every_scheme(text: str, shown: str) -> None:
+    from localmodel.uri import redact
+
+    assert redact(text) == shown
+    try:
+        parsed = parse_uri(text)
+    except URIError as e:  # gs://, control characters: the message shows the same redaction
+        assert "SECRET" not in str(e) and "pa55" not in str(e) and "\n" not in str(e)
+    else:
+        assert parsed.redacted() == shown and str(parsed) == shown
+
+
+@pytest.mark.parametrize(
+    "uri", ["file:///models/a%0Ab", "s3://bkt/a\x1bb", "hf://org/m\u2028", "https://host/a\u202eb.bin"]
+)
+def test_control_characters_refused_in_uris(uri: str) -> None:
+    with pytest.raises(URIError, match="control characters") as info:
+        parse_uri(uri)
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value) and "\u202e" not in str(info.value)

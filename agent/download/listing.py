@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from localmodel.errors import UnsafePath
+from localmodel.errors import SourceNotFound, UnsafePath
 from localmodel.manifest import FileEntry, is_safe_relative_path
+from localmodel.text import has_control, printable
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,31 @@ class Listing:
 
 
 def checked_path(path: str, *, source: str) -> str:
-    """The path, if it stays inside the model's folder; UnsafePath (failing the download) if not."""
+    """The path, if it stays inside the model's folder and prints as what it is; UnsafePath (failing
+    the download) if not: absolute, ``..`` or empty parts, or a control or bidi character
+    (:func:`localmodel.text.has_control`: a newline in a name would forge a log line, an override
+    would show another name). Messages quote the name escaped (:func:`localmodel.text.printable`)."""
+    if has_control(path):
+        raise UnsafePath(
+            f"{source}: refusing remote path '{printable(path)}': it holds control or "
+            "bidirectional characters"
+        )
     if not is_safe_relative_path(path):
         raise UnsafePath(
-            f"{source}: refusing remote path {path[:200]!r}: absolute, '..' or empty parts would "
+            f"{source}: refusing remote path '{printable(path)}': absolute, '..' or empty parts would "
             "write outside the model's folder"
         )
     return path
+
+
+def check_not_empty(listing: Listing) -> None:
+    """A model that is one empty file is a folder marker or an upload that failed, never weights:
+    SourceNotFound rather than publishing it (S3 tools store folders as empty objects)."""
+    if len(listing.files) == 1 and listing.files[0].size == 0:
+        raise SourceNotFound(
+            f"{listing.source}: the source is a single empty file "
+            f"('{printable(listing.files[0].path)}'); refusing to publish it as a model"
+        )
 
 
 def check_unique(files: tuple[RemoteFile, ...], *, source: str) -> None:
@@ -61,4 +80,5 @@ def check_unique(files: tuple[RemoteFile, ...], *, source: str) -> None:
         parts = f.path.split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in paths:
-                raise UnsafePath(f"{source}: {f.path!r} needs {'/'.join(parts[:i])!r} to be a folder")
+                folder = printable("/".join(parts[:i]))
+                raise UnsafePath(f"{source}: '{printable(f.path)}' needs '{folder}' to be a folder")

@@ -6,61 +6,179 @@ listing libraries (huggingface_hub, botocore) are mapped into the project's erro
   fetched from ``/{repo}/resolve/{sha}/{path}`` by the engine.
 - s3: boto3 lists every object under the prefix (paginated) and presigns a GET per object, so the
   engine fetches S3 like any HTTP server, with ranges, and boto3 does credentials and signing.
+  Folder markers (an empty object or ``application/x-directory`` named like the folder, with or
+  without a slash, and ``_$folder$`` objects, as S3 consoles, s3fs and Hadoop write them) are not
+  files of the model.
 - http(s): one HEAD for the size and the ETag; archives are fetched then unpacked.
-- file: a folder (or a file) on a local or mounted filesystem.
+- file: a folder (or a file) on a local or mounted filesystem, under the allowed prefixes.
+
+Every wait is bounded: the hub's and S3's clients get :attr:`SourceSettings.connect_timeout` and
+:attr:`SourceSettings.read_timeout`, the HEAD the engine's client's own; a listing that fails with a
+:class:`~localmodel.errors.TransientError` (a timeout, a refused connection, 429, 5xx) is tried
+:attr:`SourceSettings.list_attempts` times with jittered exponential backoff, then fails with one
+line naming the endpoint ("cannot reach http://host:port: no answer within 30 s").
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
-from collections.abc import Mapping
+import random
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from agent.download.client import HttpClient, Response
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
-from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
+from agent.download.listing import Listing, RemoteFile, check_not_empty, check_unique, checked_path
+from localmodel.errors import (
+    AccessDenied,
+    DownloadError,
+    InvalidInput,
+    SourceNotAllowed,
+    SourceNotFound,
+    TransientError,
+    UnsafePath,
+)
+from localmodel.text import printable
 from localmodel.uri import SourceURI
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 
+log = logging.getLogger("modelcache.download")
+
 
 @dataclass(frozen=True)
 class SourceSettings:
-    """Read from the environment at the entry point (:meth:`from_env`), passed in everywhere else."""
+    """Read from the environment at the entry point (:meth:`from_env`), passed in everywhere else.
+
+    Timeouts are in seconds, per connection attempt (``connect_timeout``) and per wait for the next
+    bytes of an answer (``read_timeout``), for every listing and metadata request. ``file_prefixes``:
+    the folders ``file://`` sources may be read from (real paths, symlinks resolved); ``None`` allows
+    any (``pull`` and the standalone agent: the user's own machine), ``()`` none (the agent in a
+    cluster without ``--allow-file-sources``).
+    """
 
     hf_endpoint: str = HF_DEFAULT_ENDPOINT
     hf_token: str | None = None
     s3_endpoint: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    list_attempts: int = 4
+    list_backoff: float = 1.0  # the first wait between listing attempts; doubles, capped at 30 s
+    file_prefixes: tuple[str, ...] | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> SourceSettings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, file_prefixes: tuple[str, ...] | None = None
+    ) -> SourceSettings:
         env = os.environ if env is None else env
         return cls(
             hf_endpoint=(env.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/"),
-            hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
+            hf_token=hf_token_from_env(env),
             s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            file_prefixes=file_prefixes,
         )
 
 
+def hf_token_from_env(env: Mapping[str, str]) -> str | None:
+    """The Hugging Face token as huggingface_hub finds it (``utils/_auth.py::get_token``): ``HF_TOKEN``,
+    then ``HUGGING_FACE_HUB_TOKEN``, then the file ``HF_TOKEN_PATH`` names (default
+    ``$HF_HOME/token``, ``HF_HOME`` defaulting to ``$XDG_CACHE_HOME/huggingface`` or
+    ``~/.cache/huggingface``): a mounted Secret keeps the token out of ``/proc/<pid>/environ``.
+    Surrounding whitespace is dropped; an empty value or a missing file is no token. A file that
+    ``HF_TOKEN_PATH`` names explicitly and that exists but cannot be read is InvalidInput."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if value := (env.get(name) or "").strip():
+            return value
+    explicit = env.get("HF_TOKEN_PATH")
+    if explicit:
+        path = Path(os.path.expandvars(explicit)).expanduser()
+    else:
+        cache = Path(env.get("XDG_CACHE_HOME") or Path(env.get("HOME") or "~") / ".cache")
+        home = Path(os.path.expandvars(env.get("HF_HOME") or cache / "huggingface")).expanduser()
+        path = home / "token"
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None  # as huggingface_hub: an optional Secret that is not there means no token
+    except (OSError, UnicodeDecodeError) as e:
+        if explicit:
+            raise InvalidInput(
+                f"HF_TOKEN_PATH: cannot read '{printable(explicit)}': {getattr(e, 'strerror', None) or e}"
+            ) from None
+        return None
+
+
 async def list_source(uri: SourceURI, *, settings: SourceSettings, client: HttpClient) -> Listing:
+    """The source's listing, tried up to ``settings.list_attempts`` times on TransientError.
+
+    Raises the DownloadError of the last attempt; SourceNotFound for a model that is one empty file.
+    """
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        stop=stop_after_attempt(settings.list_attempts),
+        wait=_backoff(settings),
+        before_sleep=_log_retry(uri),
+        reraise=True,
+    )
+    listing: Listing | None = None
+    async for attempt in retrying:
+        with attempt:
+            listing = await _list_once(uri, settings, client)
+    assert listing is not None
+    check_not_empty(listing)
+    return listing
+
+
+async def _list_once(uri: SourceURI, settings: SourceSettings, client: HttpClient) -> Listing:
     if uri.scheme == "hf":
         return await asyncio.to_thread(_list_hf, uri, settings)
     if uri.scheme == "s3":
         return await asyncio.to_thread(_list_s3, uri, settings)
     if uri.scheme == "file":
-        return await asyncio.to_thread(_list_file, uri)
+        return await asyncio.to_thread(_list_file, uri, settings)
     return await _list_http(uri, client)
+
+
+def _backoff(settings: SourceSettings) -> Callable[[RetryCallState], float]:
+    def wait(state: RetryCallState) -> float:
+        base = min(30.0, settings.list_backoff * 2 ** (state.attempt_number - 1))
+        delay = random.uniform(base / 2, base)  # noqa: S311 - jitter, not crypto
+        error = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(error, TransientError) and error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, 30.0))
+        return delay
+
+    return wait
+
+
+def _log_retry(uri: SourceURI) -> Callable[[RetryCallState], None]:
+    # INFO: the agent shows it; `pull` (no logging set up) keeps stderr to the one final line.
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        attempt = state.attempt_number + 1
+        log.info("listing %s failed (%s); attempt %d in %.1f s", uri, error, attempt, wait)
+
+    return before_sleep
+
+
+def _no_answer(source: str, endpoint: str, seconds: float, what: str = "no answer") -> TransientError:
+    return TransientError(f"{source}: cannot reach {endpoint}: {what} within {seconds:g} s")
 
 
 # -- Hugging Face ---------------------------------------------------------------------------------
 
 
 def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
-    from httpx2 import HTTPError  # what huggingface_hub's client raises for connection errors
+    from httpx2 import ConnectTimeout, HTTPError, TimeoutException
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -70,11 +188,13 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
     )
     from huggingface_hub.hf_api import RepoFile
 
+    _bound_hf_client(settings)
     source = uri.redacted()
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False)
     revision = uri.revision or "main"
     try:
-        info = api.model_info(uri.repo_id, revision=revision)
+        # model_info passes its own timeout (None: none at all) over the client's: give it ours.
+        info = api.model_info(uri.repo_id, revision=revision, timeout=settings.read_timeout)
         sha = info.sha
         if not sha:
             raise SourceNotFound(f"{source}: the hub did not say which commit {revision!r} is")
@@ -92,7 +212,11 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
         raise AccessDenied(f"access denied to {uri.repo_id}: not found{hint}") from e
     except HfHubHTTPError as e:
         raise _http_status_error(source, _status(e), _retry_after(e)) from e
-    except (OSError, HTTPError) as e:  # connection errors and timeouts of the hub's HTTP client
+    except ConnectTimeout as e:
+        raise _no_answer(source, settings.hf_endpoint, settings.connect_timeout, "no connection") from e
+    except TimeoutException as e:
+        raise _no_answer(source, settings.hf_endpoint, settings.read_timeout) from e
+    except (OSError, HTTPError) as e:  # connection errors of the hub's HTTP client
         raise TransientError(f"{source}: cannot reach {settings.hf_endpoint}: {type(e).__name__}") from e
     headers = {"Authorization": f"Bearer {settings.hf_token}"} if settings.hf_token else {}
     files = []
@@ -115,6 +239,33 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
     result = tuple(sorted(files, key=lambda f: f.path))
     check_unique(result, source=source)
     return Listing(source=source, revision=sha, files=result)
+
+
+_hf_lock = threading.Lock()
+_hf_timeouts: tuple[float, float] | None = None
+
+
+def _bound_hf_client(settings: SourceSettings) -> None:
+    """Give huggingface_hub's shared HTTP client our timeouts, through its supported hook
+    (``huggingface_hub.set_client_factory``): its default client waits forever (``timeout=None``),
+    and ``list_repo_tree`` takes no timeout of its own. Set once per distinct pair of timeouts:
+    setting a factory closes the shared client, which a listing in another thread may be using."""
+    global _hf_timeouts
+    wanted = (settings.connect_timeout, settings.read_timeout)
+    with _hf_lock:
+        if _hf_timeouts == wanted:
+            return
+        import httpx2
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils._http import default_client_factory
+
+        def factory() -> httpx2.Client:
+            client = default_client_factory()  # its event hooks and redirect handling, kept
+            client.timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+            return client
+
+        set_client_factory(factory)
+        _hf_timeouts = wanted
 
 
 def _quote(path: str) -> str:
@@ -153,32 +304,48 @@ def _http_status_error(source: str, status: int, retry_after: float | None = Non
 def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     source = uri.redacted()
     client = boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint,
-        config=Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5}),
+        config=Config(
+            signature_version="s3v4",
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            # botocore's own retries cover throttling between the many HeadObjects; list_source
+            # retries the whole listing on top, so each layer stays short.
+            retries={"mode": "standard", "max_attempts": 2},
+        ),
     )
+    endpoint = str(client.meta.endpoint_url)
     prefix = uri.key
     objects: list[dict[str, Any]] = []
     try:
         if prefix and not prefix.endswith("/"):
-            # A single object, or a "folder" named without its trailing slash.
-            try:
-                head = client.head_object(Bucket=uri.bucket, Key=prefix, ChecksumMode="ENABLED")
+            # A single object, or a "folder" named without its trailing slash: then, or when the
+            # object is a folder marker with objects under it, the prefix.
+            head = _head(client, uri.bucket, prefix)
+            if head is not None and _is_folder_marker(head):
+                head = None if _has_objects(client, uri.bucket, prefix + "/") else head
+            if head is not None:
                 objects.append({"Key": prefix, "Size": head["ContentLength"], **head})
                 base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
-            except ClientError as e:
-                if _s3_code(e) not in ("404", "NoSuchKey", "NotFound"):
-                    raise
+            else:
                 prefix += "/"
         if not objects:
             base = prefix
             paginator = client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=uri.bucket, Prefix=prefix):
-                objects.extend(o for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+                objects.extend(page.get("Contents", []))
+            objects = _drop_folder_markers(client, uri.bucket, objects)
             if not objects:
                 raise SourceNotFound(f"{source}: no objects under this prefix")
         _fetch_s3_checksums(client, uri.bucket or "", objects)
@@ -208,12 +375,80 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         if code in ("NoSuchBucket", "404", "NoSuchKey"):
             raise SourceNotFound(f"{source}: {code}") from e
         raise TransientError(f"{source}: S3 error {code}") from e
+    except ConnectTimeoutError as e:
+        raise _no_answer(source, endpoint, settings.connect_timeout, "no connection") from e
+    except ReadTimeoutError as e:
+        raise _no_answer(source, endpoint, settings.read_timeout) from e
     except BotoCoreError as e:
-        raise TransientError(f"{source}: cannot reach S3: {type(e).__name__}") from e
+        raise TransientError(f"{source}: cannot reach {endpoint}: {type(e).__name__}") from e
     result = tuple(sorted(files, key=lambda f: f.path))
     check_unique(result, source=source)
     etags = hashlib.sha256("".join(f"{o['Key']}:{o.get('ETag', '')};" for o in objects).encode())
     return Listing(source=source, revision=etags.hexdigest()[:16], files=result)
+
+
+# Content types S3 tools give the empty objects that stand for folders (s3fs, the AWS console's
+# "Create folder" writes an empty "key/"; older tools and some storage GUIs "application/x-directory").
+_DIRECTORY_TYPES = ("application/x-directory", "httpd/unix-directory")
+
+
+def _is_folder_marker(head: Mapping[str, Any]) -> bool:
+    return int(head.get("ContentLength") or 0) == 0 or _directory_type(head)
+
+
+def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    from botocore.exceptions import ClientError
+
+    try:
+        return dict(client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+    except ClientError as e:
+        if _s3_code(e) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def _has_objects(client: Any, bucket: str, prefix: str) -> bool:
+    page = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    return bool(page.get("KeyCount") or page.get("Contents"))
+
+
+def _drop_folder_markers(client: Any, bucket: str, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects of a prefix listing that are files: not ``key/`` or ``key_$folder$`` markers, not
+    empty objects named like a folder that has objects in it, and not empty objects of a directory
+    content type (one HeadObject each for the empty objects left: a listing gives no content type)."""
+    keys = sorted(o["Key"] for o in objects)
+    folders = {k.rsplit("/", i)[0] for k in keys for i in range(1, k.count("/") + 1)}
+    kept = [
+        o
+        for o in objects
+        if not o["Key"].endswith("/")
+        and not o["Key"].endswith("_$folder$")
+        and not (int(o.get("Size") or 0) == 0 and o["Key"] in folders)
+    ]
+    empty = [o for o in kept if int(o.get("Size") or 0) == 0]
+    heads = _parallel(lambda o: _head(client, bucket, o["Key"]), empty)
+    markers = {o["Key"] for o, h in zip(empty, heads, strict=True) if h is not None and _directory_type(h)}
+    return [o for o in kept if o["Key"] not in markers]
+
+
+def _directory_type(head: Mapping[str, Any]) -> bool:
+    return str(head.get("ContentType") or "").split(";", 1)[0].strip().lower() in _DIRECTORY_TYPES
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _parallel(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]`` in up to 16 threads (a model may have hundreds of objects to HEAD);
+    the first exception is raised here."""
+    items = list(items)
+    if not items:
+        return []
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _s3_code(e: Any) -> str:
@@ -231,9 +466,6 @@ def _fetch_s3_checksums(client: Any, bucket: str, objects: list[dict[str, Any]])
         and "SHA256" in (o.get("ChecksumAlgorithm") or ())
         and o.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
     ]
-    if not wanted:
-        return
-    from concurrent.futures import ThreadPoolExecutor
 
     def head(obj: dict[str, Any]) -> None:
         answer = client.head_object(Bucket=bucket, Key=obj["Key"], ChecksumMode="ENABLED")
@@ -241,8 +473,7 @@ def _fetch_s3_checksums(client: Any, bucket: str, objects: list[dict[str, Any]])
             if field in answer:
                 obj[field] = answer[field]
 
-    with ThreadPoolExecutor(max_workers=min(16, len(wanted))) as pool:
-        list(pool.map(head, wanted))  # list(): re-raise the first ClientError here
+    _parallel(head, wanted)
 
 
 def _s3_sha256(obj: Mapping[str, Any]) -> str | None:
@@ -264,7 +495,12 @@ def _s3_sha256(obj: Mapping[str, Any]) -> str | None:
 
 async def _list_http(uri: SourceURI, client: HttpClient) -> Listing:
     source = uri.redacted()
-    name = uri.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    parts = urlsplit(uri.url)
+    origin = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    encoded = parts.path.rstrip("/").rsplit("/", 1)[-1]
+    name = unquote(encoded)
+    if "/" in name:
+        raise UnsafePath(f"{source}: refusing file name '{printable(name)}': it holds a '/'")
     checked_path(name, source=source)
     seen: list[Response] = []
 
@@ -273,7 +509,13 @@ async def _list_http(uri: SourceURI, client: HttpClient) -> Listing:
             raise _http_status_error(source, response.status)
         seen.append(response)
 
-    await client.request("HEAD", uri.url, headers={}, label=source, accept=accept)
+    try:
+        await client.request("HEAD", uri.url, headers={}, label=source, accept=accept)
+    except TransientError as e:
+        # The engine's client bounds the connect and every read; it says "timed out" for both.
+        if isinstance(e.__cause__, TimeoutError):
+            raise _no_answer(source, origin, max(client.connect_timeout, client.read_timeout)) from e
+        raise
     (response,) = seen
     size = response.content_length if response.status < 400 else None
     etag = response.headers.get("ETag", "")
@@ -285,41 +527,56 @@ async def _list_http(uri: SourceURI, client: HttpClient) -> Listing:
 # -- local ----------------------------------------------------------------------------------------
 
 
-def _list_file(uri: SourceURI) -> Listing:
+def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
     root = Path(uri.path)
     source = uri.redacted()
+    allowed = _allowed_prefixes(settings)
+    if allowed is not None:
+        _check_allowed(root.resolve(), allowed, source)
     if root.is_file():
         checked_path(root.name, source=source)
         return Listing(
             source=source,
             revision=None,
-            files=(RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(root)),),
+            files=(RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(root.resolve())),),
         )
     if not root.is_dir():
         raise SourceNotFound(f"{source}: no such file or folder")
+    real_root = root.resolve()
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            if full.is_symlink():
-                target = full.resolve()
-                if not target.is_relative_to(root.resolve()):
-                    raise _unsafe(source, rel)
-            files.append(
-                RemoteFile(
-                    path=checked_path(rel, source=source),
-                    size=full.stat().st_size,
-                    local_path=str(full),
-                )
-            )
+            rel = checked_path(full.relative_to(root).as_posix(), source=source)
+            real = full.resolve()
+            if full.is_symlink() and not real.is_relative_to(real_root):
+                raise _unsafe(source, rel)
+            if allowed is not None:
+                _check_allowed(real, allowed, source)
+            # The real path is what is copied: a link swapped after this check cannot redirect it.
+            files.append(RemoteFile(path=rel, size=real.stat().st_size, local_path=str(real)))
     if not files:
         raise SourceNotFound(f"{source}: the folder is empty")
     return Listing(source=source, revision=None, files=tuple(files))
 
 
-def _unsafe(source: str, rel: str) -> DownloadError:
-    from localmodel.errors import UnsafePath
+def _allowed_prefixes(settings: SourceSettings) -> tuple[Path, ...] | None:
+    if settings.file_prefixes is None:
+        return None
+    return tuple(Path(p).resolve() for p in settings.file_prefixes)
 
-    return UnsafePath(f"{source}: {rel!r} is a symlink that points outside the source folder")
+
+def _check_allowed(real: Path, allowed: tuple[Path, ...], source: str) -> None:
+    """SourceNotAllowed unless ``real`` (symlinks resolved) is one of ``allowed`` or under one."""
+    if any(real.is_relative_to(prefix) for prefix in allowed):
+        return
+    where = ", ".join(printable(str(p)) for p in allowed) if allowed else "none"
+    raise SourceNotAllowed(
+        f"{source}: '{printable(str(real))}' is outside the folders file sources may be read from "
+        f"(allowed: {where}); the agent reads it only with --allow-file-sources PREFIX"
+    )
+
+
+def _unsafe(source: str, rel: str) -> DownloadError:
+    return UnsafePath(f"{source}: '{printable(rel)}' is a symlink that points outside the source folder")

@@ -1,0 +1,69 @@
+"""Logging for every long-running command (the agent, the controller): one rule, so no secret reaches
+a log line at any level and no record can forge another line.
+
+- Third-party loggers that print request headers, signed URLs or credentials' provenance at DEBUG
+  (botocore: ``X-Amz-Security-Token`` and the access key id in its request dumps; urllib3 and
+  httpx/httpcore: URLs with presigned queries; huggingface_hub: ``Authorization`` in its curl
+  lines) stay at INFO or higher whatever ``--log-level`` says (:data:`QUIET`).
+- Each record's message is escaped (:func:`localmodel.text.printable`): a newline or an escape
+  sequence in a remote name or a path cannot start a second line. A traceback, when a record
+  carries one, still follows on its own lines.
+- As a second guard, values of ``Authorization``, ``X-Amz-Security-Token``, ``X-Amz-Signature``,
+  ``X-Amz-Credential`` and ``Signature`` (header or query form) are masked in any message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+from localmodel.text import printable
+
+# Loggers of the libraries the download and cluster clients use that log headers or URLs at DEBUG.
+QUIET = (
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+    "httpx",
+    "httpcore",
+    "httpx2",
+    "httpcore2",
+    "huggingface_hub",
+    "hf_xet",
+    "aiohttp.client",
+    "hpack",
+    "h2",
+)
+
+_SECRET = re.compile(
+    r"(?i)(authorization|proxy-authorization|x-amz-security-token|x-amz-signature|x-amz-credential"
+    r"|signature|awsaccesskeyid|token)(['\"]?\s*[:=]\s*['\"]?)(bearer\s+|basic\s+|aws4-hmac-sha256\s+)?"
+    r"[^\s&'\",;]+"
+)
+_MESSAGE_LIMIT = 8000
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the value of every secret-named header or query parameter replaced by ``***``."""
+    return _SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A Formatter whose message part is one line, with secret-named values masked."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(redact_secrets(record.message), limit=_MESSAGE_LIMIT)
+        return super().formatMessage(record)
+
+
+def setup_logging(level: str | int, *, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Log to stderr at ``level`` through :class:`OneLineFormatter`, with :data:`QUIET` held at INFO
+    or above (at ``level`` when that is higher). Replaces handlers set before (``force``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    floor = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in QUIET:
+        logging.getLogger(name).setLevel(floor)
