@@ -4,6 +4,7 @@ kustomization (rendered with `kubectl kustomize` where kubectl is on PATH), and 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -158,3 +159,58 @@ def test_dockerfile_pins_vllm_and_has_no_entrypoint() -> None:
     # the image tag of the runtimes names the same vLLM release
     version = base.split(":v", 1)[1].split("@")[0]
     assert container(one(SINGLE))["image"].endswith(f"-vllm{version}")
+
+
+# -- opt-in by default (issue 17 §1) ------------------------------------------------------------
+
+# KServe's own Hugging Face runtimes, as config/runtimes/kserve-huggingfaceserver.yaml (priority 1) and
+# kserve-huggingfaceserver-multinode.yaml (priority 2) declare them, both autoSelect: true
+# (kserve/kserve aaac4e294dae, lines 12-15 of each file).
+KSERVE_PRIORITY = {"kserve-huggingfaceserver": 1, "kserve-huggingfaceserver-multinode": 2}
+DEFAULT_COMPONENT = FOLDER / "as-default"
+
+
+def _format(doc: dict[str, Any]) -> dict[str, Any]:
+    (fmt,) = [f for f in doc["spec"]["supportedModelFormats"] if f["name"] == "huggingface"]
+    return fmt
+
+
+@pytest.mark.parametrize("path", [SINGLE, MULTI])
+def test_runtime_is_opt_in_so_it_takes_no_inference_service_over(path: Path) -> None:
+    # KServe picks the runtime for an InferenceService without `runtime:` among the auto-selected ones
+    # only (predictor_model.go GetSupportingRuntimes): with autoSelect off, only a service naming ours
+    # reaches it.
+    assert _format(one(path))["autoSelect"] is False
+
+
+def test_priorities_are_ready_to_be_the_default_without_colliding() -> None:
+    # servingruntime_webhook.go validateServingRuntimePriority refuses two auto-selected runtimes of
+    # one format with the same priority; ours are above KServe's and apart from each other.
+    ours = [_format(one(p))["priority"] for p in (SINGLE, MULTI)]
+    assert len(set(ours) | set(KSERVE_PRIORITY.values())) == 4
+    assert ours[0] > KSERVE_PRIORITY["kserve-huggingfaceserver"]
+    assert ours[1] > KSERVE_PRIORITY["kserve-huggingfaceserver-multinode"]
+
+
+def test_as_default_component_turns_auto_select_on(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH")
+    # kustomize wants relative paths and refuses a root inside a visited one: a folder of its own.
+    here = tmp_path / "site"
+    here.mkdir()
+    (here / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(FOLDER, here)],
+                "components": [os.path.relpath(DEFAULT_COMPONENT, here)],
+            }
+        )
+    )
+    done = subprocess.run([kubectl, "kustomize", str(here)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(done.stdout) if d}
+    assert {n: (_format(d)["autoSelect"], _format(d)["priority"]) for n, d in docs.items()} == {
+        "modelcache-vllm": (True, _format(one(SINGLE))["priority"]),
+        "modelcache-vllm-multinode": (True, _format(one(MULTI))["priority"]),
+    }
