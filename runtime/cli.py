@@ -27,6 +27,7 @@ from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
+from runtime import kserve
 from runtime.classify import EngineChoice, OutputOptions, choose_engine, is_classifier, kserve_task
 from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, make_plan
 from runtime.preflight import PreflightReport, preflight
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model_dir", "--model-dir", dest="model_dir", help=f"model folder (default {DEFAULT_MODEL_DIR})"
+    )
+    p.add_argument(
+        "--model_id",
+        "--model-id",
+        dest="model_id",
+        help="KServe's Hugging Face model id: served from its folder in --cache-dir (hf://ID[:REV])",
     )
     p.add_argument(
         "--model-uri", "--model_uri", dest="model_uri", help="the model's source URI, found in --cache-dir"
@@ -193,6 +200,52 @@ def resolve_model_dir(ns: argparse.Namespace) -> Path:
     if ns.cache_dir:
         raise InvalidInput("--cache-dir goes with --model-uri; with --model_dir, the folder is given already")
     return Path(ns.model_dir or DEFAULT_MODEL_DIR)
+
+
+def resolve_model(
+    ns: argparse.Namespace, flags: Sequence[vargs.Flag], env: Mapping[str, str]
+) -> tuple[Path, list[str]]:
+    """The model folder, with KServe's precedence (its multi-node runtime's script and
+    huggingfaceserver's ``get_model_id_or_path``): ``--model_id`` over ``--model_dir``; the command line
+    over the environment; ``MODEL_DIR`` over ``MODEL_ID``. A model id is never downloaded: it is the
+    folder of ``hf://ID`` (``hf://ID:REV`` with ``--model_revision``) in ``--cache-dir``, or, without a
+    cache, the ``--model_dir`` given (a storageUri's mount) with a note; otherwise exit 2 saying how."""
+    notes: list[str] = []
+    model_id, id_source = ns.model_id, "--model_id"
+    if model_id is None and not ns.model_dir and not ns.model_uri:
+        if env_dir := env.get("MODEL_DIR", "").strip():
+            notes.append(f"model folder from MODEL_DIR={env_dir}")
+            return resolve_model_dir(argparse.Namespace(**{**vars(ns), "model_dir": env_dir})), notes
+        if env_id := env.get("MODEL_ID", "").strip():
+            model_id, id_source = env_id, "MODEL_ID"
+    if not model_id:
+        return resolve_model_dir(ns), notes
+    if ns.model_uri:
+        raise InvalidInput(f"{id_source} and --model-uri both given; name the model one way")
+    revision = vargs.value(flags, "--model-revision") or vargs.value(flags, "--revision")
+    uri = f"hf://{model_id}" + (f":{revision}" if revision else "")
+    if ns.cache_dir:
+        key = storage_key(uri)
+        folder = CacheLayout(Path(ns.cache_dir)).model_dir(key)
+        if folder.is_dir():
+            notes.append(f"{id_source} {model_id}: the cached folder of {uri} ({folder})")
+            return folder, notes
+        raise InvalidInput(
+            f"{id_source} {model_id}: {uri} is not cached in {ns.cache_dir} (no models/{key}); this runtime "
+            f"does not download. Cache it (a LocalModelCache with sourceModelUri {uri}) and check what the "
+            f"node holds with `modelcache status --cache-dir {ns.cache_dir}`"
+        )
+    if ns.model_dir and Path(ns.model_dir).is_dir():
+        notes.append(
+            f"{id_source} {model_id}: served from --model_dir {ns.model_dir} (this runtime loads the cached "
+            "folder and does not download; pass --cache-dir to pick the model by id)"
+        )
+        return Path(ns.model_dir), notes
+    raise InvalidInput(
+        f"{id_source} {model_id}: this runtime serves cached models and does not download; pass --cache-dir "
+        f"D (the node's cache holding {uri}; `modelcache status --cache-dir D` lists it), or give the "
+        "InferenceService a storageUri the cache holds"
+    )
 
 
 def compile_cache_dir(model_dir: Path) -> Path:
@@ -344,6 +397,23 @@ def classifier_launch(
     )
 
 
+def _uneven(
+    nodes: int | None, gpus: int | None, tp: int | None, pp: int | None, sources: Mapping[str, str]
+) -> bool:
+    """Whether KServe gave this pod a GPU count that differs from the other pods': several nodes,
+    REQUEST_GPU_COUNT, TP and PP set, and TP x PP not this pod's count times the nodes (KServe's
+    computeRayNodeAndGPUs gives the head the remainder, or its own request)."""
+    return (
+        nodes is not None
+        and nodes > 1
+        and gpus is not None
+        and sources.get("gpus_per_node") == "REQUEST_GPU_COUNT"
+        and tp is not None
+        and pp is not None
+        and tp * pp != gpus * nodes
+    )
+
+
 def build(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -359,8 +429,7 @@ def build(
             f"unexpected argument {parsed.positionals[0]!r}: the model comes from --model_dir or "
             "--model-uri, and every other argument must be a flag"
         )
-    model_dir = resolve_model_dir(ns)
-    notes: list[str] = []
+    model_dir, notes = resolve_model(ns, parsed.flags, env)
 
     report = preflight(
         model_dir,
@@ -376,7 +445,12 @@ def build(
             f"{typed} is not a flag the launcher reads (did you mean {meant}?); passed to vLLM as given"
         )
     env_flags = [vargs.flag(ENV_FLAGS[name], v) for name in ENV_FLAGS if (v := env.get(name, "").strip())]
-    merged = vargs.merge(DEFAULTS, env_flags, parsed.flags)
+    if model_name := env.get("MODEL_NAME", "").strip():
+        # KServe's multi-node controller sets MODEL_NAME; its runtime's --model_name arg wins over it.
+        env_flags.append(vargs.flag("--served-model-name", model_name))
+    translated = kserve.translate(parsed.flags)
+    notes.extend(translated.notes)
+    merged = vargs.merge(DEFAULTS, env_flags, translated.flags)
     sources = {}
     for name, key in ENV_FLAGS.items():
         field_name = key[2:].replace("-", "_")
@@ -417,6 +491,9 @@ def build(
         # KServe's task names mean nothing to vLLM, which would refuse them.
         notes.append(f"--task {task}: KServe's task name, not passed to vLLM")
         merged = vargs.without(merged, "--task")
+    merged, dropped = kserve.without_encoder(merged)
+    if dropped is not None:
+        notes.append(dropped)
     gpu_source = sources.get("gpus_per_node", "--gpus-per-node")
     if explicit is not None:
         if found is not None and explicit > len(found):
@@ -450,6 +527,7 @@ def build(
             pipeline_parallel_size=pp,
             gpu_models=found or (),
             sources=sources,
+            uneven_nodes=_uneven(nodes, explicit, tp, pp, sources),
         ),
     )
     notes.extend(plan.notes)
@@ -488,7 +566,7 @@ def build(
         decided.append(vargs.flag("--distributed-executor-backend", executor))
     final = vargs.merge(merged, decided)
 
-    added: dict[str, str] = dict(OFFLINE_ENV)
+    added: dict[str, str] = {**OFFLINE_ENV, **translated.env}
     if env.get("VLLM_CACHE_ROOT"):
         notes.append(f"VLLM_CACHE_ROOT={env['VLLM_CACHE_ROOT']} kept from the environment")
     else:
