@@ -76,6 +76,7 @@ BOOLEAN_FLAGS = frozenset(
         "--return-raw-logits",
         "--return-token-type-ids",
         "--use-id2label",
+        "--v2-tensors",
     }
 )
 

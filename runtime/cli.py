@@ -28,7 +28,7 @@ from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
 from runtime import kserve
-from runtime.classify import EngineChoice, OutputOptions, choose_engine, is_classifier, kserve_task
+from runtime.classify import TASK, EngineChoice, OutputOptions, choose_engine, encoder_task, kserve_task
 from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, make_plan
 from runtime.preflight import PreflightReport, preflight
 from runtime.ray import (
@@ -62,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # a vLLM flag must never be taken for an abbreviation of ours
         description="Serve a cached model with vLLM. Flags not listed here pass through to `vllm serve`.",
         epilog=(
-            "A sequence classifier (architecture *ForSequenceClassification, or --task "
-            "sequence_classification) is served with KServe's v1/v2 predict protocols instead; it reads "
+            "An encoder model (architecture *ForSequenceClassification, *ForTokenClassification, "
+            "*ForMaskedLM, or KServe's --task sequence_classification|token_classification|fill_mask|"
+            "text_embedding) is served with KServe's v1/v2 predict protocols and answers instead; it reads "
             "--return_probabilities, --return_raw_logits, --use_id2label, --backend huggingface|vllm, "
             "--dtype, --max_length and --trust-remote-code."
         ),
@@ -288,6 +289,11 @@ CLASSIFY_FLAGS: tuple[tuple[str, str, bool], ...] = (
     ("--return-raw-logits", "--return_raw_logits", False),
     ("--use-id2label", "--use_id2label", False),
     ("--trust-remote-code", "--trust_remote_code", False),
+    ("--v2-tensors", "--v2_tensors", False),
+    ("--return-offsets-mapping", "--return_offsets_mapping", False),
+    ("--disable-lower-case", "--disable_lower_case", False),
+    ("--disable-special-tokens", "--disable_special_tokens", False),
+    ("--return-token-type-ids", "--return_token_type_ids", False),
 )
 # Consumed here or meaningless to the classification server; not reported as ignored.
 CLASSIFY_CONSUMED = frozenset(
@@ -315,16 +321,19 @@ def classifier_launch(
     explicit_gpus: int | None,
     vllm_here: bool,
     notes: list[str],
+    task: str = TASK,
 ) -> Launch:
-    """A sequence classifier: KServe's v1/v2 predict protocols from runtime.classify_server, one node."""
+    """An encoder model (KServe's sequence or token classification, fill-mask, text embedding):
+    KServe's v1/v2 predict protocols and answers from runtime.classify_server, one node."""
+    what = "a sequence classifier" if task == TASK else f"an encoder model ({task})"
     if ns.worker or (nodes is not None and nodes > 1):
         raise InvalidInput(
-            f"a sequence classifier is served on one node (nodes={nodes or 1}"
+            f"{what} is served on one node (nodes={nodes or 1}"
             f"{', --worker' if ns.worker else ''}); deploy the single-node runtime"
         )
     if pp is not None and pp > 1:
         raise InvalidInput(
-            f"--pipeline-parallel-size {pp}: a sequence classifier is served without pipeline stages; "
+            f"--pipeline-parallel-size {pp}: {what} is served without pipeline stages; "
             "use --pipeline-parallel-size 1"
         )
     per_node = explicit_gpus if explicit_gpus is not None else len(found or ())
@@ -343,12 +352,13 @@ def classifier_launch(
         backend=vargs.value(merged, "--backend"),
         vllm_archs=frozenset(shape.architectures) if vllm_here else None,
         options=options,
+        task=task,
     )
     arch = ", ".join(shape.architectures) or "no architecture in config.json"
-    why = "--task sequence_classification" if kserve_task(vargs.value(merged, "--task")) else arch
+    why = f"--task {task}" if kserve_task(vargs.value(merged, "--task")) else arch
     notes.append(
-        f"sequence classifier ({why}): served by runtime.classify_server with KServe's v1/v2 predict "
-        f"protocols on {choice.reason}"
+        f"{task} ({why}): served by runtime.classify_server with KServe's v1/v2 predict "
+        f"protocols and answers on {choice.reason}"
     )
     if choice.engine == "huggingface" and tp > 1:
         notes.append(f"--tensor-parallel-size {tp} not used: transformers runs the classifier on one device")
@@ -365,6 +375,8 @@ def classifier_launch(
         "--port",
         vargs.value(merged, "--port") or "8080",
     ]
+    if task != TASK:
+        command += ["--task", task]
     if choice.engine == "vllm" and tp > 1:
         command += ["--tensor_parallel_size", str(tp)]
     for key, target, takes_value in CLASSIFY_FLAGS:
@@ -471,7 +483,7 @@ def build(
         sources["gpus_per_node"] = "REQUEST_GPU_COUNT"
 
     task = vargs.value(merged, "--task")
-    if is_classifier(shape.architectures, task):
+    if (encoder := encoder_task(shape.architectures, task)) is not None:
         return classifier_launch(
             ns,
             merged,
@@ -486,6 +498,7 @@ def build(
             explicit_gpus=explicit,
             vllm_here=vllm_here(),
             notes=notes,
+            task=encoder,
         )
     if task is not None and kserve_task(task) is not None:
         # KServe's task names mean nothing to vLLM, which would refuse them.
