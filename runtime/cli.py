@@ -29,7 +29,7 @@ from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
 from runtime import kserve
 from runtime.classify import TASK, EngineChoice, OutputOptions, choose_engine, encoder_task, kserve_task
-from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, make_plan
+from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, config_dtype, make_plan, plan_dtype
 from runtime.preflight import PreflightReport, preflight
 from runtime.ray import (
     Runner,
@@ -544,11 +544,14 @@ def build(
         ),
     )
     notes.extend(plan.notes)
+    gpu_model = found[0] if found else None
     notes.extend(
-        check_hardware(
-            found[0] if found else None, vargs.value(merged, "--dtype"), vargs.value(merged, "--quantization")
-        )
+        check_hardware(gpu_model, vargs.value(merged, "--dtype"), vargs.value(merged, "--quantization"))
     )
+    dtype, dtype_note = plan_dtype(gpu_model, vargs.value(merged, "--dtype"), config_dtype(report.config))
+    if dtype is not None and dtype_note is not None:
+        merged = vargs.merge(merged, [vargs.flag("--dtype", dtype)])
+        notes.append(dtype_note)
 
     user_backend = vargs.value(merged, "--distributed-executor-backend")
     executor = plan.executor

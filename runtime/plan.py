@@ -436,6 +436,41 @@ def compute_capability(gpu_model: str) -> float | None:
     return next((cc for key, cc in _CAPABILITY if key in name), None)
 
 
+_BF16 = ("bfloat16", "bf16")
+
+
+def config_dtype(config: Mapping[str, Any]) -> str | None:
+    """The weights' dtype a config.json declares (``dtype``, transformers' older ``torch_dtype``,
+    or the language model's under ``text_config``), or None."""
+    for scope in (config, config.get("text_config"), config.get("llm_config")):
+        if isinstance(scope, Mapping):
+            for key in ("dtype", "torch_dtype"):
+                if isinstance(v := scope.get(key), str):
+                    return v
+    return None
+
+
+def plan_dtype(
+    gpu_model: str | None, asked: str | None, weights: str | None
+) -> tuple[str | None, str | None]:
+    """The ``--dtype`` to pass, and a note, for a bfloat16 model on a GPU without bfloat16.
+
+    Under ``--dtype auto`` (or none) vLLM takes the config's dtype; on compute capability < 8.0
+    (V100, T4) some vLLM releases cast bfloat16 to float16 with a warning and others refuse to start
+    ("Bfloat16 is only supported on GPUs with compute capability of at least 8.0"). Asking for
+    float16 explicitly starts on every release pyproject allows (vllm>=0.8). An explicit bfloat16 is
+    left to check_hardware, which refuses it. Returns (None, None) when nothing changes."""
+    if asked not in (None, "auto") or weights not in _BF16 or not gpu_model:
+        return None, None
+    cc = compute_capability(gpu_model)
+    if cc is None or cc >= 8.0:
+        return None, None
+    return "float16", (
+        f"--dtype float16: the weights are {weights} and {gpu_model} (compute capability {cc}) has no "
+        "bfloat16; --dtype auto would cast or refuse depending on the vLLM release"
+    )
+
+
 def check_hardware(gpu_model: str | None, dtype: str | None, quantization: str | None) -> tuple[str, ...]:
     """Refuse a dtype or quantization the GPU cannot run, before vLLM spends a minute finding out;
     return notes for choices that run in a slower mode."""

@@ -290,3 +290,22 @@ def test_uneven_refuses_only_what_vllm_cannot_run(tmp_path: Path) -> None:
     # TP 4 x PP 3 = 12, workers of 8: 2 nodes, head 12 - 8 = 4; TP 4 fits both, the heads do not divide
     with pytest.raises(InvalidInput, match=r"TENSOR_PARALLEL_SIZE=4: 6 attention heads are not divisible"):
         run(["--model_dir", str(make(tmp_path / "o", odd_heads)), "--dry-run"], kserve_env(4, 3, 2, 4))
+
+
+# -- a bfloat16 model on a GPU without bfloat16 --------------------------------------------------
+
+
+def test_bf16_model_on_a_t4_is_planned_in_float16(tmp_path: Path) -> None:
+    folder = str(make(tmp_path / "m", {**LLAMA, "torch_dtype": "bfloat16"}))
+    t4 = ("Tesla T4",)
+    launch = run(["--model_dir", folder], gpus=t4)
+    assert vargs.value(vargs.parse(vllm_argv(launch)).flags, "--dtype") == "float16"
+    assert any(n.startswith("--dtype float16: the weights are bfloat16 and Tesla T4") for n in launch.notes)
+    auto = run(["--model_dir", folder, "--dtype", "auto"], gpus=t4)
+    assert vargs.value(vargs.parse(vllm_argv(auto)).flags, "--dtype") == "float16"
+    kept = run(["--model_dir", folder, "--dtype", "float32"], gpus=t4)
+    assert vargs.value(vargs.parse(vllm_argv(kept)).flags, "--dtype") == "float32"
+    with pytest.raises(InvalidInput, match="--dtype bfloat16: Tesla T4"):
+        run(["--model_dir", folder, "--dtype", "bfloat16"], gpus=t4)
+    h100 = run(["--model_dir", folder], gpus=("NVIDIA H100 80GB HBM3",))
+    assert "--dtype" not in vllm_argv(h100)
