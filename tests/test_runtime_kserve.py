@@ -309,3 +309,29 @@ def test_bf16_model_on_a_t4_is_planned_in_float16(tmp_path: Path) -> None:
         run(["--model_dir", folder, "--dtype", "bfloat16"], gpus=t4)
     h100 = run(["--model_dir", folder], gpus=("NVIDIA H100 80GB HBM3",))
     assert "--dtype" not in vllm_argv(h100)
+
+
+# -- the model cache mounted read-only ----------------------------------------------------------
+
+
+def test_read_only_cache_is_served_and_nothing_written_beside_it(tmp_path: Path) -> None:
+    import subprocess
+
+    cache, folder = cache_with(tmp_path, "hf://org/llama")
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    done = subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"bind mounts are not allowed here: {done.stderr.decode().strip()}")
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], capture_output=True)
+        assert ro.returncode == 0, ro.stderr
+        launch = run(["--model-uri", "hf://org/llama", "--cache-dir", str(cache), "--gpus-per-node", "1"])
+        assert launch.model_dir == folder
+        # vLLM keeps its compile cache under $HOME instead (VLLM_CACHE_ROOT left unset)
+        assert "VLLM_CACHE_ROOT" not in launch.env
+        assert any(
+            "compile cache not kept beside the weights" in n and "not writable" in n for n in launch.notes
+        )
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before

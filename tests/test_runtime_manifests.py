@@ -214,3 +214,20 @@ def test_as_default_component_turns_auto_select_on(tmp_path: Path) -> None:
         "modelcache-vllm": (True, _format(one(SINGLE))["priority"]),
         "modelcache-vllm-multinode": (True, _format(one(MULTI))["priority"]),
     }
+
+
+def test_dockerfile_runs_as_a_numeric_non_root_user_with_a_home() -> None:
+    from tests.test_dockerfiles import parse
+
+    steps = parse(ROOT / "Dockerfile.runtime")
+    users = [s.args for s in steps if s.op == "USER"]
+    assert users, "no USER: the image would run as root"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) != 0 and (not gid or (gid.isdigit() and int(gid) != 0))
+    last_user = max(i for i, s in enumerate(steps) if s.op == "USER")
+    # nothing after USER needs root
+    assert not [s for s in steps[last_user:] if s.op == "RUN"]
+    created = next(s.args for s in steps if s.op == "RUN" and "useradd" in s.args)
+    assert f"--uid {uid}" in created and "--create-home" in created
+    home = next(s.args for s in steps if s.op == "ENV" and "HOME=" in s.args)
+    assert re.search(r"\bHOME=(\S+)", home)[1] in created  # type: ignore[index]
