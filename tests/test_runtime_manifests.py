@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from localmodel.layout import storage_key
 from runtime import args as vargs
 from tests.test_crds import validate
 
@@ -115,7 +116,12 @@ def test_example_cache_and_inference_service() -> None:
         group = svc["metadata"]["annotations"]["serving.kserve.io/nodegroup"]
         assert group in cache["spec"]["nodeGroups"]
         model = svc["spec"]["predictor"]["model"]
-        assert model["storageUri"] == cache["spec"]["sourceModelUri"]
+        if "workerSpec" in svc["spec"]["predictor"]:
+            # the cache's claim for the group, at the model's folder in it (README: Serving)
+            key = storage_key(cache["spec"]["sourceModelUri"])
+            assert model["storageUri"] == f"pvc://{cache['metadata']['name']}-{group}/models/{key}"
+        else:
+            assert model["storageUri"] == cache["spec"]["sourceModelUri"]
         assert model["runtime"] in {one(SINGLE)["metadata"]["name"], one(MULTI)["metadata"]["name"]}
         assert vargs.parse(model["args"]).positionals == ()
     multi = services[1]
@@ -231,3 +237,159 @@ def test_dockerfile_runs_as_a_numeric_non_root_user_with_a_home() -> None:
     assert f"--uid {uid}" in created and "--create-home" in created
     home = next(s.args for s in steps if s.op == "ENV" and "HOME=" in s.args)
     assert re.search(r"\bHOME=(\S+)", home)[1] in created  # type: ignore[index]
+
+
+# -- KServe's InferenceService validation (issue 17 §5) -----------------------------------------
+
+# kserve/kserve aaac4e294dae pkg/apis/serving/v1beta1/inference_service_validation.go, and the constants it
+# reads (pkg/constants/constants.go, pkg/validation/env_policy.go).
+ISVC_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # IsvcNameFmt, line 46; matched at 469-474
+AUTOSCALER_CLASSES = {"hpa", "external", "keda", "none"}  # AutoscalerAllowedClassList, constants.go:279-284
+GPU_TYPES = {
+    "nvidia.com/gpu",
+    "amd.com/gpu",
+    "intel.com/gpu",
+    "habana.ai/gaudi",
+}  # DefaultGPUResourceTypeList
+BLOCKED_ENV = {"PYTHONPATH"}  # DefaultBlockedEnvVars, env_policy.go:25-27
+
+
+def _unknown_gpu(resources: dict[str, Any]) -> bool:
+    names = {*resources.get("limits", {}), *resources.get("requests", {})}
+    return any("gpu" in n and n not in GPU_TYPES and not n.startswith("nvidia.com/mig") for n in names)
+
+
+def kserve_isvc_errors(isvc: dict[str, Any]) -> list[str]:
+    """What KServe's validating webhook refuses an InferenceService for, as validateInferenceService
+    (lines 119-181) checks it: the name (469-474), the autoscaler class (477-491), blocked variables
+    (302-354) and, with a workerSpec, validateMultiNodeVariables (386-443)."""
+    errors = []
+    name = isvc["metadata"]["name"]
+    annotations = isvc["metadata"].get("annotations", {})
+    predictor = isvc["spec"]["predictor"]
+    model = predictor.get("model", {})
+    if not ISVC_NAME.fullmatch(name):
+        errors.append("name")
+    autoscaler = annotations.get("serving.kserve.io/autoscalerClass")
+    if autoscaler is not None and autoscaler not in AUTOSCALER_CLASSES:
+        errors.append("autoscaler class")
+    for c in [
+        model,
+        *predictor.get("containers", []),
+        *predictor.get("workerSpec", {}).get("containers", []),
+    ]:
+        if {e["name"] for e in c.get("env", [])} & BLOCKED_ENV:
+            errors.append("blocked env")
+    worker = predictor.get("workerSpec")
+    if worker is not None:
+        if len(worker.get("containers", [])) > 1:  # 388-390
+            errors.append("several worker containers")
+        env = {e["name"] for e in model.get("env", [])}
+        if {"PIPELINE_PARALLEL_SIZE", "TENSOR_PARALLEL_SIZE"} & env:  # 392-397
+            errors.append("parallel sizes in env")
+        if _unknown_gpu(model.get("resources", {})):  # 399-405
+            errors.append("unknown GPU type")
+        uri = model.get("storageUri")
+        if uri is None:  # 406-407 MissingStorageURI
+            errors.append("no storageUri")
+        elif uri.split("://")[0] not in ("pvc", "oci"):  # 409-412
+            errors.append(f"storage protocol {uri.split('://')[0]}")
+        if annotations.get("serving.kserve.io/autoscalerClass") != "none":  # 415-417
+            errors.append("autoscaler not none")
+        for size in ("pipelineParallelSize", "tensorParallelSize"):  # 420-428
+            if size in worker and worker[size] < 1:
+                errors.append(size)
+        if any(_unknown_gpu(c.get("resources", {})) for c in worker.get("containers", [])):  # 430-440
+            errors.append("unknown worker GPU type")
+        if _unknown_gpu(worker.get("resources", {})):
+            errors.append("unknown worker GPU type")
+    return errors
+
+
+def test_example_passes_kserves_inference_service_validation() -> None:
+    services = [d for d in load(EXAMPLE) if d["kind"] == "InferenceService"]
+    assert [kserve_isvc_errors(s) for s in services] == [[], []]
+    assert any("workerSpec" in s["spec"]["predictor"] for s in services)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (
+            lambda s: s["spec"]["predictor"]["model"].update(
+                storageUri="hf://meta-llama/Llama-3.1-70B-Instruct"
+            ),
+            "storage protocol hf",
+        ),
+        (
+            lambda s: s["metadata"]["annotations"].pop("serving.kserve.io/autoscalerClass"),
+            "autoscaler not none",
+        ),
+        (
+            lambda s: s["spec"]["predictor"]["model"].update(
+                env=[{"name": "TENSOR_PARALLEL_SIZE", "value": "8"}]
+            ),
+            "parallel sizes in env",
+        ),
+        (
+            lambda s: s["spec"]["predictor"]["workerSpec"].update(pipelineParallelSize=0),
+            "pipelineParallelSize",
+        ),
+    ],
+)
+def test_the_validation_rules_refuse_what_kserve_refuses(change: Any, error: str) -> None:
+    # the example as it was (hf:// with a workerSpec, no autoscalerClass) is refused by the same rules
+    import copy
+
+    multi = copy.deepcopy(
+        next(d for d in load(EXAMPLE) if "workerSpec" in d.get("spec", {}).get("predictor", {}))
+    )
+    change(multi)
+    assert error in kserve_isvc_errors(multi)
+
+
+def test_multinode_example_plans_with_kserves_environment(tmp_path: Path) -> None:
+    """The multi-node example's numbers, through the launcher with the environment KServe's
+    controller computes for them (computeRayNodeAndGPUs: 16 GPUs, workers of 8, so 2 nodes and a head
+    of 8): TP 8 x PP 2 over 2 nodes, one stage per node."""
+    from runtime.cli import build
+    from tests.test_runtime_kserve import make
+
+    multi = next(d for d in load(EXAMPLE) if "workerSpec" in d.get("spec", {}).get("predictor", {}))
+    worker = multi["spec"]["predictor"]["workerSpec"]
+    tp, pp = worker["tensorParallelSize"], worker["pipelineParallelSize"]
+    per_node = int(worker["resources"]["limits"]["nvidia.com/gpu"])
+    nodes = (tp * pp + per_node - 1) // per_node
+    env = {
+        "PATH": "/nonexistent",
+        "TENSOR_PARALLEL_SIZE": str(tp),
+        "PIPELINE_PARALLEL_SIZE": str(pp),
+        "RAY_NODE_COUNT": str(nodes),
+        "REQUEST_GPU_COUNT": str(tp * pp - per_node * (nodes - 1)),
+        "MODEL_NAME": multi["metadata"]["name"],
+    }
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 80,
+    }
+    folder = make(tmp_path / "mnt" / "models", config)
+    runtime_args = container(one(MULTI))["args"]
+    argv = [
+        a.replace("{{.Name}}", multi["metadata"]["name"]).replace("/mnt/models", str(folder))
+        for a in runtime_args
+    ]
+    launch = build(
+        [*argv, *multi["spec"]["predictor"]["model"]["args"], "--dry-run"],
+        env,
+        gpus=lambda _e: None,
+        vllm_here=lambda: False,
+    )
+    assert (launch.plan.tensor_parallel_size, launch.plan.pipeline_parallel_size, launch.plan.nodes) == (
+        8,
+        2,
+        2,
+    )
+    assert launch.role == "head" and launch.plan.executor == "ray"
+    assert vargs.value(vargs.parse(list(launch.command[3:])).flags, "--served-model-name") == "llama-3-1-70b"
