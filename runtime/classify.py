@@ -332,7 +332,7 @@ def v2_tensor(name: str, inferences: list[Any]) -> dict[str, Any]:
     a list of strings is BYTES ``[N]``; anything else goes through ``np.array``, so ints are INT64,
     floats FP64, and dicts (probability or logit maps) BYTES holding ``str(dict)``."""
     if inferences and isinstance(inferences[0], str):
-        return {"name": name, "shape": [len(inferences)], "datatype": "BYTES", "data": list(inferences)}
+        return _tensor(name, [len(inferences)], "BYTES", list(inferences))
     shape, leaves = _shape_and_leaves(inferences)
     if any(isinstance(x, dict | str) for x in leaves):
         datatype, data = "BYTES", [x if isinstance(x, str) else str(x) for x in leaves]
@@ -342,7 +342,12 @@ def v2_tensor(name: str, inferences: list[Any]) -> dict[str, Any]:
         datatype, data = "INT64", leaves
     else:
         datatype, data = "FP64", [float(x) for x in leaves]
-    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
+    return _tensor(name, shape, datatype, data)
+
+
+def _tensor(name: str, shape: list[int], datatype: str, data: list[Any]) -> dict[str, Any]:
+    # KServe's REST answer carries "parameters": null on each output (its pydantic InferOutput).
+    return {"name": name, "shape": shape, "datatype": datatype, "parameters": None, "data": data}
 
 
 def v2_outputs(result: Classified, options: OutputOptions) -> list[dict[str, Any]]:
@@ -423,6 +428,11 @@ def token_extra_output(result: TokenResult, options: OutputOptions) -> dict[str,
     return v2_tensor("offset_mapping", rows)
 
 
+def _v1_extra(tensor: dict[str, Any]) -> dict[str, Any]:
+    # The dict KServe appends to a v1 answer (encoder_model.py:358-365): no parameters, this key order.
+    return {k: tensor[k] for k in ("name", "datatype", "shape", "data")}
+
+
 @dataclass(frozen=True)
 class MaskResult:
     """Fill-mask, per input: the scores over the vocabulary at each mask token (``[M, V]``), their
@@ -452,7 +462,7 @@ def kserve_v1(inferences: list[Any], extra: dict[str, Any] | None = None) -> dic
     (token offsets) the way encoder_model.py:357-365 adds it to a dict response."""
     out: dict[str, Any] = {"predictions": inferences}
     if extra is not None:
-        out["outputs"] = [extra]
+        out["outputs"] = [_v1_extra(extra)]
     return out
 
 
@@ -464,7 +474,18 @@ def kserve_v2(
     outputs = [v2_tensor("output-0", inferences)]
     if extra is not None:
         outputs.append(extra)
-    return {"id": request_id, "model_name": model_name, "model_version": None, "outputs": outputs}
+    return _v2(model_name, request_id, outputs)
+
+
+def _v2(model_name: str, request_id: str | None, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    # KServe's REST v2 answer, key for key (its pydantic InferenceResponse).
+    return {
+        "model_name": model_name,
+        "model_version": None,
+        "id": request_id,
+        "parameters": None,
+        "outputs": outputs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,9 +571,4 @@ def v2_response(
     result: Classified, options: OutputOptions, *, model_name: str, request_id: str | None = None
 ) -> dict[str, Any]:
     """KServe's v2 answer (InferResponse.to_rest, infer_type.py): id, model_name, model_version, outputs."""
-    return {
-        "id": request_id,
-        "model_name": model_name,
-        "model_version": None,
-        "outputs": v2_outputs(result, options),
-    }
+    return _v2(model_name, request_id, v2_outputs(result, options))
