@@ -1043,3 +1043,37 @@ async def test_answers_equal_kserves_for_every_encoder_task(tmp_path: Path) -> N
             await client.close()
             state.pool.shutdown()
     assert seen_tasks == {"sequence_classification", "token_classification", "fill_mask", "text_embedding"}
+
+
+def test_cuda_engine_moves_logits_to_the_cpu(tmp_path: Path) -> None:
+    """The CUDA path for real (KServe #4443: ``.numpy()`` on a CUDA tensor): each task's answer on the
+    GPU equals the CPU's. Runs where torch sees a CUDA device; skipped with the reason elsewhere."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here (torch.cuda.is_available() is False)")
+    from runtime.classify_server import TransformersEngine
+
+    texts = ["paris is in [MASK]", "a good movie"]
+    for task in ("sequence_classification", "token_classification", "fill_mask", "text_embedding"):
+        folder = tmp_path / task
+        build_tiny_encoder(folder, task)
+        answers = []
+        for device in ("cuda", "cpu"):
+            engine = TransformersEngine(folder, None, task=task, dtype="float32")
+            engine.load()
+            assert engine._device == "cuda"
+            if device == "cpu":
+                engine._model = engine._model.to("cpu")
+                engine._device = "cpu"
+            answers.append(engine.infer(texts, False))
+        gpu, cpu = answers
+        if task == "fill_mask":
+            assert gpu.predicted == cpu.predicted
+        scores = (lambda a: a) if task == "text_embedding" else (lambda a: a.logits)
+        assert _flatten(scores(gpu)) == pytest.approx(_flatten(scores(cpu)), abs=1e-4)
+
+
+def _flatten(value: Any) -> list[float]:
+    if isinstance(value, list | tuple):
+        return [x for v in value for x in _flatten(v)]
+    return [float(value)]
