@@ -335,14 +335,12 @@ def v2_tensor(name: str, inferences: list[Any]) -> dict[str, Any]:
         return _tensor(name, [len(inferences)], "BYTES", list(inferences))
     shape, leaves = _shape_and_leaves(inferences)
     if any(isinstance(x, dict | str) for x in leaves):
-        datatype, data = "BYTES", [x if isinstance(x, str) else str(x) for x in leaves]
-    elif leaves and all(isinstance(x, bool) for x in leaves):
-        datatype, data = "BOOL", leaves
-    elif all(isinstance(x, int) and not isinstance(x, bool) for x in leaves):
-        datatype, data = "INT64", leaves
-    else:
-        datatype, data = "FP64", [float(x) for x in leaves]
-    return _tensor(name, shape, datatype, data)
+        return _tensor(name, shape, "BYTES", [x if isinstance(x, str) else str(x) for x in leaves])
+    if leaves and all(isinstance(x, bool) for x in leaves):
+        return _tensor(name, shape, "BOOL", leaves)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in leaves):
+        return _tensor(name, shape, "INT64", leaves)
+    return _tensor(name, shape, "FP64", [float(x) for x in leaves])
 
 
 def _tensor(name: str, shape: list[int], datatype: str, data: list[Any]) -> dict[str, Any]:

@@ -165,8 +165,10 @@ class TransformersEngine:
         names = {"half": "float16", "float": "float32"}
         dtype = names.get(self.dtype or "auto", self.dtype or "auto")
         if dtype == "auto":
-            dtype = config.get("dtype") or config.get("torch_dtype")
-            if not isinstance(dtype, str) or not hasattr(torch, dtype):
+            declared = config.get("dtype") or config.get("torch_dtype")
+            if isinstance(declared, str) and hasattr(torch, declared):
+                dtype = declared
+            else:
                 dtype = "float16" if self._device == "cuda" else "float32"
         self.max_length = max_length_of(config, self.max_length)
         self._tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -177,11 +179,13 @@ class TransformersEngine:
         )
         if self.offsets and not getattr(self._tokenizer, "is_fast", False):
             raise InvalidInput("--return_offsets_mapping needs a fast tokenizer (tokenizer.json)")
+        # transformers 4.56 renamed torch_dtype to dtype; older releases ignore an unknown keyword.
+        old_name = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
         model = auto.from_pretrained(
             str(self.model_dir),
             local_files_only=True,
             trust_remote_code=self.trust_remote_code,
-            dtype=getattr(torch, dtype),
+            **{"torch_dtype" if old_name else "dtype": getattr(torch, dtype)},
         )
         if not self._tokenizer.pad_token:
             # KServe adds "[PAD]" and grows the embeddings (encoder_model.py:199-208).

@@ -225,16 +225,19 @@ def resolve_model(
         raise InvalidInput(f"{id_source} and --model-uri both given; name the model one way")
     revision = vargs.value(flags, "--model-revision") or vargs.value(flags, "--revision")
     uri = f"hf://{model_id}" + (f":{revision}" if revision else "")
-    if ns.cache_dir:
+    cache_dir = Path(ns.cache_dir) if ns.cache_dir else None
+    if cache_dir is None and ns.model_dir and (beside := CacheLayout.of_model_dir(Path(ns.model_dir))):
+        cache_dir = beside[0].root  # --model_dir is a folder of a cache: the id is looked up there
+    if cache_dir is not None:
         key = storage_key(uri)
-        folder = CacheLayout(Path(ns.cache_dir)).model_dir(key)
+        folder = CacheLayout(cache_dir).model_dir(key)
         if folder.is_dir():
             notes.append(f"{id_source} {model_id}: the cached folder of {uri} ({folder})")
             return folder, notes
         raise InvalidInput(
-            f"{id_source} {model_id}: {uri} is not cached in {ns.cache_dir} (no models/{key}); this runtime "
+            f"{id_source} {model_id}: {uri} is not cached in {cache_dir} (no models/{key}); this runtime "
             f"does not download. Cache it (a LocalModelCache with sourceModelUri {uri}) and check what the "
-            f"node holds with `modelcache status --cache-dir {ns.cache_dir}`"
+            f"node holds with `modelcache status --cache-dir {cache_dir}`"
         )
     if ns.model_dir and Path(ns.model_dir).is_dir():
         notes.append(

@@ -92,7 +92,9 @@ FLAGS: tuple[KServeFlag, ...] = (
     KServeFlag("--disable_lower_case", "encoder", note="the encoder tokenizer's lower-casing"),
     KServeFlag("--disable_special_tokens", "encoder", note="the encoder tokenizer's special tokens"),
     KServeFlag("--trust_remote_code", "vllm", "--trust-remote-code"),
-    KServeFlag("--tensor_input_names", "drop", note="tensors sent to a remote predictor (predictor_host) only"),
+    KServeFlag(
+        "--tensor_input_names", "drop", note="tensors sent to a remote predictor (predictor_host) only"
+    ),
     KServeFlag(
         "--backend", "encoder", note="auto, huggingface or vllm; a generative model is served by vLLM"
     ),

@@ -220,6 +220,15 @@ def test_model_id_resolves_to_its_cached_folder(tmp_path: Path) -> None:
     assert any("the cached folder of hf://org/llama" in n for n in launch.notes)
 
 
+def test_model_id_found_in_the_cache_beside_the_model_dir(tmp_path: Path) -> None:
+    cache, folder = cache_with(tmp_path, "hf://org/llama")
+    other = make(CacheLayout(cache).model_dir(storage_key("hf://org/other")))
+    launch = run(["--model_dir", str(other), "--model_id", "org/llama", "--gpus-per-node", "1"])
+    assert launch.model_dir == folder
+    with pytest.raises(InvalidInput, match=f"hf://org/absent is not cached in {cache}"):
+        run(["--model_dir", str(other), "--model_id", "org/absent"])
+
+
 def test_model_id_env_and_revision_name_the_uri(tmp_path: Path) -> None:
     cache, folder = cache_with(tmp_path, "hf://org/llama:v2")
     launch = run(
