@@ -65,8 +65,10 @@ def _parser() -> argparse.ArgumentParser:
             "An encoder model (architecture *ForSequenceClassification, *ForTokenClassification, "
             "*ForMaskedLM, or KServe's --task sequence_classification|token_classification|fill_mask|"
             "text_embedding) is served with KServe's v1/v2 predict protocols and answers instead; it reads "
-            "--return_probabilities, --return_raw_logits, --use_id2label, --backend huggingface|vllm, "
-            "--dtype, --max_length and --trust-remote-code."
+            "--return_probabilities, --return_raw_logits, --return_offsets_mapping, --use_id2label, "
+            "--v2_tensors, --backend huggingface|vllm, --dtype, --max_length, --disable_lower_case, "
+            "--disable_special_tokens, --return_token_type_ids and --trust-remote-code. KServe's other "
+            "server flags are translated to vLLM's or dropped with a note (docs/runtime.md)."
         ),
     )
     p.add_argument(
