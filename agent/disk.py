@@ -1,26 +1,45 @@
 """The node's cache folder: lock it, check its format, scan what it holds, delete what is unwanted.
 
 Thin I/O around :mod:`localmodel.layout`. Nothing here deletes outside ``<cache-dir>/models`` and
-``<cache-dir>/.modelcache``: every path is built from a validated storage key.
+``<cache-dir>/.modelcache``: every path is built from a validated storage key. Nothing is deleted
+that a manifest of ours does not name (a ``models/<key>`` folder without one is someone else's, for
+instance KServe's agent's: reported as foreign, never deleted), and no symbolic link below the cache
+folder is followed or deleted through: the folders of the layout behind a link refuse the start
+(:class:`CacheUnsafe`), a link at a model's path is reported and that model left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.download.staging import Destination, finish_publish, remove_published, write_atomic
-from localmodel.errors import InvalidInput, ModelcacheError
+from agent.download.staging import (
+    Destination,
+    LinkRefused,
+    finish_publish,
+    refuse_links,
+    remove_published,
+    remove_tree,
+    write_atomic,
+)
+from localmodel.errors import DownloadError, InvalidInput, ModelcacheError
 from localmodel.layout import FORMAT_VERSION, STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest
+
+log = logging.getLogger("modelcache.agent")
 
 
 class CacheLocked(ModelcacheError):
     """Another agent process holds this cache folder."""
+
+
+class CacheUnsafe(ModelcacheError):
+    """A folder of the cache's layout is a symbolic link: the agent does not start on it."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +53,10 @@ class Published:
 class Scan:
     published: dict[str, Published]
     staged: dict[str, int]  # key -> bytes staged so far
-    untrusted: tuple[str, ...]  # keys whose folder exists but does not match a manifest
+    untrusted: tuple[str, ...]  # keys whose folder does not match the manifest that names it
     free: int
+    foreign: tuple[str, ...] = ()  # keys whose folder no manifest of ours names: never deleted
+    links: tuple[str, ...] = ()  # paths (relative to the cache folder) that are links: not followed
 
 
 class CacheDir:
@@ -47,11 +68,22 @@ class CacheDir:
         return Destination.in_cache(self.layout, key)
 
     def open(self) -> None:
-        """Create the hidden folders, take the lock, check the on-disk format version."""
+        """Create the hidden folders, take the lock, check the on-disk format version.
+
+        Raises :class:`CacheUnsafe` when one of those folders (or the lock, the format file) is a
+        symbolic link, :class:`CacheLocked` when another agent holds the folder."""
         layout = self.layout
-        for d in (layout.models, layout.manifests, layout.staging, layout.trash):
-            d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        for d in (layout.models, layout.manifests, layout.staging, layout.trash, layout.lock_file):
+            try:
+                refuse_links(d, below=layout.root)
+                refuse_links(layout.format_file, below=layout.root)
+            except LinkRefused as e:
+                raise CacheUnsafe(
+                    f"{e}; the agent does not start on a cache folder with links in it"
+                ) from None
+            if d != layout.lock_file:
+                d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,27 +117,54 @@ class CacheDir:
         """Finish interrupted publishes, empty the trash, then report what is here.
 
         A published folder is trusted when its manifest exists and every file has the manifest's
-        size (``verify`` also re-hashes sha256). Anything else under ``models/`` is untrusted.
+        size (``verify`` also re-hashes sha256); with a manifest that does not match it is untrusted
+        (ours: fetched again or deleted); without any manifest it is foreign (never deleted). Links
+        found in ``models/``, ``staging/``, ``trash/`` and ``manifests/`` are listed, not followed.
         """
         layout = self.layout
+        links = [
+            f"{folder.relative_to(layout.root)}/{name}"
+            for folder in (layout.models, layout.staging, layout.trash, layout.manifests)
+            for name in _links(folder)
+        ]
         for pending in _subdirs(layout.staging):
             if STORAGE_KEY_RE.match(pending.name):
-                finish_publish(self.destination(pending.name))
+                try:
+                    finish_publish(self.destination(pending.name))
+                except (DownloadError, OSError) as e:
+                    # Left as it is: a link on the way, or someone's folder where it would land.
+                    log.warning("staging/%s: the interrupted publish is not finished: %s", pending.name, e)
         for leftover in _subdirs(layout.trash):
-            shutil.rmtree(leftover, ignore_errors=True)
+            remove_tree(leftover)
         published: dict[str, Published] = {}
         untrusted: list[str] = []
+        foreign: list[str] = []
         for folder in _subdirs(layout.models):
             key = folder.name
             if not STORAGE_KEY_RE.match(key):
                 continue  # not ours: never touched
+            dest = self.destination(key)
+            try:
+                dest.check_links()
+            except LinkRefused:
+                continue  # listed in links above
+            if not dest.manifest.is_file():
+                foreign.append(key)
+                continue
             manifest = self._trusted(key, verify=verify)
             if manifest is None:
                 untrusted.append(key)
             else:
                 published[key] = Published(key, manifest, manifest.total_bytes)
         staged = {d.name: _tree_bytes(d) for d in _subdirs(layout.staging) if STORAGE_KEY_RE.match(d.name)}
-        return Scan(published, staged, tuple(sorted(untrusted)), self.free_bytes())
+        return Scan(
+            published,
+            staged,
+            tuple(sorted(untrusted)),
+            self.free_bytes(),
+            foreign=tuple(sorted(foreign)),
+            links=tuple(sorted(links)),
+        )
 
     def _trusted(self, key: str, *, verify: bool) -> Manifest | None:
         dest = self.destination(key)
@@ -140,11 +199,22 @@ class CacheDir:
     def staged_keys(self) -> list[str]:
         return [d.name for d in _subdirs(self.layout.staging) if STORAGE_KEY_RE.match(d.name)]
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str) -> bool:
         """Remove a model (published and staged) by storage key, and the runtime's compile cache
-        kept beside it (``modelcache serve`` writes it there)."""
-        remove_published(self.destination(key))
-        shutil.rmtree(self.layout.hidden / "compile-cache" / key, ignore_errors=True)
+        kept beside it (``modelcache serve`` writes it there). False when ``models/<key>`` was kept
+        because no manifest of ours names it. Raises LinkRefused for a link on the way."""
+        removed = remove_published(self.destination(key))
+        compile_cache = self.layout.hidden / "compile-cache" / key
+        refuse_links(compile_cache, below=self.layout.root)
+        remove_tree(compile_cache)
+        return removed
+
+
+def _links(path: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_symlink())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _subdirs(path: Path) -> list[Path]:

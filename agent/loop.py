@@ -7,7 +7,10 @@ Downloads run as tasks, at most ``max_downloads`` at once; the status is written
 most every ``status_interval`` seconds and only when it changed.
 
 Safety: nothing is deleted until the node's LocalModelNode has been seen (no object is not "hold
-nothing"); deletes go through :class:`agent.disk.CacheDir`, which only builds paths from storage keys.
+nothing"); deletes go through :class:`agent.disk.CacheDir`, which only builds paths from storage keys,
+deletes only folders a manifest of ours names and follows no link. Every failure of a download ends in
+``ModelDownloadError`` with a reason, a log line, the failure metric and a retry with backoff: an
+exception nobody foresaw too (reason ``DownloadFailed``), so no model stays ``ModelDownloading``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,13 +33,20 @@ from agent.disk import CacheDir, Scan
 from agent.download.client import HttpClient
 from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
-from agent.download.pull import http_client, pull
+from agent.download.pull import http_client, os_download_error, pull
 from agent.download.sources import SourceSettings
-from agent.download.staging import write_atomic
+from agent.download.staging import LinkRefused, write_atomic
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
-from localmodel.errors import DiskFull, DownloadError, IntegrityError, ModelcacheError, SpecError
+from localmodel.errors import (
+    DiskFull,
+    DownloadError,
+    ForeignFolder,
+    IntegrityError,
+    ModelcacheError,
+    SpecError,
+)
 from localmodel.quantity import Quantity, readable
 from localmodel.resources import (
     Capacity,
@@ -162,7 +173,11 @@ class Agent:
         self.events = EventRecorder(state, node_name=settings.node_name)
         self.records: dict[str, Record] = {}
         self.published: dict[str, int] = {}  # key -> bytes, trusted
-        self.untrusted: set[str] = set()
+        self.untrusted: set[str] = set()  # folders our manifest names that do not match it
+        self.foreign: set[str] = set()  # models/<key> folders no manifest of ours names: never deleted
+        self.links: set[str] = set()  # links found in the cache folder: never followed
+        self.kept: dict[str, str] = {}  # key -> why its deletion was refused (reported, not retried)
+        self.state_file_error: str | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.removing: set[str] = set()  # keys cancelled because no longer wanted
         self.node: LocalModelNode | None = None
@@ -275,8 +290,18 @@ class Agent:
             rec.files_total = rec.files_done = len(pub.manifest.files)
             rec.revision = pub.manifest.revision
         self.untrusted = set(scan.untrusted)
+        self.foreign = set(scan.foreign)
+        self.links = set(scan.links)
         for key in scan.untrusted:
             log.warning("models/%s does not match its manifest: not served, fetched again if wanted", key)
+        for key in scan.foreign:
+            log.warning(
+                "models/%s has no manifest of modelcache: not served and never deleted; remove it by "
+                "hand if it is not needed",
+                key,
+            )
+        for path in scan.links:
+            log.warning("%s is a symbolic link: not followed, not deleted; remove it", path)
         self._update_disk_metrics()
 
     # -- inputs --------------------------------------------------------------------------------
@@ -349,6 +374,7 @@ class Agent:
             return
         d = self.desired
         wanted = {m.storage_key: m for m in d.models}
+        self._forget_what_was_cleared()
         if d.known:
             for key in list(self.tasks):
                 if key not in wanted:
@@ -382,7 +408,12 @@ class Agent:
                 rec.reason = rec.message = None  # room appeared
             rec.state = ModelState.PENDING  # until a download slot is free
             self.tasks[key] = asyncio.create_task(
-                self._download(model.model_name, key, model.source_model_uri)
+                self._download(
+                    model.model_name,
+                    key,
+                    model.source_model_uri,
+                    model.model_size.bytes if model.model_size else None,
+                )
             )
         for name in result.keep:
             rec = self._record(by_name[name].storage_key, by_name[name].source_model_uri)
@@ -396,6 +427,12 @@ class Agent:
         )
         self.metrics.limit_bytes.set(d.limit or 0)
 
+    def _forget_what_was_cleared(self) -> None:
+        """Links and foreign folders the user has removed since they were reported (a few lstat)."""
+        root = self.settings.cache_dir
+        self.links = {p for p in self.links if os.path.lexists(root / p)}
+        self.foreign = {k for k in self.foreign if os.path.lexists(self.cache.layout.models / k)}
+
     def _plan(self) -> Plan:
         wants = tuple(
             Want(
@@ -406,8 +443,8 @@ class Agent:
             )
             for m in self.desired.models
         )
-        staged = {k: self.cache.staged_bytes(k) for k in self.cache.staged_keys()}
-        for key in self.untrusted:
+        staged = {k: self.cache.staged_bytes(k) for k in self.cache.staged_keys() if k not in self.kept}
+        for key in self.untrusted - set(self.kept):
             staged.setdefault(key, 0)
         disk = Disk(published=dict(self.published), staged=staged, free=self.cache.free_bytes())
         return plan(wants, disk, limit=self.desired.limit, in_flight=frozenset(self.tasks))
@@ -420,7 +457,19 @@ class Agent:
 
     async def _delete(self, key: str) -> None:
         was_published = key in self.published
-        await asyncio.to_thread(self.cache.delete, key)
+        try:
+            removed = await asyncio.to_thread(self.cache.delete, key)
+        except (LinkRefused, OSError) as e:
+            # Not retried on every reconcile: reported until the agent restarts or the key is wanted.
+            self.kept[key] = f"models/{key} was not deleted: {e}"
+            log.warning("%s", self.kept[key])
+            self.published.pop(key, None)
+            self.untrusted.discard(key)
+            return
+        if not removed:
+            self.foreign.add(key)
+            log.warning("models/%s is no longer wanted but has no manifest of modelcache: kept", key)
+        self.kept.pop(key, None)
         self.published.pop(key, None)
         self.untrusted.discard(key)
         rec = self.records.pop(key, None)
@@ -433,11 +482,20 @@ class Agent:
 
     # -- one download ----------------------------------------------------------------------------
 
-    async def _download(self, name: str, key: str, uri_text: str) -> None:
+    async def _download(self, name: str, key: str, uri_text: str, declared: int | None) -> None:
         rec = self.records[key]
         try:
             async with self.slots:
-                await self._fetch(name, rec, uri_text)
+                await self._fetch(name, rec, uri_text, declared)
+        except Exception as e:
+            # The last resort: whatever went wrong (a bug included) ends as a failure that is shown,
+            # counted and retried, never as a task that vanished with the model "downloading".
+            log.error("%s: download failed unexpectedly: %s", name, _one_line(e))
+            log.debug("%s: the unexpected failure", name, exc_info=e)
+            with contextlib.suppress(Exception):
+                await self._failed(name, rec, DownloadError(f"{rec.uri}: {_one_line(e)}"))
+            if rec.state is not ModelState.ERROR:
+                rec.state, rec.reason, rec.message = ModelState.ERROR, "DownloadFailed", _one_line(e)
         except asyncio.CancelledError:
             if key in self.removing:
                 log.info("%s: no longer wanted; download cancelled", name)
@@ -450,7 +508,7 @@ class Agent:
         self.tasks.pop(key, None)
         self.wake.set()
 
-    async def _fetch(self, name: str, rec: Record, uri_text: str) -> None:
+    async def _fetch(self, name: str, rec: Record, uri_text: str, declared: int | None) -> None:
         uri = parse_uri(uri_text)
         rec.state = ModelState.DOWNLOADING
         rec.start_time, rec.completion_time = _now(), None
@@ -459,12 +517,13 @@ class Agent:
         await self.events.emit("DownloadStarted", f"{name}: fetching {rec.uri} into models/{rec.key}")
         started = time.monotonic()
         dest = self.cache.destination(rec.key)
-        if rec.key in self.untrusted:
-            # The folder no longer matches its manifest: without this the pull would find the
-            # manifest up to date with the source and fetch nothing.
-            await asyncio.to_thread(dest.manifest.unlink, missing_ok=True)
         self.metrics.in_flight.inc()
         try:
+            if rec.key in self.untrusted:
+                # The folder (ours: its manifest names it) no longer matches the manifest: without this
+                # the pull would find the manifest up to date with the source and fetch nothing.
+                await asyncio.to_thread(self.cache.delete, rec.key)
+                self.untrusted.discard(rec.key)
             result = await pull(
                 uri,
                 dest,
@@ -473,17 +532,24 @@ class Agent:
                 progress=_Progress(rec, self.metrics),
                 client=self.client,
                 admit=lambda listing: self._admit(name, rec, listing),
+                max_bytes=declared,
             )
         except _RefusedBySize as e:
             rec.state, rec.reason, rec.message = ModelState.ERROR, e.refused.reason, e.refused.message
             return
         except DownloadError as e:
+            if isinstance(e, ForeignFolder):
+                self.foreign.add(rec.key)
             await self._failed(name, rec, e)
+            return
+        except OSError as e:  # from the agent's own steps around the pull (the pull maps its own)
+            await self._failed(name, rec, os_download_error(e))
             return
         finally:
             self.metrics.in_flight.dec()
         self.published[rec.key] = result.bytes_total
         self.untrusted.discard(rec.key)
+        self.foreign.discard(rec.key)
         rec.state = ModelState.DOWNLOADED
         rec.bytes_done = rec.bytes_total = result.bytes_total
         rec.files_total = rec.files_done = result.files
@@ -519,11 +585,15 @@ class Agent:
         rec.retry_at = time.monotonic() + delay
         rec.retry_after = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.metrics.failures.labels(e.reason).inc()
+        log.warning("%s: download failed (%s): %s; retry in %.0f s", name, e.reason, _one_line(e), delay)
         if isinstance(e, IntegrityError):
             self.metrics.verification_failures.inc()
         if isinstance(e, DiskFull) and rec.key not in self.published:
             # A download that cannot complete must not keep the space it took from the others.
-            await asyncio.to_thread(self.cache.delete, rec.key)
+            try:
+                await asyncio.to_thread(self.cache.delete, rec.key)
+            except (LinkRefused, OSError) as gone:
+                log.warning("%s: its staging could not be removed: %s", name, _one_line(gone))
         await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {delay / 60:.0f} min)", warning=True)
 
     # -- status --------------------------------------------------------------------------------
@@ -563,7 +633,7 @@ class Agent:
             summary += f", {n} downloading"
         if n := counts.get(ModelState.ERROR.value):
             summary += f", {n} failed or refused"
-        conditions = []
+        conditions = [self._cache_condition()]
         problem = self.config_error or self.source_error()
         conditions.append(
             Condition(
@@ -582,12 +652,33 @@ class Agent:
             conditions=tuple(conditions),
         )
 
+    def _cache_condition(self) -> Condition:
+        """What the agent found in its cache folder and left alone: links, foreign folders, a state
+        file it could not write. True when there is nothing to say."""
+        parts = []
+        if self.links:
+            parts.append("symbolic links not followed: " + ", ".join(sorted(self.links)))
+        if self.foreign:
+            parts.append(
+                "folders without a manifest of modelcache, never deleted: "
+                + ", ".join(f"models/{k}" for k in sorted(self.foreign))
+            )
+        parts += [self.kept[k] for k in sorted(self.kept)]
+        if self.state_file_error:
+            parts.append(self.state_file_error)
+        return Condition(
+            type="CacheFolderClean",
+            status="False" if parts else "True",
+            reason="UnmanagedContent" if parts else "Clean",
+            message="; ".join(parts),
+        )
+
     async def _status_loop(self) -> None:
         while True:
             try:
                 await self.write_status()
-            except ModelcacheError as e:
-                log.warning("could not write the LocalModelNode status: %s", e)
+            except (ModelcacheError, OSError) as e:
+                log.warning("could not write the LocalModelNode status: %s", _one_line(e))
             await asyncio.sleep(self.settings.status_interval)
 
     def snapshot(self) -> JSON:
@@ -612,21 +703,39 @@ class Agent:
         status = snapshot["status"]
         if status == self.last_status:
             return
+        file_error = self.state_file_error
         self.status_write = asyncio.ensure_future(self._write_status(snapshot, status))
         self.status_write.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen below
         await asyncio.shield(self.status_write)
-        self.last_status = status
+        # A state file that failed (or recovered) just now changes the condition: written next time.
+        self.last_status = status if self.state_file_error == file_error else None
 
     async def _write_status(self, snapshot: JSON, status: JSON) -> None:
-        await asyncio.to_thread(
-            write_atomic,
-            self.cache.layout.state_file,
-            json.dumps({**snapshot, "updated": _now()}, indent=1).encode(),
-        )
+        # The state file failing (a full disk, a link planted in its place) must not keep the
+        # status from the cluster: logged once, shown in the CacheFolderClean condition.
+        try:
+            await asyncio.to_thread(
+                write_atomic,
+                self.cache.layout.state_file,
+                json.dumps({**snapshot, "updated": _now()}, indent=1).encode(),
+                below=self.cache.layout.root,
+            )
+            self.state_file_error = None
+        except (LinkRefused, OSError) as e:
+            error = f"the state file {self.cache.layout.state_file} was not written: {_one_line(e)}"
+            if error != self.state_file_error:
+                log.warning("%s", error)
+            self.state_file_error = error
         if self.node is not None:
             await update_status(
                 self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
             )
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: its type when it says nothing, control characters escaped."""
+    text = str(e) or type(e).__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:500]
 
 
 def _status_patch(current: JSON, status: JSON) -> JSON | None:

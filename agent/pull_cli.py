@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from agent.download.client import proxies_from_env
 from agent.download.engine import TransferSettings
-from agent.download.pull import pull
+from agent.download.pull import os_download_error, pull
 from agent.download.sources import SourceSettings
-from agent.download.staging import Destination
+from agent.download.staging import Destination, describe, refuse_links
 from localmodel.cliargs import UsageParser
-from localmodel.errors import InvalidInput, QuantityError
+from localmodel.errors import InvalidInput, ModelcacheError, QuantityError
+from localmodel.layout import CacheLayout
 from localmodel.quantity import Quantity
 from localmodel.uri import parse_uri
 
@@ -49,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "uri", metavar="URI", help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH"
     )
-    p.add_argument("dest", metavar="DEST", type=Path, help="the folder to create (published atomically)")
+    p.add_argument("dest", metavar="DEST", help="the folder to create (published atomically)")
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")
     p.add_argument("--concurrency", type=int, default=16, help="connections at once (default 16)")
     p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="cap, e.g. 200MB/s (default: none)")
@@ -61,7 +66,83 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-verify", action="store_true", help="skip checksums (sizes are still checked)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; only the summary line")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a DEST that modelcache did not publish (its files are lost)",
+    )
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for another writer of DEST (or the cache's agent) to finish (default 30)",
+    )
     return p
+
+
+class LockBusy(ModelcacheError):
+    """Another process writes the same destination (or the agent owns the cache folder)."""
+
+
+def check_dest(raw: str, *, home: Path) -> Path:
+    """DEST as given -> the absolute folder to publish, or InvalidInput for a folder that is never a
+    model's: empty, ``/``, the home folder, a cache folder itself or its ``models/``/``.modelcache``.
+    Pure but for looking at what is there."""
+    if not raw.strip():
+        raise InvalidInput("DEST: empty; name the folder to create, e.g. ./my-model")
+    dest = Path(os.path.normpath(Path(raw).absolute()))
+    real = dest.resolve()
+    if dest == Path("/") or real == Path("/"):
+        raise InvalidInput("DEST: / is the root folder; name a new or empty folder for the model")
+    if real == home.resolve():
+        raise InvalidInput(f"DEST: {dest} is your home folder; name a new or empty folder for the model")
+    for folder in (dest, dest.parent):
+        # A cache folder's marks (the agent's format file, the manifests); a pull's own hidden
+        # folder beside a DEST holds only pull/ and trash/, and a DEST may be named "models".
+        hidden = folder / ".modelcache"
+        is_cache = (hidden / "format").is_file() or (hidden / "manifests").is_dir()
+        if is_cache and (folder == dest or dest.name in ("models", ".modelcache")):
+            raise InvalidInput(
+                f"DEST: {dest} is part of a modelcache cache folder; pull into "
+                f"{folder / 'models'}/<storage key> or a new folder"
+            )
+    if ".modelcache" in dest.parts:
+        raise InvalidInput(f"DEST: {dest} is inside modelcache's hidden folder; name another folder")
+    return dest
+
+
+@contextlib.contextmanager
+def writer_lock(dest: Destination, *, wait: float) -> Iterator[None]:
+    """Hold the lock of DEST for the whole pull: the cache's ``.modelcache/lock`` (the agent's
+    flock) when DEST is a cache's model folder, else ``<hidden>/pull/<name>.lock``. Waits at most
+    ``wait`` seconds, then raises :class:`LockBusy` naming the holder's pid."""
+    placed = CacheLayout.of_model_dir(dest.final)
+    path = placed[0].lock_file if placed is not None else dest.staging.with_name(f"{dest.final.name}.lock")
+    refuse_links(path, below=dest.root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+                    who = f"process {holder[0]}" if holder and holder[0].isdigit() else "another process"
+                    raise LockBusy(
+                        f"{dest.final} is in use by {who}, another modelcache pull or the cache's agent "
+                        f"(lock {path}, still held after {wait:g} s); run again when it has finished, "
+                        "or raise --lock-wait"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} modelcache pull\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (unlinking a lock file races its next taker)
 
 
 class _Bar:
@@ -107,17 +188,23 @@ def main(argv: Sequence[str]) -> int:
         verify=not args.no_verify,
         proxies=proxies_from_env(),
     )
+    if args.lock_wait < 0:
+        raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
+    dest = Destination.for_folder(check_dest(args.dest, home=Path.home()), force=args.force)
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     try:
-        result = asyncio.run(
-            pull(
-                uri,
-                Destination.for_folder(args.dest),
-                sources=SourceSettings.from_env(),
-                transfer=settings,
-                progress=bar,
+        with writer_lock(dest, wait=args.lock_wait):
+            if not dest.replaceable():
+                raise InvalidInput(
+                    f"DEST: {dest.final} holds {describe(dest.final)} that modelcache did not publish; "
+                    "pass --force to replace it, or name a new or empty folder"
+                )
+            dest.check_links()
+            result = asyncio.run(
+                pull(uri, dest, sources=SourceSettings.from_env(), transfer=settings, progress=bar)
             )
-        )
+    except OSError as e:
+        raise os_download_error(e) from e
     finally:
         bar.close()
     rate = result.bytes_transferred / result.seconds / 1e6 if result.seconds > 0 else 0.0

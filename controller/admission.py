@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controller.plan import ADMITTED, MODEL_ANNOTATION, MODEL_LABEL_VALUE, model_label
+from controller.plan import ADMITTED, MODEL_ANNOTATION, MODEL_LABEL_VALUE, claim_name, model_label
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.placement import admit
 from localmodel.resources import (
@@ -85,9 +85,14 @@ class PodAsk:
 
 
 def pod_ask(pod: Mapping[str, Any]) -> PodAsk:
-    meta = pod.get("metadata") or {}
+    """What the pod asks (nothing for a pod whose metadata is not well formed: ``place_pod``
+    refuses those by field)."""
+    meta = pod.get("metadata") if isinstance(pod, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
     annotations = meta.get("annotations") or {}
     labels = meta.get("labels") or {}
+    if not isinstance(annotations, Mapping) or not isinstance(labels, Mapping):
+        return PodAsk(None, None)
     if str(annotations.get(DISABLE_ANNOTATION, "")).lower() == "true":
         return PodAsk(None, None)
     group = annotations.get(NODEGROUP_ANNOTATION)
@@ -107,7 +112,17 @@ def place_pod(
 ) -> Verdict:
     """The verdict on a pod at create. ``cache`` and ``group`` are the objects the pod's ask names
     (None: not found; the group is the cache's first when the pod names none); ``ready_nodes`` are
-    nodes whose labels mark the cache's model ready (others are ignored)."""
+    nodes whose labels mark the cache's model ready (others are ignored). A pod whose metadata,
+    labels, annotations or spec are not objects is refused naming the field."""
+    if (shape := shape_error(pod)) is not None:
+        return shape
+    for part in ("affinity", "volumes", "containers", "initContainers"):
+        value = (pod.get("spec") or {}).get(part)
+        kind = Mapping if part == "affinity" else list
+        if value is not None and not isinstance(value, kind):
+            return Verdict.refuse(
+                f"spec.{part}: expected {'an object' if kind is Mapping else 'a list'}", code=400
+            )
     ask = pod_ask(pod)
     if not ask.any:
         return Verdict(True)
@@ -157,7 +172,46 @@ def place_pod(
         requirement = {"key": label, "operator": "In", "values": [MODEL_LABEL_VALUE]}
         terms = [_and_term(t, {"matchExpressions": [requirement]}) for t in terms]
     affinity = _with_required(pod, terms)
-    return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity},))
+    mounts = serving_mounts(pod, cache) if cache is not None else []
+    return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
+
+
+def serving_mounts(pod: Mapping[str, Any], cache: LocalModelCache) -> list[dict[str, Any]]:
+    """JSON Patch operations that make the pod's mounts of the cache's serving claims
+    (``<cache>-<group>``, any group it lists) fit the serving volume, which is the model's folder
+    itself: a ``subPath`` of ``models/<key>[/<rest>]`` (what KServe's pod mutator writes,
+    pkg/webhook/admission/pod/storage_initializer_injector.go:744-746 at v0.20) becomes ``<rest>``
+    (none for the folder itself), and every such mount and claim volume is read-only. Idempotent:
+    a mount already rewritten yields no operation, so a reinvocation changes nothing."""
+    claims = {claim_name(cache.name, g) for g in cache.spec.node_groups}
+    prefix = f"models/{cache.spec.storage_key}"
+    spec = pod.get("spec") or {}
+    ours: set[str] = set()
+    ops: list[dict[str, Any]] = []
+    for j, volume in enumerate(spec.get("volumes") or []):
+        source = volume.get("persistentVolumeClaim") if isinstance(volume, Mapping) else None
+        if isinstance(source, Mapping) and source.get("claimName") in claims:
+            ours.add(str(volume.get("name")))
+            if source.get("readOnly") is not True:
+                ops.append(
+                    {"op": "add", "path": f"/spec/volumes/{j}/persistentVolumeClaim/readOnly", "value": True}
+                )
+    for part in ("initContainers", "containers"):
+        for i, container in enumerate(spec.get(part) or []):
+            if not isinstance(container, Mapping):
+                continue
+            for k, mount in enumerate(container.get("volumeMounts") or []):
+                if not isinstance(mount, Mapping) or mount.get("name") not in ours:
+                    continue
+                at = f"/spec/{part}/{i}/volumeMounts/{k}"
+                sub = str(mount.get("subPath") or "").strip("/")
+                if sub == prefix:
+                    ops.append({"op": "remove", "path": f"{at}/subPath"})
+                elif sub.startswith(prefix + "/"):
+                    ops.append({"op": "add", "path": f"{at}/subPath", "value": sub[len(prefix) + 1 :]})
+                if mount.get("readOnly") is not True:
+                    ops.append({"op": "add", "path": f"{at}/readOnly", "value": True})
+    return ops
 
 
 def group_terms(group: LocalModelNodeGroup) -> list[dict[str, Any]]:
@@ -168,9 +222,12 @@ def group_terms(group: LocalModelNodeGroup) -> list[dict[str, Any]]:
 
 
 def _and_term(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Both terms' requirements (a requirement already in ``a`` is not repeated: a reinvoked
+    webhook leaves the pod as it was)."""
     out: dict[str, Any] = {}
     for part in ("matchExpressions", "matchFields"):
-        items = [*(a.get(part) or []), *(b.get(part) or [])]
+        items = list(a.get(part) or [])
+        items += [x for x in b.get(part) or [] if x not in items]
         if items:
             out[part] = items
     return out
@@ -183,7 +240,10 @@ def _with_required(pod: Mapping[str, Any], terms: Sequence[Mapping[str, Any]]) -
     node_affinity = affinity.setdefault("nodeAffinity", {})
     required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
     own = [t for t in required.get("nodeSelectorTerms") or [] if isinstance(t, Mapping)]
-    merged = [_and_term(o, t) for o in own for t in terms] if own else [dict(t) for t in terms]
+    merged: list[dict[str, Any]] = []
+    for term in [_and_term(o, t) for o in own for t in terms] if own else [dict(t) for t in terms]:
+        if term not in merged:
+            merged.append(term)
     node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {"nodeSelectorTerms": merged}
     return affinity
 
@@ -201,17 +261,28 @@ def validate_cache(
 ) -> Verdict:
     if operation not in ("CREATE", "UPDATE") or obj is None:
         return Verdict(True)
-    meta = obj.get("metadata") or {}
-    if meta.get("deletionTimestamp"):
+    if (shape := shape_error(obj)) is not None:
+        return shape
+    if obj["metadata"].get("deletionTimestamp"):
         return Verdict(True)
-    if operation == "UPDATE" and old is not None and old.get("spec") == obj.get("spec"):
+    if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
         return Verdict(True)  # finalizers, labels, status: not ours to judge
-    spec = obj.get("spec") or {}
+    spec = obj.get("spec")
     try:
-        parse_uri(spec.get("sourceModelUri"), field="spec.sourceModelUri")
+        if not isinstance(spec, Mapping):
+            raise SpecError(f"expected an object, got {type(spec).__name__}", field="spec")
+        uri = parse_uri(spec.get("sourceModelUri"), field="spec.sourceModelUri")
         cache = LocalModelCache.from_json(obj)
     except (InvalidInput, SpecError) as e:
         return Verdict.refuse(str(e), code=422)
+    if uri.scheme == "file":
+        # In a cluster a file source would copy whatever folder of the node the agent can read into
+        # a served model; standalone mode (the user's own machine) keeps them.
+        return Verdict.refuse(
+            "spec.sourceModelUri: file:// sources and paths on the node are not allowed in a cluster; "
+            "use hf://, s3:// or http(s)://",
+            code=422,
+        )
     by_name = {g.name: g for g in groups}
     before: tuple[str, ...] = ()
     if operation == "UPDATE" and old is not None:
@@ -239,3 +310,53 @@ def validate_cache(
             "no listed node group can admit it: " + "; ".join(r.message for r in refusals), code=403
         )
     return Verdict(True, warnings=tuple(r.message for r in refusals))
+
+
+# -- LocalModelNodeGroups --------------------------------------------------------------------------
+
+
+def validate_group(operation: str, obj: object, old: object) -> Verdict:
+    """Refused at create or spec update: whatever :class:`LocalModelNodeGroupSpec` refuses, above
+    all a volume source other than one ``hostPath`` or ``local`` folder, and a path that is ``/``, a
+    system folder or under one (the same rules as the CRD's CEL rules, for clusters whose API server
+    predates them or that installed KServe's CRDs)."""
+    if operation not in ("CREATE", "UPDATE"):
+        return Verdict(True)
+    if (shape := shape_error(obj)) is not None:
+        return shape
+    assert isinstance(obj, Mapping)
+    if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
+        return Verdict(True)  # status, labels, finalizers
+    try:
+        LocalModelNodeGroup.from_json(obj)
+    except SpecError as e:
+        return Verdict.refuse(str(e), code=422)
+    return Verdict(True)
+
+
+# -- any object ------------------------------------------------------------------------------------
+
+
+def shape_error(obj: object) -> Verdict | None:
+    """A refusal naming the field when the object, its metadata, labels or annotations are not the
+    JSON objects (and string values) every Kubernetes object has; None when they are."""
+    if not isinstance(obj, Mapping):
+        return Verdict.refuse(f"request.object: expected an object, got {type(obj).__name__}", code=400)
+    meta = obj.get("metadata")
+    if meta is None or not isinstance(meta, Mapping):
+        return Verdict.refuse(f"metadata: expected an object, got {type(meta).__name__}", code=400)
+    for part in ("labels", "annotations"):
+        value = meta.get(part)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            return Verdict.refuse(
+                f"metadata.{part}: expected an object, got {type(value).__name__}", code=400
+            )
+        bad = [k for k, v in value.items() if not isinstance(v, str)]
+        if bad:
+            return Verdict.refuse(f"metadata.{part}.{bad[0]}: expected a string", code=400)
+    spec = obj.get("spec")
+    if spec is not None and not isinstance(spec, Mapping):
+        return Verdict.refuse(f"spec: expected an object, got {type(spec).__name__}", code=400)
+    return None

@@ -103,12 +103,21 @@ class ControllerMetrics:
         self._copies = dict(copies)
 
 
-class MetricsServer:
-    """Serves ``GET /metrics`` (the Prometheus text format) over plain HTTP."""
+# Seconds a connection may take to send a request's whole headers, from its opening or its previous
+# answer (also the idle keep-alive limit): a scrape sends them at once, a slow client holds nothing.
+HEADER_TIMEOUT = 10.0
 
-    def __init__(self, registry: CollectorRegistry, addr: str) -> None:
+
+class MetricsServer:
+    """Serves ``GET /metrics`` (the Prometheus text format) over plain HTTP; a connection that has not
+    sent whole headers within ``header_timeout`` seconds is closed (aiohttp's default is an hour)."""
+
+    def __init__(
+        self, registry: CollectorRegistry, addr: str, *, header_timeout: float = HEADER_TIMEOUT
+    ) -> None:
         self.registry = registry
         self.host, self.port = parse_addr(addr, flag="--metrics-addr")
+        self.header_timeout = header_timeout
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -117,12 +126,12 @@ class MetricsServer:
             resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return resp
 
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024)  # a GET has no body to speak of
         app.add_routes([web.get("/metrics", metrics)])
         return app
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app(), access_log=None)
+        runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=self.header_timeout)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:

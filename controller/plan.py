@@ -21,10 +21,11 @@ Rules the plan keeps:
   reconcile does not repeat them.
 - Serving (KServe's names): for each namespace that serves a cache from a group that admits it, a
   PersistentVolumeClaim ``<cache>-<group>`` in that namespace bound to a PersistentVolume
-  ``<cache>-<group>-<namespace>`` (the group's PV spec, reclaim policy Retain). A namespace serves a
-  cache when a pod there names it (KServe's localmodel label, our annotation) or mounts that claim,
-  when the cache's ``SERVING_NAMESPACES_ANNOTATION`` lists it, or once its claim exists; both go when
-  the cache, the group, or the cache's use of the group goes.
+  ``<cache>-<group>-<namespace>`` built from a fixed template: that model's folder only
+  (``<cache>/models/<key>``), ReadOnlyMany, reclaim policy Retain; no volume source is copied. A
+  namespace serves a cache when a pod there names it (KServe's localmodel label, our annotation) or
+  mounts that claim, when the cache's ``SERVING_NAMESPACES_ANNOTATION`` lists it, or once its claim
+  exists; both go when the cache, the group, or the cache's use of the group goes.
 - Node labels: ``MODEL_LABEL_PREFIX + <storage key>`` = ``ready`` on each node whose LocalModelNode
   lists the model and reports it ModelDownloaded; removed otherwise. The scheduler reads it through
   the node affinity the pod webhook adds.
@@ -796,6 +797,9 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
             return
         if group is None:
             group = cache.spec.node_groups[0]
+        folder = snapshot.groups.get(group)
+        if folder is None or folder.spec.cache_path is None:
+            return  # no folder on the node to serve from
         if group in cache.spec.node_groups and cache_name in admitted.get(group, ()):
             wanted[(cache_name, group, namespace)] = None
 
@@ -827,7 +831,9 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     for c, g, ns in sorted(wanted):
         pv = snapshot.volumes.get(volume_name(c, g, ns))
         pvc = snapshot.claims.get((ns, claim_name(c, g)))
-        if any(ref is not None and ref.digest not in (None, digests[g]) for ref in (pv, pvc)):
+        # A pair without a digest predates the fixed template (the group's whole folder, as KServe
+        # makes it): made again too.
+        if any(ref is not None and ref.digest != digests[g] for ref in (pv, pvc)):
             if pvc is not None and not pvc.deleting:
                 out.append(VolumeWrite("PersistentVolumeClaim", "delete", claim_name(c, g), ns))
             if pv is not None and not pv.deleting:
@@ -878,46 +884,87 @@ def _volume_meta(
     return meta
 
 
+# The serving PV's template: bump when it changes, so pairs made from an older one are made again.
+VOLUME_TEMPLATE = "2"
+
+
+def model_folder(root: str, key: str) -> str:
+    """The model's folder on the node: ``<cache>/models/<key>`` (the agent's published layout)."""
+    return f"{root.rstrip('/')}/models/{key}"
+
+
 def volume_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str) -> dict[str, Any]:
-    """The PV: the group's persistentVolumeSpec as KServe uses it (its path is the group's cache
-    folder, which KServe's serving path reads as ``models/...`` under the claim), pre-bound to the
-    claim, never recycled (the agent owns the folder)."""
-    spec = copy.deepcopy(dict(group.spec.persistent_volume_spec))
-    pvc = group.spec.persistent_volume_claim_spec
-    spec.setdefault("capacity", {"storage": group.spec.storage_limit.to_json()})
-    spec.setdefault("accessModes", list(pvc.get("accessModes") or ["ReadOnlyMany"]))
-    spec.setdefault("storageClassName", pvc.get("storageClassName") or "")
-    spec["persistentVolumeReclaimPolicy"] = "Retain"
-    spec["claimRef"] = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "namespace": namespace,
-        "name": claim_name(cache.name, group.name),
+    """The serving PV ``<cache>-<group>-<namespace>``, from a fixed template: nothing of the group's
+    ``persistentVolumeSpec`` is copied but the kind of folder (``hostPath`` or ``local``, checked by
+    :class:`LocalModelNodeGroupSpec`), its path, which the volume narrows to this one model's folder
+    ``<path>/models/<key>`` (``type: Directory``: never created by the kubelet), and the node
+    affinity that places pods on the group's nodes. ``ReadOnlyMany``, reclaim policy Retain (the agent
+    owns the folder), pre-bound to its claim.
+
+    KServe's pod mutator mounts the claim with ``subPath: models/<key>[/<path>]``
+    (pkg/webhook/admission/pod/storage_initializer_injector.go:744-746 and :551 at KServe v0.20),
+    which under this volume's root would name ``<path>/models/<key>/models/<key>``: the pod webhook
+    rewrites such a mount to the volume's root (:func:`controller.admission.serving_mounts`).
+
+    Raises ValueError for a group without a folder (the plan never asks for one).
+    """
+    source, root = group.spec.volume_source, group.spec.cache_path
+    if source is None or root is None:
+        raise ValueError(f"node group {group.name!r} names no hostPath or local folder")
+    path = model_folder(root, cache.spec.storage_key)
+    spec: dict[str, Any] = {
+        "capacity": {"storage": group.spec.storage_limit.to_json()},
+        "accessModes": ["ReadOnlyMany"],
+        "volumeMode": "Filesystem",
+        "storageClassName": _storage_class(group),
+        "persistentVolumeReclaimPolicy": "Retain",
+        source: {"path": path, "type": "Directory"} if source == "hostPath" else {"path": path},
+        "claimRef": {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "namespace": namespace,
+            "name": claim_name(cache.name, group.name),
+        },
     }
+    required = (group.spec.persistent_volume_spec.get("nodeAffinity") or {}).get("required")
+    if required is not None:
+        spec["nodeAffinity"] = {"required": copy.deepcopy(required)}
     meta = _volume_meta(cache, group, namespace, volume_name(cache.name, group.name, namespace))
     return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": meta, "spec": spec}
 
 
 def claim_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str) -> dict[str, Any]:
-    """The PVC ``<cache>-<group>``: the group's persistentVolumeClaimSpec, bound to its PV by name."""
-    pv = volume_body(cache, group, namespace)["spec"]
-    spec = copy.deepcopy(dict(group.spec.persistent_volume_claim_spec))
-    spec.setdefault("accessModes", list(pv["accessModes"]))
-    spec.setdefault("resources", {"requests": {"storage": pv["capacity"].get("storage")}})
-    spec["storageClassName"] = pv["storageClassName"]  # must equal the PV's for them to bind
-    spec["volumeName"] = volume_name(cache.name, group.name, namespace)
+    """The PVC ``<cache>-<group>``, from a fixed template bound to its PV by name: ``ReadOnlyMany``,
+    the PV's storage class and capacity (nothing else of the group's persistentVolumeClaimSpec: a
+    ``dataSource`` or a ``selector`` there would ask for something the controller did not build)."""
+    spec = {
+        "accessModes": ["ReadOnlyMany"],
+        "volumeMode": "Filesystem",
+        "storageClassName": _storage_class(group),  # must equal the PV's for them to bind
+        "resources": {"requests": {"storage": group.spec.storage_limit.to_json()}},
+        "volumeName": volume_name(cache.name, group.name, namespace),
+    }
     meta = _volume_meta(cache, group, namespace, claim_name(cache.name, group.name))
     meta["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
+def _storage_class(group: LocalModelNodeGroup) -> str:
+    pvc, pv = group.spec.persistent_volume_claim_spec, group.spec.persistent_volume_spec
+    name = pvc.get("storageClassName") or pv.get("storageClassName") or ""
+    return name if isinstance(name, str) else ""
+
+
 def _volume_digest(group: LocalModelNodeGroup) -> str:
     """What a serving PV and PVC are made from on the group's side (the cache's name and the
-    namespace are in their names): a change here means they must be made again."""
+    namespace are in their names), with the template's version: a change means they are made again."""
     spec = group.spec
     made_from = [
-        dict(spec.persistent_volume_spec),
-        dict(spec.persistent_volume_claim_spec),
+        VOLUME_TEMPLATE,
+        spec.volume_source,
+        spec.cache_path,
+        (spec.persistent_volume_spec.get("nodeAffinity") or {}).get("required"),
+        _storage_class(group),
         spec.storage_limit.to_json(),
     ]
     return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]

@@ -7,22 +7,41 @@ model (one list by label selector); for a cache, the caches and groups. Certific
 folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
 reloaded when they change, so a renewed certificate needs no restart.
 
-Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches``, ``GET /healthz``.
+Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches``,
+``POST /validate/localmodelnodegroups``, ``GET /healthz``.
+
+Bounds (with ``failurePolicy: Fail`` a few slow clients must not hold the endpoint): a connection
+must send a request's headers within ``Limits.header_timeout`` of opening or of its previous response (the
+same timer closes an idle keep-alive connection), the body within ``Limits.body_timeout``, at most
+``Limits.max_body`` bytes of it, and serves at most ``Limits.max_requests`` requests. A body that is
+not JSON, or nested too deep to parse, is a 400; an object of the wrong shape is an AdmissionReview
+answer ``allowed: false`` naming the field, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import web
 
-from controller.admission import Verdict, place_pod, pod_ask, review_response, validate_cache
+from controller.admission import (
+    Verdict,
+    place_pod,
+    pod_ask,
+    review_response,
+    shape_error,
+    validate_cache,
+    validate_group,
+)
 from controller.plan import MODEL_LABEL_VALUE, model_label
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
@@ -42,7 +61,23 @@ MUTATE_PODS = "/mutate/pods"
 VALIDATE_CACHES = "/validate/localmodelcaches"
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
+VALIDATE_GROUPS = "/validate/localmodelnodegroups"
 MAX_BODY = 8 * 1024 * 1024  # a pod with large inline env or a big cache spec still fits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may take. The API server's own call gives up after the webhook's
+    timeoutSeconds (5 s in webhook.yaml), so a request slower than the timeouts is not its.
+
+    header_timeout: seconds from a connection's opening, or its previous response, to a request's
+    whole headers (also the idle keep-alive limit); body_timeout: seconds to read the body;
+    max_body: bytes (413 above); max_requests: per connection, then it is closed."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    max_body: int = MAX_BODY
+    max_requests: int = 1000
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -74,7 +109,10 @@ class Webhook:
     async def review_pod(self, request: JSON) -> Verdict:
         if request.get("operation") != "CREATE":
             return Verdict(True)
-        pod = request.get("object") or {}
+        pod = request.get("object")
+        if (shape := shape_error(pod)) is not None:
+            return shape
+        assert isinstance(pod, dict)
         ask = pod_ask(pod)
         if not ask.any:
             return Verdict(True)
@@ -104,6 +142,11 @@ class Webhook:
             groups=[g for g in groups if g is not None],
         )
 
+    async def review_group(self, request: JSON) -> Verdict:
+        return validate_group(
+            str(request.get("operation") or ""), request.get("object"), request.get("oldObject")
+        )
+
     async def _get_cache(self, name: str) -> LocalModelCache | None:
         try:
             return _typed(LocalModelCache, await self.state.get(LOCAL_MODEL_CACHE, name))
@@ -118,19 +161,37 @@ class Webhook:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
-        app.router.add_post(MUTATE_PODS, self._handler(self.review_pod, "pod"))
-        app.router.add_post(VALIDATE_CACHES, self._handler(self.review_cache, "LocalModelCache"))
+    def app(self, limits: Limits = Limits()) -> web.Application:
+        app = web.Application(client_max_size=limits.max_body)
+        app.router.add_post(MUTATE_PODS, self._handler(self.review_pod, "pod", limits))
+        app.router.add_post(VALIDATE_CACHES, self._handler(self.review_cache, "LocalModelCache", limits))
+        app.router.add_post(VALIDATE_GROUPS, self._handler(self.review_group, "LocalModelNodeGroup", limits))
         app.router.add_get("/healthz", _healthz)
         return app
 
     def _handler(
-        self, review: Callable[[JSON], Awaitable[Verdict]], what: str
+        self, review: Callable[[JSON], Awaitable[Verdict]], what: str, limits: Limits
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
+            response = await answer(request)
+            if _served(request) >= limits.max_requests:
+                response.force_close()
+            return response
+
+        async def answer(request: web.Request) -> web.Response:
             try:
-                body = await request.json()
+                async with asyncio.timeout(limits.body_timeout):
+                    raw = await request.read()
+            except TimeoutError:
+                response = web.json_response(
+                    {"error": f"the body did not arrive in {limits.body_timeout:g} s"}, status=408
+                )
+                response.force_close()
+                return response
+            try:
+                body = json.loads(raw)
+            except RecursionError:
+                return web.json_response({"error": "the JSON is nested too deep"}, status=400)
             except ValueError:
                 return web.json_response({"error": "expected an AdmissionReview (JSON)"}, status=400)
             req = body.get("request") if isinstance(body, dict) else None
@@ -144,6 +205,12 @@ class Webhook:
                 # Refused rather than let through unchecked: the pod's owner retries.
                 log.warning("cannot review %s %s: %s", what, _name(req), e)
                 verdict = Verdict.refuse(f"modelcache cannot check this {what} now: {e}", code=503)
+            except RecursionError:
+                verdict = Verdict.refuse("request.object: nested too deep", code=400)
+            except (TypeError, AttributeError, KeyError, ValueError) as e:
+                # A field of a shape no API server sends; the checks above name the common ones.
+                log.warning("malformed %s %s: %s: %s", what, _name(req), type(e).__name__, e)
+                verdict = Verdict.refuse(f"request.object: a field has the wrong type ({e})", code=400)
             if not verdict.allowed:
                 log.info("refused %s %s: %s", what, _name(req), verdict.message)
             return web.json_response(review_response(req["uid"], verdict))
@@ -166,19 +233,41 @@ def _typed(cls: type[_T], obj: JSON) -> _T | None:
         return None
 
 
+_SERVED: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+
+
+def _served(request: web.Request) -> int:
+    """Requests served on this request's connection, this one included."""
+    transport = request.transport
+    if transport is None:
+        return 0
+    _SERVED[transport] = _SERVED.get(transport, 0) + 1
+    return _SERVED[transport]
+
+
 def _name(req: JSON) -> str:
     obj = req.get("object") or req.get("oldObject") or {}
-    meta = obj.get("metadata") or {}
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
     name = req.get("name") or meta.get("name") or meta.get("generateName") or "?"
     ns = req.get("namespace")
-    return f"{ns}/{name}" if ns else str(name)
+    return f"{ns}/{name}"[:300] if ns else str(name)[:300]
 
 
 class WebhookServer:
     """The HTTPS server: ``start`` listens, ``stop`` closes; certificates reload while it runs."""
 
-    def __init__(self, state: ClusterState, addr: str, cert_dir: Path, *, reload_every: float = 30.0) -> None:
+    def __init__(
+        self,
+        state: ClusterState,
+        addr: str,
+        cert_dir: Path,
+        *,
+        reload_every: float = 30.0,
+        limits: Limits = Limits(),
+    ) -> None:
         self.host, self.port = parse_addr(addr)
+        self.limits = limits
         self.cert_dir = cert_dir
         self.context = ssl_context(cert_dir)
         self.webhook = Webhook(state)
@@ -188,7 +277,11 @@ class WebhookServer:
         self._stamp = self._cert_stamp()
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.webhook.app(), access_log=None)
+        # keepalive_timeout is aiohttp's one timer on a connection waiting for a request: armed when
+        # it opens and after each response, it closes one that has not sent whole headers by then.
+        self._runner = web.AppRunner(
+            self.webhook.app(self.limits), access_log=None, keepalive_timeout=self.limits.header_timeout
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context)
         await site.start()

@@ -19,7 +19,8 @@
         ├── UnsafePath               a remote name that would land outside the model's folder
         ├── DiskFull                 no space left (ENOSPC) or over the node's quota
         ├── PermissionDenied         the cache's filesystem refused a write (EACCES, EPERM, EROFS)
-        └── SourceNotAllowed         a source this process may not read (file:// outside the allowed prefixes)
+        ├── SourceNotAllowed         a source this process may not read (file:// outside the allowed prefixes)
+        └── ForeignFolder            the destination holds files modelcache did not publish: never replaced
 
 Third-party exceptions are mapped into this tree in one place per boundary (``from e``), so callers
 never catch an httpx or botocore error directly.
@@ -137,3 +138,9 @@ class PermissionDenied(DownloadError):
 
 class SourceNotAllowed(DownloadError):
     reason = "SourceNotAllowed"
+
+
+class ForeignFolder(DownloadError):
+    """The destination exists and was not published by modelcache (no manifest of ours names it)."""
+
+    reason = "ForeignFolder"

@@ -426,6 +426,75 @@ class LocalModelCache:
 # -- LocalModelNodeGroup ------------------------------------------------------------------------
 
 
+# -- what a node group may point at ----------------------------------------------------------------
+
+# The two volume sources a node group's persistentVolumeSpec may name: a folder on the node.
+CACHE_VOLUME_SOURCES = ("hostPath", "local")
+# The other fields of a core/v1 PersistentVolumeSpec (Kubernetes API reference, PersistentVolumeSpec):
+# anything else is another volume source (nfs, csi, iscsi, ...) or a typo, and is refused.
+PV_SPEC_FIELDS = frozenset(
+    {
+        "accessModes",
+        "capacity",
+        "claimRef",
+        "mountOptions",
+        "nodeAffinity",
+        "persistentVolumeReclaimPolicy",
+        "storageClassName",
+        "volumeAttributesClassName",
+        "volumeMode",
+    }
+)
+# Folders of the node's system a cache folder may not be, nor be under: the node's configuration,
+# kernel interfaces, binaries and libraries, runtime sockets, root's home, and the kubelet's and the
+# container runtimes' state (hostPath on them is a node takeover). /lib* also covers lib32, lib64,
+# libx32. The CRD's CEL rule (manifests/crds/localmodelnodegroups.yaml) carries the same list; a test
+# keeps them equal.
+SYSTEM_FOLDERS = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/lib/containerd",
+    "/var/lib/docker",
+    "/var/lib/etcd",
+    "/var/lib/kubelet",
+    "/var/run",
+)
+# Ancestors of system folders: a cache there would sit beside the node's own state.
+SYSTEM_PARENTS = ("/", "/var", "/var/lib")
+
+
+def cache_path_error(path: object) -> str | None:
+    """Why ``path`` cannot be a node's cache folder, or None when it can.
+
+    Rules: a string, absolute, normalised (no empty, ``.`` or ``..`` segment, no trailing ``/``), at
+    most 4096 bytes (PATH_MAX), not ``/``, ``/var`` or ``/var/lib``, not a system folder
+    (:data:`SYSTEM_FOLDERS`, ``/lib*``) nor anything under one.
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        return f"expected an absolute path, got {path!r}"
+    if len(path.encode()) > 4096:
+        return "is longer than 4096 bytes"
+    if path in SYSTEM_PARENTS:
+        return f"{path!r} is a system folder: give a folder of its own, e.g. /var/lib/modelcache"
+    segments = path[1:].split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        return f"{path!r} is not a normalised path (no '//', '.', '..' or trailing '/')"
+    top = "/" + segments[0]
+    if top.startswith("/lib") or any(path == f or path.startswith(f + "/") for f in SYSTEM_FOLDERS):
+        return (
+            f"{path!r} is (or is under) a system folder: give a folder of its own, e.g. /var/lib/modelcache"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class LocalModelNodeGroupSpec:
     storage_limit: Quantity
@@ -436,14 +505,22 @@ class LocalModelNodeGroupSpec:
     @property
     def cache_path(self) -> str | None:
         """The folder on the node: the PV's hostPath or local path (one source of truth)."""
-        for source in ("hostPath", "local"):
+        source = self.volume_source
+        return None if source is None else str(self.persistent_volume_spec[source]["path"])
+
+    @property
+    def volume_source(self) -> str | None:
+        """``hostPath`` or ``local``: the one volume source the group names (None: none)."""
+        for source in CACHE_VOLUME_SOURCES:
             path = (self.persistent_volume_spec.get(source) or {}).get("path")
             if isinstance(path, str) and path:
-                return path
+                return source
         return None
 
     @classmethod
     def from_json(cls, data: Any) -> LocalModelNodeGroupSpec:
+        """Refused (SpecError naming the field): a volume source other than ``hostPath``/``local``
+        or both at once, a path that :func:`cache_path_error` refuses, and the usual shape errors."""
         spec = _obj(data, "spec")
         if not spec:
             raise SpecError("is required", field="spec")
@@ -464,13 +541,19 @@ class LocalModelNodeGroupSpec:
                 selector = NodeSelector.from_json(affinity["required"])
             except SpecError as e:
                 raise e.nested("spec.persistentVolumeSpec.nodeAffinity.required") from None
-        for source in ("hostPath", "local"):
+        others = sorted(k for k in pv if k not in PV_SPEC_FIELDS and k not in CACHE_VOLUME_SOURCES)
+        if others:
+            raise SpecError(
+                f"{', '.join(others)}: only a hostPath or local folder on the node can hold a cache",
+                field=f"spec.persistentVolumeSpec.{others[0]}",
+            )
+        named = [s for s in CACHE_VOLUME_SOURCES if pv.get(s) is not None]
+        if len(named) > 1:
+            raise SpecError("give hostPath or local, not both", field="spec.persistentVolumeSpec")
+        for source in named:
             path = _obj(pv.get(source), f"spec.persistentVolumeSpec.{source}").get("path")
-            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
-                raise SpecError(
-                    f"expected an absolute path, got {path!r}",
-                    field=f"spec.persistentVolumeSpec.{source}.path",
-                )
+            if path is not None and (why := cache_path_error(path)) is not None:
+                raise SpecError(why, field=f"spec.persistentVolumeSpec.{source}.path")
         return cls(limit, pv, pvc, selector)
 
     def to_json(self) -> JSON:

@@ -30,7 +30,7 @@ from runtime import args as vargs
 from runtime import kserve
 from runtime.classify import TASK, EngineChoice, OutputOptions, choose_engine, encoder_task, kserve_task
 from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, config_dtype, make_plan, plan_dtype
-from runtime.preflight import PreflightReport, preflight
+from runtime.preflight import PreflightReport, manifest_path, preflight
 from runtime.ray import (
     Runner,
     head_address,
@@ -448,6 +448,13 @@ def build(
         )
     model_dir, notes = resolve_model(ns, parsed.flags, env)
 
+    if ns.verify and ns.model_uri and not ns.manifest and manifest_path(model_dir) is None:
+        # In --cache-dir mode a folder without the agent's manifest was not published by it (or its
+        # manifest was removed): nothing to verify against, so it is not served as verified.
+        raise InvalidInput(
+            f"--verify: {model_dir} has no manifest in {ns.cache_dir}/.modelcache/manifests, so it is "
+            f"not a verified publish; see `modelcache status --cache-dir {ns.cache_dir}`"
+        )
     report = preflight(
         model_dir,
         verify=ns.verify,

@@ -48,6 +48,8 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
         assert "secrets" not in rule["resources"]
         if writes & set(rule["verbs"]):
             own = all(r.startswith("localmodel") for r in rule["resources"])
+            if rule["resources"] == ["localmodelnodegroups"]:
+                raise AssertionError(f"the controller never writes a group's spec: {rule}")
             if rule["resources"] == ["nodes"]:
                 assert rule["verbs"] == ["patch"], rule  # its model labels, nothing else
             elif rule["resources"] in (["persistentvolumes"], ["persistentvolumeclaims"]):
@@ -70,8 +72,8 @@ def test_webhooks_are_wired_to_the_service_and_certificate(rendered: list[dict[s
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    (port,) = container["ports"]
-    assert service["spec"]["ports"][0]["targetPort"] == port["name"] == "webhook"
+    (port,) = [p for p in container["ports"] if p["name"] == "webhook"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
     assert f"--webhook-addr=:{port['containerPort']}" in container["args"]
     cert_dir = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--webhook-cert-dir="))
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == cert_dir]
@@ -81,35 +83,72 @@ def test_webhooks_are_wired_to_the_service_and_certificate(rendered: list[dict[s
     ns = service["metadata"]["namespace"]
     assert f"modelcache-webhook.{ns}.svc" in certificate["spec"]["dnsNames"]
     assert ("Issuer", certificate["spec"]["issuerRef"]["name"]) in by_kind
-    paths = {}
-    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
-        (config,) = [d for d in rendered if d["kind"] == kind]
-        assert (
-            config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{ns}/modelcache-webhook"
-        )
-        for hook in config["webhooks"]:
+    paths = set()
+    for d in rendered:
+        if d["kind"] not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+            continue
+        assert d["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{ns}/modelcache-webhook"
+        for hook in d["webhooks"]:
             svc = hook["clientConfig"]["service"]
             assert (svc["name"], svc["namespace"]) == ("modelcache-webhook", ns)
             assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
-            paths[kind] = (svc["path"], hook["rules"][0]["resources"])
+            paths.add((d["kind"], svc["path"], tuple(hook["rules"][0]["resources"])))
     assert paths == {
-        "MutatingWebhookConfiguration": ("/mutate/pods", ["pods"]),
-        "ValidatingWebhookConfiguration": ("/validate/localmodelcaches", ["localmodelcaches"]),
+        ("MutatingWebhookConfiguration", "/mutate/pods", ("pods",)),
+        ("ValidatingWebhookConfiguration", "/validate/localmodelcaches", ("localmodelcaches",)),
+        ("ValidatingWebhookConfiguration", "/validate/localmodelnodegroups", ("localmodelnodegroups",)),
     }
+    # The routes exist in the server.
+    from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, VALIDATE_GROUPS
+
+    assert {p for _, p, _ in paths} == {MUTATE_PODS, VALIDATE_CACHES, VALIDATE_GROUPS}
+    # Reinvoked after KServe's pod mutator, so its subPath mount is narrowed whatever the order.
+    (pods,) = [d for d in rendered if d["kind"] == "MutatingWebhookConfiguration"]
+    assert pods["webhooks"][0]["reinvocationPolicy"] == "IfNeeded"
 
 
 def test_only_pods_that_ask_are_sent_to_the_pod_webhook(rendered: list[dict[str, Any]]) -> None:
+    """All match conditions must hold for a pod to be sent (Kubernetes ANDs them)."""
     celpy = pytest.importorskip("celpy")
+    from celpy import celtypes
+
     (config,) = [d for d in rendered if d["kind"] == "MutatingWebhookConfiguration"]
-    (condition,) = config["webhooks"][0]["matchConditions"]
+    conditions = config["webhooks"][0]["matchConditions"]
+    assert [c["name"] for c in conditions] == ["has-not-opted-out", "asks-for-a-node-group-or-a-cached-model"]
     env = celpy.Environment()
-    program = env.program(env.compile(condition["expression"]))
+    # Kubernetes' CEL strings library (lowerAscii) is not in cel-python: the same function here.
+    functions = {"lowerAscii": lambda s: celtypes.StringType(s.lower())}
+    programs = [env.program(env.compile(c["expression"]), functions=functions) for c in conditions]
+    off = "serving.kserve.io/disable-localmodel"
     cases = [
         ({}, False),
         ({"labels": {"app": "x"}, "annotations": {"other": "y"}}, False),
         ({"annotations": {"serving.kserve.io/nodegroup": "a100"}}, True),
         ({"annotations": {"modelcache.io/model": "m"}}, True),
         ({"labels": {"internal.serving.kserve.io/localmodel": "m"}}, True),
+        # Opted out: never sent, so never held up while the controller is down.
+        ({"labels": {"internal.serving.kserve.io/localmodel": "m"}, "annotations": {off: "true"}}, False),
+        ({"annotations": {"serving.kserve.io/nodegroup": "a100", off: "True"}}, False),
+        ({"annotations": {"serving.kserve.io/nodegroup": "a100", off: "false"}}, True),
     ]
     for meta, sent in cases:
-        assert bool(program.evaluate({"object": celpy.json_to_cel({"metadata": meta})})) is sent, meta
+        activation = {"object": celpy.json_to_cel({"metadata": meta})}
+        assert all(bool(p.evaluate(activation)) for p in programs) is sent, meta
+
+
+def test_what_rbac_cannot_narrow_an_admission_policy_does(rendered: list[dict[str, Any]]) -> None:
+    """Node patches and PV/PVC writes are cluster-wide in RBAC: a ValidatingAdmissionPolicy bound with
+    Deny narrows each to the controller's own (tests/test_admission_policies.py evaluates them)."""
+    sa = next(d for d in rendered if d["kind"] == "ServiceAccount")
+    user = f"system:serviceaccount:{sa['metadata']['namespace']}:{sa['metadata']['name']}"
+    every = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy"}
+    policies = {n: d for n, d in every.items() if n.startswith("modelcache-controller-")}
+    covered = set()
+    for policy in policies.values():
+        (condition,) = policy["spec"]["matchConditions"]
+        assert f"'{user}'" in condition["expression"]
+        for rule in policy["spec"]["matchConstraints"]["resourceRules"]:
+            covered |= set(rule["resources"])
+    assert {"nodes", "persistentvolumes", "persistentvolumeclaims"} <= covered
+    bindings = [d for d in rendered if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert {b["spec"]["policyName"] for b in bindings} == set(every)

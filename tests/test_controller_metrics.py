@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from controller import cli
-from controller.metrics import ControllerMetrics, Copies
+from controller.metrics import ControllerMetrics, Copies, MetricsServer
 from controller.reconcile import Controller
 from localmodel.errors import ClusterStateError, InvalidInput
 from localmodel.state.base import EVENT, JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, ResourceKind
@@ -227,3 +227,19 @@ async def test_is_leader_while_the_controller_runs() -> None:
     assert seen == [1, 1]
     assert value(registry, "modelcache_controller_is_leader") == 0
     assert copy_series(registry) == set()  # a standby keeps no stale picture
+
+
+async def test_a_slow_client_is_cut_off() -> None:
+    """Partial headers, then silence: the server closes the connection (aiohttp's own default would
+    keep it an hour). The wait is bounded far above the limit under test."""
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1:0", header_timeout=1.0)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        async with asyncio.timeout(31):
+            assert await reader.read() == b""
+        writer.close()
+    finally:
+        await server.stop()

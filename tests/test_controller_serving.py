@@ -141,6 +141,10 @@ def test_label_writes_pure() -> None:
 
 
 async def test_pv_and_pvc_for_each_serving_namespace(state: ClusterState) -> None:
+    """KServe's names, which its InferenceService path references: PVC ``<cache>-<group>`` and PV
+    ``<cache>-<group>-<namespace>`` (kserve/kserve pkg/controller/v1alpha1/localmodel/reconcilers/
+    utils.go:605-618 at v0.20); the PV itself is ours, one model's folder (see
+    tests/test_controller_security.py for KServe's subPath mount of it)."""
     await setup_two_groups(state)
     await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["a100", "h100"]))
     async with running(state):
@@ -161,9 +165,21 @@ async def test_pv_and_pvc_for_each_serving_namespace(state: ClusterState) -> Non
         pvc = await state.get(PERSISTENT_VOLUME_CLAIM, "m-h100", namespace="team")
         m = await state.get(LOCAL_MODEL_CACHE, "m")
         h100 = await state.get(LOCAL_MODEL_NODE_GROUP, "h100")
-        assert pv["spec"]["hostPath"] == {"path": "/models"}
+        # One model's folder, read-only, from the fixed template (nothing else of the group's spec).
+        assert pv["spec"]["hostPath"] == {"path": f"/models/models/{KEY}", "type": "Directory"}
         assert pv["spec"]["nodeAffinity"] == h100["spec"]["persistentVolumeSpec"]["nodeAffinity"]
         assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+        assert pv["spec"]["accessModes"] == pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
+        assert set(pv["spec"]) == {
+            "capacity",
+            "accessModes",
+            "volumeMode",
+            "storageClassName",
+            "persistentVolumeReclaimPolicy",
+            "hostPath",
+            "nodeAffinity",
+            "claimRef",
+        }
         assert pv["spec"]["claimRef"]["namespace"] == "team" and pv["spec"]["claimRef"]["name"] == "m-h100"
         assert pvc["spec"]["volumeName"] == "m-h100-team"
         assert pvc["spec"]["storageClassName"] == pv["spec"]["storageClassName"]
@@ -238,7 +254,9 @@ async def test_volumes_are_made_again_when_the_group_s_path_changes(state: Clust
                 await state.get(PERSISTENT_VOLUME_CLAIM, "m-h100", namespace="team")
             except NotFound:
                 return False
-            return bool(pv["spec"].get("hostPath") == {"path": "/nvme/models"})
+            return bool(
+                pv["spec"].get("hostPath") == {"path": f"/nvme/models/models/{KEY}", "type": "Directory"}
+            )
 
         await eventually(moved)
 
@@ -315,9 +333,13 @@ def test_volume_writes_pure() -> None:
             ],
         ),
         (
-            {"big-a100-t": dataclasses.replace(ref, digest=None)},  # made by an older version: kept
+            # Made by a version before the fixed template (the group's whole folder): made again.
+            {"big-a100-t": dataclasses.replace(ref, digest=None)},
             {("t", "big-a100"): dataclasses.replace(claim, digest=None)},
-            [],
+            [
+                ("PersistentVolumeClaim", "delete", "big-a100", "t"),
+                ("PersistentVolume", "delete", "big-a100-t", None),
+            ],
         ),
     ):
         again = dataclasses.replace(
@@ -331,3 +353,52 @@ def test_volume_writes_pure() -> None:
     done = pod("y", "n", annotations={"modelcache.io/model": "big"})
     done["status"] = {"phase": "Succeeded"}
     assert serving_demands([done], caches) == set()
+
+
+async def test_a_group_s_volume_source_is_never_copied(state: ClusterState) -> None:
+    """A group written past admission (no CRD rules, no webhook) that names the node's root, another
+    volume source, or extra fields: no serving PV points at the root or copies the source; a group
+    with a folder gets a PV on that model's folder alone, with nothing of its other fields."""
+    await setup_two_groups(state)
+    root = group("root", "100Gi")
+    root["spec"]["persistentVolumeSpec"]["hostPath"] = {"path": "/", "type": "Directory"}
+    nfs = group("nfs", "100Gi")
+    nfs["spec"]["persistentVolumeSpec"].pop("hostPath")
+    nfs["spec"]["persistentVolumeSpec"]["nfs"] = {"server": "evil", "path": "/"}
+    extra = group("extra", "100Gi")
+    extra["spec"]["persistentVolumeSpec"].update(
+        accessModes=["ReadWriteMany"], mountOptions=["rw"], persistentVolumeReclaimPolicy="Recycle"
+    )
+    extra["spec"]["persistentVolumeClaimSpec"] = {
+        "accessModes": ["ReadWriteMany"],
+        "dataSource": {"kind": "PersistentVolumeClaim", "name": "someone-elses"},
+        "selector": {"matchLabels": {"x": "y"}},
+    }
+    for g in (root, nfs, extra):
+        await state.create(LOCAL_MODEL_NODE_GROUP, g)
+        await state.create(
+            NODE,
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": g["metadata"]["name"] + "-1", "labels": {"gpu": g["metadata"]["name"]}},
+            },
+        )
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["root", "nfs", "extra"]))
+    await state.patch(
+        LOCAL_MODEL_CACHE, "m", {"metadata": {"annotations": {SERVING_NAMESPACES_ANNOTATION: "team"}}}
+    )
+    await Controller(state).run(once=True)
+    pvs = {p["metadata"]["name"]: p for p in (await state.list(PERSISTENT_VOLUME)).items}
+    assert set(pvs) == {"m-extra-team"}
+    spec = pvs["m-extra-team"]["spec"]
+    assert spec["hostPath"] == {"path": f"/models/models/{KEY}", "type": "Directory"}
+    assert spec["accessModes"] == ["ReadOnlyMany"] and spec["persistentVolumeReclaimPolicy"] == "Retain"
+    assert "mountOptions" not in spec
+    claim = await state.get(PERSISTENT_VOLUME_CLAIM, "m-extra", namespace="team")
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert "dataSource" not in claim["spec"] and "selector" not in claim["spec"]
+    assert {
+        (c["metadata"]["namespace"], c["metadata"]["name"])
+        for c in (await state.list(PERSISTENT_VOLUME_CLAIM)).items
+    } == {("team", "m-extra")}

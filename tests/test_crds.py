@@ -19,6 +19,7 @@ import yaml
 
 from localmodel.documents import parse_text
 from localmodel.errors import SpecError
+from localmodel.resources import CACHE_VOLUME_SOURCES, PV_SPEC_FIELDS, SYSTEM_FOLDERS, cache_path_error
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = {
@@ -247,3 +248,75 @@ def test_examples_pass_schema_cel_and_parser(path: Path) -> None:
     for doc in docs:
         assert validate(doc) == [], doc["metadata"]["name"]
     parse_text(path.read_text(), where=path.name)
+
+
+# -- what a node group may point at (issue 20 §2): the CEL rules and the parser agree -----------------
+
+PATHS = [
+    "/",
+    "/var",
+    "/var/lib",
+    "/var/lib/modelcache",
+    "/models",
+    "/mnt/models",
+    "/mnt/disks/nvme0/cache",
+    "/home/ml/models",
+    "/tmp/cache",
+    "/lib",
+    "/lib64",
+    "/lib64/x",
+    "/library",
+    "/models/../etc",
+    "/models/./x",
+    "/models//x",
+    "/models/",
+    "models",
+    "",
+    *(p for f in SYSTEM_FOLDERS for p in (f, f + "/x", f + "x")),
+]
+
+
+def _group(pv: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "LocalModelNodeGroup",
+        "metadata": {"name": "g"},
+        "spec": {"storageLimit": "1Ti", "persistentVolumeSpec": pv},
+    }
+
+
+@pytest.mark.parametrize("source", ["hostPath", "local"])
+@pytest.mark.parametrize("path", PATHS)
+def test_group_path_rules_agree_with_the_parser(source: str, path: str) -> None:
+    """The CRD's CEL rules on hostPath.path and local.path refuse exactly what the parser (and so the
+    controller's group webhook) refuses: one list of system folders."""
+    doc = _group({source: {"path": path}})
+    errors = validate(doc)
+    parser = cache_path_error(path)
+    assert bool(errors) == (parser is not None), (errors, parser)
+    if parser is not None:
+        assert all(e.startswith(f"spec.persistentVolumeSpec.{source}.path: ") for e in errors), errors
+        with pytest.raises(SpecError) as info:
+            parse_text(yaml.safe_dump(doc), where="g")
+        assert info.value.field == f"spec.persistentVolumeSpec.{source}.path"
+
+
+def test_group_may_name_only_a_hostpath_or_local_folder() -> None:
+    nfs = _group({"nfs": {"server": "evil", "path": "/"}})
+    assert validate(nfs) == [
+        "spec.persistentVolumeSpec: only a hostPath or local folder on the node can hold a cache"
+    ]
+    both = _group({"hostPath": {"path": "/a"}, "local": {"path": "/a"}})
+    assert validate(both) == ["spec.persistentVolumeSpec: give hostPath or local, not both"]
+    # Every PersistentVolumeSpec field is declared: a source the rule does not list is an unknown field.
+    odd = _group({"futureVolume": {"path": "/"}})
+    assert any("'futureVolume' was unexpected" in e for e in validate(odd))
+    for doc in (nfs, both, odd):
+        with pytest.raises(SpecError):
+            parse_text(yaml.safe_dump(doc), where="g")
+    declared = set(
+        schema_of("LocalModelNodeGroup")["properties"]["spec"]["properties"]["persistentVolumeSpec"][
+            "properties"
+        ]
+    )
+    assert PV_SPEC_FIELDS | set(CACHE_VOLUME_SOURCES) <= declared

@@ -157,3 +157,81 @@ def test_copied_paths_exist(name: str) -> None:
         sources = ins.args.split()[:-1]
         for src in sources:
             assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist in the build context"
+
+
+# -- the agent image's locked install (issue 20 §5) -------------------------------------------------
+
+REQUIREMENTS = ROOT / "requirements"
+
+
+def locked(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes) of a pip-compile --generate-hashes file; fails on any entry
+    that is not pinned with == or has no hash."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    current: str | None = None
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip().rstrip("\\").strip()
+        if not line:
+            continue
+        if line.startswith("--hash="):
+            assert current is not None, f"{path.name}: a hash before any requirement"
+            algo, _, digest = line.removeprefix("--hash=").partition(":")
+            assert algo == "sha256" and re.fullmatch(r"[0-9a-f]{64}", digest), line
+            entries[current][1].append(digest)
+            continue
+        assert not line.startswith("-"), (
+            f"{path.name}: an option in the lock ({line}): pip would fetch elsewhere"
+        )
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!_-]+)", line)
+        assert m, f"{path.name}: {line!r} is not pinned with =="
+        current = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+        entries[current] = (m.group(2), [])
+    for name, (_, hashes) in entries.items():
+        assert hashes, f"{path.name}: {name} has no hash"
+    return entries
+
+
+def test_the_lock_covers_every_dependency_at_a_version_pyproject_allows() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lock = locked(REQUIREMENTS / "agent.txt")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in lock, f"requirements/agent.txt lacks {req.name}: regenerate it (see its header)"
+        assert req.specifier.contains(lock[name][0], prereleases=True), (
+            f"requirements/agent.txt pins {name}=={lock[name][0]}, outside pyproject.toml's {req.specifier}"
+        )
+    build = locked(REQUIREMENTS / "build.txt")
+    assert {"setuptools", "wheel"} <= build.keys()
+
+
+def test_agent_image_installs_only_hashed_or_local_packages() -> None:
+    """Every pip install in the image either installs a hash-locked file with --require-hashes (and
+    --no-deps: nothing outside the lock) or a local wheel with --no-index; the wheel is built without
+    build isolation (which would fetch setuptools unhashed) from the hash-locked build tools."""
+    ins = parse(ROOT / "Dockerfile.agent")
+    commands = [c.strip() for i in ins if i.op == "RUN" for c in i.args.split("&&")]
+    installs = [c for c in commands if re.search(r"\bpip install\b", c)]
+    assert installs
+    locks = set()
+    for c in installs:
+        words = c.split()
+        if "--require-hashes" in words:
+            assert "--no-deps" in words and "-r" in words, c
+            locks.add(words[words.index("-r") + 1])
+        else:
+            assert "--no-index" in words and "--no-deps" in words, (
+                f"an install from an index without hashes: {c}"
+            )
+    assert locks == {"requirements/agent.txt", "requirements/build.txt"}
+    wheels = [c for c in commands if re.search(r"\bpip wheel\b", c)]
+    assert wheels and all("--no-build-isolation" in c and "--no-index" in c for c in wheels), wheels
+    # The locks are copied into the build context the RUN sees.
+    copied = {
+        src for i in ins if i.op == "COPY" and not i.args.startswith("--from=") for src in i.args.split()[:-1]
+    }
+    assert locks <= copied

@@ -8,6 +8,7 @@ named once, the agent's downward-API node name, probes, ports, RBAC, the overlay
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from functools import cache
@@ -20,10 +21,25 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-OVERLAYS = ["base", "overlays/kserve", "overlays/standalone-prometheus", "agent", "monitoring"]
-# Kubernetes minor versions the manifests are checked against (policy/v1 PDBs, apps/v1, and
-# admissionregistration v1 are all GA well before the oldest).
-K8S_VERSIONS = ["1.29.0", "1.31.0", "1.33.0"]
+OVERLAYS = [
+    "base",
+    "overlays/kserve",
+    "overlays/standalone-prometheus",
+    "overlays/custom-cache-dir",
+    "agent",
+    "monitoring",
+]
+# The overlays that render the agent, and the cache folder each names.
+AGENT_OVERLAYS = {
+    "base": "/var/lib/modelcache",
+    "overlays/kserve": "/var/lib/modelcache",
+    "overlays/standalone-prometheus": "/var/lib/modelcache",
+    "overlays/custom-cache-dir": "/mnt/models",
+    "agent": "/var/lib/modelcache",
+}
+# Kubernetes minor versions the manifests are checked against: 1.30 is the oldest, the first with
+# ValidatingAdmissionPolicy in admissionregistration.k8s.io/v1 (and webhook matchConditions GA).
+K8S_VERSIONS = ["1.30.0", "1.31.0", "1.33.0"]
 
 kubectl = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(kubectl is None, reason="kubectl is not installed")
@@ -274,52 +290,186 @@ def test_agent_daemonset() -> None:
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert {"requests", "limits"} <= c["resources"].keys(), "resources-patch.yaml is applied"
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    assert ds["metadata"]["namespace"] == "modelcache-agent"
 
 
 @needs_kubectl
-def test_agent_cache_path_is_one_setting(tmp_path: Path) -> None:
-    """The ConfigMap's cacheDir alone moves the hostPath, both mounts and the agent's --cache-dir."""
+def test_agent_secrets_reach_only_the_container_that_uses_them() -> None:
+    """The API token is mounted in the agent container only (not the root init container), as a
+    projected, expiring token; the Hugging Face token is a file (HF_TOKEN_PATH), not an environment
+    variable that /proc/<pid>/environ would show."""
+    docs = render("base")
+    ds, c = _agent(docs)
+    pod = ds["spec"]["template"]["spec"]
+    sa = find(docs, "ServiceAccount", "modelcache-agent")
+    assert sa["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    token_mounts = [
+        m for m in c["volumeMounts"] if m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    ]
+    (mount,) = token_mounts
+    assert mount["readOnly"] is True
+    sources = volumes[mount["name"]]["projected"]["sources"]
+    token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
+    assert token["path"] == "token" and token["expirationSeconds"] <= 3607
+    assert any(s.get("configMap", {}).get("name") == "kube-root-ca.crt" for s in sources)
+    for init in pod["initContainers"]:
+        assert all(m["name"] != mount["name"] for m in init.get("volumeMounts", [])), init["name"]
+    env = {e["name"]: e for e in c["env"]}
+    assert "HF_TOKEN" not in env and not any("secretKeyRef" in e.get("valueFrom", {}) for e in c["env"])
+    path = env["HF_TOKEN_PATH"]["value"]
+    (hf,) = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    secret = volumes[hf["name"]]["secret"]
+    assert secret["secretName"] == "modelcache-hf" and secret["optional"] is True
+    assert secret["items"] == [{"key": "token", "path": path.rsplit("/", 1)[1]}]
+    assert secret["defaultMode"] & 0o007 == 0, "not readable by others"
+    assert pod["securityContext"]["fsGroup"] == c["securityContext"]["runAsGroup"]
 
-    def paths(docs: tuple[dict[str, Any], ...]) -> set[str]:
-        assert kubectl is not None
-        ds, c = _agent(docs)
-        pod = ds["spec"]["template"]["spec"]
-        (volume,) = [v for v in pod["volumes"] if v["name"] == "cache"]
-        mounts = [
-            m["mountPath"]
-            for ctr in [*pod["containers"], *pod.get("initContainers", [])]
-            for m in ctr.get("volumeMounts", [])
-            if m["name"] == "cache"
-        ]
-        cm = find(docs, "ConfigMap", "modelcache-agent")
-        ref = {e["name"]: e for e in c["env"]}["CACHE_DIR"]["valueFrom"]["configMapKeyRef"]
-        assert ref == {"name": "modelcache-agent", "key": "cacheDir"}
-        assert "--cache-dir=$(CACHE_DIR)" in c["args"]
-        return {volume["hostPath"]["path"], *mounts, cm["data"]["cacheDir"]}
 
-    assert paths(render("base")) == {"/var/lib/modelcache"}
+def _cache_paths(docs: tuple[dict[str, Any], ...]) -> set[str]:
+    """Every place the DaemonSet names the cache folder: the hostPath, each container's mount of
+    it and each CACHE_DIR value (the agent's --cache-dir and the init container's check)."""
+    ds, c = _agent(docs)
+    pod = ds["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "cache"]
+    found = {volume["hostPath"]["path"]}
+    for ctr in [*pod["containers"], *pod.get("initContainers", [])]:
+        found |= {m["mountPath"] for m in ctr.get("volumeMounts", []) if m["name"] == "cache"}
+        (env,) = [e for e in ctr["env"] if e["name"] == "CACHE_DIR"]
+        found.add(env["value"])  # a literal: no ConfigMap in the cluster can move one without the other
+    assert "--cache-dir=$(CACHE_DIR)" in c["args"]
+    return found
+
+
+@needs_kubectl
+@pytest.mark.parametrize(("path", "folder"), AGENT_OVERLAYS.items())
+def test_agent_cache_path_is_one_value_in_every_overlay(path: str, folder: str) -> None:
+    docs = render(path)
+    assert _cache_paths(docs) == {folder}
+    assert not [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "modelcache-agent"
+    ], "the settings ConfigMap is local to kustomize"
+
+
+@needs_kubectl
+def test_every_overlay_that_renders_the_agent_is_checked() -> None:
+    for path in OVERLAYS:
+        if any(d["kind"] == "DaemonSet" for d in render(path)):
+            assert path in AGENT_OVERLAYS, path
+
+
+@needs_kubectl
+def test_agent_cache_path_moves_with_config_yaml(tmp_path: Path) -> None:
+    """The ConfigMap's cacheDir alone moves the hostPath, both mounts and both CACHE_DIR values; a
+    patch of the ConfigMap in a plain overlay (after the copy) is caught by the test above."""
+    assert kubectl is not None
     agent = tmp_path / "agent"
     shutil.copytree(MANIFESTS / "agent", agent)
     config = agent / "config.yaml"
-    config.write_text(config.read_text().replace("cacheDir: /var/lib/modelcache", "cacheDir: /mnt/models"))
+    config.write_text(config.read_text().replace("cacheDir: /var/lib/modelcache", "cacheDir: /srv/models"))
     done = subprocess.run([kubectl, "kustomize", str(agent)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert paths(tuple(d for d in yaml.safe_load_all(done.stdout) if d)) == {"/mnt/models"}
+    assert _cache_paths(tuple(d for d in yaml.safe_load_all(done.stdout) if d)) == {"/srv/models"}
+
+
+def _init_script(docs: tuple[dict[str, Any], ...]) -> str:
+    ds, _ = _agent(docs)
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"][:2] == ["sh", "-c"]
+    return str(init["command"][2])
+
+
+def _run_init(script: str, cache_dir: str, bin_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"CACHE_DIR": cache_dir, "PATH": (f"{bin_dir}:" if bin_dir else "") + "/usr/bin:/bin"}
+    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+
+
+SYSTEM_CACHE_DIRS = [
+    "/",
+    "/etc",
+    "/etc/modelcache",
+    "/var",
+    "/var/lib",
+    "/var/lib/kubelet",
+    "/var/lib/kubelet/pods",
+    "/usr/local/models",
+    "/lib64",
+    "/root/models",
+    "/proc/1",
+    "/run/containerd",
+    "/var/run",
+    "relative/models",
+    "/models/../etc",
+    "/models/",
+]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("cache_dir", SYSTEM_CACHE_DIRS)
+def test_init_container_refuses_system_folders(cache_dir: str, tmp_path: Path) -> None:
+    """The rendered init container's own script, run here: / and the node's system folders are refused
+    with exit 2 and a line naming cacheDir, before anything is looked at or changed (chown, stat and
+    ls are replaced by recorders, so a bug could not touch this machine's folders)."""
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("chown", "stat", "ls"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho {tool} "$@" >> {calls}\nexit 99\n')
+        (bin_dir / tool).chmod(0o755)
+    done = _run_init(_init_script(render("base")), cache_dir, bin_dir)
+    assert done.returncode == 2, done
+    assert done.stderr.startswith(f"cacheDir {cache_dir} ") and done.stderr.count("\n") == 1, done.stderr
+    assert not calls.exists(), calls.read_text()
+
+
+def test_init_container_and_the_group_rules_refuse_the_same_system_folders() -> None:
+    from localmodel.resources import SYSTEM_FOLDERS, SYSTEM_PARENTS
+
+    script = (MANIFESTS / "agent" / "daemonset.yaml").read_text()
+    for folder in (*SYSTEM_FOLDERS, *SYSTEM_PARENTS):
+        assert f"{folder}|" in script or f"|{folder})" in script, folder
+        if folder not in SYSTEM_PARENTS:
+            assert f"{folder}/*|" in script or f"|{folder}/*)" in script, folder
+
+
+@needs_kubectl
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a folder's owner needs root")
+def test_init_container_owns_only_a_new_or_empty_folder(tmp_path: Path) -> None:
+    script = _init_script(render("base"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _run_init(script, str(empty))
+    assert done.returncode == 0, done
+    assert (empty.stat().st_uid, empty.stat().st_gid) == (65532, 65532)
+    # Someone's files: left as they are, and the reason on one line.
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    os.chown(full, 1234, 1234)
+    done = _run_init(script, str(full))
+    assert done.returncode == 1
+    assert "is not empty and belongs to uid 1234" in done.stderr and done.stderr.count("\n") == 1
+    assert full.stat().st_uid == 1234 and (full / "notes.txt").stat().st_uid == 0
+    # The agent's already (a restart, an upgrade): nothing to do.
+    (empty / "models").mkdir()
+    assert _run_init(script, str(empty)).returncode == 0
 
 
 @needs_kubectl
 def test_agent_rbac_is_least_privilege() -> None:
     docs = render("base")
-    role = find(docs, "ClusterRole", "modelcache-agent")
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+
+    def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+        return {
+            (group, resource, verb)
+            for rule in role["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+
     k = "serving.kserve.io"
-    assert granted == {
+    assert granted(find(docs, "ClusterRole", "modelcache-agent")) == {
         (k, "localmodelnodes", "get"),
         (k, "localmodelnodes", "list"),
         (k, "localmodelnodes", "watch"),
@@ -327,11 +477,74 @@ def test_agent_rbac_is_least_privilege() -> None:
         (k, "localmodelnodegroups", "get"),
         (k, "localmodelnodegroups", "list"),
         (k, "localmodelnodegroups", "watch"),
-        ("", "events", "create"),
     }
-    binding = find(docs, "ClusterRoleBinding", "modelcache-agent")
+    # Events only where it writes them: "default" (localmodel/events.py EVENT_NAMESPACE).
+    from localmodel.events import EVENT_NAMESPACE
+
+    events = find(docs, "Role", "modelcache-agent-events")
+    assert events["metadata"]["namespace"] == EVENT_NAMESPACE
+    assert granted(events) == {("", "events", "create")}
     ds, _ = _agent(docs)
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
-         "namespace": ds["metadata"]["namespace"]}
-    ]  # fmt: skip
+    subject = {
+        "kind": "ServiceAccount",
+        "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
+        "namespace": ds["metadata"]["namespace"],
+    }
+    assert find(docs, "ClusterRoleBinding", "modelcache-agent")["subjects"] == [subject]
+    events_binding = find(docs, "RoleBinding", "modelcache-agent-events")
+    assert (
+        events_binding["subjects"] == [subject] and events_binding["metadata"]["namespace"] == EVENT_NAMESPACE
+    )
+    # The admission policy that narrows its writes names this very service account.
+    policy = find(docs, "ValidatingAdmissionPolicy", "modelcache-agent-own-node")
+    (condition,) = policy["spec"]["matchConditions"]
+    assert f"system:serviceaccount:{subject['namespace']}:{subject['name']}" in condition["expression"]
+
+
+@needs_kubectl
+def test_namespaces_carry_pod_security_labels() -> None:
+    docs = render("base")
+    agent = find(docs, "Namespace", "modelcache-agent")["metadata"]["labels"]
+    system = find(docs, "Namespace", "modelcache-system")["metadata"]["labels"]
+    assert agent["pod-security.kubernetes.io/enforce"] == "privileged"  # the hostPath
+    assert agent["pod-security.kubernetes.io/warn"] == agent["pod-security.kubernetes.io/audit"] == "baseline"
+    for mode in ("enforce", "warn", "audit"):
+        assert system[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    # Only the agent's DaemonSet lives in the privileged namespace.
+    in_agent_ns = [
+        d
+        for d in docs
+        if d["metadata"].get("namespace") == "modelcache-agent" and "template" in d.get("spec", {})
+    ]
+    assert [(d["kind"], d["metadata"]["name"]) for d in in_agent_ns] == [("DaemonSet", "modelcache-agent")]
+
+
+def _ports(pod: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+
+
+@needs_kubectl
+def test_network_policies_admit_only_what_is_needed() -> None:
+    """Agent: metrics from the monitoring namespace only (probes come from the node, which a
+    NetworkPolicy always allows); controller: the webhook port from anywhere (the API server is not a
+    pod), metrics from the monitoring namespace. Every policy selects the pods it is for and names
+    ports they have."""
+    docs = render("base")
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    for kind, name, expected in (
+        ("DaemonSet", "modelcache-agent", [([monitoring], ["metrics"])]),
+        ("Deployment", "modelcache-controller", [(None, ["webhook"]), ([monitoring], ["metrics"])]),
+    ):
+        workload = find(docs, kind, name)
+        policy = find(docs, "NetworkPolicy", name)
+        assert policy["metadata"]["namespace"] == workload["metadata"]["namespace"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        rules = [(r.get("from"), [p["port"] for p in r["ports"]]) for r in policy["spec"]["ingress"]]
+        assert rules == expected
+        ports = _ports(workload["spec"]["template"])
+        assert all(p in ports for _, names in rules for p in names), ports
+    # The health port has no rule: only the node's kubelet reaches it.
+    agent_rules = find(docs, "NetworkPolicy", "modelcache-agent")["spec"]["ingress"]
+    assert all(p["port"] != "health" for r in agent_rules for p in r["ports"])

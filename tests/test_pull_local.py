@@ -1,7 +1,10 @@
 """`modelcache pull` from local folders and archives: layout, atomic publish, up-to-date, safety."""
 
+import asyncio
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,6 +15,7 @@ from agent.download.unpack import unpack
 from localmodel.errors import UnsafePath
 from localmodel.manifest import Manifest
 from modelcache.cli import main
+from tests.support.hfhub import Hub
 
 
 def _model(root: Path) -> Path:
@@ -149,3 +153,136 @@ def test_hostile_zip_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(UnsafePath):
         unpack(archive, tmp_path / "files", archive_type=".zip", source="x")
     assert not (tmp_path / "files" / "ok.txt").exists()
+
+
+# -- never delete what is not ours (13 §0) -------------------------------------------------------
+
+
+def _one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_a_folder_of_the_users_files_is_refused_then_replaced_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _model(tmp_path)
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "thesis.tex").write_text("years of work")
+    (dest / "sub").mkdir()
+    (dest / "sub" / "data.csv").write_text("1,2")
+    err = _one_line_exit_2(["pull", str(src), str(dest), "--quiet"], capsys)
+    assert f"{dest} holds a folder of 2 entries that modelcache did not publish" in err
+    assert "--force" in err and "new or empty folder" in err
+    assert (dest / "thesis.tex").read_text() == "years of work"
+    assert (dest / "sub" / "data.csv").read_text() == "1,2"
+    assert not (tmp_path / ".modelcache" / "pull" / "mine").exists()  # nothing staged either
+
+    assert main(["pull", str(src), str(dest), "--quiet", "--force"]) == 0
+    assert _tree(dest) == _tree(src)
+
+
+def test_a_regular_file_and_a_link_as_dest_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _model(tmp_path)
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    err = _one_line_exit_2(["pull", str(src), str(file), "--quiet"], capsys)
+    assert "holds a file of 7 bytes" in err
+    assert file.read_text() == "keep me"
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "x").write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    err = _one_line_exit_2(["pull", str(src), str(link), "--quiet"], capsys)
+    assert "holds a symbolic link" in err
+    assert link.is_symlink() and (target / "x").read_text() == "x"
+
+
+@pytest.mark.parametrize("where", ["", "   ", "/", "~", "cache", "cache/models", "cache/.modelcache"])
+def test_folders_that_are_never_a_models_are_usage_errors(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _model(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "important.txt").write_text("keep")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("keep")
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / ".modelcache" / "manifests").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    dest = {"~": str(home), "cache": str(tmp_path / "cache")}.get(where, where)
+    if where.startswith("cache/"):
+        dest = str(tmp_path / where)
+    err = _one_line_exit_2(["pull", str(src), dest, "--quiet"], capsys)
+    assert "DEST:" in err
+    assert (work / "important.txt").read_text() == "keep"
+    assert (home / ".bashrc").read_text() == "keep"
+    assert (tmp_path / "cache" / "models").is_dir() and (tmp_path / "cache" / ".modelcache").is_dir()
+
+
+def test_an_empty_folder_is_filled_and_ours_is_updated(tmp_path: Path) -> None:
+    src = _model(tmp_path)
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0
+    assert _tree(dest) == _tree(src)
+    (src / "config.json").write_text('{"a": 22}')
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0
+    assert (dest / "config.json").read_text() == '{"a": 22}'
+
+
+def test_published_model_is_read_only_on_disk(tmp_path: Path) -> None:
+    src = _model(tmp_path)
+    dest = tmp_path / "out" / "model"
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0
+    for path in [dest, *dest.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o555 if path.is_dir() else 0o444), (path, oct(mode))
+    # Replaced by a new revision and deleted through our own code all the same.
+    (src / "nested" / "new.txt").write_text("new")
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0
+    assert (dest / "nested" / "new.txt").read_text() == "new"
+    assert not list((tmp_path / "out" / ".modelcache" / "trash").iterdir())
+
+
+def test_a_dest_named_models_can_be_pulled_again(tmp_path: Path) -> None:
+    src = _model(tmp_path)
+    dest = tmp_path / "work" / "models"
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0
+    assert main(["pull", str(src), str(dest), "--quiet"]) == 0  # .modelcache/pull beside it is ours
+    assert _tree(dest) == _tree(src)
+
+
+async def test_a_full_disk_is_exit_1_with_one_line(hf_hub: Hub, tmp_path: Path) -> None:
+    hf_hub.add_repo("org/big", {"config.json": b"{}", "w.bin": os.urandom(3 << 20)})
+    small = tmp_path / "small"
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {done.stderr.decode().strip()}")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "modelcache"),
+            "pull",
+            "hf://org/big",
+            str(small / "model"),
+            "--quiet",
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, raw = await asyncio.wait_for(proc.communicate(), 60)
+        err = raw.decode()
+        assert proc.returncode == 1
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "no space left" in err
+        assert not (small / "model").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -6,6 +6,7 @@ The entry point both ``modelcache pull`` and the agent use.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable
 
@@ -14,6 +15,8 @@ from agent.download.engine import ProgressSink, PullResult, Transfer, TransferSe
 from agent.download.listing import Listing
 from agent.download.sources import SourceSettings, list_source
 from agent.download.staging import Destination, finish_publish
+from agent.download.unpack import unpack_limit
+from localmodel.errors import DiskFull, DownloadError, PermissionDenied
 from localmodel.layout import storage_key
 from localmodel.uri import SourceURI
 
@@ -39,17 +42,74 @@ async def pull(
     progress: ProgressSink | None = None,
     client: HttpClient | None = None,
     admit: Callable[[Listing], None] | None = None,
+    max_bytes: int | None = None,
 ) -> PullResult:
     """Make ``dest`` hold exactly what ``uri`` holds now, verified; resumes what a crash left.
 
     ``admit`` sees the listing before any byte is fetched and may raise to refuse it (the agent
-    checks the real size against the node's capacity there).
+    checks the real size against the node's capacity there). ``max_bytes`` caps what an archive
+    source may unpack to (the declared modelSize), besides the free space and the ratio limit.
+
+    Every failure is a :class:`DownloadError`: an OSError from any step (the disk filling while the
+    resume state is written, a publish into a read-only folder) is mapped here, once, into
+    ``DiskFull``, ``PermissionDenied`` or ``DownloadError`` with its one-line text. A destination
+    that is someone else's files (:class:`ForeignFolder`) or behind a link (``LinkRefused``) is
+    refused before anything is fetched.
     """
+    try:
+        return await _pull(
+            uri,
+            dest,
+            sources=sources,
+            transfer=transfer,
+            progress=progress,
+            client=client,
+            admit=admit,
+            max_bytes=max_bytes,
+        )
+    except OSError as e:
+        raise os_download_error(e) from e
+
+
+def os_download_error(e: OSError) -> DownloadError:
+    """The error tree's word for an OSError met while writing a model (rule: ENOSPC, EDQUOT and
+    EFBIG are DiskFull; EACCES, EPERM and EROFS are PermissionDenied; anything else, EXDEV from a
+    publish across mounts included, DownloadFailed with the OS's one-line text)."""
+    where = f"{e.filename}: " if e.filename is not None else ""
+    text = (e.strerror or str(e)).replace("\n", " ")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFull(f"{where}no space left on the cache's filesystem ({text})")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(
+            f"{where}the filesystem refused the write ({text}); check the folder's owner, mode and mount"
+        )
+    if e.errno == errno.EXDEV:
+        # A publish is a rename from .modelcache/ into models/: a mount over either breaks it.
+        return DownloadError(
+            f"{where}{text}: models/ and .modelcache/ of the cache folder must be one filesystem "
+            "(is a mount placed over one of them?)"
+        )
+    return DownloadError(f"{where}{text}")
+
+
+async def _pull(
+    uri: SourceURI,
+    dest: Destination,
+    *,
+    sources: SourceSettings,
+    transfer: TransferSettings,
+    progress: ProgressSink | None,
+    client: HttpClient | None,
+    admit: Callable[[Listing], None] | None,
+    max_bytes: int | None,
+) -> PullResult:
     started = time.monotonic()
     own = client is None
     client = client or http_client(transfer)
     try:
+        await asyncio.to_thread(dest.check_links)
         await asyncio.to_thread(finish_publish, dest)
+        await asyncio.to_thread(dest.refuse_foreign)  # before a byte is fetched, not at publish
         listing = await list_source(uri, settings=sources, client=client)
         published = await asyncio.to_thread(dest.published)
         if published is not None and same_files(published, listing):
@@ -73,7 +133,12 @@ async def pull(
             progress=progress,
             previous=published,
         )
-        return await run.run()
+        # The engine unpacks in a thread: the limit travels in the context (asyncio.to_thread copies it).
+        token = unpack_limit.set(max_bytes)
+        try:
+            return await run.run()
+        finally:
+            unpack_limit.reset(token)
     finally:
         if own:
             client.close()

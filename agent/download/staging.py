@@ -11,6 +11,10 @@ A download works in its own staging folder on the same filesystem as its destina
 A chunk is recorded only after its bytes were synced, so after SIGKILL or power loss a restart
 re-fetches exactly the chunks not recorded. Publish renames ``files/`` onto the destination (the old
 copy, if any, is renamed to trash first), then moves the manifest into place.
+
+What is published is read-only (files 0444, folders 0555). Only what a manifest of ours names is
+ever replaced or deleted (:meth:`Destination.replaceable`, :meth:`Destination.owned`), and no
+symbolic link below the destination's root is followed (:func:`refuse_links`).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from localmodel.errors import SpecError
+from localmodel.errors import ForeignFolder, SpecError, UnsafePath
 from localmodel.layout import CacheLayout
 from localmodel.manifest import Manifest
 
@@ -33,26 +38,46 @@ PROGRESS_VERSION = 1
 
 @dataclass(frozen=True)
 class Destination:
-    """Where a model is published, and the hidden folders that go with it (same filesystem)."""
+    """Where a model is published, and the hidden folders that go with it (same filesystem).
+
+    ``root`` is the folder below which nothing is a symbolic link we follow: the cache folder, or
+    for ``modelcache pull`` the folder DEST sits in. ``force`` lets a publish replace a DEST that
+    modelcache did not publish (``modelcache pull --force``); the agent never sets it.
+    """
 
     final: Path
     staging: Path
     manifest: Path
     trash: Path
+    root: Path
+    force: bool = False
 
     @classmethod
     def in_cache(cls, layout: CacheLayout, key: str) -> Destination:
-        return cls(layout.model_dir(key), layout.staging_dir(key), layout.manifest_file(key), layout.trash)
+        return cls(
+            layout.model_dir(key),
+            layout.staging_dir(key),
+            layout.manifest_file(key),
+            layout.trash,
+            layout.root,
+        )
 
     @classmethod
-    def for_folder(cls, dest: Path) -> Destination:
+    def for_folder(cls, dest: Path, *, force: bool = False) -> Destination:
         """``modelcache pull URI DEST``: a cache's model folder, or any folder of the user's."""
         dest = dest.absolute()
         placed = CacheLayout.of_model_dir(dest)
         if placed is not None:
-            return cls.in_cache(*placed)
+            return replace(cls.in_cache(*placed), force=force)
         hidden = dest.parent / ".modelcache"
-        return cls(dest, hidden / "pull" / dest.name, hidden / "pull" / f"{dest.name}.json", hidden / "trash")
+        return cls(
+            dest,
+            hidden / "pull" / dest.name,
+            hidden / "pull" / f"{dest.name}.json",
+            hidden / "trash",
+            dest.parent,
+            force,
+        )
 
     def published(self) -> Manifest | None:
         """The manifest of what is published, if the folder and its manifest both exist."""
@@ -62,6 +87,83 @@ class Destination:
             return Manifest.read(self.manifest)
         except SpecError:
             return None  # unreadable or from a newer format: not trusted, never deleted here
+
+    def check_links(self) -> None:
+        """Raise :class:`LinkRefused` when a path of ours, or a folder on the way to it, is a link."""
+        inner = (self.staging / name for name in ("files", "archive", "progress.json", "manifest.json"))
+        for path in (self.final, self.staging, self.manifest, self.trash, *inner):
+            refuse_links(path, below=self.root)
+
+    def owned(self) -> bool:
+        """True when a manifest of ours names the destination folder: ours to delete or replace."""
+        return self.manifest.is_file() and _is_real_dir(self.final)
+
+    def replaceable(self) -> bool:
+        """A publish may take the destination's place: nothing there, an empty folder, ours, or
+        ``force``. Anything else is someone's files and is never deleted."""
+        if self.force or not os.path.lexists(self.final) or self.owned():
+            return True
+        return _is_real_dir(self.final) and not any(os.scandir(self.final))
+
+    def refuse_foreign(self) -> None:
+        """Raise :class:`ForeignFolder` (naming what is there) unless :meth:`replaceable`."""
+        if not self.replaceable():
+            raise ForeignFolder(
+                f"{self.final} holds {describe(self.final)} that modelcache did not publish (no manifest "
+                f"at {self.manifest}); it is never replaced: move it away, or choose a new or empty folder"
+            )
+
+
+class LinkRefused(UnsafePath):
+    """A symbolic link where modelcache keeps its folders: never followed, never deleted through."""
+
+
+def refuse_links(path: Path, *, below: Path) -> None:
+    """Raise :class:`LinkRefused` if ``path`` or any folder between ``below`` (excluded: the admin may
+    place the cache folder behind a link) and it is a symbolic link. The check stops at the first
+    part that does not exist: there is nothing there to follow."""
+    try:
+        parts = path.relative_to(below).parts
+    except ValueError:
+        raise LinkRefused(f"{path} is outside {below}") from None
+    current = below
+    for part in parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise LinkRefused(
+                f"{current} is a symbolic link; modelcache never follows or deletes through a link in "
+                "its folders: remove the link"
+            )
+
+
+def describe(path: Path) -> str:
+    """What is at ``path``, in a few words: 'a file', 'a symbolic link', 'a folder of 3 entries'."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "nothing"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            n = sum(1 for _ in os.scandir(path))
+        except OSError:
+            return "a folder"
+        return f"a folder of {n} entr{'y' if n == 1 else 'ies'}"
+    if stat.S_ISREG(st.st_mode):
+        return f"a file of {st.st_size} bytes"
+    return "a special file"
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 @dataclass
@@ -132,69 +234,151 @@ class Progress:
         write_atomic(path, json.dumps(data, separators=(",", ":")).encode())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: the file holds the old content or the new, never a mix."""
+def write_atomic(path: Path, data: bytes, *, below: Path | None = None) -> None:
+    """Write, fsync, rename: the file holds the old content or the new, never a mix.
+
+    Never writes through a link: ``path`` itself must not be one (a rename would replace the link,
+    but a link where we keep state is reported, not silently undone), nor, with ``below``, any
+    folder between ``below`` and it. Raises :class:`LinkRefused` or the OSError of the write.
+    """
+    refuse_links(path, below=below if below is not None else path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+# Published models are read-only on disk: a tenant's writable mount of a model folder cannot change
+# a byte of it. Our own removal and replacement make a folder writable again first.
+FILE_MODE = 0o444
+DIR_MODE = 0o555
+OWNER_WRITABLE = 0o700  # a folder of ours made writable again, for our own removal only
+
+
+def chmod_nofollow(path: Path, mode: int) -> None:
+    """chmod a folder (or file) without following a link put in its place after it was checked:
+    ELOOP instead. Files of a staging folder use a plain chmod after lstat (one syscall, not
+    three, per file of a 100,000-file model; the staging folder is the agent's alone)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def seal(top: Path) -> None:
+    """Make every file under ``top`` 0444 and every folder 0555 (links are left alone: chmod would
+    follow them). ``top`` itself is sealed by the caller once it is in place (renaming a folder to
+    another parent needs write permission on it)."""
+    for root, dirnames, filenames in os.walk(top, topdown=False):
+        dirpath = Path(root)
+        for name in filenames:
+            if stat.S_ISREG((dirpath / name).lstat().st_mode):
+                (dirpath / name).chmod(FILE_MODE)
+        for name in dirnames:
+            if stat.S_ISDIR((dirpath / name).lstat().st_mode):
+                chmod_nofollow(dirpath / name, DIR_MODE)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder (or file) of ours, read-only or not; never through a link."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        path.unlink()
+        return
+    for root, _, _ in os.walk(path):  # does not descend into links
+        with contextlib.suppress(OSError):
+            chmod_nofollow(Path(root), OWNER_WRITABLE)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def publish(dest: Destination, manifest: Manifest) -> None:
     """Make the staged files the destination, atomically for readers of the destination path."""
+    dest.check_links()
     write_atomic(dest.staging / "manifest.json", json.dumps(manifest.to_json(), indent=1).encode())
     finish_publish(dest)
 
 
 def finish_publish(dest: Destination) -> bool:
-    """Complete a publish that a crash interrupted (or the one just begun); True if one was done."""
+    """Complete a publish that a crash interrupted (or the one just begun); True if one was done.
+
+    Raises :class:`LinkRefused` for a link on the way, :class:`ForeignFolder` when the destination
+    holds files that are not ours (never replaced), and the OSError of a failed rename.
+    """
+    dest.check_links()
     staged_manifest = dest.staging / "manifest.json"
     if not staged_manifest.is_file():
         return False
     files = dest.staging / "files"
     dest.final.parent.mkdir(parents=True, exist_ok=True)
-    if files.is_dir():
-        if dest.final.exists():
+    if _is_real_dir(files):
+        seal(files)
+        if os.path.lexists(dest.final):
+            dest.refuse_foreign()
             # The old copy goes to trash first; readers see the old folder, then the new one.
             dest.trash.mkdir(parents=True, exist_ok=True)
             old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
+            if _is_real_dir(dest.final):
+                # Moving a folder to another parent writes its '..': it must be writable.
+                chmod_nofollow(dest.final, OWNER_WRITABLE)
             dest.final.replace(old)
             files.replace(dest.final)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         else:
             files.replace(dest.final)
         fsync_dir(dest.final.parent)
-    elif not dest.final.is_dir():
+    elif not _is_real_dir(dest.final):
         return False  # nothing staged and nothing published: the manifest is stale
+    chmod_nofollow(dest.final, DIR_MODE)
     dest.manifest.parent.mkdir(parents=True, exist_ok=True)
     staged_manifest.replace(dest.manifest)
     fsync_dir(dest.manifest.parent)
-    shutil.rmtree(dest.staging, ignore_errors=True)
+    remove_tree(dest.staging)
     return True
 
 
-def remove_published(dest: Destination) -> None:
-    """Delete a published model: manifest first (so a crash never leaves a trusted half), then
-    rename the folder into trash and remove it there."""
+def remove_published(dest: Destination) -> bool:
+    """Delete a published model and its staging; False when the folder was kept because no manifest
+    of ours names it (someone else's files: reported by the caller, never deleted).
+
+    The folder is renamed into trash before the manifest goes, so a crash leaves either the whole
+    model with its manifest, or a manifest without a folder (not trusted, replaced by the next
+    publish), never a folder of ours without its manifest. Raises :class:`LinkRefused`.
+    """
+    dest.check_links()
+    kept = False
+    if os.path.lexists(dest.final):
+        if dest.owned():
+            dest.trash.mkdir(parents=True, exist_ok=True)
+            old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
+            chmod_nofollow(dest.final, OWNER_WRITABLE)
+            dest.final.replace(old)
+            remove_tree(old)
+        else:
+            kept = True
     with contextlib.suppress(FileNotFoundError):
         dest.manifest.unlink()
-    if dest.final.exists():
-        dest.trash.mkdir(parents=True, exist_ok=True)
-        old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
-        dest.final.replace(old)
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(dest.staging, ignore_errors=True)
+    remove_tree(dest.staging)
+    return not kept

@@ -1,30 +1,132 @@
 """Unpack a downloaded archive into the staging folder, refusing any member that would land
-outside it (absolute names, '..', links pointing out, devices). One bad member fails the whole
-download: nothing is published, and nothing is written outside the folder.
+outside it (absolute names, '..', links pointing out, devices) and any archive that would unpack
+past its cap. One bad member fails the whole download: nothing is published, nothing is written
+outside the folder, and a refused or failed extraction is removed (its space given back).
+
+The cap is the smallest of: the declared modelSize (``limit``, or :data:`unpack_limit` set by
+:func:`agent.download.pull.pull`), the free space of the staging filesystem, and
+:data:`MAX_RATIO` times the archive's size (a zip bomb of 4 MB that unpacks to 4 GiB has a ratio
+of 1000:1; real model archives compress weights little, 2-5:1). The sizes the archive declares are
+checked before the first byte is written, and bytes are counted as they are written, since declared
+sizes can lie.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gzip
+import lzma
+import os
+import shutil
+import stat
 import tarfile
 import zipfile
+import zlib
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from localmodel.errors import DownloadError, UnsafePath
+from localmodel.errors import DiskFull, DownloadError, IntegrityError, UnsafePath
 from localmodel.manifest import is_safe_relative_path
+from localmodel.quantity import readable
+
+MAX_RATIO = 200  # unpacked bytes per archive byte, for the whole archive
+unpack_limit: ContextVar[int | None] = ContextVar("unpack_limit", default=None)
+_BLOCK = 1 << 20
+# What the archive readers raise for a damaged, encrypted or unsupported archive.
+_INVALID = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    lzma.LZMAError,
+    RuntimeError,
+    NotImplementedError,
+)
 
 
-def unpack(archive: Path, into: Path, *, archive_type: str, source: str) -> None:
+@dataclass
+class _Budget:
+    """How many bytes may still be written, and which limit is the tightest (for the message)."""
+
+    source: str
+    cap: int
+    why: str  # "free" | "declared" | "ratio"
+    limits: str  # the tightest limit with its numbers, for the message
+    written: int = 0
+
+    def check(self, total: int, *, declared: bool) -> None:
+        if total <= self.cap:
+            return
+        what = "declares" if declared else "unpacks to more than"
+        message = f"{self.source}: the archive {what} {readable(total)}, more than {self.limits}"
+        if self.why == "free":
+            raise DiskFull(message)
+        raise IntegrityError(message)
+
+    def take(self, n: int) -> None:
+        self.written += n
+        self.check(self.written, declared=False)
+
+
+def unpack(archive: Path, into: Path, *, archive_type: str, source: str, limit: int | None = None) -> None:
+    """Extract ``archive`` (.zip, or a tar of any compression) into ``into``.
+
+    Raises UnsafePath, IntegrityError (over the declared size or the ratio), DiskFull (over the free
+    space, or ENOSPC), DownloadError (not a valid archive). ``into`` is removed on any failure.
+    """
     into.mkdir(parents=True, exist_ok=True)
+    if limit is None:
+        limit = unpack_limit.get()
+    budget = _budget(archive, into, source=source, limit=limit)
     try:
         if archive_type == ".zip":
-            _unzip(archive, into, source)
+            _unzip(archive, into, source, budget)
         else:
-            _untar(archive, into, source)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
-        raise DownloadError(f"{source}: not a valid {archive_type} archive: {e}") from e
+            _untar(archive, into, source, budget)
+    except BaseException as e:
+        _remove(into)
+        if isinstance(e, _INVALID):
+            raise DownloadError(f"{source}: not a valid {archive_type} archive: {e}") from e
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DiskFull(
+                f"{source}: no space left while unpacking ({readable(budget.written)} written)"
+            ) from e
+        raise
 
 
-def _untar(archive: Path, into: Path, source: str) -> None:
+def _budget(archive: Path, into: Path, *, source: str, limit: int | None) -> _Budget:
+    free = shutil.disk_usage(into).free
+    size = archive.stat().st_size
+    caps = [
+        (free, "free", f"the {readable(free)} free on the cache's filesystem"),
+        (
+            size * MAX_RATIO,
+            "ratio",
+            f"{MAX_RATIO} times the archive's {readable(size)} ({readable(size * MAX_RATIO)})",
+        ),
+    ]
+    if limit is not None:
+        caps.append((limit, "declared", f"the declared modelSize {readable(limit)}"))
+    cap, why, text = min(caps, key=lambda c: c[0])
+    return _Budget(source, cap, why, text)
+
+
+def _copy(src: IO[bytes], dst: Path, budget: _Budget) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(dst).st_mode):
+            dst.unlink()  # a later member of the same name wins, as in tar; never written through
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        while block := src.read(_BLOCK):
+            budget.take(len(block))
+            out.write(block)
+
+
+def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
         for m in members:
@@ -41,22 +143,54 @@ def _untar(archive: Path, into: Path, source: str) -> None:
                     )
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 raise UnsafePath(f"{source}: archive member {m.name[:200]!r} is a device or a fifo")
-        # The 'data' filter re-checks all of the above inside tarfile itself (defence in depth).
-        try:
-            tar.extractall(into, members=members, filter="data")
-        except tarfile.FilterError as e:
-            raise UnsafePath(f"{source}: archive refused: {e}") from e
+        budget.check(sum(m.size for m in members if m.isfile()), declared=True)
+        for m in members:
+            # The 'data' filter re-checks all of the above inside tarfile itself (defence in depth).
+            try:
+                checked = tarfile.data_filter(m, str(into))
+            except tarfile.FilterError as e:
+                raise UnsafePath(f"{source}: archive refused: {e}") from e
+            if checked is None:
+                continue
+            if checked.isfile():
+                # Regular files are copied here, counting bytes; tarfile makes folders and links.
+                dst = into / checked.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(checked)
+                if src is None:
+                    raise DownloadError(f"{source}: archive member {m.name[:200]!r} has no data")
+                with src:
+                    _copy(src, dst, budget)
+                dst.chmod(checked.mode & 0o755 if checked.mode is not None else 0o644)
+            else:
+                tar.extract(checked, into, filter="data")
 
 
-def _unzip(archive: Path, into: Path, source: str) -> None:
+def _unzip(archive: Path, into: Path, source: str, budget: _Budget) -> None:
     with zipfile.ZipFile(archive) as z:
-        for info in z.infolist():
+        infos = z.infolist()
+        for info in infos:
             name = info.filename.rstrip("/")
             if not is_safe_relative_path(name):
                 raise UnsafePath(
                     f"{source}: archive member {info.filename[:200]!r} would land outside the model's folder"
                 )
-        z.extractall(into)  # noqa: S202 - every name checked above
+        budget.check(sum(i.file_size for i in infos if not i.is_dir()), declared=True)
+        for info in infos:
+            dst = into / info.filename.rstrip("/")
+            if info.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as src:
+                _copy(src, dst, budget)
+
+
+def _remove(path: Path) -> None:
+    """Give the space of a failed extraction back (the folder is ours: staging/<key>/files)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _normalise(path: str) -> str:
