@@ -66,11 +66,17 @@ BOOLEAN_FLAGS = frozenset(
         "--skip-tokenizer-init",
         "--trust-remote-code",
         "--use-tqdm-on-load",
-        # KServe huggingfaceserver's switches
-        "--enable-docs-url",
+        # KServe huggingfaceserver's store_true switches (runtime/kserve.py; its --enable_docs_url and
+        # --enable_grpc take a value: `--enable_docs_url true`)
+        "--disable-lower-case",
+        "--disable-special-tokens",
+        "--enable-predictor-health-check",
+        "--return-offsets-mapping",
         "--return-probabilities",
         "--return-raw-logits",
+        "--return-token-type-ids",
         "--use-id2label",
+        "--v2-tensors",
     }
 )
 

@@ -1,6 +1,9 @@
-"""Sequence classification: which engine, and what a KServe v1 or v2 predict answers. Pure: no I/O.
+"""Encoder models: which engine, and what a KServe v1 or v2 predict answers. Pure: no I/O.
 
-KServe's huggingfaceserver serves classifiers with its v1 and v2 protocols; its gaps, closed here:
+KServe's huggingfaceserver serves encoder models (sequence and token classification, fill-mask, text
+embedding) with its v1 and v2 protocols. The answers here are KServe's, shape for shape and number for
+number (``encoder_model.py`` postprocess and ``kserve/utils/utils.py`` get_predict_response, kserve/kserve
+at aaac4e294dae; file:line at each function). Its gaps, closed here, opt-in:
 - outputs were keyed by class index only; mapping through the model's ``id2label`` was proposed but
   never merged (KServe #5181, #5526). ``--use_id2label`` keys predictions and probabilities by the
   names in ``id2label``, falling back to the index where a class has no name;
@@ -11,12 +14,16 @@ Everything here works on plain lists as well as on tensors (anything with ``.det
 so the tests need neither torch nor transformers.
 
 Output shapes (the precedence is KServe's: raw logits, then probabilities, then predicted classes):
-- v1 ``{"predictions": [...]}``, one entry per input: the class (index, or name with
-  ``--use_id2label``); with ``--return_probabilities`` a map class → probability; with
-  ``--return_raw_logits`` the logits (a list, or a map class → logit with ``--use_id2label``).
-- v2 ``{"model_name", "id", "outputs": [...]}``: ``output-0`` always holds the predicted class (INT64
-  indices or BYTES names, shape ``[N]``); ``probabilities`` and ``logits`` (FP32, shape ``[N, C]``,
-  row-major, class keys in ``parameters.labels``) are added when asked for.
+- v1 ``{"predictions": [...]}``, one entry per input. Sequence classification: the class index (name
+  with ``--use_id2label``); with ``--return_probabilities`` ``{class: probability}`` rounded to 4
+  places; with ``--return_raw_logits`` ``{class: logit}``. Token classification: ``[[class per
+  token]]``, or per token ``{class: probability}`` / ``{class: logit}``. Fill-mask: the predicted
+  token's text, or per mask a list of ``{token_id: "0.1234"}`` (strings, as KServe's) / ``{token_id:
+  logit}``. Embedding: the mean-pooled, L2-normalised vector.
+- v2 ``{"id", "model_name", "model_version": null, "outputs": [output-0]}``: one tensor holding what v1
+  holds, typed as numpy types it (INT64 indices, FP64 floats, BYTES strings, and BYTES ``str(dict)`` for
+  each probability or logit map). ``--v2_tensors`` instead gives the predicted class plus FP32
+  ``probabilities``/``logits`` tensors ``[N, C]`` (class keys in ``parameters.labels``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,19 @@ from localmodel.errors import InvalidInput
 Engine = Literal["huggingface", "vllm"]
 Backend = Literal["auto", "huggingface", "vllm"]
 TASK = "sequence_classification"
+TAGGING = "token_classification"
+FILL_MASK = "fill_mask"
+EMBEDDING = "text_embedding"
+# The tasks KServe's transformers backend serves with its encoder model (task.py SUPPORTED_TASKS less
+# the generative ones); the encoder server here serves them all.
+ENCODER_TASKS = (TASK, TAGGING, FILL_MASK, EMBEDDING)
+# KServe's architecture suffixes for them (task.py ARCHITECTURES_2_TASK); embedding has none: it is
+# asked for with --task text_embedding.
+_ARCH_TASKS = (
+    ("ForTokenClassification", TAGGING),
+    ("ForSequenceClassification", TASK),
+    ("ForMaskedLM", FILL_MASK),
+)
 # KServe's other task names: a task given explicitly that is not ours means the model is not served here.
 KSERVE_TASKS = frozenset(
     {
@@ -51,6 +71,8 @@ class OutputOptions:
     return_probabilities: bool = False
     return_raw_logits: bool = False
     use_id2label: bool = False
+    v2_tensors: bool = False  # the richer v2 answer (class + FP32 probabilities/logits tensors)
+    return_offsets_mapping: bool = False  # token classification's character offsets (KServe's)
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,20 @@ def kserve_task(task: str | None) -> str | None:
         return None
     norm = task.strip().lower().replace("-", "_")
     return norm if norm in KSERVE_TASKS else None
+
+
+def encoder_task(architectures: Sequence[str], task: str | None = None) -> str | None:
+    """The encoder task to serve, or None for a model vLLM's OpenAI server serves. KServe's task name,
+    when given, decides; else the first architecture with one of KServe's encoder suffixes
+    (``*ForSequenceClassification``, ``*ForTokenClassification``, ``*ForMaskedLM``)."""
+    norm = kserve_task(task)
+    if norm is not None:
+        return norm if norm in ENCODER_TASKS else None
+    for arch in architectures:
+        for suffix, name in _ARCH_TASKS:
+            if arch.endswith(suffix):
+                return name
+    return None
 
 
 def is_classifier(architectures: Sequence[str], task: str | None = None) -> bool:
@@ -93,6 +129,7 @@ def choose_engine(
     backend: str | None = None,
     vllm_archs: frozenset[str] | None = None,
     options: OutputOptions = OutputOptions(),
+    task: str | None = None,
 ) -> EngineChoice:
     """vLLM's pooling runner where it serves the model, transformers otherwise; ``--backend`` forces one.
 
@@ -100,6 +137,13 @@ def choose_engine(
     vLLM's classify pooler answers probabilities, never raw logits, so ``--return_raw_logits`` needs
     transformers."""
     chosen = normalise_backend(backend)
+    if task not in (None, TASK):
+        if chosen == "vllm":
+            raise InvalidInput(
+                f"--backend vllm with --task {task}: served with transformers only (KServe's shapes: "
+                "mean pooling, per-token and per-mask answers); use --backend huggingface or auto"
+            )
+        return EngineChoice("huggingface", f"transformers: {task} is served with transformers")
     if chosen == "huggingface":
         return EngineChoice("huggingface", "transformers: as --backend huggingface asks")
     if chosen == "vllm":
@@ -199,10 +243,16 @@ class Classified:
 
 
 def classify_logits(
-    logits: Any, id2label: Mapping[Any, str] | None = None, *, use_id2label: bool = False
+    logits: Any,
+    id2label: Mapping[Any, str] | None = None,
+    *,
+    use_id2label: bool = False,
+    probabilities: Any = None,
 ) -> Classified:
+    """``probabilities``: the engine's own softmax of the logits (KServe's is torch's, in the model's
+    dtype; rounding its float32 values, not a float64 softmax, gives KServe's 4 places)."""
     rows = _rows(logits)
-    probs = [softmax(r) for r in rows]
+    probs = _rows(probabilities) if probabilities is not None else [softmax(r) for r in rows]
     return Classified(
         labels=tuple(class_labels(len(rows[0]), id2label, use_id2label)),
         predicted=tuple(argmax(r) for r in rows),
@@ -224,19 +274,24 @@ def classify_probabilities(
     )
 
 
-def _keyed(labels: Sequence[Label], row: Sequence[float]) -> dict[Label, float]:
+def _keyed(labels: Sequence[Label], row: Sequence[Any]) -> dict[Label, Any]:
     return dict(zip(labels, row, strict=True))
 
 
+def kserve_round(p: float) -> float:
+    """KServe's rounding of a probability: ``float(f"{p:.4f}")`` (encoder_model.py:427, 555)."""
+    return float(f"{p:.4f}")
+
+
 def v1_predictions(result: Classified, options: OutputOptions) -> list[Any]:
+    """KServe's ``_process_sequence_classification`` (encoder_model.py:402-433): per input a map
+    class → logit, or class → probability rounded to 4 places, or the class index."""
     if options.return_raw_logits:
         if not result.logits:
             raise InvalidInput("raw logits were asked for, but this engine reports probabilities only")
-        if options.use_id2label:
-            return [_keyed(result.labels, row) for row in result.logits]
-        return [list(row) for row in result.logits]
+        return [_keyed(result.labels, row) for row in result.logits]
     if options.return_probabilities:
-        return [_keyed(result.labels, row) for row in result.probabilities]
+        return [_keyed(result.labels, [kserve_round(p) for p in row]) for row in result.probabilities]
     return result.predicted_labels
 
 
@@ -244,7 +299,58 @@ def _flat(rows: Iterable[Sequence[float]]) -> list[float]:
     return [x for row in rows for x in row]
 
 
+def _shape_and_leaves(value: Any) -> tuple[list[int], list[Any]]:
+    """numpy's view of nested lists: the shape (every list at one depth the same length) and the
+    leaves in row-major order. A dict or string is a leaf (numpy makes it an object element)."""
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        if not probe:
+            break
+        probe = probe[0]
+    leaves: list[Any] = []
+
+    def walk(v: Any, depth: int) -> None:
+        if depth == len(shape):
+            if isinstance(v, list):
+                raise ValueError("ragged output: rows of different depths")
+            leaves.append(v)
+            return
+        if not isinstance(v, list) or len(v) != shape[depth]:
+            raise ValueError("ragged output: rows of different lengths")
+        for item in v:
+            walk(item, depth + 1)
+
+    walk(value, 0)
+    return shape, leaves
+
+
+def v2_tensor(name: str, inferences: list[Any]) -> dict[str, Any]:
+    """One v2 output tensor as KServe's ``get_predict_response`` makes it for a JSON request
+    (kserve/utils/utils.py:194-252 and InferOutput.set_data_from_numpy, infer_type.py:1080-1107):
+    a list of strings is BYTES ``[N]``; anything else goes through ``np.array``, so ints are INT64,
+    floats FP64, and dicts (probability or logit maps) BYTES holding ``str(dict)``."""
+    if inferences and isinstance(inferences[0], str):
+        return _tensor(name, [len(inferences)], "BYTES", list(inferences))
+    shape, leaves = _shape_and_leaves(inferences)
+    if any(isinstance(x, dict | str) for x in leaves):
+        return _tensor(name, shape, "BYTES", [x if isinstance(x, str) else str(x) for x in leaves])
+    if leaves and all(isinstance(x, bool) for x in leaves):
+        return _tensor(name, shape, "BOOL", leaves)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in leaves):
+        return _tensor(name, shape, "INT64", leaves)
+    return _tensor(name, shape, "FP64", [float(x) for x in leaves])
+
+
+def _tensor(name: str, shape: list[int], datatype: str, data: list[Any]) -> dict[str, Any]:
+    # KServe's REST answer carries "parameters": null on each output (its pydantic InferOutput).
+    return {"name": name, "shape": shape, "datatype": datatype, "parameters": None, "data": data}
+
+
 def v2_outputs(result: Classified, options: OutputOptions) -> list[dict[str, Any]]:
+    if not options.v2_tensors:
+        return [v2_tensor("output-0", v1_predictions(result, options))]
     n, c = len(result.predicted), len(result.labels)
     named = options.use_id2label and any(isinstance(lab, str) for lab in result.labels)
     outputs: list[dict[str, Any]] = [
@@ -279,6 +385,105 @@ def v2_outputs(result: Classified, options: OutputOptions) -> list[dict[str, Any
             }
         )
     return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# The other encoder tasks: token classification, fill-mask, text embedding
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    """Token classification of a padded batch: per input, per token (special and pad tokens
+    included, as KServe's), the class scores. ``offsets`` per token ``[start, end]`` when asked."""
+
+    labels: tuple[Label, ...]
+    logits: tuple[tuple[tuple[float, ...], ...], ...]
+    probabilities: tuple[tuple[tuple[float, ...], ...], ...]
+    offsets: tuple[tuple[tuple[int, int], ...], ...] | None = None
+
+
+def token_predictions(result: TokenResult, options: OutputOptions) -> list[Any]:
+    """KServe's ``_process_token_classification`` (encoder_model.py:524-562): per input a list of
+    per-token maps class → logit, or class → probability (4 places); by default
+    ``torch.argmax(output, dim=2).tolist()`` of the input's ``[1, T, C]`` scores, i.e. ``[[class per
+    token]]`` (the extra list is KServe's)."""
+    labels = result.labels
+    if options.return_raw_logits:
+        return [[_keyed(labels, tok) for tok in row] for row in result.logits]
+    if options.return_probabilities:
+        return [
+            [_keyed(labels, [kserve_round(p) for p in tok]) for tok in row] for row in result.probabilities
+        ]
+    return [[[labels[argmax(tok)] for tok in row]] for row in result.logits]
+
+
+def token_extra_output(result: TokenResult, options: OutputOptions) -> dict[str, Any] | None:
+    """``--return_offsets_mapping``: KServe adds an ``offset_mapping`` INT64 tensor ``[N, T, 2]``
+    (encoder_model.py:343-365), to the v2 outputs and, in v1, under an ``outputs`` key."""
+    if not options.return_offsets_mapping or result.offsets is None:
+        return None
+    rows = [[list(pair) for pair in row] for row in result.offsets]
+    return v2_tensor("offset_mapping", rows)
+
+
+def _v1_extra(tensor: dict[str, Any]) -> dict[str, Any]:
+    # The dict KServe appends to a v1 answer (encoder_model.py:358-365): no parameters, this key order.
+    return {k: tensor[k] for k in ("name", "datatype", "shape", "data")}
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """Fill-mask, per input: the scores over the vocabulary at each mask token (``[M, V]``), their
+    softmax, and the text of the best token at each mask decoded together (KServe's
+    ``tokenizer.decode(argmax)``)."""
+
+    logits: tuple[tuple[tuple[float, ...], ...], ...]
+    probabilities: tuple[tuple[tuple[float, ...], ...], ...]
+    predicted: tuple[str, ...]
+
+
+def fill_mask_predictions(result: MaskResult, options: OutputOptions) -> list[Any]:
+    """KServe's ``_process_fill_mask`` (encoder_model.py:435-522): per input the decoded text, or per
+    mask a list over the vocabulary of ``{token_id: logit}`` / ``{token_id: "0.1234"}`` (a string: KServe
+    formats these probabilities without converting back)."""
+    if options.return_raw_logits:
+        return [[[{i: x} for i, x in enumerate(mask)] for mask in row] for row in result.logits]
+    if options.return_probabilities:
+        return [
+            [[{i: f"{p:.4f}"} for i, p in enumerate(mask)] for mask in row] for row in result.probabilities
+        ]
+    return list(result.predicted)
+
+
+def kserve_v1(inferences: list[Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """KServe's v1 answer: ``{"predictions": inferences}``, plus ``outputs`` holding an extra tensor
+    (token offsets) the way encoder_model.py:357-365 adds it to a dict response."""
+    out: dict[str, Any] = {"predictions": inferences}
+    if extra is not None:
+        out["outputs"] = [_v1_extra(extra)]
+    return out
+
+
+def kserve_v2(
+    inferences: list[Any], *, model_name: str, request_id: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """KServe's v2 answer to a JSON request (InferResponse.to_rest): id, model_name, model_version
+    (None), and ``output-0`` (plus the extra tensor)."""
+    outputs = [v2_tensor("output-0", inferences)]
+    if extra is not None:
+        outputs.append(extra)
+    return _v2(model_name, request_id, outputs)
+
+
+def _v2(model_name: str, request_id: str | None, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    # KServe's REST v2 answer, key for key (its pydantic InferenceResponse).
+    return {
+        "model_name": model_name,
+        "model_version": None,
+        "id": request_id,
+        "parameters": None,
+        "outputs": outputs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +568,5 @@ def v1_response(result: Classified, options: OutputOptions) -> dict[str, Any]:
 def v2_response(
     result: Classified, options: OutputOptions, *, model_name: str, request_id: str | None = None
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"model_name": model_name, "outputs": v2_outputs(result, options)}
-    if request_id is not None:
-        out["id"] = request_id
-    return out
+    """KServe's v2 answer (InferResponse.to_rest, infer_type.py): id, model_name, model_version, outputs."""
+    return _v2(model_name, request_id, v2_outputs(result, options))

@@ -1,13 +1,17 @@
-"""A small KServe-protocol server for sequence classifiers: ``python -m runtime.classify_server``.
+"""A small KServe-protocol server for encoder models: ``python -m runtime.classify_server``.
 
-``modelcache serve`` execs this instead of vLLM's OpenAI server when the model is a classifier (its
-architecture ends with ``ForSequenceClassification``, or KServe's ``--task sequence_classification``).
+``modelcache serve`` execs this instead of vLLM's OpenAI server for the tasks KServe's transformers
+backend serves with its encoder model: sequence classification, token classification, fill-mask and
+text embedding (an architecture ending ``ForSequenceClassification``, ``ForTokenClassification`` or
+``ForMaskedLM``, or KServe's ``--task``). Answers are KServe's, shape for shape (runtime.classify).
 Endpoints (KServe's v1 and v2 protocols, and the health paths the runtimes' probes read):
 
 - ``POST /v1/models/{name}:predict``  ``{"instances": ["text", ...]}`` → ``{"predictions": [...]}``
-- ``POST /v2/models/{name}/infer``    a BYTES input tensor → ``output-0`` (+ ``probabilities``, ``logits``)
-- ``GET /v2/health/ready``, ``/v2/health/live``, ``/health``, ``/v1/models/{name}``,
-  ``/v2/models/{name}``, ``/v2/models/{name}/ready``
+- ``POST /v2/models/{name}/infer``    a BYTES input tensor → ``output-0``
+- ``GET /``, ``/v2/health/live``: alive; ``/health``, ``/v2/health/ready``, ``/v1/models/{name}``,
+  ``/v2/models/{name}/ready``: 200 once the model is loaded, 503 until then (KServe's
+  ModelNotReady; probes read status codes); ``/v2/models/{name}``; ``/metrics`` (KServe's
+  ``request_{preprocess,predict,postprocess}_seconds`` histograms by ``model_name``)
 
 The engine (transformers, or vLLM's pooling runner in-process) is imported and loaded only after the
 server listens, so the probes answer while the weights load; ``ready`` turns true once it has loaded.
@@ -29,17 +33,32 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
 from localmodel.errors import InvalidInput
 from runtime.classify import (
+    EMBEDDING,
+    ENCODER_TASKS,
+    FILL_MASK,
+    TAGGING,
+    TASK,
     BadRequest,
     Classified,
     EngineChoice,
+    MaskResult,
     OutputOptions,
+    TokenResult,
     choose_engine,
+    class_labels,
     classify_logits,
     classify_probabilities,
+    encoder_task,
+    fill_mask_predictions,
+    kserve_v1,
+    kserve_v2,
     normalise_backend,
+    token_extra_output,
+    token_predictions,
     v1_inputs,
     v1_response,
     v2_inputs,
@@ -50,9 +69,13 @@ MAX_BATCH = 256
 
 
 class ClassifierEngine(Protocol):
-    name: str
+    """An engine for one encoder task: ``infer`` answers a batch with the task's result type
+    (Classified, TokenResult, MaskResult, or embedding rows ``list[list[float]]``)."""
 
-    def classify(self, texts: list[str], use_id2label: bool) -> Classified: ...
+    name: str
+    task: str
+
+    def infer(self, texts: list[str], use_id2label: bool) -> Any: ...
 
 
 def id2label_from_config(config: Mapping[str, Any]) -> dict[int, str] | None:
@@ -83,15 +106,45 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+# KServe's max length: the smallest of these config keys (huggingfaceserver utils.py:28-60).
+_MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
+def max_length_of(config: Mapping[str, Any], asked: int | None) -> int | None:
+    """The tokenizer's truncation length: the one asked for, else the smallest length key of the
+    config (KServe's ``_get_and_verify_max_len``), else None (the tokenizer's own)."""
+    if asked:
+        return asked
+    found = [v for k in _MAX_LEN_KEYS if isinstance(v := config.get(k), int) and not isinstance(v, bool)]
+    return min(found) if found else None
+
+
 @dataclass
 class TransformersEngine:
-    """transformers' AutoModelForSequenceClassification on the first CUDA device, else the CPU."""
+    """transformers on the first CUDA device, else the CPU, as KServe's HuggingfaceEncoderModel loads
+    and runs it (encoder_model.py:151-315): the task's Auto class, dtype ``auto`` = the config's dtype,
+    else float16 on a GPU and float32 on the CPU (__main__.py:189-256); the tokenizer with
+    ``do_lower_case``, padding, truncation at the config's max length, special tokens."""
 
     model_dir: Path
     id2label: Mapping[int, str] | None
     dtype: str | None = None
     max_length: int | None = None
     trust_remote_code: bool = False
+    task: str = TASK
+    lower_case: bool = True
+    special_tokens: bool = True
+    token_type_ids: bool | None = None
+    offsets: bool = False
     name: str = "huggingface"
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
@@ -99,35 +152,102 @@ class TransformersEngine:
 
     def load(self) -> None:
         import torch  # type: ignore[import-not-found, unused-ignore]
-        from transformers import (  # type: ignore[import-not-found, unused-ignore]
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+        import transformers  # type: ignore[import-not-found, unused-ignore]
 
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
-        kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": self.trust_remote_code}
-        if self.dtype and self.dtype != "auto":
-            name = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)
-            kwargs["torch_dtype"] = getattr(torch, name)
-        self._tokenizer = AutoTokenizer.from_pretrained(
-            str(self.model_dir), local_files_only=True, trust_remote_code=self.trust_remote_code
+        auto = {
+            TASK: transformers.AutoModelForSequenceClassification,
+            TAGGING: transformers.AutoModelForTokenClassification,
+            FILL_MASK: transformers.AutoModelForMaskedLM,
+            EMBEDDING: transformers.AutoModel,
+        }[self.task]
+        config = read_config(self.model_dir)
+        names = {"half": "float16", "float": "float32"}
+        dtype = names.get(self.dtype or "auto", self.dtype or "auto")
+        if dtype == "auto":
+            declared = config.get("dtype") or config.get("torch_dtype")
+            if isinstance(declared, str) and hasattr(torch, declared):
+                dtype = declared
+            else:
+                dtype = "float16" if self._device == "cuda" else "float32"
+        self.max_length = max_length_of(config, self.max_length)
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(self.model_dir),
+            local_files_only=True,
+            trust_remote_code=self.trust_remote_code,
+            do_lower_case=self.lower_case,
         )
-        model = AutoModelForSequenceClassification.from_pretrained(str(self.model_dir), **kwargs)
+        if self.offsets and not getattr(self._tokenizer, "is_fast", False):
+            raise InvalidInput("--return_offsets_mapping needs a fast tokenizer (tokenizer.json)")
+        # transformers 4.56 renamed torch_dtype to dtype; older releases ignore an unknown keyword.
+        old_name = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
+        model = auto.from_pretrained(
+            str(self.model_dir),
+            local_files_only=True,
+            trust_remote_code=self.trust_remote_code,
+            **{"torch_dtype" if old_name else "dtype": getattr(torch, dtype)},
+        )
+        if not self._tokenizer.pad_token:
+            # KServe adds "[PAD]" and grows the embeddings (encoder_model.py:199-208).
+            self._tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            model.resize_token_embeddings(len(self._tokenizer))
         self._model = model.to(self._device).eval()
 
-    def classify(self, texts: list[str], use_id2label: bool) -> Classified:
+    def _encode(self, texts: list[str]) -> Any:
+        return self._tokenizer(
+            texts,
+            max_length=self.max_length,
+            add_special_tokens=self.special_tokens,
+            return_tensors="pt",
+            return_token_type_ids=self.token_type_ids,
+            padding=True,
+            truncation=True,
+            return_offsets_mapping=self.offsets and self.task == TAGGING,
+        )
+
+    def infer(self, texts: list[str], use_id2label: bool) -> Any:
         import torch
 
-        limit = self.max_length or getattr(self._tokenizer, "model_max_length", None)
-        if not isinstance(limit, int) or limit > 1_000_000:
-            limit = None
-        with torch.inference_mode():
-            enc = self._tokenizer(
-                texts, padding=True, truncation=limit is not None, max_length=limit, return_tensors="pt"
-            ).to(self._device)
-            logits = self._model(**enc).logits.float()
-        # classify_logits moves the tensor to the CPU before any conversion (KServe #4443).
-        return classify_logits(logits, self.id2label, use_id2label=use_id2label)
+        enc = self._encode(texts)
+        offsets = enc.pop("offset_mapping", None)
+        enc = enc.to(self._device)
+        with torch.no_grad():
+            out = self._model(**enc, return_dict=True)
+        # Every tensor goes to the CPU before any conversion (KServe #4443), softmax in the model's dtype.
+        if self.task == EMBEDDING:
+            hidden = out.last_hidden_state
+            mask = enc["attention_mask"].to(dtype=hidden.dtype).unsqueeze(-1).expand_as(hidden)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().tolist()
+        logits = out.logits
+        probs = torch.softmax(logits, dim=-1)
+        if self.task == TASK:
+            return classify_logits(
+                logits.cpu(), self.id2label, use_id2label=use_id2label, probabilities=probs.cpu()
+            )
+        if self.task == TAGGING:
+            labels = tuple(class_labels(logits.shape[-1], self.id2label, use_id2label))
+            return TokenResult(
+                labels,
+                _tuples(logits.cpu().tolist()),
+                _tuples(probs.cpu().tolist()),
+                _tuples(offsets.tolist()) if offsets is not None else None,
+            )
+        mask_id = self._tokenizer.mask_token_id
+        ids = enc["input_ids"].cpu()
+        rows_logits, rows_probs, predicted = [], [], []
+        for i in range(ids.shape[0]):
+            where = [j for j in range(ids.shape[1]) if int(ids[i, j]) == mask_id]
+            at = torch.tensor(where, dtype=torch.long)
+            masked = logits[i, at].cpu()
+            rows_logits.append(masked.tolist())
+            rows_probs.append(torch.softmax(masked, dim=-1).tolist())
+            predicted.append(self._tokenizer.decode(masked.argmax(dim=-1)))
+        return MaskResult(_tuples(rows_logits), _tuples(rows_probs), tuple(predicted))
+
+
+def _tuples(rows: Any) -> Any:
+    return tuple(_tuples(r) for r in rows) if isinstance(rows, list) else rows
 
 
 @dataclass
@@ -141,6 +261,7 @@ class VllmEngine:
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
     name: str = "vllm"
+    task: str = TASK
     _llm: Any = field(default=None, repr=False)
 
     def load(self) -> None:
@@ -160,7 +281,7 @@ class VllmEngine:
         except TypeError:
             self._llm = LLM(task="classify", **kwargs)  # older releases
 
-    def classify(self, texts: list[str], use_id2label: bool) -> Classified:
+    def infer(self, texts: list[str], use_id2label: bool) -> Classified:
         outputs = self._llm.classify(texts, use_tqdm=False)
         probs = [list(o.outputs.probs) for o in outputs]
         return classify_probabilities(probs, self.id2label, use_id2label=use_id2label)
@@ -175,6 +296,10 @@ def vllm_archs() -> frozenset[str] | None:
     return frozenset(ModelRegistry.get_supported_archs())
 
 
+# KServe's model server histograms (kserve/metrics.py:18-27), by model_name.
+_STAGES = ("preprocess", "predict", "postprocess")
+
+
 @dataclass
 class ServerState:
     model_name: str
@@ -182,6 +307,17 @@ class ServerState:
     engine: ClassifierEngine | None = None
     failed: str | None = None
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "classify"))
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for stage in _STAGES:
+            self.histograms[stage] = Histogram(
+                f"request_{stage}_seconds", f"{stage} request latency", ["model_name"], registry=self.registry
+            )
+
+    def timer(self, stage: str) -> Any:
+        return self.histograms[stage].labels(model_name=self.model_name).time()
 
     @property
     def ready(self) -> bool:
@@ -208,27 +344,48 @@ def make_app(state: ServerState) -> web.Application:
             return _error(404, f"model {name!r} is not served here (this server serves {state.model_name!r})")
         return None
 
-    async def run(texts: list[str]) -> Classified:
+    async def run(texts: list[str]) -> Any:
         if len(texts) > MAX_BATCH:
             raise BadRequest(f"{len(texts)} inputs in one request; at most {MAX_BATCH}")
         engine = state.engine
         assert engine is not None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(state.pool, engine.classify, texts, state.options.use_id2label)
+        with state.timer("predict"):
+            return await loop.run_in_executor(state.pool, engine.infer, texts, state.options.use_id2label)
 
-    async def predict(
-        request: web.Request,
-        parse: Callable[[Any], list[str]],
-        respond: Callable[[Classified, Any], dict[str, Any]],
-    ) -> web.Response:
+    def answer(result: Any, v2: bool, request_id: str) -> dict[str, Any]:
+        """The task's answer in KServe's v1 or v2 shape (runtime.classify)."""
+        opts = state.options
+        task = state.engine.task if state.engine is not None else TASK
+        if task == TASK:
+            if v2:
+                return v2_response(result, opts, model_name=state.model_name, request_id=request_id)
+            return v1_response(result, opts)
+        extra = None
+        if task == TAGGING:
+            inferences = token_predictions(result, opts)
+            extra = token_extra_output(result, opts)
+        elif task == FILL_MASK:
+            inferences = fill_mask_predictions(result, opts)
+        else:
+            inferences = result
+        if v2:
+            return kserve_v2(inferences, model_name=state.model_name, request_id=request_id, extra=extra)
+        return kserve_v1(inferences, extra)
+
+    async def predict(request: web.Request, v2: bool) -> web.Response:
         if (missing := known(request)) is not None:
             return missing
         if not state.ready:
-            return _error(503, f"model {state.model_name!r} is not loaded yet")
+            return _error(503, f"Model with name {state.model_name} is not ready.")
         try:
-            body = await _json(request)
-            result = await run(parse(body))
-            return web.json_response(respond(result, body))
+            with state.timer("preprocess"):
+                body = await _json(request)
+                texts = v2_inputs(body) if v2 else v1_inputs(body)
+            result = await run(texts)
+            with state.timer("postprocess"):
+                rid = body.get("id") if v2 and isinstance(body, Mapping) else None
+                return web.json_response(answer(result, v2, str(rid or uuid.uuid4())))
         except InvalidInput as e:
             return _error(400, str(e))
         except Exception as e:  # the engine failed: say why in the answer and the log
@@ -236,16 +393,14 @@ def make_app(state: ServerState) -> web.Application:
             return _error(500, f"the model failed on this request: {type(e).__name__}: {e}")
 
     async def v1_predict(request: web.Request) -> web.Response:
-        return await predict(request, v1_inputs, lambda r, _body: v1_response(r, state.options))
+        return await predict(request, v2=False)
 
     async def v2_infer(request: web.Request) -> web.Response:
-        def respond(result: Classified, body: Any) -> dict[str, Any]:
-            rid = body.get("id") if isinstance(body, Mapping) else None
-            return v2_response(
-                result, state.options, model_name=state.model_name, request_id=str(rid or uuid.uuid4())
-            )
+        return await predict(request, v2=True)
 
-        return await predict(request, v2_inputs, respond)
+    def not_ready() -> web.Response:
+        # KServe's ModelNotReady: 503 {"error": "Model with name NAME is not ready."} (errors.py:80-159)
+        return _error(503, f"Model with name {state.model_name} is not ready.")
 
     async def ready(_request: web.Request) -> web.Response:
         return web.json_response({"ready": state.ready}, status=200 if state.ready else 503)
@@ -253,10 +408,19 @@ def make_app(state: ServerState) -> web.Application:
     async def live(_request: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
+    async def alive(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
     async def v1_model(request: web.Request) -> web.Response:
         if (missing := known(request)) is not None:
             return missing
-        return web.json_response({"name": state.model_name, "ready": state.ready})
+        if not state.ready:
+            return not_ready()
+        return web.json_response({"name": state.model_name, "ready": True})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(state.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def v2_model(request: web.Request) -> web.Response:
         if (missing := known(request)) is not None:
@@ -274,7 +438,9 @@ def make_app(state: ServerState) -> web.Application:
     async def v2_model_ready(request: web.Request) -> web.Response:
         if (missing := known(request)) is not None:
             return missing
-        return await ready(request)
+        if not state.ready:
+            return not_ready()
+        return web.json_response({"name": state.model_name, "ready": True})
 
     async def v1_models(_request: web.Request) -> web.Response:
         return web.json_response({"models": [state.model_name]})
@@ -288,6 +454,8 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/v1/models/{name}", v1_model)
     app.router.add_get("/v2/models/{name}", v2_model)
     app.router.add_get("/v2/models/{name}/ready", v2_model_ready)
+    app.router.add_get("/", alive)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -304,8 +472,11 @@ def make_engine(
     backend = normalise_backend(ns.backend)
     architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     # The registry is only asked when it can change the answer (importing vLLM takes seconds).
-    registry = archs() if backend != "huggingface" else None
-    choice = choose_engine(architectures, backend=backend, vllm_archs=registry, options=options)
+    task = encoder_task(architectures, ns.task) or TASK
+    if ns.task is not None and encoder_task([], ns.task) is None:
+        raise InvalidInput(f"--task {ns.task}: this server serves {', '.join(ENCODER_TASKS)}")
+    registry = archs() if backend != "huggingface" and task == TASK else None
+    choice = choose_engine(architectures, backend=backend, vllm_archs=registry, options=options, task=task)
     id2label = id2label_from_config(config)
     common: dict[str, Any] = {
         "model_dir": model_dir,
@@ -316,7 +487,15 @@ def make_engine(
     }
     if choice.engine == "vllm":
         return VllmEngine(tensor_parallel_size=ns.tensor_parallel_size, **common), choice
-    return TransformersEngine(**common), choice
+    engine = TransformersEngine(
+        **common,
+        task=task,
+        lower_case=not ns.disable_lower_case,
+        special_tokens=not ns.disable_special_tokens,
+        token_type_ids=True if ns.return_token_type_ids else None,
+        offsets=ns.return_offsets_mapping,
+    )
+    return engine, choice
 
 
 def options_of(ns: argparse.Namespace) -> OutputOptions:
@@ -324,13 +503,16 @@ def options_of(ns: argparse.Namespace) -> OutputOptions:
         return_probabilities=ns.return_probabilities,
         return_raw_logits=ns.return_raw_logits,
         use_id2label=ns.use_id2label,
+        v2_tensors=ns.v2_tensors,
+        return_offsets_mapping=ns.return_offsets_mapping,
     )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime.classify_server",
-        description="Serve a sequence classifier with KServe's v1 and v2 protocols.",
+        description="Serve an encoder model (classification, fill-mask, embedding) with KServe's v1 and v2 "
+        "protocols and answers.",
         allow_abbrev=False,
     )
     p.add_argument("--model_dir", "--model-dir", dest="model_dir", required=True)
@@ -343,7 +525,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tensor_parallel_size", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1
     )
-    for flag in ("return_probabilities", "return_raw_logits", "use_id2label", "trust_remote_code"):
+    p.add_argument(
+        "--task", help=f"KServe's task: {', '.join(ENCODER_TASKS)} (default: from the architecture)"
+    )
+    for flag in (
+        "return_probabilities",
+        "return_raw_logits",
+        "use_id2label",
+        "trust_remote_code",
+        "v2_tensors",
+        "return_offsets_mapping",
+        "disable_lower_case",
+        "disable_special_tokens",
+        "return_token_type_ids",
+    ):
         p.add_argument(f"--{flag}", f"--{flag.replace('_', '-')}", dest=flag, action="store_true")
     return p
 

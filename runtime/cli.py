@@ -27,8 +27,9 @@ from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
-from runtime.classify import EngineChoice, OutputOptions, choose_engine, is_classifier, kserve_task
-from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, make_plan
+from runtime import kserve
+from runtime.classify import TASK, EngineChoice, OutputOptions, choose_engine, encoder_task, kserve_task
+from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, config_dtype, make_plan, plan_dtype
 from runtime.preflight import PreflightReport, manifest_path, preflight
 from runtime.ray import (
     Runner,
@@ -61,14 +62,23 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # a vLLM flag must never be taken for an abbreviation of ours
         description="Serve a cached model with vLLM. Flags not listed here pass through to `vllm serve`.",
         epilog=(
-            "A sequence classifier (architecture *ForSequenceClassification, or --task "
-            "sequence_classification) is served with KServe's v1/v2 predict protocols instead; it reads "
-            "--return_probabilities, --return_raw_logits, --use_id2label, --backend huggingface|vllm, "
-            "--dtype, --max_length and --trust-remote-code."
+            "An encoder model (architecture *ForSequenceClassification, *ForTokenClassification, "
+            "*ForMaskedLM, or KServe's --task sequence_classification|token_classification|fill_mask|"
+            "text_embedding) is served with KServe's v1/v2 predict protocols and answers instead; it reads "
+            "--return_probabilities, --return_raw_logits, --return_offsets_mapping, --use_id2label, "
+            "--v2_tensors, --backend huggingface|vllm, --dtype, --max_length, --disable_lower_case, "
+            "--disable_special_tokens, --return_token_type_ids and --trust-remote-code. KServe's other "
+            "server flags are translated to vLLM's or dropped with a note (docs/runtime.md)."
         ),
     )
     p.add_argument(
         "--model_dir", "--model-dir", dest="model_dir", help=f"model folder (default {DEFAULT_MODEL_DIR})"
+    )
+    p.add_argument(
+        "--model_id",
+        "--model-id",
+        dest="model_id",
+        help="KServe's Hugging Face model id: served from its folder in --cache-dir (hf://ID[:REV])",
     )
     p.add_argument(
         "--model-uri", "--model_uri", dest="model_uri", help="the model's source URI, found in --cache-dir"
@@ -195,6 +205,55 @@ def resolve_model_dir(ns: argparse.Namespace) -> Path:
     return Path(ns.model_dir or DEFAULT_MODEL_DIR)
 
 
+def resolve_model(
+    ns: argparse.Namespace, flags: Sequence[vargs.Flag], env: Mapping[str, str]
+) -> tuple[Path, list[str]]:
+    """The model folder, with KServe's precedence (its multi-node runtime's script and
+    huggingfaceserver's ``get_model_id_or_path``): ``--model_id`` over ``--model_dir``; the command line
+    over the environment; ``MODEL_DIR`` over ``MODEL_ID``. A model id is never downloaded: it is the
+    folder of ``hf://ID`` (``hf://ID:REV`` with ``--model_revision``) in ``--cache-dir``, or, without a
+    cache, the ``--model_dir`` given (a storageUri's mount) with a note; otherwise exit 2 saying how."""
+    notes: list[str] = []
+    model_id, id_source = ns.model_id, "--model_id"
+    if model_id is None and not ns.model_dir and not ns.model_uri:
+        if env_dir := env.get("MODEL_DIR", "").strip():
+            notes.append(f"model folder from MODEL_DIR={env_dir}")
+            return resolve_model_dir(argparse.Namespace(**{**vars(ns), "model_dir": env_dir})), notes
+        if env_id := env.get("MODEL_ID", "").strip():
+            model_id, id_source = env_id, "MODEL_ID"
+    if not model_id:
+        return resolve_model_dir(ns), notes
+    if ns.model_uri:
+        raise InvalidInput(f"{id_source} and --model-uri both given; name the model one way")
+    revision = vargs.value(flags, "--model-revision") or vargs.value(flags, "--revision")
+    uri = f"hf://{model_id}" + (f":{revision}" if revision else "")
+    cache_dir = Path(ns.cache_dir) if ns.cache_dir else None
+    if cache_dir is None and ns.model_dir and (beside := CacheLayout.of_model_dir(Path(ns.model_dir))):
+        cache_dir = beside[0].root  # --model_dir is a folder of a cache: the id is looked up there
+    if cache_dir is not None:
+        key = storage_key(uri)
+        folder = CacheLayout(cache_dir).model_dir(key)
+        if folder.is_dir():
+            notes.append(f"{id_source} {model_id}: the cached folder of {uri} ({folder})")
+            return folder, notes
+        raise InvalidInput(
+            f"{id_source} {model_id}: {uri} is not cached in {cache_dir} (no models/{key}); this runtime "
+            f"does not download. Cache it (a LocalModelCache with sourceModelUri {uri}) and check what the "
+            f"node holds with `modelcache status --cache-dir {cache_dir}`"
+        )
+    if ns.model_dir and Path(ns.model_dir).is_dir():
+        notes.append(
+            f"{id_source} {model_id}: served from --model_dir {ns.model_dir} (this runtime loads the cached "
+            "folder and does not download; pass --cache-dir to pick the model by id)"
+        )
+        return Path(ns.model_dir), notes
+    raise InvalidInput(
+        f"{id_source} {model_id}: this runtime serves cached models and does not download; pass --cache-dir "
+        f"D (the node's cache holding {uri}; `modelcache status --cache-dir D` lists it), or give the "
+        "InferenceService a storageUri the cache holds"
+    )
+
+
 def compile_cache_dir(model_dir: Path) -> Path:
     """vLLM's compile and CUDA-graph caches, kept on the cache's disk so the second start is faster."""
     found = CacheLayout.of_model_dir(model_dir)
@@ -235,6 +294,11 @@ CLASSIFY_FLAGS: tuple[tuple[str, str, bool], ...] = (
     ("--return-raw-logits", "--return_raw_logits", False),
     ("--use-id2label", "--use_id2label", False),
     ("--trust-remote-code", "--trust_remote_code", False),
+    ("--v2-tensors", "--v2_tensors", False),
+    ("--return-offsets-mapping", "--return_offsets_mapping", False),
+    ("--disable-lower-case", "--disable_lower_case", False),
+    ("--disable-special-tokens", "--disable_special_tokens", False),
+    ("--return-token-type-ids", "--return_token_type_ids", False),
 )
 # Consumed here or meaningless to the classification server; not reported as ignored.
 CLASSIFY_CONSUMED = frozenset(
@@ -262,16 +326,19 @@ def classifier_launch(
     explicit_gpus: int | None,
     vllm_here: bool,
     notes: list[str],
+    task: str = TASK,
 ) -> Launch:
-    """A sequence classifier: KServe's v1/v2 predict protocols from runtime.classify_server, one node."""
+    """An encoder model (KServe's sequence or token classification, fill-mask, text embedding):
+    KServe's v1/v2 predict protocols and answers from runtime.classify_server, one node."""
+    what = "a sequence classifier" if task == TASK else f"an encoder model ({task})"
     if ns.worker or (nodes is not None and nodes > 1):
         raise InvalidInput(
-            f"a sequence classifier is served on one node (nodes={nodes or 1}"
+            f"{what} is served on one node (nodes={nodes or 1}"
             f"{', --worker' if ns.worker else ''}); deploy the single-node runtime"
         )
     if pp is not None and pp > 1:
         raise InvalidInput(
-            f"--pipeline-parallel-size {pp}: a sequence classifier is served without pipeline stages; "
+            f"--pipeline-parallel-size {pp}: {what} is served without pipeline stages; "
             "use --pipeline-parallel-size 1"
         )
     per_node = explicit_gpus if explicit_gpus is not None else len(found or ())
@@ -290,12 +357,13 @@ def classifier_launch(
         backend=vargs.value(merged, "--backend"),
         vllm_archs=frozenset(shape.architectures) if vllm_here else None,
         options=options,
+        task=task,
     )
     arch = ", ".join(shape.architectures) or "no architecture in config.json"
-    why = "--task sequence_classification" if kserve_task(vargs.value(merged, "--task")) else arch
+    why = f"--task {task}" if kserve_task(vargs.value(merged, "--task")) else arch
     notes.append(
-        f"sequence classifier ({why}): served by runtime.classify_server with KServe's v1/v2 predict "
-        f"protocols on {choice.reason}"
+        f"{task} ({why}): served by runtime.classify_server with KServe's v1/v2 predict "
+        f"protocols and answers on {choice.reason}"
     )
     if choice.engine == "huggingface" and tp > 1:
         notes.append(f"--tensor-parallel-size {tp} not used: transformers runs the classifier on one device")
@@ -312,6 +380,8 @@ def classifier_launch(
         "--port",
         vargs.value(merged, "--port") or "8080",
     ]
+    if task != TASK:
+        command += ["--task", task]
     if choice.engine == "vllm" and tp > 1:
         command += ["--tensor_parallel_size", str(tp)]
     for key, target, takes_value in CLASSIFY_FLAGS:
@@ -344,6 +414,23 @@ def classifier_launch(
     )
 
 
+def _uneven(
+    nodes: int | None, gpus: int | None, tp: int | None, pp: int | None, sources: Mapping[str, str]
+) -> bool:
+    """Whether KServe gave this pod a GPU count that differs from the other pods': several nodes,
+    REQUEST_GPU_COUNT, TP and PP set, and TP x PP not this pod's count times the nodes (KServe's
+    computeRayNodeAndGPUs gives the head the remainder, or its own request)."""
+    return (
+        nodes is not None
+        and nodes > 1
+        and gpus is not None
+        and sources.get("gpus_per_node") == "REQUEST_GPU_COUNT"
+        and tp is not None
+        and pp is not None
+        and tp * pp != gpus * nodes
+    )
+
+
 def build(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -359,8 +446,7 @@ def build(
             f"unexpected argument {parsed.positionals[0]!r}: the model comes from --model_dir or "
             "--model-uri, and every other argument must be a flag"
         )
-    model_dir = resolve_model_dir(ns)
-    notes: list[str] = []
+    model_dir, notes = resolve_model(ns, parsed.flags, env)
 
     if ns.verify and ns.model_uri and not ns.manifest and manifest_path(model_dir) is None:
         # In --cache-dir mode a folder without the agent's manifest was not published by it (or its
@@ -383,7 +469,12 @@ def build(
             f"{typed} is not a flag the launcher reads (did you mean {meant}?); passed to vLLM as given"
         )
     env_flags = [vargs.flag(ENV_FLAGS[name], v) for name in ENV_FLAGS if (v := env.get(name, "").strip())]
-    merged = vargs.merge(DEFAULTS, env_flags, parsed.flags)
+    if model_name := env.get("MODEL_NAME", "").strip():
+        # KServe's multi-node controller sets MODEL_NAME; its runtime's --model_name arg wins over it.
+        env_flags.append(vargs.flag("--served-model-name", model_name))
+    translated = kserve.translate(parsed.flags)
+    notes.extend(translated.notes)
+    merged = vargs.merge(DEFAULTS, env_flags, translated.flags)
     sources = {}
     for name, key in ENV_FLAGS.items():
         field_name = key[2:].replace("-", "_")
@@ -404,7 +495,7 @@ def build(
         sources["gpus_per_node"] = "REQUEST_GPU_COUNT"
 
     task = vargs.value(merged, "--task")
-    if is_classifier(shape.architectures, task):
+    if (encoder := encoder_task(shape.architectures, task)) is not None:
         return classifier_launch(
             ns,
             merged,
@@ -419,11 +510,15 @@ def build(
             explicit_gpus=explicit,
             vllm_here=vllm_here(),
             notes=notes,
+            task=encoder,
         )
     if task is not None and kserve_task(task) is not None:
         # KServe's task names mean nothing to vLLM, which would refuse them.
         notes.append(f"--task {task}: KServe's task name, not passed to vLLM")
         merged = vargs.without(merged, "--task")
+    merged, dropped = kserve.without_encoder(merged)
+    if dropped is not None:
+        notes.append(dropped)
     gpu_source = sources.get("gpus_per_node", "--gpus-per-node")
     if explicit is not None:
         if found is not None and explicit > len(found):
@@ -457,14 +552,18 @@ def build(
             pipeline_parallel_size=pp,
             gpu_models=found or (),
             sources=sources,
+            uneven_nodes=_uneven(nodes, explicit, tp, pp, sources),
         ),
     )
     notes.extend(plan.notes)
+    gpu_model = found[0] if found else None
     notes.extend(
-        check_hardware(
-            found[0] if found else None, vargs.value(merged, "--dtype"), vargs.value(merged, "--quantization")
-        )
+        check_hardware(gpu_model, vargs.value(merged, "--dtype"), vargs.value(merged, "--quantization"))
     )
+    dtype, dtype_note = plan_dtype(gpu_model, vargs.value(merged, "--dtype"), config_dtype(report.config))
+    if dtype is not None and dtype_note is not None:
+        merged = vargs.merge(merged, [vargs.flag("--dtype", dtype)])
+        notes.append(dtype_note)
 
     user_backend = vargs.value(merged, "--distributed-executor-backend")
     executor = plan.executor
@@ -495,7 +594,7 @@ def build(
         decided.append(vargs.flag("--distributed-executor-backend", executor))
     final = vargs.merge(merged, decided)
 
-    added: dict[str, str] = dict(OFFLINE_ENV)
+    added: dict[str, str] = {**OFFLINE_ENV, **translated.env}
     if env.get("VLLM_CACHE_ROOT"):
         notes.append(f"VLLM_CACHE_ROOT={env['VLLM_CACHE_ROOT']} kept from the environment")
     else:

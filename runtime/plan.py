@@ -12,6 +12,8 @@ The rules, each from a failure KServe's users hit (kserve-localmodel.md, runtime
 - Heads must divide by TP (and KV heads, or TP by them), PP stages cannot outnumber layers, and every
   GPU must be the same model (vLLM #13760). A plan that breaks one is refused naming what was asked
   (as typed), the numbers, and one that works.
+- KServe's head and workers may hold different GPU counts (REQUEST_GPU_COUNT per pod): TP x PP is then
+  the cluster's total and is kept, TP lowered to fit a pod where it can (``_plan_uneven``).
 
 Every adjustment is written to ``notes`` so ``--dry-run`` says what was decided and why.
 """
@@ -85,6 +87,10 @@ class PlanRequest:
     gpu_models: tuple[str, ...] = ()
     # Where each number came from, for messages: {"tensor_parallel_size": "TENSOR_PARALLEL_SIZE"}.
     sources: Mapping[str, str] = field(default_factory=dict)
+    # KServe's multi-node runtime gives the head and the workers GPU counts of their own
+    # (REQUEST_GPU_COUNT per pod, computeRayNodeAndGPUs in KServe's predictor.go): gpus_per_node is
+    # then this pod's count only, and TP x PP the cluster's total.
+    uneven_nodes: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,8 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
     g = req.gpus_per_node
     notes: list[str] = []
     tp, pp, nodes = req.tensor_parallel_size, req.pipeline_parallel_size, req.nodes
+    if req.uneven_nodes and tp is not None and pp is not None and nodes is not None and nodes > 1:
+        return _plan_uneven(shape, req, src, tp, pp, nodes)
 
     explicit_fill = req.gpus_per_node_explicit and tp is None and pp is None
     if explicit_fill and (fill := _fill(shape, g, nodes or 1)) is not None:
@@ -268,6 +276,59 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
     return Plan(tp, pp, nodes, g, executor, tuple(notes))
 
 
+def _plan_uneven(
+    shape: ModelShape, req: PlanRequest, src: Mapping[str, str], tp: int, pp: int, nodes: int
+) -> Plan:
+    """KServe's head and workers with different GPU counts: TP x PP GPUs in all over ``nodes`` pods.
+
+    KServe gives the workers ``W`` GPUs each and the head what remains of TP x PP (or the head's own
+    request), so a pod's count times the nodes is not the total. vLLM's Ray executor runs any TP x PP
+    the cluster holds, ranks in node order; a tensor-parallel group that does not fit one node's GPUs
+    runs over the network (vLLM #29447), so TP is lowered to the largest divisor of it that divides this
+    pod's GPUs (and the workers', where the head can derive them: (total - head) / (nodes - 1)), and the
+    stages multiplied so the total stays. Refused only for what vLLM cannot run: heads or KV heads
+    against TP, more stages than layers, pipeline stages of a model without them."""
+    g = req.gpus_per_node
+    world = tp * pp
+    notes: list[str] = []
+    counts = [g]
+    rest = world - g
+    if rest > 0 and rest % (nodes - 1) == 0:
+        counts.append(rest // (nodes - 1))
+    fit = math.gcd(tp, *counts)
+    if fit < tp and _tp_problem(shape, fit) is None:
+        notes.append(
+            f"TP {tp} x PP {pp} run as TP {fit} x PP {world // fit}: the pods' GPU counts differ and "
+            f"{tp} does not divide {g} (this pod's), so each tensor-parallel group is kept inside a node"
+        )
+        tp, pp = fit, world // fit
+    elif fit < tp:
+        notes.append(f"tensor-parallel groups of {tp} span nodes: {g} GPUs on this pod")
+    notes.append(
+        f"{world} GPUs over {nodes} nodes whose GPU counts differ ({src['gpus_per_node']}={g} on this "
+        f"pod, as KServe allots them): the head waits until Ray reports all {world}"
+    )
+    problem = _tp_problem(shape, tp)
+    if problem is not None:
+        valid = _valid_tps(shape, tp)
+        raise InvalidInput(
+            f"{src['tensor_parallel_size']}={req.tensor_parallel_size}: {problem}; use a tensor parallel "
+            f"size of {_or_list(valid) if valid else 1}"
+        )
+    if shape.layers is not None and pp > shape.layers:
+        raise InvalidInput(
+            f"pipeline parallel size {pp} is more than the model's {shape.layers} layers; "
+            f"use a pipeline parallel size ≤ {shape.layers}"
+        )
+    arch = next((a for a in shape.architectures if a.startswith(_NO_PP_PREFIXES)), None)
+    if arch is not None and pp > 1:
+        raise InvalidInput(
+            f"{arch} cannot be split into pipeline stages in vLLM (pipeline parallel size {pp} over "
+            f"{nodes} nodes); serve it on one node"
+        )
+    return Plan(tp, pp, nodes, g, "ray", tuple(notes))
+
+
 def _fill(shape: ModelShape, g: int, nodes: int) -> tuple[int, int] | None:
     """The TP x PP that uses all ``nodes * g`` GPUs with the largest TP (at most ``g``, a divisor of
     it, one the heads allow), PP no more than the layers and 1 for models vLLM cannot pipeline."""
@@ -373,6 +434,41 @@ _CAPABILITY: tuple[tuple[str, float], ...] = (
 def compute_capability(gpu_model: str) -> float | None:
     name = gpu_model.upper()
     return next((cc for key, cc in _CAPABILITY if key in name), None)
+
+
+_BF16 = ("bfloat16", "bf16")
+
+
+def config_dtype(config: Mapping[str, Any]) -> str | None:
+    """The weights' dtype a config.json declares (``dtype``, transformers' older ``torch_dtype``,
+    or the language model's under ``text_config``), or None."""
+    for scope in (config, config.get("text_config"), config.get("llm_config")):
+        if isinstance(scope, Mapping):
+            for key in ("dtype", "torch_dtype"):
+                if isinstance(v := scope.get(key), str):
+                    return v
+    return None
+
+
+def plan_dtype(
+    gpu_model: str | None, asked: str | None, weights: str | None
+) -> tuple[str | None, str | None]:
+    """The ``--dtype`` to pass, and a note, for a bfloat16 model on a GPU without bfloat16.
+
+    Under ``--dtype auto`` (or none) vLLM takes the config's dtype; on compute capability < 8.0
+    (V100, T4) some vLLM releases cast bfloat16 to float16 with a warning and others refuse to start
+    ("Bfloat16 is only supported on GPUs with compute capability of at least 8.0"). Asking for
+    float16 explicitly starts on every release pyproject allows (vllm>=0.8). An explicit bfloat16 is
+    left to check_hardware, which refuses it. Returns (None, None) when nothing changes."""
+    if asked not in (None, "auto") or weights not in _BF16 or not gpu_model:
+        return None, None
+    cc = compute_capability(gpu_model)
+    if cc is None or cc >= 8.0:
+        return None, None
+    return "float16", (
+        f"--dtype float16: the weights are {weights} and {gpu_model} (compute capability {cc}) has no "
+        "bfloat16; --dtype auto would cast or refuse depending on the vLLM release"
+    )
 
 
 def check_hardware(gpu_model: str | None, dtype: str | None, quantization: str | None) -> tuple[str, ...]:

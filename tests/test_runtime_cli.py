@@ -38,6 +38,9 @@ KSERVE_ENV = (
     "REQUEST_GPU_COUNT",
     "HEAD_SVC",
     "POD_IP",
+    "MODEL_NAME",
+    "MODEL_DIR",
+    "MODEL_ID",
 )
 
 

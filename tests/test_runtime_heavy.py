@@ -18,6 +18,7 @@ weights, a tokenizer trained on a few sentences): nothing is downloaded.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -267,13 +268,19 @@ def test_classifier_on_vllm_pooling_through_modelcache_serve(tmp_path: Path, ser
     assert "engine: vLLM pooling runner" in log
     status, out = _request(f"http://127.0.0.1:{port}/v1/models/bert:predict", {"instances": texts})
     assert status == 200, out
-    for row, probs in zip(out["predictions"], want, strict=True):
+    preds = out["predictions"]
+    for row, probs in zip(preds, want, strict=True):
         assert list(row) == ["NEGATIVE", "NEUTRAL", "POSITIVE"]
-        assert list(row.values()) == pytest.approx(probs, abs=1e-4)
+        assert all(v == round(v, 4) for v in row.values())  # KServe's 4 places
+        assert list(row.values()) == pytest.approx(probs, abs=1.5e-4)
+        assert max(row, key=row.__getitem__) == id2label[argmax(probs)]
     body = {"inputs": [{"name": "input-0", "shape": [3], "datatype": "BYTES", "data": texts}]}
     status, out = _request(f"http://127.0.0.1:{port}/v2/models/bert/infer", body)
     assert status == 200, out
-    assert out["outputs"][0]["data"] == [id2label[argmax(p)] for p in want]
+    # KServe's v2: one output-0 holding each v1 map's repr
+    (only,) = out["outputs"]
+    assert (only["name"], only["datatype"], only["shape"]) == ("output-0", "BYTES", [3])
+    assert [ast.literal_eval(x) for x in only["data"]] == preds
 
 
 # --- a real two-node Ray cluster on this machine, GPUs declared -------------------------------------

@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localmodel.errors import InvalidInput
-from runtime.plan import ModelShape, PlanRequest, check_hardware, compute_capability, make_plan
+from runtime.plan import (
+    ModelShape,
+    PlanRequest,
+    check_hardware,
+    compute_capability,
+    config_dtype,
+    make_plan,
+    plan_dtype,
+)
 
 LLAMA_8B = ModelShape(32, 8, 32, ("LlamaForCausalLM",))
 LLAMA_70B = ModelShape(64, 8, 80, ("LlamaForCausalLM",))
@@ -302,3 +310,33 @@ def test_every_plan_is_runnable(
         assert world == tp * pp  # the total asked is kept, even when split
     if tp is not None and tp <= g:
         assert plan.tensor_parallel_size == tp
+
+
+# -- a bfloat16 model on a GPU without bfloat16 (issue 17 §4) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gpu", "asked", "weights", "want"),
+    [
+        ("Tesla T4", None, "bfloat16", "float16"),
+        ("Tesla V100-SXM2-32GB", "auto", "bfloat16", "float16"),
+        ("Tesla T4", "float32", "bfloat16", None),  # asked for explicitly: kept
+        ("Tesla T4", None, "float16", None),
+        ("NVIDIA A100-SXM4-80GB", None, "bfloat16", None),  # has bfloat16
+        (None, None, "bfloat16", None),  # no GPU seen (a dry run on a laptop): nothing to decide
+        ("Some Future GPU", None, "bfloat16", None),  # unknown capability: left to vLLM
+    ],
+)
+def test_plan_dtype(gpu: str | None, asked: str | None, weights: str, want: str | None) -> None:
+    dtype, note = plan_dtype(gpu, asked, weights)
+    assert dtype == want
+    assert (note is None) == (want is None)
+    if note is not None:
+        assert note.startswith("--dtype float16: the weights are bfloat16") and "compute capability" in note
+
+
+def test_config_dtype_reads_every_spelling() -> None:
+    assert config_dtype({"torch_dtype": "bfloat16"}) == "bfloat16"
+    assert config_dtype({"dtype": "float16", "torch_dtype": "bfloat16"}) == "float16"
+    assert config_dtype({"text_config": {"torch_dtype": "bfloat16"}}) == "bfloat16"
+    assert config_dtype({}) is None
