@@ -107,7 +107,9 @@ class MemoryState:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
+    async def create(self, kind: ResourceKind, obj: JSON, *, manager: str | None = None) -> JSON:
+        """As the interface says; ``manager`` (what an API server takes from the writer's
+        User-Agent) is recorded in ``metadata.managedFields`` as a real server records it."""
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         name = meta.get("name")
@@ -123,6 +125,8 @@ class MemoryState:
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         meta.pop("deletionTimestamp", None)
+        if manager:
+            _managed(obj, manager, kind, obj)
         return await self._store(kind, key, obj, "ADDED")
 
     async def patch(
@@ -133,6 +137,7 @@ class MemoryState:
         *,
         namespace: str | None = None,
         resource_version: str | None = None,
+        manager: str | None = None,
     ) -> JSON:
         key, current = self._current(kind, name, namespace, resource_version, patch)
         body = {k: v for k, v in patch.items() if k != "status" or not kind.has_status}
@@ -148,6 +153,8 @@ class MemoryState:
             return await self._remove(kind, key, updated)
         if updated == current:
             return copy.deepcopy(current)
+        if manager:
+            _managed(updated, manager, kind, body)
         return await self._store(kind, key, updated, "MODIFIED")
 
     async def patch_status(
@@ -294,6 +301,23 @@ class MemoryState:
                 self._objects[self._key(kind, meta["name"], meta.get("namespace"))] = obj
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SpecError(f"cannot restore the embedded state: {e}", where=str(path)) from e
+
+
+def _managed(obj: JSON, manager: str, kind: ResourceKind, written: JSON) -> None:
+    """Record ``manager``'s write in ``metadata.managedFields``, one Update entry per manager as an
+    API server keeps them; the fields are the written top-level ones (a server lists every leaf)."""
+    fields: JSON = {f"f:{k}": {} for k in written if k not in ("apiVersion", "kind", "status")}
+    entry = {
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": kind.api_version,
+        "time": _now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    }
+    meta = obj["metadata"]
+    others = [e for e in meta.get("managedFields") or [] if e.get("manager") != manager]
+    meta["managedFields"] = [*others, entry]
 
 
 def _sort_key(key: Key) -> tuple[str, str, str]:
