@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,6 +54,8 @@ class KubeState:
         self._client = client
         self._client.headers["User-Agent"] = user_agent(component)
         self._watch_timeout = watch_timeout
+        # time.monotonic() of the API server's last answer that was not a 5xx or 429 (readiness).
+        self.last_answer: float | None = None
 
     @classmethod
     def from_environment(
@@ -112,8 +115,11 @@ class KubeState:
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
+                    self._answered(response.status_code)
                     raise _error(response)
+                self._answered(response.status_code)
                 async for line in response.aiter_lines():
+                    self._answered(response.status_code)
                     if not line.strip():
                         continue
                     event = json.loads(line)
@@ -167,6 +173,10 @@ class KubeState:
 
     # -- plumbing ------------------------------------------------------------------------------
 
+    def _answered(self, code: int) -> None:
+        if code < 500 and code != 429:
+            self.last_answer = time.monotonic()
+
     async def _json(
         self,
         method: str,
@@ -202,6 +212,7 @@ class KubeState:
             )
         except httpx.HTTPError as e:
             raise Unavailable(f"{method} {url}: cannot reach the API server ({type(e).__name__})") from e
+        self._answered(response.status_code)
         if response.status_code >= 400:
             raise _error(response, creating=creating)
         try:
