@@ -217,11 +217,15 @@ async def test_a_paused_leader_writes_nothing_once_it_resumes(kube_api: KubeAPI,
             leader = await eventually(lambda: _readyz(ports["a"]), timeout=60, what="a's /readyz")
             assert (leader["status"], leader["role"]) == (200, "leader")
 
+            # a is paused in the middle of a reconcile: its writes are slow (2 s each), a new cache
+            # starts one, and a stops while its first write is in flight.
+            slow = kube_api.inject(every(client(f"pid {a.pid})"), writes()), delay=2)
+            await store.create(LOCAL_MODEL_CACHE, cache("n", "10Gi", ["a100", "h100"]))
+            await eventually(lambda: slow.hits > 0, timeout=60, what="a to start writing")
             a.send_signal(signal.SIGSTOP)
             paused = time.monotonic()
+            kube_api.heal(slow)
             try:
-                # While a is paused, the cluster changes: a's watches will deliver these on resume.
-                await store.create(LOCAL_MODEL_CACHE, cache("n", "10Gi", ["a100", "h100"]))
                 await eventually(lambda: _has_prefix(holder(), "ctl-b_"), timeout=60, what="b to take over")
                 took = time.monotonic() - paused
                 await asyncio.sleep(max(0.0, 25 - (time.monotonic() - paused)))
@@ -250,6 +254,10 @@ async def _has_prefix(value: Any, prefix: str) -> bool:
 async def _status_is(body: Any, role: str) -> Any:
     got = await body
     return got if got is not None and got.get("role") == role else None
+
+
+async def _exists(api: KubeAPI, name: str) -> bool:
+    return await models_on(api, name) is not None
 
 
 async def _on_all(api: KubeAPI, names: list[str], model: str) -> bool:
@@ -307,7 +315,7 @@ async def test_a_410_storm_backs_off_per_watch(kube_api: KubeAPI, tmp_path: Path
     await two_groups(kube_api)
     store = kube_api.store
     async with controller(kube_api, tmp_path, "--no-leader-elect", "--metrics-addr", "off") as proc:
-        await eventually(lambda: models_on(kube_api, "h1"), timeout=60, what="h1's LocalModelNode")
+        await eventually(lambda: _exists(kube_api, "h1"), timeout=60, what="h1's LocalModelNode")
         await asyncio.sleep(1)
         me = client(f"pid {proc.pid})")
         storm = 20.0
@@ -413,22 +421,18 @@ async def test_readyz_follows_the_api_server(kube_api: KubeAPI, tmp_path: Path) 
     port = _free_port()
     args = ("--no-leader-elect", "--metrics-addr", f"127.0.0.1:{port}", "--ready-window", "3")
     async with controller(kube_api, tmp_path, *args) as proc:
-        ready = await eventually(lambda: _readyz(port), timeout=60, what="/readyz")
-        assert (ready["status"], ready["role"], ready["ready"]) == (200, "single", True)
+
+        async def answering(code: int) -> dict[str, Any] | None:
+            body = await _readyz(port)
+            return body if body is not None and body["status"] == code else None
+
+        # 503 until the API server first answers, then 200.
+        ready = await eventually(lambda: answering(200), timeout=60, what="/readyz 200")
+        assert (ready["role"], ready["ready"]) == ("single", True)
         kube_api.inject(client(f"pid {proc.pid})"), refuse=True, seconds=12)
-
-        async def unready() -> dict[str, Any] | None:
-            body = await _readyz(port)
-            return body if body is not None and body["status"] == 503 else None
-
-        down = await eventually(unready, timeout=30, what="/readyz 503 while the API is unreachable")
+        down = await eventually(lambda: answering(503), timeout=30, what="/readyz 503 while unreachable")
         assert down["ready"] is False and "API server" in down["reason"]
-
-        async def ready_again() -> dict[str, Any] | None:
-            body = await _readyz(port)
-            return body if body is not None and body["status"] == 200 else None
-
-        await eventually(ready_again, timeout=60, what="/readyz 200 once the API answers again")
+        await eventually(lambda: answering(200), timeout=60, what="/readyz 200 once the API answers again")
         assert proc.returncode is None
 
 

