@@ -460,3 +460,46 @@ def test_ready_window_must_be_positive(flag: str) -> None:
     )
     assert done.returncode == 2
     assert "--ready-window" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("role", "ago", "fenced", "ready"),
+    [
+        ("standalone", None, False, True),
+        ("single", None, False, False),  # not answered yet
+        ("single", 2.0, False, True),
+        ("single", 31.0, False, False),
+        ("standby", 2.0, True, True),  # a standby holds no Lease: nothing to fence
+        ("leader", 2.0, False, True),
+        ("leader", 2.0, True, False),
+        ("leader", 31.0, False, False),
+    ],
+)
+def test_readiness_rules(role: Any, ago: float | None, fenced: bool, ready: bool) -> None:
+    from controller.metrics import readiness
+
+    got = readiness(role=role, api_seconds_ago=ago, window=30, fenced=fenced)
+    assert (got.ready, got.role) == (ready, role)
+    assert got.to_json()["ready"] is ready
+
+
+def test_other_writer_is_the_latest_spec_manager_but_us() -> None:
+    from controller.reconcile import FIELD_MANAGER, other_writer
+
+    def entry(manager: str, time_: str, fields: dict[str, Any], sub: str | None = None) -> dict[str, Any]:
+        e = {"manager": manager, "operation": "Update", "time": time_, "fieldsV1": fields}
+        return {**e, "subresource": sub} if sub else e
+
+    obj = {
+        "metadata": {
+            "managedFields": [
+                entry(FIELD_MANAGER, "2026-01-01T00:00:09Z", {"f:spec": {}}),
+                entry("kubectl-edit", "2026-01-01T00:00:01Z", {"f:spec": {}}),
+                entry("manager", "2026-01-01T00:00:05Z", {"f:spec": {}}),
+                entry("modelcache", "2026-01-01T00:00:08Z", {"f:status": {}}, sub="status"),
+                entry("labeller", "2026-01-01T00:00:07Z", {"f:metadata": {}}),
+            ]
+        }
+    }
+    assert other_writer(obj, FIELD_MANAGER) == "manager"
+    assert other_writer({"metadata": {}}, FIELD_MANAGER) == "an unknown writer"
