@@ -325,7 +325,11 @@ class KubeAPI:
                     json.dumps({"type": event.type, "object": event.object}).encode() + b"\n"
                 )
 
-        task = asyncio.ensure_future(asyncio.wait_for(stream(), timeout))
+        async def bounded() -> None:
+            # stream() is made only once the task runs: one cancelled first leaves no coroutine behind.
+            await asyncio.wait_for(stream(), timeout)
+
+        task = asyncio.ensure_future(bounded())
         self._watches.add(task)
         self._watch_requests[task] = request
         try:
