@@ -423,6 +423,7 @@ async def test_readyz_follows_the_api_server(kube_api: KubeAPI, tmp_path: Path) 
     port = _free_port()
     args = ("--no-leader-elect", "--metrics-addr", f"127.0.0.1:{port}", "--ready-window", "3")
     async with controller(kube_api, tmp_path, *args) as proc:
+
         async def answering(code: int) -> dict[str, Any] | None:
             body = await _readyz(port)
             if body is not None and body["status"] != code:
