@@ -12,32 +12,46 @@ admission webhooks (:mod:`controller.webhook`) over HTTPS, in every replica, lea
 
 ``--metrics-addr HOST:PORT`` (default ``:9091``; ``off`` disables) serves the Prometheus metrics
 (:mod:`controller.metrics`) at ``/metrics`` over HTTP, in every replica: a standby reports
-``modelcache_controller_is_leader 0`` and no copies. ``--once`` serves none.
+``modelcache_controller_is_leader 0`` and no copies. ``--once`` serves none. The same server answers
+``/readyz``: 200 while the API server answered within ``--ready-window`` seconds (and, in the leader,
+while its Lease is fresh), else 503; the JSON body says leader or standby and why.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from prometheus_client import CollectorRegistry
 
-from controller.metrics import DEFAULT_METRICS_ADDR, ControllerMetrics, MetricsServer
+from controller.leader import LEASE_NAME, FencedState, LeaderElector
+from controller.metrics import (
+    DEFAULT_METRICS_ADDR,
+    ControllerMetrics,
+    MetricsServer,
+    Readiness,
+    Role,
+    readiness,
+)
 from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_PREFIX
-from controller.reconcile import WATCHED, Controller, Settings
+from controller.reconcile import FIELD_MANAGER, WATCHED, Controller, Settings
 from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.documents import load_documents
-from localmodel.errors import InvalidInput
+from localmodel.errors import ClusterStateError, InvalidInput
 from localmodel.logs import setup_logging
 from localmodel.state.base import (
     JSON,
+    LEASE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
@@ -87,11 +101,64 @@ def _parser() -> argparse.ArgumentParser:
         "--webhook-cert-dir", metavar="DIR", type=Path, help="tls.crt and tls.key for the webhooks"
     )
     p.add_argument(
+        "--ready-window",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="/readyz fails when the API server has not answered for this long",
+    )
+    p.add_argument(
         "--metrics-addr",
         metavar="HOST:PORT",
         help=f"serve Prometheus metrics at /metrics (default {DEFAULT_METRICS_ADDR}; off: none)",
     )
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+@dataclass
+class Health:
+    """What /readyz reads: filled in as the process finds out its mode, client and elector."""
+
+    window: float
+    standalone: bool = False
+    kube: KubeState | None = None
+    elector: LeaderElector | None = None
+
+    def check(self) -> Readiness:
+        role: Role
+        if self.standalone:
+            role = "standalone"
+        elif self.elector is None:
+            role = "single"
+        else:
+            role = "leader" if self.elector.renewed_at is not None else "standby"
+        last = self.kube.last_answer if self.kube is not None else None
+        ago = None if last is None else time.monotonic() - last
+        fenced = self.elector is not None and not self.elector.leading
+        return readiness(role=role, api_seconds_ago=ago, window=self.window, fenced=fenced)
+
+
+async def _keep_in_touch(kube: KubeState, window: float, namespace: str) -> None:
+    """Ask the API server something small when nothing else did for a third of the window, so that
+    readiness measures the API and not how busy the cluster is."""
+    every = window / 3
+    while True:
+        await asyncio.sleep(every / 2)
+        last = kube.last_answer
+        if last is None or time.monotonic() - last > every:
+            # A 404 is an answer too (last_answer moved); anything else is what readiness reports.
+            with contextlib.suppress(ClusterStateError):
+                await kube.get(LEASE, LEASE_NAME, namespace=namespace)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -118,34 +185,39 @@ def main(argv: Sequence[str]) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     metrics = ControllerMetrics(CollectorRegistry())
+    health = Health(window=args.ready_window, standalone=args.standalone is not None)
     if args.metrics_addr in (None, "off"):  # main() turns a missing flag into the default
-        return await _serve(args, metrics)
-    server = MetricsServer(metrics.registry, args.metrics_addr)
+        return await _serve(args, metrics, health)
+    server = MetricsServer(metrics.registry, args.metrics_addr, ready=health.check)
     await server.start()  # before leader election: a standby is scraped too (is_leader 0)
     try:
-        return await _serve(args, metrics)
+        return await _serve(args, metrics, health)
     finally:
         await server.stop()
 
 
-async def _serve(args: argparse.Namespace, metrics: ControllerMetrics) -> int:
+async def _serve(args: argparse.Namespace, metrics: ControllerMetrics, health: Health) -> int:
     settings = Settings(max_concurrent_downloads=args.max_concurrent_node_downloads)
     if args.standalone is None and args.webhook_addr:
-        kube = KubeState.from_environment(args.kubeconfig, args.context)
+        kube = KubeState.from_environment(args.kubeconfig, args.context, component=FIELD_MANAGER)
         try:
             server = WebhookServer(kube, args.webhook_addr, args.webhook_cert_dir)
             await server.start()  # before leader election: every replica answers the API server
             try:
-                return await _controller(args, settings, kube, metrics)
+                return await _controller(args, settings, kube, metrics, health)
             finally:
                 await server.stop()
         finally:
             await kube.close()
-    return await _controller(args, settings, None, metrics)
+    return await _controller(args, settings, None, metrics, health)
 
 
 async def _controller(
-    args: argparse.Namespace, settings: Settings, kube: KubeState | None, metrics: ControllerMetrics
+    args: argparse.Namespace,
+    settings: Settings,
+    kube: KubeState | None,
+    metrics: ControllerMetrics,
+    health: Health | None = None,
 ) -> int:
     if args.standalone is not None:
         path: Path = args.standalone
@@ -165,7 +237,11 @@ async def _controller(
         finally:
             await server.stop()
     owned = kube is None
-    kube = kube or KubeState.from_environment(args.kubeconfig, args.context)
+    kube = kube or KubeState.from_environment(args.kubeconfig, args.context, component=FIELD_MANAGER)
+    touch: asyncio.Task[None] | None = None
+    if health is not None and not args.once:
+        health.kube = kube
+        touch = asyncio.create_task(_keep_in_touch(kube, health.window, args.lease_namespace))
     try:
         if args.once and args.output:
             memory = MemoryState()
@@ -173,13 +249,18 @@ async def _controller(
             return await _go(Controller(memory, settings, metrics=metrics), args, memory)
         if args.once or not args.leader_elect:
             return await _go(Controller(kube, settings, metrics=metrics), args, kube)
-        from controller.leader import LeaderElector
-
         elector = LeaderElector(kube, namespace=args.lease_namespace)
+        if health is not None:
+            health.elector = elector
+        # Every write of the controller passes the fence: none once the Lease may be someone else's.
+        fenced = FencedState(kube, elector)
         return await elector.run_while_leader(
-            lambda stop: _go(Controller(kube, settings, metrics=metrics), args, kube, stop)
+            lambda stop: _go(Controller(fenced, settings, metrics=metrics), args, fenced, stop)
         )
     finally:
+        if touch is not None:
+            touch.cancel()
+            await asyncio.gather(touch, return_exceptions=True)
         if owned:
             await kube.close()
 

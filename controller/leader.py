@@ -6,6 +6,13 @@ only one wins (the other gets Conflict). The leader renews every ``renew_every``
 cannot renew for ``renew_deadline`` seconds it stops its work and exits with 1 (the pod restarts as
 a candidate) rather than risk a second writer, and a candidate takes a Lease over only when its
 holder has not renewed it for ``lease_duration`` seconds.
+
+Every write of the leader is fenced (:class:`FencedState`): none goes out when more than
+``renew_deadline`` seconds have passed on the monotonic clock since the start of the last successful
+renewal. A process that was paused (SIGSTOP, a long GC or swap, a frozen VM) sees the jump at once,
+before it has had a chance to notice a new holder, and the Lease's duration (longer than the
+deadline) keeps a new holder out until then: client-go's rule, enforced per write rather than per
+loop.
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound
-from localmodel.state.base import JSON, LEASE, ClusterState
+from localmodel.state.base import JSON, LEASE, ClusterState, ObjectList, ResourceKind, Selector, WatchEvent
 
 log = logging.getLogger("modelcache.controller.leader")
 
@@ -40,6 +48,12 @@ def _parse(text: Any) -> datetime | None:
         except ValueError:
             continue
     return None
+
+
+class Fenced(ClusterStateError):
+    """A write refused by this process itself: it cannot know it still holds the Lease."""
+
+    status = 503
 
 
 class LeaderElector:
@@ -64,9 +78,39 @@ class LeaderElector:
         self.renew_deadline = renew_deadline
         self.renew_every = renew_every
         self.clock = clock
+        self.monotonic = time.monotonic
+        self.renewed_at: float | None = None  # monotonic start of the last successful renewal
+        self._fenced_logged = False
+
+    def fence(self) -> None:
+        """Raise :class:`Fenced` unless the Lease was renewed (by us) within ``renew_deadline``
+        seconds, measured from the start of that renewal on the monotonic clock."""
+        renewed = self.renewed_at
+        if renewed is not None and self.monotonic() - renewed <= self.renew_deadline:
+            self._fenced_logged = False
+            return
+        since = "never renewed" if renewed is None else f"last renewed {self.monotonic() - renewed:.1f}s ago"
+        if not self._fenced_logged:
+            self._fenced_logged = True
+            log.error("not writing: the leader lease was %s (deadline %gs)", since, self.renew_deadline)
+        raise Fenced(f"the leader lease was {since}; not writing")
+
+    @property
+    def leading(self) -> bool:
+        """Whether writes may go out now (see :meth:`fence`)."""
+        renewed = self.renewed_at
+        return renewed is not None and self.monotonic() - renewed <= self.renew_deadline
 
     async def try_acquire_or_renew(self) -> bool:
-        """One attempt: True when this identity holds the Lease afterwards."""
+        """One attempt: True when this identity holds the Lease afterwards (and ``renewed_at`` is
+        the monotonic time the attempt started)."""
+        started = self.monotonic()
+        held = await self._acquire_or_renew()
+        if held:
+            self.renewed_at = started
+        return held
+
+    async def _acquire_or_renew(self) -> bool:
         now = self.clock()
         try:
             lease = await self.state.get(LEASE, self.name, namespace=self.namespace)
@@ -114,7 +158,11 @@ class LeaderElector:
         }
 
     async def release(self) -> None:
-        """Let the next candidate in at once instead of after the lease duration."""
+        """Let the next candidate in at once instead of after the lease duration (only while the
+        Lease is surely still ours: a fenced leader lets it expire)."""
+        if not self.leading:
+            return
+        self.renewed_at = None  # no write of ours after this one
         try:
             lease = await self.state.get(LEASE, self.name, namespace=self.namespace)
             if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
@@ -142,7 +190,7 @@ class LeaderElector:
         log.info("leading as %s", self.identity)
         stop = asyncio.Event()
         task = asyncio.ensure_future(work(stop))
-        last = asyncio.get_running_loop().time()
+        last = self.renewed_at if self.renewed_at is not None else self.monotonic()
         lost = False
         try:
             while not task.done():
@@ -154,9 +202,9 @@ class LeaderElector:
                 except ClusterStateError as e:
                     log.warning("cannot renew the leader lease: %s", e)
                     ok = False
-                now = asyncio.get_running_loop().time()
-                if ok:
-                    last = now
+                now = self.monotonic()
+                if ok and self.renewed_at is not None:
+                    last = self.renewed_at
                 elif now - last > self.renew_deadline or (not ok and await self._taken()):
                     log.error("lost the leader lease; stopping")
                     lost = True
@@ -179,3 +227,71 @@ class LeaderElector:
             return False
         holder = (lease.get("spec") or {}).get("holderIdentity")
         return bool(holder) and holder != self.identity
+
+
+class FencedState:
+    """A ClusterState whose writes (create, patch, patch_status, delete) first pass
+    ``elector.fence()``; reads and watches go straight through."""
+
+    def __init__(self, state: ClusterState, elector: LeaderElector) -> None:
+        self.state = state
+        self.elector = elector
+
+    async def get(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> JSON:
+        return await self.state.get(kind, name, namespace=namespace)
+
+    async def list(
+        self, kind: ResourceKind, *, namespace: str | None = None, selector: Selector | None = None
+    ) -> ObjectList:
+        return await self.state.list(kind, namespace=namespace, selector=selector)
+
+    def watch_raw(
+        self,
+        kind: ResourceKind,
+        *,
+        resource_version: str,
+        namespace: str | None = None,
+        selector: Selector | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        return self.state.watch_raw(
+            kind, resource_version=resource_version, namespace=namespace, selector=selector
+        )
+
+    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
+        self.elector.fence()
+        return await self.state.create(kind, obj)
+
+    async def patch(
+        self,
+        kind: ResourceKind,
+        name: str,
+        patch: JSON,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> JSON:
+        self.elector.fence()
+        return await self.state.patch(
+            kind, name, patch, namespace=namespace, resource_version=resource_version
+        )
+
+    async def patch_status(
+        self,
+        kind: ResourceKind,
+        name: str,
+        status: JSON,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> JSON:
+        self.elector.fence()
+        return await self.state.patch_status(
+            kind, name, status, namespace=namespace, resource_version=resource_version
+        )
+
+    async def delete(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> None:
+        self.elector.fence()
+        await self.state.delete(kind, name, namespace=namespace)
+
+    async def close(self) -> None:
+        await self.state.close()

@@ -10,8 +10,9 @@ that are gone are removed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 from prometheus_client import (
@@ -43,6 +44,45 @@ class Copies:
     available: int = 0
     total: int = 0
     failed: int = 0
+
+
+Role = Literal["leader", "standby", "single", "standalone"]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What ``/readyz`` says: 200 when ``ready``, else 503; the body names the role and why."""
+
+    ready: bool
+    role: Role
+    reason: str
+    api_seconds_ago: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ready": self.ready,
+            "role": self.role,
+            "reason": self.reason,
+            "apiSecondsAgo": None if self.api_seconds_ago is None else round(self.api_seconds_ago, 1),
+        }
+
+
+def readiness(*, role: Role, api_seconds_ago: float | None, window: float, fenced: bool) -> Readiness:
+    """Whether this replica can do its job now.
+
+    Rules: standalone (no API server) is always ready. Otherwise the API server must have answered
+    (anything but a 5xx or 429) within ``window`` seconds; a leader must also hold its Lease
+    fresh (``fenced`` False: renewed within the renew deadline, so its writes go out). A standby's
+    job is to take over, for which a reachable API is all it needs.
+    """
+    if role == "standalone":
+        return Readiness(True, role, "standalone: no API server to reach")
+    if api_seconds_ago is None or api_seconds_ago > window:
+        since = "never" if api_seconds_ago is None else f"not for {api_seconds_ago:.0f}s"
+        return Readiness(False, role, f"the API server answered {since} (limit {window:g}s)", api_seconds_ago)
+    if role == "leader" and fenced:
+        return Readiness(False, role, "leader whose Lease is not renewed: writes are held", api_seconds_ago)
+    return Readiness(True, role, f"API server reachable; {role}", api_seconds_ago)
 
 
 class ControllerMetrics:
@@ -109,13 +149,20 @@ HEADER_TIMEOUT = 10.0
 
 
 class MetricsServer:
-    """Serves ``GET /metrics`` (the Prometheus text format) over plain HTTP; a connection that has not
+    """Serves ``GET /metrics`` (the Prometheus text format) over plain HTTP, and ``GET /readyz``
+    (200 or 503 with a :class:`Readiness` as JSON) when given ``ready``; a connection that has not
     sent whole headers within ``header_timeout`` seconds is closed (aiohttp's default is an hour)."""
 
     def __init__(
-        self, registry: CollectorRegistry, addr: str, *, header_timeout: float = HEADER_TIMEOUT
+        self,
+        registry: CollectorRegistry,
+        addr: str,
+        ready: Callable[[], Readiness] | None = None,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         self.registry = registry
+        self.ready = ready
         self.host, self.port = parse_addr(addr, flag="--metrics-addr")
         self.header_timeout = header_timeout
         self._runner: web.AppRunner | None = None
@@ -126,8 +173,12 @@ class MetricsServer:
             resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return resp
 
+        async def readyz(_: web.Request) -> web.Response:
+            state = self.ready() if self.ready is not None else Readiness(True, "single", "no check")
+            return web.json_response(state.to_json(), status=200 if state.ready else 503)
+
         app = web.Application(client_max_size=64 * 1024)  # a GET has no body to speak of
-        app.add_routes([web.get("/metrics", metrics)])
+        app.add_routes([web.get("/metrics", metrics), web.get("/readyz", readyz)])
         return app
 
     async def start(self) -> None:

@@ -94,6 +94,7 @@ class Gone(ClusterStateError):
 
 class Unavailable(ClusterStateError):
     status = 503
+    retry_after: float | None = None  # seconds the server asked to wait (Retry-After), if it did
 
 
 class DownloadError(ModelcacheError):

@@ -267,3 +267,85 @@ contexts: [{{name: test, context: {{cluster: c, user: u}}}}]
     assert seen and all(h == "Bearer tok-123" for h in seen)
     with pytest.raises(Exception, match="cannot load a Kubernetes configuration"):
         KubeState.from_environment(kubeconfig=str(tmp_path / "missing"))
+
+
+class LossyState(MemoryState):
+    """A server whose watch streams lose every deletion (what a restarted or proxied stream can do)."""
+
+    def watch_raw(self, kind: Any, **kw: Any) -> AsyncIterator[WatchEvent]:
+        async def stream() -> AsyncIterator[WatchEvent]:
+            async for event in super(LossyState, self).watch_raw(kind, **kw):
+                if event.type != "DELETED":
+                    yield event
+
+        return stream()
+
+
+async def test_periodic_relist_reports_what_the_stream_lost() -> None:
+    state = LossyState()
+    for n in ("n1", "n2"):
+        await state.create(NODE, {"metadata": {"name": n}})
+    seen: list[tuple[str, str]] = []
+
+    async def consume() -> None:
+        async for event in watch(state, NODE, relist_every=0.3):
+            seen.append((event.type, event.object["metadata"]["name"]))
+
+    task = asyncio.create_task(consume())
+    try:
+        await _until(lambda: len(seen) == 2)
+        await state.create(NODE, {"metadata": {"name": "n3"}})
+        await state.delete(NODE, "n1")
+        await _until(lambda: ("DELETED", "n1") in seen)
+        assert ("ADDED", "n3") in seen  # from the stream; the relist only adds what it lost
+        assert seen.count(("DELETED", "n1")) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_clone_copies_json_and_shares_nothing_mutable() -> None:
+    from localmodel.state.base import clone
+
+    original: dict[str, Any] = {"a": [{"b": 1}, [2, {"c": None}]], "d": {"e": "f"}, "g": 1.5}
+    copied = clone(original)
+    assert copied == original
+    copied["a"][0]["b"] = 9
+    copied["a"][1][1]["c"] = 1
+    copied["d"]["e"] = "x"
+    assert original == {"a": [{"b": 1}, [2, {"c": None}]], "d": {"e": "f"}, "g": 1.5}
+
+
+async def test_embedded_store_answers_are_the_callers_own() -> None:
+    """Stored objects are shared with the history: a caller changing what it got or gave changes
+    nothing stored."""
+    state = MemoryState()
+    body: dict[str, Any] = {"metadata": {"name": "n1"}, "spec": {"localModels": [{"modelName": "m"}]}}
+    created = await state.create(LOCAL_MODEL_NODE, body)
+    body["spec"]["localModels"][0]["modelName"] = "changed"
+    created["spec"]["localModels"].append({"modelName": "x"})
+    patched = await state.patch(LOCAL_MODEL_NODE, "n1", {"metadata": {"labels": {"a": "b"}}})
+    patched["spec"]["localModels"].clear()
+    patched["metadata"]["labels"]["a"] = "c"
+    stored = await state.get(LOCAL_MODEL_NODE, "n1")
+    assert stored["spec"] == {"localModels": [{"modelName": "m"}]}
+    assert stored["metadata"]["labels"] == {"a": "b"}
+    events = [e async for e in _first(state.watch_raw(LOCAL_MODEL_NODE, resource_version="0"), 2)]
+    assert [e.object["spec"] for e in events] == [{"localModels": [{"modelName": "m"}]}] * 2
+    assert "labels" not in events[0].object["metadata"]  # the history kept the first version
+
+
+async def _first(stream: AsyncIterator[WatchEvent], n: int) -> AsyncIterator[WatchEvent]:
+    got = 0
+    async for event in stream:
+        yield event
+        got += 1
+        if got == n:
+            return

@@ -14,21 +14,26 @@ Semantics both backends share (the behavioural tests in ``tests/test_state_backe
 - ``delete`` of an object with finalizers sets ``metadata.deletionTimestamp`` and keeps it until a
   patch empties ``metadata.finalizers``; then it is gone (a DELETED watch event).
 - ``watch_raw`` streams changes after a resourceVersion and raises :class:`~localmodel.errors.Gone`
-  when that version is too old; :func:`watch` on top of it lists, streams, and relists on ``Gone``.
+  when that version is too old; :func:`watch` on top of it lists, streams, and on any failure (and
+  periodically) lists again and reports the difference, deletions included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
-from localmodel.errors import Conflict, Gone
+from localmodel.errors import ClusterStateError, Conflict, NotFound
+
+log = logging.getLogger("modelcache.state")
 
 JSON = dict[str, Any]
+_T = TypeVar("_T")
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 
 GROUP = "serving.kserve.io"
@@ -186,19 +191,40 @@ async def watch(
     namespace: str | None = None,
     selector: Selector | None = None,
     retry_delay: float = 1.0,
+    max_delay: float = 60.0,
+    relist_every: float | None = None,
     on_list: Callable[[], None] | None = None,
 ) -> AsyncIterator[WatchEvent]:
     """List then watch, forever: the informer pattern without a cache of its own.
 
     Starts with an ADDED event per existing object. When the stream ends it resumes from the last
-    resourceVersion seen; on Gone it relists and reports the difference (DELETED for objects that
-    vanished meanwhile, MODIFIED for the rest), so a level-triggered consumer never misses a state.
+    resourceVersion seen. On any error but NotFound (Gone, the API unreachable, a 5xx or 429, an
+    ERROR event) it waits, lists again and reports the difference against the last known set:
+    DELETED for objects that vanished meanwhile, ADDED for new ones, MODIFIED for the rest; so a
+    level-triggered consumer never misses a state, a deletion included. Every ``relist_every``
+    seconds (None: never) it lists and reports the difference the same way, whether or not the
+    stream is healthy: the periodic resync that repairs anything a stream lost.
+
+    Waits between failures grow per watch (this client, this kind): ``retry_delay`` seconds
+    doubling up to ``max_delay``, each drawn from [half, all] of that (jitter, so that thousands of
+    agents told 410 at once do not re-list in step); an API's ``Retry-After`` (on
+    :class:`~localmodel.errors.Unavailable` as ``retry_after``) is waited at least. A stream that
+    delivers an event resets them. NotFound (the kind is not served) is raised to the caller.
     ``on_list`` is called after each list: an empty list yields no event but is an answer too.
     """
     known: dict[tuple[str | None, str], JSON] = {}
     first = True
+    failures = 0
+    loop = asyncio.get_running_loop()
     while True:
-        listing = await state.list(kind, namespace=namespace, selector=selector)
+        try:
+            listing = await state.list(kind, namespace=namespace, selector=selector)
+        except NotFound:
+            raise
+        except ClusterStateError as e:
+            failures += 1
+            await _pause(kind, e, failures, retry_delay, max_delay)
+            continue
         if on_list is not None:
             on_list()
         current = {_key(o): o for o in listing.items}
@@ -210,19 +236,69 @@ async def watch(
         known = current
         first = False
         rv = listing.resource_version
+        relist_at = None if relist_every is None else loop.time() + relist_every
         try:
             while True:
-                async for event in state.watch_raw(
-                    kind, resource_version=rv, namespace=namespace, selector=selector
-                ):
-                    rv = event.object.get("metadata", {}).get("resourceVersion", rv)
-                    if event.type == "DELETED":
-                        known.pop(_key(event.object), None)
-                    else:
-                        known[_key(event.object)] = event.object
-                    yield event
-        except Gone:
-            await asyncio.sleep(retry_delay * random.uniform(0.5, 1.0))  # noqa: S311
+                started = loop.time()
+                delivered = False
+                stream = state.watch_raw(kind, resource_version=rv, namespace=namespace, selector=selector)
+                try:
+                    while True:
+                        # The deadline bounds the wait for the next event only: never the consumer.
+                        left = None if relist_at is None else relist_at - loop.time()
+                        if left is not None and left <= 0:
+                            raise TimeoutError
+                        try:
+                            async with asyncio.timeout(left):  # exited before the yield below
+                                event = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                        rv = event.object.get("metadata", {}).get("resourceVersion", rv)
+                        if event.type == "DELETED":
+                            known.pop(_key(event.object), None)
+                        else:
+                            known[_key(event.object)] = event.object
+                        delivered = True
+                        failures = 0
+                        yield event
+                finally:
+                    await _close(stream)
+                if not delivered and loop.time() - started < retry_delay:
+                    # A stream the server ends at once, again and again: no reconnect storm.
+                    failures += 1
+                    await asyncio.sleep(_delay(failures, retry_delay, max_delay))
+        except TimeoutError:
+            continue  # the periodic re-list
+        except NotFound:
+            raise
+        except ClusterStateError as e:
+            failures += 1
+            await _pause(kind, e, failures, retry_delay, max_delay)
+
+
+def _delay(failures: int, retry_delay: float, max_delay: float) -> float:
+    base: float = min(max_delay, retry_delay * 2.0 ** max(0, failures - 1))
+    return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+
+
+async def _pause(
+    kind: ResourceKind, error: ClusterStateError, failures: int, retry: float, cap: float
+) -> None:
+    delay = _delay(failures, retry, cap)
+    retry_after = getattr(error, "retry_after", None)
+    if isinstance(retry_after, (int, float)):
+        delay = max(delay, min(float(retry_after), cap))
+    # The first of a run at WARNING; a storm of them must not flood the log.
+    level = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.INFO
+    log.log(level, "watch of %s: %s; listing again in %.1fs", kind.plural, error, delay)
+    await asyncio.sleep(delay)
+
+
+async def _close(stream: AsyncIterator[WatchEvent]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 def _key(obj: JSON) -> tuple[str | None, str]:
@@ -241,23 +317,18 @@ async def update_status(
 ) -> JSON | None:
     """Read, compute a status patch, write it guarded by resourceVersion; retry on Conflict.
 
-    ``compute`` gets a deep copy of the current object and returns the merge patch for its status,
+    ``compute`` gets the current object (its own copy) and returns the merge patch for its status,
     or None when nothing needs writing (so no write happens at all).
     """
     for attempt in range(attempts):
-        current = await state.get(kind, name, namespace=namespace)
-        result = compute(copy.deepcopy(current))
+        current = await state.get(kind, name, namespace=namespace)  # a copy of our own
+        version = current["metadata"].get("resourceVersion")
+        result = compute(current)
         patch = await result if isinstance(result, Awaitable) else result
         if patch is None:
             return None
         try:
-            return await state.patch_status(
-                kind,
-                name,
-                patch,
-                namespace=namespace,
-                resource_version=current["metadata"].get("resourceVersion"),
-            )
+            return await state.patch_status(kind, name, patch, namespace=namespace, resource_version=version)
         except Conflict:
             if attempt == attempts - 1:
                 raise
@@ -265,10 +336,26 @@ async def update_status(
     return None  # pragma: no cover - the loop either returns or raises
 
 
+def clone(value: _T) -> _T:
+    """A deep copy of a JSON value: dicts and lists are copied, anything else is shared (JSON's
+    scalars, and a YAML date, are immutable). About six times faster than ``copy.deepcopy``."""
+    kind = type(value)
+    # No typing.cast here: a call per node of the tree costs a tenth of the copy.
+    if kind is dict:
+        out = value.copy()  # type: ignore[attr-defined]
+        for k, v in out.items():
+            if type(v) is dict or type(v) is list:
+                out[k] = clone(v)  # same keys: no resize while iterating
+        return out  # type: ignore[no-any-return]
+    if kind is list:
+        return [clone(v) if type(v) is dict or type(v) is list else v for v in value]  # type: ignore[attr-defined,return-value]
+    return value
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch: dicts merge recursively, None deletes, anything else replaces."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return clone(patch)
     result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:

@@ -13,12 +13,16 @@ API's own reason and never a header.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2 as httpx  # the HTTP client lightkube is built on
 from lightkube.config import client_adapter
 from lightkube.config.kubeconfig import KubeConfig
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from localmodel.errors import (
     AlreadyExists,
@@ -31,32 +35,51 @@ from localmodel.errors import (
 from localmodel.state.base import JSON, ObjectList, ResourceKind, Selector, WatchEvent
 
 MERGE_PATCH = "application/merge-patch+json"
+# 429s are retried here, as client-go does, waiting the Retry-After asked (at most this long each).
+TOO_MANY_ATTEMPTS = 5
+MAX_RETRY_AFTER = 60.0
+
+
+def user_agent(component: str = "modelcache") -> str:
+    """``COMPONENT/VERSION (POD; pid N)``: an API server names a writer's field manager after the
+    part before the ``/``, and audit logs and tests tell replicas apart by the rest."""
+    pod = os.environ.get("POD_NAME") or socket.gethostname()
+    return f"{component}/0.1.0 ({pod}; pid {os.getpid()})"
 
 
 class KubeState:
-    def __init__(self, client: httpx.AsyncClient, *, watch_timeout: int = 300) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, *, watch_timeout: int = 300, component: str = "modelcache"
+    ) -> None:
         self._client = client
+        self._client.headers["User-Agent"] = user_agent(component)
         self._watch_timeout = watch_timeout
+        # time.monotonic() of the API server's last answer that was not a 5xx or 429 (readiness).
+        self.last_answer: float | None = None
 
     @classmethod
-    def from_environment(cls, kubeconfig: str | None = None, context: str | None = None) -> KubeState:
-        """In-cluster service account when present, else ``kubeconfig`` / $KUBECONFIG / ~/.kube/config."""
+    def from_environment(
+        cls, kubeconfig: str | None = None, context: str | None = None, *, component: str = "modelcache"
+    ) -> KubeState:
+        """In-cluster service account when present, else ``kubeconfig`` / $KUBECONFIG / ~/.kube/config.
+        ``component`` starts the User-Agent (see :func:`user_agent`)."""
         try:
             config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
             single = config.get(context_name=context)
             if single is None:
                 raise Unavailable("the Kubernetes configuration names no current context; pass --context")
             params = client_adapter.ConnectionParams(timeout=httpx.Timeout(30.0, read=None))
-            return cls(client_adapter.AsyncClient(single, params))
+            return cls(client_adapter.AsyncClient(single, params), component=component)
         except Exception as e:  # lightkube raises ConfigError and file errors alike
             raise Unavailable(f"cannot load a Kubernetes configuration: {e}") from e
 
     @classmethod
-    def for_url(cls, url: str, *, watch_timeout: int = 300) -> KubeState:
+    def for_url(cls, url: str, *, watch_timeout: int = 300, component: str = "modelcache") -> KubeState:
         """An unauthenticated client for a given API URL (tests, kubectl proxy)."""
         return cls(
             httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0, read=None)),
             watch_timeout=watch_timeout,
+            component=component,
         )
 
     # -- the interface -------------------------------------------------------------------------
@@ -87,11 +110,16 @@ class KubeState:
             "timeoutSeconds": str(self._watch_timeout),
         }
         try:
-            async with self._client.stream("GET", _url(kind, namespace), params=params) as response:
+            async with self._client.stream(
+                "GET", _url(kind, namespace), params=params, headers={"Accept": "application/json"}
+            ) as response:
                 if response.status_code >= 400:
                     await response.aread()
+                    self._answered(response.status_code)
                     raise _error(response)
+                self._answered(response.status_code)
                 async for line in response.aiter_lines():
+                    self._answered(response.status_code)
                     if not line.strip():
                         continue
                     event = json.loads(line)
@@ -145,6 +173,10 @@ class KubeState:
 
     # -- plumbing ------------------------------------------------------------------------------
 
+    def _answered(self, code: int) -> None:
+        if code < 500 and code != 429:
+            self.last_answer = time.monotonic()
+
     async def _json(
         self,
         method: str,
@@ -153,6 +185,21 @@ class KubeState:
         params: dict[str, str] | None = None,
         json_body: JSON | None = None,
         creating: bool = False,
+    ) -> JSON:
+        """One request; a 429 is asked again after its Retry-After (up to TOO_MANY_ATTEMPTS)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_throttled),
+            wait=_retry_after,
+            stop=stop_after_attempt(TOO_MANY_ATTEMPTS),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._request(method, url, params, json_body, creating)
+        raise AssertionError("unreachable")  # pragma: no cover - reraise=True
+
+    async def _request(
+        self, method: str, url: str, params: dict[str, str] | None, json_body: JSON | None, creating: bool
     ) -> JSON:
         headers = {"Accept": "application/json"}
         content = None
@@ -165,6 +212,7 @@ class KubeState:
             )
         except httpx.HTTPError as e:
             raise Unavailable(f"{method} {url}: cannot reach the API server ({type(e).__name__})") from e
+        self._answered(response.status_code)
         if response.status_code >= 400:
             raise _error(response, creating=creating)
         try:
@@ -221,8 +269,31 @@ def _error(response: httpx.Response, *, creating: bool = False) -> ClusterStateE
         return AlreadyExists(message) if creating else Conflict(message)
     if code == 410:
         return Gone(message)
-    if code in (429,) or code >= 500:
-        return Unavailable(f"HTTP {code}: {message}")
+    if code == 429 or code >= 500:
+        busy = Unavailable(f"HTTP {code}: {message}")
+        busy.status = code
+        busy.retry_after = _retry_after_header(response)
+        return busy
     error = ClusterStateError(f"HTTP {code}: {message}")
     error.status = code
     return error
+
+
+def _retry_after_header(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (RFC 9110 also allows an HTTP date; the API server sends seconds)."""
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _throttled(error: BaseException) -> bool:
+    return isinstance(error, Unavailable) and error.status == 429
+
+
+def _retry_after(state: Any) -> float:
+    """tenacity's wait: the Retry-After the API asked, else 1 s (capped at MAX_RETRY_AFTER)."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    asked = getattr(error, "retry_after", None)
+    return min(MAX_RETRY_AFTER, asked if isinstance(asked, float) else 1.0)

@@ -5,12 +5,15 @@ loaded into it, and the agent and controller use it exactly as they use the API 
 :class:`~localmodel.state.base.ClusterState`. It keeps a bounded history of changes so watches can
 resume from a resourceVersion, and answers Gone for one older than that history, as etcd compaction
 makes a real server do.
+
+A stored object is never changed in place once stored (a write stores a new one, sharing the
+subtrees it did not touch), so the store and the history share them; callers get deep copies
+(reads, watch events, a write's answer), as they would get their own parse of a server's JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import uuid
 from collections import deque
@@ -27,6 +30,7 @@ from localmodel.state.base import (
     ResourceKind,
     Selector,
     WatchEvent,
+    clone,
     merge_patch,
 )
 
@@ -57,13 +61,13 @@ class MemoryState:
         obj = self._objects.get(self._key(kind, name, namespace))
         if obj is None:
             raise NotFound(f"{kind.kind} {name!r} not found")
-        return copy.deepcopy(obj)
+        return clone(obj)
 
     async def list(
         self, kind: ResourceKind, *, namespace: str | None = None, selector: Selector | None = None
     ) -> ObjectList:
         items = [
-            copy.deepcopy(obj)
+            clone(obj)
             for (k, ns, _), obj in sorted(self._objects.items(), key=lambda kv: _sort_key(kv[0]))
             if k == kind.kind
             and (namespace is None or ns == namespace)
@@ -96,7 +100,7 @@ class MemoryState:
                     continue
                 if selector is not None and not selector.matches(event.object):
                     continue
-                yield WatchEvent(event.type, copy.deepcopy(event.object))
+                yield WatchEvent(event.type, clone(event.object))
             async with self._changed:
                 await self._changed.wait_for(partial(self._newer_than, since))
             if since < self._compacted:
@@ -107,8 +111,10 @@ class MemoryState:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
-        obj = copy.deepcopy(obj)
+    async def create(self, kind: ResourceKind, obj: JSON, *, manager: str | None = None) -> JSON:
+        """As the interface says; ``manager`` (what an API server takes from the writer's
+        User-Agent) is recorded in ``metadata.managedFields`` as a real server records it."""
+        obj = clone(obj)
         meta = obj.setdefault("metadata", {})
         name = meta.get("name")
         if not isinstance(name, str) or not name:
@@ -123,6 +129,8 @@ class MemoryState:
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         meta.pop("deletionTimestamp", None)
+        if manager:
+            _managed(obj, manager, kind, obj)
         return await self._store(kind, key, obj, "ADDED")
 
     async def patch(
@@ -133,10 +141,12 @@ class MemoryState:
         *,
         namespace: str | None = None,
         resource_version: str | None = None,
+        manager: str | None = None,
     ) -> JSON:
         key, current = self._current(kind, name, namespace, resource_version, patch)
         body = {k: v for k, v in patch.items() if k != "status" or not kind.has_status}
         updated = merge_patch(current, body)
+        updated["metadata"] = dict(updated.get("metadata") or {})  # never the stored one's dict
         # Identity fields are the server's, whatever the patch says.
         for field in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"):
             if field in current["metadata"]:
@@ -147,7 +157,9 @@ class MemoryState:
         if updated["metadata"].get("deletionTimestamp") and not updated["metadata"].get("finalizers"):
             return await self._remove(kind, key, updated)
         if updated == current:
-            return copy.deepcopy(current)
+            return clone(current)
+        if manager:
+            _managed(updated, manager, kind, body)
         return await self._store(kind, key, updated, "MODIFIED")
 
     async def patch_status(
@@ -160,22 +172,21 @@ class MemoryState:
         resource_version: str | None = None,
     ) -> JSON:
         key, current = self._current(kind, name, namespace, resource_version, None)
-        updated = copy.deepcopy(current)
+        updated = {**current, "metadata": dict(current["metadata"])}  # spec and others shared
         merged = merge_patch(current.get("status") or {}, status)
         if merged:
             updated["status"] = merged
         else:
             updated.pop("status", None)
         if updated == current:
-            return copy.deepcopy(current)
+            return clone(current)
         return await self._store(kind, key, updated, "MODIFIED")
 
     async def delete(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> None:
         key, current = self._current(kind, name, namespace, None, None)
         if current["metadata"].get("finalizers"):
             if not current["metadata"].get("deletionTimestamp"):
-                updated = copy.deepcopy(current)
-                updated["metadata"]["deletionTimestamp"] = _now()
+                updated = {**current, "metadata": dict(current["metadata"], deletionTimestamp=_now())}
                 await self._store(kind, key, updated, "MODIFIED")
             return
         await self._remove(kind, key, current)
@@ -187,7 +198,7 @@ class MemoryState:
         """Store a copy of another store's object as it is (metadata kept): ``create`` would give
         it a new creationTimestamp, and admission goes by creation time, so a dry run of a real
         cluster must keep the real ones."""
-        obj = copy.deepcopy(obj)
+        obj = clone(obj)
         meta = obj["metadata"]
         await self._store(kind, self._key(kind, meta["name"], meta.get("namespace")), obj, "ADDED")
 
@@ -261,20 +272,20 @@ class MemoryState:
 
     async def _remove(self, kind: ResourceKind, key: Key, obj: JSON) -> JSON:
         self._rv += 1
-        obj = copy.deepcopy(obj)
+        obj = {**obj, "metadata": dict(obj["metadata"])}
         obj["metadata"]["resourceVersion"] = str(self._rv)
         del self._objects[key]
         return await self._emit(kind, "DELETED", obj)
 
     async def _emit(self, kind: ResourceKind, event: str, obj: JSON) -> JSON:
-        snapshot = copy.deepcopy(obj)
-        self._history.append((self._rv, kind.kind, WatchEvent(event, snapshot)))  # type: ignore[arg-type]
+        # Shared with the store: stored objects are never changed in place (watchers get copies).
+        self._history.append((self._rv, kind.kind, WatchEvent(event, obj)))  # type: ignore[arg-type]
         while len(self._history) > self._history_limit:
             self._compacted = self._history.popleft()[0]
         self._persist()
         async with self._changed:
             self._changed.notify_all()
-        return copy.deepcopy(obj)
+        return clone(obj)
 
     def _persist(self) -> None:
         if self._persist_to is None:
@@ -294,6 +305,23 @@ class MemoryState:
                 self._objects[self._key(kind, meta["name"], meta.get("namespace"))] = obj
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SpecError(f"cannot restore the embedded state: {e}", where=str(path)) from e
+
+
+def _managed(obj: JSON, manager: str, kind: ResourceKind, written: JSON) -> None:
+    """Record ``manager``'s write in ``metadata.managedFields``, one Update entry per manager as an
+    API server keeps them; the fields are the written top-level ones (a server lists every leaf)."""
+    fields: JSON = {f"f:{k}": {} for k in written if k not in ("apiVersion", "kind", "status")}
+    entry = {
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": kind.api_version,
+        "time": _now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    }
+    meta = obj["metadata"]
+    others = [e for e in meta.get("managedFields") or [] if e.get("manager") != manager]
+    meta["managedFields"] = [*others, entry]
 
 
 def _sort_key(key: Key) -> tuple[str, str, str]:

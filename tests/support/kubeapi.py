@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest_asyncio
@@ -38,6 +40,68 @@ def _status(code: int, reason: str, message: str) -> web.Response:
     return web.json_response(body, status=code)
 
 
+Match = Callable[[web.Request], bool]
+
+
+def client(text: str) -> Match:
+    """Requests whose User-Agent contains ``text`` (e.g. a process's ``pid 1234``)."""
+    return lambda r: text in r.headers.get("User-Agent", "")
+
+
+def writes(*methods: str) -> Match:
+    """Requests that write (POST, PATCH, PUT, DELETE), or only those ``methods``."""
+    wanted = set(methods or ("POST", "PATCH", "PUT", "DELETE"))
+    return lambda r: r.method in wanted
+
+
+def watches() -> Match:
+    return lambda r: r.method == "GET" and r.query.get("watch") in ("true", "True", "1")
+
+
+def path(text: str) -> Match:
+    return lambda r: text in r.path
+
+
+def every(*matches: Match) -> Match:
+    return lambda r: all(m(r) for m in matches)
+
+
+@dataclass
+class Fault:
+    """What requests that ``match`` get instead of (or before) their answer, while active: until
+    ``until`` (time.monotonic) if given and at most ``times`` times if given."""
+
+    match: Match
+    status: int | None = None  # answered with this code and a Status body
+    retry_after: float | None = None  # with status: a Retry-After header
+    delay: float = 0.0  # seconds before the answer (or the fault)
+    refuse: bool = False  # the connection is cut, no answer at all
+    drop_watch: bool = False  # a watch is answered 200 and ends at once, without events
+    expire_watch: bool = False  # a watch is answered with an ERROR event carrying 410
+    until: float | None = None
+    times: int | None = None
+    hits: int = 0
+
+    def active(self) -> bool:
+        return (self.until is None or time.monotonic() < self.until) and (
+            self.times is None or self.hits < self.times
+        )
+
+
+@dataclass(frozen=True)
+class Call:
+    at: float  # time.monotonic()
+    method: str
+    path_qs: str
+    agent: str
+    status: int | None = None  # None: refused or dropped
+    watch: bool = False
+
+
+def _manager(request: web.Request) -> str:
+    return request.query.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
+
+
 def _selector(request: web.Request) -> Selector | None:
     def pairs(text: str) -> dict[str, str]:
         return dict(p.split("=", 1) for p in text.split(",") if "=" in p)
@@ -57,6 +121,28 @@ class KubeAPI:
         self._runner: web.AppRunner | None = None
         self._watches: set[asyncio.Task[None]] = set()
         self.middlewares: list[Any] = []  # tests may add aiohttp middlewares before start()
+        self.faults: list[Fault] = []
+        self.calls: list[Call] = []
+        self._watch_requests: dict[asyncio.Task[None], web.Request] = {}
+
+    def inject(self, match: Match, *, seconds: float | None = None, **what: Any) -> Fault:
+        """Start a fault (see :class:`Fault`) for ``seconds`` (None: until :meth:`heal`). A refused
+        or dropped one also cuts the matching watches open now."""
+        fault = Fault(match, until=None if seconds is None else time.monotonic() + seconds, **what)
+        self.faults.append(fault)
+        if fault.refuse or fault.drop_watch or fault.expire_watch:
+            for task, request in list(self._watch_requests.items()):
+                if match(request):
+                    task.cancel()
+        return fault
+
+    def heal(self, fault: Fault | None = None) -> None:
+        """End one fault, or all."""
+        self.faults = [f for f in self.faults if fault is not None and f is not fault]
+
+    def calls_by(self, text: str, *, since: float = 0.0) -> list[Call]:
+        """The logged requests of the clients whose User-Agent contains ``text``."""
+        return [c for c in self.calls if text in c.agent and c.at >= since]
 
     def expire_watches(self) -> None:
         """Like an etcd compaction: open watches end, and the next one answers 410 Gone."""
@@ -86,10 +172,40 @@ class KubeAPI:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        for extra in self.middlewares:
-            handler = _bind(extra, handler)
-        result: web.StreamResponse = await handler(request)
-        return result
+        watch = request.method == "GET" and request.query.get("watch") in ("true", "True", "1")
+        agent = request.headers.get("User-Agent", "")
+        fault = next((f for f in self.faults if f.active() and f.match(request)), None)
+        status: int | None = None
+        try:
+            if fault is not None:
+                fault.hits += 1
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                if fault.refuse:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise asyncio.CancelledError  # nothing more is written on a cut connection
+                if fault.status is not None:
+                    response = _status(fault.status, "InjectedFault", f"injected fault {fault.status}")
+                    if fault.retry_after is not None:
+                        response.headers["Retry-After"] = f"{fault.retry_after:g}"
+                    status = fault.status
+                    return response
+                if watch and (fault.drop_watch or fault.expire_watch):
+                    stream = web.StreamResponse(headers={"Content-Type": "application/json"})
+                    await stream.prepare(request)
+                    if fault.expire_watch:
+                        gone = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}
+                        await stream.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+                    status = 200
+                    return stream
+            for extra in self.middlewares:
+                handler = _bind(extra, handler)
+            result: web.StreamResponse = await handler(request)
+            status = result.status
+            return result
+        finally:
+            self.calls.append(Call(time.monotonic(), request.method, request.path_qs, agent, status, watch))
 
     def _kind(self, request: web.Request) -> ResourceKind:
         m = request.match_info
@@ -127,7 +243,8 @@ class KubeAPI:
             if ns:
                 obj.setdefault("metadata", {})["namespace"] = ns
             try:
-                return web.json_response(await self.store.create(kind, obj), status=201)
+                stored = await self.store.create(kind, obj, manager=_manager(request))
+                return web.json_response(stored, status=201)
             except AlreadyExists as e:
                 return _status(409, "AlreadyExists", str(e))
             except SpecError as e:
@@ -170,9 +287,10 @@ class KubeAPI:
                             kind, name, patch.get("status") or {}, namespace=ns, resource_version=rv
                         )
                     )
-                return web.json_response(
-                    await self.store.patch(kind, name, patch, namespace=ns, resource_version=rv)
+                stored = await self.store.patch(
+                    kind, name, patch, namespace=ns, resource_version=rv, manager=_manager(request)
                 )
+                return web.json_response(stored)
         except NotFound as e:
             return _status(404, "NotFound", str(e))
         except Conflict as e:
@@ -207,8 +325,13 @@ class KubeAPI:
                     json.dumps({"type": event.type, "object": event.object}).encode() + b"\n"
                 )
 
-        task = asyncio.ensure_future(asyncio.wait_for(stream(), timeout))
+        async def bounded() -> None:
+            # stream() is made only once the task runs: one cancelled first leaves no coroutine behind.
+            await asyncio.wait_for(stream(), timeout)
+
+        task = asyncio.ensure_future(bounded())
         self._watches.add(task)
+        self._watch_requests[task] = request
         try:
             await task
         except TimeoutError:
@@ -217,12 +340,17 @@ class KubeAPI:
             current = asyncio.current_task()
             if not task.cancelled() or (current is not None and current.cancelling()):
                 raise  # the request itself is going away
-            # expire_watches() ended only this stream: the client reconnects and gets 410
+            # expire_watches() or inject() ended only this stream: the client reconnects
+            if request.transport is not None and any(
+                f.refuse and f.active() and f.match(request) for f in self.faults
+            ):
+                request.transport.abort()  # unreachable: the connection is cut, not ended
         except Gone as e:
             status = {"kind": "Status", "code": 410, "reason": "Expired", "message": str(e)}
             await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
         finally:
             self._watches.discard(task)
+            self._watch_requests.pop(task, None)
         return response
 
 
