@@ -16,7 +16,7 @@ from pathlib import Path
 from agent.download.staging import Destination, finish_publish, remove_published, write_atomic
 from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import FORMAT_VERSION, STORAGE_KEY_RE, CacheLayout
-from localmodel.manifest import Manifest
+from localmodel.manifest import Manifest, entry_check
 
 
 class CacheLocked(ModelcacheError):
@@ -85,7 +85,8 @@ class CacheDir:
         """Finish interrupted publishes, empty the trash, then report what is here.
 
         A published folder is trusted when its manifest exists and every file has the manifest's
-        size (``verify`` also re-hashes sha256). Anything else under ``models/`` is untrusted.
+        size (``verify`` also re-hashes each file by the hash its manifest entry records). Anything
+        else under ``models/`` is untrusted.
         """
         layout = self.layout
         for pending in _subdirs(layout.staging):
@@ -112,8 +113,6 @@ class CacheDir:
         manifest = dest.published()
         if manifest is None:
             return None
-        import hashlib
-
         for entry in manifest.files:
             path = dest.final / entry.path
             try:
@@ -121,12 +120,18 @@ class CacheDir:
                     return None
             except OSError:
                 return None
-            if verify and entry.sha256:
-                h = hashlib.sha256()
-                with path.open("rb") as fh:
-                    while block := fh.read(8 << 20):
-                        h.update(block)
-                if h.hexdigest() != entry.sha256:
+            # Every hash the manifest knows (sha256, git blob sha1, md5: entry_check's rule); a
+            # file with none (published with --no-verify) is checked by its size alone.
+            check = entry_check(entry) if verify else None
+            if check is not None:
+                h = check.new(entry.size)
+                try:
+                    with path.open("rb") as fh:
+                        while block := fh.read(8 << 20):
+                            h.update(block)
+                except OSError:
+                    return None
+                if h.hexdigest() != check.expected:
                     return None
         return manifest
 

@@ -667,8 +667,13 @@ class Transfer:
 
     def _manifest(self) -> Manifest:
         if self.listing.archive is not None:
+            # An archive's members have no hash from the source: ours, for a later re-verify.
             entries = tuple(
-                FileEntry(p.relative_to(self.files_dir).as_posix(), p.stat().st_size)
+                FileEntry(
+                    p.relative_to(self.files_dir).as_posix(),
+                    p.stat().st_size,
+                    _sha256_of(p) if self.settings.verify else None,
+                )
                 for p in sorted(self.files_dir.rglob("*"))
                 if p.is_file()
             )
@@ -863,6 +868,13 @@ def _hash_file(h: Any, fd: int, start: int, end: int) -> None:
         mapped = mmap.mmap(fd, length + skew, offset=offset - skew, access=mmap.ACCESS_READ)
         with mapped, memoryview(mapped) as view:
             h.update(view[skew:])
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        _hash_file(h, fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    return h.hexdigest()
 
 
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
