@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,7 @@ class Hub:
     def add_repo(
         self,
         repo_id: str,
-        files: dict[str, bytes | Path],
+        files: Mapping[str, bytes | Path],
         *,
         revision: str = "main",
         lfs_threshold: int = 1024,
