@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,31 +66,32 @@ def build(src: Path, files: int, size: int) -> None:
 
 def measure(argv: list[str], env: dict[str, str], timeout: float) -> dict[str, float]:
     """Wall seconds, peak RSS (MiB) and peak open descriptors of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    peak_fds = 0
-    done = threading.Event()
+    # Its stderr goes to a file, not a pipe: a progress bar would fill the pipe and block the tool.
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
+        peak_fds = 0
+        done = threading.Event()
 
-    def sample() -> None:
-        nonlocal peak_fds
-        fd_dir = Path(f"/proc/{proc.pid}/fd")
-        while not done.is_set():
-            with contextlib.suppress(OSError):
-                peak_fds = max(peak_fds, len(os.listdir(fd_dir)))
-            done.wait(0.01)
+        def sample() -> None:
+            nonlocal peak_fds
+            fd_dir = Path(f"/proc/{proc.pid}/fd")
+            while not done.is_set():
+                with contextlib.suppress(OSError):
+                    peak_fds = max(peak_fds, len(os.listdir(fd_dir)))
+                done.wait(0.01)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    timer.cancel()
-    done.set()
-    sampler.join()
-    err = proc.stderr.read().decode() if proc.stderr else ""
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        timer.cancel()
+        done.set()
+        sampler.join()
+        log.seek(0)
+        err = log.read().decode(errors="replace")
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"{argv[:4]} exited {code} after {seconds:.0f} s: {err.strip()[-500:]}")
