@@ -15,13 +15,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from agent.desired import parse_labels
-from agent.download.client import proxies_from_env
+from agent.download.client import aws_ca_bundle, proxies_from_env
 from agent.download.engine import TransferSettings
 from agent.download.sources import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
-from agent.pull_cli import parse_rate, parse_size
+from agent.pull_cli import parse_low_speed_limit, parse_rate, parse_seconds, parse_size
 from agent.standalone import StandaloneSource
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.errors import InvalidInput
@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="a cap for the node, e.g. 500MB/s")
     p.add_argument("--chunk-size", type=parse_size, default=64 << 20, help="range size (64Mi)")
+    p.add_argument(
+        "--low-speed-limit",
+        type=parse_low_speed_limit,
+        default=TransferSettings.low_speed_limit,
+        help="bytes/s under which a connection is retried on a new one (1Ki; 0: off)",
+    )
+    p.add_argument(
+        "--low-speed-time", type=parse_seconds, default=TransferSettings.low_speed_time, help="seconds (30)"
+    )
     p.add_argument("--resync", type=_positive("--resync", float), default=60.0, help="seconds (60)")
     p.add_argument(
         "--retry-min", type=_positive("--retry-min", float), default=300.0, help="first retry after (300 s)"
@@ -148,7 +157,10 @@ def main(argv: Sequence[str]) -> int:
             concurrency=args.concurrency,
             max_bandwidth=args.max_bandwidth,
             chunk_size=args.chunk_size,
+            low_speed_limit=args.low_speed_limit,
+            low_speed_time=args.low_speed_time,
             proxies=proxies_from_env(),
+            ca_bundle=aws_ca_bundle(),
         ),
         sources=SourceSettings.from_env(
             file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None)

@@ -29,7 +29,7 @@ from agent.download.staging import (
 )
 from localmodel.errors import DownloadError, InvalidInput, ModelcacheError
 from localmodel.layout import FORMAT_VERSION, STORAGE_KEY_RE, CacheLayout
-from localmodel.manifest import Manifest
+from localmodel.manifest import Manifest, entry_check
 
 log = logging.getLogger("modelcache.agent")
 
@@ -117,9 +117,10 @@ class CacheDir:
         """Finish interrupted publishes, empty the trash, then report what is here.
 
         A published folder is trusted when its manifest exists and every file has the manifest's
-        size (``verify`` also re-hashes sha256); with a manifest that does not match it is untrusted
-        (ours: fetched again or deleted); without any manifest it is foreign (never deleted). Links
-        found in ``models/``, ``staging/``, ``trash/`` and ``manifests/`` are listed, not followed.
+        size (``verify`` also re-hashes each file by the hash its manifest entry records); with a
+        manifest that does not match it is untrusted (ours: fetched again or deleted); without any
+        manifest it is foreign (never deleted). Links found in ``models/``, ``staging/``, ``trash/``
+        and ``manifests/`` are listed, not followed.
         """
         layout = self.layout
         links = [
@@ -171,8 +172,6 @@ class CacheDir:
         manifest = dest.published()
         if manifest is None:
             return None
-        import hashlib
-
         for entry in manifest.files:
             path = dest.final / entry.path
             try:
@@ -180,12 +179,18 @@ class CacheDir:
                     return None
             except OSError:
                 return None
-            if verify and entry.sha256:
-                h = hashlib.sha256()
-                with path.open("rb") as fh:
-                    while block := fh.read(8 << 20):
-                        h.update(block)
-                if h.hexdigest() != entry.sha256:
+            # Every hash the manifest knows (sha256, git blob sha1, md5: entry_check's rule); a
+            # file with none (published with --no-verify) is checked by its size alone.
+            check = entry_check(entry) if verify else None
+            if check is not None:
+                h = check.new(entry.size)
+                try:
+                    with path.open("rb") as fh:
+                        while block := fh.read(8 << 20):
+                            h.update(block)
+                except OSError:
+                    return None
+                if h.hexdigest() != check.expected:
                     return None
         return manifest
 

@@ -4,13 +4,16 @@ Stored as JSON at ``<cache-dir>/.modelcache/manifests/<storage key>.json`` (see 
 
     {"format": 1, "sourceModelUri": "...", "storageKey": "...", "revision": "<commit or etag>",
      "publishedAt": "2026-11-24T12:00:00Z",
-     "files": [{"path": "config.json", "size": 123, "sha256": "...", "sha1": null}, ...]}
+     "files": [{"path": "config.json", "size": 123, "sha256": "...", "sha1": null, "md5": null}, ...]}
 
-Paths are relative, POSIX, and never absolute or with ``..`` (checked on read as on write).
+Paths are relative, POSIX, and never absolute or with ``..`` (checked on read as on write). ``md5``
+is optional (manifests written before it was added still read). Which of the hashes a file is checked
+with is :func:`hash_check`'s rule, the same for the download engine and the agent's re-verify.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,7 +28,38 @@ class FileEntry:
     path: str
     size: int
     sha256: str | None = None
-    sha1: str | None = None
+    sha1: str | None = None  # git blob sha1: the sha1 of b"blob <size>\0" + content
+    md5: str | None = None  # S3 single-part ETag, kept where the source gave nothing stronger
+
+
+@dataclass(frozen=True)
+class HashCheck:
+    """How one file's content is checked: ``name`` is "sha256", "sha1" (git blob) or "md5"."""
+
+    name: str
+    expected: str  # lowercase hex
+
+    def new(self, size: int) -> Any:
+        """A fresh hash object for a file of ``size`` bytes (the git blob header comes first)."""
+        if self.name == "sha256":
+            return hashlib.sha256()
+        if self.name == "sha1":
+            return hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
+        return hashlib.md5(usedforsecurity=False)
+
+
+def hash_check(sha256: str | None, sha1: str | None, md5: str | None) -> HashCheck | None:
+    """The strongest hash known for a file: sha256, else the git blob sha1 (Hugging Face's non-LFS
+    files), else md5 (an S3 single-part ETag); None when there is none (checked by size only)."""
+    for name, value in (("sha256", sha256), ("sha1", sha1), ("md5", md5)):
+        if value:
+            return HashCheck(name, value.lower())
+    return None
+
+
+def entry_check(entry: FileEntry) -> HashCheck | None:
+    """:func:`hash_check` of a manifest entry."""
+    return hash_check(entry.sha256, entry.sha1, entry.md5)
 
 
 @dataclass(frozen=True)
@@ -50,7 +84,9 @@ class Manifest:
             "revision": self.revision,
             "publishedAt": self.published_at,
             "files": [
-                {"path": f.path, "size": f.size, "sha256": f.sha256, "sha1": f.sha1} for f in self.files
+                {"path": f.path, "size": f.size, "sha256": f.sha256, "sha1": f.sha1}
+                | ({"md5": f.md5} if f.md5 else {})
+                for f in self.files
             ],
         }
 
@@ -76,7 +112,13 @@ class Manifest:
                 raise SpecError(f"unsafe path {path!r}", field=f"files[{i}].path", where=where)
             if not isinstance(size, int) or size < 0:
                 raise SpecError(f"bad size {size!r}", field=f"files[{i}].size", where=where)
-            files.append(FileEntry(path, size, raw.get("sha256"), raw.get("sha1")))
+            hashes = []
+            for name in ("sha256", "sha1", "md5"):
+                value = raw.get(name) or None
+                if value is not None and not (isinstance(value, str) and _is_hex(value)):
+                    raise SpecError(f"bad {name} {value!r}", field=f"files[{i}].{name}", where=where)
+                hashes.append(value)
+            files.append(FileEntry(path, size, *hashes))
         return cls(
             source_model_uri=str(data.get("sourceModelUri", "")),
             storage_key=str(data.get("storageKey", "")),
@@ -93,6 +135,10 @@ class Manifest:
         except (OSError, ValueError) as e:
             raise SpecError(f"cannot read manifest: {e}", where=str(path)) from e
         return cls.from_json(data, where=str(path))
+
+
+def _is_hex(value: str) -> bool:
+    return bool(value) and all(c in "0123456789abcdefABCDEF" for c in value)
 
 
 def is_safe_relative_path(path: str) -> bool:

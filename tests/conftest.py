@@ -5,6 +5,7 @@ pytest_plugins: list[str] = [
     "tests.support.hfhub",
     "tests.support.s3",
     "tests.support.s3files",
+    "tests.support.httpfiles",
     "tests.support.kubeapi",
     "tests.support.agents",
 ]

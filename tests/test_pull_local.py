@@ -1,6 +1,7 @@
 """`modelcache pull` from local folders and archives: layout, atomic publish, up-to-date, safety."""
 
 import asyncio
+import hashlib
 import io
 import os
 import subprocess
@@ -37,9 +38,14 @@ def test_pull_copies_layout_then_is_up_to_date(tmp_path: Path, capsys: pytest.Ca
     assert main(["pull", f"file://{src}", str(dest), "--quiet"]) == 0
     assert _tree(dest) == _tree(src)
     out = capsys.readouterr().out
-    assert "3 files" in out and "verified" in out
+    # A folder gives no hash: checked by size, never called "verified", and each file's sha256 as
+    # copied is recorded, so a later re-verify detects a flipped byte.
+    assert "3 files" in out and "verified" not in out
+    assert "3 checked by size only (config.json, empty.txt, nested/deeper/w.bin)" in out
     manifest = Manifest.read(tmp_path / "out" / ".modelcache" / "pull" / "model.json")
-    assert {f.path for f in manifest.files} == set(_tree(src))
+    assert {f.path: f.sha256 for f in manifest.files} == {
+        p: hashlib.sha256(b).hexdigest() for p, b in _tree(src).items()
+    }
     # Nothing but the model itself in the destination folder; staging is gone.
     assert not (tmp_path / "out" / ".modelcache" / "pull" / "model").exists()
 

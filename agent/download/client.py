@@ -14,6 +14,16 @@ connection limit, its rate limiter the global byte-rate cap, its idle connection
 Redirects (301, 302, 303, 307, 308) are followed up to :data:`MAX_REDIRECTS`; ``Authorization`` is
 dropped when a redirect leaves the origin (a Hugging Face token never reaches a CDN).
 
+Low-speed limit (curl's ``--speed-limit``/``--speed-time``): a body that brings fewer than
+``low_speed_limit`` bytes in a window of ``low_speed_time`` seconds is abandoned with a
+TransientError, so a server that trickles cannot hold a worker for long; the time a worker waits
+for the byte-rate cap does not count. 0 turns it off.
+
+TLS: the system's CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured; certifi's where the system has
+none), plus ``ca_bundle`` when given: the bundle boto3 trusts (``AWS_CA_BUNDLE`` or the profile's
+``ca_bundle``, read at the entry point with :func:`aws_ca_bundle`), so a private-CA S3 endpoint that
+lists also downloads.
+
 Proxies: the ``http_proxy``/``https_proxy``/``no_proxy`` variables, as curl and huggingface_hub read
 them (read at the entry point: :func:`proxies_from_env`). https goes through a CONNECT tunnel, http
 as an absolute-form request; ``user:password@`` in the proxy's URL becomes Proxy-Authorization.
@@ -21,7 +31,8 @@ as an absolute-form request; ``user:password@`` in the proxy's URL becomes Proxy
 Errors, mapped here and only here (``from e``) into the project's tree:
 
 - :class:`~localmodel.errors.TransientError`: refused, reset or closed connections, timeouts, a body
-  cut short, a malformed response: the engine retries these with backoff;
+  cut short, a malformed response, a body slower than the low-speed limit: the engine retries these
+  with backoff, each on a fresh connection (the one that failed is closed, never pooled);
 - :class:`~localmodel.errors.DownloadError`: a TLS certificate that is not trusted, too many
   redirects (retrying would not help);
 - :class:`Stopped`: the awaiting task was cancelled; the worker's connect or read was ended.
@@ -46,6 +57,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
+from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from localmodel.errors import DownloadError, InvalidInput, TransientError
@@ -135,6 +147,23 @@ def proxies_from_env() -> dict[str, str]:
     return urllib.request.getproxies_environment()
 
 
+def aws_ca_bundle() -> str | None:
+    """The CA bundle boto3 would trust (entry points only): ``AWS_CA_BUNDLE``, else the
+    ``ca_bundle`` of the AWS profile in use, as botocore's config resolution reads them. None when
+    neither is set or the AWS configuration cannot be read (boto3 reports that itself)."""
+    try:
+        import botocore.session
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            value = botocore.session.Session().get_config_variable("ca_bundle")
+        except BotoCoreError:
+            return None
+    except ImportError:
+        return None
+    return str(value) if value else None
+
+
 # Where a connection goes: ("direct", scheme, host, port), ("proxy", host, port) for plain http sent
 # to a proxy, or ("tunnel", proxy host, proxy port, host, port) for https through CONNECT.
 Route = tuple[str | int, ...]
@@ -151,6 +180,9 @@ class HttpClient:
         max_bandwidth: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
         proxies: Mapping[str, str] | None = None,
+        low_speed_limit: int = 0,
+        low_speed_time: float = 30.0,
+        ca_bundle: str | None = None,
     ) -> None:
         self.proxies = dict(proxies or {})
         for scheme in ("http", "https"):
@@ -163,6 +195,9 @@ class HttpClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
+        self.low_speed_limit = low_speed_limit if low_speed_time > 0 else 0
+        self.low_speed_time = low_speed_time
+        self.ca_bundle = ca_bundle
         self._ssl_context = ssl_context
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")
         self._idle: dict[Route, list[http.client.HTTPConnection]] = {}
@@ -203,7 +238,17 @@ class HttpClient:
                     import certifi
 
                     context.load_verify_locations(certifi.where())
+            if self.ca_bundle:
+                try:
+                    context.load_verify_locations(self.ca_bundle)
+                except (OSError, ssl.SSLError) as e:
+                    raise DownloadError(
+                        f"the CA bundle {self.ca_bundle} (AWS_CA_BUNDLE or the AWS profile's ca_bundle) "
+                        f"cannot be read: {getattr(e, 'strerror', None) or e}"
+                    ) from e
             self._ssl_context = context
+        # Its sockets feed the low-speed check as plain ones do (_dial).
+        self._ssl_context.sslsocket_class = _MeteredSSL
         return self._ssl_context
 
     def close(self) -> None:
@@ -320,18 +365,39 @@ class HttpClient:
         if buf is None:
             buf = self._local.buf = memoryview(bytearray(self.read_size))
         got = 0
-        while True:
-            if call.stopped.is_set():
-                raise Stopped(label)
-            n = answer.readinto(buf)
-            if not n:
-                if answer.length:  # readinto reports a body cut short as its end
-                    raise http.client.IncompleteRead(b"", answer.length)
-                return got
-            if self.limiter is not None and (wait := self.limiter.delay(n)) > 0:
-                call.stopped.wait(wait)
-            sink(buf[:n])
-            got += n
+        # The low-speed check runs in the socket's recv_into: a read here returns only once the
+        # buffer is full, which a trickle of bytes would put off for days.
+        sock = call.sock
+        slow = None
+        if self.low_speed_limit and isinstance(sock, _Metered | _MeteredSSL):
+            slow = sock.check = _SpeedCheck(self.low_speed_limit, self.low_speed_time, label)
+            if self.low_speed_time < self.read_timeout:
+                sock.settimeout(self.low_speed_time)  # a whole window without a byte is too slow
+        try:
+            while True:
+                if call.stopped.is_set():
+                    raise Stopped(label)
+                try:
+                    n = answer.readinto(buf)
+                except TimeoutError:
+                    if slow is not None and self.low_speed_time < self.read_timeout:
+                        raise slow.error() from None
+                    raise
+                if not n:
+                    if answer.length:  # readinto reports a body cut short as its end
+                        raise http.client.IncompleteRead(b"", answer.length)
+                    return got
+                if self.limiter is not None and (wait := self.limiter.delay(n)) > 0:
+                    call.stopped.wait(wait)
+                    if slow is not None:
+                        slow.pause(wait)
+                sink(buf[:n])
+                got += n
+        finally:
+            if slow is not None and isinstance(sock, _Metered | _MeteredSSL):
+                sock.check = None
+                with contextlib.suppress(OSError):
+                    sock.settimeout(self.read_timeout)  # kept alive: the next answer's wait
 
     def _idle_connection(self, key: Route) -> http.client.HTTPConnection | None:
         with self._lock:
@@ -372,6 +438,56 @@ class HttpClient:
             self._idle.setdefault(key, []).append(conn)
 
 
+class _SpeedCheck:
+    """curl's low-speed rule for one body: fewer than ``limit`` bytes/s on average over a window of
+    ``window`` seconds is too slow. Time spent waiting for the byte-rate cap is not counted."""
+
+    def __init__(self, limit: int, window: float, label: str) -> None:
+        self.limit, self.window, self.label = limit, window, label
+        self.start = time.monotonic()
+        self.bytes = 0
+
+    def pause(self, seconds: float) -> None:
+        self.start += seconds
+
+    def received(self, n: int) -> None:
+        """Count ``n`` bytes; TransientError once a whole window went by below the limit."""
+        self.bytes += n
+        now = time.monotonic()
+        elapsed = now - self.start
+        if elapsed >= self.window:
+            if self.bytes < self.limit * elapsed:
+                raise self.error()
+            self.start, self.bytes = now, 0  # a new window
+
+    def error(self) -> TransientError:
+        return TransientError(f"{self.label}: slower than {self.limit} B/s for {self.window:g} s")
+
+
+class _Metered(socket.socket):
+    """A socket whose reads feed a :class:`_SpeedCheck` while one is set (a body being received)."""
+
+    check: _SpeedCheck | None = None
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        n = super().recv_into(buffer, nbytes, flags)
+        if self.check is not None:
+            self.check.received(n)
+        return n
+
+
+class _MeteredSSL(ssl.SSLSocket):
+    """:class:`_Metered` for TLS: the context makes these (``SSLContext.sslsocket_class``)."""
+
+    check: _SpeedCheck | None = None
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        n = super().recv_into(buffer, nbytes, flags)
+        if self.check is not None:
+            self.check.received(n)
+        return n
+
+
 def _dial(
     call: _Call,
     address: tuple[str, int],
@@ -384,7 +500,7 @@ def _dial(
     host, port = address
     error: OSError | None = None
     for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
+        sock = _Metered(family, kind, proto)
         if not call.attach(sock):
             sock.close()
             raise Stopped(host)

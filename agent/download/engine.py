@@ -8,24 +8,43 @@ Retry-After), never on 401/403/404. Memory is bounded by ``concurrency * read_si
 model's size.
 
 Integrity: every file is checked against its size, and (unless ``verify`` is off) against the
-strongest checksum the source offers (sha256, else git blob sha1, else MD5); a mismatch is fetched
-once more from scratch, then fails the download naming the file.
+strongest checksum the source offers (sha256, else git blob sha1, else MD5:
+:func:`localmodel.manifest.hash_check`); a mismatch is fetched once more from scratch, then fails the
+download naming the file. Every ranged answer is checked against what was asked (a 206's
+``Content-Range`` start, end and total; a 200 only where the whole file stands for the request): a
+mismatch is retried on a fresh request, then fails. A server that sends fewer bytes than listed
+(a complete 200 with a short ``Content-Length``, a ``Content-Range`` total or a 416 showing a
+shorter copy) fails the file as an integrity error, fetched once more from byte 0 first. Files the
+source gives no hash for (file://, http(s)) get a sha256 computed as they land, recorded in the
+manifest so a later re-verify detects a flipped byte; they count as checked by size only
+(:class:`PullResult`). S3 objects without a stored checksum (multipart ETags are not hashes) are not
+hashed: that would cost about a fifth of the S3 pull rate (bench/pull.py).
+
+Scale: ``concurrency`` workers take files one at a time from the listing (no task per file); a
+file's descriptor is opened when its first request holds a connection slot and closed when the file
+is done, so descriptors and memory are bounded by the concurrency, not the file count; the resume
+state costs per checkpoint what changed (see :class:`~agent.download.staging.Progress`).
+
+Every OSError maps to one line naming the file: ENOSPC/EDQUOT/EFBIG to DiskFull, EACCES/EPERM/EROFS
+to PermissionDenied, anything else to DownloadError with the system's text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
+import dataclasses
 import errno
 import hashlib
 import mmap
 import os
 import random
+import re
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +56,14 @@ from agent.download.client import HttpClient, Response
 from agent.download.listing import Listing, RemoteFile
 from agent.download.staging import Destination, FileProgress, Progress, publish
 from agent.download.unpack import unpack
-from localmodel.errors import DiskFull, DownloadError, IntegrityError, TransientError
-from localmodel.manifest import FileEntry, Manifest
+from localmodel.errors import (
+    DiskFull,
+    DownloadError,
+    IntegrityError,
+    PermissionDenied,
+    TransientError,
+)
+from localmodel.manifest import FileEntry, HashCheck, Manifest, hash_check
 
 MiB = 1 << 20
 
@@ -58,8 +83,15 @@ class TransferSettings:
     connect_timeout: float = 30.0
     read_timeout: float = 120.0
     checkpoint_interval: float = 2.0  # seconds between syncs of the resume state
+    # A request slower than low_speed_limit bytes/s over low_speed_time seconds is abandoned and
+    # retried on a fresh connection (curl's --speed-limit/--speed-time); 0 turns it off.
+    low_speed_limit: int = 1024
+    low_speed_time: float = 30.0
     # http_proxy/https_proxy/no_proxy as read at the entry point (client.proxies_from_env)
     proxies: Mapping[str, str] = field(default_factory=dict)
+    # A CA bundle trusted besides the system's, as boto3 reads it (AWS_CA_BUNDLE or the profile's
+    # ca_bundle; client.aws_ca_bundle at the entry point): presigned S3 GETs go to the same servers.
+    ca_bundle: str | None = None
 
 
 class ProgressSink(Protocol):
@@ -75,6 +107,9 @@ class NoProgress:
         return None
 
 
+SIZE_ONLY_NAMES = 5  # size-only files named in a result, at most
+
+
 @dataclass(frozen=True)
 class PullResult:
     files: int
@@ -83,6 +118,17 @@ class PullResult:
     seconds: float
     revision: str | None
     up_to_date: bool  # nothing was fetched: the destination already matched the source
+    # How the files of this download were checked: {"sha256": n, "sha1": n, "md5": n} for those whose
+    # content matched the source's hash, and the count (and first few names) of those checked by
+    # their size alone (no hash from the source, or verify off). Empty for an up-to-date result.
+    hash_checked: Mapping[str, int] = field(default_factory=dict)
+    size_only: int = 0
+    size_only_names: tuple[str, ...] = ()
+
+    @property
+    def verified(self) -> bool:
+        """Every file's content was checked against a hash the source gave."""
+        return self.size_only == 0 and sum(self.hash_checked.values()) == self.files
 
 
 def same_files(manifest: Manifest, listing: Listing) -> bool:
@@ -94,6 +140,10 @@ def same_files(manifest: Manifest, listing: Listing) -> bool:
     offered = {f.path for f in listing.files if f.sha256}
     ours = {(f.path, f.size, f.sha256 if f.path in offered else None, f.sha1) for f in manifest.files}
     return manifest.revision == listing.revision and theirs == ours
+
+
+def _check_of(f: RemoteFile) -> HashCheck | None:
+    return hash_check(f.sha256, f.git_sha1, f.md5)
 
 
 class Transfer:
@@ -126,42 +176,74 @@ class Transfer:
         self.archive_dir = dest.staging / "archive"
         self.state_path = dest.staging / "progress.json"
         self.transferred = 0
-        self.dirty: set[str] = set()  # files with chunks written since the last checkpoint
+        # Files begun and not finished (rewritten at each checkpoint), files finished since the last
+        # checkpoint (appended to the journal), and whether anything changed since.
+        self.partial: set[str] = set()
+        self.finished: dict[str, FileProgress] = {}
+        self.dirty = False
+        # How each finished file was checked, and the sha256 known for it (the manifest's).
+        self.outcome: dict[str, tuple[str, str | None]] = {}
         self.fds: dict[str, int] = {}
         self.hashers: dict[str, _Hasher] = {}  # files hashed as their finished prefix grows
         # At most `concurrency` requests of this download queued in the shared client at once, so the
         # client's workers take turns between downloads rather than serving one model's whole queue.
         self.slots = asyncio.Semaphore(settings.concurrency)
+        # Only files begun or finished have an entry: memory grows with the work in flight.
         self.state = Progress(listing.revision, settings.chunk_size, {})
+        # S3 objects without a stored checksum are not hashed (see the module's docstring).
+        self.hash_unhashed = settings.verify and not listing.source.startswith("s3://")
 
     # -- the whole download ----------------------------------------------------------------
 
     async def run(self) -> PullResult:
         started = self.clock()
-        self._load_state()
-        if self.previous:
-            await asyncio.to_thread(self._link_unchanged)
+        where = f"{self.listing.source}: {self.dest.final}"
+        try:
+            await asyncio.to_thread(self._load_state)
+            if self.previous:
+                await asyncio.to_thread(self._link_unchanged)
+        except OSError as e:
+            raise _os_error(e, where) from e
         total = self.listing.total_bytes
         done = sum(self._durable_bytes(f) for f in self.listing.files)
         self.progress.start(total_bytes=total, done_bytes=done, files=len(self.listing.files))
-        checkpointer = asyncio.create_task(self._checkpoint_loop())
+        order = iter(sorted(self.listing.files, key=lambda f: -(f.size or 0)))
         try:
-            order = sorted(self.listing.files, key=lambda f: -(f.size or 0))
             async with asyncio.TaskGroup() as group:
-                for f in order:
-                    group.create_task(self._fetch_and_verify(f))
+                checkpointer = group.create_task(self._checkpoint_loop())
+                workers = [
+                    group.create_task(self._worker(order))
+                    for _ in range(min(self.settings.concurrency, len(self.listing.files)))
+                ]
+                if workers:
+                    await asyncio.wait(workers)
+                checkpointer.cancel()
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         finally:
-            checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checkpointer
-            self._checkpoint()
-            self._close_fds()
-        if self.listing.archive is not None:
-            await asyncio.to_thread(self._unpack)
-        manifest = await asyncio.to_thread(self._manifest)
-        await asyncio.to_thread(publish, self.dest, manifest)
+            try:
+                self._checkpoint()
+            except OSError as e:
+                raise _os_error(e, where) from e
+            finally:
+                self._close_fds()
+        try:
+            if self.listing.archive is not None:
+                await asyncio.to_thread(self._unpack)
+            manifest = await asyncio.to_thread(self._manifest)
+            await asyncio.to_thread(publish, self.dest, manifest)
+        except OSError as e:
+            raise _os_error(e, where) from e
+        hashed: dict[str, int] = {}
+        size_only, named = 0, []
+        # An archive's members count as checked the way the archive was.
+        each = len(manifest.files) if self.listing.archive is not None else 1
+        for path, (method, _) in self.outcome.items():
+            if method == "size":
+                size_only += each
+                named.append(path)
+            else:
+                hashed[method] = hashed.get(method, 0) + each
         return PullResult(
             files=len(manifest.files),
             bytes_total=manifest.total_bytes,
@@ -169,11 +251,30 @@ class Transfer:
             seconds=self.clock() - started,
             revision=self.listing.revision,
             up_to_date=False,
+            hash_checked=hashed,
+            size_only=size_only,
+            size_only_names=tuple(sorted(named)[:SIZE_ONLY_NAMES]),
         )
+
+    async def _worker(self, files: Iterator[RemoteFile]) -> None:
+        """Fetch files one after the other until none is left (``next`` runs on the loop: each
+        file goes to one worker)."""
+        for f in files:
+            label = f"{self.listing.source}: {f.path}"
+            try:
+                await self._fetch_and_verify(f)
+            except OSError as e:
+                raise _os_error(e, label) from e
 
     def _target(self, f: RemoteFile) -> Path:
         base = self.archive_dir if self.listing.archive is not None else self.files_dir
         return base / f.path
+
+    def _st(self, f: RemoteFile) -> FileProgress:
+        st = self.state.files.get(f.path)
+        if st is None:
+            st = self.state.files[f.path] = FileProgress(f.size, f.sha256, f.git_sha1, f.md5)
+        return st
 
     def _load_state(self) -> None:
         old = Progress.load(self.state_path)
@@ -182,21 +283,25 @@ class Transfer:
             and old.revision == self.listing.revision
             and old.chunk_size == self.settings.chunk_size
         )
-        for f in self.listing.files:
-            fresh = FileProgress(f.size, f.sha256, f.git_sha1, f.md5)
-            kept = old.files.get(f.path) if usable and old is not None else None
-            target = self._target(f)
-            if kept is not None and kept.identity() == fresh.identity() and target.is_file():
-                if not (f.size is not None and target.stat().st_size == f.size):
+        if usable and old is not None:
+            for f in self.listing.files:
+                kept = old.files.get(f.path)
+                if kept is None or kept.identity() != (f.size, f.sha256, f.git_sha1, f.md5):
+                    continue
+                try:
+                    size = self._target(f).stat().st_size
+                except FileNotFoundError:
+                    continue
+                if not (f.size is not None and size == f.size):
                     kept.chunks.clear()
                     kept.verified = False
-                self.state.files[f.path] = kept
-            else:
-                self.state.files[f.path] = fresh
-        if old is None or not usable:
+                if kept.chunks or kept.verified:
+                    self.state.files[f.path] = kept
+        else:
             # Files of another revision are overwritten in place; stale ones must not linger.
             shutil.rmtree(self.files_dir, ignore_errors=True)
             shutil.rmtree(self.archive_dir, ignore_errors=True)
+        self.partial = {p for p, st in self.state.files.items() if st.chunks and not st.verified}
         self.state.save(self.state_path)
 
     def _chunks(self, f: RemoteFile) -> list[tuple[int, int, int]]:
@@ -206,7 +311,9 @@ class Transfer:
         return [(i, s, min(s + step, size)) for i, s in enumerate(range(0, size, step))] or [(0, 0, 0)]
 
     def _durable_bytes(self, f: RemoteFile) -> int:
-        st = self.state.files[f.path]
+        st = self.state.files.get(f.path)
+        if st is None:
+            return 0
         if st.verified:
             return f.size or 0
         return sum(end - start for i, start, end in self._chunks(f) if i in st.chunks) if f.size else 0
@@ -214,45 +321,72 @@ class Transfer:
     # -- one file ---------------------------------------------------------------------------
 
     async def _fetch_and_verify(self, f: RemoteFile) -> None:
-        st = self.state.files[f.path]
+        st = self._st(f)
         for attempt in (1, 2):
-            if not st.verified:
-                hasher = self._hasher(f)
-                if hasher is not None:
-                    self.hashers[f.path] = hasher
+            if st.verified:
+                break
+            hasher = self._hasher(f)
+            if hasher is not None:
+                self.hashers[f.path] = hasher
+            try:
                 await self._fetch(f)
-                # The file's bytes go to disk while the hash catches up, not after it.
-                synced = asyncio.ensure_future(asyncio.to_thread(self._sync_close, f))
-                digest_now = None
-                try:
-                    if hasher is not None:
-                        digest_now = await hasher.finish(st.chunks)
-                        del self.hashers[f.path]
-                finally:
-                    await synced
-                ok, digest = await asyncio.to_thread(self._verify, f, digest_now)
-                if not ok:
-                    if attempt == 2:
-                        raise IntegrityError(
-                            f"{self.listing.source}: {f.path}: content does not match the source's "
-                            f"checksum after a second fetch ({digest})"
-                        )
-                    st.chunks.clear()  # once more from scratch
-                    self.dirty.add(f.path)
-                    continue
-                st.verified, st.computed_sha256 = True, digest
-                self.dirty.add(f.path)
+            except IntegrityError as e:
+                # The server's copy is not the listed size (an error page, a truncated object):
+                # once more from byte 0, then fail.
+                self.hashers.pop(f.path, None)
+                await asyncio.to_thread(self._sync_close, f)
+                if attempt == 2:
+                    raise IntegrityError(f"{e}; the same after a second fetch from byte 0") from e
+                self._restart(f, st)
+                continue
+            # The file's bytes go to disk while the hash catches up, not after it.
+            synced = asyncio.ensure_future(asyncio.to_thread(self._sync_close, f))
+            digest_now = None
+            try:
+                if hasher is not None:
+                    digest_now = await hasher.finish(st.chunks)
+                    del self.hashers[f.path]
+            finally:
+                await synced
+            ok, digest, method = await asyncio.to_thread(self._verify, f, digest_now)
+            if not ok:
+                if attempt == 2:
+                    raise IntegrityError(
+                        f"{self.listing.source}: {f.path}: content does not match the source's "
+                        f"checksum after a second fetch ({digest})"
+                    )
+                self._restart(f, st)
+                continue
+            st.verified, st.computed_sha256, st.checked_by = True, digest or None, method
+            st.chunks = set()
+            self.partial.discard(f.path)
+            self.finished[f.path] = st
+            self.dirty = True
+        if not st.verified:
             return
+        # Kept in memory as one small tuple: the entry itself goes to the journal and is dropped.
+        self.outcome[f.path] = (st.checked_by or self._method(f), st.computed_sha256)
+        self.state.files.pop(f.path, None)
+
+    def _restart(self, f: RemoteFile, st: FileProgress) -> None:
+        st.chunks.clear()  # once more from scratch
+        self.partial.add(f.path)
+        self.dirty = True
+
+    def _method(self, f: RemoteFile) -> str:
+        """How a file is checked: the name of the source's hash, or "size"."""
+        check = _check_of(f) if self.settings.verify else None
+        return check.name if check is not None else "size"
 
     def _link_unchanged(self) -> None:
         for f in self.listing.files:
-            st = self.state.files[f.path]
-            if not st.chunks and not st.verified:
+            st = self.state.files.get(f.path)
+            if st is None or (not st.chunks and not st.verified):
                 target = self._target(f)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if self._reuse(f, target):
-                    st.chunks = {i for i, _, _ in self._chunks(f)}
-                    self.dirty.add(f.path)
+                    # Not recorded: after a crash the link is simply made again.
+                    self._st(f).chunks = {i for i, _, _ in self._chunks(f)}
 
     def _reuse(self, f: RemoteFile, target: Path) -> bool:
         """Hard-link the published copy of a file the new revision did not change (same path, size
@@ -274,83 +408,107 @@ class Transfer:
 
     async def _fetch(self, f: RemoteFile) -> None:
         target = self._target(f)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        st = self.state.files[f.path]
+        st = self._st(f)
         if f.local_path is not None:
             await asyncio.to_thread(self._copy_local, f, target)
             st.chunks = {i for i, _, _ in self._chunks(f)}
-            self.dirty.add(f.path)
+            self.partial.add(f.path)
+            self.dirty = True
             return
         todo = [c for c in self._chunks(f) if c[0] not in st.chunks]
         if not todo:
             return
-        fd = self._open(f, target)
         if f.size is None or len(self._chunks(f)) == 1:
-            await self._request(f, fd, todo[0], whole=True)
+            await self._request(f, todo[0], whole=True)
             return
         if not f.ranges:
             # The first range tells whether the server honours ranges; only then fan out.
-            ranged = await self._request(f, fd, todo[0], whole=False)
+            ranged = await self._request(f, todo[0], whole=False, probe=True)
             if not ranged:
                 return  # the server sent the whole file in that one response
             todo = todo[1:]
-        async with asyncio.TaskGroup() as group:
-            for chunk in todo:
-                group.create_task(self._request(f, fd, chunk, whole=False))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for chunk in todo:
+                    group.create_task(self._request(f, chunk, whole=False))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
 
-    def _open(self, f: RemoteFile, target: Path) -> int:
+    def _open(self, f: RemoteFile) -> int:
+        """The file's descriptor, opened by its first request once that holds a slot (so open
+        descriptors stay bounded by the concurrency), preallocated to the listed size."""
         if f.path in self.fds:
             return self.fds[f.path]
-        with contextlib.suppress(FileNotFoundError):
-            if target.stat().st_nlink > 1:
-                # Linked from the published copy (_reuse) and found damaged: writing into it would
-                # change the published model in place. A new file instead.
-                target.unlink()
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+        target = self._target(f)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if target.stat().st_nlink > 1:
+                    # Linked from the published copy (_reuse) and found damaged: writing into it would
+                    # change the published model in place. A new file instead.
+                    target.unlink()
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _os_error(e, f"{self.listing.source}: {f.path}") from e
         self.fds[f.path] = fd
         try:
             if f.size and os.fstat(fd).st_size != f.size:
                 os.ftruncate(fd, 0)
                 os.posix_fallocate(fd, 0, f.size)  # ENOSPC now, not after 90 GB
         except OSError as e:
-            raise _os_error(e, f.path) from e
+            raise _os_error(e, f"{self.listing.source}: {f.path}") from e
         return fd
 
-    async def _request(self, f: RemoteFile, fd: int, chunk: tuple[int, int, int], *, whole: bool) -> bool:
-        """Fetch one chunk (or, with ``whole``, the whole file); True if the server did ranges."""
+    async def _request(
+        self, f: RemoteFile, chunk: tuple[int, int, int], *, whole: bool, probe: bool = False
+    ) -> bool:
+        """Fetch one chunk (or, with ``whole``, the whole file); True if the server did ranges.
+        ``probe``: the first range of a file whose server may not do ranges."""
         index, start, end = chunk
-        body = _Body(self, f, fd, start=start, end=end, whole=whole)
+        body = _Body(self, f, start=start, end=end, whole=whole, probe=probe)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self.settings.attempts),
             wait=self._wait,
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                headers = dict(f.headers)
-                body.pos = body.start + body.written
-                body.asked_range = not whole or body.written > 0
-                if body.asked_range:
-                    headers["Range"] = f"bytes={body.pos}-{body.end - 1}" if f.size else f"bytes={body.pos}-"
-                try:
-                    async with self.slots:
-                        await self.client.request(
-                            "GET", f.url or "", headers=headers, label=body.label, accept=body.accept
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    headers = dict(f.headers)
+                    body.pos = body.start + body.written
+                    body.asked_range = not body.whole or body.written > 0
+                    if body.asked_range:
+                        last = f"{body.end - 1}" if f.size else ""
+                        headers["Range"] = f"bytes={body.pos}-{last}"
+                    try:
+                        async with self.slots:
+                            body.fd = self._open(f)
+                            await self.client.request(
+                                "GET", f.url or "", headers=headers, label=body.label, accept=body.accept
+                            )
+                    finally:
+                        self._advance(body.take_unreported())
+                    expected = (body.end - body.start) if f.size is not None else None
+                    if expected is not None and body.written < expected:
+                        if body.framed:
+                            # Ended where its own Content-Length said: not a connection cut short.
+                            raise IntegrityError(
+                                f"{body.label}: the server sent {body.start + body.written} of the "
+                                f"listed {f.size} bytes"
+                            )
+                        raise TransientError(
+                            f"{body.label}: connection closed after {body.written} of {expected} bytes"
                         )
-                finally:
-                    self._advance(body.take_unreported())
-                expected = (body.end - body.start) if f.size is not None else None
-                if expected is not None and body.written < expected:
-                    raise TransientError(
-                        f"{body.label}: connection closed after {body.written} of {expected} bytes"
-                    )
-        st = self.state.files[f.path]
+        except _RangeMismatch as e:
+            raise IntegrityError(f"{e} ({self.settings.attempts} attempts)") from e
+        st = self._st(f)
         st.chunks.update({i for i, _, _ in self._chunks(f)} if (not body.ranged or whole) else {index})
-        self.dirty.add(f.path)
+        self.partial.add(f.path)
+        self.dirty = True
         if (hasher := self.hashers.get(f.path)) is not None:
             hasher.poke(st.chunks)
-        return body.ranged and not whole
+        return bool(body.ranged) and not whole
 
     def _advance(self, nbytes: int) -> None:
         if nbytes:
@@ -368,70 +526,82 @@ class Transfer:
         return delay
 
     def _copy_local(self, f: RemoteFile, target: Path) -> None:
+        """Copy with ``copy_file_range`` (in the kernel, reflinked where the filesystem can), or
+        with plain reads and writes where it cannot: across filesystems (EXDEV on kernels since
+        5.19), or where the call is missing or refused (ENOSYS, EINVAL, EOPNOTSUPP)."""
         assert f.local_path is not None
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(f.local_path, "rb") as src, open(target, "wb") as dst:
+                in_kernel = hasattr(os, "copy_file_range")
+                buf: memoryview | None = None
                 while True:
-                    n = (
-                        os.copy_file_range(src.fileno(), dst.fileno(), 64 * MiB)
-                        if hasattr(os, "copy_file_range")
-                        else dst.write(src.read(64 * MiB))
-                    )
+                    if in_kernel:
+                        try:
+                            n = os.copy_file_range(src.fileno(), dst.fileno(), 64 * MiB)
+                        except OSError as e:
+                            if e.errno not in _NO_COPY_RANGE:
+                                raise
+                            in_kernel = False  # the offsets stand where the kernel left them
+                            continue
+                    else:
+                        buf = buf if buf is not None else memoryview(bytearray(MiB))
+                        n = src.readinto(buf)
+                        if n:
+                            dst.write(buf[:n])
                     if not n:
                         break
                     self.transferred += n
                     self.progress.advance(n)
+                dst.flush()
                 os.fdatasync(dst.fileno())
         except FileNotFoundError as e:
-            raise DownloadError(f"{self.listing.source}: {f.path} vanished during the copy") from e
+            if not Path(f.local_path).exists():
+                raise DownloadError(f"{self.listing.source}: {f.path} vanished during the copy") from e
+            raise _os_error(e, f"{self.listing.source}: {f.path}") from e
         except OSError as e:
-            raise _os_error(e, f.path) from e
+            raise _os_error(e, f"{self.listing.source}: {f.path}") from e
 
     # -- verification -----------------------------------------------------------------------
 
-    def _hash_for(self, f: RemoteFile, size: int) -> tuple[Any, str, str] | None:
-        """The hash the source's checksum calls for: (hash object, expected hex, name)."""
-        if f.sha256:
-            return hashlib.sha256(), f.sha256.lower(), "sha256"
-        if f.git_sha1:
-            return (
-                hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False),
-                f.git_sha1.lower(),
-                "git sha1",
-            )
-        if f.md5:
-            return hashlib.md5(usedforsecurity=False), f.md5.lower(), "md5"
-        return None
+    def _hash_for(self, f: RemoteFile) -> tuple[HashCheck | None, bool]:
+        """(the source's hash check, whether to compute a sha256 of our own), per the settings."""
+        if not self.settings.verify:
+            return None, False
+        check = _check_of(f)
+        return check, check is None and self.hash_unhashed
 
     def _hasher(self, f: RemoteFile) -> _Hasher | None:
         # Worth it only for files fetched as several ranges; the rest are hashed after the fetch.
-        if not self.settings.verify or f.size is None or f.local_path is not None or len(self._chunks(f)) < 2:
+        if f.size is None or f.local_path is not None or len(self._chunks(f)) < 2:
             return None
-        spec = self._hash_for(f, f.size)
-        return None if spec is None else _Hasher(spec[0], self._target(f), self._chunks(f))
+        check, own = self._hash_for(f)
+        if check is not None:
+            return _Hasher(check.new(f.size), self._target(f), self._chunks(f))
+        return _Hasher(hashlib.sha256(), self._target(f), self._chunks(f)) if own else None
 
-    def _verify(self, f: RemoteFile, digest: str | None = None) -> tuple[bool, str]:
-        """(ok, description), once the file is synced and closed; the sha256 is computed when the
-        source offers one. ``digest`` is the hash already computed while the file downloaded, if any."""
+    def _verify(self, f: RemoteFile, digest: str | None = None) -> tuple[bool, str, str]:
+        """(ok, description, method) once the file is synced and closed. The description is the
+        sha256 when one is known (the source's, checked, or our own), the mismatch when not ok;
+        the method names the hash checked, or "size". ``digest`` is the hash already computed
+        while the file downloaded, if any."""
         target = self._target(f)
         size = target.stat().st_size
         if f.size is not None and size != f.size:
-            return False, f"size {size}, expected {f.size}"
-        if not self.settings.verify:
-            return True, ""
-        spec = self._hash_for(f, size)
-        if spec is None:
-            return True, ""
-        h, want, name = spec
-        if digest is not None:
-            got = digest
-        else:
+            return False, f"size {size}, expected {f.size}", "size"
+        check, own = self._hash_for(f)
+        if check is None and not own:
+            return True, "", "size"
+        if digest is None:
+            h = check.new(size) if check is not None else hashlib.sha256()
             with open(target, "rb") as fh:
                 _hash_file(h, fh.fileno(), 0, size)
-            got = h.hexdigest()
-        if got != want:
-            return False, f"{name} {got}, expected {want}"
-        return True, got if name == "sha256" else ""
+            digest = h.hexdigest()
+        if check is None:
+            return True, digest, "size"  # ours, recorded for a later re-verify: nothing to compare
+        if digest != check.expected:
+            return False, f"{check.name} {digest}, expected {check.expected}", check.name
+        return True, digest if check.name == "sha256" else "", check.name
 
     # -- durability -------------------------------------------------------------------------
 
@@ -443,28 +613,40 @@ class Transfer:
             finally:
                 os.close(fd)
 
+    def _snapshot(self) -> tuple[dict[str, FileProgress], dict[str, FileProgress], list[int]]:
+        """What a checkpoint writes, taken on the event loop: a chunk recorded here was written
+        before, so syncing the descriptors afterwards makes it durable before it is saved."""
+        self.dirty = False
+        partial = {}
+        for p in self.partial:
+            st = self.state.files.get(p)
+            if st is not None:
+                partial[p] = dataclasses.replace(st, chunks=set(st.chunks))
+        finished, self.finished = self.finished, {}
+        # .get: a file finished meanwhile is closed by _sync_close in a thread (synced first).
+        fds = [fd for p in partial if (fd := self.fds.get(p)) is not None]
+        return partial, finished, fds
+
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.checkpoint_interval)
-            dirty, self.dirty = self.dirty, set()
-            if dirty:
-                # Snapshot first: a chunk recorded must have been written before the sync below.
-                snapshot = copy.deepcopy(self.state)
-                # .get: a file finished meanwhile is closed by _sync_close in a thread (synced first).
-                fds = [fd for p in dirty if (fd := self.fds.get(p)) is not None]
-                await asyncio.to_thread(self._sync_and_save, fds, snapshot)
+            if self.dirty:
+                partial, finished, fds = self._snapshot()
+                await asyncio.to_thread(self._sync_and_save, fds, partial, finished)
 
     def _checkpoint(self) -> None:
-        dirty, self.dirty = self.dirty, set()
-        if dirty:
-            self._sync_and_save([fd for p in dirty if (fd := self.fds.get(p)) is not None], self.state)
+        if self.dirty:
+            partial, finished, fds = self._snapshot()
+            self._sync_and_save(fds, partial, finished)
 
-    def _sync_and_save(self, fds: list[int], snapshot: Progress) -> None:
+    def _sync_and_save(
+        self, fds: list[int], partial: dict[str, FileProgress], finished: dict[str, FileProgress]
+    ) -> None:
         """Sync the data of files with new chunks, then record those chunks (in that order)."""
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.fdatasync(fd)
-        snapshot.save(self.state_path)
+        self.state.checkpoint(self.state_path, partial, finished)
 
     def _close_fds(self) -> None:
         for fd in self.fds.values():
@@ -485,16 +667,27 @@ class Transfer:
 
     def _manifest(self) -> Manifest:
         if self.listing.archive is not None:
+            # An archive's members have no hash from the source: ours, for a later re-verify.
             entries = tuple(
-                FileEntry(p.relative_to(self.files_dir).as_posix(), p.stat().st_size)
+                FileEntry(
+                    p.relative_to(self.files_dir).as_posix(),
+                    p.stat().st_size,
+                    _sha256_of(p) if self.settings.verify else None,
+                )
                 for p in sorted(self.files_dir.rglob("*"))
                 if p.is_file()
             )
         else:
             entries = tuple(
-                f.entry(sha256=self.state.files[f.path].computed_sha256 or None) for f in self.listing.files
+                FileEntry(
+                    f.path,
+                    self._target_size(f.path),
+                    f.sha256 or self.outcome.get(f.path, ("", None))[1],
+                    f.git_sha1,
+                    f.md5,
+                )
+                for f in self.listing.files
             )
-            entries = tuple(FileEntry(e.path, self._target_size(e.path), e.sha256, e.sha1) for e in entries)
         return Manifest(
             source_model_uri=self.uri,
             storage_key=self.storage_key,
@@ -507,50 +700,111 @@ class Transfer:
         return (self.files_dir / path).stat().st_size
 
 
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class _RangeMismatch(TransientError):
+    """A response that is not the range asked for: retried on a fresh request, then an
+    IntegrityError naming the file."""
+
+
 class _Body:
-    """One chunk's bytes as they arrive: checked against the listed size and ``pwrite`` at their
-    offset. ``accept`` and ``write`` run in the client's worker thread; the event loop reads the
-    fields once the request is over, and is told of progress every :data:`REPORT_EVERY` bytes."""
+    """One chunk's bytes as they arrive: the response checked against what was asked, each block
+    ``pwrite`` at its offset and never past the asked range or the listed size. ``accept`` and
+    ``write`` run in the client's worker thread; the event loop reads the fields once the request is
+    over, and is told of progress every :data:`REPORT_EVERY` bytes."""
 
     REPORT_EVERY = 16 * MiB
 
     def __init__(
-        self, transfer: Transfer, f: RemoteFile, fd: int, *, start: int, end: int, whole: bool
+        self, transfer: Transfer, f: RemoteFile, *, start: int, end: int, whole: bool, probe: bool
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.transfer = transfer
         self.label = f"{transfer.listing.source}: {f.path}"
         self.path = f.path
         self.limit = f.size
-        self.fd = fd
-        self.start, self.end, self.whole = start, end, whole
+        self.fd = -1
+        self.start, self.end, self.whole, self.probe = start, end, whole, probe
         self.pos = start  # where the next byte goes
+        self.bound = sys.maxsize  # no byte is written at or past this offset
         self.written = 0  # bytes of this chunk on disk, over every attempt
         self.asked_range = False
-        self.ranged = True
+        self.ranged: bool | None = None  # unknown until the first answer
+        self.framed = False  # the answer's length was its Content-Length (a short one is complete)
         self.unreported = 0
         self.lock = threading.Lock()
 
     def accept(self, response: Response) -> Callable[[memoryview], None]:
-        if response.status >= 400:
+        status = response.status
+        if status == 416 and self.asked_range:
+            raise self._refused()
+        if status >= 400:
             raise _status_error(self.label, response)
-        if response.status == 200 and self.asked_range:
-            if not self.whole and self.pos == 0:
-                self.ranged = False  # no range support: this response is the whole file
-                self.end = self.limit or 0
-            else:
-                # Resuming from a server that ignores ranges: the file starts over.
-                self.written = self.pos = self.start = 0
+        length = response.content_length
+        if status == 206:
+            self._check_range(response.headers.get("Content-Range") or "", length)
+            self.ranged = True
+            self.framed = False
+        elif status == 200:
+            if self.asked_range:
+                if self.probe and self.ranged is None:
+                    self.ranged = False  # no range support: this response is the whole file
+                    self.end = self.limit or 0
+                elif self.whole or (self.probe and self.ranged is False):
+                    # Resuming from a server that ignores ranges: the file starts over at byte 0.
+                    self.written = self.pos = self.start = 0
+                else:
+                    raise _RangeMismatch(
+                        f"{self.label}: the server answered bytes={self.pos}-{self.end - 1} with the "
+                        "whole file (HTTP 200)"
+                    )
+            self.bound = self.limit if self.limit is not None else sys.maxsize
+            self.framed = length is not None
         return self.write
+
+    def _check_range(self, value: str, length: int | None) -> None:
+        """A 206 must be the range asked: start, end (when asked), and the listed total."""
+        asked = f"bytes={self.pos}-{self.end - 1 if self.limit is not None else ''}"
+        match = _CONTENT_RANGE.fullmatch(value.strip())
+        if not self.asked_range or match is None:
+            raise _RangeMismatch(f"{self.label}: the server answered {asked} with Content-Range {value!r}")
+        first, last, total = int(match[1]), int(match[2]), match[3]
+        if self.limit is not None and total != "*" and int(total) != self.limit:
+            raise IntegrityError(
+                f"{self.label}: the server has {total} of the listed {self.limit} bytes "
+                f"(Content-Range {value.strip()})"
+            )
+        end_ok = last == self.end - 1 if self.limit is not None else (total == "*" or last == int(total) - 1)
+        if first != self.pos or not end_ok or (length is not None and length != last - first + 1):
+            raise _RangeMismatch(
+                f"{self.label}: the server answered {asked} with Content-Range {value.strip()}"
+                + (f" and Content-Length {length}" if length is not None else "")
+            )
+        self.bound = last + 1
+
+    def _refused(self) -> IntegrityError:
+        if self.whole or self.ranged is False:
+            return IntegrityError(
+                f"{self.label}: the server sent {self.pos} of the listed {self.limit} bytes and "
+                "refuses the rest (HTTP 416)"
+            )
+        return IntegrityError(
+            f"{self.label}: the server refuses bytes {self.pos}-{self.end - 1} of the listed "
+            f"{self.limit} bytes (HTTP 416): its copy is shorter"
+        )
 
     def write(self, data: memoryview) -> None:
         n = len(data)
-        if self.limit is not None and self.pos + n > self.limit:
-            raise IntegrityError(f"{self.label}: the server sent more than the listed {self.limit} bytes")
+        if self.pos + n > self.bound:
+            if self.bound == self.limit:
+                raise IntegrityError(f"{self.label}: the server sent more than the listed {self.limit} bytes")
+            raise IntegrityError(f"{self.label}: the server sent more than the range it announced")
         try:
             os.pwrite(self.fd, data, self.pos)
         except OSError as e:
-            raise _os_error(e, self.path) from e
+            raise _os_error(e, self.label) from e
         self.pos += n
         self.written += n
         with self.lock:
@@ -616,6 +870,13 @@ def _hash_file(h: Any, fd: int, start: int, end: int) -> None:
             h.update(view[skew:])
 
 
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        _hash_file(h, fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    return h.hexdigest()
+
+
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     """The most telling error of a task group: a download error over a cancellation."""
     flat: list[BaseException] = []
@@ -646,7 +907,11 @@ def _status_error(label: str, response: Response) -> DownloadError:
     return _http_status_error(label, response.status, delay)
 
 
-def _os_error(e: OSError, path: str) -> DownloadError:
+def _os_error(e: OSError, what: str) -> DownloadError:
+    """One line naming the file (``what``) for an OSError of the engine, in the error tree."""
+    text = os.strerror(e.errno) if e.errno else str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return DiskFull(f"{path}: no space left on the cache's filesystem ({os.strerror(e.errno)})")
-    return DownloadError(f"{path}: {os.strerror(e.errno or 0)}")
+        return DiskFull(f"{what}: no space left on the cache's filesystem ({text})")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"{what}: the cache's filesystem refused the write ({text})")
+    return DownloadError(f"{what}: {text}")

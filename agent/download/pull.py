@@ -30,6 +30,9 @@ def http_client(settings: TransferSettings) -> HttpClient:
         read_timeout=settings.read_timeout,
         max_bandwidth=settings.max_bandwidth,
         proxies=settings.proxies,
+        low_speed_limit=settings.low_speed_limit,
+        low_speed_time=settings.low_speed_time,
+        ca_bundle=settings.ca_bundle,
     )
 
 

@@ -7,8 +7,10 @@
 File bytes live on disk and are sent with ``FileResponse`` (sendfile), so the hub also serves
 benchmarks of several GiB without being the bottleneck. Faults for tests: a gated repo (401 without
 the right token), a tampered file (bytes differ from the announced sha256, same size), a file that
-answers 503 N times before it works, a per-file bandwidth cap, no range support, hostile tree
-entries. Every request is recorded.
+answers 503 N times before it works, a per-file bandwidth cap (``rate=1``: a trickle of one byte a
+second), a wrong range (``shift``: a ranged GET answered 206 with the same length from another
+offset, its Content-Range saying so), no range support, hostile tree entries. Every request is
+recorded, with the client's port (a new port: a new connection).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ class HubFile:
     fail_first: int = 0  # answer 503 this many times
     retry_after: str | None = None
     rate: int | None = None  # bytes/s cap for GET
+    shift: int = 0  # a ranged GET is answered from this many bytes further on (same length)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Request:
     path: str
     range: str | None
     authorized: bool
+    port: int | None = None  # the client's port: a new one is a new connection
 
 
 @dataclass
@@ -72,7 +76,7 @@ class Hub:
     def add_repo(
         self,
         repo_id: str,
-        files: dict[str, bytes | Path],
+        files: Mapping[str, bytes | Path],
         *,
         revision: str = "main",
         lfs_threshold: int = 1024,
@@ -141,8 +145,15 @@ class Hub:
 
     def _record(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         self.requests.append(
-            Request(request.method, request.path_qs, request.headers.get("Range"), bool(auth))
+            Request(
+                request.method,
+                request.path_qs,
+                request.headers.get("Range"),
+                bool(auth),
+                peer[1] if peer else None,
+            )
         )
         return bool(auth)
 
@@ -213,7 +224,7 @@ class Hub:
             return web.Response(status=503, text="try again", headers=extra)
         if request.method == "HEAD":
             return web.Response(status=200, headers={**headers, "Content-Length": str(f.size)})
-        if f.rate is None and (self.ranges or "Range" not in request.headers):
+        if f.rate is None and not f.shift and (self.ranges or "Range" not in request.headers):
             return web.FileResponse(f.disk, headers=headers)
         return await self._slow(request, f, headers)
 
@@ -224,6 +235,11 @@ class Hub:
         if rng and rng.startswith("bytes="):
             a, _, b = rng[6:].partition("-")
             start, end = int(a), int(b) if b else f.size - 1
+            if f.shift:
+                # The same length, from further on; clipped to the file, as a buggy cache would.
+                length = end - start + 1
+                start = min(start + f.shift, f.size - length)
+                end = start + length - 1
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
         response = web.StreamResponse(status=status, headers=headers)

@@ -33,6 +33,9 @@ query (SigV4 ``X-Amz-Signature`` with ``X-Amz-Date``/``X-Amz-Expires``, or SigV2
 **Signatures are not verified**: any key id and secret are accepted. Writes (PUT, multipart uploads,
 DELETE) are not implemented: tests put files in the folder (:meth:`S3Files.put`, :meth:`S3Files.path`).
 
+Faults: :meth:`S3Files.shift` answers ranged GETs of a key with the same length from another offset
+(206, its Content-Range saying so). ``start(ssl_context=...)`` serves over TLS.
+
 Every request is recorded (method, bucket, key, range, presigned or not). :meth:`S3Files.hold` makes
 GETs of one key beyond the first N wait until :meth:`S3Files.release`, so a test can kill a client
 at a known point. Run standalone for benchmarks: ``python -m tests.support.s3files --root DIR``
@@ -48,6 +51,7 @@ import binascii
 import hashlib
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -100,6 +104,7 @@ class S3Files:
         self._sha256: dict[tuple[str, str], str] = {}  # base64, as S3 sends it
         self._etags: dict[tuple[str, str], _Meta] = {}
         self._holds: dict[tuple[str, str], _Hold] = {}
+        self._shifts: dict[tuple[str, str], int] = {}
         self._runner: web.AppRunner | None = None
 
     # -- content ----------------------------------------------------------------------------
@@ -127,6 +132,10 @@ class S3Files:
         """GETs of this key beyond the first ``after`` wait until :meth:`release`."""
         self._holds[(bucket, key)] = _Hold(after)
 
+    def shift(self, bucket: str, key: str, by: int) -> None:
+        """Answer ranged GETs of this key from ``by`` bytes further on: same length, wrong bytes."""
+        self._shifts[(bucket, key)] = by
+
     def release(self) -> None:
         for hold in self._holds.values():
             hold.gate.set()
@@ -137,7 +146,9 @@ class S3Files:
 
     # -- serving ----------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         app = web.Application()
         app.router.add_route("GET", "/", self._list_buckets)
         app.router.add_route("*", "/{bucket}", self._bucket)
@@ -145,10 +156,10 @@ class S3Files:
         app.router.add_route("*", "/{bucket}/{key:.+}", self._object)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        site = web.TCPSite(self._runner, host, port, backlog=1024, ssl_context=ssl_context)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.endpoint = f"http://{host}:{port}"
+        self.endpoint = f"{'https' if ssl_context else 'http'}://{host}:{port}"
 
     async def close(self) -> None:
         self.release()
@@ -346,6 +357,10 @@ class S3Files:
             hold.served += 1
             if hold.served > hold.after:
                 await hold.gate.wait()
+        by = self._shifts.get((bucket, key))
+        rng = request.headers.get(hdrs.RANGE, "")
+        if by and rng.startswith("bytes="):
+            return await asyncio.to_thread(_shifted, path, rng, by, headers)
         return _ObjectResponse(path, etag=f'"{etag}"', headers=headers)
 
 
@@ -377,6 +392,18 @@ class _ObjectResponse(web.FileResponse):
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
         self._headers[hdrs.ETAG] = self._s3_etag
+
+
+def _shifted(path: Path, rng: str, by: int, headers: dict[str, str]) -> web.Response:
+    size = path.stat().st_size
+    a, _, b = rng[len("bytes=") :].partition("-")
+    length = (int(b) if b else size - 1) - int(a) + 1
+    start = min(int(a) + by, size - length)
+    with path.open("rb") as fh:
+        fh.seek(start)
+        body = fh.read(length)
+    headers = headers | {"Content-Range": f"bytes {start}-{start + length - 1}/{size}"}
+    return web.Response(status=206, body=body, headers=headers)
 
 
 def _safe_name(name: str) -> bool:
