@@ -28,6 +28,9 @@ never catch an httpx or botocore error directly.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class ModelcacheError(Exception):
     """Base of every error modelcache raises on purpose."""
@@ -145,3 +148,25 @@ class ForeignFolder(DownloadError):
     """The destination exists and was not published by modelcache (no manifest of ours names it)."""
 
     reason = "ForeignFolder"
+
+
+def from_os_error(e: OSError, what: str | None = None) -> DownloadError:
+    """The error tree's word for an OSError met while fetching or publishing a model, one line naming
+    ``what`` (else the error's file name). The rule, the same for the engine, ``pull`` and the agent:
+    ENOSPC, EDQUOT and EFBIG are DiskFull; EACCES, EPERM and EROFS are PermissionDenied; EXDEV (a
+    publish is a rename from ``.modelcache/`` into ``models/``) says both must be one filesystem;
+    anything else is DownloadError with the OS's text."""
+    where = f"{what}: " if what else (f"{e.filename}: " if e.filename is not None else "")
+    text = (os.strerror(e.errno) if e.errno else str(e)).replace("\n", " ")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFull(f"{where}no space left on the cache's filesystem ({text})")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(
+            f"{where}the filesystem refused the write ({text}); check the folder's owner, mode and mount"
+        )
+    if e.errno == errno.EXDEV:
+        return DownloadError(
+            f"{where}{text}: models/ and .modelcache/ of the cache folder must be one filesystem "
+            "(is a mount placed over one of them?)"
+        )
+    return DownloadError(f"{where}{text}")

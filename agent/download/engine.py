@@ -60,8 +60,8 @@ from localmodel.errors import (
     DiskFull,
     DownloadError,
     IntegrityError,
-    PermissionDenied,
     TransientError,
+    from_os_error,
 )
 from localmodel.manifest import FileEntry, HashCheck, Manifest, hash_check
 
@@ -909,9 +909,4 @@ def _status_error(label: str, response: Response) -> DownloadError:
 
 def _os_error(e: OSError, what: str) -> DownloadError:
     """One line naming the file (``what``) for an OSError of the engine, in the error tree."""
-    text = os.strerror(e.errno) if e.errno else str(e)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return DiskFull(f"{what}: no space left on the cache's filesystem ({text})")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDenied(f"{what}: the cache's filesystem refused the write ({text})")
-    return DownloadError(f"{what}: {text}")
+    return from_os_error(e, what)

@@ -6,7 +6,6 @@ The entry point both ``modelcache pull`` and the agent use.
 from __future__ import annotations
 
 import asyncio
-import errno
 import time
 from collections.abc import Callable
 
@@ -16,7 +15,7 @@ from agent.download.listing import Listing
 from agent.download.sources import SourceSettings, list_source
 from agent.download.staging import Destination, finish_publish
 from agent.download.unpack import unpack_limit
-from localmodel.errors import DiskFull, DownloadError, PermissionDenied
+from localmodel.errors import DownloadError, from_os_error
 from localmodel.layout import storage_key
 from localmodel.uri import SourceURI
 
@@ -75,24 +74,8 @@ async def pull(
 
 
 def os_download_error(e: OSError) -> DownloadError:
-    """The error tree's word for an OSError met while writing a model (rule: ENOSPC, EDQUOT and
-    EFBIG are DiskFull; EACCES, EPERM and EROFS are PermissionDenied; anything else, EXDEV from a
-    publish across mounts included, DownloadFailed with the OS's one-line text)."""
-    where = f"{e.filename}: " if e.filename is not None else ""
-    text = (e.strerror or str(e)).replace("\n", " ")
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return DiskFull(f"{where}no space left on the cache's filesystem ({text})")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDenied(
-            f"{where}the filesystem refused the write ({text}); check the folder's owner, mode and mount"
-        )
-    if e.errno == errno.EXDEV:
-        # A publish is a rename from .modelcache/ into models/: a mount over either breaks it.
-        return DownloadError(
-            f"{where}{text}: models/ and .modelcache/ of the cache folder must be one filesystem "
-            "(is a mount placed over one of them?)"
-        )
-    return DownloadError(f"{where}{text}")
+    """An OSError met while writing a model, in the error tree (:func:`localmodel.errors.from_os_error`)."""
+    return from_os_error(e)
 
 
 async def _pull(

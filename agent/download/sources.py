@@ -313,18 +313,25 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
     )
 
     source = uri.redacted()
-    client = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint,
-        config=Config(
-            signature_version="s3v4",
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            # botocore's own retries cover throttling between the many HeadObjects; list_source
-            # retries the whole listing on top, so each layer stays short.
-            retries={"mode": "standard", "max_attempts": 2},
-        ),
-    )
+    try:
+        # A session of its own: boto3's default one is made once per process and would keep the AWS
+        # environment and profile of that moment.
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.s3_endpoint,
+            config=Config(
+                signature_version="s3v4",
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                # botocore's own retries cover throttling between the many HeadObjects; list_source
+                # retries the whole listing on top, so each layer stays short.
+                retries={"mode": "standard", "max_attempts": 2},
+            ),
+        )
+    except BotoCoreError as e:
+        # A profile that does not exist, a config file that does not parse, a bad region: the AWS
+        # configuration, which no retry mends. botocore's text names the setting, never a secret.
+        raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
     endpoint = str(client.meta.endpoint_url)
     prefix = uri.key
     objects: list[dict[str, Any]] = []
