@@ -45,6 +45,19 @@ def _positive(flag: str, kind: type[int] | type[float] = int) -> Callable[[str],
     return parse
 
 
+def _non_negative(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise InvalidInput(f"{flag}: {text!r} is not a number of seconds") from None
+        if not 0 <= value < float("inf"):
+            raise InvalidInput(f"{flag}: must be zero or more seconds, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
@@ -90,7 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-max", type=_positive("--retry-max", float), default=3600.0, help="longest (3600 s)"
     )
-    p.add_argument("--status-interval", type=_positive("--status-interval", float), default=2.0)
+    p.add_argument(
+        "--status-interval",
+        type=_positive("--status-interval", float),
+        default=2.0,
+        help="seconds between status writes, at most (2; only when the status changed)",
+    )
+    p.add_argument(
+        "--eviction-grace",
+        type=_non_negative("--eviction-grace"),
+        default=None,
+        help="seconds a model that left the spec is kept before it is deleted (cluster mode 300, "
+        "standalone 0)",
+    )
+    p.add_argument(
+        "--ready-window",
+        type=_positive("--ready-window", float),
+        default=60.0,
+        help="/readyz fails once the API server has not answered for this many seconds (60)",
+    )
     p.add_argument("--verify-on-start", action="store_true", help="re-hash every published file at start")
     p.add_argument("--once", action="store_true", help="exit once every model is downloaded or failed")
     p.add_argument(
@@ -153,6 +184,12 @@ def main(argv: Sequence[str]) -> int:
         retry_base=args.retry_min,
         retry_cap=args.retry_max,
         verify_on_start=args.verify_on_start,
+        # In a cluster another writer may flap the spec (KServe's own controller left running); in
+        # standalone mode the documents are the user's own word.
+        eviction_grace=args.eviction_grace
+        if args.eviction_grace is not None
+        else (0.0 if args.standalone is not None else 300.0),
+        ready_window=args.ready_window,
         transfer=TransferSettings(
             concurrency=args.concurrency,
             max_bandwidth=args.max_bandwidth,
@@ -205,7 +242,9 @@ async def _run(
         from localmodel.state.kube import KubeState
 
         state = KubeState.from_environment(
-            kubeconfig=str(args.kubeconfig) if args.kubeconfig else None, context=args.context
+            kubeconfig=str(args.kubeconfig) if args.kubeconfig else None,
+            context=args.context,
+            component="modelcache-agent",
         )
     agent = Agent(
         state=state,
@@ -216,7 +255,7 @@ async def _run(
     routes: dict[tuple[str, int], list] = {}  # type: ignore[type-arg]
     names: dict[str, tuple[str, int]] = {}
     if health is not None:
-        routes.setdefault(health, []).extend(health_routes(ready=lambda: agent.ready, status=agent.snapshot))
+        routes.setdefault(health, []).extend(health_routes(ready=agent.readiness, status=agent.snapshot))
         names["health"] = health
     if metrics_addr is not None:
         routes.setdefault(metrics_addr, []).extend(metrics_routes(registry))

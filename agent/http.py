@@ -22,14 +22,17 @@ from localmodel.state.base import JSON
 log = logging.getLogger("modelcache.agent")
 
 
-def health_routes(*, ready: Callable[[], bool], status: Callable[[], JSON]) -> list[web.RouteDef]:
+def health_routes(*, ready: Callable[[], tuple[bool, str]], status: Callable[[], JSON]) -> list[web.RouteDef]:
+    """``ready`` says (ready, why) for ``/readyz``."""
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        if ready():
+        ok, why = ready()
+        if ok:
             return web.Response(text="ok\n")
-        return web.Response(status=503, text="not ready: cluster state not reached or disk not scanned\n")
+        return web.Response(status=503, text=f"not ready: {why}\n")
 
     async def status_handler(request: web.Request) -> web.Response:
         if not is_loopback(request.remote):
@@ -77,7 +80,9 @@ class Servers:
         for addr, route_list in routes.items():
             app = web.Application()
             app.add_routes(route_list)
-            runner = web.AppRunner(app, access_log=None)
+            # A probe or a scrape sends its headers at once: an idle or slow connection is closed
+            # after 10 s (aiohttp's default keeps one an hour).
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=10.0)
             await runner.setup()
             site = web.TCPSite(runner, addr[0], addr[1])
             await site.start()

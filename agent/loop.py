@@ -85,6 +85,11 @@ class AgentSettings:
     retry_base: float = 300.0  # a failed model is retried after 5 min, doubling to an hour
     retry_cap: float = 3600.0
     verify_on_start: bool = False
+    # A model that leaves the spec is deleted only after this many seconds (another writer that
+    # keeps rewriting the spec must not cause a delete and a fresh download each time).
+    eviction_grace: float = 0.0
+    # /readyz: not ready once the API server has not answered for this many seconds.
+    ready_window: float = 60.0
     transfer: TransferSettings = field(default_factory=TransferSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)
 
@@ -176,6 +181,7 @@ class Agent:
         self.untrusted: set[str] = set()  # folders our manifest names that do not match it
         self.foreign: set[str] = set()  # models/<key> folders no manifest of ours names: never deleted
         self.links: set[str] = set()  # links found in the cache folder: never followed
+        self.unwanted_since: dict[str, float] = {}  # key -> monotonic time it left the spec
         self.kept: dict[str, str] = {}  # key -> why its deletion was refused (reported, not retried)
         self.state_file_error: str | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -200,6 +206,26 @@ class Agent:
     @property
     def ready(self) -> bool:
         return self.scanned and {LOCAL_MODEL_NODE.kind, LOCAL_MODEL_NODE_GROUP.kind} <= self.listed
+
+    def readiness(self) -> tuple[bool, str]:
+        """What ``/readyz`` says: ready once the disk is scanned and the node's objects were listed,
+        and, against an API server, while it answered within ``ready_window`` seconds."""
+        if not self.ready:
+            return False, "cluster state not reached or disk not scanned"
+        last = getattr(self.state, "last_answer", None)
+        if last is not None and (ago := time.monotonic() - last) > self.settings.ready_window:
+            return False, f"the API server has not answered for {ago:.0f} s"
+        return True, "ok"
+
+    async def _keep_api_answer_fresh(self) -> None:
+        """A quiet agent's watches may say nothing for minutes: ask for its own LocalModelNode when
+        the API server's last answer is half the readiness window old, so ``/readyz`` tells a
+        quiet API server from a gone one (one small GET per node at most every 30 s by default)."""
+        last = getattr(self.state, "last_answer", None)
+        if last is None or time.monotonic() - last <= self.settings.ready_window / 2:
+            return
+        with contextlib.suppress(ModelcacheError):
+            await self.state.get(LOCAL_MODEL_NODE, self.settings.node_name)
 
     def settled(self) -> bool:
         """Every desired model is published or failed/refused, and nothing runs: ``--once`` ends."""
@@ -279,6 +305,8 @@ class Agent:
         now = time.monotonic()
         waits = [self.settings.resync]
         waits += [r.retry_at - now for r in self.records.values() if r.retry_at is not None]
+        grace = self.settings.eviction_grace
+        waits += [since + grace - now for since in self.unwanted_since.values()]
         return max(0.05, min(waits))
 
     def _load_scan(self, scan: Scan) -> None:
@@ -327,7 +355,9 @@ class Agent:
         delay = 1.0
         while True:
             try:
-                async for event in watch(self.state, kind, selector=selector, on_list=listed):
+                async for event in watch(
+                    self.state, kind, selector=selector, on_list=listed, relist_every=self.settings.resync
+                ):
                     handle(event.type, event.object)
                     self.wake.set()
                     delay = 1.0
@@ -447,7 +477,24 @@ class Agent:
         for key in self.untrusted - set(self.kept):
             staged.setdefault(key, 0)
         disk = Disk(published=dict(self.published), staged=staged, free=self.cache.free_bytes())
-        return plan(wants, disk, limit=self.desired.limit, in_flight=frozenset(self.tasks))
+        return plan(
+            wants,
+            disk,
+            limit=self.desired.limit,
+            in_flight=frozenset(self.tasks),
+            held=self._held({w.key for w in wants}, set(disk.published) | set(disk.staged)),
+        )
+
+    def _held(self, wanted: set[str], on_disk: set[str]) -> frozenset[str]:
+        """The models not wanted any more that are still in their grace period (see AgentSettings)."""
+        now = time.monotonic()
+        unwanted = on_disk - wanted
+        for key in set(self.unwanted_since) - unwanted:
+            del self.unwanted_since[key]  # wanted again, or gone
+        for key in unwanted:
+            self.unwanted_since.setdefault(key, now)
+        grace = self.settings.eviction_grace
+        return frozenset(k for k in unwanted if now - self.unwanted_since[k] < grace)
 
     def _record(self, key: str, uri: str) -> Record:
         rec = self.records.get(key)
@@ -676,6 +723,7 @@ class Agent:
     async def _status_loop(self) -> None:
         while True:
             try:
+                await self._keep_api_answer_fresh()
                 await self.write_status()
             except (ModelcacheError, OSError) as e:
                 log.warning("could not write the LocalModelNode status: %s", _one_line(e))
@@ -739,6 +787,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def _status_patch(current: JSON, status: JSON) -> JSON | None:
-    """The merge patch that makes the stored status equal ``status``, or None when it already is."""
+    """The merge patch that makes the stored status equal ``status``, or None when it already is.
+    Conditions of types the agent does not write (the controller's ``SpecContested``) are kept: a
+    merge patch replaces a list whole."""
     old = current.get("status") or {}
+    ours = {c.get("type") for c in status.get("conditions") or ()}
+    theirs = [c for c in old.get("conditions") or () if isinstance(c, dict) and c.get("type") not in ours]
+    if theirs:
+        status = {**status, "conditions": [*(status.get("conditions") or ()), *theirs]}
     return None if old == status else merge_patch_to(old, status)

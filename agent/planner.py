@@ -10,6 +10,10 @@ Capacity rules:
   still desired is never evicted to make room.
 - A model whose real size exceeds its declared size is refused, unless it still fits, in which case
   it proceeds with a warning (the declared size is what the controller admitted).
+- A model no longer wanted is deleted, published or staged, unless it is ``held``: in its grace
+  period after leaving the spec (another writer may put it straight back; deleting and fetching it
+  again each time is what KServe's own controller left running caused). A held model keeps its
+  bytes, which count as used.
 """
 
 from __future__ import annotations
@@ -70,13 +74,16 @@ def plan(
     *,
     limit: int | None,
     in_flight: frozenset[str] = frozenset(),
+    held: frozenset[str] = frozenset(),
 ) -> Plan:
-    """``in_flight``: storage keys being downloaded right now (they keep their reservation first)."""
+    """``in_flight``: storage keys being downloaded right now (they keep their reservation first);
+    ``held``: storage keys not wanted any more but still in their grace period (not deleted)."""
     wanted_keys = {w.key for w in wants}
-    delete = tuple(sorted((set(disk.published) | set(disk.staged)) - wanted_keys - in_flight))
+    unwanted = (set(disk.published) | set(disk.staged)) - wanted_keys - in_flight
+    delete = tuple(sorted(unwanted - held))
     freed = sum(disk.published.get(k, 0) + disk.staged.get(k, 0) for k in delete)
     keep = [w for w in wants if w.key in disk.published]
-    used = sum(disk.published[w.key] for w in keep)
+    used = sum(disk.published[w.key] for w in keep) + sum(disk.published.get(k, 0) for k in unwanted & held)
     free = disk.free + freed
     # Downloads in flight first (they already hold space), then the rest by name: stable.
     order = sorted(

@@ -4,7 +4,8 @@ a log line at any level and no record can forge another line.
 - Third-party loggers that print request headers, signed URLs or credentials' provenance at DEBUG
   (botocore: ``X-Amz-Security-Token`` and the access key id in its request dumps; urllib3 and
   httpx/httpcore: URLs with presigned queries; huggingface_hub: ``Authorization`` in its curl
-  lines) stay at INFO or higher whatever ``--log-level`` says (:data:`QUIET`).
+  lines) stay at INFO or higher whatever ``--log-level`` says (:data:`QUIET`), and at WARNING
+  unless ``--log-level DEBUG``: their per-request INFO lines are noise in a steady state.
 - Each record's message is escaped (:func:`localmodel.text.printable`): a newline or an escape
   sequence in a remote name or a path cannot start a second line. A traceback, when a record
   carries one, still follows on its own lines.
@@ -60,10 +61,14 @@ class OneLineFormatter(logging.Formatter):
 
 def setup_logging(level: str | int, *, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
     """Log to stderr at ``level`` through :class:`OneLineFormatter`, with :data:`QUIET` held at INFO
-    or above (at ``level`` when that is higher). Replaces handlers set before (``force``)."""
+    under DEBUG and at WARNING (or ``level`` when higher) otherwise. Replaces handlers set before
+    (``force``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    floor = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    # Their request lines (httpx logs every Lease renewal at INFO: 60 a minute) only at DEBUG, and
+    # then without the headers they print at DEBUG themselves.
+    level_no = logging.getLogger().getEffectiveLevel()
+    floor = logging.INFO if level_no <= logging.DEBUG else max(logging.WARNING, level_no)
     for name in QUIET:
         logging.getLogger(name).setLevel(floor)

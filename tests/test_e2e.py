@@ -101,7 +101,7 @@ async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, t
             procs[name] = await spawn(
                 "agent", "--node-name", name, "--cache-dir", str(cache), "--kubeconfig", str(config),
                 "--health-addr", "off", "--metrics-addr", "off", "--resync", "1", "--status-interval", "0.2",
-                "--chunk-size", "1Mi",
+                "--chunk-size", "1Mi", "--eviction-grace", "0",
                 env=env, log=logs / f"{name}.log",
             )  # fmt: skip
         await store.create(LOCAL_MODEL_CACHE, cache_doc("llama", URI, "10Mi", ["a100", "h100"]))

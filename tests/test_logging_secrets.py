@@ -113,6 +113,12 @@ def test_setup_holds_header_printing_libraries_at_info() -> None:
             "huggingface_hub",
         ):
             assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+        assert logging.getLogger("httpx").isEnabledFor(logging.INFO)  # request lines, at DEBUG only
+        # Issue 21: httpx's INFO line per request (every Lease renewal) is not logged at INFO.
+        setup_logging("INFO")
+        assert logging.getLogger("modelcache.agent").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
         setup_logging("WARNING")
         assert not logging.getLogger("botocore").isEnabledFor(logging.INFO)
     finally:
