@@ -832,11 +832,28 @@ class Controller:
         rather than hammering an API that is failing."""
         if self._refresh is not None:
             await self._refresh()
-        await self.load()
-        await self.reconcile(full=True)
         if once:
+            await self.load()
+            await self.reconcile(full=True)
             return
         stop = stop or asyncio.Event()
+        # The first pass fails like any other when the API server goes away meanwhile: retried on
+        # the same timer, never the end of the process.
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.load()
+                await self.reconcile(full=True)
+                break
+            except ClusterStateError as e:
+                failures += 1
+                delay = min(self.settings.retry_max, retry_delay * 2 ** (failures - 1))
+                delay *= random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not a secret
+                log.warning("first reconcile failed (%s); retrying in %.1fs", e, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return
         queue: asyncio.Queue[tuple[ResourceKind, WatchEvent]] = asyncio.Queue()
         pumps = [asyncio.create_task(self._pump(kind, queue, retry_delay, resync)) for kind in WATCHED]
         loop = asyncio.get_running_loop()

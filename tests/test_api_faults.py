@@ -179,6 +179,20 @@ async def test_failed_writes_are_retried_without_another_event(kube_api: KubeAPI
         print(f"\n[item 2] {fault.hits} PATCHes failed; converged {time.monotonic() - healed:.1f} s after")
 
 
+async def test_a_failing_first_reconcile_is_retried_not_fatal(kube_api: KubeAPI, tmp_path: Path) -> None:
+    # The API server fails every write from the start (the first, full reconcile included; it once
+    # ended the process with "cannot reach the API server"): the process stays, and converges once
+    # the API heals.
+    await two_groups(kube_api)
+    store = kube_api.store
+    await store.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+    fault = kube_api.inject(writes(), status=503, seconds=6)
+    async with controller(kube_api, tmp_path, "--no-leader-elect", "--metrics-addr", "off") as proc:
+        await eventually(lambda: fault.hits > 0, timeout=60, what="the first reconcile's writes to fail")
+        await eventually(lambda: models_on(kube_api, "h1"), timeout=90, what="m placed once the API heals")
+        assert proc.returncode is None
+
+
 # -- 3. a paused leader writes nothing after losing the Lease ------------------------------------
 
 
