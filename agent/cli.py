@@ -212,6 +212,7 @@ async def _run(
         settings=settings,
         metrics=AgentMetrics(registry),
         source_error=(lambda: source.error) if source is not None else (lambda: None),
+        refused=(lambda: source.refused) if source is not None else (lambda: ()),
     )
     routes: dict[tuple[str, int], list] = {}  # type: ignore[type-arg]
     names: dict[str, tuple[str, int]] = {}
