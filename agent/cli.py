@@ -21,11 +21,12 @@ from agent.download.sources import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
-from agent.pull_cli import parse_low_speed_limit, parse_rate, parse_seconds, parse_size
+from agent.pull_cli import folder_error, parse_low_speed_limit, parse_rate, parse_seconds, parse_size
 from agent.standalone import StandaloneSource
 from localmodel.cliargs import UsageParser, parse_addr
-from localmodel.errors import InvalidInput
+from localmodel.errors import InvalidInput, from_os_error
 from localmodel.logs import setup_logging
+from localmodel.resources import cache_path_error
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
 
@@ -119,6 +120,19 @@ def file_prefixes(values: Sequence[str], *, standalone: bool) -> tuple[str, ...]
     return prefixes
 
 
+def check_cache_dir(raw: Path) -> Path:
+    """``--cache-dir`` -> the absolute, normalised folder, or InvalidInput (exit 2) when it can never be
+    one: a system folder or ``/`` (:func:`localmodel.resources.cache_path_error`, also through a
+    link), a file, a read-only filesystem or a folder this user may not write."""
+    path = Path(os.path.normpath(raw.absolute()))
+    for candidate in (path, path.resolve()):
+        if (problem := cache_path_error(str(candidate))) is not None:
+            raise InvalidInput(f"--cache-dir: {problem}")
+    if (problem := folder_error(path)) is not None:
+        raise InvalidInput(f"--cache-dir: {problem}")
+    return path
+
+
 def disable_core_dumps() -> None:
     """No core file (it would hold the HF token and AWS credentials in memory) and, on Linux, not
     dumpable (PR_SET_DUMPABLE 0: no core, and no ptrace or /proc/<pid>/mem by other processes of
@@ -146,7 +160,7 @@ def main(argv: Sequence[str]) -> int:
     disable_core_dumps()
     settings = AgentSettings(
         node_name=args.node_name,
-        cache_dir=args.cache_dir.absolute(),
+        cache_dir=check_cache_dir(args.cache_dir),
         max_downloads=args.max_concurrent_downloads,
         resync=args.resync,
         status_interval=args.status_interval,
@@ -227,6 +241,8 @@ async def _run(
     poller = asyncio.create_task(source.run()) if source is not None else None
     try:
         code = await agent.run(stop, once=args.once)
+    except OSError as e:  # the cache folder failing under the agent (checked writable at start)
+        raise from_os_error(e) from e
     finally:
         if poller is not None:
             poller.cancel()

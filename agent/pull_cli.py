@@ -148,6 +148,33 @@ def check_dest(raw: str, *, home: Path) -> Path:
     return dest
 
 
+def folder_error(path: Path) -> str | None:
+    """Why files cannot be written under ``path`` (created if missing), or None when they can.
+
+    Looks at ``path`` or, when it does not exist yet, the nearest folder above it that does: a file
+    there, a read-only filesystem (statvfs ST_RDONLY) or a folder this user may not write
+    (access(2) W_OK|X_OK) is an answer naming that path and the fix."""
+    at = path
+    while not at.exists() and at.parent != at:
+        if at.is_symlink():
+            return f"{at} is a link to nothing; remove it or name another folder"
+        at = at.parent
+    if not at.is_dir():
+        return f"{at} is a file, not a folder; name a folder (it is created if missing)"
+    try:
+        read_only = bool(os.statvfs(at).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"{at} is on a read-only filesystem; mount it read-write or name another folder"
+    if not os.access(at, os.W_OK | os.X_OK):
+        return (
+            f"{at} is not writable by this user (uid {os.getuid()}); fix its owner or mode, "
+            "or name another folder"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def writer_lock(dest: Destination, *, wait: float) -> Iterator[None]:
     """Hold the lock of DEST for the whole pull: the cache's ``.modelcache/lock`` (the agent's
@@ -246,7 +273,10 @@ def main(argv: Sequence[str]) -> int:
     )
     if args.lock_wait < 0:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
-    dest = Destination.for_folder(check_dest(args.dest, home=Path.home()), force=args.force)
+    final = check_dest(args.dest, home=Path.home())
+    if (problem := folder_error(final.parent)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+    dest = Destination.for_folder(final, force=args.force)
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     try:
         with writer_lock(dest, wait=args.lock_wait):
