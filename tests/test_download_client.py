@@ -282,8 +282,8 @@ async def test_the_rate_cap_holds_for_all_requests_together() -> None:
         results = await asyncio.gather(*(fetch(capped, f"{server.url}/blob") for _ in range(4)))
         elapsed = time.monotonic() - started
         assert all(body == b"x" * size for _, body in results)
-        # 8 MiB at 4 MiB/s with one second of burst: at least about a second, whatever the concurrency.
-        assert elapsed >= 0.9
+        # 8 MiB at 4 MiB/s, no burst: at least about two seconds, whatever the concurrency.
+        assert elapsed >= 1.9
     finally:
         capped.close()
         await server.stop()
