@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency", type=_positive("--concurrency"), default=16, help="connections, all models (16)"
     )
-    p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="a cap for the node, e.g. 500MB/s")
+    p.add_argument(
+        "--max-bandwidth",
+        type=parse_rate,
+        default=None,
+        help="a cap for the node in bytes/s over any second, e.g. 500MB/s (decimal) or 500MiB/s",
+    )
     p.add_argument("--chunk-size", type=parse_size, default=64 << 20, help="range size (64Mi)")
     p.add_argument(
         "--low-speed-limit",

@@ -72,15 +72,34 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+UNITS = (
+    "Units: the progress bar and the summary count decimal units, 1 MB = 1,000,000 bytes, rates in "
+    "MB/s (the summary also gives exact bytes). Flags take Kubernetes quantities: 50M or 50MB/s is "
+    "50,000,000 bytes/s, 50Mi or 50MiB/s is 52,428,800."
+)
+
+
+def megabytes(n: float) -> str:
+    """Bytes in decimal megabytes, the one unit of pull's output ("191.0 MB")."""
+    return f"{n / 1e6:.1f} MB"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = UsageParser(prog="modelcache pull", description="Download a whole model into DEST, verified.")
+    p = UsageParser(
+        prog="modelcache pull", description="Download a whole model into DEST, verified.", epilog=UNITS
+    )
     p.add_argument(
         "uri", metavar="URI", help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH"
     )
     p.add_argument("dest", metavar="DEST", help="the folder to create (published atomically)")
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")
     p.add_argument("--concurrency", type=int, default=16, help="connections at once (default 16)")
-    p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="cap, e.g. 200MB/s (default: none)")
+    p.add_argument(
+        "--max-bandwidth",
+        type=parse_rate,
+        default=None,
+        help="cap in bytes/s over any second, e.g. 200MB/s (decimal) or 200MiB/s (default: none)",
+    )
     p.add_argument(
         "--chunk-size",
         type=parse_size,
@@ -224,8 +243,10 @@ class _Bar:
                 initial=done_bytes,
                 unit="B",
                 unit_scale=True,
-                unit_divisor=1024,
+                unit_divisor=1000,  # decimal, as the summary's MB/s and --max-bandwidth's MB/s
                 desc=f"{files} files",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
+                "[{elapsed}<{remaining}, {rate_fmt}]",
                 file=self.stream,
                 dynamic_ncols=True,
             )
@@ -296,8 +317,8 @@ def main(argv: Sequence[str]) -> int:
     rate = result.bytes_transferred / result.seconds / 1e6 if result.seconds > 0 else 0.0
     state = "up to date" if result.up_to_date else checked(result, verify=settings.verify)
     print(
-        f"{uri.redacted()} -> {args.dest}: {result.files} files, {result.bytes_total} bytes "
-        f"({result.bytes_transferred} transferred) in {result.seconds:.2f} s, {rate:.1f} MB/s, {state}"
-        + (f", revision {result.revision}" if result.revision else "")
+        f"{uri.redacted()} -> {args.dest}: {result.files} files, {megabytes(result.bytes_total)} "
+        f"({result.bytes_total} bytes, {result.bytes_transferred} transferred) in {result.seconds:.2f} s, "
+        f"{rate:.1f} MB/s, {state}" + (f", revision {result.revision}" if result.revision else "")
     )
     return 0
