@@ -15,11 +15,11 @@ from typing import IO, Any
 
 from agent.download.client import aws_ca_bundle, proxies_from_env
 from agent.download.engine import PullResult, TransferSettings
-from agent.download.pull import os_download_error, pull
+from agent.download.pull import after_failure, os_download_error, pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
 from localmodel.cliargs import UsageParser
-from localmodel.errors import InvalidInput, ModelcacheError, QuantityError
+from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError
 from localmodel.layout import CacheLayout
 from localmodel.quantity import Quantity
 from localmodel.uri import parse_uri
@@ -276,6 +276,15 @@ def checked(result: PullResult, *, verify: bool) -> str:
     return f"{hashed} files verified by {by}, {size_only}"
 
 
+def _failed(dest: Destination, e: BaseException, what: str) -> int:
+    """The one line for a failed or interrupted pull, naming the staging kept for a resume (a final
+    failure drops it: :func:`agent.download.pull.after_failure`). Exit 1."""
+    kept = after_failure(dest, e)
+    where = f"; partial download kept in {kept}; run the same command to resume" if kept else ""
+    sys.stderr.write(f"modelcache pull: {what}{where}\n")
+    return 1
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.concurrency < 1 or args.concurrency > 256:
@@ -307,9 +316,18 @@ def main(argv: Sequence[str]) -> int:
                     "pass --force to replace it, or name a new or empty folder"
                 )
             dest.check_links()
-            result = asyncio.run(
-                pull(uri, dest, sources=SourceSettings.from_env(), transfer=settings, progress=bar)
-            )
+            # Failures are told while the lock is held: a staging that is dropped is nobody else's.
+            try:
+                result = asyncio.run(
+                    pull(uri, dest, sources=SourceSettings.from_env(), transfer=settings, progress=bar)
+                )
+            except DownloadError as e:
+                bar.close()
+                return _failed(dest, e, str(e))
+            except KeyboardInterrupt as e:
+                bar.close()
+                _failed(dest, e, "interrupted")
+                return 130
     except OSError as e:
         raise os_download_error(e) from e
     finally:
