@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-max", type=_positive("--retry-max", float), default=3600.0, help="longest (3600 s)"
     )
-    p.add_argument("--status-interval", type=_positive("--status-interval", float), default=2.0)
+    p.add_argument(
+        "--status-interval",
+        type=_positive("--status-interval", float),
+        default=2.0,
+        help="seconds: the status is written at most this often, and only when it changed (2)",
+    )
     p.add_argument("--verify-on-start", action="store_true", help="re-hash every published file at start")
     p.add_argument("--once", action="store_true", help="exit once every model is downloaded or failed")
     p.add_argument(
@@ -107,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster mode: file:// sources (and absolute paths) may be read under this folder "
         "(repeatable or comma-separated; default: none; standalone mode allows any)",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="INFO (default); libraries that print headers stay at INFO under DEBUG",
+    )
     return p
 
 

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelcache pull", description="Download a whole model into DEST, verified.", epilog=UNITS
     )
     p.add_argument(
-        "uri", metavar="URI", help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH"
+        "uri",
+        metavar="URI",
+        help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH or a plain /PATH",
     )
     p.add_argument("dest", metavar="DEST", help="the folder to create (published atomically)")
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")

@@ -19,8 +19,13 @@ from localmodel.quantity import Quantity, readable
 
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="modelcache status", description="What a node's model cache holds and is doing.")
-    p.add_argument("--cache-dir", type=Path, required=True)
-    p.add_argument("--output", choices=["table", "json"], default="table")
+    p.add_argument("--cache-dir", type=Path, required=True, help="the agent's cache folder (--cache-dir)")
+    p.add_argument(
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (default), or the agent's state file as JSON",
+    )
     return p
 
 
