@@ -21,11 +21,12 @@ from agent.download.sources import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
-from agent.pull_cli import parse_low_speed_limit, parse_rate, parse_seconds, parse_size
+from agent.pull_cli import folder_error, parse_low_speed_limit, parse_rate, parse_seconds, parse_size
 from agent.standalone import StandaloneSource
 from localmodel.cliargs import UsageParser, parse_addr
-from localmodel.errors import InvalidInput
+from localmodel.errors import InvalidInput, from_os_error
 from localmodel.logs import setup_logging
+from localmodel.resources import cache_path_error
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
 
@@ -85,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency", type=_positive("--concurrency"), default=16, help="connections, all models (16)"
     )
-    p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="a cap for the node, e.g. 500MB/s")
+    p.add_argument(
+        "--max-bandwidth",
+        type=parse_rate,
+        default=None,
+        help="a cap for the node in bytes/s over any second, e.g. 500MB/s (decimal) or 500MiB/s",
+    )
     p.add_argument("--chunk-size", type=parse_size, default=64 << 20, help="range size (64Mi)")
     p.add_argument(
         "--low-speed-limit",
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--status-interval",
         type=_positive("--status-interval", float),
         default=2.0,
-        help="seconds between status writes, at most (2; only when the status changed)",
+        help="seconds: the status is written at most this often, and only when it changed (2)",
     )
     p.add_argument(
         "--eviction-grace",
@@ -132,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster mode: file:// sources (and absolute paths) may be read under this folder "
         "(repeatable or comma-separated; default: none; standalone mode allows any)",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="INFO (default); libraries that print headers stay at INFO under DEBUG",
+    )
     return p
 
 
@@ -148,6 +159,19 @@ def file_prefixes(values: Sequence[str], *, standalone: bool) -> tuple[str, ...]
         if Path(prefix).resolve() == Path("/"):
             raise InvalidInput("--allow-file-sources: '/' would allow every file of the node; name a folder")
     return prefixes
+
+
+def check_cache_dir(raw: Path) -> Path:
+    """``--cache-dir`` -> the absolute, normalised folder, or InvalidInput (exit 2) when it can never be
+    one: a system folder or ``/`` (:func:`localmodel.resources.cache_path_error`, also through a
+    link), a file, a read-only filesystem or a folder this user may not write."""
+    path = Path(os.path.normpath(raw.absolute()))
+    for candidate in (path, path.resolve()):
+        if (problem := cache_path_error(str(candidate))) is not None:
+            raise InvalidInput(f"--cache-dir: {problem}")
+    if (problem := folder_error(path)) is not None:
+        raise InvalidInput(f"--cache-dir: {problem}")
+    return path
 
 
 def disable_core_dumps() -> None:
@@ -177,7 +201,7 @@ def main(argv: Sequence[str]) -> int:
     disable_core_dumps()
     settings = AgentSettings(
         node_name=args.node_name,
-        cache_dir=args.cache_dir.absolute(),
+        cache_dir=check_cache_dir(args.cache_dir),
         max_downloads=args.max_concurrent_downloads,
         resync=args.resync,
         status_interval=args.status_interval,
@@ -251,6 +275,7 @@ async def _run(
         settings=settings,
         metrics=AgentMetrics(registry),
         source_error=(lambda: source.error) if source is not None else (lambda: None),
+        refused=(lambda: source.refused) if source is not None else (lambda: ()),
     )
     routes: dict[tuple[str, int], list] = {}  # type: ignore[type-arg]
     names: dict[str, tuple[str, int]] = {}
@@ -265,6 +290,8 @@ async def _run(
     poller = asyncio.create_task(source.run()) if source is not None else None
     try:
         code = await agent.run(stop, once=args.once)
+    except OSError as e:  # the cache folder failing under the agent (checked writable at start)
+        raise from_os_error(e) from e
     finally:
         if poller is not None:
             poller.cancel()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localmodel.errors import SpecError
-from localmodel.placement import place_node
+from localmodel.placement import NodePlacement, place_node
 from localmodel.resources import LocalModelCache, LocalModelInfo, LocalModelNode, LocalModelNodeGroup, Node
 from localmodel.state.base import JSON, LOCAL_MODEL_NODE
 
@@ -81,7 +81,23 @@ def standalone_node(
     groups: Iterable[LocalModelNodeGroup],
 ) -> JSON:
     """The LocalModelNode the controller would write for this node, as a stored JSON object."""
-    placement = place_node(Node(node_name, dict(labels)), caches, groups)
+    return node_object(standalone_placement(node_name=node_name, labels=labels, caches=caches, groups=groups))
+
+
+def standalone_placement(
+    *,
+    node_name: str,
+    labels: Mapping[str, str],
+    caches: Iterable[LocalModelCache],
+    groups: Iterable[LocalModelNodeGroup],
+) -> NodePlacement:
+    """What this node holds and what it was refused (see :mod:`localmodel.placement`)."""
+    return place_node(Node(node_name, dict(labels)), caches, groups)
+
+
+def node_object(placement: NodePlacement) -> JSON:
+    """A placement as the stored LocalModelNode object the controller would write."""
+    node_name = placement.node
     return {
         "apiVersion": LOCAL_MODEL_NODE.api_version,
         "kind": LOCAL_MODEL_NODE.kind,

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +47,8 @@ from localmodel.errors import (
     ModelcacheError,
     SpecError,
 )
+from localmodel.layout import storage_key
+from localmodel.placement import Refusal
 from localmodel.quantity import Quantity, readable
 from localmodel.resources import (
     Capacity,
@@ -169,11 +171,16 @@ class Agent:
         settings: AgentSettings,
         metrics: AgentMetrics,
         source_error: Callable[[], str | None] = lambda: None,
+        refused: Callable[[], Sequence[Refusal]] = lambda: (),
     ) -> None:
         self.state = state
         self.settings = settings
         self.metrics = metrics
         self.source_error = source_error  # standalone: why the documents could not be loaded
+        # Standalone: caches the placement refused this node (no room in its group, a group that does
+        # not exist). They never reach the LocalModelNode's spec, so the agent reports them itself.
+        self.refused = refused
+        self.reported_refusals: dict[str, str] = {}  # cache -> the message logged and sent as an Event
         self.cache = CacheDir(settings.cache_dir)
         self.events = EventRecorder(state, node_name=settings.node_name)
         self.records: dict[str, Record] = {}
@@ -238,6 +245,9 @@ class Agent:
         )
 
     def all_downloaded(self) -> bool:
+        """Every desired model is published and the placement refused none (``--once``: exit 0)."""
+        if self.refused():
+            return False
         return all(
             (r := self.records.get(m.storage_key)) is not None and r.state is ModelState.DOWNLOADED
             for m in self.desired.models
@@ -404,6 +414,7 @@ class Agent:
             return
         d = self.desired
         wanted = {m.storage_key: m for m in d.models}
+        await self._report_refusals()
         self._forget_what_was_cleared()
         if d.known:
             for key in list(self.tasks):
@@ -456,6 +467,23 @@ class Agent:
             )
         )
         self.metrics.limit_bytes.set(d.limit or 0)
+
+    async def _report_refusals(self) -> None:
+        """Each cache the placement refused this node: logged and sent as an Event once per reason."""
+        current = {r.cache: r for r in self.refused()}
+        for name in sorted(current):
+            r = current[name]
+            if self.reported_refusals.get(name) == r.message:
+                continue
+            self.reported_refusals[name] = r.message
+            self.metrics.refusals.labels(r.reason).inc()
+            # The Event's log line is the one log line.
+            await self.events.emit(
+                "Refused", f"{name}: not placed on this node ({r.reason}): {r.message}", warning=True
+            )
+        for name in set(self.reported_refusals) - set(current):
+            del self.reported_refusals[name]
+            log.info("%s: no longer refused", name)
 
     def _forget_what_was_cleared(self) -> None:
         """Links and foreign folders the user has removed since they were reported (a few lstat)."""
@@ -666,6 +694,10 @@ class Agent:
             for alias in d.aliases.get(m.storage_key, (m.model_name,)):
                 model_status[alias] = progress.state
                 models[alias] = progress
+        for r in self.refused():
+            if r.cache not in model_status:
+                model_status[r.cache] = ModelState.ERROR
+                models[r.cache] = _refused_progress(r)
         used = self.last_plan.used if self.last_plan else sum(self.published.values())
         capacity = Capacity(
             limit=Quantity.from_bytes(d.limit) if d.limit is not None else None,
@@ -778,6 +810,17 @@ class Agent:
             await update_status(
                 self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
             )
+
+
+def _refused_progress(r: Refusal) -> ModelProgress:
+    key: str | None = None
+    uri: str | None = None
+    with contextlib.suppress(ModelcacheError, ValueError):
+        key = storage_key(r.source_model_uri)
+        uri = parse_uri(r.source_model_uri).redacted()
+    return ModelProgress(
+        ModelState.ERROR, storage_key=key, source_model_uri=uri, reason=r.reason, message=r.message
+    )
 
 
 def _one_line(e: BaseException) -> str:

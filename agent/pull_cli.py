@@ -15,11 +15,11 @@ from typing import IO, Any
 
 from agent.download.client import aws_ca_bundle, proxies_from_env
 from agent.download.engine import PullResult, TransferSettings
-from agent.download.pull import os_download_error, pull
+from agent.download.pull import after_failure, os_download_error, pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
 from localmodel.cliargs import UsageParser
-from localmodel.errors import InvalidInput, ModelcacheError, QuantityError
+from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError
 from localmodel.layout import CacheLayout
 from localmodel.quantity import Quantity
 from localmodel.uri import parse_uri
@@ -72,15 +72,36 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+UNITS = (
+    "Units: the progress bar and the summary count decimal units, 1 MB = 1,000,000 bytes, rates in "
+    "MB/s (the summary also gives exact bytes). Flags take Kubernetes quantities: 50M or 50MB/s is "
+    "50,000,000 bytes/s, 50Mi or 50MiB/s is 52,428,800."
+)
+
+
+def megabytes(n: float) -> str:
+    """Bytes in decimal megabytes, the one unit of pull's output ("191.0 MB")."""
+    return f"{n / 1e6:.1f} MB"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = UsageParser(prog="modelcache pull", description="Download a whole model into DEST, verified.")
+    p = UsageParser(
+        prog="modelcache pull", description="Download a whole model into DEST, verified.", epilog=UNITS
+    )
     p.add_argument(
-        "uri", metavar="URI", help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH"
+        "uri",
+        metavar="URI",
+        help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH or a plain /PATH",
     )
     p.add_argument("dest", metavar="DEST", help="the folder to create (published atomically)")
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")
     p.add_argument("--concurrency", type=int, default=16, help="connections at once (default 16)")
-    p.add_argument("--max-bandwidth", type=parse_rate, default=None, help="cap, e.g. 200MB/s (default: none)")
+    p.add_argument(
+        "--max-bandwidth",
+        type=parse_rate,
+        default=None,
+        help="cap in bytes/s over any second, e.g. 200MB/s (decimal) or 200MiB/s (default: none)",
+    )
     p.add_argument(
         "--chunk-size",
         type=parse_size,
@@ -148,6 +169,33 @@ def check_dest(raw: str, *, home: Path) -> Path:
     return dest
 
 
+def folder_error(path: Path) -> str | None:
+    """Why files cannot be written under ``path`` (created if missing), or None when they can.
+
+    Looks at ``path`` or, when it does not exist yet, the nearest folder above it that does: a file
+    there, a read-only filesystem (statvfs ST_RDONLY) or a folder this user may not write
+    (access(2) W_OK|X_OK) is an answer naming that path and the fix."""
+    at = path
+    while not at.exists() and at.parent != at:
+        if at.is_symlink():
+            return f"{at} is a link to nothing; remove it or name another folder"
+        at = at.parent
+    if not at.is_dir():
+        return f"{at} is a file, not a folder; name a folder (it is created if missing)"
+    try:
+        read_only = bool(os.statvfs(at).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"{at} is on a read-only filesystem; mount it read-write or name another folder"
+    if not os.access(at, os.W_OK | os.X_OK):
+        return (
+            f"{at} is not writable by this user (uid {os.getuid()}); fix its owner or mode, "
+            "or name another folder"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def writer_lock(dest: Destination, *, wait: float) -> Iterator[None]:
     """Hold the lock of DEST for the whole pull: the cache's ``.modelcache/lock`` (the agent's
@@ -197,8 +245,10 @@ class _Bar:
                 initial=done_bytes,
                 unit="B",
                 unit_scale=True,
-                unit_divisor=1024,
+                unit_divisor=1000,  # decimal, as the summary's MB/s and --max-bandwidth's MB/s
                 desc=f"{files} files",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
+                "[{elapsed}<{remaining}, {rate_fmt}]",
                 file=self.stream,
                 dynamic_ncols=True,
             )
@@ -228,6 +278,15 @@ def checked(result: PullResult, *, verify: bool) -> str:
     return f"{hashed} files verified by {by}, {size_only}"
 
 
+def _failed(dest: Destination, e: BaseException, what: str) -> int:
+    """The one line for a failed or interrupted pull, naming the staging kept for a resume (a final
+    failure drops it: :func:`agent.download.pull.after_failure`). Exit 1."""
+    kept = after_failure(dest, e)
+    where = f"; partial download kept in {kept}; run the same command to resume" if kept else ""
+    sys.stderr.write(f"modelcache pull: {what}{where}\n")
+    return 1
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.concurrency < 1 or args.concurrency > 256:
@@ -246,7 +305,10 @@ def main(argv: Sequence[str]) -> int:
     )
     if args.lock_wait < 0:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
-    dest = Destination.for_folder(check_dest(args.dest, home=Path.home()), force=args.force)
+    final = check_dest(args.dest, home=Path.home())
+    if (problem := folder_error(final.parent)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+    dest = Destination.for_folder(final, force=args.force)
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     try:
         with writer_lock(dest, wait=args.lock_wait):
@@ -256,9 +318,18 @@ def main(argv: Sequence[str]) -> int:
                     "pass --force to replace it, or name a new or empty folder"
                 )
             dest.check_links()
-            result = asyncio.run(
-                pull(uri, dest, sources=SourceSettings.from_env(), transfer=settings, progress=bar)
-            )
+            # Failures are told while the lock is held: a staging that is dropped is nobody else's.
+            try:
+                result = asyncio.run(
+                    pull(uri, dest, sources=SourceSettings.from_env(), transfer=settings, progress=bar)
+                )
+            except DownloadError as e:
+                bar.close()
+                return _failed(dest, e, str(e))
+            except KeyboardInterrupt as e:
+                bar.close()
+                _failed(dest, e, "interrupted")
+                return 130
     except OSError as e:
         raise os_download_error(e) from e
     finally:
@@ -266,8 +337,8 @@ def main(argv: Sequence[str]) -> int:
     rate = result.bytes_transferred / result.seconds / 1e6 if result.seconds > 0 else 0.0
     state = "up to date" if result.up_to_date else checked(result, verify=settings.verify)
     print(
-        f"{uri.redacted()} -> {args.dest}: {result.files} files, {result.bytes_total} bytes "
-        f"({result.bytes_transferred} transferred) in {result.seconds:.2f} s, {rate:.1f} MB/s, {state}"
-        + (f", revision {result.revision}" if result.revision else "")
+        f"{uri.redacted()} -> {args.dest}: {result.files} files, {megabytes(result.bytes_total)} "
+        f"({result.bytes_total} bytes, {result.bytes_transferred} transferred) in {result.seconds:.2f} s, "
+        f"{rate:.1f} MB/s, {state}" + (f", revision {result.revision}" if result.revision else "")
     )
     return 0

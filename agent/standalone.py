@@ -13,9 +13,10 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from agent.desired import standalone_node
+from agent.desired import node_object, standalone_placement
 from localmodel.documents import document_files, load_documents
 from localmodel.errors import InvalidInput, NotFound
+from localmodel.placement import Refusal
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup
 from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
 from localmodel.state.memory import MemoryState
@@ -61,6 +62,7 @@ class StandaloneSource:
         self.interval = interval
         self.error: str | None = None
         self.loaded = False
+        self.refused: tuple[Refusal, ...] = ()  # caches the placement refused this node, with why
         self._seen: tuple[tuple[str, int, int], ...] | None = None
 
     async def load(self, *, report: bool = True) -> bool:
@@ -81,7 +83,11 @@ class StandaloneSource:
             return False
         await self.state.apply(LOCAL_MODEL_NODE_GROUP, [g.to_json() for g in groups], prune=True)
         await self.state.apply(LOCAL_MODEL_CACHE, [c.to_json() for c in caches], prune=True)
-        node = standalone_node(node_name=self.node_name, labels=self.labels, caches=caches, groups=groups)
+        placement = standalone_placement(
+            node_name=self.node_name, labels=self.labels, caches=caches, groups=groups
+        )
+        node = node_object(placement)
+        self.refused = placement.refused
         try:
             await self.state.get(LOCAL_MODEL_NODE, self.node_name)
         except NotFound:

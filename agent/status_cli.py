@@ -19,8 +19,13 @@ from localmodel.quantity import Quantity, readable
 
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="modelcache status", description="What a node's model cache holds and is doing.")
-    p.add_argument("--cache-dir", type=Path, required=True)
-    p.add_argument("--output", choices=["table", "json"], default="table")
+    p.add_argument("--cache-dir", type=Path, required=True, help="the agent's cache folder (--cache-dir)")
+    p.add_argument(
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (default), or the agent's state file as JSON",
+    )
     return p
 
 
@@ -74,7 +79,7 @@ def render_table(data: dict[str, Any]) -> str:
                 str(m.get("storageKey") or ""),
                 str(m.get("state") or ""),
                 f"{readable(done)} / {readable(total)}{pct}",
-                str(m.get("reason") or ""),
+                _why(m),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -92,6 +97,14 @@ def render_table(data: dict[str, Any]) -> str:
         if c.get("status") == "False" and c.get("message")
     ]
     return "\n".join([head, *lines, *(f"warning: {p}" for p in problems)])
+
+
+def _why(model: dict[str, Any]) -> str:
+    """The reason, and for a model in error the message too (a refusal's numbers are in it)."""
+    reason, message = str(model.get("reason") or ""), str(model.get("message") or "")
+    if model.get("state") == "ModelDownloadError" and message:
+        return f"{reason}: {message}" if reason else message
+    return reason
 
 
 def _size(quantity: Any) -> str:

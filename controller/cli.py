@@ -93,9 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, $KUBECONFIG, ~/.kube/config")
     p.add_argument("--context", metavar="NAME", help="kubeconfig context")
     p.add_argument("--resync", type=float, default=300.0, metavar="SECONDS", help="full reconcile period")
-    p.add_argument("--leader-elect", dest="leader_elect", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--leader-elect",
+        dest="leader_elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold a Lease so that one replica writes (default: on)",
+    )
     p.add_argument("--lease-namespace", default="default", metavar="NS", help="where the leader Lease lives")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="INFO (default)"
+    )
     p.add_argument("--webhook-addr", metavar="HOST:PORT", help="serve the admission webhooks (HTTPS) here")
     p.add_argument(
         "--webhook-cert-dir", metavar="DIR", type=Path, help="tls.crt and tls.key for the webhooks"

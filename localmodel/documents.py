@@ -40,7 +40,7 @@ SUFFIXES = (".yaml", ".yml", ".json")
 
 @dataclass(frozen=True)
 class Document:
-    where: str  # "file.yaml#2": the file and the document's index in it, for messages
+    where: str  # "file.yaml#2": the file and the document's number in it (from 1), for messages
     kind: ResourceKind
     object: JSON
 
@@ -116,7 +116,7 @@ def _parse_stream(text: str, where: str, allowed: set[str]) -> Iterable[Document
     for index, raw in enumerate(raw_docs):
         if raw is None:
             continue
-        doc_where = f"{where}#{index}"
+        doc_where = f"{where}#{index + 1}"  # as people count: the first document is #1
         items = raw.get("items") if isinstance(raw, dict) and _is_list(raw) else [raw]
         if not isinstance(items, list):
             raise SpecError("expected items to be a list", field="items", where=doc_where)

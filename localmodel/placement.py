@@ -5,6 +5,10 @@ runs the same code for its own node, so both always agree.
 Admission: a group admits a cache only if the ``modelSize`` of the caches it already admitted plus
 this one fits the group's per-node ``storageLimit``. Caches are considered oldest first (creation
 time, then name), so the outcome is stable and a new cache never pushes out an old one.
+
+A node is told what it was refused too (:attr:`NodePlacement.refused`): a cache one of its groups
+would hold but had no room for, and a cache naming a group that does not exist (no node can be told
+apart for it, so every node hears of it), unless the node holds that cache through another group.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ class Refusal:
     cache: str
     group: str
     reason: str  # InsufficientStorage | NodeGroupNotFound
-    message: str
+    message: str  # InsufficientStorage: the bytes needed and the group's free bytes and limit
+    source_model_uri: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ def admit(caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGrou
                         NODE_GROUP_NOT_FOUND,
                         f"node group {group_name!r} does not exist; create it or remove it from "
                         "spec.nodeGroups",
+                        cache.spec.source_model_uri,
                     )
                 )
                 continue
@@ -88,6 +94,7 @@ def admit(caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGrou
                         group_name,
                         INSUFFICIENT_STORAGE,
                         f"needs {human(size)}, group {group_name} has {human(free)} of {human(limit)} free",
+                        cache.spec.source_model_uri,
                     )
                 )
                 continue
@@ -126,6 +133,7 @@ class NodePlacement:
     node: str
     groups: tuple[str, ...]
     models: tuple[LocalModelInfo, ...] = field(default=())
+    refused: tuple[Refusal, ...] = field(default=())  # one per cache, first group by name
 
 
 def place_node(
@@ -153,4 +161,15 @@ def place_node(
                 storage=cache.spec.storage,
                 model_size=cache.spec.model_size,
             )
-    return NodePlacement(node.name, mine, tuple(models[k] for k in sorted(models)))
+    refused: dict[str, Refusal] = {}
+    for r in sorted(admission.refused, key=lambda r: (r.cache, r.group)):
+        if r.cache in models or r.cache in refused:
+            continue
+        if r.reason == NODE_GROUP_NOT_FOUND or r.group in mine:
+            refused[r.cache] = r
+    return NodePlacement(
+        node.name,
+        mine,
+        tuple(models[k] for k in sorted(models)),
+        tuple(refused[k] for k in sorted(refused)),
+    )

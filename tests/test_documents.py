@@ -54,37 +54,37 @@ def test_folder_of_documents(tmp_path: Path) -> None:
         ("Node", "n1"),
         ("Node", "n2"),
     ]
-    assert docs[1].where.endswith("caches.yaml#2")
+    assert docs[1].where.endswith("caches.yaml#3")
     assert docs[1].object["spec"]["nodeGroups"] == ["a100"]  # alias normalised
-    assert docs[3].where.endswith("nodes.yml#0[1]")
+    assert docs[3].where.endswith("nodes.yml#1[1]")
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("a: [1, 2", "x.yaml: not valid YAML"),
-        ("- 1\n- 2\n", "x.yaml#0: expected a Kubernetes object, got list"),
+        ("- 1\n- 2\n", "x.yaml#1: expected a Kubernetes object, got list"),
         (
             "kind: Deployment\napiVersion: apps/v1\nmetadata: {name: d}\n",
-            "x.yaml#0: kind: unknown kind 'Deployment'",
+            "x.yaml#1: kind: unknown kind 'Deployment'",
         ),
-        ("apiVersion: v1\nmetadata: {name: d}\n", "x.yaml#0: kind: is required"),
+        ("apiVersion: v1\nmetadata: {name: d}\n", "x.yaml#1: kind: is required"),
         (
             "apiVersion: serving.kserve.io/v1beta1\nkind: LocalModelCache\nmetadata: {name: x}\n",
-            "x.yaml#0: apiVersion: expected 'serving.kserve.io/v1alpha1'",
+            "x.yaml#1: apiVersion: expected 'serving.kserve.io/v1alpha1'",
         ),
         (
             GOOD.replace("16Gi", "16 gigs"),
-            "x.yaml#2: spec.modelSize: '16 gigs' is not a Kubernetes quantity",
+            "x.yaml#3: spec.modelSize: '16 gigs' is not a Kubernetes quantity",
         ),
-        (GOOD.replace("200Gi", "0"), "x.yaml#0: spec.storageLimit: '0' leaves no room"),
+        (GOOD.replace("200Gi", "0"), "x.yaml#1: spec.storageLimit: '0' leaves no room"),
         (
             GOOD.replace('"hf://meta-llama/Llama-3.1-8B"', "gs://bucket/llama"),
-            "x.yaml#2: spec.sourceModelUri: scheme 'gs' is not supported",
+            "x.yaml#3: spec.sourceModelUri: scheme 'gs' is not supported",
         ),
         (
             GOOD.replace("metadata: {name: llama}", "metadata: {}"),
-            "x.yaml#2: metadata.name: is required",
+            "x.yaml#3: metadata.name: is required",
         ),
         (GOOD + "---\n" + GOOD.split("---")[0], "LocalModelNodeGroup 'a100' is defined twice"),
     ],

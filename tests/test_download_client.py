@@ -222,12 +222,12 @@ async def test_statuses_reach_accept_and_connection_errors_are_transient(client:
     try:
         with pytest.raises(AccessDenied):
             await client.request("GET", f"{server.url}/denied", headers={}, label="t", accept=refuse)
-        with pytest.raises(TransientError, match="IncompleteRead"):
+        with pytest.raises(TransientError, match=r"the connection to 127\.0\.0\.1:\d+ closed with \d+ bytes"):
             await fetch(client, f"{server.url}/cut")
         port = server.url.rsplit(":", 1)[1]
     finally:
         await server.stop()
-    with pytest.raises(TransientError, match="ConnectionRefused"):
+    with pytest.raises(TransientError, match=rf"connection refused by 127\.0\.0\.1:{port}$"):
         await fetch(client, f"http://127.0.0.1:{port}/gone")
 
 
@@ -282,8 +282,8 @@ async def test_the_rate_cap_holds_for_all_requests_together() -> None:
         results = await asyncio.gather(*(fetch(capped, f"{server.url}/blob") for _ in range(4)))
         elapsed = time.monotonic() - started
         assert all(body == b"x" * size for _, body in results)
-        # 8 MiB at 4 MiB/s with one second of burst: at least about a second, whatever the concurrency.
-        assert elapsed >= 0.9
+        # 8 MiB at 4 MiB/s, no burst: at least about two seconds, whatever the concurrency.
+        assert elapsed >= 1.9
     finally:
         capped.close()
         await server.stop()

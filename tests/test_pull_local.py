@@ -51,7 +51,7 @@ def test_pull_copies_layout_then_is_up_to_date(tmp_path: Path, capsys: pytest.Ca
 
     assert main(["pull", str(src), str(dest), "--quiet"]) == 0
     again = capsys.readouterr().out
-    assert "(0 transferred)" in again and "up to date" in again
+    assert " bytes, 0 transferred)" in again and "up to date" in again
 
 
 def test_a_file_removed_at_the_source_is_not_kept(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from agent.download.client import HttpClient, Response
+from agent.download.client import HttpClient, Response, retried
 from agent.download.listing import Listing, RemoteFile
 from agent.download.staging import Destination, FileProgress, Progress, publish
 from agent.download.unpack import unpack
@@ -466,6 +466,7 @@ class Transfer:
         ``probe``: the first range of a file whose server may not do ranges."""
         index, start, end = chunk
         body = _Body(self, f, start=start, end=end, whole=whole, probe=probe)
+        began = time.monotonic()
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self.settings.attempts),
@@ -502,6 +503,8 @@ class Transfer:
                         )
         except _RangeMismatch as e:
             raise IntegrityError(f"{e} ({self.settings.attempts} attempts)") from e
+        except TransientError as e:
+            raise retried(e, retrying.statistics.get("attempt_number", 1), time.monotonic() - began) from e
         st = self._st(f)
         st.chunks.update({i for i, _, _ in self._chunks(f)} if (not body.ranged or whole) else {index})
         self.partial.add(f.path)

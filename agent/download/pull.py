@@ -6,16 +6,25 @@ The entry point both ``modelcache pull`` and the agent use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.download.client import HttpClient
 from agent.download.engine import ProgressSink, PullResult, Transfer, TransferSettings, same_files
 from agent.download.listing import Listing
 from agent.download.sources import SourceSettings, list_source
-from agent.download.staging import Destination, finish_publish
+from agent.download.staging import Destination, LinkRefused, finish_publish, remove_tree
 from agent.download.unpack import unpack_limit
-from localmodel.errors import DownloadError, from_os_error
+from localmodel.errors import (
+    AccessDenied,
+    DownloadError,
+    SourceNotAllowed,
+    SourceNotFound,
+    UnsafePath,
+    from_os_error,
+)
 from localmodel.layout import storage_key
 from localmodel.uri import SourceURI
 
@@ -71,6 +80,30 @@ async def pull(
         )
     except OSError as e:
         raise os_download_error(e) from e
+
+
+# Failures no later run of the same command gets past: what was staged for them is only dead weight.
+FINAL = (AccessDenied, SourceNotFound, SourceNotAllowed, UnsafePath)
+
+
+def after_failure(dest: Destination, error: BaseException) -> Path | None:
+    """What becomes of ``dest``'s staging after a pull failed with ``error`` (or was interrupted):
+    the staging folder when it is kept for a resume, None when there is none or it was dropped.
+
+    Dropped when the failure is final (:data:`FINAL`: access denied, not found, a source not
+    allowed, an unsafe path in the source): the same command would fail the same way. Kept otherwise
+    (a network error, a full disk, an interrupt), since the next run resumes from it. Nothing is
+    deleted through a link (a planted link is itself the ``UnsafePath``) or when the staging is not
+    a plain folder of ours."""
+    if isinstance(error, FINAL) and not isinstance(error, LinkRefused):
+        try:
+            dest.check_links()
+        except LinkRefused:
+            return None
+        with contextlib.suppress(OSError):
+            remove_tree(dest.staging)
+        return None
+    return dest.staging if dest.staging.is_dir() and not dest.staging.is_symlink() else None
 
 
 def os_download_error(e: OSError) -> DownloadError:

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from agent.download.client import HttpClient, Response
+from agent.download.client import HttpClient, Response, connection_words, retried
 from agent.download.listing import Listing, RemoteFile, check_not_empty, check_unique, checked_path
 from localmodel.errors import (
     AccessDenied,
@@ -129,9 +130,13 @@ async def list_source(uri: SourceURI, *, settings: SourceSettings, client: HttpC
         reraise=True,
     )
     listing: Listing | None = None
-    async for attempt in retrying:
-        with attempt:
-            listing = await _list_once(uri, settings, client)
+    started = time.monotonic()
+    try:
+        async for attempt in retrying:
+            with attempt:
+                listing = await _list_once(uri, settings, client)
+    except TransientError as e:
+        raise retried(e, retrying.statistics.get("attempt_number", 1), time.monotonic() - started) from e
     assert listing is not None
     check_not_empty(listing)
     return listing
@@ -217,7 +222,7 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
     except TimeoutException as e:
         raise _no_answer(source, settings.hf_endpoint, settings.read_timeout) from e
     except (OSError, HTTPError) as e:  # connection errors of the hub's HTTP client
-        raise TransientError(f"{source}: cannot reach {settings.hf_endpoint}: {type(e).__name__}") from e
+        raise TransientError(f"{source}: {connection_words(e, settings.hf_endpoint)}") from e
     headers = {"Authorization": f"Bearer {settings.hf_token}"} if settings.hf_token else {}
     files = []
     for entry in tree:
@@ -387,7 +392,7 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
     except ReadTimeoutError as e:
         raise _no_answer(source, endpoint, settings.read_timeout) from e
     except BotoCoreError as e:
-        raise TransientError(f"{source}: cannot reach {endpoint}: {type(e).__name__}") from e
+        raise TransientError(f"{source}: {connection_words(e, endpoint)}") from e
     result = tuple(sorted(files, key=lambda f: f.path))
     check_unique(result, source=source)
     etags = hashlib.sha256("".join(f"{o['Key']}:{o.get('ETag', '')};" for o in objects).encode())

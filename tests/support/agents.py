@@ -162,11 +162,13 @@ async def running_agent(
 ) -> AsyncIterator[Running]:
     registry = CollectorRegistry()
     source_error = kw.pop("source_error", lambda: None)
+    refused = kw.pop("refused", lambda: ())
     agent = Agent(
         state=state,
         settings=fast_settings(cache_dir, **kw),
         metrics=AgentMetrics(registry),
         source_error=source_error,
+        refused=refused,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
