@@ -257,9 +257,9 @@ class FencedState:
             kind, resource_version=resource_version, namespace=namespace, selector=selector
         )
 
-    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
+    async def create(self, kind: ResourceKind, obj: JSON, *, handover: bool = False) -> JSON:
         self.elector.fence()
-        return await self.state.create(kind, obj)
+        return await self.state.create(kind, obj, handover=handover)
 
     async def patch(
         self,

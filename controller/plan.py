@@ -53,8 +53,10 @@ from localmodel.resources import (
     LOCALMODEL_LABEL,
     NODEGROUP_ANNOTATION,
     Condition,
+    Copies,
     InferenceServiceRef,
     LocalModelCache,
+    LocalModelCacheStatus,
     LocalModelInfo,
     LocalModelNode,
     LocalModelNodeGroup,
@@ -240,6 +242,8 @@ class StatusWrite:
     kind: Literal["LocalModelCache", "LocalModelNodeGroup"]
     name: str
     patch: Mapping[str, Any]  # JSON merge patch of status (None deletes a key)
+    # The status it makes, typed (caches): what the view takes after the write, unparsed.
+    status: LocalModelCacheStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -590,7 +594,14 @@ def _cache_status(
     patch["nodeStatus"] = {**dict.fromkeys(old.node_status), **new_json["nodeStatus"]}
     if not refs:
         patch["inferenceServices"] = None  # absent when none, as KServe writes it
-    return StatusWrite("LocalModelCache", cache.name, patch), events
+    typed = LocalModelCacheStatus(
+        node_status=dict(sorted(states.items())),
+        copies=Copies(available=available, total=total, failed=failed),
+        inference_services=tuple(InferenceServiceRef(r.name, r.namespace) for r in refs),
+        observed_generation=cache.metadata.generation,
+        conditions=tuple(conditions),
+    )
+    return StatusWrite("LocalModelCache", cache.name, patch, typed), events
 
 
 def _error_detail(snapshot: Snapshot, node: str, cache: LocalModelCache) -> str:

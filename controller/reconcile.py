@@ -647,7 +647,10 @@ class Controller:
                     "spec": {"localModels": models},
                 }
                 try:
-                    stored = await self.state.create(LOCAL_MODEL_NODE, body)
+                    # Built for this write, its model entries by to_json for this pass, never changed
+                    # again: handed over, a store in memory keeps it without copies (they were most
+                    # of a full pass's write cost).
+                    stored = await self.state.create(LOCAL_MODEL_NODE, body, handover=True)
                 except AlreadyExists:
                     stored = await self._patch_node(write.name, models, retained)
             else:
@@ -682,9 +685,33 @@ class Controller:
             status = current.get("status") or {}
             return None if merge_patch(status, write.patch) == status else dict(write.patch)
 
+        known = (self._view.caches if kind is LOCAL_MODEL_CACHE else self._view.groups).get(write.name)
+        stored: JSON | None = None
+        fast = False
         try:
-            stored = await update_status(self.state, kind, write.name, compute)
+            if known is not None and known.metadata.resource_version:
+                # The plan diffed against the view: written guarded by the view's resourceVersion,
+                # no read first (a read copies a status of thousands of node entries). A stale view
+                # costs a Conflict, then the read-compute-write below.
+                try:
+                    stored = await self.state.patch_status(
+                        kind, write.name, dict(write.patch), resource_version=known.metadata.resource_version
+                    )
+                    fast = True
+                except Conflict:
+                    stored = None
+            if stored is None:
+                stored = await update_status(self.state, kind, write.name, compute)
         except NotFound:
+            return
+        if fast and stored is not None and write.status is not None and isinstance(known, LocalModelCache):
+            # Written over the view's version: its spec is the view's and its status the plan's.
+            # Taking both as they are spares parsing a status of thousands of node entries.
+            self._wrote(kind.kind)
+            meta = ObjectMeta.from_json(stored.get("metadata"))
+            self._observe_spec(
+                self._view.caches, write.name, dataclasses.replace(known, metadata=meta, status=write.status)
+            )
             return
         if stored is not None:
             self._wrote(kind.kind)
@@ -805,7 +832,7 @@ class Controller:
             namespace=self.settings.event_namespace,
         )
         try:
-            await self.state.create(EVENT, body)
+            await self.state.create(EVENT, body, handover=True)  # made for this write alone
             self._wrote(EVENT.kind)
         except ClusterStateError as e:
             # An Event is best effort: losing one must not stop a reconcile.

@@ -149,8 +149,10 @@ class ClusterState(Protocol):
         """Changes after ``resource_version``; may end (reconnect) and raises Gone when too old."""
         ...
 
-    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
-        """The created object; raises AlreadyExists."""
+    async def create(self, kind: ResourceKind, obj: JSON, *, handover: bool = False) -> JSON:
+        """The created object; raises AlreadyExists. ``handover``: the caller never changes ``obj``
+        (nor anything it holds) again, so a store in memory may keep it without a copy, and answer
+        with the created object's ``metadata`` and ``status`` only (an API server answers whole)."""
         ...
 
     async def patch(

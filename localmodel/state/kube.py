@@ -133,7 +133,7 @@ class KubeState:
         except httpx.HTTPError as e:
             raise Unavailable(f"watch {kind.plural}: {type(e).__name__}") from e
 
-    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
+    async def create(self, kind: ResourceKind, obj: JSON, *, handover: bool = False) -> JSON:
         namespace = (obj.get("metadata") or {}).get("namespace") if kind.namespaced else None
         if kind.namespaced and namespace is None:
             namespace = "default"

@@ -111,10 +111,13 @@ class MemoryState:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def create(self, kind: ResourceKind, obj: JSON, *, manager: str | None = None) -> JSON:
+    async def create(
+        self, kind: ResourceKind, obj: JSON, *, manager: str | None = None, handover: bool = False
+    ) -> JSON:
         """As the interface says; ``manager`` (what an API server takes from the writer's
-        User-Agent) is recorded in ``metadata.managedFields`` as a real server records it."""
-        obj = clone(obj)
+        User-Agent) is recorded in ``metadata.managedFields`` as a real server records it. Handed
+        over, ``obj`` is stored as it is (its top level and metadata are still our own copies)."""
+        obj = {**obj, "metadata": dict(obj.get("metadata") or {})} if handover else clone(obj)
         meta = obj.setdefault("metadata", {})
         name = meta.get("name")
         if not isinstance(name, str) or not name:
@@ -131,7 +134,13 @@ class MemoryState:
         meta.pop("deletionTimestamp", None)
         if manager:
             _managed(obj, manager, kind, obj)
-        return await self._store(kind, key, obj, "ADDED")
+        stored = await self._store(kind, key, obj, "ADDED", answer=not handover)
+        if handover:
+            return {
+                "metadata": clone(obj["metadata"]),
+                **({"status": clone(obj["status"])} if "status" in obj else {}),
+            }
+        return stored
 
     async def patch(
         self,
@@ -264,11 +273,13 @@ class MemoryState:
             )
         return key, current
 
-    async def _store(self, kind: ResourceKind, key: Key, obj: JSON, event: str) -> JSON:
+    async def _store(
+        self, kind: ResourceKind, key: Key, obj: JSON, event: str, *, answer: bool = True
+    ) -> JSON:
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
         self._objects[key] = obj
-        return await self._emit(kind, event, obj)
+        return await self._emit(kind, event, obj, answer=answer)
 
     async def _remove(self, kind: ResourceKind, key: Key, obj: JSON) -> JSON:
         self._rv += 1
@@ -277,7 +288,7 @@ class MemoryState:
         del self._objects[key]
         return await self._emit(kind, "DELETED", obj)
 
-    async def _emit(self, kind: ResourceKind, event: str, obj: JSON) -> JSON:
+    async def _emit(self, kind: ResourceKind, event: str, obj: JSON, *, answer: bool = True) -> JSON:
         # Shared with the store: stored objects are never changed in place (watchers get copies).
         self._history.append((self._rv, kind.kind, WatchEvent(event, obj)))  # type: ignore[arg-type]
         while len(self._history) > self._history_limit:
@@ -285,7 +296,7 @@ class MemoryState:
         self._persist()
         async with self._changed:
             self._changed.notify_all()
-        return clone(obj)
+        return clone(obj) if answer else obj
 
     def _persist(self) -> None:
         if self._persist_to is None:
