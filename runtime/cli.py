@@ -868,8 +868,10 @@ def execute(launch: Launch, *, runner: Runner = run_command) -> NoReturn:
             f"{f', {report.hashed} hashed' if report.hashed else ''}"
         )
     _log(
-        f"TP {p.tensor_parallel_size} x PP {p.pipeline_parallel_size} on {p.nodes} node(s) x "
-        f"{p.gpus_per_node} GPUs, executor {p.executor}, role {launch.role}"
+        f"TP {p.tensor_parallel_size} x PP {p.pipeline_parallel_size}"
+        + (f" x DP {p.data_parallel_size}" if p.data_parallel_size > 1 else "")
+        + f" on {plural(p.nodes, 'node')} x {plural(p.gpus_per_node, 'GPU')}, executor {p.executor}, "
+        f"role {launch.role}"
     )
     for note in launch.notes:
         _log(launch.redact(f"note: {note}"))

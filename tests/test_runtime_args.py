@@ -241,7 +241,16 @@ def test_boolean_value_not_a_strtobool_word_is_refused_naming_the_flag(word: str
 
 
 def test_secret_values_are_redacted_in_argv_and_text() -> None:
-    argv = ["vllm", "serve", "/m", "--api-key", "sk-123", "--hf-token=hf_abc", "--max-num-batched-tokens", "8"]
+    argv = [
+        "vllm",
+        "serve",
+        "/m",
+        "--api-key",
+        "sk-123",
+        "--hf-token=hf_abc",
+        "--max-num-batched-tokens",
+        "8",
+    ]
     assert redact_argv(argv) == [
         "vllm",
         "serve",
@@ -253,7 +262,9 @@ def test_secret_values_are_redacted_in_argv_and_text() -> None:
         "8",
     ]
     # Flags whose name has key, token, secret or password as a word; not --tokenizer or --*-tokens.
-    assert [n for n in ("--api-key", "--hf_token", "--client-secret", "--db-password", "HF_TOKEN") if is_secret(n)]
+    assert [
+        n for n in ("--api-key", "--hf_token", "--client-secret", "--db-password", "HF_TOKEN") if is_secret(n)
+    ]
     assert not any(is_secret(n) for n in ("--tokenizer", "--max-num-batched-tokens", "--ssl-keyfile"))
     flags = parse(["--api-key", "sk-123", "--tokenizer", "t", "--hf-token=hf_abc"]).flags
     assert secret_values(flags) == ("sk-123", "hf_abc")

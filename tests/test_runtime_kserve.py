@@ -337,7 +337,9 @@ def test_bf16_model_on_a_t4_is_planned_in_float16(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="--dtype bfloat16: Tesla T4"):
         run([*ours, "--dtype", "bfloat16"], gpus=t4)
     # Case matters to vLLM's choices: BFloat16 is refused before the GPU is even considered.
-    with pytest.raises(InvalidInput, match=r"--dtype 'BFloat16': expected one of .* \(lower case: bfloat16\)"):
+    with pytest.raises(
+        InvalidInput, match=r"--dtype 'BFloat16': expected one of .* \(lower case: bfloat16\)"
+    ):
         run([*ours, "--dtype=BFloat16"], gpus=t4)
     h100 = run(ours, gpus=("NVIDIA H100 80GB HBM3",))
     assert "--dtype" not in vllm_argv(h100)
