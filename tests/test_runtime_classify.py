@@ -581,6 +581,12 @@ async def test_server_protocols() -> None:
         assert (await client.get("/health")).status == 503
         assert (await client.get("/v2/health/live")).status == 200
         assert (await (await client.get("/")).json()) == {"status": "alive"}
+        # KServe's v2 server metadata (a 404 before)
+        meta = await client.get("/v2")
+        assert meta.status == 200
+        body = await meta.json()
+        assert set(body) == {"name", "version", "extensions"} and body["name"] == "modelcache-classify"
+        assert body["version"] and body["extensions"] == []
         # not ready is 503 on every readiness route, with KServe's ModelNotReady message
         for path in ("/v1/models/clf", "/v2/models/clf/ready"):
             r = await client.get(path)
