@@ -373,7 +373,14 @@ CLASSIFY_FLAGS: tuple[tuple[str, str, bool], ...] = (
 )
 # Consumed here or meaningless to the classification server; not reported as ignored.
 CLASSIFY_CONSUMED = frozenset(
-    {"--port", "--served-model-name", "--task", "--tensor-parallel-size", "--pipeline-parallel-size"}
+    {
+        "--port",
+        "--served-model-name",
+        "--task",
+        "--tensor-parallel-size",
+        "--pipeline-parallel-size",
+        "--disable-fastapi-docs",  # a default of ours; the classification server serves no /docs
+    }
 )
 
 

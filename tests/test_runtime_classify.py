@@ -756,9 +756,10 @@ def test_launcher_leaves_generators_to_vllm(tmp_path: Path) -> None:
     assert "--task" not in launch.command
     assert launch.command[:2] == ("vllm", "serve")
     assert any("KServe's task name" in n for n in launch.notes)
-    # vLLM's own --task values pass through
+    # vLLM's own --task values become the --runner that replaced --task (vLLM #21470)
     kept = _build(["--model_dir", str(folder), "--task", "generate", "--dry-run"])
-    assert kept.command[kept.command.index("--task") + 1] == "generate"
+    assert "--task" not in kept.command
+    assert kept.command[kept.command.index("--runner") + 1] == "generate"
 
 
 @pytest.mark.parametrize(
