@@ -423,7 +423,9 @@ def classifier_launch(
     per_node = explicit_gpus if explicit_gpus is not None else len(found or ())
     tp = tp or 1
     if tp > 1 and per_node and tp > per_node:
-        raise InvalidInput(f"--tensor-parallel-size {tp} but {per_node} GPUs here; use at most {per_node}")
+        raise InvalidInput(
+            f"--tensor-parallel-size {tp} but {plural(per_node, 'GPU')} here; use at most {per_node}"
+        )
     options = OutputOptions(
         return_probabilities=_switch(merged, "--return-probabilities"),
         return_raw_logits=_switch(merged, "--return-raw-logits"),

@@ -233,7 +233,7 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
             notes.append(f"tensor parallel size {tp}: {g} GPUs per node shared by the pipeline stages")
         else:
             notes.append(
-                f"tensor parallel size {tp}: the largest that fits {per_node} GPUs per stage and "
+                f"tensor parallel size {tp}: the largest that fits {plural(per_node, 'GPU')} per stage and "
                 f"divides the model's heads ({_heads(shape)})"
             )
     elif tp > g:
@@ -308,7 +308,7 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
             )
         if nodes > 1 and world <= (nodes - 1) * g:
             raise InvalidInput(
-                f"TP {tp} x PP {pp} = {world} GPUs fits on fewer than the {nodes} nodes given "
+                f"TP {tp} x PP {pp} = {plural(world, 'GPU')} fits on fewer than the {nodes} nodes given "
                 f"({plural(g, 'GPU')} each); use {src['nodes']}={math.ceil(world / g)} or "
                 f"{_fits(shape, g, nodes)}"
             )
