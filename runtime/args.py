@@ -17,8 +17,11 @@ Canonical form:
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from localmodel.errors import InvalidInput
 
 # vLLM's short options and KServe's names, to the vLLM long flag they mean.
 ALIASES: Mapping[str, str] = {
@@ -81,6 +84,32 @@ BOOLEAN_FLAGS = frozenset(
 )
 
 
+# vLLM flags whose default is not "off" (None = decided by the engine, or True): `--x=false` has to
+# reach vLLM as `--no-x` (its BooleanOptionalAction form). Every other switch is off by default, and
+# an off switch is left out of the argv: some of vLLM's switches are plain store_true and refuse `--no-x`.
+DEFAULT_NOT_OFF = frozenset(
+    {"--enable-prefix-caching", "--enable-chunked-prefill", "--async-scheduling", "--use-tqdm-on-load"}
+)
+# Two spellings of one switch, the second the first's opposite: `--disable-log-requests` is
+# `--enable-log-requests` off (vLLM deprecated the former for the latter), so whichever comes last wins.
+OPPOSITES: Mapping[str, str] = {"--disable-log-requests": "--enable-log-requests"}
+
+# KServe's strtobool (python/kserve/kserve/utils/utils.py, distutils' rule): case-insensitive.
+_TRUE_WORDS = frozenset({"y", "yes", "t", "true", "on", "1"})
+_FALSE_WORDS = frozenset({"n", "no", "f", "false", "off", "0"})
+
+
+def strtobool(value: str, flag: str) -> bool:
+    """A boolean flag's value read as KServe's ``strtobool`` reads it (y/yes/t/true/on/1 and
+    n/no/f/false/off/0, any case); anything else is InvalidInput naming ``flag``."""
+    word = value.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise InvalidInput(f"{flag}={value!r}: expected true or false (yes/no, 1/0, on/off)")
+
+
 @dataclass(frozen=True)
 class Flag:
     """One flag in canonical form. ``key`` is the positive long name (``--max-model-len``) or, for a
@@ -92,6 +121,9 @@ class Flag:
 
     def tokens(self) -> list[str]:
         if self.negated:
+            # A switch off by default is off when left out; vLLM refuses `--no-x` for its store_true ones.
+            if self.key in BOOLEAN_FLAGS and self.key not in DEFAULT_NOT_OFF:
+                return []
             return ["--no-" + self.key[2:]]
         if self.key == "-O" and len(self.values) == 1:
             # vLLM's optimisation shorthand is written attached (-O3); `-O 3` is not read the same by
@@ -127,8 +159,15 @@ def canonical(name: str) -> tuple[str, bool]:
         negated = False
         if key.startswith("--no-") and len(key) > len("--no-"):
             key, negated = "--" + key[len("--no-") :], True
-        return ALIASES.get(key, key), negated
+        key = ALIASES.get(key, key)
+        if key in OPPOSITES:
+            return OPPOSITES[key], not negated
+        return key, negated
     return ALIASES.get(name, name), False
+
+
+def _opposite(name: str) -> bool:
+    return name.startswith("--") and "--" + name[2:].replace("_", "-") in OPPOSITES
 
 
 def _split_attached(name: str) -> tuple[str, str | None]:
@@ -158,6 +197,13 @@ def parse(argv: Sequence[str]) -> Parsed:
             continue
         name, eq, inline = arg.partition("=")
         key, negated = canonical(name)
+        if eq and key in BOOLEAN_FLAGS:
+            # `--trust-remote-code=false` is the switch off, `=true` the bare switch (KServe's strtobool).
+            on = strtobool(inline, name)
+            if not on and _opposite(name):
+                continue  # `--disable-log-requests=false`: as if not given
+            flags.append(Flag(key, (), negated == on))
+            continue
         if eq:
             flags.append(Flag(key, () if negated else (inline,), negated))
             continue
@@ -246,3 +292,53 @@ def near_misses(flags: Iterable[Flag], known: Iterable[str] = PLANNED_FLAGS) -> 
         if close:
             found.append((f.key, close[0]))
     return tuple(found)
+
+
+# A flag or environment variable whose name has one of these words (split at - and _) holds a secret:
+# `--api-key`, `--hf-token`, `--client-secret`, `HF_TOKEN`, `VLLM_API_KEY`. (`--max-num-batched-tokens`
+# and `--tokenizer` do not: the word must stand alone.)
+_SECRET_NAME = re.compile(
+    r"(?:^|[-_])(?:api[-_]?key|key|token|secret|password|passwd|passphrase|credentials?|auth)(?:$|[-_])",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+def is_secret(name: str) -> bool:
+    """Whether a flag (``--api-key``) or environment variable (``HF_TOKEN``) names a secret."""
+    return bool(_SECRET_NAME.search(name.lstrip("-").partition("=")[0]))
+
+
+def secret_values(flags: Iterable[Flag]) -> tuple[str, ...]:
+    """The values of the secret flags among ``flags`` (to be kept out of every log line)."""
+    return tuple(v for f in flags if is_secret(f.key) and f.key not in BOOLEAN_FLAGS for v in f.values if v)
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of every secret flag replaced by ``***`` (``--api-key=***``,
+    ``--hf-token ***``), for logs and the dry run; the argv exec'd keeps them."""
+    out: list[str] = []
+    hide = False
+    for token in argv:
+        if _is_flag(token):
+            name, eq, _ = token.partition("=")
+            secret = is_secret(name) and canonical(name)[0] not in BOOLEAN_FLAGS
+            out.append(f"{name}={REDACTED}" if secret and eq else token)
+            hide = secret and not eq
+        elif hide:
+            out.append(REDACTED)
+        else:
+            out.append(token)
+    return out
+
+
+def redact_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: REDACTED if is_secret(k) else v for k, v in env.items()}
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each secret replaced by ``***`` (longest first)."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text

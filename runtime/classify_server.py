@@ -8,6 +8,7 @@ Endpoints (KServe's v1 and v2 protocols, and the health paths the runtimes' prob
 
 - ``POST /v1/models/{name}:predict``  ``{"instances": ["text", ...]}`` → ``{"predictions": [...]}``
 - ``POST /v2/models/{name}/infer``    a BYTES input tensor → ``output-0``
+- ``GET /v2``: KServe's server metadata (name, version, extensions);
 - ``GET /``, ``/v2/health/live``: alive; ``/health``, ``/v2/health/ready``, ``/v1/models/{name}``,
   ``/v2/models/{name}/ready``: 200 once the model is loaded, 503 until then (KServe's
   ModelNotReady; probes read status codes); ``/v2/models/{name}``; ``/metrics`` (KServe's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import signal
 import sys
@@ -411,6 +413,12 @@ def make_app(state: ServerState) -> web.Application:
     async def alive(_request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
+    async def server_metadata(_request: web.Request) -> web.Response:
+        # KServe's v2 server metadata (kserve/protocol/dataplane.py `metadata`: name, version,
+        # extensions). The name and version are this server's; no extension is claimed, as the
+        # model repository extension KServe lists is not served here.
+        return web.json_response({"name": "modelcache-classify", "version": _version(), "extensions": []})
+
     async def v1_model(request: web.Request) -> web.Response:
         if (missing := known(request)) is not None:
             return missing
@@ -455,8 +463,16 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/v2/models/{name}", v2_model)
     app.router.add_get("/v2/models/{name}/ready", v2_model_ready)
     app.router.add_get("/", alive)
+    app.router.add_get("/v2", server_metadata)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("modelcache")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _log(message: str) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -28,9 +30,29 @@ from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
 from runtime import kserve
-from runtime.classify import TASK, EngineChoice, OutputOptions, choose_engine, encoder_task, kserve_task
-from runtime.plan import ModelShape, Plan, PlanRequest, check_hardware, config_dtype, make_plan, plan_dtype
-from runtime.preflight import PreflightReport, manifest_path, preflight
+from runtime.classify import (
+    KSERVE_TASKS,
+    TASK,
+    EngineChoice,
+    OutputOptions,
+    choose_engine,
+    encoder_task,
+    kserve_task,
+    normalise_backend,
+)
+from runtime.plan import (
+    MAX_GPUS_PER_NODE,
+    MAX_NODES,
+    ModelShape,
+    Plan,
+    PlanRequest,
+    check_hardware,
+    config_dtype,
+    make_plan,
+    plan_dtype,
+    plural,
+)
+from runtime.preflight import PreflightReport, check_tokenizer, manifest_path, preflight
 from runtime.ray import (
     Runner,
     head_address,
@@ -43,12 +65,40 @@ from runtime.ray import (
 
 DEFAULT_MODEL_DIR = "/mnt/models"
 # KServe's model server conventions: the container port is 8080, an unnamed model is "model".
-DEFAULTS: tuple[vargs.Flag, ...] = (vargs.flag("--port", 8080), vargs.flag("--served-model-name", "model"))
+# KServe's server serves no /docs unless --enable_docs_url true (model_server.py: default False).
+DEFAULTS: tuple[vargs.Flag, ...] = (
+    vargs.flag("--port", 8080),
+    vargs.flag("--served-model-name", "model"),
+    vargs.flag("--disable-fastapi-docs"),
+)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ENV_FLAGS = {
     "TENSOR_PARALLEL_SIZE": "--tensor-parallel-size",
     "PIPELINE_PARALLEL_SIZE": "--pipeline-parallel-size",
 }
+
+
+def _count(limit: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r}: expected a whole number from 1 to {limit}") from None
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"{raw!r}: expected a whole number from 1 to {limit}")
+        return value
+
+    return parse
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{raw!r}: expected a positive number of seconds")
+    return value
 
 
 class _Parser(UsageParser):
@@ -89,12 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--manifest", help="the agent's manifest for this model, when it is not beside a cache layout"
     )
-    p.add_argument("--nodes", type=int, help="node count (default RAY_NODE_COUNT, else derived)")
+    p.add_argument(
+        "--nodes", type=_count(MAX_NODES), help="node count (default RAY_NODE_COUNT, else derived)"
+    )
     p.add_argument(
         "--gpus-per-node",
         "--gpus_per_node",
         dest="gpus_per_node",
-        type=int,
+        type=_count(MAX_GPUS_PER_NODE),
         help="GPUs per node (default REQUEST_GPU_COUNT, else detected with nvidia-smi)",
     )
     p.add_argument("--worker", action="store_true", help="join the Ray head at HEAD_SVC as a worker")
@@ -102,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         "--ray-timeout",
         "--ray_timeout",
         dest="ray_timeout",
-        type=float,
+        type=_seconds,
         default=900.0,
         help="seconds the head waits for every GPU, and a worker for the head (default 900)",
     )
@@ -133,17 +185,25 @@ class Launch:
     ray_timeout: float = 900.0
     preflight: PreflightReport | None = field(default=None, compare=False)
     classifier: EngineChoice | None = None
+    # Values of secret flags (--api-key, --hf-token): kept in ``command`` for the exec, out of every
+    # line printed (:meth:`redact`).
+    secrets: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def redact(self, text: str) -> str:
+        return vargs.redact(text, self.secrets)
 
     def to_json(self) -> dict[str, Any]:
+        """The plan as ``--dry-run`` prints it; secret values are ``***`` (README: the dry run shows
+        the decision, not credentials)."""
         out: dict[str, Any] = {
             "tensor_parallel_size": self.plan.tensor_parallel_size,
             "pipeline_parallel_size": self.plan.pipeline_parallel_size,
             "nodes": self.plan.nodes,
             "gpus_per_node": self.plan.gpus_per_node,
             "executor": self.plan.executor,
-            "command": list(self.command),
-            "env": dict(self.env),
-            "notes": list(self.notes),
+            "command": [self.redact(t) for t in vargs.redact_argv(self.command)],
+            "env": {k: self.redact(v) for k, v in vargs.redact_env(self.env).items()},
+            "notes": [self.redact(n) for n in self.notes],
             "role": self.role,
             "model_dir": str(self.model_dir),
         }
@@ -173,14 +233,17 @@ def detect_gpus(env: Mapping[str, str], runner: Runner = run_command) -> tuple[s
     return names
 
 
-def _int_env(env: Mapping[str, str], name: str) -> int | None:
+def _int_env(env: Mapping[str, str], name: str, limit: int | None = None) -> int | None:
     raw = env.get(name, "").strip()
     if not raw:
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise InvalidInput(f"{name}={raw!r}: expected a whole number ≥ 1") from None
+    if limit is not None and value > limit:
+        raise InvalidInput(f"{name}={raw!r}: expected a whole number from 1 to {limit}")
+    return value
 
 
 def _int_flag(flags: Sequence[vargs.Flag], key: str, source: str) -> int | None:
@@ -201,7 +264,10 @@ def resolve_model_dir(ns: argparse.Namespace) -> Path:
             raise InvalidInput("--model-uri needs --cache-dir: the node's cache folder holding models/<key>")
         return CacheLayout(Path(ns.cache_dir)).model_dir(storage_key(ns.model_uri))
     if ns.cache_dir:
-        raise InvalidInput("--cache-dir goes with --model-uri; with --model_dir, the folder is given already")
+        raise InvalidInput(
+            "--cache-dir goes with --model-uri or --model_id (the model to find in it); name the model "
+            "with one of them" + ("; with --model_dir the folder is given already" if ns.model_dir else "")
+        )
     return Path(ns.model_dir or DEFAULT_MODEL_DIR)
 
 
@@ -215,6 +281,8 @@ def resolve_model(
     cache, the ``--model_dir`` given (a storageUri's mount) with a note; otherwise exit 2 saying how."""
     notes: list[str] = []
     model_id, id_source = ns.model_id, "--model_id"
+    if model_id is not None and not model_id.strip():
+        raise InvalidInput("--model_id is empty: give the model's id (org/name), or drop the flag")
     if model_id is None and not ns.model_dir and not ns.model_uri:
         if env_dir := env.get("MODEL_DIR", "").strip():
             notes.append(f"model folder from MODEL_DIR={env_dir}")
@@ -225,8 +293,11 @@ def resolve_model(
         return resolve_model_dir(ns), notes
     if ns.model_uri:
         raise InvalidInput(f"{id_source} and --model-uri both given; name the model one way")
+    model_id = model_id.strip()
     revision = vargs.value(flags, "--model-revision") or vargs.value(flags, "--revision")
-    uri = f"hf://{model_id}" + (f":{revision}" if revision else "")
+    # An id written as a URI (hf://org/name) is taken as is.
+    bare = model_id[len("hf://") :] if model_id.startswith("hf://") else model_id
+    uri = f"hf://{bare}" + (f":{revision}" if revision and ":" not in bare else "")
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else None
     if cache_dir is None and ns.model_dir and (beside := CacheLayout.of_model_dir(Path(ns.model_dir))):
         cache_dir = beside[0].root  # --model_dir is a folder of a cache: the id is looked up there
@@ -302,7 +373,14 @@ CLASSIFY_FLAGS: tuple[tuple[str, str, bool], ...] = (
 )
 # Consumed here or meaningless to the classification server; not reported as ignored.
 CLASSIFY_CONSUMED = frozenset(
-    {"--port", "--served-model-name", "--task", "--tensor-parallel-size", "--pipeline-parallel-size"}
+    {
+        "--port",
+        "--served-model-name",
+        "--task",
+        "--tensor-parallel-size",
+        "--pipeline-parallel-size",
+        "--disable-fastapi-docs",  # a default of ours; the classification server serves no /docs
+    }
 )
 
 
@@ -327,6 +405,7 @@ def classifier_launch(
     vllm_here: bool,
     notes: list[str],
     task: str = TASK,
+    secrets: tuple[str, ...] = (),
 ) -> Launch:
     """An encoder model (KServe's sequence or token classification, fill-mask, text embedding):
     KServe's v1/v2 predict protocols and answers from runtime.classify_server, one node."""
@@ -344,7 +423,9 @@ def classifier_launch(
     per_node = explicit_gpus if explicit_gpus is not None else len(found or ())
     tp = tp or 1
     if tp > 1 and per_node and tp > per_node:
-        raise InvalidInput(f"--tensor-parallel-size {tp} but {per_node} GPUs here; use at most {per_node}")
+        raise InvalidInput(
+            f"--tensor-parallel-size {tp} but {plural(per_node, 'GPU')} here; use at most {per_node}"
+        )
     options = OutputOptions(
         return_probabilities=_switch(merged, "--return-probabilities"),
         return_raw_logits=_switch(merged, "--return-raw-logits"),
@@ -411,7 +492,77 @@ def classifier_launch(
         ray_timeout=ns.ray_timeout,
         preflight=report,
         classifier=choice,
+        secrets=secrets,
     )
+
+
+# vLLM's --task values (to 0.12) and the flags that replaced them (--runner/--convert, vLLM PR #21470;
+# docs.vllm.ai models/pooling_models: "--runner pooling", "--convert embed|classify"; without --convert
+# the pooling runner converts by architecture, which is what score and reward asked for).
+VLLM_TASKS: Mapping[str, tuple[tuple[str, str], ...]] = {
+    "auto": (),
+    "generate": (("--runner", "generate"),),
+    "transcription": (("--runner", "generate"),),
+    "draft": (("--runner", "draft"),),
+    "embed": (("--runner", "pooling"), ("--convert", "embed")),
+    "embedding": (("--runner", "pooling"), ("--convert", "embed")),
+    "classify": (("--runner", "pooling"), ("--convert", "classify")),
+    "score": (("--runner", "pooling"),),
+    "reward": (("--runner", "pooling"),),
+}
+
+
+def vllm_task(flags: Sequence[vargs.Flag]) -> tuple[tuple[vargs.Flag, ...], tuple[str, ...]]:
+    """``--task`` as the vLLM the image carries reads it: KServe's task names are kept (the launcher
+    reads them), vLLM's become ``--runner``/``--convert`` (a ``--runner``/``--convert`` given wins);
+    any other value is InvalidInput, as KServe's ``verify_task`` and vLLM refuse it."""
+    task = vargs.value(flags, "--task")
+    if task is None or kserve_task(task) is not None:
+        return tuple(flags), ()
+    norm = task.strip().lower()
+    if norm not in VLLM_TASKS:
+        raise InvalidInput(
+            f"--task {task!r}: not a task KServe knows ({', '.join(sorted(KSERVE_TASKS))}) nor one of "
+            f"vLLM's ({', '.join(VLLM_TASKS)})"
+        )
+    new = tuple(vargs.flag(k, v) for k, v in VLLM_TASKS[norm])
+    kept = vargs.without(flags, "--task")
+    given = tuple(f for f in new if vargs.find(kept, f.key) is None)
+    written = " ".join(vargs.to_argv(new)) or "nothing (vLLM's default)"
+    return vargs.merge(kept, given), (
+        f"--task {task}: vLLM ≥ 0.13 replaced --task with --runner/--convert (vLLM #21470); passed as "
+        f"{written}",
+    )
+
+
+_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+_LENGTH = re.compile(r"\d+(\.\d+)?[kKmMgG]?")
+
+
+def check_values(flags: Sequence[vargs.Flag]) -> None:
+    """Refuse a value the launcher plans with, or passes under another name, that vLLM would refuse
+    only after its start-up: the port (1-65535), the served name (not empty), the context length (a
+    whole number, vLLM's 8k form, or -1/auto), ``--max-log-len`` (a whole number) and the dtype (vLLM's
+    and KServe's choices, which are lower-case). One InvalidInput naming the flag."""
+    port = vargs.value(flags, "--port")
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise InvalidInput(f"--port (KServe's --http_port) {port!r}: expected a port number from 1 to 65535")
+    served = vargs.find(flags, "--served-model-name")
+    empty = served is not None and (served.negated or not all(v.strip() for v in served.values or ("",)))
+    if empty:
+        raise InvalidInput("--served-model-name (KServe's --model_name) is empty: give the model's name")
+    length = vargs.value(flags, "--max-model-len")
+    if length is not None and not (_LENGTH.fullmatch(length) or length in ("-1", "auto")):
+        raise InvalidInput(
+            f"--max-model-len (KServe's --max_length) {length!r}: expected a number of tokens (8192, 8k)"
+        )
+    log_len = vargs.value(flags, "--max-log-len")
+    if log_len is not None and not log_len.isdigit():
+        raise InvalidInput(f"--max-log-len {log_len!r}: expected a whole number of characters")
+    dtype = vargs.value(flags, "--dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        hint = f" (lower case: {dtype.lower()})" if dtype.lower() in _DTYPES else ""
+        raise InvalidInput(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}{hint}")
 
 
 def _uneven(
@@ -447,22 +598,7 @@ def build(
             "--model-uri, and every other argument must be a flag"
         )
     model_dir, notes = resolve_model(ns, parsed.flags, env)
-
-    if ns.verify and ns.model_uri and not ns.manifest and manifest_path(model_dir) is None:
-        # In --cache-dir mode a folder without the agent's manifest was not published by it (or its
-        # manifest was removed): nothing to verify against, so it is not served as verified.
-        raise InvalidInput(
-            f"--verify: {model_dir} has no manifest in {ns.cache_dir}/.modelcache/manifests, so it is "
-            f"not a verified publish; see `modelcache status --cache-dir {ns.cache_dir}`"
-        )
-    report = preflight(
-        model_dir,
-        verify=ns.verify,
-        manifest=Path(ns.manifest) if ns.manifest else None,
-        tokenizer_given=any(vargs.find(parsed.flags, f) for f in ("--tokenizer", "--skip-tokenizer-init")),
-    )
-    notes.extend(report.notes)
-    shape = ModelShape.from_config(report.config)
+    secrets = vargs.secret_values(parsed.flags)
 
     for typed, meant in vargs.near_misses(parsed.flags):
         notes.append(
@@ -475,6 +611,38 @@ def build(
     translated = kserve.translate(parsed.flags)
     notes.extend(translated.notes)
     merged = vargs.merge(DEFAULTS, env_flags, translated.flags)
+    check_values(merged)
+    merged, task_notes = vllm_task(merged)
+    notes.extend(task_notes)
+
+    if ns.verify and ns.model_uri and not ns.manifest and manifest_path(model_dir) is None:
+        # In --cache-dir mode a folder without the agent's manifest was not published by it (or its
+        # manifest was removed): nothing to verify against, so it is not served as verified.
+        raise InvalidInput(
+            f"--verify: {model_dir} has no manifest in {ns.cache_dir}/.modelcache/manifests, so it is "
+            f"not a verified publish; see `modelcache status --cache-dir {ns.cache_dir}`"
+        )
+    # The merged, last-wins value: `--skip-tokenizer-init --no-skip-tokenizer-init` is not skipped.
+    skip_tokenizer = _switch(merged, "--skip-tokenizer-init")
+    tokenizer = None if skip_tokenizer else vargs.value(merged, "--tokenizer")
+    report = preflight(
+        model_dir,
+        verify=ns.verify,
+        manifest=Path(ns.manifest) if ns.manifest else None,
+        tokenizer_given=skip_tokenizer or tokenizer is not None,
+    )
+    notes.extend(report.notes)
+    if tokenizer is not None:
+        cache_root = Path(ns.cache_dir) if ns.cache_dir else None
+        if cache_root is None and (beside := CacheLayout.of_model_dir(model_dir)) is not None:
+            cache_root = beside[0].root
+        folder, tokenizer_note = check_tokenizer(tokenizer, cache_dir=cache_root, env=env)
+        if folder != tokenizer:
+            merged = vargs.merge(merged, [vargs.flag("--tokenizer", folder)])
+        if tokenizer_note:
+            notes.append(tokenizer_note)
+    shape = ModelShape.from_config(report.config)
+
     sources = {}
     for name, key in ENV_FLAGS.items():
         field_name = key[2:].replace("-", "_")
@@ -482,15 +650,21 @@ def build(
         sources[field_name] = key if in_cli or vargs.find(env_flags, key) is None else name
     tp = _int_flag(merged, "--tensor-parallel-size", sources["tensor_parallel_size"])
     pp = _int_flag(merged, "--pipeline-parallel-size", sources["pipeline_parallel_size"])
+    dp = _int_flag(merged, "--data-parallel-size", "--data-parallel-size")
 
     nodes = ns.nodes
-    if nodes is None and (ray_nodes := _int_env(env, "RAY_NODE_COUNT")) is not None:
+    if nodes is None and (ray_nodes := _int_env(env, "RAY_NODE_COUNT", MAX_NODES)) is not None:
         nodes = ray_nodes
         sources["nodes"] = "RAY_NODE_COUNT"
+    if ns.worker and nodes is not None and nodes <= 1:
+        raise InvalidInput(
+            f"--worker with {sources.get('nodes', '--nodes')}={nodes}: a one-node plan has no Ray head to "
+            "join; drop --worker, or deploy the multi-node runtime (RAY_NODE_COUNT ≥ 2)"
+        )
 
     found = gpus(env)
     explicit = ns.gpus_per_node
-    if explicit is None and (requested := _int_env(env, "REQUEST_GPU_COUNT")) is not None:
+    if explicit is None and (requested := _int_env(env, "REQUEST_GPU_COUNT", MAX_GPUS_PER_NODE)) is not None:
         explicit = requested
         sources["gpus_per_node"] = "REQUEST_GPU_COUNT"
 
@@ -511,6 +685,15 @@ def build(
             vllm_here=vllm_here(),
             notes=notes,
             task=encoder,
+            secrets=secrets,
+        )
+    backend = vargs.value(merged, "--backend")
+    if backend is not None and normalise_backend(backend) == "huggingface":
+        arch = ", ".join(shape.architectures) or "a model without architectures in config.json"
+        raise InvalidInput(
+            f"--backend {backend}: {arch} is a generative model, which this runtime serves with vLLM only "
+            "(it has no transformers backend for generation); drop --backend, or serve it with KServe's "
+            "own huggingfaceserver image (the kserve-huggingfaceserver runtime)"
         )
     if task is not None and kserve_task(task) is not None:
         # KServe's task names mean nothing to vLLM, which would refuse them.
@@ -521,6 +704,11 @@ def build(
         notes.append(dropped)
     gpu_source = sources.get("gpus_per_node", "--gpus-per-node")
     if explicit is not None:
+        if found is not None and not found:
+            raise InvalidInput(
+                f"{gpu_source}={explicit} but nvidia-smi sees no GPU here; schedule the pod onto a GPU node "
+                "(a nvidia.com/gpu limit) with the NVIDIA runtime"
+            )
         if found is not None and explicit > len(found):
             raise InvalidInput(
                 f"{gpu_source}={explicit} but nvidia-smi sees {len(found)} GPUs here; "
@@ -535,8 +723,10 @@ def build(
         per_node = len(found)
     elif ns.dry_run:
         # Planning for the TP asked keeps a dry run on a laptop showing what a GPU node would do.
-        per_node = tp or 1
-        notes.append(f"no GPU detected (nvidia-smi absent or silent): planned for {per_node} GPU(s) per node")
+        per_node = (tp or 1) * (dp or 1)
+        notes.append(
+            f"no GPU detected (nvidia-smi absent or silent): planned for {plural(per_node, 'GPU')} per node"
+        )
     else:
         raise InvalidInput(
             "no GPU detected (nvidia-smi absent or silent); pass --gpus-per-node G or set REQUEST_GPU_COUNT"
@@ -553,14 +743,34 @@ def build(
             gpu_models=found or (),
             sources=sources,
             uneven_nodes=_uneven(nodes, explicit, tp, pp, sources),
+            data_parallel_size=dp,
         ),
     )
+    if ns.worker and plan.nodes == 1:
+        raise InvalidInput(
+            f"--worker: the plan is one node (TP {plan.tensor_parallel_size} x PP "
+            f"{plan.pipeline_parallel_size}), so there is no Ray head to join; drop --worker"
+        )
     notes.extend(plan.notes)
     gpu_model = found[0] if found else None
     notes.extend(
         check_hardware(gpu_model, vargs.value(merged, "--dtype"), vargs.value(merged, "--quantization"))
     )
-    dtype, dtype_note = plan_dtype(gpu_model, vargs.value(merged, "--dtype"), config_dtype(report.config))
+    asked_dtype = vargs.value(merged, "--dtype")
+    kserve_way = bool(ns.model_dir or ns.model_id or env.get("MODEL_DIR") or env.get("MODEL_ID"))
+    if kserve_way and asked_dtype in (None, "auto"):
+        # KServe's server reads auto (its default) as float16 on a GPU, for vLLM too
+        # (huggingfaceserver/__main__.py: `if args.dtype == "auto": args.dtype = default_dtype`).
+        weights = config_dtype(report.config)
+        dtype: str | None = "float16"
+        dtype_note: str | None = (
+            f"--dtype float16: {'--dtype auto' if asked_dtype else 'no --dtype'} read as KServe's server "
+            "reads it on a GPU (vLLM's auto would take the config's dtype"
+            + (f", {weights}" if weights else "")
+            + "); pass --dtype bfloat16 or another to choose"
+        )
+    else:
+        dtype, dtype_note = plan_dtype(gpu_model, asked_dtype, config_dtype(report.config))
     if dtype is not None and dtype_note is not None:
         merged = vargs.merge(merged, [vargs.flag("--dtype", dtype)])
         notes.append(dtype_note)
@@ -636,6 +846,7 @@ def build(
         ray_address=address,
         ray_timeout=ns.ray_timeout,
         preflight=report,
+        secrets=secrets,
     )
 
 
@@ -666,11 +877,13 @@ def execute(launch: Launch, *, runner: Runner = run_command) -> NoReturn:
             f"{f', {report.hashed} hashed' if report.hashed else ''}"
         )
     _log(
-        f"TP {p.tensor_parallel_size} x PP {p.pipeline_parallel_size} on {p.nodes} node(s) x "
-        f"{p.gpus_per_node} GPUs, executor {p.executor}, role {launch.role}"
+        f"TP {p.tensor_parallel_size} x PP {p.pipeline_parallel_size}"
+        + (f" x DP {p.data_parallel_size}" if p.data_parallel_size > 1 else "")
+        + f" on {plural(p.nodes, 'node')} x {plural(p.gpus_per_node, 'GPU')}, executor {p.executor}, "
+        f"role {launch.role}"
     )
     for note in launch.notes:
-        _log(f"note: {note}")
+        _log(launch.redact(f"note: {note}"))
     if launch.role == "worker":
         assert launch.ray_address is not None
         tries = wait_for_head(launch.ray_address, timeout=launch.ray_timeout, runner=runner)
@@ -685,8 +898,9 @@ def execute(launch: Launch, *, runner: Runner = run_command) -> NoReturn:
             )
         seen = wait_for_gpus(p.world_size, timeout=launch.ray_timeout, runner=runner)
         _log(f"Ray reports {seen.describe()}; need {p.world_size}")
-    env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in launch.env.items())
-    _log(f"exec: {env_text} {shlex.join(launch.command)}")
+    # The log line names secrets by flag only; the argv exec'd keeps them.
+    env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in vargs.redact_env(launch.env).items())
+    _log(launch.redact(f"exec: {env_text} {shlex.join(vargs.redact_argv(launch.command))}"))
     _exec(launch.command, launch.env)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from localmodel.errors import InvalidInput
 from runtime import args as vargs
 
 Action = Literal["vllm", "env", "launcher", "encoder", "drop"]
@@ -104,18 +105,37 @@ FLAGS: tuple[KServeFlag, ...] = (
     KServeFlag("--return_raw_logits", "encoder"),
     KServeFlag(
         "--disable_log_requests",
-        "drop",
-        note="vLLM logs no requests unless --enable-log-requests (its default already)",
+        "vllm",
+        "--enable-log-requests",
+        note="its opposite, off (vLLM's default); the later of the two wins",
     ),
-    KServeFlag("--task", "launcher", note="KServe's task names pick the encoder server; vLLM's pass through"),
+    KServeFlag(
+        "--task",
+        "launcher",
+        note="KServe's task names pick the encoder server; vLLM's become --runner/--convert (vLLM #21470)",
+    ),
     KServeFlag("--max_log_len", "vllm", "--max-log-len"),
-    KServeFlag("--dtype", "vllm", "--dtype", note="bfloat16 on a GPU without it: float16 under auto"),
+    KServeFlag(
+        "--dtype",
+        "vllm",
+        "--dtype",
+        note="auto (or none) invoked the KServe way: float16 on a GPU, as KServe's server does",
+    ),
 )
 
 BY_KEY: Mapping[str, KServeFlag] = {f.key: f for f in FLAGS}
 # The encoder server's own switches (besides --backend, --dtype, --max-length, --trust-remote-code).
 ENCODER_KEYS = frozenset(f.key for f in FLAGS if f.action == "encoder") | {"--use-id2label"}
-_FALSE = {"0", "false", "f", "no", "n", "off"}
+# KServe's flags that take a strtobool value (model_server.py: `type=strtobool`).
+VALUE_SWITCHES = frozenset(
+    {
+        "--enable-grpc",
+        "--enable-docs-url",
+        "--enable-latency-logging",
+        "--configure-logging",
+        "--predictor-use-ssl",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -131,13 +151,25 @@ def translate(flags: Sequence[vargs.Flag]) -> Translated:
     """Apply the table to flags already parsed: KServe's names become vLLM's, its server-only flags
     are dropped (named in one note); the encoder server's flags are kept (see :func:`without_encoder`).
     Flags not in the table pass unchanged. ``--model-dir``/``--model-id`` never reach here (the
-    launcher's parser takes them)."""
+    launcher's parser takes them).
+
+    KServe's strtobool switches (``--enable_docs_url``, ``--configure_logging``, ...) must hold a
+    strtobool word, else InvalidInput naming the flag, as KServe's parser refuses them.
+    ``--enable_docs_url`` and vLLM's ``--disable-fastapi-docs`` are one setting (the later wins:
+    true is ``--disable-fastapi-docs`` off); ``--configure_logging false`` makes KServe ignore
+    ``--log_config_file`` (model_server.py configures logging only when it is true), so the file is
+    not passed then, whichever comes first."""
     out: list[vargs.Flag] = []
     env: dict[str, str] = {}
     dropped: list[str] = []
     renamed: list[str] = []
+    switches: dict[str, bool] = {}
     for f in flags:
         spec = BY_KEY.get(f.key)
+        if spec is not None and spec.key in VALUE_SWITCHES:
+            if f.negated or not f.values:
+                raise InvalidInput(f"{spec.name} takes a value (true or false), as KServe's server reads it")
+            switches[spec.key] = vargs.strtobool(f.values[-1], spec.name)
         if spec is None or (spec.action == "vllm" and spec.target == f.key):
             out.append(f)
             continue
@@ -150,18 +182,21 @@ def translate(flags: Sequence[vargs.Flag]) -> Translated:
                 env[spec.target] = f.values[-1]
                 renamed.append(f"{spec.name} → {spec.target}={f.values[-1]}")
         elif spec.key == "--enable-docs-url":
-            value = (f.values[-1] if f.values else "true").strip().lower()
-            if f.negated or value in _FALSE:
-                out.append(vargs.flag("--disable-fastapi-docs"))
-                renamed.append(f"{spec.name} false → --disable-fastapi-docs")
-            else:
-                dropped.append(f"{spec.name} true (vLLM serves /docs by default)")
+            on = switches[spec.key]
+            out.append(vargs.Flag("--disable-fastapi-docs", (), negated=on))
+            renamed.append(f"{spec.name} {'true → /docs served' if on else 'false → --disable-fastapi-docs'}")
         elif spec.target is not None:
             out.append(vargs.Flag(spec.target, f.values, f.negated))
             renamed.append(f"{spec.name} → {spec.target}")
     notes = []
+    if switches.get("--configure-logging") is False and vargs.find(out, "--log-config-file") is not None:
+        out = [f for f in out if f.key != "--log-config-file"]
+        notes.append(
+            "--log_config_file not passed: --configure_logging false tells KServe's server to leave "
+            "logging as it is, and so the file unread"
+        )
     if renamed:
-        notes.append("KServe's flags in vLLM's terms: " + ", ".join(renamed))
+        notes.insert(0, "KServe's flags in vLLM's terms: " + ", ".join(renamed))
     if dropped:
         notes.append(
             "KServe server flags with no vLLM counterpart, not passed to vLLM: "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from localmodel.errors import InvalidInput
@@ -41,15 +41,20 @@ class ModelShape:
     kv_heads: int | None = None
     layers: int | None = None
     architectures: tuple[str, ...] = ()
+    # A multimodal model's vision tower (config.json's vision_config): vLLM shards its attention heads
+    # by the same tensor parallel size as the language model's.
+    vision_heads: int | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        vision = config.get("vision_config")
+        vision_heads = _first_int(vision, _HEAD_KEYS) if isinstance(vision, Mapping) else None
         # Multimodal configs keep the language model's shape under text_config / llm_config.
         for nested in ("text_config", "llm_config", "language_config"):
             inner = config.get(nested)
             if isinstance(inner, Mapping) and _first_int(inner, _HEAD_KEYS) is not None:
                 merged = {**inner, "architectures": config.get("architectures")}
-                return cls.from_config(merged)
+                return replace(cls.from_config(merged), vision_heads=vision_heads)
         heads = _first_int(config, _HEAD_KEYS)
         kv = _first_int(config, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num"))
         if kv is None and config.get("multi_query") is True:
@@ -60,6 +65,7 @@ class ModelShape:
             kv_heads=kv if kv is not None else heads,
             layers=_first_int(config, ("num_hidden_layers", "n_layer", "num_layers", "n_layers")),
             architectures=tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else (),
+            vision_heads=vision_heads,
         )
 
 
@@ -91,6 +97,8 @@ class PlanRequest:
     # (REQUEST_GPU_COUNT per pod, computeRayNodeAndGPUs in KServe's predictor.go): gpus_per_node is
     # then this pod's count only, and TP x PP the cluster's total.
     uneven_nodes: bool = False
+    # vLLM's --data-parallel-size: replicas of TP x PP, each on its share of the node's GPUs.
+    data_parallel_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,19 +109,42 @@ class Plan:
     gpus_per_node: int
     executor: Executor
     notes: tuple[str, ...] = ()
+    data_parallel_size: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        """The GPUs the plan uses: TP x PP x DP."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
 
 
-def _positive(name: str, value: int | None, source: str) -> None:
+# Larger counts are typing mistakes (no node holds more GPUs; NVIDIA's largest NVLink domain is 576),
+# and bounding them keeps every search here to milliseconds.
+MAX_GPUS_PER_NODE = 1024
+MAX_NODES = 4096
+
+
+def _positive(name: str, value: int | None, source: str, limit: int | None = None) -> None:
     if value is not None and value < 1:
         raise InvalidInput(f"{source}={value}: {name} must be a whole number ≥ 1")
+    if value is not None and limit is not None and value > limit:
+        raise InvalidInput(f"{source}={value}: {name} must be at most {limit}")
+
+
+def plural(n: int, word: str) -> str:
+    """``1 GPU``, ``2 GPUs``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def _valid_tps(shape: ModelShape, limit: int) -> list[int]:
-    return [t for t in range(1, limit + 1) if _tp_problem(shape, t) is None]
+    """Tensor parallel sizes ≤ ``limit`` the model allows; from the heads' divisors when the config
+    gives heads (O(√heads)), else every size up to ``limit``."""
+    pool = _divisors(shape.attention_heads) if shape.attention_heads is not None else range(1, limit + 1)
+    return [t for t in pool if t <= limit and _tp_problem(shape, t) is None]
 
 
 def _tp_problem(shape: ModelShape, tp: int) -> str | None:
@@ -124,6 +155,11 @@ def _tp_problem(shape: ModelShape, tp: int) -> str | None:
         return (
             f"{kv} KV heads and tensor parallel size {tp}: neither divides the other "
             "(vLLM shards or replicates KV heads only then)"
+        )
+    if shape.vision_heads is not None and shape.vision_heads % tp:
+        return (
+            f"the vision tower's {shape.vision_heads} attention heads are not divisible by tensor "
+            f"parallel size {tp} (vLLM shards them too)"
         )
     return None
 
@@ -137,10 +173,15 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
         "gpus_per_node": "--gpus-per-node",
         **req.sources,
     }
-    _positive("the GPU count per node", req.gpus_per_node, src["gpus_per_node"])
-    _positive("the node count", req.nodes, src["nodes"])
-    _positive("the tensor parallel size", req.tensor_parallel_size, src["tensor_parallel_size"])
-    _positive("the pipeline parallel size", req.pipeline_parallel_size, src["pipeline_parallel_size"])
+    src.setdefault("data_parallel_size", "--data-parallel-size")
+    _positive("the GPU count per node", req.gpus_per_node, src["gpus_per_node"], MAX_GPUS_PER_NODE)
+    _positive("the node count", req.nodes, src["nodes"], MAX_NODES)
+    limit = MAX_GPUS_PER_NODE * MAX_NODES
+    _positive("the tensor parallel size", req.tensor_parallel_size, src["tensor_parallel_size"], limit)
+    _positive("the pipeline parallel size", req.pipeline_parallel_size, src["pipeline_parallel_size"], limit)
+    _positive("the data parallel size", req.data_parallel_size, src["data_parallel_size"], limit)
+    if req.data_parallel_size is not None and req.data_parallel_size > 1:
+        return _plan_data_parallel(shape, req, src, req.data_parallel_size)
 
     models = sorted(set(req.gpu_models))
     if len(models) > 1:
@@ -192,19 +233,19 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
             notes.append(f"tensor parallel size {tp}: {g} GPUs per node shared by the pipeline stages")
         else:
             notes.append(
-                f"tensor parallel size {tp}: the largest that fits {per_node} GPUs per stage and "
+                f"tensor parallel size {tp}: the largest that fits {plural(per_node, 'GPU')} per stage and "
                 f"divides the model's heads ({_heads(shape)})"
             )
     elif tp > g:
         if tp % g:
             raise InvalidInput(
-                f"{src['tensor_parallel_size']}={tp} is more than the {g} GPUs of one node and not a "
-                f"multiple of them, so it cannot be split into whole nodes; use {_multiples(g, tp)}"
+                f"{src['tensor_parallel_size']}={tp} is more than the {plural(g, 'GPU')} of one node and "
+                f"not a multiple of them, so it cannot be split into whole nodes; use {_multiples(g, tp)}"
             )
         factor = tp // g
         old_pp = pp or 1
         notes.append(
-            f"tensor parallel size {tp} is more than the {g} GPUs of one node: split into "
+            f"tensor parallel size {tp} is more than the {plural(g, 'GPU')} of one node: split into "
             f"TP {g} x PP {old_pp * factor} ({tp * old_pp} GPUs kept), so tensor-parallel traffic "
             "stays inside a node"
         )
@@ -233,7 +274,7 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
         raise InvalidInput(f"{problem}; {hint}")
     if shape.layers is not None and pp > shape.layers:
         raise InvalidInput(
-            f"pipeline parallel size {pp} is more than the model's {shape.layers} layers; "
+            f"pipeline parallel size {pp} is more than the model's {plural(shape.layers, 'layer')}; "
             f"use a pipeline parallel size ≤ {shape.layers}"
         )
     if pp > 1:
@@ -245,12 +286,12 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
             )
 
     total = nodes * g
-    where = f"{nodes} node{'s' if nodes > 1 else ''} x {g} GPUs = {total}"
+    where = f"{plural(nodes, 'node')} x {plural(g, 'GPU')} = {total}"
     asked = _asked(req, src, tp, pp)
     if world > total:
         need_nodes = math.ceil(world / g)
         raise InvalidInput(
-            f"{asked} needs {world} GPUs, but {where}; use {src['nodes']}={need_nodes} "
+            f"{asked} needs {plural(world, 'GPU')}, but {where}; use {src['nodes']}={need_nodes} "
             f"or {_fits(shape, g, nodes)}"
         )
     if world < total:
@@ -261,19 +302,77 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
                     f"them all ({_limits(shape)}); use {_smaller(shape, g, nodes, src)}"
                 )
             raise InvalidInput(
-                f"{asked} uses {world} GPUs, but {src['gpus_per_node']}={g} asks for {where}, which "
-                f"would leave GPUs idle; use {_fits(shape, g, nodes)}"
+                f"{asked} uses {plural(world, 'GPU')}, but {src['gpus_per_node']}={g} asks for {where}, "
+                f"which would leave GPUs idle; use {_fits(shape, g, nodes)}"
                 + (f", or {src['gpus_per_node']}={world // nodes}" if world % nodes == 0 else "")
             )
         if nodes > 1 and world <= (nodes - 1) * g:
             raise InvalidInput(
-                f"TP {tp} x PP {pp} = {world} GPUs fits on fewer than the {nodes} nodes given "
-                f"({g} GPUs each); use {src['nodes']}={math.ceil(world / g)} or {_fits(shape, g, nodes)}"
+                f"TP {tp} x PP {pp} = {plural(world, 'GPU')} fits on fewer than the {nodes} nodes given "
+                f"({plural(g, 'GPU')} each); use {src['nodes']}={math.ceil(world / g)} or "
+                f"{_fits(shape, g, nodes)}"
             )
-        notes.append(f"uses {world} of the {total} GPUs available ({where})")
+        notes.append(f"uses {world} of the {plural(total, 'GPU')} available ({where})")
 
     executor: Executor = "ray" if nodes > 1 else "mp"
     return Plan(tp, pp, nodes, g, executor, tuple(notes))
+
+
+def _plan_data_parallel(shape: ModelShape, req: PlanRequest, src: Mapping[str, str], dp: int) -> Plan:
+    """``dp`` replicas of one TP x PP on one node, each on ``gpus_per_node / dp`` GPUs (vLLM's
+    ``--data-parallel-size``: world size TP x PP x DP). Across nodes vLLM needs a DP master address
+    and per-node ranks the launcher does not set up: refused, naming the way that works."""
+    g = req.gpus_per_node
+    asked = f"{src['data_parallel_size']}={dp}"
+    if (req.nodes or 1) > 1:
+        raise InvalidInput(
+            f"{asked} across {plural(req.nodes or 1, 'node')}: the launcher plans data parallelism on one "
+            "node; serve one replica per node (InferenceService replicas) instead"
+        )
+    if g % dp:
+        raise InvalidInput(
+            f"{asked}: {plural(g, 'GPU')} cannot be shared equally by {dp} replicas; use a data parallel "
+            f"size that divides {g} ({_or_list(_divisors(g))})"
+        )
+    share = g // dp
+    one = replace(req, gpus_per_node=share, nodes=1, data_parallel_size=None)
+    try:
+        replica = make_plan(shape, one)
+    except InvalidInput as e:
+        raise InvalidInput(f"{asked} leaves {plural(share, 'GPU')} per replica: {e}") from None
+    notes = (
+        *replica.notes,
+        f"data parallel size {dp}: {dp} replicas of TP {replica.tensor_parallel_size} x PP "
+        f"{replica.pipeline_parallel_size} ({plural(share, 'GPU')} each, {g} in all)",
+    )
+    return Plan(
+        replica.tensor_parallel_size, replica.pipeline_parallel_size, 1, g, "mp", notes, data_parallel_size=dp
+    )
+
+
+def kserve_worker_gpus(world: int, head: int, nodes: int) -> list[int]:
+    """The GPU counts a worker may hold when KServe's multi-node controller made ``nodes`` pods for
+    ``world`` = TP x PP GPUs with ``head`` on the head pod (computeRayNodeAndGPUs in
+    pkg/controller/v1beta1/inferenceservice/components/predictor.go, kserve/kserve master):
+
+    - workerSpec's GPUs ``W`` set: ``nodes = ceil(world / W)``, every worker holds ``W`` and the head
+      ``world - W x (nodes - 1)``, or its own request when set (then ``head + W x (nodes - 1) ≥ world``);
+    - only the head's set: single-GPU workers, ``nodes = world - head + 1``.
+
+    The derived count when the head's is exactly the remainder; else every ``W`` the head's own request
+    allows, smallest first; empty when KServe would make no such cluster."""
+    rest = world - head
+    if rest > 0 and rest % (nodes - 1) == 0:
+        # The head's count derived (the remainder), or single-GPU workers: what KServe does unless the
+        # head has a request of its own that differs, so this one is taken.
+        return [rest // (nodes - 1)]
+    found = set()
+    # ceil(world / w) == nodes exactly for w in [ceil(world / nodes), (world - 1) // (nodes - 1)].
+    low, high = -(-world // nodes), min((world - 1) // (nodes - 1), MAX_GPUS_PER_NODE)
+    for w in range(low, high + 1):
+        if head + w * (nodes - 1) >= world:
+            found.add(w)  # the head's own request kept
+    return sorted(found)
 
 
 def _plan_uneven(
@@ -281,32 +380,40 @@ def _plan_uneven(
 ) -> Plan:
     """KServe's head and workers with different GPU counts: TP x PP GPUs in all over ``nodes`` pods.
 
-    KServe gives the workers ``W`` GPUs each and the head what remains of TP x PP (or the head's own
-    request), so a pod's count times the nodes is not the total. vLLM's Ray executor runs any TP x PP
-    the cluster holds, ranks in node order; a tensor-parallel group that does not fit one node's GPUs
-    runs over the network (vLLM #29447), so TP is lowered to the largest divisor of it that divides this
-    pod's GPUs (and the workers', where the head can derive them: (total - head) / (nodes - 1)), and the
-    stages multiplied so the total stays. Refused only for what vLLM cannot run: heads or KV heads
-    against TP, more stages than layers, pipeline stages of a model without them."""
+    The workers' count ``W`` is what KServe's computeRayNodeAndGPUs allows (:func:`kserve_worker_gpus`;
+    every one it allows when several do). vLLM's Ray executor places ranks in node order, and a
+    tensor-parallel group that does not fit one node's GPUs runs over the network (vLLM #29447), so TP
+    is lowered to the largest size the model allows that divides TP, this pod's GPUs and every ``W``,
+    and the stages multiplied so the total stays. Refused: a cluster KServe would not make, and what
+    vLLM cannot run (heads or KV heads against TP, more stages than layers, pipeline stages of a model
+    without them)."""
     g = req.gpus_per_node
     world = tp * pp
     notes: list[str] = []
-    counts = [g]
-    rest = world - g
-    if rest > 0 and rest % (nodes - 1) == 0:
-        counts.append(rest // (nodes - 1))
-    fit = math.gcd(tp, *counts)
-    if fit < tp and _tp_problem(shape, fit) is None:
+    workers = kserve_worker_gpus(world, g, nodes)
+    if not workers:
+        raise InvalidInput(
+            f"{src['nodes']}={nodes} with {src['gpus_per_node']}={g} on this pod and TP {tp} x PP {pp} = "
+            f"{world} GPUs: KServe makes no such cluster (the workers would hold no whole number of GPUs); "
+            f"check the workerSpec's GPUs, TENSOR_PARALLEL_SIZE and PIPELINE_PARALLEL_SIZE"
+        )
+    bound = math.gcd(tp, g, *workers)
+    fit = tp if bound == tp else max(t for t in _divisors(bound) if _tp_problem(shape, t) is None or t == 1)
+    if fit < tp:
+        against = [f"this pod's {g}"] if g % tp else []
+        odd = [w for w in workers if w % tp]
+        if odd:
+            against.append(f"the workers' {' or '.join(map(str, odd))} GPU{'s' if max(odd) > 1 else ''} each")
+        why = f"{tp} does not divide {' nor '.join(against)}" if against else _tp_problem(shape, tp)
         notes.append(
-            f"TP {tp} x PP {pp} run as TP {fit} x PP {world // fit}: the pods' GPU counts differ and "
-            f"{tp} does not divide {g} (this pod's), so each tensor-parallel group is kept inside a node"
+            f"TP {tp} x PP {pp} run as TP {fit} x PP {world // fit}: {why}, so each tensor-parallel "
+            "group is kept inside a node"
         )
         tp, pp = fit, world // fit
-    elif fit < tp:
-        notes.append(f"tensor-parallel groups of {tp} span nodes: {g} GPUs on this pod")
     notes.append(
         f"{world} GPUs over {nodes} nodes whose GPU counts differ ({src['gpus_per_node']}={g} on this "
-        f"pod, as KServe allots them): the head waits until Ray reports all {world}"
+        f"pod, {' or '.join(map(str, workers))} on each worker, as KServe allots them): the head waits "
+        f"until Ray reports all {world}"
     )
     problem = _tp_problem(shape, tp)
     if problem is not None:
@@ -317,7 +424,7 @@ def _plan_uneven(
         )
     if shape.layers is not None and pp > shape.layers:
         raise InvalidInput(
-            f"pipeline parallel size {pp} is more than the model's {shape.layers} layers; "
+            f"pipeline parallel size {pp} is more than the model's {plural(shape.layers, 'layer')}; "
             f"use a pipeline parallel size ≤ {shape.layers}"
         )
     arch = next((a for a in shape.architectures if a.startswith(_NO_PP_PREFIXES)), None)
@@ -366,12 +473,16 @@ def _limits(shape: ModelShape) -> str:
     if shape.attention_heads is not None:
         parts.append(f"{_heads(shape)} allow TP {_or_list(_valid_tps(shape, shape.attention_heads))}")
     if shape.layers is not None:
-        parts.append(f"{shape.layers} layers allow at most {shape.layers} pipeline stages")
+        parts.append(
+            f"{plural(shape.layers, 'layer')} allow{'s' if shape.layers == 1 else ''} at most "
+            f"{plural(shape.layers, 'pipeline stage')}"
+        )
     return "; ".join(parts) or "the model's shape"
 
 
 def _smaller(shape: ModelShape, g: int, nodes: int, src: Mapping[str, str]) -> str:
     """The largest GPU count per node below ``g`` that a split uses whole."""
+    # _fill is O(√heads) per count (divisors), and g is bounded by MAX_GPUS_PER_NODE.
     for count in range(g - 1, 0, -1):
         fill = _fill(shape, count, nodes)
         if fill is not None:

@@ -21,13 +21,14 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from localmodel.errors import InvalidInput, SpecError
-from localmodel.layout import CacheLayout
+from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import FileEntry, Manifest
 
 # A safetensors header is JSON of a few KiB to a few MiB; a larger length means the file is not one.
@@ -125,6 +126,40 @@ _TOKENIZER_NAMES = (
     "sentencepiece.bpe.model",
     "qwen.tiktoken",
 )
+
+
+def check_tokenizer(value: str, *, cache_dir: Path | None, env: Mapping[str, str]) -> tuple[str, str | None]:
+    """``--tokenizer`` as vLLM will load it offline (the launcher sets HF_HUB_OFFLINE=1): the value to
+    pass and a note. A local path must be a folder with tokenizer files. A repo id (``org/name``) is
+    served from its folder in the modelcache cache (``hf://org/name`` in ``cache_dir``; the value
+    becomes that folder) or, as vLLM would find it, from the Hugging Face cache (HF_HUB_CACHE, else
+    HF_HOME/hub); otherwise InvalidInput saying so."""
+    looks_local = value.startswith(("/", "./", "../", "~")) or Path(value).exists()
+    if looks_local:
+        folder = Path(value).expanduser()
+        if not folder.is_dir():
+            raise InvalidInput(f"--tokenizer {value}: no such folder; pass the folder holding the tokenizer")
+        if not _tokenizer_files(folder):
+            raise InvalidInput(
+                f"--tokenizer {value}: no tokenizer files there ({', '.join(_TOKENIZER_NAMES[:4])}, ...)"
+            )
+        return value, None
+    repo = value[len("hf://") :] if value.startswith("hf://") else value
+    if cache_dir is not None:
+        cached = CacheLayout(cache_dir).model_dir(storage_key(f"hf://{repo}"))
+        if cached.is_dir() and _tokenizer_files(cached):
+            return str(cached), f"--tokenizer {value}: the cached folder of hf://{repo} ({cached})"
+    home = env.get("HF_HOME") or str(Path(env.get("HOME", "~")) / ".cache" / "huggingface")
+    hub = env.get("HF_HUB_CACHE") or str(Path(home) / "hub")
+    snapshots = Path(hub).expanduser() / ("models--" + repo.replace("/", "--")) / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return value, f"--tokenizer {value}: found in the Hugging Face cache {hub}"
+    key = storage_key(f"hf://{repo}")
+    where = f"no models/{key} in {cache_dir}" if cache_dir is not None else "no --cache-dir"
+    raise InvalidInput(
+        f"--tokenizer {value}: a Hugging Face repo id, but vLLM runs offline here (HF_HUB_OFFLINE=1) and it "
+        f"is not cached ({where}; not in {hub}); cache hf://{repo} and pass its folder, or drop --tokenizer"
+    )
 
 
 def _tokenizer_files(model_dir: Path) -> list[str]:

@@ -6,7 +6,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.args import Flag, find, flag, merge_argv, near_misses, parse, to_argv, value, without
+from localmodel.errors import InvalidInput
+from runtime.args import (
+    Flag,
+    find,
+    flag,
+    is_secret,
+    merge_argv,
+    near_misses,
+    parse,
+    redact,
+    redact_argv,
+    secret_values,
+    to_argv,
+    value,
+    without,
+)
 
 
 @pytest.mark.parametrize(
@@ -26,10 +41,8 @@ from runtime.args import Flag, find, flag, merge_argv, near_misses, parse, to_ar
         # --no-x undoes --x, and the other way round: the last one wins.
         ([["--enable-prefix-caching"], ["--no-enable-prefix-caching"]], ["--no-enable-prefix-caching"]),
         ([["--no_enable_prefix_caching"], ["--enable-prefix-caching"]], ["--enable-prefix-caching"]),
-        (
-            [["--enforce-eager", "--trust-remote-code"], ["--no-enforce-eager"]],
-            ["--no-enforce-eager", "--trust-remote-code"],
-        ),
+        # An off-by-default switch turned off is left out (vLLM refuses --no-x for its store_true ones).
+        ([["--enforce-eager", "--trust-remote-code"], ["--no-enforce-eager"]], ["--trust-remote-code"]),
         # nargs="+" values are kept together, and replaced together.
         (
             [["--served-model-name", "a", "b"], ["--port", "1"]],
@@ -168,7 +181,9 @@ def test_last_occurrence_wins_and_each_flag_once(low: list[str], high: list[str]
     everything = parse(low).flags + parse(high).flags
     for f in out:
         assert f == [g for g in everything if g.key == f.key][-1]
-    assert set(keys) == {g.key for g in everything}
+    winners = {g.key: g for g in everything}
+    # A switch that is off by default and ends off is left out of the argv (it is off either way).
+    assert set(keys) == {k for k, g in winners.items() if g.tokens()}
 
 
 @given(argvs)
@@ -176,7 +191,7 @@ def test_higher_layer_always_wins(argv: list[str]) -> None:
     top = ["--port", "4242", "--no-enforce-eager"]
     out = parse(merge_argv(argv, top)).flags
     assert find(out, "--port") == Flag("--port", ("4242",))
-    assert find(out, "--enforce-eager") == Flag("--enforce-eager", (), True)
+    assert find(out, "--enforce-eager") is None  # off: left out
 
 
 def test_near_misses_name_the_flag_meant() -> None:
@@ -187,3 +202,70 @@ def test_near_misses_name_the_flag_meant() -> None:
     )
     # Real flags, vLLM's own or planned, are never near misses.
     assert near_misses(parse(["--enable-prefix-caching", "--pipeline_parallel_size", "2"]).flags) == ()
+
+
+# -- booleans with a value, one setting under two names, secrets (issue 17 attack, items 1, 2, 11) ----
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # `=false` is the switch off, whatever the spelling; an off-by-default switch off is left out.
+        (["--trust_remote_code=false"], []),
+        (["--trust-remote-code=False"], []),
+        (["--enforce-eager=false"], []),
+        (["--enforce-eager=0", "--trust-remote-code=off"], []),
+        # `=true` is the bare switch.
+        (["--trust_remote_code=true"], ["--trust-remote-code"]),
+        (["--enforce-eager=YES"], ["--enforce-eager"]),
+        (["--return_probabilities=1"], ["--return-probabilities"]),
+        # A switch vLLM turns on by default is turned off the way vLLM accepts: --no-x.
+        (["--enable-prefix-caching=false"], ["--no-enable-prefix-caching"]),
+        # The last one wins across both forms.
+        (["--enforce-eager", "--enforce-eager=false"], []),
+        (["--enforce-eager=false", "--enforce-eager"], ["--enforce-eager"]),
+        # --disable-log-requests is --enable-log-requests off: one setting, the later wins.
+        (["--enable-log-requests", "--disable_log_requests"], []),
+        (["--disable-log-requests", "--enable-log-requests"], ["--enable-log-requests"]),
+        (["--enable-log-requests", "--disable-log-requests=false"], ["--enable-log-requests"]),
+    ],
+)
+def test_boolean_values_read_as_kserve_strtobool(argv: list[str], expected: list[str]) -> None:
+    assert merge_argv(argv) == expected
+
+
+@pytest.mark.parametrize("word", ["maybe", "", "2", "truee"])
+def test_boolean_value_not_a_strtobool_word_is_refused_naming_the_flag(word: str) -> None:
+    with pytest.raises(InvalidInput, match=r"^--trust_remote_code='.*': expected true or false"):
+        parse([f"--trust_remote_code={word}"])
+
+
+def test_secret_values_are_redacted_in_argv_and_text() -> None:
+    argv = [
+        "vllm",
+        "serve",
+        "/m",
+        "--api-key",
+        "sk-123",
+        "--hf-token=hf_abc",
+        "--max-num-batched-tokens",
+        "8",
+    ]
+    assert redact_argv(argv) == [
+        "vllm",
+        "serve",
+        "/m",
+        "--api-key",
+        "***",
+        "--hf-token=***",
+        "--max-num-batched-tokens",
+        "8",
+    ]
+    # Flags whose name has key, token, secret or password as a word; not --tokenizer or --*-tokens.
+    assert [
+        n for n in ("--api-key", "--hf_token", "--client-secret", "--db-password", "HF_TOKEN") if is_secret(n)
+    ]
+    assert not any(is_secret(n) for n in ("--tokenizer", "--max-num-batched-tokens", "--ssl-keyfile"))
+    flags = parse(["--api-key", "sk-123", "--tokenizer", "t", "--hf-token=hf_abc"]).flags
+    assert secret_values(flags) == ("sk-123", "hf_abc")
+    assert redact("note: --api-key sk-123 and hf_abc", secret_values(flags)) == "note: --api-key *** and ***"

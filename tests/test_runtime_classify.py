@@ -581,6 +581,12 @@ async def test_server_protocols() -> None:
         assert (await client.get("/health")).status == 503
         assert (await client.get("/v2/health/live")).status == 200
         assert (await (await client.get("/")).json()) == {"status": "alive"}
+        # KServe's v2 server metadata (a 404 before)
+        meta = await client.get("/v2")
+        assert meta.status == 200
+        body = await meta.json()
+        assert set(body) == {"name", "version", "extensions"} and body["name"] == "modelcache-classify"
+        assert body["version"] and body["extensions"] == []
         # not ready is 503 on every readiness route, with KServe's ModelNotReady message
         for path in ("/v1/models/clf", "/v2/models/clf/ready"):
             r = await client.get(path)
@@ -750,9 +756,10 @@ def test_launcher_leaves_generators_to_vllm(tmp_path: Path) -> None:
     assert "--task" not in launch.command
     assert launch.command[:2] == ("vllm", "serve")
     assert any("KServe's task name" in n for n in launch.notes)
-    # vLLM's own --task values pass through
+    # vLLM's own --task values become the --runner that replaced --task (vLLM #21470)
     kept = _build(["--model_dir", str(folder), "--task", "generate", "--dry-run"])
-    assert kept.command[kept.command.index("--task") + 1] == "generate"
+    assert "--task" not in kept.command
+    assert kept.command[kept.command.index("--runner") + 1] == "generate"
 
 
 @pytest.mark.parametrize(

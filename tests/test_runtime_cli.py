@@ -123,8 +123,11 @@ def test_dry_run_through_the_dispatcher(
         "8080",
         "--served-model-name",
         "model",
+        "--disable-fastapi-docs",
         "--max-model-len",
         "4096",
+        "--dtype",
+        "float16",
         "--tensor-parallel-size",
         "8",
         "--pipeline-parallel-size",
@@ -176,7 +179,10 @@ def test_folder_without_tokenizer_needs_one_named(model: Path, bin_dir: Path) ->
     done = serve(["--model_dir", str(model), "--dry-run"], env)
     assert done.returncode == 2
     assert done.stderr.startswith(f"modelcache serve: {model} has no tokenizer files")
-    for given in (["--tokenizer", "org/tok"], ["--skip-tokenizer-init"]):
+    tokenizer = model.parent / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    for given in (["--tokenizer", str(tokenizer)], ["--skip-tokenizer-init"]):
         command = dry_run(["--model_dir", str(model), *given], env)["command"]
         i = command.index(given[0])
         assert command[i : i + len(given)] == given
@@ -236,7 +242,7 @@ def test_vllm_cache_root_from_environment_is_kept(model: Path, bin_dir: Path) ->
         (["--model-uri", "hf://a/b"], {}, ["--model-uri needs --cache-dir"]),
         (["--model_dir", "{model}", "--model-uri", "hf://a/b", "--cache-dir", "/c"], {}, ["both given"]),
         (["--model_dir", "{model}", "stray"], {}, ["unexpected argument 'stray'"]),
-        (["--model_dir", "{model}", "--nodes", "two"], {}, ["--nodes", "invalid int value"]),
+        (["--model_dir", "{model}", "--nodes", "two"], {}, ["--nodes", "'two': expected a whole number"]),
         (["--model_dir", "{model}"], {"TENSOR_PARALLEL_SIZE": "eight"}, ["TENSOR_PARALLEL_SIZE='eight'"]),
         (
             ["--model_dir", "{model}", "-tp", "6", "--gpus-per-node", "8"],
@@ -264,7 +270,11 @@ def test_vllm_cache_root_from_environment_is_kept(model: Path, bin_dir: Path) ->
             {},
             ["across 2 nodes"],
         ),
-        (["--worker", "--model_dir", "{model}", "--gpus-per-node", "1"], {}, ["HEAD_SVC is not set"]),
+        (
+            ["--worker", "--model_dir", "{model}", "--gpus-per-node", "1", "--nodes", "2"],
+            {},
+            ["HEAD_SVC is not set"],
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

@@ -83,6 +83,7 @@ class Case:
     gpus: int  # what nvidia-smi shows in the pod (the service's nvidia.com/gpu)
     want: dict[str, Any] = field(default_factory=dict)  # fields of the dry-run JSON
     model_id: str | None = None  # a --model_id sample: the cache holds hf://ID[:REV]
+    refused: str = ""  # the one line (part) of an exit 2: a sample this runtime does not serve
 
 
 def multinode_head(
@@ -138,7 +139,8 @@ CASES = [
         1,
         {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "executor": "mp", "role": "single"},
     ),
-    # docs/samples/storage/hf/hf_isvc.yaml: --backend=huggingface on a generative model
+    # docs/samples/storage/hf/hf_isvc.yaml: --backend=huggingface on a generative model: transformers'
+    # generation is KServe's image's, not ours; refused naming the architecture and what to use
     Case(
         "huggingface-llama2",
         LLAMA2_7B,
@@ -150,7 +152,8 @@ CASES = [
         ),
         SINGLE_ENV,
         1,
-        {"tensor_parallel_size": 1, "role": "single"},
+        {},
+        refused="--backend huggingface: LlamaForCausalLM is a generative model",
     ),
     # docs/samples/fluid/kserve-isvc.yaml: vLLM's own flags in the service's args
     Case(
@@ -187,8 +190,9 @@ CASES = [
         ),
         SINGLE_ENV,
         0,
-        {"tensor_parallel_size": 1},
+        {},
         model_id="Qwen/Qwen2-0.5B-Instruct",
+        refused="--backend huggingface: Qwen2ForCausalLM is a generative model",
     ),
     # the same e2e file, test_huggingface_v2_sequence_classification: the encoder server
     Case(
@@ -275,6 +279,25 @@ CASES = [
         {"tensor_parallel_size": 4},
     ),
 ]
+# vLLM's flags as a KServe user writes them: booleans with values, vLLM's old --task, data parallelism
+CASES.append(
+    Case(
+        "llama-vllm-flags",
+        LLAMA3_8B,
+        (
+            "--model_name=llama-vllm-flags",
+            "--task=generate",
+            "--enable-prefix-caching=false",
+            "--trust_remote_code=false",
+            "--enforce-eager=true",
+            "--enable_docs_url=false",
+            "--data-parallel-size=2",
+        ),
+        SINGLE_ENV,
+        2,
+        {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "role": "single"},
+    )
+)
 GPU_NAMES = {"llama3-on-t4": "Tesla T4"}
 
 
@@ -320,6 +343,12 @@ def dry_run(case: Case, tmp: Path) -> dict[str, Any]:
         text=True,
         timeout=120,
     )
+    if case.refused:
+        assert done.returncode == 2, f"{case.name}: {done.stdout}{done.stderr}"
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and case.refused in lines[0], lines
+        assert "KServe's own huggingfaceserver image" in lines[0]
+        return {}
     assert done.returncode == 0, f"{case.name}: {done.stderr}"
     out: dict[str, Any] = json.loads(done.stdout)
     return out
@@ -328,6 +357,8 @@ def dry_run(case: Case, tmp: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kserve_runtimes_args_and_env_plan_as_expected(case: Case, tmp_path: Path) -> None:
     out = dry_run(case, tmp_path)
+    if case.refused:
+        return
     assert {k: out.get(k) for k in case.want} == case.want
     command = out["command"]
     if out["role"] == "worker":
@@ -346,6 +377,12 @@ def test_kserve_runtimes_args_and_env_plan_as_expected(case: Case, tmp_path: Pat
     assert vargs.value(flags, "--port") == "8080"
     if case.name == "llama3-on-t4":
         assert vargs.value(flags, "--dtype") == "float16"
+    if case.name == "llama-vllm-flags":
+        assert command[3:].count("--trust-remote-code") == 0 and "--task" not in keys
+        for token in ("--no-enable-prefix-caching", "--enforce-eager", "--disable-fastapi-docs"):
+            assert token in command
+        assert vargs.value(flags, "--runner") == "generate"
+        assert vargs.value(flags, "--data-parallel-size") == "2"
 
 
 def _vllm_parser() -> Any:
@@ -370,7 +407,7 @@ def test_every_planned_vllm_argv_parses_with_vllms_parser(tmp_path: Path) -> Non
     checked = 0
     for i, case in enumerate(CASES):
         out = dry_run(case, tmp_path / str(i))
-        if out["command"][:2] != ["vllm", "serve"]:
+        if case.refused or out["command"][:2] != ["vllm", "serve"]:
             continue
         ns = parser.parse_args(out["command"][2:])  # exits (SystemExit) on a flag vLLM does not take
         assert ns.model_tag == out["model_dir"]
@@ -380,4 +417,4 @@ def test_every_planned_vllm_argv_parses_with_vllms_parser(tmp_path: Path) -> Non
         )
         assert ns.port == 8080 and ns.distributed_executor_backend == out["executor"]
         checked += 1
-    assert checked == 7
+    assert checked == 6

@@ -103,29 +103,44 @@ def test_docs_table_lists_every_kserve_flag_with_what_the_launcher_does() -> Non
 
 
 @pytest.mark.parametrize(
-    ("given", "wanted"),
+    ("given", "wanted", "absent"),
     [
-        (["--model_revision", "abc123"], ["--revision", "abc123"]),
-        (["--tokenizer_revision=v2"], ["--tokenizer-revision", "v2"]),
-        (["--max_length", "2048"], ["--max-model-len", "2048"]),
-        (["--max_length", "2048", "--max_model_len", "4096"], ["--max-model-len", "4096"]),
-        (["--trust_remote_code"], ["--trust-remote-code"]),
-        (["--dtype", "float16"], ["--dtype", "float16"]),
-        (["--max_log_len", "100"], ["--max-log-len", "100"]),
-        (["--log_config_file", "/etc/log.json"], ["--log-config-file", "/etc/log.json"]),
-        (["--enable_docs_url", "false"], ["--disable-fastapi-docs"]),
-        (["--enable_docs_url", "True"], []),
+        (["--model_revision", "abc123"], ["--revision", "abc123"], []),
+        (["--tokenizer_revision=v2"], ["--tokenizer-revision", "v2"], []),
+        (["--max_length", "2048"], ["--max-model-len", "2048"], []),
+        (["--max_length", "2048", "--max_model_len", "4096"], ["--max-model-len", "4096"], ["2048"]),
+        (["--trust_remote_code"], ["--trust-remote-code"], []),
+        (["--dtype", "float16"], ["--dtype", "float16"], []),
+        (["--max_log_len", "100"], ["--max-log-len", "100"], []),
+        (["--log_config_file", "/etc/log.json"], ["--log-config-file", "/etc/log.json"], []),
+        # KServe serves no /docs by default: --disable-fastapi-docs unless --enable_docs_url true.
+        ([], ["--disable-fastapi-docs"], []),
+        (["--enable_docs_url", "false"], ["--disable-fastapi-docs"], []),
+        (["--enable_docs_url", "True"], [], ["--disable-fastapi-docs"]),
+        # One setting under two names: the later wins.
+        (["--enable_docs_url=true", "--disable-fastapi-docs"], ["--disable-fastapi-docs"], []),
+        (["--disable-fastapi-docs", "--enable_docs_url=yes"], [], ["--disable-fastapi-docs"]),
+        (["--enable-log-requests", "--disable_log_requests"], [], ["--enable-log-requests"]),
+        (["--disable_log_requests", "--enable-log-requests"], ["--enable-log-requests"], []),
+        # --configure_logging false: KServe leaves logging alone and never reads the file.
+        (["--log_config_file=/x.json", "--configure_logging=false"], [], ["--log-config-file", "/x.json"]),
+        (["--configure_logging=false", "--log_config_file=/x.json"], [], ["--log-config-file", "/x.json"]),
+        (["--configure_logging=true", "--log_config_file=/x.json"], ["--log-config-file", "/x.json"], []),
     ],
 )
 def test_kserve_flags_with_a_vllm_meaning_are_translated(
-    tmp_path: Path, given: list[str], wanted: list[str]
+    tmp_path: Path, given: list[str], wanted: list[str], absent: list[str]
 ) -> None:
     launch = run(["--model_dir", str(make(tmp_path / "m")), "--gpus-per-node", "1", *given])
     argv = vllm_argv(launch)
-    base = ["--port", "8080", "--served-model-name", "model"]
-    assert argv[:4] == base
-    assert argv[4 : 4 + len(wanted)] == wanted
-    assert argv[4 + len(wanted) :][0] == "--tensor-parallel-size"
+    assert argv[:4] == ["--port", "8080", "--served-model-name", "model"]
+    at = next((i for i in range(len(argv)) if argv[i : i + len(wanted)] == wanted), None)
+    assert at is not None, (wanted, argv)
+    for token in absent:
+        assert token not in argv
+    # each flag once
+    keys = [f.key for f in vargs.parse(argv).flags]
+    assert len(keys) == len(set(keys))
 
 
 def test_server_only_flags_are_dropped_and_named(tmp_path: Path) -> None:
@@ -154,6 +169,9 @@ def test_server_only_flags_are_dropped_and_named(tmp_path: Path) -> None:
         "8080",
         "--served-model-name",
         "model",
+        "--disable-fastapi-docs",
+        "--dtype",
+        "float16",
         "--tensor-parallel-size",
         "1",
         "--pipeline-parallel-size",
@@ -162,7 +180,7 @@ def test_server_only_flags_are_dropped_and_named(tmp_path: Path) -> None:
         "mp",
     ]
     notes = "\n".join(launch.notes)
-    for name in ("--workers", "--grpc_port", "--enable_grpc", "--max_threads", "--disable_log_requests"):
+    for name in ("--workers", "--grpc_port", "--enable_grpc", "--max_threads"):
         assert name in notes, name
     assert "--backend, --return-probabilities, --disable-lower-case: KServe's encoder-model flags" in notes
 
@@ -195,9 +213,9 @@ def test_model_dir_env_over_model_id_env_and_the_flag_over_both(tmp_path: Path) 
     assert run(["--gpus-per-node", "1", "--model_dir", b], env).model_dir == Path(b)
 
 
-def cache_with(tmp_path: Path, uri: str) -> tuple[Path, Path]:
+def cache_with(tmp_path: Path, uri: str, config: dict[str, Any] | None = None) -> tuple[Path, Path]:
     cache = tmp_path / "cache"
-    folder = make(CacheLayout(cache).model_dir(storage_key(uri)))
+    folder = make(CacheLayout(cache).model_dir(storage_key(uri)), config)
     return cache, folder
 
 
@@ -305,19 +323,39 @@ def test_uneven_refuses_only_what_vllm_cannot_run(tmp_path: Path) -> None:
 
 
 def test_bf16_model_on_a_t4_is_planned_in_float16(tmp_path: Path) -> None:
-    folder = str(make(tmp_path / "m", {**LLAMA, "torch_dtype": "bfloat16"}))
+    # The launcher's own way (--model-uri): vLLM's auto, lowered to float16 only where bf16 cannot run.
+    cache, _ = cache_with(tmp_path, "hf://org/llama", {**LLAMA, "torch_dtype": "bfloat16"})
+    ours = ["--model-uri", "hf://org/llama", "--cache-dir", str(cache)]
     t4 = ("Tesla T4",)
-    launch = run(["--model_dir", folder], gpus=t4)
+    launch = run(ours, gpus=t4)
     assert vargs.value(vargs.parse(vllm_argv(launch)).flags, "--dtype") == "float16"
     assert any(n.startswith("--dtype float16: the weights are bfloat16 and Tesla T4") for n in launch.notes)
-    auto = run(["--model_dir", folder, "--dtype", "auto"], gpus=t4)
+    auto = run([*ours, "--dtype", "auto"], gpus=t4)
     assert vargs.value(vargs.parse(vllm_argv(auto)).flags, "--dtype") == "float16"
-    kept = run(["--model_dir", folder, "--dtype", "float32"], gpus=t4)
+    kept = run([*ours, "--dtype", "float32"], gpus=t4)
     assert vargs.value(vargs.parse(vllm_argv(kept)).flags, "--dtype") == "float32"
     with pytest.raises(InvalidInput, match="--dtype bfloat16: Tesla T4"):
-        run(["--model_dir", folder, "--dtype", "bfloat16"], gpus=t4)
-    h100 = run(["--model_dir", folder], gpus=("NVIDIA H100 80GB HBM3",))
+        run([*ours, "--dtype", "bfloat16"], gpus=t4)
+    # Case matters to vLLM's choices: BFloat16 is refused before the GPU is even considered.
+    with pytest.raises(
+        InvalidInput, match=r"--dtype 'BFloat16': expected one of .* \(lower case: bfloat16\)"
+    ):
+        run([*ours, "--dtype=BFloat16"], gpus=t4)
+    h100 = run(ours, gpus=("NVIDIA H100 80GB HBM3",))
     assert "--dtype" not in vllm_argv(h100)
+
+
+def test_dtype_auto_the_kserve_way_is_float16_as_kserve_reads_it(tmp_path: Path) -> None:
+    # KServe's huggingfaceserver/__main__.py: `if args.dtype == "auto": args.dtype = default_dtype`
+    # (float16 on a GPU), before vLLM's engine args are built: a bf16 model runs in float16 there.
+    folder = str(make(tmp_path / "m", {**LLAMA, "torch_dtype": "bfloat16"}))
+    h100 = ("NVIDIA H100 80GB HBM3",)
+    for given in ([], ["--dtype", "auto"]):
+        launch = run(["--model_dir", folder, *given], gpus=h100)
+        assert vargs.value(vargs.parse(vllm_argv(launch)).flags, "--dtype") == "float16"
+        assert any("read as KServe's server reads it on a GPU" in n and "bfloat16" in n for n in launch.notes)
+    chosen = run(["--model_dir", folder, "--dtype", "bfloat16"], gpus=h100)
+    assert vargs.value(vargs.parse(vllm_argv(chosen)).flags, "--dtype") == "bfloat16"
 
 
 # -- the model cache mounted read-only ----------------------------------------------------------

@@ -395,3 +395,110 @@ def test_multinode_example_plans_with_kserves_environment(tmp_path: Path) -> Non
     )
     assert launch.role == "head" and launch.plan.executor == "ray"
     assert vargs.value(vargs.parse(list(launch.command[3:])).flags, "--served-model-name") == "llama-3-1-70b"
+
+
+def _kserve_pod(svc: dict[str, Any], role: str) -> dict[str, Any]:
+    """A pod of the multi-node example as KServe makes it: the service's annotations copied, the
+    pvc:// storageUri's claim mounted read-only at /mnt/models with the path after the claim as subPath
+    (storage_initializer_injector.go), in the service's namespace, created by a ReplicaSet."""
+    uri = svc["spec"]["predictor"]["model"]["storageUri"]
+    claim, _, sub = uri.removeprefix("pvc://").partition("/")
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{svc['metadata']['name']}-predictor-{role}-abc",
+            "namespace": svc["metadata"]["namespace"],
+            "annotations": dict(svc["metadata"]["annotations"]),
+            "labels": {"serving.kserve.io/inferenceservice": svc["metadata"]["name"]},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "kserve-container" if role == "head" else "worker-container",
+                    "image": "modelcache-vllm",
+                    "volumeMounts": [
+                        {
+                            "name": "kserve-pvc-source",
+                            "mountPath": "/mnt/models",
+                            "subPath": sub,
+                            "readOnly": True,
+                        }
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "kserve-pvc-source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+            ],
+        },
+    }
+
+
+def _apply(doc: dict[str, Any], patch: Any) -> dict[str, Any]:
+    """RFC 6902 add/remove on object keys and list indexes (what the pod webhook emits)."""
+    import copy
+
+    out = copy.deepcopy(doc)
+    for op in patch:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        at: Any = out
+        for part in parents:
+            at = at[int(part)] if isinstance(at, list) else at[part]
+        key: Any = int(last) if isinstance(at, list) else last
+        if op["op"] == "remove":
+            del at[key]
+        else:
+            assert op["op"] == "add", op
+            at[key] = op["value"]
+    return out
+
+
+def test_multinode_example_pods_pass_the_pod_webhook_and_the_serving_mounts_policy() -> None:
+    """The example's head and worker pods, through the pod webhook's decision (controller.admission)
+    and then, patched, through the rendered modelcache-serving-mounts policy, as the API server runs
+    them (mutating webhooks before validating policies)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (it renders the policy)")
+    import copy
+
+    from controller.admission import place_pod, pod_ask
+    from controller.plan import model_label
+    from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
+    from tests.test_admission_policies import admit, policies
+    from tests.test_admission_policies import request as admission_request
+    from tests.test_controller_reconcile import group as group_doc
+
+    docs = load(EXAMPLE)
+    svc = next(d for d in docs if "workerSpec" in d.get("spec", {}).get("predictor", {}))
+    cache = LocalModelCache.from_json(
+        next(d for d in docs if d["kind"] == "LocalModelCache" and d["metadata"]["name"] in str(svc))
+    )
+    group = LocalModelNodeGroup.from_json(group_doc("gpu-nvme", "2Ti"))
+    ready = [Node("gpu-1", {"gpu": "gpu-nvme", model_label(cache.spec.storage_key): "ready"})]
+    policy = policies()["modelcache-serving-mounts"]
+
+    def admitted(pod: dict[str, Any]) -> tuple[bool, list[str]]:
+        # the webhook looks the cache up only when the pod names one (controller.webhook)
+        named = cache if pod_ask(pod).cache == cache.name else None
+        verdict = place_pod(pod, cache=named, group=group, ready_nodes=ready)
+        if not verdict.allowed:
+            return False, [verdict.message]
+        patched = _apply(pod, verdict.patch)
+        user = "system:serviceaccount:kube-system:replicaset-controller"
+        denied = admit(
+            policy,
+            admission_request(
+                "CREATE", "pods", user=user, name=pod["metadata"]["name"], namespace="default", obj=patched
+            ),
+        )
+        return not denied, denied
+
+    for role in ("head", "worker"):
+        pod = _kserve_pod(svc, role)
+        ok, why = admitted(pod)
+        assert ok, (role, why)
+        # the check can fail: the same pod without the model annotation is denied by the policy
+        bare = copy.deepcopy(pod)
+        del bare["metadata"]["annotations"]["modelcache.io/model"]
+        ok, why = admitted(bare)
+        assert not ok and any("subPath models/<storage key>" in w for w in why), why
