@@ -1,0 +1,210 @@
+"""gs:// sources against a GCS emulator (tests/support/gcs.py): exact bytes in ranges, md5 and
+crc32c checks, nothing re-fetched, a tampered object refused, SIGKILL then resume of only what was
+missing, denial naming the bucket, and no token in any output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from agent.download.engine import TransferSettings
+from agent.download.gcs import GcsSettings, list_gcs
+from agent.download.pull import pull
+from agent.download.sources import SourceSettings
+from agent.download.staging import Destination
+from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound
+from localmodel.manifest import Manifest, hash_check
+from localmodel.uri import parse_uri
+from tests.support.gcs import Gcs, env_for
+
+MiB = 1 << 20
+
+
+async def run(uri: str, dest: Path, **kw: object) -> object:
+    return await pull(
+        parse_uri(uri),
+        Destination.for_folder(dest),
+        sources=SourceSettings.from_env(),
+        transfer=TransferSettings(**{"chunk_size": MiB, "backoff_initial": 0.01, **kw}),  # type: ignore[arg-type]
+    )
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _bucket(gcs: Gcs) -> str:
+    name = f"b-{uuid.uuid4().hex[:8]}"
+    gcs.bucket(name)
+    return name
+
+
+async def test_gcs_prefix_exact_bytes_in_ranges_then_nothing_refetched(gcs: Gcs, tmp_path: Path) -> None:
+    bucket = _bucket(gcs)
+    expected = {
+        "model.safetensors": os.urandom(5 * MiB + 17),  # 6 ranges of 1 MiB
+        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+        "tokenizer/vocab.txt": b"a\nb\n",
+        "empty.txt": b"",
+    }
+    for name, body in expected.items():
+        gcs.put(bucket, f"models/llama/{name}", body)
+    gcs.put(bucket, "models/llama/tokenizer_$folder$", b"")  # a Hadoop folder marker
+    gcs.put(bucket, "models/llama-other/x", b"not ours")
+    dest = tmp_path / "m"
+    first = await run(f"gs://{bucket}/models/llama", dest)
+    assert tree(dest) == expected
+    assert first.files == 4 and first.bytes_transferred == sum(map(len, expected.values()))  # type: ignore[attr-defined]
+    assert first.verified and first.hash_checked == {"md5": 4}  # type: ignore[attr-defined]
+    manifest = Manifest.read(tmp_path / ".modelcache" / "pull" / "m.json")
+    assert {f.path: f.md5 for f in manifest.files}["config.json"] == (
+        __import__("hashlib").md5(expected["config.json"]).hexdigest()
+    )
+    second = await run(f"gs://{bucket}/models/llama/", dest)
+    assert second.up_to_date and second.bytes_transferred == 0  # type: ignore[attr-defined]
+
+
+async def test_gcs_single_object_and_missing(gcs: Gcs, tmp_path: Path) -> None:
+    bucket = _bucket(gcs)
+    gcs.put(bucket, "dir/model.gguf", b"gguf bytes")
+    await run(f"gs://{bucket}/dir/model.gguf", tmp_path / "one")
+    assert tree(tmp_path / "one") == {"model.gguf": b"gguf bytes"}
+    with pytest.raises(SourceNotFound, match="no objects under this prefix"):
+        await run(f"gs://{bucket}/nothing-here", tmp_path / "none")
+    with pytest.raises(SourceNotFound, match="bucket no-such-bucket-x not found"):
+        await run("gs://no-such-bucket-x/m", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+async def test_gcs_tampered_object_is_refused(gcs: Gcs, tmp_path: Path) -> None:
+    bucket = _bucket(gcs)
+    body = os.urandom(3 * MiB)
+    gcs.put(bucket, "m/weights.bin", body)
+    stored = gcs.stored(bucket, "m/weights.bin")
+    flipped = bytearray(body)
+    flipped[2 * MiB + 5] ^= 0x01  # same size, one bit: only the md5 can tell
+    stored.write_bytes(bytes(flipped))
+    with pytest.raises(IntegrityError, match="weights.bin: content does not match"):
+        await run(f"gs://{bucket}/m", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_crc32c_is_the_check_where_gcs_gives_no_md5(gcs: Gcs) -> None:
+    """Composite objects have a crc32c and no md5Hash: the listing carries the crc32c, and the
+    manifest's one rule checks with it (Castagnoli, big-endian, as GCS encodes it)."""
+    import base64
+
+    import google_crc32c
+
+    bucket = _bucket(gcs)
+    parts = [b"first part ", b"second part"]
+    for i, part in enumerate(parts):
+        gcs.put(bucket, f"parts/{i}", part)
+    b = gcs.client.bucket(bucket)
+    b.blob("m/joined.bin").compose([b.blob("parts/0"), b.blob("parts/1")])
+    listing = list_gcs(
+        parse_uri(f"gs://{bucket}/m/joined.bin"),
+        GcsSettings.from_env({"STORAGE_EMULATOR_HOST": gcs.endpoint}),
+        connect_timeout=5,
+        read_timeout=10,
+    )
+    (f,) = listing.files
+    whole = b"".join(parts)
+    expected = base64.b64decode(base64.b64encode(google_crc32c.Checksum(whole).digest())).hex()
+    assert f.crc32c == expected
+    check = hash_check(None, None, None, f.crc32c)
+    assert check is not None and check.name == "crc32c"
+    h = check.new(len(whole))
+    h.update(whole[:5])
+    h.update(whole[5:])
+    assert h.hexdigest() == check.expected
+
+
+async def test_gcs_denied_names_the_bucket_and_prints_no_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def deny(request: web.Request) -> web.Response:
+        body = {"error": {"code": 403, "message": "caller does not have storage.objects.list access"}}
+        return web.json_response(body, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", deny)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{port}")
+        with pytest.raises(AccessDenied, match="access denied to bucket private-models") as info:
+            await run("gs://private-models/llama", tmp_path / "m")
+        assert "HTTP 403" in str(info.value)
+    finally:
+        await runner.cleanup()
+    assert not (tmp_path / "m").exists()
+
+
+def test_bearer_token_is_never_in_a_repr() -> None:
+    from agent.download.gcs import BearerHeaders
+
+    class Creds:
+        valid = True
+        token = "ya29.SECRET-TOKEN"
+
+    headers = BearerHeaders(Creds(), 5)
+    assert dict(headers) == {"Authorization": "Bearer ya29.SECRET-TOKEN"}
+    assert "SECRET" not in repr(headers)
+    assert "SECRET" not in repr(GcsSettings(credentials_file="/secret/key.json"))
+
+
+async def test_gcs_sigkill_mid_file_then_resume_fetches_only_what_was_missing(
+    gcs: Gcs, tmp_path: Path
+) -> None:
+    bucket = _bucket(gcs)
+    size = 24 * MiB
+    body = os.urandom(size)
+    gcs.put(bucket, "llama/model.safetensors", body)
+    gcs.put(bucket, "llama/config.json", b"{}")
+    dest = tmp_path / "out" / "model"
+    argv = [
+        sys.executable, "-m", "modelcache", "pull", f"gs://{bucket}/llama", str(dest), "--quiet",
+        "--chunk-size", "1Mi", "--concurrency", "2", "--max-bandwidth", "4MB/s",
+    ]  # fmt: skip
+    env = env_for(gcs)
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL, env=env)
+    progress = dest.parent / ".modelcache" / "pull" / "model" / "progress.json"
+    done: list[int] = []
+    for _ in range(1200):
+        await asyncio.sleep(0.05)
+        if progress.exists():
+            try:
+                files = json.loads(progress.read_text())["files"]
+            except (ValueError, KeyError):
+                continue
+            done = files.get("model.safetensors", {}).get("chunks", [])
+            if len(done) >= 4:
+                break
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    done = json.loads(progress.read_text())["files"]["model.safetensors"]["chunks"]
+    assert 4 <= len(done) < 24 and not dest.exists()
+
+    proc = await asyncio.create_subprocess_exec(
+        *argv[:-2], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr
+    missing = size - len(done) * MiB
+    out = stdout.decode()
+    transferred = int(out.split("(")[1].split(" transferred")[0])
+    assert transferred in (missing, missing + 2), out  # config.json (2 bytes) may have landed before
+    assert (dest / "model.safetensors").read_bytes() == body
+    assert (dest / "config.json").read_bytes() == b"{}"
