@@ -222,7 +222,7 @@ def _azure(raw: str, field: str, host: str, path: str, query: str) -> SourceURI:
     container, _, key = path.partition("/")
     if not _AZURE_CONTAINER.fullmatch(container):
         raise URIError(
-            f"{field}: {_short(raw)!r}: container {container!r} is not a valid Azure container name "
+            f"{field}: {_short(raw)!r}: the container is not a valid Azure container name "
             "(3-63 lowercase letters, digits and single hyphens); expected "
             "https://ACCOUNT.blob.core.windows.net/CONTAINER/PATH"
         )

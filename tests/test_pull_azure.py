@@ -103,7 +103,7 @@ async def test_azure_single_blob_and_missing(azurite: Azurite, tmp_path: Path) -
     assert tree(tmp_path / "one") == {"model.gguf": b"gguf bytes"}
     with pytest.raises(SourceNotFound, match=f"no blobs under this prefix in container {container}"):
         await run(azurite.url(container, "nothing-here"), tmp_path / "none")
-    with pytest.raises(SourceNotFound, match="ContainerNotFound .container no-such-container"):
+    with pytest.raises(SourceNotFound, match=r"ContainerNotFound \(container no-such-container"):
         await run(azurite.url("no-such-container", "m"), tmp_path / "none")
     assert not (tmp_path / "none").exists()
 
@@ -146,7 +146,7 @@ async def test_azure_sas_in_the_url_and_anonymous_public_container(
     sas = _sas(private)
     await run(azurite.url(private, "m", sas), tmp_path / "sas")
     assert tree(tmp_path / "sas") == {"a.bin": b"private bytes"}
-    sig = [v for k, v in (p.split("=", 1) for p in sas.split("&")) if k == "sig"][0]
+    sig = next(v for k, v in (p.split("=", 1) for p in sas.split("&")) if k == "sig")
     assert sig not in texts_under(tmp_path) and "sig=" not in texts_under(tmp_path)
 
     public = _container(azurite, public=True)
