@@ -31,7 +31,7 @@ class FileEntry:
     sha256: str | None = None
     sha1: str | None = None  # git blob sha1: the sha1 of b"blob <size>\0" + content
     md5: str | None = None  # S3 single-part ETag, GCS md5Hash, Azure Content-MD5 (hex)
-    crc32c: str | None = None  # GCS crc32c (8 hex digits, big-endian), for composite objects
+    crc32c: str | None = None  # GCS crc32c (8 hex digits, big-endian)
 
 
 class _Crc32c:
@@ -72,9 +72,9 @@ def hash_check(
     sha256: str | None, sha1: str | None, md5: str | None, crc32c: str | None = None
 ) -> HashCheck | None:
     """The strongest hash known for a file: sha256, else the git blob sha1 (Hugging Face's non-LFS
-    files), else md5 (an S3 single-part ETag, a GCS object's md5Hash, an Azure blob's Content-MD5),
-    else crc32c (a GCS composite object, which has no md5Hash); None when there is none (checked by
-    size only)."""
+    files), else md5 (an S3 single-part ETag, an Azure blob's Content-MD5, a GCS md5Hash), else
+    crc32c (GCS objects: the source gives it alone, see agent/download/gcs.py); None when there is
+    none (checked by size only)."""
     for name, value in (("sha256", sha256), ("sha1", sha1), ("md5", md5), ("crc32c", crc32c)):
         if value:
             return HashCheck(name, value.lower())

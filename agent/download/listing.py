@@ -22,7 +22,7 @@ class RemoteFile:
     sha256: str | None = None
     git_sha1: str | None = None  # git blob sha1 (Hugging Face, non-LFS files)
     md5: str | None = None  # S3 single-part ETag, GCS md5Hash, Azure Content-MD5 (hex)
-    crc32c: str | None = None  # GCS crc32c (hex), used only where no md5 is known
+    crc32c: str | None = None  # GCS crc32c (hex), checked only where no md5 is known
     url: str | None = field(default=None, repr=False)  # may carry a signature: never logged
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry a token
     local_path: str | None = None  # file:// sources
