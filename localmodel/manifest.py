@@ -43,10 +43,15 @@ class _Crc32c:
         self._c = google_crc32c.Checksum()
 
     def update(self, data: bytes | memoryview) -> None:
-        self._c.update(data)
+        # The C extension takes read-only bytes only ("y#"), not a view of a read-only mapping.
+        self._c.update(data if isinstance(data, bytes) else bytes(data))
 
     def hexdigest(self) -> str:
         return bytes(self._c.digest()).hex()
+
+
+# The hashes a file may be checked by, strongest first (:func:`hash_check`'s order).
+HASH_NAMES = ("sha256", "sha1", "md5", "crc32c")
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ class Manifest:
             if not isinstance(size, int) or size < 0:
                 raise SpecError(f"bad size {size!r}", field=f"files[{i}].size", where=where)
             hashes = []
-            for name in ("sha256", "sha1", "md5", "crc32c"):
+            for name in HASH_NAMES:
                 value = raw.get(name) or None
                 if value is not None and not (isinstance(value, str) and _is_hex(value)):
                     raise SpecError(f"bad {name} {value!r}", field=f"files[{i}].{name}", where=where)

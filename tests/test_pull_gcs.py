@@ -163,6 +163,24 @@ def test_bearer_token_is_never_in_a_repr() -> None:
     assert "SECRET" not in repr(GcsSettings(credentials_file="/secret/key.json"))
 
 
+def test_an_expired_token_that_cannot_be_refreshed_is_access_denied() -> None:
+    from google.auth.exceptions import RefreshError
+
+    from agent.download.gcs import BearerHeaders
+
+    class Expired:
+        valid = False
+        token = "ya29.OLD-SECRET"
+        timeouts: list[float] = []
+
+        def refresh(self, request: object) -> None:
+            raise RefreshError("invalid_grant: SECRET-DETAIL")
+
+    with pytest.raises(AccessDenied, match="the Google credentials could not be refreshed") as info:
+        dict(BearerHeaders(Expired(), 5))
+    assert "SECRET" not in str(info.value)
+
+
 async def test_gcs_sigkill_mid_file_then_resume_fetches_only_what_was_missing(
     gcs: Gcs, tmp_path: Path
 ) -> None:

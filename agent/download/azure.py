@@ -132,7 +132,9 @@ def list_azure(
                 raise SourceNotFound(f"{source}: no blobs under this prefix in {where}")
         sas_query = sas or _sign(service, settings, uri.bucket, token is not None, account)
     except ClientAuthenticationError as e:
-        code = getattr(e, "error_code", None) or f"HTTP {getattr(e, 'status_code', '?')}"
+        status = getattr(e, "status_code", None)
+        # azure-identity's errors (no status): the principal was refused or is not available here.
+        code = getattr(e, "error_code", None) or (f"HTTP {status}" if status else "credentials refused")
         raise AccessDenied(f"{source}: access denied to {where} ({code}); check the credentials") from e
     except ResourceNotFoundError as e:
         code = getattr(e, "error_code", None) or "HTTP 404"

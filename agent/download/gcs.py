@@ -64,7 +64,9 @@ class GcsSettings:
 
 class BearerHeaders(Mapping[str, str]):
     """``{"Authorization": "Bearer TOKEN"}`` whose token is refreshed when it is about to expire,
-    shared by every file of a listing (the engine copies the headers at each request)."""
+    shared by every file of a listing (the engine copies the headers at each request, on its event
+    loop: a refresh, about once an hour, holds the loop for at most ``timeout`` seconds). A refresh
+    that fails is AccessDenied (refused) or TransientError (no answer), never a traceback."""
 
     def __init__(self, credentials: Any, timeout: float) -> None:
         self._credentials = credentials
@@ -74,9 +76,22 @@ class BearerHeaders(Mapping[str, str]):
     def _value(self) -> str:
         with self._lock:
             if not self._credentials.valid:
+                import google.auth.exceptions
                 import google.auth.transport.requests
 
-                self._credentials.refresh(google.auth.transport.requests.Request())
+                request = google.auth.transport.requests.Request()
+
+                def bounded(*args: Any, **kwargs: Any) -> Any:
+                    return request(*args, **{**kwargs, "timeout": self._timeout})
+
+                try:
+                    self._credentials.refresh(bounded)
+                except google.auth.exceptions.RefreshError as e:
+                    raise AccessDenied("gs://: the Google credentials could not be refreshed") from e
+                except google.auth.exceptions.TransportError as e:
+                    raise TransientError(
+                        f"gs://: cannot refresh the Google credentials: no answer within {self._timeout:g} s"
+                    ) from e
             return f"Bearer {self._credentials.token}"
 
     def __getitem__(self, key: str) -> str:
