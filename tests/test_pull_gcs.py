@@ -22,7 +22,7 @@ from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound
-from localmodel.manifest import Manifest, hash_check
+from localmodel.manifest import Manifest, entry_check, hash_check
 from localmodel.uri import parse_uri
 from tests.support.gcs import Gcs, env_for
 
@@ -71,6 +71,13 @@ async def test_gcs_prefix_exact_bytes_in_ranges_then_nothing_refetched(gcs: Gcs,
     assert crcs == {
         name: bytes(google_crc32c.Checksum(body).digest()).hex() for name, body in expected.items()
     }
+    # The agent's re-verify reads the manifest back and checks each file by the same rule.
+    for entry in Manifest.from_json(manifest.to_json()).files:
+        check = entry_check(entry)
+        assert check is not None and check.name == "crc32c"
+        h = check.new(entry.size)
+        h.update((dest / entry.path).read_bytes())
+        assert h.hexdigest() == check.expected
     second = await run(f"gs://{bucket}/models/llama/", dest)
     assert second.up_to_date and second.bytes_transferred == 0  # type: ignore[attr-defined]
 
@@ -224,3 +231,67 @@ async def test_gcs_sigkill_mid_file_then_resume_fetches_only_what_was_missing(
     assert transferred in (missing, missing + 2), out  # config.json (2 bytes) may have landed before
     assert (dest / "model.safetensors").read_bytes() == body
     assert (dest / "config.json").read_bytes() == b"{}"
+
+
+async def test_service_account_key_gives_a_bearer_token_never_printed(
+    gcs: Gcs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GOOGLE_APPLICATION_CREDENTIALS names a service account key: google-auth trades a signed JWT
+    for a token at the key's token_uri (a local OAuth server here), and the engine's GETs carry it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    grants: list[str] = []
+
+    async def token(request: web.Request) -> web.Response:
+        form = await request.post()
+        grants.append(str(form.get("grant_type")))
+        return web.json_response(
+            {"access_token": "ya29.SECRET-TOKEN", "expires_in": 3600, "token_type": "Bearer"}
+        )
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    sa = tmp_path / "sa.json"
+    sa.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "p",
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": "reader@p.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": f"http://127.0.0.1:{port}/token",
+            }
+        )
+    )
+    bucket = _bucket(gcs)
+    gcs.put(bucket, "m/a.bin", b"a")
+    settings = GcsSettings(endpoint=gcs.endpoint, credentials_file=str(sa))
+    try:
+        listing = await asyncio.to_thread(
+            list_gcs, parse_uri(f"gs://{bucket}/m"), settings, connect_timeout=5, read_timeout=10
+        )
+    finally:
+        await runner.cleanup()
+    (f,) = listing.files
+    assert dict(f.headers) == {"Authorization": "Bearer ya29.SECRET-TOKEN"}
+    # The storage client holds a scoped copy of the credentials: it and the engine each got a token.
+    assert set(grants) == {"urn:ietf:params:oauth:grant-type:jwt-bearer"}
+    assert "SECRET" not in repr(f) and "SECRET" not in repr(listing)
+
+    sa.write_text("{not json")
+    with pytest.raises(
+        AccessDenied, match=r"GOOGLE_APPLICATION_CREDENTIALS: .* is not a usable credentials file"
+    ):
+        list_gcs(parse_uri(f"gs://{bucket}/m"), settings, connect_timeout=5, read_timeout=10)

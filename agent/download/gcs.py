@@ -119,18 +119,38 @@ def credentials(settings: GcsSettings) -> Any | None:
 
     try:
         if settings.credentials_file:
-            creds, _ = google.auth.load_credentials_from_file(
-                settings.credentials_file, scopes=[READ_ONLY_SCOPE]
-            )
+            creds = _from_file(settings.credentials_file)
         else:
             creds, _ = google.auth.default(scopes=[READ_ONLY_SCOPE])
-    except DefaultCredentialsError as e:
+    except (DefaultCredentialsError, OSError, ValueError) as e:
         if settings.credentials_file:
             raise AccessDenied(
                 f"GOOGLE_APPLICATION_CREDENTIALS: '{settings.credentials_file}' is not a usable "
                 "credentials file"
             ) from e
         return None  # as KServe: no credentials found means anonymous access (public buckets)
+    return creds
+
+
+def _from_file(path: str) -> Any:
+    """A credentials file by its ``type``: a service account key or gcloud's user credentials by
+    their own loaders; other types (workload identity federation...) by google-auth's generic one."""
+    import json
+
+    import google.auth
+
+    with open(path, encoding="utf-8") as fh:
+        info = json.load(fh)
+    kind = info.get("type") if isinstance(info, dict) else None
+    if kind == "service_account":
+        from google.oauth2 import service_account
+
+        return service_account.Credentials.from_service_account_info(info, scopes=[READ_ONLY_SCOPE])
+    if kind == "authorized_user":
+        from google.oauth2 import credentials
+
+        return credentials.Credentials.from_authorized_user_info(info, scopes=[READ_ONLY_SCOPE])
+    creds, _ = google.auth.load_credentials_from_file(path, scopes=[READ_ONLY_SCOPE])
     return creds
 
 
