@@ -10,7 +10,7 @@ listing libraries (huggingface_hub, botocore) are mapped into the project's erro
   without a slash, and ``_$folder$`` objects, as S3 consoles, s3fs and Hadoop write them) are not
   files of the model.
 - gs: :mod:`agent.download.gcs` (google-cloud-storage lists; the engine fetches the JSON API's
-  media URLs with ranges, verified by md5Hash or crc32c).
+  media URLs with ranges, verified by crc32c, or md5Hash without google-crc32c's C extension).
 - Azure Blob and ADLS Gen2: :mod:`agent.download.azure` (azure-storage-blob lists and signs a
   read-only SAS; verified by Content-MD5 where the blob has one).
 - http(s): one HEAD for the size and the ETag; archives are fetched then unpacked.
