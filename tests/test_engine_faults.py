@@ -282,9 +282,7 @@ async def test_read_only_destination_is_permission_denied(hf_hub: Hub, tmp_path:
     hf_hub.add_repo("org/m", {"w.bin": b"w"})
     with (
         mounted(tmp_path / "ro", "size=1m,ro") as ro,
-        pytest.raises(
-            PermissionDenied, match=r"the filesystem refused the write \(Read-only file system\)"
-        ),
+        pytest.raises(PermissionDenied, match=r"the filesystem refused the write \(Read-only file system\)"),
     ):
         await run("hf://org/m", ro / "m", hub_settings(hf_hub))
 
