@@ -262,6 +262,12 @@ def _http(raw: str, field: str) -> SourceURI:
         if dfs := _AZURE_DFS_HOST.fullmatch(host):  # ADLS Gen2: the same data as the blob endpoint
             blob_host = f"{dfs[1]}.{dfs[2].replace('dfs', 'blob', 1)}"
             return _azure(raw, field, blob_host, parts.path.lstrip("/"), parts.query)
+        if parts.path.rstrip("/").endswith(".git"):
+            # KServe clones these (kserve_storage.py:84, _GIT_RE); fetched as one file, it would be a page.
+            raise URIError(
+                f"{field}: '{redact(raw)}': git repositories are not supported by the node cache; use "
+                "hf://OWNER/REPO for a Hugging Face repository, or copy the model to object storage"
+            )
         if _AZURE_FILE_HOST.fullmatch(host):
             raise URIError(
                 f"{field}: '{redact(raw)}': Azure Files shares are not supported by the node cache; "

@@ -66,6 +66,7 @@ def test_parses(uri: str, fields: dict[str, object]) -> None:
         ("https://acct.blob.core.windows.net/Bad_Container/x", "not a valid Azure container name"),
         ("https://acct.blob.core.windows.net/c12/../x", "must not contain '..'"),
         ("https://acct.file.core.windows.net/share/x", "Azure Files shares are not supported"),
+        ("https://github.com/org/model.git", "git repositories are not supported"),
         ("abfss://acct.dfs.core.windows.net/x", "abfss://FILESYSTEM@ACCOUNT.dfs.core.windows.net/PATH"),
         ("meta-llama/Llama", "has no scheme"),
         ("hf://just-a-name", "hf://OWNER/REPO"),
