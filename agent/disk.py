@@ -179,7 +179,7 @@ class CacheDir:
                     return None
             except OSError:
                 return None
-            # Every hash the manifest knows (sha256, git blob sha1, md5: entry_check's rule); a
+            # Every hash the manifest knows (sha256, git blob sha1, md5, crc32c: entry_check's rule); a
             # file with none (published with --no-verify) is checked by its size alone.
             check = entry_check(entry) if verify else None
             if check is not None:

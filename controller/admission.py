@@ -280,7 +280,7 @@ def validate_cache(
         # a served model; standalone mode (the user's own machine) keeps them.
         return Verdict.refuse(
             "spec.sourceModelUri: file:// sources and paths on the node are not allowed in a cluster; "
-            "use hf://, s3:// or http(s)://",
+            "use hf://, s3://, gs://, Azure Blob or http(s)://",
             code=422,
         )
     by_name = {g.name: g for g in groups}

@@ -7,8 +7,9 @@ Stored as JSON at ``<cache-dir>/.modelcache/manifests/<storage key>.json`` (see 
      "files": [{"path": "config.json", "size": 123, "sha256": "...", "sha1": null, "md5": null}, ...]}
 
 Paths are relative, POSIX, and never absolute or with ``..`` (checked on read as on write). ``md5``
-is optional (manifests written before it was added still read). Which of the hashes a file is checked
-with is :func:`hash_check`'s rule, the same for the download engine and the agent's re-verify.
+and ``crc32c`` are optional (manifests written before they were added still read). Which of the
+hashes a file is checked with is :func:`hash_check`'s rule, the same for the download engine and
+the agent's re-verify.
 """
 
 from __future__ import annotations
@@ -29,12 +30,34 @@ class FileEntry:
     size: int
     sha256: str | None = None
     sha1: str | None = None  # git blob sha1: the sha1 of b"blob <size>\0" + content
-    md5: str | None = None  # S3 single-part ETag, kept where the source gave nothing stronger
+    md5: str | None = None  # S3 single-part ETag, GCS md5Hash, Azure Content-MD5 (hex)
+    crc32c: str | None = None  # GCS crc32c (8 hex digits, big-endian)
+
+
+class _Crc32c:
+    """CRC32C (Castagnoli) with hashlib's interface, by google-crc32c (its C extension where built)."""
+
+    def __init__(self) -> None:
+        import google_crc32c
+
+        self._c = google_crc32c.Checksum()
+
+    def update(self, data: bytes | memoryview) -> None:
+        # The C extension takes read-only bytes only ("y#"), not a view of a read-only mapping.
+        self._c.update(data if isinstance(data, bytes) else bytes(data))
+
+    def hexdigest(self) -> str:
+        return bytes(self._c.digest()).hex()
+
+
+# The hashes a file may be checked by, strongest first (:func:`hash_check`'s order).
+HASH_NAMES = ("sha256", "sha1", "md5", "crc32c")
 
 
 @dataclass(frozen=True)
 class HashCheck:
-    """How one file's content is checked: ``name`` is "sha256", "sha1" (git blob) or "md5"."""
+    """How one file's content is checked: ``name`` is "sha256", "sha1" (git blob), "md5" or
+    "crc32c"."""
 
     name: str
     expected: str  # lowercase hex
@@ -45,13 +68,19 @@ class HashCheck:
             return hashlib.sha256()
         if self.name == "sha1":
             return hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
+        if self.name == "crc32c":
+            return _Crc32c()
         return hashlib.md5(usedforsecurity=False)
 
 
-def hash_check(sha256: str | None, sha1: str | None, md5: str | None) -> HashCheck | None:
+def hash_check(
+    sha256: str | None, sha1: str | None, md5: str | None, crc32c: str | None = None
+) -> HashCheck | None:
     """The strongest hash known for a file: sha256, else the git blob sha1 (Hugging Face's non-LFS
-    files), else md5 (an S3 single-part ETag); None when there is none (checked by size only)."""
-    for name, value in (("sha256", sha256), ("sha1", sha1), ("md5", md5)):
+    files), else md5 (an S3 single-part ETag, an Azure blob's Content-MD5, a GCS md5Hash), else
+    crc32c (GCS objects: the source gives it alone, see agent/download/gcs.py); None when there is
+    none (checked by size only)."""
+    for name, value in (("sha256", sha256), ("sha1", sha1), ("md5", md5), ("crc32c", crc32c)):
         if value:
             return HashCheck(name, value.lower())
     return None
@@ -59,7 +88,7 @@ def hash_check(sha256: str | None, sha1: str | None, md5: str | None) -> HashChe
 
 def entry_check(entry: FileEntry) -> HashCheck | None:
     """:func:`hash_check` of a manifest entry."""
-    return hash_check(entry.sha256, entry.sha1, entry.md5)
+    return hash_check(entry.sha256, entry.sha1, entry.md5, entry.crc32c)
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,7 @@ class Manifest:
             "files": [
                 {"path": f.path, "size": f.size, "sha256": f.sha256, "sha1": f.sha1}
                 | ({"md5": f.md5} if f.md5 else {})
+                | ({"crc32c": f.crc32c} if f.crc32c else {})
                 for f in self.files
             ],
         }
@@ -113,7 +143,7 @@ class Manifest:
             if not isinstance(size, int) or size < 0:
                 raise SpecError(f"bad size {size!r}", field=f"files[{i}].size", where=where)
             hashes = []
-            for name in ("sha256", "sha1", "md5"):
+            for name in HASH_NAMES:
                 value = raw.get(name) or None
                 if value is not None and not (isinstance(value, str) and _is_hex(value)):
                     raise SpecError(f"bad {name} {value!r}", field=f"files[{i}].{name}", where=where)

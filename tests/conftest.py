@@ -5,6 +5,8 @@ pytest_plugins: list[str] = [
     "tests.support.hfhub",
     "tests.support.s3",
     "tests.support.s3files",
+    "tests.support.gcs",
+    "tests.support.azurite",
     "tests.support.httpfiles",
     "tests.support.kubeapi",
     "tests.support.agents",

@@ -251,10 +251,10 @@ async def test_cache_validation_over_https(https: tuple[ClusterState, Client, We
     assert partial["warnings"] == ["needs 50Gi, group h100 has 40Gi of 100Gi free"]
 
     bad_uri = cache("bad", "1Gi", ["a100"])
-    bad_uri["spec"]["sourceModelUri"] = "gs://bucket/model"
+    bad_uri["spec"]["sourceModelUri"] = "hdfs://namenode/model"
     r = await verdict("CREATE", bad_uri)
     assert r["allowed"] is False and r["status"]["code"] == 422
-    assert "spec.sourceModelUri" in r["status"]["message"] and "'gs'" in r["status"]["message"]
+    assert r["status"]["message"].startswith("spec.sourceModelUri: hdfs:// sources are not supported")
     r = await verdict("CREATE", cache("lost", "1Gi", ["a100", "t4"]))
     assert r["allowed"] is False
     assert r["status"]["message"] == "node group 't4' does not exist (node groups: a100, h100)"

@@ -79,8 +79,8 @@ def test_folder_of_documents(tmp_path: Path) -> None:
         ),
         (GOOD.replace("200Gi", "0"), "x.yaml#1: spec.storageLimit: '0' leaves no room"),
         (
-            GOOD.replace('"hf://meta-llama/Llama-3.1-8B"', "gs://bucket/llama"),
-            "x.yaml#3: spec.sourceModelUri: scheme 'gs' is not supported",
+            GOOD.replace('"hf://meta-llama/Llama-3.1-8B"', "hdfs://namenode/llama"),
+            "x.yaml#3: spec.sourceModelUri: hdfs:// sources are not supported by the node cache",
         ),
         (
             GOOD.replace("metadata: {name: llama}", "metadata: {}"),

@@ -78,7 +78,7 @@ def test_symlink_escaping_the_source_is_refused(tmp_path: Path, capsys: pytest.C
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["pull", "gs://bucket/model", "/tmp/x"], "scheme 'gs' is not supported"),
+        (["pull", "oci://registry/model:v1", "/tmp/x"], "oci:// sources are not supported"),
         (["pull", "hf://only-name", "/tmp/x"], "hf://OWNER/REPO"),
         (["pull", "s3://bucket/m", "/tmp/x", "--revision", "v1"], "hf:// sources only"),
         (["pull", "/tmp/a", "/tmp/x", "--max-bandwidth", "fast"], "--max-bandwidth"),

@@ -98,7 +98,7 @@ def test_node_group_alias_is_normalised(alias: str | list[str]) -> None:
     ("mutate", "field", "message"),
     [
         (lambda s: s.pop("sourceModelUri"), "spec.sourceModelUri", "is required"),
-        (lambda s: s.update(sourceModelUri="gs://b/m"), "spec.sourceModelUri", "not supported"),
+        (lambda s: s.update(sourceModelUri="webhdfs://nn/m"), "spec.sourceModelUri", "not supported"),
         (lambda s: s.update(modelSize="10Gbytes"), "spec.modelSize", "not a Kubernetes quantity"),
         (lambda s: s.update(modelSize="0"), "spec.modelSize", "greater than zero"),
         (lambda s: s.pop("modelSize"), "spec.modelSize", "is required"),

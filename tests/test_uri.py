@@ -26,6 +26,22 @@ from localmodel.uri import parse_uri
         ("file:///mnt/nfs/model", {"scheme": "file", "path": "/mnt/nfs/model"}),
         ("file://localhost/mnt/x", {"path": "/mnt/x"}),
         ("/mnt/nfs/model", {"scheme": "file", "path": "/mnt/nfs/model"}),
+        ("gs://my_bucket.v2/models/llama", {"scheme": "gs", "bucket": "my_bucket.v2", "key": "models/llama"}),
+        # Azure Blob by KServe's host patterns (kserve_storage.py:68-71), ADLS Gen2 by its dfs host.
+        (
+            "https://acct.blob.core.windows.net/models/llama/x%20y?sv=1&sig=abc",
+            {"scheme": "azure", "host": "acct.blob.core.windows.net", "bucket": "models", "key": "llama/x y"},
+        ),
+        ("https://acct.z12.blob.storage.azure.net/models/m", {"scheme": "azure", "key": "m"}),
+        (
+            "https://acct.dfs.core.windows.net/fsys/m",
+            {"scheme": "azure", "host": "acct.blob.core.windows.net", "bucket": "fsys"},
+        ),
+        (
+            "abfss://fsys@acct.dfs.core.windows.net/a/b",
+            {"scheme": "azure", "host": "acct.blob.core.windows.net", "bucket": "fsys", "key": "a/b"},
+        ),
+        ("https://acct.blob.core.windows.net:8443/c1/m.bin", {"scheme": "https"}),  # not Azure's endpoint
     ],
 )
 def test_parses(uri: str, fields: dict[str, object]) -> None:
@@ -38,8 +54,20 @@ def test_parses(uri: str, fields: dict[str, object]) -> None:
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
-        ("gs://bucket/x", "scheme 'gs' is not supported"),
-        ("pvc://claim/x", "scheme 'pvc' is not supported"),
+        ("hdfs://namenode/x", "hdfs:// sources are not supported by the node cache; copy the model"),
+        ("webhdfs://namenode/x", "webhdfs:// sources are not supported"),
+        ("oci://registry/img:tag", "modelcars are pulled and cached by the container runtime"),
+        ("modelscope://org/m", "use the model's Hugging Face mirror"),
+        ("pvc://claim/x", "mount it in the predictor without a cache"),
+        ("ftp://host/x", "scheme 'ftp' is not supported"),
+        ("gs://B/x", "not a valid GCS bucket"),
+        ("gs://key@bkt/x", "carry no credentials"),
+        ("gs://bkt/../x", "'..'"),
+        ("https://acct.blob.core.windows.net/Bad_Container/x", "not a valid Azure container name"),
+        ("https://acct.blob.core.windows.net/c12/../x", "must not contain '..'"),
+        ("https://acct.file.core.windows.net/share/x", "Azure Files shares are not supported"),
+        ("https://github.com/org/model.git", "git repositories are not supported"),
+        ("abfss://acct.dfs.core.windows.net/x", "abfss://FILESYSTEM@ACCOUNT.dfs.core.windows.net/PATH"),
         ("meta-llama/Llama", "has no scheme"),
         ("hf://just-a-name", "hf://OWNER/REPO"),
         ("hf://a/b/c", "hf://OWNER/REPO"),
@@ -104,6 +132,12 @@ def test_layout_paths_refuse_non_keys(tmp_path) -> None:
         ("s3://bkt/models/llama?versionId=3HL4kqtJlcpXroDTDmJ", "s3://bkt/models/llama?<redacted>"),
         ("s3://AKIAKEY:SECRET@bkt/m", "s3://bkt/m"),
         ("gs://bkt/m?GoogleAccessId=x&Signature=SECRET", "gs://bkt/m?<redacted>"),
+        (
+            "https://acct.blob.core.windows.net/models/llama?sv=2024&sig=SECRET",
+            "https://acct.blob.core.windows.net/models/llama?<redacted>",
+        ),
+        ("abfss://models@acct.dfs.core.windows.net/llama", "abfss://models@acct.dfs.core.windows.net/llama"),
+        ("abfss://u:SECRET@acct.dfs.core.windows.net/llama", "abfss://acct.dfs.core.windows.net/llama"),
         ("http://user:pa55@host:8080/m.tar.gz?sig=SECRET#frag", "http://host:8080/m.tar.gz?<redacted>"),
         ("https://host/m.zip?X-Amz-Signature=SECRET", "https://host/m.zip?<redacted>"),
         ("HTTPS://u@Host/m.zip", "https://Host/m.zip"),

@@ -8,7 +8,7 @@ Retry-After), never on 401/403/404. Memory is bounded by ``concurrency * read_si
 model's size.
 
 Integrity: every file is checked against its size, and (unless ``verify`` is off) against the
-strongest checksum the source offers (sha256, else git blob sha1, else MD5:
+strongest checksum the source offers (sha256, else git blob sha1, else MD5, else CRC32C:
 :func:`localmodel.manifest.hash_check`); a mismatch is fetched once more from scratch, then fails the
 download naming the file. Every ranged answer is checked against what was asked (a 206's
 ``Content-Range`` start, end and total; a 200 only where the whole file stands for the request): a
@@ -143,7 +143,7 @@ def same_files(manifest: Manifest, listing: Listing) -> bool:
 
 
 def _check_of(f: RemoteFile) -> HashCheck | None:
-    return hash_check(f.sha256, f.git_sha1, f.md5)
+    return hash_check(f.sha256, f.git_sha1, f.md5, f.crc32c)
 
 
 class Transfer:
@@ -688,6 +688,7 @@ class Transfer:
                     f.sha256 or self.outcome.get(f.path, ("", None))[1],
                     f.git_sha1,
                     f.md5,
+                    f.crc32c,
                 )
                 for f in self.listing.files
             )

@@ -21,14 +21,17 @@ class RemoteFile:
     size: int | None  # None only when the source does not say (a plain HTTP file)
     sha256: str | None = None
     git_sha1: str | None = None  # git blob sha1 (Hugging Face, non-LFS files)
-    md5: str | None = None  # S3 single-part ETag
+    md5: str | None = None  # S3 single-part ETag, GCS md5Hash, Azure Content-MD5 (hex)
+    crc32c: str | None = None  # GCS crc32c (hex), checked only where no md5 is known
     url: str | None = field(default=None, repr=False)  # may carry a signature: never logged
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry a token
     local_path: str | None = None  # file:// sources
     ranges: bool = False  # the source always honours Range (S3): fan out at once, no probe first
 
     def entry(self, *, sha256: str | None = None) -> FileEntry:
-        return FileEntry(self.path, self.size or 0, sha256 or self.sha256, self.git_sha1)
+        return FileEntry(
+            self.path, self.size or 0, sha256 or self.sha256, self.git_sha1, self.md5, self.crc32c
+        )
 
 
 @dataclass(frozen=True)

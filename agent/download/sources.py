@@ -9,6 +9,10 @@ listing libraries (huggingface_hub, botocore) are mapped into the project's erro
   Folder markers (an empty object or ``application/x-directory`` named like the folder, with or
   without a slash, and ``_$folder$`` objects, as S3 consoles, s3fs and Hadoop write them) are not
   files of the model.
+- gs: :mod:`agent.download.gcs` (google-cloud-storage lists; the engine fetches the JSON API's
+  media URLs with ranges, verified by crc32c, or md5Hash without google-crc32c's C extension).
+- Azure Blob and ADLS Gen2: :mod:`agent.download.azure` (azure-storage-blob lists and signs a
+  read-only SAS; verified by Content-MD5 where the blob has one).
 - http(s): one HEAD for the size and the ETag; archives are fetched then unpacked.
 - file: a folder (or a file) on a local or mounted filesystem, under the allowed prefixes.
 
@@ -22,6 +26,7 @@ line naming the endpoint ("cannot reach http://host:port: no answer within 30 s"
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -36,7 +41,9 @@ from urllib.parse import unquote, urlsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
+from agent.download.azure import AzureSettings, list_azure
 from agent.download.client import HttpClient, Response, connection_words, retried
+from agent.download.gcs import GcsSettings, list_gcs
 from agent.download.listing import Listing, RemoteFile, check_not_empty, check_unique, checked_path
 from localmodel.errors import (
     AccessDenied,
@@ -74,6 +81,8 @@ class SourceSettings:
     list_attempts: int = 4
     list_backoff: float = 1.0  # the first wait between listing attempts; doubles, capped at 30 s
     file_prefixes: tuple[str, ...] | None = None
+    gcs: GcsSettings = dataclasses.field(default_factory=GcsSettings)
+    azure: AzureSettings = dataclasses.field(default_factory=AzureSettings)
 
     @classmethod
     def from_env(
@@ -85,6 +94,8 @@ class SourceSettings:
             hf_token=hf_token_from_env(env),
             s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
             file_prefixes=file_prefixes,
+            gcs=GcsSettings.from_env(env),
+            azure=AzureSettings.from_env(env),
         )
 
 
@@ -149,6 +160,11 @@ async def _list_once(uri: SourceURI, settings: SourceSettings, client: HttpClien
         return await asyncio.to_thread(_list_s3, uri, settings)
     if uri.scheme == "file":
         return await asyncio.to_thread(_list_file, uri, settings)
+    timeouts = {"connect_timeout": settings.connect_timeout, "read_timeout": settings.read_timeout}
+    if uri.scheme == "gs":
+        return await asyncio.to_thread(list_gcs, uri, settings.gcs, **timeouts)
+    if uri.scheme == "azure":
+        return await asyncio.to_thread(list_azure, uri, settings.azure, **timeouts)
     return await _list_http(uri, client)
 
 

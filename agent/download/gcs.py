@@ -1,0 +1,262 @@
+"""Google Cloud Storage (``gs://BUCKET/PREFIX``) as a :class:`~agent.download.listing.Listing`.
+
+google-cloud-storage lists the objects (paginated) with their size, generation, md5Hash and crc32c;
+the engine then fetches each object through its own client from the JSON API's media URL
+(``{endpoint}/download/storage/v1/b/BUCKET/o/NAME?alt=media&generation=N``) with ranges, so an
+object replaced during the download answers 404 rather than mixing two generations. Each file is
+verified by its crc32c, as google-cloud-storage and gcloud verify downloads (``checksum="auto"``:
+CRC32C where google-crc32c's C extension is built, several times cheaper than MD5 on the node's
+CPU); by its md5Hash where that extension is missing (the pure-Python CRC32C is far slower) or GCS
+gives no crc32c.
+
+Credentials as KServe takes them (kserve_storage.py:909-921, ``_download_gcs``): Application Default
+Credentials (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's, the metadata server), and anonymous
+access (public buckets) when there are none; ``STORAGE_EMULATOR_HOST`` points at an emulator, which
+takes no credentials (as google-cloud-storage does). The bearer token travels in a header the engine
+never logs; :class:`BearerHeaders` refreshes it before it expires (Google's tokens last an hour).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
+from localmodel.uri import SourceURI
+
+GCS_DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+
+
+@dataclass(frozen=True)
+class GcsSettings:
+    """How to reach GCS, built at the entry point (:meth:`from_env`) or, later, per cache.
+
+    ``credentials_file``: a credentials JSON (service account key, workload identity federation
+    config) or None for Application Default Credentials; ``anonymous``: no credentials at all (also
+    what a missing ADC falls back to); ``endpoint``: the API's base URL (an emulator's)."""
+
+    endpoint: str = GCS_DEFAULT_ENDPOINT
+    credentials_file: str | None = field(default=None, repr=False)
+    anonymous: bool = False
+    emulator: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GcsSettings:
+        # google-cloud-storage's own rule (client.py, _get_storage_emulator_override): a host without
+        # a scheme is http.
+        host = (env.get("STORAGE_EMULATOR_HOST") or "").strip().rstrip("/")
+        if host and "://" not in host:
+            host = f"http://{host}"
+        return cls(
+            endpoint=host or GCS_DEFAULT_ENDPOINT,
+            credentials_file=env.get("GOOGLE_APPLICATION_CREDENTIALS") or None,
+            emulator=bool(host),
+        )
+
+
+class BearerHeaders(Mapping[str, str]):
+    """``{"Authorization": "Bearer TOKEN"}`` whose token is refreshed when it is about to expire,
+    shared by every file of a listing (the engine copies the headers at each request, on its event
+    loop: a refresh, about once an hour, holds the loop for at most ``timeout`` seconds). A refresh
+    that fails is AccessDenied (refused) or TransientError (no answer), never a traceback."""
+
+    def __init__(self, credentials: Any, timeout: float) -> None:
+        self._credentials = credentials
+        self._timeout = timeout
+        self._lock = threading.Lock()
+
+    def _value(self) -> str:
+        with self._lock:
+            if not self._credentials.valid:
+                import google.auth.exceptions
+                import google.auth.transport.requests
+
+                request = google.auth.transport.requests.Request()
+
+                def bounded(*args: Any, **kwargs: Any) -> Any:
+                    return request(*args, **{**kwargs, "timeout": self._timeout})
+
+                try:
+                    self._credentials.refresh(bounded)
+                except google.auth.exceptions.RefreshError as e:
+                    raise AccessDenied("gs://: the Google credentials could not be refreshed") from e
+                except google.auth.exceptions.TransportError as e:
+                    raise TransientError(
+                        f"gs://: cannot refresh the Google credentials: no answer within {self._timeout:g} s"
+                    ) from e
+            return f"Bearer {self._credentials.token}"
+
+    def __getitem__(self, key: str) -> str:
+        if key != "Authorization":
+            raise KeyError(key)
+        return self._value()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("Authorization",))
+
+    def __len__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return "BearerHeaders(<redacted>)"
+
+
+def credentials(settings: GcsSettings) -> Any | None:
+    """The credentials to use, or None for anonymous access. A credentials file that is missing or
+    does not parse is AccessDenied naming the setting (never its content)."""
+    if settings.anonymous or settings.emulator:
+        return None
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        if settings.credentials_file:
+            creds = _from_file(settings.credentials_file)
+        else:
+            creds, _ = google.auth.default(scopes=[READ_ONLY_SCOPE])
+    except (DefaultCredentialsError, OSError, ValueError) as e:
+        if settings.credentials_file:
+            raise AccessDenied(
+                f"GOOGLE_APPLICATION_CREDENTIALS: '{settings.credentials_file}' is not a usable "
+                "credentials file"
+            ) from e
+        return None  # as KServe: no credentials found means anonymous access (public buckets)
+    return creds
+
+
+def _from_file(path: str) -> Any:
+    """A credentials file by its ``type``: a service account key or gcloud's user credentials by
+    their own loaders; other types (workload identity federation...) by google-auth's generic one."""
+    import json
+
+    import google.auth
+
+    with open(path, encoding="utf-8") as fh:
+        info = json.load(fh)
+    kind = info.get("type") if isinstance(info, dict) else None
+    if kind == "service_account":
+        from google.oauth2 import service_account
+
+        return service_account.Credentials.from_service_account_info(info, scopes=[READ_ONLY_SCOPE])
+    if kind == "authorized_user":
+        from google.oauth2 import credentials
+
+        return credentials.Credentials.from_authorized_user_info(info, scopes=[READ_ONLY_SCOPE])
+    creds, _ = google.auth.load_credentials_from_file(path, scopes=[READ_ONLY_SCOPE])
+    return creds
+
+
+def list_gcs(
+    uri: SourceURI, settings: GcsSettings, *, connect_timeout: float, read_timeout: float
+) -> Listing:
+    """The objects of ``gs://BUCKET/KEY``: the one object KEY names, else every object under
+    ``KEY/`` (folder markers dropped: ``name/`` and ``name_$folder$`` objects, and empty objects
+    named like a folder that has objects). Raises AccessDenied (401/403, naming the bucket),
+    SourceNotFound (no bucket, nothing under the prefix), TransientError (timeouts, 429, 5xx)."""
+    import google.auth.exceptions
+    import requests.exceptions
+    from google.api_core import exceptions as api
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    source = uri.redacted()
+    creds = credentials(settings)
+    client = storage.Client(
+        project="<none>",  # listing needs no project; without one the client would look it up
+        credentials=creds if creds is not None else AnonymousCredentials(),
+        client_options={"api_endpoint": settings.endpoint},
+    )
+    timeout = (connect_timeout, read_timeout)
+    prefix = uri.key
+    found: list[Any] = []
+    base = prefix
+    try:
+        if prefix and not prefix.endswith("/"):
+            blob = client.bucket(uri.bucket).get_blob(prefix, timeout=timeout, retry=None)
+            if blob is not None and int(blob.size or 0) > 0:
+                found = [blob]
+                base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+            else:
+                prefix = base = prefix + "/"
+        if not found:
+            found = list(client.list_blobs(uri.bucket, prefix=prefix, timeout=timeout, retry=None))
+            found = _drop_folder_markers(found)
+            if not found:
+                raise SourceNotFound(f"{source}: no objects under this prefix")
+    except api.NotFound as e:
+        raise SourceNotFound(f"{source}: bucket {uri.bucket} not found (HTTP 404)") from e
+    except (api.Unauthorized, api.Forbidden) as e:
+        hint = "set GOOGLE_APPLICATION_CREDENTIALS" if creds is None else "check the credentials' roles"
+        raise AccessDenied(f"{source}: access denied to bucket {uri.bucket} (HTTP {e.code}); {hint}") from e
+    except (api.TooManyRequests, api.ServerError, api.RetryError) as e:
+        raise TransientError(f"{source}: GCS error {getattr(e, 'code', '') or type(e).__name__}") from e
+    except api.GoogleAPICallError as e:
+        raise DownloadError(f"{source}: GCS error {e.code}") from e
+    except google.auth.exceptions.RefreshError as e:
+        raise AccessDenied(f"{source}: the Google credentials could not be refreshed") from e
+    except requests.exceptions.ConnectTimeout as e:
+        raise TransientError(
+            f"{source}: cannot reach {settings.endpoint}: no connection within {connect_timeout:g} s"
+        ) from e
+    except requests.exceptions.Timeout as e:
+        raise TransientError(
+            f"{source}: cannot reach {settings.endpoint}: no answer within {read_timeout:g} s"
+        ) from e
+    except (requests.exceptions.RequestException, google.auth.exceptions.TransportError) as e:
+        raise TransientError(f"{source}: cannot reach {settings.endpoint}: {type(e).__name__}") from e
+    headers: Mapping[str, str] = BearerHeaders(creds, read_timeout) if creds is not None else {}
+    import google_crc32c
+
+    fast_crc32c = google_crc32c.implementation == "c"
+    files = []
+    for blob in found:
+        path = checked_path(blob.name[len(base) :], source=source)
+        url = (
+            f"{settings.endpoint}/download/storage/v1/b/{quote(uri.bucket, safe='')}/o/"
+            f"{quote(blob.name, safe='')}?alt=media&generation={blob.generation}"
+        )
+        crc32c = _b64_hex(blob.crc32c) if fast_crc32c else None
+        files.append(
+            RemoteFile(
+                path=path,
+                size=int(blob.size or 0),
+                md5=None if crc32c else _b64_hex(blob.md5_hash),
+                crc32c=crc32c,
+                url=url,
+                headers=headers,
+                ranges=True,
+            )
+        )
+    result = tuple(sorted(files, key=lambda f: f.path))
+    check_unique(result, source=source)
+    generations = hashlib.sha256("".join(f"{b.name}:{b.generation};" for b in found).encode())
+    return Listing(source=source, revision=generations.hexdigest()[:16], files=result)
+
+
+def _drop_folder_markers(blobs: list[Any]) -> list[Any]:
+    names = {b.name for b in blobs}
+    folders = {n.rsplit("/", i)[0] for n in names for i in range(1, n.count("/") + 1)}
+    return [
+        b
+        for b in blobs
+        if not b.name.endswith("/")
+        and not b.name.endswith("_$folder$")
+        and not (int(b.size or 0) == 0 and b.name in folders)
+    ]
+
+
+def _b64_hex(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return base64.b64decode(value, validate=True).hex()
+    except (binascii.Error, ValueError):
+        return None
