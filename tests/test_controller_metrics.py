@@ -121,10 +121,10 @@ async def test_copies_follow_agents_and_series_of_gone_caches_and_groups_go() ->
 
 
 class _NoEvents(MemoryState):
-    async def create(self, kind: ResourceKind, obj: JSON) -> JSON:
+    async def create(self, kind: ResourceKind, obj: JSON, **kw: Any) -> JSON:
         if kind is EVENT:
             raise ClusterStateError("events are refused here")
-        return await super().create(kind, obj)
+        return await super().create(kind, obj, **kw)
 
 
 async def test_failed_writes_are_counted() -> None:
