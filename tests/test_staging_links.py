@@ -1,0 +1,142 @@
+"""No link below the staging folder is followed (a resume of a staging folder someone planted links
+in), and a file source swapped for a link after its listing is never read through it. Both for the
+agent and `modelcache pull` (the same Destination and engine), every source."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.download.engine import TransferSettings
+from agent.download.listing import Listing
+from agent.download.pull import http_client, pull
+from agent.download.sources import SourceSettings, list_source
+from agent.download.staging import Destination, FileProgress, Progress, check_tree
+from localmodel.errors import UnsafePath
+from localmodel.layout import CacheLayout, storage_key
+from localmodel.uri import parse_uri
+from tests.support.httpfiles import HttpFiles
+
+MiB = 1 << 20
+SETTINGS = TransferSettings(chunk_size=MiB, backoff_initial=0.01, backoff_max=0.05, attempts=2)
+
+
+async def _listing(uri: str, sources: SourceSettings) -> Listing:
+    client = http_client(SETTINGS)
+    try:
+        return await list_source(parse_uri(uri), settings=sources, client=client)
+    finally:
+        client.close()
+
+
+def _stage(dest: Destination, listing: Listing, path: str, data: bytes, *, verified: bool) -> None:
+    """A staging folder as an interrupted download leaves it: the file's first chunk (or, verified,
+    all of it) recorded as durable."""
+    target = dest.staging / "files" / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data[:MiB] + b"\0" * (len(data) - MiB) if not verified else data)
+    fp = FileProgress(len(data), None, None, None, chunks={0} if not verified else set(), verified=verified)
+    Progress(listing.revision, MiB, {path: fp}).save(dest.staging / "progress.json")
+
+
+@pytest.mark.parametrize(
+    ("scheme", "link_at"),
+    [("http", "w.bin"), ("file", "w.bin"), ("file", "sub")],
+    ids=["http", "file", "folder"],
+)
+@pytest.mark.parametrize("verified", [False, True], ids=["partial", "verified"])
+@pytest.mark.parametrize("kind", ["pull", "cache"])
+async def test_a_link_planted_below_files_is_refused_and_nothing_outside_changes(
+    plain_http: HttpFiles, tmp_path: Path, scheme: str, link_at: str, verified: bool, kind: str
+) -> None:
+    data = os.urandom(4 * MiB)
+    path = "w.bin" if link_at == "w.bin" else "sub/w.bin"
+    if scheme == "http":
+        plain_http.add(f"/{path}", data)
+        uri = f"{plain_http.url}/{path}"
+    else:
+        src = tmp_path / "src"
+        (src / path).parent.mkdir(parents=True)
+        (src / path).write_bytes(data)
+        uri = f"file://{src}"
+    if kind == "pull":
+        dest = Destination.for_folder(tmp_path / "out" / "m")
+    else:
+        dest = Destination.in_cache(CacheLayout(tmp_path / "cache"), storage_key(uri))
+    sources = SourceSettings()
+    listing = await _listing(uri, sources)
+    _stage(dest, listing, path, data, verified=verified)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "w.bin"
+    victim.write_bytes(b"\0" * len(data))
+    planted = dest.staging / "files" / link_at
+    shutil.rmtree(planted) if planted.is_dir() else planted.unlink()
+    planted.symlink_to(victim if link_at == "w.bin" else outside)
+
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        await pull(parse_uri(uri), dest, sources=sources, transfer=SETTINGS)
+    assert victim.read_bytes() == b"\0" * len(data)  # not a byte written through the link
+    assert not os.path.lexists(dest.final) and not dest.manifest.exists()
+    assert planted.is_symlink()  # reported, not deleted through either
+    # Once the link is gone, the same download resumes and publishes.
+    planted.unlink()
+    await pull(parse_uri(uri), dest, sources=sources, transfer=SETTINGS)
+    assert (dest.final / path).read_bytes() == data
+
+
+async def test_file_source_swapped_for_a_link_after_listing_is_not_read(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed" / "m"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "w.bin").write_bytes(b"model" * 1000)
+    (allowed / "sub" / "x.bin").write_bytes(b"sub" * 1000)
+    secret = tmp_path / "secret"
+    (secret / "sub").mkdir(parents=True)
+    (secret / "w.bin").write_bytes(b"S" * 5000)  # same size: only the bytes differ
+    (secret / "sub" / "x.bin").write_bytes(b"T" * 3000)
+    sources = SourceSettings(file_prefixes=(str(tmp_path / "allowed"),))
+
+    def swap_file(_: Listing) -> None:
+        (allowed / "w.bin").unlink()
+        (allowed / "w.bin").symlink_to(secret / "w.bin")
+
+    def swap_folder(_: Listing) -> None:
+        shutil.rmtree(allowed / "sub")
+        (allowed / "sub").symlink_to(secret / "sub")
+
+    for n, swap in enumerate((swap_file, swap_folder)):
+        dest = Destination.for_folder(tmp_path / "out" / f"m{n}")
+        with pytest.raises(UnsafePath, match="became a symbolic link after the listing"):
+            await pull(parse_uri(f"file://{allowed}"), dest, sources=sources, transfer=SETTINGS, admit=swap)
+        assert not os.path.lexists(dest.final)
+        # restore for the next case
+        for p in (allowed / "w.bin", allowed / "sub"):
+            if p.is_symlink():
+                p.unlink()
+        (allowed / "w.bin").write_bytes(b"model" * 1000)
+        (allowed / "sub").mkdir(exist_ok=True)
+        (allowed / "sub" / "x.bin").write_bytes(b"sub" * 1000)
+    # unswapped, it is copied
+    dest = Destination.for_folder(tmp_path / "out" / "ok")
+    await pull(parse_uri(f"file://{allowed}"), dest, sources=sources, transfer=SETTINGS)
+    assert (dest.final / "w.bin").read_bytes() == b"model" * 1000
+
+
+def test_check_tree_refuses_links_but_an_archives_inner_ones(tmp_path: Path) -> None:
+    top = tmp_path / "files"
+    (top / "d").mkdir(parents=True)
+    (top / "w.bin").write_bytes(b"x")
+    (top / "d" / "alias").symlink_to("../w.bin")
+    with pytest.raises(UnsafePath):
+        check_tree(top, inner_links=False)
+    check_tree(top, inner_links=True)  # inside the tree: an archive may have it
+    (top / "d" / "up").symlink_to("../..")  # resolves outside, though relative
+    with pytest.raises(UnsafePath, match="d/up"):
+        check_tree(top, inner_links=True)
+    (top / "d" / "up").unlink()
+    (top / "abs").symlink_to(top / "w.bin")  # absolute: would point elsewhere once renamed
+    with pytest.raises(UnsafePath, match="abs"):
+        check_tree(top, inner_links=True)
