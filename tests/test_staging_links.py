@@ -140,3 +140,34 @@ def test_check_tree_refuses_links_but_an_archives_inner_ones(tmp_path: Path) -> 
     (top / "abs").symlink_to(top / "w.bin")  # absolute: would point elsewhere once renamed
     with pytest.raises(UnsafePath, match="abs"):
         check_tree(top, inner_links=True)
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["files", "archive"])
+def test_a_link_in_a_published_model_makes_it_untrusted_unless_an_archives_inner_one(
+    tmp_path: Path, archive: bool
+) -> None:
+    from agent.disk import CacheDir
+    from agent.download.staging import publish
+    from localmodel.manifest import FileEntry, Manifest
+
+    cache = CacheDir(tmp_path / "cache")
+    cache.open()
+    try:
+        uri = "http://h/m.tar.gz" if archive else "hf://org/m"
+        key = storage_key(uri)
+        dest = cache.destination(key)
+        (dest.staging / "files").mkdir(parents=True)
+        (dest.staging / "files" / "w.bin").write_bytes(b"w")
+        publish(dest, Manifest(uri, key, "rev", (FileEntry("w.bin", 1),)))
+        assert key in cache.scan(verify=True).published
+        secret = tmp_path / "secret"
+        secret.write_text("s")
+        dest.final.chmod(0o755)
+        (dest.final / "inner").symlink_to("w.bin")
+        assert (key in cache.scan().published) is archive  # an archive's members may link inside
+        (dest.final / "evil").symlink_to(secret)
+        scan = cache.scan(verify=True)
+        assert key in scan.untrusted and key not in scan.published
+        assert secret.read_text() == "s"
+    finally:
+        cache.close()
