@@ -29,6 +29,7 @@ from localmodel.logs import setup_logging
 from localmodel.resources import cache_path_error
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
+from localmodel.text import printable
 
 log = logging.getLogger("modelcache.agent")
 
@@ -148,17 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def file_prefixes(values: Sequence[str], *, standalone: bool) -> tuple[str, ...] | None:
-    """The folders file sources may be read from: any (None) in standalone mode, else the absolute
-    paths given to ``--allow-file-sources`` (none by default)."""
+    """The folders file sources may be read from: any (None) in standalone mode, else the real paths
+    (links resolved) of the absolute paths given to ``--allow-file-sources`` (none by default).
+    InvalidInput for a relative path, ``/``, or one that cannot be resolved (a folder this user may
+    not enter, a loop of links)."""
     if standalone:
         return None
     prefixes = tuple(p.strip() for value in values for p in value.split(",") if p.strip())
+    real = []
     for prefix in prefixes:
         if not prefix.startswith("/"):
             raise InvalidInput(f"--allow-file-sources: {prefix!r} is not an absolute path")
-        if Path(prefix).resolve() == Path("/"):
+        try:
+            resolved = Path(prefix).resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a loop of symbolic links
+            why = getattr(e, "strerror", None) or "a loop of symbolic links"
+            raise InvalidInput(
+                f"--allow-file-sources: {printable(prefix)!r} cannot be resolved ({why}); name a folder "
+                "the agent can read"
+            ) from None
+        if resolved == Path("/"):
             raise InvalidInput("--allow-file-sources: '/' would allow every file of the node; name a folder")
-    return prefixes
+        real.append(str(resolved))
+    # Resolved once here: the listing compares real paths with these, and never resolves them again.
+    return tuple(real)
 
 
 def check_cache_dir(raw: Path) -> Path:

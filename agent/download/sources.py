@@ -93,11 +93,15 @@ def hf_token_from_env(env: Mapping[str, str]) -> str | None:
     then ``HUGGING_FACE_HUB_TOKEN``, then the file ``HF_TOKEN_PATH`` names (default
     ``$HF_HOME/token``, ``HF_HOME`` defaulting to ``$XDG_CACHE_HOME/huggingface`` or
     ``~/.cache/huggingface``): a mounted Secret keeps the token out of ``/proc/<pid>/environ``.
-    Surrounding whitespace is dropped; an empty value or a missing file is no token. A file that
-    ``HF_TOKEN_PATH`` names explicitly and that exists but cannot be read is InvalidInput."""
+
+    Cleaned as huggingface_hub's ``_clean_token`` does (every CR and LF dropped, surrounding
+    whitespace stripped); an empty value or a missing file is no token. What is left must be
+    printable ASCII without spaces (a header value; tokens are): anything else is InvalidInput
+    naming where it came from, never the token. A file that ``HF_TOKEN_PATH`` names explicitly and
+    that exists but cannot be read is InvalidInput."""
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if value := (env.get(name) or "").strip():
-            return value
+        if value := _clean_token(env.get(name) or ""):
+            return _checked_token(value, name)
     explicit = env.get("HF_TOKEN_PATH")
     if explicit:
         path = Path(os.path.expandvars(explicit)).expanduser()
@@ -106,7 +110,7 @@ def hf_token_from_env(env: Mapping[str, str]) -> str | None:
         home = Path(os.path.expandvars(env.get("HF_HOME") or cache / "huggingface")).expanduser()
         path = home / "token"
     try:
-        return path.read_text().strip() or None
+        token = _clean_token(path.read_text())
     except FileNotFoundError:
         return None  # as huggingface_hub: an optional Secret that is not there means no token
     except (OSError, UnicodeDecodeError) as e:
@@ -115,6 +119,24 @@ def hf_token_from_env(env: Mapping[str, str]) -> str | None:
                 f"HF_TOKEN_PATH: cannot read '{printable(explicit)}': {getattr(e, 'strerror', None) or e}"
             ) from None
         return None
+    where = f"HF_TOKEN_PATH ('{printable(explicit)}')" if explicit else f"the token file {path}"
+    return _checked_token(token, where) if token else None
+
+
+def _clean_token(text: str) -> str:
+    """huggingface_hub's ``_clean_token``: CR and LF removed wherever they are, then stripped."""
+    return text.replace("\r", "").replace("\n", "").strip()
+
+
+def _checked_token(token: str, where: str) -> str:
+    """The token, if every character is printable ASCII other than a space (what an Authorization
+    header can carry, as every Hugging Face token is); InvalidInput naming ``where``, never the token."""
+    if all("!" <= c <= "~" for c in token):
+        return token
+    raise InvalidInput(
+        f"{where}: the Hugging Face token holds a control character, a space or a non-ASCII "
+        "character; write the token alone (one line) into the Secret"
+    )
 
 
 async def list_source(uri: SourceURI, *, settings: SourceSettings, client: HttpClient) -> Listing:
@@ -542,26 +564,28 @@ async def _list_http(uri: SourceURI, client: HttpClient) -> Listing:
 def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
     root = Path(uri.path)
     source = uri.redacted()
-    allowed = _allowed_prefixes(settings)
+    allowed = _allowed_prefixes(settings, source)
     if allowed is not None:
-        _check_allowed(root.resolve(), allowed, source)
+        _check_allowed(_resolved(root, source), allowed, source)
     if root.is_file():
         checked_path(root.name, source=source)
         return Listing(
             source=source,
             revision=None,
-            files=(RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(root.resolve())),),
+            files=(
+                RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(_resolved(root, source))),
+            ),
         )
     if not root.is_dir():
         raise SourceNotFound(f"{source}: no such file or folder")
-    real_root = root.resolve()
+    real_root = _resolved(root, source)
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             full = Path(dirpath) / name
             rel = checked_path(full.relative_to(root).as_posix(), source=source)
-            real = full.resolve()
+            real = _resolved(full, source)
             if full.is_symlink() and not real.is_relative_to(real_root):
                 raise _unsafe(source, rel)
             if allowed is not None:
@@ -573,10 +597,23 @@ def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
     return Listing(source=source, revision=None, files=tuple(files))
 
 
-def _allowed_prefixes(settings: SourceSettings) -> tuple[Path, ...] | None:
+def _allowed_prefixes(settings: SourceSettings, source: str) -> tuple[Path, ...] | None:
     if settings.file_prefixes is None:
         return None
-    return tuple(Path(p).resolve() for p in settings.file_prefixes)
+    return tuple(_resolved(Path(p), source) for p in settings.file_prefixes)
+
+
+def _resolved(path: Path, source: str) -> Path:
+    """``path`` with every link resolved; a loop of links or a folder that cannot be entered is
+    one line (UnsafePath, AccessDenied, SourceNotFound), not a traceback."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise UnsafePath(f"{source}: '{printable(str(path))}' is a loop of symbolic links") from None
+    except PermissionError as e:
+        raise AccessDenied(f"{source}: cannot resolve '{printable(str(path))}': {e.strerror}") from None
+    except OSError as e:
+        raise SourceNotFound(f"{source}: cannot resolve '{printable(str(path))}': {e.strerror}") from None
 
 
 def _check_allowed(real: Path, allowed: tuple[Path, ...], source: str) -> None:
