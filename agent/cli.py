@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable or comma-separated; default: none; standalone mode allows any)",
     )
     p.add_argument(
+        "--allow-private-sources",
+        action="store_true",
+        help="cluster mode: sources may be on loopback, link-local or unspecified addresses "
+        "(127.0.0.1, 169.254.169.254, 0.0.0.0; refused by default; standalone mode allows them)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -213,6 +219,9 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--retry-max must be at least --retry-min")
     setup_logging(args.log_level, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_core_dumps()
+    # In a cluster a spec's URI must not reach the node's own services or the cloud metadata
+    # service; standalone, the documents are the user's own word.
+    private = args.standalone is not None or args.allow_private_sources
     settings = AgentSettings(
         node_name=args.node_name,
         cache_dir=check_cache_dir(args.cache_dir),
@@ -236,9 +245,11 @@ def main(argv: Sequence[str]) -> int:
             low_speed_time=args.low_speed_time,
             proxies=proxies_from_env(),
             ca_bundle=aws_ca_bundle(),
+            allow_private=private,
         ),
         sources=SourceSettings.from_env(
-            file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None)
+            file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None),
+            allow_private=private,
         ),
     )
     labels = parse_labels(args.node_labels)

@@ -106,6 +106,9 @@ class TransferSettings:
     # A CA bundle trusted besides the system's, as boto3 reads it (AWS_CA_BUNDLE or the profile's
     # ca_bundle; client.aws_ca_bundle at the entry point): presigned S3 GETs go to the same servers.
     ca_bundle: str | None = None
+    # Connections to loopback, link-local and unspecified addresses (client.private_address): off
+    # for the agent in a cluster without --allow-private-sources.
+    allow_private: bool = True
 
 
 class ProgressSink(Protocol):

@@ -36,7 +36,14 @@ from urllib.parse import unquote, urlsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from agent.download.client import HttpClient, Response, connection_words, retried
+from agent.download.client import (
+    HttpClient,
+    PrivateAddress,
+    Response,
+    check_endpoint,
+    connection_words,
+    retried,
+)
 from agent.download.listing import Listing, RemoteFile, check_not_empty, check_unique, checked_path
 from localmodel.errors import (
     AccessDenied,
@@ -74,13 +81,21 @@ class SourceSettings:
     list_attempts: int = 4
     list_backoff: float = 1.0  # the first wait between listing attempts; doubles, capped at 30 s
     file_prefixes: tuple[str, ...] | None = None
+    # Off: the hub's and S3's endpoints must not resolve to a loopback, link-local or unspecified
+    # address (client.check_endpoint; the agent in a cluster without --allow-private-sources).
+    allow_private: bool = True
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str] | None = None, *, file_prefixes: tuple[str, ...] | None = None
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        file_prefixes: tuple[str, ...] | None = None,
+        allow_private: bool = True,
     ) -> SourceSettings:
         env = os.environ if env is None else env
         return cls(
+            allow_private=allow_private,
             hf_endpoint=(env.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/"),
             hf_token=hf_token_from_env(env),
             s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
@@ -217,6 +232,7 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
 
     _bound_hf_client(settings)
     source = uri.redacted()
+    _check_endpoint(settings.hf_endpoint, settings, source)
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False)
     revision = uri.revision or "main"
     try:
@@ -295,6 +311,14 @@ def _bound_hf_client(settings: SourceSettings) -> None:
         _hf_timeouts = wanted
 
 
+def _check_endpoint(endpoint: str, settings: SourceSettings, source: str) -> None:
+    """The listing client connects on its own: its endpoint is checked by name before it does."""
+    try:
+        check_endpoint(endpoint, allow_private=settings.allow_private)
+    except PrivateAddress as e:
+        raise SourceNotAllowed(f"{source}: {e}") from e
+
+
 def _quote(path: str) -> str:
     from urllib.parse import quote
 
@@ -360,6 +384,7 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         # configuration, which no retry mends. botocore's text names the setting, never a secret.
         raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
     endpoint = str(client.meta.endpoint_url)
+    _check_endpoint(endpoint, settings, source)
     prefix = uri.key
     objects: list[dict[str, Any]] = []
     try:
