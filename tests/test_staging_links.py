@@ -153,7 +153,7 @@ def test_a_link_in_a_published_model_makes_it_untrusted_unless_an_archives_inner
     cache = CacheDir(tmp_path / "cache")
     cache.open()
     try:
-        uri = "http://h/m.tar.gz" if archive else "hf://org/m"
+        uri = "http://h/m.tar" if archive else "hf://org/m"
         key = storage_key(uri)
         dest = cache.destination(key)
         (dest.staging / "files").mkdir(parents=True)
@@ -171,3 +171,35 @@ def test_a_link_in_a_published_model_makes_it_untrusted_unless_an_archives_inner
         assert secret.read_text() == "s"
     finally:
         cache.close()
+
+
+async def test_a_verified_archive_swapped_for_a_link_is_not_unpacked(
+    plain_http: HttpFiles, tmp_path: Path
+) -> None:
+    import io
+    import tarfile
+
+    def tar_of(name: str, body: bytes) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            t.addfile(info, io.BytesIO(body))
+        return buf.getvalue()
+
+    good = tar_of("w.bin", b"good" * 100)
+    plain_http.add("/m.tar", good)
+    uri = f"{plain_http.url}/m.tar"
+    dest = Destination.for_folder(tmp_path / "out" / "m")
+    sources = SourceSettings()
+    listing = await _listing(uri, sources)
+    archive = dest.staging / "archive" / "m.tar"
+    archive.parent.mkdir(parents=True)
+    fp = FileProgress(len(good), None, None, None, verified=True)
+    Progress(listing.revision, MiB, {"m.tar": fp}).save(dest.staging / "progress.json")
+    evil = tmp_path / "evil.tar"
+    evil.write_bytes(tar_of("w.bin", b"evil" * 100))
+    archive.symlink_to(evil)
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        await pull(parse_uri(uri), dest, sources=sources, transfer=SETTINGS)
+    assert not os.path.lexists(dest.final)

@@ -691,6 +691,7 @@ class Transfer:
 
     def _unpack(self) -> None:
         (f,) = self.listing.files
+        lstat_below(self._target(f), below=self.dest.root)  # a link there (after its check): LinkRefused
         # Rebuilt from the archive every time: nothing left (or planted) in files/ is kept, so no
         # link there can take a member's bytes elsewhere.
         remove_tree(self.files_dir)

@@ -156,8 +156,10 @@ def _link_refused(path: Path) -> LinkRefused:
 def _open_dir_below(below: Path, parts: tuple[str, ...], *, make: bool) -> int:
     """A descriptor of ``below/parts...``, each part opened relative to the one before with
     O_NOFOLLOW (created first with ``make``): a link at any part is :class:`LinkRefused`, and a
-    link swapped in after a check cannot redirect the open (the kernel resolves no link)."""
-    fd = os.open(below, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    link swapped in after a check cannot redirect the open (the kernel resolves no link). O_PATH:
+    a folder that may be searched but not listed (0711) is passed as a plain path would be."""
+    walk = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(below, walk)
     current = below
     try:
         for part in parts:
@@ -166,7 +168,7 @@ def _open_dir_below(below: Path, parts: tuple[str, ...], *, make: bool) -> int:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
             try:
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                nxt = os.open(part, walk | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link_at(fd, part):
                     raise _link_refused(current) from None
