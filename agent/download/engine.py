@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import io
 import mmap
 import os
 import random
@@ -555,8 +556,10 @@ class Transfer:
         assert f.local_path is not None
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            out = open_below(target, flags, below=self.dest.root, make_parents=True)
-            with open_source(f.local_path, self.listing.source, f.path) as src, open(out, "wb") as dst:
+            with (
+                open_source(f.local_path, self.listing.source, f.path) as src,
+                open(open_below(target, flags, below=self.dest.root, make_parents=True), "wb") as dst,
+            ):
                 in_kernel = hasattr(os, "copy_file_range")
                 buf: memoryview | None = None
                 while True:
@@ -899,7 +902,7 @@ class _Hasher:
         return self.h.hexdigest() if self.next == len(self.chunks) else None
 
 
-def open_source(local_path: str, source: str, rel: str) -> Any:
+def open_source(local_path: str, source: str, rel: str) -> io.BufferedReader:
     """The file a ``file://`` listing named, opened for reading without following any link.
 
     ``local_path`` is the real path the listing checked against the allowed folders (every link
