@@ -29,6 +29,7 @@ from localmodel.logs import setup_logging
 from localmodel.resources import cache_path_error
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
+from localmodel.text import printable
 
 log = logging.getLogger("modelcache.agent")
 
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable or comma-separated; default: none; standalone mode allows any)",
     )
     p.add_argument(
+        "--allow-private-sources",
+        action="store_true",
+        help="cluster mode: sources may be on loopback, link-local or unspecified addresses "
+        "(127.0.0.1, 169.254.169.254, 0.0.0.0; refused by default; standalone mode allows them)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -148,17 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def file_prefixes(values: Sequence[str], *, standalone: bool) -> tuple[str, ...] | None:
-    """The folders file sources may be read from: any (None) in standalone mode, else the absolute
-    paths given to ``--allow-file-sources`` (none by default)."""
+    """The folders file sources may be read from: any (None) in standalone mode, else the real paths
+    (links resolved) of the absolute paths given to ``--allow-file-sources`` (none by default).
+    InvalidInput for a relative path, ``/``, or one that cannot be resolved (a folder this user may
+    not enter, a loop of links)."""
     if standalone:
         return None
     prefixes = tuple(p.strip() for value in values for p in value.split(",") if p.strip())
+    real = []
     for prefix in prefixes:
         if not prefix.startswith("/"):
             raise InvalidInput(f"--allow-file-sources: {prefix!r} is not an absolute path")
-        if Path(prefix).resolve() == Path("/"):
+        try:
+            resolved = Path(prefix).resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a loop of symbolic links
+            why = getattr(e, "strerror", None) or "a loop of symbolic links"
+            raise InvalidInput(
+                f"--allow-file-sources: {printable(prefix)!r} cannot be resolved ({why}); name a folder "
+                "the agent can read"
+            ) from None
+        if resolved == Path("/"):
             raise InvalidInput("--allow-file-sources: '/' would allow every file of the node; name a folder")
-    return prefixes
+        real.append(str(resolved))
+    # Resolved once here: the listing compares real paths with these, and never resolves them again.
+    return tuple(real)
 
 
 def check_cache_dir(raw: Path) -> Path:
@@ -199,6 +219,9 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--retry-max must be at least --retry-min")
     setup_logging(args.log_level, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_core_dumps()
+    # In a cluster a spec's URI must not reach the node's own services or the cloud metadata
+    # service; standalone, the documents are the user's own word.
+    private = args.standalone is not None or args.allow_private_sources
     settings = AgentSettings(
         node_name=args.node_name,
         cache_dir=check_cache_dir(args.cache_dir),
@@ -222,9 +245,11 @@ def main(argv: Sequence[str]) -> int:
             low_speed_time=args.low_speed_time,
             proxies=proxies_from_env(),
             ca_bundle=aws_ca_bundle(),
+            allow_private=private,
         ),
         sources=SourceSettings.from_env(
-            file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None)
+            file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None),
+            allow_private=private,
         ),
     )
     labels = parse_labels(args.node_labels)

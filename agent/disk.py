@@ -21,6 +21,7 @@ from pathlib import Path
 from agent.download.staging import (
     Destination,
     LinkRefused,
+    check_tree,
     finish_publish,
     refuse_links,
     remove_published,
@@ -30,12 +31,21 @@ from agent.download.staging import (
 from localmodel.errors import DownloadError, InvalidInput, ModelcacheError
 from localmodel.layout import FORMAT_VERSION, STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest, entry_check
+from localmodel.uri import parse_uri
 
 log = logging.getLogger("modelcache.agent")
 
 
 class CacheLocked(ModelcacheError):
     """Another agent process holds this cache folder."""
+
+
+class CompileCacheKept(LinkRefused):
+    """The model was deleted, its compile cache not: a link on the way to it (never followed)."""
+
+    def __init__(self, message: str, *, removed: bool) -> None:
+        super().__init__(message)
+        self.removed = removed  # what delete() would have returned: False when models/<key> was kept
 
 
 class CacheUnsafe(ModelcacheError):
@@ -73,7 +83,8 @@ class CacheDir:
         Raises :class:`CacheUnsafe` when one of those folders (or the lock, the format file) is a
         symbolic link, :class:`CacheLocked` when another agent holds the folder."""
         layout = self.layout
-        for d in (layout.models, layout.manifests, layout.staging, layout.trash, layout.lock_file):
+        folders = (layout.models, layout.manifests, layout.staging, layout.trash, self.compile_cache)
+        for d in (*folders, layout.lock_file):
             try:
                 refuse_links(d, below=layout.root)
                 refuse_links(layout.format_file, below=layout.root)
@@ -81,7 +92,7 @@ class CacheDir:
                 raise CacheUnsafe(
                     f"{e}; the agent does not start on a cache folder with links in it"
                 ) from None
-            if d != layout.lock_file:
+            if d not in (layout.lock_file, self.compile_cache):  # the runtime makes compile-cache
                 d.mkdir(parents=True, exist_ok=True)
         fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
@@ -107,6 +118,12 @@ class CacheDir:
         else:
             write_atomic(layout.format_file, f"{FORMAT_VERSION}\n".encode())
 
+    @property
+    def compile_cache(self) -> Path:
+        """``.modelcache/compile-cache``: ``modelcache serve`` keeps vLLM's compile cache there per
+        model; the agent deletes a model's with the model."""
+        return self.layout.hidden / "compile-cache"
+
     def close(self) -> None:
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
@@ -125,7 +142,7 @@ class CacheDir:
         layout = self.layout
         links = [
             f"{folder.relative_to(layout.root)}/{name}"
-            for folder in (layout.models, layout.staging, layout.trash, layout.manifests)
+            for folder in (layout.models, layout.staging, layout.trash, layout.manifests, self.compile_cache)
             for name in _links(folder)
         ]
         for pending in _subdirs(layout.staging):
@@ -172,6 +189,13 @@ class CacheDir:
         manifest = dest.published()
         if manifest is None:
             return None
+        try:
+            # A link in a published model was planted (only an archive's own members link, inside it):
+            # untrusted, so it is fetched again or deleted, never served or hashed through the link.
+            check_tree(dest.final, inner_links=_from_archive(manifest))
+        except LinkRefused as e:
+            log.warning("models/%s: %s; not trusted", key, e)
+            return None
         for entry in manifest.files:
             path = dest.final / entry.path
             try:
@@ -207,10 +231,14 @@ class CacheDir:
     def delete(self, key: str) -> bool:
         """Remove a model (published and staged) by storage key, and the runtime's compile cache
         kept beside it (``modelcache serve`` writes it there). False when ``models/<key>`` was kept
-        because no manifest of ours names it. Raises LinkRefused for a link on the way."""
+        because no manifest of ours names it. Raises LinkRefused for a link on the way to the model,
+        :class:`CompileCacheKept` (the model itself removed) for one on the way to its compile cache."""
         removed = remove_published(self.destination(key))
-        compile_cache = self.layout.hidden / "compile-cache" / key
-        refuse_links(compile_cache, below=self.layout.root)
+        compile_cache = self.compile_cache / key
+        try:
+            refuse_links(compile_cache, below=self.layout.root)
+        except LinkRefused as e:
+            raise CompileCacheKept(f"{e}; the model itself was deleted", removed=removed) from None
         remove_tree(compile_cache)
         return removed
 
@@ -235,5 +263,14 @@ def _tree_bytes(path: Path) -> int:
         for name in files:
             with contextlib.suppress(OSError):
                 # Allocated bytes, not apparent size: preallocated files count as what they hold.
-                total += (Path(dirpath) / name).stat().st_blocks * 512
+                # lstat: a link planted there counts as itself, not as what it points at.
+                total += (Path(dirpath) / name).lstat().st_blocks * 512
     return total
+
+
+def _from_archive(manifest: Manifest) -> bool:
+    """The model was unpacked from an archive (its URI names one): its members may link inside it."""
+    try:
+        return parse_uri(manifest.source_model_uri).archive_suffix is not None
+    except ModelcacheError:
+        return False

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.desired import Desired, desired, retry_delay
-from agent.disk import CacheDir, Scan
+from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.client import HttpClient
 from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
 from agent.download.pull import http_client, os_download_error, pull
 from agent.download.sources import SourceSettings
-from agent.download.staging import LinkRefused, write_atomic
+from agent.download.staging import LinkRefused, refuse_links, write_atomic
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
@@ -490,6 +490,12 @@ class Agent:
         root = self.settings.cache_dir
         self.links = {p for p in self.links if os.path.lexists(root / p)}
         self.foreign = {k for k in self.foreign if os.path.lexists(self.cache.layout.models / k)}
+        for key in [k for k, why in self.kept.items() if why.startswith(".modelcache/compile-cache/")]:
+            try:
+                refuse_links(self.cache.compile_cache / key, below=root)
+            except LinkRefused:
+                continue
+            del self.kept[key]  # the link is gone: nothing of ours is left behind it
 
     def _plan(self) -> Plan:
         wants = tuple(
@@ -534,6 +540,13 @@ class Agent:
         was_published = key in self.published
         try:
             removed = await asyncio.to_thread(self.cache.delete, key)
+        except CompileCacheKept as e:
+            # The model is gone; only its compile cache, behind a link, is left: say exactly that.
+            self.kept[key] = f".modelcache/compile-cache/{key} was not deleted: {e}"
+            log.warning("%s", self.kept[key])
+            removed = e.removed
+            await self._deleted(key, was_published, removed, keep=True)
+            return
         except (LinkRefused, OSError) as e:
             # Not retried on every reconcile: reported until the agent restarts or the key is wanted.
             self.kept[key] = f"models/{key} was not deleted: {e}"
@@ -541,10 +554,16 @@ class Agent:
             self.published.pop(key, None)
             self.untrusted.discard(key)
             return
+        await self._deleted(key, was_published, removed, keep=False)
+
+    async def _deleted(self, key: str, was_published: bool, removed: bool, *, keep: bool) -> None:
+        """Record a delete that went through; ``keep``: leave the report in ``kept`` (its compile
+        cache was not deleted)."""
         if not removed:
             self.foreign.add(key)
             log.warning("models/%s is no longer wanted but has no manifest of modelcache: kept", key)
-        self.kept.pop(key, None)
+        if not keep:
+            self.kept.pop(key, None)
         self.published.pop(key, None)
         self.untrusted.discard(key)
         rec = self.records.pop(key, None)

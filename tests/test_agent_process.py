@@ -267,6 +267,7 @@ contexts: [{{name: test, context: {{cluster: c, user: u}}}}]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "modelcache", "agent", "--node-name", "n1", "--cache-dir", str(cache),
         "--kubeconfig", str(config), "--health-addr", "off", "--metrics-addr", "off", "--once",
+        "--allow-private-sources",  # the test hub is on 127.0.0.1
         env=env(hf_hub),
     )  # fmt: skip
     assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -102,6 +102,7 @@ async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, t
                 "agent", "--node-name", name, "--cache-dir", str(cache), "--kubeconfig", str(config),
                 "--health-addr", "off", "--metrics-addr", "off", "--resync", "1", "--status-interval", "0.2",
                 "--chunk-size", "1Mi", "--eviction-grace", "0",
+                "--allow-private-sources",  # the test hub is on 127.0.0.1
                 env=env, log=logs / f"{name}.log",
             )  # fmt: skip
         await store.create(LOCAL_MODEL_CACHE, cache_doc("llama", URI, "10Mi", ["a100", "h100"]))

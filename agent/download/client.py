@@ -14,6 +14,13 @@ connection limit, its rate limiter the global byte-rate cap, its idle connection
 Redirects (301, 302, 303, 307, 308) are followed up to :data:`MAX_REDIRECTS`; ``Authorization`` is
 dropped when a redirect leaves the origin (a Hugging Face token never reaches a CDN).
 
+Private addresses: with ``allow_private`` off (the agent in a cluster without
+``--allow-private-sources``) no connection is made to a loopback, link-local (the cloud metadata
+service at 169.254.169.254) or unspecified address (:func:`private_address`): the check is on each
+address the name resolved to, just before connecting, so a redirect or a DNS answer that changes
+between two lookups cannot dodge it. Through a proxy, the target's name is resolved here and checked
+too (the proxy itself is the admin's choice). Refused with :class:`~localmodel.errors.SourceNotAllowed`.
+
 Low-speed limit (curl's ``--speed-limit``/``--speed-time``): a body that brings fewer than
 ``low_speed_limit`` bytes in a window of ``low_speed_time`` seconds is abandoned with a
 TransientError, so a server that trickles cannot hold a worker for long; the time a worker waits
@@ -48,6 +55,7 @@ import asyncio
 import contextlib
 import functools
 import http.client
+import ipaddress
 import socket
 import ssl
 import threading
@@ -60,7 +68,7 @@ from email.message import Message
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from localmodel.errors import DownloadError, InvalidInput, TransientError
+from localmodel.errors import DownloadError, InvalidInput, SourceNotAllowed, TransientError
 
 MAX_REDIRECTS = 10
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -68,6 +76,55 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 class Stopped(Exception):
     """The request was abandoned: the task awaiting it was cancelled."""
+
+
+class PrivateAddress(SourceNotAllowed):
+    """A connection to a loopback, link-local or unspecified address, refused (``allow_private`` off)."""
+
+    def __init__(self, host: str, address: str) -> None:
+        shown = host if host == address else f"{host} ({address})"
+        super().__init__(
+            f"refusing to connect to {shown}: a loopback, link-local or unspecified address; the agent "
+            "in a cluster reaches such addresses only with --allow-private-sources"
+        )
+
+
+def private_address(address: str) -> bool:
+    """True for a loopback (127/8, ::1), link-local (169.254/16, fe80::/10) or unspecified (0.0.0.0,
+    ::) address, IPv4-mapped IPv6 forms included (``ipaddress``'s classification, RFC 6890)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope ("fe80::1%eth0") aside
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified
+
+
+def check_endpoint(url: str, *, allow_private: bool) -> None:
+    """Raise :class:`PrivateAddress` when ``url``'s host resolves (now) to an address
+    :func:`private_address` refuses, unless ``allow_private``. For clients that connect on their
+    own (huggingface_hub's, boto3's): checked before they list. A name that does not resolve is
+    left for the client to report."""
+    if allow_private:
+        return
+    parts = urlsplit(url if "//" in url else f"//{url}")
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return  # a malformed port: the client's own error says so
+    _check_resolved(host, port)
+
+
+def _check_resolved(host: str, port: int) -> None:
+    try:
+        found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return
+    for *_, where in found:
+        if private_address(str(where[0])):
+            raise PrivateAddress(host, str(where[0]))
 
 
 @dataclass(frozen=True)
@@ -243,8 +300,10 @@ class HttpClient:
         low_speed_limit: int = 0,
         low_speed_time: float = 30.0,
         ca_bundle: str | None = None,
+        allow_private: bool = True,
     ) -> None:
         self.proxies = dict(proxies or {})
+        self.allow_private = allow_private
         for scheme in ("http", "https"):
             if scheme in self.proxies and _proxy_url(self.proxies[scheme]).scheme != "http":
                 raise InvalidInput(
@@ -327,6 +386,8 @@ class HttpClient:
     ) -> int:
         try:
             return self._follow(call, method, url, headers, label, accept)
+        except PrivateAddress as e:
+            raise SourceNotAllowed(f"{label}: {e}") from e
         except (DownloadError, Stopped):
             raise
         except ssl.SSLCertVerificationError as e:
@@ -346,6 +407,9 @@ class HttpClient:
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             key, target, extra = self._route(parts)
+            if key[0] != "direct" and not self.allow_private:
+                # The proxy connects for us: what it would reach is checked by name here, each hop.
+                _check_resolved(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
             conn, answer = self._send(call, key, method, target, {**headers, **extra}, label)
             try:
                 location = answer.getheader("Location")
@@ -482,7 +546,8 @@ class HttpClient:
         else:
             conn = http.client.HTTPConnection(str(where[1]), int(where[2]), timeout=self.connect_timeout)
         # http.client's hook for making the socket: ours shows it to the call before connecting.
-        conn._create_connection = functools.partial(_dial, call)  # type: ignore[attr-defined]
+        dial = functools.partial(_dial, call, self.allow_private or kind != "direct")
+        conn._create_connection = dial  # type: ignore[attr-defined]
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)
@@ -550,16 +615,20 @@ class _MeteredSSL(ssl.SSLSocket):
 
 def _dial(
     call: _Call,
+    allow_private: bool,
     address: tuple[str, int],
     timeout: float | None,
     source_address: tuple[str, int] | None = None,
 ) -> socket.socket:
     """``socket.create_connection``, with each socket attached to the call before it connects, so
     stopping the call interrupts a connect that would hang until its timeout (an address that drops
-    SYNs): ``shutdown`` ends a pending ``connect`` at once."""
+    SYNs): ``shutdown`` ends a pending ``connect`` at once. Without ``allow_private``, an address
+    :func:`private_address` refuses is never connected to (:class:`PrivateAddress`)."""
     host, port = address
     error: OSError | None = None
     for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        if not allow_private and private_address(str(where[0])):
+            raise PrivateAddress(host, str(where[0]))
         sock = _Metered(family, kind, proto)
         if not call.attach(sock):
             sock.close()

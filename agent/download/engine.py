@@ -36,11 +36,13 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import io
 import mmap
 import os
 import random
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -54,13 +56,26 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from agent.download.client import HttpClient, Response, retried
 from agent.download.listing import Listing, RemoteFile
-from agent.download.staging import Destination, FileProgress, Progress, publish
+from agent.download.staging import (
+    Destination,
+    FileProgress,
+    LinkRefused,
+    Progress,
+    check_tree,
+    link_below,
+    lstat_below,
+    open_below,
+    publish,
+    remove_tree,
+    unlink_below,
+)
 from agent.download.unpack import unpack
 from localmodel.errors import (
     DiskFull,
     DownloadError,
     IntegrityError,
     TransientError,
+    UnsafePath,
     from_os_error,
 )
 from localmodel.manifest import FileEntry, HashCheck, Manifest, hash_check
@@ -92,6 +107,9 @@ class TransferSettings:
     # A CA bundle trusted besides the system's, as boto3 reads it (AWS_CA_BUNDLE or the profile's
     # ca_bundle; client.aws_ca_bundle at the entry point): presigned S3 GETs go to the same servers.
     ca_bundle: str | None = None
+    # Connections to loopback, link-local and unspecified addresses (client.private_address): off
+    # for the agent in a cluster without --allow-private-sources.
+    allow_private: bool = True
 
 
 class ProgressSink(Protocol):
@@ -288,10 +306,10 @@ class Transfer:
                 kept = old.files.get(f.path)
                 if kept is None or kept.identity() != (f.size, f.sha256, f.git_sha1, f.md5):
                     continue
-                try:
-                    size = self._target(f).stat().st_size
-                except FileNotFoundError:
+                found = lstat_below(self._target(f), below=self.dest.root)
+                if found is None:
                     continue
+                size = found.st_size
                 if not (f.size is not None and size == f.size):
                     kept.chunks.clear()
                     kept.verified = False
@@ -383,7 +401,6 @@ class Transfer:
             st = self.state.files.get(f.path)
             if st is None or (not st.chunks and not st.verified):
                 target = self._target(f)
-                target.parent.mkdir(parents=True, exist_ok=True)
                 if self._reuse(f, target):
                     # Not recorded: after a crash the link is simply made again.
                     self._st(f).chunks = {i for i, _, _ in self._chunks(f)}
@@ -400,11 +417,13 @@ class Transfer:
         if not same:
             return False
         try:
-            target.unlink(missing_ok=True)
-            os.link(self.dest.final / f.path, target)
-        except OSError:
-            return False  # gone meanwhile, or a filesystem without hard links: fetch it
-        return True
+            # Neither end through a link: the published copy must be a file of ours, not a link to
+            # one elsewhere, and the staged name a file of the staging folder.
+            return link_below(
+                self.dest.final / f.path, target, src_below=self.dest.final, dst_below=self.dest.root
+            )
+        except (OSError, LinkRefused):
+            return False  # gone meanwhile, a link, or a filesystem without hard links: fetch it
 
     async def _fetch(self, f: RemoteFile) -> None:
         target = self._target(f)
@@ -441,13 +460,15 @@ class Transfer:
             return self.fds[f.path]
         target = self._target(f)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                if target.stat().st_nlink > 1:
-                    # Linked from the published copy (_reuse) and found damaged: writing into it would
-                    # change the published model in place. A new file instead.
-                    target.unlink()
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+            # Folder by folder, no link followed (open_below): a link planted in the staging folder
+            # while the agent was stopped would take these bytes to a file outside (LinkRefused).
+            fd = open_below(target, os.O_WRONLY | os.O_CREAT, below=self.dest.root, make_parents=True)
+            if os.fstat(fd).st_nlink > 1:
+                # Linked from the published copy (_reuse) and found damaged: writing into it would
+                # change the published model in place. A new file instead.
+                os.close(fd)
+                unlink_below(target, below=self.dest.root)
+                fd = open_below(target, os.O_WRONLY | os.O_CREAT, below=self.dest.root)
         except OSError as e:
             raise _os_error(e, f"{self.listing.source}: {f.path}") from e
         self.fds[f.path] = fd
@@ -533,9 +554,12 @@ class Transfer:
         with plain reads and writes where it cannot: across filesystems (EXDEV on kernels since
         5.19), or where the call is missing or refused (ENOSYS, EINVAL, EOPNOTSUPP)."""
         assert f.local_path is not None
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(f.local_path, "rb") as src, open(target, "wb") as dst:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            with (
+                open_source(f.local_path, self.listing.source, f.path) as src,
+                open(open_below(target, flags, below=self.dest.root, make_parents=True), "wb") as dst,
+            ):
                 in_kernel = hasattr(os, "copy_file_range")
                 buf: memoryview | None = None
                 while True:
@@ -580,16 +604,26 @@ class Transfer:
             return None
         check, own = self._hash_for(f)
         if check is not None:
-            return _Hasher(check.new(f.size), self._target(f), self._chunks(f))
-        return _Hasher(hashlib.sha256(), self._target(f), self._chunks(f)) if own else None
+            return _Hasher(check.new(f.size), self._reader(f), self._chunks(f))
+        return _Hasher(hashlib.sha256(), self._reader(f), self._chunks(f)) if own else None
+
+    def _reader(self, f: RemoteFile) -> Callable[[], int]:
+        target, root = self._target(f), self.dest.root
+        return lambda: open_below(target, os.O_RDONLY, below=root)
 
     def _verify(self, f: RemoteFile, digest: str | None = None) -> tuple[bool, str, str]:
         """(ok, description, method) once the file is synced and closed. The description is the
         sha256 when one is known (the source's, checked, or our own), the mismatch when not ok;
         the method names the hash checked, or "size". ``digest`` is the hash already computed
         while the file downloaded, if any."""
-        target = self._target(f)
-        size = target.stat().st_size
+        fd = open_below(self._target(f), os.O_RDONLY, below=self.dest.root)
+        try:
+            return self._verify_fd(f, fd, digest)
+        finally:
+            os.close(fd)
+
+    def _verify_fd(self, f: RemoteFile, fd: int, digest: str | None) -> tuple[bool, str, str]:
+        size = os.fstat(fd).st_size
         if f.size is not None and size != f.size:
             return False, f"size {size}, expected {f.size}", "size"
         check, own = self._hash_for(f)
@@ -597,8 +631,7 @@ class Transfer:
             return True, "", "size"
         if digest is None:
             h = check.new(size) if check is not None else hashlib.sha256()
-            with open(target, "rb") as fh:
-                _hash_file(h, fh.fileno(), 0, size)
+            _hash_file(h, fd, 0, size)
             digest = h.hexdigest()
         if check is None:
             return True, digest, "size"  # ours, recorded for a later re-verify: nothing to compare
@@ -661,6 +694,10 @@ class Transfer:
 
     def _unpack(self) -> None:
         (f,) = self.listing.files
+        lstat_below(self._target(f), below=self.dest.root)  # a link there (after its check): LinkRefused
+        # Rebuilt from the archive every time: nothing left (or planted) in files/ is kept, so no
+        # link there can take a member's bytes elsewhere.
+        remove_tree(self.files_dir)
         unpack(
             self._target(f),
             self.files_dir,
@@ -671,6 +708,8 @@ class Transfer:
     def _manifest(self) -> Manifest:
         if self.listing.archive is not None:
             # An archive's members have no hash from the source: ours, for a later re-verify.
+            # Its members' links were checked by the unpack and are again at publish (check_tree).
+            check_tree(self.files_dir, inner_links=True)
             entries = tuple(
                 FileEntry(
                     p.relative_to(self.files_dir).as_posix(),
@@ -701,7 +740,10 @@ class Transfer:
         )
 
     def _target_size(self, path: str) -> int:
-        return (self.files_dir / path).stat().st_size
+        st = lstat_below(self.files_dir / path, below=self.dest.root)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "staged file missing", str(self.files_dir / path))
+        return st.st_size
 
 
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
@@ -828,9 +870,9 @@ class _Hasher:
     so verifying a large file costs little after its last byte arrives. Chunks finished by an
     earlier run (resume) are hashed first, from disk."""
 
-    def __init__(self, h: Any, path: Path, chunks: list[tuple[int, int, int]]) -> None:
+    def __init__(self, h: Any, opener: Callable[[], int], chunks: list[tuple[int, int, int]]) -> None:
         self.h = h
-        self.path = path
+        self.opener = opener  # a read-only descriptor of the staged file, reached without links
         self.chunks = chunks
         self.next = 0  # index into chunks of the first one not hashed yet
         self.task: asyncio.Future[None] | None = None
@@ -844,7 +886,7 @@ class _Hasher:
 
     def _run(self, done: set[int]) -> None:
         # Reads only chunks whose bytes were all written: other ranges may be written meanwhile.
-        with open(self.path, "rb") as fh:
+        with open(self.opener(), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             while self._ready(done):
                 _, start, end = self.chunks[self.next]
@@ -859,6 +901,29 @@ class _Hasher:
             await self.task
         await asyncio.to_thread(self._run, done)
         return self.h.hexdigest() if self.next == len(self.chunks) else None
+
+
+def open_source(local_path: str, source: str, rel: str) -> io.BufferedReader:
+    """The file a ``file://`` listing named, opened for reading without following any link.
+
+    ``local_path`` is the real path the listing checked against the allowed folders (every link
+    resolved), so no part of it may be a link now: each folder from ``/`` down is opened with
+    O_NOFOLLOW relative to its parent, then the file. A link swapped in since the listing (to copy
+    a file outside the allowed folders) is :class:`UnsafePath`, never followed; so is anything but
+    a regular file. Raises the OSError of the open otherwise."""
+    path = Path(local_path)
+    try:
+        fd = open_below(path, os.O_RDONLY | os.O_NONBLOCK, below=Path("/"))
+    except LinkRefused:
+        raise UnsafePath(
+            f"{source}: {rel}: a folder or the file on its path ({local_path}) became a symbolic link "
+            "after the listing; not followed"
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{source}: {rel} is no longer a regular file ({local_path}); not read")
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 def _hash_file(h: Any, fd: int, start: int, end: int) -> None:

@@ -41,6 +41,7 @@ def http_client(settings: TransferSettings) -> HttpClient:
         low_speed_limit=settings.low_speed_limit,
         low_speed_time=settings.low_speed_time,
         ca_bundle=settings.ca_bundle,
+        allow_private=settings.allow_private,
     )
 
 

@@ -42,7 +42,14 @@ from urllib.parse import unquote, urlsplit
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from agent.download.azure import AzureSettings, list_azure
-from agent.download.client import HttpClient, Response, connection_words, retried
+from agent.download.client import (
+    HttpClient,
+    PrivateAddress,
+    Response,
+    check_endpoint,
+    connection_words,
+    retried,
+)
 from agent.download.gcs import GcsSettings, list_gcs
 from agent.download.listing import Listing, RemoteFile, check_not_empty, check_unique, checked_path
 from localmodel.errors import (
@@ -83,13 +90,21 @@ class SourceSettings:
     file_prefixes: tuple[str, ...] | None = None
     gcs: GcsSettings = dataclasses.field(default_factory=GcsSettings)
     azure: AzureSettings = dataclasses.field(default_factory=AzureSettings)
+    # Off: the hub's and S3's endpoints must not resolve to a loopback, link-local or unspecified
+    # address (client.check_endpoint; the agent in a cluster without --allow-private-sources).
+    allow_private: bool = True
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str] | None = None, *, file_prefixes: tuple[str, ...] | None = None
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        file_prefixes: tuple[str, ...] | None = None,
+        allow_private: bool = True,
     ) -> SourceSettings:
         env = os.environ if env is None else env
         return cls(
+            allow_private=allow_private,
             hf_endpoint=(env.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/"),
             hf_token=hf_token_from_env(env),
             s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
@@ -104,11 +119,15 @@ def hf_token_from_env(env: Mapping[str, str]) -> str | None:
     then ``HUGGING_FACE_HUB_TOKEN``, then the file ``HF_TOKEN_PATH`` names (default
     ``$HF_HOME/token``, ``HF_HOME`` defaulting to ``$XDG_CACHE_HOME/huggingface`` or
     ``~/.cache/huggingface``): a mounted Secret keeps the token out of ``/proc/<pid>/environ``.
-    Surrounding whitespace is dropped; an empty value or a missing file is no token. A file that
-    ``HF_TOKEN_PATH`` names explicitly and that exists but cannot be read is InvalidInput."""
+
+    Cleaned as huggingface_hub's ``_clean_token`` does (every CR and LF dropped, surrounding
+    whitespace stripped); an empty value or a missing file is no token. What is left must be
+    printable ASCII without spaces (a header value; tokens are): anything else is InvalidInput
+    naming where it came from, never the token. A file that ``HF_TOKEN_PATH`` names explicitly and
+    that exists but cannot be read is InvalidInput."""
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if value := (env.get(name) or "").strip():
-            return value
+        if value := _clean_token(env.get(name) or ""):
+            return _checked_token(value, name)
     explicit = env.get("HF_TOKEN_PATH")
     if explicit:
         path = Path(os.path.expandvars(explicit)).expanduser()
@@ -117,7 +136,7 @@ def hf_token_from_env(env: Mapping[str, str]) -> str | None:
         home = Path(os.path.expandvars(env.get("HF_HOME") or cache / "huggingface")).expanduser()
         path = home / "token"
     try:
-        return path.read_text().strip() or None
+        token = _clean_token(path.read_text())
     except FileNotFoundError:
         return None  # as huggingface_hub: an optional Secret that is not there means no token
     except (OSError, UnicodeDecodeError) as e:
@@ -126,6 +145,24 @@ def hf_token_from_env(env: Mapping[str, str]) -> str | None:
                 f"HF_TOKEN_PATH: cannot read '{printable(explicit)}': {getattr(e, 'strerror', None) or e}"
             ) from None
         return None
+    where = f"HF_TOKEN_PATH ('{printable(explicit)}')" if explicit else f"the token file {path}"
+    return _checked_token(token, where) if token else None
+
+
+def _clean_token(text: str) -> str:
+    """huggingface_hub's ``_clean_token``: CR and LF removed wherever they are, then stripped."""
+    return text.replace("\r", "").replace("\n", "").strip()
+
+
+def _checked_token(token: str, where: str) -> str:
+    """The token, if every character is printable ASCII other than a space (what an Authorization
+    header can carry, as every Hugging Face token is); InvalidInput naming ``where``, never the token."""
+    if all("!" <= c <= "~" for c in token):
+        return token
+    raise InvalidInput(
+        f"{where}: the Hugging Face token holds a control character, a space or a non-ASCII "
+        "character; write the token alone (one line) into the Secret"
+    )
 
 
 async def list_source(uri: SourceURI, *, settings: SourceSettings, client: HttpClient) -> Listing:
@@ -162,8 +199,12 @@ async def _list_once(uri: SourceURI, settings: SourceSettings, client: HttpClien
         return await asyncio.to_thread(_list_file, uri, settings)
     timeouts = {"connect_timeout": settings.connect_timeout, "read_timeout": settings.read_timeout}
     if uri.scheme == "gs":
+        # The SDKs connect by themselves: their endpoint is checked as the hub's and S3's are.
+        await asyncio.to_thread(_check_endpoint, settings.gcs.endpoint, settings, uri.redacted())
         return await asyncio.to_thread(list_gcs, uri, settings.gcs, **timeouts)
     if uri.scheme == "azure":
+        account = settings.azure.endpoint or f"https://{uri.host}"
+        await asyncio.to_thread(_check_endpoint, account, settings, uri.redacted())
         return await asyncio.to_thread(list_azure, uri, settings.azure, **timeouts)
     return await _list_http(uri, client)
 
@@ -211,6 +252,7 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
 
     _bound_hf_client(settings)
     source = uri.redacted()
+    _check_endpoint(settings.hf_endpoint, settings, source)
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False)
     revision = uri.revision or "main"
     try:
@@ -289,6 +331,14 @@ def _bound_hf_client(settings: SourceSettings) -> None:
         _hf_timeouts = wanted
 
 
+def _check_endpoint(endpoint: str, settings: SourceSettings, source: str) -> None:
+    """The listing client connects on its own: its endpoint is checked by name before it does."""
+    try:
+        check_endpoint(endpoint, allow_private=settings.allow_private)
+    except PrivateAddress as e:
+        raise SourceNotAllowed(f"{source}: {e}") from e
+
+
 def _quote(path: str) -> str:
     from urllib.parse import quote
 
@@ -354,6 +404,7 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         # configuration, which no retry mends. botocore's text names the setting, never a secret.
         raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
     endpoint = str(client.meta.endpoint_url)
+    _check_endpoint(endpoint, settings, source)
     prefix = uri.key
     objects: list[dict[str, Any]] = []
     try:
@@ -558,26 +609,28 @@ async def _list_http(uri: SourceURI, client: HttpClient) -> Listing:
 def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
     root = Path(uri.path)
     source = uri.redacted()
-    allowed = _allowed_prefixes(settings)
+    allowed = _allowed_prefixes(settings, source)
     if allowed is not None:
-        _check_allowed(root.resolve(), allowed, source)
+        _check_allowed(_resolved(root, source), allowed, source)
     if root.is_file():
         checked_path(root.name, source=source)
         return Listing(
             source=source,
             revision=None,
-            files=(RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(root.resolve())),),
+            files=(
+                RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(_resolved(root, source))),
+            ),
         )
     if not root.is_dir():
         raise SourceNotFound(f"{source}: no such file or folder")
-    real_root = root.resolve()
+    real_root = _resolved(root, source)
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             full = Path(dirpath) / name
             rel = checked_path(full.relative_to(root).as_posix(), source=source)
-            real = full.resolve()
+            real = _resolved(full, source)
             if full.is_symlink() and not real.is_relative_to(real_root):
                 raise _unsafe(source, rel)
             if allowed is not None:
@@ -589,10 +642,23 @@ def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
     return Listing(source=source, revision=None, files=tuple(files))
 
 
-def _allowed_prefixes(settings: SourceSettings) -> tuple[Path, ...] | None:
+def _allowed_prefixes(settings: SourceSettings, source: str) -> tuple[Path, ...] | None:
     if settings.file_prefixes is None:
         return None
-    return tuple(Path(p).resolve() for p in settings.file_prefixes)
+    return tuple(_resolved(Path(p), source) for p in settings.file_prefixes)
+
+
+def _resolved(path: Path, source: str) -> Path:
+    """``path`` with every link resolved; a loop of links or a folder that cannot be entered is
+    one line (UnsafePath, AccessDenied, SourceNotFound), not a traceback."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise UnsafePath(f"{source}: '{printable(str(path))}' is a loop of symbolic links") from None
+    except PermissionError as e:
+        raise AccessDenied(f"{source}: cannot resolve '{printable(str(path))}': {e.strerror}") from None
+    except OSError as e:
+        raise SourceNotFound(f"{source}: cannot resolve '{printable(str(path))}': {e.strerror}") from None
 
 
 def _check_allowed(real: Path, allowed: tuple[Path, ...], source: str) -> None:

@@ -14,12 +14,15 @@ copy, if any, is renamed to trash first), then moves the manifest into place.
 
 What is published is read-only (files 0444, folders 0555). Only what a manifest of ours names is
 ever replaced or deleted (:meth:`Destination.replaceable`, :meth:`Destination.owned`), and no
-symbolic link below the destination's root is followed (:func:`refuse_links`).
+symbolic link below the destination's root is followed (:func:`refuse_links`): staged files are
+opened folder by folder with O_NOFOLLOW (:func:`open_below`), and a tree with a link in it is never
+published (:func:`check_tree`; only an archive's own members may link, inside the model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -90,7 +93,10 @@ class Destination:
 
     def check_links(self) -> None:
         """Raise :class:`LinkRefused` when a path of ours, or a folder on the way to it, is a link."""
-        inner = (self.staging / name for name in ("files", "archive", "progress.json", "manifest.json"))
+        inner = (
+            self.staging / name
+            for name in ("files", "archive", "progress.json", "done.jsonl", "manifest.json")
+        )
         for path in (self.final, self.staging, self.manifest, self.trash, *inner):
             refuse_links(path, below=self.root)
 
@@ -138,6 +144,155 @@ def refuse_links(path: Path, *, below: Path) -> None:
                 f"{current} is a symbolic link; modelcache never follows or deletes through a link in "
                 "its folders: remove the link"
             )
+
+
+def _link_refused(path: Path) -> LinkRefused:
+    return LinkRefused(
+        f"{path} is a symbolic link; modelcache never follows or writes through a link in its "
+        "folders: remove the link"
+    )
+
+
+def _open_dir_below(below: Path, parts: tuple[str, ...], *, make: bool) -> int:
+    """A descriptor of ``below/parts...``, each part opened relative to the one before with
+    O_NOFOLLOW (created first with ``make``): a link at any part is :class:`LinkRefused`, and a
+    link swapped in after a check cannot redirect the open (the kernel resolves no link). O_PATH:
+    a folder that may be searched but not listed (0711) is passed as a plain path would be."""
+    walk = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(below, walk)
+    current = below
+    try:
+        for part in parts:
+            current = current / part
+            if make:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                nxt = os.open(part, walk | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link_at(fd, part):
+                    raise _link_refused(current) from None
+                raise
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_link_at(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _split(path: Path, below: Path) -> tuple[tuple[str, ...], str]:
+    try:
+        parts = path.relative_to(below).parts
+    except ValueError:
+        raise LinkRefused(f"{path} is outside {below}") from None
+    if not parts:
+        raise LinkRefused(f"{path} is the folder {below} itself, not a file below it")
+    return parts[:-1], parts[-1]
+
+
+def open_below(path: Path, flags: int, mode: int = 0o644, *, below: Path, make_parents: bool = False) -> int:
+    """``os.open(path, flags)`` without following a symbolic link at ``path`` or at any folder between
+    ``below`` (the caller's trusted folder, itself possibly behind a link the admin placed) and it.
+
+    Each folder is opened relative to its parent's descriptor with O_NOFOLLOW, then the file with
+    O_NOFOLLOW: a link planted anywhere below ``below`` raises :class:`LinkRefused` (UnsafePath), and
+    one planted after a check cannot redirect the open. ``make_parents`` creates missing folders
+    (0755) on the way. Other failures raise the OSError of the step (the path in its filename).
+    """
+    folders, name = _split(path, below)
+    dfd = _open_dir_below(below, folders, make=make_parents)
+    try:
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+        except OSError as e:
+            if e.errno == errno.ELOOP and _is_link_at(dfd, name):
+                raise _link_refused(path) from None
+            e.filename = str(path)
+            raise
+    finally:
+        os.close(dfd)
+
+
+def lstat_below(path: Path, *, below: Path) -> os.stat_result | None:
+    """The ``lstat`` of ``path`` reached as :func:`open_below` reaches it; None when it does not exist.
+    Raises :class:`LinkRefused` when it or a folder on the way is a symbolic link."""
+    folders, name = _split(path, below)
+    try:
+        dfd = _open_dir_below(below, folders, make=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    finally:
+        os.close(dfd)
+    if stat.S_ISLNK(st.st_mode):
+        raise _link_refused(path)
+    return st
+
+
+def unlink_below(path: Path, *, below: Path) -> None:
+    """Remove the file ``path`` (a link itself included, never its target) if it exists, reached as
+    :func:`open_below` reaches it."""
+    folders, name = _split(path, below)
+    try:
+        dfd = _open_dir_below(below, folders, make=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def link_below(src: Path, dst: Path, *, src_below: Path, dst_below: Path) -> bool:
+    """Hard-link the regular file ``src`` at ``dst`` (replacing what is there), neither reached through
+    a link (:func:`open_below`'s rule); False when ``src`` is not a regular file. Raises
+    :class:`LinkRefused` or the OSError of the link."""
+    sfolders, sname = _split(src, src_below)
+    dfolders, dname = _split(dst, dst_below)
+    sfd = _open_dir_below(src_below, sfolders, make=False)
+    try:
+        if not stat.S_ISREG(os.stat(sname, dir_fd=sfd, follow_symlinks=False).st_mode):
+            return False
+        dfd = _open_dir_below(dst_below, dfolders, make=True)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dname, dir_fd=dfd)
+            os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    return True
+
+
+def check_tree(top: Path, *, inner_links: bool) -> None:
+    """Raise :class:`LinkRefused` for a symbolic link anywhere below ``top``, except, with
+    ``inner_links`` (an archive's members, which tar's ``data`` filter let through), a relative link
+    whose target, resolved now, is inside ``top``. Downloaded files are never links: a link in a
+    tree to be published was planted, and would publish (and make the runtime read) a file outside."""
+    real_top = top.resolve()
+    for root, dirnames, filenames in os.walk(top):  # does not descend into links
+        for name in dirnames + filenames:
+            path = Path(root) / name
+            if not path.is_symlink():
+                continue
+            if inner_links and not path.readlink().is_absolute():
+                with contextlib.suppress(OSError, RuntimeError):
+                    if path.resolve(strict=True).is_relative_to(real_top):
+                        continue
+            raise _link_refused(path)
 
 
 def describe(path: Path) -> str:
@@ -261,7 +416,8 @@ class Progress:
         ``partial``, the files begun and not finished: the caller synced their data first. A file in
         both (a crash between the two writes) is read back as finished."""
         if finished:
-            fd = os.open(self.journal_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+            fd = os.open(self.journal_path(path), flags, 0o644)
             try:
                 os.write(fd, b"".join(_journal_line(p, f) for p, f in finished.items()))
                 os.fdatasync(fd)
@@ -375,7 +531,8 @@ def publish(dest: Destination, manifest: Manifest) -> None:
 def finish_publish(dest: Destination) -> bool:
     """Complete a publish that a crash interrupted (or the one just begun); True if one was done.
 
-    Raises :class:`LinkRefused` for a link on the way, :class:`ForeignFolder` when the destination
+    Raises :class:`LinkRefused` for a link on the way or in the staged tree (:func:`check_tree`:
+    the model is not published), :class:`ForeignFolder` when the destination
     holds files that are not ours (never replaced), and the OSError of a failed rename.
     """
     dest.check_links()
@@ -385,6 +542,8 @@ def finish_publish(dest: Destination) -> bool:
     files = dest.staging / "files"
     dest.final.parent.mkdir(parents=True, exist_ok=True)
     if _is_real_dir(files):
+        # Nothing downloaded is a link; an archive's members may be, inside the model (check_tree).
+        check_tree(files, inner_links=_is_real_dir(dest.staging / "archive"))
         seal(files)
         if os.path.lexists(dest.final):
             dest.refuse_foreign()
