@@ -27,6 +27,7 @@ from agent.download.staging import (
     remove_tree,
     write_atomic,
 )
+from agent.download.ownership import names_key
 from localmodel.errors import DownloadError, InvalidInput, ModelcacheError
 from localmodel.layout import FORMAT_VERSION, STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest, entry_check
@@ -149,8 +150,8 @@ class CacheDir:
                 dest.check_links()
             except LinkRefused:
                 continue  # listed in links above
-            if not dest.manifest.is_file():
-                foreign.append(key)
+            if not dest.manifest.is_file() or not dest.owned():
+                foreign.append(key)  # no manifest, or files it does not name: someone's, never deleted
                 continue
             manifest = self._trusted(key, verify=verify)
             if manifest is None:
@@ -170,8 +171,8 @@ class CacheDir:
     def _trusted(self, key: str, *, verify: bool) -> Manifest | None:
         dest = self.destination(key)
         manifest = dest.published()
-        if manifest is None:
-            return None
+        if manifest is None or not names_key(manifest, key):
+            return None  # another model's manifest (a pull into the wrong folder) is not this one's
         for entry in manifest.files:
             path = dest.final / entry.path
             try:

@@ -243,6 +243,7 @@ class HttpClient:
         low_speed_limit: int = 0,
         low_speed_time: float = 30.0,
         ca_bundle: str | None = None,
+        header_timeout: float | None = None,
     ) -> None:
         self.proxies = dict(proxies or {})
         for scheme in ("http", "https"):
@@ -258,6 +259,11 @@ class HttpClient:
         self.low_speed_limit = low_speed_limit if low_speed_time > 0 else 0
         self.low_speed_time = low_speed_time
         self.ca_bundle = ca_bundle
+        # The whole response header, from sending the request: the low-speed window when the check
+        # is on (a header is a few hundred bytes), else the read timeout.
+        self.header_timeout = header_timeout or (
+            min(self.low_speed_time, read_timeout) if self.low_speed_limit else read_timeout
+        )
         self._ssl_context = ssl_context
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")
         self._idle: dict[Route, list[http.client.HTTPConnection]] = {}
@@ -407,18 +413,41 @@ class HttpClient:
             if not call.attach(conn.sock):
                 conn.close()
                 raise Stopped(label)
+            # A read timeout bounds each wait, not a header trickled a byte at a time: the whole
+            # header has a deadline of its own, enforced by shutting the socket when it passes.
+            late = threading.Event()
+            timer = threading.Timer(self.header_timeout, _cut, (conn.sock, late))
+            timer.daemon = True
+            timer.start()
             try:
                 conn.request(method, target, headers=headers)
-                return conn, conn.getresponse()
+                answer = conn.getresponse()
+                timer.cancel()
+                if late.is_set():  # the cut socket reads as the header's end: not an answer
+                    conn.close()
+                    raise self._late(label)
+                return conn, answer
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
+                if late.is_set():
+                    raise self._late(label) from None
                 if fresh:
                     raise
                 conn = None
             except BaseException:
                 conn.close()
+                if late.is_set():
+                    raise self._late(label) from None
                 raise
+            finally:
+                timer.cancel()
         raise AssertionError("unreachable")
+
+    def _late(self, label: str) -> TransientError:
+        return TransientError(
+            f"{label}: no whole response header within {self.header_timeout:g} s (the server sends it "
+            "too slowly, or not at all)"
+        )
 
     def _stream(self, call: _Call, answer: http.client.HTTPResponse, sink: Sink, label: str) -> int:
         buf = getattr(self._local, "buf", None)  # one per worker thread, reused for every read
@@ -546,6 +575,14 @@ class _MeteredSSL(ssl.SSLSocket):
         if self.check is not None:
             self.check.received(n)
         return n
+
+
+def _cut(sock: socket.socket | None, late: threading.Event) -> None:
+    """The header deadline passed: end the blocked read (the worker raises at once)."""
+    late.set()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _dial(

@@ -14,6 +14,7 @@ from pathlib import Path
 from agent.download.client import HttpClient
 from agent.download.engine import ProgressSink, PullResult, Transfer, TransferSettings, same_files
 from agent.download.listing import Listing
+from agent.download.ownership import Match, folder_match
 from agent.download.sources import SourceSettings, list_source
 from agent.download.staging import Destination, LinkRefused, finish_publish, remove_tree
 from agent.download.unpack import unpack_limit
@@ -26,6 +27,7 @@ from localmodel.errors import (
     from_os_error,
 )
 from localmodel.layout import storage_key
+from localmodel.manifest import Manifest
 from localmodel.uri import SourceURI
 
 
@@ -111,6 +113,18 @@ def os_download_error(e: OSError) -> DownloadError:
     return from_os_error(e)
 
 
+def up_to_date(dest: Destination, published: Manifest, listing: Listing, key: str) -> bool:
+    """Nothing to fetch: the manifest is for the same source (its storage key is ``key``, the key of
+    the URI asked for), lists what the source holds now (:func:`same_files`), and the folder holds
+    exactly those files with their sizes (:func:`folder_match`). A file deleted from the folder or
+    another URI with the same file names is fetched, never reported "up to date"."""
+    return (
+        published.storage_key == key
+        and same_files(published, listing)
+        and folder_match(dest.final, published) is Match.INTACT
+    )
+
+
 async def _pull(
     uri: SourceURI,
     dest: Destination,
@@ -131,7 +145,8 @@ async def _pull(
         await asyncio.to_thread(dest.refuse_foreign)  # before a byte is fetched, not at publish
         listing = await list_source(uri, settings=sources, client=client)
         published = await asyncio.to_thread(dest.published)
-        if published is not None and same_files(published, listing):
+        key = storage_key(uri.raw)
+        if published is not None and await asyncio.to_thread(up_to_date, dest, published, listing, key):
             return PullResult(
                 files=len(published.files),
                 bytes_total=published.total_bytes,
@@ -146,7 +161,7 @@ async def _pull(
             listing,
             dest,
             uri=uri.redacted(),  # the manifest is a state file: no signed query in it
-            storage_key=storage_key(uri.raw),
+            storage_key=key,
             client=client,
             settings=transfer,
             progress=progress,

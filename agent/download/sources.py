@@ -22,6 +22,7 @@ line naming the endpoint ("cannot reach http://host:port: no answer within 30 s"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -73,6 +74,7 @@ class SourceSettings:
     read_timeout: float = 30.0
     list_attempts: int = 4
     list_backoff: float = 1.0  # the first wait between listing attempts; doubles, capped at 30 s
+    list_deadline: float = 120.0  # one whole listing attempt (hf, s3, http HEAD), however it trickles
     file_prefixes: tuple[str, ...] | None = None
 
     @classmethod
@@ -143,13 +145,52 @@ async def list_source(uri: SourceURI, *, settings: SourceSettings, client: HttpC
 
 
 async def _list_once(uri: SourceURI, settings: SourceSettings, client: HttpClient) -> Listing:
-    if uri.scheme == "hf":
-        return await asyncio.to_thread(_list_hf, uri, settings)
-    if uri.scheme == "s3":
-        return await asyncio.to_thread(_list_s3, uri, settings)
     if uri.scheme == "file":
         return await asyncio.to_thread(_list_file, uri, settings)
-    return await _list_http(uri, client)
+    if uri.scheme == "hf":
+        endpoint, listed = settings.hf_endpoint, _in_daemon_thread(_list_hf, uri, settings)
+    elif uri.scheme == "s3":
+        endpoint, listed = settings.s3_endpoint or "S3", _in_daemon_thread(_list_s3, uri, settings)
+    else:
+        endpoint, listed = uri.redacted(), asyncio.ensure_future(_list_http(uri, client))
+    try:
+        return await asyncio.wait_for(listed, settings.list_deadline)
+    except TimeoutError:
+        raise _no_answer(
+            uri.redacted(), endpoint, settings.list_deadline, "no whole listing (answers too slow)"
+        ) from None
+
+
+def _in_daemon_thread(
+    fn: Callable[[SourceURI, SourceSettings], Listing], uri: SourceURI, settings: SourceSettings
+) -> asyncio.Future[Listing]:
+    """Run a blocking listing in a thread of its own that a deadline may abandon: huggingface_hub's
+    and botocore's timeouts bound each read, not an answer trickled a byte at a time, and a thread of
+    the default executor would be joined at exit (a ``pull`` that never ends). The abandoned thread
+    ends when its server closes the connection or the process exits."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Listing] = loop.create_future()
+
+    def settle(result: Listing | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(Listing, result))
+
+    def work() -> None:
+        result: Listing | None = None
+        error: BaseException | None = None
+        try:
+            result = fn(uri, settings)
+        except BaseException as e:  # handed to the awaiting task, raised there
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the caller gave up long ago
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="modelcache-list", daemon=True).start()
+    return future
 
 
 def _backoff(settings: SourceSettings) -> Callable[[RetryCallState], float]:
