@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.download.ownership import names_key
 from agent.download.staging import (
     Destination,
     LinkRefused,
@@ -27,7 +28,6 @@ from agent.download.staging import (
     remove_tree,
     write_atomic,
 )
-from agent.download.ownership import names_key
 from localmodel.errors import DownloadError, InvalidInput, ModelcacheError
 from localmodel.layout import FORMAT_VERSION, STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest, entry_check

@@ -39,6 +39,7 @@ from agent.download.staging import LinkRefused, write_atomic
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
+from agent.threads import BoundedExecutor
 from localmodel.errors import (
     DiskFull,
     DownloadError,
@@ -71,6 +72,10 @@ from localmodel.state.base import (
     watch,
 )
 from localmodel.uri import parse_uri
+
+# How long a stop (SIGTERM) waits for downloads to record their progress and for blocking work to
+# end; the kubelet's default grace period is 30 s.
+SHUTDOWN_GRACE = 10.0
 
 log = logging.getLogger("modelcache.agent")
 
@@ -259,6 +264,8 @@ class Agent:
         """Until ``stop`` is set (SIGTERM) or, with ``once``, until every model is settled.
         Returns the exit code: 0, or 1 when ``once`` ends with a model not downloaded."""
         self.cache.open()  # raises CacheLocked when another agent holds the folder
+        # Blocking work runs where a stop waits for it a bounded time (agent.threads).
+        asyncio.get_running_loop().set_default_executor(BoundedExecutor(grace=SHUTDOWN_GRACE))
         background: list[asyncio.Task[Any]] = []
         try:
             started = time.monotonic()
@@ -300,11 +307,15 @@ class Agent:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         # Downloads stop where they are: the engine syncs and records durable chunks on cancel,
         # so the next start resumes them.
-        for task in [*self.tasks.values(), *background]:
+        tasks = [*self.tasks.values(), *background]
+        for task in tasks:
             task.cancel()
-        for task in [*self.tasks.values(), *background]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # A download whose cancel waits on a copy blocked in the kernel is not waited for long.
+            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the stop is what ended it
         with contextlib.suppress(ModelcacheError, OSError):
             await self.write_status(force=True)
         if self.client is not None:

@@ -109,7 +109,7 @@ async def test_every_listing_has_a_total_deadline(
 async def test_an_http_head_listing_is_cut_off(header_trickle: Trickle) -> None:
     client = HttpClient(concurrency=2, read_size=1 << 16, connect_timeout=5, read_timeout=600)
     try:
-        with pytest.raises(TransientError, match="no whole listing|no whole response header"):
+        with pytest.raises(TransientError, match=r"no whole listing|no whole response header"):
             await list_source(
                 parse_uri(f"{header_trickle.url}/f.bin"),
                 settings=_settings(header_trickle.url),

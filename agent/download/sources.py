@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -588,12 +589,15 @@ def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
         _check_allowed(root.resolve(), allowed, source)
     if root.is_file():
         checked_path(root.name, source=source)
+        size = _regular_size(root.resolve(), root.name, source, cluster=allowed is not None)
         return Listing(
             source=source,
             revision=None,
-            files=(RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(root.resolve())),),
+            files=(RemoteFile(path=root.name, size=size, local_path=str(root.resolve())),),
         )
     if not root.is_dir():
+        if os.path.exists(root):
+            _regular_size(root.resolve(), root.name, source, cluster=allowed is not None)
         raise SourceNotFound(f"{source}: no such file or folder")
     real_root = root.resolve()
     files = []
@@ -608,10 +612,39 @@ def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
             if allowed is not None:
                 _check_allowed(real, allowed, source)
             # The real path is what is copied: a link swapped after this check cannot redirect it.
-            files.append(RemoteFile(path=rel, size=real.stat().st_size, local_path=str(real)))
+            size = _regular_size(real, rel, source, cluster=allowed is not None)
+            files.append(RemoteFile(path=rel, size=size, local_path=str(real)))
     if not files:
         raise SourceNotFound(f"{source}: the folder is empty")
     return Listing(source=source, revision=None, files=tuple(files))
+
+
+def _regular_size(real: Path, rel: str, source: str, *, cluster: bool) -> int:
+    """The size of a file a ``file://`` source lists, or UnsafePath naming it: only regular files
+    are copied (a FIFO, socket or device would block or never end the copy); in a cluster
+    (``cluster``: ``--allow-file-sources`` set) a file with more than one hard link is refused too,
+    since a hard link below an allowed folder can name a file outside it."""
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a special file"
+        )
+        raise UnsafePath(
+            f"{source}: {printable(rel)} is {kind}, not a regular file or folder; only regular files "
+            "are copied: remove it from the source"
+        )
+    if cluster and st.st_nlink > 1:
+        raise UnsafePath(
+            f"{source}: {printable(rel)} has {st.st_nlink} hard links; in a cluster a file with more "
+            "than one may be a file outside --allow-file-sources: copy it instead of linking it"
+        )
+    return st.st_size
 
 
 def _allowed_prefixes(settings: SourceSettings) -> tuple[Path, ...] | None:
