@@ -596,7 +596,7 @@ def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
             files=(RemoteFile(path=root.name, size=size, local_path=str(root.resolve())),),
         )
     if not root.is_dir():
-        if os.path.exists(root):
+        if root.exists():
             _regular_size(root.resolve(), root.name, source, cluster=allowed is not None)
         raise SourceNotFound(f"{source}: no such file or folder")
     real_root = root.resolve()
