@@ -47,6 +47,7 @@ from localmodel.errors import (
     IntegrityError,
     ModelcacheError,
     SpecError,
+    URIError,
 )
 from localmodel.layout import storage_key
 from localmodel.placement import Refusal
@@ -71,7 +72,7 @@ from localmodel.state.base import (
     update_status,
     watch,
 )
-from localmodel.uri import parse_uri
+from localmodel.uri import parse_uri, redact
 
 # How long a stop (SIGTERM) waits for downloads to record their progress and for blocking work to
 # end; the kubelet's default grace period is 30 s.
@@ -456,6 +457,15 @@ class Agent:
             rec.warning = result.warnings.get(name, rec.warning)
             if key in self.tasks or (rec.retry_at is not None and rec.retry_at > now):
                 continue
+            try:
+                parse_uri(model.source_model_uri)
+            except URIError as e:
+                # This model only: the node's other models go on (no retry mends the spec).
+                if rec.reason != "InvalidSourceURI" or rec.message != str(e):
+                    await self.events.emit("DownloadFailed", f"{name}: {e}", warning=True)
+                    self.metrics.failures.labels("InvalidSourceURI").inc()
+                rec.state, rec.reason, rec.message = ModelState.ERROR, "InvalidSourceURI", str(e)
+                continue
             if rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
                 rec.reason = rec.message = None  # room appeared
             rec.state = ModelState.PENDING  # until a download slot is free
@@ -538,7 +548,9 @@ class Agent:
     def _record(self, key: str, uri: str) -> Record:
         rec = self.records.get(key)
         if rec is None:
-            rec = self.records[key] = Record(key, parse_uri(uri).redacted())
+            # redact() is SourceURI.redacted()'s rule on the text: a URI that does not parse still
+            # gets a record, which carries its refusal (InvalidSourceURI).
+            rec = self.records[key] = Record(key, redact(uri))
         return rec
 
     async def _delete(self, key: str) -> None:
