@@ -265,6 +265,8 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
         raise _no_answer(source, settings.hf_endpoint, settings.read_timeout) from e
     except (OSError, HTTPError) as e:  # connection errors of the hub's HTTP client
         raise TransientError(f"{source}: {connection_words(e, settings.hf_endpoint)}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a body that is not the API's JSON
+        raise _not_the_hub(settings.hf_endpoint) from e
     headers = {"Authorization": f"Bearer {settings.hf_token}"} if settings.hf_token else {}
     files = []
     for entry in tree:
@@ -309,10 +311,27 @@ def _bound_hf_client(settings: SourceSettings) -> None:
         def factory() -> httpx2.Client:
             client = default_client_factory()  # its event hooks and redirect handling, kept
             client.timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+            client.event_hooks.setdefault("response", []).append(_note_answer)
             return client
 
         set_client_factory(factory)
         _hf_timeouts = wanted
+
+
+_hf_answer = threading.local()  # the last answer's (status, content type) in this listing thread
+
+
+def _note_answer(response: Any) -> None:
+    _hf_answer.last = (response.status_code, response.headers.get("content-type", "no content type"))
+
+
+def _not_the_hub(endpoint: str) -> DownloadError:
+    """The hub answered, but not with its JSON API: a portal or login page, a proxy's error page."""
+    status, kind = getattr(_hf_answer, "last", (200, "not JSON"))
+    return DownloadError(
+        f"the hub at {endpoint} answered with something that is not its JSON API (HTTP {status}, "
+        f"{printable(str(kind).split(';')[0], limit=60)}); check HF_ENDPOINT or the proxy"
+    )
 
 
 def _quote(path: str) -> str:
