@@ -117,6 +117,8 @@ class Record:
     bytes_total: int = 0
     files_done: int = 0
     files_total: int = 0
+    files_verified: int | None = None  # of the last download: checked against a source hash
+    files_size_only: int | None = None  # of the last download: checked by size alone
     start_time: str | None = None
     completion_time: str | None = None
     revision: str | None = None
@@ -143,6 +145,8 @@ class Record:
             reason=self.reason,
             message=self.message or self.warning,
             retry_after=self.retry_after,
+            files_verified=self.files_verified,
+            files_size_only=self.files_size_only,
         )
 
 
@@ -649,6 +653,9 @@ class Agent:
         self.untrusted.discard(rec.key)
         self.foreign.discard(rec.key)
         rec.state = ModelState.DOWNLOADED
+        if not result.up_to_date:  # an up-to-date result checked nothing: the last counts stand
+            rec.files_verified = sum(result.hash_checked.values())
+            rec.files_size_only = result.size_only
         rec.bytes_done = rec.bytes_total = result.bytes_total
         rec.files_total = rec.files_done = result.files
         rec.revision = result.revision
@@ -692,7 +699,7 @@ class Agent:
                 await asyncio.to_thread(self.cache.delete, rec.key)
             except (LinkRefused, OSError) as gone:
                 log.warning("%s: its staging could not be removed: %s", name, _one_line(gone))
-        await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {delay / 60:.0f} min)", warning=True)
+        await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {_duration(delay)})", warning=True)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -844,6 +851,15 @@ def _refused_progress(r: Refusal) -> ModelProgress:
     return ModelProgress(
         ModelState.ERROR, storage_key=key, source_model_uri=uri, reason=r.reason, message=r.message
     )
+
+
+def _duration(seconds: float) -> str:
+    """A wait in words for an Event: '45 s', '5 min', '2 h' (never "0 min" for seconds)."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
 
 
 def _one_line(e: BaseException) -> str:

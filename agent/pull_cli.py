@@ -25,9 +25,17 @@ from localmodel.quantity import Quantity
 from localmodel.uri import SourceURI, parse_uri
 
 
-def parse_rate(text: str) -> float:
-    """'100M', '1.5Gi', '200MB/s', '50MiB/s' -> bytes per second."""
+def _quantity_text(text: str) -> str:
+    """A rate as people write it -> a Kubernetes quantity: '/s' and a 'B' after the unit dropped, and
+    'K' read as the decimal kilo 'k' (200K, 200KB/s and 200kB/s are all 200,000 bytes/s; Ki is
+    1024)."""
     cleaned = text.strip().removesuffix("/s").removesuffix("B")
+    return cleaned[:-1] + "k" if cleaned.endswith("K") else cleaned
+
+
+def parse_rate(text: str) -> float:
+    """'100M', '1.5Gi', '200MB/s', '50MiB/s', '200K' -> bytes per second."""
+    cleaned = _quantity_text(text)
     try:
         value = Quantity.parse(cleaned, field="--max-bandwidth")
     except QuantityError:
@@ -52,7 +60,7 @@ def parse_size(text: str) -> int:
 def parse_low_speed_limit(text: str) -> int:
     """'1024', '1Ki', '10K' -> bytes per second; 0 turns the check off."""
     try:
-        value = Quantity.parse(text.strip().removesuffix("/s").removesuffix("B"), field="--low-speed-limit")
+        value = Quantity.parse(_quantity_text(text), field="--low-speed-limit")
     except QuantityError:
         raise InvalidInput(
             f"--low-speed-limit: {text!r} is not a rate; use bytes per second like 1Ki or 10K (0: off)"
@@ -75,7 +83,7 @@ def parse_seconds(text: str) -> float:
 UNITS = (
     "Units: the progress bar and the summary count decimal units, 1 MB = 1,000,000 bytes, rates in "
     "MB/s (the summary also gives exact bytes). Flags take Kubernetes quantities: 50M or 50MB/s is "
-    "50,000,000 bytes/s, 50Mi or 50MiB/s is 52,428,800."
+    "50,000,000 bytes/s, 50Mi or 50MiB/s is 52,428,800; k or K (kB, KB) is 1,000, Ki is 1,024."
 )
 
 

@@ -36,3 +36,5 @@ async def test_a_bad_uri_fails_its_model_and_the_others_are_downloaded(
         assert state[name]["reason"] == "InvalidSourceURI"
         assert "sourceModelUri" in state[name]["message"] and "\n" not in state[name]["message"]
     assert (cache / "models" / storage_key(good) / "w.bin").read_bytes() == b"weights"
+    # How its one file was checked (13 §13): a folder offers no hash, so by size alone.
+    assert (state["good"]["filesVerified"], state["good"]["filesSizeOnly"]) == (0, 1)

@@ -359,6 +359,11 @@ class HttpClient:
                     answer.read(64 << 10)  # a redirect's body is short: drained, the connection is reused
                     self._checkin(key, conn, answer)
                     nxt = urljoin(url, location)
+                    if urlsplit(nxt).scheme not in ("http", "https"):
+                        raise DownloadError(
+                            f"{label}: the server redirects to a {urlsplit(nxt).scheme or 'relative'}: "
+                            "URL; only http and https redirects are followed"
+                        )
                     if urlsplit(nxt).netloc != parts.netloc or urlsplit(nxt).scheme != parts.scheme:
                         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                     if answer.status == 303 and method != "HEAD":

@@ -20,13 +20,14 @@ from agent.download.staging import Destination, LinkRefused, finish_publish, rem
 from agent.download.unpack import unpack_limit
 from localmodel.errors import (
     AccessDenied,
+    DiskFull,
     DownloadError,
     SourceNotAllowed,
     SourceNotFound,
     UnsafePath,
     from_os_error,
 )
-from localmodel.layout import storage_key
+from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import Manifest
 from localmodel.uri import SourceURI
 
@@ -81,7 +82,21 @@ async def pull(
             max_bytes=max_bytes,
         )
     except OSError as e:
-        raise os_download_error(e) from e
+        raise _on_dest_filesystem(os_download_error(e), dest) from e
+    except DiskFull as e:
+        mapped = _on_dest_filesystem(e, dest)
+        if mapped is e:
+            raise
+        raise mapped from e
+
+
+def _on_dest_filesystem(e: DownloadError, dest: Destination) -> DownloadError:
+    """A full disk under ``modelcache pull DEST`` (not in a cache) is DEST's filesystem, not "the
+    cache's" that the shared wording (engine, unpack, :func:`from_os_error`) says."""
+    if not isinstance(e, DiskFull) or CacheLayout.of_model_dir(dest.final) is not None:
+        return e
+    text = str(e).replace("the cache's filesystem", f"DEST's filesystem ({dest.final.parent})")
+    return DiskFull(text) if text != str(e) else e
 
 
 # Failures no later run of the same command gets past: what was staged for them is only dead weight.

@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from agent.download.client import HttpClient, Response, connection_words, retried
+from agent.download.client import HttpClient, Response, aws_ca_bundle, connection_words, retried
 from agent.download.listing import Listing, RemoteFile, check_not_empty, check_unique, checked_path
 from localmodel.errors import (
     AccessDenied,
@@ -399,6 +399,13 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         # configuration, which no retry mends. botocore's text names the setting, never a secret.
         raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
     endpoint = str(client.meta.endpoint_url)
+    bundle = aws_ca_bundle()
+    if endpoint.startswith("https:") and bundle and not Path(bundle).is_file():
+        # botocore says only "SSLError" for a bundle it cannot find.
+        raise DownloadError(
+            f"{source}: the CA bundle {printable(bundle)} (AWS_CA_BUNDLE or the AWS profile's "
+            "ca_bundle) does not exist or is not a file; point it at a PEM file or unset it"
+        )
     prefix = uri.key
     objects: list[dict[str, Any]] = []
     try:
