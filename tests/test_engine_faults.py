@@ -285,7 +285,7 @@ def mounted(path: Path, options: str) -> Iterator[Path]:
 async def test_disk_full_is_diskfull_naming_the_file(hf_hub: Hub, tmp_path: Path) -> None:
     hf_hub.add_repo("org/m", {"w.bin": os.urandom(2 * MiB)})
     with mounted(tmp_path / "small", "size=1m") as small:
-        with pytest.raises(DiskFull, match=r"^hf://org/m: w\.bin: no space left on the cache's filesystem"):
+        with pytest.raises(DiskFull, match=r"^hf://org/m: w\.bin: no space left on DEST's filesystem"):
             await run("hf://org/m", small / "m", hub_settings(hf_hub))
         assert nothing_published(small / "m")
 

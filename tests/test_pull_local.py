@@ -289,7 +289,7 @@ async def test_a_full_disk_is_exit_1_with_one_line(hf_hub: Hub, tmp_path: Path) 
         assert proc.returncode == 1
         assert err.count("\n") == 1 and "Traceback" not in err
         assert "no space left" in err
-        assert f"DEST's filesystem ({small})" in err and "cache" not in err  # 13 §13
+        assert f"DEST's filesystem ({small})" in err and "the cache's" not in err  # 13 §13
         assert not (small / "model").exists()
     finally:
         subprocess.run(["umount", str(small)], check=True)

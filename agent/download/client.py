@@ -260,9 +260,10 @@ class HttpClient:
         self.low_speed_time = low_speed_time
         self.ca_bundle = ca_bundle
         # The whole response header, from sending the request: the low-speed window when the check
-        # is on (a header is a few hundred bytes), else the read timeout.
+        # is on (a header is a few hundred bytes), else twice the read timeout (a silent server is
+        # still told by the read timeout, which ends first).
         self.header_timeout = header_timeout or (
-            min(self.low_speed_time, read_timeout) if self.low_speed_limit else read_timeout
+            self.low_speed_time if self.low_speed_limit else 2 * read_timeout
         )
         self._ssl_context = ssl_context
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")

@@ -154,8 +154,6 @@ def _no_files(source: str) -> SourceNotFound:
 def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
-        if not any(m.isfile() for m in members):
-            raise _no_files(source)
         for m in members:
             _check_name(m.name, source)
             if m.issym() or m.islnk():
@@ -173,6 +171,8 @@ def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
                     )
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 raise UnsafePath(f"{source}: archive member {m.name[:200]!r} is a device or a fifo")
+        if not any(m.isfile() for m in members):
+            raise _no_files(source)  # after the checks: an unsafe member is the graver fault
         budget.check(sum(m.size for m in members if m.isfile()), declared=True)
         for m in members:
             # The 'data' filter re-checks all of the above inside tarfile itself (defence in depth).
@@ -199,8 +199,6 @@ def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
 def _unzip(archive: Path, into: Path, source: str, budget: _Budget) -> None:
     with zipfile.ZipFile(archive) as z:
         infos = z.infolist()
-        if all(info.is_dir() for info in infos):
-            raise _no_files(source)
         for info in infos:
             _check_name(info.filename, source)
             name = info.filename.rstrip("/")
@@ -208,6 +206,8 @@ def _unzip(archive: Path, into: Path, source: str, budget: _Budget) -> None:
                 raise UnsafePath(
                     f"{source}: archive member {info.filename[:200]!r} would land outside the model's folder"
                 )
+        if all(info.is_dir() for info in infos):
+            raise _no_files(source)
         budget.check(sum(i.file_size for i in infos if not i.is_dir()), declared=True)
         for info in infos:
             dst = into / info.filename.rstrip("/")
