@@ -2,6 +2,7 @@
 redirect to another scheme, K as decimal kilo, retries in seconds, how each model was checked."""
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from agent.pull_cli import parse_low_speed_limit, parse_rate
 from agent.status_cli import render_table
 from localmodel.errors import DownloadError
 from localmodel.uri import parse_uri
-from modelcache.cli import main
 
 SIZE = 300_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,8 +49,14 @@ async def server() -> AsyncIterator[str]:
 
 
 async def _pull(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    assert await asyncio.to_thread(main, argv) == 1
-    err = capsys.readouterr().err
+    """Exit 1 with one line on stderr; in a process of its own, as a user runs it (the servers of
+    this test answer from this process's loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "modelcache", *argv, stderr=asyncio.subprocess.PIPE
+    )
+    _, raw = await asyncio.wait_for(proc.communicate(), 120)
+    err = raw.decode()
+    assert proc.returncode == 1, err
     assert err.count("\n") == 1 and "Traceback" not in err
     return err
 

@@ -4,6 +4,7 @@ archive that is not one."""
 
 import asyncio
 import io
+import sys
 import tarfile
 import zipfile
 from collections.abc import AsyncIterator
@@ -15,7 +16,6 @@ from aiohttp import web
 
 from agent.download.unpack import unpack
 from localmodel.errors import SourceNotFound, UnsafePath
-from modelcache.cli import main
 from tests.support.hfhub import Hub
 
 
@@ -50,8 +50,14 @@ def test_an_archive_without_files_is_not_a_model(tmp_path: Path) -> None:
 
 
 async def _exit_1_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    assert await asyncio.to_thread(main, argv) == 1  # the servers run in this test's loop
-    err = capsys.readouterr().err
+    """Exit 1 with one line on stderr; in a process of its own, as a user runs it (the servers of
+    this test answer from this process's loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "modelcache", *argv, stderr=asyncio.subprocess.PIPE
+    )
+    _, raw = await asyncio.wait_for(proc.communicate(), 120)
+    err = raw.decode()
+    assert proc.returncode == 1, err
     assert err.count("\n") == 1 and "Traceback" not in err
     return err
 
