@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.download.ownership import names_key
 from agent.download.staging import (
     Destination,
     LinkRefused,
@@ -166,8 +167,8 @@ class CacheDir:
                 dest.check_links()
             except LinkRefused:
                 continue  # listed in links above
-            if not dest.manifest.is_file():
-                foreign.append(key)
+            if not dest.manifest.is_file() or not dest.owned():
+                foreign.append(key)  # no manifest, or files it does not name: someone's, never deleted
                 continue
             manifest = self._trusted(key, verify=verify)
             if manifest is None:
@@ -187,8 +188,8 @@ class CacheDir:
     def _trusted(self, key: str, *, verify: bool) -> Manifest | None:
         dest = self.destination(key)
         manifest = dest.published()
-        if manifest is None:
-            return None
+        if manifest is None or not names_key(manifest, key):
+            return None  # another model's manifest (a pull into the wrong folder) is not this one's
         try:
             # A link in a published model was planted (only an archive's own members link, inside it):
             # untrusted, so it is fetched again or deleted, never served or hashed through the link.

@@ -39,6 +39,7 @@ from agent.download.staging import LinkRefused, refuse_links, write_atomic
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
+from agent.threads import BoundedExecutor
 from localmodel.errors import (
     DiskFull,
     DownloadError,
@@ -46,6 +47,7 @@ from localmodel.errors import (
     IntegrityError,
     ModelcacheError,
     SpecError,
+    URIError,
 )
 from localmodel.layout import storage_key
 from localmodel.placement import Refusal
@@ -70,7 +72,11 @@ from localmodel.state.base import (
     update_status,
     watch,
 )
-from localmodel.uri import parse_uri
+from localmodel.uri import parse_uri, redact
+
+# How long a stop (SIGTERM) waits for downloads to record their progress and for blocking work to
+# end; the kubelet's default grace period is 30 s.
+SHUTDOWN_GRACE = 10.0
 
 log = logging.getLogger("modelcache.agent")
 
@@ -111,6 +117,8 @@ class Record:
     bytes_total: int = 0
     files_done: int = 0
     files_total: int = 0
+    files_verified: int | None = None  # of the last download: checked against a source hash
+    files_size_only: int | None = None  # of the last download: checked by size alone
     start_time: str | None = None
     completion_time: str | None = None
     revision: str | None = None
@@ -137,6 +145,8 @@ class Record:
             reason=self.reason,
             message=self.message or self.warning,
             retry_after=self.retry_after,
+            files_verified=self.files_verified,
+            files_size_only=self.files_size_only,
         )
 
 
@@ -259,6 +269,8 @@ class Agent:
         """Until ``stop`` is set (SIGTERM) or, with ``once``, until every model is settled.
         Returns the exit code: 0, or 1 when ``once`` ends with a model not downloaded."""
         self.cache.open()  # raises CacheLocked when another agent holds the folder
+        # Blocking work runs where a stop waits for it a bounded time (agent.threads).
+        asyncio.get_running_loop().set_default_executor(BoundedExecutor(grace=SHUTDOWN_GRACE))
         background: list[asyncio.Task[Any]] = []
         try:
             started = time.monotonic()
@@ -300,11 +312,15 @@ class Agent:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         # Downloads stop where they are: the engine syncs and records durable chunks on cancel,
         # so the next start resumes them.
-        for task in [*self.tasks.values(), *background]:
+        tasks = [*self.tasks.values(), *background]
+        for task in tasks:
             task.cancel()
-        for task in [*self.tasks.values(), *background]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # A download whose cancel waits on a copy blocked in the kernel is not waited for long.
+            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the stop is what ended it
         with contextlib.suppress(ModelcacheError, OSError):
             await self.write_status(force=True)
         if self.client is not None:
@@ -445,6 +461,15 @@ class Agent:
             rec.warning = result.warnings.get(name, rec.warning)
             if key in self.tasks or (rec.retry_at is not None and rec.retry_at > now):
                 continue
+            try:
+                parse_uri(model.source_model_uri)
+            except URIError as e:
+                # This model only: the node's other models go on (no retry mends the spec).
+                if rec.reason != "InvalidSourceURI" or rec.message != str(e):
+                    await self.events.emit("DownloadFailed", f"{name}: {e}", warning=True)
+                    self.metrics.failures.labels("InvalidSourceURI").inc()
+                rec.state, rec.reason, rec.message = ModelState.ERROR, "InvalidSourceURI", str(e)
+                continue
             if rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
                 rec.reason = rec.message = None  # room appeared
             rec.state = ModelState.PENDING  # until a download slot is free
@@ -533,7 +558,9 @@ class Agent:
     def _record(self, key: str, uri: str) -> Record:
         rec = self.records.get(key)
         if rec is None:
-            rec = self.records[key] = Record(key, parse_uri(uri).redacted())
+            # redact() is SourceURI.redacted()'s rule on the text: a URI that does not parse still
+            # gets a record, which carries its refusal (InvalidSourceURI).
+            rec = self.records[key] = Record(key, redact(uri))
         return rec
 
     async def _delete(self, key: str) -> None:
@@ -645,6 +672,9 @@ class Agent:
         self.untrusted.discard(rec.key)
         self.foreign.discard(rec.key)
         rec.state = ModelState.DOWNLOADED
+        if not result.up_to_date:  # an up-to-date result checked nothing: the last counts stand
+            rec.files_verified = sum(result.hash_checked.values())
+            rec.files_size_only = result.size_only
         rec.bytes_done = rec.bytes_total = result.bytes_total
         rec.files_total = rec.files_done = result.files
         rec.revision = result.revision
@@ -688,7 +718,7 @@ class Agent:
                 await asyncio.to_thread(self.cache.delete, rec.key)
             except (LinkRefused, OSError) as gone:
                 log.warning("%s: its staging could not be removed: %s", name, _one_line(gone))
-        await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {delay / 60:.0f} min)", warning=True)
+        await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {_duration(delay)})", warning=True)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -840,6 +870,15 @@ def _refused_progress(r: Refusal) -> ModelProgress:
     return ModelProgress(
         ModelState.ERROR, storage_key=key, source_model_uri=uri, reason=r.reason, message=r.message
     )
+
+
+def _duration(seconds: float) -> str:
+    """A wait in words for an Event: '45 s', '5 min', '2 h' (never "0 min" for seconds)."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
 
 
 def _one_line(e: BaseException) -> str:

@@ -20,15 +20,23 @@ from agent.download.sources import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
 from localmodel.cliargs import UsageParser
 from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError
-from localmodel.layout import CacheLayout
+from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
 from localmodel.quantity import Quantity
-from localmodel.uri import parse_uri
+from localmodel.uri import SourceURI, parse_uri
+
+
+def _quantity_text(text: str) -> str:
+    """A rate as people write it -> a Kubernetes quantity: '/s' and a 'B' after the unit dropped, and
+    'K' read as the decimal kilo 'k' (200K, 200KB/s and 200kB/s are all 200,000 bytes/s; Ki is
+    1024)."""
+    cleaned = text.strip().removesuffix("/s").removesuffix("B")
+    return cleaned[:-1] + "k" if cleaned.endswith("K") else cleaned
 
 
 def parse_rate(text: str) -> float:
-    """'100M', '1.5Gi', '200MB/s', '50MiB/s' -> bytes per second."""
-    cleaned = text.strip().removesuffix("/s").removesuffix("B")
+    """'100M', '1.5Gi', '200MB/s', '50MiB/s', '200K' -> bytes per second."""
+    cleaned = _quantity_text(text)
     try:
         value = Quantity.parse(cleaned, field="--max-bandwidth")
     except QuantityError:
@@ -53,7 +61,7 @@ def parse_size(text: str) -> int:
 def parse_low_speed_limit(text: str) -> int:
     """'1024', '1Ki', '10K' -> bytes per second; 0 turns the check off."""
     try:
-        value = Quantity.parse(text.strip().removesuffix("/s").removesuffix("B"), field="--low-speed-limit")
+        value = Quantity.parse(_quantity_text(text), field="--low-speed-limit")
     except QuantityError:
         raise InvalidInput(
             f"--low-speed-limit: {text!r} is not a rate; use bytes per second like 1Ki or 10K (0: off)"
@@ -76,7 +84,7 @@ def parse_seconds(text: str) -> float:
 UNITS = (
     "Units: the progress bar and the summary count decimal units, 1 MB = 1,000,000 bytes, rates in "
     "MB/s (the summary also gives exact bytes). Flags take Kubernetes quantities: 50M or 50MB/s is "
-    "50,000,000 bytes/s, 50Mi or 50MiB/s is 52,428,800."
+    "50,000,000 bytes/s, 50Mi or 50MiB/s is 52,428,800; k or K (kB, KB) is 1,000, Ki is 1,024."
 )
 
 
@@ -143,10 +151,19 @@ class LockBusy(ModelcacheError):
     """Another process writes the same destination (or the agent owns the cache folder)."""
 
 
-def check_dest(raw: str, *, home: Path) -> Path:
+def _is_cache(folder: Path) -> bool:
+    """A modelcache cache folder: the agent's format file or manifests folder in its hidden folder
+    (a pull's own hidden folder beside a DEST holds only pull/ and trash/)."""
+    hidden = folder / ".modelcache"
+    return (hidden / "format").is_file() or (hidden / "manifests").is_dir()
+
+
+def check_dest(raw: str, *, home: Path, key: str | None = None) -> Path:
     """DEST as given -> the absolute folder to publish, or InvalidInput for a folder that is never a
     model's: empty, ``/``, the home folder, a cache folder itself or its ``models/``/``.modelcache``.
-    Pure but for looking at what is there."""
+    Anywhere below a cache's ``models/``, DEST must be exactly ``models/<key>`` (``key``: the storage
+    key of the URI pulled, so the agent finds the model under the name it computes; deeper folders
+    are inside a published, read-only model). Pure but for looking at what is there."""
     if not raw.strip():
         raise InvalidInput("DEST: empty; name the folder to create, e.g. ./my-model")
     dest = Path(os.path.normpath(Path(raw).absolute()))
@@ -167,7 +184,41 @@ def check_dest(raw: str, *, home: Path) -> Path:
             )
     if ".modelcache" in dest.parts:
         raise InvalidInput(f"DEST: {dest} is inside modelcache's hidden folder; name another folder")
+    for cache in dest.parents:
+        models = cache / "models"
+        if dest.is_relative_to(models) and _is_cache(cache):
+            right = models / key if key is not None else None
+            if dest != right:
+                where = f"this URI's folder there is {right}" if right else "name models/<storage key>"
+                raise InvalidInput(
+                    f"DEST: {dest} is inside the modelcache cache {cache}, where a model's folder is "
+                    f"models/<storage key of its URI>; {where}, or pull into a new folder"
+                )
     return dest
+
+
+def check_replace(dest: Path, uri: SourceURI, *, force: bool) -> None:
+    """InvalidInput when publishing at ``dest`` would delete what is never ours, ``--force`` or
+    not: a modelcache cache or another pull's model anywhere inside it (a ``.modelcache`` folder
+    below it), or the ``file://`` source itself (DEST inside its source, or the source inside
+    DEST). Walks DEST without following links."""
+    if uri.scheme == "file":
+        source = Path(os.path.normpath(uri.path))
+        for a, b in ((dest, source), (dest.resolve(), source.resolve())):
+            if a.is_relative_to(b) or b.is_relative_to(a):
+                raise InvalidInput(
+                    f"DEST: {dest} and the source {source} overlap; the publish would replace the "
+                    "files it copies: name a folder outside the source"
+                )
+    if not force or not dest.is_dir() or dest.is_symlink():
+        return  # without --force only a folder of ours (its manifest's files alone) is replaced
+    for root, dirs, _ in os.walk(dest):
+        if ".modelcache" in dirs:
+            raise InvalidInput(
+                f"DEST: {dest} holds a modelcache cache or another pull's model "
+                f"({Path(root) / '.modelcache'}); it is never replaced, even with --force: "
+                "name another folder"
+            )
 
 
 def folder_error(path: Path) -> str | None:
@@ -200,10 +251,11 @@ def folder_error(path: Path) -> str | None:
 @contextlib.contextmanager
 def writer_lock(dest: Destination, *, wait: float) -> Iterator[None]:
     """Hold the lock of DEST for the whole pull: the cache's ``.modelcache/lock`` (the agent's
-    flock) when DEST is a cache's model folder, else ``<hidden>/pull/<name>.lock``. Waits at most
+    flock) when DEST is a cache's model folder, else ``<hidden>/pull/locks/<name>.lock``. Waits at most
     ``wait`` seconds, then raises :class:`LockBusy` naming the holder's pid."""
     placed = CacheLayout.of_model_dir(dest.final)
-    path = placed[0].lock_file if placed is not None else dest.staging.with_name(f"{dest.final.name}.lock")
+    pull = dest.final.parent / ".modelcache" / "pull"
+    path = placed[0].lock_file if placed is not None else pull / "locks" / f"{dest.final.name}.lock"
     refuse_links(path, below=dest.root)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -306,7 +358,8 @@ def main(argv: Sequence[str]) -> int:
     )
     if args.lock_wait < 0:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
-    final = check_dest(args.dest, home=Path.home())
+    final = check_dest(args.dest, home=Path.home(), key=storage_key(uri.raw))
+    check_replace(final, uri, force=args.force)
     if (problem := folder_error(final.parent)) is not None:
         raise InvalidInput(f"DEST: {problem}")
     dest = Destination.for_folder(final, force=args.force)

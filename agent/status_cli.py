@@ -69,7 +69,7 @@ def _from_disk(layout: CacheLayout) -> dict[str, Any]:
 def render_table(data: dict[str, Any]) -> str:
     status = data.get("status") or {}
     models = status.get("models") or {}
-    rows = [("NAME", "STORAGE KEY", "STATE", "DONE/TOTAL", "REASON")]
+    rows = [("NAME", "STORAGE KEY", "STATE", "DONE/TOTAL", "CHECKED", "REASON")]
     for name, m in sorted(models.items()):
         done, total = int(m.get("bytesDone") or 0), int(m.get("bytesTotal") or 0)
         pct = f" {100 * done // total}%" if total else ""
@@ -79,6 +79,7 @@ def render_table(data: dict[str, Any]) -> str:
                 str(m.get("storageKey") or ""),
                 str(m.get("state") or ""),
                 f"{readable(done)} / {readable(total)}{pct}",
+                _checked(m),
                 _why(m),
             )
         )
@@ -97,6 +98,15 @@ def render_table(data: dict[str, Any]) -> str:
         if c.get("status") == "False" and c.get("message")
     ]
     return "\n".join([head, *lines, *(f"warning: {p}" for p in problems)])
+
+
+def _checked(model: dict[str, Any]) -> str:
+    """How the last download's files were checked: '3 verified, 1 size only'; '-' when the agent has
+    not downloaded it since it started (a model found published keeps no record of how)."""
+    verified, size_only = model.get("filesVerified"), model.get("filesSizeOnly")
+    if verified is None and size_only is None:
+        return "-"
+    return f"{int(verified or 0)} verified, {int(size_only or 0)} size only"
 
 
 def _why(model: dict[str, Any]) -> str:

@@ -156,7 +156,9 @@ def from_os_error(e: OSError, what: str | None = None) -> DownloadError:
     ENOSPC, EDQUOT and EFBIG are DiskFull; EACCES, EPERM and EROFS are PermissionDenied; EXDEV (a
     publish is a rename from ``.modelcache/`` into ``models/``) says both must be one filesystem;
     anything else is DownloadError with the OS's text."""
-    where = f"{what}: " if what else (f"{e.filename}: " if e.filename is not None else "")
+    # A rename's error names both paths: the destination (filename2) is the one a user can act on.
+    named = e.filename2 if getattr(e, "filename2", None) is not None else e.filename
+    where = f"{what}: " if what else (f"{named}: " if named is not None else "")
     text = (os.strerror(e.errno) if e.errno else str(e)).replace("\n", " ")
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DiskFull(f"{where}no space left on the cache's filesystem ({text})")

@@ -697,6 +697,10 @@ class ModelProgress:
     reason: str | None = None
     message: str | None = None
     retry_after: str | None = None
+    # How the published files were checked (the pull's result): content against a hash the source
+    # gave, or by size alone (no hash offered, or verify off). None until a download has finished.
+    files_verified: int | None = None
+    files_size_only: int | None = None
 
     @classmethod
     def from_json(cls, data: Any, path: str) -> ModelProgress:
@@ -715,6 +719,8 @@ class ModelProgress:
             reason=_str(raw, "reason", path),
             message=_str(raw, "message", path),
             retry_after=_str(raw, "retryAfter", path),
+            files_verified=_int(raw, "filesVerified", path) if "filesVerified" in raw else None,
+            files_size_only=_int(raw, "filesSizeOnly", path) if "filesSizeOnly" in raw else None,
         )
 
     def to_json(self) -> JSON:
@@ -733,6 +739,8 @@ class ModelProgress:
                 "reason": self.reason,
                 "message": self.message,
                 "retryAfter": self.retry_after,
+                "filesVerified": self.files_verified,
+                "filesSizeOnly": self.files_size_only,
             }
         )
 

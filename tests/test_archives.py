@@ -76,7 +76,7 @@ async def test_zip_bomb_is_refused_before_writing(http_files: Files, tmp_path: P
     assert "declares 200.0 MiB, more than 200 times the archive's " in message
     assert "\n" not in message
     assert not dest.exists()
-    staged = tmp_path / "out" / ".modelcache" / "pull" / "m"
+    staged = tmp_path / "out" / ".modelcache" / "pull" / "staging" / "m"
     assert not (staged / "files").exists()  # nothing unpacked is left
 
 

@@ -44,7 +44,10 @@ def hub_settings(hub: Hub) -> SourceSettings:
 
 
 def nothing_published(dest: Path) -> bool:
-    return not dest.exists() and not (dest.parent / ".modelcache" / "pull" / f"{dest.name}.json").exists()
+    return (
+        not dest.exists()
+        and not (dest.parent / ".modelcache" / "pull" / "manifests" / f"{dest.name}.json").exists()
+    )
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -200,7 +203,7 @@ async def test_short_page_cli_says_it_in_one_line(hf_hub: Hub, tmp_path: Path) -
     assert err == (
         "modelcache pull: hf://org/m: tokenizer.json: the server sent 635 of the listed 200000 bytes; "
         "the same after a second fetch from byte 0; partial download kept in "
-        f"{tmp_path / '.modelcache' / 'pull' / 'm'}; run the same command to resume\n"
+        f"{tmp_path / '.modelcache' / 'pull' / 'staging' / 'm'}; run the same command to resume\n"
     )
 
 
@@ -259,7 +262,7 @@ async def test_a_300_character_name_is_one_line_exit_1(hf_hub: Hub, tmp_path: Pa
     hf_hub.add_repo("org/m", {"config.json": b"{}", name: b"{}"})
     code, out, err = await cli("hf://org/m", str(tmp_path / "m"), env={"HF_ENDPOINT": hf_hub.endpoint})
     assert code == 1 and out == ""
-    staging = tmp_path / ".modelcache" / "pull" / "m"
+    staging = tmp_path / ".modelcache" / "pull" / "staging" / "m"
     assert err == (
         f"modelcache pull: hf://org/m: {name}: File name too long; partial download kept in {staging}; "
         "run the same command to resume\n"
@@ -282,7 +285,7 @@ def mounted(path: Path, options: str) -> Iterator[Path]:
 async def test_disk_full_is_diskfull_naming_the_file(hf_hub: Hub, tmp_path: Path) -> None:
     hf_hub.add_repo("org/m", {"w.bin": os.urandom(2 * MiB)})
     with mounted(tmp_path / "small", "size=1m") as small:
-        with pytest.raises(DiskFull, match=r"^hf://org/m: w\.bin: no space left on the cache's filesystem"):
+        with pytest.raises(DiskFull, match=r"^hf://org/m: w\.bin: no space left on DEST's filesystem"):
             await run("hf://org/m", small / "m", hub_settings(hf_hub))
         assert nothing_published(small / "m")
 

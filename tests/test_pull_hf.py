@@ -52,7 +52,7 @@ async def test_pull_lays_out_the_repo_and_verifies(hf_hub: Hub, tmp_path: Path) 
     result = await run_pull(hf_hub, "hf://org/model", tmp_path / "m")
     assert tree(tmp_path / "m") == files
     assert result.revision == sha and result.bytes_transferred == sum(map(len, files.values()))
-    manifest = json.loads((tmp_path / ".modelcache" / "pull" / "m.json").read_text())
+    manifest = json.loads((tmp_path / ".modelcache" / "pull" / "manifests" / "m.json").read_text())
     shards = {f["path"]: f for f in manifest["files"]}
     assert (
         shards["model-00002-of-00002.safetensors"]["sha256"]
@@ -189,7 +189,7 @@ async def test_sigkill_mid_file_then_resume_fetches_only_the_rest(hf_hub: Hub, t
         "4",
     ]
     proc = await asyncio.create_subprocess_exec(*argv, env=env)
-    progress = tmp_path / ".modelcache" / "pull" / "m" / "progress.json"
+    progress = tmp_path / ".modelcache" / "pull" / "staging" / "m" / "progress.json"
     for _ in range(300):
         await asyncio.sleep(0.05)
         if (

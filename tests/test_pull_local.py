@@ -42,14 +42,14 @@ def test_pull_copies_layout_then_is_up_to_date(tmp_path: Path, capsys: pytest.Ca
     # copied is recorded, so a later re-verify detects a flipped byte.
     assert "3 files" in out and "verified" not in out
     assert "3 checked by size only (config.json, empty.txt, nested/deeper/w.bin)" in out
-    manifest = Manifest.read(tmp_path / "out" / ".modelcache" / "pull" / "model.json")
+    manifest = Manifest.read(tmp_path / "out" / ".modelcache" / "pull" / "manifests" / "model.json")
     assert {f.path: f.sha256 for f in manifest.files} == {
         p: hashlib.sha256(b).hexdigest() for p, b in _tree(src).items()
     }
     # Nothing but the model itself in the destination folder; staging is gone.
-    assert not (tmp_path / "out" / ".modelcache" / "pull" / "model").exists()
+    assert not (tmp_path / "out" / ".modelcache" / "pull" / "staging" / "model").exists()
 
-    assert main(["pull", str(src), str(dest), "--quiet"]) == 0
+    assert main(["pull", f"file://{src}", str(dest), "--quiet"]) == 0
     again = capsys.readouterr().out
     assert " bytes, 0 transferred)" in again and "up to date" in again
 
@@ -185,7 +185,7 @@ def test_a_folder_of_the_users_files_is_refused_then_replaced_with_force(
     assert "--force" in err and "new or empty folder" in err
     assert (dest / "thesis.tex").read_text() == "years of work"
     assert (dest / "sub" / "data.csv").read_text() == "1,2"
-    assert not (tmp_path / ".modelcache" / "pull" / "mine").exists()  # nothing staged either
+    assert not (tmp_path / ".modelcache" / "pull" / "staging" / "mine").exists()  # nothing staged either
 
     assert main(["pull", str(src), str(dest), "--quiet", "--force"]) == 0
     assert _tree(dest) == _tree(src)
@@ -289,6 +289,7 @@ async def test_a_full_disk_is_exit_1_with_one_line(hf_hub: Hub, tmp_path: Path) 
         assert proc.returncode == 1
         assert err.count("\n") == 1 and "Traceback" not in err
         assert "no space left" in err
+        assert f"DEST's filesystem ({small})" in err and "the cache's" not in err  # 13 §13
         assert not (small / "model").exists()
     finally:
         subprocess.run(["umount", str(small)], check=True)

@@ -28,7 +28,7 @@ async def test_second_writer_waits_then_exits_1_naming_the_first(hf_hub: Hub, tm
     hf_hub.file("org/slow", "w.bin").rate = 1 << 20  # about 2 s
     dest = tmp_path / "m"
     first = await _pull("hf://org/slow", str(dest))
-    staging = tmp_path / ".modelcache" / "pull" / "m"
+    staging = tmp_path / ".modelcache" / "pull" / "staging" / "m"
     await eventually(staging.exists, what="the first pull to start")
     second = await _pull("hf://org/slow", str(dest), "--lock-wait", "0.3")
     _, err = await asyncio.wait_for(second.communicate(), 60)

@@ -133,7 +133,7 @@ async def test_3gib_object_in_64mi_ranges_verified_by_sha256(
     published = out / "model.safetensors"
     _assert_really_written(published, big_object)
     # The engine hashed the file it wrote and matched the announced SHA256; the manifest says so.
-    manifest = Manifest.read(out.parent / ".modelcache" / "pull" / "model.json")
+    manifest = Manifest.read(out.parent / ".modelcache" / "pull" / "manifests" / "model.json")
     (entry,) = manifest.files
     assert (entry.path, entry.size, entry.sha256) == ("model.safetensors", SIZE, big_object.sha256)
 
@@ -146,7 +146,7 @@ async def test_3gib_object_sigkill_then_resume_fetches_only_missing_ranges(
     s3files.hold("models", KEY, after=served)  # the other ranges hang until the process is killed
     argv = _argv("s3://models/llama", out)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL)
-    progress = out.parent / ".modelcache" / "pull" / "model" / "progress.json"
+    progress = out.parent / ".modelcache" / "pull" / "staging" / "model" / "progress.json"
     done: set[int] = set()
     for _ in range(600):
         await asyncio.sleep(0.05)

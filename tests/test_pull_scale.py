@@ -58,7 +58,7 @@ async def _killed_mid_pull(hub: Hub, tmp_path: Path) -> tuple[Path, dict[str, by
     files["big.safetensors"] = os.urandom(12 * MiB)
     hub.add_repo("org/m", files)
     hub.file("org/m", "big.safetensors").rate = 1 * MiB  # 3 of 4 connections on it: ~3 MiB/s
-    staging = tmp_path / ".modelcache" / "pull" / "m"
+    staging = tmp_path / ".modelcache" / "pull" / "staging" / "m"
     proc = await asyncio.create_subprocess_exec(
         *pull_argv(hub, "hf://org/m", tmp_path / "m", "--chunk-size", "1Mi", "--concurrency", "4"),
         env=env(hub),

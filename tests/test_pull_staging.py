@@ -37,7 +37,7 @@ def test_a_full_disk_keeps_the_staging_and_says_where_then_a_rerun_resumes(tmp_p
     src = source(tmp_path)
     with tmpfs(tmp_path / "small", "2m") as small:
         r = modelcache(str(src), str(small / "m"))
-        staging = small / ".modelcache" / "pull" / "m"
+        staging = small / ".modelcache" / "pull" / "staging" / "m"
         assert r.returncode == 1, r.stderr
         assert r.stderr.count("\n") == 1, r.stderr
         assert r.stderr.startswith("modelcache pull: "), r.stderr
@@ -54,7 +54,7 @@ def test_a_full_disk_keeps_the_staging_and_says_where_then_a_rerun_resumes(tmp_p
 def test_a_final_failure_drops_the_staging(tmp_path: Path) -> None:
     src = source(tmp_path)
     with tmpfs(tmp_path / "small", "2m") as small:
-        staging = small / ".modelcache" / "pull" / "m"
+        staging = small / ".modelcache" / "pull" / "staging" / "m"
         assert modelcache(str(src), str(small / "m")).returncode == 1
         assert staging.is_dir()
         (src / "w.bin").unlink()
@@ -79,7 +79,7 @@ def test_an_interrupted_pull_says_where_its_partial_download_is(tmp_path: Path) 
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     dest = tmp_path / "out" / "m"
-    staging = tmp_path / "out" / ".modelcache" / "pull" / "m"
+    staging = tmp_path / "out" / ".modelcache" / "pull" / "staging" / "m"
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

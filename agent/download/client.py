@@ -301,6 +301,7 @@ class HttpClient:
         low_speed_time: float = 30.0,
         ca_bundle: str | None = None,
         allow_private: bool = True,
+        header_timeout: float | None = None,
     ) -> None:
         self.proxies = dict(proxies or {})
         self.allow_private = allow_private
@@ -317,6 +318,12 @@ class HttpClient:
         self.low_speed_limit = low_speed_limit if low_speed_time > 0 else 0
         self.low_speed_time = low_speed_time
         self.ca_bundle = ca_bundle
+        # The whole response header, from sending the request: the low-speed window when the check
+        # is on (a header is a few hundred bytes), else twice the read timeout (a silent server is
+        # still told by the read timeout, which ends first).
+        self.header_timeout = header_timeout or (
+            self.low_speed_time if self.low_speed_limit else 2 * read_timeout
+        )
         self._ssl_context = ssl_context
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")
         self._idle: dict[Route, list[http.client.HTTPConnection]] = {}
@@ -417,6 +424,11 @@ class HttpClient:
                     answer.read(64 << 10)  # a redirect's body is short: drained, the connection is reused
                     self._checkin(key, conn, answer)
                     nxt = urljoin(url, location)
+                    if urlsplit(nxt).scheme not in ("http", "https"):
+                        raise DownloadError(
+                            f"{label}: the server redirects to a {urlsplit(nxt).scheme or 'relative'}: "
+                            "URL; only http and https redirects are followed"
+                        )
                     if urlsplit(nxt).netloc != parts.netloc or urlsplit(nxt).scheme != parts.scheme:
                         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                     if answer.status == 303 and method != "HEAD":
@@ -471,18 +483,41 @@ class HttpClient:
             if not call.attach(conn.sock):
                 conn.close()
                 raise Stopped(label)
+            # A read timeout bounds each wait, not a header trickled a byte at a time: the whole
+            # header has a deadline of its own, enforced by shutting the socket when it passes.
+            late = threading.Event()
+            timer = threading.Timer(self.header_timeout, _cut, (conn.sock, late))
+            timer.daemon = True
+            timer.start()
             try:
                 conn.request(method, target, headers=headers)
-                return conn, conn.getresponse()
+                answer = conn.getresponse()
+                timer.cancel()
+                if late.is_set():  # the cut socket reads as the header's end: not an answer
+                    conn.close()
+                    raise self._late(label)
+                return conn, answer
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
+                if late.is_set():
+                    raise self._late(label) from None
                 if fresh:
                     raise
                 conn = None
             except BaseException:
                 conn.close()
+                if late.is_set():
+                    raise self._late(label) from None
                 raise
+            finally:
+                timer.cancel()
         raise AssertionError("unreachable")
+
+    def _late(self, label: str) -> TransientError:
+        return TransientError(
+            f"{label}: no whole response header within {self.header_timeout:g} s (the server sends it "
+            "too slowly, or not at all)"
+        )
 
     def _stream(self, call: _Call, answer: http.client.HTTPResponse, sink: Sink, label: str) -> int:
         buf = getattr(self._local, "buf", None)  # one per worker thread, reused for every read
@@ -611,6 +646,14 @@ class _MeteredSSL(ssl.SSLSocket):
         if self.check is not None:
             self.check.received(n)
         return n
+
+
+def _cut(sock: socket.socket | None, late: threading.Event) -> None:
+    """The header deadline passed: end the blocked read (the worker raises at once)."""
+    late.set()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _dial(

@@ -785,7 +785,7 @@ class _Body:
     def accept(self, response: Response) -> Callable[[memoryview], None]:
         status = response.status
         if status == 416 and self.asked_range:
-            raise self._refused()
+            raise self._refused(response.headers.get("Content-Range") or "")
         if status >= 400:
             raise _status_error(self.label, response)
         length = response.content_length
@@ -830,15 +830,26 @@ class _Body:
             )
         self.bound = last + 1
 
-    def _refused(self) -> IntegrityError:
+    def _refused(self, content_range: str) -> IntegrityError:
+        """A 416, in words: what its ``Content-Range: bytes */SIZE`` (RFC 9110 §14.4) says the
+        server's copy is, against the listed size."""
         if self.whole or self.ranged is False:
             return IntegrityError(
                 f"{self.label}: the server sent {self.pos} of the listed {self.limit} bytes and "
                 "refuses the rest (HTTP 416)"
             )
+        size = content_range.strip().removeprefix("bytes */")
+        if not size.isdigit():
+            why = "and gives no size of its copy"
+        elif int(size) == self.limit:
+            why = f"though it says its copy has the listed {size} bytes: its range support is broken"
+        elif self.limit is not None and int(size) < self.limit:
+            why = f"its copy has {size} bytes, fewer than listed"
+        else:
+            why = f"its copy has {size} bytes, more than listed"
         return IntegrityError(
             f"{self.label}: the server refuses bytes {self.pos}-{self.end - 1} of the listed "
-            f"{self.limit} bytes (HTTP 416): its copy is shorter"
+            f"{self.limit} bytes (HTTP 416), {why}"
         )
 
     def write(self, data: memoryview) -> None:

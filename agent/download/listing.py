@@ -66,7 +66,11 @@ def checked_path(path: str, *, source: str) -> str:
 
 def check_not_empty(listing: Listing) -> None:
     """A model that is one empty file is a folder marker or an upload that failed, never weights:
-    SourceNotFound rather than publishing it (S3 tools store folders as empty objects)."""
+    SourceNotFound rather than publishing it (S3 tools store folders as empty objects). A source
+    with no file at all (an empty hf repo, an empty prefix or folder) is SourceNotFound too, for
+    every source; an archive's members are checked when it is unpacked."""
+    if not listing.files:
+        raise SourceNotFound(f"{listing.source}: the source holds no files; a model needs at least one")
     if len(listing.files) == 1 and listing.files[0].size == 0:
         raise SourceNotFound(
             f"{listing.source}: the source is a single empty file "

@@ -14,18 +14,21 @@ from pathlib import Path
 from agent.download.client import HttpClient
 from agent.download.engine import ProgressSink, PullResult, Transfer, TransferSettings, same_files
 from agent.download.listing import Listing
+from agent.download.ownership import Match, folder_match
 from agent.download.sources import SourceSettings, list_source
 from agent.download.staging import Destination, LinkRefused, finish_publish, remove_tree
 from agent.download.unpack import unpack_limit
 from localmodel.errors import (
     AccessDenied,
+    DiskFull,
     DownloadError,
     SourceNotAllowed,
     SourceNotFound,
     UnsafePath,
     from_os_error,
 )
-from localmodel.layout import storage_key
+from localmodel.layout import CacheLayout, storage_key
+from localmodel.manifest import Manifest
 from localmodel.uri import SourceURI
 
 
@@ -80,7 +83,21 @@ async def pull(
             max_bytes=max_bytes,
         )
     except OSError as e:
-        raise os_download_error(e) from e
+        raise _on_dest_filesystem(os_download_error(e), dest) from e
+    except DiskFull as e:
+        mapped = _on_dest_filesystem(e, dest)
+        if mapped is e:
+            raise
+        raise mapped from e
+
+
+def _on_dest_filesystem(e: DownloadError, dest: Destination) -> DownloadError:
+    """A full disk under ``modelcache pull DEST`` (not in a cache) is DEST's filesystem, not "the
+    cache's" that the shared wording (engine, unpack, :func:`from_os_error`) says."""
+    if not isinstance(e, DiskFull) or CacheLayout.of_model_dir(dest.final) is not None:
+        return e
+    text = str(e).replace("the cache's filesystem", f"DEST's filesystem ({dest.final.parent})")
+    return DiskFull(text) if text != str(e) else e
 
 
 # Failures no later run of the same command gets past: what was staged for them is only dead weight.
@@ -112,6 +129,18 @@ def os_download_error(e: OSError) -> DownloadError:
     return from_os_error(e)
 
 
+def up_to_date(dest: Destination, published: Manifest, listing: Listing, key: str) -> bool:
+    """Nothing to fetch: the manifest is for the same source (its storage key is ``key``, the key of
+    the URI asked for), lists what the source holds now (:func:`same_files`), and the folder holds
+    exactly those files with their sizes (:func:`folder_match`). A file deleted from the folder or
+    another URI with the same file names is fetched, never reported "up to date"."""
+    return (
+        published.storage_key == key
+        and same_files(published, listing)
+        and folder_match(dest.final, published) is Match.INTACT
+    )
+
+
 async def _pull(
     uri: SourceURI,
     dest: Destination,
@@ -132,7 +161,8 @@ async def _pull(
         await asyncio.to_thread(dest.refuse_foreign)  # before a byte is fetched, not at publish
         listing = await list_source(uri, settings=sources, client=client)
         published = await asyncio.to_thread(dest.published)
-        if published is not None and same_files(published, listing):
+        key = storage_key(uri.raw)
+        if published is not None and await asyncio.to_thread(up_to_date, dest, published, listing, key):
             return PullResult(
                 files=len(published.files),
                 bytes_total=published.total_bytes,
@@ -147,7 +177,7 @@ async def _pull(
             listing,
             dest,
             uri=uri.redacted(),  # the manifest is a state file: no signed query in it
-            storage_key=storage_key(uri.raw),
+            storage_key=key,
             client=client,
             settings=transfer,
             progress=progress,

@@ -26,17 +26,19 @@ line naming the endpoint ("cannot reach http://host:port: no answer within 30 s"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -46,6 +48,7 @@ from agent.download.client import (
     HttpClient,
     PrivateAddress,
     Response,
+    aws_ca_bundle,
     check_endpoint,
     connection_words,
     retried,
@@ -87,6 +90,7 @@ class SourceSettings:
     read_timeout: float = 30.0
     list_attempts: int = 4
     list_backoff: float = 1.0  # the first wait between listing attempts; doubles, capped at 30 s
+    list_deadline: float = 120.0  # one whole listing attempt (hf, s3, http HEAD), however it trickles
     file_prefixes: tuple[str, ...] | None = None
     gcs: GcsSettings = dataclasses.field(default_factory=GcsSettings)
     azure: AzureSettings = dataclasses.field(default_factory=AzureSettings)
@@ -191,22 +195,73 @@ async def list_source(uri: SourceURI, *, settings: SourceSettings, client: HttpC
 
 
 async def _list_once(uri: SourceURI, settings: SourceSettings, client: HttpClient) -> Listing:
-    if uri.scheme == "hf":
-        return await asyncio.to_thread(_list_hf, uri, settings)
-    if uri.scheme == "s3":
-        return await asyncio.to_thread(_list_s3, uri, settings)
     if uri.scheme == "file":
         return await asyncio.to_thread(_list_file, uri, settings)
-    timeouts = {"connect_timeout": settings.connect_timeout, "read_timeout": settings.read_timeout}
-    if uri.scheme == "gs":
+    if uri.scheme == "hf":
+        endpoint, listed = settings.hf_endpoint, _in_daemon_thread(_list_hf, uri, settings)
+    elif uri.scheme == "s3":
+        endpoint, listed = settings.s3_endpoint or "S3", _in_daemon_thread(_list_s3, uri, settings)
+    elif uri.scheme == "gs":
         # The SDKs connect by themselves: their endpoint is checked as the hub's and S3's are.
-        await asyncio.to_thread(_check_endpoint, settings.gcs.endpoint, settings, uri.redacted())
-        return await asyncio.to_thread(list_gcs, uri, settings.gcs, **timeouts)
-    if uri.scheme == "azure":
-        account = settings.azure.endpoint or f"https://{uri.host}"
-        await asyncio.to_thread(_check_endpoint, account, settings, uri.redacted())
-        return await asyncio.to_thread(list_azure, uri, settings.azure, **timeouts)
-    return await _list_http(uri, client)
+        endpoint = settings.gcs.endpoint
+        await asyncio.to_thread(_check_endpoint, endpoint, settings, uri.redacted())
+        listed = _in_daemon_thread(_list_gcs, uri, settings)
+    elif uri.scheme == "azure":
+        endpoint = settings.azure.endpoint or f"https://{uri.host}"
+        await asyncio.to_thread(_check_endpoint, endpoint, settings, uri.redacted())
+        listed = _in_daemon_thread(_list_azure, uri, settings)
+    else:
+        endpoint, listed = uri.redacted(), asyncio.ensure_future(_list_http(uri, client))
+    try:
+        return await asyncio.wait_for(listed, settings.list_deadline)
+    except TimeoutError:
+        raise _no_answer(
+            uri.redacted(), endpoint, settings.list_deadline, "no whole listing (answers too slow)"
+        ) from None
+
+
+def _list_gcs(uri: SourceURI, settings: SourceSettings) -> Listing:
+    return list_gcs(
+        uri, settings.gcs, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
+    )
+
+
+def _list_azure(uri: SourceURI, settings: SourceSettings) -> Listing:
+    return list_azure(
+        uri, settings.azure, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
+    )
+
+
+def _in_daemon_thread(
+    fn: Callable[[SourceURI, SourceSettings], Listing], uri: SourceURI, settings: SourceSettings
+) -> asyncio.Future[Listing]:
+    """Run a blocking listing in a thread of its own that a deadline may abandon: huggingface_hub's
+    and botocore's timeouts bound each read, not an answer trickled a byte at a time, and a thread of
+    the default executor would be joined at exit (a ``pull`` that never ends). The abandoned thread
+    ends when its server closes the connection or the process exits."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Listing] = loop.create_future()
+
+    def settle(result: Listing | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(Listing, result))
+
+    def work() -> None:
+        result: Listing | None = None
+        error: BaseException | None = None
+        try:
+            result = fn(uri, settings)
+        except BaseException as e:  # handed to the awaiting task, raised there
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the caller gave up long ago
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="modelcache-list", daemon=True).start()
+    return future
 
 
 def _backoff(settings: SourceSettings) -> Callable[[RetryCallState], float]:
@@ -281,6 +336,8 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
         raise _no_answer(source, settings.hf_endpoint, settings.read_timeout) from e
     except (OSError, HTTPError) as e:  # connection errors of the hub's HTTP client
         raise TransientError(f"{source}: {connection_words(e, settings.hf_endpoint)}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a body that is not the API's JSON
+        raise _not_the_hub(settings.hf_endpoint) from e
     headers = {"Authorization": f"Bearer {settings.hf_token}"} if settings.hf_token else {}
     files = []
     for entry in tree:
@@ -325,6 +382,7 @@ def _bound_hf_client(settings: SourceSettings) -> None:
         def factory() -> httpx2.Client:
             client = default_client_factory()  # its event hooks and redirect handling, kept
             client.timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+            client.event_hooks.setdefault("response", []).append(_note_answer)
             return client
 
         set_client_factory(factory)
@@ -337,6 +395,22 @@ def _check_endpoint(endpoint: str, settings: SourceSettings, source: str) -> Non
         check_endpoint(endpoint, allow_private=settings.allow_private)
     except PrivateAddress as e:
         raise SourceNotAllowed(f"{source}: {e}") from e
+
+
+_hf_answer = threading.local()  # the last answer's (status, content type) in this listing thread
+
+
+def _note_answer(response: Any) -> None:
+    _hf_answer.last = (response.status_code, response.headers.get("content-type", "no content type"))
+
+
+def _not_the_hub(endpoint: str) -> DownloadError:
+    """The hub answered, but not with its JSON API: a portal or login page, a proxy's error page."""
+    status, kind = getattr(_hf_answer, "last", (200, "not JSON"))
+    return DownloadError(
+        f"the hub at {endpoint} answered with something that is not its JSON API (HTTP {status}, "
+        f"{printable(str(kind).split(';')[0], limit=60)}); check HF_ENDPOINT or the proxy"
+    )
 
 
 def _quote(path: str) -> str:
@@ -405,6 +479,13 @@ def _list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
     endpoint = str(client.meta.endpoint_url)
     _check_endpoint(endpoint, settings, source)
+    bundle = aws_ca_bundle()
+    if endpoint.startswith("https:") and bundle and not Path(bundle).is_file():
+        # botocore says only "SSLError" for a bundle it cannot find.
+        raise DownloadError(
+            f"{source}: the CA bundle {printable(bundle)} (AWS_CA_BUNDLE or the AWS profile's "
+            "ca_bundle) does not exist or is not a file; point it at a PEM file or unset it"
+        )
     prefix = uri.key
     objects: list[dict[str, Any]] = []
     try:
@@ -614,14 +695,15 @@ def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
         _check_allowed(_resolved(root, source), allowed, source)
     if root.is_file():
         checked_path(root.name, source=source)
+        size = _regular_size(_resolved(root, source), root.name, source, cluster=allowed is not None)
         return Listing(
             source=source,
             revision=None,
-            files=(
-                RemoteFile(path=root.name, size=root.stat().st_size, local_path=str(_resolved(root, source))),
-            ),
+            files=(RemoteFile(path=root.name, size=size, local_path=str(_resolved(root, source))),),
         )
     if not root.is_dir():
+        if root.exists():
+            _regular_size(_resolved(root, source), root.name, source, cluster=allowed is not None)
         raise SourceNotFound(f"{source}: no such file or folder")
     real_root = _resolved(root, source)
     files = []
@@ -636,10 +718,39 @@ def _list_file(uri: SourceURI, settings: SourceSettings) -> Listing:
             if allowed is not None:
                 _check_allowed(real, allowed, source)
             # The real path is what is copied: a link swapped after this check cannot redirect it.
-            files.append(RemoteFile(path=rel, size=real.stat().st_size, local_path=str(real)))
+            size = _regular_size(real, rel, source, cluster=allowed is not None)
+            files.append(RemoteFile(path=rel, size=size, local_path=str(real)))
     if not files:
         raise SourceNotFound(f"{source}: the folder is empty")
     return Listing(source=source, revision=None, files=tuple(files))
+
+
+def _regular_size(real: Path, rel: str, source: str, *, cluster: bool) -> int:
+    """The size of a file a ``file://`` source lists, or UnsafePath naming it: only regular files
+    are copied (a FIFO, socket or device would block or never end the copy); in a cluster
+    (``cluster``: ``--allow-file-sources`` set) a file with more than one hard link is refused too,
+    since a hard link below an allowed folder can name a file outside it."""
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a special file"
+        )
+        raise UnsafePath(
+            f"{source}: {printable(rel)} is {kind}, not a regular file or folder; only regular files "
+            "are copied: remove it from the source"
+        )
+    if cluster and st.st_nlink > 1:
+        raise UnsafePath(
+            f"{source}: {printable(rel)} has {st.st_nlink} hard links; in a cluster a file with more "
+            "than one may be a file outside --allow-file-sources: copy it instead of linking it"
+        )
+    return st.st_size
 
 
 def _allowed_prefixes(settings: SourceSettings, source: str) -> tuple[Path, ...] | None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.download.ownership import Match, folder_match
 from localmodel.errors import ForeignFolder, SpecError, UnsafePath
 from localmodel.layout import CacheLayout
 from localmodel.manifest import Manifest
@@ -72,15 +73,8 @@ class Destination:
         placed = CacheLayout.of_model_dir(dest)
         if placed is not None:
             return replace(cls.in_cache(*placed), force=force)
-        hidden = dest.parent / ".modelcache"
-        return cls(
-            dest,
-            hidden / "pull" / dest.name,
-            hidden / "pull" / f"{dest.name}.json",
-            hidden / "trash",
-            dest.parent,
-            force,
-        )
+        staging, manifest = pull_paths(dest)
+        return cls(dest, staging, manifest, dest.parent / ".modelcache" / "trash", dest.parent, force)
 
     def published(self) -> Manifest | None:
         """The manifest of what is published, if the folder and its manifest both exist."""
@@ -101,8 +95,11 @@ class Destination:
             refuse_links(path, below=self.root)
 
     def owned(self) -> bool:
-        """True when a manifest of ours names the destination folder: ours to delete or replace."""
-        return self.manifest.is_file() and _is_real_dir(self.final)
+        """True when a manifest of ours names the destination folder and the folder holds nothing
+        the manifest does not name (:func:`agent.download.ownership.folder_match`): ours to delete
+        or replace. A manifest left over beside someone's new folder does not make it ours."""
+        manifest = self.published()
+        return manifest is not None and folder_match(self.final, manifest) is not Match.FOREIGN
 
     def replaceable(self) -> bool:
         """A publish may take the destination's place: nothing there, an empty folder, ours, or
@@ -114,10 +111,42 @@ class Destination:
     def refuse_foreign(self) -> None:
         """Raise :class:`ForeignFolder` (naming what is there) unless :meth:`replaceable`."""
         if not self.replaceable():
-            raise ForeignFolder(
-                f"{self.final} holds {describe(self.final)} that modelcache did not publish (no manifest "
-                f"at {self.manifest}); it is never replaced: move it away, or choose a new or empty folder"
+            why = (
+                f"files the manifest at {self.manifest} does not name"
+                if self.manifest.is_file()
+                else f"no manifest at {self.manifest}"
             )
+            raise ForeignFolder(
+                f"{self.final} holds {describe(self.final)} that modelcache did not publish ({why}); "
+                "it is never replaced: move it away, or choose a new or empty folder"
+            )
+
+
+PULL_NAMESPACES = ("staging", "manifests", "locks")
+
+
+def pull_paths(dest: Path) -> tuple[Path, Path]:
+    """The staging folder and manifest of ``modelcache pull``'s DEST (not in a cache), in the
+    ``.modelcache/pull/`` folder beside it: ``staging/<name>`` and ``manifests/<name>.json`` (its
+    lock: ``locks/<name>.lock``), distinct namespaces, so DEST ``d.json``'s staging and DEST ``d``'s
+    manifest never share a path. The flat layout of earlier versions (``pull/<name>``,
+    ``pull/<name>.json``) is read where it exists: a staged download resumes, a published model
+    stays ours; its folder is told from the other names by its type."""
+    pull = dest.parent / ".modelcache" / "pull"
+    staging, manifest = pull / "staging" / dest.name, pull / "manifests" / f"{dest.name}.json"
+    old_staging, old_manifest = pull / dest.name, pull / f"{dest.name}.json"
+    if dest.name not in PULL_NAMESPACES and _is_real_dir(old_staging) and not os.path.lexists(staging):
+        staging = old_staging
+    if _is_real_file(old_manifest) and not os.path.lexists(manifest):
+        manifest = old_manifest
+    return staging, manifest
+
+
+def _is_real_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class LinkRefused(UnsafePath):

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from localmodel.errors import DiskFull, DownloadError, IntegrityError, UnsafePath
+from localmodel.errors import DiskFull, DownloadError, IntegrityError, SourceNotFound, UnsafePath
 from localmodel.manifest import is_safe_relative_path
 from localmodel.quantity import readable
+from localmodel.text import has_control, printable
 
 MAX_RATIO = 200  # unpacked bytes per archive byte, for the whole archive
 unpack_limit: ContextVar[int | None] = ContextVar("unpack_limit", default=None)
@@ -90,7 +91,7 @@ def unpack(archive: Path, into: Path, *, archive_type: str, source: str, limit: 
     except BaseException as e:
         _remove(into)
         if isinstance(e, _INVALID):
-            raise DownloadError(f"{source}: not a valid {archive_type} archive: {e}") from e
+            raise DownloadError(f"{source}: not a valid {archive_type} archive: {_why_invalid(e)}") from e
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise DiskFull(
                 f"{source}: no space left while unpacking ({readable(budget.written)} written)"
@@ -126,10 +127,37 @@ def _copy(src: IO[bytes], dst: Path, budget: _Budget) -> None:
             out.write(block)
 
 
+def _why_invalid(e: BaseException) -> str:
+    """One line for an archive that does not open: tarfile lists each compression it tried on a
+    line of its own."""
+    text = str(e)
+    if isinstance(e, tarfile.ReadError) and "could not be opened successfully" in text:
+        return "its content is none of gzip, bzip2, xz or tar"
+    return printable(text.splitlines()[0] if text else type(e).__name__)
+
+
+def _check_name(name: str, source: str) -> None:
+    """UnsafePath for a member name with a control or bidi character (a newline would forge a log
+    line, an override would show another name): the rule names from hf, s3 and http obey
+    (:func:`agent.download.listing.checked_path`)."""
+    if has_control(name):
+        raise UnsafePath(
+            f"{source}: refusing archive member '{printable(name)}': it holds control or "
+            "bidirectional characters"
+        )
+
+
+def _no_files(source: str) -> SourceNotFound:
+    return SourceNotFound(f"{source}: the archive holds no files; a model needs at least one")
+
+
 def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
         for m in members:
+            _check_name(m.name, source)
+            if m.issym() or m.islnk():
+                _check_name(m.linkname, source)
             name = m.name.removeprefix("./")
             if not is_safe_relative_path(name.rstrip("/")) and name not in ("", "."):
                 raise UnsafePath(
@@ -143,6 +171,8 @@ def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
                     )
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 raise UnsafePath(f"{source}: archive member {m.name[:200]!r} is a device or a fifo")
+        if not any(m.isfile() for m in members):
+            raise _no_files(source)  # after the checks: an unsafe member is the graver fault
         budget.check(sum(m.size for m in members if m.isfile()), declared=True)
         for m in members:
             # The 'data' filter re-checks all of the above inside tarfile itself (defence in depth).
@@ -170,11 +200,14 @@ def _unzip(archive: Path, into: Path, source: str, budget: _Budget) -> None:
     with zipfile.ZipFile(archive) as z:
         infos = z.infolist()
         for info in infos:
+            _check_name(info.filename, source)
             name = info.filename.rstrip("/")
             if not is_safe_relative_path(name):
                 raise UnsafePath(
                     f"{source}: archive member {info.filename[:200]!r} would land outside the model's folder"
                 )
+        if all(info.is_dir() for info in infos):
+            raise _no_files(source)
         budget.check(sum(i.file_size for i in infos if not i.is_dir()), declared=True)
         for info in infos:
             dst = into / info.filename.rstrip("/")
