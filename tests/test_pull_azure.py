@@ -92,7 +92,7 @@ async def test_azure_folder_exact_bytes_in_ranges_then_nothing_refetched(
     assert first.bytes_transferred == sum(map(len, expected.values()))  # type: ignore[attr-defined]
     # Put Blob stores a Content-MD5 for single-shot uploads: every file checked by it.
     assert first.verified and first.hash_checked == {"md5": 3}  # type: ignore[attr-defined]
-    second = await run(azurite.url(container, "models/llama/"), dest)
+    second = await run(azurite.url(container, "models/llama"), dest)  # the same URI: the same storage key
     assert second.up_to_date and second.bytes_transferred == 0  # type: ignore[attr-defined]
     assert KEY not in texts_under(tmp_path)
 
@@ -204,7 +204,7 @@ async def test_azure_sigkill_mid_file_then_resume_fetches_only_what_was_missing(
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
-    progress = dest.parent / ".modelcache" / "pull" / "model" / "progress.json"
+    progress = Destination.for_folder(dest).staging / "progress.json"
     done: list[int] = []
     for _ in range(1200):
         await asyncio.sleep(0.05)

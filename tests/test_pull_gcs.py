@@ -67,7 +67,7 @@ async def test_gcs_prefix_exact_bytes_in_ranges_then_nothing_refetched(gcs: Gcs,
     assert first.files == 4 and first.bytes_transferred == sum(map(len, expected.values()))  # type: ignore[attr-defined]
     # CRC32C, as google-cloud-storage checks downloads where google-crc32c's C extension is built.
     assert first.verified and first.hash_checked == {"crc32c": 4}  # type: ignore[attr-defined]
-    manifest = Manifest.read(tmp_path / ".modelcache" / "pull" / "m.json")
+    manifest = Manifest.read(Destination.for_folder(dest).manifest)
     crcs = {f.path: f.crc32c for f in manifest.files}
     assert crcs == {
         name: bytes(google_crc32c.Checksum(body).digest()).hex() for name, body in expected.items()
@@ -79,7 +79,7 @@ async def test_gcs_prefix_exact_bytes_in_ranges_then_nothing_refetched(gcs: Gcs,
         h = check.new(entry.size)
         h.update((dest / entry.path).read_bytes())
         assert h.hexdigest() == check.expected
-    second = await run(f"gs://{bucket}/models/llama/", dest)
+    second = await run(f"gs://{bucket}/models/llama", dest)  # the same URI: the same storage key
     assert second.up_to_date and second.bytes_transferred == 0  # type: ignore[attr-defined]
 
 
@@ -204,7 +204,7 @@ async def test_gcs_sigkill_mid_file_then_resume_fetches_only_what_was_missing(
     ]  # fmt: skip
     env = env_for(gcs)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL, env=env)
-    progress = dest.parent / ".modelcache" / "pull" / "model" / "progress.json"
+    progress = Destination.for_folder(dest).staging / "progress.json"
     done: list[int] = []
     for _ in range(1200):
         await asyncio.sleep(0.05)

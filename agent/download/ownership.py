@@ -18,8 +18,10 @@ import os
 import stat
 from pathlib import Path
 
+from localmodel.errors import ModelcacheError
 from localmodel.layout import storage_key
 from localmodel.manifest import Manifest
+from localmodel.uri import parse_uri
 
 
 class Match(enum.Enum):
@@ -30,9 +32,12 @@ class Match(enum.Enum):
 
 def folder_match(folder: Path, manifest: Manifest) -> Match:
     """How ``folder`` compares with ``manifest`` (see the module docstring). Links are never
-    followed: a link anywhere is an entry the manifest does not name. An unreadable folder is
+    followed: a link anywhere is an entry the manifest does not name, except, in a model unpacked
+    from an archive, a listed member that links to a file inside the folder. An unreadable folder is
     ``FOREIGN`` (nothing is assumed ours that could not be looked at)."""
     sizes = {f.path: f.size for f in manifest.files}
+    inner_links = _from_archive(manifest)
+    real = Path(os.path.realpath(folder))
     dirs = {"/".join(p.split("/")[:i]) for p in sizes for i in range(1, p.count("/") + 1)}
     seen: dict[str, int] = {}
     pending = [""]
@@ -47,11 +52,25 @@ def folder_match(folder: Path, manifest: Manifest) -> Match:
                         pending.append(path)
                     elif stat.S_ISREG(st.st_mode) and path in sizes:
                         seen[path] = st.st_size
+                    elif stat.S_ISLNK(st.st_mode) and path in sizes and inner_links:
+                        # An archive's own member linking inside the model (listed by its target's
+                        # size): a link out of the folder is not ours.
+                        target = Path(os.path.realpath(folder / path))
+                        if not target.is_relative_to(real) or not target.is_file():
+                            return Match.FOREIGN
+                        seen[path] = target.stat().st_size
                     else:
                         return Match.FOREIGN
     except OSError:
         return Match.FOREIGN
     return Match.INTACT if seen == sizes else Match.SHORT
+
+
+def _from_archive(manifest: Manifest) -> bool:
+    try:
+        return parse_uri(manifest.source_model_uri).archive_suffix is not None
+    except ModelcacheError:
+        return False
 
 
 def names_key(manifest: Manifest, key: str) -> bool:
