@@ -13,8 +13,9 @@ a group that does not exist, a cache that does not exist or does not list the gr
 by it, and a model that no node of the group holds yet.
 
 LocalModelCaches. Refused at create or spec update: a bad ``sourceModelUri`` or any other invalid
-field, a node group that does not exist, a cache that no listed group can admit (the same admission
-the controller runs, with the caches already there), a second cache of the same URI. A group that
+field, a ``file://`` source, an http(s) host that is the node or the cluster
+(:func:`localmodel.hosts.internal_host_error`), a node group that does not exist, a cache that no
+listed group can admit (the same admission the controller runs, with the caches already there), a second cache of the same URI. A group that
 admits it while another does not is a warning. Updates that leave the spec alone (finalizers,
 labels, status) and deletions are always allowed, so the controller's own writes never bounce.
 """
@@ -26,9 +27,11 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from controller.plan import ADMITTED, MODEL_ANNOTATION, MODEL_LABEL_VALUE, claim_name, model_label
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.hosts import internal_host_error
 from localmodel.placement import admit
 from localmodel.resources import (
     LOCALMODEL_LABEL,
@@ -283,6 +286,13 @@ def validate_cache(
             "use hf://, s3:// or http(s)://",
             code=422,
         )
+    if uri.scheme in ("http", "https") and (host := urlsplit(uri.url).hostname) is not None:
+        if (why := internal_host_error(host)) is not None:
+            return Verdict.refuse(
+                f"spec.sourceModelUri: host {why}: the agent fetches from the node's network, so a "
+                "cluster's source names a host outside the node and the cluster",
+                code=422,
+            )
     by_name = {g.name: g for g in groups}
     before: tuple[str, ...] = ()
     if operation == "UPDATE" and old is not None:

@@ -11,9 +11,10 @@ Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches``,
 ``POST /validate/localmodelnodegroups``, ``GET /healthz``.
 
 Bounds (with ``failurePolicy: Fail`` a few slow clients must not hold the endpoint): a connection
-must send a request's headers within ``Limits.header_timeout`` of opening or of its previous response (the
-same timer closes an idle keep-alive connection), the body within ``Limits.body_timeout``, at most
-``Limits.max_body`` bytes of it, and serves at most ``Limits.max_requests`` requests. A body that is
+must end its TLS handshake within ``Limits.handshake_timeout`` of opening, send a request's headers
+within ``Limits.header_timeout`` of the handshake or of its previous response (the same timer closes
+an idle keep-alive connection), the body within ``Limits.body_timeout``, at most ``Limits.max_body``
+bytes of it (a larger ``Content-Length`` is a 413 at once), and serves at most ``Limits.max_requests`` requests. A body that is
 not JSON, or nested too deep to parse, is a 400; an object of the wrong shape is an AdmissionReview
 answer ``allowed: false`` naming the field, never a 500.
 """
@@ -70,10 +71,12 @@ class Limits:
     """What one connection may take. The API server's own call gives up after the webhook's
     timeoutSeconds (5 s in webhook.yaml), so a request slower than the timeouts is not its.
 
-    header_timeout: seconds from a connection's opening, or its previous response, to a request's
+    handshake_timeout: seconds from a connection's opening to the end of its TLS handshake;
+    header_timeout: seconds from the handshake, or the connection's previous response, to a request's
     whole headers (also the idle keep-alive limit); body_timeout: seconds to read the body;
     max_body: bytes (413 above); max_requests: per connection, then it is closed."""
 
+    handshake_timeout: float = 10.0
     header_timeout: float = 10.0
     body_timeout: float = 10.0
     max_body: int = MAX_BODY
@@ -179,6 +182,14 @@ class Webhook:
             return response
 
         async def answer(request: web.Request) -> web.Response:
+            if request.content_length is not None and request.content_length > limits.max_body:
+                # Refused on the header: waiting for a body that will be refused anyway would hold
+                # the connection until body_timeout.
+                response = web.json_response(
+                    {"error": f"the body is over {limits.max_body} bytes"}, status=413
+                )
+                response.force_close()
+                return response
             try:
                 async with asyncio.timeout(limits.body_timeout):
                     raw = await request.read()
@@ -273,6 +284,7 @@ class WebhookServer:
         self.webhook = Webhook(state)
         self.reload_every = reload_every
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._reloader: asyncio.Task[None] | None = None
         self._stamp = self._cert_stamp()
 
@@ -283,11 +295,19 @@ class WebhookServer:
             self.webhook.app(self.limits), access_log=None, keepalive_timeout=self.limits.header_timeout
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context)
-        await site.start()
-        addresses = self._runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
+        assert self._runner.server is not None
+        # Served by asyncio directly, not aiohttp's TCPSite, for ssl_handshake_timeout: the keep-alive
+        # timer starts only once the handshake is done, so a client that never sends a ClientHello
+        # would otherwise hold the connection for asyncio's default 60 s.
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server,
+            self.host,
+            self.port,
+            ssl=self.context,
+            ssl_handshake_timeout=self.limits.handshake_timeout,
+        )
+        if self._server.sockets:
+            self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("webhooks listening on https://%s:%d", self.host, self.port)
         self._reloader = asyncio.create_task(self._reload_loop())
 
@@ -296,6 +316,8 @@ class WebhookServer:
             self._reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reloader
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -1,0 +1,148 @@
+"""What the attack on issue 20 found past the first fixes, on the controller's side: sources naming
+the node or the cluster, the webhook server's TLS handshake and oversized bodies, node groups and
+serving namespaces that are invalid, serving names that collide, and the serving mounts' policy."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, Limits, WebhookServer
+from localmodel.hosts import internal_host_error, ipv4_literal
+from localmodel.state.base import ClusterState
+from tests import test_controller_reconcile as base
+from tests.support.tls import make_cert
+from tests.test_controller_reconcile import cache, setup_two_groups
+from tests.test_controller_webhook import Client, cache_request
+
+state = base.state  # the fixture: the embedded backend and the API emulator
+LIMITS = Limits(handshake_timeout=1.0, header_timeout=1.0, body_timeout=20.0, max_body=64 * 1024)
+
+
+@pytest_asyncio.fixture
+async def https(state: ClusterState, tmp_path: Path) -> AsyncIterator[tuple[ClusterState, Client, Path]]:
+    import aiohttp
+
+    make_cert(tmp_path / "certs")
+    server = WebhookServer(state, "127.0.0.1:0", tmp_path / "certs", reload_every=3600, limits=LIMITS)
+    await server.start()
+    trust = ssl.create_default_context(cafile=str(tmp_path / "certs" / "tls.crt"))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
+        try:
+            yield state, Client(server, session), tmp_path / "certs" / "tls.crt"
+        finally:
+            await server.stop()
+
+
+# -- sources that name the node or the cluster -------------------------------------------------------
+
+INTERNAL = [
+    "http://169.254.169.254/latest/meta-data/model.tar.gz",
+    "http://127.0.0.1:10250/pods/model.tar",
+    "https://kubernetes.default.svc/api/model.tar",
+    "https://kubernetes.default/x.tar",
+    "https://kubernetes/x.tar",
+    "http://localhost/x.tar",
+    "http://foo.localhost./x.tar",
+    "http://minio.storage.svc.cluster.local:9000/b/m.tar",
+    "http://minio.storage.svc/m.tar",
+    "http://2130706433/m.tar",  # 127.0.0.1 as one decimal number
+    "http://0177.0.0.1/m.tar",  # octal
+    "http://0x7f.0.0.1/m.tar",  # hex
+    "http://0xa9fea9fe/m.tar",  # 169.254.169.254 as one hex number
+    "http://127.1/m.tar",
+    "http://0/m.tar",
+    "http://0.0.0.0/m.tar",
+    "http://[::1]/m.tar",
+    "http://[::]/m.tar",
+    "http://[::ffff:127.0.0.1]/m.tar",
+    "http://[::ffff:a9fe:a9fe]/m.tar",
+    "http://[fe80::1%25eth0]/m.tar",
+    "http://[fd00:ec2::254]/m.tar",
+    "HTTP://LOCALHOST/m.tar",
+]
+
+
+@pytest.mark.parametrize("uri", INTERNAL)
+async def test_sources_on_the_node_or_in_the_cluster_are_refused(
+    https: tuple[ClusterState, Client, Path], uri: str
+) -> None:
+    st, client, _ = https
+    await setup_two_groups(st)
+    c = cache("m", "1Gi", ["a100"])
+    c["spec"]["sourceModelUri"] = uri
+    r = await client.review(VALIDATE_CACHES, cache_request("CREATE", c))
+    assert r["allowed"] is False, uri
+    message = r["status"]["message"]
+    assert r["status"]["code"] == 422
+    assert message.startswith("spec.sourceModelUri: host '") and "\n" not in message, message
+
+
+async def test_sources_outside_the_cluster_are_allowed(https: tuple[ClusterState, Client, Path]) -> None:
+    st, client, _ = https
+    await setup_two_groups(st)
+    for i, uri in enumerate(
+        (
+            "https://example.com/m.tar.gz",
+            "http://10.0.0.5:8080/m.tar",  # a mirror on the private network: not refused by the host
+            "https://[2001:db8::1]/m.tar",
+            "https://svc.example.com/m.tar",
+            "https://127x.example/m.tar",
+        )
+    ):
+        c = cache(f"m{i}", "1Gi", ["a100"])
+        c["spec"]["sourceModelUri"] = uri
+        r = await client.review(VALIDATE_CACHES, cache_request("CREATE", c))
+        assert r["allowed"] is True, (uri, r)
+
+
+def test_ipv4_literals_in_every_form() -> None:
+    assert str(ipv4_literal("2130706433")) == "127.0.0.1"
+    assert str(ipv4_literal("0x7f.1")) == "127.0.0.1"
+    assert str(ipv4_literal("0177.0.0.01")) == "127.0.0.1"
+    assert str(ipv4_literal("169.254.43518")) == "169.254.169.254"
+    assert str(ipv4_literal("10.0.0.5.")) == "10.0.0.5"
+    for name in ("example.com", "1.2.3.4.5", "256.0.0.1", "08.0.0.1", "", "1..2"):
+        assert ipv4_literal(name) is None, name
+    assert internal_host_error("example.com") is None
+    assert internal_host_error("8.8.8.8") is None
+    assert "link-local" in (internal_host_error("169.254.169.254") or "")
+
+
+# -- the webhook server: TLS handshake and oversized bodies ------------------------------------------
+
+
+async def test_a_connection_without_a_handshake_is_closed(https: tuple[ClusterState, Client, Path]) -> None:
+    _, client, _ = https
+    host, port = client.url.removeprefix("https://").split(":")
+    # Plain TCP, never a ClientHello: closed after the handshake bound (the test's bound is generous).
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        async with asyncio.timeout(LIMITS.handshake_timeout + 30):
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+async def test_a_body_over_the_cap_is_a_413_at_once(https: tuple[ClusterState, Client, Path]) -> None:
+    _, client, cert = https
+    host, port = client.url.removeprefix("https://").split(":")
+    trust = ssl.create_default_context(cafile=str(cert))
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=trust, server_hostname="localhost")
+    try:
+        writer.write(
+            f"POST {MUTATE_PODS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {LIMITS.max_body + 1}\r\n\r\n{{".encode()
+        )
+        await writer.drain()
+        # The body would take body_timeout (20 s) to time out: the answer comes before that.
+        async with asyncio.timeout(LIMITS.body_timeout - 5):
+            answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    finally:
+        writer.close()
