@@ -39,6 +39,7 @@ from localmodel.resources import (
     LocalModelCache,
     LocalModelNodeGroup,
     Node,
+    cache_path_error,
 )
 from localmodel.uri import parse_uri
 
@@ -338,9 +339,13 @@ def validate_group(operation: str, obj: object, old: object) -> Verdict:
     if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
         return Verdict(True)  # status, labels, finalizers
     try:
-        LocalModelNodeGroup.from_json(obj)
+        group = LocalModelNodeGroup.from_json(obj)
     except SpecError as e:
         return Verdict.refuse(str(e), code=422)
+    # The parser leaves scratch folders to standalone mode; a cluster refuses them too.
+    source, path = group.spec.volume_source, group.spec.cache_path
+    if source is not None and (why := cache_path_error(path, cluster=True)) is not None:
+        return Verdict.refuse(f"spec.persistentVolumeSpec.{source}.path: {why}", code=422)
     return Verdict(True)
 
 

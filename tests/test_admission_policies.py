@@ -429,3 +429,14 @@ def test_a_legacy_subpath_mount_is_refused_and_the_webhook_s_rewrite_passes() ->
         "spec": {"containers": [{"name": "c"}]},
     }
     assert admit(p, pod_create(bare)) == []
+
+
+def test_the_volume_policy_s_system_folders_are_the_one_list() -> None:
+    from localmodel.resources import system_folder_cel
+
+    rules = [v["expression"] for v in policies()["modelcache-controller-volumes"]["spec"]["validations"]]
+    assert sum(system_folder_cel("variables.path") in r for r in rules) == 1
+    for folder in ("/var/lib/containers", "/opt/cni", "/var/log", "/tmp", "/var/snap", "/var/lib/rancher"):
+        pv, _ = made()
+        pv["spec"]["hostPath"]["path"] = f"{folder}/c/models/{KEY}"
+        assert refused_for(admit(policies()["modelcache-controller-volumes"], pv_create(pv)), "under no system folder")

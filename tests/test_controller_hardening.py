@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from controller.admission import validate_group
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, Limits, WebhookServer
 from localmodel.hosts import internal_host_error, ipv4_literal
 from localmodel.state.base import ClusterState
@@ -146,3 +147,50 @@ async def test_a_body_over_the_cap_is_a_413_at_once(https: tuple[ClusterState, C
         assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
     finally:
         writer.close()
+
+
+# -- what a node group may point at: the one list ----------------------------------------------------
+
+
+def group_at(pv: dict[str, object]) -> dict[str, object]:
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "LocalModelNodeGroup",
+        "metadata": {"name": "g"},
+        "spec": {"storageLimit": "1Ti", "persistentVolumeSpec": pv},
+    }
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/var/lib/containers",
+        "/var/lib/crio/x",
+        "/var/lib/rancher",
+        "/var/lib/cni",
+        "/opt/cni/bin",
+        "/var/log",
+        "/var/log/pods",
+        "/tmp",
+        "/tmp/cache",
+        "/var/tmp",
+        "/var/snap/microk8s",
+        "/srv",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/home",
+        "/models\nx",
+        "/models\x00x",
+    ],
+)
+def test_group_webhook_refuses_every_system_folder(path: str) -> None:
+    verdict = validate_group("CREATE", group_at({"hostPath": {"path": path}}), None)
+    assert verdict.allowed is False and verdict.code == 422, path
+    assert verdict.message.startswith("spec.persistentVolumeSpec.hostPath.path: "), verdict.message
+    assert "\n" not in verdict.message
+
+
+def test_group_webhook_allows_folders_of_their_own() -> None:
+    for path in ("/mnt/disks/ssd0", "/srv/modelcache", "/models", "/var/lib/modelcache", "/home/ml/cache"):
+        assert validate_group("CREATE", group_at({"local": {"path": path}}), None).allowed, path
