@@ -7,10 +7,12 @@ members of G (the terms of G's PV ``nodeAffinity.required``, ANDed with any the 
 pod names its cache (KServe's ``internal.serving.kserve.io/localmodel`` label, or our
 ``modelcache.io/model`` annotation) each term also requires the node label
 ``modelcache.io/model.<storage key>=ready`` that the controller keeps on nodes holding that model
-downloaded, so the pod never starts on an empty or half-written copy. A pod that names a cache and
+downloaded, so the pod never starts on an empty or half-written copy. Every mount of a serving
+claim of ours is made read-only and whole (:func:`serving_mounts`). A pod that names a cache and
 no group goes to the cache's first group, as KServe does. Refused, with a message that says which:
 a group that does not exist, a cache that does not exist or does not list the group or was refused
-by it, and a model that no node of the group holds yet.
+by it, a model that no node of the group holds yet, and a mount of a serving claim with a
+``subPath`` or ``subPathExpr`` it cannot rewrite.
 
 LocalModelCaches. Refused at create or spec update: a bad ``sourceModelUri`` or any other invalid
 field, a ``file://`` source, an http(s) host that is the node or the cluster
@@ -25,6 +27,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,10 +116,12 @@ def place_pod(
     cache: LocalModelCache | None,
     group: LocalModelNodeGroup | None,
     ready_nodes: Iterable[Node] = (),
+    our_claims: AbstractSet[str] = frozenset(),
 ) -> Verdict:
     """The verdict on a pod at create. ``cache`` and ``group`` are the objects the pod's ask names
     (None: not found; the group is the cache's first when the pod names none); ``ready_nodes`` are
-    nodes whose labels mark the cache's model ready (others are ignored). A pod whose metadata,
+    nodes whose labels mark the cache's model ready (others are ignored); ``our_claims`` are the
+    serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`). A pod whose metadata,
     labels, annotations or spec are not objects is refused naming the field."""
     if (shape := shape_error(pod)) is not None:
         return shape
@@ -176,26 +181,41 @@ def place_pod(
         requirement = {"key": label, "operator": "In", "values": [MODEL_LABEL_VALUE]}
         terms = [_and_term(t, {"matchExpressions": [requirement]}) for t in terms]
     affinity = _with_required(pod, terms)
-    mounts = serving_mounts(pod, cache) if cache is not None else []
+    mounts, error = serving_mounts(pod, our_claims, cache)
+    if error is not None:
+        return Verdict.refuse(error, code=422)
     return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
 
 
-def serving_mounts(pod: Mapping[str, Any], cache: LocalModelCache) -> list[dict[str, Any]]:
-    """JSON Patch operations that make the pod's mounts of the cache's serving claims
-    (``<cache>-<group>``, any group it lists) fit the serving volume, which is the model's folder
-    itself: a ``subPath`` of ``models/<key>[/<rest>]`` (what KServe's pod mutator writes,
-    pkg/webhook/admission/pod/storage_initializer_injector.go:744-746 at v0.20) becomes ``<rest>``
-    (none for the folder itself), and every such mount and claim volume is read-only. Idempotent:
-    a mount already rewritten yields no operation, so a reinvocation changes nothing."""
-    claims = {claim_name(cache.name, g) for g in cache.spec.node_groups}
-    prefix = f"models/{cache.spec.storage_key}"
+def serving_mounts(
+    pod: Mapping[str, Any], ours: AbstractSet[str], cache: LocalModelCache | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """JSON Patch operations that make the pod's mounts of our serving claims (``ours``: the names of
+    the claims the controller made in the pod's namespace, with the ``cache``'s own ``<cache>-<group>``
+    for any group it lists) fit the serving volume, which is the model's folder itself, and an error
+    (naming the field) when one cannot be made to fit.
+
+    Every such claim volume and every mount of it is made read-only (a pod running as the agent's
+    UID could otherwise change the published files). A ``subPath`` of ``models/<key>`` of ``cache``
+    (what KServe's pod mutator writes, pkg/webhook/admission/pod/storage_initializer_injector.go:744-746
+    at v0.20) is removed: the volume's root is that folder. Any other ``subPath`` and any
+    ``subPathExpr`` on our claims is an error: the kubelet creates a missing subPath folder, as root,
+    inside the published model (a path below the model, ``models/<key>/<path>``, included: serve it
+    through a LocalModelCache of its own URI). Idempotent: a mount already rewritten yields no
+    operation, so a reinvocation changes nothing."""
+    claims = set(ours)
+    prefix = None
+    if cache is not None:
+        claims.update(claim_name(cache.name, g) for g in cache.spec.node_groups)
+        prefix = f"models/{cache.spec.storage_key}"
+    own = {claim_name(cache.name, g) for g in cache.spec.node_groups} if cache is not None else set()
     spec = pod.get("spec") or {}
-    ours: set[str] = set()
+    names: dict[str, str] = {}  # volume name -> claim
     ops: list[dict[str, Any]] = []
     for j, volume in enumerate(spec.get("volumes") or []):
         source = volume.get("persistentVolumeClaim") if isinstance(volume, Mapping) else None
         if isinstance(source, Mapping) and source.get("claimName") in claims:
-            ours.add(str(volume.get("name")))
+            names[str(volume.get("name"))] = str(source.get("claimName"))
             if source.get("readOnly") is not True:
                 ops.append(
                     {"op": "add", "path": f"/spec/volumes/{j}/persistentVolumeClaim/readOnly", "value": True}
@@ -205,17 +225,29 @@ def serving_mounts(pod: Mapping[str, Any], cache: LocalModelCache) -> list[dict[
             if not isinstance(container, Mapping):
                 continue
             for k, mount in enumerate(container.get("volumeMounts") or []):
-                if not isinstance(mount, Mapping) or mount.get("name") not in ours:
+                if not isinstance(mount, Mapping) or mount.get("name") not in names:
                     continue
+                claim = names[str(mount.get("name"))]
+                field = f"spec.{part}[{i}].volumeMounts[{k}]"
                 at = f"/spec/{part}/{i}/volumeMounts/{k}"
-                sub = str(mount.get("subPath") or "").strip("/")
-                if sub == prefix:
-                    ops.append({"op": "remove", "path": f"{at}/subPath"})
-                elif sub.startswith(prefix + "/"):
-                    ops.append({"op": "add", "path": f"{at}/subPath", "value": sub[len(prefix) + 1 :]})
+                if mount.get("subPathExpr"):
+                    return [], (
+                        f"{field}.subPathExpr: not allowed on the modelcache serving claim {claim!r} "
+                        "(the claim is the model's folder itself: mount it whole)"
+                    )
+                sub = mount.get("subPath")
+                if sub:
+                    if prefix is not None and claim in own and str(sub).strip("/") == prefix:
+                        ops.append({"op": "remove", "path": f"{at}/subPath"})
+                    else:
+                        return [], (
+                            f"{field}.subPath: {str(sub)[:300]!r} is not allowed on the modelcache serving "
+                            f"claim {claim!r}: the claim is the model's folder itself; mount it whole, "
+                            "without subPath (a folder below the model: cache its own URI)"
+                        )
                 if mount.get("readOnly") is not True:
                     ops.append({"op": "add", "path": f"{at}/readOnly", "value": True})
-    return ops
+    return ops, None
 
 
 def group_terms(group: LocalModelNodeGroup) -> list[dict[str, Any]]:

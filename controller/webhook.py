@@ -3,7 +3,8 @@
 Served by every replica of the controller, leader or not (the API server calls whichever the
 Service picks), so each request reads what it needs from the cluster state itself rather than from
 the leader's view: for a pod, its cache and group (two GETs) and the nodes labelled ready for that
-model (one list by label selector); for a cache, the caches and groups. Certificates come from a
+model (one list by label selector) and the controller's serving claims in its namespace (one list by
+label selector); for a cache, the caches and groups. Certificates come from a
 folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
 reloaded when they change, so a renewed certificate needs no restart.
 
@@ -43,7 +44,7 @@ from controller.admission import (
     validate_cache,
     validate_group,
 )
-from controller.plan import MODEL_LABEL_VALUE, model_label
+from controller.plan import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_VALUE, model_label
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
@@ -52,6 +53,7 @@ from localmodel.state.base import (
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
+    PERSISTENT_VOLUME_CLAIM,
     ClusterState,
     Selector,
 )
@@ -127,7 +129,16 @@ class Webhook:
             label = model_label(cache.spec.storage_key)
             nodes = await self.state.list(NODE, selector=Selector(labels={label: MODEL_LABEL_VALUE}))
             ready = [Node.from_json(n) for n in nodes.items]
-        return place_pod(pod, cache=cache, group=group, ready_nodes=ready)
+        # The controller's serving claims in the pod's namespace: every mount of one is made read-only
+        # (or refused), whichever cache the pod names.
+        ns = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        claims = await self.state.list(
+            PERSISTENT_VOLUME_CLAIM,
+            namespace=str(ns) if ns else "default",
+            selector=Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
+        )
+        ours = frozenset(str((c.get("metadata") or {}).get("name")) for c in claims.items)
+        return place_pod(pod, cache=cache, group=group, ready_nodes=ready, our_claims=ours)
 
     async def review_cache(self, request: JSON) -> Verdict:
         operation = str(request.get("operation") or "")

@@ -9,19 +9,24 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import jsonpatch
 import pytest
 import pytest_asyncio
 
 from controller.admission import validate_group
+from controller.plan import SERVING_NAMESPACES_ANNOTATION
+from controller.reconcile import Controller
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, Limits, WebhookServer
 from localmodel.hosts import internal_host_error, ipv4_literal
-from localmodel.state.base import ClusterState
+from localmodel.layout import storage_key
+from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, PERSISTENT_VOLUME_CLAIM, ClusterState
 from tests import test_controller_reconcile as base
 from tests.support.tls import make_cert
 from tests.test_controller_reconcile import cache, setup_two_groups
-from tests.test_controller_webhook import Client, cache_request
+from tests.test_controller_webhook import Client, cache_request, patch_of, pod_request
 
 state = base.state  # the fixture: the embedded backend and the API emulator
+KEY = storage_key("hf://org/m")
 LIMITS = Limits(handshake_timeout=1.0, header_timeout=1.0, body_timeout=20.0, max_body=64 * 1024)
 
 
@@ -194,3 +199,54 @@ def test_group_webhook_refuses_every_system_folder(path: str) -> None:
 def test_group_webhook_allows_folders_of_their_own() -> None:
     for path in ("/mnt/disks/ssd0", "/srv/modelcache", "/models", "/var/lib/modelcache", "/home/ml/cache"):
         assert validate_group("CREATE", group_at({"local": {"path": path}}), None).allowed, path
+
+
+# -- every mount of our serving claims: read-only, whole ----------------------------------------------
+
+
+async def test_the_webhook_makes_every_mount_of_our_claims_read_only(
+    https: tuple[ClusterState, Client, Path],
+) -> None:
+    """Not only the claims of the cache a pod names: any claim the controller made in its namespace."""
+    st, client, _ = https
+    await setup_two_groups(st)
+    m = cache("m", "10Gi", ["a100"])
+    m["metadata"]["annotations"] = {SERVING_NAMESPACES_ANNOTATION: "team"}
+    await st.create(LOCAL_MODEL_CACHE, m)
+    await st.create(LOCAL_MODEL_CACHE, cache("x", "1Gi", ["a100"]))
+    await Controller(st).run(once=True)
+    await st.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"m": "ModelDownloaded", "x": "ModelDownloaded"}})
+    await Controller(st).run(once=True)
+    assert (await st.get(PERSISTENT_VOLUME_CLAIM, "m-a100", namespace="team"))["metadata"]["labels"]
+    volumes = [
+        {"name": "w", "persistentVolumeClaim": {"claimName": "m-a100", "readOnly": False}},
+        {"name": "mine", "persistentVolumeClaim": {"claimName": "data"}},  # the tenant's own claim
+    ]
+    mounts = [{"name": "w", "mountPath": "/w"}, {"name": "mine", "mountPath": "/data"}]
+    # A pod that asks only for a node group, and one that names another cache.
+    for ask in (
+        {"annotations": {"serving.kserve.io/nodegroup": "a100"}},
+        {"annotations": {"modelcache.io/model": "x"}},
+    ):
+        req = pod_request("p", volumes=volumes, **ask)  # type: ignore[arg-type]
+        req["object"]["spec"]["containers"] = [{"name": "c", "volumeMounts": mounts}]
+        req["object"]["spec"]["initContainers"] = [{"name": "i", "volumeMounts": mounts[:1]}]
+        r = await client.review(MUTATE_PODS, req)
+        assert r["allowed"] is True, r
+        pod = jsonpatch.apply_patch(req["object"], patch_of(r))
+        assert pod["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "m-a100", "readOnly": True}
+        assert pod["spec"]["volumes"][1] == volumes[1]
+        assert pod["spec"]["containers"][0]["volumeMounts"] == [
+            {"name": "w", "mountPath": "/w", "readOnly": True},
+            {"name": "mine", "mountPath": "/data"},
+        ]
+        assert pod["spec"]["initContainers"][0]["volumeMounts"] == [
+            {"name": "w", "mountPath": "/w", "readOnly": True}
+        ]
+    # Ways around the whole-folder rule are refused, naming the field.
+    for bad in ({"subPathExpr": "models/$(K)"}, {"subPath": "foo/bar"}, {"subPath": f"./models/{KEY}"}):
+        req = pod_request("p", volumes=volumes, annotations={"serving.kserve.io/nodegroup": "a100"})
+        req["object"]["spec"]["containers"] = [{"name": "c", "volumeMounts": [{**mounts[0], **bad}]}]
+        r = await client.review(MUTATE_PODS, req)
+        assert r["allowed"] is False and r["status"]["code"] == 422, bad
+        assert r["status"]["message"].startswith(f"spec.containers[0].volumeMounts[0].{next(iter(bad))}: ")
