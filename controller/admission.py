@@ -16,7 +16,9 @@ by it, a model that no node of the group holds yet, and a mount of a serving cla
 
 LocalModelCaches. Refused at create or spec update: a bad ``sourceModelUri`` or any other invalid
 field, a ``file://`` source, an http(s) host that is the node or the cluster
-(:func:`localmodel.hosts.internal_host_error`), a node group that does not exist, a cache that no
+(:func:`localmodel.hosts.internal_host_error`), a ``modelcache.io/serving-namespaces`` entry that
+is not a namespace it may serve in (also on an update of that annotation alone), a serving claim
+name ``<cache>-<group>`` another cache already has, a node group that does not exist, a cache that no
 listed group can admit (the same admission the controller runs, with the caches already there), a second cache of the same URI. A group that
 admits it while another does not is a warning. Updates that leave the spec alone (finalizers,
 labels, status) and deletions are always allowed, so the controller's own writes never bounce.
@@ -32,7 +34,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from controller.plan import ADMITTED, MODEL_ANNOTATION, MODEL_LABEL_VALUE, claim_name, model_label
+from controller.plan import (
+    ADMITTED,
+    MODEL_ANNOTATION,
+    MODEL_LABEL_VALUE,
+    SERVING,
+    SERVING_NAMESPACES_ANNOTATION,
+    claim_name,
+    model_label,
+    serving_namespaces,
+)
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.hosts import internal_host_error
 from localmodel.placement import admit
@@ -160,6 +171,11 @@ def place_pod(
             if c.type == ADMITTED and c.node_group == group_name and c.status == "False":
                 return Verdict.refuse(
                     f"LocalModelCache {cache.name!r} is not admitted to node group {group_name!r}: "
+                    + c.message
+                )
+            if c.type == SERVING and c.node_group == group_name and c.status == "False":
+                return Verdict.refuse(
+                    f"LocalModelCache {cache.name!r} is not served from node group {group_name!r}: "
                     + c.message
                 )
         key = cache.spec.storage_key
@@ -301,7 +317,13 @@ def validate_cache(
         return shape
     if obj["metadata"].get("deletionTimestamp"):
         return Verdict(True)
-    if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
+    annotation_changed = _annotation(obj) != _annotation(old)
+    if (
+        operation == "UPDATE"
+        and isinstance(old, Mapping)
+        and old.get("spec") == obj.get("spec")
+        and not annotation_changed
+    ):
         return Verdict(True)  # finalizers, labels, status: not ours to judge
     spec = obj.get("spec")
     try:
@@ -311,6 +333,9 @@ def validate_cache(
         cache = LocalModelCache.from_json(obj)
     except (InvalidInput, SpecError) as e:
         return Verdict.refuse(str(e), code=422)
+    bad_namespaces = serving_namespaces(cache)[1]
+    if bad_namespaces:
+        return Verdict.refuse("; ".join(bad_namespaces), code=422)
     if uri.scheme == "file":
         # In a cluster a file source would copy whatever folder of the node the agent can read into
         # a served model; standalone mode (the user's own machine) keeps them.
@@ -345,6 +370,16 @@ def validate_cache(
                 f"LocalModelCache {other.name!r} already caches {parse_uri(cache.spec.source_model_uri)}; "
                 "one URI is cached once (serve it through that cache)"
             )
+    theirs = {claim_name(o.name, g): (o.name, g) for o in others for g in o.spec.node_groups}
+    for g in cache.spec.node_groups:
+        name = claim_name(cache.name, g)
+        if name in theirs and g not in before:
+            other, other_group = theirs[name]
+            return Verdict.refuse(
+                f"spec.nodeGroups: the serving claim {name!r} (<cache>-<group>) of node group {g} is "
+                f"already that of LocalModelCache {other!r} from node group {other_group}; "
+                "rename the cache or the group"
+            )
     admission = admit([*others, cache], by_name.values())
     refusals = [r for r in admission.refused if r.cache == cache.name]
     existing = [g for g in cache.spec.node_groups if g in by_name]
@@ -353,6 +388,12 @@ def validate_cache(
             "no listed node group can admit it: " + "; ".join(r.message for r in refusals), code=403
         )
     return Verdict(True, warnings=tuple(r.message for r in refusals))
+
+
+def _annotation(obj: object) -> object:
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    return annotations.get(SERVING_NAMESPACES_ANNOTATION) if isinstance(annotations, Mapping) else None
 
 
 # -- LocalModelNodeGroups --------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def human(n: int) -> str:
     return format_quantity(n, "BinarySI")
 
 
-def _age_key(cache: LocalModelCache) -> tuple[str, str]:
+def age_key(cache: LocalModelCache) -> tuple[str, str]:
+    """Oldest first: creation time, then name (what admission and serving names go by)."""
     # RFC 3339 timestamps in UTC sort as strings; objects without one (not yet stored) go last.
     return (cache.metadata.creation_timestamp or "9999", cache.name)
 
@@ -62,7 +63,7 @@ def admit(caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGrou
     used = dict.fromkeys(by_name, 0)
     admitted: dict[str, list[str]] = {g: [] for g in by_name}
     refused: list[Refusal] = []
-    for cache in sorted(caches, key=_age_key):
+    for cache in sorted(caches, key=age_key):
         if cache.metadata.deletion_timestamp:
             continue  # a cache being deleted holds no capacity and gets no new copies
         size = cache.spec.model_size.bytes

@@ -54,7 +54,9 @@ def policies() -> dict[str, dict[str, Any]]:
 
 # Kubernetes' CEL strings library (ext.Strings) functions the policies use that cel-python lacks.
 FUNCTIONS = {
-    "substring": lambda s, start: celtypes.StringType(s[int(start) :]),
+    "substring": lambda s, start, end=None: celtypes.StringType(
+        s[int(start) :] if end is None else s[int(start) : int(end)]
+    ),
 }
 
 
@@ -547,3 +549,25 @@ def test_the_volume_policy_s_system_folders_are_the_one_list() -> None:
         pv, _ = made()
         pv["spec"]["hostPath"]["path"] = f"{folder}/c/models/{KEY}"
         assert refused_for(admit(policies()["modelcache-controller-volumes"], pv_create(pv)), "under no system folder")
+
+
+def test_hashed_volume_names_pass_and_others_do_not() -> None:
+    """Where ``<claim>-<namespace>`` would be ambiguous (a namespace with '-') or too long, the PV's name
+    is its start and a hash (plan.volume_name): the controller's own pair passes, a name that is not
+    the claim's and namespace's does not."""
+    p = policies()[VOLUME_POLICY]
+    g = LocalModelNodeGroup.from_json(group_doc("a100", "100Gi"))
+    for name, ns in (("m", "team-a"), ("c" * 245, "team")):
+        doc = cache_doc(name, "10Gi", ["a100"])
+        doc["spec"]["sourceModelUri"] = "hf://org/m"
+        c = LocalModelCache.from_json(doc)
+        pv, pvc = volume_body(c, g, ns), claim_body(c, g, ns)
+        assert pv["metadata"]["name"] != f"{pvc['metadata']['name']}-{ns}"
+        assert admit(p, pv_create(pv)) == [] and admit(p, pvc_create(pvc)) == []
+        for bad in ("zz" + pv["metadata"]["name"][2:], pv["metadata"]["name"][:-1] + "x"):
+            wrong = copy.deepcopy(pvc)
+            wrong["spec"]["volumeName"] = bad
+            assert refused_for(admit(p, pvc_create(wrong)), "bound to the volume <claim>-<namespace>"), bad
+            moved = copy.deepcopy(pv)
+            moved["metadata"]["name"] = bad
+            assert refused_for(admit(p, pv_create(moved)), "pre-bound to its claim"), bad

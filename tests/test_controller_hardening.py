@@ -5,6 +5,7 @@ serving namespaces that are invalid, serving names that collide, and the serving
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,13 +14,34 @@ import jsonpatch
 import pytest
 import pytest_asyncio
 
-from controller.admission import validate_group
-from controller.plan import SERVING_NAMESPACES_ANNOTATION
+from controller.admission import validate_cache, validate_group
+from controller.plan import (
+    INVALID_NAMESPACE,
+    NAME_COLLISION,
+    SERVING,
+    SERVING_NAMESPACES_ANNOTATION,
+    ServingDemand,
+    Snapshot,
+    plan,
+    serving_demands,
+    volume_name,
+    volume_writes,
+)
 from controller.reconcile import Controller
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, Limits, WebhookServer
 from localmodel.hosts import internal_host_error, ipv4_literal
 from localmodel.layout import storage_key
-from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, PERSISTENT_VOLUME_CLAIM, ClusterState
+from localmodel.placement import admit
+from localmodel.resources import LocalModelCache, LocalModelNodeGroup
+from localmodel.state.base import (
+    EVENT,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    PERSISTENT_VOLUME_CLAIM,
+    ClusterState,
+)
 from tests import test_controller_reconcile as base
 from tests.support.tls import make_cert
 from tests.test_controller_reconcile import cache, setup_two_groups
@@ -250,3 +272,157 @@ async def test_the_webhook_makes_every_mount_of_our_claims_read_only(
         r = await client.review(MUTATE_PODS, req)
         assert r["allowed"] is False and r["status"]["code"] == 422, bad
         assert r["status"]["message"].startswith(f"spec.containers[0].volumeMounts[0].{next(iter(bad))}: ")
+
+
+# -- serving names: claims that collide, PV names that must be unique ---------------------------------
+
+SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def test_pv_names_are_unique_and_fit() -> None:
+    # The attack: m/g/ns x-y and m/g-x/ns y were both m-g-x-y.
+    assert volume_name("m", "g", "x-y") != volume_name("m", "g-x", "y")
+    assert volume_name("m", "g-x", "y") == "m-g-x-y"  # KServe's name where it is unambiguous
+    long_cache, long_group = "c" * 200, "g" * 200
+    names = {
+        volume_name(c, g, ns)
+        for c, g, ns in [
+            ("m", "g", "x-y"),
+            ("m", "g-x", "y"),
+            ("m-g", "x", "z"),  # ("m-g", "x") is claim "m-g-x" too: one owner, resolved before
+            ("m", "g", "x"),
+            (long_cache, long_group, "team"),
+            (long_cache, long_group, "team-2"),
+            (long_cache, long_group + "h", "team"),
+            ("a" * 253, "b", "n"),
+        ]
+    }
+    assert len(names) == 8
+    for name in names:
+        assert len(name) <= 253 and SUBDOMAIN.fullmatch(name), name
+
+
+def named_group(name: str) -> dict[str, object]:
+    g = base.group("a100", "500Gi")
+    g["metadata"] = {"name": name}
+    return g
+
+
+def test_colliding_claim_names_serve_the_older_cache_only() -> None:
+    groups = {n: LocalModelNodeGroup.from_json(named_group(n)) for n in ("c", "b-c")}
+    older = cache("a", "1Gi", ["b-c"])
+    older["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    younger = cache("a-b", "1Gi", ["c"])
+    younger["metadata"]["creationTimestamp"] = "2026-01-02T00:00:00Z"
+    caches = {c["metadata"]["name"]: LocalModelCache.from_json(c) for c in (older, younger)}
+    s = Snapshot(
+        caches=caches,
+        groups=groups,
+        nodes={},
+        serving=frozenset({ServingDemand("a-b", None, "d"), ServingDemand("a", None, "d")}),
+    )
+    admitted = admit(caches.values(), groups.values()).admitted
+    writes = [(w.kind, w.action, w.name, w.namespace) for w in volume_writes(s, admitted)]
+    assert writes == [
+        ("PersistentVolume", "create", "a-b-c-d", None),
+        ("PersistentVolumeClaim", "create", "a-b-c", "d"),
+    ]
+    created = volume_writes(s, admitted)[0].body
+    assert created is not None and created["metadata"]["annotations"]["modelcache.io/cache"] == "a"
+    # A pod mounting the claim by name asks for the owner's model.
+    by_claim = serving_demands(
+        [{"metadata": {"namespace": "d"}, "spec": {"volumes": [{"persistentVolumeClaim": {"claimName": "a-b-c"}}]}}],
+        caches,
+    )
+    assert by_claim == {ServingDemand("a", "b-c", "d")}
+    done = plan(s)
+    (status,) = [w for w in done.statuses if w.name == "a-b"]
+    (served,) = [c for c in status.patch["conditions"] if c["type"] == SERVING]
+    assert served["status"] == "False" and served["nodeGroup"] == "c" and served["reason"] == NAME_COLLISION
+    assert "'a-b-c'" in served["message"] and "'a'" in served["message"]
+    (warning,) = [e for e in done.events if e.name == "a-b" and e.type == "Warning"]
+    assert warning.reason == NAME_COLLISION and warning.message == served["message"]
+    assert not [c for w in done.statuses if w.name == "a" for c in w.patch["conditions"] if c["type"] == SERVING]
+
+
+async def test_colliding_claim_names_on_a_cluster(https: tuple[ClusterState, Client, Path]) -> None:
+    st, client, _ = https
+    for g in ("c", "b-c"):
+        await st.create(LOCAL_MODEL_NODE_GROUP, named_group(g))
+    await st.create(NODE, base.node("a1", "a100"))
+    for c in (cache("a", "1Gi", ["b-c"]), cache("a-b", "1Gi", ["c"])):
+        c["metadata"]["annotations"] = {SERVING_NAMESPACES_ANNOTATION: "d"}
+        await st.create(LOCAL_MODEL_CACHE, c)  # "a" first: older, or as old and first by name
+    await Controller(st).run(once=True)
+    claims = (await st.list(PERSISTENT_VOLUME_CLAIM, namespace="d")).items
+    assert [(c["metadata"]["name"], c["metadata"]["annotations"]["modelcache.io/cache"]) for c in claims] == [
+        ("a-b-c", "a")
+    ]
+    refused = await st.get(LOCAL_MODEL_CACHE, "a-b")
+    (served,) = [c for c in refused["status"]["conditions"] if c["type"] == SERVING]
+    assert served["reason"] == NAME_COLLISION and served["nodeGroup"] == "c"
+    events = (await st.list(EVENT, namespace="default")).items
+    assert any(e["reason"] == NAME_COLLISION and e["involvedObject"]["name"] == "a-b" for e in events)
+    # A pod naming the refused cache is refused: it would mount the other cache's model.
+    await st.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"a": "ModelDownloaded", "a-b": "ModelDownloaded"}})
+    await Controller(st).run(once=True)
+    r = await client.review(MUTATE_PODS, pod_request("p", annotations={"modelcache.io/model": "a-b"}))
+    assert r["allowed"] is False and "is not served from node group 'c'" in r["status"]["message"], r
+    assert (await client.review(MUTATE_PODS, pod_request("q", annotations={"modelcache.io/model": "a"})))[
+        "allowed"
+    ]
+    # The cache webhook refuses a new cache whose claim name an existing one has.
+    existing = [LocalModelCache.from_json(await st.get(LOCAL_MODEL_CACHE, "a"))]
+    groups = [LocalModelNodeGroup.from_json(named_group(g)) for g in ("c", "b-c")]
+    newcomer = cache("a-b", "1Gi", ["c"])
+    newcomer["spec"]["sourceModelUri"] = "hf://org/new"
+    verdict = validate_cache("CREATE", newcomer, None, caches=existing, groups=groups)
+    assert verdict.allowed is False
+    assert verdict.message.startswith("spec.nodeGroups: the serving claim 'a-b-c'"), verdict.message
+    assert "LocalModelCache 'a' from node group b-c" in verdict.message
+
+
+# -- modelcache.io/serving-namespaces ------------------------------------------------------------------
+
+BAD_NAMESPACES = ["Bad_NS", "n" * 300, "a,,b", "kube-system", "modelcache-system", "modelcache-agent", "kube-public"]
+
+
+@pytest.mark.parametrize("value", BAD_NAMESPACES)
+async def test_serving_namespaces_are_validated_at_admission(
+    https: tuple[ClusterState, Client, Path], value: str
+) -> None:
+    st, client, _ = https
+    await setup_two_groups(st)
+    c = cache("m", "1Gi", ["a100"])
+    c["metadata"]["annotations"] = {SERVING_NAMESPACES_ANNOTATION: value}
+    r = await client.review(VALIDATE_CACHES, cache_request("CREATE", c))
+    assert r["allowed"] is False and r["status"]["code"] == 422, value
+    assert r["status"]["message"].startswith(f"metadata.annotations[{SERVING_NAMESPACES_ANNOTATION}] entry ")
+    # An update of the annotation alone is judged too.
+    old = cache("m", "1Gi", ["a100"])
+    r = await client.review(VALIDATE_CACHES, cache_request("UPDATE", c, old))
+    assert r["allowed"] is False, value
+
+
+def test_the_plan_skips_invalid_serving_namespaces() -> None:
+    groups = {"a100": LocalModelNodeGroup.from_json(base.group("a100", "100Gi"))}
+    c = cache("m", "1Gi", ["a100"])
+    c["metadata"]["annotations"] = {SERVING_NAMESPACES_ANNOTATION: "team, Bad_NS,,kube-system,modelcache-agent"}
+    caches = {"m": LocalModelCache.from_json(c)}
+    s = Snapshot(caches=caches, groups=groups, nodes={})
+    done = plan(s)
+    assert [(w.kind, w.name, w.namespace) for w in done.volumes] == [
+        ("PersistentVolume", "m-a100-team", None),
+        ("PersistentVolumeClaim", "m-a100", "team"),
+    ]
+    (status,) = [w for w in done.statuses if w.kind == "LocalModelCache"]
+    (served,) = [x for x in status.patch["conditions"] if x["type"] == SERVING]
+    assert served["reason"] == INVALID_NAMESPACE and "nodeGroup" not in served
+    for part in ("entry 2", "'Bad_NS'", "entry 3", "an empty entry", "'kube-system'", "'modelcache-agent'"):
+        assert part in served["message"], part
+    assert [e.reason for e in done.events if e.type == "Warning"] == [INVALID_NAMESPACE]
+    # Fixed: the condition goes.
+    c["metadata"]["annotations"] = {SERVING_NAMESPACES_ANNOTATION: "team"}
+    fixed = plan(Snapshot(caches={"m": LocalModelCache.from_json(c)}, groups=groups, nodes={}))
+    (status,) = [w for w in fixed.statuses if w.kind == "LocalModelCache"]
+    assert [x["type"] for x in status.patch["conditions"]] == ["Admitted", "Ready"]
