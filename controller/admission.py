@@ -18,9 +18,10 @@ LocalModelCaches. Refused at create or spec update: a bad ``sourceModelUri`` or 
 field, a ``file://`` source, an http(s) host that is the node or the cluster
 (:func:`localmodel.hosts.internal_host_error`), a ``modelcache.io/serving-namespaces`` entry that
 is not a namespace it may serve in (also on an update of that annotation alone), a serving claim
-name ``<cache>-<group>`` another cache already has, a node group that does not exist, a cache that no
-listed group can admit (the same admission the controller runs, with the caches already there), a second cache of the same URI. A group that
-admits it while another does not is a warning. Updates that leave the spec alone (finalizers,
+name ``<cache>-<group>`` another cache already has, a node group that does not exist or is invalid, a
+cache that no listed group can admit (the same admission the controller runs, with the caches
+already there), a second cache of the same URI. A group that admits it while another does not is a
+warning. Updates that leave the spec alone (finalizers,
 labels, status) and deletions are always allowed, so the controller's own writes never bounce.
 """
 
@@ -53,7 +54,7 @@ from localmodel.resources import (
     LocalModelCache,
     LocalModelNodeGroup,
     Node,
-    cache_path_error,
+    cluster_group,
 )
 from localmodel.uri import parse_uri
 
@@ -132,7 +133,8 @@ def place_pod(
     """The verdict on a pod at create. ``cache`` and ``group`` are the objects the pod's ask names
     (None: not found; the group is the cache's first when the pod names none); ``ready_nodes`` are
     nodes whose labels mark the cache's model ready (others are ignored); ``our_claims`` are the
-    serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`). A pod whose metadata,
+    serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`).
+    A pod whose metadata,
     labels, annotations or spec are not objects is refused naming the field."""
     if (shape := shape_error(pod)) is not None:
         return shape
@@ -310,7 +312,10 @@ def validate_cache(
     *,
     caches: Iterable[LocalModelCache],
     groups: Iterable[LocalModelNodeGroup],
+    invalid_groups: Mapping[str, str] | None = None,
 ) -> Verdict:
+    """The verdict on a LocalModelCache (the module's rules); ``invalid_groups``: stored groups whose
+    spec is refused, name -> why (a cache listing one is told so)."""
     if operation not in ("CREATE", "UPDATE") or obj is None:
         return Verdict(True)
     if (shape := shape_error(obj)) is not None:
@@ -344,13 +349,13 @@ def validate_cache(
             "use hf://, s3:// or http(s)://",
             code=422,
         )
-    if uri.scheme in ("http", "https") and (host := urlsplit(uri.url).hostname) is not None:
-        if (why := internal_host_error(host)) is not None:
-            return Verdict.refuse(
-                f"spec.sourceModelUri: host {why}: the agent fetches from the node's network, so a "
-                "cluster's source names a host outside the node and the cluster",
-                code=422,
-            )
+    host = urlsplit(uri.url).hostname if uri.scheme in ("http", "https") else None
+    if host is not None and (why := internal_host_error(host)) is not None:
+        return Verdict.refuse(
+            f"spec.sourceModelUri: host {why}: the agent fetches from the node's network, so a "
+            "cluster's source names a host outside the node and the cluster",
+            code=422,
+        )
     by_name = {g.name: g for g in groups}
     before: tuple[str, ...] = ()
     if operation == "UPDATE" and old is not None:
@@ -358,6 +363,12 @@ def validate_cache(
             before = LocalModelCache.from_json(old).spec.node_groups
         except SpecError:
             before = ()
+    invalid = invalid_groups or {}
+    broken = [g for g in cache.spec.node_groups if g in invalid and g not in before]
+    if broken:
+        return Verdict.refuse(
+            f"node group {broken[0]!r} is invalid: {invalid[broken[0]]}; fix its spec first"
+        )
     missing = [g for g in cache.spec.node_groups if g not in by_name and g not in before]
     if missing:
         known = ", ".join(sorted(by_name)) or "none"
@@ -374,10 +385,10 @@ def validate_cache(
     for g in cache.spec.node_groups:
         name = claim_name(cache.name, g)
         if name in theirs and g not in before:
-            other, other_group = theirs[name]
+            owner, owner_group = theirs[name]
             return Verdict.refuse(
                 f"spec.nodeGroups: the serving claim {name!r} (<cache>-<group>) of node group {g} is "
-                f"already that of LocalModelCache {other!r} from node group {other_group}; "
+                f"already that of LocalModelCache {owner!r} from node group {owner_group}; "
                 "rename the cache or the group"
             )
     admission = admit([*others, cache], by_name.values())
@@ -412,13 +423,9 @@ def validate_group(operation: str, obj: object, old: object) -> Verdict:
     if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
         return Verdict(True)  # status, labels, finalizers
     try:
-        group = LocalModelNodeGroup.from_json(obj)
+        cluster_group(obj)  # the parser's rules and, in a cluster, no scratch folder
     except SpecError as e:
         return Verdict.refuse(str(e), code=422)
-    # The parser leaves scratch folders to standalone mode; a cluster refuses them too.
-    source, path = group.spec.volume_source, group.spec.cache_path
-    if source is not None and (why := cache_path_error(path, cluster=True)) is not None:
-        return Verdict.refuse(f"spec.persistentVolumeSpec.{source}.path: {why}", code=422)
     return Verdict(True)
 
 

@@ -21,14 +21,15 @@ Rules the plan keeps:
   reconcile does not repeat them.
 - Serving (KServe's names): for each namespace that serves a cache from a group that admits it, a
   PersistentVolumeClaim ``<cache>-<group>`` in that namespace bound to a PersistentVolume
-  :func:`volume_name` (``<cache>-<group>-<namespace>`` where unambiguous) built from a fixed template: that model's folder only
-  (``<cache>/models/<key>``), ReadOnlyMany, reclaim policy Retain; no volume source is copied. A
-  namespace serves a cache when a pod there names it (KServe's localmodel label, our annotation) or
-  mounts that claim, when the cache's ``SERVING_NAMESPACES_ANNOTATION`` lists it, or once its claim
-  exists; both go when the cache, the group, or the cache's use of the group goes. A claim name two
-  caches share is the older's (:func:`serving_owners`); namespaces that are not names or are
-  Kubernetes' or modelcache's are never served in (:func:`namespace_error`); both show as a
-  ``SERVING`` condition on the cache and a Warning Event.
+  :func:`volume_name` (``<cache>-<group>-<namespace>`` where unambiguous) built from a fixed
+  template: that model's folder only (``<cache>/models/<key>``), ReadOnlyMany, reclaim policy
+  Retain; no volume source is copied. A namespace serves a cache when a pod there names it
+  (KServe's localmodel label, our annotation) or mounts that claim, when the cache's
+  ``SERVING_NAMESPACES_ANNOTATION`` lists it, or once its claim exists; both go when the cache,
+  the group, or the cache's use of the group goes. A claim name two caches share is the older's
+  (:func:`serving_owners`); namespaces that are not names or are Kubernetes' or modelcache's are
+  never served in (:func:`namespace_error`); both show as a ``SERVING`` condition on the cache and
+  a Warning Event.
 - Node labels: ``MODEL_LABEL_PREFIX + <storage key>`` = ``ready`` on each node whose LocalModelNode
   lists the model and reports it ModelDownloaded; removed otherwise. The scheduler reads it through
   the node affinity the pod webhook adds.
@@ -160,6 +161,9 @@ class Snapshot:
     claims: Mapping[tuple[str, str], VolumeRef] = field(default_factory=dict)  # (namespace, name) ->
     # cache -> the InferenceServices that use it (KServe's status.inferenceServices), sorted
     inference_services: Mapping[str, tuple[InferenceServiceRef, ...]] = field(default_factory=dict)
+    # stored groups whose spec is refused (KServe's CRDs have no rules), name -> why: left out of
+    # ``groups``, and a cache that lists one is told so
+    invalid_groups: Mapping[str, str] = field(default_factory=dict)
 
 
 def listing(lmns: Iterable[LocalModelNode]) -> dict[str, set[str]]:
@@ -183,14 +187,18 @@ class Layout:
 
 
 def layout(
-    caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGroup], nodes: Iterable[Node]
+    caches: Iterable[LocalModelCache],
+    groups: Iterable[LocalModelNodeGroup],
+    nodes: Iterable[Node],
+    invalid_groups: Mapping[str, str] | None = None,
 ) -> Layout:
     """What :func:`localmodel.placement.place_node` gives for every node, computed per group and per
-    combination of groups instead of per node: 5,000 nodes share a handful of combinations."""
+    combination of groups instead of per node: 5,000 nodes share a handful of combinations.
+    ``invalid_groups``: stored groups whose spec is refused, name -> why (they hold nothing)."""
     caches = list(caches)
     groups = sorted(groups, key=lambda g: g.name)
     nodes = list(nodes)
-    admission = admit(caches, groups)
+    admission = admit(caches, groups, invalid_groups)
     by_name = {c.name: c for c in caches}
     members: dict[str, list[str]] = {g.name: [] for g in groups}
     node_groups: dict[str, tuple[str, ...]] = {}
@@ -330,7 +338,9 @@ def plan(
     placed: Layout | None = None,
     scope: Scope | None = None,
 ) -> Plan:
-    placed = placed or layout(snapshot.caches.values(), snapshot.groups.values(), snapshot.nodes.values())
+    placed = placed or layout(
+        snapshot.caches.values(), snapshot.groups.values(), snapshot.nodes.values(), snapshot.invalid_groups
+    )
     lmns = snapshot.local_model_nodes
     listed_now = snapshot.listed if snapshot.listed is not None else listing(lmns.values())
     nobody: frozenset[str] = frozenset()
@@ -788,7 +798,9 @@ class ServingProblem:
     message: str
 
 
-def serving_owners(caches: Iterable[LocalModelCache]) -> tuple[dict[str, tuple[str, str]], list[ServingProblem]]:
+def serving_owners(
+    caches: Iterable[LocalModelCache],
+) -> tuple[dict[str, tuple[str, str]], list[ServingProblem]]:
     """Claim name -> the (cache, group) it serves, and the pairs that get none. Claim names are
     KServe's ``<cache>-<group>`` (KServe's InferenceService webhook mounts that name), so cache ``a-b``
     in group ``c`` and cache ``a`` in group ``b-c`` would share ``a-b-c``: the older cache (creation
@@ -868,7 +880,9 @@ def serving_problems(caches: Mapping[str, LocalModelCache]) -> dict[str, list[Se
         bad = serving_namespaces(cache)[1]
         if bad:
             message = "; ".join(bad) + " (skipped; the others are served)"
-            out.setdefault(cache.name, []).append(ServingProblem(cache.name, None, INVALID_NAMESPACE, message))
+            out.setdefault(cache.name, []).append(
+                ServingProblem(cache.name, None, INVALID_NAMESPACE, message)
+            )
     return out
 
 

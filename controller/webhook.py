@@ -15,9 +15,10 @@ Bounds (with ``failurePolicy: Fail`` a few slow clients must not hold the endpoi
 must end its TLS handshake within ``Limits.handshake_timeout`` of opening, send a request's headers
 within ``Limits.header_timeout`` of the handshake or of its previous response (the same timer closes
 an idle keep-alive connection), the body within ``Limits.body_timeout``, at most ``Limits.max_body``
-bytes of it (a larger ``Content-Length`` is a 413 at once), and serves at most ``Limits.max_requests`` requests. A body that is
-not JSON, or nested too deep to parse, is a 400; an object of the wrong shape is an AdmissionReview
-answer ``allowed: false`` naming the field, never a 500.
+bytes of it (a larger ``Content-Length`` is a 413 at once), and serves at most
+``Limits.max_requests`` requests. A body that is not JSON, or nested too deep to parse, is a 400;
+an object of the wrong shape is an AdmissionReview answer ``allowed: false`` naming the field,
+never a 500.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from controller.admission import (
 from controller.plan import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_VALUE, model_label
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
-from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
+from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node, cluster_group
 from localmodel.state.base import (
     JSON,
     LOCAL_MODEL_CACHE,
@@ -145,15 +146,20 @@ class Webhook:
         if operation not in ("CREATE", "UPDATE"):
             return Verdict(True)
         caches = [_typed(LocalModelCache, o) for o in (await self.state.list(LOCAL_MODEL_CACHE)).items]
-        groups = [
-            _typed(LocalModelNodeGroup, o) for o in (await self.state.list(LOCAL_MODEL_NODE_GROUP)).items
-        ]
+        groups: list[LocalModelNodeGroup] = []
+        invalid: dict[str, str] = {}
+        for o in (await self.state.list(LOCAL_MODEL_NODE_GROUP)).items:
+            try:
+                groups.append(cluster_group(o))
+            except SpecError as e:
+                invalid[str((o.get("metadata") or {}).get("name"))] = str(e)
         return validate_cache(
             operation,
             request.get("object"),
             request.get("oldObject"),
             caches=[c for c in caches if c is not None],
-            groups=[g for g in groups if g is not None],
+            groups=groups,
+            invalid_groups=invalid,
         )
 
     async def review_group(self, request: JSON) -> Verdict:

@@ -485,7 +485,7 @@ SYSTEM_FOLDERS = (
 # World-writable scratch (anyone on the node may plant a link there first): refused as a cache
 # folder, and everything under them, in a cluster (the CRD, the group webhook, the agent's init
 # container). Standalone mode, the user's own machine, may use them (the quickstart does).
-SCRATCH_FOLDERS = ("/tmp", "/var/tmp")
+SCRATCH_FOLDERS = ("/tmp", "/var/tmp")  # noqa: S108 (folders refused, not used)
 # Folders that are refused as a whole, while a folder of its own below them is fine
 # (/mnt/disks/ssd0, /srv/modelcache, /var/lib/modelcache): ancestors of system folders and the
 # places other software and users share (a cache there would take over their files).
@@ -530,9 +530,9 @@ def _cel_list(items: tuple[str, ...]) -> str:
 def system_folder_cel(path: str) -> str:
     """A CEL expression, true when the string ``path`` (a CEL expression) is or is under a system
     folder in a cluster (:data:`SYSTEM_FOLDERS`, :data:`SCRATCH_FOLDERS`, ``/lib*``)."""
+    folders = _cel_list(tuple(sorted(SYSTEM_FOLDERS + SCRATCH_FOLDERS)))
     return (
-        f"{_cel_list(tuple(sorted(SYSTEM_FOLDERS + SCRATCH_FOLDERS)))}.exists(f, {path} == f || {path}.startsWith(f + '/')) || "
-        f"{path}.matches('^/lib[^/]*(/|$)')"
+        f"{folders}.exists(f, {path} == f || {path}.startsWith(f + '/')) || {path}.matches('^/lib[^/]*(/|$)')"
     )
 
 
@@ -585,8 +585,9 @@ class LocalModelNodeGroupSpec:
 
     @classmethod
     def from_json(cls, data: Any) -> LocalModelNodeGroupSpec:
-        """Refused (SpecError naming the field): a volume source other than ``hostPath``/``local``
-        or both at once, a path that :func:`cache_path_error` refuses, and the usual shape errors."""
+        """Refused (SpecError naming the field): a volume source other than ``hostPath``/``local``,
+        both at once or neither (or one without a path), a path that :func:`cache_path_error`
+        refuses, and the usual shape errors."""
         spec = _obj(data, "spec")
         if not spec:
             raise SpecError("is required", field="spec")
@@ -616,10 +617,21 @@ class LocalModelNodeGroupSpec:
         named = [s for s in CACHE_VOLUME_SOURCES if pv.get(s) is not None]
         if len(named) > 1:
             raise SpecError("give hostPath or local, not both", field="spec.persistentVolumeSpec")
+        if not named:
+            # Without one there is no cache folder: no node could hold a model, no PV could serve it.
+            raise SpecError(
+                "names no cache folder: give hostPath.path or local.path (e.g. /var/lib/modelcache)",
+                field="spec.persistentVolumeSpec",
+            )
         for source in named:
             path = _obj(pv.get(source), f"spec.persistentVolumeSpec.{source}").get("path")
+            if path is None or path == "":
+                raise SpecError(
+                    "is required: the cache folder on the node (e.g. /var/lib/modelcache)",
+                    field=f"spec.persistentVolumeSpec.{source}.path",
+                )
             # Scratch folders are the cluster's to refuse (CRD, webhook): standalone mode may use them.
-            if path is not None and (why := cache_path_error(path, cluster=False)) is not None:
+            if (why := cache_path_error(path, cluster=False)) is not None:
                 raise SpecError(why, field=f"spec.persistentVolumeSpec.{source}.path")
         return cls(limit, pv, pvc, selector)
 
@@ -631,6 +643,16 @@ class LocalModelNodeGroupSpec:
                 "persistentVolumeClaimSpec": dict(self.persistent_volume_claim_spec) or None,
             }
         )
+
+
+def cluster_group(data: Any) -> LocalModelNodeGroup:
+    """A node group as a cluster takes it: :meth:`LocalModelNodeGroup.from_json`, and its folder
+    not a scratch folder either (:func:`cache_path_error` with ``cluster``). Raises SpecError."""
+    group = LocalModelNodeGroup.from_json(data)
+    source, path = group.spec.volume_source, group.spec.cache_path
+    if source is not None and (why := cache_path_error(path, cluster=True)) is not None:
+        raise SpecError(why, field=f"spec.persistentVolumeSpec.{source}.path")
+    return group
 
 
 @dataclass(frozen=True)

@@ -421,7 +421,10 @@ def our_claims() -> list[dict[str, Any]]:
 
 def test_the_binding_selects_our_claims_as_params() -> None:
     out = subprocess.run(
-        [str(kubectl), "kustomize", str(ROOT / "manifests" / "base")], capture_output=True, text=True, check=True
+        [str(kubectl), "kustomize", str(ROOT / "manifests" / "base")],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     (binding,) = [
         d
@@ -432,7 +435,10 @@ def test_the_binding_selects_our_claims_as_params() -> None:
         "selector": {"matchLabels": {"app.kubernetes.io/managed-by": "modelcache-controller"}},
         "parameterNotFoundAction": "Allow",
     }
-    assert policies()[MOUNTS_POLICY]["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "PersistentVolumeClaim"}
+    assert policies()[MOUNTS_POLICY]["spec"]["paramKind"] == {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+    }
     _, pvc = made()
     assert pvc["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "modelcache-controller"}
 
@@ -479,7 +485,10 @@ def mounting(claim: str, volume: dict[str, Any] | None = None, **mount: Any) -> 
         "spec": {
             "volumes": [{"name": "model", "persistentVolumeClaim": source}],
             "containers": [
-                {"name": "c", "volumeMounts": [{"name": "model", "mountPath": "/m", "readOnly": True, **mount}]}
+                {
+                    "name": "c",
+                    "volumeMounts": [{"name": "model", "mountPath": "/m", "readOnly": True, **mount}],
+                }
             ],
         },
     }
@@ -523,7 +532,13 @@ def test_our_claims_are_mounted_read_only_and_whole(pod: dict[str, Any], message
         debug["spec"]["ephemeralContainers"] = debug["spec"].pop("containers")
         debug["spec"]["containers"] = [{"name": "c"}]
         update = request(
-            "UPDATE", "pods", user="alice", name="p", namespace="team", sub="ephemeralcontainers", obj=debug,
+            "UPDATE",
+            "pods",
+            user="alice",
+            name="p",
+            namespace="team",
+            sub="ephemeralcontainers",
+            obj=debug,
             old=pod,
         )
         assert refused_for(admit(p, update, our_claims()), message)
@@ -548,7 +563,9 @@ def test_the_volume_policy_s_system_folders_are_the_one_list() -> None:
     for folder in ("/var/lib/containers", "/opt/cni", "/var/log", "/tmp", "/var/snap", "/var/lib/rancher"):
         pv, _ = made()
         pv["spec"]["hostPath"]["path"] = f"{folder}/c/models/{KEY}"
-        assert refused_for(admit(policies()["modelcache-controller-volumes"], pv_create(pv)), "under no system folder")
+        assert refused_for(
+            admit(policies()["modelcache-controller-volumes"], pv_create(pv)), "under no system folder"
+        )
 
 
 def test_hashed_volume_names_pass_and_others_do_not() -> None:

@@ -237,7 +237,9 @@ async def test_the_webhook_makes_every_mount_of_our_claims_read_only(
     await st.create(LOCAL_MODEL_CACHE, m)
     await st.create(LOCAL_MODEL_CACHE, cache("x", "1Gi", ["a100"]))
     await Controller(st).run(once=True)
-    await st.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"m": "ModelDownloaded", "x": "ModelDownloaded"}})
+    await st.patch_status(
+        LOCAL_MODEL_NODE, "a1", {"modelStatus": {"m": "ModelDownloaded", "x": "ModelDownloaded"}}
+    )
     await Controller(st).run(once=True)
     assert (await st.get(PERSISTENT_VOLUME_CLAIM, "m-a100", namespace="team"))["metadata"]["labels"]
     volumes = [
@@ -250,7 +252,7 @@ async def test_the_webhook_makes_every_mount_of_our_claims_read_only(
         {"annotations": {"serving.kserve.io/nodegroup": "a100"}},
         {"annotations": {"modelcache.io/model": "x"}},
     ):
-        req = pod_request("p", volumes=volumes, **ask)  # type: ignore[arg-type]
+        req = pod_request("p", volumes=volumes, **ask)
         req["object"]["spec"]["containers"] = [{"name": "c", "volumeMounts": mounts}]
         req["object"]["spec"]["initContainers"] = [{"name": "i", "volumeMounts": mounts[:1]}]
         r = await client.review(MUTATE_PODS, req)
@@ -331,7 +333,12 @@ def test_colliding_claim_names_serve_the_older_cache_only() -> None:
     assert created is not None and created["metadata"]["annotations"]["modelcache.io/cache"] == "a"
     # A pod mounting the claim by name asks for the owner's model.
     by_claim = serving_demands(
-        [{"metadata": {"namespace": "d"}, "spec": {"volumes": [{"persistentVolumeClaim": {"claimName": "a-b-c"}}]}}],
+        [
+            {
+                "metadata": {"namespace": "d"},
+                "spec": {"volumes": [{"persistentVolumeClaim": {"claimName": "a-b-c"}}]},
+            }
+        ],
         caches,
     )
     assert by_claim == {ServingDemand("a", "b-c", "d")}
@@ -342,7 +349,9 @@ def test_colliding_claim_names_serve_the_older_cache_only() -> None:
     assert "'a-b-c'" in served["message"] and "'a'" in served["message"]
     (warning,) = [e for e in done.events if e.name == "a-b" and e.type == "Warning"]
     assert warning.reason == NAME_COLLISION and warning.message == served["message"]
-    assert not [c for w in done.statuses if w.name == "a" for c in w.patch["conditions"] if c["type"] == SERVING]
+    assert not [
+        c for w in done.statuses if w.name == "a" for c in w.patch["conditions"] if c["type"] == SERVING
+    ]
 
 
 async def test_colliding_claim_names_on_a_cluster(https: tuple[ClusterState, Client, Path]) -> None:
@@ -364,7 +373,9 @@ async def test_colliding_claim_names_on_a_cluster(https: tuple[ClusterState, Cli
     events = (await st.list(EVENT, namespace="default")).items
     assert any(e["reason"] == NAME_COLLISION and e["involvedObject"]["name"] == "a-b" for e in events)
     # A pod naming the refused cache is refused: it would mount the other cache's model.
-    await st.patch_status(LOCAL_MODEL_NODE, "a1", {"modelStatus": {"a": "ModelDownloaded", "a-b": "ModelDownloaded"}})
+    await st.patch_status(
+        LOCAL_MODEL_NODE, "a1", {"modelStatus": {"a": "ModelDownloaded", "a-b": "ModelDownloaded"}}
+    )
     await Controller(st).run(once=True)
     r = await client.review(MUTATE_PODS, pod_request("p", annotations={"modelcache.io/model": "a-b"}))
     assert r["allowed"] is False and "is not served from node group 'c'" in r["status"]["message"], r
@@ -384,7 +395,15 @@ async def test_colliding_claim_names_on_a_cluster(https: tuple[ClusterState, Cli
 
 # -- modelcache.io/serving-namespaces ------------------------------------------------------------------
 
-BAD_NAMESPACES = ["Bad_NS", "n" * 300, "a,,b", "kube-system", "modelcache-system", "modelcache-agent", "kube-public"]
+BAD_NAMESPACES = [
+    "Bad_NS",
+    "n" * 300,
+    "a,,b",
+    "kube-system",
+    "modelcache-system",
+    "modelcache-agent",
+    "kube-public",
+]
 
 
 @pytest.mark.parametrize("value", BAD_NAMESPACES)
@@ -407,7 +426,9 @@ async def test_serving_namespaces_are_validated_at_admission(
 def test_the_plan_skips_invalid_serving_namespaces() -> None:
     groups = {"a100": LocalModelNodeGroup.from_json(base.group("a100", "100Gi"))}
     c = cache("m", "1Gi", ["a100"])
-    c["metadata"]["annotations"] = {SERVING_NAMESPACES_ANNOTATION: "team, Bad_NS,,kube-system,modelcache-agent"}
+    c["metadata"]["annotations"] = {
+        SERVING_NAMESPACES_ANNOTATION: "team, Bad_NS,,kube-system,modelcache-agent"
+    }
     caches = {"m": LocalModelCache.from_json(c)}
     s = Snapshot(caches=caches, groups=groups, nodes={})
     done = plan(s)
@@ -426,3 +447,52 @@ def test_the_plan_skips_invalid_serving_namespaces() -> None:
     fixed = plan(Snapshot(caches={"m": LocalModelCache.from_json(c)}, groups=groups, nodes={}))
     (status,) = [w for w in fixed.statuses if w.kind == "LocalModelCache"]
     assert [x["type"] for x in status.patch["conditions"]] == ["Admitted", "Ready"]
+
+
+# -- groups stored past admission: said to be invalid, and why ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pv", "why"),
+    [
+        (
+            {"hostPath": {"path": "/"}},
+            "spec.persistentVolumeSpec.hostPath.path: '/' is a shared system folder",
+        ),
+        (
+            {"nfs": {"server": "evil", "path": "/"}},
+            "spec.persistentVolumeSpec.nfs: nfs: only a hostPath or local",
+        ),
+        ({}, "spec.persistentVolumeSpec: names no cache folder"),
+        ({"hostPath": {}}, "spec.persistentVolumeSpec.hostPath.path: is required"),
+        ({"hostPath": {"path": "/var/log/x"}}, "'/var/log/x' is (or is under) a system folder"),
+        ({"hostPath": {"path": "/tmp/x"}}, "'/tmp/x' is (or is under) a system folder"),
+    ],
+)
+async def test_a_stored_invalid_group_is_named_invalid_in_the_status(
+    https: tuple[ClusterState, Client, Path], pv: dict[str, object], why: str
+) -> None:
+    st, client, _ = https
+    bad = group_at(pv)
+    bad["metadata"] = {"name": "root"}
+    await st.create(LOCAL_MODEL_NODE_GROUP, bad)  # as KServe's CRDs (no rules, no webhook) store it
+    await st.create(LOCAL_MODEL_CACHE, cache("m", "1Gi", ["root"]))
+    await Controller(st).run(once=True)
+    status = (await st.get(LOCAL_MODEL_CACHE, "m"))["status"]
+    (admitted,) = [c for c in status["conditions"] if c["type"] == "Admitted"]
+    assert admitted["status"] == "False" and admitted["reason"] == "NodeGroupInvalid"
+    assert admitted["message"].startswith("node group 'root' is invalid and ignored: "), admitted
+    assert why in admitted["message"] and "does not exist" not in admitted["message"]
+    # The cache webhook says the same of a new cache that lists it.
+    r = await client.review(VALIDATE_CACHES, cache_request("CREATE", cache("n", "1Gi", ["root"])))
+    assert r["allowed"] is False and r["status"]["message"].startswith("node group 'root' is invalid: ")
+    # Fixed: admitted, without a restart.
+    await st.patch(
+        LOCAL_MODEL_NODE_GROUP,
+        "root",
+        {"spec": {"persistentVolumeSpec": {"hostPath": {"path": "/models"}, "nfs": None, "local": None}}},
+    )
+    await Controller(st).run(once=True)
+    status = (await st.get(LOCAL_MODEL_CACHE, "m"))["status"]
+    (admitted,) = [c for c in status["conditions"] if c["type"] == "Admitted"]
+    assert admitted["status"] == "True", admitted

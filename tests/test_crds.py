@@ -349,11 +349,19 @@ def test_group_path_rules_are_generated_from_the_one_list() -> None:
 def test_group_may_name_only_a_hostpath_or_local_folder() -> None:
     nfs = _group({"nfs": {"server": "evil", "path": "/"}})
     assert validate(nfs) == [
-        "spec.persistentVolumeSpec: only a hostPath or local folder on the node can hold a cache"
+        "spec.persistentVolumeSpec: only a hostPath or local folder on the node can hold a cache",
+        "spec.persistentVolumeSpec: names no cache folder: give hostPath.path or local.path "
+        "(e.g. /var/lib/modelcache)",
     ]
     both = _group({"hostPath": {"path": "/a"}, "local": {"path": "/a"}})
     assert validate(both) == ["spec.persistentVolumeSpec: give hostPath or local, not both"]
     # Every PersistentVolumeSpec field is declared: a source the rule does not list is an unknown field.
+    # No folder at all (the attack: {} and hostPath: {} made no PV, silently).
+    for empty in ({}, {"hostPath": {}}, {"local": {"path": ""}}):
+        assert validate(_group(empty)), empty
+        with pytest.raises(SpecError) as info:
+            parse_text(yaml.safe_dump(_group(empty)), where="g")
+        assert info.value.field.startswith("spec.persistentVolumeSpec"), empty
     odd = _group({"futureVolume": {"path": "/"}})
     assert any("'futureVolume' was unexpected" in e for e in validate(odd))
     for doc in (nfs, both, odd):

@@ -470,7 +470,7 @@ def test_init_container_refuses_what_the_group_rules_refuse(tmp_path: Path) -> N
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("chown", "stat", "ls"):
-        (bin_dir / tool).write_text(f'#!/bin/sh\necho {tool} >> {calls}\nexit 99\n')
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} >> {calls}\nexit 99\n")
         (bin_dir / tool).chmod(0o755)
     for path in CACHE_DIR_CASES:
         calls.unlink(missing_ok=True)
