@@ -39,6 +39,7 @@ from controller.plan import (
     ADMITTED,
     MODEL_ANNOTATION,
     MODEL_LABEL_VALUE,
+    NAME_COLLISION,
     SERVING,
     SERVING_NAMESPACES_ANNOTATION,
     claim_name,
@@ -49,7 +50,9 @@ from localmodel.errors import InvalidInput, SpecError
 from localmodel.hosts import internal_host_error
 from localmodel.placement import admit
 from localmodel.resources import (
+    CACHE_VOLUME_SOURCES,
     LOCALMODEL_LABEL,
+    NO_FOLDER,
     NODEGROUP_ANNOTATION,
     LocalModelCache,
     LocalModelNodeGroup,
@@ -175,7 +178,8 @@ def place_pod(
                     f"LocalModelCache {cache.name!r} is not admitted to node group {group_name!r}: "
                     + c.message
                 )
-            if c.type == SERVING and c.node_group == group_name and c.status == "False":
+            # Its claim name is another cache's: a pod would mount that cache's model.
+            if c.type == SERVING and c.node_group == group_name and c.reason == NAME_COLLISION:
                 return Verdict.refuse(
                     f"LocalModelCache {cache.name!r} is not served from node group {group_name!r}: "
                     + c.message
@@ -423,9 +427,13 @@ def validate_group(operation: str, obj: object, old: object) -> Verdict:
     if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
         return Verdict(True)  # status, labels, finalizers
     try:
-        cluster_group(obj)  # the parser's rules and, in a cluster, no scratch folder
+        group = cluster_group(obj)  # the parser's rules and, in a cluster, no scratch folder
     except SpecError as e:
         return Verdict.refuse(str(e), code=422)
+    if group.spec.cache_path is None:  # {} or hostPath: {}: no serving volume could be made
+        named = [s for s in CACHE_VOLUME_SOURCES if s in group.spec.persistent_volume_spec]
+        where = f"spec.persistentVolumeSpec.{named[0]}.path" if named else "spec.persistentVolumeSpec"
+        return Verdict.refuse(f"{where}: {NO_FOLDER}", code=422)
     return Verdict(True)
 
 

@@ -57,6 +57,7 @@ from localmodel.quantity import Quantity
 from localmodel.resources import (
     FINALIZER,
     LOCALMODEL_LABEL,
+    NO_FOLDER,
     NODEGROUP_ANNOTATION,
     Condition,
     InferenceServiceRef,
@@ -96,6 +97,7 @@ SERVING = "Serving"
 NAME_COLLISION = "ServingNameCollision"
 NAME_TOO_LONG = "ServingNameTooLong"
 INVALID_NAMESPACE = "InvalidServingNamespace"
+NO_CACHE_FOLDER = "NoCacheFolder"
 # Namespaces the controller never serves in: Kubernetes' own and modelcache's.
 RESERVED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 RESERVED_NAMESPACE_PREFIX = "modelcache-"
@@ -390,7 +392,7 @@ def plan(
     finalizers: list[FinalizerWrite] = []
     events: list[Event] = []
     node_status: dict[str, Mapping[str, NodeState]] = {}
-    problems = serving_problems(snapshot.caches)
+    problems = serving_problems(snapshot.caches, snapshot.groups)
     for c in sorted(cache_scope):
         cache = snapshot.caches.get(c)
         if cache is None:
@@ -871,11 +873,22 @@ def serving_namespaces(cache: LocalModelCache) -> tuple[tuple[str, ...], tuple[s
     return tuple(dict.fromkeys(good)), tuple(bad)
 
 
-def serving_problems(caches: Mapping[str, LocalModelCache]) -> dict[str, list[ServingProblem]]:
-    """cache -> what keeps it from being served (:func:`serving_owners`, :func:`serving_namespaces`)."""
+def serving_problems(
+    caches: Mapping[str, LocalModelCache], groups: Mapping[str, LocalModelNodeGroup]
+) -> dict[str, list[ServingProblem]]:
+    """cache -> what keeps it from being served (:func:`serving_owners`, :func:`serving_namespaces`,
+    a group that names no folder: its nodes hold the model, but no serving volume can be made)."""
     out: dict[str, list[ServingProblem]] = {}
     for problem in serving_owners(caches.values())[1]:
         out.setdefault(problem.cache, []).append(problem)
+    for cache in caches.values():
+        for g in cache.spec.node_groups:
+            group = groups.get(g)
+            if group is not None and group.spec.cache_path is None:
+                message = (
+                    f"node group {g} {NO_FOLDER}; its nodes hold the model, but no serving volume is made"
+                )
+                out.setdefault(cache.name, []).append(ServingProblem(cache.name, g, NO_CACHE_FOLDER, message))
     for cache in caches.values():
         bad = serving_namespaces(cache)[1]
         if bad:

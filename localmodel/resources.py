@@ -585,8 +585,8 @@ class LocalModelNodeGroupSpec:
 
     @classmethod
     def from_json(cls, data: Any) -> LocalModelNodeGroupSpec:
-        """Refused (SpecError naming the field): a volume source other than ``hostPath``/``local``,
-        both at once or neither (or one without a path), a path that :func:`cache_path_error`
+        """Refused (SpecError naming the field): a volume source other than ``hostPath``/``local``
+        or both at once, a path that :func:`cache_path_error`
         refuses, and the usual shape errors."""
         spec = _obj(data, "spec")
         if not spec:
@@ -617,21 +617,10 @@ class LocalModelNodeGroupSpec:
         named = [s for s in CACHE_VOLUME_SOURCES if pv.get(s) is not None]
         if len(named) > 1:
             raise SpecError("give hostPath or local, not both", field="spec.persistentVolumeSpec")
-        if not named:
-            # Without one there is no cache folder: no node could hold a model, no PV could serve it.
-            raise SpecError(
-                "names no cache folder: give hostPath.path or local.path (e.g. /var/lib/modelcache)",
-                field="spec.persistentVolumeSpec",
-            )
         for source in named:
             path = _obj(pv.get(source), f"spec.persistentVolumeSpec.{source}").get("path")
-            if path is None or path == "":
-                raise SpecError(
-                    "is required: the cache folder on the node (e.g. /var/lib/modelcache)",
-                    field=f"spec.persistentVolumeSpec.{source}.path",
-                )
             # Scratch folders are the cluster's to refuse (CRD, webhook): standalone mode may use them.
-            if (why := cache_path_error(path, cluster=False)) is not None:
+            if path is not None and (why := cache_path_error(path, cluster=False)) is not None:
                 raise SpecError(why, field=f"spec.persistentVolumeSpec.{source}.path")
         return cls(limit, pv, pvc, selector)
 
@@ -645,9 +634,14 @@ class LocalModelNodeGroupSpec:
         )
 
 
+NO_FOLDER = "names no cache folder: give hostPath.path or local.path (e.g. /var/lib/modelcache)"
+
+
 def cluster_group(data: Any) -> LocalModelNodeGroup:
     """A node group as a cluster takes it: :meth:`LocalModelNodeGroup.from_json`, and its folder
-    not a scratch folder either (:func:`cache_path_error` with ``cluster``). Raises SpecError."""
+    not a scratch folder either (:func:`cache_path_error` with ``cluster``). Raises SpecError. A
+    group without a folder is taken (its nodes still hold models; only serving volumes need the
+    folder): the group webhook and the CRD refuse it, the controller says so on its caches."""
     group = LocalModelNodeGroup.from_json(data)
     source, path = group.spec.volume_source, group.spec.cache_path
     if source is not None and (why := cache_path_error(path, cluster=True)) is not None:

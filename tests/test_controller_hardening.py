@@ -466,8 +466,6 @@ def test_the_plan_skips_invalid_serving_namespaces() -> None:
             {"nfs": {"server": "evil", "path": "/"}},
             "spec.persistentVolumeSpec.nfs: nfs: only a hostPath or local",
         ),
-        ({}, "spec.persistentVolumeSpec: names no cache folder"),
-        ({"hostPath": {}}, "spec.persistentVolumeSpec.hostPath.path: is required"),
         ({"hostPath": {"path": "/var/log/x"}}, "'/var/log/x' is (or is under) a system folder"),
         ({"hostPath": {"path": "/tmp/x"}}, "'/tmp/x' is (or is under) a system folder"),
     ],
@@ -499,3 +497,33 @@ async def test_a_stored_invalid_group_is_named_invalid_in_the_status(
     status = (await st.get(LOCAL_MODEL_CACHE, "m"))["status"]
     (admitted,) = [c for c in status["conditions"] if c["type"] == "Admitted"]
     assert admitted["status"] == "True", admitted
+
+
+@pytest.mark.parametrize("pv", [{}, {"hostPath": {}}, {"local": {}}])
+async def test_a_group_without_a_folder_is_refused_and_its_caches_say_so(
+    https: tuple[ClusterState, Client, Path], pv: dict[str, object]
+) -> None:
+    """The attack: {} and hostPath: {} were admitted and silently made no serving volume."""
+    verdict = validate_group("CREATE", group_at(pv), None)
+    assert verdict.allowed is False and verdict.code == 422
+    assert (
+        verdict.message.startswith("spec.persistentVolumeSpec") and "names no cache folder" in verdict.message
+    )
+    st, _, _ = https
+    stored = group_at(pv)
+    stored["metadata"] = {"name": "a100"}
+    affinity = base.group("a100", "1Gi")["spec"]["persistentVolumeSpec"]["nodeAffinity"]
+    stored["spec"]["persistentVolumeSpec"] = {**pv, "nodeAffinity": affinity}  # stored past admission
+    await st.create(LOCAL_MODEL_NODE_GROUP, stored)
+    await st.create(NODE, base.node("a1", "a100"))
+    m = cache("m", "1Gi", ["a100"])
+    m["metadata"]["annotations"] = {SERVING_NAMESPACES_ANNOTATION: "team"}
+    await st.create(LOCAL_MODEL_CACHE, m)
+    await Controller(st).run(once=True)
+    status = (await st.get(LOCAL_MODEL_CACHE, "m"))["status"]
+    (served,) = [c for c in status["conditions"] if c["type"] == SERVING]
+    assert served["reason"] == "NoCacheFolder" and served["nodeGroup"] == "a100"
+    assert "no serving volume is made" in served["message"]
+    assert (await st.list(PERSISTENT_VOLUME_CLAIM, namespace="team")).items == []
+    events = (await st.list(EVENT, namespace="default")).items
+    assert any(e["reason"] == "NoCacheFolder" for e in events)
