@@ -7,15 +7,21 @@ members of G (the terms of G's PV ``nodeAffinity.required``, ANDed with any the 
 pod names its cache (KServe's ``internal.serving.kserve.io/localmodel`` label, or our
 ``modelcache.io/model`` annotation) each term also requires the node label
 ``modelcache.io/model.<storage key>=ready`` that the controller keeps on nodes holding that model
-downloaded, so the pod never starts on an empty or half-written copy. A pod that names a cache and
+downloaded, so the pod never starts on an empty or half-written copy. Every mount of a serving
+claim of ours is made read-only and whole (:func:`serving_mounts`). A pod that names a cache and
 no group goes to the cache's first group, as KServe does. Refused, with a message that says which:
 a group that does not exist, a cache that does not exist or does not list the group or was refused
-by it, and a model that no node of the group holds yet.
+by it, a model that no node of the group holds yet, and a mount of a serving claim with a
+``subPath`` or ``subPathExpr`` it cannot rewrite.
 
 LocalModelCaches. Refused at create or spec update: a bad ``sourceModelUri`` or any other invalid
-field, a node group that does not exist, a cache that no listed group can admit (the same admission
-the controller runs, with the caches already there), a second cache of the same URI. A group that
-admits it while another does not is a warning. Updates that leave the spec alone (finalizers,
+field, a ``file://`` source, an http(s) host that is the node or the cluster
+(:func:`localmodel.hosts.internal_host_error`), a ``modelcache.io/serving-namespaces`` entry that
+is not a namespace it may serve in (also on an update of that annotation alone), a serving claim
+name ``<cache>-<group>`` another cache already has, a node group that does not exist or is invalid, a
+cache that no listed group can admit (the same admission the controller runs, with the caches
+already there), a second cache of the same URI. A group that admits it while another does not is a
+warning. Updates that leave the spec alone (finalizers,
 labels, status) and deletions are always allowed, so the controller's own writes never bounce.
 """
 
@@ -24,18 +30,34 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-from controller.plan import ADMITTED, MODEL_ANNOTATION, MODEL_LABEL_VALUE, claim_name, model_label
+from controller.plan import (
+    ADMITTED,
+    MODEL_ANNOTATION,
+    MODEL_LABEL_VALUE,
+    NAME_COLLISION,
+    SERVING,
+    SERVING_NAMESPACES_ANNOTATION,
+    claim_name,
+    model_label,
+    serving_namespaces,
+)
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.hosts import internal_host_error
 from localmodel.placement import admit
 from localmodel.resources import (
+    CACHE_VOLUME_SOURCES,
     LOCALMODEL_LABEL,
+    NO_FOLDER,
     NODEGROUP_ANNOTATION,
     LocalModelCache,
     LocalModelNodeGroup,
     Node,
+    cluster_group,
 )
 from localmodel.uri import parse_uri
 
@@ -109,10 +131,13 @@ def place_pod(
     cache: LocalModelCache | None,
     group: LocalModelNodeGroup | None,
     ready_nodes: Iterable[Node] = (),
+    our_claims: AbstractSet[str] = frozenset(),
 ) -> Verdict:
     """The verdict on a pod at create. ``cache`` and ``group`` are the objects the pod's ask names
     (None: not found; the group is the cache's first when the pod names none); ``ready_nodes`` are
-    nodes whose labels mark the cache's model ready (others are ignored). A pod whose metadata,
+    nodes whose labels mark the cache's model ready (others are ignored); ``our_claims`` are the
+    serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`).
+    A pod whose metadata,
     labels, annotations or spec are not objects is refused naming the field."""
     if (shape := shape_error(pod)) is not None:
         return shape
@@ -153,6 +178,12 @@ def place_pod(
                     f"LocalModelCache {cache.name!r} is not admitted to node group {group_name!r}: "
                     + c.message
                 )
+            # Its claim name is another cache's: a pod would mount that cache's model.
+            if c.type == SERVING and c.node_group == group_name and c.reason == NAME_COLLISION:
+                return Verdict.refuse(
+                    f"LocalModelCache {cache.name!r} is not served from node group {group_name!r}: "
+                    + c.message
+                )
         key = cache.spec.storage_key
         label = model_label(key)
         selector = group.spec.node_selector
@@ -172,26 +203,41 @@ def place_pod(
         requirement = {"key": label, "operator": "In", "values": [MODEL_LABEL_VALUE]}
         terms = [_and_term(t, {"matchExpressions": [requirement]}) for t in terms]
     affinity = _with_required(pod, terms)
-    mounts = serving_mounts(pod, cache) if cache is not None else []
+    mounts, error = serving_mounts(pod, our_claims, cache)
+    if error is not None:
+        return Verdict.refuse(error, code=422)
     return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
 
 
-def serving_mounts(pod: Mapping[str, Any], cache: LocalModelCache) -> list[dict[str, Any]]:
-    """JSON Patch operations that make the pod's mounts of the cache's serving claims
-    (``<cache>-<group>``, any group it lists) fit the serving volume, which is the model's folder
-    itself: a ``subPath`` of ``models/<key>[/<rest>]`` (what KServe's pod mutator writes,
-    pkg/webhook/admission/pod/storage_initializer_injector.go:744-746 at v0.20) becomes ``<rest>``
-    (none for the folder itself), and every such mount and claim volume is read-only. Idempotent:
-    a mount already rewritten yields no operation, so a reinvocation changes nothing."""
-    claims = {claim_name(cache.name, g) for g in cache.spec.node_groups}
-    prefix = f"models/{cache.spec.storage_key}"
+def serving_mounts(
+    pod: Mapping[str, Any], ours: AbstractSet[str], cache: LocalModelCache | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """JSON Patch operations that make the pod's mounts of our serving claims (``ours``: the names of
+    the claims the controller made in the pod's namespace, with the ``cache``'s own ``<cache>-<group>``
+    for any group it lists) fit the serving volume, which is the model's folder itself, and an error
+    (naming the field) when one cannot be made to fit.
+
+    Every such claim volume and every mount of it is made read-only (a pod running as the agent's
+    UID could otherwise change the published files). A ``subPath`` of ``models/<key>`` of ``cache``
+    (what KServe's pod mutator writes, pkg/webhook/admission/pod/storage_initializer_injector.go:744-746
+    at v0.20) is removed: the volume's root is that folder. Any other ``subPath`` and any
+    ``subPathExpr`` on our claims is an error: the kubelet creates a missing subPath folder, as root,
+    inside the published model (a path below the model, ``models/<key>/<path>``, included: serve it
+    through a LocalModelCache of its own URI). Idempotent: a mount already rewritten yields no
+    operation, so a reinvocation changes nothing."""
+    claims = set(ours)
+    prefix = None
+    if cache is not None:
+        claims.update(claim_name(cache.name, g) for g in cache.spec.node_groups)
+        prefix = f"models/{cache.spec.storage_key}"
+    own = {claim_name(cache.name, g) for g in cache.spec.node_groups} if cache is not None else set()
     spec = pod.get("spec") or {}
-    ours: set[str] = set()
+    names: dict[str, str] = {}  # volume name -> claim
     ops: list[dict[str, Any]] = []
     for j, volume in enumerate(spec.get("volumes") or []):
         source = volume.get("persistentVolumeClaim") if isinstance(volume, Mapping) else None
         if isinstance(source, Mapping) and source.get("claimName") in claims:
-            ours.add(str(volume.get("name")))
+            names[str(volume.get("name"))] = str(source.get("claimName"))
             if source.get("readOnly") is not True:
                 ops.append(
                     {"op": "add", "path": f"/spec/volumes/{j}/persistentVolumeClaim/readOnly", "value": True}
@@ -201,17 +247,29 @@ def serving_mounts(pod: Mapping[str, Any], cache: LocalModelCache) -> list[dict[
             if not isinstance(container, Mapping):
                 continue
             for k, mount in enumerate(container.get("volumeMounts") or []):
-                if not isinstance(mount, Mapping) or mount.get("name") not in ours:
+                if not isinstance(mount, Mapping) or mount.get("name") not in names:
                     continue
+                claim = names[str(mount.get("name"))]
+                field = f"spec.{part}[{i}].volumeMounts[{k}]"
                 at = f"/spec/{part}/{i}/volumeMounts/{k}"
-                sub = str(mount.get("subPath") or "").strip("/")
-                if sub == prefix:
-                    ops.append({"op": "remove", "path": f"{at}/subPath"})
-                elif sub.startswith(prefix + "/"):
-                    ops.append({"op": "add", "path": f"{at}/subPath", "value": sub[len(prefix) + 1 :]})
+                if mount.get("subPathExpr"):
+                    return [], (
+                        f"{field}.subPathExpr: not allowed on the modelcache serving claim {claim!r} "
+                        "(the claim is the model's folder itself: mount it whole)"
+                    )
+                sub = mount.get("subPath")
+                if sub:
+                    if prefix is not None and claim in own and str(sub).strip("/") == prefix:
+                        ops.append({"op": "remove", "path": f"{at}/subPath"})
+                    else:
+                        return [], (
+                            f"{field}.subPath: {str(sub)[:300]!r} is not allowed on the modelcache serving "
+                            f"claim {claim!r}: the claim is the model's folder itself; mount it whole, "
+                            "without subPath (a folder below the model: cache its own URI)"
+                        )
                 if mount.get("readOnly") is not True:
                     ops.append({"op": "add", "path": f"{at}/readOnly", "value": True})
-    return ops
+    return ops, None
 
 
 def group_terms(group: LocalModelNodeGroup) -> list[dict[str, Any]]:
@@ -258,14 +316,23 @@ def validate_cache(
     *,
     caches: Iterable[LocalModelCache],
     groups: Iterable[LocalModelNodeGroup],
+    invalid_groups: Mapping[str, str] | None = None,
 ) -> Verdict:
+    """The verdict on a LocalModelCache (the module's rules); ``invalid_groups``: stored groups whose
+    spec is refused, name -> why (a cache listing one is told so)."""
     if operation not in ("CREATE", "UPDATE") or obj is None:
         return Verdict(True)
     if (shape := shape_error(obj)) is not None:
         return shape
     if obj["metadata"].get("deletionTimestamp"):
         return Verdict(True)
-    if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
+    annotation_changed = _annotation(obj) != _annotation(old)
+    if (
+        operation == "UPDATE"
+        and isinstance(old, Mapping)
+        and old.get("spec") == obj.get("spec")
+        and not annotation_changed
+    ):
         return Verdict(True)  # finalizers, labels, status: not ours to judge
     spec = obj.get("spec")
     try:
@@ -275,12 +342,22 @@ def validate_cache(
         cache = LocalModelCache.from_json(obj)
     except (InvalidInput, SpecError) as e:
         return Verdict.refuse(str(e), code=422)
+    bad_namespaces = serving_namespaces(cache)[1]
+    if bad_namespaces:
+        return Verdict.refuse("; ".join(bad_namespaces), code=422)
     if uri.scheme == "file":
         # In a cluster a file source would copy whatever folder of the node the agent can read into
         # a served model; standalone mode (the user's own machine) keeps them.
         return Verdict.refuse(
             "spec.sourceModelUri: file:// sources and paths on the node are not allowed in a cluster; "
             "use hf://, s3://, gs://, Azure Blob or http(s)://",
+            code=422,
+        )
+    host = urlsplit(uri.url).hostname if uri.scheme in ("http", "https") else None
+    if host is not None and (why := internal_host_error(host)) is not None:
+        return Verdict.refuse(
+            f"spec.sourceModelUri: host {why}: the agent fetches from the node's network, so a "
+            "cluster's source names a host outside the node and the cluster",
             code=422,
         )
     by_name = {g.name: g for g in groups}
@@ -290,6 +367,12 @@ def validate_cache(
             before = LocalModelCache.from_json(old).spec.node_groups
         except SpecError:
             before = ()
+    invalid = invalid_groups or {}
+    broken = [g for g in cache.spec.node_groups if g in invalid and g not in before]
+    if broken:
+        return Verdict.refuse(
+            f"node group {broken[0]!r} is invalid: {invalid[broken[0]]}; fix its spec first"
+        )
     missing = [g for g in cache.spec.node_groups if g not in by_name and g not in before]
     if missing:
         known = ", ".join(sorted(by_name)) or "none"
@@ -302,6 +385,16 @@ def validate_cache(
                 f"LocalModelCache {other.name!r} already caches {parse_uri(cache.spec.source_model_uri)}; "
                 "one URI is cached once (serve it through that cache)"
             )
+    theirs = {claim_name(o.name, g): (o.name, g) for o in others for g in o.spec.node_groups}
+    for g in cache.spec.node_groups:
+        name = claim_name(cache.name, g)
+        if name in theirs and g not in before:
+            owner, owner_group = theirs[name]
+            return Verdict.refuse(
+                f"spec.nodeGroups: the serving claim {name!r} (<cache>-<group>) of node group {g} is "
+                f"already that of LocalModelCache {owner!r} from node group {owner_group}; "
+                "rename the cache or the group"
+            )
     admission = admit([*others, cache], by_name.values())
     refusals = [r for r in admission.refused if r.cache == cache.name]
     existing = [g for g in cache.spec.node_groups if g in by_name]
@@ -310,6 +403,12 @@ def validate_cache(
             "no listed node group can admit it: " + "; ".join(r.message for r in refusals), code=403
         )
     return Verdict(True, warnings=tuple(r.message for r in refusals))
+
+
+def _annotation(obj: object) -> object:
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    return annotations.get(SERVING_NAMESPACES_ANNOTATION) if isinstance(annotations, Mapping) else None
 
 
 # -- LocalModelNodeGroups --------------------------------------------------------------------------
@@ -328,9 +427,13 @@ def validate_group(operation: str, obj: object, old: object) -> Verdict:
     if operation == "UPDATE" and isinstance(old, Mapping) and old.get("spec") == obj.get("spec"):
         return Verdict(True)  # status, labels, finalizers
     try:
-        LocalModelNodeGroup.from_json(obj)
+        group = cluster_group(obj)  # the parser's rules and, in a cluster, no scratch folder
     except SpecError as e:
         return Verdict.refuse(str(e), code=422)
+    if group.spec.cache_path is None:  # {} or hostPath: {}: no serving volume could be made
+        named = [s for s in CACHE_VOLUME_SOURCES if s in group.spec.persistent_volume_spec]
+        where = f"spec.persistentVolumeSpec.{named[0]}.path" if named else "spec.persistentVolumeSpec"
+        return Verdict.refuse(f"{where}: {NO_FOLDER}", code=422)
     return Verdict(True)
 
 

@@ -21,11 +21,15 @@ Rules the plan keeps:
   reconcile does not repeat them.
 - Serving (KServe's names): for each namespace that serves a cache from a group that admits it, a
   PersistentVolumeClaim ``<cache>-<group>`` in that namespace bound to a PersistentVolume
-  ``<cache>-<group>-<namespace>`` built from a fixed template: that model's folder only
-  (``<cache>/models/<key>``), ReadOnlyMany, reclaim policy Retain; no volume source is copied. A
-  namespace serves a cache when a pod there names it (KServe's localmodel label, our annotation) or
-  mounts that claim, when the cache's ``SERVING_NAMESPACES_ANNOTATION`` lists it, or once its claim
-  exists; both go when the cache, the group, or the cache's use of the group goes.
+  :func:`volume_name` (``<cache>-<group>-<namespace>`` where unambiguous) built from a fixed
+  template: that model's folder only (``<cache>/models/<key>``), ReadOnlyMany, reclaim policy
+  Retain; no volume source is copied. A namespace serves a cache when a pod there names it
+  (KServe's localmodel label, our annotation) or mounts that claim, when the cache's
+  ``SERVING_NAMESPACES_ANNOTATION`` lists it, or once its claim exists; both go when the cache,
+  the group, or the cache's use of the group goes. A claim name two caches share is the older's
+  (:func:`serving_owners`); namespaces that are not names or are Kubernetes' or modelcache's are
+  never served in (:func:`namespace_error`); both show as a ``SERVING`` condition on the cache and
+  a Warning Event.
 - Node labels: ``MODEL_LABEL_PREFIX + <storage key>`` = ``ready`` on each node whose LocalModelNode
   lists the model and reports it ModelDownloaded; removed otherwise. The scheduler reads it through
   the node affinity the pod webhook adds.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -45,12 +50,14 @@ from localmodel.placement import (
     Admission,
     Refusal,
     admit,
+    age_key,
     human,
 )
 from localmodel.quantity import Quantity
 from localmodel.resources import (
     FINALIZER,
     LOCALMODEL_LABEL,
+    NO_FOLDER,
     NODEGROUP_ANNOTATION,
     Condition,
     Copies,
@@ -85,6 +92,19 @@ VOLUME_SPEC_ANNOTATION = "modelcache.io/spec-digest"
 
 ADMITTED = "Admitted"
 READY = "Ready"
+# A cache condition, present only while something keeps it from being served (nodeGroup: which group's
+# claim; none: the whole cache): a claim name another cache has, one that is too long, an invalid
+# serving namespace in its annotation.
+SERVING = "Serving"
+NAME_COLLISION = "ServingNameCollision"
+NAME_TOO_LONG = "ServingNameTooLong"
+INVALID_NAMESPACE = "InvalidServingNamespace"
+NO_CACHE_FOLDER = "NoCacheFolder"
+# Namespaces the controller never serves in: Kubernetes' own and modelcache's.
+RESERVED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
+RESERVED_NAMESPACE_PREFIX = "modelcache-"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+MAX_NAME = 253  # a PV's or PVC's name: a DNS subdomain (RFC 1123)
 DEFAULT_MAX_CONCURRENT_DOWNLOADS = 8
 
 _MODEL_TO_NODE = {
@@ -120,6 +140,7 @@ class VolumeRef:
     namespace: str
     deleting: bool = False
     digest: str | None = None  # of the spec it was made with (None: made by an older version)
+    volume: str | None = None  # a claim's spec.volumeName (None: a PV, or not bound by name)
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,9 @@ class Snapshot:
     claims: Mapping[tuple[str, str], VolumeRef] = field(default_factory=dict)  # (namespace, name) ->
     # cache -> the InferenceServices that use it (KServe's status.inferenceServices), sorted
     inference_services: Mapping[str, tuple[InferenceServiceRef, ...]] = field(default_factory=dict)
+    # stored groups whose spec is refused (KServe's CRDs have no rules), name -> why: left out of
+    # ``groups``, and a cache that lists one is told so
+    invalid_groups: Mapping[str, str] = field(default_factory=dict)
 
 
 def listing(lmns: Iterable[LocalModelNode]) -> dict[str, set[str]]:
@@ -167,14 +191,18 @@ class Layout:
 
 
 def layout(
-    caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGroup], nodes: Iterable[Node]
+    caches: Iterable[LocalModelCache],
+    groups: Iterable[LocalModelNodeGroup],
+    nodes: Iterable[Node],
+    invalid_groups: Mapping[str, str] | None = None,
 ) -> Layout:
     """What :func:`localmodel.placement.place_node` gives for every node, computed per group and per
-    combination of groups instead of per node: 5,000 nodes share a handful of combinations."""
+    combination of groups instead of per node: 5,000 nodes share a handful of combinations.
+    ``invalid_groups``: stored groups whose spec is refused, name -> why (they hold nothing)."""
     caches = list(caches)
     groups = sorted(groups, key=lambda g: g.name)
     nodes = list(nodes)
-    admission = admit(caches, groups)
+    admission = admit(caches, groups, invalid_groups)
     by_name = {c.name: c for c in caches}
     members: dict[str, list[str]] = {g.name: [] for g in groups}
     node_groups: dict[str, tuple[str, ...]] = {}
@@ -316,7 +344,9 @@ def plan(
     placed: Layout | None = None,
     scope: Scope | None = None,
 ) -> Plan:
-    placed = placed or layout(snapshot.caches.values(), snapshot.groups.values(), snapshot.nodes.values())
+    placed = placed or layout(
+        snapshot.caches.values(), snapshot.groups.values(), snapshot.nodes.values(), snapshot.invalid_groups
+    )
     lmns = snapshot.local_model_nodes
     listed_now = snapshot.listed if snapshot.listed is not None else listing(lmns.values())
     nobody: frozenset[str] = frozenset()
@@ -366,6 +396,7 @@ def plan(
     finalizers: list[FinalizerWrite] = []
     events: list[Event] = []
     node_status: dict[str, Mapping[str, NodeState]] = {}
+    problems = serving_problems(snapshot.caches, snapshot.groups)
     for c in sorted(cache_scope):
         cache = snapshot.caches.get(c)
         if cache is None:
@@ -391,7 +422,7 @@ def plan(
             finalizers.append(FinalizerWrite(c, add=True))
         states = _node_states(snapshot, placed, cache, listed_next.get(c, set()))
         node_status[c] = states
-        write, evs = _cache_status(snapshot, placed, cache, states, options.now)
+        write, evs = _cache_status(snapshot, placed, cache, states, options.now, problems.get(c, ()))
         if write is not None:
             statuses.append(write)
         events.extend(evs)
@@ -498,6 +529,7 @@ def _cache_status(
     cache: LocalModelCache,
     states: Mapping[str, NodeState],
     now: str,
+    problems: Iterable[ServingProblem] = (),
 ) -> tuple[StatusWrite | None, list[Event]]:
     old = cache.status
     available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
@@ -509,7 +541,7 @@ def _cache_status(
     events: list[Event] = []
     old_conditions = {(c.type, c.node_group): c for c in old.conditions}
 
-    def condition(ctype: str, group: str, ok: bool, reason: str, message: str) -> Condition:
+    def condition(ctype: str, group: str | None, ok: bool, reason: str, message: str) -> Condition:
         status = "True" if ok else "False"
         before = old_conditions.get((ctype, group))
         since = before.last_transition_time if before is not None and before.status == status else None
@@ -570,6 +602,17 @@ def _cache_status(
             event("Warning", "CopyFailed", f"copy on node {n} failed{_error_detail(snapshot, n, cache)}")
     if total and available == total and not (old.copies.total and old.copies.available == old.copies.total):
         event("Normal", "AllCopiesReady", f"all {total} node(s) hold the model")
+
+    for problem in problems:
+        served = condition(SERVING, problem.group, False, problem.reason, problem.message)
+        before = old_conditions.get((SERVING, problem.group))
+        if before is None or (before.status, before.reason, before.message) != (
+            served.status,
+            served.reason,
+            served.message,
+        ):
+            event("Warning", problem.reason, problem.message)
+        conditions.append(served)
 
     refs = snapshot.inference_services.get(cache.name, ())
     new_json: dict[str, Any] = {
@@ -744,8 +787,127 @@ def claim_name(cache: str, group: str) -> str:
 
 
 def volume_name(cache: str, group: str, namespace: str) -> str:
-    """KServe's PV name behind that claim (PVs are cluster-wide: one per namespace)."""
-    return f"{cache}-{group}-{namespace}"
+    """The PV behind claim ``<cache>-<group>`` in ``namespace`` (PVs are cluster-wide: one per
+    namespace), unique for every (claim, namespace) and at most 253 characters: KServe's
+    ``<cache>-<group>-<namespace>`` when the namespace has no ``-`` and the name fits (then the last
+    ``-`` separates the namespace, so no two claims and namespaces share it), else
+    ``<cache>-<group>-<namespace>`` cut to fit, ``.`` and 10 hex digits of a SHA-256 of claim and
+    namespace (after its last ``.`` such a name has no ``-``, which a plain one always has: the two
+    forms never meet)."""
+    plain = f"{claim_name(cache, group)}-{namespace}"
+    if "-" not in namespace and len(plain) <= MAX_NAME:
+        return plain
+    digest = hashlib.sha256(f"{claim_name(cache, group)}/{namespace}".encode()).hexdigest()[:10]
+    return f"{plain[: MAX_NAME - 11].rstrip('-.')}.{digest}"
+
+
+@dataclass(frozen=True)
+class ServingProblem:
+    """Why a cache is not served from a group (``group``) or in a namespace (``group`` None)."""
+
+    cache: str
+    group: str | None
+    reason: str
+    message: str
+
+
+def serving_owners(
+    caches: Iterable[LocalModelCache],
+) -> tuple[dict[str, tuple[str, str]], list[ServingProblem]]:
+    """Claim name -> the (cache, group) it serves, and the pairs that get none. Claim names are
+    KServe's ``<cache>-<group>`` (KServe's InferenceService webhook mounts that name), so cache ``a-b``
+    in group ``c`` and cache ``a`` in group ``b-c`` would share ``a-b-c``: the older cache (creation
+    time, then name) keeps it, the other is not served from that group (``NAME_COLLISION``, naming
+    both). A name over 253 characters cannot be a claim's (``NAME_TOO_LONG``). Caches being deleted
+    hold their names until they are gone."""
+    owners: dict[str, tuple[str, str]] = {}
+    problems: list[ServingProblem] = []
+    for cache in sorted(caches, key=age_key):
+        for g in cache.spec.node_groups:
+            name = claim_name(cache.name, g)
+            if len(name) > MAX_NAME:
+                problems.append(
+                    ServingProblem(
+                        cache.name,
+                        g,
+                        NAME_TOO_LONG,
+                        f"its serving claim name {name[:60]!r}... is {len(name)} characters, over "
+                        f"{MAX_NAME}: shorten the cache's or node group {g}'s name",
+                    )
+                )
+            elif name in owners:
+                other, other_group = owners[name]
+                problems.append(
+                    ServingProblem(
+                        cache.name,
+                        g,
+                        NAME_COLLISION,
+                        f"its serving claim {name!r} (<cache>-<group>) from node group {g} is already "
+                        f"that of LocalModelCache {other!r} from node group {other_group}, which is older: "
+                        f"{cache.name!r} is not served from {g}; rename one of the caches or groups",
+                    )
+                )
+            else:
+                owners[name] = (cache.name, g)
+    return owners, problems
+
+
+def namespace_error(namespace: str) -> str | None:
+    """Why the controller does not serve in ``namespace`` (a namespace name: a DNS-1123 label of at
+    most 63 characters, not Kubernetes' own ``kube-system``, ``kube-public``, ``kube-node-lease``
+    nor modelcache's ``modelcache-*``), or None when it does."""
+    if not _DNS_LABEL.fullmatch(namespace):
+        return (
+            f"{namespace[:80]!r} is not a namespace name (lowercase letters, digits and '-', "
+            "at most 63, starting and ending with a letter or digit)"
+        )
+    if namespace in RESERVED_NAMESPACES or namespace.startswith(RESERVED_NAMESPACE_PREFIX):
+        return f"{namespace!r} is a namespace of Kubernetes or modelcache, never served in"
+    return None
+
+
+def serving_namespaces(cache: LocalModelCache) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The namespaces the cache's ``SERVING_NAMESPACES_ANNOTATION`` lists (comma-separated, spaces
+    around names ignored), and one message per entry that is not a namespace it may serve in (an
+    empty entry, as in ``a,,b``, included); an absent or empty annotation lists none."""
+    raw = cache.metadata.annotations.get(SERVING_NAMESPACES_ANNOTATION, "")
+    if not raw.strip():
+        return (), ()
+    good: list[str] = []
+    bad: list[str] = []
+    for i, entry in enumerate(x.strip() for x in raw.split(",")):
+        why = "an empty entry" if not entry else namespace_error(entry)
+        if why is None:
+            good.append(entry)
+        else:
+            bad.append(f"metadata.annotations[{SERVING_NAMESPACES_ANNOTATION}] entry {i + 1}: {why}")
+    return tuple(dict.fromkeys(good)), tuple(bad)
+
+
+def serving_problems(
+    caches: Mapping[str, LocalModelCache], groups: Mapping[str, LocalModelNodeGroup]
+) -> dict[str, list[ServingProblem]]:
+    """cache -> what keeps it from being served (:func:`serving_owners`, :func:`serving_namespaces`,
+    a group that names no folder: its nodes hold the model, but no serving volume can be made)."""
+    out: dict[str, list[ServingProblem]] = {}
+    for problem in serving_owners(caches.values())[1]:
+        out.setdefault(problem.cache, []).append(problem)
+    for cache in caches.values():
+        for g in cache.spec.node_groups:
+            group = groups.get(g)
+            if group is not None and group.spec.cache_path is None:
+                message = (
+                    f"node group {g} {NO_FOLDER}; its nodes hold the model, but no serving volume is made"
+                )
+                out.setdefault(cache.name, []).append(ServingProblem(cache.name, g, NO_CACHE_FOLDER, message))
+    for cache in caches.values():
+        bad = serving_namespaces(cache)[1]
+        if bad:
+            message = "; ".join(bad) + " (skipped; the others are served)"
+            out.setdefault(cache.name, []).append(
+                ServingProblem(cache.name, None, INVALID_NAMESPACE, message)
+            )
+    return out
 
 
 def serving_demands(
@@ -754,7 +916,7 @@ def serving_demands(
     """What pods ask to be served: a pod not finished that names a cache (KServe's localmodel label
     or our annotation; its group from ``serving.kserve.io/nodegroup``), or mounts a claim named
     ``<cache>-<group>`` of a cache that lists that group."""
-    by_claim = {claim_name(c.name, g): (c.name, g) for c in caches.values() for g in c.spec.node_groups}
+    by_claim = serving_owners(caches.values())[0]
     out: set[ServingDemand] = set()
     for pod in pods:
         if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
@@ -801,6 +963,7 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     """Create the serving PV and PVC of every (cache, group, namespace) that is served and whose
     group admits the cache; delete the controller's others (claims first)."""
     wanted: dict[tuple[str, str, str], None] = {}
+    owners = serving_owners(snapshot.caches.values())[0]
 
     def want(cache_name: str, group: str | None, namespace: str) -> None:
         cache = snapshot.caches.get(cache_name)
@@ -808,6 +971,8 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
             return
         if group is None:
             group = cache.spec.node_groups[0]
+        if owners.get(claim_name(cache_name, group)) != (cache_name, group) or namespace_error(namespace):
+            return  # a name another cache holds, or a namespace never served in
         folder = snapshot.groups.get(group)
         if folder is None or folder.spec.cache_path is None:
             return  # no folder on the node to serve from
@@ -820,11 +985,9 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
         if not ref.deleting:  # once made, kept while the cache is admitted to that group
             want(ref.cache, ref.group, ref.namespace)
     for cache in snapshot.caches.values():
-        raw = cache.metadata.annotations.get(SERVING_NAMESPACES_ANNOTATION, "")
-        for ns in (x.strip() for x in raw.split(",")):
-            if ns:
-                for g in cache.spec.node_groups:
-                    want(cache.name, g, ns)
+        for ns in serving_namespaces(cache)[0]:
+            for g in cache.spec.node_groups:
+                want(cache.name, g, ns)
 
     out: list[VolumeWrite] = []
     wanted_claims = {(ns, claim_name(c, g)) for c, g, ns in wanted}
@@ -844,7 +1007,9 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
         pvc = snapshot.claims.get((ns, claim_name(c, g)))
         # A pair without a digest predates the fixed template (the group's whole folder, as KServe
         # makes it): made again too.
-        if any(ref is not None and ref.digest != digests[g] for ref in (pv, pvc)):
+        # A claim bound to a volume of another name (made before PV names were unique) too.
+        stale_claim = pvc is not None and pvc.volume is not None and pvc.volume != volume_name(c, g, ns)
+        if stale_claim or any(ref is not None and ref.digest != digests[g] for ref in (pv, pvc)):
             if pvc is not None and not pvc.deleting:
                 out.append(VolumeWrite("PersistentVolumeClaim", "delete", claim_name(c, g), ns))
             if pv is not None and not pv.deleting:
@@ -993,10 +1158,12 @@ def volume_ref(obj: Mapping[str, Any]) -> VolumeRef | None:
     if not (isinstance(cache, str) and isinstance(group, str) and isinstance(ns, str)):
         return None
     digest = a.get(VOLUME_SPEC_ANNOTATION)
+    volume = (obj.get("spec") or {}).get("volumeName")  # claims only (list items carry no kind)
     return VolumeRef(
         cache,
         group,
         ns,
         deleting=bool(meta.get("deletionTimestamp")),
         digest=digest if isinstance(digest, str) else None,
+        volume=volume if isinstance(volume, str) and volume else None,
     )

@@ -66,6 +66,7 @@ from localmodel.resources import (
     Node,
     NodeState,
     ObjectMeta,
+    cluster_group,
 )
 from localmodel.state.base import (
     EVENT,
@@ -148,6 +149,7 @@ class _View:
     volumes: dict[str, VolumeRef] = field(default_factory=dict)  # the PVs we made, by name
     claims: dict[tuple[str, str], VolumeRef] = field(default_factory=dict)  # our PVCs, (namespace, name)
     isvcs: dict[tuple[str, str], JSON] = field(default_factory=dict)  # (namespace, name) -> object
+    invalid_groups: dict[str, str] = field(default_factory=dict)  # stored, spec refused: name -> why
     isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
 
 
@@ -217,8 +219,7 @@ class Controller:
                     self._view.caches, name, None if deleted else LocalModelCache.from_json(obj)
                 )
             elif kind is LOCAL_MODEL_NODE_GROUP:
-                group = None if deleted else LocalModelNodeGroup.from_json(obj)
-                self._observe_spec(self._view.groups, name, group)
+                self._observe_group(name, None if deleted else obj)
             elif kind is NODE:
                 self._observe_node(name, None if deleted else obj)
             elif kind is LOCAL_MODEL_NODE:
@@ -235,6 +236,25 @@ class Controller:
         except SpecError as e:
             # One bad object must not stop the controller for everyone else; it is left out.
             log.warning("ignoring %s %s: %s", kind.kind, name, e)
+
+    def _observe_group(self, name: str, obj: JSON | None) -> None:
+        """A group whose spec is refused (stored past admission: KServe's CRDs have no rules) holds
+        nothing, and the caches that list it say why (not that it does not exist)."""
+        group, why = None, None
+        if obj is not None:
+            try:
+                group = cluster_group(obj)
+            except SpecError as e:
+                group, why = None, str(e)
+                log.warning("ignoring LocalModelNodeGroup %s: %s", name, e)
+        invalid = self._view.invalid_groups
+        if invalid.get(name) != why:
+            if why is None:
+                invalid.pop(name, None)
+            else:
+                invalid[name] = why
+            self._invalidate()
+        self._observe_spec(self._view.groups, name, group)
 
     def _observe_lmn(self, name: str, new: LocalModelNode | None) -> None:
         old = self._view.lmns.get(name)
@@ -471,7 +491,9 @@ class Controller:
         self._dirty_labels = set()
         self._volumes_dirty = False
         if self._layout is None:
-            self._layout = layout(view.caches.values(), view.groups.values(), view.nodes.values())
+            self._layout = layout(
+                view.caches.values(), view.groups.values(), view.nodes.values(), view.invalid_groups
+            )
         if self._in_use is None:
             if full:  # claim names and paths depend on caches and groups: recompute from the pods
                 self._in_use = models_in_use(view.pods.values(), view.caches.values(), view.groups.values())
@@ -512,6 +534,7 @@ class Controller:
             volumes=view.volumes,
             claims=view.claims,
             inference_services=self._isvc_refs,
+            invalid_groups=view.invalid_groups,
         )
         options = Options(self.settings.max_concurrent_downloads, self.settings.clock())
         result = plan(snapshot, options, placed=self._layout, scope=scope)

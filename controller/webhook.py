@@ -3,7 +3,8 @@
 Served by every replica of the controller, leader or not (the API server calls whichever the
 Service picks), so each request reads what it needs from the cluster state itself rather than from
 the leader's view: for a pod, its cache and group (two GETs) and the nodes labelled ready for that
-model (one list by label selector); for a cache, the caches and groups. Certificates come from a
+model (one list by label selector) and the controller's serving claims in its namespace (one list by
+label selector); for a cache, the caches and groups. Certificates come from a
 folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
 reloaded when they change, so a renewed certificate needs no restart.
 
@@ -11,11 +12,13 @@ Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches``,
 ``POST /validate/localmodelnodegroups``, ``GET /healthz``.
 
 Bounds (with ``failurePolicy: Fail`` a few slow clients must not hold the endpoint): a connection
-must send a request's headers within ``Limits.header_timeout`` of opening or of its previous response (the
-same timer closes an idle keep-alive connection), the body within ``Limits.body_timeout``, at most
-``Limits.max_body`` bytes of it, and serves at most ``Limits.max_requests`` requests. A body that is
-not JSON, or nested too deep to parse, is a 400; an object of the wrong shape is an AdmissionReview
-answer ``allowed: false`` naming the field, never a 500.
+must end its TLS handshake within ``Limits.handshake_timeout`` of opening, send a request's headers
+within ``Limits.header_timeout`` of the handshake or of its previous response (the same timer closes
+an idle keep-alive connection), the body within ``Limits.body_timeout``, at most ``Limits.max_body``
+bytes of it (a larger ``Content-Length`` is a 413 at once), and serves at most
+``Limits.max_requests`` requests. A body that is not JSON, or nested too deep to parse, is a 400;
+an object of the wrong shape is an AdmissionReview answer ``allowed: false`` naming the field,
+never a 500.
 """
 
 from __future__ import annotations
@@ -42,15 +45,16 @@ from controller.admission import (
     validate_cache,
     validate_group,
 )
-from controller.plan import MODEL_LABEL_VALUE, model_label
+from controller.plan import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_VALUE, model_label
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
-from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
+from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node, cluster_group
 from localmodel.state.base import (
     JSON,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
+    PERSISTENT_VOLUME_CLAIM,
     ClusterState,
     Selector,
 )
@@ -70,10 +74,12 @@ class Limits:
     """What one connection may take. The API server's own call gives up after the webhook's
     timeoutSeconds (5 s in webhook.yaml), so a request slower than the timeouts is not its.
 
-    header_timeout: seconds from a connection's opening, or its previous response, to a request's
+    handshake_timeout: seconds from a connection's opening to the end of its TLS handshake;
+    header_timeout: seconds from the handshake, or the connection's previous response, to a request's
     whole headers (also the idle keep-alive limit); body_timeout: seconds to read the body;
     max_body: bytes (413 above); max_requests: per connection, then it is closed."""
 
+    handshake_timeout: float = 10.0
     header_timeout: float = 10.0
     body_timeout: float = 10.0
     max_body: int = MAX_BODY
@@ -124,22 +130,36 @@ class Webhook:
             label = model_label(cache.spec.storage_key)
             nodes = await self.state.list(NODE, selector=Selector(labels={label: MODEL_LABEL_VALUE}))
             ready = [Node.from_json(n) for n in nodes.items]
-        return place_pod(pod, cache=cache, group=group, ready_nodes=ready)
+        # The controller's serving claims in the pod's namespace: every mount of one is made read-only
+        # (or refused), whichever cache the pod names.
+        ns = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        claims = await self.state.list(
+            PERSISTENT_VOLUME_CLAIM,
+            namespace=str(ns) if ns else "default",
+            selector=Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
+        )
+        ours = frozenset(str((c.get("metadata") or {}).get("name")) for c in claims.items)
+        return place_pod(pod, cache=cache, group=group, ready_nodes=ready, our_claims=ours)
 
     async def review_cache(self, request: JSON) -> Verdict:
         operation = str(request.get("operation") or "")
         if operation not in ("CREATE", "UPDATE"):
             return Verdict(True)
         caches = [_typed(LocalModelCache, o) for o in (await self.state.list(LOCAL_MODEL_CACHE)).items]
-        groups = [
-            _typed(LocalModelNodeGroup, o) for o in (await self.state.list(LOCAL_MODEL_NODE_GROUP)).items
-        ]
+        groups: list[LocalModelNodeGroup] = []
+        invalid: dict[str, str] = {}
+        for o in (await self.state.list(LOCAL_MODEL_NODE_GROUP)).items:
+            try:
+                groups.append(cluster_group(o))
+            except SpecError as e:
+                invalid[str((o.get("metadata") or {}).get("name"))] = str(e)
         return validate_cache(
             operation,
             request.get("object"),
             request.get("oldObject"),
             caches=[c for c in caches if c is not None],
-            groups=[g for g in groups if g is not None],
+            groups=groups,
+            invalid_groups=invalid,
         )
 
     async def review_group(self, request: JSON) -> Verdict:
@@ -179,6 +199,14 @@ class Webhook:
             return response
 
         async def answer(request: web.Request) -> web.Response:
+            if request.content_length is not None and request.content_length > limits.max_body:
+                # Refused on the header: waiting for a body that will be refused anyway would hold
+                # the connection until body_timeout.
+                response = web.json_response(
+                    {"error": f"the body is over {limits.max_body} bytes"}, status=413
+                )
+                response.force_close()
+                return response
             try:
                 async with asyncio.timeout(limits.body_timeout):
                     raw = await request.read()
@@ -273,6 +301,7 @@ class WebhookServer:
         self.webhook = Webhook(state)
         self.reload_every = reload_every
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._reloader: asyncio.Task[None] | None = None
         self._stamp = self._cert_stamp()
 
@@ -283,11 +312,19 @@ class WebhookServer:
             self.webhook.app(self.limits), access_log=None, keepalive_timeout=self.limits.header_timeout
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context)
-        await site.start()
-        addresses = self._runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
+        assert self._runner.server is not None
+        # Served by asyncio directly, not aiohttp's TCPSite, for ssl_handshake_timeout: the keep-alive
+        # timer starts only once the handshake is done, so a client that never sends a ClientHello
+        # would otherwise hold the connection for asyncio's default 60 s.
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server,
+            self.host,
+            self.port,
+            ssl=self.context,
+            ssl_handshake_timeout=self.limits.handshake_timeout,
+        )
+        if self._server.sockets:
+            self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("webhooks listening on https://%s:%d", self.host, self.port)
         self._reloader = asyncio.create_task(self._reload_loop())
 
@@ -296,6 +333,8 @@ class WebhookServer:
             self._reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reloader
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
 

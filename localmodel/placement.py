@@ -21,13 +21,14 @@ from localmodel.resources import LocalModelCache, LocalModelInfo, LocalModelNode
 
 INSUFFICIENT_STORAGE = "InsufficientStorage"
 NODE_GROUP_NOT_FOUND = "NodeGroupNotFound"
+NODE_GROUP_INVALID = "NodeGroupInvalid"
 
 
 @dataclass(frozen=True)
 class Refusal:
     cache: str
     group: str
-    reason: str  # InsufficientStorage | NodeGroupNotFound
+    reason: str  # InsufficientStorage | NodeGroupNotFound | NodeGroupInvalid
     message: str  # InsufficientStorage: the bytes needed and the group's free bytes and limit
     source_model_uri: str = ""
 
@@ -57,22 +58,42 @@ def human(n: int) -> str:
     return format_quantity(n, "BinarySI")
 
 
-def _age_key(cache: LocalModelCache) -> tuple[str, str]:
+def age_key(cache: LocalModelCache) -> tuple[str, str]:
+    """Oldest first: creation time, then name (what admission and serving names go by)."""
     # RFC 3339 timestamps in UTC sort as strings; objects without one (not yet stored) go last.
     return (cache.metadata.creation_timestamp or "9999", cache.name)
 
 
-def admit(caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGroup]) -> Admission:
+def admit(
+    caches: Iterable[LocalModelCache],
+    groups: Iterable[LocalModelNodeGroup],
+    invalid: Mapping[str, str] | None = None,
+) -> Admission:
+    """Which caches each group admits (the module's rule). ``invalid``: group name -> why, for groups
+    that exist but whose spec is refused (stored past admission): a cache listing one is refused
+    naming the reason, not told the group does not exist."""
+    invalid = invalid or {}
     by_name = {g.name: g for g in groups}
     used = dict.fromkeys(by_name, 0)
     admitted: dict[str, list[str]] = {g: [] for g in by_name}
     refused: list[Refusal] = []
-    for cache in sorted(caches, key=_age_key):
+    for cache in sorted(caches, key=age_key):
         if cache.metadata.deletion_timestamp:
             continue  # a cache being deleted holds no capacity and gets no new copies
         size = cache.spec.model_size.bytes
         for group_name in cache.spec.node_groups:
             group = by_name.get(group_name)
+            if group is None and group_name in invalid:
+                refused.append(
+                    Refusal(
+                        cache.name,
+                        group_name,
+                        NODE_GROUP_INVALID,
+                        f"node group {group_name!r} is invalid and ignored: {invalid[group_name]}; "
+                        "fix its spec",
+                    )
+                )
+                continue
             if group is None:
                 refused.append(
                     Refusal(

@@ -446,53 +446,119 @@ PV_SPEC_FIELDS = frozenset(
     }
 )
 # Folders of the node's system a cache folder may not be, nor be under: the node's configuration,
-# kernel interfaces, binaries and libraries, runtime sockets, root's home, and the kubelet's and the
-# container runtimes' state (hostPath on them is a node takeover). /lib* also covers lib32, lib64,
-# libx32. The CRD's CEL rule (manifests/crds/localmodelnodegroups.yaml) carries the same list; a test
-# keeps them equal.
+# kernel interfaces, binaries and libraries, runtime sockets, root's home, logs, world-writable
+# scratch, and the kubelet's, the container runtimes', the network plugins' and the distributions'
+# state (hostPath on them is a node takeover). /lib* also covers lib32, lib64, libx32.
+# The one list: the CRD's CEL rules (manifests/crds/localmodelnodegroups.yaml, from
+# :func:`cache_path_cel`), the controller's serving-volume policy (manifests/controller/
+# admission-policy.yaml, :func:`system_folder_cel`) and the agent's init container
+# (manifests/agent/daemonset.yaml, :func:`system_folder_case`) are generated from it; tests keep
+# them equal and run each against :func:`cache_path_error`.
 SYSTEM_FOLDERS = (
     "/bin",
     "/boot",
     "/dev",
     "/etc",
+    "/opt/cni",
     "/proc",
     "/root",
     "/run",
     "/sbin",
+    "/snap",
     "/sys",
     "/usr",
+    "/var/lib/calico",
+    "/var/lib/cilium",
+    "/var/lib/cni",
     "/var/lib/containerd",
+    "/var/lib/containers",
+    "/var/lib/crio",
     "/var/lib/docker",
     "/var/lib/etcd",
+    "/var/lib/k0s",
     "/var/lib/kubelet",
+    "/var/lib/rancher",
+    "/var/log",
     "/var/run",
+    "/var/snap",
 )
-# Ancestors of system folders: a cache there would sit beside the node's own state.
-SYSTEM_PARENTS = ("/", "/var", "/var/lib")
+# World-writable scratch (anyone on the node may plant a link there first): refused as a cache
+# folder, and everything under them, in a cluster (the CRD, the group webhook, the agent's init
+# container). Standalone mode, the user's own machine, may use them (the quickstart does).
+SCRATCH_FOLDERS = ("/tmp", "/var/tmp")  # noqa: S108 (folders refused, not used)
+# Folders that are refused as a whole, while a folder of its own below them is fine
+# (/mnt/disks/ssd0, /srv/modelcache, /var/lib/modelcache): ancestors of system folders and the
+# places other software and users share (a cache there would take over their files).
+SYSTEM_PARENTS = ("/", "/home", "/media", "/mnt", "/opt", "/srv", "/var", "/var/lib")
+# A path may hold no C0 control character nor DEL (a newline splits log lines and shell words; a
+# NUL cuts the path the kernel sees).
+_CONTROL_CHARS = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+_SYSTEM_MESSAGE = "is (or is under) a system folder: give a folder of its own, e.g. /var/lib/modelcache"
+_PARENT_MESSAGE = "is a shared system folder: give a folder of its own below it, e.g. /var/lib/modelcache"
 
 
-def cache_path_error(path: object) -> str | None:
+def cache_path_error(path: object, *, cluster: bool = True) -> str | None:
     """Why ``path`` cannot be a node's cache folder, or None when it can.
 
-    Rules: a string, absolute, normalised (no empty, ``.`` or ``..`` segment, no trailing ``/``), at
-    most 4096 bytes (PATH_MAX), not ``/``, ``/var`` or ``/var/lib``, not a system folder
-    (:data:`SYSTEM_FOLDERS`, ``/lib*``) nor anything under one.
+    Rules: a string, absolute, no control character, normalised (no empty, ``.`` or ``..`` segment,
+    no trailing ``/``), at most 4096 bytes (PATH_MAX), not one of :data:`SYSTEM_PARENTS` itself, not
+    a system folder (:data:`SYSTEM_FOLDERS`, ``/lib*``, and in a ``cluster`` :data:`SCRATCH_FOLDERS`)
+    nor anything under one.
     """
     if not isinstance(path, str) or not path.startswith("/"):
         return f"expected an absolute path, got {path!r}"
     if len(path.encode()) > 4096:
         return "is longer than 4096 bytes"
+    if any(c in _CONTROL_CHARS for c in path):
+        return f"{path!r} holds a control character"
     if path in SYSTEM_PARENTS:
-        return f"{path!r} is a system folder: give a folder of its own, e.g. /var/lib/modelcache"
+        return f"{path!r} {_PARENT_MESSAGE}"
     segments = path[1:].split("/")
     if any(s in ("", ".", "..") for s in segments):
         return f"{path!r} is not a normalised path (no '//', '.', '..' or trailing '/')"
     top = "/" + segments[0]
-    if top.startswith("/lib") or any(path == f or path.startswith(f + "/") for f in SYSTEM_FOLDERS):
-        return (
-            f"{path!r} is (or is under) a system folder: give a folder of its own, e.g. /var/lib/modelcache"
-        )
+    folders = SYSTEM_FOLDERS + SCRATCH_FOLDERS if cluster else SYSTEM_FOLDERS
+    if top.startswith("/lib") or any(path == f or path.startswith(f + "/") for f in folders):
+        return f"{path!r} {_SYSTEM_MESSAGE}"
     return None
+
+
+def _cel_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{f}'" for f in items) + "]"
+
+
+def system_folder_cel(path: str) -> str:
+    """A CEL expression, true when the string ``path`` (a CEL expression) is or is under a system
+    folder in a cluster (:data:`SYSTEM_FOLDERS`, :data:`SCRATCH_FOLDERS`, ``/lib*``)."""
+    folders = _cel_list(tuple(sorted(SYSTEM_FOLDERS + SCRATCH_FOLDERS)))
+    return (
+        f"{folders}.exists(f, {path} == f || {path}.startsWith(f + '/')) || {path}.matches('^/lib[^/]*(/|$)')"
+    )
+
+
+def cache_path_cel() -> list[dict[str, str]]:
+    """The CRD's ``x-kubernetes-validations`` on a node group's ``hostPath.path`` and ``local.path``:
+    together they refuse what :func:`cache_path_error` refuses (the length is the schema's
+    ``maxLength``)."""
+    return [
+        {"rule": "self.startsWith('/')", "message": "expected an absolute path"},
+        {"rule": "!self.matches('[\\x00-\\x1f\\x7f]')", "message": "holds a control character"},
+        {
+            "rule": "self == '/' || !(self.contains('//') || self.endsWith('/') || "
+            "self.matches('/[.][.]?(/|$)'))",
+            "message": "is not a normalised path (no '//', '.', '..' or trailing '/')",
+        },
+        {"rule": f"!({_cel_list(SYSTEM_PARENTS)}.exists(f, self == f))", "message": _PARENT_MESSAGE},
+        {"rule": f"!({system_folder_cel('self')})", "message": _SYSTEM_MESSAGE},
+    ]
+
+
+def system_folder_case() -> str:
+    """The ``case`` pattern of the agent's init container (POSIX sh) that matches a system folder,
+    anything under one, and the shared parents themselves: what :func:`cache_path_error` calls a
+    system folder."""
+    folders = sorted(SYSTEM_FOLDERS + SCRATCH_FOLDERS)
+    return "|".join([*SYSTEM_PARENTS, *(p for f in folders for p in (f, f + "/*")), "/lib*"])
 
 
 @dataclass(frozen=True)
@@ -520,7 +586,8 @@ class LocalModelNodeGroupSpec:
     @classmethod
     def from_json(cls, data: Any) -> LocalModelNodeGroupSpec:
         """Refused (SpecError naming the field): a volume source other than ``hostPath``/``local``
-        or both at once, a path that :func:`cache_path_error` refuses, and the usual shape errors."""
+        or both at once, a path that :func:`cache_path_error`
+        refuses, and the usual shape errors."""
         spec = _obj(data, "spec")
         if not spec:
             raise SpecError("is required", field="spec")
@@ -552,7 +619,8 @@ class LocalModelNodeGroupSpec:
             raise SpecError("give hostPath or local, not both", field="spec.persistentVolumeSpec")
         for source in named:
             path = _obj(pv.get(source), f"spec.persistentVolumeSpec.{source}").get("path")
-            if path is not None and (why := cache_path_error(path)) is not None:
+            # Scratch folders are the cluster's to refuse (CRD, webhook): standalone mode may use them.
+            if path is not None and (why := cache_path_error(path, cluster=False)) is not None:
                 raise SpecError(why, field=f"spec.persistentVolumeSpec.{source}.path")
         return cls(limit, pv, pvc, selector)
 
@@ -564,6 +632,21 @@ class LocalModelNodeGroupSpec:
                 "persistentVolumeClaimSpec": dict(self.persistent_volume_claim_spec) or None,
             }
         )
+
+
+NO_FOLDER = "names no cache folder: give hostPath.path or local.path (e.g. /var/lib/modelcache)"
+
+
+def cluster_group(data: Any) -> LocalModelNodeGroup:
+    """A node group as a cluster takes it: :meth:`LocalModelNodeGroup.from_json`, and its folder
+    not a scratch folder either (:func:`cache_path_error` with ``cluster``). Raises SpecError. A
+    group without a folder is taken (its nodes still hold models; only serving volumes need the
+    folder): the group webhook and the CRD refuse it, the controller says so on its caches."""
+    group = LocalModelNodeGroup.from_json(data)
+    source, path = group.spec.volume_source, group.spec.cache_path
+    if source is not None and (why := cache_path_error(path, cluster=True)) is not None:
+        raise SpecError(why, field=f"spec.persistentVolumeSpec.{source}.path")
+    return group
 
 
 @dataclass(frozen=True)

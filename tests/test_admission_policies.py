@@ -54,7 +54,9 @@ def policies() -> dict[str, dict[str, Any]]:
 
 # Kubernetes' CEL strings library (ext.Strings) functions the policies use that cel-python lacks.
 FUNCTIONS = {
-    "substring": lambda s, start: celtypes.StringType(s[int(start) :]),
+    "substring": lambda s, start, end=None: celtypes.StringType(
+        s[int(start) :] if end is None else s[int(start) : int(end)]
+    ),
 }
 
 
@@ -63,9 +65,19 @@ def _eval(expression: str, activation: dict[str, Any]) -> Any:
     return env.program(env.compile(expression), functions=FUNCTIONS).evaluate(activation)
 
 
-def admit(policy: dict[str, Any], request: dict[str, Any]) -> list[str]:
+def admit(
+    policy: dict[str, Any], request: dict[str, Any], params: list[dict[str, Any]] | None = None
+) -> list[str]:
     """The denial messages for ``request`` (an AdmissionRequest plus ``object``/``oldObject``);
-    [] when the policy does not apply or every validation holds."""
+    [] when the policy does not apply or every validation holds. A policy with a ``paramKind`` is
+    evaluated once per param (the objects its binding's paramRef selects, all of which must pass);
+    none (``parameterNotFoundAction: Allow``, as the bindings say): allowed."""
+    if "paramKind" in policy["spec"]:
+        return [d for param in params or [] for d in _admit(policy, request, param)]
+    return _admit(policy, request, None)
+
+
+def _admit(policy: dict[str, Any], request: dict[str, Any], param: dict[str, Any] | None) -> list[str]:
     spec = policy["spec"]
     resource = request["resource"]["resource"] + (
         f"/{request['subResource']}" if request["subResource"] else ""
@@ -82,6 +94,7 @@ def admit(policy: dict[str, Any], request: dict[str, Any]) -> list[str]:
         "request": celpy.json_to_cel(request),
         "object": celpy.json_to_cel(request.get("object")),
         "oldObject": celpy.json_to_cel(request.get("oldObject")),
+        "params": celpy.json_to_cel(param),
     }
     for condition in spec.get("matchConditions", []):
         if not bool(_eval(condition["expression"], activation)):
@@ -100,10 +113,13 @@ def admit(policy: dict[str, Any], request: dict[str, Any]) -> list[str]:
             ok = _eval(validation["expression"], activation)
         except celpy.CELEvalError:
             ok = None
+        message = validation.get("message")
+        if message is None:
+            message = str(_eval(validation["messageExpression"], activation))
         if ok is None or isinstance(ok, celpy.CELEvalError):
-            denied.append("error: " + validation["message"])  # denied too (failurePolicy: Fail)
+            denied.append("error: " + message)  # denied too (failurePolicy: Fail)
         elif not bool(ok):
-            denied.append(validation["message"])
+            denied.append(message)
     return denied
 
 
@@ -395,6 +411,38 @@ def pod_create(pod: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def our_claims() -> list[dict[str, Any]]:
+    """The params the binding selects in the pod's namespace: the controller's claims there."""
+    _, pvc = made()
+    other = copy.deepcopy(pvc)
+    other["metadata"]["name"] = "other-a100"
+    return [pvc, other]
+
+
+def test_the_binding_selects_our_claims_as_params() -> None:
+    out = subprocess.run(
+        [str(kubectl), "kustomize", str(ROOT / "manifests" / "base")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (binding,) = [
+        d
+        for d in yaml.safe_load_all(out)
+        if d and d["kind"] == "ValidatingAdmissionPolicyBinding" and d["spec"]["policyName"] == MOUNTS_POLICY
+    ]
+    assert binding["spec"]["paramRef"] == {
+        "selector": {"matchLabels": {"app.kubernetes.io/managed-by": "modelcache-controller"}},
+        "parameterNotFoundAction": "Allow",
+    }
+    assert policies()[MOUNTS_POLICY]["spec"]["paramKind"] == {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+    }
+    _, pvc = made()
+    assert pvc["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "modelcache-controller"}
+
+
 def test_a_legacy_subpath_mount_is_refused_and_the_webhook_s_rewrite_passes() -> None:
     import jsonpatch
 
@@ -404,28 +452,139 @@ def test_a_legacy_subpath_mount_is_refused_and_the_webhook_s_rewrite_passes() ->
     p = policies()[MOUNTS_POLICY]
     req = kserve_pod("m-a100")
     pod = req["object"]
-    denied = admit(p, pod_create(pod))
-    assert refused_for(denied, "mount it without that subPath"), denied
+    denied = admit(p, pod_create(pod), our_claims())
+    assert refused_for(denied, "mount it without subPath"), denied
     # What the pod webhook makes of it (KServe's label names the cache): allowed.
     c = LocalModelCache.from_json(cache_doc("m", "10Gi", ["a100"]))
-    rewritten = jsonpatch.apply_patch(pod, serving_mounts(pod, c))
-    assert admit(p, pod_create(rewritten)) == []
-    # The same subPath on an emptyDir, a claim mounted at its root, an init container: judged alike.
+    ops, error = serving_mounts(pod, frozenset(), c)
+    assert error is None
+    rewritten = jsonpatch.apply_patch(pod, ops)
+    assert admit(p, pod_create(rewritten), our_claims()) == []
+    # No claim of ours in the namespace: nothing to judge.
+    assert admit(p, pod_create(pod), []) == []
+    # The same subPath on an emptyDir: not ours.
     scratch = copy.deepcopy(pod)
     scratch["spec"]["volumes"][0] = {"name": "kserve-pvc-source", "emptyDir": {}}
-    assert admit(p, pod_create(scratch)) == []
-    init = copy.deepcopy(rewritten)
-    init["spec"]["initContainers"] = [
-        {
-            "name": "i",
-            "volumeMounts": [{"name": "kserve-pvc-source", "mountPath": "/m", "subPath": f"/models/{KEY}"}],
-        }
-    ]
-    assert refused_for(admit(p, pod_create(init)), "mount it without that subPath")
+    assert admit(p, pod_create(scratch), our_claims()) == []
     bare = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "p"},
         "spec": {"containers": [{"name": "c"}]},
     }
-    assert admit(p, pod_create(bare)) == []
+    assert admit(p, pod_create(bare), our_claims()) == []
+
+
+def mounting(claim: str, volume: dict[str, Any] | None = None, **mount: Any) -> dict[str, Any]:
+    """A pod that mounts ``claim`` read-only, whole, in one container, with ``mount``'s changes."""
+    source = {"claimName": claim, "readOnly": True, **(volume or {})}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "team"},
+        "spec": {
+            "volumes": [{"name": "model", "persistentVolumeClaim": source}],
+            "containers": [
+                {
+                    "name": "c",
+                    "volumeMounts": [{"name": "model", "mountPath": "/m", "readOnly": True, **mount}],
+                }
+            ],
+        },
+    }
+
+
+ATTACKS = [
+    # 2: a writable mount (the pod runs as the agent's UID 65532 and could chmod and rewrite files)
+    (mounting("m-a100", {"readOnly": False}), "is mounted read-only"),
+    (mounting("m-a100", {"readOnly": None}), "is mounted read-only"),
+    (mounting("m-a100", readOnly=False), "is mounted read-only"),
+    (mounting("m-a100", readOnly=None), "is mounted read-only"),
+    # 5: every way around the subPath rule
+    (mounting("m-a100", subPath=f"./models/{KEY}"), "mount it without subPath"),
+    (mounting("m-a100", subPath=f"models//{KEY}"), "mount it without subPath"),
+    (mounting("m-a100", subPath=f"models/./{KEY}"), "mount it without subPath"),
+    (mounting("m-a100", subPath="foo/bar"), "mount it without subPath"),
+    (mounting("m-a100", subPath="tokenizer"), "mount it without subPath"),
+    (mounting("m-a100", subPathExpr=f"models/{KEY}"), "without subPathExpr"),
+    (mounting("m-a100", subPathExpr="models/$(K)"), "without subPathExpr"),
+]
+
+
+@pytest.mark.parametrize(("pod", "message"), ATTACKS)
+def test_our_claims_are_mounted_read_only_and_whole(pod: dict[str, Any], message: str) -> None:
+    pod = copy.deepcopy(pod)
+    for m in pod["spec"]["containers"][0]["volumeMounts"]:
+        if m.get("readOnly") is None:
+            m.pop("readOnly", None)
+    source = pod["spec"]["volumes"][0]["persistentVolumeClaim"]
+    if source.get("readOnly") is None:
+        source.pop("readOnly")
+    p = policies()[MOUNTS_POLICY]
+    assert refused_for(admit(p, pod_create(pod), our_claims()), message)
+    # In an init container, and in an ephemeral container added later: judged alike.
+    init = copy.deepcopy(pod)
+    init["spec"]["initContainers"] = init["spec"].pop("containers")
+    init["spec"]["containers"] = [{"name": "c"}]
+    assert refused_for(admit(p, pod_create(init), our_claims()), message)
+    if "subPath" not in str(pod):  # the API server allows no subPath in an ephemeral container
+        debug = copy.deepcopy(pod)
+        debug["spec"]["ephemeralContainers"] = debug["spec"].pop("containers")
+        debug["spec"]["containers"] = [{"name": "c"}]
+        update = request(
+            "UPDATE",
+            "pods",
+            user="alice",
+            name="p",
+            namespace="team",
+            sub="ephemeralcontainers",
+            obj=debug,
+            old=pod,
+        )
+        assert refused_for(admit(p, update, our_claims()), message)
+    # The same mount of a claim that is not ours (no param names it): not judged.
+    assert admit(p, pod_create(pod), []) == []
+    other = copy.deepcopy(pod)
+    other["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "scratch"
+    assert admit(p, pod_create(other), our_claims()) == []
+
+
+def test_a_read_only_whole_mount_of_our_claim_passes() -> None:
+    p = policies()[MOUNTS_POLICY]
+    assert admit(p, pod_create(mounting("m-a100")), our_claims()) == []
+    assert admit(p, pod_create(mounting("m-a100", subPath="")), our_claims()) == []
+
+
+def test_the_volume_policy_s_system_folders_are_the_one_list() -> None:
+    from localmodel.resources import system_folder_cel
+
+    rules = [v["expression"] for v in policies()["modelcache-controller-volumes"]["spec"]["validations"]]
+    assert sum(system_folder_cel("variables.path") in r for r in rules) == 1
+    for folder in ("/var/lib/containers", "/opt/cni", "/var/log", "/tmp", "/var/snap", "/var/lib/rancher"):
+        pv, _ = made()
+        pv["spec"]["hostPath"]["path"] = f"{folder}/c/models/{KEY}"
+        assert refused_for(
+            admit(policies()["modelcache-controller-volumes"], pv_create(pv)), "under no system folder"
+        )
+
+
+def test_hashed_volume_names_pass_and_others_do_not() -> None:
+    """Where ``<claim>-<namespace>`` would be ambiguous (a namespace with '-') or too long, the PV's name
+    is its start and a hash (plan.volume_name): the controller's own pair passes, a name that is not
+    the claim's and namespace's does not."""
+    p = policies()[VOLUME_POLICY]
+    g = LocalModelNodeGroup.from_json(group_doc("a100", "100Gi"))
+    for name, ns in (("m", "team-a"), ("c" * 245, "team")):
+        doc = cache_doc(name, "10Gi", ["a100"])
+        doc["spec"]["sourceModelUri"] = "hf://org/m"
+        c = LocalModelCache.from_json(doc)
+        pv, pvc = volume_body(c, g, ns), claim_body(c, g, ns)
+        assert pv["metadata"]["name"] != f"{pvc['metadata']['name']}-{ns}"
+        assert admit(p, pv_create(pv)) == [] and admit(p, pvc_create(pvc)) == []
+        for bad in ("zz" + pv["metadata"]["name"][2:], pv["metadata"]["name"][:-1] + "x"):
+            wrong = copy.deepcopy(pvc)
+            wrong["spec"]["volumeName"] = bad
+            assert refused_for(admit(p, pvc_create(wrong)), "bound to the volume <claim>-<namespace>"), bad
+            moved = copy.deepcopy(pv)
+            moved["metadata"]["name"] = bad
+            assert refused_for(admit(p, pv_create(moved)), "pre-bound to its claim"), bad

@@ -66,7 +66,7 @@ def group_request(operation: str, obj: Any, old: Any = None) -> dict[str, Any]:
 def kserve_pod(claim: str) -> dict[str, Any]:
     """A predictor pod as KServe's pod mutator leaves it for a cached model: the claim mounted at
     /mnt/models with ``subPath: models/<key>`` (pkg/webhook/admission/pod/storage_initializer_injector.go
-    :744-746 and :551 at v0.20), read-only by default (:258-266), plus a mount of a folder below."""
+    :744-746 and :551 at v0.20), read-only by default (:258-266)."""
     req = pod_request(
         "isvc-0",
         labels={"internal.serving.kserve.io/localmodel": "m"},
@@ -86,7 +86,6 @@ def kserve_pod(claim: str) -> dict[str, Any]:
                     "subPath": f"models/{KEY}",
                     "readOnly": True,
                 },
-                {"name": "kserve-pvc-source", "mountPath": "/mnt/tok", "subPath": f"models/{KEY}/tokenizer"},
                 {"name": "scratch", "mountPath": "/scratch"},
             ],
         }
@@ -111,22 +110,24 @@ async def test_kserve_s_mount_is_narrowed_to_the_model_folder(
     volume, scratch = pod["spec"]["volumes"]
     assert volume["persistentVolumeClaim"] == {"claimName": "m-a100", "readOnly": True}
     assert scratch == {"name": "scratch", "emptyDir": {}}
-    model, tokenizer, other = pod["spec"]["containers"][0]["volumeMounts"]
+    model, other = pod["spec"]["containers"][0]["volumeMounts"]
     # The serving PV's root is <cache>/models/<key>: the model itself, no subPath.
     assert model == {"name": "kserve-pvc-source", "mountPath": "/mnt/models", "readOnly": True}
-    assert tokenizer == {
-        "name": "kserve-pvc-source",
-        "mountPath": "/mnt/tok",
-        "subPath": "tokenizer",
-        "readOnly": True,
-    }
     assert other == {"name": "scratch", "mountPath": "/scratch"}
     # Reinvoked (reinvocationPolicy: IfNeeded) after another mutator: the pod stays as it is.
     again = await client.review(MUTATE_PODS, {**req, "object": pod})
     assert jsonpatch.apply_patch(pod, patch_of(again)) == pod
     # A claim of another cache, or none, is left alone.
     other_cache = LocalModelCache.from_json(cache("x", "1Gi", ["a100"]))
-    assert serving_mounts(req["object"], other_cache) == []
+    assert serving_mounts(req["object"], frozenset(), other_cache) == ([], None)
+    # A folder below the model: the kubelet would create a missing one inside the published model.
+    below = kserve_pod("m-a100")
+    below["object"]["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "kserve-pvc-source", "mountPath": "/mnt/tok", "subPath": f"models/{KEY}/tokenizer"}
+    )
+    r = await client.review(MUTATE_PODS, below)
+    assert r["allowed"] is False and r["status"]["code"] == 422
+    assert r["status"]["message"].startswith("spec.containers[0].volumeMounts[2].subPath: "), r
 
 
 # -- 2. what a node group may point at ---------------------------------------------------------------

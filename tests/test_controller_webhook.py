@@ -351,7 +351,8 @@ def test_place_pod_pure() -> None:
     inside = Node("a1", {"gpu": "a100", label: "ready"})
     assert place_pod(pod, cache=c, group=g, ready_nodes=[outside, inside]).allowed
     # A group that selects nothing cannot place anything.
-    bare = LocalModelNodeGroup.from_json({**group("a100", "1Gi"), "spec": {"storageLimit": "1Gi"}})
+    folder_only = {"storageLimit": "1Gi", "persistentVolumeSpec": {"hostPath": {"path": "/models"}}}
+    bare = LocalModelNodeGroup.from_json({**group("a100", "1Gi"), "spec": folder_only})
     v = place_pod(
         {"metadata": {"annotations": {"serving.kserve.io/nodegroup": "a100"}}}, cache=None, group=bare
     )

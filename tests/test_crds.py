@@ -19,7 +19,14 @@ import yaml
 
 from localmodel.documents import parse_text
 from localmodel.errors import SpecError
-from localmodel.resources import CACHE_VOLUME_SOURCES, PV_SPEC_FIELDS, SYSTEM_FOLDERS, cache_path_error
+from localmodel.resources import (
+    CACHE_VOLUME_SOURCES,
+    PV_SPEC_FIELDS,
+    SYSTEM_FOLDERS,
+    SYSTEM_PARENTS,
+    cache_path_cel,
+    cache_path_error,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = {
@@ -246,7 +253,14 @@ def test_examples_pass_schema_cel_and_parser(path: Path) -> None:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert docs
     for doc in docs:
-        assert validate(doc) == [], doc["metadata"]["name"]
+        errors = validate(doc)
+        if path.parent.name == "standalone":  # the user's own machine: /tmp is allowed there
+            errors = [e for e in errors if "system folder" not in e]
+            pv = doc.get("spec", {}).get("persistentVolumeSpec", {})
+            for source in CACHE_VOLUME_SOURCES:
+                if source in pv:
+                    assert cache_path_error(pv[source]["path"], cluster=False) is None
+        assert errors == [], doc["metadata"]["name"]
     parse_text(path.read_text(), where=path.name)
 
 
@@ -273,6 +287,26 @@ PATHS = [
     "models",
     "",
     *(p for f in SYSTEM_FOLDERS for p in (f, f + "/x", f + "x")),
+    *(p for f in SYSTEM_PARENTS for p in (f, f + "/modelcache")),
+    # What the attack on issue 20 found admitted: container runtimes', CNI's, logs, scratch, snaps.
+    "/var/lib/containers",
+    "/var/lib/crio",
+    "/var/lib/rancher",
+    "/var/lib/cni",
+    "/opt/cni/bin",
+    "/var/log",
+    "/var/log/pods",
+    "/tmp",
+    "/var/snap/microk8s",
+    "/var/tmp",
+    "/srv",
+    "/media",
+    "/srv/modelcache",
+    "/mnt/disks/ssd0",
+    "/models\nx",
+    "/models\x00x",
+    "/models\x7f",
+    "/models\tx",
 ]
 
 
@@ -294,21 +328,37 @@ def test_group_path_rules_agree_with_the_parser(source: str, path: str) -> None:
     errors = validate(doc)
     parser = cache_path_error(path)
     assert bool(errors) == (parser is not None), (errors, parser)
-    if parser is not None:
+    # The parser itself (standalone mode too) leaves scratch folders to the cluster's checks.
+    if cache_path_error(path, cluster=False) is not None:
         assert all(e.startswith(f"spec.persistentVolumeSpec.{source}.path: ") for e in errors), errors
         with pytest.raises(SpecError) as info:
             parse_text(yaml.safe_dump(doc), where="g")
         assert info.value.field == f"spec.persistentVolumeSpec.{source}.path"
 
 
+def test_group_path_rules_are_generated_from_the_one_list() -> None:
+    """The CRD carries exactly :func:`cache_path_cel`'s rules on both paths (the list lives in
+    localmodel/resources.py; regenerate the CRD's rules from it when it changes)."""
+    pv = schema_of("LocalModelNodeGroup")["properties"]["spec"]["properties"]["persistentVolumeSpec"]
+    for source in CACHE_VOLUME_SOURCES:
+        assert pv["properties"][source]["properties"]["path"]["x-kubernetes-validations"] == cache_path_cel()
+    for allowed in ("/mnt/disks/ssd0", "/srv/modelcache", "/models", "/var/lib/modelcache"):
+        assert cache_path_error(allowed) is None, allowed
+
+
 def test_group_may_name_only_a_hostpath_or_local_folder() -> None:
     nfs = _group({"nfs": {"server": "evil", "path": "/"}})
     assert validate(nfs) == [
-        "spec.persistentVolumeSpec: only a hostPath or local folder on the node can hold a cache"
+        "spec.persistentVolumeSpec: only a hostPath or local folder on the node can hold a cache",
+        "spec.persistentVolumeSpec: names no cache folder: give hostPath.path or local.path "
+        "(e.g. /var/lib/modelcache)",
     ]
     both = _group({"hostPath": {"path": "/a"}, "local": {"path": "/a"}})
     assert validate(both) == ["spec.persistentVolumeSpec: give hostPath or local, not both"]
     # Every PersistentVolumeSpec field is declared: a source the rule does not list is an unknown field.
+    # No folder at all (the attack: {} and hostPath: {} made no PV, silently).
+    for empty in ({}, {"hostPath": {}}, {"local": {"path": ""}}):
+        assert validate(_group(empty)), empty
     odd = _group({"futureVolume": {"path": "/"}})
     assert any("'futureVolume' was unexpected" in e for e in validate(odd))
     for doc in (nfs, both, odd):

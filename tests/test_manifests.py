@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -423,18 +425,72 @@ def test_init_container_refuses_system_folders(cache_dir: str, tmp_path: Path) -
 
 
 def test_init_container_and_the_group_rules_refuse_the_same_system_folders() -> None:
-    from localmodel.resources import SYSTEM_FOLDERS, SYSTEM_PARENTS
+    """The init container's pattern is the one generated from localmodel/resources.py's list."""
+    from localmodel.resources import system_folder_case
 
     script = (MANIFESTS / "agent" / "daemonset.yaml").read_text()
-    for folder in (*SYSTEM_FOLDERS, *SYSTEM_PARENTS):
-        assert f"{folder}|" in script or f"|{folder})" in script, folder
-        if folder not in SYSTEM_PARENTS:
-            assert f"{folder}/*|" in script or f"|{folder}/*)" in script, folder
+    joined = re.sub(r"\\\n\s*", "", script)  # the pattern's shell line continuations
+    assert system_folder_case() + ")" in joined
+
+
+CACHE_DIR_CASES = [
+    "/var/lib/containers",
+    "/var/lib/crio/x",
+    "/var/lib/rancher",
+    "/var/lib/cni",
+    "/opt/cni/bin",
+    "/var/log",
+    "/var/log/pods",
+    "/tmp",
+    "/var/snap/microk8s",
+    "/var/tmp",
+    "/srv",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/home",
+    "/models\nx",
+    "/models\tx",
+    "/mnt/disks/ssd0",
+    "/srv/modelcache",
+    "/models",
+    "/var/lib/modelcache",
+    "/home/ml/cache",
+]
+
+
+@needs_kubectl
+def test_init_container_refuses_what_the_group_rules_refuse(tmp_path: Path) -> None:
+    """Run against the parser's rule (cache_path_error): the script refuses (exit 2, one line, nothing
+    looked at) exactly the paths the parser refuses, and goes on to look at the others."""
+    from localmodel.resources import cache_path_error
+
+    script = _init_script(render("base"))
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("chown", "stat", "ls"):
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} >> {calls}\nexit 99\n")
+        (bin_dir / tool).chmod(0o755)
+    for path in CACHE_DIR_CASES:
+        calls.unlink(missing_ok=True)
+        done = _run_init(script, path, bin_dir)
+        if cache_path_error(path) is not None:
+            assert done.returncode == 2 and done.stderr.count("\n") == 1, (path, done)
+            assert not calls.exists(), path
+        else:
+            assert done.returncode == 99 and calls.read_text() == "stat\n", (path, done)
 
 
 @needs_kubectl
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a folder's owner needs root")
-def test_init_container_owns_only_a_new_or_empty_folder(tmp_path: Path) -> None:
+def test_init_container_owns_only_a_new_or_empty_folder() -> None:
+    # Not under /tmp (pytest's tmp_path): the script refuses /tmp as a cache folder.
+    with tempfile.TemporaryDirectory(dir=ROOT, prefix=".init-test-") as where:
+        _owns_only_a_new_or_empty_folder(Path(where))
+
+
+def _owns_only_a_new_or_empty_folder(tmp_path: Path) -> None:
     script = _init_script(render("base"))
     empty = tmp_path / "empty"
     empty.mkdir()
