@@ -77,6 +77,10 @@ class Quantity:
         else:
             value = base * Fraction(10) ** _DECIMAL[suffix]
             fmt = "DecimalSI"
+        if (value * 10**9).denominator != 1:
+            # Finer than nano: Kubernetes rounds it up to the next nano when it parses
+            # (apimachinery resource.Quantity), so the canonical text parses back to the same value.
+            value = Fraction(math.ceil(value * 10**9), 10**9)
         if sign == "-":
             value = -value
         return cls(value, fmt, text)

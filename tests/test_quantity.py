@@ -75,3 +75,10 @@ def test_format_binary_falls_back_to_decimal() -> None:
     assert format_quantity(1000, "BinarySI") == "1k"
     assert format_quantity(1536, "BinarySI") == "1536"  # not a whole Ki multiple of a bigger unit
     assert format_quantity(2048, "BinarySI") == "2Ki"
+
+
+def test_finer_than_nano_rounds_up_as_kubernetes_does() -> None:
+    # Hypothesis found ".1n": its canonical form "1n" must parse to the same value.
+    q = Quantity.parse(".1n")
+    assert str(q) == "1n" and Quantity.parse(str(q)) == q
+    assert Quantity.parse("-0.1n") == Quantity.parse("-1n")
