@@ -295,15 +295,22 @@ async def test_pacing_twenty_nodes_three_at_a_time(state: ClusterState) -> None:
 
 async def test_leader_election(state: ClusterState) -> None:
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    mono = [1000.0]
     a = LeaderElector(state, identity="a", lease_duration=15, clock=lambda: now[0])
-    b = LeaderElector(state, identity="b", lease_duration=15, clock=lambda: now[0])
+    # b's wall clock is an hour ahead: expiry is timed on b's own monotonic clock, so it does not matter
+    b = LeaderElector(state, identity="b", lease_duration=15, clock=lambda: now[0] + timedelta(hours=1))
+    a.monotonic = b.monotonic = lambda: mono[0]
     assert await a.try_acquire_or_renew()
     assert not await b.try_acquire_or_renew()
     now[0] += timedelta(seconds=10)
+    mono[0] += 10
     assert await a.try_acquire_or_renew()  # renewed
+    mono[0] += 1
+    assert not await b.try_acquire_or_renew()  # b sees the renewal now
     now[0] += timedelta(seconds=10)
-    assert not await b.try_acquire_or_renew()  # 10 s since the renewal: still a's
-    now[0] += timedelta(seconds=6)
+    mono[0] += 10
+    assert not await b.try_acquire_or_renew()  # 10 s since b saw the record change: still a's
+    mono[0] += 6
     assert await b.try_acquire_or_renew()  # a stopped renewing: b takes over
     assert not await a.try_acquire_or_renew()
     lease = await state.get(LEASE, "modelcache-controller", namespace="default")
@@ -315,9 +322,24 @@ async def test_leader_election(state: ClusterState) -> None:
         return 7
 
     c = LeaderElector(state, identity="c", renew_every=0.01)
-    now[0] = datetime.now(UTC) - timedelta(seconds=60)  # a's lease is long expired for c's clock
-    assert await a.try_acquire_or_renew()
+    await a.release()
     assert await c.run_while_leader(work) == 7
+
+
+async def test_a_stale_renew_time_is_not_expiry_for_a_new_candidate(state: ClusterState) -> None:
+    """client-go's observedTime: a candidate that first sees a Lease whose renewTime is long past
+    (by its clock) still waits the lease duration from then, on its own monotonic clock."""
+    mono = [0.0]
+    a = LeaderElector(state, identity="a", lease_duration=15, clock=lambda: datetime(2020, 1, 1, tzinfo=UTC))
+    b = LeaderElector(state, identity="b", lease_duration=15)
+    a.monotonic = b.monotonic = lambda: mono[0]
+    assert await a.try_acquire_or_renew()
+    mono[0] += 14
+    assert not await b.try_acquire_or_renew()  # renewTime six years old for b: not expired
+    mono[0] += 14
+    assert not await b.try_acquire_or_renew()  # 14 s since b first saw the record
+    mono[0] += 2
+    assert await b.try_acquire_or_renew()
 
 
 async def _has(state: ClusterState, name: str, models: list[str] | None) -> bool:

@@ -81,12 +81,14 @@ class KubeState:
         watch_timeout: int = 300,
         component: str = "modelcache",
         request_timeout: float = REQUEST_TIMEOUT,
+        watch_grace: float = WATCH_GRACE,
         write_guard: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._client.headers["User-Agent"] = user_agent(component)
         self._watch_timeout = watch_timeout
         self.request_timeout = request_timeout
+        self.watch_grace = watch_grace
         self.write_guard = write_guard
         self._live = _Liveness()
 
@@ -106,7 +108,7 @@ class KubeState:
         live = self._live
         if live.answered_at is None:
             return None
-        return min(live.answered_at, *live.in_flight.values(), *live.stalled.values())
+        return min([live.answered_at, *live.in_flight.values(), *live.stalled.values()])
 
     @last_answer.setter
     def last_answer(self, value: float | None) -> None:
@@ -129,12 +131,22 @@ class KubeState:
             raise Unavailable(f"cannot load a Kubernetes configuration: {e}") from e
 
     @classmethod
-    def for_url(cls, url: str, *, watch_timeout: int = 300, component: str = "modelcache") -> KubeState:
+    def for_url(
+        cls,
+        url: str,
+        *,
+        watch_timeout: int = 300,
+        component: str = "modelcache",
+        request_timeout: float = REQUEST_TIMEOUT,
+        watch_grace: float = WATCH_GRACE,
+    ) -> KubeState:
         """An unauthenticated client for a given API URL (tests, kubectl proxy)."""
         return cls(
             httpx.AsyncClient(base_url=url, timeout=_timeout()),
             watch_timeout=watch_timeout,
             component=component,
+            request_timeout=request_timeout,
+            watch_grace=watch_grace,
         )
 
     # -- the interface -------------------------------------------------------------------------
@@ -165,7 +177,7 @@ class KubeState:
             "timeoutSeconds": str(self._watch_timeout),
         }
         # A watch the server accepted but never feeds ends after its own timeout plus a grace.
-        timeout = httpx.Timeout(10.0, read=self._watch_timeout + WATCH_GRACE)
+        timeout = httpx.Timeout(10.0, read=self._watch_timeout + self.watch_grace)
         try:
             async with self._client.stream(
                 "GET",
