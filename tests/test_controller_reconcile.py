@@ -326,6 +326,34 @@ async def test_leader_election(state: ClusterState) -> None:
     assert await c.run_while_leader(work) == 7
 
 
+async def test_a_re_created_node_gets_its_local_model_node_back(state: ClusterState) -> None:
+    """The Node deleted and created again under the same name (a new uid) while the controller did
+    not see it go (stopped here; a watch outage on a cluster): the LocalModelNode's owner reference
+    follows the new uid (a garbage collector would delete it otherwise), its spec kept; other owner
+    references are left as they are."""
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+    async with running(state):
+        await eventually(lambda: _has(state, "h1", ["m"]))
+    first = (await state.get(NODE, "h1"))["metadata"]["uid"]
+    foreign = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "cm-1"}
+    lmn = await state.get(LOCAL_MODEL_NODE, "h1")
+    refs = [*lmn["metadata"]["ownerReferences"], foreign]
+    await state.patch(LOCAL_MODEL_NODE, "h1", {"metadata": {"ownerReferences": refs}})
+    await state.delete(NODE, "h1")
+    await state.create(NODE, node("h1", "h100"))
+    second = (await state.get(NODE, "h1"))["metadata"]["uid"]
+    assert second != first
+
+    async def repointed() -> bool:
+        owners = (await state.get(LOCAL_MODEL_NODE, "h1"))["metadata"].get("ownerReferences")
+        return bool(owners == [{"apiVersion": "v1", "kind": "Node", "name": "h1", "uid": second}, foreign])
+
+    async with running(state):
+        await eventually(repointed)
+    assert await models_on(state, "h1") == ["m"]
+
+
 async def test_a_stale_renew_time_is_not_expiry_for_a_new_candidate(state: ClusterState) -> None:
     """client-go's observedTime: a candidate that first sees a Lease whose renewTime is long past
     (by its clock) still waits the lease duration from then, on its own monotonic clock."""
