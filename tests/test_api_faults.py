@@ -677,3 +677,27 @@ async def test_retry_after_as_an_http_date_is_honoured_and_bounded(kube_api: Kub
     finally:
         kube_api.heal()
         await state.close()
+
+
+@pytest.mark.slow  # about 60 s: the 30 s request timeout is waited out
+async def test_a_list_the_api_server_never_answers_is_retried(kube_api: KubeAPI, tmp_path: Path) -> None:
+    await two_groups(kube_api)
+    store = kube_api.store
+    await store.create(LOCAL_MODEL_CACHE, cache("m0", "10Gi", ["h100"]))
+    port = _free_port()
+    args = ("--no-leader-elect", "--metrics-addr", f"127.0.0.1:{port}")
+    async with controller(kube_api, tmp_path, *args) as proc:
+        await eventually(lambda: models_on(kube_api, "h1"), timeout=60, what="h1 to list m0")
+        me = client(f"pid {proc.pid})")
+        # Every list for 5 s is taken and never answered; the watches are told 410 so they list.
+        hung = kube_api.inject(
+            every(me, lambda r: r.method == "GET" and r.query.get("watch") is None), delay=3600, seconds=5
+        )
+        kube_api.inject(every(me, watches()), expire_watch=True, seconds=5)
+        await asyncio.sleep(5)
+        assert hung.hits > 0
+        await store.create(LOCAL_MODEL_CACHE, cache("m1", "10Gi", ["a100"]))
+        await eventually(lambda: models_on(kube_api, "a1"), timeout=120, what="a1 to list m1")
+        assert proc.returncode is None
+        ready = await eventually(lambda: _readyz(port), timeout=30, what="/readyz")
+        print(f"\n[hung list] {hung.hits} requests hung; /readyz after: {ready}")
