@@ -40,7 +40,13 @@ from localmodel.state.base import (
     WatchEvent,
     watch,
 )
-from localmodel.state.kube import MAX_RETRY_AFTER, MAX_RETRYING, KubeState, parse_retry_after
+from localmodel.state.kube import (
+    MAX_RETRY_AFTER,
+    MAX_RETRYING,
+    TOO_MANY_ATTEMPTS,
+    KubeState,
+    parse_retry_after,
+)
 from tests.support.agents import eventually
 from tests.support.kubeapi import KubeAPI, client, every, path, watches, writes
 from tests.test_controller_reconcile import cache, group, node
@@ -673,7 +679,10 @@ async def test_retry_after_as_an_http_date_is_honoured_and_bounded(kube_api: Kub
         spent = time.monotonic() - started
         tries = len([c for c in kube_api.calls if c.path_qs == "/api/v1/nodes/n1"])
         print(f"\n[Retry-After 1e12] gave up after {spent:.1f} s and {tries} tries")
-        assert tries == int(MAX_RETRYING // MAX_RETRY_AFTER) + 1
+        # Waits of MAX_RETRY_AFTER (10 s) within MAX_RETRYING (30 s): 3 or 4 tries by when the
+        # first answer came, never the 5 the try count alone allows.
+        assert int(MAX_RETRYING // MAX_RETRY_AFTER) <= tries <= int(MAX_RETRYING // MAX_RETRY_AFTER) + 1
+        assert tries < TOO_MANY_ATTEMPTS
     finally:
         kube_api.heal()
         await state.close()
