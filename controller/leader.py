@@ -4,8 +4,11 @@ of the controller never both write.
 Every write to the Lease carries the resourceVersion it read, so of two candidates that saw it free
 only one wins (the other gets Conflict). The leader renews every ``renew_every`` seconds; when it
 cannot renew for ``renew_deadline`` seconds it stops its work and exits with 1 (the pod restarts as
-a candidate) rather than risk a second writer, and a candidate takes a Lease over only when its
-holder has not renewed it for ``lease_duration`` seconds.
+a candidate) rather than risk a second writer, and a candidate takes a Lease over only when it
+has seen no change to the Lease for ``lease_duration`` seconds on its own monotonic clock (client-go's
+observedTime: the holder's written ``renewTime`` is never compared with our wall clock, so a skewed
+clock cannot take a healthy leader's Lease). A renewal that gets no answer is abandoned at the
+deadline, so a leader whose renewals hang stops and exits 1 too.
 
 Every write of the leader is fenced (:class:`FencedState`): none goes out when more than
 ``renew_deadline`` seconds have passed on the monotonic clock since the start of the last successful
@@ -24,11 +27,12 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound
 from localmodel.state.base import JSON, LEASE, ClusterState, ObjectList, ResourceKind, Selector, WatchEvent
+from localmodel.state.kube import KubeState
 
 log = logging.getLogger("modelcache.controller.leader")
 
@@ -80,6 +84,10 @@ class LeaderElector:
         self.clock = clock
         self.monotonic = time.monotonic
         self.renewed_at: float | None = None  # monotonic start of the last successful renewal
+        # The Lease record as last seen and the monotonic time it was first seen so (client-go's
+        # observedRecord/observedTime): expiry is timed on our own clock, never the holder's.
+        self._observed: JSON | None = None
+        self._observed_at = 0.0
         self._fenced_logged = False
 
     def fence(self) -> None:
@@ -125,27 +133,31 @@ class LeaderElector:
                 await self.state.create(LEASE, body)
             except AlreadyExists:
                 return False
+            self._observed, self._observed_at = body["spec"], self.monotonic()
             return True
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
-        renewed = _parse(spec.get("renewTime"))
+        if spec != self._observed:
+            self._observed, self._observed_at = spec, self.monotonic()
         duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
-        expired = renewed is None or now > renewed + timedelta(seconds=duration)
+        expired = self.monotonic() > self._observed_at + duration
         if holder and holder != self.identity and not expired:
             return False
         mine = holder == self.identity
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
         acquired = _parse(spec.get("acquireTime")) if mine else now
+        written = self._spec(now, transitions=transitions, acquired=acquired or now)
         try:
             await self.state.patch(
                 LEASE,
                 self.name,
-                {"spec": self._spec(now, transitions=transitions, acquired=acquired or now)},
+                {"spec": written},
                 namespace=self.namespace,
                 resource_version=lease["metadata"].get("resourceVersion"),
             )
         except Conflict:
             return False
+        self._observed, self._observed_at = written, self.monotonic()
         return True
 
     def _spec(self, now: datetime, *, transitions: int, acquired: datetime) -> JSON:
@@ -197,10 +209,16 @@ class LeaderElector:
                 await asyncio.wait({task}, timeout=self.renew_every)
                 if task.done():
                     break
+                # A renewal the API server never answers must not outlast the deadline.
+                left = max(0.1, last + self.renew_deadline - self.monotonic())
                 try:
-                    ok = await self.try_acquire_or_renew()
+                    async with asyncio.timeout(left):
+                        ok = await self.try_acquire_or_renew()
                 except ClusterStateError as e:
                     log.warning("cannot renew the leader lease: %s", e)
+                    ok = False
+                except TimeoutError:
+                    log.warning("cannot renew the leader lease: no answer within %.1fs", left)
                     ok = False
                 now = self.monotonic()
                 if ok and self.renewed_at is not None:
@@ -222,19 +240,22 @@ class LeaderElector:
 
     async def _taken(self) -> bool:
         try:
-            lease = await self.state.get(LEASE, self.name, namespace=self.namespace)
-        except ClusterStateError:
+            async with asyncio.timeout(self.renew_every):
+                lease = await self.state.get(LEASE, self.name, namespace=self.namespace)
+        except (ClusterStateError, TimeoutError):
             return False
         holder = (lease.get("spec") or {}).get("holderIdentity")
         return bool(holder) and holder != self.identity
 
 
 class FencedState:
-    """A ClusterState whose writes (create, patch, patch_status, delete) first pass
-    ``elector.fence()``; reads and watches go straight through."""
+    """A ClusterState whose writes (create, patch, patch_status, delete) pass ``elector.fence()``
+    before every attempt; reads and watches go straight through."""
 
     def __init__(self, state: ClusterState, elector: LeaderElector) -> None:
-        self.state = state
+        # A KubeState checks the fence again before every attempt (a 429's retry comes after a
+        # wait that may outlast the lease); the check here covers the other backends.
+        self.state: ClusterState = state.guarded(elector.fence) if isinstance(state, KubeState) else state
         self.elector = elector
 
     async def get(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> JSON:

@@ -153,6 +153,28 @@ class _View:
     isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
 
 
+def _repointed_owners(lmn: LocalModelNode | None, node: Node | None) -> list[JSON] | None:
+    """The LocalModelNode's ownerReferences with its Node's entry (same name, kind Node) given the
+    Node's current uid, or None when nothing is to change (no such entry, or it is current)."""
+    if lmn is None or node is None or not node.uid:
+        return None
+    refs = lmn.metadata.raw.get("ownerReferences")
+    if not isinstance(refs, list):
+        return None
+    changed = False
+    out: list[JSON] = []
+    for ref in refs:
+        if (
+            isinstance(ref, dict)
+            and ref.get("kind") == "Node"
+            and ref.get("name") == lmn.metadata.name
+            and ref.get("uid") != node.uid
+        ):
+            ref, changed = {**ref, "uid": node.uid}, True
+        out.append(ref)
+    return out if changed else None
+
+
 class Controller:
     """One controller over one ClusterState. ``observe`` takes watch events, ``reconcile`` plans and
     writes; ``run`` wires both to the watches with a periodic full resync."""
@@ -178,6 +200,9 @@ class Controller:
         self._missing: set[ResourceKind] = set()  # optional kinds whose API this cluster lacks
         self._full = True
         self._dirty_nodes: set[str] = set()
+        # LocalModelNodes whose Node owner reference names another uid than the Node's (the Node
+        # was re-created under the same name): re-pointed, lest the garbage collector delete them.
+        self._stale_owners: set[str] = set()
         self._dirty_caches: set[str] = set()
         self._dirty_labels: set[str] = set()
         self._volumes_dirty = False
@@ -227,6 +252,7 @@ class Controller:
                 if lmn is not None:
                     self._check_writer(name, self._view.lmns.get(name), lmn, obj)
                 self._observe_lmn(name, lmn)
+                self._check_owner(name)
             elif kind is POD:
                 self._observe_pod(obj, deleted)
             elif kind is PERSISTENT_VOLUME or kind is PERSISTENT_VOLUME_CLAIM:
@@ -296,6 +322,34 @@ class Controller:
         if len(times) >= self.settings.contest_count:
             self._contested[name] = writer
 
+    def _check_owner(self, name: str) -> None:
+        if _repointed_owners(self._view.lmns.get(name), self._view.nodes.get(name)) is not None:
+            self._stale_owners.add(name)
+        else:
+            self._stale_owners.discard(name)
+
+    async def _write_owners(self) -> None:
+        for name in sorted(self._stale_owners):
+            lmn = self._view.lmns.get(name)
+            refs = _repointed_owners(lmn, self._view.nodes.get(name))
+            if lmn is None or refs is None:
+                self._stale_owners.discard(name)
+                continue
+            try:
+                # Guarded by the version the refs were read from: a merge patch replaces the list.
+                stored = await self.state.patch(
+                    LOCAL_MODEL_NODE,
+                    name,
+                    {"metadata": {"ownerReferences": refs}},
+                    resource_version=lmn.metadata.resource_version,
+                )
+            except (NotFound, Conflict):
+                continue  # its watch event brings the newer object, and the check again
+            self._stale_owners.discard(name)
+            log.info("LocalModelNode %s: owner reference moved to the re-created Node", name)
+            self._wrote(LOCAL_MODEL_NODE.kind)
+            self.observe(LOCAL_MODEL_NODE, WatchEvent("MODIFIED", stored))
+
     def _set_lmn(self, name: str, lmn: LocalModelNode | None) -> None:
         """Keep the view and its cache -> nodes index in step."""
         view = self._view
@@ -358,6 +412,7 @@ class Controller:
         view.nodes[name] = node
         if old is None or old.labels != node.labels or old.uid != node.uid:
             self._invalidate()
+            self._check_owner(name)
         if ready == (name in view.not_ready):
             (view.not_ready.discard if ready else view.not_ready.add)(name)
             self._full = True  # readiness changes pacing and nodeStatus of every model on it
@@ -594,6 +649,8 @@ class Controller:
         bodies: dict[int, tuple[LocalModelInfo, JSON]] = {}
         for write in result.nodes:
             await self._write_node(write, bodies)
+        if self._stale_owners:
+            await self._write_owners()
         for status in result.statuses:
             await self._write_status(status)
         for fin in result.finalizers:

@@ -20,7 +20,7 @@ from tests.support.agents import (
     seed,
 )
 from tests.support.hfhub import Hub
-from tests.support.kubeapi import KubeAPI, client
+from tests.support.kubeapi import KubeAPI, client, every, watches
 
 URI = "hf://org/m"
 
@@ -102,5 +102,32 @@ async def test_readiness_follows_the_api_server(kube_api: KubeAPI, tmp_path: Pat
             why = await eventually(not_ready, timeout=15, what="not ready")
             assert why.startswith("the API server has not answered for ")
             await eventually(lambda: run.agent.readiness()[0], timeout=40, what="ready again")
+    finally:
+        await state.close()
+
+
+async def test_a_hung_list_makes_the_agent_unready_until_answered(kube_api: KubeAPI, tmp_path: Path) -> None:
+    """Lists taken and never answered (its own LocalModelNode's GETs still answered): not ready
+    from when they were sent; the list times out, is asked again and the agent is ready again."""
+    cache = tmp_path / "cache"
+    await seed(kube_api.store, group_doc("g", path=cache), node_doc("n1", []))
+    state = KubeState.for_url(
+        kube_api.url, watch_timeout=30, component="agent-under-test", request_timeout=3.0
+    )
+    try:
+        async with running_agent(state, cache, store=kube_api.store, ready_window=2.0, resync=30.0) as run:
+            await eventually(lambda: run.agent.readiness()[0], timeout=30, what="ready")
+            me = client("agent-under-test")
+            lists = every(me, lambda r: r.method == "GET" and r.query.get("watch") is None)
+            hung = kube_api.inject(every(lists, lambda r: not r.path.endswith("/n1")), delay=3600, seconds=8)
+            kube_api.inject(every(me, watches()), expire_watch=True, seconds=8)
+
+            def not_ready() -> str | None:
+                ok, why = run.agent.readiness()
+                return None if ok else why
+
+            why = await eventually(not_ready, timeout=15, what="not ready")
+            assert hung.hits > 0 and why.startswith("the API server has not answered for ")
+            await eventually(lambda: run.agent.readiness()[0], timeout=60, what="ready again")
     finally:
         await state.close()

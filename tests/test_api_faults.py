@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import itertools
 import json
 import os
@@ -27,7 +28,7 @@ import pytest
 
 from controller.leader import LEASE_NAME
 from controller.plan import RETAINED_ANNOTATION
-from localmodel.errors import NotFound
+from localmodel.errors import NotFound, Unavailable
 from localmodel.state.base import (
     EVENT,
     LEASE,
@@ -39,9 +40,15 @@ from localmodel.state.base import (
     WatchEvent,
     watch,
 )
-from localmodel.state.kube import KubeState
+from localmodel.state.kube import (
+    MAX_RETRY_AFTER,
+    MAX_RETRYING,
+    TOO_MANY_ATTEMPTS,
+    KubeState,
+    parse_retry_after,
+)
 from tests.support.agents import eventually
-from tests.support.kubeapi import KubeAPI, client, every, watches, writes
+from tests.support.kubeapi import KubeAPI, client, every, path, watches, writes
 from tests.test_controller_reconcile import cache, group, node
 from tests.test_e2e import kubeconfig, spawn, stop
 
@@ -520,3 +527,186 @@ def test_other_writer_is_the_latest_spec_manager_but_us() -> None:
     }
     assert other_writer(obj, FIELD_MANAGER) == "manager"
     assert other_writer({"metadata": {}}, FIELD_MANAGER) == "an unknown writer"
+
+
+# -- the attacks on issue 21 ------------------------------------------------------------------------
+
+
+async def _holder(api: KubeAPI) -> str:
+    try:
+        lease = await api.store.get(LEASE, LEASE_NAME, namespace="default")
+    except NotFound:
+        return ""
+    return str((lease.get("spec") or {}).get("holderIdentity") or "")
+
+
+def _not_lease(c: Any) -> bool:
+    return "leases" not in c.path_qs
+
+
+@pytest.mark.slow  # about 30 s
+async def test_a_429_retry_after_the_lease_deadline_is_fenced(kube_api: KubeAPI, tmp_path: Path) -> None:
+    """A write that gets 429 while the leader cannot renew is not retried past the renew deadline
+    (10 s): every attempt passes the fence, not only the first."""
+    await two_groups(kube_api)
+    async with controller(kube_api, tmp_path, "--metrics-addr", "off", pod="ctl-a") as a:
+        await eventually(lambda: _has_prefix(_holder(kube_api), "ctl-a_"), timeout=60, what="a to lead")
+        await asyncio.sleep(2)
+        me = client(f"pid {a.pid})")
+        kube_api.inject(every(me, path("leases")), refuse=True)
+        cut = time.monotonic()  # a's last renewal started before this
+        await asyncio.sleep(4)
+        throttled = kube_api.inject(
+            every(me, writes(), lambda r: "leases" not in r.path), status=429, retry_after=9, times=1
+        )
+        await kube_api.store.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+        await eventually(lambda: throttled.hits > 0, timeout=30, what="a's write to get 429")
+        code = await asyncio.wait_for(a.wait(), 60)
+        late = [
+            f"{c.method} {c.path_qs} +{c.at - cut:.1f}s"
+            for c in kube_api.calls_by(f"pid {a.pid})", since=cut + 10)
+            if c.method in WRITES and _not_lease(c)
+        ]
+        print(f"\n[fence/429] a exited {code}; a's writes past its deadline: {late}")
+        assert late == []
+        assert code == 1
+
+
+@pytest.mark.slow  # about 30 s
+async def test_a_replica_with_a_clock_ahead_does_not_take_a_healthy_lease(
+    kube_api: KubeAPI, tmp_path: Path
+) -> None:
+    await two_groups(kube_api)
+    async with controller(kube_api, tmp_path, "--metrics-addr", "off", pod="ctl-a") as a:
+        await eventually(lambda: _has_prefix(_holder(kube_api), "ctl-a_"), timeout=60, what="a to lead")
+        config = kubeconfig(tmp_path / "kubeconfig", kube_api.url)
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, POD_NAME="ctl-b", SKEW="30", PYTHONPATH=root)
+        out = (tmp_path / "b.log").open("wb")
+        b = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(root) / "tests/support/skewed.py"), "controller",
+            "--kubeconfig", str(config), "--metrics-addr", "off",
+            env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, cwd=root,
+        )  # fmt: skip
+        out.close()
+        try:
+            await eventually(
+                lambda: any("leases" in c.path_qs for c in kube_api.calls_by(f"pid {b.pid})")),
+                timeout=60,
+                what="b to read the Lease",
+            )
+            for i in range(10):
+                await kube_api.store.create(LOCAL_MODEL_CACHE, cache(f"m{i}", "1Gi", ["a100"]))
+                await asyncio.sleep(1)
+            b_writes = writes_of(kube_api, b.pid)
+            print(f"\n[skew] holder {await _holder(kube_api)}; b's writes: {b_writes[:5]}")
+            assert (await _holder(kube_api)).startswith("ctl-a_")
+            assert b_writes == []
+            assert a.returncode is None and b.returncode is None
+        finally:
+            await stop(b)
+
+
+async def test_a_leader_whose_renewals_hang_exits_1(kube_api: KubeAPI, tmp_path: Path) -> None:
+    await two_groups(kube_api)
+    async with controller(kube_api, tmp_path, "--metrics-addr", "off", pod="ctl-a") as a:
+        await eventually(lambda: _has_prefix(_holder(kube_api), "ctl-a_"), timeout=60, what="a to lead")
+        await asyncio.sleep(1)
+        # The API server takes a's renewals and never answers them (the fault ends; they stay hung).
+        hung = kube_api.inject(every(client(f"pid {a.pid})"), path("leases")), delay=3600, seconds=3)
+        code = await asyncio.wait_for(a.wait(), 60)
+        print(f"\n[hung renewals] {hung.hits} hung; a exited {code}")
+        assert hung.hits >= 1 and code == 1
+
+
+async def test_a_hung_request_times_out_and_counts_against_readiness(kube_api: KubeAPI) -> None:
+    await kube_api.store.create(NODE, node("n1", "x"))
+    state = KubeState.for_url(kube_api.url, request_timeout=1.0, watch_timeout=1, watch_grace=1.0)
+    try:
+        await state.get(NODE, "n1")
+        kube_api.inject(every(path("/nodes"), lambda r: r.query.get("watch") is None), delay=3600, seconds=3)
+        sent = time.monotonic()
+        with pytest.raises(Unavailable, match="no answer in time"):
+            await state.list(NODE)
+        # Other requests answer, but the list has not: readiness dates from when it was sent (the
+        # timeout alone is a second later than that).
+        with contextlib.suppress(NotFound):
+            await state.get(LEASE, LEASE_NAME, namespace="default")
+        assert state.last_answer is not None and state.last_answer < sent + 0.9
+        await asyncio.sleep(3)  # the fault ends
+        assert [n["metadata"]["name"] for n in (await state.list(NODE)).items] == ["n1"]
+        assert state.last_answer is not None and state.last_answer > sent
+
+        # A watch the server accepts and never feeds ends after timeoutSeconds plus the grace.
+        kube_api.inject(watches(), delay=3600, seconds=1)
+        with pytest.raises(Unavailable):
+            async for _ in state.watch_raw(NODE, resource_version="1"):
+                pass
+    finally:
+        await state.close()
+
+
+def test_retry_after_parsing() -> None:
+    now = 1_800_000_000.0
+    date = email.utils.formatdate(now + 8, usegmt=True)
+    assert parse_retry_after("3", now=now) == 3.0
+    assert parse_retry_after(" 2.5 ", now=now) == 2.5
+    assert parse_retry_after(date, now=now) == 8.0
+    assert parse_retry_after(email.utils.formatdate(now - 5, usegmt=True), now=now) == 0.0
+    for bad in ("-5", "nan", "inf", "soon", "", "Sun, 06 Nov 1994 08:49:37 -0000"):
+        assert parse_retry_after(bad, now=now) is None, bad
+    assert parse_retry_after(None, now=now) is None
+
+
+@pytest.mark.slow  # about 40 s: the bound is waited out
+async def test_retry_after_as_an_http_date_is_honoured_and_bounded(kube_api: KubeAPI) -> None:
+    await kube_api.store.create(NODE, node("n1", "x"))
+    state = KubeState.for_url(kube_api.url)
+    try:
+        date = email.utils.formatdate(time.time() + 4, usegmt=True)
+        kube_api.inject(path("/nodes/n1"), status=429, retry_after=date, times=1)
+        await state.get(NODE, "n1")
+        gets = [c for c in kube_api.calls if c.path_qs == "/api/v1/nodes/n1"]
+        assert [c.status for c in gets] == [429, 200]
+        assert gets[1].at - gets[0].at >= 2.0  # the date has a one-second resolution
+
+        # An absurd Retry-After is capped per wait and in all: the 429 comes back as Unavailable.
+        kube_api.calls.clear()
+        kube_api.inject(path("/nodes/n1"), status=429, retry_after="1e12")
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await state.get(NODE, "n1")
+        spent = time.monotonic() - started
+        tries = len([c for c in kube_api.calls if c.path_qs == "/api/v1/nodes/n1"])
+        print(f"\n[Retry-After 1e12] gave up after {spent:.1f} s and {tries} tries")
+        # Waits of MAX_RETRY_AFTER (10 s) within MAX_RETRYING (30 s): 3 or 4 tries by when the
+        # first answer came, never the 5 the try count alone allows.
+        assert int(MAX_RETRYING // MAX_RETRY_AFTER) <= tries <= int(MAX_RETRYING // MAX_RETRY_AFTER) + 1
+        assert tries < TOO_MANY_ATTEMPTS
+    finally:
+        kube_api.heal()
+        await state.close()
+
+
+@pytest.mark.slow  # about 60 s: the 30 s request timeout is waited out
+async def test_a_list_the_api_server_never_answers_is_retried(kube_api: KubeAPI, tmp_path: Path) -> None:
+    await two_groups(kube_api)
+    store = kube_api.store
+    await store.create(LOCAL_MODEL_CACHE, cache("m0", "10Gi", ["h100"]))
+    port = _free_port()
+    args = ("--no-leader-elect", "--metrics-addr", f"127.0.0.1:{port}")
+    async with controller(kube_api, tmp_path, *args) as proc:
+        await eventually(lambda: models_on(kube_api, "h1"), timeout=60, what="h1 to list m0")
+        me = client(f"pid {proc.pid})")
+        # Every list for 5 s is taken and never answered; the watches are told 410 so they list.
+        hung = kube_api.inject(
+            every(me, lambda r: r.method == "GET" and r.query.get("watch") is None), delay=3600, seconds=5
+        )
+        kube_api.inject(every(me, watches()), expire_watch=True, seconds=5)
+        await asyncio.sleep(5)
+        assert hung.hits > 0
+        await store.create(LOCAL_MODEL_CACHE, cache("m1", "10Gi", ["a100"]))
+        await eventually(lambda: models_on(kube_api, "a1"), timeout=120, what="a1 to list m1")
+        assert proc.returncode is None
+        ready = await eventually(lambda: _readyz(port), timeout=30, what="/readyz")
+        print(f"\n[hung list] {hung.hits} requests hung; /readyz after: {ready}")

@@ -295,15 +295,22 @@ async def test_pacing_twenty_nodes_three_at_a_time(state: ClusterState) -> None:
 
 async def test_leader_election(state: ClusterState) -> None:
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    mono = [1000.0]
     a = LeaderElector(state, identity="a", lease_duration=15, clock=lambda: now[0])
-    b = LeaderElector(state, identity="b", lease_duration=15, clock=lambda: now[0])
+    # b's wall clock is an hour ahead: expiry is timed on b's own monotonic clock, so it does not matter
+    b = LeaderElector(state, identity="b", lease_duration=15, clock=lambda: now[0] + timedelta(hours=1))
+    a.monotonic = b.monotonic = lambda: mono[0]
     assert await a.try_acquire_or_renew()
     assert not await b.try_acquire_or_renew()
     now[0] += timedelta(seconds=10)
+    mono[0] += 10
     assert await a.try_acquire_or_renew()  # renewed
+    mono[0] += 1
+    assert not await b.try_acquire_or_renew()  # b sees the renewal now
     now[0] += timedelta(seconds=10)
-    assert not await b.try_acquire_or_renew()  # 10 s since the renewal: still a's
-    now[0] += timedelta(seconds=6)
+    mono[0] += 10
+    assert not await b.try_acquire_or_renew()  # 10 s since b saw the record change: still a's
+    mono[0] += 6
     assert await b.try_acquire_or_renew()  # a stopped renewing: b takes over
     assert not await a.try_acquire_or_renew()
     lease = await state.get(LEASE, "modelcache-controller", namespace="default")
@@ -315,9 +322,52 @@ async def test_leader_election(state: ClusterState) -> None:
         return 7
 
     c = LeaderElector(state, identity="c", renew_every=0.01)
-    now[0] = datetime.now(UTC) - timedelta(seconds=60)  # a's lease is long expired for c's clock
-    assert await a.try_acquire_or_renew()
+    await a.release()
     assert await c.run_while_leader(work) == 7
+
+
+async def test_a_re_created_node_gets_its_local_model_node_back(state: ClusterState) -> None:
+    """The Node deleted and created again under the same name (a new uid) while the controller did
+    not see it go (stopped here; a watch outage on a cluster): the LocalModelNode's owner reference
+    follows the new uid (a garbage collector would delete it otherwise), its spec kept; other owner
+    references are left as they are."""
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["h100"]))
+    async with running(state):
+        await eventually(lambda: _has(state, "h1", ["m"]))
+    first = (await state.get(NODE, "h1"))["metadata"]["uid"]
+    foreign = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "cm-1"}
+    lmn = await state.get(LOCAL_MODEL_NODE, "h1")
+    refs = [*lmn["metadata"]["ownerReferences"], foreign]
+    await state.patch(LOCAL_MODEL_NODE, "h1", {"metadata": {"ownerReferences": refs}})
+    await state.delete(NODE, "h1")
+    await state.create(NODE, node("h1", "h100"))
+    second = (await state.get(NODE, "h1"))["metadata"]["uid"]
+    assert second != first
+
+    async def repointed() -> bool:
+        owners = (await state.get(LOCAL_MODEL_NODE, "h1"))["metadata"].get("ownerReferences")
+        return bool(owners == [{"apiVersion": "v1", "kind": "Node", "name": "h1", "uid": second}, foreign])
+
+    async with running(state):
+        await eventually(repointed)
+    assert await models_on(state, "h1") == ["m"]
+
+
+async def test_a_stale_renew_time_is_not_expiry_for_a_new_candidate(state: ClusterState) -> None:
+    """client-go's observedTime: a candidate that first sees a Lease whose renewTime is long past
+    (by its clock) still waits the lease duration from then, on its own monotonic clock."""
+    mono = [0.0]
+    a = LeaderElector(state, identity="a", lease_duration=15, clock=lambda: datetime(2020, 1, 1, tzinfo=UTC))
+    b = LeaderElector(state, identity="b", lease_duration=15)
+    a.monotonic = b.monotonic = lambda: mono[0]
+    assert await a.try_acquire_or_renew()
+    mono[0] += 14
+    assert not await b.try_acquire_or_renew()  # renewTime six years old for b: not expired
+    mono[0] += 14
+    assert not await b.try_acquire_or_renew()  # 14 s since b first saw the record
+    mono[0] += 2
+    assert await b.try_acquire_or_renew()
 
 
 async def _has(state: ClusterState, name: str, models: list[str] | None) -> bool:

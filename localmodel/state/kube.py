@@ -12,17 +12,23 @@ API's own reason and never a header.
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import email.utils
 import json
+import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2 as httpx  # the HTTP client lightkube is built on
 from lightkube.config import client_adapter
 from lightkube.config.kubeconfig import KubeConfig
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_any
+from tenacity.stop import stop_base
 
 from localmodel.errors import (
     AlreadyExists,
@@ -35,9 +41,16 @@ from localmodel.errors import (
 from localmodel.state.base import JSON, ObjectList, ResourceKind, Selector, WatchEvent
 
 MERGE_PATCH = "application/merge-patch+json"
-# 429s are retried here, as client-go does, waiting the Retry-After asked (at most this long each).
+# 429s are retried here, as client-go does, waiting the Retry-After asked: at most MAX_RETRY_AFTER
+# seconds each, at most TOO_MANY_ATTEMPTS tries, and no wait that would end past MAX_RETRYING
+# seconds after the first try (then the 429 is raised as Unavailable and the caller's loop retries).
 TOO_MANY_ATTEMPTS = 5
-MAX_RETRY_AFTER = 60.0
+MAX_RETRY_AFTER = 10.0
+MAX_RETRYING = 30.0
+# Every request but a watch must be answered in full within this many seconds (Unavailable else);
+# a watch must send something within its server-side timeoutSeconds plus WATCH_GRACE.
+REQUEST_TIMEOUT = 30.0
+WATCH_GRACE = 15.0
 
 
 def user_agent(component: str = "modelcache") -> str:
@@ -47,15 +60,59 @@ def user_agent(component: str = "modelcache") -> str:
     return f"{component}/0.1.0 ({pod}; pid {os.getpid()})"
 
 
+@dataclass
+class _Liveness:
+    """What readiness reads, shared by a client and its :meth:`KubeState.guarded` copies."""
+
+    answered_at: float | None = None  # the API server's last answer that was not a 5xx or 429
+    in_flight: dict[int, float] = field(default_factory=dict)  # request -> monotonic start
+    stalled: dict[str, float] = field(default_factory=dict)  # path -> start of first unanswered
+
+
 class KubeState:
+    """``write_guard``: called before every attempt of every write (create, patch, patch_status,
+    delete), 429 retries included; what it raises ends the write (the leader's fence).
+    ``request_timeout``: seconds a request other than a watch may take in all."""
+
     def __init__(
-        self, client: httpx.AsyncClient, *, watch_timeout: int = 300, component: str = "modelcache"
+        self,
+        client: httpx.AsyncClient,
+        *,
+        watch_timeout: int = 300,
+        component: str = "modelcache",
+        request_timeout: float = REQUEST_TIMEOUT,
+        watch_grace: float = WATCH_GRACE,
+        write_guard: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._client.headers["User-Agent"] = user_agent(component)
         self._watch_timeout = watch_timeout
-        # time.monotonic() of the API server's last answer that was not a 5xx or 429 (readiness).
-        self.last_answer: float | None = None
+        self.request_timeout = request_timeout
+        self.watch_grace = watch_grace
+        self.write_guard = write_guard
+        self._live = _Liveness()
+
+    def guarded(self, write_guard: Callable[[], None]) -> KubeState:
+        """This client with ``write_guard`` before every write attempt (its readiness shared)."""
+        other = copy.copy(self)
+        other.write_guard = write_guard
+        return other
+
+    @property
+    def last_answer(self) -> float | None:
+        """time.monotonic() since which the API server has answered (not 5xx/429) what was asked:
+        its last answer, but no later than the start of a request still waiting or of the first
+        request to a path whose requests have gone unanswered since (timeouts, cut connections).
+        A hung list thus counts as no answer however many other requests are answered; readiness
+        (controller and agent) reads this. None before the first answer."""
+        live = self._live
+        if live.answered_at is None:
+            return None
+        return min([live.answered_at, *live.in_flight.values(), *live.stalled.values()])
+
+    @last_answer.setter
+    def last_answer(self, value: float | None) -> None:
+        self._live.answered_at = value
 
     @classmethod
     def from_environment(
@@ -68,18 +125,28 @@ class KubeState:
             single = config.get(context_name=context)
             if single is None:
                 raise Unavailable("the Kubernetes configuration names no current context; pass --context")
-            params = client_adapter.ConnectionParams(timeout=httpx.Timeout(30.0, read=None))
+            params = client_adapter.ConnectionParams(timeout=_timeout())
             return cls(client_adapter.AsyncClient(single, params), component=component)
         except Exception as e:  # lightkube raises ConfigError and file errors alike
             raise Unavailable(f"cannot load a Kubernetes configuration: {e}") from e
 
     @classmethod
-    def for_url(cls, url: str, *, watch_timeout: int = 300, component: str = "modelcache") -> KubeState:
+    def for_url(
+        cls,
+        url: str,
+        *,
+        watch_timeout: int = 300,
+        component: str = "modelcache",
+        request_timeout: float = REQUEST_TIMEOUT,
+        watch_grace: float = WATCH_GRACE,
+    ) -> KubeState:
         """An unauthenticated client for a given API URL (tests, kubectl proxy)."""
         return cls(
-            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0, read=None)),
+            httpx.AsyncClient(base_url=url, timeout=_timeout()),
             watch_timeout=watch_timeout,
             component=component,
+            request_timeout=request_timeout,
+            watch_grace=watch_grace,
         )
 
     # -- the interface -------------------------------------------------------------------------
@@ -109,9 +176,15 @@ class KubeState:
             "allowWatchBookmarks": "false",
             "timeoutSeconds": str(self._watch_timeout),
         }
+        # A watch the server accepted but never feeds ends after its own timeout plus a grace.
+        timeout = httpx.Timeout(10.0, read=self._watch_timeout + self.watch_grace)
         try:
             async with self._client.stream(
-                "GET", _url(kind, namespace), params=params, headers={"Accept": "application/json"}
+                "GET",
+                _url(kind, namespace),
+                params=params,
+                headers={"Accept": "application/json"},
+                timeout=timeout,
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
@@ -175,7 +248,7 @@ class KubeState:
 
     def _answered(self, code: int) -> None:
         if code < 500 and code != 429:
-            self.last_answer = time.monotonic()
+            self._live.answered_at = time.monotonic()
 
     async def _json(
         self,
@@ -186,15 +259,19 @@ class KubeState:
         json_body: JSON | None = None,
         creating: bool = False,
     ) -> JSON:
-        """One request; a 429 is asked again after its Retry-After (up to TOO_MANY_ATTEMPTS)."""
+        """One request; a 429 is asked again after its Retry-After (see MAX_RETRYING). A write
+        passes ``write_guard`` before each attempt."""
+        guard = self.write_guard if method != "GET" else None
         retrying = AsyncRetrying(
             retry=retry_if_exception(_throttled),
             wait=_retry_after,
-            stop=stop_after_attempt(TOO_MANY_ATTEMPTS),
+            stop=stop_any(stop_after_attempt(TOO_MANY_ATTEMPTS), _PastRetrying()),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
+                if guard is not None:
+                    guard()
                 return await self._request(method, url, params, json_body, creating)
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
@@ -206,12 +283,23 @@ class KubeState:
         if json_body is not None:
             headers["Content-Type"] = MERGE_PATCH if method == "PATCH" else "application/json"
             content = json.dumps(json_body)
+        live = self._live
+        started = time.monotonic()
+        key = object()
+        live.in_flight[id(key)] = started
         try:
-            response = await self._client.request(
-                method, url, params=params, content=content, headers=headers
-            )
-        except httpx.HTTPError as e:
-            raise Unavailable(f"{method} {url}: cannot reach the API server ({type(e).__name__})") from e
+            async with asyncio.timeout(self.request_timeout):
+                response = await self._client.request(
+                    method, url, params=params, content=content, headers=headers
+                )
+        except (httpx.HTTPError, TimeoutError) as e:
+            live.stalled.setdefault(url, started)
+            slow = isinstance(e, TimeoutError | httpx.TimeoutException)
+            why = "no answer in time" if slow else "cannot reach"
+            raise Unavailable(f"{method} {url}: {why} from the API server ({type(e).__name__})") from e
+        finally:
+            del live.in_flight[id(key)]
+        live.stalled.pop(url, None)
         self._answered(response.status_code)
         if response.status_code >= 400:
             raise _error(response, creating=creating)
@@ -279,21 +367,54 @@ def _error(response: httpx.Response, *, creating: bool = False) -> ClusterStateE
     return error
 
 
+def _timeout() -> httpx.Timeout:
+    # Per phase; the whole of a request is bounded by request_timeout, a watch's read per stream.
+    return httpx.Timeout(REQUEST_TIMEOUT)
+
+
 def _retry_after_header(response: httpx.Response) -> float | None:
-    """Retry-After in seconds (RFC 9110 also allows an HTTP date; the API server sends seconds)."""
-    value = response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+    return parse_retry_after(response.headers.get("Retry-After"), now=time.time())
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (RFC 9110 section 10.2.3): delta-seconds (a
+    non-negative integer; a decimal is taken too) or an HTTP-date (``now``: time.time()). None
+    when absent or invalid (negative, nan, infinite, unparsable): the caller's own backoff then."""
+    if value is None:
         return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; an unzoned one is read as such
+            return None
+        return max(0.0, when.timestamp() - now)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
 
 
 def _throttled(error: BaseException) -> bool:
     return isinstance(error, Unavailable) and error.status == 429
 
 
-def _retry_after(state: Any) -> float:
-    """tenacity's wait: the Retry-After the API asked, else 1 s (capped at MAX_RETRY_AFTER)."""
+def _wait_asked(state: RetryCallState) -> float:
     error = state.outcome.exception() if state.outcome is not None else None
     asked = getattr(error, "retry_after", None)
     return min(MAX_RETRY_AFTER, asked if isinstance(asked, float) else 1.0)
+
+
+def _retry_after(state: RetryCallState) -> float:
+    """tenacity's wait: the Retry-After the API asked, else 1 s (at most MAX_RETRY_AFTER)."""
+    return _wait_asked(state)
+
+
+class _PastRetrying(stop_base):
+    """tenacity's stop: the next wait would end past MAX_RETRYING seconds after the first try."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return (retry_state.seconds_since_start or 0.0) + _wait_asked(retry_state) > MAX_RETRYING

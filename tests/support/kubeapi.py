@@ -73,7 +73,7 @@ class Fault:
 
     match: Match
     status: int | None = None  # answered with this code and a Status body
-    retry_after: float | None = None  # with status: a Retry-After header
+    retry_after: float | str | None = None  # with status: a Retry-After header (a str as is)
     delay: float = 0.0  # seconds before the answer (or the fault)
     refuse: bool = False  # the connection is cut, no answer at all
     drop_watch: bool = False  # a watch is answered 200 and ends at once, without events
@@ -188,7 +188,8 @@ class KubeAPI:
                 if fault.status is not None:
                     response = _status(fault.status, "InjectedFault", f"injected fault {fault.status}")
                     if fault.retry_after is not None:
-                        response.headers["Retry-After"] = f"{fault.retry_after:g}"
+                        ra = fault.retry_after
+                        response.headers["Retry-After"] = ra if isinstance(ra, str) else f"{ra:g}"
                     status = fault.status
                     return response
                 if watch and (fault.drop_watch or fault.expire_watch):
