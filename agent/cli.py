@@ -60,11 +60,18 @@ def _non_negative(flag: str) -> Callable[[str], float]:
     return parse
 
 
+def _folder(text: str) -> Path:
+    # Path("") is the working folder: an empty value (an unset variable) must not make it the cache.
+    if not text.strip():
+        raise InvalidInput("--cache-dir: empty; name the cache folder, e.g. --cache-dir /var/lib/modelcache")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
     p.add_argument(
-        "--cache-dir", type=Path, required=True, help="the cache folder (the node group's PV path)"
+        "--cache-dir", type=_folder, required=True, help="the cache folder (the node group's PV path)"
     )
     p.add_argument(
         "--standalone", type=Path, metavar="PATH", help="YAML file or folder instead of an API server"

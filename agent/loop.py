@@ -44,6 +44,7 @@ from localmodel.errors import (
     DownloadError,
     ForeignFolder,
     IntegrityError,
+    InvalidInput,
     ModelcacheError,
     SpecError,
 )
@@ -199,6 +200,8 @@ class Agent:
         self.groups: dict[str, LocalModelNodeGroup] = {}
         self.desired = Desired((), None, False, {})
         self.config_error: str | None = None
+        self.reported_config: str | None = None  # the group configuration error last sent as an Event
+        self.once = False  # --once: a configuration that cannot settle ends the run (InvalidInput)
         self.last_plan: Plan | None = None
         self.scanned = False
         self.wake = asyncio.Event()
@@ -258,6 +261,7 @@ class Agent:
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> int:
         """Until ``stop`` is set (SIGTERM) or, with ``once``, until every model is settled.
         Returns the exit code: 0, or 1 when ``once`` ends with a model not downloaded."""
+        self.once = once
         self.cache.open()  # raises CacheLocked when another agent holds the folder
         background: list[asyncio.Task[Any]] = []
         try:
@@ -408,10 +412,19 @@ class Agent:
             self.desired = desired(self.node, self.groups, cache_dir=self.settings.cache_dir)
         except SpecError as e:
             # A mismatched cache folder would make every model look missing: change nothing.
-            if self.config_error != str(e):
+            if self.once:
+                # Nothing can settle until the configuration changes, which --once never waits for.
+                raise InvalidInput(str(e)) from None
+            # Remembered apart from config_error: a node event clears that one (its own status
+            # write is one), and the same message must not be logged and sent again.
+            if self.reported_config != str(e):
                 await self.events.emit("InvalidConfiguration", str(e), warning=True)
-            self.config_error = str(e)
+            self.reported_config = self.config_error = str(e)
             return
+        if self.reported_config is not None:
+            if self.config_error == self.reported_config:
+                self.config_error = None
+            self.reported_config = None
         d = self.desired
         wanted = {m.storage_key: m for m in d.models}
         await self._report_refusals()
