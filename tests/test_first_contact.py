@@ -50,8 +50,9 @@ def test_once_with_a_cache_folder_unlike_the_groups_exits_2_in_one_line(tmp_path
     (src / "w.bin").write_bytes(b"x" * 10)
     docs = tmp_path / "models.yaml"
     docs.write_text(GROUP.format(path=tmp_path / "other", src=src))
+    quiet = ("--once", "--log-level", "WARNING")
     r = agent("--cache-dir", str(tmp_path / "cache"), "--standalone", str(docs),
-              "--health-addr", "off", "--metrics-addr", "off", "--once", "--log-level", "WARNING")  # fmt: skip
+              "--health-addr", "off", "--metrics-addr", "off", *quiet)  # fmt: skip
     assert r.returncode == 2, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
@@ -78,8 +79,10 @@ def test_a_taken_health_or_metrics_port_is_one_line_naming_the_flag(tmp_path: Pa
         taken.listen()
         port = taken.getsockname()[1]
         for flag, other in (("--health-addr", "--metrics-addr"), ("--metrics-addr", "--health-addr")):
+            quiet = ("--once", "--log-level", "WARNING")
             r = agent("--cache-dir", str(tmp_path / "cache"), "--standalone", str(docs),
-                      flag, f"127.0.0.1:{port}", other, "off", "--once", "--log-level", "WARNING")  # fmt: skip
+                      flag, f"127.0.0.1:{port}", other, "off", *quiet)  # fmt: skip
             assert r.returncode == 2, r.stderr
-            assert r.stderr.startswith(f"modelcache agent: {flag}: cannot listen on 127.0.0.1:{port}: "), r.stderr
+            line = f"modelcache agent: {flag}: cannot listen on 127.0.0.1:{port}: "
+            assert r.stderr.startswith(line), r.stderr
             assert r.stderr.count("\n") == 1, r.stderr
