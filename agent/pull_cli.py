@@ -288,6 +288,25 @@ def _failed(dest: Destination, e: BaseException, what: str) -> int:
     return 1
 
 
+def mount_point_error(final: Path) -> str | None:
+    """Why DEST cannot be published to because it is a mount point (an existing folder on another
+    filesystem than its parent, or ``os.path.ismount``), or None. A pull stages beside DEST, on the
+    parent's filesystem, and publishes by renaming the staged folder onto DEST: the kernel refuses
+    that for a mount point (EBUSY), so the pull could never succeed. Checked before any staging."""
+    try:
+        if final.is_symlink() or not final.is_dir():
+            return None
+        other = final.stat().st_dev != final.parent.stat().st_dev
+    except OSError:
+        return None
+    if not (other or os.path.ismount(final)):
+        return None
+    return (
+        f"{final} is a mount point; a pull publishes by renaming its staged copy onto DEST, which a "
+        f"mount point cannot take; pull into a folder inside it, e.g. {final / 'model'}"
+    )
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.concurrency < 1 or args.concurrency > 256:
@@ -307,7 +326,12 @@ def main(argv: Sequence[str]) -> int:
     if args.lock_wait < 0:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
     final = check_dest(args.dest, home=Path.home())
-    if (problem := folder_error(final.parent)) is not None:
+    # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
+    # the whole download, and no later run could get past it.
+    mine = final.is_dir() and not final.is_symlink()  # else the replaceable check says what is there
+    if (problem := folder_error(final.parent) or (folder_error(final) if mine else None)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+    if (problem := mount_point_error(final)) is not None:
         raise InvalidInput(f"DEST: {problem}")
     dest = Destination.for_folder(final, force=args.force)
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
