@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -236,6 +236,15 @@ class Agent:
             return
         with contextlib.suppress(ModelcacheError):
             await self.state.get(LOCAL_MODEL_NODE, self.settings.node_name)
+
+    def _node_limit(self, d: Desired) -> int | None:
+        """The node's storage limit in bytes: the sum of its groups' limits, the groups of refused
+        caches included (a node whose every cache was refused still has the limit that refused them)."""
+        refused = {r.group for r in self.refused()}
+        if not refused:
+            return d.limit
+        wanted = {m.node_group for m in d.models if m.node_group}
+        return _group_limit(self.groups, wanted | refused)
 
     def settled(self) -> bool:
         """Every desired model is published or failed/refused, and nothing runs: ``--once`` ends."""
@@ -731,10 +740,11 @@ class Agent:
                 model_status[r.cache] = ModelState.ERROR
                 models[r.cache] = _refused_progress(r)
         used = self.last_plan.used if self.last_plan else sum(self.published.values())
+        limit = self._node_limit(d)
         capacity = Capacity(
-            limit=Quantity.from_bytes(d.limit) if d.limit is not None else None,
+            limit=Quantity.from_bytes(limit) if limit is not None else None,
             used=Quantity.from_bytes(used),
-            available=Quantity.from_bytes(max(0, d.limit - used)) if d.limit is not None else None,
+            available=Quantity.from_bytes(max(0, limit - used)) if limit is not None else None,
         )
         counts: dict[str, int] = {}
         for state in model_status.values():
@@ -842,6 +852,11 @@ class Agent:
             await update_status(
                 self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
             )
+
+
+def _group_limit(groups: Mapping[str, LocalModelNodeGroup], names: set[str]) -> int | None:
+    limits = [groups[g].spec.storage_limit.bytes for g in sorted(names) if g in groups]
+    return sum(limits) if limits else None
 
 
 def _refused_progress(r: Refusal) -> ModelProgress:

@@ -86,3 +86,25 @@ def test_a_taken_health_or_metrics_port_is_one_line_naming_the_flag(tmp_path: Pa
             line = f"modelcache agent: {flag}: cannot listen on 127.0.0.1:{port}: "
             assert r.stderr.startswith(line), r.stderr
             assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_status_names_the_groups_limit_when_every_cache_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"x" * 10)
+    docs = tmp_path / "models.yaml"
+    docs.write_text(
+        GROUP.format(path=tmp_path / "cache", src=src).replace("modelSize: 1Mi", "modelSize: 2Gi")
+    )
+    r = agent("--cache-dir", str(tmp_path / "cache"), "--standalone", str(docs),
+              "--health-addr", "off", "--metrics-addr", "off",
+              "--once", "--status-interval", "0.1")  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    s = subprocess.run(
+        [sys.executable, "-m", "modelcache", "status", "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert s.returncode == 0, s.stderr
+    head = s.stdout.splitlines()[0]
+    assert "used of 1 GiB" in head or "used of 1.0 GiB" in head, s.stdout
+    assert "no limit" not in head
