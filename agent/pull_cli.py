@@ -23,6 +23,7 @@ from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, Quan
 from localmodel.layout import CacheLayout
 from localmodel.manifest import HASH_NAMES
 from localmodel.quantity import Quantity
+from localmodel.resources import cache_path_error
 from localmodel.uri import parse_uri
 
 
@@ -326,6 +327,14 @@ def main(argv: Sequence[str]) -> int:
     if args.lock_wait < 0:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
     final = check_dest(args.dest, home=Path.home())
+    # The agent's rule for its cache folder (never a system folder, also through a link), but for
+    # the user's own home, where root's is /root.
+    home = Path.home().resolve()
+    for candidate in (final, final.resolve()):
+        if candidate.is_relative_to(home):
+            continue
+        if (problem := cache_path_error(str(candidate))) is not None:
+            raise InvalidInput(f"DEST: {problem}")
     # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
     # the whole download, and no later run could get past it.
     mine = final.is_dir() and not final.is_symlink()  # else the replaceable check says what is there

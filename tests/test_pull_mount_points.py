@@ -69,3 +69,17 @@ def test_a_read_only_dest_folder_is_refused_at_once(tmp_path: Path, mounted: Pat
                 "or name another folder\n"
             )
             assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "src"]
+
+
+@pytest.mark.parametrize("dest", ["/etc/modelcache-test-x", "/usr/share/modelcache-test-x", "link/x"])
+def test_system_folders_are_refused_as_dest_also_through_a_link(tmp_path: Path, dest: str) -> None:
+    src = source(tmp_path)
+    (tmp_path / "link").symlink_to("/etc")
+    target = dest if dest.startswith("/") else str(tmp_path / dest)
+    r = run(f"file://{src}", target)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("modelcache pull: DEST: '"), r.stderr
+    assert "is (or is under) a system folder" in r.stderr
+    assert r.stderr.count("\n") == 1
+    assert not Path("/etc/modelcache-test-x").exists() and not Path("/usr/share/modelcache-test-x").exists()
+    assert not Path("/etc/.modelcache").exists()
