@@ -224,6 +224,16 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--node-name is required (or set NODE_NAME, e.g. from the pod's spec.nodeName)")
     if args.retry_max < args.retry_min:
         raise InvalidInput("--retry-max must be at least --retry-min")
+    if (
+        args.standalone is not None
+        and args.standalone.exists()
+        and not (args.standalone.is_file() or args.standalone.is_dir())
+    ):
+        # /dev/null, a FIFO, a socket: read as "no such file" further down, which it is not.
+        raise InvalidInput(
+            f"--standalone: {printable(str(args.standalone))} is not a regular file or a folder; pass a "
+            "YAML file or a folder of them"
+        )
     setup_logging(args.log_level, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_core_dumps()
     # In a cluster a spec's URI must not reach the node's own services or the cloud metadata

@@ -701,7 +701,9 @@ class Agent:
         rec.retry_at = time.monotonic() + delay
         rec.retry_after = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.metrics.failures.labels(e.reason).inc()
-        log.warning("%s: download failed (%s): %s; retry in %.0f s", name, e.reason, _one_line(e), delay)
+        # Under --once the run ends once every model is settled: a failed one is not retried.
+        retry = "not retried (--once)" if self.once else f"retry in {delay:.0f} s"
+        log.warning("%s: download failed (%s): %s; %s", name, e.reason, _one_line(e), retry)
         if isinstance(e, IntegrityError):
             self.metrics.verification_failures.inc()
         if isinstance(e, DiskFull) and rec.key not in self.published:
@@ -710,7 +712,8 @@ class Agent:
                 await asyncio.to_thread(self.cache.delete, rec.key)
             except (LinkRefused, OSError) as gone:
                 log.warning("%s: its staging could not be removed: %s", name, _one_line(gone))
-        await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {delay / 60:.0f} min)", warning=True)
+        later = "not retried: --once" if self.once else f"retry in {delay / 60:.0f} min"
+        await self.events.emit("DownloadFailed", f"{name}: {e} ({later})", warning=True)
 
     # -- status --------------------------------------------------------------------------------
 

@@ -30,11 +30,14 @@ from localmodel.uri import parse_uri
 def parse_rate(text: str) -> float:
     """'100M', '1.5Gi', '200MB/s', '50MiB/s' -> bytes per second."""
     cleaned = text.strip().removesuffix("/s").removesuffix("B")
+    if cleaned.endswith("K"):
+        cleaned = cleaned[:-1] + "k"  # 50KB/s: kilo is "k" in a Kubernetes quantity, "K" everywhere else
     try:
         value = Quantity.parse(cleaned, field="--max-bandwidth")
     except QuantityError:
         raise InvalidInput(
-            f"--max-bandwidth: {text!r} is not a rate; use bytes per second like 100M, 1Gi or 200MB/s"
+            f"--max-bandwidth: {text!r} is not a rate; use bytes per second like 50kB/s, 100MB/s or "
+            "1GiB/s (k, M, G: powers of 1000; Ki, Mi, Gi: of 1024; B and /s optional)"
         ) from None
     if value.value <= 0:
         raise InvalidInput(f"--max-bandwidth: {text!r} must be greater than zero")
@@ -248,7 +251,7 @@ class _Bar:
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,  # decimal, as the summary's MB/s and --max-bandwidth's MB/s
-                desc=f"{files} files",
+                desc=count_files(files),
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
                 "[{elapsed}<{remaining}, {rate_fmt}]",
                 file=self.stream,
@@ -276,8 +279,13 @@ def checked(result: PullResult, *, verify: bool) -> str:
     size_only = f"{result.size_only} checked by size only ({', '.join(result.size_only_names)}{more})"
     hashed = sum(result.hash_checked.values())
     if not hashed:
-        return f"{size_only}: the source gives no hash for them"
-    return f"{hashed} files verified by {by}, {size_only}"
+        return f"{size_only}: the source gives no hash for {'it' if result.size_only == 1 else 'them'}"
+    return f"{count_files(hashed)} verified by {by}, {size_only}"
+
+
+def count_files(n: int) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _failed(dest: Destination, e: BaseException, what: str) -> int:
@@ -371,7 +379,7 @@ def main(argv: Sequence[str]) -> int:
     rate = result.bytes_transferred / result.seconds / 1e6 if result.seconds > 0 else 0.0
     state = "up to date" if result.up_to_date else checked(result, verify=settings.verify)
     print(
-        f"{uri.redacted()} -> {args.dest}: {result.files} files, {megabytes(result.bytes_total)} "
+        f"{uri.redacted()} -> {args.dest}: {count_files(result.files)}, {megabytes(result.bytes_total)} "
         f"({result.bytes_total} bytes, {result.bytes_transferred} transferred) in {result.seconds:.2f} s, "
         f"{rate:.1f} MB/s, {state}" + (f", revision {result.revision}" if result.revision else "")
     )

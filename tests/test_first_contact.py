@@ -108,3 +108,73 @@ def test_status_names_the_groups_limit_when_every_cache_is_refused(tmp_path: Pat
     head = s.stdout.splitlines()[0]
     assert "used of 1 GiB" in head or "used of 1.0 GiB" in head, s.stdout
     assert "no limit" not in head
+
+
+def test_standalone_dev_null_says_it_is_not_a_file_of_documents(tmp_path: Path) -> None:
+    r = agent("--cache-dir", str(tmp_path / "cache"), "--standalone", "/dev/null", "--once")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (
+        "modelcache agent: --standalone: /dev/null is not a regular file or a folder; pass a YAML file "
+        "or a folder of them\n"
+    )
+
+
+def status(cache: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelcache", "status", "--cache-dir", str(cache)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_status_on_a_corrupt_state_file_falls_back_to_the_manifests(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"x" * 10)
+    docs = tmp_path / "models.yaml"
+    docs.write_text(GROUP.format(path=tmp_path / "cache", src=src))
+    r = agent("--cache-dir", str(tmp_path / "cache"), "--standalone", str(docs),
+              "--health-addr", "off", "--metrics-addr", "off", "--once")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    state = tmp_path / "cache" / ".modelcache" / "state.json"
+    for corrupt in ('{"node": "box", "stat', "[1, 2]"):
+        state.write_text(corrupt)
+        s = status(tmp_path / "cache")
+        assert s.returncode == 0, s.stderr
+        head, row = s.stdout.splitlines()[0:3:2]
+        assert f"{state} is " in head and "; models from the manifests" in head
+        assert "ModelDownloaded" in row and "10 B / 10 B" in row
+
+
+def test_a_failure_under_once_says_it_is_not_retried(tmp_path: Path) -> None:
+    docs = tmp_path / "models.yaml"
+    docs.write_text(GROUP.format(path=tmp_path / "cache", src=tmp_path / "missing"))
+    r = agent("--cache-dir", str(tmp_path / "cache"), "--standalone", str(docs),
+              "--health-addr", "off", "--metrics-addr", "off", "--once")  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    failed = [line for line in r.stderr.splitlines() if "download failed" in line or "DownloadFailed" in line]
+    assert failed, r.stderr
+    assert all("not retried" in line and "retry in" not in line for line in failed), failed
+
+
+def test_pull_says_1_file_and_reads_50KB_per_second_as_decimal_kilobytes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"x" * 10)
+    r = subprocess.run(
+        [sys.executable, "-m", "modelcache", "pull", f"file://{src}", str(tmp_path / "dest"),
+         "--max-bandwidth", "50KB/s"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"-> {tmp_path / 'dest'}: 1 file, " in r.stdout
+    assert "1 checked by size only (w.bin): the source gives no hash for it" in r.stdout
+    from agent.pull_cli import parse_rate
+    from localmodel.errors import InvalidInput
+
+    assert parse_rate("50KB/s") == parse_rate("50kB/s") == 50_000
+    try:
+        parse_rate("50kb/s")
+    except InvalidInput as e:
+        assert "50kB/s" in str(e) and "Ki, Mi, Gi: of 1024" in str(e)
+    else:
+        raise AssertionError("50kb/s was read as a rate")
