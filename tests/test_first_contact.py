@@ -178,3 +178,24 @@ def test_pull_says_1_file_and_reads_50KB_per_second_as_decimal_kilobytes(tmp_pat
         assert "50kB/s" in str(e) and "Ki, Mi, Gi: of 1024" in str(e)
     else:
         raise AssertionError("50kb/s was read as a rate")
+
+
+def test_a_daemon_says_a_configuration_error_once(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    docs = tmp_path / "models.yaml"
+    docs.write_text(GROUP.format(path=tmp_path / "other", src=tmp_path))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "modelcache", "agent", "--node-name", "box",
+         "--node-labels", "kubernetes.io/hostname=box", "--cache-dir", str(tmp_path / "cache"),
+         "--standalone", str(docs), "--health-addr", "off", "--metrics-addr", "off",
+         "--status-interval", "0.1", "--resync", "0.2"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # several resyncs and status writes (each a node event)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    assert err.count("InvalidConfiguration: LocalModelNodeGroup g1") == 1, err
