@@ -60,11 +60,18 @@ def _non_negative(flag: str) -> Callable[[str], float]:
     return parse
 
 
+def _folder(text: str) -> Path:
+    # Path("") is the working folder: an empty value (an unset variable) must not make it the cache.
+    if not text.strip():
+        raise InvalidInput("--cache-dir: empty; name the cache folder, e.g. --cache-dir /var/lib/modelcache")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
     p.add_argument(
-        "--cache-dir", type=Path, required=True, help="the cache folder (the node group's PV path)"
+        "--cache-dir", type=_folder, required=True, help="the cache folder (the node group's PV path)"
     )
     p.add_argument(
         "--standalone", type=Path, metavar="PATH", help="YAML file or folder instead of an API server"
@@ -217,6 +224,16 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--node-name is required (or set NODE_NAME, e.g. from the pod's spec.nodeName)")
     if args.retry_max < args.retry_min:
         raise InvalidInput("--retry-max must be at least --retry-min")
+    if (
+        args.standalone is not None
+        and args.standalone.exists()
+        and not (args.standalone.is_file() or args.standalone.is_dir())
+    ):
+        # /dev/null, a FIFO, a socket: read as "no such file" further down, which it is not.
+        raise InvalidInput(
+            f"--standalone: {printable(str(args.standalone))} is not a regular file or a folder; pass a "
+            "YAML file or a folder of them"
+        )
     setup_logging(args.log_level, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_core_dumps()
     # In a cluster a spec's URI must not reach the node's own services or the cloud metadata

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from localmodel.errors import InvalidInput
 from localmodel.state.base import JSON
 
 log = logging.getLogger("modelcache.agent")
@@ -85,7 +86,15 @@ class Servers:
             runner = web.AppRunner(app, access_log=None, keepalive_timeout=10.0)
             await runner.setup()
             site = web.TCPSite(runner, addr[0], addr[1])
-            await site.start()
+            try:
+                await site.start()
+            except OSError as e:
+                # A taken port or an address not on this host is a usage error, said in one line.
+                await runner.cleanup()
+                await self.stop()
+                flags = " and ".join(f"--{name}-addr" for name, a in names.items() if a == addr)
+                why = e.strerror or str(e)
+                raise InvalidInput(f"{flags}: cannot listen on {addr[0]}:{addr[1]}: {why}") from e
             self.runners.append(runner)
             server = site._server
             sockets = getattr(server, "sockets", None) or []

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +45,7 @@ from localmodel.errors import (
     DownloadError,
     ForeignFolder,
     IntegrityError,
+    InvalidInput,
     ModelcacheError,
     SpecError,
     URIError,
@@ -209,6 +210,8 @@ class Agent:
         self.groups: dict[str, LocalModelNodeGroup] = {}
         self.desired = Desired((), None, False, {})
         self.config_error: str | None = None
+        self.reported_config: str | None = None  # the group configuration error last sent as an Event
+        self.once = False  # --once: a configuration that cannot settle ends the run (InvalidInput)
         self.last_plan: Plan | None = None
         self.scanned = False
         self.wake = asyncio.Event()
@@ -244,6 +247,15 @@ class Agent:
         with contextlib.suppress(ModelcacheError):
             await self.state.get(LOCAL_MODEL_NODE, self.settings.node_name)
 
+    def _node_limit(self, d: Desired) -> int | None:
+        """The node's storage limit in bytes: the sum of its groups' limits, the groups of refused
+        caches included (a node whose every cache was refused still has the limit that refused them)."""
+        refused = {r.group for r in self.refused()}
+        if not refused:
+            return d.limit
+        wanted = {m.node_group for m in d.models if m.node_group}
+        return _group_limit(self.groups, wanted | refused)
+
     def settled(self) -> bool:
         """Every desired model is published or failed/refused, and nothing runs: ``--once`` ends."""
         if not self.ready or not self.desired.known or self.tasks:
@@ -268,6 +280,7 @@ class Agent:
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> int:
         """Until ``stop`` is set (SIGTERM) or, with ``once``, until every model is settled.
         Returns the exit code: 0, or 1 when ``once`` ends with a model not downloaded."""
+        self.once = once
         self.cache.open()  # raises CacheLocked when another agent holds the folder
         # Blocking work runs where a stop waits for it a bounded time (agent.threads).
         asyncio.get_running_loop().set_default_executor(BoundedExecutor(grace=SHUTDOWN_GRACE))
@@ -424,10 +437,19 @@ class Agent:
             self.desired = desired(self.node, self.groups, cache_dir=self.settings.cache_dir)
         except SpecError as e:
             # A mismatched cache folder would make every model look missing: change nothing.
-            if self.config_error != str(e):
+            if self.once:
+                # Nothing can settle until the configuration changes, which --once never waits for.
+                raise InvalidInput(str(e)) from None
+            # Remembered apart from config_error: a node event clears that one (its own status
+            # write is one), and the same message must not be logged and sent again.
+            if self.reported_config != str(e):
                 await self.events.emit("InvalidConfiguration", str(e), warning=True)
-            self.config_error = str(e)
+            self.reported_config = self.config_error = str(e)
             return
+        if self.reported_config is not None:
+            if self.config_error == self.reported_config:
+                self.config_error = None
+            self.reported_config = None
         d = self.desired
         wanted = {m.storage_key: m for m in d.models}
         await self._report_refusals()
@@ -709,7 +731,9 @@ class Agent:
         rec.retry_at = time.monotonic() + delay
         rec.retry_after = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.metrics.failures.labels(e.reason).inc()
-        log.warning("%s: download failed (%s): %s; retry in %.0f s", name, e.reason, _one_line(e), delay)
+        # Under --once the run ends once every model is settled: a failed one is not retried.
+        retry = "not retried (--once)" if self.once else f"retry in {delay:.0f} s"
+        log.warning("%s: download failed (%s): %s; %s", name, e.reason, _one_line(e), retry)
         if isinstance(e, IntegrityError):
             self.metrics.verification_failures.inc()
         if isinstance(e, DiskFull) and rec.key not in self.published:
@@ -718,7 +742,8 @@ class Agent:
                 await asyncio.to_thread(self.cache.delete, rec.key)
             except (LinkRefused, OSError) as gone:
                 log.warning("%s: its staging could not be removed: %s", name, _one_line(gone))
-        await self.events.emit("DownloadFailed", f"{name}: {e} (retry in {_duration(delay)})", warning=True)
+        later = "not retried: --once" if self.once else f"retry in {_duration(delay)}"
+        await self.events.emit("DownloadFailed", f"{name}: {e} ({later})", warning=True)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -748,10 +773,11 @@ class Agent:
                 model_status[r.cache] = ModelState.ERROR
                 models[r.cache] = _refused_progress(r)
         used = self.last_plan.used if self.last_plan else sum(self.published.values())
+        limit = self._node_limit(d)
         capacity = Capacity(
-            limit=Quantity.from_bytes(d.limit) if d.limit is not None else None,
+            limit=Quantity.from_bytes(limit) if limit is not None else None,
             used=Quantity.from_bytes(used),
-            available=Quantity.from_bytes(max(0, d.limit - used)) if d.limit is not None else None,
+            available=Quantity.from_bytes(max(0, limit - used)) if limit is not None else None,
         )
         counts: dict[str, int] = {}
         for state in model_status.values():
@@ -859,6 +885,11 @@ class Agent:
             await update_status(
                 self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
             )
+
+
+def _group_limit(groups: Mapping[str, LocalModelNodeGroup], names: set[str]) -> int | None:
+    limits = [groups[g].spec.storage_limit.bytes for g in sorted(names) if g in groups]
+    return sum(limits) if limits else None
 
 
 def _refused_progress(r: Refusal) -> ModelProgress:

@@ -23,6 +23,7 @@ from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, Quan
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
 from localmodel.quantity import Quantity
+from localmodel.resources import cache_path_error
 from localmodel.uri import SourceURI, parse_uri
 
 
@@ -41,7 +42,8 @@ def parse_rate(text: str) -> float:
         value = Quantity.parse(cleaned, field="--max-bandwidth")
     except QuantityError:
         raise InvalidInput(
-            f"--max-bandwidth: {text!r} is not a rate; use bytes per second like 100M, 1Gi or 200MB/s"
+            f"--max-bandwidth: {text!r} is not a rate; use bytes per second like 50kB/s, 100MB/s or "
+            "1GiB/s (k, M, G: powers of 1000; Ki, Mi, Gi: of 1024; B and /s optional)"
         ) from None
     if value.value <= 0:
         raise InvalidInput(f"--max-bandwidth: {text!r} must be greater than zero")
@@ -299,7 +301,7 @@ class _Bar:
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,  # decimal, as the summary's MB/s and --max-bandwidth's MB/s
-                desc=f"{files} files",
+                desc=count_files(files),
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
                 "[{elapsed}<{remaining}, {rate_fmt}]",
                 file=self.stream,
@@ -327,8 +329,13 @@ def checked(result: PullResult, *, verify: bool) -> str:
     size_only = f"{result.size_only} checked by size only ({', '.join(result.size_only_names)}{more})"
     hashed = sum(result.hash_checked.values())
     if not hashed:
-        return f"{size_only}: the source gives no hash for them"
-    return f"{hashed} files verified by {by}, {size_only}"
+        return f"{size_only}: the source gives no hash for {'it' if result.size_only == 1 else 'them'}"
+    return f"{count_files(hashed)} verified by {by}, {size_only}"
+
+
+def count_files(n: int) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _failed(dest: Destination, e: BaseException, what: str) -> int:
@@ -338,6 +345,25 @@ def _failed(dest: Destination, e: BaseException, what: str) -> int:
     where = f"; partial download kept in {kept}; run the same command to resume" if kept else ""
     sys.stderr.write(f"modelcache pull: {what}{where}\n")
     return 1
+
+
+def mount_point_error(final: Path) -> str | None:
+    """Why DEST cannot be published to because it is a mount point (an existing folder on another
+    filesystem than its parent, or ``os.path.ismount``), or None. A pull stages beside DEST, on the
+    parent's filesystem, and publishes by renaming the staged folder onto DEST: the kernel refuses
+    that for a mount point (EBUSY), so the pull could never succeed. Checked before any staging."""
+    try:
+        if final.is_symlink() or not final.is_dir():
+            return None
+        other = final.stat().st_dev != final.parent.stat().st_dev
+    except OSError:
+        return None
+    if not (other or os.path.ismount(final)):
+        return None
+    return (
+        f"{final} is a mount point; a pull publishes by renaming its staged copy onto DEST, which a "
+        f"mount point cannot take; pull into a folder inside it, e.g. {final / 'model'}"
+    )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -360,7 +386,20 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
     final = check_dest(args.dest, home=Path.home(), key=storage_key(uri.raw))
     check_replace(final, uri, force=args.force)
-    if (problem := folder_error(final.parent)) is not None:
+    # The agent's rule for its cache folder (never a system folder, also through a link), but for
+    # the user's own home, where root's is /root.
+    home = Path.home().resolve()
+    for candidate in (final, final.resolve()):
+        if candidate.is_relative_to(home):
+            continue
+        if (problem := cache_path_error(str(candidate))) is not None:
+            raise InvalidInput(f"DEST: {problem}")
+    # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
+    # the whole download, and no later run could get past it.
+    mine = final.is_dir() and not final.is_symlink()  # else the replaceable check says what is there
+    if (problem := folder_error(final.parent) or (folder_error(final) if mine else None)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+    if (problem := mount_point_error(final)) is not None:
         raise InvalidInput(f"DEST: {problem}")
     dest = Destination.for_folder(final, force=args.force)
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
@@ -391,7 +430,7 @@ def main(argv: Sequence[str]) -> int:
     rate = result.bytes_transferred / result.seconds / 1e6 if result.seconds > 0 else 0.0
     state = "up to date" if result.up_to_date else checked(result, verify=settings.verify)
     print(
-        f"{uri.redacted()} -> {args.dest}: {result.files} files, {megabytes(result.bytes_total)} "
+        f"{uri.redacted()} -> {args.dest}: {count_files(result.files)}, {megabytes(result.bytes_total)} "
         f"({result.bytes_total} bytes, {result.bytes_transferred} transferred) in {result.seconds:.2f} s, "
         f"{rate:.1f} MB/s, {state}" + (f", revision {result.revision}" if result.revision else "")
     )

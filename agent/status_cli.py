@@ -40,14 +40,22 @@ def read_state(cache_dir: Path) -> dict[str, Any]:
         data = json.loads(layout.state_file.read_text())
     except FileNotFoundError:
         return _from_disk(layout)
-    except (OSError, ValueError) as e:
-        raise SpecError(f"cannot read {layout.state_file}: {e}", field="--cache-dir") from None
+    except ValueError as e:
+        # A state file cut short (a full disk, a crash on a filesystem without atomic rename) or
+        # overwritten: the published models are still told by their manifests.
+        return _from_disk(
+            layout, note=f"{layout.state_file} is not valid JSON ({e}); models from the manifests"
+        )
+    except OSError as e:
+        raise SpecError(f"cannot read {layout.state_file}: {e.strerror or e}", field="--cache-dir") from None
     if not isinstance(data, dict) or not isinstance(data.get("status"), dict):
-        raise SpecError(f"{layout.state_file} is not an agent state file", field="--cache-dir")
+        return _from_disk(
+            layout, note=f"{layout.state_file} is not an agent state file; models from the manifests"
+        )
     return data
 
 
-def _from_disk(layout: CacheLayout) -> dict[str, Any]:
+def _from_disk(layout: CacheLayout, *, note: str = "no agent state file") -> dict[str, Any]:
     models: dict[str, Any] = {}
     for folder in sorted(layout.models.glob("*")) if layout.models.is_dir() else []:
         if not STORAGE_KEY_RE.match(folder.name):
@@ -63,7 +71,7 @@ def _from_disk(layout: CacheLayout) -> dict[str, Any]:
             "bytesDone": manifest.total_bytes,
             "bytesTotal": manifest.total_bytes,
         }
-    return {"node": None, "ready": False, "status": {"models": models, "summary": "no agent state file"}}
+    return {"node": None, "ready": False, "status": {"models": models, "summary": note}}
 
 
 def render_table(data: dict[str, Any]) -> str:

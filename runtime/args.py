@@ -29,6 +29,11 @@ ALIASES: Mapping[str, str] = {
     "-pp": "--pipeline-parallel-size",
     "-dp": "--data-parallel-size",
     "-q": "--quantization",
+    # The short names written with two dashes: vLLM would refuse them minutes later, after the plan
+    # took the default; they can only mean the short names.
+    "--tp": "--tensor-parallel-size",
+    "--pp": "--pipeline-parallel-size",
+    "--dp": "--data-parallel-size",
     "--model-name": "--served-model-name",
     "--http-port": "--port",
 }
@@ -289,6 +294,28 @@ def near_misses(flags: Iterable[Flag], known: Iterable[str] = PLANNED_FLAGS) -> 
         if f.key in known:
             continue
         close = difflib.get_close_matches(f.key, known, n=1, cutoff=0.85)
+        if close:
+            found.append((f.key, close[0]))
+    return tuple(found)
+
+
+# vLLM's own flags that are a prefix of, or a typo away from, one of the launcher's: never a near miss.
+VLLM_FLAGS_NEAR_LAUNCHER = frozenset({"--model", "--nnodes", "--node-rank", "--download-dir"})
+
+
+def launcher_near_misses(flags: Iterable[Flag], launcher: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """(flag as given, the launcher flag meant) for each flag left to vLLM that is a typo of one of
+    the launcher's own flags (difflib ratio ≥ 0.85) or the start of one (``--dry`` for ``--dry-run``,
+    ``--model_d`` for ``--model_dir``), except vLLM's flags that look so
+    (:data:`VLLM_FLAGS_NEAR_LAUNCHER`). Such a flag would reach vLLM while the launcher took its
+    default: a misspelt ``--dry-run`` would start the server."""
+    names = sorted({"--" + n[2:].replace("_", "-") for n in launcher if n.startswith("--")})
+    found = []
+    for f in flags:
+        if f.key in names or f.key in VLLM_FLAGS_NEAR_LAUNCHER or f.key in ALIASES.values():
+            continue
+        starts = sorted(n for n in names if n.startswith(f.key) and len(f.key) > len("--"))
+        close = starts or difflib.get_close_matches(f.key, names, n=1, cutoff=0.85)
         if close:
             found.append((f.key, close[0]))
     return tuple(found)

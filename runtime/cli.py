@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, ModelcacheError
 from localmodel.layout import CacheLayout, storage_key
+from localmodel.uri import redact as redact_uri
 from runtime import args as vargs
 from runtime import kserve
 from runtime.classify import (
@@ -262,7 +263,21 @@ def resolve_model_dir(ns: argparse.Namespace) -> Path:
             raise InvalidInput("--model_dir and --model-uri both given; name the model one way")
         if not ns.cache_dir:
             raise InvalidInput("--model-uri needs --cache-dir: the node's cache folder holding models/<key>")
-        return CacheLayout(Path(ns.cache_dir)).model_dir(storage_key(ns.model_uri))
+        cache_dir = Path(ns.cache_dir)
+        key = storage_key(ns.model_uri)
+        folder = CacheLayout(cache_dir).model_dir(key)
+        if not cache_dir.is_dir():
+            raise InvalidInput(
+                f"--cache-dir: {cache_dir} does not exist or is not a folder; name the node's cache folder "
+                "(the agent's --cache-dir)"
+            )
+        if not folder.is_dir():
+            raise InvalidInput(
+                f"--model-uri: {redact_uri(ns.model_uri)} is not cached in {cache_dir} (no "
+                f"models/{key}); this runtime does not download: see what the node holds with "
+                f"`modelcache status --cache-dir {cache_dir}`"
+            )
+        return folder
     if ns.cache_dir:
         raise InvalidInput(
             "--cache-dir goes with --model-uri or --model_id (the model to find in it); name the model "
@@ -590,8 +605,14 @@ def build(
     vllm_here: Callable[[], bool] = vllm_installed,
 ) -> Launch:
     """Parse, preflight and plan; pure apart from reading the model folder and asking for GPUs."""
-    ns, rest = _parser().parse_known_args(list(argv))
+    parser = _parser()
+    ns, rest = parser.parse_known_args(list(argv))
     parsed = vargs.parse(rest)
+    own = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    # KServe's server flags (--workers, --model_name) are read by the translation, not near misses.
+    theirs = [f for f in parsed.flags if f.key not in kserve.BY_KEY]
+    for typed, meant in vargs.launcher_near_misses(theirs, own):
+        raise InvalidInput(f"{typed} is not a flag; did you mean {meant}? (the launcher's own flag)")
     if parsed.positionals:
         raise InvalidInput(
             f"unexpected argument {parsed.positionals[0]!r}: the model comes from --model_dir or "

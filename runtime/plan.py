@@ -287,6 +287,8 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
 
     total = nodes * g
     where = f"{plural(nodes, 'node')} x {plural(g, 'GPU')} = {total}"
+    if req.nodes is not None:  # the count as the user gave it (a flag or RAY_NODE_COUNT)
+        where = f"{src['nodes']}={nodes} x {plural(g, 'GPU')} = {total}"
     asked = _asked(req, src, tp, pp)
     if world > total:
         need_nodes = math.ceil(world / g)

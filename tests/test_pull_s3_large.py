@@ -121,7 +121,7 @@ async def test_3gib_object_in_64mi_ranges_verified_by_sha256(
     )
     stdout, _ = await proc.communicate()
     assert proc.returncode == 0, stdout
-    assert f"1 files, {SIZE / 1e6:.1f} MB ({SIZE} bytes, {SIZE} transferred)" in stdout.decode()
+    assert f"1 file, {SIZE / 1e6:.1f} MB ({SIZE} bytes, {SIZE} transferred)" in stdout.decode()
 
     gets = s3files.gets(KEY)
     assert all(r.range for r in gets) and all(r.presigned for r in gets)

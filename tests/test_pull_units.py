@@ -30,7 +30,7 @@ def test_the_summary_gives_megabytes_and_exact_bytes(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "1 files, 2.5 MB (2500000 bytes, 2500000 transferred) in " in r.stdout
+    assert "1 file, 2.5 MB (2500000 bytes, 2500000 transferred) in " in r.stdout
     assert re.search(r" s, \d+\.\d MB/s, ", r.stdout), r.stdout
 
 

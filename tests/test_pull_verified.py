@@ -99,7 +99,7 @@ async def test_http_without_checksum_is_size_only_and_its_sha256_recorded(
     result = await run(uri, in_cache(tmp_path, uri))
     assert dict(result.hash_checked) == {} and result.size_only == 1 and not result.verified
     assert result.size_only_names == ("w.bin",)
-    assert checked(result, verify=True) == "1 checked by size only (w.bin): the source gives no hash for them"
+    assert checked(result, verify=True) == "1 checked by size only (w.bin): the source gives no hash for it"
     manifest = in_cache(tmp_path, uri).published()
     assert manifest is not None
     assert [(e.sha256, e.sha1, e.md5) for e in manifest.files] == [
@@ -158,7 +158,7 @@ async def test_pull_summary_line(hf_hub: Hub, plain_http: HttpFiles, tmp_path: P
         ("hf://org/m", ", verified by sha256/sha1, revision "),
         (
             f"{plain_http.url}/w.bin",
-            ", 1 checked by size only (w.bin): the source gives no hash for them, revision",
+            ", 1 checked by size only (w.bin): the source gives no hash for it, revision",
         ),
     ):
         proc = await asyncio.create_subprocess_exec(

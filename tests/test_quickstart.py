@@ -38,3 +38,25 @@ def test_quickstart_runs_the_whole_chain_with_the_old_port_taken(tmp_path: Path)
     assert plan["command"][:3] == ["vllm", "serve", plan["model_dir"]]
     assert Path(plan["model_dir"]).parent == run_dir / "cache" / "models"
     assert (Path(plan["model_dir"]) / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not (ROOT / ".venv/bin/modelcache").exists(), reason="needs the repository's .venv")
+def test_quickstart_with_a_relative_tmpdir_holding_yaml_and_sed_characters(tmp_path: Path) -> None:
+    # '&' and '#' broke the sed substitution; ': ' and ' #' would change the YAML; a relative TMPDIR
+    # is the user's folder, not the repository's.
+    odd = tmp_path / "a&b#c: d #e"
+    odd.mkdir()
+    r = subprocess.run(
+        [str(ROOT / "scripts/quickstart")],
+        env={**os.environ, "TMPDIR": odd.name},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run_dir,) = odd.glob("modelcache-quickstart.*")
+    assert not list(ROOT.glob("a&b*"))
+    plan = json.loads(r.stdout[r.stdout.index("{") : r.stdout.rindex("}") + 1])
+    assert Path(plan["model_dir"]).parent == run_dir / "cache" / "models"
+    assert (Path(plan["model_dir"]) / "model.safetensors").is_file()

@@ -98,7 +98,7 @@ def test_fewer_gpus_used_says_so() -> None:
         (
             LLAMA_8B,
             PlanRequest(8, nodes=1, tensor_parallel_size=16),
-            ["16 GPUs", "1 node x 8 GPUs = 8", "--nodes=2", "TP 8 x PP 1"],
+            ["16 GPUs", "--nodes=1 x 8 GPUs = 8", "--nodes=2", "TP 8 x PP 1"],
         ),
         (
             LLAMA_8B,

@@ -168,6 +168,20 @@ class RateLimiter:
         self.stamp = time.monotonic()
         self.lock = threading.Lock()
 
+    @property
+    def step(self) -> int:
+        """Bytes to move at most per payment where the caller picks the size (a local copy): a 20th of
+        a second's worth (64 KiB at least), so one payment never runs far ahead of the cap."""
+        return max(64 << 10, int(self.rate / 20))
+
+    @property
+    def receive_buffer(self) -> int:
+        """SO_RCVBUF for a capped client's sockets, in bytes: an eighth of a second's worth (64 KiB at
+        least). The kernel otherwise grows a socket's receive buffer to megabytes, which the server
+        fills at line speed while the cap holds the reads back: the cap would hold at the client's
+        reads but not on the wire."""
+        return max(64 << 10, int(self.rate / 8))
+
     def delay(self, n: int) -> float:
         """Take ``n`` bytes' worth of tokens; the seconds to wait before handing them on."""
         with self.lock:
@@ -581,7 +595,12 @@ class HttpClient:
         else:
             conn = http.client.HTTPConnection(str(where[1]), int(where[2]), timeout=self.connect_timeout)
         # http.client's hook for making the socket: ours shows it to the call before connecting.
-        dial = functools.partial(_dial, call, self.allow_private or kind != "direct")
+        dial = functools.partial(
+            _dial,
+            call,
+            self.allow_private or kind != "direct",
+            rcvbuf=self.limiter.receive_buffer if self.limiter is not None else None,
+        )
         conn._create_connection = dial  # type: ignore[attr-defined]
         conn.connect()
         assert conn.sock is not None
@@ -662,11 +681,14 @@ def _dial(
     address: tuple[str, int],
     timeout: float | None,
     source_address: tuple[str, int] | None = None,
+    *,
+    rcvbuf: int | None = None,
 ) -> socket.socket:
     """``socket.create_connection``, with each socket attached to the call before it connects, so
     stopping the call interrupts a connect that would hang until its timeout (an address that drops
     SYNs): ``shutdown`` ends a pending ``connect`` at once. Without ``allow_private``, an address
-    :func:`private_address` refuses is never connected to (:class:`PrivateAddress`)."""
+    :func:`private_address` refuses is never connected to (:class:`PrivateAddress`). ``rcvbuf``:
+    SO_RCVBUF in bytes, set before connecting (the window scale is agreed in the handshake)."""
     host, port = address
     error: OSError | None = None
     for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
@@ -678,6 +700,8 @@ def _dial(
             raise Stopped(host)
         try:
             sock.settimeout(timeout)
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             if source_address:
                 sock.bind(source_address)
             sock.connect(where)
