@@ -194,7 +194,7 @@ def check_cache_dir(raw: Path) -> Path:
     link), a file, a read-only filesystem or a folder this user may not write."""
     path = Path(os.path.normpath(raw.absolute()))
     for candidate in (path, path.resolve()):
-        if (problem := cache_path_error(str(candidate))) is not None:
+        if (problem := cache_path_error(str(candidate), cluster=False)) is not None:
             raise InvalidInput(f"--cache-dir: {problem}")
     if (problem := folder_error(path)) is not None:
         raise InvalidInput(f"--cache-dir: {problem}")

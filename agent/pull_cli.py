@@ -392,7 +392,7 @@ def main(argv: Sequence[str]) -> int:
     for candidate in (final, final.resolve()):
         if candidate.is_relative_to(home):
             continue
-        if (problem := cache_path_error(str(candidate))) is not None:
+        if (problem := cache_path_error(str(candidate), cluster=False)) is not None:
             raise InvalidInput(f"DEST: {problem}")
     # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
     # the whole download, and no later run could get past it.

@@ -69,8 +69,8 @@ def test_agent_cache_dir_through_a_link_to_root(tmp_path: Path) -> None:
     r = agent(tmp_path, str(tmp_path / "root"))
     assert r.returncode == 2, r.stderr
     assert r.stderr == (
-        "modelcache agent: --cache-dir: '/' is a system folder: give a folder of its own, e.g. "
-        "/var/lib/modelcache\n"
+        "modelcache agent: --cache-dir: '/' is a shared system folder: give a folder of its own below "
+        "it, e.g. /var/lib/modelcache\n"
     )
 
 
