@@ -67,9 +67,15 @@ class Hub:
         self.requests: list[Request] = []
         self.ranges = True
         self.page_size = page_size
-        self._dir = Path(tempfile.mkdtemp(prefix="hfhub-"))
+        self._folder: Path | None = None  # made on first use: a hub serving files by path needs none
         self._runner: web.AppRunner | None = None
         self.endpoint = ""
+
+    @property
+    def _dir(self) -> Path:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="hfhub-"))
+        return self._folder
 
     # -- building repositories ---------------------------------------------------------------
 
@@ -141,7 +147,8 @@ class Hub:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        shutil.rmtree(self._dir, ignore_errors=True)  # the repositories' files: tests leave nothing
+        if self._folder is not None:  # the repositories' files: tests leave nothing
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def _record(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
