@@ -205,7 +205,9 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, metrics: ControllerMetrics, health: Health) -> int:
-    settings = Settings(max_concurrent_downloads=args.max_concurrent_node_downloads)
+    settings = Settings(
+        max_concurrent_downloads=args.max_concurrent_node_downloads, standalone=args.standalone is not None
+    )
     if args.standalone is None and args.webhook_addr:
         kube = KubeState.from_environment(args.kubeconfig, args.context, component=FIELD_MANAGER)
         try:

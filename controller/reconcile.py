@@ -130,6 +130,8 @@ class Settings:
     contest_count: int = 3
     contest_window: float = 600.0
     clock: Callable[[], str] = utc_now
+    # Standalone (--standalone): scratch folders (/tmp) may hold a group's cache, as in the agent's.
+    standalone: bool = False
 
 
 @dataclass
@@ -269,7 +271,7 @@ class Controller:
         group, why = None, None
         if obj is not None:
             try:
-                group = cluster_group(obj)
+                group = cluster_group(obj, cluster=not self.settings.standalone)
             except SpecError as e:
                 group, why = None, str(e)
                 log.warning("ignoring LocalModelNodeGroup %s: %s", name, e)

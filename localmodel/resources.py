@@ -637,14 +637,15 @@ class LocalModelNodeGroupSpec:
 NO_FOLDER = "names no cache folder: give hostPath.path or local.path (e.g. /var/lib/modelcache)"
 
 
-def cluster_group(data: Any) -> LocalModelNodeGroup:
+def cluster_group(data: Any, *, cluster: bool = True) -> LocalModelNodeGroup:
     """A node group as a cluster takes it: :meth:`LocalModelNodeGroup.from_json`, and its folder
-    not a scratch folder either (:func:`cache_path_error` with ``cluster``). Raises SpecError. A
+    not a scratch folder either (:func:`cache_path_error` with ``cluster``; off for the controller's
+    standalone mode, the user's own machine, as for the agent's). Raises SpecError. A
     group without a folder is taken (its nodes still hold models; only serving volumes need the
     folder): the group webhook and the CRD refuse it, the controller says so on its caches."""
     group = LocalModelNodeGroup.from_json(data)
     source, path = group.spec.volume_source, group.spec.cache_path
-    if source is not None and (why := cache_path_error(path, cluster=True)) is not None:
+    if source is not None and (why := cache_path_error(path, cluster=cluster)) is not None:
         raise SpecError(why, field=f"spec.persistentVolumeSpec.{source}.path")
     return group
 
