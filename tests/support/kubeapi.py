@@ -157,7 +157,9 @@ class KubeAPI:
                 app.router.add_route("*", f"{prefix}{ns}/{{plural}}", self._collection)
                 app.router.add_route("*", f"{prefix}{ns}/{{plural}}/{{name}}", self._item)
                 app.router.add_route("*", f"{prefix}{ns}/{{plural}}/{{name}}/status", self._status_item)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A request a fault holds (a hung list) must not hold the test's teardown for aiohttp's
+        # 60 s grace period: the server's shutdown cancels what is left after a second.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
