@@ -33,7 +33,7 @@ from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.client import HttpClient
 from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
-from agent.download.pull import http_client, os_download_error, pull
+from agent.download.pull import http_client, pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import LinkRefused, refuse_links, write_atomic
 from agent.events import EventRecorder
@@ -49,6 +49,7 @@ from localmodel.errors import (
     ModelcacheError,
     SpecError,
     URIError,
+    from_os_error,
 )
 from localmodel.layout import storage_key
 from localmodel.placement import Refusal
@@ -686,7 +687,7 @@ class Agent:
             await self._failed(name, rec, e)
             return
         except OSError as e:  # from the agent's own steps around the pull (the pull maps its own)
-            await self._failed(name, rec, os_download_error(e))
+            await self._failed(name, rec, from_os_error(e))
             return
         finally:
             self.metrics.in_flight.dec()

@@ -15,11 +15,11 @@ from typing import IO, Any
 
 from agent.download.client import aws_ca_bundle, proxies_from_env
 from agent.download.engine import PullResult, TransferSettings
-from agent.download.pull import after_failure, os_download_error, pull
+from agent.download.pull import after_failure, pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
 from localmodel.cliargs import UsageParser
-from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError
+from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError, from_os_error
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
 from localmodel.quantity import Quantity
@@ -424,7 +424,7 @@ def main(argv: Sequence[str]) -> int:
                 _failed(dest, e, "interrupted")
                 return 130
     except OSError as e:
-        raise os_download_error(e) from e
+        raise from_os_error(e) from e
     finally:
         bar.close()
     rate = result.bytes_transferred / result.seconds / 1e6 if result.seconds > 0 else 0.0

@@ -83,7 +83,7 @@ async def pull(
             max_bytes=max_bytes,
         )
     except OSError as e:
-        raise _on_dest_filesystem(os_download_error(e), dest) from e
+        raise _on_dest_filesystem(from_os_error(e), dest) from e
     except DiskFull as e:
         mapped = _on_dest_filesystem(e, dest)
         if mapped is e:
@@ -122,11 +122,6 @@ def after_failure(dest: Destination, error: BaseException) -> Path | None:
             remove_tree(dest.staging)
         return None
     return dest.staging if dest.staging.is_dir() and not dest.staging.is_symlink() else None
-
-
-def os_download_error(e: OSError) -> DownloadError:
-    """An OSError met while writing a model, in the error tree (:func:`localmodel.errors.from_os_error`)."""
-    return from_os_error(e)
 
 
 def up_to_date(dest: Destination, published: Manifest, listing: Listing, key: str) -> bool:
