@@ -84,7 +84,7 @@ class CacheDir:
         Raises :class:`CacheUnsafe` when one of those folders (or the lock, the format file) is a
         symbolic link, :class:`CacheLocked` when another agent holds the folder."""
         layout = self.layout
-        folders = (layout.models, layout.manifests, layout.staging, layout.trash, self.compile_cache)
+        folders = (layout.models, layout.manifests, layout.staging, layout.trash, layout.compile_cache)
         for d in (*folders, layout.lock_file):
             try:
                 refuse_links(d, below=layout.root)
@@ -93,7 +93,7 @@ class CacheDir:
                 raise CacheUnsafe(
                     f"{e}; the agent does not start on a cache folder with links in it"
                 ) from None
-            if d not in (layout.lock_file, self.compile_cache):  # the runtime makes compile-cache
+            if d not in (layout.lock_file, layout.compile_cache):  # the runtime makes compile-cache
                 d.mkdir(parents=True, exist_ok=True)
         fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
@@ -119,12 +119,6 @@ class CacheDir:
         else:
             write_atomic(layout.format_file, f"{FORMAT_VERSION}\n".encode())
 
-    @property
-    def compile_cache(self) -> Path:
-        """``.modelcache/compile-cache``: ``modelcache serve`` keeps vLLM's compile cache there per
-        model; the agent deletes a model's with the model."""
-        return self.layout.hidden / "compile-cache"
-
     def close(self) -> None:
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
@@ -143,7 +137,13 @@ class CacheDir:
         layout = self.layout
         links = [
             f"{folder.relative_to(layout.root)}/{name}"
-            for folder in (layout.models, layout.staging, layout.trash, layout.manifests, self.compile_cache)
+            for folder in (
+                layout.models,
+                layout.staging,
+                layout.trash,
+                layout.manifests,
+                layout.compile_cache,
+            )
             for name in _links(folder)
         ]
         for pending in _subdirs(layout.staging):
@@ -235,7 +235,7 @@ class CacheDir:
         because no manifest of ours names it. Raises LinkRefused for a link on the way to the model,
         :class:`CompileCacheKept` (the model itself removed) for one on the way to its compile cache."""
         removed = remove_published(self.destination(key))
-        compile_cache = self.compile_cache / key
+        compile_cache = self.layout.compile_cache_dir(key)
         try:
             refuse_links(compile_cache, below=self.layout.root)
         except LinkRefused as e:

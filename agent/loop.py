@@ -540,7 +540,7 @@ class Agent:
         self.foreign = {k for k in self.foreign if os.path.lexists(self.cache.layout.models / k)}
         for key in [k for k, why in self.kept.items() if why.startswith(".modelcache/compile-cache/")]:
             try:
-                refuse_links(self.cache.compile_cache / key, below=root)
+                refuse_links(self.cache.layout.compile_cache_dir(key), below=root)
             except LinkRefused:
                 continue
             del self.kept[key]  # the link is gone: nothing of ours is left behind it

@@ -48,6 +48,7 @@ from controller.plan import (
 )
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.hosts import internal_host_error
+from localmodel.layout import model_subpath
 from localmodel.placement import admit
 from localmodel.resources import (
     CACHE_VOLUME_SOURCES,
@@ -229,7 +230,7 @@ def serving_mounts(
     prefix = None
     if cache is not None:
         claims.update(claim_name(cache.name, g) for g in cache.spec.node_groups)
-        prefix = f"models/{cache.spec.storage_key}"
+        prefix = model_subpath(cache.spec.storage_key)
     own = {claim_name(cache.name, g) for g in cache.spec.node_groups} if cache is not None else set()
     spec = pod.get("spec") or {}
     names: dict[str, str] = {}  # volume name -> claim

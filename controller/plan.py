@@ -46,6 +46,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from localmodel.layout import node_model_folder
 from localmodel.placement import (
     Admission,
     Refusal,
@@ -707,7 +708,7 @@ def models_in_use(
         for g in c.spec.node_groups:
             by_claim[f"{c.name}-{g}"] = c.name
             if (root := paths.get(g)) is not None:
-                by_path[f"{root.rstrip('/')}/models/{c.spec.storage_key}"] = c.name
+                by_path[node_model_folder(root, c.spec.storage_key)] = c.name
     used: dict[str, set[str]] = {}
     for pod in pods:
         spec = pod.get("spec") or {}
@@ -1064,11 +1065,6 @@ def _volume_meta(
 VOLUME_TEMPLATE = "2"
 
 
-def model_folder(root: str, key: str) -> str:
-    """The model's folder on the node: ``<cache>/models/<key>`` (the agent's published layout)."""
-    return f"{root.rstrip('/')}/models/{key}"
-
-
 def volume_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str) -> dict[str, Any]:
     """The serving PV ``<cache>-<group>-<namespace>``, from a fixed template: nothing of the group's
     ``persistentVolumeSpec`` is copied but the kind of folder (``hostPath`` or ``local``, checked by
@@ -1087,7 +1083,7 @@ def volume_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: s
     source, root = group.spec.volume_source, group.spec.cache_path
     if source is None or root is None:
         raise ValueError(f"node group {group.name!r} names no hostPath or local folder")
-    path = model_folder(root, cache.spec.storage_key)
+    path = node_model_folder(root, cache.spec.storage_key)
     spec: dict[str, Any] = {
         "capacity": {"storage": group.spec.storage_limit.to_json()},
         "accessModes": ["ReadOnlyMany"],

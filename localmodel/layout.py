@@ -10,6 +10,8 @@
         staging/<storage key>/         partial downloads and their resume state
         trash/                         models being deleted (renamed here first, then removed)
         state.json                     the agent's status, for `modelcache status` in standalone mode
+        compile-cache/<storage key>/   vLLM's compile caches, written by `modelcache serve`, deleted by
+                                       the agent with the model
 
 The storage key is KServe's ``GetStorageKey``: the first 16 hex digits of sha256 of the URI string,
 so a cache folder written by KServe's agent and by modelcache have the same names.
@@ -69,6 +71,10 @@ class CacheLayout:
     def state_file(self) -> Path:
         return self.hidden / "state.json"
 
+    @property
+    def compile_cache(self) -> Path:
+        return self.hidden / "compile-cache"
+
     def model_dir(self, key: str) -> Path:
         return self.models / _checked(key)
 
@@ -78,6 +84,9 @@ class CacheLayout:
     def staging_dir(self, key: str) -> Path:
         return self.staging / _checked(key)
 
+    def compile_cache_dir(self, key: str) -> Path:
+        return self.compile_cache / _checked(key)
+
     @classmethod
     def of_model_dir(cls, model_dir: Path) -> tuple[CacheLayout, str] | None:
         """The layout and key a published model folder belongs to, if it sits in one."""
@@ -85,6 +94,17 @@ class CacheLayout:
         if STORAGE_KEY_RE.match(key) and model_dir.parent.name == "models":
             return cls(model_dir.parent.parent), key
         return None
+
+
+def model_subpath(key: str) -> str:
+    """``models/<key>``: a published model's folder relative to its cache folder (POSIX)."""
+    return f"models/{_checked(key)}"
+
+
+def node_model_folder(root: str, key: str) -> str:
+    """``<root>/models/<key>``: a published model's folder on a node, as a POSIX path string (for the
+    controller, which names node folders it never opens). Raises ValueError for a bad key."""
+    return f"{root.rstrip('/')}/{model_subpath(key)}"
 
 
 def _checked(key: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, ModelcacheError
-from localmodel.layout import CacheLayout, storage_key
+from localmodel.layout import CacheLayout, model_subpath, storage_key
 from localmodel.uri import redact as redact_uri
 from runtime import args as vargs
 from runtime import kserve
@@ -274,7 +274,7 @@ def resolve_model_dir(ns: argparse.Namespace) -> Path:
         if not folder.is_dir():
             raise InvalidInput(
                 f"--model-uri: {redact_uri(ns.model_uri)} is not cached in {cache_dir} (no "
-                f"models/{key}); this runtime does not download: see what the node holds with "
+                f"{model_subpath(key)}); this runtime does not download: see what the node holds with "
                 f"`modelcache status --cache-dir {cache_dir}`"
             )
         return folder
@@ -323,9 +323,9 @@ def resolve_model(
             notes.append(f"{id_source} {model_id}: the cached folder of {uri} ({folder})")
             return folder, notes
         raise InvalidInput(
-            f"{id_source} {model_id}: {uri} is not cached in {cache_dir} (no models/{key}); this runtime "
-            f"does not download. Cache it (a LocalModelCache with sourceModelUri {uri}) and check what the "
-            f"node holds with `modelcache status --cache-dir {cache_dir}`"
+            f"{id_source} {model_id}: {uri} is not cached in {cache_dir} (no {model_subpath(key)}); this "
+            f"runtime does not download. Cache it (a LocalModelCache with sourceModelUri {uri}) and check "
+            f"what the node holds with `modelcache status --cache-dir {cache_dir}`"
         )
     if ns.model_dir and Path(ns.model_dir).is_dir():
         notes.append(
@@ -345,7 +345,7 @@ def compile_cache_dir(model_dir: Path) -> Path:
     found = CacheLayout.of_model_dir(model_dir)
     if found is not None:
         layout, key = found
-        return layout.hidden / "compile-cache" / key
+        return layout.compile_cache_dir(key)
     return model_dir.parent / ".vllm-cache" / model_dir.name
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from localmodel.errors import InvalidInput, SpecError
-from localmodel.layout import CacheLayout, storage_key
+from localmodel.layout import CacheLayout, model_subpath, storage_key
 from localmodel.manifest import FileEntry, Manifest
 
 # A safetensors header is JSON of a few KiB to a few MiB; a larger length means the file is not one.
@@ -155,7 +155,7 @@ def check_tokenizer(value: str, *, cache_dir: Path | None, env: Mapping[str, str
     if snapshots.is_dir() and any(snapshots.iterdir()):
         return value, f"--tokenizer {value}: found in the Hugging Face cache {hub}"
     key = storage_key(f"hf://{repo}")
-    where = f"no models/{key} in {cache_dir}" if cache_dir is not None else "no --cache-dir"
+    where = f"no {model_subpath(key)} in {cache_dir}" if cache_dir is not None else "no --cache-dir"
     raise InvalidInput(
         f"--tokenizer {value}: a Hugging Face repo id, but vLLM runs offline here (HF_HUB_OFFLINE=1) and it "
         f"is not cached ({where}; not in {hub}); cache hf://{repo} and pass its folder, or drop --tokenizer"
