@@ -8,8 +8,8 @@ Stored as JSON at ``<cache-dir>/.modelcache/manifests/<storage key>.json`` (see 
 
 Paths are relative, POSIX, and never absolute or with ``..`` (checked on read as on write). ``md5``
 and ``crc32c`` are optional (manifests written before they were added still read). Which of the
-hashes a file is checked with is :func:`hash_check`'s rule, the same for the download engine and
-the agent's re-verify.
+hashes a file is checked with is :func:`hash_check`'s rule (:func:`entry_check` for an entry), the
+same for the download engine, the agent's re-verify and ``modelcache serve --verify``.
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ that lacks tensors; a truncated file is not checked at all (runtime.md). Here, f
 - every ``*.safetensors`` file is exactly as long as its own header says (8 + header + data), which
   catches a truncated or zero-filled tail without reading the data;
 - with the agent's manifest (``.modelcache/manifests/<key>.json``), every file has the published size,
-  and with ``verify`` its published sha256 (or git blob sha1).
+  and with ``verify`` its published hash (:func:`localmodel.manifest.entry_check`'s rule, the agent's).
 
 Everything wrong is raised as one InvalidInput naming the file and what to do.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
 import os
 import struct
@@ -29,7 +29,7 @@ from typing import Any
 
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.layout import CacheLayout, model_subpath, storage_key
-from localmodel.manifest import FileEntry, Manifest
+from localmodel.manifest import FileEntry, HashCheck, Manifest, entry_check
 
 # A safetensors header is JSON of a few KiB to a few MiB; a larger length means the file is not one.
 _MAX_HEADER = 100 * 1024 * 1024
@@ -92,7 +92,7 @@ def preflight(
         total = _check_manifest(model_dir, published.files)
         checked.update(f.path for f in published.files)
         if verify:
-            hashed = _verify_hashes(model_dir, published.files)
+            hashed = _verify_hashes(model_dir, published.files, notes)
     elif verify:
         notes.append(
             "--verify: no manifest beside this folder, so sizes and headers were checked, not hashes"
@@ -273,32 +273,35 @@ def _check_manifest(model_dir: Path, files: tuple[FileEntry, ...]) -> int:
     return total
 
 
-def _digest(path: Path, entry: FileEntry) -> tuple[str, str] | None:
-    if entry.sha256:
-        h = hashlib.sha256()
-        want = entry.sha256.lower()
-    elif entry.sha1:
-        # Hugging Face names small files by their git blob id: sha1 of "blob <size>\0" + content.
-        h = hashlib.sha1(f"blob {entry.size}\0".encode(), usedforsecurity=False)
-        want = entry.sha1.lower()
-    else:
-        return None
+def _digest(path: Path, entry: FileEntry, check: HashCheck) -> tuple[str, str]:
+    h = check.new(entry.size)
     with path.open("rb") as f:
         while block := f.read(_HASH_BLOCK):
             h.update(block)
-    return h.hexdigest(), want
+    return h.hexdigest(), check.expected
 
 
-def _verify_hashes(model_dir: Path, files: tuple[FileEntry, ...]) -> int:
+def _verify_hashes(model_dir: Path, files: tuple[FileEntry, ...], notes: list[str]) -> int:
+    # The agent's rule (entry_check: sha256, else git blob sha1, else md5, else crc32c), so whatever
+    # the agent verified at publish is what is verified here.
+    checks = [(f, c) for f in files if (c := entry_check(f)) is not None]
+    if importlib.util.find_spec("google_crc32c") is None:
+        # The runtime image installs this package without its dependencies (vLLM's environment).
+        crc_only = [f.path for f, c in checks if c.name == "crc32c"]
+        if crc_only:
+            checks = [(f, c) for f, c in checks if c.name != "crc32c"]
+            notes.append(
+                f"--verify: {len(crc_only)} file(s) have only a CRC32C in the manifest and google-crc32c "
+                "is not installed, so they were checked by size"
+            )
     # hashlib releases the GIL on large updates, so threads hash shards on several cores at once.
-    hashable = [f for f in files if f.sha256 or f.sha1]
-    workers = max(1, min(8, os.cpu_count() or 1, len(hashable)))
+    workers = max(1, min(8, os.cpu_count() or 1, len(checks)))
     with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda e: (e, _digest(model_dir / e.path, e)), hashable))
+        results = list(pool.map(lambda ec: (ec[0], _digest(model_dir / ec[0].path, *ec)), checks))
     for entry, got in results:
-        if got is not None and got[0] != got[1]:
+        if got[0] != got[1]:
             raise InvalidInput(
                 f"{entry.path} does not match the cache's manifest (hash {got[0][:16]}…, expected "
                 f"{got[1][:16]}…); {_REFETCH}"
             )
-    return len(hashable)
+    return len(checks)

@@ -6,13 +6,15 @@ import hashlib
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
+import google_crc32c
 import pytest
 
 from localmodel.errors import InvalidInput
 from localmodel.layout import CacheLayout, storage_key
-from localmodel.manifest import FileEntry, Manifest
+from localmodel.manifest import HASH_NAMES, FileEntry, Manifest
 from runtime.preflight import manifest_path, preflight
 
 CONFIG = {
@@ -296,3 +298,39 @@ def test_large_sparse_layout(tmp_path: Path) -> None:
     report = preflight(tmp_path / "m")
     assert report.files_checked == 30
     assert report.bytes_checked > 139 * 10**9
+
+
+def _hashed_by(folder: Path, target: Path, name: str) -> None:
+    """A manifest whose every file carries one hash, ``name``, as each source gives it."""
+    entries = []
+    for p in sorted(x for x in folder.rglob("*") if x.is_file()):
+        data = p.read_bytes()
+        digest = {
+            "sha256": lambda: hashlib.sha256(data).hexdigest(),
+            "sha1": lambda: hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest(),
+            "md5": lambda: hashlib.md5(data).hexdigest(),
+            "crc32c": lambda: f"{google_crc32c.value(data):08x}",
+        }[name]()
+        entries.append(FileEntry(p.relative_to(folder).as_posix(), len(data), **{name: digest}))
+    target.write_text(json.dumps(Manifest("hf://org/model", "0" * 16, "abc", tuple(entries)).to_json()))
+
+
+@pytest.mark.parametrize("name", HASH_NAMES)
+def test_verify_checks_every_hash_the_agent_publishes(name: str, tmp_path: Path) -> None:
+    # Before the agent's rule (entry_check) was used here, md5 and crc32c files were checked by size.
+    folder, manifest = cached_model(tmp_path)
+    _hashed_by(folder, manifest, name)
+    assert preflight(folder, verify=True).hashed == 6
+    (folder / "tokenizer.json").write_text('{"version": "2.0"}')  # same length
+    assert "tokenizer.json does not match the cache's manifest" in refused(folder, verify=True)
+
+
+def test_verify_without_google_crc32c_checks_crc32c_files_by_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, manifest = cached_model(tmp_path)
+    _hashed_by(folder, manifest, "crc32c")
+    monkeypatch.setitem(sys.modules, "google_crc32c", None)  # as in vLLM's image (installed --no-deps)
+    report = preflight(folder, verify=True)
+    assert report.hashed == 0
+    assert any("6 file(s) have only a CRC32C" in n and "checked by size" in n for n in report.notes)
