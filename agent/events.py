@@ -6,11 +6,11 @@ An Event is best effort: failing to write one is logged and never stops the agen
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
 from localmodel.errors import ModelcacheError
 from localmodel.events import event_body
 from localmodel.state.base import EVENT, LOCAL_MODEL_NODE, ClusterState
+from localmodel.timestamps import utc_now
 
 log = logging.getLogger("modelcache.agent")
 
@@ -33,7 +33,7 @@ class EventRecorder:
             message=message,
             type_="Warning" if warning else "Normal",
             component=COMPONENT,
-            now=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            now=utc_now(),
             host=self.node_name,
         )
         try:

@@ -24,7 +24,6 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +73,7 @@ from localmodel.state.base import (
     update_status,
     watch,
 )
+from localmodel.timestamps import utc_now
 from localmodel.uri import parse_uri, redact
 
 # How long a stop (SIGTERM) waits for downloads to record their progress and for blocking work to
@@ -102,10 +102,6 @@ class AgentSettings:
     ready_window: float = 60.0
     transfer: TransferSettings = field(default_factory=TransferSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -655,7 +651,7 @@ class Agent:
     async def _fetch(self, name: str, rec: Record, uri_text: str, declared: int | None) -> None:
         uri = parse_uri(uri_text)
         rec.state = ModelState.DOWNLOADING
-        rec.start_time, rec.completion_time = _now(), None
+        rec.start_time, rec.completion_time = utc_now(), None
         rec.reason = rec.message = rec.retry_after = None
         rec.retry_at = None
         await self.events.emit("DownloadStarted", f"{name}: fetching {rec.uri} into models/{rec.key}")
@@ -701,7 +697,7 @@ class Agent:
         rec.bytes_done = rec.bytes_total = result.bytes_total
         rec.files_total = rec.files_done = result.files
         rec.revision = result.revision
-        rec.completion_time = _now()
+        rec.completion_time = utc_now()
         rec.failures = 0
         self.metrics.completed.inc()
         self.metrics.download_seconds.observe(time.monotonic() - started)
@@ -730,7 +726,7 @@ class Agent:
         rec.reason = e.reason
         rec.message = str(e)
         rec.retry_at = time.monotonic() + delay
-        rec.retry_after = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rec.retry_after = utc_now(after_s=delay)
         self.metrics.failures.labels(e.reason).inc()
         # Under --once the run ends once every model is settled: a failed one is not retried.
         retry = "not retried (--once)" if self.once else f"retry in {delay:.0f} s"
@@ -873,7 +869,7 @@ class Agent:
             await asyncio.to_thread(
                 write_atomic,
                 self.cache.layout.state_file,
-                json.dumps({**snapshot, "updated": _now()}, indent=1).encode(),
+                json.dumps({**snapshot, "updated": utc_now()}, indent=1).encode(),
                 below=self.cache.layout.root,
             )
             self.state_file_error = None

@@ -20,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from controller.metrics import ControllerMetrics, Copies
@@ -87,6 +86,7 @@ from localmodel.state.base import (
     update_status,
     watch,
 )
+from localmodel.timestamps import utc_now
 
 log = logging.getLogger("modelcache.controller")
 
@@ -112,10 +112,6 @@ SELECTORS: dict[ResourceKind, Selector] = {
     PERSISTENT_VOLUME_CLAIM: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
 }
 _KINDS = {LOCAL_MODEL_CACHE.kind: LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP.kind: LOCAL_MODEL_NODE_GROUP}
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass

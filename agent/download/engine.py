@@ -48,7 +48,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +78,7 @@ from localmodel.errors import (
     from_os_error,
 )
 from localmodel.manifest import FileEntry, HashCheck, Manifest, hash_check
+from localmodel.timestamps import utc_now
 
 MiB = 1 << 20
 
@@ -741,7 +741,7 @@ class Transfer:
             storage_key=self.storage_key,
             revision=self.listing.revision,
             files=entries,
-            published_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            published_at=utc_now(),
         )
 
     def _target_size(self, path: str) -> int:

@@ -18,7 +18,6 @@ import json
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -33,12 +32,9 @@ from localmodel.state.base import (
     clone,
     merge_patch,
 )
+from localmodel.timestamps import utc_now
 
 Key = tuple[str, str | None, str]  # (kind, namespace, name)
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class MemoryState:
@@ -130,7 +126,7 @@ class MemoryState:
         if key in self._objects:
             raise AlreadyExists(f"{kind.kind} {name!r} already exists")
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
-        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=utc_now(), generation=1)
         meta.pop("deletionTimestamp", None)
         if manager:
             _managed(obj, manager, kind, obj)
@@ -195,7 +191,7 @@ class MemoryState:
         key, current = self._current(kind, name, namespace, None, None)
         if current["metadata"].get("finalizers"):
             if not current["metadata"].get("deletionTimestamp"):
-                updated = {**current, "metadata": dict(current["metadata"], deletionTimestamp=_now())}
+                updated = {**current, "metadata": dict(current["metadata"], deletionTimestamp=utc_now())}
                 await self._store(kind, key, updated, "MODIFIED")
             return
         await self._remove(kind, key, current)
@@ -326,7 +322,7 @@ def _managed(obj: JSON, manager: str, kind: ResourceKind, written: JSON) -> None
         "manager": manager,
         "operation": "Update",
         "apiVersion": kind.api_version,
-        "time": _now(),
+        "time": utc_now(),
         "fieldsType": "FieldsV1",
         "fieldsV1": fields,
     }
