@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localmodel.errors import SpecError
+from localmodel.kinds import JSON, LOCAL_MODEL_NODE
 from localmodel.placement import NodePlacement, place_node
 from localmodel.resources import LocalModelCache, LocalModelInfo, LocalModelNode, LocalModelNodeGroup, Node
-from localmodel.state.base import JSON, LOCAL_MODEL_NODE
 
 
 @dataclass(frozen=True)

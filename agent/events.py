@@ -9,7 +9,8 @@ import logging
 
 from localmodel.errors import ModelcacheError
 from localmodel.events import event_body
-from localmodel.state.base import EVENT, LOCAL_MODEL_NODE, ClusterState
+from localmodel.kinds import EVENT, LOCAL_MODEL_NODE
+from localmodel.state.base import ClusterState
 from localmodel.timestamps import utc_now
 
 log = logging.getLogger("modelcache.agent")

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from localmodel.errors import InvalidInput
-from localmodel.state.base import JSON
+from localmodel.kinds import JSON
 
 log = logging.getLogger("modelcache.agent")
 

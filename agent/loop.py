@@ -50,6 +50,7 @@ from localmodel.errors import (
     URIError,
     from_os_error,
 )
+from localmodel.kinds import JSON, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, ResourceKind
 from localmodel.layout import storage_key
 from localmodel.placement import Refusal
 from localmodel.quantity import Quantity, readable
@@ -62,17 +63,7 @@ from localmodel.resources import (
     ModelProgress,
     ModelState,
 )
-from localmodel.state.base import (
-    JSON,
-    LOCAL_MODEL_NODE,
-    LOCAL_MODEL_NODE_GROUP,
-    ClusterState,
-    ResourceKind,
-    Selector,
-    merge_patch_to,
-    update_status,
-    watch,
-)
+from localmodel.state.base import ClusterState, Selector, merge_patch_to, update_status, watch
 from localmodel.timestamps import utc_now
 from localmodel.uri import parse_uri, redact
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from agent.desired import node_object, standalone_placement
 from localmodel.documents import document_files, load_documents
 from localmodel.errors import InvalidInput, NotFound
+from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
 from localmodel.placement import Refusal
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup
-from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
 from localmodel.state.memory import MemoryState
 
 log = logging.getLogger("modelcache.agent")

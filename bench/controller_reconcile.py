@@ -22,14 +22,9 @@ from typing import Any
 
 from controller.plan import Options, Snapshot, layout, plan
 from controller.reconcile import Controller, Settings
+from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, NODE
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
-from localmodel.state.base import (
-    LOCAL_MODEL_CACHE,
-    LOCAL_MODEL_NODE,
-    LOCAL_MODEL_NODE_GROUP,
-    NODE,
-    WatchEvent,
-)
+from localmodel.state.base import WatchEvent
 from localmodel.state.memory import MemoryState
 
 

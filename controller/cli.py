@@ -48,8 +48,7 @@ from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.documents import load_documents
 from localmodel.errors import ClusterStateError, InvalidInput
-from localmodel.logs import setup_logging
-from localmodel.state.base import (
+from localmodel.kinds import (
     JSON,
     LEASE,
     LOCAL_MODEL_CACHE,
@@ -58,9 +57,9 @@ from localmodel.state.base import (
     NODE,
     PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
-    ClusterState,
-    Selector,
 )
+from localmodel.logs import setup_logging
+from localmodel.state.base import ClusterState, Selector
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 

@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound
-from localmodel.state.base import JSON, LEASE, ClusterState, ObjectList, ResourceKind, Selector, WatchEvent
+from localmodel.kinds import JSON, LEASE, ResourceKind
+from localmodel.state.base import ClusterState, ObjectList, Selector, WatchEvent
 from localmodel.state.kube import KubeState
 
 log = logging.getLogger("modelcache.controller.leader")

@@ -54,6 +54,19 @@ from controller.plan import (
 )
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound, SpecError
 from localmodel.events import event_body
+from localmodel.kinds import (
+    EVENT,
+    INFERENCE_SERVICE,
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    PERSISTENT_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
+    POD,
+    ResourceKind,
+)
 from localmodel.resources import (
     FINALIZER,
     InferenceServiceRef,
@@ -67,25 +80,7 @@ from localmodel.resources import (
     ObjectMeta,
     cluster_group,
 )
-from localmodel.state.base import (
-    EVENT,
-    INFERENCE_SERVICE,
-    JSON,
-    LOCAL_MODEL_CACHE,
-    LOCAL_MODEL_NODE,
-    LOCAL_MODEL_NODE_GROUP,
-    NODE,
-    PERSISTENT_VOLUME,
-    PERSISTENT_VOLUME_CLAIM,
-    POD,
-    ClusterState,
-    ResourceKind,
-    Selector,
-    WatchEvent,
-    merge_patch,
-    update_status,
-    watch,
-)
+from localmodel.state.base import ClusterState, Selector, WatchEvent, merge_patch, update_status, watch
 from localmodel.timestamps import utc_now
 
 log = logging.getLogger("modelcache.controller")

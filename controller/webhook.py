@@ -48,16 +48,9 @@ from controller.admission import (
 from controller.plan import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_VALUE, model_label
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
+from localmodel.kinds import JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE, PERSISTENT_VOLUME_CLAIM
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node, cluster_group
-from localmodel.state.base import (
-    JSON,
-    LOCAL_MODEL_CACHE,
-    LOCAL_MODEL_NODE_GROUP,
-    NODE,
-    PERSISTENT_VOLUME_CLAIM,
-    ClusterState,
-    Selector,
-)
+from localmodel.state.base import ClusterState, Selector
 
 log = logging.getLogger("modelcache.controller.webhook")
 

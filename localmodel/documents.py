@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 
 from localmodel.errors import InvalidInput, SpecError
-from localmodel.resources import LocalModelCache, LocalModelNode, LocalModelNodeGroup, Node
-from localmodel.state.base import (
+from localmodel.kinds import (
     JSON,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
@@ -24,6 +23,7 @@ from localmodel.state.base import (
     NODE,
     ResourceKind,
 )
+from localmodel.resources import LocalModelCache, LocalModelNode, LocalModelNodeGroup, Node
 
 # kind -> (where it lives, how to validate and normalise it)
 _PARSERS: dict[str, tuple[ResourceKind, Callable[[Any], JSON]]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from localmodel.state.base import JSON, ResourceKind
+from localmodel.kinds import JSON, ResourceKind
 
 # Cluster-scoped objects have their Events in "default", where kubectl describe looks for them.
 EVENT_NAMESPACE = "default"

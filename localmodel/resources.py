@@ -15,16 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.kinds import API_VERSION, JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
 from localmodel.layout import STORAGE_KEY_RE, storage_key
 from localmodel.quantity import Quantity
 from localmodel.selectors import NodeSelector
-from localmodel.state.base import (
-    API_VERSION,
-    JSON,
-    LOCAL_MODEL_CACHE,
-    LOCAL_MODEL_NODE,
-    LOCAL_MODEL_NODE_GROUP,
-)
 from localmodel.uri import parse_uri
 
 FINALIZER = "localmodel.kserve.io/finalizer"

@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
+from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
-from localmodel.state.base import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from tests.support.agents import group_doc, node_doc
 from tests.support.kubeapi import KubeAPI
 from tests.test_agent_hardening import run_cluster_agent

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from localmodel.kinds import LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
-from localmodel.state.base import LOCAL_MODEL_NODE
 from localmodel.state.memory import MemoryState
 from tests.support.agents import Cluster, eventually, group_doc, node_doc, running_agent, seed
 from tests.support.hfhub import Hub

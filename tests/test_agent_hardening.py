@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from agent.http import is_loopback
+from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
-from localmodel.state.base import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from tests.support.agents import cache_doc, eventually, group_doc, node_doc
 from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI

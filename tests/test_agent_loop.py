@@ -9,8 +9,8 @@ import asyncio
 import os
 from pathlib import Path
 
+from localmodel.kinds import EVENT, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
-from localmodel.state.base import EVENT, LOCAL_MODEL_NODE
 from tests.support.agents import Cluster, eventually, group_doc, node_doc, running_agent, seed
 from tests.support.hfhub import Hub
 

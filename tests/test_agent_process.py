@@ -17,8 +17,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from localmodel.kinds import EVENT, KINDS_BY_NAME, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
-from localmodel.state.base import EVENT, KINDS_BY_NAME, LOCAL_MODEL_NODE
 from tests.support.agents import cache_doc, eventually, group_doc, node_doc
 from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI

@@ -17,8 +17,8 @@ import yaml
 
 from agent import status_cli
 from agent.standalone import StandaloneSource
+from localmodel.kinds import EVENT
 from localmodel.placement import INSUFFICIENT_STORAGE, NODE_GROUP_NOT_FOUND
-from localmodel.state.base import EVENT
 from localmodel.state.memory import MemoryState
 from tests.support.agents import Running, cache_doc, eventually, group_doc, running_agent
 from tests.support.hfhub import Hub

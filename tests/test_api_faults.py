@@ -29,7 +29,7 @@ import pytest
 from controller.leader import LEASE_NAME
 from controller.plan import RETAINED_ANNOTATION
 from localmodel.errors import NotFound, Unavailable
-from localmodel.state.base import (
+from localmodel.kinds import (
     EVENT,
     LEASE,
     LOCAL_MODEL_CACHE,
@@ -37,9 +37,8 @@ from localmodel.state.base import (
     LOCAL_MODEL_NODE_GROUP,
     NODE,
     POD,
-    WatchEvent,
-    watch,
 )
+from localmodel.state.base import WatchEvent, watch
 from localmodel.state.kube import (
     MAX_RETRY_AFTER,
     MAX_RETRYING,

@@ -30,18 +30,18 @@ from controller.plan import (
 from controller.reconcile import Controller
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, Limits, WebhookServer
 from localmodel.hosts import internal_host_error, ipv4_literal
-from localmodel.layout import storage_key
-from localmodel.placement import admit
-from localmodel.resources import LocalModelCache, LocalModelNodeGroup
-from localmodel.state.base import (
+from localmodel.kinds import (
     EVENT,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
     PERSISTENT_VOLUME_CLAIM,
-    ClusterState,
 )
+from localmodel.layout import storage_key
+from localmodel.placement import admit
+from localmodel.resources import LocalModelCache, LocalModelNodeGroup
+from localmodel.state.base import ClusterState
 from tests import test_controller_reconcile as base
 from tests.support.tls import make_cert
 from tests.test_controller_reconcile import cache, setup_two_groups

@@ -20,8 +20,7 @@ from controller.leader import LeaderElector
 from controller.plan import RETAINED_ANNOTATION
 from controller.reconcile import Controller, Settings
 from localmodel.errors import InvalidInput, NotFound, SpecError
-from localmodel.resources import FINALIZER
-from localmodel.state.base import (
+from localmodel.kinds import (
     EVENT,
     INFERENCE_SERVICE,
     LEASE,
@@ -30,8 +29,9 @@ from localmodel.state.base import (
     LOCAL_MODEL_NODE_GROUP,
     NODE,
     POD,
-    ClusterState,
 )
+from localmodel.resources import FINALIZER
+from localmodel.state.base import ClusterState
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 from modelcache.cli import main as modelcache_main

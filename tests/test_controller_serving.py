@@ -26,10 +26,7 @@ from controller.plan import (
 )
 from controller.reconcile import Controller
 from localmodel.errors import NotFound
-from localmodel.layout import storage_key
-from localmodel.placement import admit
-from localmodel.resources import LocalModelCache, LocalModelNode, LocalModelNodeGroup, Node
-from localmodel.state.base import (
+from localmodel.kinds import (
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
@@ -37,8 +34,11 @@ from localmodel.state.base import (
     PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
     POD,
-    ClusterState,
 )
+from localmodel.layout import storage_key
+from localmodel.placement import admit
+from localmodel.resources import LocalModelCache, LocalModelNode, LocalModelNodeGroup, Node
+from localmodel.state.base import ClusterState
 from tests import test_controller_reconcile as base
 from tests.test_controller_reconcile import cache, eventually, group, running, setup_two_groups
 

@@ -25,9 +25,10 @@ from controller.plan import MODEL_LABEL_PREFIX
 from controller.reconcile import Controller
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, WebhookServer, parse_addr
 from localmodel.errors import InvalidInput
+from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
-from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, ClusterState
+from localmodel.state.base import ClusterState
 from tests import test_controller_reconcile as base
 from tests.support.tls import make_cert
 from tests.test_controller_reconcile import cache, group, setup_two_groups

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from bench.controller_reconcile import loaded
 from controller.reconcile import Controller, Settings
+from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
 from localmodel.resources import LocalModelCache
-from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
 from localmodel.state.memory import MemoryState
 
 

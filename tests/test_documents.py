@@ -4,7 +4,7 @@ import pytest
 
 from localmodel.documents import load_documents, parse_text
 from localmodel.errors import SpecError
-from localmodel.state.base import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE
+from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE
 from localmodel.state.memory import MemoryState
 
 GOOD = """\

@@ -21,8 +21,8 @@ from typing import Any
 
 from controller.plan import MODEL_LABEL_VALUE, model_label
 from controller.webhook import Webhook
+from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
 from localmodel.layout import storage_key
-from localmodel.state.base import KINDS_BY_NAME, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
 from localmodel.state.kube import KubeState
 from tests.support.agents import cache_doc, eventually, group_doc
 from tests.support.hfhub import Hub

@@ -20,8 +20,8 @@ from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
 from localmodel.errors import SourceNotAllowed
+from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
-from localmodel.state.base import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from localmodel.uri import parse_uri
 from tests.support.agents import group_doc, node_doc
 from tests.support.hfhub import Hub

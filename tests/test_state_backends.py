@@ -12,17 +12,8 @@ import pytest
 import pytest_asyncio
 
 from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound
-from localmodel.state.base import (
-    EVENT,
-    LOCAL_MODEL_CACHE,
-    LOCAL_MODEL_NODE,
-    NODE,
-    ClusterState,
-    Selector,
-    WatchEvent,
-    update_status,
-    watch,
-)
+from localmodel.kinds import EVENT, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
+from localmodel.state.base import ClusterState, Selector, WatchEvent, update_status, watch
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 from tests.support.kubeapi import KubeAPI

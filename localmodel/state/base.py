@@ -3,7 +3,8 @@
 Two backends implement it: :mod:`localmodel.state.kube` (a Kubernetes API server) and
 :mod:`localmodel.state.memory` (embedded, in memory, loaded from YAML). Objects cross this
 interface as the plain JSON dicts Kubernetes stores (``apiVersion``, ``kind``, ``metadata``,
-``spec``, ``status``); typed views live in :mod:`localmodel.resources`.
+``spec``, ``status``); the kinds they name are in :mod:`localmodel.kinds`, typed views in
+:mod:`localmodel.resources`.
 
 Semantics both backends share (the behavioural tests in ``tests/test_state_backends.py`` run on both):
 
@@ -29,61 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from localmodel.errors import ClusterStateError, Conflict, NotFound
+from localmodel.kinds import JSON, ResourceKind
 
 log = logging.getLogger("modelcache.state")
 
-JSON = dict[str, Any]
 _T = TypeVar("_T")
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
-
-GROUP = "serving.kserve.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-
-
-@dataclass(frozen=True)
-class ResourceKind:
-    """Where a kind lives in the API: enough to build URLs and to key an in-memory store."""
-
-    group: str  # "" for the core group
-    version: str
-    kind: str
-    plural: str
-    namespaced: bool
-    has_status: bool = True
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-
-LOCAL_MODEL_CACHE = ResourceKind(GROUP, VERSION, "LocalModelCache", "localmodelcaches", False)
-LOCAL_MODEL_NODE_GROUP = ResourceKind(GROUP, VERSION, "LocalModelNodeGroup", "localmodelnodegroups", False)
-LOCAL_MODEL_NODE = ResourceKind(GROUP, VERSION, "LocalModelNode", "localmodelnodes", False)
-NODE = ResourceKind("", "v1", "Node", "nodes", False)
-POD = ResourceKind("", "v1", "Pod", "pods", True)
-EVENT = ResourceKind("", "v1", "Event", "events", True, has_status=False)
-PERSISTENT_VOLUME = ResourceKind("", "v1", "PersistentVolume", "persistentvolumes", False)
-PERSISTENT_VOLUME_CLAIM = ResourceKind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", True)
-LEASE = ResourceKind("coordination.k8s.io", "v1", "Lease", "leases", True, has_status=False)
-# KServe's; read only, and only where KServe is installed (the controller fills caches' status from it).
-INFERENCE_SERVICE = ResourceKind(
-    "serving.kserve.io", "v1beta1", "InferenceService", "inferenceservices", True
-)
-
-KINDS: tuple[ResourceKind, ...] = (
-    LOCAL_MODEL_CACHE,
-    LOCAL_MODEL_NODE_GROUP,
-    LOCAL_MODEL_NODE,
-    NODE,
-    POD,
-    EVENT,
-    PERSISTENT_VOLUME,
-    PERSISTENT_VOLUME_CLAIM,
-    LEASE,
-    INFERENCE_SERVICE,
-)
-KINDS_BY_NAME: dict[str, ResourceKind] = {k.kind: k for k in KINDS}
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from localmodel.errors import (
     NotFound,
     Unavailable,
 )
-from localmodel.state.base import JSON, ObjectList, ResourceKind, Selector, WatchEvent
+from localmodel.kinds import JSON, ResourceKind
+from localmodel.state.base import ObjectList, Selector, WatchEvent
 
 MERGE_PATCH = "application/merge-patch+json"
 # 429s are retried here, as client-go does, waiting the Retry-After asked: at most MAX_RETRY_AFTER

@@ -22,16 +22,8 @@ from functools import partial
 from pathlib import Path
 
 from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound, SpecError
-from localmodel.state.base import (
-    JSON,
-    KINDS_BY_NAME,
-    ObjectList,
-    ResourceKind,
-    Selector,
-    WatchEvent,
-    clone,
-    merge_patch,
-)
+from localmodel.kinds import JSON, KINDS_BY_NAME, ResourceKind
+from localmodel.state.base import ObjectList, Selector, WatchEvent, clone, merge_patch
 from localmodel.timestamps import utc_now
 
 Key = tuple[str, str | None, str]  # (kind, namespace, name)

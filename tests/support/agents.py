@@ -19,8 +19,9 @@ from agent.download.engine import TransferSettings
 from agent.download.sources import SourceSettings
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
+from localmodel.kinds import JSON, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
 from localmodel.layout import storage_key
-from localmodel.state.base import JSON, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, ClusterState
+from localmodel.state.base import ClusterState
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 from tests.support.kubeapi import KubeAPI
@@ -182,7 +183,7 @@ async def running_agent(
 
 
 async def seed(store: MemoryState, *objs: JSON) -> None:
-    from localmodel.state.base import KINDS_BY_NAME
+    from localmodel.kinds import KINDS_BY_NAME
 
     for obj in objs:
         await store.create(KINDS_BY_NAME[obj["kind"]], obj)

@@ -22,7 +22,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, Gone, NotFound, SpecError
-from localmodel.state.base import KINDS, ResourceKind, Selector
+from localmodel.kinds import KINDS, ResourceKind
+from localmodel.state.base import Selector
 from localmodel.state.memory import MemoryState
 
 BY_PATH = {(k.group, k.version, k.plural): k for k in KINDS}
