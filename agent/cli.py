@@ -25,8 +25,8 @@ from agent.pull_cli import folder_error, parse_low_speed_limit, parse_rate, pars
 from agent.standalone import StandaloneSource
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.errors import InvalidInput, from_os_error
+from localmodel.folders import cache_path_error
 from localmodel.logs import setup_logging
-from localmodel.resources import cache_path_error
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
 from localmodel.text import printable

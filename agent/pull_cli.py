@@ -20,10 +20,10 @@ from agent.download.sources import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
 from localmodel.cliargs import UsageParser
 from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError, from_os_error
+from localmodel.folders import cache_path_error
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
 from localmodel.quantity import Quantity
-from localmodel.resources import cache_path_error
 from localmodel.uri import SourceURI, parse_uri
 
 

@@ -556,7 +556,7 @@ def test_a_read_only_whole_mount_of_our_claim_passes() -> None:
 
 
 def test_the_volume_policy_s_system_folders_are_the_one_list() -> None:
-    from localmodel.resources import system_folder_cel
+    from localmodel.folders import system_folder_cel
 
     rules = [v["expression"] for v in policies()["modelcache-controller-volumes"]["spec"]["validations"]]
     assert sum(system_folder_cel("variables.path") in r for r in rules) == 1

@@ -19,9 +19,10 @@ import pytest_asyncio
 from controller.admission import serving_mounts, validate_group
 from controller.reconcile import Controller
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, VALIDATE_GROUPS, Limits, WebhookServer
+from localmodel.folders import SYSTEM_FOLDERS
 from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
-from localmodel.resources import SYSTEM_FOLDERS, LocalModelCache
+from localmodel.resources import LocalModelCache
 from localmodel.state.base import ClusterState
 from tests import test_controller_reconcile as base
 from tests.support.tls import make_cert

@@ -19,14 +19,8 @@ import yaml
 
 from localmodel.documents import parse_text
 from localmodel.errors import SpecError
-from localmodel.resources import (
-    CACHE_VOLUME_SOURCES,
-    PV_SPEC_FIELDS,
-    SYSTEM_FOLDERS,
-    SYSTEM_PARENTS,
-    cache_path_cel,
-    cache_path_error,
-)
+from localmodel.folders import SYSTEM_FOLDERS, SYSTEM_PARENTS, cache_path_cel, cache_path_error
+from localmodel.resources import CACHE_VOLUME_SOURCES, PV_SPEC_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = {

@@ -426,7 +426,7 @@ def test_init_container_refuses_system_folders(cache_dir: str, tmp_path: Path) -
 
 def test_init_container_and_the_group_rules_refuse_the_same_system_folders() -> None:
     """The init container's pattern is the one generated from localmodel/resources.py's list."""
-    from localmodel.resources import system_folder_case
+    from localmodel.folders import system_folder_case
 
     script = (MANIFESTS / "agent" / "daemonset.yaml").read_text()
     joined = re.sub(r"\\\n\s*", "", script)  # the pattern's shell line continuations
@@ -463,7 +463,7 @@ CACHE_DIR_CASES = [
 def test_init_container_refuses_what_the_group_rules_refuse(tmp_path: Path) -> None:
     """Run against the parser's rule (cache_path_error): the script refuses (exit 2, one line, nothing
     looked at) exactly the paths the parser refuses, and goes on to look at the others."""
-    from localmodel.resources import cache_path_error
+    from localmodel.folders import cache_path_error
 
     script = _init_script(render("base"))
     calls = tmp_path / "calls"
@@ -487,7 +487,7 @@ def test_init_container_refuses_what_the_group_rules_refuse(tmp_path: Path) -> N
 def test_init_container_owns_only_a_new_or_empty_folder() -> None:
     # Not under /tmp (pytest's tmp_path, and maybe the checkout itself): the script refuses /tmp as
     # a cache folder in a cluster. /var/lib (below it is allowed) where we may write, else the checkout.
-    from localmodel.resources import cache_path_error
+    from localmodel.folders import cache_path_error
 
     base = next(
         (d for d in ("/var/lib", str(ROOT)) if os.access(d, os.W_OK) and cache_path_error(f"{d}/x") is None),
