@@ -258,6 +258,12 @@ def value(flags: Iterable[Flag], key: str) -> str | None:
     return flag.values[-1]
 
 
+def switch(flags: Iterable[Flag], key: str) -> bool:
+    """Whether a switch is on: given, and its last word not ``--no-...``."""
+    found = find(flags, key)
+    return found is not None and not found.negated
+
+
 def without(flags: Iterable[Flag], *keys: str) -> tuple[Flag, ...]:
     drop = {canonical(k)[0] for k in keys}
     return tuple(f for f in flags if f.key not in drop)

@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import struct
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,12 +127,12 @@ _TOKENIZER_NAMES = (
 )
 
 
-def check_tokenizer(value: str, *, cache_dir: Path | None, env: Mapping[str, str]) -> tuple[str, str | None]:
+def check_tokenizer(value: str, *, cache_dir: Path | None, hub_cache: str) -> tuple[str, str | None]:
     """``--tokenizer`` as vLLM will load it offline (the launcher sets HF_HUB_OFFLINE=1): the value to
     pass and a note. A local path must be a folder with tokenizer files. A repo id (``org/name``) is
     served from its folder in the modelcache cache (``hf://org/name`` in ``cache_dir``; the value
-    becomes that folder) or, as vLLM would find it, from the Hugging Face cache (HF_HUB_CACHE, else
-    HF_HOME/hub); otherwise InvalidInput saying so."""
+    becomes that folder) or, as vLLM would find it, from the Hugging Face cache ``hub_cache``
+    (:attr:`runtime.env.RuntimeEnv.hf_hub_cache`); otherwise InvalidInput saying so."""
     looks_local = value.startswith(("/", "./", "../", "~")) or Path(value).exists()
     if looks_local:
         folder = Path(value).expanduser()
@@ -149,8 +148,7 @@ def check_tokenizer(value: str, *, cache_dir: Path | None, env: Mapping[str, str
         cached = CacheLayout(cache_dir).model_dir(storage_key(f"hf://{repo}"))
         if cached.is_dir() and _tokenizer_files(cached):
             return str(cached), f"--tokenizer {value}: the cached folder of hf://{repo} ({cached})"
-    home = env.get("HF_HOME") or str(Path(env.get("HOME", "~")) / ".cache" / "huggingface")
-    hub = env.get("HF_HUB_CACHE") or str(Path(home) / "hub")
+    hub = hub_cache
     snapshots = Path(hub).expanduser() / ("models--" + repo.replace("/", "--")) / "snapshots"
     if snapshots.is_dir() and any(snapshots.iterdir()):
         return value, f"--tokenizer {value}: found in the Hugging Face cache {hub}"

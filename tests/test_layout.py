@@ -8,7 +8,7 @@ import pytest
 
 from agent.disk import CacheDir
 from localmodel.layout import CacheLayout, model_subpath, node_model_folder, storage_key
-from runtime.cli import compile_cache_dir
+from runtime.launch import compile_cache_dir
 
 KEY = storage_key("hf://org/model")
 

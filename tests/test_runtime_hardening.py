@@ -16,8 +16,9 @@ from localmodel.errors import InvalidInput
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
 from runtime import kserve
-from runtime.cli import Launch, check_values, vllm_task
+from runtime.launch import Launch
 from runtime.plan import ModelShape, PlanRequest, kserve_worker_gpus, make_plan
+from runtime.vllm_flags import check_values, vllm_task
 from tests.test_runtime_cli import MODELCACHE, ROOT, clean_env, no_gpu_path, script
 from tests.test_runtime_kserve import kserve_env, make, run, vllm_argv
 

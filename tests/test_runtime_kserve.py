@@ -16,7 +16,8 @@ from localmodel.errors import InvalidInput
 from localmodel.layout import CacheLayout, storage_key
 from runtime import args as vargs
 from runtime import kserve
-from runtime.cli import Launch, build
+from runtime.cli import build
+from runtime.launch import Launch
 from tests.test_runtime_preflight import write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]

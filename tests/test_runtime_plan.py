@@ -7,15 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localmodel.errors import InvalidInput
-from runtime.plan import (
-    ModelShape,
-    PlanRequest,
-    check_hardware,
-    compute_capability,
-    config_dtype,
-    make_plan,
-    plan_dtype,
-)
+from runtime.devices import check_hardware, compute_capability, config_dtype, plan_dtype
+from runtime.plan import ModelShape, PlanRequest, make_plan
 
 LLAMA_8B = ModelShape(32, 8, 32, ("LlamaForCausalLM",))
 LLAMA_70B = ModelShape(64, 8, 80, ("LlamaForCausalLM",))
