@@ -45,6 +45,46 @@ CLASSIFY_CONSUMED = frozenset(
 )
 
 
+def server_command(
+    merged: Sequence[vargs.Flag], model_dir: Path, *, task: str, engine: str, tp: int
+) -> list[str]:
+    """The classification server's argv: the model, its name and port, the task, TP for vLLM, and
+    each of :data:`CLASSIFY_FLAGS` given (a value flag once, under the server's name)."""
+    served = vargs.find(merged, "--served-model-name")
+    name = served.values[0] if served is not None and served.values else "model"
+    command = [
+        sys.executable,
+        "-m",
+        "runtime.classify_server",
+        "--model_dir",
+        str(model_dir),
+        "--model_name",
+        name,
+        "--port",
+        vargs.value(merged, "--port") or "8080",
+    ]
+    if task != TASK:
+        command += ["--task", task]
+    if engine == "vllm" and tp > 1:
+        command += ["--tensor_parallel_size", str(tp)]
+    for key, target, takes_value in CLASSIFY_FLAGS:
+        if takes_value:
+            if (v := vargs.value(merged, key)) is not None and target not in command:
+                command += [target, v]
+        elif vargs.switch(merged, key):
+            command.append(target)
+    return command
+
+
+def _server_env(model_dir: Path, env: RuntimeEnv, engine: str) -> dict[str, str]:
+    added = dict(OFFLINE_ENV)
+    if not env.vllm_cache_root and engine == "vllm":
+        cache = compile_cache_dir(model_dir)
+        if writable(cache):
+            added["VLLM_CACHE_ROOT"] = str(cache)
+    return added
+
+
 def classifier_launch(
     ns: argparse.Namespace,
     merged: Sequence[vargs.Flag],
@@ -104,45 +144,18 @@ def classifier_launch(
     )
     if choice.engine == "huggingface" and tp > 1:
         notes.append(f"--tensor-parallel-size {tp} not used: transformers runs the classifier on one device")
-    served = vargs.find(merged, "--served-model-name")
-    name = served.values[0] if served is not None and served.values else "model"
-    command = [
-        sys.executable,
-        "-m",
-        "runtime.classify_server",
-        "--model_dir",
-        str(model_dir),
-        "--model_name",
-        name,
-        "--port",
-        vargs.value(merged, "--port") or "8080",
-    ]
-    if task != TASK:
-        command += ["--task", task]
-    if choice.engine == "vllm" and tp > 1:
-        command += ["--tensor_parallel_size", str(tp)]
-    for key, target, takes_value in CLASSIFY_FLAGS:
-        if takes_value:
-            if (v := vargs.value(merged, key)) is not None and target not in command:
-                command += [target, v]
-        elif vargs.switch(merged, key):
-            command.append(target)
+    command = server_command(merged, model_dir, task=task, engine=choice.engine, tp=tp)
     known = {k for k, _, _ in CLASSIFY_FLAGS} | CLASSIFY_CONSUMED
     ignored = [f.key for f in merged if f.key not in known]
     if ignored:
         notes.append(f"not used by the classification server: {', '.join(ignored)}")
-    added: dict[str, str] = dict(OFFLINE_ENV)
-    if not env.vllm_cache_root and choice.engine == "vllm":
-        cache = compile_cache_dir(model_dir)
-        if writable(cache):
-            added["VLLM_CACHE_ROOT"] = str(cache)
     plan = Plan(tp, 1, 1, per_node, "mp", ())
     return Launch(
         plan=plan,
         model_dir=model_dir,
         role="single",
         command=tuple(command),
-        env=added,
+        env=_server_env(model_dir, env, choice.engine),
         notes=tuple(notes),
         dry_run=ns.dry_run,
         ray_timeout=ns.ray_timeout,

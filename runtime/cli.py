@@ -22,19 +22,19 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from localmodel.cliargs import UsageParser
 from localmodel.errors import InvalidInput, ModelcacheError
-from localmodel.layout import CacheLayout, model_subpath, storage_key
-from localmodel.uri import redact as redact_uri
+from localmodel.layout import CacheLayout
 from runtime import args as vargs
 from runtime import kserve
 from runtime.classify import encoder_task, kserve_task, normalise_backend
 from runtime.classify_launch import classifier_launch
-from runtime.devices import check_hardware, gpus_per_node, served_dtype
+from runtime.devices import check_hardware, gpus_per_node, served_dtype, uneven_nodes
 from runtime.env import RuntimeEnv, env_count
 from runtime.launch import OFFLINE_ENV, Launch, compile_cache_dir, writable
+from runtime.model_dir import DEFAULT_MODEL_DIR, resolve_model
 from runtime.plan import (
     MAX_GPUS_PER_NODE,
     MAX_NODES,
@@ -44,7 +44,6 @@ from runtime.plan import (
     choose_executor,
     make_plan,
     plural,
-    uneven_nodes,
 )
 from runtime.preflight import PreflightReport, check_tokenizer, manifest_path, preflight
 from runtime.ray import (
@@ -58,7 +57,6 @@ from runtime.ray import (
 )
 from runtime.vllm_flags import check_values, vllm_task
 
-DEFAULT_MODEL_DIR = "/mnt/models"
 # KServe's model server conventions: the container port is 8080, an unnamed model is "model".
 # KServe's server serves no /docs unless --enable_docs_url true (model_server.py: default False).
 DEFAULTS: tuple[vargs.Flag, ...] = (
@@ -191,89 +189,6 @@ def _int_flag(flags: Sequence[vargs.Flag], key: str, source: str) -> int | None:
         raise InvalidInput(f"{source}={raw!r}: expected a whole number ≥ 1") from None
 
 
-def resolve_model_dir(ns: argparse.Namespace) -> Path:
-    if ns.model_uri:
-        if ns.model_dir:
-            raise InvalidInput("--model_dir and --model-uri both given; name the model one way")
-        if not ns.cache_dir:
-            raise InvalidInput("--model-uri needs --cache-dir: the node's cache folder holding models/<key>")
-        cache_dir = Path(ns.cache_dir)
-        key = storage_key(ns.model_uri)
-        folder = CacheLayout(cache_dir).model_dir(key)
-        if not cache_dir.is_dir():
-            raise InvalidInput(
-                f"--cache-dir: {cache_dir} does not exist or is not a folder; name the node's cache folder "
-                "(the agent's --cache-dir)"
-            )
-        if not folder.is_dir():
-            raise InvalidInput(
-                f"--model-uri: {redact_uri(ns.model_uri)} is not cached in {cache_dir} (no "
-                f"{model_subpath(key)}); this runtime does not download: see what the node holds with "
-                f"`modelcache status --cache-dir {cache_dir}`"
-            )
-        return folder
-    if ns.cache_dir:
-        raise InvalidInput(
-            "--cache-dir goes with --model-uri or --model_id (the model to find in it); name the model "
-            "with one of them" + ("; with --model_dir the folder is given already" if ns.model_dir else "")
-        )
-    return Path(ns.model_dir or DEFAULT_MODEL_DIR)
-
-
-def resolve_model(
-    ns: argparse.Namespace, flags: Sequence[vargs.Flag], env: RuntimeEnv
-) -> tuple[Path, list[str]]:
-    """The model folder, with KServe's precedence (its multi-node runtime's script and
-    huggingfaceserver's ``get_model_id_or_path``): ``--model_id`` over ``--model_dir``; the command line
-    over the environment; ``MODEL_DIR`` over ``MODEL_ID``. A model id is never downloaded: it is the
-    folder of ``hf://ID`` (``hf://ID:REV`` with ``--model_revision``) in ``--cache-dir``, or, without a
-    cache, the ``--model_dir`` given (a storageUri's mount) with a note; otherwise exit 2 saying how."""
-    notes: list[str] = []
-    model_id, id_source = ns.model_id, "--model_id"
-    if model_id is not None and not model_id.strip():
-        raise InvalidInput("--model_id is empty: give the model's id (org/name), or drop the flag")
-    if model_id is None and not ns.model_dir and not ns.model_uri:
-        if env_dir := env.model_dir:
-            notes.append(f"model folder from MODEL_DIR={env_dir}")
-            return resolve_model_dir(argparse.Namespace(**{**vars(ns), "model_dir": env_dir})), notes
-        if env_id := env.model_id:
-            model_id, id_source = env_id, "MODEL_ID"
-    if not model_id:
-        return resolve_model_dir(ns), notes
-    if ns.model_uri:
-        raise InvalidInput(f"{id_source} and --model-uri both given; name the model one way")
-    model_id = model_id.strip()
-    revision = vargs.value(flags, "--model-revision") or vargs.value(flags, "--revision")
-    # An id written as a URI (hf://org/name) is taken as is.
-    bare = model_id[len("hf://") :] if model_id.startswith("hf://") else model_id
-    uri = f"hf://{bare}" + (f":{revision}" if revision and ":" not in bare else "")
-    cache_dir = Path(ns.cache_dir) if ns.cache_dir else None
-    if cache_dir is None and ns.model_dir and (beside := CacheLayout.of_model_dir(Path(ns.model_dir))):
-        cache_dir = beside[0].root  # --model_dir is a folder of a cache: the id is looked up there
-    if cache_dir is not None:
-        key = storage_key(uri)
-        folder = CacheLayout(cache_dir).model_dir(key)
-        if folder.is_dir():
-            notes.append(f"{id_source} {model_id}: the cached folder of {uri} ({folder})")
-            return folder, notes
-        raise InvalidInput(
-            f"{id_source} {model_id}: {uri} is not cached in {cache_dir} (no {model_subpath(key)}); this "
-            f"runtime does not download. Cache it (a LocalModelCache with sourceModelUri {uri}) and check "
-            f"what the node holds with `modelcache status --cache-dir {cache_dir}`"
-        )
-    if ns.model_dir and Path(ns.model_dir).is_dir():
-        notes.append(
-            f"{id_source} {model_id}: served from --model_dir {ns.model_dir} (this runtime loads the cached "
-            "folder and does not download; pass --cache-dir to pick the model by id)"
-        )
-        return Path(ns.model_dir), notes
-    raise InvalidInput(
-        f"{id_source} {model_id}: this runtime serves cached models and does not download; pass --cache-dir "
-        f"D (the node's cache holding {uri}; `modelcache status --cache-dir D` lists it), or give the "
-        "InferenceService a storageUri the cache holds"
-    )
-
-
 def vllm_installed() -> bool:
     """Whether vLLM can be imported here, without importing it (that takes seconds)."""
     return importlib.util.find_spec("vllm") is not None
@@ -308,6 +223,44 @@ def _env_flags(env: RuntimeEnv) -> list[vargs.Flag]:
         # KServe's multi-node controller sets MODEL_NAME; its runtime's --model_name arg wins over it.
         flags.append(vargs.flag("--served-model-name", env.model_name))
     return flags
+
+
+def _merged(
+    parsed: vargs.Parsed, env: RuntimeEnv, notes: list[str]
+) -> tuple[list[vargs.Flag], kserve.Translated, tuple[vargs.Flag, ...]]:
+    """The flags for vLLM, lowest first: the launcher's defaults, the environment, the command line
+    (KServe's names translated); checked, and ``--task`` as the image's vLLM reads it. Returns the
+    environment's flags, the translation and the merge."""
+    for typed, meant in vargs.near_misses(parsed.flags):
+        notes.append(
+            f"{typed} is not a flag the launcher reads (did you mean {meant}?); passed to vLLM as given"
+        )
+    env_flags = _env_flags(env)
+    translated = kserve.translate(parsed.flags)
+    notes.extend(translated.notes)
+    merged = vargs.merge(DEFAULTS, env_flags, translated.flags)
+    check_values(merged)
+    merged, task_notes = vllm_task(merged)
+    notes.extend(task_notes)
+    return env_flags, translated, merged
+
+
+def _with_dtype(
+    merged: tuple[vargs.Flag, ...],
+    gpu_model: str | None,
+    config: Mapping[str, Any],
+    kserve_way: bool,
+    notes: list[str],
+) -> tuple[vargs.Flag, ...]:
+    """The flags with the dtype this GPU serves (:func:`served_dtype`), after refusing a dtype or
+    quantization it cannot run (:func:`check_hardware`)."""
+    asked = vargs.value(merged, "--dtype")
+    notes.extend(check_hardware(gpu_model, asked, vargs.value(merged, "--quantization")))
+    dtype, note = served_dtype(gpu_model, asked, config, kserve_way=kserve_way)
+    if dtype is None or note is None:
+        return merged
+    notes.append(note)
+    return vargs.merge(merged, [vargs.flag("--dtype", dtype)])
 
 
 def _checked_tokenizer(
@@ -385,7 +338,12 @@ def _asked(
             f"--worker with {sources.get('nodes', '--nodes')}={nodes}: a one-node plan has no Ray head to "
             "join; drop --worker, or deploy the multi-node runtime (RAY_NODE_COUNT ≥ 2)"
         )
-    return _Asked(tp, pp, dp, nodes, ns.gpus_per_node, sources)
+    gpus = ns.gpus_per_node
+    if gpus is None:
+        gpus = env_count(env.request_gpu_count, "REQUEST_GPU_COUNT", MAX_GPUS_PER_NODE)
+        if gpus is not None:
+            sources["gpus_per_node"] = "REQUEST_GPU_COUNT"
+    return _Asked(tp, pp, dp, nodes, gpus, sources)
 
 
 def _generative_flags(
@@ -445,30 +403,14 @@ def build(
     ns, parsed = _parse(argv)
     model_dir, notes = resolve_model(ns, parsed.flags, renv)
     secrets = vargs.secret_values(parsed.flags)
-    for typed, meant in vargs.near_misses(parsed.flags):
-        notes.append(
-            f"{typed} is not a flag the launcher reads (did you mean {meant}?); passed to vLLM as given"
-        )
-    env_flags = _env_flags(renv)
-    translated = kserve.translate(parsed.flags)
-    notes.extend(translated.notes)
-    merged = vargs.merge(DEFAULTS, env_flags, translated.flags)
-    check_values(merged)
-    merged, task_notes = vllm_task(merged)
-    notes.extend(task_notes)
+    env_flags, translated, merged = _merged(parsed, renv, notes)
     report = _checked_model(ns, merged, model_dir)
     notes.extend(report.notes)
     merged = _checked_tokenizer(ns, merged, model_dir, renv, notes)
     shape = ModelShape.from_config(report.config)
     asked = _asked(ns, parsed, env_flags, merged, renv)
-    sources, tp, pp, nodes = dict(asked.sources), asked.tp, asked.pp, asked.nodes
+    sources, tp, pp, nodes, explicit = asked.sources, asked.tp, asked.pp, asked.nodes, asked.gpus
     found = gpus(env)
-    explicit = asked.gpus
-    if explicit is None:
-        explicit = env_count(renv.request_gpu_count, "REQUEST_GPU_COUNT", MAX_GPUS_PER_NODE)
-        if explicit is not None:
-            sources["gpus_per_node"] = "REQUEST_GPU_COUNT"
-
     task = vargs.value(merged, "--task")
     if (encoder := encoder_task(shape.architectures, task)) is not None:
         return classifier_launch(
@@ -512,14 +454,8 @@ def build(
             f"{plan.pipeline_parallel_size}), so there is no Ray head to join; drop --worker"
         )
     notes.extend(plan.notes)
-    gpu_model = found[0] if found else None
-    asked_dtype = vargs.value(merged, "--dtype")
-    notes.extend(check_hardware(gpu_model, asked_dtype, vargs.value(merged, "--quantization")))
     kserve_way = bool(ns.model_dir or ns.model_id or renv.model_dir or renv.model_id)
-    dtype, dtype_note = served_dtype(gpu_model, asked_dtype, report.config, kserve_way=kserve_way)
-    if dtype is not None and dtype_note is not None:
-        merged = vargs.merge(merged, [vargs.flag("--dtype", dtype)])
-        notes.append(dtype_note)
+    merged = _with_dtype(merged, found[0] if found else None, report.config, kserve_way, notes)
     executor = choose_executor(plan, vargs.value(merged, "--distributed-executor-backend"))
     plan = executor.plan
     notes.extend(executor.notes)

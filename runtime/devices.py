@@ -64,6 +64,23 @@ def gpus_per_node(
     )
 
 
+def uneven_nodes(
+    nodes: int | None, gpus: int | None, tp: int | None, pp: int | None, sources: Mapping[str, str]
+) -> bool:
+    """Whether KServe gave this pod a GPU count that differs from the other pods': several nodes,
+    REQUEST_GPU_COUNT, TP and PP set, and TP x PP not this pod's count times the nodes (KServe's
+    computeRayNodeAndGPUs gives the head the remainder, or its own request)."""
+    return (
+        nodes is not None
+        and nodes > 1
+        and gpus is not None
+        and sources.get("gpus_per_node") == "REQUEST_GPU_COUNT"
+        and tp is not None
+        and pp is not None
+        and tp * pp != gpus * nodes
+    )
+
+
 def served_dtype(
     gpu_model: str | None, asked: str | None, config: Mapping[str, Any], *, kserve_way: bool
 ) -> tuple[str | None, str | None]:

@@ -166,6 +166,30 @@ def _tp_problem(shape: ModelShape, tp: int) -> str | None:
 
 def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
     """Decide TP, PP, nodes and executor, or raise InvalidInput naming the numbers and a fix."""
+    src = _sources(req)
+    if req.data_parallel_size is not None and req.data_parallel_size > 1:
+        return _plan_data_parallel(shape, req, src, req.data_parallel_size)
+    _one_gpu_model(req)
+    g = req.gpus_per_node
+    tp, pp, nodes = req.tensor_parallel_size, req.pipeline_parallel_size, req.nodes
+    if req.uneven_nodes and tp is not None and pp is not None and nodes is not None and nodes > 1:
+        return _plan_uneven(shape, req, src, tp, pp, nodes)
+    notes: list[str] = []
+    tp, pp = _split(shape, req, src, notes)
+    world = tp * pp
+    if nodes is None:
+        nodes = max(1, math.ceil(world / g))
+        if nodes > 1:
+            notes.append(f"{nodes} nodes: TP {tp} x PP {pp} = {world} GPUs at {g} per node")
+    _check_split(shape, req, src, tp, pp)
+    _check_fit(shape, req, src, tp, pp, nodes, notes)
+    executor: Executor = "ray" if nodes > 1 else "mp"
+    return Plan(tp, pp, nodes, g, executor, tuple(notes))
+
+
+def _sources(req: PlanRequest) -> dict[str, str]:
+    """Where each number came from, for messages (flags unless ``req.sources`` names another);
+    InvalidInput for a count below 1 or over its bound."""
     src = {
         "tensor_parallel_size": "--tensor-parallel-size",
         "pipeline_parallel_size": "--pipeline-parallel-size",
@@ -180,9 +204,10 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
     _positive("the tensor parallel size", req.tensor_parallel_size, src["tensor_parallel_size"], limit)
     _positive("the pipeline parallel size", req.pipeline_parallel_size, src["pipeline_parallel_size"], limit)
     _positive("the data parallel size", req.data_parallel_size, src["data_parallel_size"], limit)
-    if req.data_parallel_size is not None and req.data_parallel_size > 1:
-        return _plan_data_parallel(shape, req, src, req.data_parallel_size)
+    return src
 
+
+def _one_gpu_model(req: PlanRequest) -> None:
     models = sorted(set(req.gpu_models))
     if len(models) > 1:
         counts = ", ".join(f"{req.gpu_models.count(m)}x {m}" for m in models)
@@ -191,12 +216,11 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
             "schedule onto nodes of a single GPU type (a nodeSelector on the GPU product label)"
         )
 
-    g = req.gpus_per_node
-    notes: list[str] = []
-    tp, pp, nodes = req.tensor_parallel_size, req.pipeline_parallel_size, req.nodes
-    if req.uneven_nodes and tp is not None and pp is not None and nodes is not None and nodes > 1:
-        return _plan_uneven(shape, req, src, tp, pp, nodes)
 
+def _split(shape: ModelShape, req: PlanRequest, src: Mapping[str, str], notes: list[str]) -> tuple[int, int]:
+    """TP and PP: as asked, completed to what the GPUs allow (module docstring's rules)."""
+    g = req.gpus_per_node
+    tp, pp, nodes = req.tensor_parallel_size, req.pipeline_parallel_size, req.nodes
     explicit_fill = req.gpus_per_node_explicit and tp is None and pp is None
     if explicit_fill and (fill := _fill(shape, g, nodes or 1)) is not None:
         # A GPU count set, no split asked: every GPU is used, with pipeline stages where the heads
@@ -255,13 +279,12 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
         pp = nodes if nodes is not None and nodes > 1 else 1
         if pp > 1:
             notes.append(f"pipeline parallel size {pp}: one stage per node")
+    return tp, pp
 
-    world = tp * pp
-    if nodes is None:
-        nodes = max(1, math.ceil(world / g))
-        if nodes > 1:
-            notes.append(f"{nodes} nodes: TP {tp} x PP {pp} = {world} GPUs at {g} per node")
 
+def _check_split(shape: ModelShape, req: PlanRequest, src: Mapping[str, str], tp: int, pp: int) -> None:
+    """InvalidInput when the model's heads, layers or architecture do not allow TP x PP."""
+    g = req.gpus_per_node
     problem = _tp_problem(shape, tp)
     if problem is not None:
         valid = _valid_tps(shape, g)
@@ -285,6 +308,20 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
                 "use a pipeline parallel size of 1"
             )
 
+
+def _check_fit(
+    shape: ModelShape,
+    req: PlanRequest,
+    src: Mapping[str, str],
+    tp: int,
+    pp: int,
+    nodes: int,
+    notes: list[str],
+) -> None:
+    """InvalidInput when TP x PP needs more GPUs than the nodes hold, or leaves GPUs idle that were
+    asked for explicitly or whole nodes unused; a note when a detected count is partly idle."""
+    g = req.gpus_per_node
+    world = tp * pp
     total = nodes * g
     where = f"{plural(nodes, 'node')} x {plural(g, 'GPU')} = {total}"
     if req.nodes is not None:  # the count as the user gave it (a flag or RAY_NODE_COUNT)
@@ -315,9 +352,6 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> Plan:
                 f"{_fits(shape, g, nodes)}"
             )
         notes.append(f"uses {world} of the {plural(total, 'GPU')} available ({where})")
-
-    executor: Executor = "ray" if nodes > 1 else "mp"
-    return Plan(tp, pp, nodes, g, executor, tuple(notes))
 
 
 def _plan_data_parallel(shape: ModelShape, req: PlanRequest, src: Mapping[str, str], dp: int) -> Plan:
@@ -516,23 +550,6 @@ def _fits(shape: ModelShape, g: int, nodes: int) -> str:
     if valid:
         return f"TP {max(valid)} x PP {nodes} (and fewer GPUs per node)"
     return f"TP 1 x PP {nodes}"
-
-
-def uneven_nodes(
-    nodes: int | None, gpus: int | None, tp: int | None, pp: int | None, sources: Mapping[str, str]
-) -> bool:
-    """Whether KServe gave this pod a GPU count that differs from the other pods': several nodes,
-    REQUEST_GPU_COUNT, TP and PP set, and TP x PP not this pod's count times the nodes (KServe's
-    computeRayNodeAndGPUs gives the head the remainder, or its own request)."""
-    return (
-        nodes is not None
-        and nodes > 1
-        and gpus is not None
-        and sources.get("gpus_per_node") == "REQUEST_GPU_COUNT"
-        and tp is not None
-        and pp is not None
-        and tp * pp != gpus * nodes
-    )
 
 
 @dataclass(frozen=True)

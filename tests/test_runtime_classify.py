@@ -48,7 +48,8 @@ from runtime.classify import (
     v2_response,
     v2_tensor,
 )
-from runtime.classify_server import ServerState, id2label_from_config, make_app
+from runtime.classify_engines import id2label_from_config
+from runtime.classify_server import ServerState, make_app
 
 ROOT = Path(__file__).resolve().parents[1]
 ID2LABEL = {"0": "NEGATIVE", "1": "POSITIVE"}
@@ -948,7 +949,7 @@ def test_tiny_bert_served_with_labels_and_probabilities(tmp_path: Path) -> None:
 
 
 async def test_tiny_bert_without_id2label_keys_by_index(tmp_path: Path) -> None:
-    from runtime.classify_server import TransformersEngine, read_config
+    from runtime.classify_engines import TransformersEngine, read_config
 
     folder = tmp_path / "bert"
     build_tiny_bert(folder, None)
@@ -1005,7 +1006,8 @@ def _kserve_cases() -> list[dict[str, Any]]:
 async def test_answers_equal_kserves_for_every_encoder_task(tmp_path: Path) -> None:
     """Each task and output flag on the tiny model both servers load: our v1 and v2 answers are
     KServe's (recorded with tests/data/runtime/record_kserve_responses.py), readiness included."""
-    from runtime.classify_server import make_engine, options_of, parser, read_config
+    from runtime.classify_engines import read_config
+    from runtime.classify_server import make_engine, options_of, parser
 
     pytest.importorskip("torch")
     id2label = {0: "NEGATIVE", 1: "NEUTRAL", 2: "POSITIVE"}
@@ -1058,7 +1060,7 @@ def test_cuda_engine_moves_logits_to_the_cpu(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here (torch.cuda.is_available() is False)")
-    from runtime.classify_server import TransformersEngine
+    from runtime.classify_engines import TransformersEngine
 
     texts = ["paris is in [MASK]", "a good movie"]
     for task in ("sequence_classification", "token_classification", "fill_mask", "text_embedding"):
