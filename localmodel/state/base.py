@@ -149,7 +149,8 @@ async def watch(
     relist_every: float | None = None,
     on_list: Callable[[], None] | None = None,
 ) -> AsyncIterator[WatchEvent]:
-    """List then watch, forever: the informer pattern without a cache of its own.
+    """List then watch, forever: the informer pattern without a cache of its own. (Over 80 lines
+    because the list, the stream and the retry share one loop's state: the known set and the delay.)
 
     Starts with an ADDED event per existing object. When the stream ends it resumes from the last
     resourceVersion seen. On any error but NotFound (Gone, the API unreachable, a 5xx or 429, an
