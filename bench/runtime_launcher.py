@@ -39,6 +39,8 @@ def sparse_model(folder: Path, shards: int, total_bytes: int, tensors_per_shard:
     """A Llama-70B-like layout: config, index and shards whose data is a hole."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(CONFIG))
+    # vLLM runs offline: preflight refuses a folder without tokenizer files, as it should.
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     weight_map = {}
     per_tensor = total_bytes // (shards * tensors_per_shard)
     for s in range(1, shards + 1):
