@@ -10,10 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from agent.desired import desired
 from controller import cli as controller_cli
-from localmodel.resources import cache_path_error
-from tests.test_manifests import _agent, _cache_paths, _init_script, _run_init, find, needs_kubectl, render
+from controller.admission import validate_group
+from localmodel.errors import SpecError
+from localmodel.resources import LocalModelNode, LocalModelNodeGroup, cache_path_error
+from tests.support.agents import node_doc
+from tests.test_manifests import (
+    MANIFESTS,
+    _agent,
+    _cache_paths,
+    _init_script,
+    _run_init,
+    find,
+    needs_kubectl,
+    render,
+)
 
 # KServe's node agent DaemonSet: hostPath /models (charts/kserve-localmodel-resources/files/
 # resources.yaml:384-386, config/localmodelnodes/manager.yaml:66-69), mounted at /mnt/models, models
@@ -67,6 +81,27 @@ def test_agent_uses_kserves_node_folder(path: str) -> None:
 def test_kserves_node_folder_is_a_valid_cache_folder() -> None:
     """A KServe LocalModelNodeGroup's /models passes the rule our group webhook, CRD and agent use."""
     assert cache_path_error(KSERVE_NODE_FOLDER) is None
+
+
+@needs_kubectl
+def test_a_kserve_node_group_is_taken_by_the_overlays_agent() -> None:
+    """The overlay's example group (as KServe's e2e test writes one: local /models) passes our group
+    webhook, and the agent, run with the overlay's --cache-dir, takes a LocalModelNode of that group;
+    with our base's folder it refuses it (every migrated node would say ConfigurationValid=False)."""
+    doc = yaml.safe_load((MANIFESTS / "overlays/kserve/nodegroup-example.yaml").read_text())
+    assert doc["spec"]["persistentVolumeSpec"]["local"]["path"] == KSERVE_NODE_FOLDER
+    assert validate_group("CREATE", doc, None).allowed
+    group = LocalModelNodeGroup.from_json(doc)
+    (cache_dir,) = _cache_paths(render("overlays/kserve"))
+    node = LocalModelNode.from_json(
+        node_doc("n1", [("qwen", "hf://Qwen/Qwen2-0.5B-Instruct", "1Gi")], group="workers")
+    )
+    wanted = desired(node, {"workers": group}, cache_dir=Path(cache_dir))
+    assert [m.model_name for m in wanted.models] == ["qwen"]
+    assert wanted.limit == 200 << 30
+    (base_dir,) = _cache_paths(render("base"))
+    with pytest.raises(SpecError, match="--cache-dir /models"):
+        desired(node, {"workers": group}, cache_dir=Path(base_dir))
 
 
 @needs_kubectl
