@@ -18,6 +18,7 @@ from controller.admission import validate_group
 from localmodel.errors import SpecError
 from localmodel.resources import LocalModelNode, LocalModelNodeGroup, cache_path_error
 from tests.support.agents import node_doc
+from tests.test_crds import validate as crd_errors
 from tests.test_manifests import (
     MANIFESTS,
     _agent,
@@ -91,6 +92,7 @@ def test_a_kserve_node_group_is_taken_by_the_overlays_agent() -> None:
     doc = yaml.safe_load((MANIFESTS / "overlays/kserve/nodegroup-example.yaml").read_text())
     assert doc["spec"]["persistentVolumeSpec"]["local"]["path"] == KSERVE_NODE_FOLDER
     assert validate_group("CREATE", doc, None).allowed
+    assert crd_errors(doc) == [], "our CRD's schema and CEL rules take it too"
     group = LocalModelNodeGroup.from_json(doc)
     (cache_dir,) = _cache_paths(render("overlays/kserve"))
     node = LocalModelNode.from_json(
