@@ -26,6 +26,7 @@ MANIFESTS = ROOT / "manifests"
 OVERLAYS = [
     "base",
     "overlays/kserve",
+    "overlays/kserve/enforce",
     "overlays/standalone-prometheus",
     "overlays/custom-cache-dir",
     "agent",
@@ -34,7 +35,8 @@ OVERLAYS = [
 # The overlays that render the agent, and the cache folder each names.
 AGENT_OVERLAYS = {
     "base": "/var/lib/modelcache",
-    "overlays/kserve": "/var/lib/modelcache",
+    "overlays/kserve": "/models",  # KServe's node folder (tests/test_kserve_overlay.py)
+    "overlays/kserve/enforce": "/models",
     "overlays/standalone-prometheus": "/var/lib/modelcache",
     "overlays/custom-cache-dir": "/mnt/models",
     "agent": "/var/lib/modelcache",
