@@ -20,8 +20,10 @@ import random
 import time
 from typing import Any
 
-from controller.plan import Options, Snapshot, layout, plan
+from controller.plan import plan
 from controller.reconcile import Controller, Settings
+from controller.snapshot import Options, Snapshot
+from localmodel.placement import layout
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
 from localmodel.state.base import (
     LOCAL_MODEL_CACHE,

@@ -35,23 +35,21 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from controller.plan import (
-    ADMITTED,
-    MODEL_ANNOTATION,
-    MODEL_LABEL_VALUE,
+from controller.labels import MODEL_LABEL_VALUE, model_label
+from controller.serving import (
     NAME_COLLISION,
     SERVING,
     SERVING_NAMESPACES_ANNOTATION,
     claim_name,
-    model_label,
     serving_namespaces,
 )
+from controller.status import ADMITTED
+from controller.views import named_cache, named_group
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.hosts import internal_host_error
 from localmodel.placement import admit
 from localmodel.resources import (
     CACHE_VOLUME_SOURCES,
-    LOCALMODEL_LABEL,
     NO_FOLDER,
     NODEGROUP_ANNOTATION,
     LocalModelCache,
@@ -61,7 +59,6 @@ from localmodel.resources import (
 )
 from localmodel.uri import parse_uri
 
-DISABLE_ANNOTATION = "serving.kserve.io/disable-localmodel"
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 
 
@@ -115,14 +112,7 @@ def pod_ask(pod: Mapping[str, Any]) -> PodAsk:
     labels = meta.get("labels") or {}
     if not isinstance(annotations, Mapping) or not isinstance(labels, Mapping):
         return PodAsk(None, None)
-    if str(annotations.get(DISABLE_ANNOTATION, "")).lower() == "true":
-        return PodAsk(None, None)
-    group = annotations.get(NODEGROUP_ANNOTATION)
-    cache = labels.get(LOCALMODEL_LABEL) or annotations.get(MODEL_ANNOTATION)
-    return PodAsk(
-        group if isinstance(group, str) and group else None,
-        cache if isinstance(cache, str) and cache else None,
-    )
+    return PodAsk(named_group(annotations), named_cache(labels, annotations))
 
 
 def place_pod(

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
+from controller.labels import MODEL_LABEL_PREFIX
 from controller.leader import LEASE_NAME, FencedState, LeaderElector
 from controller.metrics import (
     DEFAULT_METRICS_ADDR,
@@ -42,8 +43,9 @@ from controller.metrics import (
     Role,
     readiness,
 )
-from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_PREFIX
 from controller.reconcile import FIELD_MANAGER, WATCHED, Controller, Settings
+from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
+from controller.snapshot import DEFAULT_MAX_CONCURRENT_DOWNLOADS
 from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.documents import load_documents

@@ -23,17 +23,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.metrics import ControllerMetrics, Copies
-from controller.plan import (
+from controller.labels import MODEL_LABEL_VALUE, model_label
+from controller.metrics import ControllerMetrics
+from controller.plan import plan
+from controller.rollout import models_in_use
+from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, serving_demands, volume_ref
+from controller.snapshot import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
-    MANAGED_BY,
-    MANAGED_BY_LABEL,
-    MODEL_LABEL_PREFIX,
-    MODEL_LABEL_VALUE,
     RETAINED_ANNOTATION,
     Event,
     LabelWrite,
-    Layout,
     NodeWrite,
     Options,
     Plan,
@@ -43,20 +42,17 @@ from controller.plan import (
     StatusWrite,
     VolumeRef,
     VolumeWrite,
-    isvc_caches,
-    layout,
-    model_label,
-    model_labels,
-    models_in_use,
-    node_ready,
-    plan,
-    serving_demands,
-    volume_ref,
+    isvc_refs,
+    merged_use,
 )
+from controller.status import copies_by_group, isvc_caches
+from controller.views import InferenceService, NodeView, Pod
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound, SpecError
 from localmodel.events import event_body
+from localmodel.placement import Layout, layout
 from localmodel.resources import (
     FINALIZER,
+    Copies,
     InferenceServiceRef,
     LocalModelCache,
     LocalModelInfo,
@@ -64,7 +60,6 @@ from localmodel.resources import (
     LocalModelNodeGroup,
     LocalModelNodeStatus,
     Node,
-    NodeState,
     ObjectMeta,
     cluster_group,
 )
@@ -144,13 +139,13 @@ class _View:
     not_ready: set[str] = field(default_factory=set)
     lmns: dict[str, LocalModelNode] = field(default_factory=dict)
     listed: dict[str, set[str]] = field(default_factory=dict)  # cache -> nodes whose spec lists it
-    pods: dict[tuple[str, str], JSON] = field(default_factory=dict)
+    pods: dict[tuple[str, str], Pod] = field(default_factory=dict)
     pod_use: dict[tuple[str, str], tuple[str, frozenset[str]]] = field(default_factory=dict)
     pod_serving: dict[tuple[str, str], frozenset[ServingDemand]] = field(default_factory=dict)
     node_models: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> keys labelled ready
     volumes: dict[str, VolumeRef] = field(default_factory=dict)  # the PVs we made, by name
     claims: dict[tuple[str, str], VolumeRef] = field(default_factory=dict)  # our PVCs, (namespace, name)
-    isvcs: dict[tuple[str, str], JSON] = field(default_factory=dict)  # (namespace, name) -> object
+    isvcs: dict[tuple[str, str], InferenceService] = field(default_factory=dict)  # (namespace, name) ->
     invalid_groups: dict[str, str] = field(default_factory=dict)  # stored, spec refused: name -> why
     isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
 
@@ -397,19 +392,11 @@ class Controller:
                 view.not_ready.discard(name)
                 self._invalidate()
             return
-        parsed = Node.from_json(obj)
-        # Our model labels are the controller's output, not placement's input: kept apart, so that
-        # writing them re-plans nothing (and a group cannot select nodes by them).
-        node = Node(
-            parsed.name,
-            {k: v for k, v in parsed.labels.items() if not k.startswith(MODEL_LABEL_PREFIX)},
-            parsed.uid,
-        )
-        models = model_labels(parsed.labels)
+        parsed = NodeView.from_json(obj)
+        node, models, ready = parsed.node, parsed.models, parsed.ready
         if view.node_models.get(name, frozenset()) != models:
             view.node_models[name] = models
             self._dirty_labels.add(name)  # someone else changed them: put ours back
-        ready = node_ready(obj)
         old = view.nodes.get(name)
         view.nodes[name] = node
         if old is None or old.labels != node.labels or old.uid != node.uid:
@@ -420,19 +407,19 @@ class Controller:
             self._full = True  # readiness changes pacing and nodeStatus of every model on it
 
     def _observe_pod(self, obj: JSON, deleted: bool) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace") or "default", meta["name"])
+        pod = Pod.from_json(obj)
+        key = (pod.namespace, pod.name)
         view = self._view
         before = view.pod_use.pop(key, None)
         serving_before = view.pod_serving.pop(key, None)
         view.pods.pop(key, None)
         if not deleted:
-            view.pods[key] = obj
-            use = models_in_use([obj], view.caches.values(), view.groups.values())
+            view.pods[key] = pod
+            use = models_in_use([pod], view.caches.values(), view.groups.values())
             if use:
                 ((node, caches),) = use.items()
                 view.pod_use[key] = (node, caches)
-            demands = frozenset(serving_demands([obj], view.caches))
+            demands = frozenset(serving_demands([pod], view.caches))
             if demands:
                 view.pod_serving[key] = demands
         if serving_before != view.pod_serving.get(key):
@@ -462,19 +449,15 @@ class Controller:
             self._volumes_dirty = True  # e.g. deleted by someone: made again if still wanted
 
     def _observe_isvc(self, obj: JSON, deleted: bool) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace") or "default", meta["name"])
+        isvc = InferenceService.from_json(obj)
+        key = (isvc.namespace, isvc.name)
         view = self._view
         before = view.isvc_use.pop(key, frozenset())
         view.isvcs.pop(key, None)
         after: frozenset[str] = frozenset()
         if not deleted:
-            # Only what matching reads: an InferenceService's status is large and changes often.
-            view.isvcs[key] = {
-                "metadata": {"labels": meta.get("labels") or {}},
-                "spec": {"predictor": (obj.get("spec") or {}).get("predictor") or {}},
-            }
-            after = isvc_caches(view.isvcs[key], view.caches)
+            view.isvcs[key] = isvc
+            after = isvc_caches(isvc, view.caches)
             if after:
                 view.isvc_use[key] = after
         if before != after:
@@ -555,14 +538,11 @@ class Controller:
             if full:  # claim names and paths depend on caches and groups: recompute from the pods
                 self._in_use = models_in_use(view.pods.values(), view.caches.values(), view.groups.values())
             else:
-                merged: dict[str, set[str]] = {}
-                for node, caches in view.pod_use.values():
-                    merged.setdefault(node, set()).update(caches)
-                self._in_use = {n: frozenset(c) for n, c in merged.items()}
+                self._in_use = merged_use(view.pod_use.values())
         if self._serving is None:
             if full:  # claim names depend on caches: recompute from the pods
-                for key, obj in view.pods.items():
-                    demands = frozenset(serving_demands([obj], view.caches))
+                for key, pod in view.pods.items():
+                    demands = frozenset(serving_demands([pod], view.caches))
                     if demands:
                         view.pod_serving[key] = demands
                     else:
@@ -573,11 +553,7 @@ class Controller:
                 view.isvc_use = {
                     k: use for k, obj in view.isvcs.items() if (use := isvc_caches(obj, view.caches))
                 }
-            refs: dict[str, list[InferenceServiceRef]] = {}
-            for (namespace, name), used in sorted(view.isvc_use.items()):
-                for c in used:
-                    refs.setdefault(c, []).append(InferenceServiceRef(name, namespace))
-            self._isvc_refs = {c: tuple(r) for c, r in refs.items()}
+            self._isvc_refs = isvc_refs(view.isvc_use)
         snapshot = Snapshot(
             caches=view.caches,
             groups=view.groups,
@@ -605,8 +581,8 @@ class Controller:
         return self._incomplete
 
     def _count_copies(self, result: Plan, placed: Layout, *, full: bool) -> None:
-        """Copies per cache and node group from the plan's node states: all caches after a full
-        reconcile, the caches it looked at after an incremental one."""
+        """Copies per cache and node group (:func:`controller.status.copies_by_group`): all caches
+        after a full reconcile, the caches it looked at after an incremental one."""
         assert self.metrics is not None
         view = self._view
         if full:
@@ -614,26 +590,11 @@ class Controller:
         else:  # deleted caches re-plan fully; this only keeps the picture right if one did not
             for c in [c for c in self._copies if c not in result.node_status and c not in view.caches]:
                 del self._copies[c]
-        for c, states in result.node_status.items():
-            cache = view.caches.get(c)
-            if cache is None:
+        for c, groups in copies_by_group(result.node_status, view.caches, view.groups.keys(), placed).items():
+            if groups is None:
                 self._copies.pop(c, None)
-                continue
-            admitted = set(placed.admission.groups_of(c))
-            groups: dict[str, Copies] = {}
-            for g in dict.fromkeys(cache.spec.node_groups):
-                if g not in view.groups:
-                    continue  # no such group (the cache's Ready condition says so)
-                if g not in admitted:
-                    groups[g] = Copies()  # refused: no node of the group must hold it
-                    continue
-                held = [states[n] for n in placed.members.get(g, ()) if n in states]
-                groups[g] = Copies(
-                    available=sum(1 for s in held if s is NodeState.DOWNLOADED),
-                    total=len(held),
-                    failed=sum(1 for s in held if s is NodeState.DOWNLOAD_ERROR),
-                )
-            self._copies[c] = groups
+            else:
+                self._copies[c] = groups
         self.metrics.set_copies({(c, g): n for c, gs in self._copies.items() for g, n in gs.items()})
 
     def _wrote(self, kind: str) -> None:

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from controller.leader import LEASE_NAME
-from controller.plan import RETAINED_ANNOTATION
+from controller.snapshot import RETAINED_ANNOTATION
 from localmodel.errors import NotFound, Unavailable
 from localmodel.state.base import (
     EVENT,

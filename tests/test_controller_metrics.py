@@ -18,9 +18,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from controller import cli
-from controller.metrics import ControllerMetrics, Copies, MetricsServer
+from controller.metrics import ControllerMetrics, MetricsServer
 from controller.reconcile import Controller
 from localmodel.errors import ClusterStateError, InvalidInput
+from localmodel.resources import Copies
 from localmodel.state.base import EVENT, JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, ResourceKind
 from localmodel.state.memory import MemoryState
 from tests.test_controller_reconcile import cache, eventually, setup_two_groups, write_docs

@@ -17,8 +17,8 @@ import pytest_asyncio
 
 from controller import cli
 from controller.leader import LeaderElector
-from controller.plan import RETAINED_ANNOTATION
 from controller.reconcile import Controller, Settings
+from controller.snapshot import RETAINED_ANNOTATION
 from localmodel.errors import InvalidInput, NotFound, SpecError
 from localmodel.resources import FINALIZER
 from localmodel.state.base import (

@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from controller import cli
 from controller.admission import Verdict, place_pod, review_response, validate_cache
-from controller.plan import MODEL_LABEL_PREFIX
+from controller.labels import MODEL_LABEL_PREFIX
 from controller.reconcile import Controller
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, WebhookServer, parse_addr
 from localmodel.errors import InvalidInput
