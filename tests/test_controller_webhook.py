@@ -394,7 +394,7 @@ async def test_the_controller_command_serves_the_webhooks(tmp_path: Path) -> Non
             "--webhook-cert-dir", str(tmp_path / "certs"), "--resync", "60",
         ]
     )  # fmt: skip
-    task = asyncio.create_task(cli._main(args))
+    task = asyncio.create_task(cli._main(cli.ControllerSettings.from_args(args, {})))
     trust = ssl.create_default_context(cafile=str(tmp_path / "certs" / "tls.crt"))
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
