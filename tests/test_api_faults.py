@@ -508,7 +508,8 @@ def test_readiness_rules(role: Any, ago: float | None, fenced: bool, ready: bool
 
 
 def test_other_writer_is_the_latest_spec_manager_but_us() -> None:
-    from controller.reconcile import FIELD_MANAGER, other_writer
+    from controller.reconcile import FIELD_MANAGER
+    from controller.view import other_writer
 
     def entry(manager: str, time_: str, fields: dict[str, Any], sub: str | None = None) -> dict[str, Any]:
         e = {"manager": manager, "operation": "Update", "time": time_, "fieldsV1": fields}
