@@ -15,14 +15,16 @@ from hypothesis import strategies as st
 
 from controller.admission import PodAsk, pod_ask
 from controller.plan import plan
+from controller.reconcile import backoff
 from controller.rollout import models_in_use
 from controller.serving import serving_demands, volume_ref
 from controller.snapshot import RETAINED_ANNOTATION, Options, Plan, Scope, ServingDemand, Snapshot
-from controller.status import isvc_caches
+from controller.status import copies_by_group, isvc_caches
 from controller.views import InferenceService, Pod, node_ready
 from localmodel.placement import Layout, layout, place_node
 from localmodel.resources import (
     FINALIZER,
+    Copies,
     LocalModelCache,
     LocalModelNode,
     LocalModelNodeGroup,
@@ -453,6 +455,30 @@ def test_a_pod_that_disables_the_local_model_names_no_cache_in_any_plan_path() -
     # The webhook reads the same rule.
     raw = {"metadata": {"name": "p", "labels": labelled, "annotations": off}}
     assert pod_ask(raw) == PodAsk(None, None)
+
+
+def test_copies_by_group_counts_each_group_s_members_and_none_where_refused() -> None:
+    """The metrics' copies per (cache, group), from a plan's node states: a group that refused the
+    cache has none, a group that does not exist is left out, a cache that is gone is None."""
+    s = snap(
+        [cache("m", "60Gi", ["a100", "h100", "gone"])],
+        [group("a100", "500Gi"), group("h100", "50Gi")],
+        [node("a1", "a100"), node("a2", "a100"), node("h1", "h100")],
+    )
+    s = settle(s, plan(s))
+    s = report(s, {"a1": {"m": ModelState.DOWNLOADED}, "a2": {"m": ModelState.ERROR}})
+    placed = layout(s.caches.values(), s.groups.values(), s.nodes.values())
+    states = plan(s, placed=placed).node_status
+    assert copies_by_group({**states, "deleted": {}}, s.caches, s.groups.keys(), placed) == {
+        "m": {"a100": Copies(available=1, total=2, failed=1), "h100": Copies()},
+        "deleted": None,
+    }
+
+
+def test_backoff_doubles_to_the_cap_with_at_most_a_fifth_off() -> None:
+    for failures, base, cap, full in [(1, 2.0, 30.0, 2.0), (3, 2.0, 30.0, 8.0), (9, 2.0, 30.0, 30.0)]:
+        delay = backoff(failures, base, cap)
+        assert 0.8 * full <= delay <= full
 
 
 # -- properties ------------------------------------------------------------------------------------
