@@ -69,9 +69,9 @@ def group_conditions(
     """The cache's Admitted and Ready conditions for node group ``g``: refused (both say why), or
     admitted (its usage) and Ready when every member holds it (else Downloading, or DownloadError
     when one failed; NoNodes when the group selects none)."""
-    if refusal is not None or usage is None:
-        assert refusal is not None
+    if refusal is not None:
         return (False, refusal.reason, refusal.message), (False, refusal.reason, refusal.message)
+    assert usage is not None  # admission refuses a cache for every group it keeps no usage of
     admitted = (
         True,
         ADMITTED,

@@ -316,11 +316,16 @@ async def test_another_writer_rewriting_a_spec_is_named(kube_api: KubeAPI, tmp_p
             condition = await eventually(contested, timeout=90, what="a SpecContested condition")
             assert condition["status"] == "True"
             assert "'manager'" in condition["message"]
-            events = [
-                e
-                for e in (await store.list(EVENT)).items
-                if e.get("reason") == "SpecContested" and e["involvedObject"]["name"] == "h1"
-            ]
+
+            async def contest_events() -> list[dict[str, Any]]:
+                return [
+                    e
+                    for e in (await store.list(EVENT)).items
+                    if e.get("reason") == "SpecContested" and e["involvedObject"]["name"] == "h1"
+                ]
+
+            # The Event follows the condition's write: read once it is there, not in between.
+            events = await eventually(contest_events, timeout=30, what="the SpecContested Event")
             assert len(events) == 1
             assert events[0]["type"] == "Warning"
             assert events[0]["involvedObject"]["kind"] == "LocalModelNode"
