@@ -20,9 +20,11 @@ import random
 import time
 from typing import Any
 
-from controller.plan import Options, Snapshot, layout, plan
+from controller.plan import plan
 from controller.reconcile import Controller, Settings
+from controller.snapshot import Options, Snapshot
 from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, NODE
+from localmodel.placement import layout
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
 from localmodel.state.base import WatchEvent
 from localmodel.state.memory import MemoryState

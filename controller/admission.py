@@ -35,24 +35,22 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from controller.plan import (
-    ADMITTED,
-    MODEL_ANNOTATION,
-    MODEL_LABEL_VALUE,
+from controller.labels import MODEL_LABEL_VALUE, model_label
+from controller.serving import (
     NAME_COLLISION,
     SERVING,
     SERVING_NAMESPACES_ANNOTATION,
     claim_name,
-    model_label,
     serving_namespaces,
 )
+from controller.status import ADMITTED
+from controller.views import named_cache, named_group
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.hosts import internal_host_error
 from localmodel.layout import model_subpath
 from localmodel.placement import admit
 from localmodel.resources import (
     CACHE_VOLUME_SOURCES,
-    LOCALMODEL_LABEL,
     NO_FOLDER,
     NODEGROUP_ANNOTATION,
     LocalModelCache,
@@ -60,9 +58,8 @@ from localmodel.resources import (
     Node,
     cluster_group,
 )
-from localmodel.uri import parse_uri
+from localmodel.uri import SourceURI, parse_uri
 
-DISABLE_ANNOTATION = "serving.kserve.io/disable-localmodel"
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 
 
@@ -116,14 +113,7 @@ def pod_ask(pod: Mapping[str, Any]) -> PodAsk:
     labels = meta.get("labels") or {}
     if not isinstance(annotations, Mapping) or not isinstance(labels, Mapping):
         return PodAsk(None, None)
-    if str(annotations.get(DISABLE_ANNOTATION, "")).lower() == "true":
-        return PodAsk(None, None)
-    group = annotations.get(NODEGROUP_ANNOTATION)
-    cache = labels.get(LOCALMODEL_LABEL) or annotations.get(MODEL_ANNOTATION)
-    return PodAsk(
-        group if isinstance(group, str) and group else None,
-        cache if isinstance(cache, str) and cache else None,
-    )
+    return PodAsk(named_group(annotations), named_cache(labels, annotations))
 
 
 def place_pod(
@@ -140,15 +130,8 @@ def place_pod(
     serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`).
     A pod whose metadata,
     labels, annotations or spec are not objects is refused naming the field."""
-    if (shape := shape_error(pod)) is not None:
+    if (shape := shape_error(pod) or _pod_spec_error(pod)) is not None:
         return shape
-    for part in ("affinity", "volumes", "containers", "initContainers"):
-        value = (pod.get("spec") or {}).get(part)
-        kind = Mapping if part == "affinity" else list
-        if value is not None and not isinstance(value, kind):
-            return Verdict.refuse(
-                f"spec.{part}: expected {'an object' if kind is Mapping else 'a list'}", code=400
-            )
     ask = pod_ask(pod)
     if not ask.any:
         return Verdict(True)
@@ -208,6 +191,19 @@ def place_pod(
     if error is not None:
         return Verdict.refuse(error, code=422)
     return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
+
+
+def _pod_spec_error(pod: Mapping[str, Any]) -> Verdict | None:
+    """A refusal naming the field when the pod's affinity is not an object or its volumes or
+    containers not lists."""
+    for part in ("affinity", "volumes", "containers", "initContainers"):
+        value = (pod.get("spec") or {}).get(part)
+        kind = Mapping if part == "affinity" else list
+        if value is not None and not isinstance(value, kind):
+            return Verdict.refuse(
+                f"spec.{part}: expected {'an object' if kind is Mapping else 'a list'}", code=400
+            )
+    return None
 
 
 def serving_mounts(
@@ -346,28 +342,10 @@ def validate_cache(
     bad_namespaces = serving_namespaces(cache)[1]
     if bad_namespaces:
         return Verdict.refuse("; ".join(bad_namespaces), code=422)
-    if uri.scheme == "file":
-        # In a cluster a file source would copy whatever folder of the node the agent can read into
-        # a served model; standalone mode (the user's own machine) keeps them.
-        return Verdict.refuse(
-            "spec.sourceModelUri: file:// sources and paths on the node are not allowed in a cluster; "
-            "use hf://, s3://, gs://, Azure Blob or http(s)://",
-            code=422,
-        )
-    host = urlsplit(uri.url).hostname if uri.scheme in ("http", "https") else None
-    if host is not None and (why := internal_host_error(host)) is not None:
-        return Verdict.refuse(
-            f"spec.sourceModelUri: host {why}: the agent fetches from the node's network, so a "
-            "cluster's source names a host outside the node and the cluster",
-            code=422,
-        )
+    if (refused := _source_error(uri)) is not None:
+        return refused
     by_name = {g.name: g for g in groups}
-    before: tuple[str, ...] = ()
-    if operation == "UPDATE" and old is not None:
-        try:
-            before = LocalModelCache.from_json(old).spec.node_groups
-        except SpecError:
-            before = ()
+    before = _groups_before(operation, old)
     invalid = invalid_groups or {}
     broken = [g for g in cache.spec.node_groups if g in invalid and g not in before]
     if broken:
@@ -404,6 +382,37 @@ def validate_cache(
             "no listed node group can admit it: " + "; ".join(r.message for r in refusals), code=403
         )
     return Verdict(True, warnings=tuple(r.message for r in refusals))
+
+
+def _groups_before(operation: str, old: object) -> tuple[str, ...]:
+    """The node groups an updated cache listed before (none at create, or when unreadable)."""
+    if operation != "UPDATE" or old is None:
+        return ()
+    try:
+        return LocalModelCache.from_json(old).spec.node_groups
+    except SpecError:
+        return ()
+
+
+def _source_error(uri: SourceURI) -> Verdict | None:
+    """A refusal of a source a cluster may not cache: a file or a path on the node, or an http(s)
+    host that is the node or the cluster; None for the others."""
+    if uri.scheme == "file":
+        # In a cluster a file source would copy whatever folder of the node the agent can read into
+        # a served model; standalone mode (the user's own machine) keeps them.
+        return Verdict.refuse(
+            "spec.sourceModelUri: file:// sources and paths on the node are not allowed in a cluster; "
+            "use hf://, s3://, gs://, Azure Blob or http(s)://",
+            code=422,
+        )
+    host = urlsplit(uri.url).hostname if uri.scheme in ("http", "https") else None
+    if host is not None and (why := internal_host_error(host)) is not None:
+        return Verdict.refuse(
+            f"spec.sourceModelUri: host {why}: the agent fetches from the node's network, so a "
+            "cluster's source names a host outside the node and the cluster",
+            code=422,
+        )
+    return None
 
 
 def _annotation(obj: object) -> object:

@@ -23,16 +23,18 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from prometheus_client import CollectorRegistry
 
+from controller.labels import MODEL_LABEL_PREFIX
 from controller.leader import LEASE_NAME, FencedState, LeaderElector
 from controller.metrics import (
     DEFAULT_METRICS_ADDR,
@@ -42,8 +44,9 @@ from controller.metrics import (
     Role,
     readiness,
 )
-from controller.plan import DEFAULT_MAX_CONCURRENT_DOWNLOADS, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_PREFIX
 from controller.reconcile import FIELD_MANAGER, WATCHED, Controller, Settings
+from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
+from controller.snapshot import DEFAULT_MAX_CONCURRENT_DOWNLOADS
 from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.documents import load_documents
@@ -168,6 +171,52 @@ async def _keep_in_touch(kube: KubeState, window: float, namespace: str) -> None
                 await kube.get(LEASE, LEASE_NAME, namespace=namespace)
 
 
+@dataclass(frozen=True)
+class ControllerSettings:
+    """The controller's flags (see :func:`_parser`) and environment, read once in :func:`main`."""
+
+    standalone: Path | None = None  # --standalone: the YAML documents (None: a cluster)
+    once: bool = False
+    output: str | None = None  # with once: "json" or "yaml" (a dry run)
+    max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # 0: no limit
+    kubeconfig: str | None = None
+    context: str | None = None
+    resync: float = 300.0  # seconds between full reconciles
+    leader_elect: bool = True
+    lease_namespace: str = "default"
+    webhook_addr: str | None = None  # HOST:PORT (None: no webhooks)
+    webhook_cert_dir: Path | None = None
+    ready_window: float = 30.0  # seconds
+    metrics_addr: str | None = None  # HOST:PORT (None: no metrics server)
+    pod_name: str | None = None  # $POD_NAME: the leader identity's prefix (the host name without)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerSettings:
+        """From the parsed flags (``--metrics-addr off`` or none: no server) and the environment."""
+        return cls(
+            standalone=args.standalone,
+            once=args.once,
+            output=args.output,
+            max_concurrent_downloads=args.max_concurrent_node_downloads,
+            kubeconfig=args.kubeconfig,
+            context=args.context,
+            resync=args.resync,
+            leader_elect=args.leader_elect,
+            lease_namespace=args.lease_namespace,
+            webhook_addr=args.webhook_addr,
+            webhook_cert_dir=args.webhook_cert_dir,
+            ready_window=args.ready_window,
+            metrics_addr=None if args.metrics_addr in (None, "off") else args.metrics_addr,
+            pod_name=environ.get("POD_NAME") or None,
+        )
+
+    def reconcile(self) -> Settings:
+        """The reconcile loop's settings."""
+        return Settings(
+            max_concurrent_downloads=self.max_concurrent_downloads, standalone=self.standalone is not None
+        )
+
+
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     if args.max_concurrent_node_downloads < 0:
@@ -187,84 +236,84 @@ def main(argv: Sequence[str]) -> int:
     if args.metrics_addr is None:
         args.metrics_addr = "off" if args.once else DEFAULT_METRICS_ADDR
     setup_logging(args.log_level)
-    return asyncio.run(_main(args))
+    return asyncio.run(_main(ControllerSettings.from_args(args, os.environ)))
 
 
-async def _main(args: argparse.Namespace) -> int:
+async def _main(opts: ControllerSettings) -> int:
     metrics = ControllerMetrics(CollectorRegistry())
-    health = Health(window=args.ready_window, standalone=args.standalone is not None)
-    if args.metrics_addr in (None, "off"):  # main() turns a missing flag into the default
-        return await _serve(args, metrics, health)
-    server = MetricsServer(metrics.registry, args.metrics_addr, ready=health.check)
+    health = Health(window=opts.ready_window, standalone=opts.standalone is not None)
+    if opts.metrics_addr is None:
+        return await _serve(opts, metrics, health)
+    server = MetricsServer(metrics.registry, opts.metrics_addr, ready=health.check)
     await server.start()  # before leader election: a standby is scraped too (is_leader 0)
     try:
-        return await _serve(args, metrics, health)
+        return await _serve(opts, metrics, health)
     finally:
         await server.stop()
 
 
-async def _serve(args: argparse.Namespace, metrics: ControllerMetrics, health: Health) -> int:
-    settings = Settings(
-        max_concurrent_downloads=args.max_concurrent_node_downloads, standalone=args.standalone is not None
-    )
-    if args.standalone is None and args.webhook_addr:
-        kube = KubeState.from_environment(args.kubeconfig, args.context, component=FIELD_MANAGER)
+async def _serve(opts: ControllerSettings, metrics: ControllerMetrics, health: Health) -> int:
+    settings = opts.reconcile()
+    if opts.standalone is None and opts.webhook_addr:
+        kube = KubeState.from_environment(opts.kubeconfig, opts.context, component=FIELD_MANAGER)
         try:
-            server = WebhookServer(kube, args.webhook_addr, args.webhook_cert_dir)
+            assert opts.webhook_cert_dir is not None  # main() checks they go together
+            server = WebhookServer(kube, opts.webhook_addr, opts.webhook_cert_dir)
             await server.start()  # before leader election: every replica answers the API server
             try:
-                return await _controller(args, settings, kube, metrics, health)
+                return await _controller(opts, settings, kube, metrics, health)
             finally:
                 await server.stop()
         finally:
             await kube.close()
-    return await _controller(args, settings, None, metrics, health)
+    return await _controller(opts, settings, None, metrics, health)
 
 
 async def _controller(
-    args: argparse.Namespace,
+    opts: ControllerSettings,
     settings: Settings,
     kube: KubeState | None,
     metrics: ControllerMetrics,
     health: Health | None = None,
 ) -> int:
-    if args.standalone is not None:
-        path: Path = args.standalone
+    if opts.standalone is not None:
+        path: Path = opts.standalone
         memory = MemoryState()
         await load_standalone(memory, path, initial=True)
 
         async def refresh() -> None:
             await load_standalone(memory, path, initial=False)
 
-        controller = Controller(memory, settings, refresh=None if args.once else refresh, metrics=metrics)
-        if not args.webhook_addr:
-            return await _go(controller, args, memory)
-        server = WebhookServer(memory, args.webhook_addr, args.webhook_cert_dir)
+        controller = Controller(memory, settings, refresh=None if opts.once else refresh, metrics=metrics)
+        if not opts.webhook_addr:
+            return await _go(controller, opts, memory)
+        assert opts.webhook_cert_dir is not None  # main() checks they go together
+        server = WebhookServer(memory, opts.webhook_addr, opts.webhook_cert_dir)
         await server.start()
         try:
-            return await _go(controller, args, memory)
+            return await _go(controller, opts, memory)
         finally:
             await server.stop()
     owned = kube is None
-    kube = kube or KubeState.from_environment(args.kubeconfig, args.context, component=FIELD_MANAGER)
+    kube = kube or KubeState.from_environment(opts.kubeconfig, opts.context, component=FIELD_MANAGER)
     touch: asyncio.Task[None] | None = None
-    if health is not None and not args.once:
+    if health is not None and not opts.once:
         health.kube = kube
-        touch = asyncio.create_task(_keep_in_touch(kube, health.window, args.lease_namespace))
+        touch = asyncio.create_task(_keep_in_touch(kube, health.window, opts.lease_namespace))
     try:
-        if args.once and args.output:
+        if opts.once and opts.output:
             memory = MemoryState()
             await copy_state(kube, memory)
-            return await _go(Controller(memory, settings, metrics=metrics), args, memory)
-        if args.once or not args.leader_elect:
-            return await _go(Controller(kube, settings, metrics=metrics), args, kube)
-        elector = LeaderElector(kube, namespace=args.lease_namespace)
+            return await _go(Controller(memory, settings, metrics=metrics), opts, memory)
+        if opts.once or not opts.leader_elect:
+            return await _go(Controller(kube, settings, metrics=metrics), opts, kube)
+        elector = LeaderElector(kube, namespace=opts.lease_namespace, pod_name=opts.pod_name)
         if health is not None:
             health.elector = elector
         # Every write of the controller passes the fence: none once the Lease may be someone else's.
         fenced = FencedState(kube, elector)
         return await elector.run_while_leader(
-            lambda stop: _go(Controller(fenced, settings, metrics=metrics), args, fenced, stop)
+            lambda stop: _go(Controller(fenced, settings, metrics=metrics), opts, fenced, stop)
         )
     finally:
         if touch is not None:
@@ -275,14 +324,14 @@ async def _controller(
 
 
 async def _go(
-    controller: Controller, args: argparse.Namespace, state: ClusterState, stop: asyncio.Event | None = None
+    controller: Controller, opts: ControllerSettings, state: ClusterState, stop: asyncio.Event | None = None
 ) -> int:
     """Run the controller: only ever called while this replica leads (or needs no election)."""
     metrics = controller.metrics
     if metrics is not None:
         metrics.is_leader.set(1)
     try:
-        return await _run(controller, args, state, stop)
+        return await _run(controller, opts, state, stop)
     finally:
         if metrics is not None:
             metrics.is_leader.set(0)
@@ -290,18 +339,18 @@ async def _go(
 
 
 async def _run(
-    controller: Controller, args: argparse.Namespace, state: ClusterState, stop: asyncio.Event | None
+    controller: Controller, opts: ControllerSettings, state: ClusterState, stop: asyncio.Event | None
 ) -> int:
-    if args.once:
+    if opts.once:
         await controller.run(once=True)
-        if args.output:
-            _print(await dump(state), args.output)
+        if opts.output:
+            _print(await dump(state), opts.output)
         return 0
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await controller.run(resync=args.resync, stop=stop)
+    await controller.run(resync=opts.resync, stop=stop)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import socket
 import time
@@ -62,6 +61,9 @@ class Fenced(ClusterStateError):
 
 
 class LeaderElector:
+    """Holds the Lease ``name`` in ``namespace`` as ``identity`` (default: ``pod_name``, which the
+    entry point reads from $POD_NAME, else the host name, then 8 random hex digits)."""
+
     def __init__(
         self,
         state: ClusterState,
@@ -69,6 +71,7 @@ class LeaderElector:
         namespace: str = "default",
         name: str = LEASE_NAME,
         identity: str | None = None,
+        pod_name: str | None = None,
         lease_duration: float = 15.0,
         renew_deadline: float = 10.0,
         renew_every: float = 2.0,
@@ -77,7 +80,7 @@ class LeaderElector:
         self.state = state
         self.namespace = namespace
         self.name = name
-        host = os.environ.get("POD_NAME") or socket.gethostname()
+        host = pod_name or socket.gethostname()
         self.identity = identity or f"{host}_{secrets.token_hex(4)}"
         self.lease_duration = lease_duration
         self.renew_deadline = renew_deadline

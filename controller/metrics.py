@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from localmodel.cliargs import parse_addr
 from localmodel.errors import InvalidInput
+from localmodel.resources import Copies
 
 log = logging.getLogger("modelcache.controller")
 
@@ -34,16 +35,6 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 RECONCILE_KINDS = ("full", "incremental")
 COPY_STATES = ("available", "total", "failed")
 DEFAULT_METRICS_ADDR = ":9091"
-
-
-@dataclass(frozen=True)
-class Copies:
-    """One cache's copies in one node group: nodes that hold it downloaded, nodes that must hold
-    it, nodes whose copy failed."""
-
-    available: int = 0
-    total: int = 0
-    failed: int = 0
 
 
 Role = Literal["leader", "standby", "single", "standalone"]

@@ -1,12 +1,13 @@
-"""The controller's I/O: keep a view of the cluster from watches, run :func:`controller.plan.plan`
-over it, apply the writes it returns.
+"""The controller's I/O: keep a view of the cluster from watches (:mod:`controller.view`), run
+:func:`controller.plan.plan` over it, apply the writes it returns.
+
+Over 600 lines because each write keeps the view in step with what it wrote (the fast paths that
+spare re-reading and re-parsing thousands of entries), so the writes stay beside the loop.
 
 Level-triggered: every change only marks what is dirty; the loop then plans from the whole view, so
-a missed or coalesced event loses nothing, and a periodic full resync repairs anything else. A
-change of caches, groups or node labels re-plans everything (placement depends on all of them); a
-change of one LocalModelNode or pod re-plans only that node and the models it holds, which is what
-keeps a status update from a 5,000-node cluster cheap. Status-only echoes of the controller's own
-writes, and Node heartbeats, change nothing the plan reads and are dropped on arrival.
+a missed or coalesced event loses nothing, and a periodic full resync repairs anything else. An
+incremental pass re-plans only what changed, which is what keeps a status update from a 5,000-node
+cluster cheap.
 """
 
 from __future__ import annotations
@@ -14,45 +15,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from controller.metrics import ControllerMetrics, Copies
-from controller.plan import (
+from controller.labels import MODEL_LABEL_VALUE, model_label
+from controller.metrics import ControllerMetrics
+from controller.plan import plan
+from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, volume_ref
+from controller.snapshot import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
-    MANAGED_BY,
-    MANAGED_BY_LABEL,
-    MODEL_LABEL_PREFIX,
-    MODEL_LABEL_VALUE,
     RETAINED_ANNOTATION,
     Event,
     LabelWrite,
-    Layout,
     NodeWrite,
     Options,
     Plan,
-    Scope,
-    ServingDemand,
-    Snapshot,
     StatusWrite,
-    VolumeRef,
     VolumeWrite,
-    isvc_caches,
-    layout,
-    model_label,
-    model_labels,
-    models_in_use,
-    node_ready,
-    plan,
-    serving_demands,
-    volume_ref,
 )
-from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound, SpecError
+from controller.status import copies_by_group
+from controller.view import CONTESTED, View, ViewKeeper, contest_message, contest_status, repointed_owners
+from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound
 from localmodel.events import event_body
 from localmodel.kinds import (
     EVENT,
@@ -67,18 +54,15 @@ from localmodel.kinds import (
     POD,
     ResourceKind,
 )
+from localmodel.placement import Layout
 from localmodel.resources import (
     FINALIZER,
-    InferenceServiceRef,
+    Copies,
     LocalModelCache,
     LocalModelInfo,
     LocalModelNode,
-    LocalModelNodeGroup,
     LocalModelNodeStatus,
-    Node,
-    NodeState,
     ObjectMeta,
-    cluster_group,
 )
 from localmodel.state.base import ClusterState, Selector, WatchEvent, merge_patch, update_status, watch
 from localmodel.timestamps import utc_now
@@ -88,7 +72,6 @@ log = logging.getLogger("modelcache.controller")
 COMPONENT = "modelcache-controller"
 # The field manager an API server names for our writes (our User-Agent starts with it).
 FIELD_MANAGER = COMPONENT
-CONTESTED = "SpecContested"  # the LocalModelNode condition and Event reason of item "another writer"
 WATCHED: tuple[ResourceKind, ...] = (
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE_GROUP,
@@ -125,52 +108,10 @@ class Settings:
     standalone: bool = False
 
 
-@dataclass
-class _View:
-    """The controller's picture of the cluster: typed objects by name, fed by lists and watches."""
-
-    caches: dict[str, LocalModelCache] = field(default_factory=dict)
-    groups: dict[str, LocalModelNodeGroup] = field(default_factory=dict)
-    nodes: dict[str, Node] = field(default_factory=dict)
-    not_ready: set[str] = field(default_factory=set)
-    lmns: dict[str, LocalModelNode] = field(default_factory=dict)
-    listed: dict[str, set[str]] = field(default_factory=dict)  # cache -> nodes whose spec lists it
-    pods: dict[tuple[str, str], JSON] = field(default_factory=dict)
-    pod_use: dict[tuple[str, str], tuple[str, frozenset[str]]] = field(default_factory=dict)
-    pod_serving: dict[tuple[str, str], frozenset[ServingDemand]] = field(default_factory=dict)
-    node_models: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> keys labelled ready
-    volumes: dict[str, VolumeRef] = field(default_factory=dict)  # the PVs we made, by name
-    claims: dict[tuple[str, str], VolumeRef] = field(default_factory=dict)  # our PVCs, (namespace, name)
-    isvcs: dict[tuple[str, str], JSON] = field(default_factory=dict)  # (namespace, name) -> object
-    invalid_groups: dict[str, str] = field(default_factory=dict)  # stored, spec refused: name -> why
-    isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
-
-
-def _repointed_owners(lmn: LocalModelNode | None, node: Node | None) -> list[JSON] | None:
-    """The LocalModelNode's ownerReferences with its Node's entry (same name, kind Node) given the
-    Node's current uid, or None when nothing is to change (no such entry, or it is current)."""
-    if lmn is None or node is None or not node.uid:
-        return None
-    refs = lmn.metadata.raw.get("ownerReferences")
-    if not isinstance(refs, list):
-        return None
-    changed = False
-    out: list[JSON] = []
-    for ref in refs:
-        if (
-            isinstance(ref, dict)
-            and ref.get("kind") == "Node"
-            and ref.get("name") == lmn.metadata.name
-            and ref.get("uid") != node.uid
-        ):
-            ref, changed = {**ref, "uid": node.uid}, True
-        out.append(ref)
-    return out if changed else None
-
-
-class Controller:
-    """One controller over one ClusterState. ``observe`` takes watch events, ``reconcile`` plans and
-    writes; ``run`` wires both to the watches with a periodic full resync."""
+class Controller(ViewKeeper):
+    """One controller over one ClusterState. ``observe`` (:class:`controller.view.ViewKeeper`) takes
+    watch events, ``reconcile`` plans and writes; ``run`` wires both to the watches with a periodic
+    full resync."""
 
     def __init__(
         self,
@@ -180,29 +121,14 @@ class Controller:
         refresh: Callable[[], Awaitable[None]] | None = None,
         metrics: ControllerMetrics | None = None,
     ) -> None:
+        super().__init__()
         self.state = state
         self.settings = settings or Settings()
         self.metrics = metrics
         self._copies: dict[str, dict[str, Copies]] = {}  # cache -> group -> copies, for the metrics
         self._refresh = refresh  # standalone: reload the documents before each full resync
-        self._view = _View()
-        self._layout: Layout | None = None
-        self._in_use: dict[str, frozenset[str]] | None = None
-        self._serving: frozenset[ServingDemand] | None = None
-        self._isvc_refs: dict[str, tuple[InferenceServiceRef, ...]] | None = None  # cache ->
         self._missing: set[ResourceKind] = set()  # optional kinds whose API this cluster lacks
-        self._full = True
-        self._dirty_nodes: set[str] = set()
-        # LocalModelNodes whose Node owner reference names another uid than the Node's (the Node
-        # was re-created under the same name): re-pointed, lest the garbage collector delete them.
-        self._stale_owners: set[str] = set()
-        self._dirty_caches: set[str] = set()
-        self._dirty_labels: set[str] = set()
-        self._volumes_dirty = False
         self._incomplete = False  # a write of the last reconcile gave up: retried on the timer
-        self._ours: dict[str, int] = {}  # LocalModelNode -> generation of our last spec write
-        self._foreign: dict[str, deque[float]] = {}  # LocalModelNode -> when others rewrote its spec
-        self._contested: dict[str, str] = {}  # LocalModelNode -> the other writer, to be reported
         self._reported: dict[tuple[str, str], float] = {}  # (node, writer) -> when last reported
         self.reconciles = 0
 
@@ -210,7 +136,7 @@ class Controller:
 
     async def load(self) -> None:
         """Read everything (a full list of each watched kind) into a fresh view."""
-        self._view = _View()
+        self._view = View()
         self._invalidate()
         for kind in WATCHED:
             try:
@@ -224,107 +150,10 @@ class Controller:
                 self.observe(kind, WatchEvent("ADDED", obj))
         self._full = True
 
-    def observe(self, kind: ResourceKind, event: WatchEvent) -> None:
-        """Take one change into the view, and mark what the next reconcile must look at."""
-        obj = event.object
-        name = obj.get("metadata", {}).get("name")
-        if not isinstance(name, str):
-            return
-        deleted = event.type == "DELETED"
-        try:
-            if kind is LOCAL_MODEL_CACHE:
-                self._observe_spec(
-                    self._view.caches, name, None if deleted else LocalModelCache.from_json(obj)
-                )
-            elif kind is LOCAL_MODEL_NODE_GROUP:
-                self._observe_group(name, None if deleted else obj)
-            elif kind is NODE:
-                self._observe_node(name, None if deleted else obj)
-            elif kind is LOCAL_MODEL_NODE:
-                lmn = None if deleted else LocalModelNode.from_json(obj)
-                if lmn is not None:
-                    self._check_writer(name, self._view.lmns.get(name), lmn, obj)
-                self._observe_lmn(name, lmn)
-                self._check_owner(name)
-            elif kind is POD:
-                self._observe_pod(obj, deleted)
-            elif kind is PERSISTENT_VOLUME or kind is PERSISTENT_VOLUME_CLAIM:
-                self._observe_volume(kind, obj, deleted)
-            elif kind is INFERENCE_SERVICE:
-                self._observe_isvc(obj, deleted)
-        except SpecError as e:
-            # One bad object must not stop the controller for everyone else; it is left out.
-            log.warning("ignoring %s %s: %s", kind.kind, name, e)
-
-    def _observe_group(self, name: str, obj: JSON | None) -> None:
-        """A group whose spec is refused (stored past admission: KServe's CRDs have no rules) holds
-        nothing, and the caches that list it say why (not that it does not exist)."""
-        group, why = None, None
-        if obj is not None:
-            try:
-                group = cluster_group(obj, cluster=not self.settings.standalone)
-            except SpecError as e:
-                group, why = None, str(e)
-                log.warning("ignoring LocalModelNodeGroup %s: %s", name, e)
-        invalid = self._view.invalid_groups
-        if invalid.get(name) != why:
-            if why is None:
-                invalid.pop(name, None)
-            else:
-                invalid[name] = why
-            self._invalidate()
-        self._observe_spec(self._view.groups, name, group)
-
-    def _observe_lmn(self, name: str, new: LocalModelNode | None) -> None:
-        old = self._view.lmns.get(name)
-        self._set_lmn(name, new)
-        if old is None or new is None or old.status.model_status != new.status.model_status:
-            self._dirty_labels.add(name)  # which models it holds ready: its node labels
-        if (
-            old is None
-            or new is None
-            or old.local_models != new.local_models
-            or old.metadata.annotations != new.metadata.annotations
-        ):
-            self._dirty_nodes.add(name)  # not our own write's echo: re-plan the whole node
-            return
-        # An agent's report: only the models whose state changed need a look (pacing and status).
-        before, after = old.status.model_status, new.status.model_status
-        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-        for m in new.local_models:
-            if m.model_name in changed:
-                self._dirty_caches.add(m.model_name)
-
-    def _check_writer(self, name: str, old: LocalModelNode | None, new: LocalModelNode, obj: JSON) -> None:
-        """Count spec changes of a LocalModelNode that are not ours: a generation past the one our
-        last write made, with other models than we left there. Enough of them within the window
-        mark the node for a condition and a Warning Event naming the writer (from managedFields)."""
-        ours = self._ours.get(name)
-        generation = new.metadata.generation
-        if ours is None or generation is None or generation <= ours:
-            return
-        if old is not None and old.local_models == new.local_models:
-            return
-        now = time.monotonic()
-        times = self._foreign.setdefault(name, deque())
-        times.append(now)
-        while times and times[0] < now - self.settings.contest_window:
-            times.popleft()
-        writer = other_writer(obj, self.settings.field_manager)
-        log.info("LocalModelNode %s: spec changed by %s (generation %d)", name, writer, generation)
-        if len(times) >= self.settings.contest_count:
-            self._contested[name] = writer
-
-    def _check_owner(self, name: str) -> None:
-        if _repointed_owners(self._view.lmns.get(name), self._view.nodes.get(name)) is not None:
-            self._stale_owners.add(name)
-        else:
-            self._stale_owners.discard(name)
-
     async def _write_owners(self) -> None:
         for name in sorted(self._stale_owners):
             lmn = self._view.lmns.get(name)
-            refs = _repointed_owners(lmn, self._view.nodes.get(name))
+            refs = repointed_owners(lmn, self._view.nodes.get(name))
             if lmn is None or refs is None:
                 self._stale_owners.discard(name)
                 continue
@@ -343,172 +172,27 @@ class Controller:
             self._wrote(LOCAL_MODEL_NODE.kind)
             self.observe(LOCAL_MODEL_NODE, WatchEvent("MODIFIED", stored))
 
-    def _set_lmn(self, name: str, lmn: LocalModelNode | None) -> None:
-        """Keep the view and its cache -> nodes index in step."""
-        view = self._view
-        old = view.lmns.pop(name, None)
-        if old is not None:
-            for m in old.local_models:
-                nodes = view.listed.get(m.model_name)
-                if nodes is not None:
-                    nodes.discard(name)
-                    if not nodes:
-                        del view.listed[m.model_name]
-        if lmn is not None:
-            view.lmns[name] = lmn
-            for m in lmn.local_models:
-                view.listed.setdefault(m.model_name, set()).add(name)
-
-    def _observe_spec(self, store: dict[str, Any], name: str, new: Any) -> None:
-        old = store.get(name)
-        if new is None:
-            if store.pop(name, None) is not None:
-                self._invalidate()
-            return
-        store[name] = new
-        # Our own status writes come back as MODIFIED: only what placement reads re-plans.
-        if old is None or old.spec != new.spec or _meta_key(old) != _meta_key(new):
-            self._invalidate()
-        elif isinstance(new, LocalModelCache) and (
-            old.status != new.status or old.metadata.finalizers != new.metadata.finalizers
-        ):
-            self._dirty_caches.add(name)  # e.g. someone else changed its status: put ours back
-        if (
-            isinstance(new, LocalModelCache)
-            and old is not None
-            and old.metadata.annotations != new.metadata.annotations
-        ):
-            self._volumes_dirty = True  # its serving namespaces
-
-    def _observe_node(self, name: str, obj: JSON | None) -> None:
-        view = self._view
-        if obj is None:
-            view.node_models.pop(name, None)
-            if view.nodes.pop(name, None) is not None:
-                view.not_ready.discard(name)
-                self._invalidate()
-            return
-        parsed = Node.from_json(obj)
-        # Our model labels are the controller's output, not placement's input: kept apart, so that
-        # writing them re-plans nothing (and a group cannot select nodes by them).
-        node = Node(
-            parsed.name,
-            {k: v for k, v in parsed.labels.items() if not k.startswith(MODEL_LABEL_PREFIX)},
-            parsed.uid,
-        )
-        models = model_labels(parsed.labels)
-        if view.node_models.get(name, frozenset()) != models:
-            view.node_models[name] = models
-            self._dirty_labels.add(name)  # someone else changed them: put ours back
-        ready = node_ready(obj)
-        old = view.nodes.get(name)
-        view.nodes[name] = node
-        if old is None or old.labels != node.labels or old.uid != node.uid:
-            self._invalidate()
-            self._check_owner(name)
-        if ready == (name in view.not_ready):
-            (view.not_ready.discard if ready else view.not_ready.add)(name)
-            self._full = True  # readiness changes pacing and nodeStatus of every model on it
-
-    def _observe_pod(self, obj: JSON, deleted: bool) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace") or "default", meta["name"])
-        view = self._view
-        before = view.pod_use.pop(key, None)
-        serving_before = view.pod_serving.pop(key, None)
-        view.pods.pop(key, None)
-        if not deleted:
-            view.pods[key] = obj
-            use = models_in_use([obj], view.caches.values(), view.groups.values())
-            if use:
-                ((node, caches),) = use.items()
-                view.pod_use[key] = (node, caches)
-            demands = frozenset(serving_demands([obj], view.caches))
-            if demands:
-                view.pod_serving[key] = demands
-        if serving_before != view.pod_serving.get(key):
-            self._serving = None
-            self._volumes_dirty = True
-        after = view.pod_use.get(key)
-        if before != after:
-            self._in_use = None
-            for item in (before, after):
-                if item is not None:
-                    self._dirty_nodes.add(item[0])
-
-    def _observe_volume(self, kind: ResourceKind, obj: JSON, deleted: bool) -> None:
-        meta = obj.get("metadata") or {}
-        ref = None if deleted else volume_ref(obj)
-        if kind is PERSISTENT_VOLUME:
-            store: dict[Any, VolumeRef] = self._view.volumes
-            key: Any = meta["name"]
-        else:
-            store = self._view.claims
-            key = (meta.get("namespace") or "default", meta["name"])
-        if store.get(key) != ref:
-            if ref is None:
-                store.pop(key, None)
-            else:
-                store[key] = ref
-            self._volumes_dirty = True  # e.g. deleted by someone: made again if still wanted
-
-    def _observe_isvc(self, obj: JSON, deleted: bool) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace") or "default", meta["name"])
-        view = self._view
-        before = view.isvc_use.pop(key, frozenset())
-        view.isvcs.pop(key, None)
-        after: frozenset[str] = frozenset()
-        if not deleted:
-            # Only what matching reads: an InferenceService's status is large and changes often.
-            view.isvcs[key] = {
-                "metadata": {"labels": meta.get("labels") or {}},
-                "spec": {"predictor": (obj.get("spec") or {}).get("predictor") or {}},
-            }
-            after = isvc_caches(view.isvcs[key], view.caches)
-            if after:
-                view.isvc_use[key] = after
-        if before != after:
-            self._dirty_caches.update(before ^ after)
-            self._isvc_refs = None
-
     def _lacks(self, kind: ResourceKind) -> None:
         if kind not in self._missing:
             self._missing.add(kind)
             log.info("%s: not served by this cluster; watched again later", kind.plural)
-
-    def _invalidate(self) -> None:
-        self._layout = None
-        self._in_use = None
-        self._serving = None
-        self._isvc_refs = None
-        self._full = True
-
-    @property
-    def pending(self) -> bool:
-        return (
-            self._full
-            or self._volumes_dirty
-            or bool(self._dirty_nodes or self._dirty_caches or self._dirty_labels)
-        )
 
     # -- reconcile -----------------------------------------------------------------------------
 
     async def reconcile(self, *, full: bool | None = None) -> Plan:
         """Plan from the view and apply: everything when ``full`` (or when something placement reads
         changed), else only what changed since the last reconcile."""
-        view = self._view
         full = self._full if full is None else full or self._full
         started = time.monotonic()
         try:
-            return await self._reconcile(view, full)
+            return await self._reconcile(full)
         finally:
             if self.metrics is not None:
                 self.metrics.reconciles.labels(kind="full" if full else "incremental").inc()
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)
 
-    async def _reconcile(self, view: _View, full: bool) -> Plan:
-        result = self._plan(view, full)
+    async def _reconcile(self, full: bool) -> Plan:
+        result = self._plan(full)
         self._incomplete = False
         try:
             await self._apply(result)
@@ -523,71 +207,14 @@ class Controller:
     def plan_only(self, *, full: bool = True) -> Plan:
         """What the next reconcile would write, planned from the view, without writing it (the
         view's pending marks are consumed as by a reconcile). For benchmarks and dry runs."""
-        return self._plan(self._view, full or self._full)
+        return self._plan(full or self._full)
 
-    def _plan(self, view: _View, full: bool) -> Plan:
-        scope = (
-            None
-            if full
-            else Scope(
-                frozenset(self._dirty_caches), frozenset(self._dirty_nodes), frozenset(self._dirty_labels)
-            )
-        )
-        self._full = False
-        self._dirty_nodes = set()
-        self._dirty_caches = set()
-        self._dirty_labels = set()
-        self._volumes_dirty = False
-        if self._layout is None:
-            self._layout = layout(
-                view.caches.values(), view.groups.values(), view.nodes.values(), view.invalid_groups
-            )
-        if self._in_use is None:
-            if full:  # claim names and paths depend on caches and groups: recompute from the pods
-                self._in_use = models_in_use(view.pods.values(), view.caches.values(), view.groups.values())
-            else:
-                merged: dict[str, set[str]] = {}
-                for node, caches in view.pod_use.values():
-                    merged.setdefault(node, set()).update(caches)
-                self._in_use = {n: frozenset(c) for n, c in merged.items()}
-        if self._serving is None:
-            if full:  # claim names depend on caches: recompute from the pods
-                for key, obj in view.pods.items():
-                    demands = frozenset(serving_demands([obj], view.caches))
-                    if demands:
-                        view.pod_serving[key] = demands
-                    else:
-                        view.pod_serving.pop(key, None)
-            self._serving = frozenset(d for ds in view.pod_serving.values() for d in ds)
-        if self._isvc_refs is None:
-            if full:  # which caches an InferenceService uses depends on the caches
-                view.isvc_use = {
-                    k: use for k, obj in view.isvcs.items() if (use := isvc_caches(obj, view.caches))
-                }
-            refs: dict[str, list[InferenceServiceRef]] = {}
-            for (namespace, name), used in sorted(view.isvc_use.items()):
-                for c in used:
-                    refs.setdefault(c, []).append(InferenceServiceRef(name, namespace))
-            self._isvc_refs = {c: tuple(r) for c, r in refs.items()}
-        snapshot = Snapshot(
-            caches=view.caches,
-            groups=view.groups,
-            nodes=view.nodes,
-            local_model_nodes=view.lmns,
-            in_use=self._in_use,
-            not_ready=frozenset(view.not_ready),
-            listed=view.listed,
-            node_models=view.node_models,
-            serving=self._serving,
-            volumes=view.volumes,
-            claims=view.claims,
-            inference_services=self._isvc_refs,
-            invalid_groups=view.invalid_groups,
-        )
+    def _plan(self, full: bool) -> Plan:
+        snapshot, placed, scope = self.take_snapshot(full)
         options = Options(self.settings.max_concurrent_downloads, self.settings.clock())
-        result = plan(snapshot, options, placed=self._layout, scope=scope)
+        result = plan(snapshot, options, placed=placed, scope=scope)
         if self.metrics is not None:
-            self._count_copies(result, self._layout, full=full)
+            self._count_copies(result, placed, full=full)
         return result
 
     @property
@@ -596,8 +223,8 @@ class Controller:
         return self._incomplete
 
     def _count_copies(self, result: Plan, placed: Layout, *, full: bool) -> None:
-        """Copies per cache and node group from the plan's node states: all caches after a full
-        reconcile, the caches it looked at after an incremental one."""
+        """Copies per cache and node group (:func:`controller.status.copies_by_group`): all caches
+        after a full reconcile, the caches it looked at after an incremental one."""
         assert self.metrics is not None
         view = self._view
         if full:
@@ -605,26 +232,11 @@ class Controller:
         else:  # deleted caches re-plan fully; this only keeps the picture right if one did not
             for c in [c for c in self._copies if c not in result.node_status and c not in view.caches]:
                 del self._copies[c]
-        for c, states in result.node_status.items():
-            cache = view.caches.get(c)
-            if cache is None:
+        for c, groups in copies_by_group(result.node_status, view.caches, view.groups.keys(), placed).items():
+            if groups is None:
                 self._copies.pop(c, None)
-                continue
-            admitted = set(placed.admission.groups_of(c))
-            groups: dict[str, Copies] = {}
-            for g in dict.fromkeys(cache.spec.node_groups):
-                if g not in view.groups:
-                    continue  # no such group (the cache's Ready condition says so)
-                if g not in admitted:
-                    groups[g] = Copies()  # refused: no node of the group must hold it
-                    continue
-                held = [states[n] for n in placed.members.get(g, ()) if n in states]
-                groups[g] = Copies(
-                    available=sum(1 for s in held if s is NodeState.DOWNLOADED),
-                    total=len(held),
-                    failed=sum(1 for s in held if s is NodeState.DOWNLOAD_ERROR),
-                )
-            self._copies[c] = groups
+            else:
+                self._copies[c] = groups
         self.metrics.set_copies({(c, g): n for c, gs in self._copies.items() for g, n in gs.items()})
 
     def _wrote(self, kind: str) -> None:
@@ -851,29 +463,15 @@ class Controller:
             lmn = self._view.lmns.get(name)
             if lmn is None:
                 continue
-            count = len(self._foreign.get(name, ()))
-            minutes = self.settings.contest_window / 60
-            message = (
-                f"spec.localModels was changed {count} times in {minutes:g} minutes by {writer!r}, "
-                f"and put back each time by {self.settings.field_manager}: two controllers manage this "
-                "LocalModelNode (KServe's localmodel controller still running?); stop the other one"
+            message = contest_message(
+                len(self._foreign.get(name, ())),
+                self.settings.contest_window,
+                writer,
+                self.settings.field_manager,
             )
-            condition = {
-                "type": CONTESTED,
-                "status": "True",
-                "reason": "OtherWriter",
-                "message": message,
-                "lastTransitionTime": self.settings.clock(),
-            }
-
-            def compute(current: JSON, condition: JSON = condition, writer: str = writer) -> JSON | None:
-                conditions = list((current.get("status") or {}).get("conditions") or [])
-                mine = [c for c in conditions if c.get("type") == CONTESTED]
-                if mine and repr(writer) in str(mine[0].get("message", "")):
-                    return None
-                others = [c for c in conditions if c.get("type") != CONTESTED]
-                return {"conditions": [*others, condition]}
-
+            compute = functools.partial(
+                contest_status, writer=writer, message=message, now=self.settings.clock()
+            )
             try:
                 if await update_status(self.state, LOCAL_MODEL_NODE, name, compute) is not None:
                     self._wrote(LOCAL_MODEL_NODE.kind)
@@ -937,21 +535,7 @@ class Controller:
             await self.reconcile(full=True)
             return
         stop = stop or asyncio.Event()
-        # The first pass fails like any other when the API server goes away meanwhile: retried on
-        # the same timer, never the end of the process.
-        failures = 0
-        while not stop.is_set():
-            try:
-                await self.load()
-                await self.reconcile(full=True)
-                break
-            except ClusterStateError as e:
-                failures += 1
-                delay = min(self.settings.retry_max, retry_delay * 2 ** (failures - 1))
-                delay *= random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not a secret
-                log.warning("first reconcile failed (%s); retrying in %.1fs", e, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+        await self._first_pass(stop, retry_delay)
         if stop.is_set():
             return
         queue: asyncio.Queue[tuple[ResourceKind, WatchEvent]] = asyncio.Queue()
@@ -999,8 +583,7 @@ class Controller:
                     failures, retry_at = 0, None
                     continue
                 failures += 1
-                delay = min(self.settings.retry_max, retry_delay * 2 ** (failures - 1))
-                delay *= random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not a secret
+                delay = backoff(failures, retry_delay, self.settings.retry_max)
                 retry_at = loop.time() + delay
                 self._full = True
                 log.warning("reconcile failed (%s); retrying in %.1fs", failed or "a write gave up", delay)
@@ -1009,6 +592,23 @@ class Controller:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, stopping, return_exceptions=True)
+
+    async def _first_pass(self, stop: asyncio.Event, retry_delay: float) -> None:
+        """Load and reconcile everything until it succeeds or ``stop`` is set. The first pass fails
+        like any other when the API server goes away meanwhile: retried on the same timer, never
+        the end of the process."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.load()
+                await self.reconcile(full=True)
+                return
+            except ClusterStateError as e:
+                failures += 1
+                delay = backoff(failures, retry_delay, self.settings.retry_max)
+                log.warning("first reconcile failed (%s); retrying in %.1fs", e, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
 
     async def _pump(
         self,
@@ -1040,24 +640,8 @@ class Controller:
                 await asyncio.sleep(retry_delay)
 
 
-def other_writer(obj: JSON, ours: str) -> str:
-    """The field manager that last wrote the object's spec, other than ``ours``, from
-    ``metadata.managedFields`` (the latest entry owning ``f:spec``); "an unknown writer" when the
-    server keeps none."""
-    entries = [
-        e
-        for e in (obj.get("metadata") or {}).get("managedFields") or []
-        if isinstance(e, dict)
-        and e.get("manager") != ours
-        and not e.get("subresource")
-        and "f:spec" in (e.get("fieldsV1") or {})
-    ]
-    if not entries:
-        return "an unknown writer"
-    latest = max(entries, key=lambda e: str(e.get("time") or ""))
-    return str(latest.get("manager") or "an unknown writer")
-
-
-def _meta_key(obj: Any) -> tuple[Any, ...]:
-    m = obj.metadata
-    return (m.generation, m.creation_timestamp, m.deletion_timestamp, m.uid)
+def backoff(failures: int, base: float, cap: float) -> float:
+    """Seconds before retry number ``failures`` (1, 2, ...): ``base`` doubling per failure up to
+    ``cap``, less up to a fifth of it at random (jitter)."""
+    delay = min(cap, base * 2.0 ** (failures - 1))
+    return delay * random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not a secret

@@ -45,7 +45,8 @@ from controller.admission import (
     validate_cache,
     validate_group,
 )
-from controller.plan import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL_VALUE, model_label
+from controller.labels import MODEL_LABEL_VALUE, model_label
+from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
 from localmodel.kinds import JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE, PERSISTENT_VOLUME_CLAIM

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from celpy import celtypes
 
-from controller.plan import claim_body, model_label, volume_body
+from controller.labels import model_label
+from controller.serving import claim_body, volume_body
 from localmodel.layout import storage_key
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup
 from tests.test_controller_reconcile import cache as cache_doc

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from controller.leader import LEASE_NAME
-from controller.plan import RETAINED_ANNOTATION
+from controller.snapshot import RETAINED_ANNOTATION
 from localmodel.errors import NotFound, Unavailable
 from localmodel.kinds import (
     EVENT,
@@ -315,11 +315,16 @@ async def test_another_writer_rewriting_a_spec_is_named(kube_api: KubeAPI, tmp_p
             condition = await eventually(contested, timeout=90, what="a SpecContested condition")
             assert condition["status"] == "True"
             assert "'manager'" in condition["message"]
-            events = [
-                e
-                for e in (await store.list(EVENT)).items
-                if e.get("reason") == "SpecContested" and e["involvedObject"]["name"] == "h1"
-            ]
+
+            async def contest_events() -> list[dict[str, Any]]:
+                return [
+                    e
+                    for e in (await store.list(EVENT)).items
+                    if e.get("reason") == "SpecContested" and e["involvedObject"]["name"] == "h1"
+                ]
+
+            # The Event follows the condition's write: read once it is there, not in between.
+            events = await eventually(contest_events, timeout=30, what="the SpecContested Event")
             assert len(events) == 1
             assert events[0]["type"] == "Warning"
             assert events[0]["involvedObject"]["kind"] == "LocalModelNode"
@@ -507,7 +512,8 @@ def test_readiness_rules(role: Any, ago: float | None, fenced: bool, ready: bool
 
 
 def test_other_writer_is_the_latest_spec_manager_but_us() -> None:
-    from controller.reconcile import FIELD_MANAGER, other_writer
+    from controller.reconcile import FIELD_MANAGER
+    from controller.view import other_writer
 
     def entry(manager: str, time_: str, fields: dict[str, Any], sub: str | None = None) -> dict[str, Any]:
         e = {"manager": manager, "operation": "Update", "time": time_, "fieldsV1": fields}

@@ -15,19 +15,19 @@ import pytest
 import pytest_asyncio
 
 from controller.admission import validate_cache, validate_group
-from controller.plan import (
+from controller.plan import plan
+from controller.reconcile import Controller
+from controller.serving import (
     INVALID_NAMESPACE,
     NAME_COLLISION,
     SERVING,
     SERVING_NAMESPACES_ANNOTATION,
-    ServingDemand,
-    Snapshot,
-    plan,
     serving_demands,
     volume_name,
     volume_writes,
 )
-from controller.reconcile import Controller
+from controller.snapshot import ServingDemand, Snapshot
+from controller.views import Pod
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, Limits, WebhookServer
 from localmodel.hosts import internal_host_error, ipv4_literal
 from localmodel.kinds import (
@@ -337,10 +337,12 @@ def test_colliding_claim_names_serve_the_older_cache_only() -> None:
     # A pod mounting the claim by name asks for the owner's model.
     by_claim = serving_demands(
         [
-            {
-                "metadata": {"namespace": "d"},
-                "spec": {"volumes": [{"persistentVolumeClaim": {"claimName": "a-b-c"}}]},
-            }
+            Pod.from_json(
+                {
+                    "metadata": {"namespace": "d"},
+                    "spec": {"volumes": [{"persistentVolumeClaim": {"claimName": "a-b-c"}}]},
+                }
+            )
         ],
         caches,
     )

@@ -3,7 +3,6 @@ embedded state with a fresh registry, and served at /metrics by `modelcache cont
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import signal
@@ -18,10 +17,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from controller import cli
-from controller.metrics import ControllerMetrics, Copies, MetricsServer
+from controller.metrics import ControllerMetrics, MetricsServer
 from controller.reconcile import Controller
 from localmodel.errors import ClusterStateError, InvalidInput
 from localmodel.kinds import EVENT, JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, ResourceKind
+from localmodel.resources import Copies
 from localmodel.state.memory import MemoryState
 from tests.test_controller_reconcile import cache, eventually, setup_two_groups, write_docs
 
@@ -222,8 +222,7 @@ async def test_is_leader_while_the_controller_runs() -> None:
             await super().run(**kw)
             seen.append(value(registry, "modelcache_controller_is_leader"))
 
-    args = argparse.Namespace(once=True, output=None)
-    assert await cli._go(Watched(state, metrics=metrics), args, state) == 0
+    assert await cli._go(Watched(state, metrics=metrics), cli.ControllerSettings(once=True), state) == 0
     assert seen == [1, 1]
     assert value(registry, "modelcache_controller_is_leader") == 0
     assert copy_series(registry) == set()  # a standby keeps no stale picture

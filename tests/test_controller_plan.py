@@ -13,23 +13,18 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.plan import (
-    RETAINED_ANNOTATION,
-    Layout,
-    Options,
-    Plan,
-    Scope,
-    Snapshot,
-    isvc_caches,
-    layout,
-    models_in_use,
-    node_ready,
-    plan,
-    volume_ref,
-)
-from localmodel.placement import place_node
+from controller.admission import PodAsk, pod_ask
+from controller.plan import plan
+from controller.reconcile import backoff
+from controller.rollout import models_in_use
+from controller.serving import serving_demands, volume_ref
+from controller.snapshot import RETAINED_ANNOTATION, Options, Plan, Scope, ServingDemand, Snapshot
+from controller.status import copies_by_group, isvc_caches
+from controller.views import InferenceService, Pod, node_ready
+from localmodel.placement import Layout, layout, place_node
 from localmodel.resources import (
     FINALIZER,
+    Copies,
     LocalModelCache,
     LocalModelNode,
     LocalModelNodeGroup,
@@ -424,12 +419,66 @@ def test_models_in_use_reads_labels_annotations_claims_and_host_paths() -> None:
         pod("unscheduled", node=None, meta={"labels": {"internal.serving.kserve.io/localmodel": "m"}}),
         pod("root-only", node="n6", volumes=[{"name": "v", "hostPath": {"path": "/models"}}]),
     ]
-    assert models_in_use(pods, caches, groups) == {
+    assert models_in_use([Pod.from_json(p) for p in pods], caches, groups) == {
         "n1": frozenset({"m"}),
         "n2": frozenset({"x"}),
         "n3": frozenset({"x"}),
         "n4": frozenset({"m"}),
     }
+
+
+def test_a_pod_that_disables_the_local_model_names_no_cache_in_any_plan_path() -> None:
+    """``serving.kserve.io/disable-localmodel: "true"`` (any case) turns off the cache a pod names for
+    the retention and serving paths too, as for admission: one rule (``named_cache``). A mount of
+    the cache's claim is still a use."""
+    caches = [cache("m", "1Gi", ["g"])]
+    groups = [group("g", "10Gi")]
+    off = {"serving.kserve.io/disable-localmodel": "True", "modelcache.io/model": "m"}
+    labelled = {"internal.serving.kserve.io/localmodel": "m"}
+
+    def pod(name: str, annotations: dict[str, str], **spec: Any) -> Pod:
+        meta = {"name": name, "namespace": "ns", "labels": labelled, "annotations": annotations}
+        return Pod.from_json({"metadata": meta, "spec": {"nodeName": "n1", **spec}})
+
+    disabled = pod("disabled", off)
+    mounting = pod(
+        "disabled-but-mounting", off, volumes=[{"name": "v", "persistentVolumeClaim": {"claimName": "m-g"}}]
+    )
+    enabled = pod("enabled", {"serving.kserve.io/disable-localmodel": "false"})
+    assert (disabled.cache, disabled.group, enabled.cache) == (None, None, "m")
+    assert models_in_use([disabled], caches, groups) == {}
+    assert serving_demands([disabled], {c.name: c for c in caches}) == set()
+    assert models_in_use([mounting], caches, groups) == {"n1": frozenset({"m"})}
+    assert serving_demands([mounting], {c.name: c for c in caches}) == {ServingDemand("m", "g", "ns")}
+    assert models_in_use([enabled], caches, groups) == {"n1": frozenset({"m"})}
+    assert serving_demands([enabled], {c.name: c for c in caches}) == {ServingDemand("m", None, "ns")}
+    # The webhook reads the same rule.
+    raw = {"metadata": {"name": "p", "labels": labelled, "annotations": off}}
+    assert pod_ask(raw) == PodAsk(None, None)
+
+
+def test_copies_by_group_counts_each_group_s_members_and_none_where_refused() -> None:
+    """The metrics' copies per (cache, group), from a plan's node states: a group that refused the
+    cache has none, a group that does not exist is left out, a cache that is gone is None."""
+    s = snap(
+        [cache("m", "60Gi", ["a100", "h100", "gone"])],
+        [group("a100", "500Gi"), group("h100", "50Gi")],
+        [node("a1", "a100"), node("a2", "a100"), node("h1", "h100")],
+    )
+    s = settle(s, plan(s))
+    s = report(s, {"a1": {"m": ModelState.DOWNLOADED}, "a2": {"m": ModelState.ERROR}})
+    placed = layout(s.caches.values(), s.groups.values(), s.nodes.values())
+    states = plan(s, placed=placed).node_status
+    assert copies_by_group({**states, "deleted": {}}, s.caches, s.groups.keys(), placed) == {
+        "m": {"a100": Copies(available=1, total=2, failed=1), "h100": Copies()},
+        "deleted": None,
+    }
+
+
+def test_backoff_doubles_to_the_cap_with_at_most_a_fifth_off() -> None:
+    for failures, base, cap, full in [(1, 2.0, 30.0, 2.0), (3, 2.0, 30.0, 8.0), (9, 2.0, 30.0, 30.0)]:
+        delay = backoff(failures, base, cap)
+        assert 0.8 * full <= delay <= full
 
 
 # -- properties ------------------------------------------------------------------------------------
@@ -528,7 +577,7 @@ def test_which_caches_an_inference_service_uses() -> None:
 
     def uses(predictor: dict[str, Any], labels: dict[str, str] | None = None) -> set[str]:
         isvc = {"metadata": {"labels": labels or {}}, "spec": {"predictor": predictor}}
-        return set(isvc_caches(isvc, caches))
+        return set(isvc_caches(InferenceService.from_json(isvc), caches))
 
     assert uses({"model": {"storageUri": "hf://org/llama"}}) == {"llama"}
     assert uses({"model": {"storageUri": "hf://org/llama/lora"}}) == {"llama"}  # a path below it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,8 +18,8 @@ import pytest_asyncio
 
 from controller import cli
 from controller.leader import LeaderElector
-from controller.plan import RETAINED_ANNOTATION
 from controller.reconcile import Controller, Settings
+from controller.snapshot import RETAINED_ANNOTATION
 from localmodel.errors import InvalidInput, NotFound, SpecError
 from localmodel.kinds import (
     EVENT,
@@ -414,6 +415,18 @@ def test_cli_once_prints_every_object_as_json(tmp_path: Path, capsys: pytest.Cap
     assert a100["status"]["used"] == "140Gi"
     assert [m["modelName"] for m in a1["spec"]["localModels"]] == ["big"]
     assert h1["spec"]["localModels"] == []
+
+
+def test_cli_settings_read_the_flags_and_pod_name_once(state: ClusterState) -> None:
+    """The flags and $POD_NAME become one frozen ControllerSettings at the entry point; the leader
+    identity starts with the pod's name, else the host's."""
+    args = cli._parser().parse_args(["--max-concurrent-node-downloads", "3", "--metrics-addr", "off"])
+    settings = cli.ControllerSettings.from_args(args, {"POD_NAME": "ctl-a"})
+    assert (settings.max_concurrent_downloads, settings.metrics_addr, settings.pod_name) == (3, None, "ctl-a")
+    assert settings.reconcile().max_concurrent_downloads == 3
+    assert cli.ControllerSettings.from_args(args, {}).pod_name is None
+    assert LeaderElector(state, pod_name=settings.pod_name).identity.startswith("ctl-a_")
+    assert LeaderElector(state).identity.startswith(socket.gethostname() + "_")
 
 
 def test_cli_yaml_output_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,23 +8,18 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from controller.plan import (
+from controller.labels import MODEL_LABEL_PREFIX, label_writes, model_label, model_labels
+from controller.reconcile import Controller
+from controller.serving import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
-    MODEL_LABEL_PREFIX,
     SERVING_NAMESPACES_ANNOTATION,
-    LabelWrite,
-    ServingDemand,
-    Snapshot,
-    VolumeRef,
-    label_writes,
-    model_label,
-    model_labels,
     serving_demands,
     volume_ref,
     volume_writes,
 )
-from controller.reconcile import Controller
+from controller.snapshot import LabelWrite, ServingDemand, Snapshot, VolumeRef
+from controller.views import Pod
 from localmodel.errors import NotFound
 from localmodel.kinds import (
     LOCAL_MODEL_CACHE,
@@ -348,11 +343,11 @@ def test_volume_writes_pure() -> None:
         assert [(w.kind, w.action, w.name, w.namespace) for w in volume_writes(again, admitted)] == expected
     assert created.body["spec"]["capacity"] == {"storage": "100Gi"}
     assert serving_demands(
-        [pod("x", "n", labels={"internal.serving.kserve.io/localmodel": "big"})], caches
+        [Pod.from_json(pod("x", "n", labels={"internal.serving.kserve.io/localmodel": "big"}))], caches
     ) == {ServingDemand("big", None, "n")}
     done = pod("y", "n", annotations={"modelcache.io/model": "big"})
     done["status"] = {"phase": "Succeeded"}
-    assert serving_demands([done], caches) == set()
+    assert serving_demands([Pod.from_json(done)], caches) == set()
 
 
 async def test_a_group_s_volume_source_is_never_copied(state: ClusterState) -> None:

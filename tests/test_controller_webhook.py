@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from controller import cli
 from controller.admission import Verdict, place_pod, review_response, validate_cache
-from controller.plan import MODEL_LABEL_PREFIX
+from controller.labels import MODEL_LABEL_PREFIX
 from controller.reconcile import Controller
 from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, WebhookServer, parse_addr
 from localmodel.errors import InvalidInput
@@ -395,7 +395,7 @@ async def test_the_controller_command_serves_the_webhooks(tmp_path: Path) -> Non
             "--webhook-cert-dir", str(tmp_path / "certs"), "--resync", "60",
         ]
     )  # fmt: skip
-    task = asyncio.create_task(cli._main(args))
+    task = asyncio.create_task(cli._main(cli.ControllerSettings.from_args(args, {})))
     trust = ssl.create_default_context(cafile=str(tmp_path / "certs" / "tls.crt"))
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:

@@ -20,7 +20,7 @@ async def test_the_view_after_a_full_reconcile_equals_the_store() -> None:
         o["metadata"]["name"]: LocalModelCache.from_json(o)
         for o in (await state.list(LOCAL_MODEL_CACHE)).items
     }
-    assert controller._view.caches == stored
+    assert controller.view.caches == stored
     # A second pass over the same view writes nothing: the view was right.
     again = await controller.reconcile(full=True)
     assert not again.statuses and not again.nodes

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controller.plan import MODEL_LABEL_VALUE, model_label
+from controller.labels import MODEL_LABEL_VALUE, model_label
 from controller.webhook import Webhook
 from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
 from localmodel.layout import storage_key

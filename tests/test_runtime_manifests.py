@@ -462,7 +462,8 @@ def test_multinode_example_pods_pass_the_pod_webhook_and_the_serving_mounts_poli
     import copy
 
     from controller.admission import place_pod, pod_ask
-    from controller.plan import claim_body, model_label
+    from controller.labels import model_label
+    from controller.serving import claim_body
     from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node
     from tests.test_admission_policies import admit, policies
     from tests.test_admission_policies import request as admission_request

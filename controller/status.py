@@ -1,0 +1,283 @@
+"""Cache and group status, with their Events, pure: from the node states a plan leaves to the status
+the controller writes on each LocalModelCache and LocalModelNodeGroup.
+
+- One status write per object, only when the fields the controller owns differ; condition
+  transition times change only when a condition's status changes, so an unchanged cluster plans no
+  write at all.
+- Events are derived from the difference between the stored status and the new one, so a replayed
+  reconcile does not repeat them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from typing import Any, Literal
+
+from controller.serving import SERVING, ServingProblem
+from controller.snapshot import Event, Snapshot, StatusWrite, model_state
+from controller.views import InferenceService
+from localmodel.placement import GroupUsage, Layout, Refusal, human
+from localmodel.quantity import Quantity
+from localmodel.resources import (
+    Condition,
+    Copies,
+    InferenceServiceRef,
+    LocalModelCache,
+    LocalModelCacheStatus,
+    LocalModelNodeGroup,
+    ModelState,
+    NodeState,
+)
+
+ADMITTED = "Admitted"
+READY = "Ready"
+
+_MODEL_TO_NODE = {
+    ModelState.PENDING: NodeState.DOWNLOAD_PENDING,
+    ModelState.DOWNLOADING: NodeState.DOWNLOADING,
+    ModelState.DOWNLOADED: NodeState.DOWNLOADED,
+    ModelState.ERROR: NodeState.DOWNLOAD_ERROR,
+}
+
+
+def node_states(
+    snapshot: Snapshot, placed: Layout, cache: LocalModelCache, listed: set[str]
+) -> dict[str, NodeState]:
+    states: dict[str, NodeState] = {}
+    for n in placed.holders.get(cache.name, ()):
+        if n in snapshot.not_ready:
+            states[n] = NodeState.NOT_READY
+        elif n not in listed:
+            states[n] = NodeState.DOWNLOAD_PENDING  # waiting for a rollout slot
+        else:
+            state = model_state(snapshot.local_model_nodes.get(n), cache.name)
+            states[n] = NodeState.DOWNLOAD_PENDING if state is None else _MODEL_TO_NODE[state]
+    return states
+
+
+ConditionArgs = tuple[bool, str, str]  # ok, reason, message
+
+
+def group_conditions(
+    g: str,
+    refusal: Refusal | None,
+    usage: GroupUsage | None,
+    members: tuple[str, ...],
+    states: Mapping[str, NodeState],
+) -> tuple[ConditionArgs, ConditionArgs]:
+    """The cache's Admitted and Ready conditions for node group ``g``: refused (both say why), or
+    admitted (its usage) and Ready when every member holds it (else Downloading, or DownloadError
+    when one failed; NoNodes when the group selects none)."""
+    if refusal is not None:
+        return (False, refusal.reason, refusal.message), (False, refusal.reason, refusal.message)
+    assert usage is not None  # admission refuses a cache for every group it keeps no usage of
+    admitted = (
+        True,
+        ADMITTED,
+        f"admitted to node group {g}: {human(usage.used)} of {human(usage.limit)} per node in use",
+    )
+    ready = sum(1 for n in members if states.get(n) is NodeState.DOWNLOADED)
+    errors = sum(1 for n in members if states.get(n) is NodeState.DOWNLOAD_ERROR)
+    if not members:
+        return admitted, (False, "NoNodes", f"node group {g} selects no nodes")
+    if ready == len(members):
+        return admitted, (True, "Downloaded", f"{ready} of {len(members)} nodes hold it")
+    if errors:
+        return admitted, (False, "DownloadError", f"{ready} of {len(members)} nodes hold it, {errors} failed")
+    return admitted, (False, "Downloading", f"{ready} of {len(members)} nodes hold it")
+
+
+def cache_status(
+    snapshot: Snapshot,
+    placed: Layout,
+    cache: LocalModelCache,
+    states: Mapping[str, NodeState],
+    now: str,
+    problems: Iterable[ServingProblem] = (),
+) -> tuple[StatusWrite | None, list[Event]]:
+    """The cache's status after this plan (:func:`status_write`) and the Events its changes make:
+    Admitted/Warning per group whose admission changed, Placed for new holders, CopyFailed per node
+    that newly failed, AllCopiesReady, and one Warning per changed serving problem."""
+    old = cache.status
+    available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
+    total = len(states)
+    refusals = {r.group: r for r in placed.admission.refused if r.cache == cache.name}
+    usage = placed.admission.usage
+    conditions: list[Condition] = []
+    events: list[Event] = []
+    old_conditions = {(c.type, c.node_group): c for c in old.conditions}
+
+    def condition(ctype: str, group: str | None, ok: bool, reason: str, message: str) -> Condition:
+        status = "True" if ok else "False"
+        before = old_conditions.get((ctype, group))
+        since = before.last_transition_time if before is not None and before.status == status else None
+        return Condition(ctype, status, reason, message, since or now, group)
+
+    def event(kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        events.append(Event("LocalModelCache", cache.name, cache.metadata.uid, kind, reason, message))
+
+    for g in dict.fromkeys(cache.spec.node_groups):
+        admitted_args, ready_args = group_conditions(
+            g, refusals.get(g), usage.get(g), placed.members.get(g, ()), states
+        )
+        admitted = condition(ADMITTED, g, *admitted_args)
+        ready_c = condition(READY, g, *ready_args)
+        before = old_conditions.get((ADMITTED, g))
+        if before is None or (before.status, before.reason) != (admitted.status, admitted.reason):
+            if admitted.status == "True":
+                event("Normal", ADMITTED, admitted.message)
+            else:
+                event("Warning", admitted.reason, admitted.message)
+        conditions += [admitted, ready_c]
+
+    new_holders = sorted(set(states) - set(old.node_status))
+    if new_holders:
+        shown = ", ".join(new_holders[:5]) + (
+            f" (+{len(new_holders) - 5} more)" if len(new_holders) > 5 else ""
+        )
+        event("Normal", "Placed", f"placed on {len(new_holders)} node(s): {shown}")
+    for n, s in sorted(states.items()):
+        if s is NodeState.DOWNLOAD_ERROR and old.node_status.get(n) is not NodeState.DOWNLOAD_ERROR:
+            event("Warning", "CopyFailed", f"copy on node {n} failed{_error_detail(snapshot, n, cache)}")
+    if total and available == total and not (old.copies.total and old.copies.available == old.copies.total):
+        event("Normal", "AllCopiesReady", f"all {total} node(s) hold the model")
+
+    for problem in problems:
+        served = condition(SERVING, problem.group, False, problem.reason, problem.message)
+        before = old_conditions.get((SERVING, problem.group))
+        if before is None or (before.status, before.reason, before.message) != (
+            served.status,
+            served.reason,
+            served.message,
+        ):
+            event("Warning", problem.reason, problem.message)
+        conditions.append(served)
+
+    refs = snapshot.inference_services.get(cache.name, ())
+    return status_write(cache, states, tuple(conditions), refs), events
+
+
+def status_write(
+    cache: LocalModelCache,
+    states: Mapping[str, NodeState],
+    conditions: tuple[Condition, ...],
+    refs: tuple[InferenceServiceRef, ...],
+) -> StatusWrite | None:
+    """The merge patch that makes the cache's status the one of these node states, conditions and
+    InferenceServices, or None when it is that already."""
+    old = cache.status
+    available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
+    failed = sum(1 for s in states.values() if s is NodeState.DOWNLOAD_ERROR)
+    total = len(states)
+    new_json: dict[str, Any] = {
+        "nodeStatus": {n: s.value for n, s in sorted(states.items())},
+        "copies": {"available": available, "total": total, "failed": failed},
+        "inferenceServices": [{"name": r.name, "namespace": r.namespace} for r in refs],
+        "conditions": [c.to_json() for c in conditions],
+        "observedGeneration": cache.metadata.generation,
+    }
+    old_json = old.to_json()
+    current = {
+        "nodeStatus": old_json.get("nodeStatus", {}),
+        "copies": old_json.get("copies"),
+        "inferenceServices": old_json.get("inferenceServices") or [],
+        "conditions": old_json.get("conditions", []),
+        "observedGeneration": old.observed_generation,
+    }
+    if current == new_json:
+        return None
+    patch = dict(new_json)
+    # A merge patch merges maps: prune the entries of nodes that no longer hold the model.
+    patch["nodeStatus"] = {**dict.fromkeys(old.node_status), **new_json["nodeStatus"]}
+    if not refs:
+        patch["inferenceServices"] = None  # absent when none, as KServe writes it
+    typed = LocalModelCacheStatus(
+        node_status=dict(sorted(states.items())),
+        copies=Copies(available=available, total=total, failed=failed),
+        inference_services=tuple(InferenceServiceRef(r.name, r.namespace) for r in refs),
+        observed_generation=cache.metadata.generation,
+        conditions=conditions,
+    )
+    return StatusWrite("LocalModelCache", cache.name, patch, typed)
+
+
+def _error_detail(snapshot: Snapshot, node: str, cache: LocalModelCache) -> str:
+    lmn = snapshot.local_model_nodes.get(node)
+    progress = None if lmn is None else lmn.status.models.get(cache.spec.storage_key)
+    if progress is None or not (progress.reason or progress.message):
+        return ""
+    return ": " + ": ".join(x for x in (progress.reason, progress.message) if x)
+
+
+def group_status(group: LocalModelNodeGroup, placed: Layout) -> StatusWrite | None:
+    usage = placed.admission.usage[group.name]
+    new = {
+        "used": Quantity.from_bytes(usage.used).to_json(),
+        "available": Quantity.from_bytes(usage.available).to_json(),
+        "nodes": len(placed.members.get(group.name, ())),
+        "observedGeneration": group.metadata.generation,
+    }
+    st = group.status
+    current = {
+        "used": st.used.to_json() if st.used is not None else None,
+        "available": st.available.to_json() if st.available is not None else None,
+        "nodes": st.nodes,
+        "observedGeneration": st.observed_generation,
+    }
+    # Quantities compare by value: "1Gi" stored by someone else equals 1073741824.
+    same = (
+        st.used == Quantity.from_bytes(usage.used)
+        and st.available == Quantity.from_bytes(usage.available)
+        and current["nodes"] == new["nodes"]
+        and current["observedGeneration"] == new["observedGeneration"]
+    )
+    return None if same else StatusWrite("LocalModelNodeGroup", group.name, new)
+
+
+def isvc_caches(isvc: InferenceService, caches: Mapping[str, LocalModelCache]) -> frozenset[str]:
+    """The caches an InferenceService uses: the one KServe's webhook names in its
+    ``internal.serving.kserve.io/localmodel`` label, and those whose ``sourceModelUri`` covers a
+    predictor's ``storageUri`` (the same URI, or a path below it, as KServe matches them)."""
+    out: set[str] = set()
+    if isvc.named is not None and isvc.named in caches:
+        out.add(isvc.named)
+    for uri in isvc.storage_uris:
+        for c in caches.values():
+            base = c.spec.source_model_uri.rstrip("/")
+            if uri == c.spec.source_model_uri or uri.startswith(base + "/"):
+                out.add(c.name)
+    return frozenset(out)
+
+
+def copies_by_group(
+    node_status: Mapping[str, Mapping[str, NodeState]],
+    caches: Mapping[str, LocalModelCache],
+    groups: AbstractSet[str],
+    placed: Layout,
+) -> dict[str, dict[str, Copies] | None]:
+    """Copies per cache and node group (the metrics' ``(cache, group)`` series) from a plan's node
+    states: for each cache in ``node_status``, its groups that exist (``groups``: their names), with
+    no copies where the group refused it; None for a cache that is gone."""
+    out: dict[str, dict[str, Copies] | None] = {}
+    for c, states in node_status.items():
+        cache = caches.get(c)
+        if cache is None:
+            out[c] = None
+            continue
+        admitted = set(placed.admission.groups_of(c))
+        per_group: dict[str, Copies] = {}
+        for g in dict.fromkeys(cache.spec.node_groups):
+            if g not in groups:
+                continue  # no such group (the cache's Ready condition says so)
+            if g not in admitted:
+                per_group[g] = Copies()  # refused: no node of the group must hold it
+                continue
+            held = [states[n] for n in placed.members.get(g, ()) if n in states]
+            per_group[g] = Copies(
+                available=sum(1 for s in held if s is NodeState.DOWNLOADED),
+                total=len(held),
+                failed=sum(1 for s in held if s is NodeState.DOWNLOAD_ERROR),
+            )
+        out[c] = per_group
+    return out
