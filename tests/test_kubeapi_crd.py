@@ -23,6 +23,7 @@ from lightkube.generic_resource import create_global_resource
 from localmodel.errors import Conflict, NotFound
 from localmodel.events import event_body
 from localmodel.state.base import (
+    EVENT,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
@@ -94,7 +95,7 @@ SCHEMA: dict[str, Any] = {
 
 
 def test_prune_follows_the_api_servers_rules() -> None:
-    obj = {
+    obj: dict[str, Any] = {
         "apiVersion": "x/v1",
         "kind": "X",
         "metadata": {"name": "a", "labels": {"l": "1"}, "unknownMeta": 1},
@@ -195,7 +196,7 @@ async def test_status_is_pruned_by_the_schema_and_kept_where_it_names_fields(
 
 
 async def test_node_spec_items_lose_our_fields(kserve: tuple[KubeAPI, KubeState]) -> None:
-    api, state = kserve
+    _, state = kserve
     item = {"modelName": "m", "sourceModelUri": "hf://org/m", "nodeGroup": "g", "modelSize": "1Gi"}
     body = {
         "apiVersion": "serving.kserve.io/v1alpha1",
@@ -234,7 +235,7 @@ async def test_status_of_a_crd_without_the_subresource_is_not_found(
 
 
 async def test_a_kind_only_a_crd_names_is_served(kserve: tuple[KubeAPI, KubeState]) -> None:
-    api, state = kserve
+    _, state = kserve
     namespace_cache = ResourceKind(
         "serving.kserve.io", "v1alpha1", "LocalModelNamespaceCache", "localmodelnamespacecaches", True
     )
@@ -302,7 +303,6 @@ async def test_put_is_pruned_and_needs_a_resource_version(kserve: tuple[KubeAPI,
 
 async def test_events_are_stored_and_counted(kserve: tuple[KubeAPI, KubeState]) -> None:
     api, state = kserve
-    from localmodel.state.base import EVENT
 
     for reason in ("Admitted", "Admitted", "Placed"):
         body = event_body(
