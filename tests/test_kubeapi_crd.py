@@ -30,7 +30,7 @@ from localmodel.state.base import (
     ResourceKind,
 )
 from localmodel.state.kube import KubeState
-from tests.support.kubeapi import KubeAPI, load_crds, prune
+from tests.support.kubeapi import EVENTS_V1, KubeAPI, load_crds, prune
 from tests.test_controller_reconcile import cache, group
 
 KSERVE_CRDS = Path(__file__).parent / "data" / "kserve-crds"
@@ -330,3 +330,37 @@ async def test_events_are_stored_and_counted(kserve: tuple[KubeAPI, KubeState]) 
     assert [e["count"] for e in await api.events(reason="Placed")] == [2]
     assert api.write_counts()[("create", "events", first["metadata"]["name"])] == 1
     assert api.write_counts()[("patch", "events", first["metadata"]["name"])] == 1
+
+
+async def test_events_k8s_io_is_a_view_of_the_same_events(kserve: tuple[KubeAPI, KubeState]) -> None:
+    api, state = kserve
+    body = {
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"name": "m.1", "namespace": "default"},
+        "regarding": {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "LocalModelCache", "name": "m"},
+        "reason": "Admitted",
+        "note": "fits",
+        "type": "Normal",
+        "action": "Admit",
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reportingController": "modelcache.io/controller",
+        "reportingInstance": "ctl-0",
+    }
+    created = await state.create(EVENTS_V1, body)
+    assert created["apiVersion"] == "events.k8s.io/v1" and created["note"] == "fits"
+    # The series of a repeat, as events.k8s.io keeps it, written through the new API ...
+    series = {"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z"}}
+    await state.patch(EVENTS_V1, "m.1", series, namespace="default")
+    # ... and read through the old one: one object, the core/v1 field names.
+    [core] = await api.events(reason="Admitted", name="m")
+    assert core["apiVersion"] == "v1"
+    assert (core["message"], core["reportingComponent"], core["series"]["count"]) == (
+        "fits",
+        body["reportingController"],
+        2,
+    )
+    assert (await state.get(EVENT, "m.1", namespace="default"))["involvedObject"]["name"] == "m"
+    listed = await state.list(EVENTS_V1, namespace="default")
+    assert [e["regarding"]["name"] for e in listed.items] == ["m"]
+    assert api.write_counts() == {("create", "events", "m.1"): 1, ("patch", "events", "m.1"): 1}

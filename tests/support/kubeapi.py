@@ -19,8 +19,9 @@ behaviour above (nothing pruned).
 
 Counting: every write request is logged in :attr:`KubeAPI.writes` (verb, resource, name, code, and
 whether the stored object changed); :meth:`KubeAPI.write_counts` sums them per object, so a test can
-assert that no write repeats once a controller has converged. Events (core/v1) are stored like any
-object; :meth:`KubeAPI.events` reads them back.
+assert that no write repeats once a controller has converged. Events are stored like any object,
+core/v1 and events.k8s.io/v1 as two views of one storage (as a real server keeps them);
+:meth:`KubeAPI.events` reads them back in the core/v1 view.
 """
 
 from __future__ import annotations
@@ -205,6 +206,35 @@ class Write:
     agent: str  # the client's User-Agent
 
 
+# events.k8s.io/v1 is another view of the core/v1 Events (one storage): its fields renamed, as the
+# API server converts them (kubernetes/kubernetes pkg/apis/events/v1/conversion.go,
+# Convert_v1_Event_To_core_Event and back; the rest keep their names).
+EVENTS_V1 = ResourceKind("events.k8s.io", "v1", "Event", "events", True, has_status=False)
+_EVENT_FIELDS = {  # events.k8s.io/v1 -> core/v1
+    "note": "message",
+    "regarding": "involvedObject",
+    "reportingController": "reportingComponent",
+    "deprecatedSource": "source",
+    "deprecatedFirstTimestamp": "firstTimestamp",
+    "deprecatedLastTimestamp": "lastTimestamp",
+    "deprecatedCount": "count",
+}
+_EVENT_FIELDS_BACK = {v: k for k, v in _EVENT_FIELDS.items()}
+_EVENTS_V1_VIEW = web.RequestKey("events_v1_view", bool)  # the request came through events.k8s.io
+
+
+def _event_to_core(body: JSON) -> JSON:
+    out = {_EVENT_FIELDS.get(k, k): v for k, v in body.items()}
+    out["apiVersion"] = "v1"
+    return out
+
+
+def _event_from_core(obj: JSON) -> JSON:
+    out = {_EVENT_FIELDS_BACK.get(k, k): v for k, v in obj.items()}
+    out["apiVersion"] = EVENTS_V1.api_version
+    return out
+
+
 Match = Callable[[web.Request], bool]
 
 
@@ -281,6 +311,7 @@ class KubeAPI:
         self.without = without  # kinds this cluster does not serve (a CRD not installed): 404
         self.store = MemoryState()
         self.served: dict[tuple[str, str, str], ResourceKind] = dict(BY_PATH)
+        self.served[("events.k8s.io", "v1", "events")] = EVENTS_V1
         self.crds: dict[tuple[str, str, str], InstalledCRD] = {}  # (group, version, plural)
         self.writes: list[Write] = []
         self.install_crds(crds)
@@ -426,7 +457,11 @@ class KubeAPI:
     def _kind(self, request: web.Request) -> ResourceKind:
         m = request.match_info
         kind = self.served.get((m.get("group", ""), m["version"], m["plural"]))
-        if kind is None or kind in self.without:
+        if kind is EVENTS_V1:
+            request[_EVENTS_V1_VIEW] = True
+            return EVENT  # one storage: the core view is what is stored
+        gone = {(k.group, k.version, k.plural) for k in self.without}
+        if kind is None or (kind.group, kind.version, kind.plural) in gone:
             raise web.HTTPNotFound(
                 text=json.dumps(
                     {
@@ -452,9 +487,16 @@ class KubeAPI:
         return prune(obj, crd.schema, root=True) if crd.schema is not None else obj
 
     def _log_write(
-        self, request: web.Request, verb: str, kind: ResourceKind, name: str, code: int, changed: bool
+        self,
+        request: web.Request,
+        verb: str,
+        kind: ResourceKind,
+        name: str,
+        code: int,
+        changed: bool,
+        *,
+        status: bool = False,
     ) -> None:
-        status = request.path.endswith("/status") and request.match_info.get("name") is not None
         self.writes.append(
             Write(
                 time.monotonic(),
@@ -479,13 +521,13 @@ class KubeAPI:
             return _json(
                 {
                     "kind": f"{kind.kind}List",
-                    "apiVersion": kind.api_version,
+                    "apiVersion": EVENTS_V1.api_version if request.get(_EVENTS_V1_VIEW) else kind.api_version,
                     "metadata": {"resourceVersion": listing.resource_version},
-                    "items": listing.items,
+                    "items": [_view(request, o) for o in listing.items],
                 }
             )
         if request.method == "POST":
-            obj = await request.json()
+            obj = await _body(request)
             if ns:
                 obj.setdefault("metadata", {})["namespace"] = ns
             name = str((obj.get("metadata") or {}).get("name") or "")
@@ -494,7 +536,7 @@ class KubeAPI:
                     kind, self._admit_create(kind, obj), manager=_manager(request)
                 )
                 self._log_write(request, "create", kind, name, 201, True)
-                return _json(stored, status=201)
+                return _json(_view(request, stored), status=201)
             except AlreadyExists as e:
                 self._log_write(request, "create", kind, name, 409, False)
                 return _status(409, "AlreadyExists", str(e))
@@ -521,17 +563,17 @@ class KubeAPI:
             # crdHandler.ServeHTTP answers a subresource it does not have
             # (kubernetes/apiextensions-apiserver pkg/apiserver/customresource_handler.go:346-357).
             if verb is not None:
-                self._log_write(request, verb, kind, name, 404, False)
+                self._log_write(request, verb, kind, name, 404, False, status=True)
             return _status(404, "NotFound", f'{crd.group_resource} "{name}" not found')
         code, changed = 200, False
         try:
             if request.method == "GET":
-                return _json(await self.store.get(kind, name, namespace=ns))
+                return _json(_view(request, await self.store.get(kind, name, namespace=ns)))
             if request.method == "DELETE":
                 current = await self.store.get(kind, name, namespace=ns)
                 await self.store.delete(kind, name, namespace=ns)
                 changed = True
-                return _json(current)
+                return _json(_view(request, current))
             if request.method == "PATCH":
                 ctype = request.content_type
                 if ctype != "application/merge-patch+json" and not (
@@ -543,11 +585,11 @@ class KubeAPI:
                         "UnsupportedMediaType",
                         f"unsupported patch type {ctype}; use application/merge-patch+json",
                     )
-                patch: dict[str, Any] = await request.json()
+                patch = await _body(request)
                 rv = (patch.get("metadata") or {}).get("resourceVersion")
                 if crd is not None:
                     stored, changed = await self._update(request, kind, crd, patch, status=status, put=False)
-                    return _json(stored)
+                    return _json(_view(request, stored))
                 before = await self.store.get(kind, name, namespace=ns)
                 if status:
                     stored = await self.store.patch_status(
@@ -558,11 +600,11 @@ class KubeAPI:
                         kind, name, patch, namespace=ns, resource_version=rv, manager=_manager(request)
                     )
                 changed = _changed(before, stored)
-                return _json(stored)
+                return _json(_view(request, stored))
             if request.method == "PUT":
-                body: dict[str, Any] = await request.json()
+                body = await _body(request)
                 stored, changed = await self._update(request, kind, crd, body, status=status, put=True)
-                return _json(stored)
+                return _json(_view(request, stored))
         except NotFound as e:
             code = 404
             return _status(404, "NotFound", str(e))
@@ -577,7 +619,7 @@ class KubeAPI:
             return _status(500, "InternalError", str(e))
         finally:
             if verb is not None:
-                self._log_write(request, verb, kind, name, code, changed)
+                self._log_write(request, verb, kind, name, code, changed, status=status)
         return _status(405, "MethodNotAllowed", request.method)
 
     async def _update(
@@ -679,7 +721,7 @@ class KubeAPI:
                 kind, resource_version=rv, namespace=ns, selector=_selector(request)
             ):
                 await response.write(
-                    json.dumps({"type": event.type, "object": event.object}).encode() + b"\n"
+                    json.dumps({"type": event.type, "object": _view(request, event.object)}).encode() + b"\n"
                 )
 
         async def bounded() -> None:
@@ -709,6 +751,15 @@ class KubeAPI:
             self._watches.discard(task)
             self._watch_requests.pop(task, None)
         return response
+
+
+async def _body(request: web.Request) -> JSON:
+    body: JSON = await request.json()
+    return _event_to_core(body) if request.get(_EVENTS_V1_VIEW) else body
+
+
+def _view(request: web.Request, obj: JSON) -> JSON:
+    return _event_from_core(obj) if request.get(_EVENTS_V1_VIEW) else obj
 
 
 def _changed(before: JSON, after: JSON) -> bool:
