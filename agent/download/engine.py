@@ -55,6 +55,7 @@ from typing import Any, Protocol
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from agent.download.client import HttpClient, Response, retried
+from agent.download.http_status import http_status_error, retry_after_seconds
 from agent.download.listing import Listing, RemoteFile
 from agent.download.staging import (
     Destination,
@@ -982,14 +983,7 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def _status_error(label: str, response: Response) -> DownloadError:
-    from agent.download.sources import _http_status_error
-
-    retry_after = response.headers.get("Retry-After")
-    try:
-        delay = float(retry_after) if retry_after is not None else None
-    except ValueError:
-        delay = None
-    return _http_status_error(label, response.status, delay)
+    return http_status_error(label, response.status, retry_after_seconds(response.headers.get("Retry-After")))
 
 
 def _os_error(e: OSError, what: str) -> DownloadError:

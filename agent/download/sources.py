@@ -54,6 +54,7 @@ from agent.download.client import (
     retried,
 )
 from agent.download.gcs import GcsSettings, list_gcs
+from agent.download.http_status import http_status_error, retry_after_seconds
 from agent.download.listing import Listing, RemoteFile, check_not_empty, check_unique, checked_path
 from localmodel.errors import (
     AccessDenied,
@@ -329,7 +330,7 @@ def _list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
         hint = "" if settings.hf_token else " (or private: set HF_TOKEN)"
         raise AccessDenied(f"access denied to {uri.repo_id}: not found{hint}") from e
     except HfHubHTTPError as e:
-        raise _http_status_error(source, _status(e), _retry_after(e)) from e
+        raise http_status_error(source, _status(e), _retry_after(e)) from e
     except ConnectTimeout as e:
         raise _no_answer(source, settings.hf_endpoint, settings.connect_timeout, "no connection") from e
     except TimeoutException as e:
@@ -427,20 +428,7 @@ def _status(e: Any) -> int:
 def _retry_after(e: Any) -> float | None:
     response = getattr(e, "response", None)
     value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _http_status_error(source: str, status: int, retry_after: float | None = None) -> DownloadError:
-    if status in (401, 403):
-        return AccessDenied(f"{source}: access denied (HTTP {status}); check the credentials")
-    if status == 404:
-        return SourceNotFound(f"{source}: not found (HTTP 404)")
-    if status in (408, 429) or status >= 500 or status == 0:
-        return TransientError(f"{source}: HTTP {status or 'error'}", retry_after=retry_after)
-    return DownloadError(f"{source}: HTTP {status}")
+    return retry_after_seconds(value)
 
 
 # -- S3 -------------------------------------------------------------------------------------------
@@ -666,7 +654,7 @@ async def _list_http(uri: SourceURI, client: HttpClient) -> Listing:
 
     def accept(response: Response) -> None:
         if response.status >= 400 and response.status != 405:  # 405: no HEAD; the GET will tell
-            raise _http_status_error(source, response.status)
+            raise http_status_error(source, response.status)
         seen.append(response)
 
     try:
