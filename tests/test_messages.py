@@ -13,9 +13,9 @@ from aiohttp import web
 from agent.download.client import HttpClient
 from agent.download.sources import SourceSettings, list_source
 from agent.loop import _duration
-from agent.pull_cli import parse_low_speed_limit, parse_rate
 from agent.status_cli import render_table
 from localmodel.errors import DownloadError
+from localmodel.quantity import parse_low_speed_limit, parse_rate
 from localmodel.uri import parse_uri
 
 SIZE = 300_000
