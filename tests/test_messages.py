@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.client import HttpClient
+from agent.download.client import ClientSettings, HttpClient
 from agent.download.sources import SourceSettings, list_source
 from agent.loop import _duration
 from agent.status_cli import render_table
@@ -83,7 +83,7 @@ async def test_a_missing_ca_bundle_is_named(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = HttpClient(concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5)
+    client = HttpClient(ClientSettings(concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5))
     settings = SourceSettings(s3_endpoint="https://127.0.0.1:9", list_attempts=1)
     try:
         with pytest.raises(DownloadError, match=r"the CA bundle /nonexistent.pem .* does not exist"):

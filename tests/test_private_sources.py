@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.client import HttpClient, private_address
+from agent.download.client import ClientSettings, HttpClient, private_address
 from agent.download.engine import TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
@@ -124,7 +124,9 @@ async def test_a_redirect_to_loopback_is_refused(redirector: tuple[str, list[str
         pytest.skip("this machine has no non-loopback address")
     port, hits = redirector
     client = HttpClient(
-        concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5, allow_private=False
+        ClientSettings(
+            concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5, allow_private=False
+        )
     )
     try:
         with pytest.raises(SourceNotAllowed, match=r"127\.0\.0\.1"):

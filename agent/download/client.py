@@ -63,7 +63,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
@@ -300,46 +300,53 @@ def aws_ca_bundle() -> str | None:
 Route = tuple[str | int, ...]
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """What an :class:`HttpClient` is built with, read once at the entry point
+    (:func:`agent.download.pull.http_client` derives it from the transfer settings)."""
+
+    concurrency: int  # worker threads: the process's connection limit
+    read_size: int  # bytes each worker receives at once (its reused buffer)
+    connect_timeout: float  # seconds
+    read_timeout: float  # seconds without a byte
+    max_bandwidth: float | None = None  # bytes per second, all connections together
+    proxies: Mapping[str, str] = field(default_factory=dict)  # proxies_from_env()
+    low_speed_limit: int = 0  # bytes/s; 0: off
+    low_speed_time: float = 30.0  # seconds
+    ca_bundle: str | None = None  # trusted besides the system's CAs (aws_ca_bundle())
+    allow_private: bool = True  # connections to loopback, link-local, unspecified addresses
+    header_timeout: float | None = None  # seconds for the whole response header; None: see HttpClient
+
+
 class HttpClient:
-    def __init__(
-        self,
-        *,
-        concurrency: int,
-        read_size: int,
-        connect_timeout: float,
-        read_timeout: float,
-        max_bandwidth: float | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        proxies: Mapping[str, str] | None = None,
-        low_speed_limit: int = 0,
-        low_speed_time: float = 30.0,
-        ca_bundle: str | None = None,
-        allow_private: bool = True,
-        header_timeout: float | None = None,
-    ) -> None:
-        self.proxies = dict(proxies or {})
-        self.allow_private = allow_private
+    def __init__(self, settings: ClientSettings, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: used instead of the one built from the system's CAs and the CA bundle."""
+        self.settings = settings
+        self.proxies = dict(settings.proxies)
+        self.allow_private = settings.allow_private
         for scheme in ("http", "https"):
             if scheme in self.proxies and _proxy_url(self.proxies[scheme]).scheme != "http":
                 raise InvalidInput(
                     f"{scheme}_proxy: only http:// proxies are supported (https goes through CONNECT); "
                     "set it to http://HOST:PORT"
                 )
-        self.read_size = read_size
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
-        self.low_speed_limit = low_speed_limit if low_speed_time > 0 else 0
-        self.low_speed_time = low_speed_time
-        self.ca_bundle = ca_bundle
+        self.read_size = settings.read_size
+        self.connect_timeout = settings.connect_timeout
+        self.read_timeout = settings.read_timeout
+        self.limiter = RateLimiter(settings.max_bandwidth) if settings.max_bandwidth else None
+        self.low_speed_limit = settings.low_speed_limit if settings.low_speed_time > 0 else 0
+        self.low_speed_time = settings.low_speed_time
+        self.ca_bundle = settings.ca_bundle
         # The whole response header, from sending the request: the low-speed window when the check
         # is on (a header is a few hundred bytes), else twice the read timeout (a silent server is
         # still told by the read timeout, which ends first).
-        self.header_timeout = header_timeout or (
-            self.low_speed_time if self.low_speed_limit else 2 * read_timeout
+        self.header_timeout = settings.header_timeout or (
+            self.low_speed_time if self.low_speed_limit else 2 * settings.read_timeout
         )
         self._ssl_context = ssl_context
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.concurrency, thread_name_prefix="modelcache-fetch"
+        )
         self._idle: dict[Route, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
