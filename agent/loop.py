@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent import records
 from agent.desired import Desired, desired, retry_delay
 from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.client import HttpClient
@@ -39,6 +41,8 @@ from agent.download.staging import LinkRefused, refuse_links, write_atomic
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
+from agent.records import Record
+from agent.status import CacheFindings, node_limit, node_status, status_patch
 from agent.threads import BoundedExecutor
 from localmodel.errors import (
     DiskFull,
@@ -51,16 +55,12 @@ from localmodel.errors import (
     URIError,
     from_os_error,
 )
-from localmodel.layout import storage_key
 from localmodel.placement import Refusal
-from localmodel.quantity import Quantity, readable
+from localmodel.quantity import readable
 from localmodel.resources import (
-    Capacity,
-    Condition,
     LocalModelNode,
     LocalModelNodeGroup,
     LocalModelNodeStatus,
-    ModelProgress,
     ModelState,
 )
 from localmodel.state.base import (
@@ -70,7 +70,6 @@ from localmodel.state.base import (
     ClusterState,
     ResourceKind,
     Selector,
-    merge_patch_to,
     update_status,
     watch,
 )
@@ -108,50 +107,6 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass
-class Record:
-    """What the agent knows of one storage key (mutable; the loop owns it)."""
-
-    key: str
-    uri: str  # redacted: a record is reported
-    state: ModelState = ModelState.PENDING
-    bytes_done: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    files_total: int = 0
-    files_verified: int | None = None  # of the last download: checked against a source hash
-    files_size_only: int | None = None  # of the last download: checked by size alone
-    start_time: str | None = None
-    completion_time: str | None = None
-    revision: str | None = None
-    reason: str | None = None
-    message: str | None = None
-    failures: int = 0
-    retry_at: float | None = None  # monotonic time before which a failed model is not retried
-    retry_after: str | None = None
-    warning: str | None = None
-    real_size: int | None = None
-
-    def progress(self) -> ModelProgress:
-        return ModelProgress(
-            state=self.state,
-            storage_key=self.key,
-            source_model_uri=self.uri,
-            revision=self.revision,
-            bytes_done=self.bytes_done,
-            bytes_total=self.bytes_total,
-            files_done=self.files_done,
-            files_total=self.files_total,
-            start_time=self.start_time,
-            completion_time=self.completion_time,
-            reason=self.reason,
-            message=self.message or self.warning,
-            retry_after=self.retry_after,
-            files_verified=self.files_verified,
-            files_size_only=self.files_size_only,
-        )
-
-
 class _Progress:
     """The engine's progress sink, feeding a record and the byte counter."""
 
@@ -160,12 +115,12 @@ class _Progress:
         self.metrics = metrics
 
     def start(self, *, total_bytes: int, done_bytes: int, files: int) -> None:
-        self.record.bytes_total = total_bytes
-        self.record.bytes_done = done_bytes
-        self.record.files_total = files
+        self.record.progress = records.sized(
+            self.record.progress, total=total_bytes, done=done_bytes, files=files
+        )
 
     def advance(self, nbytes: int) -> None:
-        self.record.bytes_done += nbytes
+        self.record.progress = records.advanced(self.record.progress, nbytes)
         self.metrics.bytes_downloaded.inc(nbytes)
 
 
@@ -247,15 +202,6 @@ class Agent:
             return
         with contextlib.suppress(ModelcacheError):
             await self.state.get(LOCAL_MODEL_NODE, self.settings.node_name)
-
-    def _node_limit(self, d: Desired) -> int | None:
-        """The node's storage limit in bytes: the sum of its groups' limits, the groups of refused
-        caches included (a node whose every cache was refused still has the limit that refused them)."""
-        refused = {r.group for r in self.refused()}
-        if not refused:
-            return d.limit
-        wanted = {m.node_group for m in d.models if m.node_group}
-        return _group_limit(self.groups, wanted | refused)
 
     def settled(self) -> bool:
         """Every desired model is published or failed/refused, and nothing runs: ``--once`` ends."""
@@ -352,11 +298,10 @@ class Agent:
     def _load_scan(self, scan: Scan) -> None:
         for key, pub in scan.published.items():
             self.published[key] = pub.size
-            rec = self.records.setdefault(key, Record(key, pub.manifest.source_model_uri))
-            rec.state = ModelState.DOWNLOADED
-            rec.bytes_done = rec.bytes_total = pub.size
-            rec.files_total = rec.files_done = len(pub.manifest.files)
-            rec.revision = pub.manifest.revision
+            rec = self.records.setdefault(key, records.new_record(key, pub.manifest.source_model_uri))
+            rec.progress = records.published(
+                rec.progress, size=pub.size, files=len(pub.manifest.files), revision=pub.manifest.revision
+            )
         self.untrusted = set(scan.untrusted)
         self.foreign = set(scan.foreign)
         self.links = set(scan.links)
@@ -471,10 +416,10 @@ class Agent:
         for r in result.refuse:
             model = by_name[r.name]
             rec = self._record(model.storage_key, model.source_model_uri)
-            if rec.reason != r.reason or rec.state is not ModelState.ERROR:
+            if rec.progress.reason != r.reason or rec.state is not ModelState.ERROR:
                 self.metrics.refusals.labels(r.reason).inc()
                 await self.events.emit("Refused", f"{r.name}: {r.message}", warning=True)
-            rec.state, rec.reason, rec.message = ModelState.ERROR, r.reason, r.message
+            rec.progress = records.failed(rec.progress, r.reason, r.message)
             if (task := self.tasks.get(model.storage_key)) is not None:
                 task.cancel()  # staging is kept: it resumes if room appears
         for name in result.download:
@@ -488,14 +433,12 @@ class Agent:
                 parse_uri(model.source_model_uri)
             except URIError as e:
                 # This model only: the node's other models go on (no retry mends the spec).
-                if rec.reason != "InvalidSourceURI" or rec.message != str(e):
+                if rec.progress.reason != "InvalidSourceURI" or rec.progress.message != str(e):
                     await self.events.emit("DownloadFailed", f"{name}: {e}", warning=True)
                     self.metrics.failures.labels("InvalidSourceURI").inc()
-                rec.state, rec.reason, rec.message = ModelState.ERROR, "InvalidSourceURI", str(e)
+                rec.progress = records.failed(rec.progress, "InvalidSourceURI", str(e))
                 continue
-            if rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
-                rec.reason = rec.message = None  # room appeared
-            rec.state = ModelState.PENDING  # until a download slot is free
+            rec.progress = records.queued(rec.progress)  # until a download slot is free
             self.tasks[key] = asyncio.create_task(
                 self._download(
                     model.model_name,
@@ -506,7 +449,7 @@ class Agent:
             )
         for name in result.keep:
             rec = self._record(by_name[name].storage_key, by_name[name].source_model_uri)
-            rec.state = ModelState.DOWNLOADED
+            rec.progress = records.kept(rec.progress)
         self.metrics.pending.set(
             sum(
                 1
@@ -583,7 +526,7 @@ class Agent:
         if rec is None:
             # redact() is SourceURI.redacted()'s rule on the text: a URI that does not parse still
             # gets a record, which carries its refusal (InvalidSourceURI).
-            rec = self.records[key] = Record(key, redact(uri))
+            rec = self.records[key] = records.new_record(key, redact(uri))
         return rec
 
     async def _delete(self, key: str) -> None:
@@ -639,12 +582,12 @@ class Agent:
             with contextlib.suppress(Exception):
                 await self._failed(name, rec, DownloadError(f"{rec.uri}: {_one_line(e)}"))
             if rec.state is not ModelState.ERROR:
-                rec.state, rec.reason, rec.message = ModelState.ERROR, "DownloadFailed", _one_line(e)
+                rec.progress = records.failed(rec.progress, "DownloadFailed", _one_line(e))
         except asyncio.CancelledError:
             if key in self.removing:
                 log.info("%s: no longer wanted; download cancelled", name)
-            elif rec.state is ModelState.DOWNLOADING:
-                rec.state = ModelState.PENDING
+            else:
+                rec.progress = records.interrupted(rec.progress)
             if not self.stopping:
                 self.tasks.pop(key, None)
                 self.wake.set()
@@ -654,9 +597,7 @@ class Agent:
 
     async def _fetch(self, name: str, rec: Record, uri_text: str, declared: int | None) -> None:
         uri = parse_uri(uri_text)
-        rec.state = ModelState.DOWNLOADING
-        rec.start_time, rec.completion_time = _now(), None
-        rec.reason = rec.message = rec.retry_after = None
+        rec.progress = records.started(rec.progress, now=_now())
         rec.retry_at = None
         await self.events.emit("DownloadStarted", f"{name}: fetching {rec.uri} into models/{rec.key}")
         started = time.monotonic()
@@ -679,7 +620,7 @@ class Agent:
                 max_bytes=declared,
             )
         except _RefusedBySize as e:
-            rec.state, rec.reason, rec.message = ModelState.ERROR, e.refused.reason, e.refused.message
+            rec.progress = records.failed(rec.progress, e.refused.reason, e.refused.message)
             return
         except DownloadError as e:
             if isinstance(e, ForeignFolder):
@@ -694,14 +635,15 @@ class Agent:
         self.published[rec.key] = result.bytes_total
         self.untrusted.discard(rec.key)
         self.foreign.discard(rec.key)
-        rec.state = ModelState.DOWNLOADED
-        if not result.up_to_date:  # an up-to-date result checked nothing: the last counts stand
-            rec.files_verified = sum(result.hash_checked.values())
-            rec.files_size_only = result.size_only
-        rec.bytes_done = rec.bytes_total = result.bytes_total
-        rec.files_total = rec.files_done = result.files
-        rec.revision = result.revision
-        rec.completion_time = _now()
+        rec.progress = records.completed(
+            rec.progress,
+            size=result.bytes_total,
+            files=result.files,
+            revision=result.revision,
+            # An up-to-date result checked nothing: the last counts stand.
+            checked=None if result.up_to_date else (sum(result.hash_checked.values()), result.size_only),
+            now=_now(),
+        )
         rec.failures = 0
         self.metrics.completed.inc()
         self.metrics.download_seconds.observe(time.monotonic() - started)
@@ -716,7 +658,7 @@ class Agent:
     def _admit(self, name: str, rec: Record, listing: Listing) -> None:
         """Called with the source's listing before any byte moves: the real size must fit too."""
         rec.real_size = listing.total_bytes
-        rec.revision = listing.revision
+        rec.progress = dataclasses.replace(rec.progress, revision=listing.revision)
         result = self._plan()
         for refused in result.refuse:
             if refused.name == name:
@@ -726,11 +668,9 @@ class Agent:
     async def _failed(self, name: str, rec: Record, e: DownloadError) -> None:
         rec.failures += 1
         delay = retry_delay(rec.failures, base=self.settings.retry_base, cap=self.settings.retry_cap)
-        rec.state = ModelState.ERROR
-        rec.reason = e.reason
-        rec.message = str(e)
         rec.retry_at = time.monotonic() + delay
-        rec.retry_after = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        retry_after = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rec.progress = records.failed(rec.progress, e.reason, str(e), retry_after=retry_after)
         self.metrics.failures.labels(e.reason).inc()
         # Under --once the run ends once every model is settled: a failed one is not retried.
         retry = "not retried (--once)" if self.once else f"retry in {delay:.0f} s"
@@ -760,72 +700,22 @@ class Agent:
         self.metrics.disk_used.set(usage.used)
 
     def node_status(self) -> LocalModelNodeStatus:
-        d = self.desired
-        model_status: dict[str, ModelState] = {}
-        models: dict[str, ModelProgress] = {}
-        for m in d.models:
-            rec = self.records.get(m.storage_key)
-            progress = rec.progress() if rec else ModelProgress(ModelState.PENDING, m.storage_key)
-            for alias in d.aliases.get(m.storage_key, (m.model_name,)):
-                model_status[alias] = progress.state
-                models[alias] = progress
-        for r in self.refused():
-            if r.cache not in model_status:
-                model_status[r.cache] = ModelState.ERROR
-                models[r.cache] = _refused_progress(r)
-        used = self.last_plan.used if self.last_plan else sum(self.published.values())
-        limit = self._node_limit(d)
-        capacity = Capacity(
-            limit=Quantity.from_bytes(limit) if limit is not None else None,
-            used=Quantity.from_bytes(used),
-            available=Quantity.from_bytes(max(0, limit - used)) if limit is not None else None,
-        )
-        counts: dict[str, int] = {}
-        for state in model_status.values():
-            counts[state.value] = counts.get(state.value, 0) + 1
-        summary = f"{counts.get(ModelState.DOWNLOADED.value, 0)}/{len(model_status)} downloaded"
-        if n := counts.get(ModelState.DOWNLOADING.value):
-            summary += f", {n} downloading"
-        if n := counts.get(ModelState.ERROR.value):
-            summary += f", {n} failed or refused"
-        conditions = [self._cache_condition()]
-        problem = self.config_error or self.source_error()
-        conditions.append(
-            Condition(
-                type="ConfigurationValid",
-                status="False" if problem else "True",
-                reason="InvalidConfiguration" if problem else "Valid",
-                message=problem or "",
-            )
-        )
-        return LocalModelNodeStatus(
-            model_status=model_status,
-            models=models,
-            capacity=capacity,
-            summary=summary,
-            observed_generation=self.node.metadata.generation if self.node else None,
-            conditions=tuple(conditions),
-        )
-
-    def _cache_condition(self) -> Condition:
-        """What the agent found in its cache folder and left alone: links, foreign folders, a state
-        file it could not write. True when there is nothing to say."""
-        parts = []
-        if self.links:
-            parts.append("symbolic links not followed: " + ", ".join(sorted(self.links)))
-        if self.foreign:
-            parts.append(
-                "folders without a manifest of modelcache, never deleted: "
-                + ", ".join(f"models/{k}" for k in sorted(self.foreign))
-            )
-        parts += [self.kept[k] for k in sorted(self.kept)]
-        if self.state_file_error:
-            parts.append(self.state_file_error)
-        return Condition(
-            type="CacheFolderClean",
-            status="False" if parts else "True",
-            reason="UnmanagedContent" if parts else "Clean",
-            message="; ".join(parts),
+        """The status body, from what the loop knows (:func:`agent.status.node_status`)."""
+        refused = self.refused()
+        return node_status(
+            desired=self.desired,
+            progress={key: rec.shown() for key, rec in self.records.items()},
+            refused=refused,
+            limit=node_limit(self.desired, self.groups, refused),
+            used=self.last_plan.used if self.last_plan else sum(self.published.values()),
+            found=CacheFindings(
+                links=frozenset(self.links),
+                foreign=frozenset(self.foreign),
+                kept=dict(self.kept),
+                state_file_error=self.state_file_error,
+            ),
+            config_problem=self.config_error or self.source_error(),
+            generation=self.node.metadata.generation if self.node else None,
         )
 
     async def _status_loop(self) -> None:
@@ -884,24 +774,8 @@ class Agent:
             self.state_file_error = error
         if self.node is not None:
             await update_status(
-                self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
+                self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: status_patch(cur, status)
             )
-
-
-def _group_limit(groups: Mapping[str, LocalModelNodeGroup], names: set[str]) -> int | None:
-    limits = [groups[g].spec.storage_limit.bytes for g in sorted(names) if g in groups]
-    return sum(limits) if limits else None
-
-
-def _refused_progress(r: Refusal) -> ModelProgress:
-    key: str | None = None
-    uri: str | None = None
-    with contextlib.suppress(ModelcacheError, ValueError):
-        key = storage_key(r.source_model_uri)
-        uri = parse_uri(r.source_model_uri).redacted()
-    return ModelProgress(
-        ModelState.ERROR, storage_key=key, source_model_uri=uri, reason=r.reason, message=r.message
-    )
 
 
 def _duration(seconds: float) -> str:
@@ -917,15 +791,3 @@ def _one_line(e: BaseException) -> str:
     """An exception as one line: its type when it says nothing, control characters escaped."""
     text = str(e) or type(e).__name__
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:500]
-
-
-def _status_patch(current: JSON, status: JSON) -> JSON | None:
-    """The merge patch that makes the stored status equal ``status``, or None when it already is.
-    Conditions of types the agent does not write (the controller's ``SpecContested``) are kept: a
-    merge patch replaces a list whole."""
-    old = current.get("status") or {}
-    ours = {c.get("type") for c in status.get("conditions") or ()}
-    theirs = [c for c in old.get("conditions") or () if isinstance(c, dict) and c.get("type") not in ours]
-    if theirs:
-        status = {**status, "conditions": [*(status.get("conditions") or ()), *theirs]}
-    return None if old == status else merge_patch_to(old, status)
