@@ -33,11 +33,11 @@ from agent import records
 from agent.desired import Desired, desired, retry_delay
 from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.client import HttpClient
-from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import LinkRefused, refuse_links, write_atomic
+from agent.download.transfer import TransferSettings
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan

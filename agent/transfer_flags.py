@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.download.engine import TransferSettings
+from agent.download.transfer import TransferSettings
 from localmodel.errors import InvalidInput
 from localmodel.quantity import parse_low_speed_limit, parse_rate, parse_size
 

@@ -15,10 +15,10 @@ import pytest_asyncio
 from aiohttp import web
 
 from agent.download.client import ClientSettings, HttpClient, private_address
-from agent.download.engine import TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.errors import SourceNotAllowed
 from localmodel.layout import storage_key
 from localmodel.state.base import KINDS_BY_NAME, LOCAL_MODEL_NODE

@@ -11,10 +11,10 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.download.client import ClientSettings, HttpClient, RateLimiter
-from agent.download.engine import TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.uri import parse_uri
 from tests.test_download_client import Server
 from tests.test_rate_cap import capped_fetch, worst_window

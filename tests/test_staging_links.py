@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
 from agent.download.sources import SourceSettings, list_source
 from agent.download.staging import Destination, FileProgress, Progress, check_tree
+from agent.download.transfer import TransferSettings
 from localmodel.errors import UnsafePath
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.uri import parse_uri
