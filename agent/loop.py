@@ -35,7 +35,7 @@ from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.client import HttpClient
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import LinkRefused, refuse_links, write_atomic
 from agent.download.transfer import TransferSettings
 from agent.events import EventRecorder

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from agent.download.client import aws_ca_bundle, proxies_from_env
 from agent.download.pull import after_failure, pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
 from agent.download.transfer import PullResult
 from agent.transfer_flags import add_transfer_flags, transfer_settings

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
 from agent.download.unpack import MAX_RATIO, unpack

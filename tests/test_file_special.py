@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.download.client import ClientSettings, HttpClient
-from agent.download.sources import SourceSettings, list_source
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from agent.threads import BoundedExecutor
 from localmodel.errors import UnsafePath
 from localmodel.uri import parse_uri

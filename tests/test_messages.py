@@ -11,7 +11,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from agent.download.client import ClientSettings, HttpClient
-from agent.download.sources import SourceSettings, list_source
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from agent.loop import _duration
 from agent.status_cli import render_table
 from localmodel.errors import DownloadError

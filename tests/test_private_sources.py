@@ -16,7 +16,7 @@ from aiohttp import web
 
 from agent.download.client import ClientSettings, HttpClient, private_address
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
 from localmodel.errors import SourceNotAllowed

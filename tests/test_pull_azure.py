@@ -21,7 +21,7 @@ import pytest
 
 from agent.download.azure import AzureSettings, list_azure
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agent.download.gcs import GcsSettings, list_gcs
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound

@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from agent.download.client import aws_ca_bundle
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
 from localmodel.uri import parse_uri

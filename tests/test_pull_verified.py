@@ -14,7 +14,7 @@ import pytest
 
 from agent.disk import CacheDir
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import PullResult, TransferSettings
 from agent.pull_cli import checked

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from agent.download.client import ClientSettings, HttpClient, RateLimiter
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
 from localmodel.uri import parse_uri

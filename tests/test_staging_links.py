@@ -12,7 +12,8 @@ import pytest
 
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
-from agent.download.sources import SourceSettings, list_source
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from agent.download.staging import Destination, FileProgress, Progress, check_tree
 from agent.download.transfer import TransferSettings
 from localmodel.errors import UnsafePath

@@ -8,7 +8,8 @@ import pytest
 import pytest_asyncio
 
 from agent.download.client import ClientSettings, HttpClient
-from agent.download.sources import SourceSettings, list_source
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from localmodel.errors import TransientError
 from localmodel.uri import parse_uri
 from tests.support.s3files import aws_env

@@ -15,7 +15,8 @@ from agent.download.client import ClientSettings, HttpClient
 from agent.download.engine import Transfer
 from agent.download.listing import Listing
 from agent.download.ownership import Match, folder_match
-from agent.download.sources import SourceSettings, list_source
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from agent.download.staging import Destination, LinkRefused, finish_publish, remove_tree
 from agent.download.transfer import ProgressSink, PullResult, TransferSettings, same_files
 from agent.download.unpack import unpack_limit

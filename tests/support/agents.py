@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.transfer import TransferSettings
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
