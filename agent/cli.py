@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from agent.desired import parse_labels
-from agent.download.client import aws_ca_bundle, proxies_from_env
+from agent.download.environment import aws_ca_bundle, proxies_from_env
 from agent.download.source_settings import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings

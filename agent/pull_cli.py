@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from agent.download.client import aws_ca_bundle, proxies_from_env
+from agent.download.environment import aws_ca_bundle, proxies_from_env
 from agent.download.pull import after_failure, pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links

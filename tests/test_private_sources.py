@@ -14,7 +14,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.client import ClientSettings, HttpClient, private_address
+from agent.download.addresses import private_address
+from agent.download.client import ClientSettings, HttpClient
 from agent.download.pull import pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination

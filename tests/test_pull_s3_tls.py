@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from agent.download.client import aws_ca_bundle
+from agent.download.environment import aws_ca_bundle
 from agent.download.pull import pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination

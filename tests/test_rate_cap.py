@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from agent.download.client import ClientSettings, HttpClient, RateLimiter, Response
+from agent.download.client import ClientSettings, HttpClient, Response
+from agent.download.ratelimit import RateLimiter
 from tests.test_download_client import Server
 
 MiB = 1 << 20

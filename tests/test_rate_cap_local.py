@@ -10,8 +10,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.download.client import ClientSettings, HttpClient, RateLimiter
+from agent.download.client import ClientSettings, HttpClient
 from agent.download.pull import pull
+from agent.download.ratelimit import RateLimiter
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings

@@ -47,7 +47,7 @@ from pathlib import Path
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from agent.download.body import Body, Hasher, RangeMismatch, check_of, first_error, sha256_of, verify_fd
-from agent.download.client import HttpClient, retried
+from agent.download.client import HttpClient
 from agent.download.listing import Listing, RemoteFile
 from agent.download.localcopy import copy_local, reuse
 from agent.download.staging import (
@@ -70,6 +70,7 @@ from agent.download.transfer import (
     chunks_of,
 )
 from agent.download.unpack import unpack
+from agent.download.wording import retried
 from localmodel.errors import (
     IntegrityError,
     TransientError,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from agent.download.client import connection_words
 from agent.download.http_status import http_status_error, retry_after_seconds
 from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
+from agent.download.wording import connection_words
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.text import printable
 from localmodel.uri import SourceURI

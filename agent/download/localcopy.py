@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.download.client import RateLimiter
 from agent.download.listing import RemoteFile
+from agent.download.ratelimit import RateLimiter
 from agent.download.staging import Destination, LinkRefused, link_below, open_below
 from agent.download.transfer import MiB, unchanged
 from localmodel.errors import DownloadError, UnsafePath, from_os_error

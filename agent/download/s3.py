@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.download.client import aws_ca_bundle, connection_words
+from agent.download.environment import aws_ca_bundle
 from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
+from agent.download.wording import connection_words
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.text import printable
 from localmodel.uri import SourceURI

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.download.addresses import PrivateAddress, check_endpoint
 from agent.download.azure import AzureSettings
-from agent.download.client import PrivateAddress, check_endpoint
 from agent.download.gcs import GcsSettings
 from localmodel.errors import InvalidInput, SourceNotAllowed, TransientError
 from localmodel.text import printable
@@ -42,7 +42,7 @@ class SourceSettings:
     gcs: GcsSettings = dataclasses.field(default_factory=GcsSettings)
     azure: AzureSettings = dataclasses.field(default_factory=AzureSettings)
     # Off: the hub's and S3's endpoints must not resolve to a loopback, link-local or unspecified
-    # address (client.check_endpoint; the agent in a cluster without --allow-private-sources).
+    # address (addresses.check_endpoint; the agent in a cluster without --allow-private-sources).
     allow_private: bool = True
 
     @classmethod

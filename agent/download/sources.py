@@ -38,11 +38,7 @@ from urllib.parse import unquote, urlsplit
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from agent.download.azure import list_azure
-from agent.download.client import (
-    HttpClient,
-    Response,
-    retried,
-)
+from agent.download.client import HttpClient, Response
 from agent.download.filesystem import list_file
 from agent.download.gcs import list_gcs
 from agent.download.hf import list_hf
@@ -50,6 +46,7 @@ from agent.download.http_status import http_status_error
 from agent.download.listing import Listing, RemoteFile, check_not_empty, checked_path
 from agent.download.s3 import list_s3
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
+from agent.download.wording import retried
 from localmodel.errors import (
     TransientError,
     UnsafePath,

@@ -33,12 +33,12 @@ class TransferSettings:
     # retried on a fresh connection (curl's --speed-limit/--speed-time); 0 turns it off.
     low_speed_limit: int = 1024
     low_speed_time: float = 30.0
-    # http_proxy/https_proxy/no_proxy as read at the entry point (client.proxies_from_env)
+    # http_proxy/https_proxy/no_proxy as read at the entry point (environment.proxies_from_env)
     proxies: Mapping[str, str] = field(default_factory=dict)
     # A CA bundle trusted besides the system's, as boto3 reads it (AWS_CA_BUNDLE or the profile's
-    # ca_bundle; client.aws_ca_bundle at the entry point): presigned S3 GETs go to the same servers.
+    # ca_bundle; environment.aws_ca_bundle at the entry point): presigned S3 GETs go to the same servers.
     ca_bundle: str | None = None
-    # Connections to loopback, link-local and unspecified addresses (client.private_address): off
+    # Connections to loopback, link-local and unspecified addresses (addresses.private_address): off
     # for the agent in a cluster without --allow-private-sources.
     allow_private: bool = True
 
