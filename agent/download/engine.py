@@ -23,7 +23,7 @@ hashed: that would cost about a fifth of the S3 pull rate (bench/pull.py).
 Scale: ``concurrency`` workers take files one at a time from the listing (no task per file); a
 file's descriptor is opened when its first request holds a connection slot and closed when the file
 is done, so descriptors and memory are bounded by the concurrency, not the file count; the resume
-state costs per checkpoint what changed (see :class:`~agent.download.staging.Progress`).
+state costs per checkpoint what changed (see :class:`~agent.download.journal.Progress`).
 
 Every OSError maps to one line naming the file: ENOSPC/EDQUOT/EFBIG to DiskFull, EACCES/EPERM/EROFS
 to PermissionDenied, anything else to DownloadError with the system's text.
@@ -48,12 +48,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from agent.download.body import Body, Hasher, RangeMismatch, check_of, first_error, sha256_of, verify_fd
 from agent.download.client import HttpClient
+from agent.download.journal import FileProgress, Progress
 from agent.download.listing import Listing, RemoteFile
 from agent.download.localcopy import copy_local, reuse
 from agent.download.staging import (
     Destination,
-    FileProgress,
-    Progress,
     check_tree,
     lstat_below,
     open_below,
