@@ -11,6 +11,9 @@ nothing"); deletes go through :class:`agent.disk.CacheDir`, which only builds pa
 deletes only folders a manifest of ours names and follows no link. Every failure of a download ends in
 ``ModelDownloadError`` with a reason, a log line, the failure metric and a retry with backoff: an
 exception nobody foresaw too (reason ``DownloadFailed``), so no model stays ``ModelDownloading``.
+
+Over 600 lines because one object owns the node's state for the reconcile, the downloads and the
+deletes; its decisions live in agent.planner, agent.records and agent.status.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -36,13 +38,14 @@ from agent.download.client import HttpClient
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
 from agent.download.source_settings import SourceSettings
-from agent.download.staging import LinkRefused, refuse_links, write_atomic
+from agent.download.staging import LinkRefused, refuse_links
 from agent.download.transfer import TransferSettings
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
 from agent.records import Record
-from agent.status import CacheFindings, node_limit, node_status, status_patch
+from agent.status import CacheFindings, node_limit, node_status
+from agent.status_writer import StatusWriter, one_line
 from agent.threads import BoundedExecutor
 from localmodel.errors import (
     DiskFull,
@@ -70,7 +73,6 @@ from localmodel.state.base import (
     ClusterState,
     ResourceKind,
     Selector,
-    update_status,
     watch,
 )
 from localmodel.uri import parse_uri, redact
@@ -157,7 +159,7 @@ class Agent:
         self.links: set[str] = set()  # links found in the cache folder: never followed
         self.unwanted_since: dict[str, float] = {}  # key -> monotonic time it left the spec
         self.kept: dict[str, str] = {}  # key -> why its deletion was refused (reported, not retried)
-        self.state_file_error: str | None = None
+        self.writer = StatusWriter(state, node_name=settings.node_name, layout=self.cache.layout, now=_now)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.removing: set[str] = set()  # keys cancelled because no longer wanted
         self.node: LocalModelNode | None = None
@@ -173,8 +175,6 @@ class Agent:
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
         self.client: HttpClient | None = None
-        self.last_status: JSON | None = None
-        self.status_write: asyncio.Future[None] | None = None  # the last write, until it has landed
         self.stopping = False
 
     # -- readiness -------------------------------------------------------------------------------
@@ -577,12 +577,12 @@ class Agent:
         except Exception as e:
             # The last resort: whatever went wrong (a bug included) ends as a failure that is shown,
             # counted and retried, never as a task that vanished with the model "downloading".
-            log.error("%s: download failed unexpectedly: %s", name, _one_line(e))
+            log.error("%s: download failed unexpectedly: %s", name, one_line(e))
             log.debug("%s: the unexpected failure", name, exc_info=e)
             with contextlib.suppress(Exception):
-                await self._failed(name, rec, DownloadError(f"{rec.uri}: {_one_line(e)}"))
+                await self._failed(name, rec, DownloadError(f"{rec.uri}: {one_line(e)}"))
             if rec.state is not ModelState.ERROR:
-                rec.progress = records.failed(rec.progress, "DownloadFailed", _one_line(e))
+                rec.progress = records.failed(rec.progress, "DownloadFailed", one_line(e))
         except asyncio.CancelledError:
             if key in self.removing:
                 log.info("%s: no longer wanted; download cancelled", name)
@@ -674,7 +674,7 @@ class Agent:
         self.metrics.failures.labels(e.reason).inc()
         # Under --once the run ends once every model is settled: a failed one is not retried.
         retry = "not retried (--once)" if self.once else f"retry in {delay:.0f} s"
-        log.warning("%s: download failed (%s): %s; %s", name, e.reason, _one_line(e), retry)
+        log.warning("%s: download failed (%s): %s; %s", name, e.reason, one_line(e), retry)
         if isinstance(e, IntegrityError):
             self.metrics.verification_failures.inc()
         if isinstance(e, DiskFull) and rec.key not in self.published:
@@ -682,7 +682,7 @@ class Agent:
             try:
                 await asyncio.to_thread(self.cache.delete, rec.key)
             except (LinkRefused, OSError) as gone:
-                log.warning("%s: its staging could not be removed: %s", name, _one_line(gone))
+                log.warning("%s: its staging could not be removed: %s", name, one_line(gone))
         later = "not retried: --once" if self.once else f"retry in {_duration(delay)}"
         await self.events.emit("DownloadFailed", f"{name}: {e} ({later})", warning=True)
 
@@ -712,7 +712,7 @@ class Agent:
                 links=frozenset(self.links),
                 foreign=frozenset(self.foreign),
                 kept=dict(self.kept),
-                state_file_error=self.state_file_error,
+                state_file_error=self.writer.file_error,
             ),
             config_problem=self.config_error or self.source_error(),
             generation=self.node.metadata.generation if self.node else None,
@@ -724,7 +724,7 @@ class Agent:
                 await self._keep_api_answer_fresh()
                 await self.write_status()
             except (ModelcacheError, OSError) as e:
-                log.warning("could not write the LocalModelNode status: %s", _one_line(e))
+                log.warning("could not write the LocalModelNode status: %s", one_line(e))
             await asyncio.sleep(self.settings.status_interval)
 
     def snapshot(self) -> JSON:
@@ -738,44 +738,11 @@ class Agent:
         }
 
     async def write_status(self, *, force: bool = False) -> None:
+        """The state file and the LocalModelNode's status (:class:`agent.status_writer.StatusWriter`),
+        once ready (``force``: at shutdown too)."""
         if not self.ready and not force:
             return
-        # One write at a time, in order: a writer cancelled mid-write (the status loop, at shutdown)
-        # leaves its file write running in a thread, which would otherwise land after the next
-        # write and put the older status back.
-        if self.status_write is not None and not self.status_write.done():
-            await asyncio.wait([self.status_write])
-        snapshot = self.snapshot()
-        status = snapshot["status"]
-        if status == self.last_status:
-            return
-        file_error = self.state_file_error
-        self.status_write = asyncio.ensure_future(self._write_status(snapshot, status))
-        self.status_write.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen below
-        await asyncio.shield(self.status_write)
-        # A state file that failed (or recovered) just now changes the condition: written next time.
-        self.last_status = status if self.state_file_error == file_error else None
-
-    async def _write_status(self, snapshot: JSON, status: JSON) -> None:
-        # The state file failing (a full disk, a link planted in its place) must not keep the
-        # status from the cluster: logged once, shown in the CacheFolderClean condition.
-        try:
-            await asyncio.to_thread(
-                write_atomic,
-                self.cache.layout.state_file,
-                json.dumps({**snapshot, "updated": _now()}, indent=1).encode(),
-                below=self.cache.layout.root,
-            )
-            self.state_file_error = None
-        except (LinkRefused, OSError) as e:
-            error = f"the state file {self.cache.layout.state_file} was not written: {_one_line(e)}"
-            if error != self.state_file_error:
-                log.warning("%s", error)
-            self.state_file_error = error
-        if self.node is not None:
-            await update_status(
-                self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: status_patch(cur, status)
-            )
+        await self.writer.write(self.snapshot, node_known=lambda: self.node is not None)
 
 
 def _duration(seconds: float) -> str:
@@ -785,9 +752,3 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.0f} h"
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception as one line: its type when it says nothing, control characters escaped."""
-    text = str(e) or type(e).__name__
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:500]
