@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -658,7 +657,7 @@ class Agent:
     def _admit(self, name: str, rec: Record, listing: Listing) -> None:
         """Called with the source's listing before any byte moves: the real size must fit too."""
         rec.real_size = listing.total_bytes
-        rec.progress = dataclasses.replace(rec.progress, revision=listing.revision)
+        rec.progress = records.listed(rec.progress, revision=listing.revision)
         result = self._plan()
         for refused in result.refuse:
             if refused.name == name:

@@ -15,6 +15,7 @@ the last plan, the real size from the source's listing). Transitions:
 - :func:`queued`: wanted and waiting for a slot: ``Pending``; a refusal for room is forgotten (room
   appeared), any other reason stays until the download starts.
 - :func:`interrupted`: a download cancelled while running goes back to ``Pending``.
+- :func:`listed`, :func:`sized`, :func:`advanced`: a running download's revision and bytes.
 """
 
 from __future__ import annotations
@@ -137,6 +138,11 @@ def interrupted(p: ModelProgress) -> ModelProgress:
 def sized(p: ModelProgress, *, total: int, done: int, files: int) -> ModelProgress:
     """The engine's start: ``total`` bytes in ``files`` files, ``done`` already staged."""
     return dataclasses.replace(p, bytes_total=total, bytes_done=done, files_total=files)
+
+
+def listed(p: ModelProgress, *, revision: str | None) -> ModelProgress:
+    """The source's listing came back: the revision it is at."""
+    return dataclasses.replace(p, revision=revision)
 
 
 def advanced(p: ModelProgress, nbytes: int) -> ModelProgress:

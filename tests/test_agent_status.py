@@ -112,7 +112,10 @@ def test_a_download_starts_clean_and_completes_with_its_counts() -> None:
         None,
     )
     assert started.start_time == "2026-01-01T00:05:00Z" and started.completion_time is None
-    grown = records.advanced(records.sized(started, total=100, done=10, files=2), 30)
+    grown = records.advanced(
+        records.sized(records.listed(started, revision="r"), total=100, done=10, files=2), 30
+    )
+    assert grown.revision == "r"
     assert (grown.bytes_done, grown.bytes_total, grown.files_total) == (40, 100, 2)
     done = records.completed(grown, size=100, files=2, revision="r", checked=(1, 1), now="later")
     assert (done.state, done.bytes_done, done.files_done, done.files_verified, done.files_size_only) == (
