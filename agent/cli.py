@@ -15,14 +15,14 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from agent.desired import parse_labels
-from agent.download.client import aws_ca_bundle, proxies_from_env
-from agent.download.engine import TransferSettings
-from agent.download.sources import SourceSettings
+from agent.download.environment import aws_ca_bundle, proxies_from_env
+from agent.download.source_settings import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
-from agent.pull_cli import folder_error, parse_low_speed_limit, parse_rate, parse_seconds, parse_size
+from agent.pull_cli import folder_error
 from agent.standalone import StandaloneSource
+from agent.transfer_flags import add_transfer_flags, positive, transfer_settings
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.errors import InvalidInput, from_os_error
 from localmodel.folders import cache_path_error
@@ -32,19 +32,6 @@ from localmodel.state.memory import MemoryState
 from localmodel.text import printable
 
 log = logging.getLogger("modelcache.agent")
-
-
-def _positive(flag: str, kind: type[int] | type[float] = int) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value: float = kind(text)
-        except ValueError:
-            raise InvalidInput(f"{flag}: {text!r} is not a number") from None
-        if value <= 0:
-            raise InvalidInput(f"{flag}: must be greater than zero, got {text}")
-        return value
-
-    return parse
 
 
 def _non_negative(flag: str) -> Callable[[str], float]:
@@ -87,39 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="the kubeconfig context")
     p.add_argument(
         "--max-concurrent-downloads",
-        type=_positive("--max-concurrent-downloads"),
+        type=positive("--max-concurrent-downloads"),
         default=2,
         help="models fetched at once (default 2)",
     )
+    add_transfer_flags(p, "agent")
+    p.add_argument("--resync", type=positive("--resync", float), default=60.0, help="seconds (60)")
     p.add_argument(
-        "--concurrency", type=_positive("--concurrency"), default=16, help="connections, all models (16)"
+        "--retry-min", type=positive("--retry-min", float), default=300.0, help="first retry after (300 s)"
     )
     p.add_argument(
-        "--max-bandwidth",
-        type=parse_rate,
-        default=None,
-        help="a cap for the node in bytes/s over any second, e.g. 500MB/s (decimal) or 500MiB/s",
-    )
-    p.add_argument("--chunk-size", type=parse_size, default=64 << 20, help="range size (64Mi)")
-    p.add_argument(
-        "--low-speed-limit",
-        type=parse_low_speed_limit,
-        default=TransferSettings.low_speed_limit,
-        help="bytes/s under which a connection is retried on a new one (1Ki; 0: off)",
-    )
-    p.add_argument(
-        "--low-speed-time", type=parse_seconds, default=TransferSettings.low_speed_time, help="seconds (30)"
-    )
-    p.add_argument("--resync", type=_positive("--resync", float), default=60.0, help="seconds (60)")
-    p.add_argument(
-        "--retry-min", type=_positive("--retry-min", float), default=300.0, help="first retry after (300 s)"
-    )
-    p.add_argument(
-        "--retry-max", type=_positive("--retry-max", float), default=3600.0, help="longest (3600 s)"
+        "--retry-max", type=positive("--retry-max", float), default=3600.0, help="longest (3600 s)"
     )
     p.add_argument(
         "--status-interval",
-        type=_positive("--status-interval", float),
+        type=positive("--status-interval", float),
         default=2.0,
         help="seconds: the status is written at most this often, and only when it changed (2)",
     )
@@ -132,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ready-window",
-        type=_positive("--ready-window", float),
+        type=positive("--ready-window", float),
         default=60.0,
         help="/readyz fails once the API server has not answered for this many seconds (60)",
     )
@@ -254,12 +223,8 @@ def main(argv: Sequence[str]) -> int:
         if args.eviction_grace is not None
         else (0.0 if args.standalone is not None else 300.0),
         ready_window=args.ready_window,
-        transfer=TransferSettings(
-            concurrency=args.concurrency,
-            max_bandwidth=args.max_bandwidth,
-            chunk_size=args.chunk_size,
-            low_speed_limit=args.low_speed_limit,
-            low_speed_time=args.low_speed_time,
+        transfer=transfer_settings(
+            args,
             proxies=proxies_from_env(),
             ca_bundle=aws_ca_bundle(),
             allow_private=private,

@@ -11,33 +11,39 @@ nothing"); deletes go through :class:`agent.disk.CacheDir`, which only builds pa
 deletes only folders a manifest of ours names and follows no link. Every failure of a download ends in
 ``ModelDownloadError`` with a reason, a log line, the failure metric and a retry with backoff: an
 exception nobody foresaw too (reason ``DownloadFailed``), so no model stays ``ModelDownloading``.
+
+Over 600 lines because one object owns the node's state for the reconcile, the downloads and the
+deletes; its decisions live in agent.planner, agent.records and agent.status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import records
 from agent.desired import Desired, desired, retry_delay
 from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.client import HttpClient
-from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
-from agent.download.sources import SourceSettings
-from agent.download.staging import LinkRefused, refuse_links, write_atomic
+from agent.download.source_settings import SourceSettings
+from agent.download.staging import LinkRefused, refuse_links
+from agent.download.transfer import TransferSettings
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
+from agent.records import Record
+from agent.status import CacheFindings, node_limit, node_status
+from agent.status_writer import StatusWriter, one_line
 from agent.threads import BoundedExecutor
 from localmodel.errors import (
     DiskFull,
@@ -51,19 +57,15 @@ from localmodel.errors import (
     from_os_error,
 )
 from localmodel.kinds import JSON, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, ResourceKind
-from localmodel.layout import storage_key
 from localmodel.placement import Refusal
-from localmodel.quantity import Quantity, readable
+from localmodel.quantity import readable
 from localmodel.resources import (
-    Capacity,
-    Condition,
     LocalModelNode,
     LocalModelNodeGroup,
     LocalModelNodeStatus,
-    ModelProgress,
     ModelState,
 )
-from localmodel.state.base import ClusterState, Selector, merge_patch_to, update_status, watch
+from localmodel.state.base import ClusterState, Selector, watch
 from localmodel.timestamps import utc_now
 from localmodel.uri import parse_uri, redact
 
@@ -95,50 +97,6 @@ class AgentSettings:
     sources: SourceSettings = field(default_factory=SourceSettings)
 
 
-@dataclass
-class Record:
-    """What the agent knows of one storage key (mutable; the loop owns it)."""
-
-    key: str
-    uri: str  # redacted: a record is reported
-    state: ModelState = ModelState.PENDING
-    bytes_done: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    files_total: int = 0
-    files_verified: int | None = None  # of the last download: checked against a source hash
-    files_size_only: int | None = None  # of the last download: checked by size alone
-    start_time: str | None = None
-    completion_time: str | None = None
-    revision: str | None = None
-    reason: str | None = None
-    message: str | None = None
-    failures: int = 0
-    retry_at: float | None = None  # monotonic time before which a failed model is not retried
-    retry_after: str | None = None
-    warning: str | None = None
-    real_size: int | None = None
-
-    def progress(self) -> ModelProgress:
-        return ModelProgress(
-            state=self.state,
-            storage_key=self.key,
-            source_model_uri=self.uri,
-            revision=self.revision,
-            bytes_done=self.bytes_done,
-            bytes_total=self.bytes_total,
-            files_done=self.files_done,
-            files_total=self.files_total,
-            start_time=self.start_time,
-            completion_time=self.completion_time,
-            reason=self.reason,
-            message=self.message or self.warning,
-            retry_after=self.retry_after,
-            files_verified=self.files_verified,
-            files_size_only=self.files_size_only,
-        )
-
-
 class _Progress:
     """The engine's progress sink, feeding a record and the byte counter."""
 
@@ -147,12 +105,12 @@ class _Progress:
         self.metrics = metrics
 
     def start(self, *, total_bytes: int, done_bytes: int, files: int) -> None:
-        self.record.bytes_total = total_bytes
-        self.record.bytes_done = done_bytes
-        self.record.files_total = files
+        self.record.progress = records.sized(
+            self.record.progress, total=total_bytes, done=done_bytes, files=files
+        )
 
     def advance(self, nbytes: int) -> None:
-        self.record.bytes_done += nbytes
+        self.record.progress = records.advanced(self.record.progress, nbytes)
         self.metrics.bytes_downloaded.inc(nbytes)
 
 
@@ -189,7 +147,7 @@ class Agent:
         self.links: set[str] = set()  # links found in the cache folder: never followed
         self.unwanted_since: dict[str, float] = {}  # key -> monotonic time it left the spec
         self.kept: dict[str, str] = {}  # key -> why its deletion was refused (reported, not retried)
-        self.state_file_error: str | None = None
+        self.writer = StatusWriter(state, node_name=settings.node_name, layout=self.cache.layout, now=utc_now)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.removing: set[str] = set()  # keys cancelled because no longer wanted
         self.node: LocalModelNode | None = None
@@ -205,8 +163,6 @@ class Agent:
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
         self.client: HttpClient | None = None
-        self.last_status: JSON | None = None
-        self.status_write: asyncio.Future[None] | None = None  # the last write, until it has landed
         self.stopping = False
 
     # -- readiness -------------------------------------------------------------------------------
@@ -234,15 +190,6 @@ class Agent:
             return
         with contextlib.suppress(ModelcacheError):
             await self.state.get(LOCAL_MODEL_NODE, self.settings.node_name)
-
-    def _node_limit(self, d: Desired) -> int | None:
-        """The node's storage limit in bytes: the sum of its groups' limits, the groups of refused
-        caches included (a node whose every cache was refused still has the limit that refused them)."""
-        refused = {r.group for r in self.refused()}
-        if not refused:
-            return d.limit
-        wanted = {m.node_group for m in d.models if m.node_group}
-        return _group_limit(self.groups, wanted | refused)
 
     def settled(self) -> bool:
         """Every desired model is published or failed/refused, and nothing runs: ``--once`` ends."""
@@ -339,11 +286,10 @@ class Agent:
     def _load_scan(self, scan: Scan) -> None:
         for key, pub in scan.published.items():
             self.published[key] = pub.size
-            rec = self.records.setdefault(key, Record(key, pub.manifest.source_model_uri))
-            rec.state = ModelState.DOWNLOADED
-            rec.bytes_done = rec.bytes_total = pub.size
-            rec.files_total = rec.files_done = len(pub.manifest.files)
-            rec.revision = pub.manifest.revision
+            rec = self.records.setdefault(key, records.new_record(key, pub.manifest.source_model_uri))
+            rec.progress = records.published(
+                rec.progress, size=pub.size, files=len(pub.manifest.files), revision=pub.manifest.revision
+            )
         self.untrusted = set(scan.untrusted)
         self.foreign = set(scan.foreign)
         self.links = set(scan.links)
@@ -458,10 +404,10 @@ class Agent:
         for r in result.refuse:
             model = by_name[r.name]
             rec = self._record(model.storage_key, model.source_model_uri)
-            if rec.reason != r.reason or rec.state is not ModelState.ERROR:
+            if rec.progress.reason != r.reason or rec.state is not ModelState.ERROR:
                 self.metrics.refusals.labels(r.reason).inc()
                 await self.events.emit("Refused", f"{r.name}: {r.message}", warning=True)
-            rec.state, rec.reason, rec.message = ModelState.ERROR, r.reason, r.message
+            rec.progress = records.failed(rec.progress, r.reason, r.message)
             if (task := self.tasks.get(model.storage_key)) is not None:
                 task.cancel()  # staging is kept: it resumes if room appears
         for name in result.download:
@@ -475,14 +421,12 @@ class Agent:
                 parse_uri(model.source_model_uri)
             except URIError as e:
                 # This model only: the node's other models go on (no retry mends the spec).
-                if rec.reason != "InvalidSourceURI" or rec.message != str(e):
+                if rec.progress.reason != "InvalidSourceURI" or rec.progress.message != str(e):
                     await self.events.emit("DownloadFailed", f"{name}: {e}", warning=True)
                     self.metrics.failures.labels("InvalidSourceURI").inc()
-                rec.state, rec.reason, rec.message = ModelState.ERROR, "InvalidSourceURI", str(e)
+                rec.progress = records.failed(rec.progress, "InvalidSourceURI", str(e))
                 continue
-            if rec.reason in ("InsufficientStorage", "SizeExceedsDeclared"):
-                rec.reason = rec.message = None  # room appeared
-            rec.state = ModelState.PENDING  # until a download slot is free
+            rec.progress = records.queued(rec.progress)  # until a download slot is free
             self.tasks[key] = asyncio.create_task(
                 self._download(
                     model.model_name,
@@ -493,7 +437,7 @@ class Agent:
             )
         for name in result.keep:
             rec = self._record(by_name[name].storage_key, by_name[name].source_model_uri)
-            rec.state = ModelState.DOWNLOADED
+            rec.progress = records.kept(rec.progress)
         self.metrics.pending.set(
             sum(
                 1
@@ -570,7 +514,7 @@ class Agent:
         if rec is None:
             # redact() is SourceURI.redacted()'s rule on the text: a URI that does not parse still
             # gets a record, which carries its refusal (InvalidSourceURI).
-            rec = self.records[key] = Record(key, redact(uri))
+            rec = self.records[key] = records.new_record(key, redact(uri))
         return rec
 
     async def _delete(self, key: str) -> None:
@@ -621,17 +565,17 @@ class Agent:
         except Exception as e:
             # The last resort: whatever went wrong (a bug included) ends as a failure that is shown,
             # counted and retried, never as a task that vanished with the model "downloading".
-            log.error("%s: download failed unexpectedly: %s", name, _one_line(e))
+            log.error("%s: download failed unexpectedly: %s", name, one_line(e))
             log.debug("%s: the unexpected failure", name, exc_info=e)
             with contextlib.suppress(Exception):
-                await self._failed(name, rec, DownloadError(f"{rec.uri}: {_one_line(e)}"))
+                await self._failed(name, rec, DownloadError(f"{rec.uri}: {one_line(e)}"))
             if rec.state is not ModelState.ERROR:
-                rec.state, rec.reason, rec.message = ModelState.ERROR, "DownloadFailed", _one_line(e)
+                rec.progress = records.failed(rec.progress, "DownloadFailed", one_line(e))
         except asyncio.CancelledError:
             if key in self.removing:
                 log.info("%s: no longer wanted; download cancelled", name)
-            elif rec.state is ModelState.DOWNLOADING:
-                rec.state = ModelState.PENDING
+            else:
+                rec.progress = records.interrupted(rec.progress)
             if not self.stopping:
                 self.tasks.pop(key, None)
                 self.wake.set()
@@ -641,9 +585,7 @@ class Agent:
 
     async def _fetch(self, name: str, rec: Record, uri_text: str, declared: int | None) -> None:
         uri = parse_uri(uri_text)
-        rec.state = ModelState.DOWNLOADING
-        rec.start_time, rec.completion_time = utc_now(), None
-        rec.reason = rec.message = rec.retry_after = None
+        rec.progress = records.started(rec.progress, now=utc_now())
         rec.retry_at = None
         await self.events.emit("DownloadStarted", f"{name}: fetching {rec.uri} into models/{rec.key}")
         started = time.monotonic()
@@ -666,7 +608,7 @@ class Agent:
                 max_bytes=declared,
             )
         except _RefusedBySize as e:
-            rec.state, rec.reason, rec.message = ModelState.ERROR, e.refused.reason, e.refused.message
+            rec.progress = records.failed(rec.progress, e.refused.reason, e.refused.message)
             return
         except DownloadError as e:
             if isinstance(e, ForeignFolder):
@@ -681,14 +623,15 @@ class Agent:
         self.published[rec.key] = result.bytes_total
         self.untrusted.discard(rec.key)
         self.foreign.discard(rec.key)
-        rec.state = ModelState.DOWNLOADED
-        if not result.up_to_date:  # an up-to-date result checked nothing: the last counts stand
-            rec.files_verified = sum(result.hash_checked.values())
-            rec.files_size_only = result.size_only
-        rec.bytes_done = rec.bytes_total = result.bytes_total
-        rec.files_total = rec.files_done = result.files
-        rec.revision = result.revision
-        rec.completion_time = utc_now()
+        rec.progress = records.completed(
+            rec.progress,
+            size=result.bytes_total,
+            files=result.files,
+            revision=result.revision,
+            # An up-to-date result checked nothing: the last counts stand.
+            checked=None if result.up_to_date else (sum(result.hash_checked.values()), result.size_only),
+            now=utc_now(),
+        )
         rec.failures = 0
         self.metrics.completed.inc()
         self.metrics.download_seconds.observe(time.monotonic() - started)
@@ -703,7 +646,7 @@ class Agent:
     def _admit(self, name: str, rec: Record, listing: Listing) -> None:
         """Called with the source's listing before any byte moves: the real size must fit too."""
         rec.real_size = listing.total_bytes
-        rec.revision = listing.revision
+        rec.progress = records.listed(rec.progress, revision=listing.revision)
         result = self._plan()
         for refused in result.refuse:
             if refused.name == name:
@@ -713,15 +656,13 @@ class Agent:
     async def _failed(self, name: str, rec: Record, e: DownloadError) -> None:
         rec.failures += 1
         delay = retry_delay(rec.failures, base=self.settings.retry_base, cap=self.settings.retry_cap)
-        rec.state = ModelState.ERROR
-        rec.reason = e.reason
-        rec.message = str(e)
         rec.retry_at = time.monotonic() + delay
-        rec.retry_after = utc_now(after_s=delay)
+        retry_after = utc_now(after_s=delay)
+        rec.progress = records.failed(rec.progress, e.reason, str(e), retry_after=retry_after)
         self.metrics.failures.labels(e.reason).inc()
         # Under --once the run ends once every model is settled: a failed one is not retried.
         retry = "not retried (--once)" if self.once else f"retry in {delay:.0f} s"
-        log.warning("%s: download failed (%s): %s; %s", name, e.reason, _one_line(e), retry)
+        log.warning("%s: download failed (%s): %s; %s", name, e.reason, one_line(e), retry)
         if isinstance(e, IntegrityError):
             self.metrics.verification_failures.inc()
         if isinstance(e, DiskFull) and rec.key not in self.published:
@@ -729,7 +670,7 @@ class Agent:
             try:
                 await asyncio.to_thread(self.cache.delete, rec.key)
             except (LinkRefused, OSError) as gone:
-                log.warning("%s: its staging could not be removed: %s", name, _one_line(gone))
+                log.warning("%s: its staging could not be removed: %s", name, one_line(gone))
         later = "not retried: --once" if self.once else f"retry in {_duration(delay)}"
         await self.events.emit("DownloadFailed", f"{name}: {e} ({later})", warning=True)
 
@@ -747,72 +688,22 @@ class Agent:
         self.metrics.disk_used.set(usage.used)
 
     def node_status(self) -> LocalModelNodeStatus:
-        d = self.desired
-        model_status: dict[str, ModelState] = {}
-        models: dict[str, ModelProgress] = {}
-        for m in d.models:
-            rec = self.records.get(m.storage_key)
-            progress = rec.progress() if rec else ModelProgress(ModelState.PENDING, m.storage_key)
-            for alias in d.aliases.get(m.storage_key, (m.model_name,)):
-                model_status[alias] = progress.state
-                models[alias] = progress
-        for r in self.refused():
-            if r.cache not in model_status:
-                model_status[r.cache] = ModelState.ERROR
-                models[r.cache] = _refused_progress(r)
-        used = self.last_plan.used if self.last_plan else sum(self.published.values())
-        limit = self._node_limit(d)
-        capacity = Capacity(
-            limit=Quantity.from_bytes(limit) if limit is not None else None,
-            used=Quantity.from_bytes(used),
-            available=Quantity.from_bytes(max(0, limit - used)) if limit is not None else None,
-        )
-        counts: dict[str, int] = {}
-        for state in model_status.values():
-            counts[state.value] = counts.get(state.value, 0) + 1
-        summary = f"{counts.get(ModelState.DOWNLOADED.value, 0)}/{len(model_status)} downloaded"
-        if n := counts.get(ModelState.DOWNLOADING.value):
-            summary += f", {n} downloading"
-        if n := counts.get(ModelState.ERROR.value):
-            summary += f", {n} failed or refused"
-        conditions = [self._cache_condition()]
-        problem = self.config_error or self.source_error()
-        conditions.append(
-            Condition(
-                type="ConfigurationValid",
-                status="False" if problem else "True",
-                reason="InvalidConfiguration" if problem else "Valid",
-                message=problem or "",
-            )
-        )
-        return LocalModelNodeStatus(
-            model_status=model_status,
-            models=models,
-            capacity=capacity,
-            summary=summary,
-            observed_generation=self.node.metadata.generation if self.node else None,
-            conditions=tuple(conditions),
-        )
-
-    def _cache_condition(self) -> Condition:
-        """What the agent found in its cache folder and left alone: links, foreign folders, a state
-        file it could not write. True when there is nothing to say."""
-        parts = []
-        if self.links:
-            parts.append("symbolic links not followed: " + ", ".join(sorted(self.links)))
-        if self.foreign:
-            parts.append(
-                "folders without a manifest of modelcache, never deleted: "
-                + ", ".join(f"models/{k}" for k in sorted(self.foreign))
-            )
-        parts += [self.kept[k] for k in sorted(self.kept)]
-        if self.state_file_error:
-            parts.append(self.state_file_error)
-        return Condition(
-            type="CacheFolderClean",
-            status="False" if parts else "True",
-            reason="UnmanagedContent" if parts else "Clean",
-            message="; ".join(parts),
+        """The status body, from what the loop knows (:func:`agent.status.node_status`)."""
+        refused = self.refused()
+        return node_status(
+            desired=self.desired,
+            progress={key: rec.shown() for key, rec in self.records.items()},
+            refused=refused,
+            limit=node_limit(self.desired, self.groups, refused),
+            used=self.last_plan.used if self.last_plan else sum(self.published.values()),
+            found=CacheFindings(
+                links=frozenset(self.links),
+                foreign=frozenset(self.foreign),
+                kept=dict(self.kept),
+                state_file_error=self.writer.file_error,
+            ),
+            config_problem=self.config_error or self.source_error(),
+            generation=self.node.metadata.generation if self.node else None,
         )
 
     async def _status_loop(self) -> None:
@@ -821,7 +712,7 @@ class Agent:
                 await self._keep_api_answer_fresh()
                 await self.write_status()
             except (ModelcacheError, OSError) as e:
-                log.warning("could not write the LocalModelNode status: %s", _one_line(e))
+                log.warning("could not write the LocalModelNode status: %s", one_line(e))
             await asyncio.sleep(self.settings.status_interval)
 
     def snapshot(self) -> JSON:
@@ -835,60 +726,11 @@ class Agent:
         }
 
     async def write_status(self, *, force: bool = False) -> None:
+        """The state file and the LocalModelNode's status (:class:`agent.status_writer.StatusWriter`),
+        once ready (``force``: at shutdown too)."""
         if not self.ready and not force:
             return
-        # One write at a time, in order: a writer cancelled mid-write (the status loop, at shutdown)
-        # leaves its file write running in a thread, which would otherwise land after the next
-        # write and put the older status back.
-        if self.status_write is not None and not self.status_write.done():
-            await asyncio.wait([self.status_write])
-        snapshot = self.snapshot()
-        status = snapshot["status"]
-        if status == self.last_status:
-            return
-        file_error = self.state_file_error
-        self.status_write = asyncio.ensure_future(self._write_status(snapshot, status))
-        self.status_write.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen below
-        await asyncio.shield(self.status_write)
-        # A state file that failed (or recovered) just now changes the condition: written next time.
-        self.last_status = status if self.state_file_error == file_error else None
-
-    async def _write_status(self, snapshot: JSON, status: JSON) -> None:
-        # The state file failing (a full disk, a link planted in its place) must not keep the
-        # status from the cluster: logged once, shown in the CacheFolderClean condition.
-        try:
-            await asyncio.to_thread(
-                write_atomic,
-                self.cache.layout.state_file,
-                json.dumps({**snapshot, "updated": utc_now()}, indent=1).encode(),
-                below=self.cache.layout.root,
-            )
-            self.state_file_error = None
-        except (LinkRefused, OSError) as e:
-            error = f"the state file {self.cache.layout.state_file} was not written: {_one_line(e)}"
-            if error != self.state_file_error:
-                log.warning("%s", error)
-            self.state_file_error = error
-        if self.node is not None:
-            await update_status(
-                self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
-            )
-
-
-def _group_limit(groups: Mapping[str, LocalModelNodeGroup], names: set[str]) -> int | None:
-    limits = [groups[g].spec.storage_limit.bytes for g in sorted(names) if g in groups]
-    return sum(limits) if limits else None
-
-
-def _refused_progress(r: Refusal) -> ModelProgress:
-    key: str | None = None
-    uri: str | None = None
-    with contextlib.suppress(ModelcacheError, ValueError):
-        key = storage_key(r.source_model_uri)
-        uri = parse_uri(r.source_model_uri).redacted()
-    return ModelProgress(
-        ModelState.ERROR, storage_key=key, source_model_uri=uri, reason=r.reason, message=r.message
-    )
+        await self.writer.write(self.snapshot, node_known=lambda: self.node is not None)
 
 
 def _duration(seconds: float) -> str:
@@ -898,21 +740,3 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.0f} h"
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception as one line: its type when it says nothing, control characters escaped."""
-    text = str(e) or type(e).__name__
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:500]
-
-
-def _status_patch(current: JSON, status: JSON) -> JSON | None:
-    """The merge patch that makes the stored status equal ``status``, or None when it already is.
-    Conditions of types the agent does not write (the controller's ``SpecContested``) are kept: a
-    merge patch replaces a list whole."""
-    old = current.get("status") or {}
-    ours = {c.get("type") for c in status.get("conditions") or ()}
-    theirs = [c for c in old.get("conditions") or () if isinstance(c, dict) and c.get("type") not in ours]
-    if theirs:
-        status = {**status, "conditions": [*(status.get("conditions") or ()), *theirs]}
-    return None if old == status else merge_patch_to(old, status)

@@ -13,75 +13,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from agent.download.client import aws_ca_bundle, proxies_from_env
-from agent.download.engine import PullResult, TransferSettings
+from agent.download.environment import aws_ca_bundle, proxies_from_env
 from agent.download.pull import after_failure, pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
+from agent.download.transfer import PullResult
+from agent.transfer_flags import add_transfer_flags, transfer_settings
 from localmodel.cliargs import UsageParser
-from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, QuantityError, from_os_error
+from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, from_os_error
 from localmodel.folders import cache_path_error
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
-from localmodel.quantity import Quantity
 from localmodel.uri import SourceURI, parse_uri
-
-
-def _quantity_text(text: str) -> str:
-    """A rate as people write it -> a Kubernetes quantity: '/s' and a 'B' after the unit dropped, and
-    'K' read as the decimal kilo 'k' (200K, 200KB/s and 200kB/s are all 200,000 bytes/s; Ki is
-    1024)."""
-    cleaned = text.strip().removesuffix("/s").removesuffix("B")
-    return cleaned[:-1] + "k" if cleaned.endswith("K") else cleaned
-
-
-def parse_rate(text: str) -> float:
-    """'100M', '1.5Gi', '200MB/s', '50MiB/s', '200K' -> bytes per second."""
-    cleaned = _quantity_text(text)
-    try:
-        value = Quantity.parse(cleaned, field="--max-bandwidth")
-    except QuantityError:
-        raise InvalidInput(
-            f"--max-bandwidth: {text!r} is not a rate; use bytes per second like 50kB/s, 100MB/s or "
-            "1GiB/s (k, M, G: powers of 1000; Ki, Mi, Gi: of 1024; B and /s optional)"
-        ) from None
-    if value.value <= 0:
-        raise InvalidInput(f"--max-bandwidth: {text!r} must be greater than zero")
-    return float(value.value)
-
-
-def parse_size(text: str) -> int:
-    try:
-        value = Quantity.parse(text, field="--chunk-size").bytes
-    except QuantityError as e:
-        raise InvalidInput(str(e)) from None
-    if value < 64 << 10:
-        raise InvalidInput(f"--chunk-size: {text!r} is too small (at least 64Ki)")
-    return value
-
-
-def parse_low_speed_limit(text: str) -> int:
-    """'1024', '1Ki', '10K' -> bytes per second; 0 turns the check off."""
-    try:
-        value = Quantity.parse(_quantity_text(text), field="--low-speed-limit")
-    except QuantityError:
-        raise InvalidInput(
-            f"--low-speed-limit: {text!r} is not a rate; use bytes per second like 1Ki or 10K (0: off)"
-        ) from None
-    if value.value < 0:
-        raise InvalidInput(f"--low-speed-limit: {text!r} must not be negative")
-    return int(value.value)
-
-
-def parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidInput(f"--low-speed-time: {text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise InvalidInput(f"--low-speed-time: {text!r} must be a positive number of seconds")
-    return value
-
 
 UNITS = (
     "Units: the progress bar and the summary count decimal units, 1 MB = 1,000,000 bytes, rates in "
@@ -106,32 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dest", metavar="DEST", help="the folder to create (published atomically)")
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")
-    p.add_argument("--concurrency", type=int, default=16, help="connections at once (default 16)")
-    p.add_argument(
-        "--max-bandwidth",
-        type=parse_rate,
-        default=None,
-        help="cap in bytes/s over any second, e.g. 200MB/s (decimal) or 200MiB/s (default: none)",
-    )
-    p.add_argument(
-        "--chunk-size",
-        type=parse_size,
-        default=64 << 20,
-        help="large files are fetched as parallel ranges of this size (default 64Mi)",
-    )
-    p.add_argument(
-        "--low-speed-limit",
-        type=parse_low_speed_limit,
-        default=TransferSettings.low_speed_limit,
-        help="a connection slower than this many bytes/s for --low-speed-time is retried on a new "
-        "one (default 1Ki; 0: off)",
-    )
-    p.add_argument(
-        "--low-speed-time",
-        type=parse_seconds,
-        default=TransferSettings.low_speed_time,
-        help="seconds over which --low-speed-limit is measured (default 30)",
-    )
+    add_transfer_flags(p, "pull")
     p.add_argument("--no-verify", action="store_true", help="skip checksums (sizes are still checked)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; only the summary line")
     p.add_argument(
@@ -371,13 +289,9 @@ def main(argv: Sequence[str]) -> int:
     if args.concurrency < 1 or args.concurrency > 256:
         raise InvalidInput(f"--concurrency: {args.concurrency} is out of range (1-256)")
     uri = parse_uri(args.uri, field="URI").with_revision(args.revision)
-    settings = TransferSettings(
-        concurrency=args.concurrency,
-        chunk_size=args.chunk_size,
-        max_bandwidth=args.max_bandwidth,
+    settings = transfer_settings(
+        args,
         verify=not args.no_verify,
-        low_speed_limit=args.low_speed_limit,
-        low_speed_time=args.low_speed_time,
         proxies=proxies_from_env(),
         # Only S3 sources need boto3's CA bundle; resolving it imports botocore (~0.1 s).
         ca_bundle=aws_ca_bundle() if uri.scheme == "s3" else None,

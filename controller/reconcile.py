@@ -54,6 +54,7 @@ from localmodel.kinds import (
     POD,
     ResourceKind,
 )
+from localmodel.mergepatch import merge_patch
 from localmodel.placement import Layout
 from localmodel.resources import (
     FINALIZER,
@@ -64,7 +65,7 @@ from localmodel.resources import (
     LocalModelNodeStatus,
     ObjectMeta,
 )
-from localmodel.state.base import ClusterState, Selector, WatchEvent, merge_patch, update_status, watch
+from localmodel.state.base import ClusterState, Selector, WatchEvent, update_status, watch
 from localmodel.timestamps import utc_now
 
 log = logging.getLogger("modelcache.controller")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
-from localmodel.errors import QuantityError
+from localmodel.errors import InvalidInput, QuantityError
 
 Format = Literal["BinarySI", "DecimalSI", "DecimalExponent"]
 
@@ -141,3 +141,52 @@ def readable(n: int) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+# -- command-line rates and sizes (the transfer flags of `modelcache pull` and `modelcache agent`) --
+
+
+def _quantity_text(text: str) -> str:
+    """A rate as people write it -> a Kubernetes quantity: '/s' and a 'B' after the unit dropped, and
+    'K' read as the decimal kilo 'k' (200K, 200KB/s and 200kB/s are all 200,000 bytes/s; Ki is
+    1024)."""
+    cleaned = text.strip().removesuffix("/s").removesuffix("B")
+    return cleaned[:-1] + "k" if cleaned.endswith("K") else cleaned
+
+
+def parse_rate(text: str) -> float:
+    """'100M', '1.5Gi', '200MB/s', '50MiB/s', '200K' -> bytes per second."""
+    cleaned = _quantity_text(text)
+    try:
+        value = Quantity.parse(cleaned, field="--max-bandwidth")
+    except QuantityError:
+        raise InvalidInput(
+            f"--max-bandwidth: {text!r} is not a rate; use bytes per second like 50kB/s, 100MB/s or "
+            "1GiB/s (k, M, G: powers of 1000; Ki, Mi, Gi: of 1024; B and /s optional)"
+        ) from None
+    if value.value <= 0:
+        raise InvalidInput(f"--max-bandwidth: {text!r} must be greater than zero")
+    return float(value.value)
+
+
+def parse_size(text: str) -> int:
+    try:
+        value = Quantity.parse(text, field="--chunk-size").bytes
+    except QuantityError as e:
+        raise InvalidInput(str(e)) from None
+    if value < 64 << 10:
+        raise InvalidInput(f"--chunk-size: {text!r} is too small (at least 64Ki)")
+    return value
+
+
+def parse_low_speed_limit(text: str) -> int:
+    """'1024', '1Ki', '10K' -> bytes per second; 0 turns the check off."""
+    try:
+        value = Quantity.parse(_quantity_text(text), field="--low-speed-limit")
+    except QuantityError:
+        raise InvalidInput(
+            f"--low-speed-limit: {text!r} is not a rate; use bytes per second like 1Ki or 10K (0: off)"
+        ) from None
+    if value.value < 0:
+        raise InvalidInput(f"--low-speed-limit: {text!r} must not be negative")
+    return int(value.value)

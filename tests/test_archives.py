@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.engine import TransferSettings
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from agent.download.unpack import MAX_RATIO, unpack
 from localmodel.errors import DiskFull, DownloadError, IntegrityError
 from localmodel.uri import parse_uri

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.client import connection_words
+from agent.download.wording import connection_words
 
 
 def closed_port() -> int:

@@ -21,6 +21,7 @@ from controller.serving import serving_demands, volume_ref
 from controller.snapshot import RETAINED_ANNOTATION, Options, Plan, Scope, ServingDemand, Snapshot
 from controller.status import copies_by_group, isvc_caches
 from controller.views import InferenceService, Pod, node_ready
+from localmodel.mergepatch import merge_patch
 from localmodel.placement import Layout, layout, place_node
 from localmodel.resources import (
     FINALIZER,
@@ -34,7 +35,6 @@ from localmodel.resources import (
     NodeState,
     ObjectMeta,
 )
-from localmodel.state.base import merge_patch
 
 T0 = "2026-01-01T00:00:00Z"
 

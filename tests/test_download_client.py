@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.client import HttpClient, Response
+from agent.download.client import ClientSettings, HttpClient, Response
 from localmodel.errors import AccessDenied, DownloadError, InvalidInput, TransientError
 from tests.support.proxy import Proxy
 from tests.support.tls import make_cert
@@ -56,7 +56,7 @@ class Server:
 
 @pytest_asyncio.fixture
 async def client() -> AsyncIterator[HttpClient]:
-    c = HttpClient(concurrency=4, read_size=64 << 10, connect_timeout=5, read_timeout=5)
+    c = HttpClient(ClientSettings(concurrency=4, read_size=64 << 10, connect_timeout=5, read_timeout=5))
     yield c
     c.close()
 
@@ -244,12 +244,9 @@ async def test_an_untrusted_certificate_is_not_retried_and_a_trusted_one_works(t
 
     server = Server(routes)
     await server.start(ssl_context=context)
-    strict = HttpClient(concurrency=2, read_size=MiB, connect_timeout=5, read_timeout=5)
+    strict = HttpClient(ClientSettings(concurrency=2, read_size=MiB, connect_timeout=5, read_timeout=5))
     trusting = HttpClient(
-        concurrency=2,
-        read_size=MiB,
-        connect_timeout=5,
-        read_timeout=5,
+        ClientSettings(concurrency=2, read_size=MiB, connect_timeout=5, read_timeout=5),
         ssl_context=ssl.create_default_context(cafile=str(tmp_path / "tls.crt")),
     )
     try:
@@ -275,7 +272,9 @@ async def test_the_rate_cap_holds_for_all_requests_together() -> None:
     server = Server(routes)
     await server.start()
     capped = HttpClient(
-        concurrency=4, read_size=64 << 10, connect_timeout=5, read_timeout=5, max_bandwidth=4 * MiB
+        ClientSettings(
+            concurrency=4, read_size=64 << 10, connect_timeout=5, read_timeout=5, max_bandwidth=4 * MiB
+        )
     )
     try:
         started = time.monotonic()
@@ -308,12 +307,8 @@ async def test_proxies_tunnel_https_forward_http_and_honour_no_proxy(tmp_path: P
 
     def make(proxies: dict[str, str]) -> HttpClient:
         return HttpClient(
-            concurrency=2,
-            read_size=MiB,
-            connect_timeout=5,
-            read_timeout=5,
+            ClientSettings(concurrency=2, read_size=MiB, connect_timeout=5, read_timeout=5, proxies=proxies),
             ssl_context=ssl.create_default_context(cafile=str(tmp_path / "tls.crt")),
-            proxies=proxies,
         )
 
     via = make({"http": auth_url, "https": auth_url})
@@ -363,7 +358,7 @@ async def test_cancelling_a_connect_that_hangs_ends_it_and_frees_the_worker() ->
 
     server = Server(routes)
     await server.start()
-    one = HttpClient(concurrency=1, read_size=MiB, connect_timeout=3, read_timeout=3)
+    one = HttpClient(ClientSettings(concurrency=1, read_size=MiB, connect_timeout=3, read_timeout=3))
     called: list[int] = []
 
     def accept(response: Response) -> None:
@@ -398,7 +393,7 @@ def test_without_a_system_ca_bundle_certifi_s_is_used(
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "empty.pem"))
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "certs"))
     assert ssl.create_default_context().cert_store_stats()["x509_ca"] == 0  # as in a bare image
-    bare = HttpClient(concurrency=1, read_size=MiB, connect_timeout=5, read_timeout=5)
+    bare = HttpClient(ClientSettings(concurrency=1, read_size=MiB, connect_timeout=5, read_timeout=5))
     try:
         assert bare.ssl_context.cert_store_stats()["x509_ca"] > 100
     finally:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.engine import PullResult, TransferSettings
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import PullResult, TransferSettings
 from localmodel.errors import DiskFull, DownloadError, IntegrityError, PermissionDenied, TransientError
 from localmodel.uri import parse_uri
 from tests.support.hfhub import Hub

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.client import HttpClient
-from agent.download.sources import SourceSettings, list_source
+from agent.download.client import ClientSettings, HttpClient
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from agent.threads import BoundedExecutor
 from localmodel.errors import UnsafePath
 from localmodel.uri import parse_uri
 
 
 async def _list(uri: str, prefixes: tuple[str, ...] | None = None) -> object:
-    client = HttpClient(concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5)
+    client = HttpClient(ClientSettings(concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5))
     try:
         return await list_source(
             parse_uri(uri), settings=SourceSettings(file_prefixes=prefixes), client=client

@@ -168,8 +168,8 @@ def test_pull_says_1_file_and_reads_50KB_per_second_as_decimal_kilobytes(tmp_pat
     assert r.returncode == 0, r.stderr
     assert f"-> {tmp_path / 'dest'}: 1 file, " in r.stdout
     assert "1 checked by size only (w.bin): the source gives no hash for it" in r.stdout
-    from agent.pull_cli import parse_rate
     from localmodel.errors import InvalidInput
+    from localmodel.quantity import parse_rate
 
     assert parse_rate("50KB/s") == parse_rate("50kB/s") == 50_000
     try:

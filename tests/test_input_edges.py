@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.sources import hf_token_from_env
+from agent.download.source_settings import hf_token_from_env
 from localmodel.errors import InvalidInput
 
 
@@ -85,10 +85,10 @@ def test_allow_file_sources_that_cannot_be_resolved_is_one_line_exit_2(tmp_path:
 
 
 async def test_file_source_through_a_loop_of_links_is_one_line(tmp_path: Path) -> None:
-    from agent.download.engine import TransferSettings
     from agent.download.pull import pull
-    from agent.download.sources import SourceSettings
+    from agent.download.source_settings import SourceSettings
     from agent.download.staging import Destination
+    from agent.download.transfer import TransferSettings
     from localmodel.errors import SourceNotFound, UnsafePath
     from localmodel.uri import parse_uri
 

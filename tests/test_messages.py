@@ -10,12 +10,13 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.client import HttpClient
-from agent.download.sources import SourceSettings, list_source
+from agent.download.client import ClientSettings, HttpClient
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from agent.loop import _duration
-from agent.pull_cli import parse_low_speed_limit, parse_rate
 from agent.status_cli import render_table
 from localmodel.errors import DownloadError
+from localmodel.quantity import parse_low_speed_limit, parse_rate
 from localmodel.uri import parse_uri
 
 SIZE = 300_000
@@ -83,7 +84,7 @@ async def test_a_missing_ca_bundle_is_named(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = HttpClient(concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5)
+    client = HttpClient(ClientSettings(concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5))
     settings = SourceSettings(s3_endpoint="https://127.0.0.1:9", list_attempts=1)
     try:
         with pytest.raises(DownloadError, match=r"the CA bundle /nonexistent.pem .* does not exist"):

@@ -14,11 +14,12 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.client import HttpClient, private_address
-from agent.download.engine import TransferSettings
+from agent.download.addresses import private_address
+from agent.download.client import ClientSettings, HttpClient
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.errors import SourceNotAllowed
 from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
@@ -124,7 +125,9 @@ async def test_a_redirect_to_loopback_is_refused(redirector: tuple[str, list[str
         pytest.skip("this machine has no non-loopback address")
     port, hits = redirector
     client = HttpClient(
-        concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5, allow_private=False
+        ClientSettings(
+            concurrency=1, read_size=1 << 16, connect_timeout=5, read_timeout=5, allow_private=False
+        )
     )
     try:
         with pytest.raises(SourceNotAllowed, match=r"127\.0\.0\.1"):

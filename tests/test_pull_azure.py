@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from agent.download.azure import AzureSettings, list_azure
-from agent.download.engine import TransferSettings
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound
 from localmodel.uri import parse_uri
 from tests.support.azurite import ACCOUNT, KEY, Azurite

@@ -17,11 +17,11 @@ import google_crc32c
 import pytest
 from aiohttp import web
 
-from agent.download.engine import TransferSettings
 from agent.download.gcs import GcsSettings, list_gcs
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound
 from localmodel.manifest import Manifest, entry_check, hash_check
 from localmodel.uri import parse_uri

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.engine import TransferSettings
 from agent.download.pull import http_client, pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, TransientError, UnsafePath
 from localmodel.uri import parse_uri
 from tests.support.hfhub import Hub

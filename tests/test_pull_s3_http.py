@@ -13,10 +13,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.engine import TransferSettings
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound, UnsafePath
 from localmodel.uri import parse_uri
 from tests.support.s3 import S3

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from agent.download.client import aws_ca_bundle
-from agent.download.engine import TransferSettings
+from agent.download.environment import aws_ca_bundle
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.uri import parse_uri
 from tests.support.s3files import S3Files, aws_env
 from tests.support.tls import make_cert

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from agent.disk import CacheDir
-from agent.download.engine import PullResult, TransferSettings
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import PullResult, TransferSettings
 from agent.pull_cli import checked
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import FileEntry, Manifest, entry_check, hash_check

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from agent.download.client import HttpClient, RateLimiter, Response
+from agent.download.client import ClientSettings, HttpClient, Response
+from agent.download.ratelimit import RateLimiter
 from tests.test_download_client import Server
 
 MiB = 1 << 20
@@ -62,7 +63,9 @@ async def test_no_window_of_a_second_exceeds_the_cap() -> None:
     server = Server(routes)
     await server.start()
     client = HttpClient(
-        concurrency=WORKERS, read_size=READ, connect_timeout=5, read_timeout=10, max_bandwidth=RATE
+        ClientSettings(
+            concurrency=WORKERS, read_size=READ, connect_timeout=5, read_timeout=10, max_bandwidth=RATE
+        )
     )
     log: list[tuple[float, int]] = []
     try:

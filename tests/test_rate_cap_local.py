@@ -10,11 +10,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.download.client import HttpClient, RateLimiter
-from agent.download.engine import TransferSettings
+from agent.download.client import ClientSettings, HttpClient
 from agent.download.pull import pull
-from agent.download.sources import SourceSettings
+from agent.download.ratelimit import RateLimiter
+from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.uri import parse_uri
 from tests.test_download_client import Server
 from tests.test_rate_cap import capped_fetch, worst_window
@@ -68,7 +69,9 @@ async def test_a_capped_clients_connections_have_a_bounded_receive_buffer() -> N
     try:
         for cap in (None, MiB):
             client = HttpClient(
-                concurrency=1, read_size=MiB, connect_timeout=5, read_timeout=5, max_bandwidth=cap
+                ClientSettings(
+                    concurrency=1, read_size=MiB, connect_timeout=5, read_timeout=5, max_bandwidth=cap
+                )
             )
             try:
                 assert await capped_fetch(client, f"{server.url}/blob", []) == 1000

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.engine import TransferSettings
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
-from agent.download.sources import SourceSettings, hf_token_from_env, list_source
+from agent.download.source_settings import SourceSettings, hf_token_from_env
+from agent.download.sources import list_source
 from agent.download.staging import Destination
+from agent.download.transfer import TransferSettings
 from localmodel.errors import (
     DownloadError,
     InvalidInput,

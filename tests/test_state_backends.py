@@ -303,7 +303,7 @@ async def _until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def test_clone_copies_json_and_shares_nothing_mutable() -> None:
-    from localmodel.state.base import clone
+    from localmodel.mergepatch import clone
 
     original: dict[str, Any] = {"a": [{"b": 1}, [2, {"c": None}]], "d": {"e": "f"}, "g": 1.5}
     copied = clone(original)

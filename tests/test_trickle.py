@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from agent.download.client import HttpClient
-from agent.download.sources import SourceSettings, list_source
+from agent.download.client import ClientSettings, HttpClient
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from localmodel.errors import TransientError
 from localmodel.uri import parse_uri
 from tests.support.s3files import aws_env
@@ -62,12 +63,14 @@ async def test_a_trickled_header_is_cut_off_by_the_low_speed_time(
     header_trickle: Trickle, method: str
 ) -> None:
     client = HttpClient(
-        concurrency=2,
-        read_size=1 << 16,
-        connect_timeout=5,
-        read_timeout=600,
-        low_speed_limit=1024,
-        low_speed_time=1,
+        ClientSettings(
+            concurrency=2,
+            read_size=1 << 16,
+            connect_timeout=5,
+            read_timeout=600,
+            low_speed_limit=1024,
+            low_speed_time=1,
+        )
     )
     try:
         with pytest.raises(TransientError, match=r"no whole response header within 1 s"):
@@ -95,7 +98,7 @@ async def test_every_listing_has_a_total_deadline(
     await trickle.start()
     for k, v in aws_env(trickle.url).items():
         monkeypatch.setenv(k, v)
-    client = HttpClient(concurrency=2, read_size=1 << 16, connect_timeout=5, read_timeout=600)
+    client = HttpClient(ClientSettings(concurrency=2, read_size=1 << 16, connect_timeout=5, read_timeout=600))
     try:
         with pytest.raises(TransientError) as caught:
             await list_source(parse_uri(uri), settings=_settings(trickle.url), client=client)
@@ -107,7 +110,7 @@ async def test_every_listing_has_a_total_deadline(
 
 
 async def test_an_http_head_listing_is_cut_off(header_trickle: Trickle) -> None:
-    client = HttpClient(concurrency=2, read_size=1 << 16, connect_timeout=5, read_timeout=600)
+    client = HttpClient(ClientSettings(concurrency=2, read_size=1 << 16, connect_timeout=5, read_timeout=600))
     try:
         with pytest.raises(TransientError, match=r"no whole listing|no whole response header"):
             await list_source(

@@ -16,8 +16,8 @@ dropped when a redirect leaves the origin (a Hugging Face token never reaches a 
 
 Private addresses: with ``allow_private`` off (the agent in a cluster without
 ``--allow-private-sources``) no connection is made to a loopback, link-local (the cloud metadata
-service at 169.254.169.254) or unspecified address (:func:`private_address`): the check is on each
-address the name resolved to, just before connecting, so a redirect or a DNS answer that changes
+service at 169.254.169.254) or unspecified address (:mod:`agent.download.addresses`): the check is
+on each address the name resolved to, just before connecting, so a redirect or a DNS answer that changes
 between two lookups cannot dodge it. Through a proxy, the target's name is resolved here and checked
 too (the proxy itself is the admin's choice). Refused with :class:`~localmodel.errors.SourceNotAllowed`.
 
@@ -28,11 +28,11 @@ for the byte-rate cap does not count. 0 turns it off.
 
 TLS: the system's CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured; certifi's where the system has
 none), plus ``ca_bundle`` when given: the bundle boto3 trusts (``AWS_CA_BUNDLE`` or the profile's
-``ca_bundle``, read at the entry point with :func:`aws_ca_bundle`), so a private-CA S3 endpoint that
+``ca_bundle``, read at the entry point with ``aws_ca_bundle``), so a private-CA S3 endpoint that
 lists also downloads.
 
 Proxies: the ``http_proxy``/``https_proxy``/``no_proxy`` variables, as curl and huggingface_hub read
-them (read at the entry point: :func:`proxies_from_env`). https goes through a CONNECT tunnel, http
+them (read at the entry point: ``proxies_from_env``). https goes through a CONNECT tunnel, http
 as an absolute-form request; ``user:password@`` in the proxy's URL becomes Proxy-Authorization.
 
 Errors, mapped here and only here (``from e``) into the project's tree:
@@ -55,7 +55,6 @@ import asyncio
 import contextlib
 import functools
 import http.client
-import ipaddress
 import socket
 import ssl
 import threading
@@ -63,11 +62,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
+from agent.download.addresses import PrivateAddress, check_resolved, private_address
+from agent.download.ratelimit import RateLimiter
+from agent.download.wording import connection_words
 from localmodel.errors import DownloadError, InvalidInput, SourceNotAllowed, TransientError
 
 MAX_REDIRECTS = 10
@@ -76,55 +78,6 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 class Stopped(Exception):
     """The request was abandoned: the task awaiting it was cancelled."""
-
-
-class PrivateAddress(SourceNotAllowed):
-    """A connection to a loopback, link-local or unspecified address, refused (``allow_private`` off)."""
-
-    def __init__(self, host: str, address: str) -> None:
-        shown = host if host == address else f"{host} ({address})"
-        super().__init__(
-            f"refusing to connect to {shown}: a loopback, link-local or unspecified address; the agent "
-            "in a cluster reaches such addresses only with --allow-private-sources"
-        )
-
-
-def private_address(address: str) -> bool:
-    """True for a loopback (127/8, ::1), link-local (169.254/16, fe80::/10) or unspecified (0.0.0.0,
-    ::) address, IPv4-mapped IPv6 forms included (``ipaddress``'s classification, RFC 6890)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope ("fe80::1%eth0") aside
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified
-
-
-def check_endpoint(url: str, *, allow_private: bool) -> None:
-    """Raise :class:`PrivateAddress` when ``url``'s host resolves (now) to an address
-    :func:`private_address` refuses, unless ``allow_private``. For clients that connect on their
-    own (huggingface_hub's, boto3's): checked before they list. A name that does not resolve is
-    left for the client to report."""
-    if allow_private:
-        return
-    parts = urlsplit(url if "//" in url else f"//{url}")
-    host = parts.hostname or ""
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return  # a malformed port: the client's own error says so
-    _check_resolved(host, port)
-
-
-def _check_resolved(host: str, port: int) -> None:
-    try:
-        found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return
-    for *_, where in found:
-        if private_address(str(where[0])):
-            raise PrivateAddress(host, str(where[0]))
 
 
 @dataclass(frozen=True)
@@ -144,52 +97,6 @@ class Response:
 # each block received (a view into a buffer reused for the next read), in the worker thread.
 Sink = Callable[[memoryview], None]
 Accept = Callable[[Response], Sink | None]
-
-
-class RateLimiter:
-    """The byte-rate cap shared by every worker: a token bucket that starts empty and saves at most
-    :attr:`SAVED` seconds' worth while the workers are between reads.
-
-    Each read takes its bytes' worth of tokens and waits until the balance is back to zero before
-    handing them on. Reads are paid for one after another, so in any window of ``w`` seconds the
-    bytes handed on are at most ``rate * (w + SAVED)`` plus the one read whose wait straddles the
-    window's start: 2 % over a second. A bucket that starts full or may fill for a second lets a
-    burst through, a second's worth at the start (a 200 MB pull under a 50 MB/s cap measured
-    63.8 MB/s) or after every pause; saving nothing at all loses the moments between a wait's end
-    and the next read (a single connection then runs 15 % under the cap). A thread the scheduler
-    wakes late hands its read on late, never early.
-    """
-
-    SAVED = 0.02  # seconds
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = 0.0
-        self.stamp = time.monotonic()
-        self.lock = threading.Lock()
-
-    @property
-    def step(self) -> int:
-        """Bytes to move at most per payment where the caller picks the size (a local copy): a 20th of
-        a second's worth (64 KiB at least), so one payment never runs far ahead of the cap."""
-        return max(64 << 10, int(self.rate / 20))
-
-    @property
-    def receive_buffer(self) -> int:
-        """SO_RCVBUF for a capped client's sockets, in bytes: an eighth of a second's worth (64 KiB at
-        least). The kernel otherwise grows a socket's receive buffer to megabytes, which the server
-        fills at line speed while the cap holds the reads back: the cap would hold at the client's
-        reads but not on the wire."""
-        return max(64 << 10, int(self.rate / 8))
-
-    def delay(self, n: int) -> float:
-        """Take ``n`` bytes' worth of tokens; the seconds to wait before handing them on."""
-        with self.lock:
-            now = time.monotonic()
-            self.tokens = min(self.rate * self.SAVED, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-            self.tokens -= n
-            return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
 
 class _Call:
@@ -226,120 +133,58 @@ class _Call:
             return True
 
 
-def connection_words(e: BaseException, endpoint: str) -> str:
-    """Why a connection to ``endpoint`` (a URL or ``host:port``) failed, in words: "connection refused
-    by 127.0.0.1:9", "cannot resolve host hub.example", "connection reset by …", "no answer from …".
-
-    The OS's error is looked for along the chain of causes (httpx, urllib3 and botocore wrap it, some
-    as an argument); an error without one is named by its text, else its type."""
-    parts = urlsplit(endpoint if "//" in endpoint else f"//{endpoint}")
-    host = parts.hostname or endpoint
-    try:
-        where = f"{host}:{parts.port}" if parts.port else host
-    except ValueError:
-        where = host
-    seen: set[int] = set()
-    todo: list[BaseException] = [e]
-    while todo:
-        cause = todo.pop(0)
-        if id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve host {host} ({cause.strerror or cause})"
-        if isinstance(cause, http.client.IncompleteRead):
-            more = f" with {cause.expected} bytes still to come" if cause.expected else ""
-            return f"the connection to {where} closed{more}"
-        if isinstance(cause, ConnectionRefusedError):
-            return f"connection refused by {where}"
-        if isinstance(cause, ConnectionResetError):
-            return f"connection reset by {where}"
-        if isinstance(cause, TimeoutError):
-            return f"no answer from {where}"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS with {where} failed ({cause.reason or cause})"
-        if isinstance(cause, OSError) and cause.strerror:
-            return f"{cause.strerror} ({where})"
-        todo += [c for c in (cause.__cause__, cause.__context__) if c is not None]
-        todo += [a for a in cause.args if isinstance(a, BaseException)]
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__} from {where}: {text}" if text else f"{type(e).__name__} from {where}"
-
-
-def retried(e: TransientError, attempts: int, seconds: float) -> TransientError:
-    """``e`` once retrying has given up, saying what was tried: "… (after 4 attempts over 7 s)"."""
-    if attempts <= 1:
-        return e
-    return TransientError(f"{e} (after {attempts} attempts over {seconds:.0f} s)", retry_after=e.retry_after)
-
-
-def proxies_from_env() -> dict[str, str]:
-    """``{"http": URL, "https": URL, "no": "host,.domain"}`` from the environment (entry points only)."""
-    return urllib.request.getproxies_environment()
-
-
-def aws_ca_bundle() -> str | None:
-    """The CA bundle boto3 would trust (entry points only): ``AWS_CA_BUNDLE``, else the
-    ``ca_bundle`` of the AWS profile in use, as botocore's config resolution reads them. None when
-    neither is set or the AWS configuration cannot be read (boto3 reports that itself)."""
-    try:
-        import botocore.session
-        from botocore.exceptions import BotoCoreError
-
-        try:
-            value = botocore.session.Session().get_config_variable("ca_bundle")
-        except BotoCoreError:
-            return None
-    except ImportError:
-        return None
-    return str(value) if value else None
-
-
 # Where a connection goes: ("direct", scheme, host, port), ("proxy", host, port) for plain http sent
 # to a proxy, or ("tunnel", proxy host, proxy port, host, port) for https through CONNECT.
 Route = tuple[str | int, ...]
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """What an :class:`HttpClient` is built with, read once at the entry point
+    (:func:`agent.download.pull.http_client` derives it from the transfer settings)."""
+
+    concurrency: int  # worker threads: the process's connection limit
+    read_size: int  # bytes each worker receives at once (its reused buffer)
+    connect_timeout: float  # seconds
+    read_timeout: float  # seconds without a byte
+    max_bandwidth: float | None = None  # bytes per second, all connections together
+    proxies: Mapping[str, str] = field(default_factory=dict)  # proxies_from_env()
+    low_speed_limit: int = 0  # bytes/s; 0: off
+    low_speed_time: float = 30.0  # seconds
+    ca_bundle: str | None = None  # trusted besides the system's CAs (aws_ca_bundle())
+    allow_private: bool = True  # connections to loopback, link-local, unspecified addresses
+    header_timeout: float | None = None  # seconds for the whole response header; None: see HttpClient
+
+
 class HttpClient:
-    def __init__(
-        self,
-        *,
-        concurrency: int,
-        read_size: int,
-        connect_timeout: float,
-        read_timeout: float,
-        max_bandwidth: float | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        proxies: Mapping[str, str] | None = None,
-        low_speed_limit: int = 0,
-        low_speed_time: float = 30.0,
-        ca_bundle: str | None = None,
-        allow_private: bool = True,
-        header_timeout: float | None = None,
-    ) -> None:
-        self.proxies = dict(proxies or {})
-        self.allow_private = allow_private
+    def __init__(self, settings: ClientSettings, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: used instead of the one built from the system's CAs and the CA bundle."""
+        self.settings = settings
+        self.proxies = dict(settings.proxies)
+        self.allow_private = settings.allow_private
         for scheme in ("http", "https"):
             if scheme in self.proxies and _proxy_url(self.proxies[scheme]).scheme != "http":
                 raise InvalidInput(
                     f"{scheme}_proxy: only http:// proxies are supported (https goes through CONNECT); "
                     "set it to http://HOST:PORT"
                 )
-        self.read_size = read_size
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
-        self.low_speed_limit = low_speed_limit if low_speed_time > 0 else 0
-        self.low_speed_time = low_speed_time
-        self.ca_bundle = ca_bundle
+        self.read_size = settings.read_size
+        self.connect_timeout = settings.connect_timeout
+        self.read_timeout = settings.read_timeout
+        self.limiter = RateLimiter(settings.max_bandwidth) if settings.max_bandwidth else None
+        self.low_speed_limit = settings.low_speed_limit if settings.low_speed_time > 0 else 0
+        self.low_speed_time = settings.low_speed_time
+        self.ca_bundle = settings.ca_bundle
         # The whole response header, from sending the request: the low-speed window when the check
         # is on (a header is a few hundred bytes), else twice the read timeout (a silent server is
         # still told by the read timeout, which ends first).
-        self.header_timeout = header_timeout or (
-            self.low_speed_time if self.low_speed_limit else 2 * read_timeout
+        self.header_timeout = settings.header_timeout or (
+            self.low_speed_time if self.low_speed_limit else 2 * settings.read_timeout
         )
         self._ssl_context = ssl_context
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="modelcache-fetch")
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.concurrency, thread_name_prefix="modelcache-fetch"
+        )
         self._idle: dict[Route, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -430,7 +275,7 @@ class HttpClient:
             key, target, extra = self._route(parts)
             if key[0] != "direct" and not self.allow_private:
                 # The proxy connects for us: what it would reach is checked by name here, each hop.
-                _check_resolved(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+                check_resolved(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
             conn, answer = self._send(call, key, method, target, {**headers, **extra}, label)
             try:
                 location = answer.getheader("Location")

@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.download.client import HttpClient
-from agent.download.engine import ProgressSink, PullResult, Transfer, TransferSettings, same_files
+from agent.download.client import ClientSettings, HttpClient
+from agent.download.engine import Transfer
 from agent.download.listing import Listing
 from agent.download.ownership import Match, folder_match
-from agent.download.sources import SourceSettings, list_source
+from agent.download.source_settings import SourceSettings
+from agent.download.sources import list_source
 from agent.download.staging import Destination, LinkRefused, finish_publish, remove_tree
+from agent.download.transfer import ProgressSink, PullResult, TransferSettings, same_files
 from agent.download.unpack import unpack_limit
 from localmodel.errors import (
     AccessDenied,
@@ -35,16 +37,18 @@ from localmodel.uri import SourceURI
 def http_client(settings: TransferSettings) -> HttpClient:
     """The client for every download of a process: its connection limit and byte-rate cap are global."""
     return HttpClient(
-        concurrency=settings.concurrency,
-        read_size=settings.read_size,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        max_bandwidth=settings.max_bandwidth,
-        proxies=settings.proxies,
-        low_speed_limit=settings.low_speed_limit,
-        low_speed_time=settings.low_speed_time,
-        ca_bundle=settings.ca_bundle,
-        allow_private=settings.allow_private,
+        ClientSettings(
+            concurrency=settings.concurrency,
+            read_size=settings.read_size,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            max_bandwidth=settings.max_bandwidth,
+            proxies=settings.proxies,
+            low_speed_limit=settings.low_speed_limit,
+            low_speed_time=settings.low_speed_time,
+            ca_bundle=settings.ca_bundle,
+            allow_private=settings.allow_private,
+        )
     )
 
 

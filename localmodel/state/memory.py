@@ -23,7 +23,8 @@ from pathlib import Path
 
 from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound, SpecError
 from localmodel.kinds import JSON, KINDS_BY_NAME, ResourceKind
-from localmodel.state.base import ObjectList, Selector, WatchEvent, clone, merge_patch
+from localmodel.mergepatch import clone, merge_patch
+from localmodel.state.base import ObjectList, Selector, WatchEvent
 from localmodel.timestamps import utc_now
 
 Key = tuple[str, str | None, str]  # (kind, namespace, name)

@@ -15,8 +15,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from agent.download.engine import TransferSettings
-from agent.download.sources import SourceSettings
+from agent.download.source_settings import SourceSettings
+from agent.download.transfer import TransferSettings
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
 from localmodel.kinds import JSON, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP

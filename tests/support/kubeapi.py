@@ -42,7 +42,8 @@ from aiohttp import web
 
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, Gone, NotFound, SpecError
 from localmodel.kinds import EVENT, JSON, KINDS, ResourceKind
-from localmodel.state.base import Selector, clone, merge_patch, merge_patch_to
+from localmodel.mergepatch import clone, merge_patch, merge_patch_to
+from localmodel.state.base import Selector
 from localmodel.state.memory import MemoryState
 
 BY_PATH = {(k.group, k.version, k.plural): k for k in KINDS}
