@@ -117,7 +117,7 @@ def test_example_cache_and_inference_service() -> None:
         assert group in cache["spec"]["nodeGroups"]
         model = svc["spec"]["predictor"]["model"]
         if "workerSpec" in svc["spec"]["predictor"]:
-            # the cache's claim for the group, at the model's folder in it (README: Serving)
+            # the cache's claim for the group, at the model's folder in it (docs/commands.md: Serving)
             key = storage_key(cache["spec"]["sourceModelUri"])
             assert model["storageUri"] == f"pvc://{cache['metadata']['name']}-{group}/models/{key}"
         else:
