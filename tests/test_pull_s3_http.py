@@ -8,12 +8,13 @@ import tarfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.download.engine import TransferSettings
+from agent.download.engine import PullResult, TransferSettings
 from agent.download.pull import pull
 from agent.download.sources import SourceSettings
 from agent.download.staging import Destination
@@ -25,12 +26,13 @@ from tests.support.s3files import S3Files
 MiB = 1 << 20
 
 
-async def run(uri: str, dest: Path, **kw: object) -> object:
+async def run(uri: str, dest: Path, **kw: Any) -> PullResult:
+    options: dict[str, Any] = {"chunk_size": MiB, "backoff_initial": 0.01, **kw}
     return await pull(
         parse_uri(uri),
         Destination.for_folder(dest),
         sources=SourceSettings.from_env(),
-        transfer=TransferSettings(**{"chunk_size": MiB, "backoff_initial": 0.01, **kw}),  # type: ignore[arg-type]
+        transfer=TransferSettings(**options),
     )
 
 

@@ -35,6 +35,7 @@ def one(path: Path) -> dict[str, Any]:
 
 
 def container(doc: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any]
     (c,) = doc["spec"]["containers"]
     return c
 
@@ -177,6 +178,7 @@ DEFAULT_COMPONENT = FOLDER / "as-default"
 
 
 def _format(doc: dict[str, Any]) -> dict[str, Any]:
+    fmt: dict[str, Any]
     (fmt,) = [f for f in doc["spec"]["supportedModelFormats"] if f["name"] == "huggingface"]
     return fmt
 

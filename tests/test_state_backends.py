@@ -18,6 +18,7 @@ from localmodel.state.base import (
     LOCAL_MODEL_NODE,
     NODE,
     ClusterState,
+    ObjectList,
     Selector,
     WatchEvent,
     update_status,
@@ -77,7 +78,10 @@ async def test_create_get_list_with_selectors(backend: Backend) -> None:
     await s.create(LOCAL_MODEL_CACHE, cache("b", tier="silver"))
     got = await s.get(LOCAL_MODEL_CACHE, "a")
     assert got["spec"]["sourceModelUri"] == "hf://org/a" and got["apiVersion"] == "serving.kserve.io/v1alpha1"
-    names = lambda lst: [o["metadata"]["name"] for o in lst.items]  # noqa: E731
+
+    def names(lst: ObjectList) -> list[str]:
+        return [o["metadata"]["name"] for o in lst.items]
+
     assert names(await s.list(LOCAL_MODEL_CACHE)) == ["a", "b"]
     assert names(await s.list(LOCAL_MODEL_CACHE, selector=Selector(labels={"tier": "silver"}))) == ["b"]
     assert names(await s.list(LOCAL_MODEL_CACHE, selector=Selector(fields={"metadata.name": "a"}))) == ["a"]
@@ -162,7 +166,7 @@ async def test_delete_with_finalizers(backend: Backend) -> None:
 
 
 async def collect(agen: AsyncIterator[WatchEvent], n: int) -> list[tuple[str, str]]:
-    out = []
+    out: list[tuple[str, str]] = []
     async for event in agen:
         out.append((event.type, event.object["metadata"]["name"]))
         if len(out) == n:
@@ -240,9 +244,10 @@ async def test_events_are_namespaced_objects(backend: Backend) -> None:
 async def test_kube_backend_from_a_kubeconfig_sends_its_token(kube_api: KubeAPI, tmp_path: Any) -> None:
     seen: list[str] = []
     from aiohttp import web
+    from aiohttp.typedefs import Handler
 
     @web.middleware
-    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
         seen.append(request.headers.get("Authorization", ""))
         return await handler(request)
 

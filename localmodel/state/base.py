@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -196,7 +196,7 @@ async def watch(
     max_delay: float = 60.0,
     relist_every: float | None = None,
     on_list: Callable[[], None] | None = None,
-) -> AsyncIterator[WatchEvent]:
+) -> AsyncGenerator[WatchEvent]:
     """List then watch, forever: the informer pattern without a cache of its own.
 
     Starts with an ADDED event per existing object. When the stream ends it resumes from the last
