@@ -1,5 +1,5 @@
 """The agent's Prometheus metrics. They live in a registry passed in (tests build a fresh one); the
-README's metrics table lists every one of them."""
+docs/metrics.md lists every one of them."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from localmodel.state.memory import MemoryState
 
 def objects(nodes: int, groups: int, caches: int, seed: int = 1) -> dict[str, list[dict[str, Any]]]:
     rnd = random.Random(seed)
-    gs = [
+    gs: list[dict[str, Any]] = [
         {
             "apiVersion": "serving.kserve.io/v1alpha1",
             "kind": "LocalModelNodeGroup",

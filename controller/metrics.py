@@ -1,5 +1,5 @@
 """The controller's Prometheus metrics, and the small aiohttp server that exposes them. They live in
-a registry passed in (tests build a fresh one); the README's metrics table lists every one of them.
+a registry passed in (tests build a fresh one); docs/metrics.md lists every one of them.
 
 ``modelcache_controller_copies`` is the per node group view of each LocalModelCache's copies: set
 from every reconcile's plan, so it is current in the leader only (a standby replica keeps no

@@ -19,6 +19,8 @@ import celpy
 import pytest
 import yaml
 from celpy import celtypes
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError, CELFunction
 
 from controller.labels import model_label
 from controller.serving import claim_body, volume_body
@@ -54,11 +56,13 @@ def policies() -> dict[str, dict[str, Any]]:
 
 
 # Kubernetes' CEL strings library (ext.Strings) functions the policies use that cel-python lacks.
-FUNCTIONS = {
-    "substring": lambda s, start, end=None: celtypes.StringType(
-        s[int(start) :] if end is None else s[int(start) : int(end)]
-    ),
-}
+def _substring(
+    s: celtypes.StringType, start: celtypes.IntType, end: celtypes.IntType | None = None
+) -> celtypes.StringType:
+    return celtypes.StringType(s[int(start) :] if end is None else s[int(start) : int(end)])
+
+
+FUNCTIONS: dict[str, CELFunction] = {"substring": _substring}
 
 
 def _eval(expression: str, activation: dict[str, Any]) -> Any:
@@ -92,10 +96,10 @@ def _admit(policy: dict[str, Any], request: dict[str, Any], param: dict[str, Any
     ):
         return []
     activation: dict[str, Any] = {
-        "request": celpy.json_to_cel(request),
-        "object": celpy.json_to_cel(request.get("object")),
-        "oldObject": celpy.json_to_cel(request.get("oldObject")),
-        "params": celpy.json_to_cel(param),
+        "request": json_to_cel(request),
+        "object": json_to_cel(request.get("object")),
+        "oldObject": json_to_cel(request.get("oldObject")),
+        "params": json_to_cel(param),
     }
     for condition in spec.get("matchConditions", []):
         if not bool(_eval(condition["expression"], activation)):
@@ -105,19 +109,19 @@ def _admit(policy: dict[str, Any], request: dict[str, Any], param: dict[str, Any
         activation["variables"] = celtypes.MapType(variables)
         try:
             variables[celtypes.StringType(variable["name"])] = _eval(variable["expression"], activation)
-        except celpy.CELEvalError:
+        except CELEvalError:
             return [f"variables.{variable['name']}: error"]
     activation["variables"] = celtypes.MapType(variables)
     denied = []
     for validation in spec["validations"]:
         try:
             ok = _eval(validation["expression"], activation)
-        except celpy.CELEvalError:
+        except CELEvalError:
             ok = None
         message = validation.get("message")
         if message is None:
             message = str(_eval(validation["messageExpression"], activation))
-        if ok is None or isinstance(ok, celpy.CELEvalError):
+        if ok is None or isinstance(ok, CELEvalError):
             denied.append("error: " + message)  # denied too (failurePolicy: Fail)
         elif not bool(ok):
             denied.append(message)
@@ -357,7 +361,7 @@ def lmn_patch(name: str, extra: dict[str, list[str]] | None) -> dict[str, Any]:
 
 
 def event(about_kind: str, about: str, extra: dict[str, list[str]] | None) -> dict[str, Any]:
-    obj = {
+    obj: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"name": f"{about}.abc", "namespace": "default"},
@@ -387,7 +391,8 @@ def test_an_agent_writes_only_its_own_node_s_object() -> None:
         "an agent records Events only about its own node's LocalModelNode"
     ]
     # A token that names no node (a legacy Secret token, or an older API server): refused.
-    for extra in (None, {}, {NODE_NAME_EXTRA: []}):
+    extras: list[dict[str, list[str]] | None] = [None, {}, {NODE_NAME_EXTRA: []}]
+    for extra in extras:
         assert refused_for(admit(p, lmn_patch("gpu-1", extra)), "names no node")
     # Someone else's writes (the controller's spec writes) are not this policy's business.
     other = lmn_patch("gpu-2", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -17,7 +18,7 @@ from localmodel.resources import LocalModelCache, LocalModelNode, LocalModelNode
 from tests.support.agents import cache_doc, group_doc, node_doc
 
 
-def groups(*docs: dict) -> dict[str, LocalModelNodeGroup]:
+def groups(*docs: dict[str, Any]) -> dict[str, LocalModelNodeGroup]:
     return {d["metadata"]["name"]: LocalModelNodeGroup.from_json(d) for d in docs}
 
 
@@ -86,9 +87,11 @@ def test_standalone_node_uses_the_shared_placement() -> None:
         ("Lt", ["4"], {"gpus": "x"}, False),
     ],
 )
-def test_membership_operators(operator: str, values: list[str] | None, labels: dict, member: bool) -> None:
+def test_membership_operators(
+    operator: str, values: list[str] | None, labels: dict[str, Any], member: bool
+) -> None:
     g = group_doc("g", limit="10Gi")
-    expr: dict = {"key": "gpus", "operator": operator}
+    expr: dict[str, Any] = {"key": "gpus", "operator": operator}
     if values is not None:
         expr["values"] = values
     g["spec"]["persistentVolumeSpec"]["nodeAffinity"]["required"]["nodeSelectorTerms"] = [

@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -23,7 +24,7 @@ import pytest_asyncio
 from localmodel.kinds import LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
 from localmodel.state.memory import MemoryState
-from tests.support.agents import Cluster, eventually, group_doc, node_doc, running_agent, seed
+from tests.support.agents import Cluster, Running, eventually, group_doc, node_doc, running_agent, seed
 from tests.support.hfhub import Hub
 from tests.test_pull_s3_http import Files, http_files
 
@@ -86,20 +87,21 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def state(status: dict, name: str) -> dict:
+def state(status: dict[str, Any], name: str) -> dict[str, Any]:
     return (status.get("models") or {}).get(name) or {}
 
 
-def condition(status: dict, ctype: str) -> dict:
+def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == ctype), {})
 
 
-async def failed_with(run: object, name: str, reason: str) -> dict:
-    async def check() -> dict | None:
-        m = state(await run.status(), name)  # type: ignore[attr-defined]
+async def failed_with(run: Running, name: str, reason: str) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        m = state(await run.status(), name)
         return m if m.get("state") == "ModelDownloadError" and m.get("reason") == reason else None
 
-    return await eventually(check, timeout=30, what=f"{name} failed with {reason}")
+    found: dict[str, Any] = await eventually(check, timeout=30, what=f"{name} failed with {reason}")
+    return found
 
 
 async def downloaded(run: object, name: str) -> None:
@@ -329,7 +331,7 @@ async def test_links_planted_in_the_cache_are_refused_reported_and_never_followe
         mb = await failed_with(run, "b", "UnsafePath")
         assert f"{cache / 'models' / b} is a symbolic link" in mb["message"]
 
-        async def all_reported() -> dict | None:
+        async def all_reported() -> dict[str, Any] | None:
             cond = condition(await run.status(), "CacheFolderClean")
             return cond if "state file" in cond.get("message", "") else None
 

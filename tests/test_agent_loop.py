@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 from localmodel.kinds import EVENT, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
@@ -18,7 +19,7 @@ KiB = 1024
 MiB = 1 << 20
 
 
-def model_state(status: dict, name: str) -> str | None:
+def model_state(status: dict[str, Any], name: str) -> str | None:
     return (status.get("modelStatus") or {}).get(name)
 
 
@@ -86,7 +87,7 @@ async def test_refuses_what_does_not_fit_with_the_numbers(
     )
     async with running_agent(cluster.state, cache, store=cluster.store) as run:
 
-        async def settled() -> dict | None:
+        async def settled() -> dict[str, Any] | None:
             st = await run.status()
             ok = model_state(st, "a") == "ModelDownloaded" and model_state(st, "b") == "ModelDownloadError"
             # Once a is published its real size (20Ki) counts, not its declared 32Ki.
@@ -114,7 +115,7 @@ async def test_real_size_over_declared_refused_unless_it_still_fits(
     )
     async with running_agent(cluster.state, cache, store=cluster.store) as run:
 
-        async def settled() -> dict | None:
+        async def settled() -> dict[str, Any] | None:
             st = await run.status()
             states = (model_state(st, "small"), model_state(st, "huge"))
             return st if states == ("ModelDownloaded", "ModelDownloadError") else None
@@ -135,7 +136,7 @@ async def test_source_error_is_reported_and_retried_with_backoff(
     await seed(cluster.store, group_doc("g", path=cache), node_doc("n1", [("m", "hf://org/later", "1Mi")]))
     async with running_agent(cluster.state, cache, store=cluster.store, retry_base=1.5, retry_cap=1.5) as run:
 
-        async def failed() -> dict | None:
+        async def failed() -> dict[str, Any] | None:
             st = await run.status()
             return st if model_state(st, "m") == "ModelDownloadError" else None
 
@@ -221,7 +222,7 @@ async def test_cache_dir_mismatch_is_a_clear_error_and_changes_nothing(
     )
     async with running_agent(cluster.state, cache, store=cluster.store) as run:
 
-        async def invalid() -> dict | None:
+        async def invalid() -> dict[str, Any] | None:
             for c in (await run.status()).get("conditions") or []:
                 if c["type"] == "ConfigurationValid" and c["status"] == "False":
                     return dict(c)

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -32,7 +33,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def setup(tmp_path: Path, *caches: dict, limit: str = "1Gi") -> tuple[Path, Path]:
+def setup(tmp_path: Path, *caches: dict[str, Any], limit: str = "1Gi") -> tuple[Path, Path]:
     cache = tmp_path / "cache"
     docs = tmp_path / "docs.yaml"
     docs.write_text(yaml.safe_dump_all([group_doc("h100", limit=limit, path=cache), *caches]))

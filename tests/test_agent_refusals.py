@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -61,7 +62,7 @@ async def standalone(docs: Path, cache: Path) -> AsyncIterator[Running]:
         poller.cancel()
 
 
-def check_models(models: dict) -> None:
+def check_models(models: dict[str, Any]) -> None:
     big, typo = models["big"], models["typo"]
     assert (big["state"], big["reason"], big["message"]) == (
         "ModelDownloadError",

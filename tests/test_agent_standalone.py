@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,7 +21,7 @@ from tests.support.agents import Running, cache_doc, eventually, group_doc, runn
 from tests.support.hfhub import Hub
 
 
-def write_docs(path: Path, *docs: dict) -> None:
+def write_docs(path: Path, *docs: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump_all(docs))
     # A new mtime even within the same clock tick: the poller compares (mtime, size).
@@ -45,7 +46,7 @@ async def standalone(path: Path, cache: Path, labels: dict[str, str]) -> AsyncIt
         poller.cancel()
 
 
-def states(status: dict) -> dict[str, str]:
+def states(status: dict[str, Any]) -> dict[str, str]:
     return dict(status.get("modelStatus") or {})
 
 

@@ -9,6 +9,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import jsonpatch
 import pytest
@@ -182,7 +183,7 @@ async def test_a_body_over_the_cap_is_a_413_at_once(https: tuple[ClusterState, C
 # -- what a node group may point at: the one list ----------------------------------------------------
 
 
-def group_at(pv: dict[str, object]) -> dict[str, object]:
+def group_at(pv: dict[str, object]) -> dict[str, Any]:
     return {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "LocalModelNodeGroup",

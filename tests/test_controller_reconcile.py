@@ -42,7 +42,7 @@ from tests.support.kubeapi import KubeAPI
 @pytest_asyncio.fixture(params=["memory", "kube"])
 async def state(request: pytest.FixtureRequest) -> AsyncIterator[ClusterState]:
     if request.param == "memory":
-        yield MemoryState()  # MemoryState plus the watch fix (controller/embedded.py)
+        yield MemoryState()  # its watch skips other kinds without spinning (localmodel/state/memory.py)
         return
     api = KubeAPI()
     api.store = MemoryState()  # the emulator's storage needs the same watch fix
@@ -454,7 +454,7 @@ def test_cli_yaml_output_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFix
 
 async def test_embedded_watch_waits_while_other_kinds_change() -> None:
     """A watch of one kind must sleep, not spin, after writes of other kinds (the controller has
-    five watches on one event loop); see controller/embedded.py."""
+    five watches on one event loop); see MemoryState.watch in localmodel/state/memory.py."""
     state = MemoryState()
     seen: list[str] = []
 

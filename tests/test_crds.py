@@ -16,6 +16,7 @@ import celpy
 import jsonschema
 import pytest
 import yaml
+from celpy.adapter import json_to_cel
 
 from localmodel.documents import parse_text
 from localmodel.errors import SpecError
@@ -33,7 +34,8 @@ DATA = Path(__file__).parent / "data" / "crs"
 
 def schema_of(kind: str) -> dict[str, Any]:
     (version,) = CRDS[kind]["spec"]["versions"]
-    return version["schema"]["openAPIV3Schema"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
 
 
 def to_jsonschema(node: dict[str, Any]) -> dict[str, Any]:
@@ -69,9 +71,9 @@ def cel_errors(node: dict[str, Any], value: Any, old: Any, path: str) -> list[st
     for rule in node.get("x-kubernetes-validations", []):
         if "oldSelf" in rule["rule"] and old is None:
             continue  # a transition rule only runs on update
-        activation = {"self": celpy.json_to_cel(value)}
+        activation = {"self": json_to_cel(value)}
         if old is not None:
-            activation["oldSelf"] = celpy.json_to_cel(old)
+            activation["oldSelf"] = json_to_cel(old)
         program = env.program(env.compile(rule["rule"]))
         if not bool(program.evaluate(activation)):
             errors.append(f"{path}: {rule['message']}")
@@ -351,6 +353,7 @@ def test_group_may_name_only_a_hostpath_or_local_folder() -> None:
     assert validate(both) == ["spec.persistentVolumeSpec: give hostPath or local, not both"]
     # Every PersistentVolumeSpec field is declared: a source the rule does not list is an unknown field.
     # No folder at all (the attack: {} and hostPath: {} made no PV, silently).
+    empty: dict[str, Any]
     for empty in ({}, {"hostPath": {}}, {"local": {"path": ""}}):
         assert validate(_group(empty)), empty
     odd = _group({"futureVolume": {"path": "/"}})

@@ -1,6 +1,6 @@
-"""README and ``--help`` cannot drift: every subcommand's flags, read from its parser object, are in
-the command's README (or docs/) flag table and usage block, every flag those name exists, and every
-flag has a help text. The serve plan's keys are the ones README lists."""
+"""The docs and ``--help`` cannot drift: every subcommand's flags, read from its parser object, are in
+the command's flag table and usage block in docs/commands.md (serve's also in docs/runtime.md), every
+flag those name exists, and every flag has a help text. The serve plan's keys are the documented ones."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from controller import cli as controller_cli
 from runtime import cli as runtime_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+COMMANDS_DOC = (ROOT / "docs" / "commands.md").read_text()
+CONFIGURATION_DOC = (ROOT / "docs" / "configuration.md").read_text()
 RUNTIME_DOC = (ROOT / "docs" / "runtime.md").read_text()
 
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
@@ -62,7 +63,7 @@ def usage_flags(text: str) -> set[str] | None:
 
 
 def docs_of(command: str) -> str:
-    own = section(README, f"## `modelcache {command}`")
+    own = section(COMMANDS_DOC, f"## `modelcache {command}`")
     if command == "serve":
         # The launcher's own table; the KServe server flags below it are another command's.
         own += section(RUNTIME_DOC, "## Flags and environment").split("\n### ")[0]
@@ -74,22 +75,22 @@ def actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))
-def test_every_flag_is_in_the_readme_table_and_usage(command: str) -> None:
+def test_every_flag_is_in_the_docs_table_and_usage(command: str) -> None:
     doc = docs_of(command)
     table, usage = table_flags(doc), usage_flags(doc)
     for action in actions(PARSERS[command]()):
         names = set(action.option_strings)
-        assert names & table, f"modelcache {command} {action.option_strings[0]}: not in README's flag table"
+        assert names & table, f"modelcache {command} {action.option_strings[0]}: not in its docs' flag table"
         if usage is not None:
-            assert names & usage, f"modelcache {command} {action.option_strings[0]}: not in README's usage"
+            assert names & usage, f"modelcache {command} {action.option_strings[0]}: not in its docs' usage"
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))
-def test_every_flag_the_readme_names_exists(command: str) -> None:
+def test_every_flag_the_docs_name_exists(command: str) -> None:
     doc = docs_of(command)
     known = {o for a in actions(PARSERS[command]()) for o in a.option_strings}
     named = table_flags(doc) | (usage_flags(doc) or set())
-    assert named <= known, f"modelcache {command}: README names flags it does not take: {named - known}"
+    assert named <= known, f"modelcache {command}: the docs name flags it does not take: {named - known}"
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))
@@ -114,11 +115,11 @@ def test_the_serve_plan_keys_are_the_documented_ones(
     keys = set(json.loads(capsys.readouterr().out))
     row = next(line for line in docs_of("serve").splitlines() if line.startswith("| `--dry-run`"))
     documented = set(re.findall(r"`([a-z_]+)`", row.split("|")[2]))
-    assert keys <= documented, f"dry-run keys not in README: {keys - documented}"
+    assert keys <= documented, f"dry-run keys not in docs/commands.md: {keys - documented}"
 
 
 def test_pull_help_names_every_kind_of_source() -> None:
     text = " ".join(pull_cli.build_parser().format_help().split())
     for kind in ("hf://", "s3://", "http(s)://", "file:///PATH", "a plain /PATH"):
         assert kind in text
-    assert "`file:///PATH` or `/PATH`" in section(README, "## Sources")
+    assert "`file:///PATH` or `/PATH`" in section(CONFIGURATION_DOC, "## Sources")

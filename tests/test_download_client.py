@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from agent.download.client import ClientSettings, HttpClient, Response
 from localmodel.errors import AccessDenied, DownloadError, InvalidInput, TransientError
@@ -35,11 +36,11 @@ class Server:
 
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
         @web.middleware
-        async def record(request: web.Request, handler: Callable[..., object]) -> web.StreamResponse:
+        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
             self.seen.append((request.path_qs, dict(request.headers)))
             if request.transport is not None:
                 self.peers.add(request.transport.get_extra_info("peername"))
-            return await handler(request)  # type: ignore[misc]
+            return await handler(request)
 
         app = web.Application(middlewares=[record])
         app.add_routes(self.routes(self))

@@ -135,7 +135,7 @@ async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, t
             return all(labels.get(model_label(key)) == MODEL_LABEL_VALUE for labels in nodes.values())
 
         await eventually(labelled, timeout=15, what="model labels on the nodes")
-        pod = {
+        pod: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {

@@ -83,7 +83,7 @@ json_values = st.recursive(
 def test_resource_parsers_raise_only_spec_error(doc: dict[str, object]) -> None:
     for cls in (LocalModelCache, LocalModelNodeGroup, LocalModelNode):
         with contextlib.suppress(SpecError):
-            cls.from_json(doc)  # type: ignore[attr-defined]
+            cls.from_json(doc)
 
 
 @fast

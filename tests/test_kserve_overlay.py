@@ -16,7 +16,8 @@ from agent.desired import desired
 from controller import cli as controller_cli
 from controller.admission import validate_group
 from localmodel.errors import SpecError
-from localmodel.resources import LocalModelNode, LocalModelNodeGroup, cache_path_error
+from localmodel.folders import cache_path_error
+from localmodel.resources import LocalModelNode, LocalModelNodeGroup
 from tests.support.agents import node_doc
 from tests.test_crds import validate as crd_errors
 from tests.test_manifests import (

@@ -282,7 +282,7 @@ async def test_put_is_pruned_and_needs_a_resource_version(kserve: tuple[KubeAPI,
     client = AsyncClient(config, field_manager="crd-test")
     try:
         current = await client.get(Cache, "m")
-        body = current.to_dict()
+        body = current.to_dict()  # type: ignore[no-untyped-call]  # lightkube's generic resource is untyped
         body["spec"]["nodeGroups"] = ["h"]
         body["spec"]["nodeGroup"] = "h"
         body["metadata"]["labels"] = {"a": "b"}

@@ -211,7 +211,7 @@ def test_renders_and_validates(path: str) -> None:
 
 
 def test_custom_schemas_catch_mistakes() -> None:
-    rule = {
+    rule: dict[str, Any] = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {"name": "x"},

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,8 @@ def test_the_checks_catch_what_they_name() -> None:
         "volumes": [{"name": "t", "emptyDir": {}}],
     }
     assert restricted(good) == []
-    cases = [
+    Check = Callable[[dict[str, Any]], list[str]]
+    cases: list[tuple[Callable[[dict[str, Any]], object], Check, str]] = [
         (lambda p: p.update(hostNetwork=True), baseline, "spec.hostNetwork"),
         (lambda p: p["containers"][0]["securityContext"].update(privileged=True), baseline, "c.privileged"),
         (

@@ -7,13 +7,14 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.download.pull import http_client, pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
-from agent.download.transfer import TransferSettings
+from agent.download.transfer import PullResult, TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, TransientError, UnsafePath
 from localmodel.uri import parse_uri
 from tests.support.hfhub import Hub
@@ -32,8 +33,9 @@ def model_files() -> dict[str, bytes]:
     }
 
 
-async def run_pull(hub: Hub, uri: str, dest: Path, **kw: object) -> object:
-    settings = TransferSettings(**{"chunk_size": MiB, "backoff_initial": 0.01, **kw})  # type: ignore[arg-type]
+async def run_pull(hub: Hub, uri: str, dest: Path, **kw: Any) -> PullResult:
+    options: dict[str, Any] = {"chunk_size": MiB, "backoff_initial": 0.01, **kw}
+    settings = TransferSettings(**options)
     return await pull(
         parse_uri(uri),
         Destination.for_folder(dest),
@@ -230,7 +232,7 @@ async def test_a_new_revision_fetches_only_what_changed(hf_hub: Hub, tmp_path: P
     }
     assert "model-00001-of-00002.safetensors" not in fetched  # unchanged: linked from the old copy
     assert {"model-00002-of-00002.safetensors", "new.txt"} <= fetched
-    assert result.bytes_transferred < 3 * MiB  # type: ignore[attr-defined]
+    assert result.bytes_transferred < 3 * MiB
     assert (dest / "model-00001-of-00002.safetensors").stat().st_ino == before.st_ino
 
 

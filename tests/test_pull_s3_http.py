@@ -8,6 +8,7 @@ import tarfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -16,7 +17,7 @@ from aiohttp import web
 from agent.download.pull import pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
-from agent.download.transfer import TransferSettings
+from agent.download.transfer import PullResult, TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound, UnsafePath
 from localmodel.uri import parse_uri
 from tests.support.s3 import S3
@@ -25,12 +26,13 @@ from tests.support.s3files import S3Files
 MiB = 1 << 20
 
 
-async def run(uri: str, dest: Path, **kw: object) -> object:
+async def run(uri: str, dest: Path, **kw: Any) -> PullResult:
+    options: dict[str, Any] = {"chunk_size": MiB, "backoff_initial": 0.01, **kw}
     return await pull(
         parse_uri(uri),
         Destination.for_folder(dest),
         sources=SourceSettings.from_env(),
-        transfer=TransferSettings(**{"chunk_size": MiB, "backoff_initial": 0.01, **kw}),  # type: ignore[arg-type]
+        transfer=TransferSettings(**options),
     )
 
 

@@ -164,7 +164,7 @@ def test_status_parsing_and_enums() -> None:
 
 
 def test_local_model_node_round_trip() -> None:
-    doc = {
+    doc: dict[str, Any] = {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "LocalModelNode",
         "metadata": {"name": "node-1"},

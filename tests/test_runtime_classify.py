@@ -61,7 +61,8 @@ class FakeTensor:
     ``.numpy()`` on a CUDA tensor did (KServe #4443)."""
 
     def __init__(self, data: list[list[float]], device: str = "cuda") -> None:
-        self.data, self.device, self.calls = data, device, []
+        self.data, self.device = data, device
+        self.calls: list[str] = []
 
     def detach(self) -> FakeTensor:
         self.calls.append("detach")
@@ -1078,7 +1079,10 @@ def test_cuda_engine_moves_logits_to_the_cpu(tmp_path: Path) -> None:
         gpu, cpu = answers
         if task == "fill_mask":
             assert gpu.predicted == cpu.predicted
-        scores = (lambda a: a) if task == "text_embedding" else (lambda a: a.logits)
+
+        def scores(answer: Any) -> Any:
+            return answer if task == "text_embedding" else answer.logits
+
         assert _flatten(scores(gpu)) == pytest.approx(_flatten(scores(cpu)), abs=1e-4)
 
 

@@ -287,7 +287,7 @@ def test_classifier_on_vllm_pooling_through_modelcache_serve(tmp_path: Path, ser
 # vLLM's Ray executor refuses the CPU, so the launcher is run up to its exec of vLLM: a stand-in that
 # records its argv and environment, then attaches to the cluster as vLLM's Ray executor would and
 # reserves the placement group vLLM asks for (one {"GPU": 1} bundle per rank).
-# Facts this relies on (../shared/reference/runtime.md, measured with ray 2.60.0): Ray rewrites
+# Facts this relies on (found by trying them with ray 2.60.0): Ray rewrites
 # 127.0.0.1 to the machine's address and a node joining there hangs, so the nodes are 127.0.0.2 and
 # 127.0.0.3; `ray stop` kills every Ray process on the machine, so each node is started in a session
 # of its own and only those sessions are killed. The launcher's head listens on Ray's port 6379.

@@ -35,6 +35,7 @@ def one(path: Path) -> dict[str, Any]:
 
 
 def container(doc: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any]
     (c,) = doc["spec"]["containers"]
     return c
 
@@ -117,7 +118,7 @@ def test_example_cache_and_inference_service() -> None:
         assert group in cache["spec"]["nodeGroups"]
         model = svc["spec"]["predictor"]["model"]
         if "workerSpec" in svc["spec"]["predictor"]:
-            # the cache's claim for the group, at the model's folder in it (README: Serving)
+            # the cache's claim for the group, at the model's folder in it (docs/commands.md: Serving)
             key = storage_key(cache["spec"]["sourceModelUri"])
             assert model["storageUri"] == f"pvc://{cache['metadata']['name']}-{group}/models/{key}"
         else:
@@ -177,6 +178,7 @@ DEFAULT_COMPONENT = FOLDER / "as-default"
 
 
 def _format(doc: dict[str, Any]) -> dict[str, Any]:
+    fmt: dict[str, Any]
     (fmt,) = [f for f in doc["spec"]["supportedModelFormats"] if f["name"] == "huggingface"]
     return fmt
 

@@ -113,7 +113,7 @@ async def test_http_head_that_never_answers_fails_after_the_retries_naming_the_e
 
 
 async def test_s3_folder_marker_without_slash_is_taken_as_the_folder(s3: S3, tmp_path: Path) -> None:
-    """field-cases.md section 4: `models/llama` is an empty application/x-directory object beside
+    """A case from the field: `models/llama` is an empty application/x-directory object beside
     `models/llama/...`; the model is the folder's two files, not one empty file."""
     bucket = s3.bucket(f"b-{uuid.uuid4().hex[:8]}")
     s3.client.put_object(Bucket=bucket, Key="models/llama", Body=b"", ContentType="application/x-directory")

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound
 from localmodel.kinds import EVENT, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
-from localmodel.state.base import ClusterState, Selector, WatchEvent, update_status, watch
+from localmodel.state.base import ClusterState, ObjectList, Selector, WatchEvent, update_status, watch
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 from tests.support.kubeapi import KubeAPI
@@ -68,7 +68,10 @@ async def test_create_get_list_with_selectors(backend: Backend) -> None:
     await s.create(LOCAL_MODEL_CACHE, cache("b", tier="silver"))
     got = await s.get(LOCAL_MODEL_CACHE, "a")
     assert got["spec"]["sourceModelUri"] == "hf://org/a" and got["apiVersion"] == "serving.kserve.io/v1alpha1"
-    names = lambda lst: [o["metadata"]["name"] for o in lst.items]  # noqa: E731
+
+    def names(lst: ObjectList) -> list[str]:
+        return [o["metadata"]["name"] for o in lst.items]
+
     assert names(await s.list(LOCAL_MODEL_CACHE)) == ["a", "b"]
     assert names(await s.list(LOCAL_MODEL_CACHE, selector=Selector(labels={"tier": "silver"}))) == ["b"]
     assert names(await s.list(LOCAL_MODEL_CACHE, selector=Selector(fields={"metadata.name": "a"}))) == ["a"]
@@ -153,7 +156,7 @@ async def test_delete_with_finalizers(backend: Backend) -> None:
 
 
 async def collect(agen: AsyncIterator[WatchEvent], n: int) -> list[tuple[str, str]]:
-    out = []
+    out: list[tuple[str, str]] = []
     async for event in agen:
         out.append((event.type, event.object["metadata"]["name"]))
         if len(out) == n:
@@ -231,9 +234,10 @@ async def test_events_are_namespaced_objects(backend: Backend) -> None:
 async def test_kube_backend_from_a_kubeconfig_sends_its_token(kube_api: KubeAPI, tmp_path: Any) -> None:
     seen: list[str] = []
     from aiohttp import web
+    from aiohttp.typedefs import Handler
 
     @web.middleware
-    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
         seen.append(request.headers.get("Authorization", ""))
         return await handler(request)
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from localmodel.errors import URIError
@@ -113,7 +115,7 @@ def test_storage_key_matches_kserve() -> None:
     assert storage_key("hf://meta-llama/meta-llama-3-8b-instruct:main") != "c277d78a31bc6624"
 
 
-def test_layout_paths_refuse_non_keys(tmp_path) -> None:
+def test_layout_paths_refuse_non_keys(tmp_path: Path) -> None:
     layout = CacheLayout(tmp_path)
     key = storage_key("hf://a/b")
     assert layout.model_dir(key) == tmp_path / "models" / key

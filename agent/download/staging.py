@@ -104,7 +104,10 @@ class Destination:
         ``force``. Anything else is someone's files and is never deleted."""
         if self.force or not os.path.lexists(self.final) or self.owned():
             return True
-        return _is_real_dir(self.final) and not any(os.scandir(self.final))
+        if not _is_real_dir(self.final):
+            return False
+        with os.scandir(self.final) as entries:  # closed at once: any() stops at the first
+            return not any(entries)
 
     def refuse_foreign(self) -> None:
         """Raise :class:`ForeignFolder` (naming what is there) unless :meth:`replaceable`."""

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -148,7 +148,7 @@ async def watch(
     max_delay: float = 60.0,
     relist_every: float | None = None,
     on_list: Callable[[], None] | None = None,
-) -> AsyncIterator[WatchEvent]:
+) -> AsyncGenerator[WatchEvent]:
     """List then watch, forever: the informer pattern without a cache of its own. (Over 80 lines
     because the list, the stream and the retry share one loop's state: the known set and the delay.)
 

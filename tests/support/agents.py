@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ def group_doc(name: str, *, limit: str = "1Gi", path: Path | None = None, label:
     }
 
 
-def node_doc(name: str, models: list[tuple[str, str, str | None]], *, group: str = "g") -> JSON:
+def node_doc(name: str, models: Sequence[tuple[str, str, str | None]], *, group: str = "g") -> JSON:
     """``models``: (modelName, sourceModelUri, modelSize or None)."""
     local = []
     for model_name, uri, size in models:
