@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -58,6 +59,7 @@ from urllib.parse import quote, unquote
 import google_crc32c
 from aiohttp import hdrs, web
 
+from tests.support.loopthread import LoopThread
 from tests.support.s3files import _ObjectResponse
 
 MAX_RESULTS = 1000  # objects.list's page size limit
@@ -91,9 +93,8 @@ class GcsFiles:
         self._meta: dict[tuple[str, str], Meta] = {}
         self._grants: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: LoopThread | None = None
 
     # -- content ----------------------------------------------------------------------------
 
@@ -170,34 +171,14 @@ class GcsFiles:
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Serve on an event loop in a daemon thread; returns once the port is bound."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._start(host, port))
-            except BaseException as e:  # handed to the caller of start()
-                failure.append(e)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._stop())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="gcsfiles", daemon=True)
-        self._thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("gcsfiles did not start within 30 s")
-        if failure:
-            raise failure[0]
+        self._thread = LoopThread("gcsfiles")
+        self._thread.run(self._start(host, port))
 
     def close(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
+        if self._thread is not None:
+            with contextlib.suppress(Exception):
+                self._thread.run(self._stop())
+            self._thread.stop()
 
     async def _start(self, host: str, port: int) -> None:
         app = web.Application()
