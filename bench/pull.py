@@ -34,8 +34,9 @@ takes about one core of its own to serve, so on a 2-core machine it competes wit
   URLs), over loopback to /dev/null (curl, one per file, in parallel), and writing them to the same
   disk (dd with fdatasync).
 
-Prints MB/s, peak RSS of each process, and the ratios the targets are stated in. Absolute numbers
-on a shared 2-core machine are noise; the ratios within one run are the result.
+Prints MB/s, peak RSS and CPU seconds (user + system) of each process, and the ratios the targets
+are stated in. Absolute numbers on a shared 2-core machine are noise; the ratios within one run are
+the result, and the CPU seconds show what each client costs when the machine is loaded.
 """
 
 from __future__ import annotations
@@ -110,10 +111,11 @@ REPEAT = 1
 
 def run(
     argv: list[str], env: dict[str, str] | None = None, *, before: Path | None = None
-) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MiB) of one process: the best of REPEAT runs, ``before`` made
-    fresh (and created) before each."""
-    best: tuple[float, int] | None = None
+) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + system) of one process: the best of
+    REPEAT runs, ``before`` made fresh (and created) before each. On a shared machine the CPU
+    seconds move less than the wall time."""
+    best: tuple[float, int, float] | None = None
     for _ in range(REPEAT):
         if before is not None:
             fresh(before).mkdir()
@@ -125,12 +127,12 @@ def run(
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{argv[:4]} failed with {status}")
         if best is None or seconds < best[0]:
-            best = (seconds, usage.ru_maxrss // 1024)
+            best = (seconds, usage.ru_maxrss // 1024, usage.ru_utime + usage.ru_stime)
     assert best is not None
     return best
 
 
-def curl_all(urls: list[str]) -> tuple[float, int]:
+def curl_all(urls: list[str]) -> tuple[float, int, float]:
     """Read every URL to /dev/null at once (one curl each): the loopback limit of a server."""
     best = None
     for _ in range(REPEAT):
@@ -141,7 +143,7 @@ def curl_all(urls: list[str]) -> tuple[float, int]:
         seconds = time.perf_counter() - start
         best = seconds if best is None else min(best, seconds)
     assert best is not None
-    return best, 0
+    return best, 0, 0.0
 
 
 def fresh(path: Path) -> Path:
@@ -372,7 +374,7 @@ def main() -> None:
     out = work / "out" / "model"
     bin_dir = Path(PY).parent
     mc = str(bin_dir / "modelcache")
-    results: dict[str, tuple[float, int]] = {}
+    results: dict[str, tuple[float, int, float]] = {}
     failed: dict[str, str] = {}
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -509,9 +511,9 @@ def main() -> None:
         f"\n{total / 2**30:.2f} GiB in {len(sizes)} files, {os.cpu_count()} CPUs, S3 server: {args.s3_server}"
     )
     print(f"best of {REPEAT} run(s) each\n")
-    print(f"{'what':45} {'seconds':>8} {'MB/s':>8} {'peak RSS MiB':>13}")
-    for name, (secs, rss) in results.items():
-        print(f"{name:45} {secs:8.2f} {mb / secs:8.0f} {rss or '':>13}")
+    print(f"{'what':45} {'seconds':>8} {'MB/s':>8} {'peak RSS MiB':>13} {'CPU s':>8}")
+    for name, (secs, rss, cpu) in results.items():
+        print(f"{name:45} {secs:8.2f} {mb / secs:8.0f} {rss or '':>13} {f'{cpu:.2f}' if cpu else '':>8}")
 
     for name, why in failed.items():
         print(f"{name:45} failed: {why}")
