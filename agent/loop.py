@@ -454,7 +454,7 @@ class Agent:
                 continue  # its cancellation finishes first; the next reconcile deletes it
             await self._delete(key)
         now = time.monotonic()
-        by_name = {m.model_name: m for m in d.models}
+        by_name = {m.status_key: m for m in d.models}
         for r in result.refuse:
             model = by_name[r.name]
             rec = self._record(model.storage_key, model.source_model_uri)
@@ -485,7 +485,7 @@ class Agent:
             rec.state = ModelState.PENDING  # until a download slot is free
             self.tasks[key] = asyncio.create_task(
                 self._download(
-                    model.model_name,
+                    model.status_key,
                     key,
                     model.source_model_uri,
                     model.model_size.bytes if model.model_size else None,
@@ -535,7 +535,7 @@ class Agent:
     def _plan(self) -> Plan:
         wants = tuple(
             Want(
-                name=m.model_name,
+                name=m.status_key,
                 key=m.storage_key,
                 declared=m.model_size.bytes if m.model_size else None,
                 real=rec.real_size if (rec := self.records.get(m.storage_key)) else None,
@@ -753,7 +753,7 @@ class Agent:
         for m in d.models:
             rec = self.records.get(m.storage_key)
             progress = rec.progress() if rec else ModelProgress(ModelState.PENDING, m.storage_key)
-            for alias in d.aliases.get(m.storage_key, (m.model_name,)):
+            for alias in d.aliases.get(m.storage_key, (m.status_key,)):
                 model_status[alias] = progress.state
                 models[alias] = progress
         for r in self.refused():
