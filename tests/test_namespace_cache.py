@@ -21,16 +21,20 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from agent.standalone import StandaloneSource
 from controller.admission import place_pod, validate_cache
+from controller.cli import load_standalone
 from controller.metrics import ControllerMetrics
 from controller.plan import plan
+from controller.reconcile import Controller, Settings
 from controller.serving import serving_demands, volume_name, volume_ref, volume_writes
 from controller.snapshot import Options, ServingDemand, Snapshot, listing
 from controller.status import isvc_caches
 from controller.views import InferenceService, Pod
+from localmodel.documents import load_documents
 from localmodel.errors import SpecError
 from localmodel.events import event_body
-from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE
+from localmodel.kinds import EVENT, LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
 from localmodel.placement import admit, layout
 from localmodel.resources import (
@@ -48,6 +52,7 @@ from localmodel.resources import (
     parse_cache,
     split_key,
 )
+from localmodel.state.memory import MemoryState
 
 ROOT = Path(__file__).resolve().parent.parent
 KSERVE_CRDS = Path(__file__).parent / "data" / "kserve-crds"
@@ -477,3 +482,83 @@ def test_our_localmodelnode_crd_takes_entries_of_one_model_name() -> None:
     assert "x-kubernetes-list-map-keys" not in local_models
     kserve = _schema(KSERVE_CRDS / "serving.kserve.io_localmodelnodes.yaml")["properties"]["spec"]
     assert "x-kubernetes-list-type" not in kserve["properties"]["localModels"]
+
+
+# -- the embedded state: documents of kind LocalModelNamespaceCache ------------------------------
+
+
+def _documents(path: Path, *, node: bool = True) -> Path:
+    """A Node (``node``: the controller's documents have one, the agent's its labels instead), a
+    group, a cluster cache and two namespace caches of one name."""
+    node_doc = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"gpu": "g"}}}
+    docs = [
+        *([node_doc] if node else []),
+        group().to_json(),
+        cache_json("llama", URI, "1Gi"),
+        cache_json("llama", URI, "1Gi", namespace="team-a"),
+        cache_json("llama", OTHER, "1Gi", namespace="team-b"),
+    ]
+    for d in docs:
+        d["metadata"].pop("uid", None)
+        d["metadata"].pop("creationTimestamp", None)
+    path.write_text(yaml.safe_dump_all(docs))
+    return path
+
+
+async def test_controller_over_documents_places_namespace_caches(tmp_path: Path) -> None:
+    state = MemoryState()
+    await load_standalone(state, _documents(tmp_path / "docs.yaml"), initial=True)
+    controller = Controller(state, Settings(standalone=True))
+    await controller.run(once=True)
+    lmn = await state.get(LOCAL_MODEL_NODE, "n1")
+    assert [(m["modelName"], m.get("namespace")) for m in lmn["spec"]["localModels"]] == [
+        ("llama", None),
+        ("llama", "team-a"),
+        ("llama", "team-b"),
+    ]
+    team_a = await state.get(LOCAL_MODEL_NAMESPACE_CACHE, "llama", namespace="team-a")
+    assert team_a["metadata"]["finalizers"] == [NAMESPACE_CACHE_FINALIZER]
+    assert team_a["status"]["nodeStatus"] == {"n1": "NodeDownloadPending"}
+    assert team_a["status"]["copies"] == {"available": 0, "total": 1, "failed": 0}
+    events = (await state.list(EVENT, namespace="team-b")).items
+    assert {(e["reason"], e["involvedObject"]["kind"], e["involvedObject"]["name"]) for e in events} >= {
+        ("Admitted", "LocalModelNamespaceCache", "llama"),
+        ("Placed", "LocalModelNamespaceCache", "llama"),
+    }
+
+
+async def test_agent_standalone_places_namespace_caches(tmp_path: Path) -> None:
+    state = MemoryState()
+    docs = _documents(tmp_path / "docs.yaml", node=False)
+    source = StandaloneSource(docs, node_name="n1", labels={"gpu": "g"}, state=state)
+    assert await source.load()
+    lmn = LocalModelNode.from_json(await state.get(LOCAL_MODEL_NODE, "n1"))
+    assert [m.status_key for m in lmn.local_models] == ["llama", "team-a/llama", "team-b/llama"]
+    assert [c["metadata"]["namespace"] for c in (await state.list(LOCAL_MODEL_NAMESPACE_CACHE)).items] == [
+        "team-a",
+        "team-b",
+    ]
+
+
+def test_documents_tell_namespace_caches_apart_by_namespace(tmp_path: Path) -> None:
+    docs = [cache_json("llama", URI, "1Gi", namespace="a"), cache_json("llama", URI, "1Gi", namespace="b")]
+    path = tmp_path / "docs.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    assert [d.name for d in load_documents(path)] == ["a/llama", "b/llama"]
+    path.write_text(yaml.safe_dump_all([docs[0], docs[0]]))
+    with pytest.raises(SpecError, match="LocalModelNamespaceCache 'a/llama' is defined twice"):
+        load_documents(path)
+
+
+async def test_embedded_state_applies_and_prunes_namespaced_documents_by_namespace() -> None:
+    state = MemoryState()
+    a, b = cache_json("llama", URI, "1Gi", namespace="a"), cache_json("llama", OTHER, "1Gi", namespace="b")
+    await state.apply(LOCAL_MODEL_NAMESPACE_CACHE, [a, b], prune=True)
+    stored = (await state.list(LOCAL_MODEL_NAMESPACE_CACHE)).items
+    assert sorted((o["metadata"]["namespace"], o["spec"]["sourceModelUri"]) for o in stored) == [
+        ("a", URI),
+        ("b", OTHER),
+    ]
+    await state.apply(LOCAL_MODEL_NAMESPACE_CACHE, [b], prune=True)  # a's document is gone
+    stored = (await state.list(LOCAL_MODEL_NAMESPACE_CACHE)).items
+    assert [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in stored] == [("b", "llama")]
