@@ -262,8 +262,9 @@ def isvc_caches(isvc: InferenceService, caches: Mapping[str, LocalModelCache]) -
     cluster caches (KServe prefers the namespace cache, and never uses another namespace's:
     pkg/apis/serving/v1beta1/inference_service_defaults.go:504-546 at KServe v0.20)."""
     out: set[str] = set()
-    if isvc.named is not None and isvc.named in caches:
-        out.add(isvc.named)
+    named = caches.get(isvc.named) if isvc.named is not None else None
+    if named is not None and named.namespace in (None, isvc.namespace):
+        out.add(named.key)  # another namespace's cache is never its (KServe ignores such labels)
     for uri in isvc.storage_uris:
         own: set[str] = set()
         cluster: set[str] = set()

@@ -261,6 +261,9 @@ def test_an_inference_service_prefers_its_namespace_s_cache() -> None:
     labelled = isvc("team-b", {LOCALMODEL_LABEL: "theirs", LOCALMODEL_NAMESPACE_LABEL: "team-b"})
     assert labelled.named == "team-b/theirs"
     assert isvc_caches(labelled, caches) == {"team-b/theirs"}
+    # Labels naming another namespace's cache (KServe's reconciler ignores them): not its cache.
+    foreign = isvc("team-c", {LOCALMODEL_LABEL: "theirs", LOCALMODEL_NAMESPACE_LABEL: "team-b"})
+    assert isvc_caches(foreign, caches) == {"llama"}
 
 
 def test_a_pod_names_a_namespace_cache_by_kserve_s_two_labels() -> None:
