@@ -29,7 +29,8 @@ class Desired:
     models: tuple[LocalModelInfo, ...]
     limit: int | None
     known: bool
-    aliases: Mapping[str, tuple[str, ...]]  # storage key -> every modelName that wants it
+    # storage key -> the status key (modelName, or <namespace>/<modelName>) of every entry wanting it
+    aliases: Mapping[str, tuple[str, ...]]
 
 
 def desired(
@@ -46,7 +47,7 @@ def desired(
     used_groups: set[str] = set()
     for model in node.local_models:
         key = model.storage_key
-        aliases.setdefault(key, []).append(model.model_name)
+        aliases.setdefault(key, []).append(model.status_key)
         by_key.setdefault(key, model)
         if model.node_group:
             used_groups.add(model.node_group)

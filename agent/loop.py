@@ -400,7 +400,7 @@ class Agent:
                 continue  # its cancellation finishes first; the next reconcile deletes it
             await self._delete(key)
         now = time.monotonic()
-        by_name = {m.model_name: m for m in d.models}
+        by_name = {m.status_key: m for m in d.models}
         for r in result.refuse:
             model = by_name[r.name]
             rec = self._record(model.storage_key, model.source_model_uri)
@@ -429,7 +429,7 @@ class Agent:
             rec.progress = records.queued(rec.progress)  # until a download slot is free
             self.tasks[key] = asyncio.create_task(
                 self._download(
-                    model.model_name,
+                    model.status_key,
                     key,
                     model.source_model_uri,
                     model.model_size.bytes if model.model_size else None,
@@ -479,7 +479,7 @@ class Agent:
     def _plan(self) -> Plan:
         wants = tuple(
             Want(
-                name=m.model_name,
+                name=m.status_key,
                 key=m.storage_key,
                 declared=m.model_size.bytes if m.model_size else None,
                 real=rec.real_size if (rec := self.records.get(m.storage_key)) else None,

@@ -16,14 +16,19 @@ from pathlib import Path
 from agent.desired import node_object, standalone_placement
 from localmodel.documents import document_files, load_documents
 from localmodel.errors import InvalidInput, NotFound
-from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
+from localmodel.kinds import (
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+)
 from localmodel.placement import Refusal
-from localmodel.resources import LocalModelCache, LocalModelNodeGroup
+from localmodel.resources import LocalModelNodeGroup, parse_cache
 from localmodel.state.memory import MemoryState
 
 log = logging.getLogger("modelcache.agent")
 
-KINDS = ("LocalModelCache", "LocalModelNodeGroup")
+KINDS = ("LocalModelCache", "LocalModelNamespaceCache", "LocalModelNodeGroup")
 
 
 def _fingerprint(path: Path, exclude: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
@@ -74,7 +79,11 @@ class StandaloneSource:
         self._seen = await asyncio.to_thread(_fingerprint, self.path, self.exclude)
         try:
             docs = await asyncio.to_thread(load_documents, self.path, kinds=KINDS, exclude=self.exclude)
-            caches = [LocalModelCache.from_json(d.object) for d in docs if d.kind is LOCAL_MODEL_CACHE]
+            caches = [
+                parse_cache(d.object)
+                for d in docs
+                if d.kind in (LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE)
+            ]
             groups = [
                 LocalModelNodeGroup.from_json(d.object) for d in docs if d.kind is LOCAL_MODEL_NODE_GROUP
             ]
@@ -82,7 +91,8 @@ class StandaloneSource:
             self._fail(f"{e} (the last good documents stay in force)" if self.loaded else str(e), report)
             return False
         await self.state.apply(LOCAL_MODEL_NODE_GROUP, [g.to_json() for g in groups], prune=True)
-        await self.state.apply(LOCAL_MODEL_CACHE, [c.to_json() for c in caches], prune=True)
+        for kind in (LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE):
+            await self.state.apply(kind, [c.to_json() for c in caches if c.kind is kind], prune=True)
         placement = standalone_placement(
             node_name=self.node_name, labels=self.labels, caches=caches, groups=groups
         )

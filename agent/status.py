@@ -150,7 +150,7 @@ def node_status(
     models: dict[str, ModelProgress] = {}
     for m in desired.models:
         shown = progress.get(m.storage_key) or ModelProgress(ModelState.PENDING, m.storage_key)
-        for alias in desired.aliases.get(m.storage_key, (m.model_name,)):
+        for alias in desired.aliases.get(m.storage_key, (m.status_key,)):
             model_status[alias] = shown.state
             models[alias] = shown
     for r in refused:

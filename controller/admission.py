@@ -14,15 +14,24 @@ a group that does not exist, a cache that does not exist or does not list the gr
 by it, a model that no node of the group holds yet, and a mount of a serving claim with a
 ``subPath`` or ``subPathExpr`` it cannot rewrite.
 
-LocalModelCaches. Refused at create or spec update: a bad ``sourceModelUri`` or any other invalid
-field, a ``file://`` source, an http(s) host that is the node or the cluster
-(:func:`localmodel.hosts.internal_host_error`), a ``modelcache.io/serving-namespaces`` entry that
-is not a namespace it may serve in (also on an update of that annotation alone), a serving claim
-name ``<cache>-<group>`` another cache already has, a node group that does not exist or is invalid, a
-cache that no listed group can admit (the same admission the controller runs, with the caches
-already there), a second cache of the same URI. A group that admits it while another does not is a
-warning. Updates that leave the spec alone (finalizers,
-labels, status) and deletions are always allowed, so the controller's own writes never bounce.
+KServe's LocalModelNamespaceCache (v0.18+) is named by the pod's ``localmodel`` label with its
+``localmodel-namespace`` label beside it (what KServe's InferenceService defaulter writes,
+pkg/apis/serving/v1beta1/inference_service_defaults.go:537-538 at KServe v0.20); it serves pods of
+its own namespace only (a pod of another namespace naming it is refused), and is judged as a
+cluster cache is.
+
+LocalModelCaches and LocalModelNamespaceCaches. Refused at create or spec update: a bad
+``sourceModelUri`` or any other invalid field, a ``file://`` source, an http(s) host that is the
+node or the cluster (:func:`localmodel.hosts.internal_host_error`), a ``modelcache.io/serving-
+namespaces`` entry that is not a namespace it may serve in (also on an update of that annotation
+alone), a serving claim name ``<cache>-<group>`` another cache already has, a node group that does
+not exist or is invalid, a cache that no listed group can admit (the same admission the controller
+runs, with the caches of both kinds already there), a second cache of the same URI in the same scope
+(cluster caches among themselves; a LocalModelNamespaceCache among those of its namespace: beside a
+cluster cache of the same model it is KServe's way to give one namespace its own, preferred copy). A
+group that admits it while another does not is a warning. Updates that leave the spec alone
+(finalizers, labels, status) and deletions are always allowed, so the controller's own writes never
+bounce.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ from localmodel.resources import (
     LocalModelNodeGroup,
     Node,
     cluster_group,
+    parse_cache,
+    split_key,
 )
 from localmodel.uri import SourceURI, parse_uri
 
@@ -116,6 +127,26 @@ def pod_ask(pod: Mapping[str, Any]) -> PodAsk:
     return PodAsk(named_group(annotations), named_cache(labels, annotations))
 
 
+def cache_title(key: str) -> str:
+    """How a refusal names the cache a pod asks for by key: ``LocalModelCache 'x'`` or
+    ``LocalModelNamespaceCache 'ns/x'``."""
+    namespace, _ = split_key(key)
+    return f"{'LocalModelCache' if namespace is None else 'LocalModelNamespaceCache'} {key!r}"
+
+
+def foreign_cache_error(key: str, namespace: str) -> str | None:
+    """Why a pod of ``namespace`` may not use the cache of key ``key``: a LocalModelNamespaceCache
+    of another namespace (KServe uses one only for InferenceServices of its own namespace,
+    localmodelnamespacecache_reconciler.go:159-162 at KServe v0.20); None when it may."""
+    owner, _ = split_key(key)
+    if owner is None or owner == namespace:
+        return None
+    return (
+        f"{cache_title(key)} serves namespace {owner!r} only; this pod is in {namespace!r} "
+        "(use a LocalModelCache, or a LocalModelNamespaceCache of this namespace)"
+    )
+
+
 def place_pod(
     pod: Mapping[str, Any],
     *,
@@ -123,11 +154,13 @@ def place_pod(
     group: LocalModelNodeGroup | None,
     ready_nodes: Iterable[Node] = (),
     our_claims: AbstractSet[str] = frozenset(),
+    namespace: str | None = None,
 ) -> Verdict:
     """The verdict on a pod at create. ``cache`` and ``group`` are the objects the pod's ask names
     (None: not found; the group is the cache's first when the pod names none); ``ready_nodes`` are
     nodes whose labels mark the cache's model ready (others are ignored); ``our_claims`` are the
-    serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`).
+    serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`);
+    ``namespace`` is the pod's (the AdmissionReview's; its metadata's, else ``default``, when None).
     A pod whose metadata,
     labels, annotations or spec are not objects is refused naming the field."""
     if (shape := shape_error(pod) or _pod_spec_error(pod)) is not None:
@@ -137,14 +170,17 @@ def place_pod(
         return Verdict(True)
     group_name = ask.group
     if ask.cache is not None:
+        ns = namespace or str((pod.get("metadata") or {}).get("namespace") or "default")
+        if (foreign := foreign_cache_error(ask.cache, ns)) is not None:
+            return Verdict.refuse(foreign)
         if cache is None:
-            return Verdict.refuse(f"LocalModelCache {ask.cache!r} does not exist")
+            return Verdict.refuse(f"{cache_title(ask.cache)} does not exist")
         if group_name is None:
             group_name = cache.spec.node_groups[0]
         elif group_name not in cache.spec.node_groups:
             listed = ", ".join(cache.spec.node_groups)
             return Verdict.refuse(
-                f"LocalModelCache {cache.name!r} does not list node group {group_name!r} (it lists {listed})"
+                f"{cache.title} does not list node group {group_name!r} (it lists {listed})"
             )
     assert group_name is not None
     if group is None or group.name != group_name:
@@ -159,14 +195,12 @@ def place_pod(
         for c in cache.status.conditions:
             if c.type == ADMITTED and c.node_group == group_name and c.status == "False":
                 return Verdict.refuse(
-                    f"LocalModelCache {cache.name!r} is not admitted to node group {group_name!r}: "
-                    + c.message
+                    f"{cache.title} is not admitted to node group {group_name!r}: " + c.message
                 )
             # Its claim name is another cache's: a pod would mount that cache's model.
             if c.type == SERVING and c.node_group == group_name and c.reason == NAME_COLLISION:
                 return Verdict.refuse(
-                    f"LocalModelCache {cache.name!r} is not served from node group {group_name!r}: "
-                    + c.message
+                    f"{cache.title} is not served from node group {group_name!r}: " + c.message
                 )
         key = cache.spec.storage_key
         label = model_label(key)
@@ -181,7 +215,7 @@ def place_pod(
         if not ready:
             copies = cache.status.copies
             return Verdict.refuse(
-                f"no node of node group {group_name!r} holds LocalModelCache {cache.name!r} downloaded yet "
+                f"no node of node group {group_name!r} holds {cache.title} downloaded yet "
                 f"({copies.available} of {copies.total} copies available); retry when one does"
             )
         requirement = {"key": label, "operator": "In", "values": [MODEL_LABEL_VALUE]}
@@ -315,8 +349,9 @@ def validate_cache(
     groups: Iterable[LocalModelNodeGroup],
     invalid_groups: Mapping[str, str] | None = None,
 ) -> Verdict:
-    """The verdict on a LocalModelCache (the module's rules); ``invalid_groups``: stored groups whose
-    spec is refused, name -> why (a cache listing one is told so)."""
+    """The verdict on a LocalModelCache or LocalModelNamespaceCache, by the object's ``kind`` (the
+    module's rules); ``caches``: those of both kinds there are; ``invalid_groups``: stored groups
+    whose spec is refused, name -> why (a cache listing one is told so)."""
     if operation not in ("CREATE", "UPDATE") or obj is None:
         return Verdict(True)
     if (shape := shape_error(obj)) is not None:
@@ -336,7 +371,7 @@ def validate_cache(
         if not isinstance(spec, Mapping):
             raise SpecError(f"expected an object, got {type(spec).__name__}", field="spec")
         uri = parse_uri(spec.get("sourceModelUri"), field="spec.sourceModelUri")
-        cache = LocalModelCache.from_json(obj)
+        cache = parse_cache(obj)
     except (InvalidInput, SpecError) as e:
         return Verdict.refuse(str(e), code=422)
     bad_namespaces = serving_namespaces(cache)[1]
@@ -357,27 +392,29 @@ def validate_cache(
         known = ", ".join(sorted(by_name)) or "none"
         names = ", ".join(repr(g) for g in missing)
         return Verdict.refuse(f"node group {names} does not exist (node groups: {known})")
-    others = [c for c in caches if c.name != cache.name and not c.metadata.deletion_timestamp]
-    for other in others:
+    others = [c for c in caches if c.key != cache.key and not c.metadata.deletion_timestamp]
+    # Uniqueness and claim names hold within one scope: cluster caches, or one namespace's caches.
+    peers = [o for o in others if o.namespace == cache.namespace]
+    for other in peers:
         if other.spec.source_model_uri == cache.spec.source_model_uri:
             return Verdict.refuse(
-                f"LocalModelCache {other.name!r} already caches {parse_uri(cache.spec.source_model_uri)}; "
+                f"{other.title} already caches {parse_uri(cache.spec.source_model_uri)}; "
                 "one URI is cached once (serve it through that cache)"
             )
-    theirs = {claim_name(o.name, g): (o.name, g) for o in others for g in o.spec.node_groups}
+    theirs = {claim_name(o.name, g): (o.key, g) for o in peers for g in o.spec.node_groups}
     for g in cache.spec.node_groups:
         name = claim_name(cache.name, g)
         if name in theirs and g not in before:
             owner, owner_group = theirs[name]
             return Verdict.refuse(
                 f"spec.nodeGroups: the serving claim {name!r} (<cache>-<group>) of node group {g} is "
-                f"already that of LocalModelCache {owner!r} from node group {owner_group}; "
+                f"already that of {cache.kind.kind} {owner!r} from node group {owner_group}; "
                 "rename the cache or the group"
             )
     admission = admit([*others, cache], by_name.values())
-    refusals = [r for r in admission.refused if r.cache == cache.name]
+    refusals = [r for r in admission.refused if r.cache == cache.key]
     existing = [g for g in cache.spec.node_groups if g in by_name]
-    if existing and not admission.groups_of(cache.name):
+    if existing and not admission.groups_of(cache.key):
         return Verdict.refuse(
             "no listed node group can admit it: " + "; ".join(r.message for r in refusals), code=403
         )
@@ -389,7 +426,7 @@ def _groups_before(operation: str, old: object) -> tuple[str, ...]:
     if operation != "UPDATE" or old is None:
         return ()
     try:
-        return LocalModelCache.from_json(old).spec.node_groups
+        return parse_cache(old).spec.node_groups
     except SpecError:
         return ()
 

@@ -44,17 +44,18 @@ from controller.metrics import (
     Role,
     readiness,
 )
-from controller.reconcile import FIELD_MANAGER, WATCHED, Controller, Settings
+from controller.reconcile import FIELD_MANAGER, OPTIONAL, WATCHED, Controller, Settings
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
 from controller.snapshot import DEFAULT_MAX_CONCURRENT_DOWNLOADS
 from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr
 from localmodel.documents import load_documents
-from localmodel.errors import ClusterStateError, InvalidInput
+from localmodel.errors import ClusterStateError, InvalidInput, NotFound
 from localmodel.kinds import (
     JSON,
     LEASE,
     LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
@@ -70,6 +71,7 @@ from localmodel.state.memory import MemoryState
 # controller labelled ready for a model, and the serving PVs and PVCs it made.
 PRINTED = (
     LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE_GROUP,
     LOCAL_MODEL_NODE,
     NODE,
@@ -77,7 +79,13 @@ PRINTED = (
     PERSISTENT_VOLUME_CLAIM,
 )
 OURS = Selector(labels={MANAGED_BY_LABEL: MANAGED_BY})
-STANDALONE_KINDS = ("LocalModelCache", "LocalModelNodeGroup", "Node", "LocalModelNode")
+STANDALONE_KINDS = (
+    "LocalModelCache",
+    "LocalModelNamespaceCache",
+    "LocalModelNodeGroup",
+    "Node",
+    "LocalModelNode",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -358,7 +366,7 @@ async def load_standalone(state: MemoryState, path: Path, *, initial: bool) -> N
     """The documents under ``path`` into the embedded state. LocalModelNodes in the documents are
     loaded once (a way to give their status in a dry run); later the controller owns them."""
     docs = load_documents(path, kinds=STANDALONE_KINDS)
-    for kind in (NODE, LOCAL_MODEL_NODE_GROUP, LOCAL_MODEL_CACHE):
+    for kind in (NODE, LOCAL_MODEL_NODE_GROUP, LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE):
         objs = [d.object for d in docs if d.kind is kind]
         await state.apply(kind, objs, prune=not initial)
     if initial:
@@ -370,7 +378,13 @@ async def load_standalone(state: MemoryState, path: Path, *, initial: bool) -> N
 async def copy_state(source: ClusterState, target: MemoryState) -> None:
     """Every object the controller reads, with its status and metadata, from ``source``."""
     for kind in WATCHED:
-        for obj in (await source.list(kind)).items:
+        try:
+            listing = await source.list(kind)
+        except NotFound:
+            if kind not in OPTIONAL:
+                raise
+            continue  # e.g. KServe's InferenceServices, or no LocalModelNamespaceCache CRD
+        for obj in listing.items:
             await target.restore(kind, obj)
 
 

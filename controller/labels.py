@@ -35,7 +35,7 @@ def ready_keys(lmn: LocalModelNode | None, models: Iterable[LocalModelInfo] | No
         return frozenset()
     listed = lmn.local_models if models is None else models
     status = lmn.status.model_status
-    return frozenset(m.storage_key for m in listed if status.get(m.model_name) is ModelState.DOWNLOADED)
+    return frozenset(m.storage_key for m in listed if status.get(m.status_key) is ModelState.DOWNLOADED)
 
 
 def label_writes(

@@ -1,10 +1,11 @@
 """The controller's Prometheus metrics, and the small aiohttp server that exposes them. They live in
 a registry passed in (tests build a fresh one); docs/metrics.md lists every one of them.
 
-``modelcache_controller_copies`` is the per node group view of each LocalModelCache's copies: set
-from every reconcile's plan, so it is current in the leader only (a standby replica keeps no
-series; ``modelcache_controller_is_leader`` tells which replica leads). Series of caches and groups
-that are gone are removed.
+``modelcache_controller_copies`` is the per node group view of each LocalModelCache's copies (and
+each LocalModelNamespaceCache's: its ``namespace`` label names its namespace, empty for a cluster
+cache, so two namespaces' caches of one name stay apart): set from every reconcile's plan, so it
+is current in the leader only (a standby replica keeps no series; ``modelcache_controller_is_leader``
+tells which replica leads). Series of caches and groups that are gone are removed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from prometheus_client import (
 
 from localmodel.cliargs import parse_addr
 from localmodel.errors import InvalidInput
-from localmodel.resources import Copies
+from localmodel.resources import Copies, split_key
 
 log = logging.getLogger("modelcache.controller")
 
@@ -111,9 +112,10 @@ class ControllerMetrics:
         )
         self.copies = Gauge(
             "modelcache_controller_copies",
-            "Copies of each LocalModelCache per node group, by state: available (downloaded), "
-            "total (nodes that must hold it), failed (download error).",
-            ["cache", "group", "state"],
+            "Copies of each LocalModelCache (namespace empty) and LocalModelNamespaceCache per node "
+            "group, by state: available (downloaded), total (nodes that must hold it), failed "
+            "(download error).",
+            ["cache", "namespace", "group", "state"],
             registry=registry,
         )
         for kind in RECONCILE_KINDS:
@@ -121,16 +123,21 @@ class ControllerMetrics:
         self._copies: dict[tuple[str, str], Copies] = {}
 
     def set_copies(self, copies: Mapping[tuple[str, str], Copies]) -> None:
-        """The whole picture, (cache, group) -> copies: series of pairs not in it are removed."""
-        for cache, group in set(self._copies) - set(copies):
+        """The whole picture, (cache key, group) -> copies: series of pairs not in it are removed.
+        A key is :func:`localmodel.resources.cache_key` (``<namespace>/<name>`` for a namespace
+        cache: its labels ``namespace`` and ``cache``)."""
+        for key, group in set(self._copies) - set(copies):
+            namespace, cache = split_key(key)
             for state in COPY_STATES:
-                self.copies.remove(cache, group, state)
-        for (cache, group), c in copies.items():
-            if self._copies.get((cache, group)) == c:
+                self.copies.remove(cache, namespace or "", group, state)
+        for (key, group), c in copies.items():
+            if self._copies.get((key, group)) == c:
                 continue
-            self.copies.labels(cache, group, "available").set(c.available)
-            self.copies.labels(cache, group, "total").set(c.total)
-            self.copies.labels(cache, group, "failed").set(c.failed)
+            namespace, cache = split_key(key)
+            ns = namespace or ""
+            self.copies.labels(cache, ns, group, "available").set(c.available)
+            self.copies.labels(cache, ns, group, "total").set(c.total)
+            self.copies.labels(cache, ns, group, "failed").set(c.failed)
         self._copies = dict(copies)
 
 

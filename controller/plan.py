@@ -34,7 +34,7 @@ from controller.snapshot import (
 )
 from controller.status import cache_status, group_status, node_states
 from localmodel.placement import Layout, layout
-from localmodel.resources import FINALIZER, NodeState
+from localmodel.resources import NodeState
 
 _DEFAULTS = Options()
 
@@ -74,22 +74,23 @@ def plan(
             continue
         events.extend(
             Event(
-                "LocalModelCache",
-                c,
+                cache.kind.kind,  # type: ignore[arg-type]  # one of the two cache kinds
+                cache.name,
                 cache.metadata.uid,
                 "Normal",
                 "RetainedInUse",
                 f"kept on node {n}: a running pod there uses it; removed once the pod is gone",
+                cache.namespace,
             )
             for n in sorted(retained_new.get(c, ()))
         )
         if cache.metadata.deletion_timestamp:
             # Who lists it after the writes: nodes out of scope keep what they list now.
             after = (set(listed_now.get(c, nobody)) - node_scope) | listed_after.get(c, set())
-            if FINALIZER in cache.metadata.finalizers and not after:
+            if cache.finalizer in cache.metadata.finalizers and not after:
                 finalizers.append(FinalizerWrite(c, add=False))
             continue
-        if FINALIZER not in cache.metadata.finalizers:
+        if cache.finalizer not in cache.metadata.finalizers:
             finalizers.append(FinalizerWrite(c, add=True))
         states = node_states(snapshot, placed, cache, listed_next.get(c, set()))
         node_status[c] = states
@@ -129,5 +130,5 @@ def _in_scope(
     for n in scope.nodes:
         cache_scope.update(placed.wanted.get(n, {}))
         if n in lmns:
-            cache_scope.update(m.model_name for m in lmns[n].local_models)
+            cache_scope.update(m.status_key for m in lmns[n].local_models)
     return cache_scope, node_scope

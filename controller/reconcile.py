@@ -46,6 +46,7 @@ from localmodel.kinds import (
     INFERENCE_SERVICE,
     JSON,
     LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
@@ -58,12 +59,14 @@ from localmodel.mergepatch import merge_patch
 from localmodel.placement import Layout
 from localmodel.resources import (
     FINALIZER,
+    NAMESPACE_CACHE_FINALIZER,
     Copies,
     LocalModelCache,
     LocalModelInfo,
     LocalModelNode,
     LocalModelNodeStatus,
     ObjectMeta,
+    split_key,
 )
 from localmodel.state.base import ClusterState, Selector, WatchEvent, update_status, watch
 from localmodel.timestamps import utc_now
@@ -75,6 +78,7 @@ COMPONENT = "modelcache-controller"
 FIELD_MANAGER = COMPONENT
 WATCHED: tuple[ResourceKind, ...] = (
     LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
     LOCAL_MODEL_NODE,
@@ -84,13 +88,14 @@ WATCHED: tuple[ResourceKind, ...] = (
     INFERENCE_SERVICE,
 )
 # Watched where their API exists: without KServe there are no InferenceServices to report.
-OPTIONAL: frozenset[ResourceKind] = frozenset({INFERENCE_SERVICE})
+# LocalModelNamespaceCaches: where the CRD is installed (ours, or KServe's from v0.18).
+OPTIONAL: frozenset[ResourceKind] = frozenset({INFERENCE_SERVICE, LOCAL_MODEL_NAMESPACE_CACHE})
 # Only the PVs and PVCs the controller made are its business: watched by their label.
 SELECTORS: dict[ResourceKind, Selector] = {
     PERSISTENT_VOLUME: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
     PERSISTENT_VOLUME_CLAIM: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
 }
-_KINDS = {LOCAL_MODEL_CACHE.kind: LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP.kind: LOCAL_MODEL_NODE_GROUP}
+_KINDS = {k.kind: k for k in (LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE, LOCAL_MODEL_NODE_GROUP)}
 
 
 @dataclass
@@ -371,7 +376,9 @@ class Controller(ViewKeeper):
             status = current.get("status") or {}
             return None if merge_patch(status, write.patch) == status else dict(write.patch)
 
-        known = (self._view.caches if kind is LOCAL_MODEL_CACHE else self._view.groups).get(write.name)
+        is_cache = kind is not LOCAL_MODEL_NODE_GROUP
+        known = (self._view.caches if is_cache else self._view.groups).get(write.key)
+        ns = write.namespace
         stored: JSON | None = None
         fast = False
         try:
@@ -381,13 +388,17 @@ class Controller(ViewKeeper):
                 # costs a Conflict, then the read-compute-write below.
                 try:
                     stored = await self.state.patch_status(
-                        kind, write.name, dict(write.patch), resource_version=known.metadata.resource_version
+                        kind,
+                        write.name,
+                        dict(write.patch),
+                        namespace=ns,
+                        resource_version=known.metadata.resource_version,
                     )
                     fast = True
                 except Conflict:
                     stored = None
             if stored is None:
-                stored = await update_status(self.state, kind, write.name, compute)
+                stored = await update_status(self.state, kind, write.name, compute, namespace=ns)
         except NotFound:
             return
         if fast and stored is not None and write.status is not None and isinstance(known, LocalModelCache):
@@ -396,16 +407,20 @@ class Controller(ViewKeeper):
             self._wrote(kind.kind)
             meta = ObjectMeta.from_json(stored.get("metadata"))
             self._observe_spec(
-                self._view.caches, write.name, dataclasses.replace(known, metadata=meta, status=write.status)
+                self._view.caches, write.key, dataclasses.replace(known, metadata=meta, status=write.status)
             )
             return
         if stored is not None:
             self._wrote(kind.kind)
             self.observe(kind, WatchEvent("MODIFIED", stored))
 
-    async def _write_finalizer(self, name: str, *, add: bool) -> None:
+    async def _write_finalizer(self, key: str, *, add: bool) -> None:
+        """Add or remove the cache's finalizer (KServe's, per kind), guarded by resourceVersion."""
+        namespace, name = split_key(key)
+        kind = LOCAL_MODEL_CACHE if namespace is None else LOCAL_MODEL_NAMESPACE_CACHE
+        finalizer = FINALIZER if namespace is None else NAMESPACE_CACHE_FINALIZER
         for attempt in range(5):
-            known = self._view.caches.get(name) if attempt == 0 else None
+            known = self._view.caches.get(key) if attempt == 0 else None
             if known is not None and known.metadata.resource_version:
                 # The view is as fresh as the last watch event or our own write: try it first, a
                 # stale one costs a Conflict and a read (500 reads were a tenth of a full pass).
@@ -413,6 +428,7 @@ class Controller(ViewKeeper):
                 current: JSON = {
                     "metadata": {
                         "name": name,
+                        **({"namespace": namespace} if namespace else {}),
                         "finalizers": list(m.finalizers),
                         "resourceVersion": m.resource_version,
                         **({"deletionTimestamp": m.deletion_timestamp} if m.deletion_timestamp else {}),
@@ -420,20 +436,21 @@ class Controller(ViewKeeper):
                 }
             else:
                 try:
-                    current = await self.state.get(LOCAL_MODEL_CACHE, name)
+                    current = await self.state.get(kind, name, namespace=namespace)
                 except NotFound:
-                    self._view.caches.pop(name, None)
+                    self._view.caches.pop(key, None)
                     return
             finalizers = list(current["metadata"].get("finalizers") or [])
-            if (FINALIZER in finalizers) == add:
+            if (finalizer in finalizers) == add:
                 return
-            finalizers = [*finalizers, FINALIZER] if add else [f for f in finalizers if f != FINALIZER]
+            finalizers = [*finalizers, finalizer] if add else [f for f in finalizers if f != finalizer]
             try:
                 # Lists replace whole in a merge patch: guard against another writer's finalizer.
                 stored = await self.state.patch(
-                    LOCAL_MODEL_CACHE,
+                    kind,
                     name,
                     {"metadata": {"finalizers": finalizers or None}},
+                    namespace=namespace,
                     resource_version=current["metadata"]["resourceVersion"],
                 )
             except Conflict:
@@ -441,15 +458,15 @@ class Controller(ViewKeeper):
             except NotFound:
                 stored = None
             else:
-                self._wrote(LOCAL_MODEL_CACHE.kind)
+                self._wrote(kind.kind)
             if stored is None or (not finalizers and current["metadata"].get("deletionTimestamp")):
-                self.observe(LOCAL_MODEL_CACHE, WatchEvent("DELETED", current))
+                self.observe(kind, WatchEvent("DELETED", current))
             elif known is not None and known.status.to_json() == (stored.get("status") or {}):
                 # Only metadata changed: no need to parse a status of thousands of node entries.
                 meta = ObjectMeta.from_json(stored.get("metadata"))
-                self._observe_spec(self._view.caches, name, dataclasses.replace(known, metadata=meta))
+                self._observe_spec(self._view.caches, key, dataclasses.replace(known, metadata=meta))
             else:
-                self.observe(LOCAL_MODEL_CACHE, WatchEvent("MODIFIED", stored))
+                self.observe(kind, WatchEvent("MODIFIED", stored))
             return
         self._full = True  # another writer kept changing it: the next pass tries again
         self._incomplete = True
@@ -487,11 +504,28 @@ class Controller(ViewKeeper):
             await self._record(LOCAL_MODEL_NODE, name, lmn.metadata.uid, "Warning", CONTESTED, message)
 
     async def _emit(self, event: Event) -> None:
-        await self._record(_KINDS[event.kind], event.name, event.uid, event.type, event.reason, event.message)
+        await self._record(
+            _KINDS[event.kind],
+            event.name,
+            event.uid,
+            event.type,
+            event.reason,
+            event.message,
+            namespace=event.namespace,
+        )
 
     async def _record(
-        self, kind: ResourceKind, name: str, uid: str | None, type_: str, reason: str, message: str
+        self,
+        kind: ResourceKind,
+        name: str,
+        uid: str | None,
+        type_: str,
+        reason: str,
+        message: str,
+        *,
+        namespace: str | None = None,
     ) -> None:
+        """``namespace``: a namespaced object's own (its Events live there)."""
         body = event_body(
             involved=kind,
             name=name,
@@ -501,7 +535,7 @@ class Controller(ViewKeeper):
             type_=type_,
             component=COMPONENT,
             now=self.settings.clock(),
-            namespace=self.settings.event_namespace,
+            namespace=namespace or self.settings.event_namespace,
         )
         try:
             await self.state.create(EVENT, body, handover=True)  # made for this write alone

@@ -94,7 +94,7 @@ def node_writes(
         for c, info in wanted.items():
             nodes = listed_next.get(c)
             if nodes is None:  # out of scope: keep what the node lists now
-                if lmn is not None and any(m.model_name == c for m in lmn.local_models):
+                if lmn is not None and any(m.status_key == c for m in lmn.local_models):
                     models[c] = info
             elif n in nodes:
                 models[c] = info
@@ -103,11 +103,12 @@ def node_writes(
         previously = retained_of(lmn)
         if lmn is not None:
             for m in lmn.local_models:
-                if m.model_name not in models and m.model_name in in_use:
-                    models[m.model_name] = m
-                    retained.append(m.model_name)
-                    if m.model_name not in previously:
-                        retained_new.setdefault(m.model_name, set()).add(n)
+                key = m.status_key
+                if key not in models and key in in_use:
+                    models[key] = m
+                    retained.append(key)
+                    if key not in previously:
+                        retained_new.setdefault(key, set()).add(n)
         final = tuple(models[k] for k in sorted(models))
         for c in models:
             listed_after.setdefault(c, set()).add(n)
@@ -131,18 +132,23 @@ def models_in_use(
     caches: Iterable[LocalModelCache],
     groups: Iterable[LocalModelNodeGroup],
 ) -> dict[str, frozenset[str]]:
-    """node -> caches that a pod on it uses: a pod that is not finished, bound to a node, and that
-    names the cache (:func:`controller.views.named_cache`), mounts its PVC (``<cache>-<group>``,
-    KServe's name) or mounts its folder on the node."""
+    """node -> cache keys that a pod on it uses: a pod that is not finished, bound to a node, and
+    that names the cache (:func:`controller.views.named_cache`), mounts its PVC (``<cache>-<group>``,
+    KServe's name; a LocalModelNamespaceCache's only in its namespace, where it wins over a cluster
+    cache's claim of that name) or mounts its folder on the node."""
     caches = list(caches)
     by_claim: dict[str, str] = {}
+    own_claim: dict[tuple[str, str], str] = {}  # (namespace, claim) -> a namespace cache's key
     by_path: dict[str, str] = {}
     paths = {g.name: g.spec.cache_path for g in groups}
     for c in caches:
         for g in c.spec.node_groups:
-            by_claim[f"{c.name}-{g}"] = c.name
+            if c.namespace is None:
+                by_claim[f"{c.name}-{g}"] = c.key
+            else:
+                own_claim[(c.namespace, f"{c.name}-{g}")] = c.key
             if (root := paths.get(g)) is not None:
-                by_path[node_model_folder(root, c.spec.storage_key)] = c.name
+                by_path[node_model_folder(root, c.spec.storage_key)] = c.key
     used: dict[str, set[str]] = {}
     for pod in pods:
         if pod.node is None or pod.finished:
@@ -151,8 +157,9 @@ def models_in_use(
         if pod.cache is not None:
             found.add(pod.cache)  # even for a cache already deleted: its copy stays while the pod runs
         for claim in pod.claims:
-            if claim in by_claim:
-                found.add(by_claim[claim])
+            owner = own_claim.get((pod.namespace, claim)) or by_claim.get(claim)
+            if owner is not None:
+                found.add(owner)
         for path in pod.host_paths:
             path = path.rstrip("/")
             for prefix, owner in by_path.items():

@@ -10,6 +10,14 @@ both go when the cache, the group, or the cache's use of the group goes. A claim
 share is the older's (:func:`serving_owners`); namespaces that are not names or are Kubernetes' or
 modelcache's are never served in (:func:`namespace_error`); both show as a ``SERVING`` condition on
 the cache and a Warning Event (:mod:`controller.status`).
+
+A LocalModelNamespaceCache (KServe v0.18+) is served only in its own namespace, under the same
+names KServe gives it (claim ``<cache>-<group>``, PV ``<cache>-<group>-<namespace>``:
+pkg/controller/v1alpha1/localmodel/reconcilers/utils.go:603-626 at KServe v0.20); there its claim
+wins over a cluster cache's claim of the same name, as KServe's defaulter prefers it
+(inference_service_defaults.go:504-546). Its PV has no owner reference (a cluster-scoped object
+cannot be owned by a namespaced one, utils.go:385-391): the controller deletes it when the cache goes.
+Caches are named by their key (:attr:`LocalModelCache.key`) throughout.
 """
 
 from __future__ import annotations
@@ -84,44 +92,56 @@ class ServingProblem:
     message: str
 
 
+Owners = dict[tuple[str | None, str], tuple[str, str]]
+
+
+def claim_owner(owners: Owners, namespace: str, claim: str) -> tuple[str, str] | None:
+    """The (cache key, group) claim ``claim`` serves in ``namespace``: a LocalModelNamespaceCache of
+    that namespace first, else a cluster cache; None for no cache's claim."""
+    return owners.get((namespace, claim)) or owners.get((None, claim))
+
+
 def serving_owners(
     caches: Iterable[LocalModelCache],
-) -> tuple[dict[str, tuple[str, str]], list[ServingProblem]]:
-    """Claim name -> the (cache, group) it serves, and the pairs that get none. Claim names are
+) -> tuple[Owners, list[ServingProblem]]:
+    """(namespace or None, claim name) -> the (cache key, group) it serves (None: a cluster cache's,
+    in any namespace; a namespace: a LocalModelNamespaceCache's, there only; read them with
+    :func:`claim_owner`), and the pairs that get none. Claim names are
     KServe's ``<cache>-<group>`` (KServe's InferenceService webhook mounts that name), so cache ``a-b``
     in group ``c`` and cache ``a`` in group ``b-c`` would share ``a-b-c``: the older cache (creation
     time, then name) keeps it, the other is not served from that group (``NAME_COLLISION``, naming
     both). A name over 253 characters cannot be a claim's (``NAME_TOO_LONG``). Caches being deleted
     hold their names until they are gone."""
-    owners: dict[str, tuple[str, str]] = {}
+    owners: Owners = {}
     problems: list[ServingProblem] = []
     for cache in sorted(caches, key=age_key):
         for g in cache.spec.node_groups:
             name = claim_name(cache.name, g)
+            slot = (cache.namespace, name)
             if len(name) > MAX_NAME:
                 problems.append(
                     ServingProblem(
-                        cache.name,
+                        cache.key,
                         g,
                         NAME_TOO_LONG,
                         f"its serving claim name {name[:60]!r}... is {len(name)} characters, over "
                         f"{MAX_NAME}: shorten the cache's or node group {g}'s name",
                     )
                 )
-            elif name in owners:
-                other, other_group = owners[name]
+            elif slot in owners:
+                other, other_group = owners[slot]
                 problems.append(
                     ServingProblem(
-                        cache.name,
+                        cache.key,
                         g,
                         NAME_COLLISION,
                         f"its serving claim {name!r} (<cache>-<group>) from node group {g} is already "
-                        f"that of LocalModelCache {other!r} from node group {other_group}, which is older: "
-                        f"{cache.name!r} is not served from {g}; rename one of the caches or groups",
+                        f"that of {cache.kind.kind} {other!r} from node group {other_group}, which is older: "
+                        f"{cache.key!r} is not served from {g}; rename one of the caches or groups",
                     )
                 )
             else:
-                owners[name] = (cache.name, g)
+                owners[slot] = (cache.key, g)
     return owners, problems
 
 
@@ -142,7 +162,8 @@ def namespace_error(namespace: str) -> str | None:
 def serving_namespaces(cache: LocalModelCache) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The namespaces the cache's ``SERVING_NAMESPACES_ANNOTATION`` lists (comma-separated, spaces
     around names ignored), and one message per entry that is not a namespace it may serve in (an
-    empty entry, as in ``a,,b``, included); an absent or empty annotation lists none."""
+    empty entry, as in ``a,,b``, included; for a LocalModelNamespaceCache, any namespace but its
+    own); an absent or empty annotation lists none."""
     raw = cache.metadata.annotations.get(SERVING_NAMESPACES_ANNOTATION, "")
     if not raw.strip():
         return (), ()
@@ -150,6 +171,8 @@ def serving_namespaces(cache: LocalModelCache) -> tuple[tuple[str, ...], tuple[s
     bad: list[str] = []
     for i, entry in enumerate(x.strip() for x in raw.split(",")):
         why = "an empty entry" if not entry else namespace_error(entry)
+        if why is None and cache.namespace is not None and entry != cache.namespace:
+            why = f"{entry!r} is not the namespace of this LocalModelNamespaceCache ({cache.namespace})"
         if why is None:
             good.append(entry)
         else:
@@ -172,21 +195,19 @@ def serving_problems(
                 message = (
                     f"node group {g} {NO_FOLDER}; its nodes hold the model, but no serving volume is made"
                 )
-                out.setdefault(cache.name, []).append(ServingProblem(cache.name, g, NO_CACHE_FOLDER, message))
+                out.setdefault(cache.key, []).append(ServingProblem(cache.key, g, NO_CACHE_FOLDER, message))
     for cache in caches.values():
         bad = serving_namespaces(cache)[1]
         if bad:
             message = "; ".join(bad) + " (skipped; the others are served)"
-            out.setdefault(cache.name, []).append(
-                ServingProblem(cache.name, None, INVALID_NAMESPACE, message)
-            )
+            out.setdefault(cache.key, []).append(ServingProblem(cache.key, None, INVALID_NAMESPACE, message))
     return out
 
 
 def serving_demands(pods: Iterable[Pod], caches: Mapping[str, LocalModelCache]) -> set[ServingDemand]:
     """What pods ask to be served: a pod not finished that names a cache (:func:`named_cache`; its
     group from ``serving.kserve.io/nodegroup``), or mounts a claim named ``<cache>-<group>`` of a
-    cache that lists that group."""
+    cache that lists that group (:func:`claim_owner` in the pod's namespace)."""
     by_claim = serving_owners(caches.values())[0]
     out: set[ServingDemand] = set()
     for pod in pods:
@@ -195,8 +216,8 @@ def serving_demands(pods: Iterable[Pod], caches: Mapping[str, LocalModelCache]) 
         if pod.cache is not None:
             out.add(ServingDemand(pod.cache, pod.group, pod.namespace))
         for claim in pod.claims:
-            if claim in by_claim:
-                c, g = by_claim[claim]
+            if (owner := claim_owner(by_claim, pod.namespace, claim)) is not None:
+                c, g = owner
                 out.add(ServingDemand(c, g, pod.namespace))
     return out
 
@@ -207,19 +228,23 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     wanted: dict[tuple[str, str, str], None] = {}
     owners = serving_owners(snapshot.caches.values())[0]
 
-    def want(cache_name: str, group: str | None, namespace: str) -> None:
-        cache = snapshot.caches.get(cache_name)
+    def want(key: str, group: str | None, namespace: str) -> None:
+        cache = snapshot.caches.get(key)
         if cache is None or cache.metadata.deletion_timestamp:
             return
+        if cache.namespace is not None and cache.namespace != namespace:
+            return  # a LocalModelNamespaceCache serves its own namespace only
         if group is None:
             group = cache.spec.node_groups[0]
-        if owners.get(claim_name(cache_name, group)) != (cache_name, group) or namespace_error(namespace):
-            return  # a name another cache holds, or a namespace never served in
+        if claim_owner(owners, namespace, claim_name(cache.name, group)) != (key, group):
+            return  # a name another cache holds there (a namespace cache's wins in its namespace)
+        if namespace_error(namespace):
+            return  # a namespace never served in
         folder = snapshot.groups.get(group)
         if folder is None or folder.spec.cache_path is None:
             return  # no folder on the node to serve from
-        if group in cache.spec.node_groups and cache_name in admitted.get(group, ()):
-            wanted[(cache_name, group, namespace)] = None
+        if group in cache.spec.node_groups and key in admitted.get(group, ()):
+            wanted[(key, group, namespace)] = None
 
     for d in snapshot.serving:
         want(d.cache, d.group, d.namespace)
@@ -229,11 +254,15 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     for cache in snapshot.caches.values():
         for ns in serving_namespaces(cache)[0]:
             for g in cache.spec.node_groups:
-                want(cache.name, g, ns)
+                want(cache.key, g, ns)
 
     out: list[VolumeWrite] = []
-    wanted_claims = {(ns, claim_name(c, g)) for c, g, ns in wanted}
-    wanted_volumes = {volume_name(c, g, ns) for c, g, ns in wanted}
+
+    def name_of(key: str) -> str:
+        return snapshot.caches[key].name
+
+    wanted_claims = {(ns, claim_name(name_of(c), g)) for c, g, ns in wanted}
+    wanted_volumes = {volume_name(name_of(c), g, ns) for c, g, ns in wanted}
     for (ns, name), ref in sorted(snapshot.claims.items()):
         if (ns, name) not in wanted_claims and not ref.deleting:
             out.append(VolumeWrite("PersistentVolumeClaim", "delete", name, ns))
@@ -244,7 +273,8 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     # again: the claim and the volume go (the claim first), then the wanted ones are created anew.
     # Kubernetes keeps a claim that pods mount until they are gone, so this waits for them.
     digests = {g: _volume_digest(snapshot.groups[g]) for g in {g for _, g, _ in wanted}}
-    for c, g, ns in sorted(wanted):
+    for key, g, ns in sorted(wanted):
+        c = name_of(key)
         pv = snapshot.volumes.get(volume_name(c, g, ns))
         pvc = snapshot.claims.get((ns, claim_name(c, g)))
         # A pair without a digest predates the fixed template (the group's whole folder, as KServe
@@ -256,8 +286,9 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
                 out.append(VolumeWrite("PersistentVolumeClaim", "delete", claim_name(c, g), ns))
             if pv is not None and not pv.deleting:
                 out.append(VolumeWrite("PersistentVolume", "delete", volume_name(c, g, ns)))
-    for c, g, ns in sorted(wanted):
-        cache, group = snapshot.caches[c], snapshot.groups[g]
+    for key, g, ns in sorted(wanted):
+        cache, group = snapshot.caches[key], snapshot.groups[g]
+        c = cache.name
         pv_name = volume_name(c, g, ns)
         if pv_name not in snapshot.volumes:
             out.append(VolumeWrite("PersistentVolume", "create", pv_name, body=volume_body(cache, group, ns)))
@@ -275,21 +306,22 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
 
 
 def _volume_meta(
-    cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str, name: str
+    cache: LocalModelCache, group: LocalModelNodeGroup, namespace: str, name: str, *, namespaced: bool
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "labels": {MANAGED_BY_LABEL: MANAGED_BY},
         "annotations": {
-            VOLUME_CACHE_ANNOTATION: cache.name,
+            VOLUME_CACHE_ANNOTATION: cache.key,
             VOLUME_GROUP_ANNOTATION: group.name,
             VOLUME_NAMESPACE_ANNOTATION: namespace,
             VOLUME_SPEC_ANNOTATION: _volume_digest(group),
         },
     }
-    if cache.metadata.uid:
+    if cache.metadata.uid and (cache.namespace is None or namespaced):
         # Collected with the cache on a real cluster, as KServe's are; the controller also deletes
-        # them itself when the group goes (a second owner would keep them alive, not end them).
+        # them itself when the group goes (a second owner would keep them alive, not end them). A
+        # namespace cache owns only its claim: a PV cannot have a namespaced owner.
         meta["ownerReferences"] = [
             {
                 "apiVersion": cache.kind.api_version,
@@ -342,7 +374,9 @@ def volume_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: s
     required = (group.spec.persistent_volume_spec.get("nodeAffinity") or {}).get("required")
     if required is not None:
         spec["nodeAffinity"] = {"required": copy.deepcopy(required)}
-    meta = _volume_meta(cache, group, namespace, volume_name(cache.name, group.name, namespace))
+    meta = _volume_meta(
+        cache, group, namespace, volume_name(cache.name, group.name, namespace), namespaced=False
+    )
     return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": meta, "spec": spec}
 
 
@@ -357,7 +391,7 @@ def claim_body(cache: LocalModelCache, group: LocalModelNodeGroup, namespace: st
         "resources": {"requests": {"storage": group.spec.storage_limit.to_json()}},
         "volumeName": volume_name(cache.name, group.name, namespace),
     }
-    meta = _volume_meta(cache, group, namespace, claim_name(cache.name, group.name))
+    meta = _volume_meta(cache, group, namespace, claim_name(cache.name, group.name), namespaced=True)
     meta["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 

@@ -20,6 +20,7 @@ from localmodel.resources import (
     ModelState,
     Node,
     NodeState,
+    cache_key,
 )
 
 RETAINED_ANNOTATION = "modelcache.io/retained-in-use"  # on a LocalModelNode: models kept for a pod
@@ -56,7 +57,9 @@ class VolumeRef:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The cluster as the controller sees it, keyed by name."""
+    """The cluster as the controller sees it, keyed by name; caches (LocalModelCaches and
+    LocalModelNamespaceCaches alike) by :attr:`LocalModelCache.key`, and every "cache" below is
+    such a key."""
 
     caches: Mapping[str, LocalModelCache]
     groups: Mapping[str, LocalModelNodeGroup]
@@ -82,11 +85,11 @@ class Snapshot:
 
 
 def listing(lmns: Iterable[LocalModelNode]) -> dict[str, set[str]]:
-    """cache -> nodes whose LocalModelNode spec lists it."""
+    """cache key -> nodes whose LocalModelNode spec lists it."""
     out: dict[str, set[str]] = {}
     for lmn in lmns:
         for m in lmn.local_models:
-            out.setdefault(m.model_name, set()).add(lmn.name)
+            out.setdefault(m.status_key, set()).add(lmn.name)
     return out
 
 
@@ -104,29 +107,39 @@ class NodeWrite:
     node_uid: str | None = None  # for the owner reference on create
 
 
+CacheKind = Literal["LocalModelCache", "LocalModelNamespaceCache", "LocalModelNodeGroup"]
+
+
 @dataclass(frozen=True)
 class StatusWrite:
-    kind: Literal["LocalModelCache", "LocalModelNodeGroup"]
+    kind: CacheKind
     name: str
     patch: Mapping[str, Any]  # JSON merge patch of status (None deletes a key)
     # The status it makes, typed (caches): what the view takes after the write, unparsed.
     status: LocalModelCacheStatus | None = None
+    namespace: str | None = None  # a LocalModelNamespaceCache's
+
+    @property
+    def key(self) -> str:
+        """The view's key of the object (:func:`localmodel.resources.cache_key`)."""
+        return cache_key(self.name, self.namespace)
 
 
 @dataclass(frozen=True)
 class FinalizerWrite:
-    cache: str
+    cache: str  # its key
     add: bool  # False: remove it, the cache's models are gone from every node spec
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: Literal["LocalModelCache", "LocalModelNodeGroup"]
+    kind: CacheKind
     name: str
     uid: str | None
     type: Literal["Normal", "Warning"]
     reason: str
     message: str
+    namespace: str | None = None  # a LocalModelNamespaceCache's: its Events live there
 
 
 @dataclass(frozen=True)
@@ -174,8 +187,9 @@ class Scope:
 
 
 def model_state(lmn: LocalModelNode | None, name: str) -> ModelState | None:
-    """The state a node's agent reports for cache ``name`` (None: none yet, or no such node)."""
-    # modelStatus is keyed by modelName (the cache's name), as KServe's agent writes it.
+    """The state a node's agent reports for cache key ``name`` (None: none yet, or no such node)."""
+    # modelStatus is keyed by modelName, or <namespace>/<modelName> for a namespace cache, as
+    # KServe's agent writes it (LocalModelInfo.GetStatusKey, local_model_node_types.go:41-49 at v0.20).
     return None if lmn is None else lmn.status.model_status.get(name)
 
 

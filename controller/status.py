@@ -45,13 +45,13 @@ def node_states(
     snapshot: Snapshot, placed: Layout, cache: LocalModelCache, listed: set[str]
 ) -> dict[str, NodeState]:
     states: dict[str, NodeState] = {}
-    for n in placed.holders.get(cache.name, ()):
+    for n in placed.holders.get(cache.key, ()):
         if n in snapshot.not_ready:
             states[n] = NodeState.NOT_READY
         elif n not in listed:
             states[n] = NodeState.DOWNLOAD_PENDING  # waiting for a rollout slot
         else:
-            state = model_state(snapshot.local_model_nodes.get(n), cache.name)
+            state = model_state(snapshot.local_model_nodes.get(n), cache.key)
             states[n] = NodeState.DOWNLOAD_PENDING if state is None else _MODEL_TO_NODE[state]
     return states
 
@@ -102,7 +102,7 @@ def cache_status(
     old = cache.status
     available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
     total = len(states)
-    refusals = {r.group: r for r in placed.admission.refused if r.cache == cache.name}
+    refusals = {r.group: r for r in placed.admission.refused if r.cache == cache.key}
     usage = placed.admission.usage
     conditions: list[Condition] = []
     events: list[Event] = []
@@ -115,7 +115,17 @@ def cache_status(
         return Condition(ctype, status, reason, message, since or now, group)
 
     def event(kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        events.append(Event("LocalModelCache", cache.name, cache.metadata.uid, kind, reason, message))
+        events.append(
+            Event(
+                cache.kind.kind,  # type: ignore[arg-type]  # one of the two cache kinds
+                cache.name,
+                cache.metadata.uid,
+                kind,
+                reason,
+                message,
+                cache.namespace,
+            )
+        )
 
     for g in dict.fromkeys(cache.spec.node_groups):
         admitted_args, ready_args = group_conditions(
@@ -154,7 +164,7 @@ def cache_status(
             event("Warning", problem.reason, problem.message)
         conditions.append(served)
 
-    refs = snapshot.inference_services.get(cache.name, ())
+    refs = snapshot.inference_services.get(cache.key, ())
     return status_write(cache, states, tuple(conditions), refs), events
 
 
@@ -199,12 +209,20 @@ def status_write(
         observed_generation=cache.metadata.generation,
         conditions=conditions,
     )
-    return StatusWrite("LocalModelCache", cache.name, patch, typed)
+    return StatusWrite(
+        cache.kind.kind,  # type: ignore[arg-type]  # one of the two cache kinds
+        cache.name,
+        patch,
+        typed,
+        cache.namespace,
+    )
 
 
 def _error_detail(snapshot: Snapshot, node: str, cache: LocalModelCache) -> str:
     lmn = snapshot.local_model_nodes.get(node)
-    progress = None if lmn is None else lmn.status.models.get(cache.spec.storage_key)
+    # The agent keys its progress by the status key (modelStatus' key); older agents by storage key.
+    models = {} if lmn is None else lmn.status.models
+    progress = models.get(cache.key) or models.get(cache.spec.storage_key)
     if progress is None or not (progress.reason or progress.message):
         return ""
     return ": " + ": ".join(x for x in (progress.reason, progress.message) if x)
@@ -236,17 +254,28 @@ def group_status(group: LocalModelNodeGroup, placed: Layout) -> StatusWrite | No
 
 
 def isvc_caches(isvc: InferenceService, caches: Mapping[str, LocalModelCache]) -> frozenset[str]:
-    """The caches an InferenceService uses: the one KServe's webhook names in its
-    ``internal.serving.kserve.io/localmodel`` label, and those whose ``sourceModelUri`` covers a
-    predictor's ``storageUri`` (the same URI, or a path below it, as KServe matches them)."""
+    """The caches (keys) an InferenceService uses: the one KServe's webhook names in its
+    ``internal.serving.kserve.io/localmodel`` label (with ``…/localmodel-namespace``: that
+    namespace's LocalModelNamespaceCache), and those whose ``sourceModelUri`` covers a predictor's
+    ``storageUri`` (the same URI, or a path below it, as KServe matches them): a
+    LocalModelNamespaceCache of the InferenceService's own namespace when one covers it, else the
+    cluster caches (KServe prefers the namespace cache, and never uses another namespace's:
+    pkg/apis/serving/v1beta1/inference_service_defaults.go:504-546 at KServe v0.20)."""
     out: set[str] = set()
-    if isvc.named is not None and isvc.named in caches:
-        out.add(isvc.named)
+    named = caches.get(isvc.named) if isvc.named is not None else None
+    if named is not None and named.namespace in (None, isvc.namespace):
+        out.add(named.key)  # another namespace's cache is never its (KServe ignores such labels)
     for uri in isvc.storage_uris:
+        own: set[str] = set()
+        cluster: set[str] = set()
         for c in caches.values():
             base = c.spec.source_model_uri.rstrip("/")
             if uri == c.spec.source_model_uri or uri.startswith(base + "/"):
-                out.add(c.name)
+                if c.namespace is None:
+                    cluster.add(c.key)
+                elif c.namespace == isvc.namespace:
+                    own.add(c.key)
+        out |= own or cluster
     return frozenset(out)
 
 

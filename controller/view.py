@@ -27,6 +27,7 @@ from localmodel.kinds import (
     INFERENCE_SERVICE,
     JSON,
     LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
@@ -39,9 +40,11 @@ from localmodel.placement import Layout, layout
 from localmodel.resources import (
     InferenceServiceRef,
     LocalModelCache,
+    LocalModelNamespaceCache,
     LocalModelNode,
     LocalModelNodeGroup,
     Node,
+    cache_key,
     cluster_group,
 )
 from localmodel.state.base import WatchEvent
@@ -58,6 +61,7 @@ CONTESTED = "SpecContested"  # the LocalModelNode condition and Event reason of 
 class View:
     """The controller's picture of the cluster: typed objects by name, fed by lists and watches."""
 
+    # LocalModelCaches and LocalModelNamespaceCaches, by key (LocalModelCache.key)
     caches: dict[str, LocalModelCache] = field(default_factory=dict)
     groups: dict[str, LocalModelNodeGroup] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
@@ -138,6 +142,11 @@ class ViewKeeper:
                 self._observe_spec(
                     self._view.caches, name, None if deleted else LocalModelCache.from_json(obj)
                 )
+            elif kind is LOCAL_MODEL_NAMESPACE_CACHE:
+                key = cache_key(name, obj.get("metadata", {}).get("namespace") or "default")
+                self._observe_spec(
+                    self._view.caches, key, None if deleted else LocalModelNamespaceCache.from_json(obj)
+                )
             elif kind is LOCAL_MODEL_NODE_GROUP:
                 self._observe_group(name, None if deleted else obj)
             elif kind is NODE:
@@ -194,8 +203,8 @@ class ViewKeeper:
         before, after = old.status.model_status, new.status.model_status
         changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
         for m in new.local_models:
-            if m.model_name in changed:
-                self._dirty_caches.add(m.model_name)
+            if m.status_key in changed:
+                self._dirty_caches.add(m.status_key)
 
     def _check_writer(self, name: str, old: LocalModelNode | None, new: LocalModelNode, obj: JSON) -> None:
         """Count spec changes of a LocalModelNode that are not ours: a generation past the one our
@@ -229,15 +238,15 @@ class ViewKeeper:
         old = view.lmns.pop(name, None)
         if old is not None:
             for m in old.local_models:
-                nodes = view.listed.get(m.model_name)
+                nodes = view.listed.get(m.status_key)
                 if nodes is not None:
                     nodes.discard(name)
                     if not nodes:
-                        del view.listed[m.model_name]
+                        del view.listed[m.status_key]
         if lmn is not None:
             view.lmns[name] = lmn
             for m in lmn.local_models:
-                view.listed.setdefault(m.model_name, set()).add(name)
+                view.listed.setdefault(m.status_key, set()).add(name)
 
     def _observe_spec(self, store: dict[str, Any], name: str, new: Any) -> None:
         old = store.get(name)

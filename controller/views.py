@@ -5,7 +5,11 @@ into one of these frozen types on arrival, and the pure planners read only the f
 Rules taken from KServe:
 
 - A pod names the cache it serves by KServe's ``internal.serving.kserve.io/localmodel`` label (our
-  ``modelcache.io/model`` annotation when the label is absent or empty), and its node group by
+  ``modelcache.io/model`` annotation when the label is absent or empty); with KServe's
+  ``internal.serving.kserve.io/localmodel-namespace`` label beside it, the LocalModelNamespaceCache
+  of that name in that namespace (key ``<namespace>/<name>``, as KServe's defaulter labels an
+  InferenceService that uses one: inference_service_defaults.go:537-538 at KServe v0.20), and its
+  node group by
   ``serving.kserve.io/nodegroup``; ``serving.kserve.io/disable-localmodel: "true"`` (any case) turns
   both off, as KServe's InferenceService webhook does (:func:`named_cache`, the one rule for all).
 - A Node whose ``Ready`` condition is not ``True`` is not ready; one with no conditions at all (a
@@ -19,7 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.labels import MODEL_LABEL_PREFIX, model_labels
-from localmodel.resources import LOCALMODEL_LABEL, NODEGROUP_ANNOTATION, Node
+from localmodel.resources import (
+    LOCALMODEL_LABEL,
+    LOCALMODEL_NAMESPACE_LABEL,
+    NODEGROUP_ANNOTATION,
+    Node,
+    cache_key,
+)
 
 MODEL_ANNOTATION = "modelcache.io/model"  # on a pod: the LocalModelCache it serves
 DISABLE_ANNOTATION = "serving.kserve.io/disable-localmodel"
@@ -35,10 +45,15 @@ def localmodel_disabled(annotations: Mapping[str, Any]) -> bool:
 
 
 def named_cache(labels: Mapping[str, Any], annotations: Mapping[str, Any]) -> str | None:
-    """The LocalModelCache a pod names (the module's rule), or None: none, or opted out."""
+    """The key (:func:`localmodel.resources.cache_key`) of the cache a pod names (the module's
+    rule), or None: none, or opted out."""
     if localmodel_disabled(annotations):
         return None
-    named = labels.get(LOCALMODEL_LABEL) or annotations.get(MODEL_ANNOTATION)
+    label = labels.get(LOCALMODEL_LABEL)
+    if isinstance(label, str) and label:
+        namespace = labels.get(LOCALMODEL_NAMESPACE_LABEL)
+        return cache_key(label, namespace if isinstance(namespace, str) and namespace else None)
+    named = annotations.get(MODEL_ANNOTATION)
     return named if isinstance(named, str) and named else None
 
 
@@ -127,13 +142,14 @@ class InferenceService:
 
     namespace: str
     name: str
-    named: str | None  # the cache KServe's webhook names in its localmodel label
+    named: str | None  # the cache (key) KServe's webhook names in its localmodel labels
     storage_uris: tuple[str, ...]  # the predictor's storageUri and those of its parts
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> InferenceService:
         meta = _mapping(obj.get("metadata"))
-        named = _mapping(meta.get("labels")).get(LOCALMODEL_LABEL)
+        labels = _mapping(meta.get("labels"))
+        named = named_cache(labels, {})
         predictor = _mapping(_mapping(obj.get("spec")).get("predictor"))
         uris = [predictor.get("storageUri")] + [
             part.get("storageUri") for part in predictor.values() if isinstance(part, Mapping)

@@ -8,7 +8,8 @@ label selector); for a cache, the caches and groups. Certificates come from a
 folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
 reloaded when they change, so a renewed certificate needs no restart.
 
-Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches``,
+Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches`` (LocalModelNamespaceCaches too,
+by the review's kind),
 ``POST /validate/localmodelnodegroups``, ``GET /healthz``.
 
 Bounds (with ``failurePolicy: Fail`` a few slow clients must not hold the endpoint): a connection
@@ -49,8 +50,22 @@ from controller.labels import MODEL_LABEL_VALUE, model_label
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
-from localmodel.kinds import JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE, PERSISTENT_VOLUME_CLAIM
-from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node, cluster_group
+from localmodel.kinds import (
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    PERSISTENT_VOLUME_CLAIM,
+)
+from localmodel.resources import (
+    LocalModelCache,
+    LocalModelNamespaceCache,
+    LocalModelNodeGroup,
+    Node,
+    cluster_group,
+    split_key,
+)
 from localmodel.state.base import ClusterState, Selector
 
 log = logging.getLogger("modelcache.controller.webhook")
@@ -116,7 +131,12 @@ class Webhook:
         ask = pod_ask(pod)
         if not ask.any:
             return Verdict(True)
-        cache = await self._get_cache(ask.cache) if ask.cache is not None else None
+        ns = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        ns = str(ns) if ns else "default"
+        owner = split_key(ask.cache)[0] if ask.cache is not None else None
+        # Another namespace's LocalModelNamespaceCache is not read: place_pod refuses the pod.
+        mine = ask.cache is not None and owner in (None, ns)
+        cache = await self._get_cache(ask.cache) if ask.cache is not None and mine else None
         group_name = ask.group or (cache.spec.node_groups[0] if cache is not None else None)
         group = await self._get_group(group_name) if group_name is not None else None
         ready: list[Node] = []
@@ -126,20 +146,20 @@ class Webhook:
             ready = [Node.from_json(n) for n in nodes.items]
         # The controller's serving claims in the pod's namespace: every mount of one is made read-only
         # (or refused), whichever cache the pod names.
-        ns = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
         claims = await self.state.list(
             PERSISTENT_VOLUME_CLAIM,
-            namespace=str(ns) if ns else "default",
+            namespace=ns,
             selector=Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
         )
         ours = frozenset(str((c.get("metadata") or {}).get("name")) for c in claims.items)
-        return place_pod(pod, cache=cache, group=group, ready_nodes=ready, our_claims=ours)
+        return place_pod(pod, cache=cache, group=group, ready_nodes=ready, our_claims=ours, namespace=ns)
 
     async def review_cache(self, request: JSON) -> Verdict:
         operation = str(request.get("operation") or "")
         if operation not in ("CREATE", "UPDATE"):
             return Verdict(True)
         caches = [_typed(LocalModelCache, o) for o in (await self.state.list(LOCAL_MODEL_CACHE)).items]
+        caches += [_typed(LocalModelNamespaceCache, o) for o in await self._namespace_caches()]
         groups: list[LocalModelNodeGroup] = []
         invalid: dict[str, str] = {}
         for o in (await self.state.list(LOCAL_MODEL_NODE_GROUP)).items:
@@ -147,10 +167,13 @@ class Webhook:
                 groups.append(cluster_group(o))
             except SpecError as e:
                 invalid[str((o.get("metadata") or {}).get("name"))] = str(e)
+        obj, old = request.get("object"), request.get("oldObject")
+        if (request.get("kind") or {}).get("kind") == LOCAL_MODEL_NAMESPACE_CACHE.kind:
+            obj, old = _in_namespace(obj, request), _in_namespace(old, request)
         return validate_cache(
             operation,
-            request.get("object"),
-            request.get("oldObject"),
+            obj,
+            old,
             caches=[c for c in caches if c is not None],
             groups=groups,
             invalid_groups=invalid,
@@ -161,11 +184,23 @@ class Webhook:
             str(request.get("operation") or ""), request.get("object"), request.get("oldObject")
         )
 
-    async def _get_cache(self, name: str) -> LocalModelCache | None:
+    async def _get_cache(self, key: str) -> LocalModelCache | None:
+        """The cache of key ``key`` (a LocalModelNamespaceCache's is ``<namespace>/<name>``)."""
+        namespace, name = split_key(key)
         try:
-            return _typed(LocalModelCache, await self.state.get(LOCAL_MODEL_CACHE, name))
+            if namespace is None:
+                return _typed(LocalModelCache, await self.state.get(LOCAL_MODEL_CACHE, name))
+            obj = await self.state.get(LOCAL_MODEL_NAMESPACE_CACHE, name, namespace=namespace)
+            return _typed(LocalModelNamespaceCache, obj)
         except NotFound:
             return None
+
+    async def _namespace_caches(self) -> list[JSON]:
+        """Every LocalModelNamespaceCache (none where its CRD is not installed)."""
+        try:
+            return (await self.state.list(LOCAL_MODEL_NAMESPACE_CACHE)).items
+        except NotFound:
+            return []
 
     async def _get_group(self, name: str) -> LocalModelNodeGroup | None:
         try:
@@ -244,7 +279,17 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-_T = TypeVar("_T", LocalModelCache, LocalModelNodeGroup)
+_T = TypeVar("_T", LocalModelCache, LocalModelNamespaceCache, LocalModelNodeGroup)
+
+
+def _in_namespace(obj: object, request: JSON) -> object:
+    """A namespaced object of a review with its namespace set (from the request when the object
+    names none, as it may at CREATE)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        return obj
+    if obj["metadata"].get("namespace") or not request.get("namespace"):
+        return obj
+    return {**obj, "metadata": {**obj["metadata"], "namespace": request["namespace"]}}
 
 
 def _typed(cls: type[_T], obj: JSON) -> _T | None:

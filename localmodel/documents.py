@@ -18,16 +18,27 @@ from localmodel.errors import InvalidInput, SpecError
 from localmodel.kinds import (
     JSON,
     LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
     ResourceKind,
 )
-from localmodel.resources import LocalModelCache, LocalModelNode, LocalModelNodeGroup, Node
+from localmodel.resources import (
+    LocalModelCache,
+    LocalModelNamespaceCache,
+    LocalModelNode,
+    LocalModelNodeGroup,
+    Node,
+)
 
 # kind -> (where it lives, how to validate and normalise it)
 _PARSERS: dict[str, tuple[ResourceKind, Callable[[Any], JSON]]] = {
     "LocalModelCache": (LOCAL_MODEL_CACHE, lambda d: LocalModelCache.from_json(d).to_json()),
+    "LocalModelNamespaceCache": (
+        LOCAL_MODEL_NAMESPACE_CACHE,
+        lambda d: LocalModelNamespaceCache.from_json(d).to_json(),
+    ),
     "LocalModelNodeGroup": (
         LOCAL_MODEL_NODE_GROUP,
         lambda d: LocalModelNodeGroup.from_json(d).to_json(),
@@ -46,7 +57,11 @@ class Document:
 
     @property
     def name(self) -> str:
-        return str(self.object["metadata"]["name"])
+        """Its name, ``<namespace>/<name>`` for a namespaced kind (what tells two apart)."""
+        meta = self.object["metadata"]
+        if self.kind.namespaced:
+            return f"{meta.get('namespace') or 'default'}/{meta['name']}"
+        return str(meta["name"])
 
 
 def load_documents(

@@ -34,6 +34,9 @@ def event_body(
             "apiVersion": involved.api_version,
             "kind": involved.kind,
             "name": name,
+            # A namespaced object's Events live in its namespace and name it (a
+            # LocalModelNamespaceCache's); a cluster-scoped one's carry no namespace.
+            **({"namespace": namespace} if involved.namespaced else {}),
             **({"uid": uid} if uid else {}),
         },
         "type": type_,

@@ -35,6 +35,11 @@ class ResourceKind:
 
 
 LOCAL_MODEL_CACHE = ResourceKind(GROUP, VERSION, "LocalModelCache", "localmodelcaches", False)
+# KServe v0.18+: a namespaced LocalModelCache, usable only in its namespace
+# (pkg/apis/serving/v1alpha1/local_model_namespace_cache_types.go:42-55 at KServe v0.20).
+LOCAL_MODEL_NAMESPACE_CACHE = ResourceKind(
+    GROUP, VERSION, "LocalModelNamespaceCache", "localmodelnamespacecaches", True
+)
 LOCAL_MODEL_NODE_GROUP = ResourceKind(GROUP, VERSION, "LocalModelNodeGroup", "localmodelnodegroups", False)
 LOCAL_MODEL_NODE = ResourceKind(GROUP, VERSION, "LocalModelNode", "localmodelnodes", False)
 NODE = ResourceKind("", "v1", "Node", "nodes", False)
@@ -50,6 +55,7 @@ INFERENCE_SERVICE = ResourceKind(
 
 KINDS: tuple[ResourceKind, ...] = (
     LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE_GROUP,
     LOCAL_MODEL_NODE,
     NODE,

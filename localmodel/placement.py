@@ -4,7 +4,14 @@ runs the same code for its own node, so both always agree.
 
 Admission: a group admits a cache only if the ``modelSize`` of the caches it already admitted plus
 this one fits the group's per-node ``storageLimit``. Caches are considered oldest first (creation
-time, then name), so the outcome is stable and a new cache never pushes out an old one.
+time, then name), so the outcome is stable and a new cache never pushes out an old one. Caches of
+one URI share one folder on the node (its storage key): a second one costs only what its
+``modelSize`` declares beyond the largest already admitted for that key (a LocalModelNamespaceCache
+beside a LocalModelCache of the same model, KServe v0.18+).
+
+Caches are told apart by :attr:`LocalModelCache.key` (the name, or ``<namespace>/<name>`` for a
+LocalModelNamespaceCache): that is what :class:`Refusal`, :class:`Admission` and :class:`Layout`
+name them by.
 
 A node is told what it was refused too (:attr:`NodePlacement.refused`): a cache one of its groups
 would hold but had no room for, and a cache naming a group that does not exist (no node can be told
@@ -61,7 +68,7 @@ def human(n: int) -> str:
 def age_key(cache: LocalModelCache) -> tuple[str, str]:
     """Oldest first: creation time, then name (what admission and serving names go by)."""
     # RFC 3339 timestamps in UTC sort as strings; objects without one (not yet stored) go last.
-    return (cache.metadata.creation_timestamp or "9999", cache.name)
+    return (cache.metadata.creation_timestamp or "9999", cache.key)
 
 
 def admit(
@@ -75,18 +82,20 @@ def admit(
     invalid = invalid or {}
     by_name = {g.name: g for g in groups}
     used = dict.fromkeys(by_name, 0)
+    charged: dict[tuple[str, str], int] = {}  # (group, storage key) -> bytes charged for that folder
     admitted: dict[str, list[str]] = {g: [] for g in by_name}
     refused: list[Refusal] = []
     for cache in sorted(caches, key=age_key):
         if cache.metadata.deletion_timestamp:
             continue  # a cache being deleted holds no capacity and gets no new copies
-        size = cache.spec.model_size.bytes
+        declared = cache.spec.model_size.bytes
+        key = cache.spec.storage_key
         for group_name in cache.spec.node_groups:
             group = by_name.get(group_name)
             if group is None and group_name in invalid:
                 refused.append(
                     Refusal(
-                        cache.name,
+                        cache.key,
                         group_name,
                         NODE_GROUP_INVALID,
                         f"node group {group_name!r} is invalid and ignored: {invalid[group_name]}; "
@@ -97,7 +106,7 @@ def admit(
             if group is None:
                 refused.append(
                     Refusal(
-                        cache.name,
+                        cache.key,
                         group_name,
                         NODE_GROUP_NOT_FOUND,
                         f"node group {group_name!r} does not exist; create it or remove it from "
@@ -107,11 +116,13 @@ def admit(
                 )
                 continue
             limit = group.spec.storage_limit.bytes
+            before = charged.get((group_name, key), 0)
+            size = max(0, declared - before)
             if used[group_name] + size > limit:
                 free = max(0, limit - used[group_name])
                 refused.append(
                     Refusal(
-                        cache.name,
+                        cache.key,
                         group_name,
                         INSUFFICIENT_STORAGE,
                         f"needs {human(size)}, group {group_name} has {human(free)} of {human(limit)} free",
@@ -120,7 +131,8 @@ def admit(
                 )
                 continue
             used[group_name] += size
-            admitted[group_name].append(cache.name)
+            charged[(group_name, key)] = max(before, declared)
+            admitted[group_name].append(cache.key)
     return Admission(
         admitted={g: tuple(c) for g, c in admitted.items()},
         refused=tuple(refused),
@@ -162,6 +174,7 @@ def model_info(cache: LocalModelCache, group: str) -> LocalModelInfo:
     return LocalModelInfo(
         source_model_uri=cache.spec.source_model_uri,
         model_name=cache.name,
+        namespace=cache.namespace,
         node_group=group,
         service_account_name=cache.spec.service_account_name,
         storage=cache.spec.storage,
@@ -172,7 +185,7 @@ def model_info(cache: LocalModelCache, group: str) -> LocalModelInfo:
 def held_models(
     mine: Iterable[str], admission: Admission, caches: Mapping[str, LocalModelCache]
 ) -> dict[str, LocalModelInfo]:
-    """cache name -> entry, sorted by name, for a node in groups ``mine`` (sorted by name: a model two
+    """cache key -> entry, sorted by key, for a node in groups ``mine`` (sorted by name: a model two
     of them list is held once, for the first)."""
     found: dict[str, LocalModelInfo] = {}
     for group in mine:
@@ -192,7 +205,7 @@ def place_node(
     groups = list(groups)
     admission = admission or admit(caches, groups)
     mine = groups_of_node(node, groups)
-    models = held_models(mine, admission, {c.name: c for c in caches})
+    models = held_models(mine, admission, {c.key: c for c in caches})
     refused: dict[str, Refusal] = {}
     for r in sorted(admission.refused, key=lambda r: (r.cache, r.group)):
         if r.cache in models or r.cache in refused:
@@ -231,7 +244,7 @@ def layout(
     caches = list(caches)
     groups = sorted(groups, key=lambda g: g.name)
     admission = admit(caches, groups, invalid_groups)
-    by_name = {c.name: c for c in caches}
+    by_name = {c.key: c for c in caches}
     members: dict[str, list[str]] = {g.name: [] for g in groups}
     node_groups: dict[str, tuple[str, ...]] = {}
     for node in sorted(nodes, key=lambda n: n.name):

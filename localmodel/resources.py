@@ -15,20 +15,49 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Self, TypeVar
 
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.folders import cache_path_error
-from localmodel.kinds import API_VERSION, JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP
+from localmodel.kinds import (
+    API_VERSION,
+    JSON,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NAMESPACE_CACHE,
+    LOCAL_MODEL_NODE,
+    LOCAL_MODEL_NODE_GROUP,
+)
 from localmodel.layout import STORAGE_KEY_RE, storage_key
 from localmodel.quantity import Quantity
 from localmodel.selectors import NodeSelector
 from localmodel.uri import parse_uri
 
 FINALIZER = "localmodel.kserve.io/finalizer"
+# KServe's on a LocalModelNamespaceCache (pkg/controller/v1alpha1/localmodel/reconcilers/utils.go:53
+# at KServe v0.20).
+NAMESPACE_CACHE_FINALIZER = "localmodelnamespacecache.kserve.io/finalizer"
 NODEGROUP_ANNOTATION = "serving.kserve.io/nodegroup"
 LOCALMODEL_LABEL = "internal.serving.kserve.io/localmodel"
+# Beside LOCALMODEL_LABEL on an InferenceService (and so its pods) that KServe's defaulter gave a
+# LocalModelNamespaceCache: that cache's namespace (pkg/constants/constants.go:178,
+# pkg/apis/serving/v1beta1/inference_service_defaults.go:537-538 at KServe v0.20).
+LOCALMODEL_NAMESPACE_LABEL = "internal.serving.kserve.io/localmodel-namespace"
+
+
+def cache_key(name: str, namespace: str | None = None) -> str:
+    """How a cache is told apart everywhere a name alone is ambiguous: its name for a cluster
+    LocalModelCache, ``<namespace>/<name>`` for a LocalModelNamespaceCache, the key KServe's agent
+    writes in ``LocalModelNode.status.modelStatus`` (``LocalModelInfo.GetStatusKey``,
+    pkg/apis/serving/v1alpha1/local_model_node_types.go:41-49 at KServe v0.20). Object names hold no
+    ``/``, so the two never meet."""
+    return f"{namespace}/{name}" if namespace else name
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    """(namespace or None, name) of a :func:`cache_key`."""
+    namespace, sep, name = key.rpartition("/")
+    return (namespace, name) if sep else (None, key)
 
 
 class NodeState(enum.StrEnum):
@@ -399,27 +428,80 @@ class LocalModelCache:
     status: LocalModelCacheStatus = LocalModelCacheStatus()
 
     kind = LOCAL_MODEL_CACHE
+    finalizer = FINALIZER
 
     @property
     def name(self) -> str:
         return self.metadata.name
 
+    @property
+    def namespace(self) -> str | None:
+        """The namespace of a LocalModelNamespaceCache; None for a cluster LocalModelCache."""
+        return None
+
+    @property
+    def key(self) -> str:
+        """:func:`cache_key`: the name, or ``<namespace>/<name>`` for a namespace cache."""
+        return cache_key(self.name, self.namespace)
+
+    @property
+    def title(self) -> str:
+        """How messages name it: ``LocalModelCache 'x'`` or ``LocalModelNamespaceCache 'ns/x'``."""
+        return f"{self.kind.kind} {self.key!r}"
+
     @classmethod
-    def from_json(cls, data: Any) -> LocalModelCache:
-        data = _check_kind(data, "LocalModelCache")
+    def from_json(cls, data: Any) -> Self:
+        data = _check_kind(data, cls.kind.kind)
         return cls(
-            metadata=ObjectMeta.from_json(data.get("metadata")),
+            metadata=cls._metadata(data.get("metadata")),
             spec=LocalModelCacheSpec.from_json(data.get("spec")),
             status=LocalModelCacheStatus.from_json(data.get("status")),
         )
 
+    @classmethod
+    def _metadata(cls, data: Any) -> ObjectMeta:
+        return ObjectMeta.from_json(data)
+
     def to_json(self) -> JSON:
-        out = _header("LocalModelCache", self.metadata)
+        out = _header(self.kind.kind, self.metadata)
         out["spec"] = self.spec.to_json()
         status = self.status.to_json()
         if status != LocalModelCacheStatus().to_json():
             out["status"] = status
         return out
+
+
+@dataclass(frozen=True)
+class LocalModelNamespaceCache(LocalModelCache):
+    """KServe's namespaced LocalModelCache (v0.18+): the same spec and status, usable only by
+    InferenceServices and pods in its namespace, and preferred there over a cluster cache of the
+    same model (pkg/apis/serving/v1alpha1/local_model_namespace_cache_types.go:24-55,
+    pkg/apis/serving/v1beta1/inference_service_defaults.go:504-546 at KServe v0.20). Its
+    LocalModelNode entries carry its ``namespace`` and its state there is keyed ``<ns>/<name>``;
+    its finalizer is :data:`NAMESPACE_CACHE_FINALIZER`. A document without a namespace is in
+    ``default``, as ``kubectl apply`` puts it."""
+
+    kind = LOCAL_MODEL_NAMESPACE_CACHE
+    finalizer = NAMESPACE_CACHE_FINALIZER
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+    @classmethod
+    def _metadata(cls, data: Any) -> ObjectMeta:
+        meta = ObjectMeta.from_json(data)
+        if not meta.namespace:
+            meta = replace(meta, namespace="default")
+        return meta
+
+
+def parse_cache(data: Any) -> LocalModelCache:
+    """A LocalModelCache or a LocalModelNamespaceCache, by its ``kind`` (a LocalModelCache when it
+    names none). Raises SpecError."""
+    if isinstance(data, Mapping) and data.get("kind") == LOCAL_MODEL_NAMESPACE_CACHE.kind:
+        return LocalModelNamespaceCache.from_json(data)
+    return LocalModelCache.from_json(data)
 
 
 # -- LocalModelNodeGroup ------------------------------------------------------------------------
@@ -612,6 +694,12 @@ class LocalModelInfo:
     def storage_key(self) -> str:
         return storage_key(self.source_model_uri)
 
+    @property
+    def status_key(self) -> str:
+        """Its key in ``status.modelStatus``: ``modelName``, or ``<namespace>/<modelName>`` for a
+        LocalModelNamespaceCache's entry (KServe's ``GetStatusKey``, :func:`cache_key`)."""
+        return cache_key(self.model_name, self.namespace)
+
     @classmethod
     def from_json(cls, data: Any, path: str) -> LocalModelInfo:
         raw = _obj(data, path)
@@ -791,9 +879,11 @@ class LocalModelNode:
         models = tuple(
             LocalModelInfo.from_json(m, f"spec.localModels[{i}]") for i, m in enumerate(raw_models)
         )
-        names = [m.model_name for m in models]
-        if len(set(names)) != len(names):
-            raise SpecError("lists a modelName twice", field="spec.localModels")
+        # A namespace cache and a cluster cache may share a modelName (KServe keys entries by
+        # namespace and modelName, reconcilers/utils.go:650 at KServe v0.20).
+        keys = [m.status_key for m in models]
+        if len(set(keys)) != len(keys):
+            raise SpecError("lists a modelName twice in one namespace", field="spec.localModels")
         return cls(
             metadata=ObjectMeta.from_json(data.get("metadata")),
             local_models=models,

@@ -30,10 +30,20 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
     return registry.get_sample_value(name, labels)
 
 
-def copies(registry: CollectorRegistry, cache_name: str, group: str) -> tuple[float | None, ...]:
-    """(available, total, failed) of one cache in one group; None where there is no series."""
+def copies(
+    registry: CollectorRegistry, cache_name: str, group: str, namespace: str = ""
+) -> tuple[float | None, ...]:
+    """(available, total, failed) of one cache in one group (``namespace``: a
+    LocalModelNamespaceCache's); None where there is no series."""
     return tuple(
-        value(registry, "modelcache_controller_copies", cache=cache_name, group=group, state=s)
+        value(
+            registry,
+            "modelcache_controller_copies",
+            cache=cache_name,
+            namespace=namespace,
+            group=group,
+            state=s,
+        )
         for s in ("available", "total", "failed")
     )
 
@@ -194,9 +204,16 @@ async def test_cli_serves_metrics(tmp_path: Path) -> None:
             await eventually(scraped, timeout=8)
         lines = set(text.splitlines())
         assert "modelcache_controller_is_leader 1.0" in lines
-        assert 'modelcache_controller_copies{cache="big",group="a100",state="total"} 1.0' in lines
-        assert 'modelcache_controller_copies{cache="big",group="a100",state="available"} 0.0' in lines
-        assert 'modelcache_controller_copies{cache="big",group="h100",state="total"} 0.0' in lines
+        assert (
+            'modelcache_controller_copies{cache="big",group="a100",namespace="",state="total"} 1.0' in lines
+        )
+        assert (
+            'modelcache_controller_copies{cache="big",group="a100",namespace="",state="available"} 0.0'
+            in lines
+        )
+        assert (
+            'modelcache_controller_copies{cache="big",group="h100",namespace="",state="total"} 0.0' in lines
+        )
         assert "modelcache_controller_write_errors_total 0.0" in lines
         inf = 'modelcache_controller_reconcile_duration_seconds_bucket{le="+Inf"}'
         assert any(x.startswith(inf) for x in lines)

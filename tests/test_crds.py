@@ -241,7 +241,7 @@ def test_kubectl_kustomize_renders_the_crds() -> None:
         [kubectl, "kustomize", str(ROOT / "manifests" / "crds")], capture_output=True, text=True, check=True
     )
     kinds = sorted(d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out.stdout))
-    assert kinds == ["LocalModelCache", "LocalModelNode", "LocalModelNodeGroup"]
+    assert kinds == ["LocalModelCache", "LocalModelNamespaceCache", "LocalModelNode", "LocalModelNodeGroup"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.yaml")), ids=lambda p: p.parent.name)

@@ -210,9 +210,10 @@ class MemoryState:
     async def apply(self, kind: ResourceKind, objects: Iterable[JSON], *, prune: bool) -> None:
         """Make the specs of ``kind`` equal to ``objects`` (create or patch; delete others if
         ``prune``), keeping each object's status: what ``kubectl apply --prune`` does for a folder."""
-        wanted = {o["metadata"]["name"]: o for o in objects}
-        for name, obj in wanted.items():
-            ns = obj["metadata"].get("namespace") if kind.namespaced else None
+        # Keyed as stored: a namespaced kind's objects of one name in two namespaces are two
+        # (LocalModelNamespaceCaches).
+        wanted = {self._key(kind, o["metadata"]["name"], o["metadata"].get("namespace")): o for o in objects}
+        for (_, ns, name), obj in wanted.items():
             try:
                 current = await self.get(kind, name, namespace=ns)
             except NotFound:
@@ -230,9 +231,9 @@ class MemoryState:
             }
             await self.patch(kind, name, patch, namespace=ns)
         if prune:
-            for (k, ns, name), _obj in list(self._objects.items()):
-                if k == kind.kind and name not in wanted:
-                    await self.delete(kind, name, namespace=ns)
+            for key in list(self._objects):
+                if key[0] == kind.kind and key not in wanted:
+                    await self.delete(kind, key[2], namespace=key[1])
 
     # -- internals -----------------------------------------------------------------------------
 
