@@ -676,9 +676,10 @@ class Agent:
         )
         rec.failures = 0
         self.metrics.completed.inc()
-        self.metrics.bytes_adopted.inc(result.bytes_kept)
+        if not result.up_to_date:
+            self.metrics.bytes_adopted.inc(result.bytes_kept)
         self._update_disk_metrics()
-        await self.events.emit("Adopted", f"{name}: {adopted_words(rec.uri, rec.key, result)}")
+        await self.events.emit("Adopted", f"{name}: {adopted_words(rec.uri, f'models/{rec.key}', result)}")
 
     def _admit(self, name: str, rec: Record, listing: Listing) -> None:
         """Called with the source's listing before any byte moves: the real size must fit too."""

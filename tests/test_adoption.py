@@ -12,6 +12,7 @@ which leaves ``.cache/huggingface/`` beside the files (huggingface_hub 0.32.4 _l
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -264,9 +265,10 @@ async def test_an_s3_folder_without_its_empty_objects_is_adopted_and_they_are_cr
     assert sorted(f.path for f in manifest.files) == ["config.json", "empty.txt", "weights.bin"]
     assert manifest.extras == ()
     # S3's multipart-free ETag is the md5: the kept files were checked by it.
-    assert next(f for f in manifest.files if f.path == "weights.bin").md5 == hashlib.md5(
-        objects["m/weights.bin"], usedforsecurity=False
-    ).hexdigest()
+    assert (
+        next(f for f in manifest.files if f.path == "weights.bin").md5
+        == hashlib.md5(objects["m/weights.bin"], usedforsecurity=False).hexdigest()
+    )
 
 
 # -- the pure rules ----------------------------------------------------------------------------
@@ -338,3 +340,50 @@ def test_a_manifest_with_extras_reads_back_and_refuses_unsafe_ones(tmp_path: Pat
     assert "extras" not in Manifest("u", "k", None, ()).to_json()
 
 
+# -- modelcache pull --adopt -------------------------------------------------------------------
+
+
+async def test_pull_adopt_keeps_a_dest_another_tool_filled_and_fetches_only_the_altered_file(
+    hf_hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelcache.cli import main
+
+    hf_hub.add_repo("org/m", FILES)
+    dest = tmp_path / "dest"
+    fill_like_kserve(dest, hf_hub, "org/m", FILES)
+    (dest / "config.json").write_bytes(b'{"model_type": "llamA"}')  # same size, another hash
+    # Without --adopt: refused as before, nothing changed (exit 2, one line naming --adopt).
+    assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--adopt" in err and err.count("\n") == 1
+    weights = (dest / "model.safetensors").stat().st_ino
+    assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--quiet", "--adopt"]) == 0
+    out = capsys.readouterr().out
+    assert "2 file(s) kept" in out and "1 fetched" in out and ".cache" in out
+    assert gets(hf_hub) == 1 and gets(hf_hub, "config.json") == 1
+    assert (dest / "config.json").read_bytes() == FILES["config.json"]
+    assert (dest / "model.safetensors").stat().st_ino == weights
+    # Ours now, with theirs recorded: a second pull is up to date and fetches nothing.
+    assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--quiet", "--adopt"]) == 0
+    assert "up to date" in capsys.readouterr().out and gets(hf_hub) == 1
+    (dest / "config.json").chmod(0o644)
+    (dest / "config.json").write_bytes(b"{}")  # changed since: checked again, fetched again
+    assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--quiet", "--adopt"]) == 0
+    assert "1 fetched" in capsys.readouterr().out and gets(hf_hub, "config.json") == 2
+    assert (dest / ".cache" / "huggingface" / ".gitignore").read_text() == "*"
+
+
+async def test_pull_adopt_refuses_a_dest_with_a_link_and_changes_nothing(
+    hf_hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelcache.cli import main
+
+    hf_hub.add_repo("org/m", FILES)
+    dest = tmp_path / "dest"
+    fill_like_kserve(dest, hf_hub, "org/m", FILES)
+    (dest / "passwd").symlink_to("/etc/passwd")
+    assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--quiet", "--adopt"]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link (passwd)" in err and err.count("\n") == 1
+    assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--adopt", "--force"]) == 2
+    assert gets(hf_hub) == 0 and (dest / "passwd").is_symlink()

@@ -27,7 +27,7 @@ from agent.download.client import HttpClient
 from agent.download.engine import Transfer
 from agent.download.listing import Listing
 from agent.download.ownership import Match, folder_match, names_key
-from agent.download.pull import http_client
+from agent.download.pull import http_client, up_to_date
 from agent.download.source_settings import SourceSettings
 from agent.download.sources import list_source
 from agent.download.staging import (
@@ -63,6 +63,7 @@ class AdoptResult:
     seconds: float
     verified: int  # files checked against a source hash (kept or fetched)
     size_only: int  # files checked by their size alone
+    up_to_date: bool = False  # adopted before, and still what the source holds: nothing checked
 
 
 def needs_adoption(dest: Destination, key: str | None = None) -> bool:
@@ -155,6 +156,24 @@ async def adopt(
     try:
         await asyncio.to_thread(dest.check_links)
         listing = await list_source(uri, settings=sources, client=client)
+        published = await asyncio.to_thread(dest.published)
+        key = storage_key(uri.raw)
+        if published is not None and await asyncio.to_thread(up_to_date, dest, published, listing, key):
+            return AdoptResult(
+                files=len(published.files),
+                bytes_total=published.total_bytes,
+                kept=len(published.files),
+                fetched=0,
+                created=0,
+                bytes_kept=published.total_bytes,
+                bytes_fetched=0,
+                extras=published.extras,
+                revision=listing.revision,
+                seconds=time.monotonic() - started,
+                verified=0,
+                size_only=0,
+                up_to_date=True,
+            )
         found = await asyncio.to_thread(inventory, dest.final)
         plan = survey(listing, found, where=str(dest.final))
         if plan.refusal is not None:
@@ -204,10 +223,14 @@ async def adopt(
     )
 
 
-def adopted_words(uri: str, key: str, r: AdoptResult) -> str:
-    """The Event's and log line's words for an adoption (``uri`` already redacted)."""
+def adopted_words(uri: str, where: str, r: AdoptResult) -> str:
+    """The words for an adoption of ``where`` (``models/<key>``, DEST), in the agent's Event and log
+    line and ``modelcache pull --adopt``'s summary (``uri`` already redacted)."""
+    if r.up_to_date:
+        theirs = f"; {named(r.extras)} not ours, kept" if r.extras else ""
+        return f"{uri} in {where} is up to date (adopted before{theirs})"
     text = (
-        f"{uri} adopted in models/{key}: {r.kept} file(s) kept ({readable(r.bytes_kept)}), "
+        f"{uri} adopted in {where}: {r.kept} file(s) kept ({readable(r.bytes_kept)}), "
         f"{r.fetched} fetched ({readable(r.bytes_fetched)})"
     )
     if r.created:
