@@ -606,6 +606,7 @@ class Agent:
                     progress=_Progress(rec, self.metrics),
                     client=self.client,
                     admit=lambda listing: self._admit(name, rec, listing),
+                    recheck=True,  # only what is not published (trusted) comes here
                 )
                 await self._adopted(name, rec, adopted)
                 return

@@ -199,6 +199,35 @@ async def test_entries_the_source_does_not_list_are_kept_reported_and_never_dele
     assert not CacheLayout(cache).manifest_file(folder.name).exists()
 
 
+async def test_an_adopted_folder_found_damaged_at_start_is_repaired_in_place_with_theirs_kept(
+    mem: Cluster, hf_hub: Hub, tmp_path: Path
+) -> None:
+    hf_hub.add_repo("org/m", FILES)
+    cache = tmp_path / "cache"
+    folder = cache / "models" / storage_key(URI)
+    fill_like_kserve(folder, hf_hub, "org/m", FILES)
+    await seed(mem.store, group_doc("g", path=cache), node_doc("n1", [("m", URI, "1Mi")]))
+    async with running_agent(mem.state, cache, store=mem.store) as run:
+        await downloaded(run)
+    weights = folder / "model.safetensors"
+    weights.chmod(0o644)
+    damaged = bytearray(FILES["model.safetensors"])
+    damaged[7] ^= 0x01
+    weights.write_bytes(bytes(damaged))
+    config_inode = (folder / "config.json").stat().st_ino
+    # Untrusted at start (its hash no longer matches): never swapped or deleted, since theirs are in
+    # it; the one damaged file is fetched again in place.
+    async with running_agent(mem.state, cache, store=mem.store, verify_on_start=True) as run:
+        await eventually(
+            lambda: gets(hf_hub, "model.safetensors") == 1, what="the damaged file fetched again"
+        )
+        await downloaded(run)
+    assert weights.read_bytes() == FILES["model.safetensors"] and gets(hf_hub) == 1
+    assert (folder / "config.json").stat().st_ino == config_inode
+    assert (folder / ".cache" / "huggingface" / ".gitignore").read_text() == "*"
+    assert manifest_of(cache).extras == (".cache",)
+
+
 async def test_a_folder_with_a_link_out_of_it_is_not_adopted_until_the_link_is_gone(
     mem: Cluster, hf_hub: Hub, tmp_path: Path
 ) -> None:

@@ -143,12 +143,15 @@ async def adopt(
     progress: ProgressSink | None = None,
     client: HttpClient | None = None,
     admit: Callable[[Listing], None] | None = None,
+    recheck: bool = False,
 ) -> AdoptResult:
     """Make ``dest.final`` (a folder someone else filled) hold what ``uri`` holds now, in place, and
     write our manifest for it (:mod:`agent.adopt`'s rules). Raises :class:`ForeignFolder` when the
     folder cannot be adopted (a link, a special file, an archive source, a layout clash: nothing
     changed), and every failure of listing or fetching as :func:`agent.download.pull.pull` does
-    (the folder then stays as it was, foreign, and the next try starts again)."""
+    (the folder then stays as it was, foreign, and the next try starts again). A folder adopted
+    before whose files still have the listed sizes is up to date, unless ``recheck`` (the agent
+    adopts again only a folder it found damaged: every file is hashed)."""
     started = time.monotonic()
     where = f"{uri.redacted()}: {dest.final}"
     own = client is None
@@ -158,7 +161,8 @@ async def adopt(
         listing = await list_source(uri, settings=sources, client=client)
         published = await asyncio.to_thread(dest.published)
         key = storage_key(uri.raw)
-        if published is not None and await asyncio.to_thread(up_to_date, dest, published, listing, key):
+        fresh = published is not None and not recheck
+        if fresh and published and await asyncio.to_thread(up_to_date, dest, published, listing, key):
             return AdoptResult(
                 files=len(published.files),
                 bytes_total=published.total_bytes,
