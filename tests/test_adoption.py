@@ -416,3 +416,21 @@ async def test_pull_adopt_refuses_a_dest_with_a_link_and_changes_nothing(
     assert "symbolic link (passwd)" in err and err.count("\n") == 1
     assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--adopt", "--force"]) == 2
     assert gets(hf_hub) == 0 and (dest / "passwd").is_symlink()
+
+
+async def test_a_kserve_folder_on_a_nearly_full_disk_is_adopted_not_refused_for_room(
+    mem: Cluster, hf_hub: Hub, tmp_path: Path
+) -> None:
+    from tests.test_agent_faults import tmpfs
+
+    big = {"config.json": b"{}", "model.safetensors": os.urandom(1536 * 1024)}
+    hf_hub.add_repo("org/m", big)
+    with tmpfs(tmp_path / "cache", "2m") as cache:
+        folder = cache / "models" / storage_key(URI)
+        fill_like_kserve(folder, hf_hub, "org/m", big)
+        # Less free space than the model: what is already in the folder needs no new room.
+        assert os.statvfs(cache).f_bavail * os.statvfs(cache).f_frsize < len(big["model.safetensors"])
+        await seed(mem.store, group_doc("g", path=cache), node_doc("n1", [("m", URI, "1540Ki")]))
+        async with running_agent(mem.state, cache, store=mem.store) as run:
+            await downloaded(run)
+            assert gets(hf_hub) == 0
