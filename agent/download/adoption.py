@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -113,8 +114,6 @@ def inventory(folder: Path) -> tuple[Found, ...]:
 def hash_files(dest: Destination, to_hash: Mapping[str, HashCheck | None]) -> dict[str, str]:
     """path -> the hex digest of each file by its check (sha256 where None); a file that cannot be
     read is left out (fetched again). Opened below the destination's root, no link followed."""
-    import hashlib
-
     digests: dict[str, str] = {}
     for path, check in to_hash.items():
         try:
@@ -203,8 +202,7 @@ async def adopt(
             result = await run.run()
             transferred = result.bytes_transferred
             checked_by_hash += sum(result.hash_checked.values())
-            assert run.staged is not None  # publish=False always sets it
-            fetched = {e.path: e for e in run.staged.files}
+            fetched = {e.path: e for e in run.staged.files} if run.staged is not None else {}
         manifest = await asyncio.to_thread(_place, dest, listing, adoption, fetched, uri)
     except OSError as e:
         raise from_os_error(e, where) from e
@@ -248,6 +246,14 @@ def adopted_words(uri: str, where: str, r: AdoptResult) -> str:
     return text
 
 
+def _read_only(path: Path, below: Path) -> None:
+    fd = open_below(path, os.O_RDONLY, below=below)  # no link followed
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 def _place(
     dest: Destination,
     listing: Listing,
@@ -264,17 +270,14 @@ def _place(
         os.close(fd)
     for path in [*(f.path for f in adoption.fetch), *(f.path for f in adoption.create)]:
         staged = files_dir / path
-        staged.chmod(FILE_MODE)
+        _read_only(staged, dest.root)
         rename_below(staged, dest.final / path, src_below=dest.root, dst_below=dest.root)
     for entry in adoption.keep:
         # Published files are read-only (staging.py); folders are left as found, so the writer
-        # they came from can still manage them after a rollback.
+        # they came from can still manage them after a rollback. Best effort: a file of another
+        # owner stays as it is, and is still checked by the manifest.
         with contextlib.suppress(OSError):
-            fd = open_below(dest.final / entry.path, os.O_RDONLY, below=dest.root)
-            try:
-                os.fchmod(fd, FILE_MODE)
-            finally:
-                os.close(fd)
+            _read_only(dest.final / entry.path, dest.root)
     kept = {e.path: e for e in adoption.keep}
     created = {f.path: f.entry() for f in adoption.create}
     entries = tuple(kept.get(f.path) or fetched.get(f.path) or created[f.path] for f in listing.files)
