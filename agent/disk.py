@@ -226,6 +226,10 @@ class CacheDir:
         """Bytes allocated in a model's staging folder (preallocated files count whole)."""
         return _tree_bytes(self.layout.staging_dir(key))
 
+    def folder_bytes(self, key: str) -> int:
+        """Bytes allocated in ``models/<key>`` (a folder to adopt: what it holds needs no new room)."""
+        return _tree_bytes(self.layout.model_dir(key))
+
     def staged_keys(self) -> list[str]:
         return [d.name for d in _subdirs(self.layout.staging) if STORAGE_KEY_RE.match(d.name)]
 

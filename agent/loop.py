@@ -32,6 +32,7 @@ from typing import Any
 from agent import records
 from agent.desired import Desired, desired, retry_delay
 from agent.disk import CacheDir, CompileCacheKept, Scan
+from agent.download.adoption import AdoptResult, adopt, adopted_words, needs_adoption
 from agent.download.client import HttpClient
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
@@ -489,6 +490,9 @@ class Agent:
         staged = {k: self.cache.staged_bytes(k) for k in self.cache.staged_keys() if k not in self.kept}
         for key in self.untrusted - set(self.kept):
             staged.setdefault(key, 0)
+        for key in (self.foreign & {w.key for w in wants}) - set(self.kept):
+            # A folder to adopt: what is in it already takes no new room.
+            staged[key] = max(staged.get(key, 0), self.cache.folder_bytes(key))
         disk = Disk(published=dict(self.published), staged=staged, free=self.cache.free_bytes())
         return plan(
             wants,
@@ -592,6 +596,20 @@ class Agent:
         dest = self.cache.destination(rec.key)
         self.metrics.in_flight.inc()
         try:
+            if await asyncio.to_thread(needs_adoption, dest, rec.key):
+                # Someone else's files at this key (KServe's agent's): checked and kept, not fetched.
+                adopted = await adopt(
+                    uri,
+                    dest,
+                    sources=self.settings.sources,
+                    transfer=self.settings.transfer,
+                    progress=_Progress(rec, self.metrics),
+                    client=self.client,
+                    admit=lambda listing: self._admit(name, rec, listing),
+                    recheck=True,  # only what is not published (trusted) comes here
+                )
+                await self._adopted(name, rec, adopted)
+                return
             if rec.key in self.untrusted:
                 # The folder (ours: its manifest names it) no longer matches the manifest: without this
                 # the pull would find the manifest up to date with the source and fetch nothing.
@@ -642,6 +660,27 @@ class Agent:
             else f"{readable(result.bytes_total)} in {result.seconds:.1f}s"
         )
         await self.events.emit("DownloadCompleted", f"{name}: {rec.uri} is ready in models/{rec.key} ({how})")
+
+    async def _adopted(self, name: str, rec: Record, result: AdoptResult) -> None:
+        """A folder someone else filled is ours now (:mod:`agent.download.adoption`): shown, counted
+        and told like a completed download, with what was kept and fetched."""
+        self.published[rec.key] = result.bytes_total
+        self.untrusted.discard(rec.key)
+        self.foreign.discard(rec.key)
+        rec.progress = records.completed(
+            rec.progress,
+            size=result.bytes_total,
+            files=result.files,
+            revision=result.revision,
+            checked=(result.verified, result.size_only),
+            now=utc_now(),
+        )
+        rec.failures = 0
+        self.metrics.completed.inc()
+        if not result.up_to_date:
+            self.metrics.bytes_adopted.inc(result.bytes_kept)
+        self._update_disk_metrics()
+        await self.events.emit("Adopted", f"{name}: {adopted_words(rec.uri, f'models/{rec.key}', result)}")
 
     def _admit(self, name: str, rec: Record, listing: Listing) -> None:
         """Called with the source's listing before any byte moves: the real size must fit too."""

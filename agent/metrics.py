@@ -51,6 +51,12 @@ class AgentMetrics:
             ["reason"],
             registry=registry,
         )
+        self.bytes_adopted = Counter(
+            "modelcache_adopted_bytes",
+            "Bytes found already in place and kept when a folder another writer filled (KServe's "
+            "agent) was adopted: not fetched.",
+            registry=registry,
+        )
         self.evictions = Counter(
             "modelcache_evictions",
             "Models deleted from the cache because no longer wanted.",

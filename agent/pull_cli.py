@@ -13,14 +13,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from agent.download.adoption import adopt, adopted_words, needs_adoption
 from agent.download.environment import aws_ca_bundle, proxies_from_env
 from agent.download.pull import after_failure, pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination, describe, refuse_links
-from agent.download.transfer import PullResult
+from agent.download.transfer import PullResult, TransferSettings
 from agent.transfer_flags import add_transfer_flags, transfer_settings
 from localmodel.cliargs import UsageParser
-from localmodel.errors import DownloadError, InvalidInput, ModelcacheError, from_os_error
+from localmodel.errors import DownloadError, ForeignFolder, InvalidInput, ModelcacheError, from_os_error
 from localmodel.folders import cache_path_error
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="replace a DEST that modelcache did not publish (its files are lost)",
+    )
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="DEST holds the model written by another tool (KServe's storage initializer): check its "
+        "files against the source, keep those that match, fetch the rest in place, keep the others",
     )
     p.add_argument(
         "--lock-wait",
@@ -315,14 +322,22 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput(f"DEST: {problem}")
     if (problem := mount_point_error(final)) is not None:
         raise InvalidInput(f"DEST: {problem}")
+    if args.adopt and args.force:
+        raise InvalidInput(
+            "--adopt and --force: choose one (--adopt keeps DEST's files, --force replaces them)"
+        )
     dest = Destination.for_folder(final, force=args.force)
     bar = _Bar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     try:
         with writer_lock(dest, wait=args.lock_wait):
+            placed = CacheLayout.of_model_dir(dest.final)
+            if args.adopt and needs_adoption(dest, placed[1] if placed else None):
+                return _adopt(uri, dest, args.dest, settings, bar)
             if not dest.replaceable():
                 raise InvalidInput(
                     f"DEST: {dest.final} holds {describe(dest.final)} that modelcache did not publish; "
-                    "pass --force to replace it, or name a new or empty folder"
+                    "pass --adopt to check and keep its files, --force to replace them, or name a new "
+                    "or empty folder"
                 )
             dest.check_links()
             # Failures are told while the lock is held: a staging that is dropped is nobody else's.
@@ -348,4 +363,26 @@ def main(argv: Sequence[str]) -> int:
         f"({result.bytes_total} bytes, {result.bytes_transferred} transferred) in {result.seconds:.2f} s, "
         f"{rate:.1f} MB/s, {state}" + (f", revision {result.revision}" if result.revision else "")
     )
+    return 0
+
+
+def _adopt(uri: SourceURI, dest: Destination, shown: str, settings: TransferSettings, bar: _Bar) -> int:
+    """``--adopt``: DEST's files checked against the source, kept where they match, the rest fetched
+    in place (:mod:`agent.download.adoption`); one summary line. A DEST that cannot be adopted (a
+    link or a special file in it, an archive source) is bad input: exit 2, nothing changed."""
+    try:
+        result = asyncio.run(
+            adopt(uri, dest, sources=SourceSettings.from_env(), transfer=settings, progress=bar)
+        )
+    except ForeignFolder as e:
+        raise InvalidInput(f"DEST: {e}") from None
+    except DownloadError as e:
+        bar.close()
+        return _failed(dest, e, str(e))
+    except KeyboardInterrupt as e:
+        bar.close()
+        _failed(dest, e, "interrupted")
+        return 130
+    bar.close()
+    print(adopted_words(uri.redacted(), shown, result))
     return 0

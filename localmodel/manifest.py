@@ -6,6 +6,10 @@ Stored as JSON at ``<cache-dir>/.modelcache/manifests/<storage key>.json`` (see 
      "publishedAt": "2026-11-24T12:00:00Z",
      "files": [{"path": "config.json", "size": 123, "sha256": "...", "sha1": null, "md5": null}, ...]}
 
+A folder adopted from another writer (KServe's agent: :mod:`agent.adopt`) may hold entries the
+source does not list; ``"extras": [".cache", "notes.txt"]`` names them (relative paths, a folder
+covering what is below it): kept, reported, never ours to delete or replace. Absent when empty.
+
 Paths are relative, POSIX, and never absolute or with ``..`` (checked on read as on write). ``md5``
 and ``crc32c`` are optional (manifests written before they were added still read). Which of the
 hashes a file is checked with is :func:`hash_check`'s rule (:func:`entry_check` for an entry), the
@@ -100,6 +104,8 @@ class Manifest:
     published_at: str | None = None
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Entries of an adopted folder the source does not list (see the module docstring): not ours.
+    extras: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -118,7 +124,7 @@ class Manifest:
                 | ({"crc32c": f.crc32c} if f.crc32c else {})
                 for f in self.files
             ],
-        }
+        } | ({"extras": list(self.extras)} if self.extras else {})
 
     @classmethod
     def from_json(cls, data: Any, *, where: str = "manifest") -> Manifest:
@@ -149,6 +155,11 @@ class Manifest:
                     raise SpecError(f"bad {name} {value!r}", field=f"files[{i}].{name}", where=where)
                 hashes.append(value)
             files.append(FileEntry(path, size, *hashes))
+        extras = data.get("extras") or []
+        if not isinstance(extras, list) or not all(
+            isinstance(x, str) and is_safe_relative_path(x) for x in extras
+        ):
+            raise SpecError("not a list of safe relative paths", field="extras", where=where)
         return cls(
             source_model_uri=str(data.get("sourceModelUri", "")),
             storage_key=str(data.get("storageKey", "")),
@@ -156,6 +167,7 @@ class Manifest:
             files=tuple(files),
             published_at=data.get("publishedAt"),
             format=fmt,
+            extras=tuple(extras),
         )
 
     @classmethod

@@ -93,8 +93,13 @@ class Transfer:
         progress: ProgressSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         previous: Manifest | None = None,
+        publish: bool = True,
     ) -> None:
         self.listing = listing
+        # False: the verified files stay in the staging folder and the manifest in ``staged`` (an
+        # adoption moves them into a folder in place, file by file: agent.download.adoption).
+        self.publish = publish
+        self.staged: Manifest | None = None
         # What is published now (another revision): files it holds unchanged are linked, not fetched.
         self.previous = {e.path: e for e in previous.files} if previous is not None else {}
         self.dest = dest
@@ -163,7 +168,10 @@ class Transfer:
             if self.listing.archive is not None:
                 await asyncio.to_thread(self._unpack)
             manifest = await asyncio.to_thread(self._manifest)
-            await asyncio.to_thread(publish, self.dest, manifest)
+            if self.publish:
+                await asyncio.to_thread(publish, self.dest, manifest)
+            else:
+                self.staged = manifest
         except OSError as e:
             raise from_os_error(e, where) from e
         # An archive's members count as checked the way the archive was.

@@ -9,6 +9,10 @@ agent's scan:
 - ``SHORT``: only the manifest's files are there, but some are missing or have another size: ours,
   fetched again;
 - ``INTACT``: exactly the manifest's files, each with its size.
+
+An adopted folder's ``extras`` (:attr:`localmodel.manifest.Manifest.extras`: entries the source
+does not list, found there when the folder was adopted, a folder covering what is below it) are
+skipped, neither ours nor foreign; a symbolic link at one is still foreign.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def folder_match(folder: Path, manifest: Manifest) -> Match:
     from an archive, a listed member that links to a file inside the folder. An unreadable folder is
     ``FOREIGN`` (nothing is assumed ours that could not be looked at)."""
     sizes = {f.path: f.size for f in manifest.files}
+    extras = set(manifest.extras)
     inner_links = _from_archive(manifest)
     real = Path(os.path.realpath(folder))
     dirs = {"/".join(p.split("/")[:i]) for p in sizes for i in range(1, p.count("/") + 1)}
@@ -52,6 +57,8 @@ def folder_match(folder: Path, manifest: Manifest) -> Match:
                         pending.append(path)
                     elif stat.S_ISREG(st.st_mode) and path in sizes:
                         seen[path] = st.st_size
+                    elif path in extras and not stat.S_ISLNK(st.st_mode):
+                        continue  # theirs, recorded at adoption: never looked into
                     elif stat.S_ISLNK(st.st_mode) and path in sizes and inner_links:
                         # An archive's own member linking inside the model (listed by its target's
                         # size): a link out of the folder is not ours.

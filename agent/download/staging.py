@@ -460,6 +460,13 @@ def finish_publish(dest: Destination) -> bool:
             # The old copy goes to trash first; readers see the old folder, then the new one.
             dest.trash.mkdir(parents=True, exist_ok=True)
             old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
+            current = dest.published()
+            if current is not None and current.extras:
+                # An adopted folder keeps entries that are not ours: only ever repaired in place.
+                raise ForeignFolder(
+                    f"{dest.final} holds entries modelcache does not own ({', '.join(current.extras[:3])}"
+                    f"{', ...' if len(current.extras) > 3 else ''}); it is updated in place, never replaced"
+                )
             if _is_real_dir(dest.final):
                 # Moving a folder to another parent writes its '..': it must be writable.
                 chmod_nofollow(dest.final, OWNER_WRITABLE)
@@ -489,7 +496,13 @@ def remove_published(dest: Destination) -> bool:
     """
     dest.check_links()
     kept = False
-    if os.path.lexists(dest.final):
+    published = dest.published()
+    if published is not None and published.extras and dest.owned():
+        # An adopted folder holding entries that are not ours (agent.adopt): our files go, one by
+        # one, the folder stays while theirs are in it. The manifest last: a crash leaves it naming
+        # files that are gone (untrusted), and the next delete finishes.
+        kept = not remove_files_in_place(dest, published)
+    elif os.path.lexists(dest.final):
         if dest.owned():
             dest.trash.mkdir(parents=True, exist_ok=True)
             old = dest.trash / f"{dest.final.name}.{uuid.uuid4().hex[:8]}"
@@ -502,3 +515,50 @@ def remove_published(dest: Destination) -> bool:
         dest.manifest.unlink()
     remove_tree(dest.staging)
     return not kept
+
+
+def remove_files_in_place(dest: Destination, manifest: Manifest) -> bool:
+    """Delete the files ``manifest`` names from ``dest.final`` (no link followed), then the folders
+    on the way to them that are left empty, the model's folder too when nothing else is in it.
+    True when the folder itself is gone. Raises :class:`LinkRefused` or the OSError of a step."""
+    dirs: set[str] = set()
+    for entry in manifest.files:
+        unlink_below(dest.final / entry.path, below=dest.root)
+        parts = entry.path.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    for rel in sorted(dirs, key=lambda d: -d.count("/")):
+        _rmdir_if_empty(dest.final / rel, dest.root)
+    _rmdir_if_empty(dest.final, dest.root)
+    return not os.path.lexists(dest.final)
+
+
+def _rmdir_if_empty(path: Path, below: Path) -> None:
+    folders, name = _split(path, below)
+    dfd = _open_dir_below(below, folders, make=False)
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+            os.rmdir(name, dir_fd=dfd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            raise
+    finally:
+        os.close(dfd)
+
+
+def rename_below(src: Path, dst: Path, *, src_below: Path, dst_below: Path) -> None:
+    """Rename the file ``src`` onto ``dst`` (atomic for readers of ``dst``: they see the old file or
+    the new one), neither reached through a link (:func:`open_below`'s rule); folders on the way to
+    ``dst`` are made (0755). Raises :class:`LinkRefused` or the OSError of the rename."""
+    sfolders, sname = _split(src, src_below)
+    dfolders, dname = _split(dst, dst_below)
+    sfd = _open_dir_below(src_below, sfolders, make=False)
+    try:
+        dfd = _open_dir_below(dst_below, dfolders, make=True)
+        try:
+            if _is_link_at(dfd, dname):
+                raise _link_refused(dst)
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
