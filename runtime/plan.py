@@ -1,6 +1,6 @@
 """The parallelism plan: how many GPUs, nodes, tensor and pipeline stages. Pure: no I/O.
 
-The rules, each from a failure KServe's users hit (kserve-localmodel.md, runtime.md):
+The rules, each from a failure KServe's users hit (the KServe and vLLM issues named; docs/runtime.md):
 - TP and PP default to what the GPUs given allow; PP = 1 is valid (KServe once refused it, #4228).
   When a GPU count is set and the heads do not divide by it, the GPUs are filled with pipeline
   stages (52 heads on 8 GPUs: TP 4 x PP 2, vLLM #2652) rather than the pod refused.
