@@ -135,18 +135,9 @@ def place_pod(
     ask = pod_ask(pod)
     if not ask.any:
         return Verdict(True)
-    group_name = ask.group
-    if ask.cache is not None:
-        if cache is None:
-            return Verdict.refuse(f"LocalModelCache {ask.cache!r} does not exist")
-        if group_name is None:
-            group_name = cache.spec.node_groups[0]
-        elif group_name not in cache.spec.node_groups:
-            listed = ", ".join(cache.spec.node_groups)
-            return Verdict.refuse(
-                f"LocalModelCache {cache.name!r} does not list node group {group_name!r} (it lists {listed})"
-            )
-    assert group_name is not None
+    group_name = _group_asked(ask, cache)
+    if isinstance(group_name, Verdict):
+        return group_name
     if group is None or group.name != group_name:
         return Verdict.refuse(f"node group {group_name!r} ({NODEGROUP_ANNOTATION}) does not exist")
     terms = group_terms(group)
@@ -156,29 +147,10 @@ def place_pod(
             "it selects no nodes"
         )
     if cache is not None:
-        for c in cache.status.conditions:
-            if c.type == ADMITTED and c.node_group == group_name and c.status == "False":
-                return Verdict.refuse(
-                    f"LocalModelCache {cache.name!r} is not admitted to node group {group_name!r}: "
-                    + c.message
-                )
-            # Its claim name is another cache's: a pod would mount that cache's model.
-            if c.type == SERVING and c.node_group == group_name and c.reason == NAME_COLLISION:
-                return Verdict.refuse(
-                    f"LocalModelCache {cache.name!r} is not served from node group {group_name!r}: "
-                    + c.message
-                )
-        key = cache.spec.storage_key
-        label = model_label(key)
-        selector = group.spec.node_selector
-        ready = sorted(
-            n.name
-            for n in ready_nodes
-            if n.labels.get(label) == MODEL_LABEL_VALUE
-            and selector is not None
-            and selector.matches(n.name, n.labels)
-        )
-        if not ready:
+        if (refused := _condition_refusal(cache, group_name)) is not None:
+            return refused
+        label = model_label(cache.spec.storage_key)
+        if not _ready_in_group(ready_nodes, group, label):
             copies = cache.status.copies
             return Verdict.refuse(
                 f"no node of node group {group_name!r} holds LocalModelCache {cache.name!r} downloaded yet "
@@ -191,6 +163,52 @@ def place_pod(
     if error is not None:
         return Verdict.refuse(error, code=422)
     return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
+
+
+def _group_asked(ask: PodAsk, cache: LocalModelCache | None) -> str | Verdict:
+    """The node group a pod's ask means (the cache's first when it names none), or a refusal when
+    its cache does not exist or does not list the group."""
+    if ask.cache is None:
+        assert ask.group is not None  # an ask names a cache, a group or both
+        return ask.group
+    if cache is None:
+        return Verdict.refuse(f"LocalModelCache {ask.cache!r} does not exist")
+    if ask.group is None:
+        return cache.spec.node_groups[0]
+    if ask.group not in cache.spec.node_groups:
+        listed = ", ".join(cache.spec.node_groups)
+        return Verdict.refuse(
+            f"LocalModelCache {cache.name!r} does not list node group {ask.group!r} (it lists {listed})"
+        )
+    return ask.group
+
+
+def _condition_refusal(cache: LocalModelCache, group_name: str) -> Verdict | None:
+    """A refusal when the cache's status says it is not admitted to the group, or not served from
+    it (its claim name is another cache's: a pod would mount that cache's model)."""
+    for c in cache.status.conditions:
+        if c.type == ADMITTED and c.node_group == group_name and c.status == "False":
+            return Verdict.refuse(
+                f"LocalModelCache {cache.name!r} is not admitted to node group {group_name!r}: " + c.message
+            )
+        if c.type == SERVING and c.node_group == group_name and c.reason == NAME_COLLISION:
+            return Verdict.refuse(
+                f"LocalModelCache {cache.name!r} is not served from node group {group_name!r}: " + c.message
+            )
+    return None
+
+
+def _ready_in_group(ready_nodes: Iterable[Node], group: LocalModelNodeGroup, label: str) -> list[str]:
+    """The names of the nodes, sorted, that the group selects and whose ``label`` marks the model
+    ready."""
+    selector = group.spec.node_selector
+    return sorted(
+        n.name
+        for n in ready_nodes
+        if n.labels.get(label) == MODEL_LABEL_VALUE
+        and selector is not None
+        and selector.matches(n.name, n.labels)
+    )
 
 
 def _pod_spec_error(pod: Mapping[str, Any]) -> Verdict | None:
@@ -229,16 +247,7 @@ def serving_mounts(
         prefix = model_subpath(cache.spec.storage_key)
     own = {claim_name(cache.name, g) for g in cache.spec.node_groups} if cache is not None else set()
     spec = pod.get("spec") or {}
-    names: dict[str, str] = {}  # volume name -> claim
-    ops: list[dict[str, Any]] = []
-    for j, volume in enumerate(spec.get("volumes") or []):
-        source = volume.get("persistentVolumeClaim") if isinstance(volume, Mapping) else None
-        if isinstance(source, Mapping) and source.get("claimName") in claims:
-            names[str(volume.get("name"))] = str(source.get("claimName"))
-            if source.get("readOnly") is not True:
-                ops.append(
-                    {"op": "add", "path": f"/spec/volumes/{j}/persistentVolumeClaim/readOnly", "value": True}
-                )
+    names, ops = _claim_volumes(spec, claims)
     for part in ("initContainers", "containers"):
         for i, container in enumerate(spec.get(part) or []):
             if not isinstance(container, Mapping):
@@ -267,6 +276,24 @@ def serving_mounts(
                 if mount.get("readOnly") is not True:
                     ops.append({"op": "add", "path": f"{at}/readOnly", "value": True})
     return ops, None
+
+
+def _claim_volumes(
+    spec: Mapping[str, Any], claims: AbstractSet[str]
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(volume name -> claim, for the pod's volumes of ``claims``; the operations that make each
+    such volume read-only)."""
+    names: dict[str, str] = {}
+    ops: list[dict[str, Any]] = []
+    for j, volume in enumerate(spec.get("volumes") or []):
+        source = volume.get("persistentVolumeClaim") if isinstance(volume, Mapping) else None
+        if isinstance(source, Mapping) and source.get("claimName") in claims:
+            names[str(volume.get("name"))] = str(source.get("claimName"))
+            if source.get("readOnly") is not True:
+                ops.append(
+                    {"op": "add", "path": f"/spec/volumes/{j}/persistentVolumeClaim/readOnly", "value": True}
+                )
+    return names, ops
 
 
 def group_terms(group: LocalModelNodeGroup) -> list[dict[str, Any]]:
@@ -304,6 +331,51 @@ def _with_required(pod: Mapping[str, Any], terms: Sequence[Mapping[str, Any]]) -
 
 
 # -- LocalModelCaches ------------------------------------------------------------------------------
+
+
+def _group_refusal(
+    cache: LocalModelCache,
+    by_name: Mapping[str, LocalModelNodeGroup],
+    before: Sequence[str],
+    invalid: Mapping[str, str],
+) -> Verdict | None:
+    """A refusal when the cache newly lists a node group whose spec is refused, or one that does
+    not exist (groups it listed ``before`` are let be)."""
+    broken = [g for g in cache.spec.node_groups if g in invalid and g not in before]
+    if broken:
+        return Verdict.refuse(
+            f"node group {broken[0]!r} is invalid: {invalid[broken[0]]}; fix its spec first"
+        )
+    missing = [g for g in cache.spec.node_groups if g not in by_name and g not in before]
+    if missing:
+        known = ", ".join(sorted(by_name)) or "none"
+        names = ", ".join(repr(g) for g in missing)
+        return Verdict.refuse(f"node group {names} does not exist (node groups: {known})")
+    return None
+
+
+def _clash_refusal(
+    cache: LocalModelCache, others: Sequence[LocalModelCache], before: Sequence[str]
+) -> Verdict | None:
+    """A refusal when another cache already caches the URI, or already has the serving claim name
+    of a node group the cache newly lists."""
+    for other in others:
+        if other.spec.source_model_uri == cache.spec.source_model_uri:
+            return Verdict.refuse(
+                f"LocalModelCache {other.name!r} already caches {parse_uri(cache.spec.source_model_uri)}; "
+                "one URI is cached once (serve it through that cache)"
+            )
+    theirs = {claim_name(o.name, g): (o.name, g) for o in others for g in o.spec.node_groups}
+    for g in cache.spec.node_groups:
+        name = claim_name(cache.name, g)
+        if name in theirs and g not in before:
+            owner, owner_group = theirs[name]
+            return Verdict.refuse(
+                f"spec.nodeGroups: the serving claim {name!r} (<cache>-<group>) of node group {g} is "
+                f"already that of LocalModelCache {owner!r} from node group {owner_group}; "
+                "rename the cache or the group"
+            )
+    return None
 
 
 def validate_cache(
@@ -346,34 +418,11 @@ def validate_cache(
         return refused
     by_name = {g.name: g for g in groups}
     before = _groups_before(operation, old)
-    invalid = invalid_groups or {}
-    broken = [g for g in cache.spec.node_groups if g in invalid and g not in before]
-    if broken:
-        return Verdict.refuse(
-            f"node group {broken[0]!r} is invalid: {invalid[broken[0]]}; fix its spec first"
-        )
-    missing = [g for g in cache.spec.node_groups if g not in by_name and g not in before]
-    if missing:
-        known = ", ".join(sorted(by_name)) or "none"
-        names = ", ".join(repr(g) for g in missing)
-        return Verdict.refuse(f"node group {names} does not exist (node groups: {known})")
+    if (refused := _group_refusal(cache, by_name, before, invalid_groups or {})) is not None:
+        return refused
     others = [c for c in caches if c.name != cache.name and not c.metadata.deletion_timestamp]
-    for other in others:
-        if other.spec.source_model_uri == cache.spec.source_model_uri:
-            return Verdict.refuse(
-                f"LocalModelCache {other.name!r} already caches {parse_uri(cache.spec.source_model_uri)}; "
-                "one URI is cached once (serve it through that cache)"
-            )
-    theirs = {claim_name(o.name, g): (o.name, g) for o in others for g in o.spec.node_groups}
-    for g in cache.spec.node_groups:
-        name = claim_name(cache.name, g)
-        if name in theirs and g not in before:
-            owner, owner_group = theirs[name]
-            return Verdict.refuse(
-                f"spec.nodeGroups: the serving claim {name!r} (<cache>-<group>) of node group {g} is "
-                f"already that of LocalModelCache {owner!r} from node group {owner_group}; "
-                "rename the cache or the group"
-            )
+    if (refused := _clash_refusal(cache, others, before)) is not None:
+        return refused
     admission = admit([*others, cache], by_name.values())
     refusals = [r for r in admission.refused if r.cache == cache.name]
     existing = [g for g in cache.spec.node_groups if g in by_name]

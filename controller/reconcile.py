@@ -524,7 +524,7 @@ class Controller(ViewKeeper):
 
     # -- the loop ------------------------------------------------------------------------------
 
-    async def run(
+    async def run(  # noqa: C901 - the wait, the resync and the retry timer share the loop's state
         self,
         *,
         once: bool = False,

@@ -89,25 +89,11 @@ def node_writes(
                 # embedded backend has none, and a pod cannot run on a deleted node anyway.
                 writes.append(NodeWrite(n, "delete"))
             continue
-        wanted = placed.wanted.get(n, {})
-        models: dict[str, LocalModelInfo] = {}
-        for c, info in wanted.items():
-            nodes = listed_next.get(c)
-            if nodes is None:  # out of scope: keep what the node lists now
-                if lmn is not None and any(m.model_name == c for m in lmn.local_models):
-                    models[c] = info
-            elif n in nodes:
-                models[c] = info
-        retained: list[str] = []
-        in_use = snapshot.in_use.get(n, frozenset())
+        models = _listed_models(n, lmn, placed.wanted.get(n, {}), listed_next)
         previously = retained_of(lmn)
-        if lmn is not None:
-            for m in lmn.local_models:
-                if m.model_name not in models and m.model_name in in_use:
-                    models[m.model_name] = m
-                    retained.append(m.model_name)
-                    if m.model_name not in previously:
-                        retained_new.setdefault(m.model_name, set()).add(n)
+        retained = _retain_in_use(
+            n, lmn, models, snapshot.in_use.get(n, frozenset()), previously, retained_new
+        )
         final = tuple(models[k] for k in sorted(models))
         for c in models:
             listed_after.setdefault(c, set()).add(n)
@@ -117,6 +103,47 @@ def node_writes(
         elif final != lmn.local_models or tuple(sorted(retained)) != previously:
             writes.append(NodeWrite(n, "patch", final, tuple(sorted(retained))))
     return writes, listed_after, retained_new
+
+
+def _listed_models(
+    n: str,
+    lmn: LocalModelNode | None,
+    wanted: Mapping[str, LocalModelInfo],
+    listed_next: Mapping[str, set[str]],
+) -> dict[str, LocalModelInfo]:
+    """The caches node ``n`` is to list of those placement wants there: those the rollout lists it
+    for, and for a cache out of scope, whatever the node lists now."""
+    models: dict[str, LocalModelInfo] = {}
+    for c, info in wanted.items():
+        nodes = listed_next.get(c)
+        if nodes is None:  # out of scope: keep what the node lists now
+            if lmn is not None and any(m.model_name == c for m in lmn.local_models):
+                models[c] = info
+        elif n in nodes:
+            models[c] = info
+    return models
+
+
+def _retain_in_use(
+    n: str,
+    lmn: LocalModelNode | None,
+    models: dict[str, LocalModelInfo],
+    in_use: AbstractSet[str],
+    previously: tuple[str, ...],
+    retained_new: dict[str, set[str]],
+) -> list[str]:
+    """Keep in ``models`` what node ``n`` lists now and a pod there uses; the names kept, and each
+    newly kept one added to ``retained_new`` (cache -> nodes)."""
+    retained: list[str] = []
+    if lmn is None:
+        return retained
+    for m in lmn.local_models:
+        if m.model_name not in models and m.model_name in in_use:
+            models[m.model_name] = m
+            retained.append(m.model_name)
+            if m.model_name not in previously:
+                retained_new.setdefault(m.model_name, set()).add(n)
+    return retained
 
 
 def retained_of(lmn: LocalModelNode | None) -> tuple[str, ...]:
@@ -147,17 +174,23 @@ def models_in_use(
     for pod in pods:
         if pod.node is None or pod.finished:
             continue
-        found: set[str] = set()
-        if pod.cache is not None:
-            found.add(pod.cache)  # even for a cache already deleted: its copy stays while the pod runs
-        for claim in pod.claims:
-            if claim in by_claim:
-                found.add(by_claim[claim])
-        for path in pod.host_paths:
-            path = path.rstrip("/")
-            for prefix, owner in by_path.items():
-                if path == prefix or path.startswith(prefix + "/"):
-                    found.add(owner)
-        if found:
+        if found := _pod_uses(pod, by_claim, by_path):
             used.setdefault(pod.node, set()).update(found)
     return {n: frozenset(c) for n, c in used.items()}
+
+
+def _pod_uses(pod: Pod, by_claim: Mapping[str, str], by_path: Mapping[str, str]) -> set[str]:
+    """The caches one pod uses: the one it names, those whose claim (claim name -> cache) or node
+    folder (path -> cache) it mounts."""
+    found: set[str] = set()
+    if pod.cache is not None:
+        found.add(pod.cache)  # even for a cache already deleted: its copy stays while the pod runs
+    for claim in pod.claims:
+        if claim in by_claim:
+            found.add(by_claim[claim])
+    for path in pod.host_paths:
+        path = path.rstrip("/")
+        for prefix, owner in by_path.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                found.add(owner)
+    return found

@@ -204,33 +204,58 @@ def serving_demands(pods: Iterable[Pod], caches: Mapping[str, LocalModelCache]) 
 def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -> list[VolumeWrite]:
     """Create the serving PV and PVC of every (cache, group, namespace) that is served and whose
     group admits the cache; delete the controller's others (claims first)."""
-    wanted: dict[tuple[str, str, str], None] = {}
+    wanted = _wanted_pairs(snapshot, admitted)
+    return [*_unwanted(snapshot, wanted), *_outdated(snapshot, wanted), *_missing(snapshot, wanted)]
+
+
+def _wanted_pairs(
+    snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]
+) -> dict[tuple[str, str, str], None]:
+    """(cache, group, namespace) of every PV and PVC pair to serve: asked for by a pod, made before
+    and not being deleted, or named by the cache's serving namespaces; each only while the group
+    admits the cache, has a folder, and the claim name is the cache's own."""
     owners = serving_owners(snapshot.caches.values())[0]
-
-    def want(cache_name: str, group: str | None, namespace: str) -> None:
-        cache = snapshot.caches.get(cache_name)
-        if cache is None or cache.metadata.deletion_timestamp:
-            return
-        if group is None:
-            group = cache.spec.node_groups[0]
-        if owners.get(claim_name(cache_name, group)) != (cache_name, group) or namespace_error(namespace):
-            return  # a name another cache holds, or a namespace never served in
-        folder = snapshot.groups.get(group)
-        if folder is None or folder.spec.cache_path is None:
-            return  # no folder on the node to serve from
-        if group in cache.spec.node_groups and cache_name in admitted.get(group, ()):
-            wanted[(cache_name, group, namespace)] = None
-
-    for d in snapshot.serving:
-        want(d.cache, d.group, d.namespace)
+    asked: list[tuple[str, str | None, str]] = [(d.cache, d.group, d.namespace) for d in snapshot.serving]
     for ref in (*snapshot.claims.values(), *snapshot.volumes.values()):
         if not ref.deleting:  # once made, kept while the cache is admitted to that group
-            want(ref.cache, ref.group, ref.namespace)
+            asked.append((ref.cache, ref.group, ref.namespace))
     for cache in snapshot.caches.values():
         for ns in serving_namespaces(cache)[0]:
-            for g in cache.spec.node_groups:
-                want(cache.name, g, ns)
+            asked.extend((cache.name, g, ns) for g in cache.spec.node_groups)
+    wanted: dict[tuple[str, str, str], None] = {}
+    for cache_name, group, namespace in asked:
+        if (pair := _servable(snapshot, admitted, owners, cache_name, group, namespace)) is not None:
+            wanted[pair] = None
+    return wanted
 
+
+def _servable(
+    snapshot: Snapshot,
+    admitted: Mapping[str, tuple[str, ...]],
+    owners: Mapping[str, tuple[str, str]],
+    cache_name: str,
+    group: str | None,
+    namespace: str,
+) -> tuple[str, str, str] | None:
+    """(cache, group, namespace) when that pair may be served (None: the cache's first group), else
+    None."""
+    cache = snapshot.caches.get(cache_name)
+    if cache is None or cache.metadata.deletion_timestamp:
+        return None
+    if group is None:
+        group = cache.spec.node_groups[0]
+    if owners.get(claim_name(cache_name, group)) != (cache_name, group) or namespace_error(namespace):
+        return None  # a name another cache holds, or a namespace never served in
+    folder = snapshot.groups.get(group)
+    if folder is None or folder.spec.cache_path is None:
+        return None  # no folder on the node to serve from
+    if group in cache.spec.node_groups and cache_name in admitted.get(group, ()):
+        return cache_name, group, namespace
+    return None
+
+
+def _unwanted(snapshot: Snapshot, wanted: Mapping[tuple[str, str, str], None]) -> list[VolumeWrite]:
+    """Deletes of the controller's claims, then volumes, that no wanted pair names."""
     out: list[VolumeWrite] = []
     wanted_claims = {(ns, claim_name(c, g)) for c, g, ns in wanted}
     wanted_volumes = {volume_name(c, g, ns) for c, g, ns in wanted}
@@ -240,9 +265,14 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     for name, ref in sorted(snapshot.volumes.items()):
         if name not in wanted_volumes and not ref.deleting:
             out.append(VolumeWrite("PersistentVolume", "delete", name))
-    # A pair made from a group's volume specs that have changed since (its path, its affinity) is made
-    # again: the claim and the volume go (the claim first), then the wanted ones are created anew.
-    # Kubernetes keeps a claim that pods mount until they are gone, so this waits for them.
+    return out
+
+
+def _outdated(snapshot: Snapshot, wanted: Mapping[tuple[str, str, str], None]) -> list[VolumeWrite]:
+    """A pair made from a group's volume specs that have changed since (its path, its affinity) is made
+    again: the claim and the volume go (the claim first), then the wanted ones are created anew.
+    Kubernetes keeps a claim that pods mount until they are gone, so this waits for them."""
+    out: list[VolumeWrite] = []
     digests = {g: _volume_digest(snapshot.groups[g]) for g in {g for _, g, _ in wanted}}
     for c, g, ns in sorted(wanted):
         pv = snapshot.volumes.get(volume_name(c, g, ns))
@@ -256,6 +286,12 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
                 out.append(VolumeWrite("PersistentVolumeClaim", "delete", claim_name(c, g), ns))
             if pv is not None and not pv.deleting:
                 out.append(VolumeWrite("PersistentVolume", "delete", volume_name(c, g, ns)))
+    return out
+
+
+def _missing(snapshot: Snapshot, wanted: Mapping[tuple[str, str, str], None]) -> list[VolumeWrite]:
+    """Creates of the wanted PVs and PVCs that do not exist."""
+    out: list[VolumeWrite] = []
     for c, g, ns in sorted(wanted):
         cache, group = snapshot.caches[c], snapshot.groups[g]
         pv_name = volume_name(c, g, ns)

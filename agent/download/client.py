@@ -386,11 +386,7 @@ class HttpClient:
         # The low-speed check runs in the socket's recv_into: a read here returns only once the
         # buffer is full, which a trickle of bytes would put off for days.
         sock = call.sock
-        slow = None
-        if self.low_speed_limit and isinstance(sock, _Metered | _MeteredSSL):
-            slow = sock.check = _SpeedCheck(self.low_speed_limit, self.low_speed_time, label)
-            if self.low_speed_time < self.read_timeout:
-                sock.settimeout(self.low_speed_time)  # a whole window without a byte is too slow
+        slow = self._check_speed(sock, label)
         try:
             while True:
                 if call.stopped.is_set():
@@ -416,6 +412,15 @@ class HttpClient:
                 sock.check = None
                 with contextlib.suppress(OSError):
                     sock.settimeout(self.read_timeout)  # kept alive: the next answer's wait
+
+    def _check_speed(self, sock: socket.socket | None, label: str) -> _SpeedCheck | None:
+        """The low-speed check of one body, set on its socket (None: off, or not our socket)."""
+        if not (self.low_speed_limit and isinstance(sock, _Metered | _MeteredSSL)):
+            return None
+        slow = sock.check = _SpeedCheck(self.low_speed_limit, self.low_speed_time, label)
+        if self.low_speed_time < self.read_timeout:
+            sock.settimeout(self.low_speed_time)  # a whole window without a byte is too slow
+        return slow
 
     def _idle_connection(self, key: Route) -> http.client.HTTPConnection | None:
         with self._lock:

@@ -70,28 +70,8 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
 
     source = uri.redacted()
     client, endpoint = _client(settings, source)
-    prefix = uri.key
-    objects: list[dict[str, Any]] = []
     try:
-        if prefix and not prefix.endswith("/"):
-            # A single object, or a "folder" named without its trailing slash: then, or when the
-            # object is a folder marker with objects under it, the prefix.
-            head = _head(client, uri.bucket, prefix)
-            if head is not None and _is_folder_marker(head):
-                head = None if _has_objects(client, uri.bucket, prefix + "/") else head
-            if head is not None:
-                objects.append({"Key": prefix, "Size": head["ContentLength"], **head})
-                base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
-            else:
-                prefix += "/"
-        if not objects:
-            base = prefix
-            paginator = client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=uri.bucket, Prefix=prefix):
-                objects.extend(page.get("Contents", []))
-            objects = _drop_folder_markers(client, uri.bucket, objects)
-            if not objects:
-                raise SourceNotFound(f"{source}: no objects under this prefix")
+        objects, base = _find_objects(client, uri.bucket, uri.key, f"{source}: no objects under this prefix")
         _fetch_s3_checksums(client, uri.bucket or "", objects)
         files = []
         for obj in objects:
@@ -129,6 +109,30 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
     check_unique(result, source=source)
     etags = hashlib.sha256("".join(f"{o['Key']}:{o.get('ETag', '')};" for o in objects).encode())
     return Listing(source=source, revision=etags.hexdigest()[:16], files=result)
+
+
+def _find_objects(client: Any, bucket: str, prefix: str, nothing: str) -> tuple[list[dict[str, Any]], str]:
+    """(the objects to fetch, the key prefix their paths are relative to): the one object ``prefix``
+    names, else every object under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
+    when there is none."""
+    if prefix and not prefix.endswith("/"):
+        # A single object, or a "folder" named without its trailing slash: then, or when the
+        # object is a folder marker with objects under it, the prefix.
+        head = _head(client, bucket, prefix)
+        if head is not None and _is_folder_marker(head):
+            head = None if _has_objects(client, bucket, prefix + "/") else head
+        if head is not None:
+            base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+            return [{"Key": prefix, "Size": head["ContentLength"], **head}], base
+        prefix += "/"
+    objects: list[dict[str, Any]] = []
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        objects.extend(page.get("Contents", []))
+    objects = _drop_folder_markers(client, bucket, objects)
+    if not objects:
+        raise SourceNotFound(nothing)
+    return objects, prefix
 
 
 # Content types S3 tools give the empty objects that stand for folders (s3fs, the AWS console's

@@ -138,7 +138,7 @@ class ClusterState(Protocol):
     async def close(self) -> None: ...
 
 
-async def watch(
+async def watch(  # noqa: C901 - list, stream and retry share one loop's state (see docstring)
     state: ClusterState,
     kind: ResourceKind,
     *,
