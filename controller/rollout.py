@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
+from controller.serving import claim_name
 from controller.snapshot import RETAINED_ANNOTATION, NodeWrite, Snapshot, model_state
 from controller.views import Pod
 from localmodel.layout import node_model_folder
@@ -167,7 +168,7 @@ def models_in_use(
     paths = {g.name: g.spec.cache_path for g in groups}
     for c in caches:
         for g in c.spec.node_groups:
-            by_claim[f"{c.name}-{g}"] = c.name
+            by_claim[claim_name(c.name, g)] = c.name
             if (root := paths.get(g)) is not None:
                 by_path[node_model_folder(root, c.spec.storage_key)] = c.name
     used: dict[str, set[str]] = {}

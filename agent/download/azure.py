@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from agent.download.listing import Listing, RemoteFile, check_unique, checked_path, parent_folders
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.uri import SourceURI
 
@@ -149,8 +149,7 @@ def _find_blobs(container: Any, prefix: str, nothing: str) -> tuple[list[Any], s
             return [props], prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
         prefix = base = prefix + "/"
     blobs = list(container.list_blobs(name_starts_with=prefix or None, include=["metadata"]))
-    names = {b.name for b in blobs}
-    folders = {n.rsplit("/", i)[0] for n in names for i in range(1, n.count("/") + 1)}
+    folders = parent_folders(b.name for b in blobs)
     found = [b for b in blobs if not _is_folder(b, folders)]
     if not found:
         raise SourceNotFound(nothing)

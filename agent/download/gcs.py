@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from agent.download.listing import (
+    Listing,
+    RemoteFile,
+    check_unique,
+    checked_path,
+    folder_marker,
+    parent_folders,
+)
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.uri import SourceURI
 
@@ -255,15 +262,8 @@ def _find_blobs(
 
 
 def _drop_folder_markers(blobs: list[Any]) -> list[Any]:
-    names = {b.name for b in blobs}
-    folders = {n.rsplit("/", i)[0] for n in names for i in range(1, n.count("/") + 1)}
-    return [
-        b
-        for b in blobs
-        if not b.name.endswith("/")
-        and not b.name.endswith("_$folder$")
-        and not (int(b.size or 0) == 0 and b.name in folders)
-    ]
+    folders = parent_folders(b.name for b in blobs)
+    return [b for b in blobs if not folder_marker(b.name, int(b.size or 0), folders)]
 
 
 def _b64_hex(value: str | None) -> str | None:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.download.environment import aws_ca_bundle
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from agent.download.listing import (
+    Listing,
+    RemoteFile,
+    check_unique,
+    checked_path,
+    folder_marker,
+    parent_folders,
+)
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
 from agent.download.wording import connection_words
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
@@ -164,15 +171,8 @@ def _drop_folder_markers(client: Any, bucket: str, objects: list[dict[str, Any]]
     """The objects of a prefix listing that are files: not ``key/`` or ``key_$folder$`` markers, not
     empty objects named like a folder that has objects in it, and not empty objects of a directory
     content type (one HeadObject each for the empty objects left: a listing gives no content type)."""
-    keys = sorted(o["Key"] for o in objects)
-    folders = {k.rsplit("/", i)[0] for k in keys for i in range(1, k.count("/") + 1)}
-    kept = [
-        o
-        for o in objects
-        if not o["Key"].endswith("/")
-        and not o["Key"].endswith("_$folder$")
-        and not (int(o.get("Size") or 0) == 0 and o["Key"] in folders)
-    ]
+    folders = parent_folders(o["Key"] for o in objects)
+    kept = [o for o in objects if not folder_marker(o["Key"], int(o.get("Size") or 0), folders)]
     empty = [o for o in kept if int(o.get("Size") or 0) == 0]
     heads = _parallel(lambda o: _head(client, bucket, o["Key"]), empty)
     markers = {o["Key"] for o, h in zip(empty, heads, strict=True) if h is not None and _directory_type(h)}
