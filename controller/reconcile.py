@@ -68,7 +68,14 @@ from localmodel.resources import (
     ObjectMeta,
     split_key,
 )
-from localmodel.state.base import ClusterState, Selector, WatchEvent, update_status, watch
+from localmodel.state.base import (
+    ClusterState,
+    Selector,
+    WatchEvent,
+    object_key,
+    update_status,
+    watch,
+)
 from localmodel.timestamps import utc_now
 
 log = logging.getLogger("modelcache.controller")
@@ -134,6 +141,8 @@ class Controller(ViewKeeper):
         self._copies: dict[str, dict[str, Copies]] = {}  # cache -> group -> copies, for the metrics
         self._refresh = refresh  # standalone: reload the documents before each full resync
         self._missing: set[ResourceKind] = set()  # optional kinds whose API this cluster lacks
+        # Each kind's objects as load() listed them, until its watch starts (_pump) and takes them.
+        self._loaded: dict[ResourceKind, list[JSON]] = {}
         self._incomplete = False  # a write of the last reconcile gave up: retried on the timer
         self._reported: dict[tuple[str, str], float] = {}  # (node, writer) -> when last reported
         self.reconciles = 0
@@ -144,6 +153,7 @@ class Controller(ViewKeeper):
         """Read everything (a full list of each watched kind) into a fresh view."""
         self._view = View()
         self._invalidate()
+        self._loaded = {}
         for kind in WATCHED:
             try:
                 listing = await self.state.list(kind, selector=SELECTORS.get(kind))
@@ -152,6 +162,7 @@ class Controller(ViewKeeper):
                     raise
                 self._lacks(kind)
                 continue
+            self._loaded[kind] = listing.items
             for obj in listing.items:
                 self.observe(kind, WatchEvent("ADDED", obj))
         self._full = True
@@ -547,7 +558,7 @@ class Controller(ViewKeeper):
 
     # -- the loop ------------------------------------------------------------------------------
 
-    async def run(
+    async def run(  # noqa: C901 - the wait, the resync and the retry timer share the loop's state
         self,
         *,
         once: bool = False,
@@ -652,6 +663,10 @@ class Controller(ViewKeeper):
         retry_delay: float,
         resync: float,
     ) -> None:
+        # What the view holds of this kind: load()'s list, then what came since. The watch's first
+        # list is a difference against it, so an object deleted between load() and that list (or
+        # while the watch was down) comes as DELETED, not left in the view until a resync.
+        held = {object_key(o): o for o in self._loaded.pop(kind, ())}
         while True:
             try:
                 # watch() itself retries (with backoff) and re-lists, reporting deletions; only
@@ -663,7 +678,12 @@ class Controller(ViewKeeper):
                     retry_delay=retry_delay,
                     max_delay=self.settings.retry_max,
                     relist_every=resync,
+                    known=list(held.values()),
                 ):
+                    if event.type == "DELETED":
+                        held.pop(object_key(event.object), None)
+                    else:
+                        held[object_key(event.object)] = event.object
                     self._missing.discard(kind)
                     queue.put_nowait((kind, event))
             except ClusterStateError as e:

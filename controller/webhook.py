@@ -228,34 +228,9 @@ class Webhook:
             return response
 
         async def answer(request: web.Request) -> web.Response:
-            if request.content_length is not None and request.content_length > limits.max_body:
-                # Refused on the header: waiting for a body that will be refused anyway would hold
-                # the connection until body_timeout.
-                response = web.json_response(
-                    {"error": f"the body is over {limits.max_body} bytes"}, status=413
-                )
-                response.force_close()
-                return response
-            try:
-                async with asyncio.timeout(limits.body_timeout):
-                    raw = await request.read()
-            except TimeoutError:
-                response = web.json_response(
-                    {"error": f"the body did not arrive in {limits.body_timeout:g} s"}, status=408
-                )
-                response.force_close()
-                return response
-            try:
-                body = json.loads(raw)
-            except RecursionError:
-                return web.json_response({"error": "the JSON is nested too deep"}, status=400)
-            except ValueError:
-                return web.json_response({"error": "expected an AdmissionReview (JSON)"}, status=400)
-            req = body.get("request") if isinstance(body, dict) else None
-            if not isinstance(req, dict) or not isinstance(req.get("uid"), str):
-                return web.json_response(
-                    {"error": "expected an AdmissionReview with request.uid"}, status=400
-                )
+            req = await _admission_request(request, limits)
+            if isinstance(req, web.Response):
+                return req
             try:
                 verdict = await review(req)
             except ClusterStateError as e:
@@ -273,6 +248,37 @@ class Webhook:
             return web.json_response(review_response(req["uid"], verdict))
 
         return handle
+
+
+async def _admission_request(request: web.Request, limits: Limits) -> JSON | web.Response:
+    """The AdmissionReview's ``request`` (an object with a string ``uid``), or the error response:
+    413 for a body over the limit (told by its header), 408 for one that does not arrive in time,
+    400 for one that is not such a review."""
+    if request.content_length is not None and request.content_length > limits.max_body:
+        # Refused on the header: waiting for a body that will be refused anyway would hold
+        # the connection until body_timeout.
+        response = web.json_response({"error": f"the body is over {limits.max_body} bytes"}, status=413)
+        response.force_close()
+        return response
+    try:
+        async with asyncio.timeout(limits.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        response = web.json_response(
+            {"error": f"the body did not arrive in {limits.body_timeout:g} s"}, status=408
+        )
+        response.force_close()
+        return response
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        return web.json_response({"error": "the JSON is nested too deep"}, status=400)
+    except ValueError:
+        return web.json_response({"error": "expected an AdmissionReview (JSON)"}, status=400)
+    req = body.get("request") if isinstance(body, dict) else None
+    if not isinstance(req, dict) or not isinstance(req.get("uid"), str):
+        return web.json_response({"error": "expected an AdmissionReview with request.uid"}, status=400)
+    return req
 
 
 async def _healthz(_: web.Request) -> web.Response:

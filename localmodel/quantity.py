@@ -64,19 +64,7 @@ class Quantity:
         if len(num) > _MAX_DIGITS:
             raise QuantityError(f"{field}: {text!r} has too many digits")
         base = Fraction(num) if num != "." else Fraction(0)
-        fmt: Format
-        if suffix in _BINARY:
-            value = base * (1 << _BINARY[suffix])
-            fmt = "BinarySI"
-        elif suffix[:1] in ("e", "E") and len(suffix) > 1:
-            exp = int(suffix[1:])
-            if abs(exp) > _MAX_DECIMAL_EXPONENT:
-                raise QuantityError(f"{field}: {text!r} is out of range")
-            value = base * Fraction(10) ** exp
-            fmt = "DecimalExponent"
-        else:
-            value = base * Fraction(10) ** _DECIMAL[suffix]
-            fmt = "DecimalSI"
+        value, fmt = _scaled(base, suffix, f"{field}: {text!r} is out of range")
         if (value * 10**9).denominator != 1:
             # Finer than nano: Kubernetes rounds it up to the next nano when it parses
             # (apimachinery resource.Quantity), so the canonical text parses back to the same value.
@@ -100,6 +88,19 @@ class Quantity:
     def to_json(self) -> str:
         """What to store: the user's spelling when we have it, else the canonical form."""
         return self.original if self.original is not None else str(self)
+
+
+def _scaled(base: Fraction, suffix: str, out_of_range: str) -> tuple[Fraction, Format]:
+    """The number times its suffix, and the suffix's format; QuantityError(``out_of_range``) for a
+    decimal exponent beyond the bound."""
+    if suffix in _BINARY:
+        return base * (1 << _BINARY[suffix]), "BinarySI"
+    if suffix[:1] in ("e", "E") and len(suffix) > 1:
+        exp = int(suffix[1:])
+        if abs(exp) > _MAX_DECIMAL_EXPONENT:
+            raise QuantityError(out_of_range)
+        return base * Fraction(10) ** exp, "DecimalExponent"
+    return base * Fraction(10) ** _DECIMAL[suffix], "DecimalSI"
 
 
 def format_quantity(value: Fraction | int, fmt: Format = "BinarySI") -> str:

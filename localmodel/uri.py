@@ -156,16 +156,18 @@ def parse_uri(text: object, *, field: str = "sourceModelUri") -> SourceURI:
     if scheme == "gs":
         return _gs(text, rest, field)
     if scheme == "file":
-        host, slash, path = rest.partition("/")
-        if host not in ("", "localhost") or not slash:
-            raise URIError(
-                f"{field}: {_short(text)!r}: file URIs name an absolute path, like file:///models/x"
-            )
-        decoded = unquote("/" + path)
-        if has_control(decoded):
-            raise URIError(f"{field}: '{_short(text)}' names a path with control characters")
-        return _file(text, decoded, field)
+        return _file_uri(text, rest, field)
     return _http(text, field)
+
+
+def _file_uri(raw: str, rest: str, field: str) -> SourceURI:
+    host, slash, path = rest.partition("/")
+    if host not in ("", "localhost") or not slash:
+        raise URIError(f"{field}: {_short(raw)!r}: file URIs name an absolute path, like file:///models/x")
+    decoded = unquote("/" + path)
+    if has_control(decoded):
+        raise URIError(f"{field}: '{_short(raw)}' names a path with control characters")
+    return _file(raw, decoded, field)
 
 
 def _hf(raw: str, rest: str, field: str) -> SourceURI:

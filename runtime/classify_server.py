@@ -110,7 +110,7 @@ async def _json(request: web.Request) -> Any:
         raise BadRequest(f"the body is not JSON: {e}") from None
 
 
-def make_app(state: ServerState) -> web.Application:
+def make_app(state: ServerState) -> web.Application:  # noqa: C901 - the sum of its short handlers (closures)
     """The aiohttp application of the endpoints above, over ``state``. Over 80 lines because each
     handler is a short closure over ``state``, and the routes read best beside their handlers."""
     app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -188,6 +188,18 @@ def translate(flags: Sequence[vargs.Flag]) -> Translated:
         elif spec.target is not None:
             out.append(vargs.Flag(spec.target, f.values, f.negated))
             renamed.append(f"{spec.name} → {spec.target}")
+    return _finished(out, env, switches, renamed, dropped)
+
+
+def _finished(
+    out: list[vargs.Flag],
+    env: dict[str, str],
+    switches: Mapping[str, bool],
+    renamed: list[str],
+    dropped: list[str],
+) -> Translated:
+    """The translation with ``--log_config_file`` dropped when ``--configure_logging`` is false, and
+    its notes: what was renamed first, then what was left out."""
     notes = []
     if switches.get("--configure-logging") is False and vargs.find(out, "--log-config-file") is not None:
         out = [f for f in out if f.key != "--log-config-file"]

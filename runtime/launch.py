@@ -41,8 +41,8 @@ class Launch:
         return vargs.redact(text, self.secrets)
 
     def to_json(self) -> dict[str, Any]:
-        """The plan as ``--dry-run`` prints it; secret values are ``***`` (README: the dry run shows
-        the decision, not credentials)."""
+        """The plan as ``--dry-run`` prints it; secret values are ``***`` (docs/runtime.md: the dry run
+        shows the decision, not credentials)."""
         out: dict[str, Any] = {
             "tensor_parallel_size": self.plan.tensor_parallel_size,
             "pipeline_parallel_size": self.plan.pipeline_parallel_size,

@@ -1,6 +1,6 @@
 """The parallelism plan: how many GPUs, nodes, tensor and pipeline stages. Pure: no I/O.
 
-The rules, each from a failure KServe's users hit (kserve-localmodel.md, runtime.md):
+The rules, each from a failure KServe's users hit (the KServe and vLLM issues named; docs/runtime.md):
 - TP and PP default to what the GPUs given allow; PP = 1 is valid (KServe once refused it, #4228).
   When a GPU count is set and the heads do not divide by it, the GPUs are filled with pipeline
   stages (52 heads on 8 GPUs: TP 4 x PP 2, vLLM #2652) rather than the pod refused.
@@ -236,30 +236,7 @@ def _split(shape: ModelShape, req: PlanRequest, src: Mapping[str, str], notes: l
                 f"{pp} pipeline stages"
             )
     if tp is None:
-        if pp is None:
-            per_node = g
-        elif nodes is not None:
-            if pp < nodes:
-                raise InvalidInput(
-                    f"{src['pipeline_parallel_size']}={pp} across {src['nodes']}={nodes} nodes leaves "
-                    f"nodes without a stage; set the pipeline parallel size to {nodes}"
-                )
-            # Several stages share a node: each gets its share of the node's GPUs.
-            per_node = max(1, g // math.ceil(pp / nodes))
-        else:
-            # No node count given: keep the stages on this node when they fit.
-            per_node = max(1, g // pp) if pp <= g else g
-        valid = _valid_tps(shape, per_node)
-        tp = max(valid) if valid else 1
-        if tp == per_node == g:
-            notes.append(f"tensor parallel size {tp}: the GPUs per node (not given)")
-        elif tp == per_node:
-            notes.append(f"tensor parallel size {tp}: {g} GPUs per node shared by the pipeline stages")
-        else:
-            notes.append(
-                f"tensor parallel size {tp}: the largest that fits {plural(per_node, 'GPU')} per stage and "
-                f"divides the model's heads ({_heads(shape)})"
-            )
+        tp = _derived_tp(shape, req, src, pp, notes)
     elif tp > g:
         if tp % g:
             raise InvalidInput(
@@ -280,6 +257,39 @@ def _split(shape: ModelShape, req: PlanRequest, src: Mapping[str, str], notes: l
         if pp > 1:
             notes.append(f"pipeline parallel size {pp}: one stage per node")
     return tp, pp
+
+
+def _derived_tp(
+    shape: ModelShape, req: PlanRequest, src: Mapping[str, str], pp: int | None, notes: list[str]
+) -> int:
+    """TP where none was asked: the largest that fits the GPUs each pipeline stage gets on a node
+    and divides the model's heads (1 when none does); the reason in ``notes``."""
+    g, nodes = req.gpus_per_node, req.nodes
+    if pp is None:
+        per_node = g
+    elif nodes is not None:
+        if pp < nodes:
+            raise InvalidInput(
+                f"{src['pipeline_parallel_size']}={pp} across {src['nodes']}={nodes} nodes leaves "
+                f"nodes without a stage; set the pipeline parallel size to {nodes}"
+            )
+        # Several stages share a node: each gets its share of the node's GPUs.
+        per_node = max(1, g // math.ceil(pp / nodes))
+    else:
+        # No node count given: keep the stages on this node when they fit.
+        per_node = max(1, g // pp) if pp <= g else g
+    valid = _valid_tps(shape, per_node)
+    tp = max(valid) if valid else 1
+    if tp == per_node == g:
+        notes.append(f"tensor parallel size {tp}: the GPUs per node (not given)")
+    elif tp == per_node:
+        notes.append(f"tensor parallel size {tp}: {g} GPUs per node shared by the pipeline stages")
+    else:
+        notes.append(
+            f"tensor parallel size {tp}: the largest that fits {plural(per_node, 'GPU')} per stage and "
+            f"divides the model's heads ({_heads(shape)})"
+        )
+    return tp
 
 
 def _check_split(shape: ModelShape, req: PlanRequest, src: Mapping[str, str], tp: int, pp: int) -> None:

@@ -2,7 +2,7 @@
 
 vLLM notices a shard missing from ``model.safetensors.index.json`` only after ~28 s of start-up, names
 only some missing tensors when the index is gone too, and serves garbage from a single-file checkpoint
-that lacks tensors; a truncated file is not checked at all (runtime.md). Here, from metadata only:
+that lacks tensors; a truncated file is not checked at all. Here, from metadata only (docs/runtime.md):
 
 - ``config.json`` is present and a JSON object, with weights and a tokenizer beside it;
 - every shard an index names is present, and every tensor the index places in a shard is in that

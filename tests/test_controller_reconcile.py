@@ -11,7 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -30,9 +30,10 @@ from localmodel.kinds import (
     LOCAL_MODEL_NODE_GROUP,
     NODE,
     POD,
+    ResourceKind,
 )
 from localmodel.resources import FINALIZER
-from localmodel.state.base import ClusterState
+from localmodel.state.base import ClusterState, ObjectList
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 from modelcache.cli import main as modelcache_main
@@ -522,6 +523,47 @@ async def test_cache_status_lists_the_inference_services_that_use_it(state: Clus
         await eventually(lambda: listed([]))
         st = (await state.get(LOCAL_MODEL_CACHE, "llama"))["status"]
         assert "inferenceServices" not in st  # absent when none, as KServe writes it
+
+
+class DeletesBeforeTheWatch:
+    """The cluster, where another client deletes one object between the controller's first list of
+    its kind (load) and the next (its watch's): the interleaving a loaded machine made now and then
+    (the test above), made certain."""
+
+    def __init__(self, state: ClusterState, kind: ResourceKind, name: str, namespace: str) -> None:
+        self.state, self.kind, self.name, self.namespace = state, kind, name, namespace
+        self.lists = 0
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.state, attr)
+
+    async def list(self, kind: ResourceKind, **kw: Any) -> ObjectList:
+        if kind is self.kind:
+            self.lists += 1
+            if self.lists == 2:
+                await self.state.delete(kind, self.name, namespace=self.namespace)
+        return await self.state.list(kind, **kw)
+
+
+async def test_a_deletion_between_the_first_list_and_the_watch_is_seen(state: ClusterState) -> None:
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("llama", "10Gi", ["h100"]))
+    await state.create(INFERENCE_SERVICE, isvc("chat", "team-a", uri="hf://org/llama"))
+    await state.create(INFERENCE_SERVICE, isvc("sub", "team-b", uri="hf://org/llama/adapter"))
+    racing = DeletesBeforeTheWatch(state, INFERENCE_SERVICE, "chat", "team-a")
+
+    async def listed() -> list[dict[str, str]]:
+        st = (await state.get(LOCAL_MODEL_CACHE, "llama")).get("status") or {}
+        return list(st.get("inferenceServices", []))
+
+    # resync=30 s in running(): only the watch's first list can tell the controller that chat went.
+    async with running(cast(ClusterState, racing)):
+        await eventually(lambda: _true(racing.lists >= 2))
+        await eventually(lambda: _is(listed(), [{"name": "sub", "namespace": "team-b"}]))
+
+
+async def _is(value: Awaitable[Any], expected: Any) -> bool:
+    return bool(await value == expected)
 
 
 async def test_a_cluster_without_kserve_is_reconciled_all_the_same(caplog: pytest.LogCaptureFixture) -> None:

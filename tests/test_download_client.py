@@ -4,10 +4,12 @@ redirects, kept-alive connections the server closed, cancellation, TLS, the glob
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -230,6 +232,42 @@ async def test_statuses_reach_accept_and_connection_errors_are_transient(client:
         await server.stop()
     with pytest.raises(TransientError, match=rf"connection refused by 127\.0\.0\.1:{port}$"):
         await fetch(client, f"http://127.0.0.1:{port}/gone")
+
+
+async def test_a_refused_answer_the_server_closes_after_closes_its_socket(client: HttpClient) -> None:
+    # "Connection: close": http.client hands the socket to the answer, which closing the connection
+    # alone left open until the collector found it (a ResourceWarning, some tests later).
+    def routes(server: Server) -> list[web.RouteDef]:
+        async def denied(request: web.Request) -> web.Response:
+            return web.Response(status=403, text="no" * 1000, headers={"Connection": "close"})
+
+        async def body(request: web.Request) -> web.Response:
+            return web.Response(body=b"x" * 100_000, headers={"Connection": "close"})
+
+        return [web.get("/denied", denied), web.get("/body", body)]
+
+    def refuse(response: Response) -> None:
+        raise AccessDenied("test: access denied (HTTP 403)")
+
+    def refuse_body(response: Response) -> Callable[[memoryview], None]:
+        def sink(data: memoryview) -> None:
+            raise DownloadError("test: refused mid-body")
+
+        return sink
+
+    server = Server(routes)
+    await server.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(AccessDenied):
+                await client.request("GET", f"{server.url}/denied", headers={}, label="t", accept=refuse)
+            with pytest.raises(DownloadError, match="refused mid-body"):
+                await client.request("GET", f"{server.url}/body", headers={}, label="t", accept=refuse_body)
+            gc.collect()
+        assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    finally:
+        await server.stop()
 
 
 async def test_an_untrusted_certificate_is_not_retried_and_a_trusted_one_works(tmp_path: Path) -> None:

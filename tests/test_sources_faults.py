@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.download.listing import Listing
+from agent.download.listing import Listing, folder_marker, parent_folders
 from agent.download.pull import http_client, pull
 from agent.download.source_settings import SourceSettings, hf_token_from_env
 from agent.download.sources import list_source
@@ -353,3 +353,14 @@ def test_escaping_keeps_ordinary_names(tmp_path: Path) -> None:
     assert printable("日本語/モデル.bin") == "日本語/モデル.bin"
     assert printable("a\tb\r\nc\x00") == "a\\tb\\r\\nc\\x00"
     assert printable("x" * 300, limit=10) == "xxxxxxx..."
+
+
+def test_folder_markers_are_told_from_files_by_one_rule() -> None:
+    names = ["m/config.json", "m/sub/w.bin", "m/sub", "m/empty", "m/x_$folder$", "m/dir/"]
+    folders = parent_folders(names)
+    assert folders == {"m", "m/sub", "m/dir"}  # "m/dir/" is a folder's own marker
+    sizes = {"m/config.json": 10, "m/sub/w.bin": 0, "m/sub": 0, "m/empty": 0, "m/x_$folder$": 0, "m/dir/": 0}
+    files = [n for n in names if not folder_marker(n, sizes[n], folders)]
+    # An empty object is a file unless a folder of that name holds objects.
+    assert files == ["m/config.json", "m/sub/w.bin", "m/empty"]
+    assert not folder_marker("m/sub", 5, folders)  # not empty: a file, whatever its name

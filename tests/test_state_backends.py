@@ -181,6 +181,19 @@ async def test_watch_lists_then_streams(backend: Backend) -> None:
     await stream.aclose()
 
 
+async def test_watch_reports_its_first_list_against_what_the_caller_holds(backend: Backend) -> None:
+    s = backend.state
+    await s.create(NODE, {"metadata": {"name": "n1"}})
+    await s.create(NODE, {"metadata": {"name": "n2"}})
+    held = (await s.list(NODE)).items  # the caller's own list, before its watch starts
+    await s.delete(NODE, "n2")
+    await s.create(NODE, {"metadata": {"name": "n3"}})
+    stream = watch(s, NODE, known=held)
+    events = await asyncio.wait_for(collect(stream, 3), 5)
+    assert sorted(events) == [("ADDED", "n3"), ("DELETED", "n2"), ("MODIFIED", "n1")]
+    await stream.aclose()
+
+
 async def test_watch_with_field_selector_sees_only_its_object(backend: Backend) -> None:
     s = backend.state
     stream = watch(s, LOCAL_MODEL_NODE, selector=Selector(fields={"metadata.name": "mine"}))

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from agent.download.listing import Listing, RemoteFile, check_unique, checked_path, parent_folders
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.uri import SourceURI
 
@@ -86,7 +86,6 @@ def list_azure(
     from azure.core.exceptions import (
         ClientAuthenticationError,
         HttpResponseError,
-        ResourceNotFoundError,
         ServiceRequestError,
         ServiceResponseError,
     )
@@ -107,50 +106,11 @@ def list_azure(
         retry_total=1,  # list_source retries the whole listing on top
     )
     container = service.get_container_client(uri.bucket)
-    prefix = uri.key
-    base = prefix
-    found: list[Any] = []
     try:
-        if prefix and not prefix.endswith("/"):
-            try:
-                props = container.get_blob_client(prefix).get_blob_properties()
-            except ResourceNotFoundError as e:
-                if getattr(e, "error_code", None) == "ContainerNotFound":
-                    raise
-                props = None
-            if props is not None and not _is_folder(props, set()):
-                found = [props]
-                base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
-            else:
-                prefix = base = prefix + "/"
-        if not found:
-            blobs = list(container.list_blobs(name_starts_with=prefix or None, include=["metadata"]))
-            names = {b.name for b in blobs}
-            folders = {n.rsplit("/", i)[0] for n in names for i in range(1, n.count("/") + 1)}
-            found = [b for b in blobs if not _is_folder(b, folders)]
-            if not found:
-                raise SourceNotFound(f"{source}: no blobs under this prefix in {where}")
+        found, base = _find_blobs(container, uri.key, f"{source}: no blobs under this prefix in {where}")
         sas_query = sas or _sign(service, settings, uri.bucket, token is not None, account)
-    except ClientAuthenticationError as e:
-        status = getattr(e, "status_code", None)
-        # azure-identity's errors (no status): the principal was refused or is not available here.
-        code = getattr(e, "error_code", None) or (f"HTTP {status}" if status else "credentials refused")
-        raise AccessDenied(f"{source}: access denied to {where} ({code}); check the credentials") from e
-    except ResourceNotFoundError as e:
-        code = getattr(e, "error_code", None) or "HTTP 404"
-        raise SourceNotFound(f"{source}: {code} ({where})") from e
-    except HttpResponseError as e:
-        status = int(getattr(e, "status_code", 0) or 0)
-        code = getattr(e, "error_code", None) or f"HTTP {status}"
-        if status in (401, 403):
-            raise AccessDenied(f"{source}: access denied to {where} ({code}); check the credentials") from e
-        if status == 404:
-            raise SourceNotFound(f"{source}: {code} ({where})") from e
-        if status in (408, 429) or status >= 500:
-            raise TransientError(f"{source}: Azure error {code}") from e
-        raise DownloadError(f"{source}: Azure error {code}") from e
-    except (ServiceRequestError, ServiceResponseError) as e:
-        raise TransientError(f"{source}: cannot reach {account_url}: {type(e).__name__}") from e
+    except (ClientAuthenticationError, HttpResponseError, ServiceRequestError, ServiceResponseError) as e:
+        raise _azure_error(e, source, where, account_url) from e
     files = []
     for blob in found:
         path = checked_path(blob.name[len(base) :], source=source)
@@ -169,6 +129,56 @@ def list_azure(
     check_unique(result, source=source)
     etags = hashlib.sha256("".join(f"{b.name}:{b.etag};" for b in found).encode())
     return Listing(source=source, revision=etags.hexdigest()[:16], files=result)
+
+
+def _find_blobs(container: Any, prefix: str, nothing: str) -> tuple[list[Any], str]:
+    """(the blobs to fetch, the name prefix their paths are relative to): the one blob ``prefix``
+    names, else every blob under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
+    when there is none."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    base = prefix
+    if prefix and not prefix.endswith("/"):
+        try:
+            props = container.get_blob_client(prefix).get_blob_properties()
+        except ResourceNotFoundError as e:
+            if getattr(e, "error_code", None) == "ContainerNotFound":
+                raise
+            props = None
+        if props is not None and not _is_folder(props, set()):
+            return [props], prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        prefix = base = prefix + "/"
+    blobs = list(container.list_blobs(name_starts_with=prefix or None, include=["metadata"]))
+    folders = parent_folders(b.name for b in blobs)
+    found = [b for b in blobs if not _is_folder(b, folders)]
+    if not found:
+        raise SourceNotFound(nothing)
+    return found, base
+
+
+def _azure_error(error: Exception, source: str, where: str, account_url: str) -> DownloadError:
+    """An Azure SDK error in the project's tree (raised ``from`` it by the caller)."""
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+
+    if isinstance(error, ClientAuthenticationError):
+        status = getattr(error, "status_code", None)
+        # azure-identity's errors (no status): the principal was refused or is not available here.
+        code = getattr(error, "error_code", None) or (f"HTTP {status}" if status else "credentials refused")
+        return AccessDenied(f"{source}: access denied to {where} ({code}); check the credentials")
+    if isinstance(error, ResourceNotFoundError):
+        code = getattr(error, "error_code", None) or "HTTP 404"
+        return SourceNotFound(f"{source}: {code} ({where})")
+    if isinstance(error, HttpResponseError):
+        status = int(getattr(error, "status_code", 0) or 0)
+        code = getattr(error, "error_code", None) or f"HTTP {status}"
+        if status in (401, 403):
+            return AccessDenied(f"{source}: access denied to {where} ({code}); check the credentials")
+        if status == 404:
+            return SourceNotFound(f"{source}: {code} ({where})")
+        if status in (408, 429) or status >= 500:
+            return TransientError(f"{source}: Azure error {code}")
+        return DownloadError(f"{source}: Azure error {code}")
+    return TransientError(f"{source}: cannot reach {account_url}: {type(error).__name__}")
 
 
 def _is_folder(blob: Any, folders: set[str]) -> bool:

@@ -303,7 +303,7 @@ class HttpClient:
                 self._checkin(key, conn, answer)
                 return got
             except BaseException:
-                conn.close()
+                _drop(conn, answer)
                 raise
             finally:
                 call.detach()
@@ -353,7 +353,7 @@ class HttpClient:
                 answer = conn.getresponse()
                 timer.cancel()
                 if late.is_set():  # the cut socket reads as the header's end: not an answer
-                    conn.close()
+                    _drop(conn, answer)
                     raise self._late(label)
                 return conn, answer
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -386,11 +386,7 @@ class HttpClient:
         # The low-speed check runs in the socket's recv_into: a read here returns only once the
         # buffer is full, which a trickle of bytes would put off for days.
         sock = call.sock
-        slow = None
-        if self.low_speed_limit and isinstance(sock, _Metered | _MeteredSSL):
-            slow = sock.check = _SpeedCheck(self.low_speed_limit, self.low_speed_time, label)
-            if self.low_speed_time < self.read_timeout:
-                sock.settimeout(self.low_speed_time)  # a whole window without a byte is too slow
+        slow = self._check_speed(sock, label)
         try:
             while True:
                 if call.stopped.is_set():
@@ -416,6 +412,15 @@ class HttpClient:
                 sock.check = None
                 with contextlib.suppress(OSError):
                     sock.settimeout(self.read_timeout)  # kept alive: the next answer's wait
+
+    def _check_speed(self, sock: socket.socket | None, label: str) -> _SpeedCheck | None:
+        """The low-speed check of one body, set on its socket (None: off, or not our socket)."""
+        if not (self.low_speed_limit and isinstance(sock, _Metered | _MeteredSSL)):
+            return None
+        slow = sock.check = _SpeedCheck(self.low_speed_limit, self.low_speed_time, label)
+        if self.low_speed_time < self.read_timeout:
+            sock.settimeout(self.low_speed_time)  # a whole window without a byte is too slow
+        return slow
 
     def _idle_connection(self, key: Route) -> http.client.HTTPConnection | None:
         with self._lock:
@@ -447,7 +452,11 @@ class HttpClient:
             rcvbuf=self.limiter.receive_buffer if self.limiter is not None else None,
         )
         conn._create_connection = dial  # type: ignore[attr-defined]
-        conn.connect()
+        try:
+            conn.connect()
+        except BaseException:
+            conn.close()  # e.g. a CONNECT tunnel cut after its socket connected: the socket is ours
+            raise
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)
         return conn
@@ -455,11 +464,21 @@ class HttpClient:
     def _checkin(
         self, key: Route, conn: http.client.HTTPConnection, answer: http.client.HTTPResponse
     ) -> None:
-        if answer.will_close or not answer.isclosed() or self._closed:
-            conn.close()
-            return
         with self._lock:
-            self._idle.setdefault(key, []).append(conn)
+            # Under the lock: a connection checked in after close() took the idle ones would stay
+            # open until the collector found it.
+            if not (answer.will_close or not answer.isclosed() or self._closed):
+                self._idle.setdefault(key, []).append(conn)
+                return
+        _drop(conn, answer)
+
+
+def _drop(conn: http.client.HTTPConnection, answer: http.client.HTTPResponse) -> None:
+    """Close a connection that is not to be reused, and its answer: when the server closes after
+    it (``Connection: close``, HTTP/1.0) http.client hands the socket to the answer, and
+    ``conn.close()`` alone leaves it open until the collector finds it (a ResourceWarning)."""
+    answer.close()
+    conn.close()
 
 
 class _SpeedCheck:

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from agent.download.listing import (
+    Listing,
+    RemoteFile,
+    check_unique,
+    checked_path,
+    folder_marker,
+    parent_folders,
+)
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.uri import SourceURI
 
@@ -175,22 +182,10 @@ def list_gcs(
         client_options={"api_endpoint": settings.endpoint},
     )
     timeout = (connect_timeout, read_timeout)
-    prefix = uri.key
-    found: list[Any] = []
-    base = prefix
     try:
-        if prefix and not prefix.endswith("/"):
-            blob = client.bucket(uri.bucket).get_blob(prefix, timeout=timeout, retry=None)
-            if blob is not None and int(blob.size or 0) > 0:
-                found = [blob]
-                base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
-            else:
-                prefix = base = prefix + "/"
-        if not found:
-            found = list(client.list_blobs(uri.bucket, prefix=prefix, timeout=timeout, retry=None))
-            found = _drop_folder_markers(found)
-            if not found:
-                raise SourceNotFound(f"{source}: no objects under this prefix")
+        found, base = _find_blobs(
+            client, uri.bucket, uri.key, timeout, f"{source}: no objects under this prefix"
+        )
     except api.NotFound as e:
         raise SourceNotFound(f"{source}: bucket {uri.bucket} not found (HTTP 404)") from e
     except (api.Unauthorized, api.Forbidden) as e:
@@ -248,16 +243,27 @@ def list_gcs(
     return Listing(source=source, revision=generations.hexdigest()[:16], files=result)
 
 
+def _find_blobs(
+    client: Any, bucket: str, prefix: str, timeout: tuple[float, float], nothing: str
+) -> tuple[list[Any], str]:
+    """(the objects to fetch, the name prefix their paths are relative to): the one object ``prefix``
+    names, else every object under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
+    when there is none."""
+    base = prefix
+    if prefix and not prefix.endswith("/"):
+        blob = client.bucket(bucket).get_blob(prefix, timeout=timeout, retry=None)
+        if blob is not None and int(blob.size or 0) > 0:
+            return [blob], prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        prefix = base = prefix + "/"
+    found = _drop_folder_markers(list(client.list_blobs(bucket, prefix=prefix, timeout=timeout, retry=None)))
+    if not found:
+        raise SourceNotFound(nothing)
+    return found, base
+
+
 def _drop_folder_markers(blobs: list[Any]) -> list[Any]:
-    names = {b.name for b in blobs}
-    folders = {n.rsplit("/", i)[0] for n in names for i in range(1, n.count("/") + 1)}
-    return [
-        b
-        for b in blobs
-        if not b.name.endswith("/")
-        and not b.name.endswith("_$folder$")
-        and not (int(b.size or 0) == 0 and b.name in folders)
-    ]
+    folders = parent_folders(b.name for b in blobs)
+    return [b for b in blobs if not folder_marker(b.name, int(b.size or 0), folders)]
 
 
 def _b64_hex(value: str | None) -> str | None:

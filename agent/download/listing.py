@@ -7,7 +7,8 @@ checked here, once, before anything touches the disk.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from localmodel.errors import SourceNotFound, UnsafePath
@@ -44,6 +45,17 @@ class Listing:
     @property
     def total_bytes(self) -> int:
         return sum(f.size or 0 for f in self.files)
+
+
+def parent_folders(names: Iterable[str]) -> set[str]:
+    """Every folder that holds one of ``names`` (``a/b/c``: ``a`` and ``a/b``)."""
+    return {n.rsplit("/", i)[0] for n in names for i in range(1, n.count("/") + 1)}
+
+
+def folder_marker(name: str, size: int, folders: AbstractSet[str]) -> bool:
+    """An object store's entry that stands for a folder, not a file: ``name/``, ``name_$folder$``,
+    or an empty object named like a folder that has objects (``folders``: :func:`parent_folders`)."""
+    return name.endswith("/") or name.endswith("_$folder$") or (size == 0 and name in folders)
 
 
 def checked_path(path: str, *, source: str) -> str:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.download.environment import aws_ca_bundle
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from agent.download.listing import (
+    Listing,
+    RemoteFile,
+    check_unique,
+    checked_path,
+    folder_marker,
+    parent_folders,
+)
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
 from agent.download.wording import connection_words
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
@@ -70,28 +77,8 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
 
     source = uri.redacted()
     client, endpoint = _client(settings, source)
-    prefix = uri.key
-    objects: list[dict[str, Any]] = []
     try:
-        if prefix and not prefix.endswith("/"):
-            # A single object, or a "folder" named without its trailing slash: then, or when the
-            # object is a folder marker with objects under it, the prefix.
-            head = _head(client, uri.bucket, prefix)
-            if head is not None and _is_folder_marker(head):
-                head = None if _has_objects(client, uri.bucket, prefix + "/") else head
-            if head is not None:
-                objects.append({"Key": prefix, "Size": head["ContentLength"], **head})
-                base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
-            else:
-                prefix += "/"
-        if not objects:
-            base = prefix
-            paginator = client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=uri.bucket, Prefix=prefix):
-                objects.extend(page.get("Contents", []))
-            objects = _drop_folder_markers(client, uri.bucket, objects)
-            if not objects:
-                raise SourceNotFound(f"{source}: no objects under this prefix")
+        objects, base = _find_objects(client, uri.bucket, uri.key, f"{source}: no objects under this prefix")
         _fetch_s3_checksums(client, uri.bucket or "", objects)
         files = []
         for obj in objects:
@@ -131,6 +118,30 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
     return Listing(source=source, revision=etags.hexdigest()[:16], files=result)
 
 
+def _find_objects(client: Any, bucket: str, prefix: str, nothing: str) -> tuple[list[dict[str, Any]], str]:
+    """(the objects to fetch, the key prefix their paths are relative to): the one object ``prefix``
+    names, else every object under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
+    when there is none."""
+    if prefix and not prefix.endswith("/"):
+        # A single object, or a "folder" named without its trailing slash: then, or when the
+        # object is a folder marker with objects under it, the prefix.
+        head = _head(client, bucket, prefix)
+        if head is not None and _is_folder_marker(head):
+            head = None if _has_objects(client, bucket, prefix + "/") else head
+        if head is not None:
+            base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+            return [{"Key": prefix, "Size": head["ContentLength"], **head}], base
+        prefix += "/"
+    objects: list[dict[str, Any]] = []
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        objects.extend(page.get("Contents", []))
+    objects = _drop_folder_markers(client, bucket, objects)
+    if not objects:
+        raise SourceNotFound(nothing)
+    return objects, prefix
+
+
 # Content types S3 tools give the empty objects that stand for folders (s3fs, the AWS console's
 # "Create folder" writes an empty "key/"; older tools and some storage GUIs "application/x-directory").
 _DIRECTORY_TYPES = ("application/x-directory", "httpd/unix-directory")
@@ -160,15 +171,8 @@ def _drop_folder_markers(client: Any, bucket: str, objects: list[dict[str, Any]]
     """The objects of a prefix listing that are files: not ``key/`` or ``key_$folder$`` markers, not
     empty objects named like a folder that has objects in it, and not empty objects of a directory
     content type (one HeadObject each for the empty objects left: a listing gives no content type)."""
-    keys = sorted(o["Key"] for o in objects)
-    folders = {k.rsplit("/", i)[0] for k in keys for i in range(1, k.count("/") + 1)}
-    kept = [
-        o
-        for o in objects
-        if not o["Key"].endswith("/")
-        and not o["Key"].endswith("_$folder$")
-        and not (int(o.get("Size") or 0) == 0 and o["Key"] in folders)
-    ]
+    folders = parent_folders(o["Key"] for o in objects)
+    kept = [o for o in objects if not folder_marker(o["Key"], int(o.get("Size") or 0), folders)]
     empty = [o for o in kept if int(o.get("Size") or 0) == 0]
     heads = _parallel(lambda o: _head(client, bucket, o["Key"]), empty)
     markers = {o["Key"] for o, h in zip(empty, heads, strict=True) if h is not None and _directory_type(h)}

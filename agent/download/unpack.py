@@ -155,22 +155,7 @@ def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
         for m in members:
-            _check_name(m.name, source)
-            if m.issym() or m.islnk():
-                _check_name(m.linkname, source)
-            name = m.name.removeprefix("./")
-            if not is_safe_relative_path(name.rstrip("/")) and name not in ("", "."):
-                raise UnsafePath(
-                    f"{source}: archive member {m.name[:200]!r} would land outside the model's folder"
-                )
-            if m.issym() or m.islnk():
-                target = (Path(name).parent / m.linkname) if m.issym() else Path(m.linkname)
-                if m.linkname.startswith("/") or not is_safe_relative_path(_normalise(target.as_posix())):
-                    raise UnsafePath(
-                        f"{source}: archive member {m.name[:200]!r} links outside the model's folder"
-                    )
-            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                raise UnsafePath(f"{source}: archive member {m.name[:200]!r} is a device or a fifo")
+            _check_member(m, source)
         if not any(m.isfile() for m in members):
             raise _no_files(source)  # after the checks: an unsafe member is the graver fault
         budget.check(sum(m.size for m in members if m.isfile()), declared=True)
@@ -194,6 +179,23 @@ def _untar(archive: Path, into: Path, source: str, budget: _Budget) -> None:
                 dst.chmod(checked.mode & 0o755 if checked.mode is not None else 0o644)
             else:
                 tar.extract(checked, into, filter="data")
+
+
+def _check_member(m: tarfile.TarInfo, source: str) -> None:
+    """UnsafePath for a tar member that would land or link outside the model's folder, or is not a
+    file, a folder or a link."""
+    _check_name(m.name, source)
+    if m.issym() or m.islnk():
+        _check_name(m.linkname, source)
+    name = m.name.removeprefix("./")
+    if not is_safe_relative_path(name.rstrip("/")) and name not in ("", "."):
+        raise UnsafePath(f"{source}: archive member {m.name[:200]!r} would land outside the model's folder")
+    if m.issym() or m.islnk():
+        target = (Path(name).parent / m.linkname) if m.issym() else Path(m.linkname)
+        if m.linkname.startswith("/") or not is_safe_relative_path(_normalise(target.as_posix())):
+            raise UnsafePath(f"{source}: archive member {m.name[:200]!r} links outside the model's folder")
+    if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+        raise UnsafePath(f"{source}: archive member {m.name[:200]!r} is a device or a fifo")
 
 
 def _unzip(archive: Path, into: Path, source: str, budget: _Budget) -> None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -138,7 +138,7 @@ class ClusterState(Protocol):
     async def close(self) -> None: ...
 
 
-async def watch(
+async def watch(  # noqa: C901 - list, stream and retry share one loop's state (see docstring)
     state: ClusterState,
     kind: ResourceKind,
     *,
@@ -148,6 +148,7 @@ async def watch(
     max_delay: float = 60.0,
     relist_every: float | None = None,
     on_list: Callable[[], None] | None = None,
+    known: Iterable[JSON] = (),
 ) -> AsyncGenerator[WatchEvent]:
     """List then watch, forever: the informer pattern without a cache of its own. (Over 80 lines
     because the list, the stream and the retry share one loop's state: the known set and the delay.)
@@ -166,9 +167,12 @@ async def watch(
     :class:`~localmodel.errors.Unavailable` as ``retry_after``) is waited at least. A stream that
     delivers an event resets them. NotFound (the kind is not served) is raised to the caller.
     ``on_list`` is called after each list: an empty list yields no event but is an answer too.
+    ``known``: the objects the caller already holds (read by a list of its own before this watch
+    started): the first list is reported as a difference against them, like a re-list, so an object
+    deleted between the caller's list and this one comes out as DELETED rather than not at all.
     """
-    known: dict[tuple[str | None, str], JSON] = {}
-    first = True
+    # Without ``known`` the first list is all ADDED: the difference against nothing.
+    last: dict[tuple[str | None, str], JSON] = {object_key(o): o for o in known}
     failures = 0
     loop = asyncio.get_running_loop()
     while True:
@@ -182,14 +186,13 @@ async def watch(
             continue
         if on_list is not None:
             on_list()
-        current = {_key(o): o for o in listing.items}
-        for key, obj in known.items():
+        current = {object_key(o): o for o in listing.items}
+        for key, obj in last.items():
             if key not in current:
                 yield WatchEvent("DELETED", obj)
         for key, obj in current.items():
-            yield WatchEvent("ADDED" if first or key not in known else "MODIFIED", obj)
-        known = current
-        first = False
+            yield WatchEvent("MODIFIED" if key in last else "ADDED", obj)
+        last = current
         rv = listing.resource_version
         relist_at = None if relist_every is None else loop.time() + relist_every
         try:
@@ -210,9 +213,9 @@ async def watch(
                             break
                         rv = event.object.get("metadata", {}).get("resourceVersion", rv)
                         if event.type == "DELETED":
-                            known.pop(_key(event.object), None)
+                            last.pop(object_key(event.object), None)
                         else:
-                            known[_key(event.object)] = event.object
+                            last[object_key(event.object)] = event.object
                         delivered = True
                         failures = 0
                         yield event
@@ -256,7 +259,8 @@ async def _close(stream: AsyncIterator[WatchEvent]) -> None:
             await aclose()
 
 
-def _key(obj: JSON) -> tuple[str | None, str]:
+def object_key(obj: JSON) -> tuple[str | None, str]:
+    """(namespace or None, name): what tells two objects of one kind apart."""
     meta = obj.get("metadata", {})
     return meta.get("namespace"), meta["name"]
 
