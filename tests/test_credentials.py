@@ -386,7 +386,8 @@ async def test_two_caches_of_one_private_repo_with_different_tokens(
     # The Secret appears: the running agent's next attempt reads it (no restart, no spec change).
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "modelcache", "agent", "--node-name", "n1",
-        "--cache-dir", str(tmp_path / "cache"), "--kubeconfig", str(_kubeconfig(tmp_path / "kc", kube_api.url)),
+        "--cache-dir", str(tmp_path / "cache"),
+        "--kubeconfig", str(_kubeconfig(tmp_path / "kc", kube_api.url)),
         "--health-addr", "off", "--metrics-addr", "off", "--allow-private-sources",
         "--retry-min", "1", "--retry-max", "1",
         stderr=asyncio.subprocess.PIPE, env=env,
