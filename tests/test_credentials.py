@@ -38,6 +38,7 @@ from localmodel.state.memory import MemoryState
 from tests.support.agents import group_doc
 from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI
+from tests.test_manifests import find, needs_kubectl, render
 
 NS = "kserve-localmodel-jobs"
 
@@ -469,3 +470,33 @@ async def test_s3_cache_with_a_storage_key(kube_api: KubeAPI, s3_server: str, tm
     assert models["plain"]["reason"] == "AccessDenied", models["plain"]
     assert (tmp_path / "cache" / "models" / storage_key(uri) / "w.bin").read_bytes() == b"s" * 3000
     await _nowhere_shown(kube_api, tmp_path, logs, ["s3-secret-access-value"])
+
+
+# -- who may read them --------------------------------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["base", "overlays/kserve"])
+def test_only_a_role_in_the_job_namespace_reads_secrets(overlay: str) -> None:
+    """No ClusterRole grants Secrets (KServe's agent has get/list/watch on all of them,
+    charts/kserve-localmodel-resources/files/resources.yaml:107-129); the agent gets ``get`` by name
+    in kserve-localmodel-jobs; beside KServe that namespace is KServe's (not in the overlay)."""
+    docs = render(overlay)
+    for doc in docs:
+        if doc["kind"] in ("ClusterRole", "Role"):
+            for rule in doc.get("rules", []):
+                if "secrets" in rule.get("resources", []) or "*" in rule.get("resources", []):
+                    assert doc["kind"] == "Role", doc["metadata"]["name"]
+                    assert doc["metadata"]["namespace"] == NS
+                    assert rule["verbs"] == ["get"]
+    role = find(docs, "Role", "modelcache-agent-credentials")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets", "serviceaccounts"], "verbs": ["get"]}
+    ]
+    binding = find(docs, "RoleBinding", "modelcache-agent-credentials")
+    assert binding["metadata"]["namespace"] == NS
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "modelcache-agent", "namespace": "modelcache-agent"}
+    ]
+    namespaces = {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"}
+    assert (NS in namespaces) is (overlay == "base")
