@@ -273,6 +273,7 @@ async def _run(
             labels=labels,
             state=memory,
             exclude=(settings.cache_dir,),
+            credentials_namespace=settings.credentials_namespace,
         )
         if not await source.load(report=not args.once) and args.once:
             # Nothing to settle on: --once would wait forever. (As a daemon the status says why,

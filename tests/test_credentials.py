@@ -500,3 +500,76 @@ def test_only_a_role_in_the_job_namespace_reads_secrets(overlay: str) -> None:
     ]
     namespaces = {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"}
     assert (NS in namespaces) is (overlay == "base")
+
+
+async def test_standalone_takes_secret_documents(hf_hub: Hub, tmp_path: Path) -> None:
+    """Standalone mode (no API server): Secret and ServiceAccount documents beside the caches, of
+    the credentials namespace or of none, are read as in a cluster; of another namespace, not."""
+    hf_hub.add_repo("org/gated", {"w.bin": b"g" * 1500}, token="hf_standaloneTOKEN789")
+    hf_hub.add_repo("org/gated", {"w.bin": b"g" * 1500}, revision="v2")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    group = group_doc("g", path=tmp_path / "cache", label="gpu")
+    group["spec"]["persistentVolumeSpec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0][
+        "matchExpressions"
+    ][0]["values"] = ["h100"]
+    caches = [
+        {
+            "apiVersion": "serving.kserve.io/v1alpha1",
+            "kind": "LocalModelCache",
+            "metadata": {"name": name},
+            "spec": {
+                "sourceModelUri": uri,
+                "modelSize": "1Mi",
+                "nodeGroups": ["g"],
+                "serviceAccountName": sa,
+            },
+        }
+        for name, uri, sa in (
+            ("mine", "hf://org/gated", "hf-sa"),
+            ("theirs", "hf://org/gated:v2", "other-sa"),
+        )
+    ]
+    token = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hf"},
+        "stringData": {"HF_TOKEN": "hf_standaloneTOKEN789"},
+    }
+    other_ns = secret("hf-other", {"HF_TOKEN": "hf_standaloneTOKEN789"}) | {
+        "metadata": {"name": "hf-other", "namespace": "elsewhere"}
+    }
+    sa = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "hf-sa"},
+        "secrets": [{"name": "hf"}],
+    }
+    other_sa = account("other-sa", ["hf-other"])
+    (docs / "all.json").write_text(
+        json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": [group, *caches, token, other_ns, sa, other_sa]}
+        )
+    )
+    env = _agent_env(tmp_path, {"HF_ENDPOINT": hf_hub.endpoint, "HF_HUB_DISABLE_XET": "1"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "modelcache", "agent", "--node-name", "n1", "--node-labels", "gpu=h100",
+        "--cache-dir", str(tmp_path / "cache"), "--standalone", str(docs), "--once",
+        "--health-addr", "off", "--metrics-addr", "off", "--log-level", "DEBUG",
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    logs = err.decode()
+    assert proc.returncode == 1, logs
+    models = json.loads((tmp_path / "cache" / ".modelcache" / "state.json").read_text())["status"]["models"]
+    assert models["mine"]["state"] == "ModelDownloaded", models["mine"]
+    assert models["theirs"]["reason"] == "AccessDenied"
+    assert (
+        "Secret kserve-localmodel-jobs/hf-other (listed by ServiceAccount other-sa) does not exist"
+        in (models["theirs"]["message"])
+    )
+    assert (
+        tmp_path / "cache" / "models" / storage_key("hf://org/gated") / "w.bin"
+    ).read_bytes() == b"g" * 1500
+    assert "hf_standaloneTOKEN789" not in logs
+    assert "hf_standaloneTOKEN789" not in (tmp_path / "cache" / ".modelcache" / "state.json").read_text()
