@@ -323,7 +323,12 @@ def _lmn(models: list[JSON]) -> JSON:
 
 
 async def _nowhere_shown(api: KubeAPI, tmp_path: Path, logs: str, values: list[str]) -> None:
-    state_file = (tmp_path / "cache" / ".modelcache" / "state.json").read_text()
+    # The state file, our manifests and every resume journal: each file the agent keeps.
+    state_file = "".join(
+        p.read_text(errors="replace")
+        for p in sorted((tmp_path / "cache" / ".modelcache").rglob("*"))
+        if p.is_file()
+    )
     node = json.dumps(await api.store.get(LOCAL_MODEL_NODE, "n1"))
     events = json.dumps((await api.store.list(EVENT)).items)
     for value in values:
@@ -469,7 +474,7 @@ async def test_s3_cache_with_a_storage_key(kube_api: KubeAPI, s3_server: str, tm
     models = json.loads((tmp_path / "cache" / ".modelcache" / "state.json").read_text())["status"]["models"]
     assert models["plain"]["reason"] == "AccessDenied", models["plain"]
     assert (tmp_path / "cache" / "models" / storage_key(uri) / "w.bin").read_bytes() == b"s" * 3000
-    await _nowhere_shown(kube_api, tmp_path, logs, ["s3-secret-access-value"])
+    await _nowhere_shown(kube_api, tmp_path, logs, ["s3-secret-access-value", "AKIDS3TEST"])
 
 
 # -- who may read them --------------------------------------------------------------------------
