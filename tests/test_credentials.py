@@ -9,13 +9,15 @@ import asyncio
 import base64
 import json
 import os
+import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+import pytest_asyncio
 
 from agent.credential_reader import CredentialReader, own_client, settings_for
 from agent.credentials import (
@@ -26,18 +28,23 @@ from agent.credentials import (
     from_storage_config,
     wanted,
 )
+from agent.download.pull import pull
 from agent.download.s3 import _client
 from agent.download.s3_settings import S3Settings
 from agent.download.source_settings import SourceSettings
+from agent.download.staging import Destination
 from agent.download.transfer import TransferSettings
-from localmodel.errors import AccessDenied
+from localmodel.errors import AccessDenied, DownloadError
 from localmodel.kinds import EVENT, JSON, KINDS_BY_NAME, LOCAL_MODEL_NODE, SECRET, SERVICE_ACCOUNT
 from localmodel.layout import storage_key
 from localmodel.resources import LocalModelInfo, StorageSpec
 from localmodel.state.memory import MemoryState
+from localmodel.uri import parse_uri
 from tests.support.agents import group_doc
 from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI
+from tests.support.s3files import S3Files
+from tests.support.tls import make_cert
 from tests.test_manifests import find, needs_kubectl, render
 
 NS = "kserve-localmodel-jobs"
@@ -578,3 +585,75 @@ async def test_standalone_takes_secret_documents(hf_hub: Hub, tmp_path: Path) ->
     ).read_bytes() == b"g" * 1500
     assert "hf_standaloneTOKEN789" not in logs
     assert "hf_standaloneTOKEN789" not in (tmp_path / "cache" / ".modelcache" / "state.json").read_text()
+
+
+@pytest_asyncio.fixture
+async def s3_tls(tmp_path: Path) -> AsyncIterator[tuple[S3Files, Path]]:
+    """S3 over TLS, its certificate signed by a CA of the test's own (tests/test_pull_s3_tls.py)."""
+    certs = tmp_path / "certs"
+    make_cert(certs)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    server = S3Files(tmp_path / "s3")
+    await server.start(ssl_context=context)
+    server.bucket("bkt")
+    for key, body in {"llm/config.json": b'{"a": 1}', "llm/model.safetensors": b"w" * 100}.items():
+        server.put("bkt", key, body)
+    try:
+        yield server, certs / "tls.crt"
+    finally:
+        await server.close()
+
+
+async def test_s3_secret_ca_bundle_and_verify_off_reach_listing_and_fetch(
+    s3_tls: tuple[S3Files, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 Secret of the cache's ServiceAccount gives an https endpoint behind a private CA: its
+    ``serving.kserve.io/s3-cabundle`` (s3/utils.go:99-105) is trusted by the listing (boto3) and the
+    presigned GETs (a client of the cache's own); ``S3_VERIFY_SSL: "0"`` works as KServe's does
+    (kserve_storage.py:346-350). Without either, the certificate is not trusted."""
+    server, bundle = s3_tls
+    for k in list(os.environ):
+        if k.startswith("AWS_") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    host = server.endpoint.removeprefix("https://")
+    keys = {
+        "awsAccessKeyID": "AKIDTLS",
+        "awsSecretAccessKey": "tls-secret-value",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    state = MemoryState()
+    await state.create(SERVICE_ACCOUNT, account("bundle", ["with-ca"]))
+    await state.create(SERVICE_ACCOUNT, account("insecure", ["no-verify"]))
+    await state.create(SERVICE_ACCOUNT, account("plain", ["no-ca"]))
+    note = "serving.kserve.io/"
+    ca = {note + "s3-endpoint": host, note + "s3-cabundle": str(bundle)}
+    await state.create(SECRET, secret("with-ca", keys, annotations=ca))
+    await state.create(SECRET, secret("no-verify", keys | {"S3_ENDPOINT": host, "S3_VERIFY_SSL": "0"}))
+    await state.create(SECRET, secret("no-ca", keys | {"S3_ENDPOINT": host}))
+    reader = CredentialReader(state, NS)
+
+    async def fetch(sa: str) -> None:
+        found = await reader.credentials(LocalModelInfo("s3://bkt/llm", sa, service_account_name=sa))
+        client = own_client(found, TransferSettings())
+        try:
+            await pull(
+                parse_uri("s3://bkt/llm"),
+                Destination.for_folder(tmp_path / sa),
+                sources=settings_for(SourceSettings(list_attempts=1), found),
+                transfer=TransferSettings(attempts=1),
+                client=client,
+            )
+        finally:
+            if client is not None:
+                client.close()
+
+    await fetch("bundle")
+    await fetch("insecure")
+    for sa in ("bundle", "insecure"):
+        assert (tmp_path / sa / "model.safetensors").read_bytes() == b"w" * 100
+    with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED") as e:
+        await fetch("plain")
+    assert "tls-secret-value" not in str(e.value)

@@ -47,6 +47,14 @@ def _client(settings: SourceSettings, source: str) -> tuple[Any, str]:
         },
     )
     bundle = own.ca_bundle or aws_ca_bundle()
+    if not own.verify:
+        # The cache's Secret turned verification off (S3_VERIFY_SSL=0, as KServe allows): said once
+        # in its settings, not once per request by urllib3.
+        import warnings
+
+        from urllib3.exceptions import InsecureRequestWarning
+
+        warnings.simplefilter("ignore", InsecureRequestWarning)
     try:
         # A session of its own: boto3's default one is made once per process and would keep the AWS
         # environment and profile of that moment.
