@@ -388,6 +388,9 @@ async def test_two_caches_of_one_private_repo_with_different_tokens(
         "Secret kserve-localmodel-jobs/late-token (listed by ServiceAccount late-sa) does not exist"
         in (models["late"]["message"])
     )
+    # What `kubectl get localmodelnode n1 -o yaml` shows: the reason and the Secret's name.
+    late_status = node["status"]["models"]["late"]
+    assert late_status["reason"] == "AccessDenied" and "late-token" in late_status["message"]
     assert (tmp_path / "cache" / "models" / storage_key(good) / "w.bin").read_bytes() == b"w" * 2000
     assert not (tmp_path / "cache" / "models" / storage_key(bad)).exists()
     warnings = [
