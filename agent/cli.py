@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from agent.credentials import JOB_NAMESPACE
 from agent.desired import parse_labels
 from agent.download.environment import aws_ca_bundle, proxies_from_env
 from agent.download.source_settings import SourceSettings
@@ -114,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="cluster mode: file:// sources (and absolute paths) may be read under this folder "
         "(repeatable or comma-separated; default: none; standalone mode allows any)",
+    )
+    p.add_argument(
+        "--credentials-namespace",
+        default=JOB_NAMESPACE,
+        metavar="NS",
+        help="where a cache's serviceAccountName and storage.key (the storage-config Secret) are read: "
+        f"KServe's jobNamespace (default {JOB_NAMESPACE}); standalone: the namespace of the Secret and "
+        "ServiceAccount documents",
     )
     p.add_argument(
         "--allow-private-sources",
@@ -223,6 +232,7 @@ def main(argv: Sequence[str]) -> int:
         if args.eviction_grace is not None
         else (0.0 if args.standalone is not None else 300.0),
         ready_window=args.ready_window,
+        credentials_namespace=args.credentials_namespace,
         transfer=transfer_settings(
             args,
             proxies=proxies_from_env(),
@@ -263,6 +273,7 @@ async def _run(
             labels=labels,
             state=memory,
             exclude=(settings.cache_dir,),
+            credentials_namespace=settings.credentials_namespace,
         )
         if not await source.load(report=not args.once) and args.once:
             # Nothing to settle on: --once would wait forever. (As a daemon the status says why,

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import records
+from agent.credential_reader import CredentialReader, own_client, settings_for
+from agent.credentials import JOB_NAMESPACE
 from agent.desired import Desired, desired, retry_delay
 from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.adoption import AdoptResult, adopt, adopted_words, needs_adoption
@@ -96,6 +98,8 @@ class AgentSettings:
     ready_window: float = 60.0
     transfer: TransferSettings = field(default_factory=TransferSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)
+    # Where a cache's serviceAccountName and storage.key are looked up (KServe's jobNamespace).
+    credentials_namespace: str = JOB_NAMESPACE
 
 
 class _Progress:
@@ -164,6 +168,7 @@ class Agent:
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
         self.client: HttpClient | None = None
+        self.credentials = CredentialReader(state, settings.credentials_namespace)
         self.stopping = False
 
     # -- readiness -------------------------------------------------------------------------------
@@ -615,16 +620,24 @@ class Agent:
                 # the pull would find the manifest up to date with the source and fetch nothing.
                 await asyncio.to_thread(self.cache.delete, rec.key)
                 self.untrusted.discard(rec.key)
-            result = await pull(
-                uri,
-                dest,
-                sources=self.settings.sources,
-                transfer=self.settings.transfer,
-                progress=_Progress(rec, self.metrics),
-                client=self.client,
-                admit=lambda listing: self._admit(name, rec, listing),
-                max_bytes=declared,
-            )
+            # Read at each attempt: a Secret created or rotated meanwhile is used by the next one.
+            info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
+            found = await self.credentials.credentials(info) if info is not None else None
+            client = own_client(found, self.settings.transfer)
+            try:
+                result = await pull(
+                    uri,
+                    dest,
+                    sources=settings_for(self.settings.sources, found),
+                    transfer=self.settings.transfer,
+                    progress=_Progress(rec, self.metrics),
+                    client=client or self.client,
+                    admit=lambda listing: self._admit(name, rec, listing),
+                    max_bytes=declared,
+                )
+            finally:
+                if client is not None:
+                    client.close()
         except _RefusedBySize as e:
             rec.progress = records.failed(rec.progress, e.refused.reason, e.refused.message)
             return

@@ -1,5 +1,7 @@
 """Standalone mode's source of truth: LocalModelCache and LocalModelNodeGroup documents in a file or
 folder, loaded into the embedded cluster state, with this node's LocalModelNode computed from them.
+Secret and ServiceAccount documents (of ``--credentials-namespace``, or of no namespace) give a
+cache's own credentials exactly as in a cluster (:mod:`agent.credentials`); they stay in memory.
 
 The reconcile loop then watches the embedded state exactly as it watches an API server. The path is
 polled (cheap: a stat per file) so an edit is picked up within ``interval`` seconds; a file that fails
@@ -13,14 +15,18 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.credentials import JOB_NAMESPACE
 from agent.desired import node_object, standalone_placement
 from localmodel.documents import document_files, load_documents
 from localmodel.errors import InvalidInput, NotFound
 from localmodel.kinds import (
+    JSON,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
+    SECRET,
+    SERVICE_ACCOUNT,
 )
 from localmodel.placement import Refusal
 from localmodel.resources import LocalModelNodeGroup, parse_cache
@@ -28,7 +34,7 @@ from localmodel.state.memory import MemoryState
 
 log = logging.getLogger("modelcache.agent")
 
-KINDS = ("LocalModelCache", "LocalModelNamespaceCache", "LocalModelNodeGroup")
+KINDS = ("LocalModelCache", "LocalModelNamespaceCache", "LocalModelNodeGroup", "Secret", "ServiceAccount")
 
 
 def _fingerprint(path: Path, exclude: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
@@ -58,8 +64,12 @@ class StandaloneSource:
         state: MemoryState,
         interval: float = 1.0,
         exclude: tuple[Path, ...] = (),
+        credentials_namespace: str = JOB_NAMESPACE,
     ) -> None:
         self.path = path
+        # Secret and ServiceAccount documents of this namespace (or of none) are a cache's own
+        # credentials; those of any other namespace are not read.
+        self.credentials_namespace = credentials_namespace
         self.exclude = exclude  # the cache folder, when it sits inside the documents' folder
         self.node_name = node_name
         self.labels = dict(labels)
@@ -90,6 +100,9 @@ class StandaloneSource:
         except InvalidInput as e:
             self._fail(f"{e} (the last good documents stay in force)" if self.loaded else str(e), report)
             return False
+        for kind in (SECRET, SERVICE_ACCOUNT):
+            objs = [self._in_namespace(d.object) for d in docs if d.kind is kind]
+            await self.state.apply(kind, [o for o in objs if o is not None], prune=True)
         await self.state.apply(LOCAL_MODEL_NODE_GROUP, [g.to_json() for g in groups], prune=True)
         for kind in (LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE):
             await self.state.apply(kind, [c.to_json() for c in caches if c.kind is kind], prune=True)
@@ -115,6 +128,12 @@ class StandaloneSource:
             len(node["spec"]["localModels"]),
         )
         return True
+
+    def _in_namespace(self, obj: JSON) -> JSON | None:
+        namespace = obj["metadata"].get("namespace") or self.credentials_namespace
+        if namespace != self.credentials_namespace:
+            return None
+        return {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
 
     def _fail(self, message: str, report: bool = True) -> None:
         if message != self.error and report:

@@ -22,6 +22,8 @@ from localmodel.kinds import (
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
     NODE,
+    SECRET,
+    SERVICE_ACCOUNT,
     ResourceKind,
 )
 from localmodel.resources import (
@@ -45,6 +47,9 @@ _PARSERS: dict[str, tuple[ResourceKind, Callable[[Any], JSON]]] = {
     ),
     "LocalModelNode": (LOCAL_MODEL_NODE, lambda d: LocalModelNode.from_json(d).to_json()),
     "Node": (NODE, lambda d: _node(d)),
+    # Standalone agent: a cache's own credentials (agent.credentials), as kubectl would apply them.
+    "Secret": (SECRET, lambda d: _credentials_object(d, ("data", "stringData"))),
+    "ServiceAccount": (SERVICE_ACCOUNT, lambda d: _credentials_object(d, ())),
 }
 SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -177,3 +182,21 @@ def _node(raw: Any) -> JSON:
     out: JSON = dict(raw)
     out["metadata"] = dict(raw.get("metadata") or {}, name=node.name)
     return out
+
+
+def _credentials_object(raw: Any, maps: tuple[str, ...]) -> JSON:
+    """A Secret or ServiceAccount as the API server would store it: a name, and each of ``maps``
+    a mapping of string keys to string values. Errors name the field, never a value."""
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else None
+    if meta is None or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise SpecError("is required", field="metadata.name")
+    for name in maps:
+        value = raw.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise SpecError("expected a mapping of names to values", field=name)
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise SpecError("expected a string (quote it)", field=f"{name}.{k}")
+    return dict(raw)

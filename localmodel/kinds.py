@@ -48,6 +48,9 @@ EVENT = ResourceKind("", "v1", "Event", "events", True, has_status=False)
 PERSISTENT_VOLUME = ResourceKind("", "v1", "PersistentVolume", "persistentvolumes", False)
 PERSISTENT_VOLUME_CLAIM = ResourceKind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", True)
 LEASE = ResourceKind("coordination.k8s.io", "v1", "Lease", "leases", True, has_status=False)
+# Read only, by the agent, in one namespace (KServe's jobNamespace): a cache's own credentials.
+SECRET = ResourceKind("", "v1", "Secret", "secrets", True, has_status=False)
+SERVICE_ACCOUNT = ResourceKind("", "v1", "ServiceAccount", "serviceaccounts", True, has_status=False)
 # KServe's; read only, and only where KServe is installed (the controller fills caches' status from it).
 INFERENCE_SERVICE = ResourceKind(
     "serving.kserve.io", "v1beta1", "InferenceService", "inferenceservices", True
@@ -65,5 +68,7 @@ KINDS: tuple[ResourceKind, ...] = (
     PERSISTENT_VOLUME_CLAIM,
     LEASE,
     INFERENCE_SERVICE,
+    SECRET,
+    SERVICE_ACCOUNT,
 )
 KINDS_BY_NAME: dict[str, ResourceKind] = {k.kind: k for k in KINDS}

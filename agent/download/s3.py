@@ -29,25 +29,50 @@ from localmodel.uri import SourceURI
 
 def _client(settings: SourceSettings, source: str) -> tuple[Any, str]:
     """An S3 client of its own and its endpoint (checked), or AccessDenied for an AWS configuration
-    that is not usable, DownloadError for a CA bundle that is not a file."""
+    that is not usable, DownloadError for a CA bundle that is not a file. ``settings.s3`` (a
+    cache's own credentials) wins over the environment field by field."""
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError
 
+    own = settings.s3
+    config = Config(
+        signature_version=UNSIGNED if own.anonymous else "s3v4",
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        # botocore's own retries cover throttling between the many HeadObjects; list_source
+        # retries the whole listing on top, so each layer stays short.
+        retries={"mode": "standard", "max_attempts": 2},
+        s3={
+            k: v
+            for k, v in (
+                ("addressing_style", own.addressing_style),
+                ("use_accelerate_endpoint", own.accelerate),
+            )
+            if v
+        },
+    )
+    bundle = own.ca_bundle or aws_ca_bundle()
+    if not own.verify:
+        # The cache's Secret turned verification off (S3_VERIFY_SSL=0, as KServe allows): said once
+        # in its settings, not once per request by urllib3.
+        import warnings
+
+        from urllib3.exceptions import InsecureRequestWarning
+
+        warnings.simplefilter("ignore", InsecureRequestWarning)
     try:
         # A session of its own: boto3's default one is made once per process and would keep the AWS
         # environment and profile of that moment.
         client = boto3.session.Session().client(
             "s3",
-            endpoint_url=settings.s3_endpoint,
-            config=Config(
-                signature_version="s3v4",
-                connect_timeout=settings.connect_timeout,
-                read_timeout=settings.read_timeout,
-                # botocore's own retries cover throttling between the many HeadObjects; list_source
-                # retries the whole listing on top, so each layer stays short.
-                retries={"mode": "standard", "max_attempts": 2},
-            ),
+            endpoint_url=own.endpoint_url or settings.s3_endpoint,
+            region_name=own.region,
+            aws_access_key_id=own.access_key_id,
+            aws_secret_access_key=own.secret_access_key,
+            verify=(own.ca_bundle or None) if own.verify else False,
+            config=config,
         )
     except BotoCoreError as e:
         # A profile that does not exist, a config file that does not parse, a bad region: the AWS
@@ -55,12 +80,12 @@ def _client(settings: SourceSettings, source: str) -> tuple[Any, str]:
         raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
     endpoint = str(client.meta.endpoint_url)
     check_source_endpoint(endpoint, settings, source)
-    bundle = aws_ca_bundle()
-    if endpoint.startswith("https:") and bundle and not Path(bundle).is_file():
+    if own.verify and endpoint.startswith("https:") and bundle and not Path(bundle).is_file():
         # botocore says only "SSLError" for a bundle it cannot find.
         raise DownloadError(
-            f"{source}: the CA bundle {printable(bundle)} (AWS_CA_BUNDLE or the AWS profile's "
-            "ca_bundle) does not exist or is not a file; point it at a PEM file or unset it"
+            f"{source}: the CA bundle {printable(bundle)} (the cache's AWS_CA_BUNDLE / ca_bundle, "
+            "AWS_CA_BUNDLE or the AWS profile's ca_bundle) does not exist or is not a file in the "
+            "agent's container; point it at a PEM file or unset it"
         )
     return client, endpoint
 

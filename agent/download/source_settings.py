@@ -13,6 +13,7 @@ from pathlib import Path
 from agent.download.addresses import PrivateAddress, check_endpoint
 from agent.download.azure import AzureSettings
 from agent.download.gcs import GcsSettings
+from agent.download.s3_settings import S3Settings
 from localmodel.errors import InvalidInput, SourceNotAllowed, TransientError
 from localmodel.text import printable
 
@@ -31,7 +32,7 @@ class SourceSettings:
     """
 
     hf_endpoint: str = HF_DEFAULT_ENDPOINT
-    hf_token: str | None = None
+    hf_token: str | None = dataclasses.field(default=None, repr=False)
     s3_endpoint: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
@@ -41,6 +42,9 @@ class SourceSettings:
     file_prefixes: tuple[str, ...] | None = None
     gcs: GcsSettings = dataclasses.field(default_factory=GcsSettings)
     azure: AzureSettings = dataclasses.field(default_factory=AzureSettings)
+    # A cache's own S3 credentials and settings (agent.credentials); fields left None fall back on
+    # the agent's environment and AWS profile, as boto3 finds them.
+    s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     # Off: the hub's and S3's endpoints must not resolve to a loopback, link-local or unspecified
     # address (addresses.check_endpoint; the agent in a cluster without --allow-private-sources).
     allow_private: bool = True
