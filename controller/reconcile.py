@@ -106,6 +106,9 @@ class Settings:
     clock: Callable[[], str] = utc_now
     # Standalone (--standalone): scratch folders (/tmp) may hold a group's cache, as in the agent's.
     standalone: bool = False
+    # --admission warn: a cache over its group's storageLimit is placed anyway, with a Warning Event
+    # and a StorageOvercommitted condition (localmodel.placement's overcommit rule).
+    overcommit: bool = False
 
 
 class Controller(ViewKeeper):

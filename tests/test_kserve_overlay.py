@@ -146,8 +146,6 @@ def test_controller_args_parse(path: str) -> None:
     """The controller takes every argument the overlay gives it."""
     parser = controller_cli._parser()
     args = _controller_args(render(path))
-    if WARN in args and not any("--admission" in a.option_strings for a in parser._actions):
-        pytest.skip("controller/cli.py has no --admission yet (issue 16: being added)")
     parsed = parser.parse_args(args)
     if WARN in args:
         assert parsed.admission == "warn"
