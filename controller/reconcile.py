@@ -93,7 +93,11 @@ SELECTORS: dict[ResourceKind, Selector] = {
 _KINDS = {LOCAL_MODEL_CACHE.kind: LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP.kind: LOCAL_MODEL_NODE_GROUP}
 # The part of each object the controller writes (localmodel.sticking: what an API server prunes
 # from it under another CRD, KServe's, is remembered as meant rather than written again).
-_SECTIONS = {LOCAL_MODEL_NODE.kind: "spec", LOCAL_MODEL_CACHE.kind: "status", LOCAL_MODEL_NODE_GROUP.kind: "status"}
+_SECTIONS = {
+    LOCAL_MODEL_NODE.kind: "spec",
+    LOCAL_MODEL_CACHE.kind: "status",
+    LOCAL_MODEL_NODE_GROUP.kind: "status",
+}
 
 
 @dataclass

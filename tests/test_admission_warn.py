@@ -50,7 +50,11 @@ async def test_enforce_refuses_an_storedlimit_cache(state: ClusterState) -> None
     assert await models_on(state, "h1") == ["fits"]
     stored = await state.get(LOCAL_MODEL_CACHE, "over")
     refused = _conditions(stored, "Admitted")["h100"]
-    assert (refused["status"], refused["reason"], refused["message"]) == ("False", "InsufficientStorage", NEED)
+    assert (refused["status"], refused["reason"], refused["message"]) == (
+        "False",
+        "InsufficientStorage",
+        NEED,
+    )
     assert not _conditions(stored, STORAGE_OVERCOMMITTED)
     assert not [e for e in await _events(state, "over") if e["reason"] == OVERCOMMITTED]
 

@@ -14,8 +14,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-
 from localmodel.kinds import NODE
 from tests.support.agents import eventually
 from tests.support.kubeapi import KubeAPI, load_crds
@@ -26,7 +24,6 @@ KSERVE_CRDS = Path(__file__).parent / "data" / "kserve-crds"
 RESYNC = 2.0  # the controller's full reconcile period here (seconds)
 SETTLE = 6.0  # after the node first lists the cache, before counting
 WINDOW = 20.0  # seconds counted: about ten resyncs
-
 
 
 async def test_no_write_repeats_once_converged_under_kserves_crds(tmp_path: Path) -> None:
