@@ -64,6 +64,7 @@ from localmodel.resources import (
     ModelState,
 )
 from localmodel.state.base import ClusterState, Selector, merge_patch_to, update_status, watch
+from localmodel.sticking import Sticking, section_of
 from localmodel.timestamps import utc_now
 from localmodel.uri import parse_uri, redact
 
@@ -206,6 +207,9 @@ class Agent:
         self.slots = asyncio.Semaphore(max(1, settings.max_downloads))
         self.client: HttpClient | None = None
         self.last_status: JSON | None = None
+        # What the API server does not keep of the status (KServe's CRD names only modelStatus):
+        # a change in those fields alone is not written (localmodel.sticking).
+        self.sticking = Sticking()
         self.status_write: asyncio.Future[None] | None = None  # the last write, until it has landed
         self.stopping = False
 
@@ -870,9 +874,26 @@ class Agent:
                 log.warning("%s", error)
             self.state_file_error = error
         if self.node is not None:
-            await update_status(
-                self.state, LOCAL_MODEL_NODE, self.settings.node_name, lambda cur: _status_patch(cur, status)
-            )
+            name = self.settings.node_name
+            sent: list[JSON] = []
+
+            def compute(current: JSON) -> JSON | None:
+                patch = _status_patch(current, status)
+                self.sticking.take(LOCAL_MODEL_NODE.kind, name, section_of(current, "status"))
+                if patch is None or self.sticking.futile(LOCAL_MODEL_NODE.kind, name, patch):
+                    return None
+                sent.append(patch)
+                return patch
+
+            stored = await update_status(self.state, LOCAL_MODEL_NODE, name, compute)
+            if stored is not None and sent:
+                new = self.sticking.learn(LOCAL_MODEL_NODE.kind, name, sent[-1], section_of(stored, "status"))
+                if new:
+                    log.info(
+                        "the API server does not keep %s of the LocalModelNode status (its CRD does "
+                        "not name them: KServe's?); a change in them alone is not written",
+                        ", ".join(".".join(p) for p in sorted(new)),
+                    )
 
 
 def _group_limit(groups: Mapping[str, LocalModelNodeGroup], names: set[str]) -> int | None:

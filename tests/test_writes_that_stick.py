@@ -6,8 +6,10 @@ which prune our fields, and our own (manifests/crds/), which must keep every one
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,11 @@ from controller.reconcile import Controller
 from localmodel.errors import NotFound
 from localmodel.events import EventLog, event_body, record_event
 from localmodel.kinds import EVENT, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, NODE
+from localmodel.quantity import Quantity
 from localmodel.state.kube import KubeState
 from localmodel.sticking import ANY, Sticking, dropped, merged, strip
+from tests.support.agents import eventually, group_doc, node_doc, running_agent
+from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI, load_crds
 from tests.test_controller_reconcile import cache, group, node
 
@@ -263,3 +268,52 @@ async def test_a_repeated_event_is_one_object_with_its_count(ours: tuple[KubeAPI
     assert again["count"] == 1 and again["metadata"]["name"] != event["metadata"]["name"]
     with pytest.raises(NotFound):
         await kube.get(EVENT, event["metadata"]["name"], namespace="default")
+
+
+async def test_the_agent_writes_no_status_change_that_cannot_stick(tmp_path: Path, hf_hub: Hub) -> None:
+    """Under KServe's LocalModelNode CRD (status: modelStatus only) the agent's converged status is
+    not written again; a change in what the schema drops (the group's storageLimit grew: the
+    capacity it reports) is not written at all; a change in modelStatus is, once."""
+    api = KubeAPI(crds=load_crds(KSERVE_CRDS))
+    await api.start()
+    cache_dir = tmp_path / "cache"
+    hf_hub.add_repo("org/a", {"w.bin": os.urandom(20 << 10)})
+    await api.create(group_doc("g", limit="40Ki", path=cache_dir))
+    await api.create(node_doc("n1", [("a", "hf://org/a", "32Ki")]))
+    state = KubeState.for_url(api.url, watch_timeout=30)
+    status = ("patch", "localmodelnodes/status", "n1")
+    settled = {"a": "ModelDownloaded"}
+
+    async def model_status() -> dict[str, str]:
+        lmn = await api.store.get(LOCAL_MODEL_NODE, "n1")
+        return dict((lmn.get("status") or {}).get("modelStatus") or {})
+
+    try:
+        async with running_agent(state, cache_dir, store=api.store) as run:
+            await eventually(lambda: _is(model_status(), settled), what="a downloaded")
+            await asyncio.sleep(1.0)  # 20 status intervals
+            converged = api.write_counts()[status]
+            await asyncio.sleep(1.0)
+            assert api.write_counts()[status] == converged
+            assert run.agent.sticking.paths("LocalModelNode") >= {("capacity",), ("conditions",)}
+
+            await api.store.patch(LOCAL_MODEL_NODE_GROUP, "g", {"spec": {"storageLimit": "50Ki"}})
+            await eventually(
+                lambda: (run.agent.node_status().capacity.limit or Quantity.from_bytes(0)).bytes == 50 << 10,
+                what="the new limit",
+            )
+            await asyncio.sleep(1.0)
+            assert api.write_counts()[status] == converged
+            assert await model_status() == settled
+
+            await api.store.patch(LOCAL_MODEL_NODE, "n1", {"spec": {"localModels": []}})
+            await eventually(lambda: _is(model_status(), {}), what="a out of the spec")
+            await asyncio.sleep(1.0)
+            assert api.write_counts()[status] == converged + 1
+    finally:
+        await state.close()
+        await api.close()
+
+
+async def _is(value: Awaitable[Any], expected: Any) -> bool:
+    return await value == expected
