@@ -123,11 +123,13 @@ class Sticking:
     def learn(self, kind: str, key: Hashable, patch: Mapping[str, Any], stored: Any) -> frozenset[Path]:
         """After a write of merge ``patch`` into the section, answered with the ``stored`` section:
         the paths newly found not to stick (empty when everything stuck)."""
-        intended = merged(stored, patch)
-        new = dropped(intended, stored) - self.paths(kind)
+        # What the patch sent is all that can have been dropped: no merged copy while nothing is
+        # (a status of thousands of node entries is written in full passes).
+        new = dropped(patch, stored) - self.paths(kind)
         if new:
             self._paths[kind] = self.paths(kind) | new
         if self.paths(kind):
+            intended = merged(stored, patch)
             self._stored[(kind, key)] = stored
             if intended != stored:
                 self._intended[(kind, key)] = intended
