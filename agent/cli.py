@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="/readyz fails once the API server has not answered for this many seconds (60)",
     )
+    p.add_argument(
+        "--admission",
+        choices=("enforce", "warn"),
+        default="enforce",
+        help="enforce (default): refuse a model over its node group's storageLimit; warn: fetch it while "
+        "the filesystem has room, with a warning (as the controller's --admission warn places it)",
+    )
     p.add_argument("--verify-on-start", action="store_true", help="re-hash every published file at start")
     p.add_argument("--once", action="store_true", help="exit once every model is downloaded or failed")
     p.add_argument(
@@ -254,6 +261,7 @@ def main(argv: Sequence[str]) -> int:
         if args.eviction_grace is not None
         else (0.0 if args.standalone is not None else 300.0),
         ready_window=args.ready_window,
+        overcommit=args.admission == "warn",
         transfer=TransferSettings(
             concurrency=args.concurrency,
             max_bandwidth=args.max_bandwidth,

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from agent import cli as agent_cli
+from agent.planner import Disk, Want, plan
 from controller import cli
 from controller.admission import validate_cache
 from controller.reconcile import Controller, Settings
@@ -144,3 +146,30 @@ def test_cli_flag_standalone(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     settings = cli.ControllerSettings.from_args(parsed, {})
     assert (settings.admission, settings.reconcile().overcommit) == ("warn", True)
     assert cli.ControllerSettings.from_args(cli._parser().parse_args([]), {}).reconcile().overcommit is False
+
+
+def test_the_agent_fetches_over_the_limit_in_warn_mode_while_the_disk_has_room() -> None:
+    """The controller places a cache over its group's storageLimit in warn mode; the node's agent
+    run with --admission warn fetches it (with a warning) instead of refusing it against the same
+    limit. Room on the filesystem is physical: refused in both modes."""
+    wants = (Want("fits", "k1", 60 << 30), Want("over", "k2", 140 << 30))
+    disk = Disk(published={}, free=1 << 40)
+    enforce = plan(wants, disk, limit=100 << 30)
+    assert enforce.download == ("fits",)
+    assert [(r.name, r.reason, r.message) for r in enforce.refuse] == [
+        ("over", "InsufficientStorage", "needs 140Gi, 40Gi of the node group's 100Gi limit is available")
+    ]
+    warn = plan(wants, disk, limit=100 << 30, overcommit=True)
+    assert (warn.download, warn.refuse, warn.used, warn.available) == (("fits", "over"), (), 200 << 30, 0)
+    assert warn.warnings == {
+        "over": "over the node group's limit (--admission warn): needs 140Gi, 40Gi of the node group's "
+        "100Gi limit is available; downloaded, as the filesystem has room"
+    }
+    small_disk = Disk(published={}, free=100 << 30)
+    full = plan(wants, small_disk, limit=100 << 30, overcommit=True)
+    assert full.download == ("fits",)
+    assert [(r.name, r.message) for r in full.refuse] == [
+        ("over", "needs 140Gi, 40Gi free on the cache's filesystem is available")
+    ]
+    parsed = agent_cli.build_parser().parse_args(["--cache-dir", "/c", "--admission", "warn"])
+    assert parsed.admission == "warn"
