@@ -306,6 +306,7 @@ async def _run(
             labels=labels,
             state=memory,
             exclude=(settings.cache_dir,),
+            overcommit=settings.overcommit,
         )
         if not await source.load(report=not args.once) and args.once:
             # Nothing to settle on: --once would wait forever. (As a daemon the status says why,

@@ -53,8 +53,10 @@ class StandaloneSource:
         state: MemoryState,
         interval: float = 1.0,
         exclude: tuple[Path, ...] = (),
+        overcommit: bool = False,
     ) -> None:
         self.path = path
+        self.overcommit = overcommit  # --admission warn: placement admits over the limit
         self.exclude = exclude  # the cache folder, when it sits inside the documents' folder
         self.node_name = node_name
         self.labels = dict(labels)
@@ -84,7 +86,11 @@ class StandaloneSource:
         await self.state.apply(LOCAL_MODEL_NODE_GROUP, [g.to_json() for g in groups], prune=True)
         await self.state.apply(LOCAL_MODEL_CACHE, [c.to_json() for c in caches], prune=True)
         placement = standalone_placement(
-            node_name=self.node_name, labels=self.labels, caches=caches, groups=groups
+            node_name=self.node_name,
+            labels=self.labels,
+            caches=caches,
+            groups=groups,
+            overcommit=self.overcommit,
         )
         node = node_object(placement)
         self.refused = placement.refused

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from agent import cli as agent_cli
+from agent.desired import standalone_placement
 from agent.planner import Disk, Want, plan
 from controller import cli
 from controller.admission import validate_cache
@@ -173,3 +174,17 @@ def test_the_agent_fetches_over_the_limit_in_warn_mode_while_the_disk_has_room()
     ]
     parsed = agent_cli.build_parser().parse_args(["--cache-dir", "/c", "--admission", "warn"])
     assert parsed.admission == "warn"
+
+
+def test_the_standalone_agent_places_as_the_controller_does() -> None:
+    """``modelcache agent --standalone --admission warn`` runs the same placement rule."""
+    groups = [LocalModelNodeGroup.from_json(group("h100", "100Gi"))]
+    caches = [
+        LocalModelCache.from_json(cache(n, s, ["h100"])) for n, s in (("fits", "60Gi"), ("over", "140Gi"))
+    ]
+    args = {"node_name": "h1", "labels": {"gpu": "h100"}, "caches": caches, "groups": groups}
+    enforce = standalone_placement(**args)
+    assert [m.model_name for m in enforce.models] == ["fits"]
+    assert [(r.cache, r.reason) for r in enforce.refused] == [("over", "InsufficientStorage")]
+    warn = standalone_placement(**args, overcommit=True)
+    assert ([m.model_name for m in warn.models], warn.refused) == (["fits", "over"], ())
