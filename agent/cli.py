@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="/readyz fails once the API server has not answered for this many seconds (60)",
     )
+    p.add_argument(
+        "--admission",
+        choices=("enforce", "warn"),
+        default="enforce",
+        help="enforce (default): refuse a model over its node group's storageLimit; warn: fetch it while "
+        "the filesystem has room, with a warning (as the controller's --admission warn places it)",
+    )
     p.add_argument("--verify-on-start", action="store_true", help="re-hash every published file at start")
     p.add_argument("--once", action="store_true", help="exit once every model is downloaded or failed")
     p.add_argument(
@@ -233,6 +240,7 @@ def main(argv: Sequence[str]) -> int:
         else (0.0 if args.standalone is not None else 300.0),
         ready_window=args.ready_window,
         credentials_namespace=args.credentials_namespace,
+        overcommit=args.admission == "warn",
         transfer=transfer_settings(
             args,
             proxies=proxies_from_env(),
@@ -274,6 +282,7 @@ async def _run(
             state=memory,
             exclude=(settings.cache_dir,),
             credentials_namespace=settings.credentials_namespace,
+            overcommit=settings.overcommit,
         )
         if not await source.load(report=not args.once) and args.once:
             # Nothing to settle on: --once would wait forever. (As a daemon the status says why,

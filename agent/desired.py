@@ -14,7 +14,7 @@ from pathlib import Path
 
 from localmodel.errors import SpecError
 from localmodel.kinds import JSON, LOCAL_MODEL_NODE
-from localmodel.placement import NodePlacement, place_node
+from localmodel.placement import NodePlacement, admit, place_node
 from localmodel.resources import LocalModelCache, LocalModelInfo, LocalModelNode, LocalModelNodeGroup, Node
 
 
@@ -91,9 +91,14 @@ def standalone_placement(
     labels: Mapping[str, str],
     caches: Iterable[LocalModelCache],
     groups: Iterable[LocalModelNodeGroup],
+    overcommit: bool = False,
 ) -> NodePlacement:
-    """What this node holds and what it was refused (see :mod:`localmodel.placement`)."""
-    return place_node(Node(node_name, dict(labels)), caches, groups)
+    """What this node holds and what it was refused (see :mod:`localmodel.placement`;
+    ``overcommit``: its rule for ``--admission warn``)."""
+    groups = list(groups)
+    caches = list(caches)
+    admission = admit(caches, groups, overcommit=overcommit)
+    return place_node(Node(node_name, dict(labels)), caches, groups, admission)
 
 
 def node_object(placement: NodePlacement) -> JSON:

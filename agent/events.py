@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 
 from localmodel.errors import ModelcacheError
-from localmodel.events import event_body
-from localmodel.kinds import EVENT, LOCAL_MODEL_NODE
+from localmodel.events import EventLog, event_body, record_event
+from localmodel.kinds import LOCAL_MODEL_NODE
 from localmodel.state.base import ClusterState
 from localmodel.timestamps import utc_now
 
@@ -23,6 +23,7 @@ class EventRecorder:
         self.state = state
         self.node_name = node_name
         self.uid: str | None = None  # the LocalModelNode's uid, once known
+        self.log = EventLog()  # a repeat moves the count of its Event, as client-go's recorder does
 
     async def emit(self, reason: str, message: str, *, warning: bool = False) -> None:
         log.log(logging.WARNING if warning else logging.INFO, "%s: %s", reason, message)
@@ -38,6 +39,6 @@ class EventRecorder:
             host=self.node_name,
         )
         try:
-            await self.state.create(EVENT, event)
+            await record_event(self.state, self.log, event)
         except ModelcacheError as e:
             log.warning("could not record event %s: %s", reason, e)

@@ -96,6 +96,9 @@ class AgentSettings:
     eviction_grace: float = 0.0
     # /readyz: not ready once the API server has not answered for this many seconds.
     ready_window: float = 60.0
+    # --admission warn: a model over its node group's storageLimit is fetched while the filesystem
+    # has room (agent.planner's overcommit rule), as the controller placed it in warn mode.
+    overcommit: bool = False
     transfer: TransferSettings = field(default_factory=TransferSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)
     # Where a cache's serviceAccountName and storage.key are looked up (KServe's jobNamespace).
@@ -505,6 +508,7 @@ class Agent:
             limit=self.desired.limit,
             in_flight=frozenset(self.tasks),
             held=self._held({w.key for w in wants}, set(disk.published) | set(disk.staged)),
+            overcommit=self.settings.overcommit,
         )
 
     def _held(self, wanted: set[str], on_disk: set[str]) -> frozenset[str]:

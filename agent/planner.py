@@ -10,6 +10,8 @@ Capacity rules:
   still desired is never evicted to make room.
 - A model whose real size exceeds its declared size is refused, unless it still fits, in which case
   it proceeds with a warning (the declared size is what the controller admitted).
+- Overcommit (``--admission warn``): the group's limit refuses nothing; a model over it proceeds
+  with a warning while the filesystem has room.
 - A model no longer wanted is deleted, published or staged, unless it is ``held``: in its grace
   period after leaving the spec (another writer may put it straight back; deleting and fetching it
   again each time is what KServe's own controller left running caused). A held model keeps its
@@ -75,9 +77,13 @@ def plan(
     limit: int | None,
     in_flight: frozenset[str] = frozenset(),
     held: frozenset[str] = frozenset(),
+    overcommit: bool = False,
 ) -> Plan:
     """``in_flight``: storage keys being downloaded right now (they keep their reservation first);
-    ``held``: storage keys not wanted any more but still in their grace period (not deleted)."""
+    ``held``: storage keys not wanted any more but still in their grace period (not deleted).
+    ``overcommit`` (``--admission warn``): a model over the node group's ``limit`` but with room on
+    the filesystem is downloaded, with a warning naming the need and the room (the controller
+    placed it over the limit on purpose); no room on the filesystem still refuses it."""
     wanted_keys = {w.key for w in wants}
     unwanted = (set(disk.published) | set(disk.staged)) - wanted_keys - in_flight
     delete = tuple(sorted(unwanted - held))
@@ -96,8 +102,19 @@ def plan(
         need = w.need
         to_write = max(0, need - disk.staged.get(w.key, 0))
         over_limit = limit is not None and used + need > limit
-        if over_limit or to_write > free:
-            if over_limit and limit is not None:
+        if over_limit and overcommit and to_write <= free and limit is not None:
+            warnings[w.name] = (
+                f"over the node group's limit (--admission warn): needs {human(need)}, "
+                f"{human(max(0, limit - used))} of the node group's {human(limit)} limit is available; "
+                "downloaded, as the filesystem has room"
+            )
+            download.append(w.name)
+            used += need
+            free -= to_write
+            continue
+        limited = over_limit and not overcommit  # the limit refuses it (else only the disk can)
+        if limited or to_write > free:
+            if limited and limit is not None:
                 room = f"{human(max(0, limit - used))} of the node group's {human(limit)} limit"
             else:
                 # Free space is rarely a round number: exact Ki would be unreadable.
@@ -113,7 +130,7 @@ def plan(
                         f"{human(w.declared or 0)}, and only {room} is available"
                     )
                     if bigger
-                    else f"needs {human(to_write if not over_limit else need)}, {room} is available",
+                    else f"needs {human(to_write if not limited else need)}, {room} is available",
                 )
             )
             continue

@@ -65,11 +65,13 @@ class StandaloneSource:
         interval: float = 1.0,
         exclude: tuple[Path, ...] = (),
         credentials_namespace: str = JOB_NAMESPACE,
+        overcommit: bool = False,
     ) -> None:
         self.path = path
         # Secret and ServiceAccount documents of this namespace (or of none) are a cache's own
         # credentials; those of any other namespace are not read.
         self.credentials_namespace = credentials_namespace
+        self.overcommit = overcommit  # --admission warn: placement admits over the limit
         self.exclude = exclude  # the cache folder, when it sits inside the documents' folder
         self.node_name = node_name
         self.labels = dict(labels)
@@ -107,7 +109,11 @@ class StandaloneSource:
         for kind in (LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE):
             await self.state.apply(kind, [c.to_json() for c in caches if c.kind is kind], prune=True)
         placement = standalone_placement(
-            node_name=self.node_name, labels=self.labels, caches=caches, groups=groups
+            node_name=self.node_name,
+            labels=self.labels,
+            caches=caches,
+            groups=groups,
+            overcommit=self.overcommit,
         )
         node = node_object(placement)
         self.refused = placement.refused

@@ -6,6 +6,8 @@ its file write running in a thread, which would otherwise land after the next wr
 older status back. A status equal to the last one written is not written again. The state file
 failing (a full disk, a link planted in its place) does not keep the status from the cluster: it is
 logged once and shown in the ``CacheFolderClean`` condition (:attr:`StatusWriter.file_error`).
+What the API server does not keep of the status (KServe's CRD names only ``modelStatus``) is learnt
+from each write's answer: a change in those fields alone is not written (:mod:`localmodel.sticking`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from agent.status import status_patch
 from localmodel.kinds import JSON, LOCAL_MODEL_NODE
 from localmodel.layout import CacheLayout
 from localmodel.state.base import ClusterState, update_status
+from localmodel.sticking import Sticking, section_of
 
 log = logging.getLogger("modelcache.agent")
 
@@ -36,6 +39,7 @@ class StatusWriter:
         self.file_error: str | None = None  # why the state file was not written, until it is
         self.last_status: JSON | None = None
         self.pending: asyncio.Future[None] | None = None  # the last write, until it has landed
+        self.sticking = Sticking()
 
     async def write(self, snapshot: Callable[[], JSON], *, node_known: Callable[[], bool]) -> None:
         """Write ``snapshot()`` (taken once the previous write has landed; its ``status`` is the
@@ -69,9 +73,29 @@ class StatusWriter:
                 log.warning("%s", error)
             self.file_error = error
         if node_known():
-            await update_status(
-                self.state, LOCAL_MODEL_NODE, self.node_name, lambda cur: status_patch(cur, status)
-            )
+            await self._write_node(status)
+
+    async def _write_node(self, status: JSON) -> None:
+        name = self.node_name
+        sent: list[JSON] = []
+
+        def compute(current: JSON) -> JSON | None:
+            patch = status_patch(current, status)
+            self.sticking.take(LOCAL_MODEL_NODE.kind, name, section_of(current, "status"))
+            if patch is None or self.sticking.futile(LOCAL_MODEL_NODE.kind, name, patch):
+                return None
+            sent.append(patch)
+            return patch
+
+        stored = await update_status(self.state, LOCAL_MODEL_NODE, name, compute)
+        if stored is not None and sent:
+            new = self.sticking.learn(LOCAL_MODEL_NODE.kind, name, sent[-1], section_of(stored, "status"))
+            if new:
+                log.info(
+                    "the API server does not keep %s of the LocalModelNode status (its CRD does "
+                    "not name them: KServe's?); a change in them alone is not written",
+                    ", ".join(".".join(p) for p in sorted(new)),
+                )
 
 
 def one_line(e: BaseException) -> str:

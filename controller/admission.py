@@ -26,7 +26,8 @@ node or the cluster (:func:`localmodel.hosts.internal_host_error`), a ``modelcac
 namespaces`` entry that is not a namespace it may serve in (also on an update of that annotation
 alone), a serving claim name ``<cache>-<group>`` another cache already has, a node group that does
 not exist or is invalid, a cache that no listed group can admit (the same admission the controller
-runs, with the caches of both kinds already there), a second cache of the same URI in the same scope
+runs, with the caches of both kinds already there, so with ``--admission warn`` a lack of room
+alone refuses nothing: a warning says it), a second cache of the same URI in the same scope
 (cluster caches among themselves; a LocalModelNamespaceCache among those of its namespace: beside a
 cluster cache of the same model it is KServe's way to give one namespace its own, preferred copy). A
 group that admits it while another does not is a warning. Updates that leave the spec alone
@@ -348,10 +349,13 @@ def validate_cache(
     caches: Iterable[LocalModelCache],
     groups: Iterable[LocalModelNodeGroup],
     invalid_groups: Mapping[str, str] | None = None,
+    overcommit: bool = False,
 ) -> Verdict:
     """The verdict on a LocalModelCache or LocalModelNamespaceCache, by the object's ``kind`` (the
     module's rules); ``caches``: those of both kinds there are; ``invalid_groups``: stored groups
-    whose spec is refused, name -> why (a cache listing one is told so)."""
+    whose spec is refused, name -> why (a cache listing one is told so). ``overcommit``
+    (``--admission warn``): a group without room admits it anyway, with a warning naming the need
+    and the free space (:func:`localmodel.placement.admit`)."""
     if operation not in ("CREATE", "UPDATE") or obj is None:
         return Verdict(True)
     if (shape := shape_error(obj)) is not None:
@@ -411,14 +415,19 @@ def validate_cache(
                 f"already that of {cache.kind.kind} {owner!r} from node group {owner_group}; "
                 "rename the cache or the group"
             )
-    admission = admit([*others, cache], by_name.values())
+    admission = admit([*others, cache], by_name.values(), overcommit=overcommit)
     refusals = [r for r in admission.refused if r.cache == cache.key]
     existing = [g for g in cache.spec.node_groups if g in by_name]
     if existing and not admission.groups_of(cache.key):
         return Verdict.refuse(
             "no listed node group can admit it: " + "; ".join(r.message for r in refusals), code=403
         )
-    return Verdict(True, warnings=tuple(r.message for r in refusals))
+    over = [
+        f"admitted over the storageLimit (--admission warn): {r.message}"
+        for r in admission.overcommitted
+        if r.cache == cache.name
+    ]
+    return Verdict(True, warnings=(*(r.message for r in refusals), *over))
 
 
 def _groups_before(operation: str, old: object) -> tuple[str, ...]:

@@ -79,6 +79,7 @@ PRINTED = (
     PERSISTENT_VOLUME_CLAIM,
 )
 OURS = Selector(labels={MANAGED_BY_LABEL: MANAGED_BY})
+ADMISSION_MODES = ("enforce", "warn")
 STANDALONE_KINDS = (
     "LocalModelCache",
     "LocalModelNamespaceCache",
@@ -99,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CONCURRENT_DOWNLOADS,
         metavar="N",
         help="nodes fetching one model from its origin at once (0: no limit)",
+    )
+    p.add_argument(
+        "--admission",
+        choices=ADMISSION_MODES,
+        default="enforce",
+        help="enforce (default): refuse a cache over its group's storageLimit; warn: place it anyway, "
+        "with a Warning Event and a StorageOvercommitted condition (for a migration from KServe)",
     )
     p.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, $KUBECONFIG, ~/.kube/config")
     p.add_argument("--context", metavar="NAME", help="kubeconfig context")
@@ -187,6 +195,7 @@ class ControllerSettings:
     once: bool = False
     output: str | None = None  # with once: "json" or "yaml" (a dry run)
     max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # 0: no limit
+    admission: str = "enforce"  # --admission: "enforce" or "warn" (capacity refusals proceed)
     kubeconfig: str | None = None
     context: str | None = None
     resync: float = 300.0  # seconds between full reconciles
@@ -206,6 +215,7 @@ class ControllerSettings:
             once=args.once,
             output=args.output,
             max_concurrent_downloads=args.max_concurrent_node_downloads,
+            admission=args.admission,
             kubeconfig=args.kubeconfig,
             context=args.context,
             resync=args.resync,
@@ -221,7 +231,9 @@ class ControllerSettings:
     def reconcile(self) -> Settings:
         """The reconcile loop's settings."""
         return Settings(
-            max_concurrent_downloads=self.max_concurrent_downloads, standalone=self.standalone is not None
+            max_concurrent_downloads=self.max_concurrent_downloads,
+            standalone=self.standalone is not None,
+            overcommit=self.admission == "warn",
         )
 
 
@@ -266,7 +278,9 @@ async def _serve(opts: ControllerSettings, metrics: ControllerMetrics, health: H
         kube = KubeState.from_environment(opts.kubeconfig, opts.context, component=FIELD_MANAGER)
         try:
             assert opts.webhook_cert_dir is not None  # main() checks they go together
-            server = WebhookServer(kube, opts.webhook_addr, opts.webhook_cert_dir)
+            server = WebhookServer(
+                kube, opts.webhook_addr, opts.webhook_cert_dir, overcommit=settings.overcommit
+            )
             await server.start()  # before leader election: every replica answers the API server
             try:
                 return await _controller(opts, settings, kube, metrics, health)
@@ -296,7 +310,9 @@ async def _controller(
         if not opts.webhook_addr:
             return await _go(controller, opts, memory)
         assert opts.webhook_cert_dir is not None  # main() checks they go together
-        server = WebhookServer(memory, opts.webhook_addr, opts.webhook_cert_dir)
+        server = WebhookServer(
+            memory, opts.webhook_addr, opts.webhook_cert_dir, overcommit=settings.overcommit
+        )
         await server.start()
         try:
             return await _go(controller, opts, memory)

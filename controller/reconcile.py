@@ -40,7 +40,7 @@ from controller.snapshot import (
 from controller.status import copies_by_group
 from controller.view import CONTESTED, View, ViewKeeper, contest_message, contest_status, repointed_owners
 from localmodel.errors import AlreadyExists, ClusterStateError, Conflict, NotFound
-from localmodel.events import event_body
+from localmodel.events import EventLog, event_body, record_event
 from localmodel.kinds import (
     EVENT,
     INFERENCE_SERVICE,
@@ -76,6 +76,7 @@ from localmodel.state.base import (
     update_status,
     watch,
 )
+from localmodel.sticking import Sticking, section_of
 from localmodel.timestamps import utc_now
 
 log = logging.getLogger("modelcache.controller")
@@ -103,6 +104,14 @@ SELECTORS: dict[ResourceKind, Selector] = {
     PERSISTENT_VOLUME_CLAIM: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
 }
 _KINDS = {k.kind: k for k in (LOCAL_MODEL_CACHE, LOCAL_MODEL_NAMESPACE_CACHE, LOCAL_MODEL_NODE_GROUP)}
+# The part of each object the controller writes (localmodel.sticking: what an API server prunes
+# from it under another CRD, KServe's, is remembered as meant rather than written again).
+_SECTIONS = {
+    LOCAL_MODEL_NODE.kind: "spec",
+    LOCAL_MODEL_CACHE.kind: "status",
+    LOCAL_MODEL_NAMESPACE_CACHE.kind: "status",
+    LOCAL_MODEL_NODE_GROUP.kind: "status",
+}
 
 
 @dataclass
@@ -119,6 +128,12 @@ class Settings:
     clock: Callable[[], str] = utc_now
     # Standalone (--standalone): scratch folders (/tmp) may hold a group's cache, as in the agent's.
     standalone: bool = False
+    # A kind whose /status answers 404 while its objects exist (KServe's LocalModelNodeGroup CRD has
+    # no status subresource): its status is not written, and tried again after this many seconds.
+    status_retry: float = 3600.0
+    # --admission warn: a cache over its group's storageLimit is placed anyway, with a Warning Event
+    # and a StorageOvercommitted condition (localmodel.placement's overcommit rule).
+    overcommit: bool = False
 
 
 class Controller(ViewKeeper):
@@ -145,7 +160,29 @@ class Controller(ViewKeeper):
         self._loaded: dict[ResourceKind, list[JSON]] = {}
         self._incomplete = False  # a write of the last reconcile gave up: retried on the timer
         self._reported: dict[tuple[str, str], float] = {}  # (node, writer) -> when last reported
+        self._sticking = Sticking()  # what the API server does not keep of our writes
+        self._no_status: dict[str, float] = {}  # kind -> when to try its /status again (monotonic)
+        self._events = EventLog()  # Events as client-go's recorder repeats them: one object, a count
         self.reconciles = 0
+
+    def observe(self, kind: ResourceKind, event: WatchEvent) -> None:
+        """As :meth:`controller.view.ViewKeeper.observe`, with the section the controller writes
+        taken as it was meant where the API server keeps all of it that can stick
+        (:class:`localmodel.sticking.Sticking`)."""
+        section = _SECTIONS.get(kind.kind)
+        meta = event.object.get("metadata") or {}
+        name = meta.get("name")
+        if isinstance(name, str) and kind is LOCAL_MODEL_NAMESPACE_CACHE:
+            name = f"{meta.get('namespace') or 'default'}/{name}"  # the cache's key
+        if section is not None and isinstance(name, str):
+            if event.type == "DELETED":
+                self._sticking.forget(kind.kind, name)
+            elif self._sticking.paths(kind.kind):
+                stored = section_of(event.object, section)
+                shown = self._sticking.take(kind.kind, name, stored)
+                if shown is not stored:
+                    event = WatchEvent(event.type, {**event.object, section: shown})
+        super().observe(kind, event)
 
     # -- the view ------------------------------------------------------------------------------
 
@@ -356,10 +393,21 @@ class Controller(ViewKeeper):
                 except AlreadyExists:
                     stored = await self._patch_node(write.name, models, retained)
             else:
+                current = self._view.lmns.get(write.name)
+                kept = None if current is None else current.metadata.annotations.get(RETAINED_ANNOTATION)
+                if kept == retained and self._sticking.futile(
+                    LOCAL_MODEL_NODE.kind, write.name, {"localModels": models}
+                ):
+                    # Only fields the installed CRD drops would change: nothing to send.
+                    assert current is not None
+                    self._set_lmn(write.name, dataclasses.replace(current, local_models=write.models))
+                    return
                 stored = await self._patch_node(write.name, models, retained)
         except NotFound:
             self._dirty_nodes.add(write.name)  # gone meanwhile: the next pass sees why
             return
+        if "spec" in stored:  # a whole answer (a handed-over create in memory answers without)
+            self._learn(LOCAL_MODEL_NODE, write.name, {"localModels": models}, stored["spec"])
         self._wrote(LOCAL_MODEL_NODE.kind)
         # The spec is what we just wrote: parsing it back (thousands of entries, each size a
         # Quantity) was most of a full reconcile's CPU.
@@ -380,8 +428,30 @@ class Controller(ViewKeeper):
         }
         return await self.state.patch(LOCAL_MODEL_NODE, name, patch)
 
+    def _learn(self, kind: ResourceKind, name: str, patch: JSON, stored: object) -> None:
+        new = self._sticking.learn(kind.kind, name, patch, stored)
+        if new:
+            fields = ", ".join(".".join(p) for p in sorted(new))
+            log.info(
+                "%s: the API server does not keep %s (its CRD does not name them: KServe's?); "
+                "they are not written again",
+                kind.plural,
+                fields,
+            )
+
     async def _write_status(self, write: StatusWrite) -> None:
         kind = _KINDS[write.kind]
+        retry = self._no_status.get(kind.kind)
+        if retry is not None and time.monotonic() < retry:
+            return  # no status subresource: looked at again later
+        if self._sticking.futile(kind.kind, write.key, write.patch):
+            # Only fields the installed CRD drops would change: nothing to send.
+            known_cache = self._view.caches.get(write.key) if kind is not LOCAL_MODEL_NODE_GROUP else None
+            if known_cache is not None and write.status is not None:
+                self._observe_spec(
+                    self._view.caches, write.key, dataclasses.replace(known_cache, status=write.status)
+                )
+            return
 
         def compute(current: JSON) -> JSON | None:
             status = current.get("status") or {}
@@ -411,7 +481,13 @@ class Controller(ViewKeeper):
             if stored is None:
                 stored = await update_status(self.state, kind, write.name, compute, namespace=ns)
         except NotFound:
+            await self._status_missing(kind, write.name, namespace=ns)
             return
+        if retry is not None:
+            del self._no_status[kind.kind]
+            log.info("%s: /status answers again; status is written", kind.plural)
+        if stored is not None:
+            self._learn(kind, write.key, dict(write.patch), section_of(stored, "status"))
         if fast and stored is not None and write.status is not None and isinstance(known, LocalModelCache):
             # Written over the view's version: its spec is the view's and its status the plan's.
             # Taking both as they are spares parsing a status of thousands of node entries.
@@ -424,6 +500,23 @@ class Controller(ViewKeeper):
         if stored is not None:
             self._wrote(kind.kind)
             self.observe(kind, WatchEvent("MODIFIED", stored))
+
+    async def _status_missing(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> None:
+        """A /status write answered 404: the object is gone (its DELETED event follows), or the
+        installed CRD has no status subresource (KServe's LocalModelNodeGroup): then the kind's
+        status is not written until ``settings.status_retry`` seconds have passed."""
+        try:
+            await self.state.get(kind, name, namespace=namespace)
+        except NotFound:
+            return
+        if kind.kind not in self._no_status:
+            log.info(
+                "%s: the installed CRD has no status subresource (KServe's?); their status is not "
+                "written (tried again in %.0fs)",
+                kind.plural,
+                self.settings.status_retry,
+            )
+        self._no_status[kind.kind] = time.monotonic() + self.settings.status_retry
 
     async def _write_finalizer(self, key: str, *, add: bool) -> None:
         """Add or remove the cache's finalizer (KServe's, per kind), guarded by resourceVersion."""
@@ -549,7 +642,7 @@ class Controller(ViewKeeper):
             namespace=namespace or self.settings.event_namespace,
         )
         try:
-            await self.state.create(EVENT, body, handover=True)  # made for this write alone
+            await record_event(self.state, self._events, body)
             self._wrote(EVENT.kind)
         except ClusterStateError as e:
             # An Event is best effort: losing one must not stop a reconcile.

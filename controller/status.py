@@ -32,6 +32,10 @@ from localmodel.resources import (
 
 ADMITTED = "Admitted"
 READY = "Ready"
+# --admission warn: a cache admitted over its group's storageLimit says so, per group, with a
+# condition (True while it is over) and a Warning Event when that starts.
+STORAGE_OVERCOMMITTED = "StorageOvercommitted"
+OVERCOMMITTED = "OverCommitted"  # the condition's reason and the Event's
 
 _MODEL_TO_NODE = {
     ModelState.PENDING: NodeState.DOWNLOAD_PENDING,
@@ -98,11 +102,14 @@ def cache_status(
 ) -> tuple[StatusWrite | None, list[Event]]:
     """The cache's status after this plan (:func:`status_write`) and the Events its changes make:
     Admitted/Warning per group whose admission changed, Placed for new holders, CopyFailed per node
-    that newly failed, AllCopiesReady, and one Warning per changed serving problem."""
+    that newly failed, AllCopiesReady, and one Warning per changed serving problem. A group that
+    admitted it over its storageLimit (:attr:`localmodel.placement.Admission.overcommitted`) adds
+    a StorageOvercommitted condition, and an OverCommitted Warning when it becomes so."""
     old = cache.status
     available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
     total = len(states)
     refusals = {r.group: r for r in placed.admission.refused if r.cache == cache.key}
+    over = {r.group: r for r in placed.admission.overcommitted if r.cache == cache.key}
     usage = placed.admission.usage
     conditions: list[Condition] = []
     events: list[Event] = []
@@ -140,6 +147,16 @@ def cache_status(
             else:
                 event("Warning", admitted.reason, admitted.message)
         conditions += [admitted, ready_c]
+        if (o := over.get(g)) is not None:
+            message = (
+                f"admitted over the storageLimit of node group {g} (--admission warn): {o.message}; "
+                "its nodes may run out of disk"
+            )
+            flagged = condition(STORAGE_OVERCOMMITTED, g, True, OVERCOMMITTED, message)
+            before = old_conditions.get((STORAGE_OVERCOMMITTED, g))
+            if before is None or before.status != "True":
+                event("Warning", OVERCOMMITTED, message)
+            conditions.append(flagged)
 
     new_holders = sorted(set(states) - set(old.node_status))
     if new_holders:

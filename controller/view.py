@@ -383,7 +383,11 @@ class ViewKeeper:
         self._volumes_dirty = False
         if self._layout is None:
             self._layout = layout(
-                view.caches.values(), view.groups.values(), view.nodes.values(), view.invalid_groups
+                view.caches.values(),
+                view.groups.values(),
+                view.nodes.values(),
+                view.invalid_groups,
+                overcommit=self.settings.overcommit,
             )
         if self._in_use is None:
             if full:  # claim names and paths depend on caches and groups: recompute from the pods

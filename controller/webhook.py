@@ -116,8 +116,9 @@ def ssl_context(cert_dir: Path) -> ssl.SSLContext:
 class Webhook:
     """The two handlers over one ClusterState."""
 
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, *, overcommit: bool = False) -> None:
         self.state = state
+        self.overcommit = overcommit  # --admission warn: capacity is not a reason to refuse
 
     # -- decisions with their reads ---------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class Webhook:
             caches=[c for c in caches if c is not None],
             groups=groups,
             invalid_groups=invalid,
+            overcommit=self.overcommit,
         )
 
     async def review_group(self, request: JSON) -> Verdict:
@@ -338,12 +340,13 @@ class WebhookServer:
         *,
         reload_every: float = 30.0,
         limits: Limits = Limits(),
+        overcommit: bool = False,
     ) -> None:
         self.host, self.port = parse_addr(addr)
         self.limits = limits
         self.cert_dir = cert_dir
         self.context = ssl_context(cert_dir)
-        self.webhook = Webhook(state)
+        self.webhook = Webhook(state, overcommit=overcommit)
         self.reload_every = reload_every
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None

@@ -13,6 +13,11 @@ Caches are told apart by :attr:`LocalModelCache.key` (the name, or ``<namespace>
 LocalModelNamespaceCache): that is what :class:`Refusal`, :class:`Admission` and :class:`Layout`
 name them by.
 
+Overcommit (the controller's ``--admission warn``): a cache refused for capacity alone
+(InsufficientStorage) is admitted anyway and listed in :attr:`Admission.overcommitted` with the
+refusal it would have had; its size counts in the group's usage, which may then exceed the limit.
+Every other refusal (a group that does not exist or is invalid) stands.
+
 A node is told what it was refused too (:attr:`NodePlacement.refused`): a cache one of its groups
 would hold but had no room for, and a cache naming a group that does not exist (no node can be told
 apart for it, so every node hears of it), unless the node holds that cache through another group.
@@ -55,6 +60,8 @@ class Admission:
     admitted: Mapping[str, tuple[str, ...]]  # group -> cache names, in admission order
     refused: tuple[Refusal, ...]
     usage: Mapping[str, GroupUsage]  # group -> limit and admitted bytes
+    # admitted over the limit (overcommit): the InsufficientStorage refusal each would have had
+    overcommitted: tuple[Refusal, ...] = ()
 
     def groups_of(self, cache: str) -> tuple[str, ...]:
         return tuple(g for g, caches in sorted(self.admitted.items()) if cache in caches)
@@ -75,16 +82,20 @@ def admit(
     caches: Iterable[LocalModelCache],
     groups: Iterable[LocalModelNodeGroup],
     invalid: Mapping[str, str] | None = None,
+    *,
+    overcommit: bool = False,
 ) -> Admission:
     """Which caches each group admits (the module's rule). ``invalid``: group name -> why, for groups
     that exist but whose spec is refused (stored past admission): a cache listing one is refused
-    naming the reason, not told the group does not exist."""
+    naming the reason, not told the group does not exist. ``overcommit``: capacity refusals are
+    admitted and listed in ``overcommitted`` (the module's rule)."""
     invalid = invalid or {}
     by_name = {g.name: g for g in groups}
     used = dict.fromkeys(by_name, 0)
     charged: dict[tuple[str, str], int] = {}  # (group, storage key) -> bytes charged for that folder
     admitted: dict[str, list[str]] = {g: [] for g in by_name}
     refused: list[Refusal] = []
+    over: list[Refusal] = []
     for cache in sorted(caches, key=age_key):
         if cache.metadata.deletion_timestamp:
             continue  # a cache being deleted holds no capacity and gets no new copies
@@ -120,16 +131,17 @@ def admit(
             size = max(0, declared - before)
             if used[group_name] + size > limit:
                 free = max(0, limit - used[group_name])
-                refused.append(
-                    Refusal(
-                        cache.key,
-                        group_name,
-                        INSUFFICIENT_STORAGE,
-                        f"needs {human(size)}, group {group_name} has {human(free)} of {human(limit)} free",
-                        cache.spec.source_model_uri,
-                    )
+                refusal = Refusal(
+                    cache.key,
+                    group_name,
+                    INSUFFICIENT_STORAGE,
+                    f"needs {human(size)}, group {group_name} has {human(free)} of {human(limit)} free",
+                    cache.spec.source_model_uri,
                 )
-                continue
+                if not overcommit:
+                    refused.append(refusal)
+                    continue
+                over.append(refusal)
             used[group_name] += size
             charged[(group_name, key)] = max(before, declared)
             admitted[group_name].append(cache.key)
@@ -137,6 +149,7 @@ def admit(
         admitted={g: tuple(c) for g, c in admitted.items()},
         refused=tuple(refused),
         usage={g: GroupUsage(by_name[g].spec.storage_limit.bytes, used[g]) for g in by_name},
+        overcommitted=tuple(over),
     )
 
 
@@ -236,14 +249,16 @@ def layout(
     groups: Iterable[LocalModelNodeGroup],
     nodes: Iterable[Node],
     invalid_groups: Mapping[str, str] | None = None,
+    *,
+    overcommit: bool = False,
 ) -> Layout:
     """What :func:`place_node` gives for every node (its models, through :func:`held_models`),
     computed once per combination of groups instead of per node: 5,000 nodes share a handful of
     combinations. ``invalid_groups``: stored groups whose spec is refused, name -> why (they hold
-    nothing)."""
+    nothing). ``overcommit``: as :func:`admit`'s."""
     caches = list(caches)
     groups = sorted(groups, key=lambda g: g.name)
-    admission = admit(caches, groups, invalid_groups)
+    admission = admit(caches, groups, invalid_groups, overcommit=overcommit)
     by_name = {c.key: c for c in caches}
     members: dict[str, list[str]] = {g.name: [] for g in groups}
     node_groups: dict[str, tuple[str, ...]] = {}

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent import cli as agent_cli
 from agent.desired import desired
 from controller import cli as controller_cli
 from controller.admission import validate_group
@@ -129,14 +130,19 @@ def test_init_container_leaves_kserves_filled_folder_and_names_the_fix(tmp_path:
 
 @needs_kubectl
 def test_migration_overlay_is_the_enforcing_one_in_warn_mode() -> None:
-    """overlays/kserve is overlays/kserve/enforce plus --admission=warn on the controller, nothing
-    else, so switching to enforce after the checks changes that one argument."""
+    """overlays/kserve is overlays/kserve/enforce plus --admission=warn on the controller and on the
+    agent (which would otherwise refuse, against the same storageLimit, what the controller placed),
+    nothing else, so switching to enforce after the checks changes those arguments."""
     warn, enforce = render("overlays/kserve"), render("overlays/kserve/enforce")
     assert _controller_args(warn).count(WARN) == 1
+    assert _agent(warn)[1]["args"].count(WARN) == 1
     assert not [a for a in _controller_args(enforce) if a.startswith("--admission")]
+    assert not [a for a in _agent(enforce)[1]["args"] if a.startswith("--admission")]
     without = copy.deepcopy(list(warn))
     for doc in without:
         if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "modelcache-controller":
+            doc["spec"]["template"]["spec"]["containers"][0]["args"].remove(WARN)
+        if doc["kind"] == "DaemonSet" and doc["metadata"]["name"] == "modelcache-agent":
             doc["spec"]["template"]["spec"]["containers"][0]["args"].remove(WARN)
     assert without == list(enforce)
 
@@ -144,14 +150,15 @@ def test_migration_overlay_is_the_enforcing_one_in_warn_mode() -> None:
 @needs_kubectl
 @pytest.mark.parametrize("path", OVERLAYS)
 def test_controller_args_parse(path: str) -> None:
-    """The controller takes every argument the overlay gives it."""
-    parser = controller_cli._parser()
-    args = _controller_args(render(path))
-    if WARN in args and not any("--admission" in a.option_strings for a in parser._actions):
-        pytest.skip("controller/cli.py has no --admission yet (issue 16: being added)")
-    parsed = parser.parse_args(args)
-    if WARN in args:
-        assert parsed.admission == "warn"
+    """The controller and the agent take every argument the overlay gives them."""
+    docs = render(path)
+    args = _controller_args(docs)
+    parsed = controller_cli._parser().parse_args(args)
+    assert parsed.admission == ("warn" if path == "overlays/kserve" else "enforce")
+    (agent_args,) = [c["args"] for c in _agent(docs)[0]["spec"]["template"]["spec"]["containers"]]
+    assert agent_args[0] == "agent"
+    agent = agent_cli.build_parser().parse_args(agent_args[1:])
+    assert agent.admission == parsed.admission
 
 
 @needs_kubectl

@@ -14,8 +14,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-
 from localmodel.kinds import NODE
 from tests.support.agents import eventually
 from tests.support.kubeapi import KubeAPI, load_crds
@@ -28,7 +26,6 @@ SETTLE = 6.0  # after the node first lists the cache, before counting
 WINDOW = 20.0  # seconds counted: about ten resyncs
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 §2: endless writes under KServe's CRDs")
 async def test_no_write_repeats_once_converged_under_kserves_crds(tmp_path: Path) -> None:
     api = KubeAPI(crds=load_crds(KSERVE_CRDS))
     await api.start()

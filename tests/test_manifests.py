@@ -550,7 +550,7 @@ def test_agent_rbac_is_least_privilege() -> None:
 
     events = find(docs, "Role", "modelcache-agent-events")
     assert events["metadata"]["namespace"] == EVENT_NAMESPACE
-    assert granted(events) == {("", "events", "create")}
+    assert granted(events) == {("", "events", "create"), ("", "events", "patch")}
     ds, _ = _agent(docs)
     subject = {
         "kind": "ServiceAccount",
