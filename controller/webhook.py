@@ -46,7 +46,7 @@ from controller.admission import (
     validate_group,
 )
 from controller.labels import MODEL_LABEL_VALUE, model_label
-from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
+from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, claim_name
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
 from localmodel.kinds import JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE, PERSISTENT_VOLUME_CLAIM
@@ -133,7 +133,25 @@ class Webhook:
             selector=Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
         )
         ours = frozenset(str((c.get("metadata") or {}).get("name")) for c in claims.items)
-        return place_pod(pod, cache=cache, group=group, ready_nodes=ready, our_claims=ours)
+        # A claim of the cache's name that is not ours (KServe made it): one GET per group listed.
+        foreign: set[str] = set()
+        for g in cache.spec.node_groups if cache is not None else ():
+            name = claim_name(cache.name, g) if cache is not None else ""
+            if name in ours:
+                continue
+            try:
+                await self.state.get(PERSISTENT_VOLUME_CLAIM, name, namespace=str(ns) if ns else "default")
+            except NotFound:
+                continue
+            foreign.add(name)
+        return place_pod(
+            pod,
+            cache=cache,
+            group=group,
+            ready_nodes=ready,
+            our_claims=ours,
+            foreign_claims=frozenset(foreign),
+        )
 
     async def review_cache(self, request: JSON) -> Verdict:
         operation = str(request.get("operation") or "")
