@@ -160,7 +160,10 @@ def place_pod(
         return Verdict.refuse(missing)
     terms = group_terms(group)
     if not terms:
-        empty = f"node group {group_name!r} has no persistentVolumeSpec.nodeAffinity.required: it selects no nodes"
+        empty = (
+            f"node group {group_name!r} has no persistentVolumeSpec.nodeAffinity.required: "
+            "it selects no nodes"
+        )
         if ask.cache is None:
             return Verdict(True, warnings=(f"{empty}; the pod is placed without it",))
         return Verdict.refuse(empty)
@@ -227,11 +230,12 @@ def serving_mounts(
     model's folder itself, and an error (naming the field) when one cannot be made to fit.
 
     ``foreign``: claims in the pod's namespace that exist without our ``MANAGED_BY_LABEL``. A claim
-    ``<cache>-<group>`` that KServe's localmodel controller made (bound to a PV whose spec is the node
-    group's own, so its root is the node's whole ``/models`` folder: pkg/controller/v1alpha1/localmodel/
-    reconcilers/utils.go:603-624 at v0.20) needs KServe's ``subPath: models/<key>``: its mounts are left exactly as
-    KServe wrote them (the reconcile loop leaves such claims alone too), and a claim the controller
-    has not made yet is taken as one it will make (it does so when the pod asks).
+    ``<cache>-<group>`` that KServe's localmodel controller made (bound to a PV whose spec is the
+    node group's own, so its root is the node's whole ``/models`` folder:
+    pkg/controller/v1alpha1/localmodel/reconcilers/utils.go:603-624 at v0.20) needs KServe's
+    ``subPath: models/<key>``: its mounts are left exactly as KServe wrote them (the reconcile loop
+    leaves such claims alone too), and a claim the controller has not made yet is taken as one it
+    will make (it does so when the pod asks).
 
     Every such claim volume and every mount of it is made read-only (a pod running as the agent's
     UID could otherwise change the published files). A ``subPath`` of ``models/<key>`` of ``cache``

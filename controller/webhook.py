@@ -4,7 +4,8 @@ Served by every replica of the controller, leader or not (the API server calls w
 Service picks), so each request reads what it needs from the cluster state itself rather than from
 the leader's view: for a pod, its cache and group (two GETs) and the nodes labelled ready for that
 model (one list by label selector) and the controller's serving claims in its namespace (one list by
-label selector); for a cache, the caches and groups. Certificates come from a
+label selector) and, for each of its cache's claim names that is not one of them, whether KServe made
+it (one GET each); for a cache, the caches and groups. Certificates come from a
 folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
 reloaded when they change, so a renewed certificate needs no restart.
 
@@ -134,9 +135,9 @@ class Webhook:
         )
         ours = frozenset(str((c.get("metadata") or {}).get("name")) for c in claims.items)
         # A claim of the cache's name that is not ours (KServe made it): one GET per group listed.
+        names = [claim_name(cache.name, g) for g in cache.spec.node_groups] if cache is not None else []
         foreign: set[str] = set()
-        for g in cache.spec.node_groups if cache is not None else ():
-            name = claim_name(cache.name, g) if cache is not None else ""
+        for name in names:
             if name in ours:
                 continue
             try:

@@ -94,11 +94,11 @@ async def test_a_pod_naming_only_a_missing_group_is_allowed_with_a_warning(
         "without the cache"
     ]
     # A pod that names a cache is still refused: it would run without the model it was promised.
-    for labels, annotations in (
+    for labels, notes in (
         ({"internal.serving.kserve.io/localmodel": "m"}, {"serving.kserve.io/nodegroup": "t4"}),
         ({}, {"modelcache.io/model": "nope", "serving.kserve.io/nodegroup": "a100"}),
     ):
-        r = await client.review(MUTATE_PODS, pod_request("q", labels=labels, annotations=annotations))
+        r = await client.review(MUTATE_PODS, pod_request("q", labels=labels, annotations=notes))
         assert r["allowed"] is False and r["status"]["code"] == 403, r
         assert "warnings" not in r
 
