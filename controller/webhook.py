@@ -9,7 +9,7 @@ it (one GET each); for a cache, the caches and groups. Certificates come from a
 folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
 reloaded when they change, so a renewed certificate needs no restart.
 
-Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches``,
+Paths: ``POST /mutate/pods``, ``POST /mutate/localmodelcaches``, ``POST /validate/localmodelcaches``,
 ``POST /validate/localmodelnodegroups``, ``GET /healthz``.
 
 Bounds (with ``failurePolicy: Fail`` a few slow clients must not hold the endpoint): a connection
@@ -46,6 +46,7 @@ from controller.admission import (
     validate_cache,
     validate_group,
 )
+from controller.defaults import default_cache
 from controller.labels import MODEL_LABEL_VALUE, model_label
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, claim_name
 from localmodel import cliargs
@@ -58,6 +59,7 @@ log = logging.getLogger("modelcache.controller.webhook")
 
 MUTATE_PODS = "/mutate/pods"
 VALIDATE_CACHES = "/validate/localmodelcaches"
+MUTATE_CACHES = "/mutate/localmodelcaches"
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 VALIDATE_GROUPS = "/validate/localmodelnodegroups"
@@ -175,6 +177,10 @@ class Webhook:
             invalid_groups=invalid,
         )
 
+    async def default_cache(self, request: JSON) -> Verdict:
+        """The alias ``nodeGroup`` stored as ``nodeGroups`` (:mod:`controller.defaults`); no reads."""
+        return default_cache(str(request.get("operation") or ""), request.get("object"))
+
     async def review_group(self, request: JSON) -> Verdict:
         return validate_group(
             str(request.get("operation") or ""), request.get("object"), request.get("oldObject")
@@ -198,6 +204,7 @@ class Webhook:
         app = web.Application(client_max_size=limits.max_body)
         app.router.add_post(MUTATE_PODS, self._handler(self.review_pod, "pod", limits))
         app.router.add_post(VALIDATE_CACHES, self._handler(self.review_cache, "LocalModelCache", limits))
+        app.router.add_post(MUTATE_CACHES, self._handler(self.default_cache, "LocalModelCache", limits))
         app.router.add_post(VALIDATE_GROUPS, self._handler(self.review_group, "LocalModelNodeGroup", limits))
         app.router.add_get("/healthz", _healthz)
         return app

@@ -4,23 +4,42 @@ a webhook decides. KServe's behaviour is cited at tag v0.20.0 (file:line) where 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import jsonpatch
+import jsonschema
+import yaml
 
 from controller.admission import place_pod
 from controller.reconcile import Controller
-from controller.webhook import MUTATE_PODS
+from controller.webhook import MUTATE_CACHES, MUTATE_PODS
 from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, PERSISTENT_VOLUME_CLAIM
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup
 from localmodel.state.base import ClusterState
 from tests import test_controller_reconcile as base
 from tests.test_controller_reconcile import cache, group, setup_two_groups
 from tests.test_controller_security import KEY, https, kserve_pod
-from tests.test_controller_webhook import Client, patch_of, pod_request
+from tests.test_controller_webhook import Client, cache_request, patch_of, pod_request
+from tests.test_crds import to_jsonschema, validate
 
 state = base.state  # the fixture: the embedded backend and the API emulator
 __all__ = ["https"]
+KSERVE_CRDS = Path(__file__).parent / "data" / "kserve-crds"
+
+
+def kserve_schema(kind_plural: str) -> dict[str, Any]:
+    """KServe v0.20's openAPIV3Schema of one of its localmodel CRDs (tests/data/kserve-crds)."""
+    doc = yaml.safe_load((KSERVE_CRDS / f"serving.kserve.io_{kind_plural}.yaml").read_text())
+    (version,) = doc["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def kserve_schema_errors(obj: dict[str, Any], plural: str = "localmodelcaches") -> list[str]:
+    """What KServe's schema refuses in ``obj`` (unknown fields included, as strict apply does)."""
+    checker = jsonschema.Draft7Validator(to_jsonschema(kserve_schema(plural)))
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in checker.iter_errors(obj)]
 
 
 # -- a. KServe-made serving claims keep KServe's mount ---------------------------------------------
@@ -117,3 +136,50 @@ def test_a_group_that_selects_no_nodes_warns_a_pod_that_names_no_cache() -> None
     named = pod_request("p", annotations={"modelcache.io/model": "m"})["object"]
     refused = place_pod(named, cache=c, group=bare)
     assert not refused.allowed and "it selects no nodes" in refused.message
+
+
+# -- c. the nodeGroup alias is stored as nodeGroups ------------------------------------------------
+
+
+async def test_the_alias_is_stored_as_node_groups_through_the_webhook(
+    https: tuple[ClusterState, Client, Any],
+) -> None:
+    """KServe's InferenceService defaulter indexes ``spec.nodeGroups[0]``
+    (pkg/apis/serving/v1beta1/inference_service_defaults.go:569), so the stored cache has it."""
+    _, client, _ = https
+    for alias, groups in (("a100", ["a100"]), (["a100", "h100"], ["a100", "h100"])):
+        written = {
+            "apiVersion": "serving.kserve.io/v1alpha1",
+            "kind": "LocalModelCache",
+            "metadata": {"name": "m"},
+            "spec": {"sourceModelUri": "hf://org/m", "modelSize": "10Gi", "nodeGroup": alias},
+        }
+        for operation in ("CREATE", "UPDATE"):
+            r = await client.review(MUTATE_CACHES, cache_request(operation, written, written))
+            assert r["allowed"] is True
+            stored = jsonpatch.apply_patch(written, patch_of(r))
+            assert stored["spec"] == {
+                "sourceModelUri": "hf://org/m",
+                "modelSize": "10Gi",
+                "nodeGroups": groups,
+            }
+            # What is stored passes our CRD and KServe's, and our parser reads the same groups.
+            assert validate(stored) == []
+            assert kserve_schema_errors(stored) == []
+            assert LocalModelCache.from_json(stored).spec.node_groups == tuple(groups)
+    # Nothing to do, or not ours to fix (the validating webhook names the field): no patch.
+    for spec in (
+        {"nodeGroups": ["a100"]},
+        {"nodeGroups": ["a100"], "nodeGroup": "h100"},
+        {"nodeGroup": []},
+        {"nodeGroup": [""]},
+        {"nodeGroup": 3},
+    ):
+        obj = {
+            "metadata": {"name": "m"},
+            "spec": {"sourceModelUri": "hf://org/m", "modelSize": "1Gi", **spec},
+        }
+        r = await client.review(MUTATE_CACHES, cache_request("CREATE", obj))
+        assert r["allowed"] is True and "patch" not in r, spec
+    r = await client.review(MUTATE_CACHES, cache_request("DELETE", written))
+    assert r["allowed"] is True and "patch" not in r
