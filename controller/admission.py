@@ -448,8 +448,9 @@ def _annotation(obj: object) -> object:
 def validate_group(operation: str, obj: object, old: object) -> Verdict:
     """Refused at create or spec update: whatever :class:`LocalModelNodeGroupSpec` refuses, above
     all a volume source other than one ``hostPath`` or ``local`` folder, and a path that is ``/``, a
-    system folder or under one (the same rules as the CRD's CEL rules, for clusters whose API server
-    predates them or that installed KServe's CRDs)."""
+    system folder or under one. The CRD has no such rule: KServe's CRD takes any volume source and
+    path, and ours applied over it must keep every group KServe stored valid, so refusing is this
+    webhook's (an update that leaves the spec alone is always allowed)."""
     if operation not in ("CREATE", "UPDATE"):
         return Verdict(True)
     if (shape := shape_error(obj)) is not None:

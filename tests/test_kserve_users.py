@@ -11,7 +11,7 @@ import jsonpatch
 import jsonschema
 import yaml
 
-from controller.admission import place_pod
+from controller.admission import Verdict, place_pod, validate_cache
 from controller.reconcile import Controller
 from controller.webhook import MUTATE_CACHES, MUTATE_PODS
 from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, PERSISTENT_VOLUME_CLAIM
@@ -183,3 +183,171 @@ async def test_the_alias_is_stored_as_node_groups_through_the_webhook(
         assert r["allowed"] is True and "patch" not in r, spec
     r = await client.review(MUTATE_CACHES, cache_request("DELETE", written))
     assert r["allowed"] is True and "patch" not in r
+
+
+# -- f. our CRDs take every object KServe's take; the webhooks refuse what we cannot serve ----------
+
+OURS = Path(__file__).resolve().parent.parent / "manifests" / "crds"
+PLURALS = {"LocalModelCache": "localmodelcaches", "LocalModelNodeGroup": "localmodelnodegroups"}
+PLURALS["LocalModelNode"] = "localmodelnodes"
+# Rules of ours KServe's schema lacks, each true for every object KServe's accepts: the alias rules
+# hold whenever nodeGroups (required and non-empty in KServe's) is given and nodeGroup absent.
+ADDITIVE_RULES = {
+    ("LocalModelCache", ".spec"): {
+        "(has(self.nodeGroups) && size(self.nodeGroups) > 0) != has(self.nodeGroup)",
+        "!has(self.nodeGroup) || type(self.nodeGroup) == string || (type(self.nodeGroup) == list && "
+        "size(self.nodeGroup) > 0 && self.nodeGroup.all(g, type(g) == string))",
+    }
+}
+# Left to issue 16 §3 (namespace caches): the list-map key modelName refuses a KServe LocalModelNode
+# that lists a namespace cache and a cluster cache of one name.
+KNOWN = {("LocalModelNode", ".spec.localModels")}
+
+
+def our_schema(kind: str) -> dict[str, Any]:
+    doc = yaml.safe_load((OURS / f"{PLURALS[kind]}.yaml").read_text())
+    (version,) = doc["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def stricter(kind: str, ours: dict[str, Any], theirs: dict[str, Any], path: str = "") -> list[str]:
+    """Where ``ours`` refuses something ``theirs`` (KServe's) accepts, or drops a field it keeps."""
+    found: list[str] = []
+    if (kind, path) in KNOWN:
+        return found
+    if "type" in ours and "type" in theirs and ours["type"] != theirs["type"]:
+        found.append(f"{path}: type {ours['type']} (KServe: {theirs['type']})")
+    for key in ("pattern", "minLength", "maxLength", "maxItems", "minimum", "maximum", "format"):
+        if key in ours and ours[key] != theirs.get(key):
+            found.append(f"{path}: {key} {ours[key]!r} (KServe: {theirs.get(key)!r})")
+    if ours.get("minItems", 0) > theirs.get("minItems", 0):
+        found.append(f"{path}: minItems {ours['minItems']}")
+    if "enum" in ours and not set(theirs.get("enum") or [object()]) <= set(ours["enum"]):
+        found.append(f"{path}: enum {ours['enum']} (KServe: {theirs.get('enum')})")
+    if not set(ours.get("required") or ()) <= set(theirs.get("required") or ()):
+        found.append(f"{path}: required {ours['required']} (KServe: {theirs.get('required')})")
+    if "x-kubernetes-list-map-keys" in ours and "x-kubernetes-list-map-keys" not in theirs:
+        found.append(f"{path}: list-map keys {ours['x-kubernetes-list-map-keys']}")
+    kept = {r["rule"] for r in theirs.get("x-kubernetes-validations") or ()}
+    allowed = ADDITIVE_RULES.get((kind, path), set())
+    for rule in ours.get("x-kubernetes-validations") or ():
+        if rule["rule"] not in kept | allowed:
+            found.append(f"{path}: rule {rule['rule']!r}")
+    mine = ours.get("properties") or {}
+    for name, sub in (theirs.get("properties") or {}).items():
+        if name in mine:
+            found += stricter(kind, mine[name], sub, f"{path}.{name}")
+        elif not ours.get("x-kubernetes-preserve-unknown-fields"):
+            found.append(f"{path}.{name}: pruned (KServe keeps it)")
+    for part in ("items", "additionalProperties"):
+        if isinstance(ours.get(part), dict) and isinstance(theirs.get(part), dict):
+            found += stricter(kind, ours[part], theirs[part], f"{path}.{part}")
+    return found
+
+
+def test_our_crds_are_no_stricter_than_kserve_s_field_by_field() -> None:
+    for kind, plural in PLURALS.items():
+        assert stricter(kind, our_schema(kind), kserve_schema(plural)) == [], kind
+    # The walk finds what it looks for: KServe's own schema with one of our old refusals put back.
+    narrowed = kserve_schema("localmodelcaches")
+    spec = narrowed["properties"]["spec"]["properties"]
+    spec["sourceModelUri"]["pattern"] = "^[a-z0-9+.-]+://"
+    spec["nodeGroups"]["items"]["minLength"] = 1
+    narrowed["properties"]["status"]["properties"]["nodeStatus"]["additionalProperties"]["enum"].remove("")
+    assert stricter("LocalModelCache", narrowed, kserve_schema("localmodelcaches")) == [
+        ".spec.nodeGroups.items: minLength 1 (KServe: None)",
+        ".spec.sourceModelUri: pattern '^[a-z0-9+.-]+://' (KServe: None)",
+        ".status.nodeStatus.additionalProperties: enum ['NodeNotReady', 'NodeDownloadPending', "
+        "'NodeDownloading', 'NodeDownloaded', 'NodeDownloadError'] (KServe: ['', 'NodeNotReady', "
+        "'NodeDownloadPending', 'NodeDownloading', 'NodeDownloaded', 'NodeDownloadError'])",
+    ]
+
+
+def kserve_objects() -> list[dict[str, Any]]:
+    """Objects KServe's schema accepts: those of KServe's own tests (pkg/controller/v1alpha1/
+    localmodel/controller_test.go:47-70, pkg/webhook/admission/localmodelcache/
+    localmodelcache_validator_test.go:63-80 and :128-135, test/e2e/modelcache/test_localmodelcache.py:
+    52-101), and the edges our CRDs used to refuse: a URI without a scheme or in upper case, an empty
+    group name, "" in the status enums, a cache with no spec, any volume source and path."""
+    meta = {"name": "x"}
+    cache_kind = {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "LocalModelCache", "metadata": meta}
+    group_kind = {**cache_kind, "kind": "LocalModelNodeGroup"}
+    node_kind = {**cache_kind, "kind": "LocalModelNode"}
+    affinity = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": ["minikube-m02", "minikube-m03"]}
+    ]}]}}  # fmt: skip
+    ref = {"name": "llm-iris", "namespace": "default"}
+    caches = [
+        {"sourceModelUri": "s3://mybucket/mymodel", "modelSize": "123Gi", "nodeGroups": ["gpu1", "gpu2"]},
+        {"sourceModelUri": "gs://testbucket/differentmodel", "modelSize": "1Gi", "nodeGroups": ["gpu1"]},
+        {"sourceModelUri": "hf://Qwen/Qwen2-0.5B-Instruct", "modelSize": "251Mi", "nodeGroups": ["qwen"]},
+        {"sourceModelUri": "HF://Org/M", "modelSize": 1, "nodeGroups": ["g"]},
+        {"sourceModelUri": "org/model", "modelSize": "1Gi", "nodeGroups": [""]},
+        {"sourceModelUri": "", "modelSize": "1Gi", "nodeGroups": ["g"], "storage": {"key": ""}},
+    ]
+    statuses = [
+        {"inferenceServices": [{"name": "sklearn-iris", "namespace": "default"}], "copies": {"available": 1}},
+        {"llmInferenceServices": [ref], "nodeStatus": {"n1": "", "n2": "NodeDownloaded"}},
+        {"copies": {"available": -1, "total": 0, "failed": 0}},
+    ]
+    groups = [
+        {"storageLimit": "1Gi", "persistentVolumeSpec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "standard", "capacity": {"storage": "1Gi"},
+            "local": {"path": "/models"}, "persistentVolumeReclaimPolicy": "Delete", "nodeAffinity": affinity,
+        }, "persistentVolumeClaimSpec": {
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+            "storageClassName": "standard",
+        }},
+        *({"storageLimit": "1Ti", "persistentVolumeSpec": pv, "persistentVolumeClaimSpec": {}} for pv in (
+            {"hostPath": {"path": "/models", "type": "Directory"}},
+            {"nfs": {"server": "nfs", "path": "/"}},
+            {"hostPath": {"path": "/"}},
+            {"hostPath": {"path": ""}},
+            {"hostPath": {"path": "/a"}, "local": {"path": "/a"}},
+        )),
+    ]  # fmt: skip
+    nodes = [
+        {"spec": {"localModels": [{"modelName": "iris", "sourceModelUri": "s3://mybucket/mymodel"}]},
+         "status": {"modelStatus": {"iris": "", "other": "ModelDownloaded"}}},
+        {"spec": {"localModels": [{"modelName": "", "sourceModelUri": ""}]}},
+    ]  # fmt: skip
+    return [
+        *({**cache_kind, "spec": spec} for spec in caches),
+        *({**cache_kind, "spec": caches[0], "status": status} for status in statuses),
+        dict(cache_kind),
+        *({**group_kind, "spec": spec} for spec in groups),
+        *({**node_kind, **node} for node in nodes),
+    ]
+
+
+def test_every_object_kserve_s_schema_accepts_ours_accepts() -> None:
+    for obj in kserve_objects():
+        plural = PLURALS[obj["kind"]]
+        assert kserve_schema_errors(obj, plural) == [], obj  # KServe's CRD takes it
+        assert validate(obj) == [], obj  # so does ours, CEL rules included
+        assert validate(obj, old=obj) == [], obj
+
+
+def test_the_cache_webhook_refuses_what_the_schema_now_takes_naming_the_field() -> None:
+    groups = [LocalModelNodeGroup.from_json(group("g", "100Gi"))]
+
+    def verdict(spec: dict[str, Any] | None) -> Verdict:
+        obj: dict[str, Any] = {"metadata": {"name": "x"}}
+        if spec is not None:
+            obj["spec"] = spec
+        return validate_cache("CREATE", obj, None, caches=[], groups=groups)
+
+    cases = [
+        ({"sourceModelUri": "org/model", "modelSize": "1Gi", "nodeGroups": ["g"]}, "spec.sourceModelUri: "),
+        ({"sourceModelUri": "", "modelSize": "1Gi", "nodeGroups": ["g"]}, "spec.sourceModelUri: "),
+        ({"sourceModelUri": "hf://org/m", "modelSize": "1Gi", "nodeGroups": [""]}, "spec.nodeGroups[0]: "),
+        (None, "spec: "),
+    ]
+    for spec, field in cases:
+        v = verdict(spec)
+        assert not v.allowed and v.code == 422, (spec, v)
+        assert v.message.startswith(field) and "\n" not in v.message, v.message
+    assert "has no scheme; use hf://" in verdict(cases[0][0]).message
+    # A scheme in upper case is a scheme: served, as KServe's storage initializer reads it.
+    assert verdict({"sourceModelUri": "HF://org/m", "modelSize": "1Gi", "nodeGroups": ["g"]}).allowed
