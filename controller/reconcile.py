@@ -45,6 +45,7 @@ from localmodel.kinds import (
     EVENT,
     INFERENCE_SERVICE,
     JSON,
+    LLM_INFERENCE_SERVICE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
@@ -81,9 +82,11 @@ WATCHED: tuple[ResourceKind, ...] = (
     PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
     INFERENCE_SERVICE,
+    LLM_INFERENCE_SERVICE,
 )
-# Watched where their API exists: without KServe there are no InferenceServices to report.
-OPTIONAL: frozenset[ResourceKind] = frozenset({INFERENCE_SERVICE})
+# Watched where their API exists: without KServe there are no InferenceServices to report (and
+# LLMInferenceServices only from KServe v0.19).
+OPTIONAL: frozenset[ResourceKind] = frozenset({INFERENCE_SERVICE, LLM_INFERENCE_SERVICE})
 # Only the PVs and PVCs the controller made are its business: watched by their label.
 SELECTORS: dict[ResourceKind, Selector] = {
     PERSISTENT_VOLUME: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),

@@ -47,12 +47,27 @@ from controller.admission import (
     validate_group,
 )
 from controller.defaults import default_cache
+from controller.demand import deletion_verdict
 from controller.labels import MODEL_LABEL_VALUE, model_label
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, claim_name
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
-from localmodel.kinds import JSON, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE_GROUP, NODE, PERSISTENT_VOLUME_CLAIM
-from localmodel.resources import LocalModelCache, LocalModelNodeGroup, Node, cluster_group
+from localmodel.kinds import (
+    INFERENCE_SERVICE,
+    JSON,
+    LLM_INFERENCE_SERVICE,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE_GROUP,
+    NODE,
+    PERSISTENT_VOLUME_CLAIM,
+)
+from localmodel.resources import (
+    LOCALMODEL_LABEL,
+    LocalModelCache,
+    LocalModelNodeGroup,
+    Node,
+    cluster_group,
+)
 from localmodel.state.base import ClusterState, Selector
 
 log = logging.getLogger("modelcache.controller.webhook")
@@ -158,6 +173,8 @@ class Webhook:
 
     async def review_cache(self, request: JSON) -> Verdict:
         operation = str(request.get("operation") or "")
+        if operation == "DELETE":
+            return await self._review_deletion(request)
         if operation not in ("CREATE", "UPDATE"):
             return Verdict(True)
         caches = [_typed(LocalModelCache, o) for o in (await self.state.list(LOCAL_MODEL_CACHE)).items]
@@ -176,6 +193,25 @@ class Webhook:
             groups=groups,
             invalid_groups=invalid,
         )
+
+    async def _review_deletion(self, request: JSON) -> Verdict:
+        """A cache an (LLM)InferenceService's localmodel label names is kept (one list per kind, by
+        label; a kind the cluster does not serve has none)."""
+        old = request.get("oldObject")
+        meta = old.get("metadata") if isinstance(old, dict) else None
+        name = request.get("name") or (meta.get("name") if isinstance(meta, dict) else None)
+        if not isinstance(name, str) or not name:
+            return Verdict(True)
+        users: list[tuple[str, str, str]] = []
+        for kind in (INFERENCE_SERVICE, LLM_INFERENCE_SERVICE):
+            try:
+                found = await self.state.list(kind, selector=Selector(labels={LOCALMODEL_LABEL: name}))
+            except NotFound:
+                continue
+            for obj in found.items:
+                m = obj.get("metadata") or {}
+                users.append((kind.kind, str(m.get("namespace") or "default"), str(m.get("name"))))
+        return deletion_verdict(name, users)
 
     async def default_cache(self, request: JSON) -> Verdict:
         """The alias ``nodeGroup`` stored as ``nodeGroups`` (:mod:`controller.defaults`); no reads."""

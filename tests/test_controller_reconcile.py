@@ -24,6 +24,7 @@ from localmodel.errors import InvalidInput, NotFound, SpecError
 from localmodel.kinds import (
     EVENT,
     INFERENCE_SERVICE,
+    LLM_INFERENCE_SERVICE,
     LEASE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
@@ -525,7 +526,7 @@ async def test_cache_status_lists_the_inference_services_that_use_it(state: Clus
 
 
 async def test_a_cluster_without_kserve_is_reconciled_all_the_same(caplog: pytest.LogCaptureFixture) -> None:
-    api = KubeAPI(without=frozenset({INFERENCE_SERVICE}))
+    api = KubeAPI(without=frozenset({INFERENCE_SERVICE, LLM_INFERENCE_SERVICE}))
     api.store = MemoryState()
     await api.start()
     kube = KubeState.for_url(api.url, watch_timeout=5)
@@ -536,10 +537,11 @@ async def test_a_cluster_without_kserve_is_reconciled_all_the_same(caplog: pytes
             async with running(kube):
                 await eventually(lambda: _has(kube, "h1", ["m"]))
                 await asyncio.sleep(0.3)  # the watch of the missing API is not retried in a loop
-        missing = [r for r in caplog.records if "inferenceservices: not served" in r.getMessage()]
-        assert len(missing) == 1 and missing[0].levelname == "INFO"
+        for plural in ("inferenceservices", "llminferenceservices"):
+            missing = [r for r in caplog.records if r.getMessage().startswith(f"{plural}: not served")]
+            assert len(missing) == 1 and missing[0].levelname == "INFO"
+            assert sum(1 for _, path in api.requests if f"/{plural}" in path) <= 3
         assert not [r for r in caplog.records if r.levelname == "WARNING"]
-        assert sum(1 for _, path in api.requests if "inferenceservices" in path) <= 3
     finally:
         await kube.close()
         api.expire_watches()

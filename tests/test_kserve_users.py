@@ -13,8 +13,15 @@ import yaml
 
 from controller.admission import Verdict, place_pod, validate_cache
 from controller.reconcile import Controller
-from controller.webhook import MUTATE_CACHES, MUTATE_PODS
-from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, PERSISTENT_VOLUME_CLAIM
+from controller.webhook import MUTATE_CACHES, MUTATE_PODS, VALIDATE_CACHES
+from localmodel.kinds import (
+    INFERENCE_SERVICE,
+    LLM_INFERENCE_SERVICE,
+    LOCAL_MODEL_CACHE,
+    LOCAL_MODEL_NODE,
+    PERSISTENT_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
+)
 from localmodel.resources import LocalModelCache, LocalModelNodeGroup
 from localmodel.state.base import ClusterState
 from tests import test_controller_reconcile as base
@@ -351,3 +358,127 @@ def test_the_cache_webhook_refuses_what_the_schema_now_takes_naming_the_field() 
     assert "has no scheme; use hf://" in verdict(cases[0][0]).message
     # A scheme in upper case is a scheme: served, as KServe's storage initializer reads it.
     assert verdict({"sourceModelUri": "HF://org/m", "modelSize": "1Gi", "nodeGroups": ["g"]}).allowed
+
+
+# -- d. LLMInferenceServices: in the cache's status, and keeping it from deletion ------------------
+
+
+def service(
+    kind: str, name: str, namespace: str, cache_name: str | None, group: str | None = None
+) -> dict[str, Any]:
+    """An InferenceService or LLMInferenceService as KServe's webhook leaves it for a cached model:
+    labelled with the cache's name (pkg/apis/serving/v1beta1/inference_service_defaults.go:586;
+    LLMInferenceServices likewise, pkg/apis/serving/v1alpha2/llm_inference_service_defaults.go)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if cache_name is not None:
+        meta["labels"] = {"internal.serving.kserve.io/localmodel": cache_name}
+    if group is not None:
+        meta["annotations"] = {"serving.kserve.io/nodegroup": group}
+    if kind == "LLMInferenceService":
+        spec: dict[str, Any] = {"model": {"uri": "hf://org/m"}}
+        version = "serving.kserve.io/v1alpha2"
+    else:
+        spec = {"predictor": {"model": {"storageUri": "hf://org/m"}}}
+        version = "serving.kserve.io/v1beta1"
+    return {"apiVersion": version, "kind": kind, "metadata": meta, "spec": spec}
+
+
+async def test_llm_inference_services_are_listed_in_the_cache_status(state: ClusterState) -> None:
+    """KServe lists the LLMInferenceServices labelled with the cache's name
+    (pkg/controller/v1alpha1/localmodel/reconcilers/utils.go:505-523, 564-565), absent when none."""
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["a100"]))
+    await state.create(LLM_INFERENCE_SERVICE, service("LLMInferenceService", "chat", "team", "m"))
+    await state.create(LLM_INFERENCE_SERVICE, service("LLMInferenceService", "base", "lab", "m"))
+    await state.create(LLM_INFERENCE_SERVICE, service("LLMInferenceService", "other", "lab", None))
+    await Controller(state).run(once=True)
+    stored = await state.get(LOCAL_MODEL_CACHE, "m")
+    assert stored["status"]["llmInferenceServices"] == [
+        {"name": "base", "namespace": "lab"},
+        {"name": "chat", "namespace": "team"},
+    ]
+    assert "inferenceServices" not in stored["status"]
+    assert validate(stored) == []
+    kserve_part = {**stored, "status": {"llmInferenceServices": stored["status"]["llmInferenceServices"]}}
+    assert kserve_schema_errors(kserve_part) == []  # the field as KServe's CRD declares it
+    parsed = LocalModelCache.from_json(stored).status.llm_inference_services
+    assert [(r.namespace, r.name) for r in parsed] == [("lab", "base"), ("team", "chat")]
+    await state.delete(LLM_INFERENCE_SERVICE, "chat", namespace="team")
+    await state.delete(LLM_INFERENCE_SERVICE, "base", namespace="lab")
+    await Controller(state).run(once=True)
+    assert "llmInferenceServices" not in (await state.get(LOCAL_MODEL_CACHE, "m"))["status"]
+
+
+async def test_a_cache_in_use_is_kept_from_deletion(https: tuple[ClusterState, Client, Any]) -> None:
+    """As KServe's webhook does (pkg/webhook/admission/localmodelcache/localmodelcache_validator.go:
+    96-140): refused while an InferenceService or LLMInferenceService labelled with its name exists."""
+    st, client, _ = https
+    obj = cache("m", "10Gi", ["a100"])
+
+    async def delete() -> dict[str, Any]:
+        req = cache_request("DELETE", obj, obj)
+        req["object"] = None  # as the API server sends a DELETE
+        return await client.review(VALIDATE_CACHES, req)
+
+    assert (await delete())["allowed"] is True
+    await st.create(LLM_INFERENCE_SERVICE, service("LLMInferenceService", "chat", "team", "m"))
+    await st.create(INFERENCE_SERVICE, service("InferenceService", "other", "team", "x"))
+    r = await delete()
+    assert r["allowed"] is False and r["status"]["code"] == 403
+    assert r["status"]["message"].startswith(
+        "LocalModelCache 'm' is being used by LLMInferenceService team/chat; delete those first"
+    )
+    await st.create(INFERENCE_SERVICE, service("InferenceService", "isvc", "lab", "m"))
+    r = await delete()
+    assert r["status"]["message"].startswith(
+        "LocalModelCache 'm' is being used by InferenceService lab/isvc and 1 more; "
+    )
+    await st.delete(INFERENCE_SERVICE, "isvc", namespace="lab")
+    await st.delete(LLM_INFERENCE_SERVICE, "chat", namespace="team")
+    assert (await delete())["allowed"] is True
+
+
+# -- e. the serving claim is made when a labelled service appears, before any pod -------------------
+
+
+async def test_labelled_services_get_their_serving_claim_before_any_pod(state: ClusterState) -> None:
+    """KServe makes the claims of the namespaces of the services labelled with the cache's name, in
+    the group they annotate when the cache lists it, else the cache's first
+    (pkg/controller/v1alpha1/localmodel/reconcilers/utils.go:482-540, 598-630)."""
+    await setup_two_groups(state)
+    await state.create(LOCAL_MODEL_CACHE, cache("m", "10Gi", ["a100", "h100"]))
+    await state.create(INFERENCE_SERVICE, service("InferenceService", "isvc", "team", "m"))
+    await state.create(LLM_INFERENCE_SERVICE, service("LLMInferenceService", "chat", "lab", "m", "h100"))
+    # A group the cache does not list: KServe serves it uncached, no claim.
+    await state.create(INFERENCE_SERVICE, service("InferenceService", "t4", "edge", "m", "t4"))
+    await Controller(state).run(once=True)
+
+    async def claims(namespace: str) -> list[str]:
+        found = await state.list(PERSISTENT_VOLUME_CLAIM, namespace=namespace)
+        return sorted(c["metadata"]["name"] for c in found.items)
+
+    assert await claims("team") == ["m-a100"]
+    assert await claims("lab") == ["m-h100"]
+    assert await claims("edge") == []
+    claim = await state.get(PERSISTENT_VOLUME_CLAIM, "m-a100", namespace="team")
+    assert claim["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "modelcache-controller"}
+    assert claim["spec"]["volumeName"]
+    await state.get(PERSISTENT_VOLUME, claim["spec"]["volumeName"])  # its PV exists too
+
+
+def test_service_demands_pure() -> None:
+    from controller.demand import service_demands
+    from controller.snapshot import ServingDemand
+    from controller.views import InferenceService
+
+    caches = {"m": LocalModelCache.from_json(cache("m", "10Gi", ["a100", "h100"]))}
+    isvc = InferenceService.from_json(service("InferenceService", "a", "team", "m"))
+    llm = InferenceService.from_llm_json(service("LLMInferenceService", "b", "lab", "m", "h100"))
+    assert llm.storage_uris == ()  # matched by its label alone, as KServe does
+    stray = InferenceService.from_json(service("InferenceService", "c", "edge", "m", "t4"))
+    unknown = InferenceService.from_json(service("InferenceService", "d", "x", "nope"))
+    plain = InferenceService.from_json(service("InferenceService", "e", "x", None))
+    assert service_demands([isvc, llm, stray, unknown, plain], caches) == {
+        ServingDemand("m", None, "team"),
+        ServingDemand("m", "h100", "lab"),
+    }
