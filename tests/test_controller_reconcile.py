@@ -24,8 +24,8 @@ from localmodel.errors import InvalidInput, NotFound, SpecError
 from localmodel.kinds import (
     EVENT,
     INFERENCE_SERVICE,
-    LLM_INFERENCE_SERVICE,
     LEASE,
+    LLM_INFERENCE_SERVICE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
