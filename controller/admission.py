@@ -9,10 +9,14 @@ pod names its cache (KServe's ``internal.serving.kserve.io/localmodel`` label, o
 ``modelcache.io/model.<storage key>=ready`` that the controller keeps on nodes holding that model
 downloaded, so the pod never starts on an empty or half-written copy. Every mount of a serving
 claim of ours is made read-only and whole (:func:`serving_mounts`). A pod that names a cache and
-no group goes to the cache's first group, as KServe does. Refused, with a message that says which:
-a group that does not exist, a cache that does not exist or does not list the group or was refused
-by it, a model that no node of the group holds yet, and a mount of a serving claim with a
-``subPath`` or ``subPathExpr`` it cannot rewrite.
+no group goes to the cache's first group, as KServe does. Refused, with a message that says which,
+only for a pod that names a cache: a group that does not exist or selects no nodes, a cache that does
+not exist or does not list the group or was refused by it, a model that no node of the group holds
+yet; and any pod with a mount of a serving claim with a ``subPath`` or ``subPathExpr`` it cannot
+rewrite. A pod that names only a group that does not exist (or selects no nodes) is allowed
+untouched with an admission Warning: KServe serves such a pod uncached (an InferenceService whose
+node group no cache lists gets no localmodel label, pkg/apis/serving/v1beta1/
+inference_service_defaults.go:556-579 at v0.20).
 
 KServe's LocalModelNamespaceCache (v0.18+) is named by the pod's ``localmodel`` label with its
 ``localmodel-namespace`` label beside it (what KServe's InferenceService defaulter writes,
@@ -156,11 +160,13 @@ def place_pod(
     ready_nodes: Iterable[Node] = (),
     our_claims: AbstractSet[str] = frozenset(),
     namespace: str | None = None,
+    foreign_claims: AbstractSet[str] = frozenset(),
 ) -> Verdict:
     """The verdict on a pod at create. ``cache`` and ``group`` are the objects the pod's ask names
     (None: not found; the group is the cache's first when the pod names none); ``ready_nodes`` are
     nodes whose labels mark the cache's model ready (others are ignored); ``our_claims`` are the
-    serving claims the controller made in the pod's namespace (their mounts: :func:`serving_mounts`);
+    serving claims the controller made in the pod's namespace and ``foreign_claims`` the claims of
+    the cache's names there that it did not make (their mounts: :func:`serving_mounts`);
     ``namespace`` is the pod's (the AdmissionReview's; its metadata's, else ``default``, when None).
     A pod whose metadata,
     labels, annotations or spec are not objects is refused naming the field."""
@@ -185,13 +191,19 @@ def place_pod(
             )
     assert group_name is not None
     if group is None or group.name != group_name:
-        return Verdict.refuse(f"node group {group_name!r} ({NODEGROUP_ANNOTATION}) does not exist")
+        missing = f"node group {group_name!r} ({NODEGROUP_ANNOTATION}) does not exist"
+        if ask.cache is None:
+            return Verdict(True, warnings=(f"{missing}: the pod is placed and served without the cache",))
+        return Verdict.refuse(missing)
     terms = group_terms(group)
     if not terms:
-        return Verdict.refuse(
+        empty = (
             f"node group {group_name!r} has no persistentVolumeSpec.nodeAffinity.required: "
             "it selects no nodes"
         )
+        if ask.cache is None:
+            return Verdict(True, warnings=(f"{empty}; the pod is placed without it",))
+        return Verdict.refuse(empty)
     if cache is not None:
         for c in cache.status.conditions:
             if c.type == ADMITTED and c.node_group == group_name and c.status == "False":
@@ -222,7 +234,7 @@ def place_pod(
         requirement = {"key": label, "operator": "In", "values": [MODEL_LABEL_VALUE]}
         terms = [_and_term(t, {"matchExpressions": [requirement]}) for t in terms]
     affinity = _with_required(pod, terms)
-    mounts, error = serving_mounts(pod, our_claims, cache)
+    mounts, error = serving_mounts(pod, our_claims, cache, foreign_claims)
     if error is not None:
         return Verdict.refuse(error, code=422)
     return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
@@ -242,12 +254,23 @@ def _pod_spec_error(pod: Mapping[str, Any]) -> Verdict | None:
 
 
 def serving_mounts(
-    pod: Mapping[str, Any], ours: AbstractSet[str], cache: LocalModelCache | None = None
+    pod: Mapping[str, Any],
+    ours: AbstractSet[str],
+    cache: LocalModelCache | None = None,
+    foreign: AbstractSet[str] = frozenset(),
 ) -> tuple[list[dict[str, Any]], str | None]:
     """JSON Patch operations that make the pod's mounts of our serving claims (``ours``: the names of
     the claims the controller made in the pod's namespace, with the ``cache``'s own ``<cache>-<group>``
-    for any group it lists) fit the serving volume, which is the model's folder itself, and an error
-    (naming the field) when one cannot be made to fit.
+    for any group it lists unless that claim is in ``foreign``) fit the serving volume, which is the
+    model's folder itself, and an error (naming the field) when one cannot be made to fit.
+
+    ``foreign``: claims in the pod's namespace that exist without our ``MANAGED_BY_LABEL``. A claim
+    ``<cache>-<group>`` that KServe's localmodel controller made (bound to a PV whose spec is the
+    node group's own, so its root is the node's whole ``/models`` folder:
+    pkg/controller/v1alpha1/localmodel/reconcilers/utils.go:603-624 at v0.20) needs KServe's
+    ``subPath: models/<key>``: its mounts are left exactly as KServe wrote them (the reconcile loop
+    leaves such claims alone too), and a claim the controller has not made yet is taken as one it
+    will make (it does so when the pod asks).
 
     Every such claim volume and every mount of it is made read-only (a pod running as the agent's
     UID could otherwise change the published files). A ``subPath`` of ``models/<key>`` of ``cache``
@@ -257,12 +280,10 @@ def serving_mounts(
     inside the published model (a path below the model, ``models/<key>/<path>``, included: serve it
     through a LocalModelCache of its own URI). Idempotent: a mount already rewritten yields no
     operation, so a reinvocation changes nothing."""
-    claims = set(ours)
-    prefix = None
-    if cache is not None:
-        claims.update(claim_name(cache.name, g) for g in cache.spec.node_groups)
-        prefix = model_subpath(cache.spec.storage_key)
     own = {claim_name(cache.name, g) for g in cache.spec.node_groups} if cache is not None else set()
+    own = {c for c in own if c in ours or c not in foreign}
+    claims = set(ours) | own
+    prefix = model_subpath(cache.spec.storage_key) if cache is not None else None
     spec = pod.get("spec") or {}
     names: dict[str, str] = {}  # volume name -> claim
     ops: list[dict[str, Any]] = []
@@ -473,8 +494,9 @@ def _annotation(obj: object) -> object:
 def validate_group(operation: str, obj: object, old: object) -> Verdict:
     """Refused at create or spec update: whatever :class:`LocalModelNodeGroupSpec` refuses, above
     all a volume source other than one ``hostPath`` or ``local`` folder, and a path that is ``/``, a
-    system folder or under one (the same rules as the CRD's CEL rules, for clusters whose API server
-    predates them or that installed KServe's CRDs)."""
+    system folder or under one. The CRD has no such rule: KServe's CRD takes any volume source and
+    path, and ours applied over it must keep every group KServe stored valid, so refusing is this
+    webhook's (an update that leaves the spec alone is always allowed)."""
     if operation not in ("CREATE", "UPDATE"):
         return Verdict(True)
     if (shape := shape_error(obj)) is not None:

@@ -45,6 +45,7 @@ from localmodel.kinds import (
     EVENT,
     INFERENCE_SERVICE,
     JSON,
+    LLM_INFERENCE_SERVICE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE,
@@ -94,10 +95,14 @@ WATCHED: tuple[ResourceKind, ...] = (
     PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
     INFERENCE_SERVICE,
+    LLM_INFERENCE_SERVICE,
 )
-# Watched where their API exists: without KServe there are no InferenceServices to report.
-# LocalModelNamespaceCaches: where the CRD is installed (ours, or KServe's from v0.18).
-OPTIONAL: frozenset[ResourceKind] = frozenset({INFERENCE_SERVICE, LOCAL_MODEL_NAMESPACE_CACHE})
+# Watched where their API exists: without KServe there are no InferenceServices to report (and
+# LLMInferenceServices only from KServe v0.19); LocalModelNamespaceCaches where the CRD is installed
+# (ours, or KServe's from v0.18).
+OPTIONAL: frozenset[ResourceKind] = frozenset(
+    {INFERENCE_SERVICE, LLM_INFERENCE_SERVICE, LOCAL_MODEL_NAMESPACE_CACHE}
+)
 # Only the PVs and PVCs the controller made are its business: watched by their label.
 SELECTORS: dict[ResourceKind, Selector] = {
     PERSISTENT_VOLUME: Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),

@@ -79,6 +79,8 @@ class Snapshot:
     claims: Mapping[tuple[str, str], VolumeRef] = field(default_factory=dict)  # (namespace, name) ->
     # cache -> the InferenceServices that use it (KServe's status.inferenceServices), sorted
     inference_services: Mapping[str, tuple[InferenceServiceRef, ...]] = field(default_factory=dict)
+    # cache -> the LLMInferenceServices that use it (KServe's status.llmInferenceServices), sorted
+    llm_inference_services: Mapping[str, tuple[InferenceServiceRef, ...]] = field(default_factory=dict)
     # stored groups whose spec is refused (KServe's CRDs have no rules), name -> why: left out of
     # ``groups``, and a cache that lists one is told so
     invalid_groups: Mapping[str, str] = field(default_factory=dict)

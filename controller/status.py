@@ -182,7 +182,8 @@ def cache_status(
         conditions.append(served)
 
     refs = snapshot.inference_services.get(cache.key, ())
-    return status_write(cache, states, tuple(conditions), refs), events
+    llm = snapshot.llm_inference_services.get(cache.key, ())
+    return status_write(cache, states, tuple(conditions), refs, llm_refs=llm), events
 
 
 def status_write(
@@ -190,9 +191,11 @@ def status_write(
     states: Mapping[str, NodeState],
     conditions: tuple[Condition, ...],
     refs: tuple[InferenceServiceRef, ...],
+    *,
+    llm_refs: tuple[InferenceServiceRef, ...] = (),
 ) -> StatusWrite | None:
-    """The merge patch that makes the cache's status the one of these node states, conditions and
-    InferenceServices, or None when it is that already."""
+    """The merge patch that makes the cache's status the one of these node states, conditions,
+    InferenceServices and LLMInferenceServices (``llm_refs``), or None when it is that already."""
     old = cache.status
     available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
     failed = sum(1 for s in states.values() if s is NodeState.DOWNLOAD_ERROR)
@@ -201,6 +204,7 @@ def status_write(
         "nodeStatus": {n: s.value for n, s in sorted(states.items())},
         "copies": {"available": available, "total": total, "failed": failed},
         "inferenceServices": [{"name": r.name, "namespace": r.namespace} for r in refs],
+        "llmInferenceServices": [{"name": r.name, "namespace": r.namespace} for r in llm_refs],
         "conditions": [c.to_json() for c in conditions],
         "observedGeneration": cache.metadata.generation,
     }
@@ -209,6 +213,7 @@ def status_write(
         "nodeStatus": old_json.get("nodeStatus", {}),
         "copies": old_json.get("copies"),
         "inferenceServices": old_json.get("inferenceServices") or [],
+        "llmInferenceServices": old_json.get("llmInferenceServices") or [],
         "conditions": old_json.get("conditions", []),
         "observedGeneration": old.observed_generation,
     }
@@ -219,10 +224,13 @@ def status_write(
     patch["nodeStatus"] = {**dict.fromkeys(old.node_status), **new_json["nodeStatus"]}
     if not refs:
         patch["inferenceServices"] = None  # absent when none, as KServe writes it
+    if not llm_refs:
+        patch["llmInferenceServices"] = None
     typed = LocalModelCacheStatus(
         node_status=dict(sorted(states.items())),
         copies=Copies(available=available, total=total, failed=failed),
         inference_services=tuple(InferenceServiceRef(r.name, r.namespace) for r in refs),
+        llm_inference_services=tuple(llm_refs),
         observed_generation=cache.metadata.generation,
         conditions=conditions,
     )

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from controller.demand import service_demands
 from controller.rollout import models_in_use
 from controller.serving import serving_demands, volume_ref
 from controller.snapshot import Scope, ServingDemand, Snapshot, VolumeRef, isvc_refs, merged_use
@@ -26,6 +27,7 @@ from localmodel.errors import SpecError
 from localmodel.kinds import (
     INFERENCE_SERVICE,
     JSON,
+    LLM_INFERENCE_SERVICE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE,
@@ -77,6 +79,8 @@ class View:
     isvcs: dict[tuple[str, str], InferenceService] = field(default_factory=dict)  # (namespace, name) ->
     invalid_groups: dict[str, str] = field(default_factory=dict)  # stored, spec refused: name -> why
     isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
+    llm_isvcs: dict[tuple[str, str], InferenceService] = field(default_factory=dict)  # LLMInferenceServices
+    llm_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
 
 
 def repointed_owners(lmn: LocalModelNode | None, node: Node | None) -> list[JSON] | None:
@@ -114,6 +118,7 @@ class ViewKeeper:
         self._in_use: dict[str, frozenset[str]] | None = None
         self._serving: frozenset[ServingDemand] | None = None
         self._isvc_refs: dict[str, tuple[InferenceServiceRef, ...]] | None = None  # cache ->
+        self._llm_refs: dict[str, tuple[InferenceServiceRef, ...]] | None = None  # cache ->
         self._full = True
         self._dirty_nodes: set[str] = set()
         # LocalModelNodes whose Node owner reference names another uid than the Node's (the Node
@@ -163,6 +168,8 @@ class ViewKeeper:
                 self._observe_volume(kind, obj, deleted)
             elif kind is INFERENCE_SERVICE:
                 self._observe_isvc(obj, deleted)
+            elif kind is LLM_INFERENCE_SERVICE:
+                self._observe_llm(obj, deleted)
         except SpecError as e:
             # One bad object must not stop the controller for everyone else; it is left out.
             log.warning("ignoring %s %s: %s", kind.kind, name, e)
@@ -338,7 +345,7 @@ class ViewKeeper:
         key = (isvc.namespace, isvc.name)
         view = self._view
         before = view.isvc_use.pop(key, frozenset())
-        view.isvcs.pop(key, None)
+        old = view.isvcs.pop(key, None)
         after: frozenset[str] = frozenset()
         if not deleted:
             view.isvcs[key] = isvc
@@ -348,12 +355,38 @@ class ViewKeeper:
         if before != after:
             self._dirty_caches.update(before ^ after)
             self._isvc_refs = None
+        self._service_changed(old, None if deleted else isvc)
+
+    def _service_changed(self, old: InferenceService | None, new: InferenceService | None) -> None:
+        """A labelled (LLM)InferenceService came, went or changed: its serving demand
+        (:mod:`controller.demand`) is planned again."""
+        if old != new and ((old is not None and old.named) or (new is not None and new.named)):
+            self._serving = None
+            self._volumes_dirty = True
+
+    def _observe_llm(self, obj: JSON, deleted: bool) -> None:
+        svc = InferenceService.from_llm_json(obj)
+        key = (svc.namespace, svc.name)
+        view = self._view
+        before = view.llm_use.pop(key, frozenset())
+        old = view.llm_isvcs.pop(key, None)
+        after: frozenset[str] = frozenset()
+        if not deleted:
+            view.llm_isvcs[key] = svc
+            after = isvc_caches(svc, view.caches)
+            if after:
+                view.llm_use[key] = after
+        if before != after:
+            self._dirty_caches.update(before ^ after)
+            self._llm_refs = None
+        self._service_changed(old, None if deleted else svc)
 
     def _invalidate(self) -> None:
         self._layout = None
         self._in_use = None
         self._serving = None
         self._isvc_refs = None
+        self._llm_refs = None
         self._full = True
 
     @property
@@ -402,13 +435,21 @@ class ViewKeeper:
                         view.pod_serving[key] = demands
                     else:
                         view.pod_serving.pop(key, None)
-            self._serving = frozenset(d for ds in view.pod_serving.values() for d in ds)
+            self._serving = frozenset(d for ds in view.pod_serving.values() for d in ds) | frozenset(
+                service_demands([*view.isvcs.values(), *view.llm_isvcs.values()], view.caches)
+            )
         if self._isvc_refs is None:
             if full:  # which caches an InferenceService uses depends on the caches
                 view.isvc_use = {
                     k: use for k, obj in view.isvcs.items() if (use := isvc_caches(obj, view.caches))
                 }
             self._isvc_refs = isvc_refs(view.isvc_use)
+        if self._llm_refs is None:
+            if full:
+                view.llm_use = {
+                    k: use for k, obj in view.llm_isvcs.items() if (use := isvc_caches(obj, view.caches))
+                }
+            self._llm_refs = isvc_refs(view.llm_use)
         snapshot = Snapshot(
             caches=view.caches,
             groups=view.groups,
@@ -422,6 +463,7 @@ class ViewKeeper:
             volumes=view.volumes,
             claims=view.claims,
             inference_services=self._isvc_refs,
+            llm_inference_services=self._llm_refs,
             invalid_groups=view.invalid_groups,
         )
         return snapshot, self._layout, scope

@@ -1,6 +1,7 @@
 """Typed views of the Kubernetes objects the controller reads but does not own (Pods, Nodes,
-InferenceServices), parsed once at the edge: the reconcile loop and the webhook parse each object
-into one of these frozen types on arrival, and the pure planners read only the fields here.
+InferenceServices and LLMInferenceServices), parsed once at the edge: the reconcile loop and the
+webhook parse each object into one of these frozen types on arrival, and the pure planners read only
+the fields here.
 
 Rules taken from KServe:
 
@@ -144,19 +145,34 @@ class InferenceService:
     name: str
     named: str | None  # the cache (key) KServe's webhook names in its localmodel labels
     storage_uris: tuple[str, ...]  # the predictor's storageUri and those of its parts
+    group: str | None = None  # its serving.kserve.io/nodegroup annotation
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> InferenceService:
         meta = _mapping(obj.get("metadata"))
-        labels = _mapping(meta.get("labels"))
-        named = named_cache(labels, {})
         predictor = _mapping(_mapping(obj.get("spec")).get("predictor"))
         uris = [predictor.get("storageUri")] + [
             part.get("storageUri") for part in predictor.values() if isinstance(part, Mapping)
         ]
+        return cls._of(meta, tuple(u for u in uris if isinstance(u, str) and u))
+
+    @classmethod
+    def from_llm_json(cls, obj: Mapping[str, Any]) -> InferenceService:
+        """An LLMInferenceService (KServe v0.19+), matched by its localmodel label alone, as KServe
+        fills a cache's status.llmInferenceServices (pkg/controller/v1alpha1/localmodel/reconcilers/
+        localmodelcache_reconciler.go:288-296, utils.go:505-523 at v0.20): no URIs."""
+        return cls._of(_mapping(obj.get("metadata")), ())
+
+    @classmethod
+    def _of(cls, meta: Mapping[str, Any], uris: tuple[str, ...]) -> InferenceService:
+        # The cache's key: KServe's localmodel label, with its localmodel-namespace label for a
+        # LocalModelNamespaceCache.
+        named = named_cache(_mapping(meta.get("labels")), {})
+        group = _mapping(meta.get("annotations")).get(NODEGROUP_ANNOTATION)
         return cls(
             namespace=meta.get("namespace") or "default",
             name=str(meta.get("name") or ""),
             named=named if isinstance(named, str) and named else None,
-            storage_uris=tuple(u for u in uris if isinstance(u, str) and u),
+            storage_uris=uris,
+            group=group if isinstance(group, str) and group else None,
         )

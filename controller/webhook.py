@@ -4,12 +4,13 @@ Served by every replica of the controller, leader or not (the API server calls w
 Service picks), so each request reads what it needs from the cluster state itself rather than from
 the leader's view: for a pod, its cache and group (two GETs) and the nodes labelled ready for that
 model (one list by label selector) and the controller's serving claims in its namespace (one list by
-label selector); for a cache, the caches and groups. Certificates come from a
+label selector) and, for each of its cache's claim names that is not one of them, whether KServe made
+it (one GET each); for a cache, the caches and groups. Certificates come from a
 folder holding ``tls.crt`` and ``tls.key`` (a mounted Secret, as cert-manager writes it) and are
 reloaded when they change, so a renewed certificate needs no restart.
 
-Paths: ``POST /mutate/pods``, ``POST /validate/localmodelcaches`` (LocalModelNamespaceCaches too,
-by the review's kind),
+Paths: ``POST /mutate/pods``, ``POST /mutate/localmodelcaches``, ``POST /validate/localmodelcaches``
+(LocalModelNamespaceCaches too, by the review's kind),
 ``POST /validate/localmodelnodegroups``, ``GET /healthz``.
 
 Bounds (with ``failurePolicy: Fail`` a few slow clients must not hold the endpoint): a connection
@@ -46,12 +47,16 @@ from controller.admission import (
     validate_cache,
     validate_group,
 )
+from controller.defaults import default_cache
+from controller.demand import deletion_verdict
 from controller.labels import MODEL_LABEL_VALUE, model_label
-from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
+from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, claim_name
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
 from localmodel.kinds import (
+    INFERENCE_SERVICE,
     JSON,
+    LLM_INFERENCE_SERVICE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NAMESPACE_CACHE,
     LOCAL_MODEL_NODE_GROUP,
@@ -59,6 +64,7 @@ from localmodel.kinds import (
     PERSISTENT_VOLUME_CLAIM,
 )
 from localmodel.resources import (
+    LOCALMODEL_LABEL,
     LocalModelCache,
     LocalModelNamespaceCache,
     LocalModelNodeGroup,
@@ -72,6 +78,7 @@ log = logging.getLogger("modelcache.controller.webhook")
 
 MUTATE_PODS = "/mutate/pods"
 VALIDATE_CACHES = "/validate/localmodelcaches"
+MUTATE_CACHES = "/mutate/localmodelcaches"
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 VALIDATE_GROUPS = "/validate/localmodelnodegroups"
@@ -153,10 +160,31 @@ class Webhook:
             selector=Selector(labels={MANAGED_BY_LABEL: MANAGED_BY}),
         )
         ours = frozenset(str((c.get("metadata") or {}).get("name")) for c in claims.items)
-        return place_pod(pod, cache=cache, group=group, ready_nodes=ready, our_claims=ours, namespace=ns)
+        # A claim of the cache's name that is not ours (KServe made it): one GET per group listed.
+        names = [claim_name(cache.name, g) for g in cache.spec.node_groups] if cache is not None else []
+        foreign: set[str] = set()
+        for name in names:
+            if name in ours:
+                continue
+            try:
+                await self.state.get(PERSISTENT_VOLUME_CLAIM, name, namespace=ns)
+            except NotFound:
+                continue
+            foreign.add(name)
+        return place_pod(
+            pod,
+            cache=cache,
+            group=group,
+            ready_nodes=ready,
+            our_claims=ours,
+            foreign_claims=frozenset(foreign),
+            namespace=ns,
+        )
 
     async def review_cache(self, request: JSON) -> Verdict:
         operation = str(request.get("operation") or "")
+        if operation == "DELETE":
+            return await self._review_deletion(request)
         if operation not in ("CREATE", "UPDATE"):
             return Verdict(True)
         caches = [_typed(LocalModelCache, o) for o in (await self.state.list(LOCAL_MODEL_CACHE)).items]
@@ -180,6 +208,29 @@ class Webhook:
             invalid_groups=invalid,
             overcommit=self.overcommit,
         )
+
+    async def _review_deletion(self, request: JSON) -> Verdict:
+        """A cache an (LLM)InferenceService's localmodel label names is kept (one list per kind, by
+        label; a kind the cluster does not serve has none)."""
+        old = request.get("oldObject")
+        meta = old.get("metadata") if isinstance(old, dict) else None
+        name = request.get("name") or (meta.get("name") if isinstance(meta, dict) else None)
+        if not isinstance(name, str) or not name:
+            return Verdict(True)
+        users: list[tuple[str, str, str]] = []
+        for kind in (INFERENCE_SERVICE, LLM_INFERENCE_SERVICE):
+            try:
+                found = await self.state.list(kind, selector=Selector(labels={LOCALMODEL_LABEL: name}))
+            except NotFound:
+                continue
+            for obj in found.items:
+                m = obj.get("metadata") or {}
+                users.append((kind.kind, str(m.get("namespace") or "default"), str(m.get("name"))))
+        return deletion_verdict(name, users)
+
+    async def default_cache(self, request: JSON) -> Verdict:
+        """The alias ``nodeGroup`` stored as ``nodeGroups`` (:mod:`controller.defaults`); no reads."""
+        return default_cache(str(request.get("operation") or ""), request.get("object"))
 
     async def review_group(self, request: JSON) -> Verdict:
         return validate_group(
@@ -216,6 +267,7 @@ class Webhook:
         app = web.Application(client_max_size=limits.max_body)
         app.router.add_post(MUTATE_PODS, self._handler(self.review_pod, "pod", limits))
         app.router.add_post(VALIDATE_CACHES, self._handler(self.review_cache, "LocalModelCache", limits))
+        app.router.add_post(MUTATE_CACHES, self._handler(self.default_cache, "LocalModelCache", limits))
         app.router.add_post(VALIDATE_GROUPS, self._handler(self.review_group, "LocalModelNodeGroup", limits))
         app.router.add_get("/healthz", _healthz)
         return app

@@ -2,8 +2,9 @@
 
 A cache folder is written and deleted by the agent as root on the node, so a folder of the node's
 system (or a shared parent of such folders) would be a node takeover through ``hostPath``. The same
-list is written out as the CRD's CEL rules, the controller's serving-volume policy and the agent's
-init container (see :data:`SYSTEM_FOLDERS`).
+list is the group webhook's rule (through the parser), the controller's serving-volume policy and the
+agent's init container (see :data:`SYSTEM_FOLDERS`). The CRD carries no rule on the path: KServe's
+CRD has none, and ours over KServe's must keep every group KServe stored valid (issue 16).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 # kernel interfaces, binaries and libraries, runtime sockets, root's home, logs, world-writable
 # scratch, and the kubelet's, the container runtimes', the network plugins' and the distributions'
 # state (hostPath on them is a node takeover). /lib* also covers lib32, lib64, libx32.
-# The one list: the CRD's CEL rules (manifests/crds/localmodelnodegroups.yaml, from
-# :func:`cache_path_cel`), the controller's serving-volume policy (manifests/controller/
-# admission-policy.yaml, :func:`system_folder_cel`) and the agent's init container
-# (manifests/agent/daemonset.yaml, :func:`system_folder_case`) are generated from it; tests keep
-# them equal and run each against :func:`cache_path_error`.
+# The one list: the group webhook reads it through the parser (:func:`cache_path_error`), and the
+# controller's serving-volume policy (manifests/controller/admission-policy.yaml,
+# :func:`system_folder_cel`) and the agent's init container (manifests/agent/daemonset.yaml,
+# :func:`system_folder_case`) are generated from it; tests keep them equal and run each against
+# :func:`cache_path_error`.
 SYSTEM_FOLDERS = (
     "/bin",
     "/boot",
@@ -97,23 +98,6 @@ def system_folder_cel(path: str) -> str:
     return (
         f"{folders}.exists(f, {path} == f || {path}.startsWith(f + '/')) || {path}.matches('^/lib[^/]*(/|$)')"
     )
-
-
-def cache_path_cel() -> list[dict[str, str]]:
-    """The CRD's ``x-kubernetes-validations`` on a node group's ``hostPath.path`` and ``local.path``:
-    together they refuse what :func:`cache_path_error` refuses (the length is the schema's
-    ``maxLength``)."""
-    return [
-        {"rule": "self.startsWith('/')", "message": "expected an absolute path"},
-        {"rule": "!self.matches('[\\x00-\\x1f\\x7f]')", "message": "holds a control character"},
-        {
-            "rule": "self == '/' || !(self.contains('//') || self.endsWith('/') || "
-            "self.matches('/[.][.]?(/|$)'))",
-            "message": "is not a normalised path (no '//', '.', '..' or trailing '/')",
-        },
-        {"rule": f"!({_cel_list(SYSTEM_PARENTS)}.exists(f, self == f))", "message": _PARENT_MESSAGE},
-        {"rule": f"!({system_folder_cel('self')})", "message": _SYSTEM_MESSAGE},
-    ]
 
 
 def system_folder_case() -> str:

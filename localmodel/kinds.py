@@ -56,6 +56,12 @@ INFERENCE_SERVICE = ResourceKind(
     "serving.kserve.io", "v1beta1", "InferenceService", "inferenceservices", True
 )
 
+# KServe v0.19+ (pkg/apis/serving/v1alpha2/llm_inference_service_types.go at v0.20): read only, where
+# installed; the controller fills caches' status.llmInferenceServices and serves their namespaces.
+LLM_INFERENCE_SERVICE = ResourceKind(
+    "serving.kserve.io", "v1alpha2", "LLMInferenceService", "llminferenceservices", True
+)
+
 KINDS: tuple[ResourceKind, ...] = (
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NAMESPACE_CACHE,
@@ -70,5 +76,6 @@ KINDS: tuple[ResourceKind, ...] = (
     INFERENCE_SERVICE,
     SECRET,
     SERVICE_ACCOUNT,
+    LLM_INFERENCE_SERVICE,
 )
 KINDS_BY_NAME: dict[str, ResourceKind] = {k.kind: k for k in KINDS}

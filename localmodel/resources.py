@@ -371,6 +371,8 @@ class LocalModelCacheStatus:
     node_status: Mapping[str, NodeState] = field(default_factory=dict)
     copies: Copies = Copies()
     inference_services: tuple[InferenceServiceRef, ...] = ()
+    # KServe v0.19+: the LLMInferenceServices that use the cache (its status.llmInferenceServices)
+    llm_inference_services: tuple[InferenceServiceRef, ...] = ()
     observed_generation: int | None = None
     conditions: tuple[Condition, ...] = ()
 
@@ -379,26 +381,18 @@ class LocalModelCacheStatus:
         st = _obj(data, "status")
         ns = _obj(st.get("nodeStatus"), "status.nodeStatus")
         copies = _obj(st.get("copies"), "status.copies")
-        isvcs = st.get("inferenceServices") or []
-        if not isinstance(isvcs, list):
-            raise SpecError("expected a list", field="status.inferenceServices")
-        refs = []
-        for i, ref in enumerate(isvcs):
-            raw = _obj(ref, f"status.inferenceServices[{i}]")
-            refs.append(
-                InferenceServiceRef(
-                    _str(raw, "name", f"status.inferenceServices[{i}]") or "",
-                    _str(raw, "namespace", f"status.inferenceServices[{i}]") or "",
-                )
-            )
         return cls(
-            node_status={str(k): _enum(NodeState, v, f"status.nodeStatus.{k}") for k, v in ns.items()},
+            # "" is the zero value KServe's CRD allows (its Go type's default): no state, left out.
+            node_status={
+                str(k): _enum(NodeState, v, f"status.nodeStatus.{k}") for k, v in ns.items() if v != ""
+            },
             copies=Copies(
                 available=_int(copies, "available", "status.copies"),
                 total=_int(copies, "total", "status.copies"),
                 failed=_int(copies, "failed", "status.copies"),
             ),
-            inference_services=tuple(refs),
+            inference_services=_refs(st, "inferenceServices"),
+            llm_inference_services=_refs(st, "llmInferenceServices"),
             observed_generation=st.get("observedGeneration"),
             conditions=_conditions(st, "status"),
         )
@@ -415,10 +409,30 @@ class LocalModelCacheStatus:
                 "inferenceServices": [
                     {"name": r.name, "namespace": r.namespace} for r in self.inference_services
                 ],
+                "llmInferenceServices": [
+                    {"name": r.name, "namespace": r.namespace} for r in self.llm_inference_services
+                ],
                 "observedGeneration": self.observed_generation,
                 "conditions": [c.to_json() for c in self.conditions],
             }
         )
+
+
+def _refs(status: Mapping[str, Any], name: str) -> tuple[InferenceServiceRef, ...]:
+    """A status list of ``{name, namespace}`` (KServe's ``[]NamespacedName``)."""
+    items = status.get(name) or []
+    if not isinstance(items, list):
+        raise SpecError("expected a list", field=f"status.{name}")
+    refs = []
+    for i, ref in enumerate(items):
+        raw = _obj(ref, f"status.{name}[{i}]")
+        refs.append(
+            InferenceServiceRef(
+                _str(raw, "name", f"status.{name}[{i}]") or "",
+                _str(raw, "namespace", f"status.{name}[{i}]") or "",
+            )
+        )
+    return tuple(refs)
 
 
 @dataclass(frozen=True)
@@ -825,7 +839,9 @@ class LocalModelNodeStatus:
         models = _obj(st.get("models"), "status.models")
         cap = _obj(st.get("capacity"), "status.capacity")
         return cls(
-            model_status={str(k): _enum(ModelState, v, f"status.modelStatus.{k}") for k, v in ms.items()},
+            model_status={  # "" (KServe's zero value) is no state: left out
+                str(k): _enum(ModelState, v, f"status.modelStatus.{k}") for k, v in ms.items() if v != ""
+            },
             models={str(k): ModelProgress.from_json(v, f"status.models.{k}") for k, v in models.items()},
             capacity=Capacity(
                 limit=_quantity(cap, "limit", "status.capacity", required=False),

@@ -95,15 +95,16 @@ def test_webhooks_are_wired_to_the_service_and_certificate(rendered: list[dict[s
             paths.add((d["kind"], svc["path"], tuple(hook["rules"][0]["resources"])))
     assert paths == {
         ("MutatingWebhookConfiguration", "/mutate/pods", ("pods",)),
+        ("MutatingWebhookConfiguration", "/mutate/localmodelcaches", ("localmodelcaches",)),
         ("ValidatingWebhookConfiguration", "/validate/localmodelcaches", ("localmodelcaches",)),
         ("ValidatingWebhookConfiguration", "/validate/localmodelnodegroups", ("localmodelnodegroups",)),
     }
     # The routes exist in the server.
-    from controller.webhook import MUTATE_PODS, VALIDATE_CACHES, VALIDATE_GROUPS
+    from controller.webhook import MUTATE_CACHES, MUTATE_PODS, VALIDATE_CACHES, VALIDATE_GROUPS
 
-    assert {p for _, p, _ in paths} == {MUTATE_PODS, VALIDATE_CACHES, VALIDATE_GROUPS}
+    assert {p for _, p, _ in paths} == {MUTATE_PODS, MUTATE_CACHES, VALIDATE_CACHES, VALIDATE_GROUPS}
     # Reinvoked after KServe's pod mutator, so its subPath mount is narrowed whatever the order.
-    (pods,) = [d for d in rendered if d["kind"] == "MutatingWebhookConfiguration"]
+    pods = by_kind[("MutatingWebhookConfiguration", "modelcache-pod-placement")]
     assert pods["webhooks"][0]["reinvocationPolicy"] == "IfNeeded"
 
 
@@ -112,7 +113,7 @@ def test_only_pods_that_ask_are_sent_to_the_pod_webhook(rendered: list[dict[str,
     celpy = pytest.importorskip("celpy")
     from celpy import celtypes
 
-    (config,) = [d for d in rendered if d["kind"] == "MutatingWebhookConfiguration"]
+    (config,) = [d for d in rendered if d["metadata"]["name"] == "modelcache-pod-placement"]
     conditions = config["webhooks"][0]["matchConditions"]
     assert [c["name"] for c in conditions] == ["has-not-opted-out", "asks-for-a-node-group-or-a-cached-model"]
     env = celpy.Environment()

@@ -25,6 +25,7 @@ from localmodel.kinds import (
     EVENT,
     INFERENCE_SERVICE,
     LEASE,
+    LLM_INFERENCE_SERVICE,
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NODE,
     LOCAL_MODEL_NODE_GROUP,
@@ -567,7 +568,7 @@ async def _is(value: Awaitable[Any], expected: Any) -> bool:
 
 
 async def test_a_cluster_without_kserve_is_reconciled_all_the_same(caplog: pytest.LogCaptureFixture) -> None:
-    api = KubeAPI(without=frozenset({INFERENCE_SERVICE}))
+    api = KubeAPI(without=frozenset({INFERENCE_SERVICE, LLM_INFERENCE_SERVICE}))
     api.store = MemoryState()
     await api.start()
     kube = KubeState.for_url(api.url, watch_timeout=5)
@@ -578,10 +579,11 @@ async def test_a_cluster_without_kserve_is_reconciled_all_the_same(caplog: pytes
             async with running(kube):
                 await eventually(lambda: _has(kube, "h1", ["m"]))
                 await asyncio.sleep(0.3)  # the watch of the missing API is not retried in a loop
-        missing = [r for r in caplog.records if "inferenceservices: not served" in r.getMessage()]
-        assert len(missing) == 1 and missing[0].levelname == "INFO"
+        for plural in ("inferenceservices", "llminferenceservices"):
+            missing = [r for r in caplog.records if r.getMessage().startswith(f"{plural}: not served")]
+            assert len(missing) == 1 and missing[0].levelname == "INFO"
+            assert sum(1 for _, path in api.requests if f"/{plural}" in path) <= 3
         assert not [r for r in caplog.records if r.levelname == "WARNING"]
-        assert sum(1 for _, path in api.requests if "inferenceservices" in path) <= 3
     finally:
         await kube.close()
         api.expire_watches()

@@ -196,8 +196,10 @@ async def test_pod_placement_over_https(https: tuple[ClusterState, Client, Webho
     msg = await refused(pod_request("p5", annotations={"modelcache.io/model": "slow"}))
     assert "no node of node group 'a100' holds LocalModelCache 'slow' downloaded yet" in msg
     assert "(0 of 2 copies available)" in msg
-    msg = await refused(pod_request("p6", annotations={"serving.kserve.io/nodegroup": "t4"}))
-    assert msg == "node group 't4' (serving.kserve.io/nodegroup) does not exist"
+    msg = await refused(
+        pod_request("p6", annotations={"serving.kserve.io/nodegroup": "t4", "modelcache.io/model": "m"})
+    )
+    assert msg == "LocalModelCache 'm' does not list node group 't4' (it lists a100)"
     msg = await refused(pod_request("p7", annotations={"modelcache.io/model": "nope"}))
     assert msg == "LocalModelCache 'nope' does not exist"
 
@@ -351,12 +353,11 @@ def test_place_pod_pure() -> None:
     assert not place_pod(pod, cache=c, group=g, ready_nodes=[outside]).allowed
     inside = Node("a1", {"gpu": "a100", label: "ready"})
     assert place_pod(pod, cache=c, group=g, ready_nodes=[outside, inside]).allowed
-    # A group that selects nothing cannot place anything.
+    # A group that selects nothing cannot place a pod that names a cache (one that names none: a
+    # Warning, tests/test_kserve_users.py).
     folder_only = {"storageLimit": "1Gi", "persistentVolumeSpec": {"hostPath": {"path": "/models"}}}
     bare = LocalModelNodeGroup.from_json({**group("a100", "1Gi"), "spec": folder_only})
-    v = place_pod(
-        {"metadata": {"annotations": {"serving.kserve.io/nodegroup": "a100"}}}, cache=None, group=bare
-    )
+    v = place_pod(pod, cache=c, group=bare)
     assert not v.allowed and "selects no nodes" in v.message
 
 

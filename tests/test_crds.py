@@ -20,7 +20,7 @@ from celpy.adapter import json_to_cel
 
 from localmodel.documents import parse_text
 from localmodel.errors import SpecError
-from localmodel.folders import SYSTEM_FOLDERS, SYSTEM_PARENTS, cache_path_cel, cache_path_error
+from localmodel.folders import SYSTEM_FOLDERS, SYSTEM_PARENTS, cache_path_error
 from localmodel.resources import CACHE_VOLUME_SOURCES, PV_SPEC_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,9 +150,10 @@ def test_every_state_field_has_the_full_enum() -> None:
     }
     model_states = {"ModelDownloadPending", "ModelDownloading", "ModelDownloaded", "ModelDownloadError"}
     cache = schema_of("LocalModelCache")["properties"]["status"]["properties"]
-    assert set(cache["nodeStatus"]["additionalProperties"]["enum"]) == node_states
+    # "" too, as KServe's CRDs allow (a status KServe wrote stays valid under ours).
+    assert set(cache["nodeStatus"]["additionalProperties"]["enum"]) == node_states | {""}
     node = schema_of("LocalModelNode")["properties"]["status"]["properties"]
-    assert set(node["modelStatus"]["additionalProperties"]["enum"]) == model_states
+    assert set(node["modelStatus"]["additionalProperties"]["enum"]) == model_states | {""}
     assert set(node["models"]["additionalProperties"]["properties"]["state"]["enum"]) == model_states
 
 
@@ -190,11 +191,6 @@ INVALID = [
     ("alias-not-names", "spec: nodeGroup must be a node group name or a non-empty list", "spec.nodeGroup"),
     ("bad-model-size", "spec.modelSize: '10Gbytes' does not match", "spec.modelSize"),
     ("unknown-node-state", "status.nodeStatus.n1: 'Downloaded' is not one of", "status.nodeStatus.n1"),
-    (
-        "negative-copies",
-        "status.copies.available: -1 is less than the minimum of 0",
-        "status.copies.available",
-    ),
     ("misspelt-field", "spec: Additional properties are not allowed ('sourceModelURI' was unexpected)", None),
     ("group-missing-limit", "spec: 'storageLimit' is a required property", "spec.storageLimit"),
     (
@@ -318,44 +314,55 @@ def _group(pv: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("source", ["hostPath", "local"])
 @pytest.mark.parametrize("path", PATHS)
 def test_group_path_rules_agree_with_the_parser(source: str, path: str) -> None:
-    """The CRD's CEL rules on hostPath.path and local.path refuse exactly what the parser (and so the
-    controller's group webhook) refuses: one list of system folders."""
+    """The CRD takes every path KServe's CRD takes (issue 16: applying ours over KServe's never makes a
+    stored group invalid); the group webhook refuses exactly what the parser refuses, naming the field:
+    one list of system folders."""
+    from controller.admission import validate_group
+
     doc = _group({source: {"path": path}})
-    errors = validate(doc)
+    assert validate(doc) == []
+    verdict = validate_group("CREATE", doc, None)
     parser = cache_path_error(path)
-    assert bool(errors) == (parser is not None), (errors, parser)
+    assert verdict.allowed == (parser is None), (verdict, parser)
+    if not verdict.allowed:
+        assert verdict.message.startswith(f"spec.persistentVolumeSpec.{source}.path: "), verdict
+        assert "\n" not in verdict.message
     # The parser itself (standalone mode too) leaves scratch folders to the cluster's checks.
     if cache_path_error(path, cluster=False) is not None:
-        assert all(e.startswith(f"spec.persistentVolumeSpec.{source}.path: ") for e in errors), errors
         with pytest.raises(SpecError) as info:
             parse_text(yaml.safe_dump(doc), where="g")
         assert info.value.field == f"spec.persistentVolumeSpec.{source}.path"
 
 
-def test_group_path_rules_are_generated_from_the_one_list() -> None:
-    """The CRD carries exactly :func:`cache_path_cel`'s rules on both paths (the list lives in
-    localmodel/resources.py; regenerate the CRD's rules from it when it changes)."""
+def test_group_path_rules_are_the_webhook_s_not_the_crd_s() -> None:
+    """The CRD carries no rule on the paths (KServe's has none); the one list lives in
+    localmodel/folders.py and the webhook, the agent and the serving-volume policy read it."""
     pv = schema_of("LocalModelNodeGroup")["properties"]["spec"]["properties"]["persistentVolumeSpec"]
+    assert "x-kubernetes-validations" not in pv
     for source in CACHE_VOLUME_SOURCES:
-        assert pv["properties"][source]["properties"]["path"]["x-kubernetes-validations"] == cache_path_cel()
+        assert set(pv["properties"][source]["properties"]["path"]) == {"type"}
     for allowed in ("/mnt/disks/ssd0", "/srv/modelcache", "/models", "/var/lib/modelcache"):
         assert cache_path_error(allowed) is None, allowed
 
 
 def test_group_may_name_only_a_hostpath_or_local_folder() -> None:
+    from controller.admission import validate_group
+
+    def refused(doc: dict[str, Any]) -> str:
+        assert validate(doc) == [], "KServe's CRD takes it, so ours does"
+        verdict = validate_group("CREATE", doc, None)
+        assert not verdict.allowed and verdict.code == 422
+        return verdict.message
+
     nfs = _group({"nfs": {"server": "evil", "path": "/"}})
-    assert validate(nfs) == [
-        "spec.persistentVolumeSpec: only a hostPath or local folder on the node can hold a cache",
-        "spec.persistentVolumeSpec: names no cache folder: give hostPath.path or local.path "
-        "(e.g. /var/lib/modelcache)",
-    ]
+    assert refused(nfs).startswith("spec.persistentVolumeSpec")
     both = _group({"hostPath": {"path": "/a"}, "local": {"path": "/a"}})
-    assert validate(both) == ["spec.persistentVolumeSpec: give hostPath or local, not both"]
-    # Every PersistentVolumeSpec field is declared: a source the rule does not list is an unknown field.
+    assert refused(both).startswith("spec.persistentVolumeSpec")
     # No folder at all (the attack: {} and hostPath: {} made no PV, silently).
     empty: dict[str, Any]
-    for empty in ({}, {"hostPath": {}}, {"local": {"path": ""}}):
-        assert validate(_group(empty)), empty
+    for empty in ({}, {"hostPath": {"path": ""}}, {"local": {"path": ""}}):
+        assert refused(_group(empty)), empty
+    # Every PersistentVolumeSpec field is declared: an unknown source is an unknown field.
     odd = _group({"futureVolume": {"path": "/"}})
     assert any("'futureVolume' was unexpected" in e for e in validate(odd))
     for doc in (nfs, both, odd):
