@@ -31,7 +31,9 @@ class RuntimeEnv:
     vllm_cache_root: str | None = None  # VLLM_CACHE_ROOT: kept when set
     pod_ip: str | None = None  # POD_IP: vLLM's and Ray's address on hosts with several
     head_svc: str | None = None  # HEAD_SVC: the Ray head a worker joins
-    vllm: tuple[str, ...] = ("vllm",)  # MODELCACHE_VLLM, split as a shell would: runs vLLM
+    # MODELCACHE_VLLM as given: split (:attr:`vllm`) only where vLLM is run, so a bad value never
+    # stops a launch that does not run it.
+    vllm_command: str | None = None
     hf_hub_cache: str = "~/.cache/huggingface/hub"  # HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/..
 
     @classmethod
@@ -40,7 +42,6 @@ class RuntimeEnv:
             return env.get(name, "").strip() or None
 
         home = env.get("HF_HOME") or str(Path(env.get("HOME", "~")) / ".cache" / "huggingface")
-        custom = get("MODELCACHE_VLLM")
         return cls(
             model_dir=get("MODEL_DIR"),
             model_id=get("MODEL_ID"),
@@ -52,9 +53,23 @@ class RuntimeEnv:
             vllm_cache_root=env.get("VLLM_CACHE_ROOT") or None,
             pod_ip=get("POD_IP"),
             head_svc=get("HEAD_SVC"),
-            vllm=tuple(shlex.split(custom)) if custom else ("vllm",),
+            vllm_command=get("MODELCACHE_VLLM"),
             hf_hub_cache=env.get("HF_HUB_CACHE") or str(Path(home) / "hub"),
         )
+
+    @property
+    def vllm(self) -> tuple[str, ...]:
+        """The argv that runs vLLM: MODELCACHE_VLLM split as a shell would, else ``("vllm",)``;
+        InvalidInput naming MODELCACHE_VLLM when it does not split (an unclosed quote)."""
+        if self.vllm_command is None:
+            return ("vllm",)
+        try:
+            return tuple(shlex.split(self.vllm_command))
+        except ValueError as e:
+            raise InvalidInput(
+                f"MODELCACHE_VLLM={self.vllm_command!r}: {e}; write the command as a shell would "
+                "(close each quote)"
+            ) from None
 
 
 def env_count(raw: str | None, name: str, limit: int | None = None) -> int | None:

@@ -239,6 +239,14 @@ def test_vllm_cache_root_from_environment_is_kept(model: Path, bin_dir: Path) ->
     ("args", "env", "words"),
     [
         (["--model_dir", "{missing}"], {}, ["does not exist"]),
+        # MODELCACHE_VLLM is split only where vLLM runs: a bad one does not hide the real fault ...
+        (["--model_dir", "{missing}"], {"MODELCACHE_VLLM": "python -m 'vllm"}, ["does not exist"]),
+        # ... and where vLLM runs, it is named, with the fix
+        (
+            ["--model_dir", "{model}", "--gpus-per-node", "1"],
+            {"MODELCACHE_VLLM": "python -m 'vllm"},
+            ["MODELCACHE_VLLM=\"python -m 'vllm\"", "No closing quotation", "close each quote"],
+        ),
         (["--model-uri", "hf://a/b"], {}, ["--model-uri needs --cache-dir"]),
         (["--model_dir", "{model}", "--model-uri", "hf://a/b", "--cache-dir", "/c"], {}, ["both given"]),
         (["--model_dir", "{model}", "stray"], {}, ["unexpected argument 'stray'"]),

@@ -37,6 +37,13 @@ def test_the_environment_is_read_stripped_with_blank_as_unset() -> None:
     assert RuntimeEnv.of({}).vllm == ("vllm",)
 
 
+def test_modelcache_vllm_is_judged_only_when_vllm_is_run() -> None:
+    env = RuntimeEnv.of({"MODELCACHE_VLLM": "python -m 'vllm", "MODEL_DIR": "/m"})
+    assert env.model_dir == "/m"  # the rest of the environment reads fine
+    with pytest.raises(InvalidInput, match=r"^MODELCACHE_VLLM=\"python -m 'vllm\": No closing quotation"):
+        _ = env.vllm
+
+
 def test_a_count_from_the_environment_is_judged_when_read() -> None:
     assert env_count(None, "RAY_NODE_COUNT") is None
     assert env_count("3", "RAY_NODE_COUNT", 10) == 3
