@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from agent import records
 from agent.credential_reader import CredentialReader, own_client, settings_for
@@ -122,6 +122,14 @@ class _Progress:
         self.metrics.bytes_downloaded.inc(nbytes)
 
 
+class Kept(NamedTuple):
+    """A deletion that was refused: ``what`` was left (the model's folder, or only its compile cache
+    behind a link) and the line reported for it. Kept compile caches are re-checked each reconcile."""
+
+    what: Literal["model", "compile-cache"]
+    message: str
+
+
 class _RefusedBySize(Exception):
     def __init__(self, refused: Refused) -> None:
         super().__init__(refused.message)
@@ -154,7 +162,7 @@ class Agent:
         self.foreign: set[str] = set()  # models/<key> folders no manifest of ours names: never deleted
         self.links: set[str] = set()  # links found in the cache folder: never followed
         self.unwanted_since: dict[str, float] = {}  # key -> monotonic time it left the spec
-        self.kept: dict[str, str] = {}  # key -> why its deletion was refused (reported, not retried)
+        self.kept: dict[str, Kept] = {}  # key -> what of it was not deleted (reported, not retried)
         self.writer = StatusWriter(state, node_name=settings.node_name, layout=self.cache.layout, now=utc_now)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.removing: set[str] = set()  # keys cancelled because no longer wanted
@@ -478,7 +486,7 @@ class Agent:
         root = self.settings.cache_dir
         self.links = {p for p in self.links if os.path.lexists(root / p)}
         self.foreign = {k for k in self.foreign if os.path.lexists(self.cache.layout.models / k)}
-        for key in [k for k, why in self.kept.items() if why.startswith(".modelcache/compile-cache/")]:
+        for key in [k for k, why in self.kept.items() if why.what == "compile-cache"]:
             try:
                 refuse_links(self.cache.layout.compile_cache_dir(key), below=root)
             except LinkRefused:
@@ -536,15 +544,17 @@ class Agent:
             removed = await asyncio.to_thread(self.cache.delete, key)
         except CompileCacheKept as e:
             # The model is gone; only its compile cache, behind a link, is left: say exactly that.
-            self.kept[key] = f".modelcache/compile-cache/{key} was not deleted: {e}"
-            log.warning("%s", self.kept[key])
+            where = self.cache.layout.compile_cache_dir(key).relative_to(self.cache.layout.root)
+            self.kept[key] = Kept("compile-cache", f"{where} was not deleted: {e}")
+            log.warning("%s", self.kept[key].message)
             removed = e.removed
             await self._deleted(key, was_published, removed, keep=True)
             return
         except (LinkRefused, OSError) as e:
             # Not retried on every reconcile: reported until the agent restarts or the key is wanted.
-            self.kept[key] = f"models/{key} was not deleted: {e}"
-            log.warning("%s", self.kept[key])
+            where = self.cache.layout.model_dir(key).relative_to(self.cache.layout.root)
+            self.kept[key] = Kept("model", f"{where} was not deleted: {e}")
+            log.warning("%s", self.kept[key].message)
             self.published.pop(key, None)
             self.untrusted.discard(key)
             return
@@ -755,7 +765,7 @@ class Agent:
             found=CacheFindings(
                 links=frozenset(self.links),
                 foreign=frozenset(self.foreign),
-                kept=dict(self.kept),
+                kept={key: why.message for key, why in self.kept.items()},
                 state_file_error=self.writer.file_error,
             ),
             config_problem=self.config_error or self.source_error(),
