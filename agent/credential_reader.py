@@ -8,7 +8,7 @@ ClusterRole on every Secret and ServiceAccount of the cluster (get, list, watch;
 charts/kserve-localmodel-resources/files/resources.yaml:107-129, used at
 pkg/controller/v1alpha1/localmodelnode/controller.go:246-274). Ours gets ``get`` only (no list,
 no watch: it reads by name exactly the objects a cache names), through a Role in that one
-namespace (``manifests/agent/credentials-role.yaml``). The other design, the controller copying
+namespace (``manifests/agent/rbac.yaml``). The other design, the controller copying
 each cache's credentials into a Secret the agents read, leaves the agents the same reach (every
 node must read the credentials of every model it may hold: any cache may be placed on it), and
 adds a writer of Secrets and a second copy of every credential; it buys only that Secrets put in
@@ -90,7 +90,8 @@ class CredentialReader:
             if getattr(e, "status", None) in (401, 403):
                 raise AccessDenied(
                     f"the cache's credentials: the agent may not read {where} (HTTP {e.status}); "
-                    f"apply manifests/agent/credentials-role.yaml for namespace {self.namespace}"
+                    "apply the Role modelcache-agent-credentials (manifests/agent/rbac.yaml) "
+                    f"in namespace {self.namespace}"
                 ) from None
             raise TransientError(
                 f"the cache's credentials: cannot read {where}: {type(e).__name__}"
