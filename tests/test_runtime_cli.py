@@ -245,7 +245,7 @@ def test_vllm_cache_root_from_environment_is_kept(model: Path, bin_dir: Path) ->
         (
             ["--model_dir", "{model}", "--gpus-per-node", "1"],
             {"MODELCACHE_VLLM": "python -m 'vllm"},
-            ["MODELCACHE_VLLM=\"python -m 'vllm\"", "No closing quotation", "close each quote"],
+            ['MODELCACHE_VLLM="python -m \'vllm"', "No closing quotation", "close each quote"],
         ),
         (["--model-uri", "hf://a/b"], {}, ["--model-uri needs --cache-dir"]),
         (["--model_dir", "{model}", "--model-uri", "hf://a/b", "--cache-dir", "/c"], {}, ["both given"]),
