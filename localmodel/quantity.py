@@ -155,8 +155,15 @@ def _quantity_text(text: str) -> str:
     return cleaned[:-1] + "k" if cleaned.endswith("K") else cleaned
 
 
+# The highest rate a transfer flag takes, in bytes per second: 1 TB/s, far above any NIC or disk.
+# Beyond it a cap means nothing, and the figures derived from it (socket buffers, copy steps) stop
+# fitting the C integers the kernel takes.
+MAX_RATE = 10**12
+
+
 def parse_rate(text: str) -> float:
-    """'100M', '1.5Gi', '200MB/s', '50MiB/s', '200K' -> bytes per second."""
+    """'100M', '1.5Gi', '200MB/s', '50MiB/s', '200K' -> bytes per second, greater than zero and at
+    most :data:`MAX_RATE`; InvalidInput naming --max-bandwidth otherwise."""
     cleaned = _quantity_text(text)
     try:
         value = Quantity.parse(cleaned, field="--max-bandwidth")
@@ -167,6 +174,10 @@ def parse_rate(text: str) -> float:
         ) from None
     if value.value <= 0:
         raise InvalidInput(f"--max-bandwidth: {text!r} must be greater than zero")
+    if value.value > MAX_RATE:
+        raise InvalidInput(
+            f"--max-bandwidth: {text!r} is more than 1TB/s, which caps nothing; leave the flag out for no cap"
+        )
     return float(value.value)
 
 
@@ -181,7 +192,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_low_speed_limit(text: str) -> int:
-    """'1024', '1Ki', '10K' -> bytes per second; 0 turns the check off."""
+    """'1024', '1Ki', '10K' -> bytes per second, at most :data:`MAX_RATE`; 0 turns the check off."""
     try:
         value = Quantity.parse(_quantity_text(text), field="--low-speed-limit")
     except QuantityError:
@@ -190,4 +201,6 @@ def parse_low_speed_limit(text: str) -> int:
         ) from None
     if value.value < 0:
         raise InvalidInput(f"--low-speed-limit: {text!r} must not be negative")
+    if value.value > MAX_RATE:
+        raise InvalidInput(f"--low-speed-limit: {text!r} is more than 1TB/s, which no connection reaches")
     return int(value.value)

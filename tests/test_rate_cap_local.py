@@ -87,3 +87,37 @@ async def test_a_capped_clients_connections_have_a_bounded_receive_buffer() -> N
     # Linux reports twice what was set (its bookkeeping); uncapped, the kernel's own default.
     assert buffers[1] == 2 * (MiB // 8), buffers
     assert buffers[0] != buffers[1]
+
+
+async def test_a_cap_above_what_a_socket_buffer_holds_still_downloads(tmp_path: Path) -> None:
+    # 20 GB/s: an eighth of a second's worth (2.5 GB) overflowed setsockopt's C int (TypeError).
+    def routes(server: Server) -> list[web.RouteDef]:
+        async def blob(request: web.Request) -> web.Response:
+            return web.Response(body=b"x" * 1000)
+
+        return [web.get("/blob", blob)]
+
+    cap = 20e9
+    assert RateLimiter(cap).receive_buffer == RateLimiter.MAX_RECEIVE_BUFFER
+    assert RateLimiter(cap).step == RateLimiter.MAX_STEP
+    server = Server(routes)
+    await server.start()
+    client = HttpClient(
+        ClientSettings(concurrency=1, read_size=MiB, connect_timeout=5, read_timeout=5, max_bandwidth=cap)
+    )
+    try:
+        assert await capped_fetch(client, f"{server.url}/blob", []) == 1000
+    finally:
+        client.close()
+        await server.stop()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * (3 * MiB))
+    await pull(
+        parse_uri(f"file://{src}"),
+        Destination.for_folder(tmp_path / "dest"),
+        sources=SourceSettings(),
+        transfer=TransferSettings(max_bandwidth=cap),
+        progress=Log(),
+    )
+    assert (tmp_path / "dest" / "a.bin").read_bytes() == b"a" * (3 * MiB)

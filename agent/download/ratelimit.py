@@ -21,6 +21,11 @@ class RateLimiter:
     """
 
     SAVED = 0.02  # seconds
+    # The most :attr:`step` and :attr:`receive_buffer` grow to, in bytes: a local copy's step when
+    # uncapped, and more than Linux's largest default receive buffer (tcp_rmem's 6 MiB; rmem_max
+    # clamps a larger SO_RCVBUF anyway). Unbounded, a high cap overflows the C int setsockopt takes.
+    MAX_STEP = 64 << 20
+    MAX_RECEIVE_BUFFER = 32 << 20
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -32,15 +37,15 @@ class RateLimiter:
     def step(self) -> int:
         """Bytes to move at most per payment where the caller picks the size (a local copy): a 20th of
         a second's worth (64 KiB at least), so one payment never runs far ahead of the cap."""
-        return max(64 << 10, int(self.rate / 20))
+        return min(self.MAX_STEP, max(64 << 10, int(self.rate / 20)))
 
     @property
     def receive_buffer(self) -> int:
         """SO_RCVBUF for a capped client's sockets, in bytes: an eighth of a second's worth (64 KiB at
         least). The kernel otherwise grows a socket's receive buffer to megabytes, which the server
         fills at line speed while the cap holds the reads back: the cap would hold at the client's
-        reads but not on the wire."""
-        return max(64 << 10, int(self.rate / 8))
+        reads but not on the wire. At most :attr:`MAX_RECEIVE_BUFFER` (a cap over 256 MB/s)."""
+        return min(self.MAX_RECEIVE_BUFFER, max(64 << 10, int(self.rate / 8)))
 
     def delay(self, n: int) -> float:
         """Take ``n`` bytes' worth of tokens; the seconds to wait before handing them on."""
