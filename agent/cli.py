@@ -24,7 +24,7 @@ from agent.metrics import AgentMetrics
 from agent.pull_cli import folder_error
 from agent.standalone import StandaloneSource
 from agent.transfer_flags import add_transfer_flags, positive, transfer_settings
-from localmodel.cliargs import UsageParser, parse_addr
+from localmodel.cliargs import UsageParser, parse_addr, path_arg
 from localmodel.errors import InvalidInput, from_os_error
 from localmodel.folders import cache_path_error
 from localmodel.logs import setup_logging
@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir", type=_folder, required=True, help="the cache folder (the node group's PV path)"
     )
     p.add_argument(
-        "--standalone", type=Path, metavar="PATH", help="YAML file or folder instead of an API server"
+        "--standalone",
+        type=path_arg("--standalone", "models.yaml"),
+        metavar="PATH",
+        help="YAML file or folder instead of an API server",
     )
     p.add_argument("--node-labels", default="", help="standalone: this node's labels, k=v,k2=v2")
     p.add_argument(
@@ -71,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="/healthz, /readyz; /status to loopback clients only (default :8081; 'off')",
     )
     p.add_argument("--metrics-addr", default=":9090", help="/metrics (default :9090; 'off')")
-    p.add_argument("--kubeconfig", type=Path, help="a kubeconfig (default: in-cluster, then $KUBECONFIG)")
+    p.add_argument(
+        "--kubeconfig",
+        type=path_arg("--kubeconfig", "~/.kube/config"),
+        help="a kubeconfig (default: in-cluster, then $KUBECONFIG)",
+    )
     p.add_argument("--context", help="the kubeconfig context")
     p.add_argument(
         "--max-concurrent-downloads",

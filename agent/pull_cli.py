@@ -293,8 +293,6 @@ def mount_point_error(final: Path) -> str | None:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    if args.concurrency < 1 or args.concurrency > 256:
-        raise InvalidInput(f"--concurrency: {args.concurrency} is out of range (1-256)")
     uri = parse_uri(args.uri, field="URI").with_revision(args.revision)
     settings = transfer_settings(
         args,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localmodel.cliargs import UsageParser
+from localmodel.cliargs import UsageParser, path_arg
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.layout import STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest
@@ -19,7 +19,12 @@ from localmodel.quantity import Quantity, readable
 
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="modelcache status", description="What a node's model cache holds and is doing.")
-    p.add_argument("--cache-dir", type=Path, required=True, help="the agent's cache folder (--cache-dir)")
+    p.add_argument(
+        "--cache-dir",
+        type=path_arg("--cache-dir", "/var/lib/modelcache"),
+        required=True,
+        help="the agent's cache folder (--cache-dir)",
+    )
     p.add_argument(
         "--output",
         choices=["table", "json"],

@@ -2,13 +2,14 @@
 
 Names, parsers and defaults are the same for both (the defaults are :class:`TransferSettings`'s);
 the help texts differ in words only (pull speaks of one model, the agent of the whole node, in its
-shorter style). ``--concurrency`` is the one parser that differs: the agent refuses a count under 1
-while parsing, pull checks its range (1-256) after parsing, each with its own message.
+shorter style). Every value is judged while parsing, the same way for both: a usage error names
+the flag (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,11 +29,25 @@ def positive(flag: str, kind: type[int] | type[float] = int) -> Callable[[str], 
             value: float = kind(text)
         except ValueError:
             raise InvalidInput(f"{flag}: {text!r} is not a number") from None
-        if value <= 0:
-            raise InvalidInput(f"{flag}: must be greater than zero, got {text}")
+        if not 0 < value < math.inf:  # NaN fails both
+            raise InvalidInput(f"{flag}: must be a finite number greater than zero, got {text}")
         return value
 
     return parse
+
+
+MAX_CONCURRENCY = 256  # connections at once: past it a host's descriptors and the server's patience go
+
+
+def parse_concurrency(text: str) -> int:
+    """``--concurrency``: a whole number from 1 to :data:`MAX_CONCURRENCY`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(f"--concurrency: {text!r} is not a whole number (1-{MAX_CONCURRENCY})") from None
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise InvalidInput(f"--concurrency: {value} is out of range (1-{MAX_CONCURRENCY})")
+    return value
 
 
 def parse_seconds(text: str) -> float:
@@ -59,9 +74,9 @@ _DEFAULTS = TransferSettings()
 TRANSFER_FLAGS: tuple[TransferFlag, ...] = (
     TransferFlag(
         "--concurrency",
-        {"pull": int, "agent": positive("--concurrency")},
+        {"pull": parse_concurrency, "agent": parse_concurrency},
         _DEFAULTS.concurrency,
-        {"pull": "connections at once (default 16)", "agent": "connections, all models (16)"},
+        {"pull": "connections at once, 1-256 (default 16)", "agent": "connections, all models, 1-256 (16)"},
     ),
     TransferFlag(
         "--max-bandwidth",

@@ -48,7 +48,7 @@ from controller.reconcile import FIELD_MANAGER, OPTIONAL, WATCHED, Controller, S
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
 from controller.snapshot import DEFAULT_MAX_CONCURRENT_DOWNLOADS
 from controller.webhook import WebhookServer
-from localmodel.cliargs import UsageParser, parse_addr
+from localmodel.cliargs import UsageParser, parse_addr, path_arg
 from localmodel.documents import load_documents
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound
 from localmodel.kinds import (
@@ -91,7 +91,12 @@ STANDALONE_KINDS = (
 
 def _parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="modelcache controller", description="The cluster controller.")
-    p.add_argument("--standalone", metavar="PATH", type=Path, help="YAML documents (a file or a folder)")
+    p.add_argument(
+        "--standalone",
+        metavar="PATH",
+        type=path_arg("--standalone", "caches.yaml"),
+        help="YAML documents (a file or a folder)",
+    )
     p.add_argument("--once", action="store_true", help="reconcile one time and exit")
     p.add_argument("--output", choices=("json", "yaml"), help="with --once: print the objects (dry run)")
     p.add_argument(
@@ -124,7 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--webhook-addr", metavar="HOST:PORT", help="serve the admission webhooks (HTTPS) here")
     p.add_argument(
-        "--webhook-cert-dir", metavar="DIR", type=Path, help="tls.crt and tls.key for the webhooks"
+        "--webhook-cert-dir",
+        metavar="DIR",
+        type=path_arg("--webhook-cert-dir", "/certs"),
+        help="tls.crt and tls.key for the webhooks",
     )
     p.add_argument(
         "--ready-window",

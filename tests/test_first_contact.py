@@ -145,6 +145,19 @@ def test_status_on_a_corrupt_state_file_falls_back_to_the_manifests(tmp_path: Pa
         assert "ModelDownloaded" in row and "10 B / 10 B" in row
 
 
+def test_status_refuses_an_empty_cache_dir(tmp_path: Path) -> None:
+    # Path("") is the working folder: status must not read it as the cache (the agent refuses too).
+    s = subprocess.run(
+        [sys.executable, "-m", "modelcache", "status", "--cache-dir", " "],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert s.returncode == 2 and s.stdout == ""
+    assert (
+        s.stderr
+        == "modelcache status: --cache-dir: empty; name the path, e.g. --cache-dir /var/lib/modelcache\n"
+    )
+
+
 def test_a_failure_under_once_says_it_is_not_retried(tmp_path: Path) -> None:
     docs = tmp_path / "models.yaml"
     docs.write_text(GROUP.format(path=tmp_path / "cache", src=tmp_path / "missing"))
