@@ -60,6 +60,7 @@ from localmodel.errors import (
     from_os_error,
 )
 from localmodel.kinds import JSON, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, ResourceKind
+from localmodel.layout import STATE_FILE_VERSION
 from localmodel.placement import Refusal
 from localmodel.quantity import readable
 from localmodel.resources import (
@@ -77,8 +78,6 @@ from localmodel.uri import parse_uri, redact
 SHUTDOWN_GRACE = 10.0
 
 log = logging.getLogger("modelcache.agent")
-
-STATE_FILE_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from typing import Any
 
 from localmodel.cliargs import UsageParser, path_arg
 from localmodel.errors import InvalidInput, SpecError
-from localmodel.layout import STORAGE_KEY_RE, CacheLayout
+from localmodel.layout import STATE_FILE_VERSION, STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest
 from localmodel.quantity import Quantity, readable
+from localmodel.resources import LocalModelNodeStatus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +54,33 @@ def read_state(cache_dir: Path) -> dict[str, Any]:
         )
     except OSError as e:
         raise SpecError(f"cannot read {layout.state_file}: {e.strerror or e}", field="--cache-dir") from None
-    if not isinstance(data, dict) or not isinstance(data.get("status"), dict):
+    if (problem := state_file_problem(data)) is not None:
         return _from_disk(
-            layout, note=f"{layout.state_file} is not an agent state file; models from the manifests"
+            layout,
+            note=f"{layout.state_file} is not an agent state file of this version ({problem}); "
+            "models from the manifests",
         )
     return data
+
+
+def state_file_problem(data: Any) -> str | None:
+    """What keeps ``data`` (a state file's JSON) from being the agent's state file of
+    :data:`STATE_FILE_VERSION` as the table reads it, in words naming the field; None when it is.
+    The status block is judged as a LocalModelNode's status is (:class:`LocalModelNodeStatus`)."""
+    if not isinstance(data, dict):
+        return f"expected an object, got {type(data).__name__}"
+    if data.get("version") != STATE_FILE_VERSION:
+        return f"version: expected {STATE_FILE_VERSION}, got {data.get('version')!r}"
+    for key in ("node", "updated"):
+        if not isinstance(data.get(key), str | None):
+            return f"{key}: expected a string, got {type(data[key]).__name__}"
+    if not isinstance(data.get("status"), dict):
+        return "status: expected an object"
+    try:
+        LocalModelNodeStatus.from_json(data["status"])
+    except SpecError as e:
+        return str(e)
+    return None
 
 
 def _from_disk(layout: CacheLayout, *, note: str = "no agent state file") -> dict[str, Any]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_VERSION = 1
+# The shape of the agent's state file (.modelcache/state.json) that `modelcache status` reads.
+STATE_FILE_VERSION = 1
 STORAGE_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 
 

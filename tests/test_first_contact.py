@@ -3,10 +3,13 @@ ports, and the messages a first user reads."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from agent.status_cli import state_file_problem
 
 GROUP = """apiVersion: serving.kserve.io/v1alpha1
 kind: LocalModelNodeGroup
@@ -136,12 +139,28 @@ def test_status_on_a_corrupt_state_file_falls_back_to_the_manifests(tmp_path: Pa
               "--health-addr", "off", "--metrics-addr", "off", "--once")  # fmt: skip
     assert r.returncode == 0, r.stderr
     state = tmp_path / "cache" / ".modelcache" / "state.json"
-    for corrupt in ('{"node": "box", "stat', "[1, 2]"):
+    assert state_file_problem(json.loads(state.read_text())) is None  # what the agent writes is one
+    wrong_shapes = {
+        '{"version": 1, "status": {"models": {"x": {"bytesDone": "a"}}}}': "status.models.x.state",
+        '{"version": 1, "status": {"models": {"x": {"state": "ModelDownloaded", "bytesDone": "a"}}}}': (
+            "status.models.x.bytesDone: expected a whole number"
+        ),
+        '{"version": 1, "status": {"models": [1]}}': "status.models: expected an object",
+        '{"x": "y"}': "version: expected 1, got None",
+        '{"version": 2, "status": {}}': "version: expected 1, got 2",
+        '{"version": 1, "status": {"conditions": [{"status": 3}]}}': "status.conditions[0]",
+    }
+    for corrupt, problem in {
+        '{"node": "box", "stat': "not valid JSON",
+        "[1, 2]": "got list",
+        **wrong_shapes,
+    }.items():
         state.write_text(corrupt)
         s = status(tmp_path / "cache")
         assert s.returncode == 0, s.stderr
         head, row = s.stdout.splitlines()[0:3:2]
         assert f"{state} is " in head and "; models from the manifests" in head
+        assert problem in head, head
         assert "ModelDownloaded" in row and "10 B / 10 B" in row
 
 
