@@ -85,9 +85,8 @@ async def wait_chunks(progress: Path, path: str, n: int) -> None:
 async def test_sigkill_mid_download_then_restart_resumes_only_the_rest(hf_hub: Hub, tmp_path: Path) -> None:
     big = os.urandom(24 * MiB)
     hf_hub.add_repo("org/m", {"big.safetensors": big, "config.json": b"{}"})
-    hf_hub.file("org/m", "big.safetensors").rate = (
-        1 * MiB
-    )  # 4 connections: 4 MiB/s, so the 2 s checkpoint lands mid-file
+    # The last chunk is held: the kill always lands mid-file, however fast the machine.
+    hf_hub.file("org/m", "big.safetensors").hold_from = 23 * MiB
     cache, docs = setup(tmp_path, cache_doc("m", "hf://org/m", "30Mi", ["h100"]))
     key = storage_key("hf://org/m")
     progress = cache / ".modelcache" / "staging" / key / "progress.json"
@@ -98,7 +97,7 @@ async def test_sigkill_mid_download_then_restart_resumes_only_the_rest(hf_hub: H
     done = set(json.loads(progress.read_text())["files"]["big.safetensors"]["chunks"])
     assert 4 <= len(done) < 24 and not (cache / "models" / key).exists()
 
-    hf_hub.file("org/m", "big.safetensors").rate = None
+    hf_hub.file("org/m", "big.safetensors").hold_from = None
     hf_hub.requests.clear()
     proc = await asyncio.create_subprocess_exec(*argv(cache, docs, "--once"), env=env(hf_hub))
     assert await asyncio.wait_for(proc.wait(), 60) == 0
@@ -112,7 +111,7 @@ async def test_sigkill_mid_download_then_restart_resumes_only_the_rest(hf_hub: H
 
 async def test_sigterm_stops_promptly_and_leaves_resumable_state(hf_hub: Hub, tmp_path: Path) -> None:
     hf_hub.add_repo("org/m", {"big.safetensors": os.urandom(16 * MiB)})
-    hf_hub.file("org/m", "big.safetensors").rate = 1 * MiB
+    hf_hub.file("org/m", "big.safetensors").hold_from = 15 * MiB  # mid-file at SIGTERM, always
     cache, docs = setup(tmp_path, cache_doc("m", "hf://org/m", "30Mi", ["h100"]))
     key = storage_key("hf://org/m")
     progress = cache / ".modelcache" / "staging" / key / "progress.json"
@@ -123,8 +122,8 @@ async def test_sigterm_stops_promptly_and_leaves_resumable_state(hf_hub: Hub, tm
     assert progress.exists() and not (cache / "models" / key).exists()
     state = json.loads((cache / ".modelcache" / "state.json").read_text())
     assert state["status"]["modelStatus"]["m"] in ("ModelDownloadPending", "ModelDownloading")
+    hf_hub.file("org/m", "big.safetensors").hold_from = None
     proc = await asyncio.create_subprocess_exec(*argv(cache, docs, "--once"), env=env(hf_hub))
-    hf_hub.file("org/m", "big.safetensors").rate = None
     assert await asyncio.wait_for(proc.wait(), 60) == 0  # a new agent takes the folder and finishes
 
 

@@ -172,9 +172,8 @@ async def test_server_without_ranges(hf_hub: Hub, tmp_path: Path) -> None:
 async def test_sigkill_mid_file_then_resume_fetches_only_the_rest(hf_hub: Hub, tmp_path: Path) -> None:
     big = os.urandom(24 * MiB)
     hf_hub.add_repo("org/model", {"big.safetensors": big, "config.json": b"{}"})
-    hf_hub.file("org/model", "big.safetensors").rate = (
-        1 * MiB
-    )  # per response: the 2 s checkpoint lands mid-file
+    # The last chunk is held: the kill always lands mid-file, however fast the machine.
+    hf_hub.file("org/model", "big.safetensors").hold_from = 23 * MiB
     dest = tmp_path / "m"
     env = dict(os.environ, HF_ENDPOINT=hf_hub.endpoint)
     argv = [
@@ -205,7 +204,7 @@ async def test_sigkill_mid_file_then_resume_fetches_only_the_rest(hf_hub: Hub, t
     done = set(json.loads(progress.read_text())["files"]["big.safetensors"]["chunks"])
     assert 4 <= len(done) < 24 and not dest.exists()
 
-    hf_hub.file("org/model", "big.safetensors").rate = None
+    hf_hub.file("org/model", "big.safetensors").hold_from = None
     hf_hub.requests.clear()
     proc = await asyncio.create_subprocess_exec(*argv, env=env)
     assert await proc.wait() == 0

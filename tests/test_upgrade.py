@@ -45,8 +45,8 @@ async def test_new_agent_keeps_published_models_and_resumes_partial(hf_hub: Hub,
         cache_doc("done", "hf://org/done", "4Mi", ["h100"]),
         cache_doc("partial", "hf://org/partial", "30Mi", ["h100"]),
     )
-    # Slow enough (4 connections x 1 MiB/s) that the first checkpoint (2 s) lands mid-file.
-    hf_hub.file("org/partial", "big.safetensors").rate = 1 * MiB
+    # The last chunk is held: the kill always lands mid-file, however fast the machine.
+    hf_hub.file("org/partial", "big.safetensors").hold_from = 23 * MiB
     old = await asyncio.create_subprocess_exec(*argv(cache, docs), env=env(hf_hub))
     progress = cache / ".modelcache" / "staging" / partial_key / "progress.json"
     await wait_chunks(progress, "big.safetensors", 3)
@@ -55,7 +55,7 @@ async def test_new_agent_keeps_published_models_and_resumes_partial(hf_hub: Hub,
     durable = set(json.loads(progress.read_text())["files"]["big.safetensors"]["chunks"])
     assert 3 <= len(durable) < 24
 
-    hf_hub.file("org/partial", "big.safetensors").rate = None
+    hf_hub.file("org/partial", "big.safetensors").hold_from = None
     hf_hub.requests.clear()
     new = await asyncio.create_subprocess_exec(*argv(cache, docs, "--once"), env=env(hf_hub))
     assert await asyncio.wait_for(new.wait(), 60) == 0

@@ -9,7 +9,9 @@ benchmarks of several GiB without being the bottleneck. Faults for tests: a gate
 the right token), a tampered file (bytes differ from the announced sha256, same size), a file that
 answers 503 N times before it works, a per-file bandwidth cap (``rate=1``: a trickle of one byte a
 second), a wrong range (``shift``: a ranged GET answered 206 with the same length from another
-offset, its Content-Range saying so), no range support, hostile tree entries. Every request is
+offset, its Content-Range saying so), a held range (``hold_from``: a GET from that offset on sends
+its headers and then nothing until the field is cleared, so a pull cannot finish before a test is
+done with it), no range support, hostile tree entries. Every request is
 recorded, with the client's port (a new port: a new connection).
 """
 
@@ -42,6 +44,7 @@ class HubFile:
     retry_after: str | None = None
     rate: int | None = None  # bytes/s cap for GET
     shift: int = 0  # a ranged GET is answered from this many bytes further on (same length)
+    hold_from: int | None = None  # a GET starting at or past this offset sends no byte while set
 
 
 @dataclass
@@ -231,7 +234,8 @@ class Hub:
             return web.Response(status=503, text="try again", headers=extra)
         if request.method == "HEAD":
             return web.Response(status=200, headers={**headers, "Content-Length": str(f.size)})
-        if f.rate is None and not f.shift and (self.ranges or "Range" not in request.headers):
+        plain = f.rate is None and not f.shift and f.hold_from is None
+        if plain and (self.ranges or "Range" not in request.headers):
             return web.FileResponse(f.disk, headers=headers)
         return await self._slow(request, f, headers)
 
@@ -252,6 +256,8 @@ class Hub:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start + 1
         await response.prepare(request)
+        while f.hold_from is not None and start >= f.hold_from:
+            await asyncio.sleep(0.05)  # bounded by the test: it clears the field or stops the hub
         step = max(1, (f.rate or 1 << 20) // 20)
         with f.disk.open("rb") as fh:
             fh.seek(start)
