@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from localmodel.cliargs import UsageParser, path_arg
 from localmodel.errors import InvalidInput, SpecError
@@ -60,7 +60,7 @@ def read_state(cache_dir: Path) -> dict[str, Any]:
             note=f"{layout.state_file} is not an agent state file of this version ({problem}); "
             "models from the manifests",
         )
-    return data
+    return cast(dict[str, Any], data)  # an object: state_file_problem found nothing wrong
 
 
 def state_file_problem(data: Any) -> str | None:
