@@ -65,6 +65,7 @@ from localmodel.resources import (
     LocalModelCache,
     LocalModelInfo,
     LocalModelNode,
+    LocalModelNodeGroup,
     LocalModelNodeStatus,
     ObjectMeta,
     split_key,
@@ -457,43 +458,59 @@ class Controller(ViewKeeper):
                     self._view.caches, write.key, dataclasses.replace(known_cache, status=write.status)
                 )
             return
-
-        def compute(current: JSON) -> JSON | None:
-            status = current.get("status") or {}
-            return None if merge_patch(status, write.patch) == status else dict(write.patch)
-
         is_cache = kind is not LOCAL_MODEL_NODE_GROUP
         known = (self._view.caches if is_cache else self._view.groups).get(write.key)
-        ns = write.namespace
-        stored: JSON | None = None
-        fast = False
         try:
-            if known is not None and known.metadata.resource_version:
-                # The plan diffed against the view: written guarded by the view's resourceVersion,
-                # no read first (a read copies a status of thousands of node entries). A stale view
-                # costs a Conflict, then the read-compute-write below.
-                try:
-                    stored = await self.state.patch_status(
-                        kind,
-                        write.name,
-                        dict(write.patch),
-                        namespace=ns,
-                        resource_version=known.metadata.resource_version,
-                    )
-                    fast = True
-                except Conflict:
-                    stored = None
-            if stored is None:
-                stored = await update_status(self.state, kind, write.name, compute, namespace=ns)
+            stored, fast = await self._send_status(kind, write, known)
         except NotFound:
-            await self._status_missing(kind, write.name, namespace=ns)
+            await self._status_missing(kind, write.name, namespace=write.namespace)
             return
         if retry is not None:
             del self._no_status[kind.kind]
             log.info("%s: /status answers again; status is written", kind.plural)
         if stored is not None:
-            self._learn(kind, write.key, dict(write.patch), section_of(stored, "status"))
-        if fast and stored is not None and write.status is not None and isinstance(known, LocalModelCache):
+            self._status_written(kind, write, known, stored, fast=fast)
+
+    async def _send_status(
+        self, kind: ResourceKind, write: StatusWrite, known: LocalModelCache | LocalModelNodeGroup | None
+    ) -> tuple[JSON | None, bool]:
+        """The object as stored after the status write (None: nothing to change), and whether it was
+        written over the view's resourceVersion. Raises NotFound."""
+        ns = write.namespace
+        if known is not None and known.metadata.resource_version:
+            # The plan diffed against the view: written guarded by the view's resourceVersion,
+            # no read first (a read copies a status of thousands of node entries). A stale view
+            # costs a Conflict, then the read-compute-write below.
+            try:
+                stored = await self.state.patch_status(
+                    kind,
+                    write.name,
+                    dict(write.patch),
+                    namespace=ns,
+                    resource_version=known.metadata.resource_version,
+                )
+                return stored, True
+            except Conflict:
+                pass
+
+        def compute(current: JSON) -> JSON | None:
+            status = current.get("status") or {}
+            return None if merge_patch(status, write.patch) == status else dict(write.patch)
+
+        return await update_status(self.state, kind, write.name, compute, namespace=ns), False
+
+    def _status_written(
+        self,
+        kind: ResourceKind,
+        write: StatusWrite,
+        known: LocalModelCache | LocalModelNodeGroup | None,
+        stored: JSON,
+        *,
+        fast: bool,
+    ) -> None:
+        """Keeps the view in step with a status the API server stored."""
+        self._learn(kind, write.key, dict(write.patch), section_of(stored, "status"))
+        if fast and write.status is not None and isinstance(known, LocalModelCache):
             # Written over the view's version: its spec is the view's and its status the plan's.
             # Taking both as they are spares parsing a status of thousands of node entries.
             self._wrote(kind.kind)
@@ -502,9 +519,8 @@ class Controller(ViewKeeper):
                 self._view.caches, write.key, dataclasses.replace(known, metadata=meta, status=write.status)
             )
             return
-        if stored is not None:
-            self._wrote(kind.kind)
-            self.observe(kind, WatchEvent("MODIFIED", stored))
+        self._wrote(kind.kind)
+        self.observe(kind, WatchEvent("MODIFIED", stored))
 
     async def _status_missing(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> None:
         """A /status write answered 404: the object is gone (its DELETED event follows), or the
