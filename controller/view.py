@@ -143,25 +143,14 @@ class ViewKeeper:
             return
         deleted = event.type == "DELETED"
         try:
-            if kind is LOCAL_MODEL_CACHE:
-                self._observe_spec(
-                    self._view.caches, name, None if deleted else LocalModelCache.from_json(obj)
-                )
-            elif kind is LOCAL_MODEL_NAMESPACE_CACHE:
-                key = cache_key(name, obj.get("metadata", {}).get("namespace") or "default")
-                self._observe_spec(
-                    self._view.caches, key, None if deleted else LocalModelNamespaceCache.from_json(obj)
-                )
+            if kind is LOCAL_MODEL_CACHE or kind is LOCAL_MODEL_NAMESPACE_CACHE:
+                self._observe_cache(kind, name, obj, deleted)
             elif kind is LOCAL_MODEL_NODE_GROUP:
                 self._observe_group(name, None if deleted else obj)
             elif kind is NODE:
                 self._observe_node(name, None if deleted else obj)
             elif kind is LOCAL_MODEL_NODE:
-                lmn = None if deleted else LocalModelNode.from_json(obj)
-                if lmn is not None:
-                    self._check_writer(name, self._view.lmns.get(name), lmn, obj)
-                self._observe_lmn(name, lmn)
-                self._check_owner(name)
+                self._observe_lmn_event(name, obj, deleted)
             elif kind is POD:
                 self._observe_pod(obj, deleted)
             elif kind is PERSISTENT_VOLUME or kind is PERSISTENT_VOLUME_CLAIM:
@@ -173,6 +162,25 @@ class ViewKeeper:
         except SpecError as e:
             # One bad object must not stop the controller for everyone else; it is left out.
             log.warning("ignoring %s %s: %s", kind.kind, name, e)
+
+    def _observe_cache(self, kind: ResourceKind, name: str, obj: JSON, deleted: bool) -> None:
+        """A LocalModelCache, under its name, or a LocalModelNamespaceCache, under ``<ns>/<name>``.
+        Raises SpecError."""
+        if kind is LOCAL_MODEL_CACHE:
+            self._observe_spec(self._view.caches, name, None if deleted else LocalModelCache.from_json(obj))
+            return
+        key = cache_key(name, obj.get("metadata", {}).get("namespace") or "default")
+        self._observe_spec(
+            self._view.caches, key, None if deleted else LocalModelNamespaceCache.from_json(obj)
+        )
+
+    def _observe_lmn_event(self, name: str, obj: JSON, deleted: bool) -> None:
+        """A LocalModelNode: its writer checked, then taken in, then its owner checked. Raises SpecError."""
+        lmn = None if deleted else LocalModelNode.from_json(obj)
+        if lmn is not None:
+            self._check_writer(name, self._view.lmns.get(name), lmn, obj)
+        self._observe_lmn(name, lmn)
+        self._check_owner(name)
 
     def _observe_group(self, name: str, obj: JSON | None) -> None:
         """A group whose spec is refused (stored past admission: KServe's CRDs have no rules) holds
