@@ -291,6 +291,27 @@ def mount_point_error(final: Path) -> str | None:
     )
 
 
+def _check_dest_folder(final: Path) -> None:
+    """Raises InvalidInput (naming DEST) for a DEST that is a system folder (outside the user's home,
+    also through a link), whose parent or itself (a folder there) cannot be written, or that is a
+    mount point."""
+    # The agent's rule for its cache folder (never a system folder, also through a link), but for
+    # the user's own home, where root's is /root.
+    home = Path.home().resolve()
+    for candidate in (final, final.resolve()):
+        if candidate.is_relative_to(home):
+            continue
+        if (problem := cache_path_error(str(candidate), cluster=False)) is not None:
+            raise InvalidInput(f"DEST: {problem}")
+    # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
+    # the whole download, and no later run could get past it.
+    mine = final.is_dir() and not final.is_symlink()  # else the replaceable check says what is there
+    if (problem := folder_error(final.parent) or (folder_error(final) if mine else None)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+    if (problem := mount_point_error(final)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.concurrency < 1 or args.concurrency > 256:
@@ -307,21 +328,7 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
     final = check_dest(args.dest, home=Path.home(), key=storage_key(uri.raw))
     check_replace(final, uri, force=args.force)
-    # The agent's rule for its cache folder (never a system folder, also through a link), but for
-    # the user's own home, where root's is /root.
-    home = Path.home().resolve()
-    for candidate in (final, final.resolve()):
-        if candidate.is_relative_to(home):
-            continue
-        if (problem := cache_path_error(str(candidate), cluster=False)) is not None:
-            raise InvalidInput(f"DEST: {problem}")
-    # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
-    # the whole download, and no later run could get past it.
-    mine = final.is_dir() and not final.is_symlink()  # else the replaceable check says what is there
-    if (problem := folder_error(final.parent) or (folder_error(final) if mine else None)) is not None:
-        raise InvalidInput(f"DEST: {problem}")
-    if (problem := mount_point_error(final)) is not None:
-        raise InvalidInput(f"DEST: {problem}")
+    _check_dest_folder(final)
     if args.adopt and args.force:
         raise InvalidInput(
             "--adopt and --force: choose one (--adopt keeps DEST's files, --force replaces them)"
