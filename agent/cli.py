@@ -56,6 +56,7 @@ def _folder(text: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The agent's flags (over 80 lines because it is one flat list of them, one call each)."""
     p = UsageParser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
     p.add_argument(
