@@ -133,6 +133,25 @@ def hash_files(dest: Destination, to_hash: Mapping[str, HashCheck | None]) -> di
     return digests
 
 
+def _unchanged(published: Manifest, listing: Listing, *, seconds: float) -> AdoptResult:
+    """The result of an adoption found up to date: every published file kept, nothing fetched."""
+    return AdoptResult(
+        files=len(published.files),
+        bytes_total=published.total_bytes,
+        kept=len(published.files),
+        fetched=0,
+        created=0,
+        bytes_kept=published.total_bytes,
+        bytes_fetched=0,
+        extras=published.extras,
+        revision=listing.revision,
+        seconds=seconds,
+        verified=0,
+        size_only=0,
+        up_to_date=True,
+    )
+
+
 async def adopt(
     uri: SourceURI,
     dest: Destination,
@@ -162,21 +181,7 @@ async def adopt(
         key = storage_key(uri.raw)
         fresh = published is not None and not recheck
         if fresh and published and await asyncio.to_thread(up_to_date, dest, published, listing, key):
-            return AdoptResult(
-                files=len(published.files),
-                bytes_total=published.total_bytes,
-                kept=len(published.files),
-                fetched=0,
-                created=0,
-                bytes_kept=published.total_bytes,
-                bytes_fetched=0,
-                extras=published.extras,
-                revision=listing.revision,
-                seconds=time.monotonic() - started,
-                verified=0,
-                size_only=0,
-                up_to_date=True,
-            )
+            return _unchanged(published, listing, seconds=time.monotonic() - started)
         found = await asyncio.to_thread(inventory, dest.final)
         plan = survey(listing, found, where=str(dest.final))
         if plan.refusal is not None:
