@@ -542,7 +542,7 @@ def _admission_verdict(
     over = [
         f"admitted over the storageLimit (--admission warn): {r.message}"
         for r in admission.overcommitted
-        if r.cache == cache.name
+        if r.cache == cache.key
     ]
     return Verdict(True, warnings=(*(r.message for r in refusals), *over))
 
