@@ -222,9 +222,17 @@ def serving_demands(pods: Iterable[Pod], caches: Mapping[str, LocalModelCache]) 
     return out
 
 
+def _taken(snapshot: Snapshot, cache: str, group: str, namespace: str) -> bool:
+    return (namespace, claim_name(cache, group)) in snapshot.taken_claims or volume_name(
+        cache, group, namespace
+    ) in snapshot.taken_volumes
+
+
 def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -> list[VolumeWrite]:
     """Create the serving PV and PVC of every (cache, group, namespace) that is served and whose
-    group admits the cache; delete the controller's others (claims first)."""
+    group admits the cache; delete the controller's others (claims first). A pair whose PV or PVC
+    name another party's object holds (``snapshot.taken_*``: KServe's own serving claim, which
+    serves the pods as KServe made it) is not made: neither half, so no PV of ours is left unbound."""
     wanted: dict[tuple[str, str, str], None] = {}
     owners = serving_owners(snapshot.caches.values())[0]
 
@@ -243,6 +251,8 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
         folder = snapshot.groups.get(group)
         if folder is None or folder.spec.cache_path is None:
             return  # no folder on the node to serve from
+        if _taken(snapshot, cache.name, group, namespace):
+            return  # another party's claim or volume holds the name: theirs serves
         if group in cache.spec.node_groups and key in admitted.get(group, ()):
             wanted[(key, group, namespace)] = None
 
