@@ -504,6 +504,13 @@ async def test_a_kserve_cluster_migrates_without_refetching_and_converges(
     for key, times in sorted(counted.items()):
         print(f"  {times:4d} {' '.join(key)}")
     assert not counted, f"writes repeat once converged: {dict(counted)}\n{dump_logs()}"
+    # Each KServe claim was told of once (the create its name refused), not at every pass.
+    told = [
+        line.split(" exists ")[0].rsplit(" ", 2)[-2:]
+        for line in (logs / "controller.log").read_text().splitlines()
+        if "exists and is not the controller's" in line
+    ]
+    assert sorted(told) == sorted(["PersistentVolumeClaim", f"{ns}/{name}"] for ns, name in kserve_claims)
     assert set(codes.values()) == {0}, codes
 
 
