@@ -222,6 +222,12 @@ def serving_demands(pods: Iterable[Pod], caches: Mapping[str, LocalModelCache]) 
     return out
 
 
+def _taken(snapshot: Snapshot, cache: str, group: str, namespace: str) -> bool:
+    return (namespace, claim_name(cache, group)) in snapshot.taken_claims or volume_name(
+        cache, group, namespace
+    ) in snapshot.taken_volumes
+
+
 def _served_key(
     snapshot: Snapshot,
     admitted: Mapping[str, tuple[str, ...]],
@@ -245,6 +251,8 @@ def _served_key(
     folder = snapshot.groups.get(group)
     if folder is None or folder.spec.cache_path is None:
         return None  # no folder on the node to serve from
+    if _taken(snapshot, cache.name, group, namespace):
+        return None  # another party's claim or volume holds the name: theirs serves
     if group in cache.spec.node_groups and key in admitted.get(group, ()):
         return (key, group, namespace)
     return None
@@ -344,7 +352,9 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
     Served: the cache exists and is not being deleted; a namespace cache serves its own namespace
     only; no group named means the cache's first; the claim name there is this cache's (a namespace
     cache's wins in its namespace); the namespace may be served in; the group has a folder on the node;
-    the cache lists the group and the group admits it. Asked for by a pod, by a PV or PVC already made
+    the cache lists the group and the group admits it; no other party's object holds the PV or PVC
+    name (``snapshot.taken_*``: KServe's own serving claim, which serves the pods as KServe made it:
+    neither half is made, so no PV of ours is left unbound). Asked for by a pod, by a PV or PVC already made
     and not going (kept while admitted), or by the cache's serving namespaces (each of its groups).
     Writes in order: unwanted deletes, deletes of stale pairs (made again), then creates."""
     wanted = _wanted_volumes(snapshot, admitted)

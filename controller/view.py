@@ -76,6 +76,9 @@ class View:
     node_models: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> keys labelled ready
     volumes: dict[str, VolumeRef] = field(default_factory=dict)  # the PVs we made, by name
     claims: dict[tuple[str, str], VolumeRef] = field(default_factory=dict)  # our PVCs, (namespace, name)
+    # PVs and PVCs of those names that are not ours (the watches see only ours: learnt from a 409)
+    taken_volumes: set[str] = field(default_factory=set)
+    taken_claims: set[tuple[str, str]] = field(default_factory=set)
     isvcs: dict[tuple[str, str], InferenceService] = field(default_factory=dict)  # (namespace, name) ->
     invalid_groups: dict[str, str] = field(default_factory=dict)  # stored, spec refused: name -> why
     isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
@@ -470,6 +473,8 @@ class ViewKeeper:
             serving=self._serving,
             volumes=view.volumes,
             claims=view.claims,
+            taken_volumes=frozenset(view.taken_volumes),
+            taken_claims=frozenset(view.taken_claims),
             inference_services=self._isvc_refs,
             llm_inference_services=self._llm_refs,
             invalid_groups=view.invalid_groups,
