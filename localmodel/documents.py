@@ -33,6 +33,7 @@ from localmodel.resources import (
     LocalModelNodeGroup,
     Node,
 )
+from localmodel.timestamps import normalised
 
 # kind -> (where it lives, how to validate and normalise it)
 _PARSERS: dict[str, tuple[ResourceKind, Callable[[Any], JSON]]] = {
@@ -169,12 +170,29 @@ def _document(raw: Any, where: str, allowed: set[str]) -> Document:
             where=where,
         )
     try:
-        normalised = parse(raw)
+        normalised = parse(_created_kept(raw))
     except SpecError as e:
         raise e.located(where) from None
     except InvalidInput as e:
         raise SpecError(str(e), where=where) from None
     return Document(where, resource, normalised)
+
+
+def _created_kept(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its ``metadata.creationTimestamp``, when given, in the API server's form: the
+    embedded state keeps it (admission goes oldest first), and YAML makes a ``datetime`` of an
+    unquoted one."""
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict) or meta.get("creationTimestamp") is None:
+        return raw
+    try:
+        created = normalised(meta["creationTimestamp"])
+    except ValueError:
+        raise SpecError(
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z (or leave it out: now)",
+            field="metadata.creationTimestamp",
+        ) from None
+    return {**raw, "metadata": {**meta, "creationTimestamp": created}}
 
 
 def _node(raw: Any) -> JSON:
