@@ -58,6 +58,7 @@ from typing import Any
 from agent.download.azure import AzureSettings
 from agent.download.s3_settings import S3Settings
 from localmodel.errors import AccessDenied
+from localmodel.k8snames import config_key_error, subdomain_error
 from localmodel.resources import LocalModelInfo
 from localmodel.text import printable
 
@@ -119,11 +120,18 @@ Wanted = StorageConfigWanted | ServiceAccountWanted | None
 
 
 def wanted(info: LocalModelInfo) -> Wanted:
-    """Which objects the cache's credentials come from (controller.go:171-179, 246-274)."""
+    """Which objects the cache's credentials come from (controller.go:171-179, 246-274).
+    AccessDenied naming the field when ``serviceAccountName`` is no ServiceAccount name or
+    ``storage.key`` no Secret key (:mod:`localmodel.k8snames`; KServe's schema takes any string):
+    nothing is read for such a name."""
     if info.storage is not None and info.storage.key:
+        if (why := config_key_error(info.storage.key)) is not None:
+            raise AccessDenied(f"the cache's storage.key: {why}; fix storage.key")
         return StorageConfigWanted(info.storage.key, dict(info.storage.parameters))
     if info.service_account_name or info.storage is not None:
         name = info.service_account_name or DEFAULT_SERVICE_ACCOUNT
+        if (why := subdomain_error(name)) is not None:
+            raise AccessDenied(f"the cache's serviceAccountName: {why}; fix serviceAccountName")
         return ServiceAccountWanted(name, explicit=bool(info.service_account_name))
     return None
 
@@ -196,10 +204,18 @@ def from_storage_config(
 
 
 def secret_names(account: Mapping[str, Any]) -> tuple[str, ...]:
-    """The Secrets a ServiceAccount lists (``secrets[].name``), in order."""
+    """The Secrets a ServiceAccount lists (``secrets[].name``), in order. AccessDenied naming the
+    ServiceAccount and the entry when one is no Secret name (:mod:`localmodel.k8snames`): none of
+    them is read then."""
     names = []
-    for ref in account.get("secrets") or ():
+    for i, ref in enumerate(account.get("secrets") or ()):
         if isinstance(ref, Mapping) and isinstance(ref.get("name"), str) and ref["name"]:
+            if (why := subdomain_error(ref["name"])) is not None:
+                account_name = printable(str((account.get("metadata") or {}).get("name", "")))
+                raise AccessDenied(
+                    f"the cache's credentials: ServiceAccount {account_name}: secrets[{i}].name: {why}; "
+                    "fix the ServiceAccount"
+                )
             names.append(ref["name"])
     return tuple(names)
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.k8snames import path_segment_error
 from localmodel.kinds import (
     JSON,
     LOCAL_MODEL_CACHE,
@@ -169,6 +170,11 @@ def _document(raw: Any, where: str, allowed: set[str]) -> Document:
             field="apiVersion",
             where=where,
         )
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    for what in ("name", "namespace"):
+        value = meta.get(what)
+        if isinstance(value, str) and (why := path_segment_error(value)) is not None:
+            raise SpecError(why, field=f"metadata.{what}", where=where)
     try:
         normalised = parse(_created_kept(raw))
     except SpecError as e:

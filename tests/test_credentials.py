@@ -253,6 +253,40 @@ async def test_reader_reads_only_its_namespace_and_only_named_objects() -> None:
     assert await CredentialReader(state, NS).credentials(LocalModelInfo("hf://org/m", "m")) is None
 
 
+async def test_names_that_are_no_object_names_are_refused_before_any_request(kube_api: KubeAPI) -> None:
+    """A crafted serviceAccountName, storage.key or Secret name listed by a ServiceAccount is
+    AccessDenied naming the field, and nothing is read with it: no request leaves the namespace."""
+    from localmodel.state.kube import KubeState
+
+    await kube_api.store.create(SERVICE_ACCOUNT, account("loc", ["../../default/secrets/tok"]))
+    await kube_api.store.create(SERVICE_ACCOUNT, account("ok", ["fine", "Not_A_Name"]))
+    state = KubeState.for_url(kube_api.url)
+    reader = CredentialReader(state, NS)
+    try:
+        before = len(kube_api.requests)
+        for bad in ("../../default/serviceaccounts/sa", "sa/../x", "SA", "a" * 254):
+            with pytest.raises(
+                AccessDenied, match=r"^the cache's serviceAccountName: .*fix serviceAccountName$"
+            ):
+                await reader.credentials(LocalModelInfo("hf://org/m", "m", service_account_name=bad))
+        for key in ("../x", "a/b", "..", "k y"):
+            info = LocalModelInfo("s3://b/m", "m", storage=StorageSpec(key=key))
+            with pytest.raises(AccessDenied, match=r"^the cache's storage.key: .*fix storage.key$"):
+                await reader.credentials(info)
+        assert kube_api.requests[before:] == []
+        with pytest.raises(AccessDenied, match=r"ServiceAccount loc: secrets\[0\].name: '\.\./\.\./default"):
+            await reader.credentials(LocalModelInfo("hf://org/m", "m", service_account_name="loc"))
+        with pytest.raises(AccessDenied, match=r"ServiceAccount ok: secrets\[1\].name: 'Not_A_Name'"):
+            await reader.credentials(LocalModelInfo("hf://org/m", "m", service_account_name="ok"))
+        # Only the two ServiceAccounts were read; no Secret, listed or not.
+        assert kube_api.requests[before:] == [
+            ("GET", f"/api/v1/namespaces/{NS}/serviceaccounts/loc"),
+            ("GET", f"/api/v1/namespaces/{NS}/serviceaccounts/ok"),
+        ]
+    finally:
+        await state.close()
+
+
 def test_s3_client_takes_the_cache_settings() -> None:
     settings = SourceSettings(
         s3_endpoint="http://agent-default.example:1",

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Iterable
 from functools import partial
 from pathlib import Path
 
-from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound, SpecError
+from localmodel.errors import AlreadyExists, Conflict, Gone, InvalidName, NotFound, SpecError
+from localmodel.k8snames import path_segment_error
 from localmodel.kinds import JSON, KINDS_BY_NAME, ResourceKind
 from localmodel.mergepatch import clone, merge_patch
 from localmodel.state.base import ObjectList, Selector, WatchEvent
@@ -250,6 +251,11 @@ class MemoryState:
 
     @staticmethod
     def _key(kind: ResourceKind, name: str, namespace: str | None) -> Key:
+        # What the API server refuses in a path is refused here too (InvalidName), so code that
+        # passes here does not first fail against a real cluster.
+        for what, value in (("name", name), ("namespace", namespace if kind.namespaced else None)):
+            if value is not None and (why := path_segment_error(value)) is not None:
+                raise InvalidName(f"{kind.kind} {what}: {why}")
         return (kind.kind, (namespace or "default") if kind.namespaced else None, name)
 
     def _current(
