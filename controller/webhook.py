@@ -233,7 +233,8 @@ class Webhook:
                 continue
             for obj in found.items:
                 m = obj.get("metadata") or {}
-                labels = m.get("labels") if isinstance(m.get("labels"), dict) else {}
+                labels = m.get("labels")
+                labels = labels if isinstance(labels, dict) else {}
                 ns_of = str(m.get("namespace") or "default")
                 users.append((kind.kind, ns_of, str(m.get("name")), named_cache(labels, {})))
         return deletion_verdict(cache_key(name, namespace), users)

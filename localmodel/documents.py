@@ -170,7 +170,8 @@ def _document(raw: Any, where: str, allowed: set[str]) -> Document:
             field="apiVersion",
             where=where,
         )
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    meta = raw.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     for what in ("name", "namespace"):
         value = meta.get(what)
         if isinstance(value, str) and (why := path_segment_error(value)) is not None:

@@ -654,7 +654,7 @@ def test_cli_once_keeps_the_documents_creation_times(
     assert objs["c"]["metadata"]["creationTimestamp"] > "2026"  # none given: now
 
     def admitted(name: str) -> str:
-        return next(c["status"] for c in objs[name]["status"]["conditions"] if c["type"] == "Admitted")
+        return str(next(c["status"] for c in objs[name]["status"]["conditions"] if c["type"] == "Admitted"))
 
     assert (admitted("b"), admitted("a")) == ("True", "False")
 
