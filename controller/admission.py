@@ -64,6 +64,7 @@ from controller.status import ADMITTED
 from controller.views import named_cache, named_group
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.hosts import internal_host_error
+from localmodel.k8snames import config_key_error, subdomain_error
 from localmodel.layout import model_subpath
 from localmodel.placement import admit
 from localmodel.resources import (
@@ -424,6 +425,18 @@ def _with_required(pod: Mapping[str, Any], terms: Sequence[Mapping[str, Any]]) -
 # -- LocalModelCaches ------------------------------------------------------------------------------
 
 
+def credentials_error(cache: LocalModelCache) -> None:
+    """SpecError naming ``spec.serviceAccountName`` when it is no ServiceAccount name, or
+    ``spec.storage.key`` when it is no Secret key (:mod:`localmodel.k8snames`): KServe's schema
+    takes any string there, and the agent would refuse to read it at every download."""
+    account = cache.spec.service_account_name
+    if account and (why := subdomain_error(account)) is not None:
+        raise SpecError(why, field="spec.serviceAccountName")
+    key = cache.spec.storage.key if cache.spec.storage is not None else None
+    if key and (why := config_key_error(key)) is not None:
+        raise SpecError(why, field="spec.storage.key")
+
+
 def validate_cache(
     operation: str,
     obj: Mapping[str, Any] | None,
@@ -459,6 +472,7 @@ def validate_cache(
             raise SpecError(f"expected an object, got {type(spec).__name__}", field="spec")
         uri = parse_uri(spec.get("sourceModelUri"), field="spec.sourceModelUri")
         cache = parse_cache(obj)
+        credentials_error(cache)
     except (InvalidInput, SpecError) as e:
         return Verdict.refuse(str(e), code=422)
     bad_namespaces = serving_namespaces(cache)[1]

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.k8snames import path_segment_error
 from localmodel.kinds import (
     JSON,
     LOCAL_MODEL_CACHE,
@@ -33,6 +34,7 @@ from localmodel.resources import (
     LocalModelNodeGroup,
     Node,
 )
+from localmodel.timestamps import normalised
 
 # kind -> (where it lives, how to validate and normalise it)
 _PARSERS: dict[str, tuple[ResourceKind, Callable[[Any], JSON]]] = {
@@ -168,13 +170,36 @@ def _document(raw: Any, where: str, allowed: set[str]) -> Document:
             field="apiVersion",
             where=where,
         )
+    meta = raw.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    for what in ("name", "namespace"):
+        value = meta.get(what)
+        if isinstance(value, str) and (why := path_segment_error(value)) is not None:
+            raise SpecError(why, field=f"metadata.{what}", where=where)
     try:
-        normalised = parse(raw)
+        normalised = parse(_created_kept(raw))
     except SpecError as e:
         raise e.located(where) from None
     except InvalidInput as e:
         raise SpecError(str(e), where=where) from None
     return Document(where, resource, normalised)
+
+
+def _created_kept(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its ``metadata.creationTimestamp``, when given, in the API server's form: the
+    embedded state keeps it (admission goes oldest first), and YAML makes a ``datetime`` of an
+    unquoted one."""
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict) or meta.get("creationTimestamp") is None:
+        return raw
+    try:
+        created = normalised(meta["creationTimestamp"])
+    except ValueError:
+        raise SpecError(
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z (or leave it out: now)",
+            field="metadata.creationTimestamp",
+        ) from None
+    return {**raw, "metadata": {**meta, "creationTimestamp": created}}
 
 
 def _node(raw: Any) -> JSON:

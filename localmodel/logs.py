@@ -20,6 +20,7 @@ import re
 import sys
 
 from localmodel.text import printable
+from localmodel.uri import redact
 
 # Loggers of the libraries the download and cluster clients use that log headers or URLs at DEBUG.
 QUIET = (
@@ -51,11 +52,23 @@ def redact_secrets(text: str) -> str:
     return _SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
 
 
+# A URL inside free text: a scheme, "://", and what follows up to a space or a quote.
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_message(text: str) -> str:
+    """``text`` (a message that may quote an exception's text) fit for a log line, a status, an
+    Event or the state file: every URL in it as :func:`localmodel.uri.redact` shows one (no
+    userinfo, no query, no fragment), then :func:`redact_secrets`. Applied where those are written,
+    since a library's error may quote a presigned URL or an endpoint from a Secret."""
+    return redact_secrets(_URL_IN_TEXT.sub(lambda m: redact(m.group(0), limit=1000), text))
+
+
 class OneLineFormatter(logging.Formatter):
     """A Formatter whose message part is one line, with secret-named values masked."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(redact_secrets(record.message), limit=_MESSAGE_LIMIT)
+        record.message = printable(redact_message(record.message), limit=_MESSAGE_LIMIT)
         return super().formatMessage(record)
 
 

@@ -78,6 +78,13 @@ def _client(settings: SourceSettings, source: str) -> tuple[Any, str]:
         # A profile that does not exist, a config file that does not parse, a bad region: the AWS
         # configuration, which no retry mends. botocore's text names the setting, never a secret.
         raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
+    except ValueError:
+        # botocore's "Invalid endpoint: <url>" repeats the endpoint, which may come from a Secret:
+        # neither its text nor the exception itself goes on (no chained traceback holds it).
+        raise AccessDenied(
+            f"{source}: the S3 endpoint is not a URL botocore can use (the cache's Secret, "
+            "S3_ENDPOINT or AWS_ENDPOINT_URL); give one such as https://s3.example.com:9000"
+        ) from None
     endpoint = str(client.meta.endpoint_url)
     check_source_endpoint(endpoint, settings, source)
     if own.verify and endpoint.startswith("https:") and bundle and not Path(bundle).is_file():
