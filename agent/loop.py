@@ -605,30 +605,31 @@ class Agent:
         dest = self.cache.destination(rec.key)
         self.metrics.in_flight.inc()
         try:
-            if await asyncio.to_thread(needs_adoption, dest, rec.key):
-                # Someone else's files at this key (KServe's agent's): checked and kept, not fetched.
-                adopted = await adopt(
-                    uri,
-                    dest,
-                    sources=self.settings.sources,
-                    transfer=self.settings.transfer,
-                    progress=_Progress(rec, self.metrics),
-                    client=self.client,
-                    admit=lambda listing: self._admit(name, rec, listing),
-                    recheck=True,  # only what is not published (trusted) comes here
-                )
-                await self._adopted(name, rec, adopted)
-                return
-            if rec.key in self.untrusted:
-                # The folder (ours: its manifest names it) no longer matches the manifest: without this
-                # the pull would find the manifest up to date with the source and fetch nothing.
-                await asyncio.to_thread(self.cache.delete, rec.key)
-                self.untrusted.discard(rec.key)
             # Read at each attempt: a Secret created or rotated meanwhile is used by the next one.
+            # Adoption lists and fetches from the same source: the same credentials.
             info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
             found = await self.credentials.credentials(info) if info is not None else None
             client = own_client(found, self.settings.transfer)
             try:
+                if await asyncio.to_thread(needs_adoption, dest, rec.key):
+                    # Someone else's files at this key (KServe's agent's): checked and kept, not fetched.
+                    adopted = await adopt(
+                        uri,
+                        dest,
+                        sources=settings_for(self.settings.sources, found),
+                        transfer=self.settings.transfer,
+                        progress=_Progress(rec, self.metrics),
+                        client=client or self.client,
+                        admit=lambda listing: self._admit(name, rec, listing),
+                        recheck=True,  # only what is not published (trusted) comes here
+                    )
+                    await self._adopted(name, rec, adopted)
+                    return
+                if rec.key in self.untrusted:
+                    # The folder (ours: its manifest names it) no longer matches the manifest: without
+                    # this the pull would find the manifest up to date with the source and fetch nothing.
+                    await asyncio.to_thread(self.cache.delete, rec.key)
+                    self.untrusted.discard(rec.key)
                 result = await pull(
                     uri,
                     dest,
