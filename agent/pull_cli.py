@@ -25,6 +25,7 @@ from localmodel.errors import DownloadError, ForeignFolder, InvalidInput, Modelc
 from localmodel.folders import cache_path_error
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
+from localmodel.text import printable
 from localmodel.uri import SourceURI, parse_uri
 
 UNITS = (
@@ -333,6 +334,14 @@ def main(argv: Sequence[str]) -> int:
             placed = CacheLayout.of_model_dir(dest.final)
             if args.adopt and needs_adoption(dest, placed[1] if placed else None):
                 return _adopt(uri, dest, args.dest, settings, bar)
+            if not dest.replaceable() and args.adopt:
+                # Only a folder is adopted: whatever else is there (a link is never followed), --adopt
+                # was passed already, so the hint below would send the user round in a circle.
+                raise InvalidInput(
+                    f"DEST: {dest.final} is {describe(dest.final)}, not a folder; --adopt adopts only "
+                    "a folder (a symbolic link is never followed): name the folder itself, or a new "
+                    "or empty folder"
+                )
             if not dest.replaceable():
                 raise InvalidInput(
                     f"DEST: {dest.final} holds {describe(dest.final)} that modelcache did not publish; "
@@ -384,5 +393,5 @@ def _adopt(uri: SourceURI, dest: Destination, shown: str, settings: TransferSett
         _failed(dest, e, "interrupted")
         return 130
     bar.close()
-    print(adopted_words(uri.redacted(), shown, result))
+    print(adopted_words(uri.redacted(), printable(shown), result))
     return 0
