@@ -22,7 +22,7 @@ from agent.download.transfer import PullResult, TransferSettings
 from agent.transfer_flags import add_transfer_flags, transfer_settings
 from localmodel.cliargs import UsageParser
 from localmodel.errors import DownloadError, ForeignFolder, InvalidInput, ModelcacheError, from_os_error
-from localmodel.folders import cache_path_error
+from localmodel.folders import cache_path_error, unreachable
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
 from localmodel.text import printable
@@ -156,12 +156,15 @@ def folder_error(path: Path) -> str | None:
     there, a read-only filesystem (statvfs ST_RDONLY) or a folder this user may not write
     (access(2) W_OK|X_OK) is an answer naming that path and the fix."""
     at = path
-    while not at.exists() and at.parent != at:
-        if at.is_symlink():
-            return f"{at} is a link to nothing; remove it or name another folder"
-        at = at.parent
-    if not at.is_dir():
-        return f"{at} is a file, not a folder; name a folder (it is created if missing)"
+    try:
+        while not at.exists() and at.parent != at:
+            if at.is_symlink():
+                return f"{at} is a link to nothing; remove it or name another folder"
+            at = at.parent
+        if not at.is_dir():
+            return f"{at} is a file, not a folder; name a folder (it is created if missing)"
+    except OSError as e:  # a folder above it this user may not search (EACCES), an I/O error
+        return unreachable(path, e)
     try:
         read_only = bool(os.statvfs(at).f_flag & os.ST_RDONLY)
     except OSError:
@@ -306,23 +309,10 @@ def main(argv: Sequence[str]) -> int:
     )
     if args.lock_wait < 0:
         raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
-    final = check_dest(args.dest, home=Path.home(), key=storage_key(uri.raw))
-    check_replace(final, uri, force=args.force)
-    # The agent's rule for its cache folder (never a system folder, also through a link), but for
-    # the user's own home, where root's is /root.
-    home = Path.home().resolve()
-    for candidate in (final, final.resolve()):
-        if candidate.is_relative_to(home):
-            continue
-        if (problem := cache_path_error(str(candidate), cluster=False)) is not None:
-            raise InvalidInput(f"DEST: {problem}")
-    # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
-    # the whole download, and no later run could get past it.
-    mine = final.is_dir() and not final.is_symlink()  # else the replaceable check says what is there
-    if (problem := folder_error(final.parent) or (folder_error(final) if mine else None)) is not None:
-        raise InvalidInput(f"DEST: {problem}")
-    if (problem := mount_point_error(final)) is not None:
-        raise InvalidInput(f"DEST: {problem}")
+    try:
+        final = _checked_dest(args, uri)
+    except OSError as e:  # DEST, or a folder above it, this user may not look at
+        raise InvalidInput(f"DEST: {unreachable(args.dest, e)}") from None
     if args.adopt and args.force:
         raise InvalidInput(
             "--adopt and --force: choose one (--adopt keeps DEST's files, --force replaces them)"
@@ -373,6 +363,29 @@ def main(argv: Sequence[str]) -> int:
         f"{rate:.1f} MB/s, {state}" + (f", revision {result.revision}" if result.revision else "")
     )
     return 0
+
+
+def _checked_dest(args: argparse.Namespace, uri: SourceURI) -> Path:
+    """DEST, checked before anything is locked or written (InvalidInput naming the fix); raises the
+    OSError of a folder this user may not look at."""
+    final = check_dest(args.dest, home=Path.home(), key=storage_key(uri.raw))
+    check_replace(final, uri, force=args.force)
+    # The agent's rule for its cache folder (never a system folder, also through a link), but for
+    # the user's own home, where root's is /root.
+    home = Path.home().resolve()
+    for candidate in (final, final.resolve()):
+        if candidate.is_relative_to(home):
+            continue
+        if (problem := cache_path_error(str(candidate), cluster=False)) is not None:
+            raise InvalidInput(f"DEST: {problem}")
+    # DEST itself too where it exists: a read-only or unwritable folder fails the publish only after
+    # the whole download, and no later run could get past it.
+    mine = final.is_dir() and not final.is_symlink()  # else the replaceable check says what is there
+    if (problem := folder_error(final.parent) or (folder_error(final) if mine else None)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+    if (problem := mount_point_error(final)) is not None:
+        raise InvalidInput(f"DEST: {problem}")
+    return final
 
 
 def _adopt(uri: SourceURI, dest: Destination, shown: str, settings: TransferSettings, bar: _Bar) -> int:
