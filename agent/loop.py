@@ -605,8 +605,7 @@ class Agent:
         dest = self.cache.destination(rec.key)
         self.metrics.in_flight.inc()
         try:
-            # Read at each attempt: a Secret created or rotated meanwhile is used by the next one.
-            # Adoption lists and fetches from the same source: the same credentials.
+            # Read at each attempt (a Secret rotated meanwhile is used by the next), adoption's too.
             info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
             found = await self.credentials.credentials(info) if info is not None else None
             client = own_client(found, self.settings.transfer)
@@ -626,8 +625,7 @@ class Agent:
                     await self._adopted(name, rec, adopted)
                     return
                 if rec.key in self.untrusted:
-                    # The folder (ours: its manifest names it) no longer matches the manifest: without
-                    # this the pull would find the manifest up to date with the source and fetch nothing.
+                    # Ours, not matching its manifest: else the pull finds it up to date, fetches nothing.
                     await asyncio.to_thread(self.cache.delete, rec.key)
                     self.untrusted.discard(rec.key)
                 result = await pull(

@@ -554,10 +554,8 @@ def test_the_manifest_records_how_each_adopted_file_was_checked() -> None:
 
 
 async def test_a_folder_with_a_hard_linked_file_is_not_adopted_and_the_other_path_is_untouched(
-    mem: Cluster, hf_hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mem: Cluster, hf_hub: Hub, tmp_path: Path
 ) -> None:
-    from modelcache.cli import main
-
     hf_hub.add_repo("org/m", FILES)
     cache = tmp_path / "cache"
     folder = cache / "models" / storage_key(URI)
@@ -575,7 +573,14 @@ async def test_a_folder_with_a_hard_linked_file_is_not_adopted_and_the_other_pat
         assert victim.stat().st_mode & 0o777 == 0o600 and (folder / "model.safetensors").stat().st_nlink == 2
         victim.unlink()  # the other link gone: the retry adopts
         await downloaded(run)
-    # pull --adopt refuses the same way: exit 2, one line, nothing changed.
+
+
+async def test_pull_adopt_refuses_a_dest_with_a_hard_linked_file_and_changes_nothing(
+    hf_hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelcache.cli import main
+
+    hf_hub.add_repo("org/m", FILES)
     dest = tmp_path / "dest"
     fill_like_kserve(dest, hf_hub, "org/m", FILES)
     os.link(dest / "config.json", tmp_path / "theirs.json")

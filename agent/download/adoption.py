@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.adopt import Adoption, Found, Kind, decide, named, survey
+from agent.adopt import Adoption, Found, Kind, Survey, decide, named, survey
 from agent.download.client import HttpClient
 from agent.download.engine import Transfer
 from agent.download.listing import Listing, RemoteFile
@@ -274,24 +274,11 @@ async def adopt(
         plan = survey(listing, found, where=str(dest.final))
         if plan.refusal is not None:
             raise ForeignFolder(plan.refusal)
-        listed = {f.path: f for f in listing.files}
-        unhashed = {p: listed[p] for p, check in plan.to_hash.items() if check is None}
-        parts = (
-            await asyncio.to_thread(first_part_sizes, uri, sources, unhashed.values())
-            if uri.scheme == "s3"
-            else {}
-        )
-        digests, confirmed = await asyncio.to_thread(hash_files, dest, plan.to_hash, unhashed, parts)
-        adoption = decide(listing, plan, digests, confirmed)
+        adoption, how = await _checked(uri, dest, sources, listing, plan)
         if admit is not None:
             admit(listing)
         fetched: dict[str, FileEntry] = {}
         transferred = 0
-        how: dict[str, str] = {}
-        for e in adoption.keep:
-            check = plan.to_hash.get(e.path)
-            how[e.path] = check.name if check is not None else confirmed[e.path]
-        how |= {f.path: "fetched" for f in adoption.fetch}
         checked_by_hash = len(adoption.keep)
         if adoption.fetch:
             run = Transfer(
@@ -330,6 +317,28 @@ async def adopt(
         size_only=len(manifest.files) - checked_by_hash,
         kept_by=dict(Counter(how[e.path] for e in adoption.keep)),
     )
+
+
+async def _checked(
+    uri: SourceURI, dest: Destination, sources: SourceSettings, listing: Listing, plan: Survey
+) -> tuple[Adoption, dict[str, str]]:
+    """The adoption once the folder's files are checked, and path -> how each file kept was checked
+    (the hash's name, or :func:`hash_files`' words) or "fetched"."""
+    listed = {f.path: f for f in listing.files}
+    unhashed = {p: listed[p] for p, check in plan.to_hash.items() if check is None}
+    parts = (
+        await asyncio.to_thread(first_part_sizes, uri, sources, unhashed.values())
+        if uri.scheme == "s3"
+        else {}
+    )
+    digests, confirmed = await asyncio.to_thread(hash_files, dest, plan.to_hash, unhashed, parts)
+    adoption = decide(listing, plan, digests, confirmed)
+    how: dict[str, str] = {}
+    for e in adoption.keep:
+        check = plan.to_hash.get(e.path)
+        how[e.path] = check.name if check is not None else confirmed[e.path]
+    how |= {f.path: "fetched" for f in adoption.fetch}
+    return adoption, how
 
 
 def adopted_words(uri: str, where: str, r: AdoptResult) -> str:
