@@ -607,17 +607,7 @@ class Agent:
         try:
             if await asyncio.to_thread(needs_adoption, dest, rec.key):
                 # Someone else's files at this key (KServe's agent's): checked and kept, not fetched.
-                adopted = await adopt(
-                    uri,
-                    dest,
-                    sources=self.settings.sources,
-                    transfer=self.settings.transfer,
-                    progress=_Progress(rec, self.metrics),
-                    client=self.client,
-                    admit=lambda listing: self._admit(name, rec, listing),
-                    recheck=True,  # only what is not published (trusted) comes here
-                )
-                await self._adopted(name, rec, adopted)
+                await self._adopted(name, rec, await self._adopt(name, rec, uri, dest))
                 return
             if rec.key in self.untrusted:
                 # The folder (ours: its manifest names it) no longer matches the manifest: without this
@@ -660,6 +650,26 @@ class Agent:
             else f"{readable(result.bytes_total)} in {result.seconds:.1f}s"
         )
         await self.events.emit("DownloadCompleted", f"{name}: {rec.uri} is ready in models/{rec.key} ({how})")
+
+    async def _adopt(self, name: str, rec: Record, uri: SourceURI, dest: Destination) -> AdoptResult:
+        """The adoption of one folder with the credentials its cache names, as :meth:`_pull`."""
+        info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
+        found = await self.credentials.credentials(info) if info is not None else None
+        client = own_client(found, self.settings.transfer)
+        try:
+            return await adopt(
+                uri,
+                dest,
+                sources=settings_for(self.settings.sources, found),
+                transfer=self.settings.transfer,
+                progress=_Progress(rec, self.metrics),
+                client=client or self.client,
+                admit=lambda listing: self._admit(name, rec, listing),
+                recheck=True,  # only what is not published (trusted) comes here
+            )
+        finally:
+            if client is not None:
+                client.close()
 
     async def _pull(
         self, name: str, rec: Record, uri: SourceURI, dest: Destination, declared: int | None

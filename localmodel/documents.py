@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.folders import unreachable
 from localmodel.k8snames import path_segment_error
 from localmodel.kinds import (
     JSON,
@@ -77,7 +78,10 @@ def load_documents(
     """Every document under ``path`` (see :func:`document_files`), validated; raises SpecError (one
     line) on the first bad one."""
     allowed = set(kinds) if kinds is not None else set(_PARSERS)
-    files = document_files(path, exclude=exclude)
+    try:
+        files = document_files(path, exclude=exclude)
+    except OSError as e:  # the file, or a folder above it, this user may not look at
+        raise SpecError(unreachable(path, e), where=str(path)) from None
     docs: list[Document] = []
     seen: dict[tuple[str, str], str] = {}
     for file in files:

@@ -28,6 +28,11 @@ class RemoteFile:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry a token
     local_path: str | None = None  # file:// sources
     ranges: bool = False  # the source always honours Range (S3): fan out at once, no probe first
+    # An S3 multipart ETag ("<md5 of the parts' md5s>-<parts>", lowercase) and the object's key: no
+    # hash of the content, but a file's own can be computed and compared once the part size is known
+    # (one HeadObject PartNumber=1, asked only when adopting: agent.download.adoption).
+    multipart_etag: str | None = None
+    s3_key: str | None = None
 
     def entry(self, *, sha256: str | None = None) -> FileEntry:
         return FileEntry(

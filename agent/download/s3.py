@@ -7,6 +7,7 @@ files of the model. The one place botocore's errors are mapped into the project'
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,34 @@ from agent.download.wording import connection_words
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.text import printable
 from localmodel.uri import SourceURI
+
+_MULTIPART = re.compile(r"[0-9a-fA-F]{32}-[1-9][0-9]{0,4}")
+
+
+def first_part_sizes(uri: SourceURI, settings: SourceSettings, files: Iterable[RemoteFile]) -> dict[str, int]:
+    """path -> the size of part 1 of each multipart object (``ContentLength`` of HeadObject with
+    ``PartNumber=1``; every part but the last has that size, as S3 requires of a multipart upload),
+    for the files whose ETag is a multipart one. A file whose HEAD fails, or whose ``PartsCount``
+    is not the ETag's, is left out: it cannot be checked, so it is fetched, never kept unchecked.
+    Raises as :func:`list_s3` does for a client that cannot be made."""
+    wanted = [f for f in files if f.multipart_etag and f.s3_key]
+    if not wanted:
+        return {}
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, _ = _client(settings, uri.redacted())
+
+    def head(f: RemoteFile) -> tuple[str, int] | None:
+        try:
+            answer = client.head_object(Bucket=uri.bucket, Key=f.s3_key, PartNumber=1)
+        except (BotoCoreError, ClientError):
+            return None
+        parts = int(str(f.multipart_etag).rsplit("-", 1)[1])
+        if int(answer.get("PartsCount") or 0) != parts or int(answer.get("ContentLength") or 0) <= 0:
+            return None
+        return f.path, int(answer["ContentLength"])
+
+    return dict(x for x in _parallel(head, wanted) if x is not None)
 
 
 def _client(settings: SourceSettings, source: str) -> tuple[Any, str]:
@@ -127,6 +156,8 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
                     md5=etag if len(etag) == 32 and "-" not in etag else None,
                     url=url,
                     ranges=True,
+                    multipart_etag=etag.lower() if _MULTIPART.fullmatch(etag) else None,
+                    s3_key=obj["Key"],
                 )
             )
     except NoCredentialsError as e:
