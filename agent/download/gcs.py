@@ -33,6 +33,7 @@ from agent.download.listing import (
     check_unique,
     checked_path,
     folder_marker,
+    paged,
     parent_folders,
 )
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
@@ -162,12 +163,19 @@ def _from_file(path: str) -> Any:
 
 
 def list_gcs(
-    uri: SourceURI, settings: GcsSettings, *, connect_timeout: float, read_timeout: float
+    uri: SourceURI,
+    settings: GcsSettings,
+    *,
+    connect_timeout: float,
+    read_timeout: float,
+    deadline: float = 120.0,
 ) -> Listing:
     """The objects of ``gs://BUCKET/KEY``: the one object KEY names, else every object under
     ``KEY/`` (folder markers dropped: ``name/`` and ``name_$folder$`` objects, and empty objects
     named like a folder that has objects). Raises AccessDenied (401/403, naming the bucket),
-    SourceNotFound (no bucket, nothing under the prefix), TransientError (timeouts, 429, 5xx)."""
+    SourceNotFound (no bucket, nothing under the prefix), TransientError (timeouts, 429, 5xx, a
+    listing unfinished after ``deadline`` seconds), DownloadError (pages that repeat or never end:
+    :func:`~agent.download.listing.paged`)."""
     import google.auth.exceptions
     import requests.exceptions
     from google.api_core import exceptions as api
@@ -183,9 +191,7 @@ def list_gcs(
     )
     timeout = (connect_timeout, read_timeout)
     try:
-        found, base = _find_blobs(
-            client, uri.bucket, uri.key, timeout, f"{source}: no objects under this prefix"
-        )
+        found, base = _find_blobs(client, uri.bucket, uri.key, timeout, source, deadline)
     except api.NotFound as e:
         raise SourceNotFound(f"{source}: bucket {uri.bucket} not found (HTTP 404)") from e
     except (api.Unauthorized, api.Forbidden) as e:
@@ -244,20 +250,23 @@ def list_gcs(
 
 
 def _find_blobs(
-    client: Any, bucket: str, prefix: str, timeout: tuple[float, float], nothing: str
+    client: Any, bucket: str, prefix: str, timeout: tuple[float, float], source: str, deadline: float
 ) -> tuple[list[Any], str]:
     """(the objects to fetch, the name prefix their paths are relative to): the one object ``prefix``
-    names, else every object under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
-    when there is none."""
+    names, else every object under ``prefix/`` less the folder markers (listed within ``deadline``
+    seconds); SourceNotFound when there is none."""
     base = prefix
     if prefix and not prefix.endswith("/"):
         blob = client.bucket(bucket).get_blob(prefix, timeout=timeout, retry=None)
         if blob is not None and int(blob.size or 0) > 0:
             return [blob], prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
         prefix = base = prefix + "/"
-    found = _drop_folder_markers(list(client.list_blobs(bucket, prefix=prefix, timeout=timeout, retry=None)))
+    pages = client.list_blobs(bucket, prefix=prefix, timeout=timeout, retry=None)
+    found = _drop_folder_markers(
+        paged(pages.pages, lambda: pages.next_page_token, source=source, seconds=deadline)
+    )
     if not found:
-        raise SourceNotFound(nothing)
+        raise SourceNotFound(f"{source}: no objects under this prefix")
     return found, base
 
 
