@@ -114,3 +114,35 @@ def test_pull_of_a_looping_gcs_listing_fails_in_one_line(pager: Pager, tmp_path:
     ]
     assert len([a for a in pager.asked if "/o?" in a]) == 2, pager.asked  # once: not transient
 
+
+@LOOP
+def test_pull_of_a_looping_azure_listing_prints_only_its_own_line(pager: Pager, tmp_path: Path) -> None:
+    """azure-storage-blob logs a WARNING of its own (``Unexpected return type <class 'str'> from
+    ContentDecodePolicy...``) for the bodiless 404 the server answers the blob's properties with:
+    pull's stderr is still its one line."""
+    env = {**os.environ, "AZURE_STORAGE_BLOB_ENDPOINT": f"{pager.endpoint}/acct"}
+    uri = "https://acct.blob.core.windows.net/cont/m"
+    argv = [sys.executable, "-m", "modelcache", "pull", uri, str(tmp_path / "dst"), "--quiet"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"modelcache pull: the listing of {uri} repeats page token 'T0'; the server is not following "
+        "the protocol"
+    ]
+
+
+def test_pull_prints_a_library_s_error_record_as_its_own_one_line(tmp_path: Path) -> None:
+    """What a library logs at ERROR in a command without logging of its own reaches stderr in the
+    command's words, escaped to one line, never bare."""
+    code = (
+        "import logging, sys\n"
+        "from modelcache.cli import main\n"
+        "import agent.pull_cli as p\n"
+        "p.main = lambda argv: (logging.getLogger('azure.core').error('bad\\nline'), 0)[1]\n"
+        "sys.exit(main(['pull', 'x', 'y']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0
+    assert done.stderr.splitlines() == ["modelcache pull: bad\\nline"]
