@@ -195,18 +195,11 @@ def list_gcs(
     )
     timeout = (connect_timeout, read_timeout)
     ends = time.monotonic() + deadline
-
-    def media_url(blob: Any) -> str:
-        return (
-            f"{settings.endpoint}/download/storage/v1/b/{quote(uri.bucket, safe='')}/o/"
-            f"{quote(blob.name, safe='')}?alt=media&generation={blob.generation}"
-        )
-
     try:
         found, base = _find_blobs(client, uri.bucket, uri.key, timeout, source, deadline)
         # An object listed without a hash (emulators, gateways): the one its media answers carry.
         hashes = {
-            b.name: _media_hashes(client._http, media_url(b), timeout, source, ends)
+            b.name: _media_hashes(client._http, _media_url(settings, uri, b), timeout, source, ends)
             for b in found
             if not (b.crc32c or b.md5_hash)
         }
@@ -253,7 +246,7 @@ def list_gcs(
                 size=int(blob.size or 0),
                 md5=None if crc32c else _b64_hex(listed_md5),
                 crc32c=crc32c,
-                url=media_url(blob),
+                url=_media_url(settings, uri, blob),
                 headers=headers,
                 ranges=True,
             )
@@ -283,6 +276,14 @@ def _find_blobs(
     if not found:
         raise SourceNotFound(f"{source}: no objects under this prefix")
     return found, base
+
+
+def _media_url(settings: GcsSettings, uri: SourceURI, blob: Any) -> str:
+    """The JSON API's media URL of ``blob`` at its listed generation."""
+    return (
+        f"{settings.endpoint}/download/storage/v1/b/{quote(uri.bucket, safe='')}/o/"
+        f"{quote(blob.name, safe='')}?alt=media&generation={blob.generation}"
+    )
 
 
 def _media_hashes(
