@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "uri",
         metavar="URI",
-        help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH or a plain /PATH",
+        help=(
+            "hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
+            "https://ACCOUNT.blob.core.windows.net/CONTAINER/PATH (Azure Blob; ADLS Gen2 as "
+            "abfs(s)://CONTAINER@ACCOUNT.dfs.core.windows.net/PATH), http(s)://..., "
+            "file:///PATH or a plain /PATH"
+        ),
     )
     p.add_argument("dest", metavar="DEST", help="the folder to create (published atomically)")
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")

@@ -37,6 +37,11 @@ QUIET = (
     "aiohttp.client",
     "hpack",
     "h2",
+    # The gs:// and Azure sources' SDKs: azure-core logs request URLs and headers at INFO and its
+    # own complaints about a server's answers at WARNING; google-auth its credential lookups.
+    "azure",
+    "msal",
+    "google",
 )
 
 _SECRET = re.compile(
@@ -70,6 +75,21 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = printable(redact_message(record.message), limit=_MESSAGE_LIMIT)
         return super().formatMessage(record)
+
+
+def command_logging(prefix: str) -> None:
+    """For a command that sets up no logging of its own (``pull``, ``status``): records at WARNING
+    and above print as one line of the command's own (``PREFIX: message``, escaped and masked by
+    :class:`OneLineFormatter`) rather than through logging's last resort, which prints a library's
+    message bare. The libraries of :data:`QUIET` print only at ERROR: their warnings about a
+    server's answers (azure-core's "Unexpected return type ... from ContentDecodePolicy") would be a
+    second line beside the command's own error line, which says what failed. A later
+    :func:`setup_logging` replaces all of this."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(f"{prefix}: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def setup_logging(level: str | int, *, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:

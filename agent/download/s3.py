@@ -19,6 +19,7 @@ from agent.download.listing import (
     check_unique,
     checked_path,
     folder_marker,
+    paged,
     parent_folders,
 )
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
@@ -133,13 +134,14 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         ClientError,
         ConnectTimeoutError,
         NoCredentialsError,
+        PaginationError,
         ReadTimeoutError,
     )
 
     source = uri.redacted()
     client, endpoint = _client(settings, source)
     try:
-        objects, base = _find_objects(client, uri.bucket, uri.key, f"{source}: no objects under this prefix")
+        objects, base = _find_objects(client, uri.bucket, uri.key, source, settings.list_deadline)
         _fetch_s3_checksums(client, uri.bucket or "", objects)
         files = []
         for obj in objects:
@@ -169,6 +171,11 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         if code in ("NoSuchBucket", "404", "NoSuchKey"):
             raise SourceNotFound(f"{source}: {code}") from e
         raise TransientError(f"{source}: S3 error {code}") from e
+    except PaginationError as e:
+        # botocore's own check: "The same next token was received twice".
+        raise DownloadError(
+            f"the listing of {source} repeats page token; the server is not following the protocol"
+        ) from e
     except ConnectTimeoutError as e:
         raise no_answer(source, endpoint, settings.connect_timeout, "no connection") from e
     except ReadTimeoutError as e:
@@ -181,10 +188,12 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
     return Listing(source=source, revision=etags.hexdigest()[:16], files=result)
 
 
-def _find_objects(client: Any, bucket: str, prefix: str, nothing: str) -> tuple[list[dict[str, Any]], str]:
+def _find_objects(
+    client: Any, bucket: str, prefix: str, source: str, deadline: float
+) -> tuple[list[dict[str, Any]], str]:
     """(the objects to fetch, the key prefix their paths are relative to): the one object ``prefix``
-    names, else every object under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
-    when there is none."""
+    names, else every object under ``prefix/`` less the folder markers (listed within ``deadline``
+    seconds; botocore refuses a repeated page token itself); SourceNotFound when there is none."""
     if prefix and not prefix.endswith("/"):
         # A single object, or a "folder" named without its trailing slash: then, or when the
         # object is a folder marker with objects under it, the prefix.
@@ -195,13 +204,12 @@ def _find_objects(client: Any, bucket: str, prefix: str, nothing: str) -> tuple[
             base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
             return [{"Key": prefix, "Size": head["ContentLength"], **head}], base
         prefix += "/"
-    objects: list[dict[str, Any]] = []
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        objects.extend(page.get("Contents", []))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    contents = (page.get("Contents", []) for page in pages)
+    objects: list[dict[str, Any]] = paged(contents, lambda: None, source=source, seconds=deadline)
     objects = _drop_folder_markers(client, bucket, objects)
     if not objects:
-        raise SourceNotFound(nothing)
+        raise SourceNotFound(f"{source}: no objects under this prefix")
     return objects, prefix
 
 
