@@ -232,8 +232,24 @@ def list_gcs(
     except (requests.exceptions.RequestException, google.auth.exceptions.TransportError) as e:
         raise TransientError(f"{source}: cannot reach {settings.endpoint}: {type(e).__name__}") from e
     headers: Mapping[str, str] = BearerHeaders(creds, read_timeout) if creds is not None else {}
+    result = _remote_files(found, base, hashes, settings, uri, headers)
+    generations = hashlib.sha256("".join(f"{b.name}:{b.generation};" for b in found).encode())
+    return Listing(source=source, revision=generations.hexdigest()[:16], files=result)
+
+
+def _remote_files(
+    found: list[Any],
+    base: str,
+    hashes: Mapping[str, tuple[str | None, str | None]],
+    settings: GcsSettings,
+    uri: SourceURI,
+    headers: Mapping[str, str],
+) -> tuple[RemoteFile, ...]:
+    """The engine's files of the listed blobs, sorted by path, checked by crc32c where
+    google-crc32c's C extension is there (as google-cloud-storage checks), else by md5Hash."""
     import google_crc32c
 
+    source = uri.redacted()
     fast_crc32c = google_crc32c.implementation == "c"
     files = []
     for blob in found:
@@ -253,8 +269,7 @@ def list_gcs(
         )
     result = tuple(sorted(files, key=lambda f: f.path))
     check_unique(result, source=source)
-    generations = hashlib.sha256("".join(f"{b.name}:{b.generation};" for b in found).encode())
-    return Listing(source=source, revision=generations.hexdigest()[:16], files=result)
+    return result
 
 
 def _find_blobs(
