@@ -20,14 +20,18 @@ There is no marker of completeness: a folder is checked file by file against the
 
 Rules (:func:`survey`, then :func:`decide` once the files to hash are hashed):
 
-- a symbolic link or a special file anywhere in the folder refuses the adoption (nothing is
-  followed, nothing changes; the folder stays someone else's, as before adoption existed);
+- a symbolic link, a special file or a regular file with other hard links (``st_nlink`` > 1: its
+  inode is reachable from a path that is not this folder's) anywhere in the folder refuses the
+  adoption (nothing is followed, nothing changes; the folder stays someone else's, as before
+  adoption existed);
 - a listed file that is a folder there, or whose folder is a file there, refuses it too (theirs
   would have to be removed to lay ours out);
 - a listed file present with the listed size is hashed: by the strongest hash the source gives
   (:func:`localmodel.manifest.hash_check`), kept when it matches, fetched again when not; where the
-  source gives none it is kept by its size, and its sha256 is recorded so a later re-verify notices
-  a change;
+  source gives none it is kept only when its bytes were checked otherwise (``confirmed``: an S3
+  multipart ETag computed from the file, or the bytes of a ``file://`` source compared), else it is
+  fetched again: a size alone never stands for content. Its sha256 is recorded so a later re-verify
+  notices a change;
 - a listed file missing, of another size, or of a size the source does not say, is fetched (a
   missing empty file is created);
 - anything else in the folder is an extra: recorded by its topmost path (a folder covering what is
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 from agent.download.listing import Listing, RemoteFile
 from localmodel.manifest import FileEntry, HashCheck, hash_check
+from localmodel.text import printable
 
 EXAMPLES = 3  # extras named in a message, at most
 
@@ -51,6 +56,10 @@ class Kind(enum.Enum):
     DIR = "dir"
     LINK = "link"
     OTHER = "other"  # a socket, a FIFO, a device
+    # A regular file with other hard links: the same inode is reachable from a path that is not
+    # this folder's (outside it, or another model's), so checking, keeping and making it read-only
+    # would change a file that is not ours.
+    HARDLINKED = "hardlinked"
 
 
 @dataclass(frozen=True)
@@ -135,12 +144,16 @@ def _refusal(listing: Listing, found: tuple[Found, ...], where: str) -> str | No
             "wrote it: its files cannot be checked against the source without fetching the archive "
             "whole; not adopted (move the folder away to have it fetched)"
         )
-    odd = [e for e in found if e.kind in (Kind.LINK, Kind.OTHER)]
+    odd = [e for e in found if e.kind in (Kind.LINK, Kind.OTHER, Kind.HARDLINKED)]
     if odd:
-        what = "a symbolic link" if odd[0].kind is Kind.LINK else "a special file"
+        what = {
+            Kind.LINK: "a symbolic link",
+            Kind.OTHER: "a special file",
+            Kind.HARDLINKED: "a file with other hard links",
+        }[odd[0].kind]
         return (
-            f"{where} holds {what} ({odd[0].path}); modelcache never adopts a folder with links or "
-            "special files in it: remove it, or move the folder away"
+            f"{where} holds {what} ({printable(odd[0].path)}); modelcache never adopts a folder with "
+            "links or special files in it: remove it, or move the folder away"
         )
     kinds = {e.path: e.kind for e in found}
     for f in listing.files:
@@ -149,22 +162,29 @@ def _refusal(listing: Listing, found: tuple[Found, ...], where: str) -> str | No
         in_the_way = [p for p in folders if kinds.get(p) is Kind.FILE]
         if kinds.get(f.path) is Kind.DIR or in_the_way:
             return (
-                f"{where}: the source's file {f.path} cannot be laid out: "
-                f"{in_the_way[0] if in_the_way else f.path} is a "
+                f"{where}: the source's file {printable(f.path)} cannot be laid out: "
+                f"{printable(in_the_way[0] if in_the_way else f.path)} is a "
                 f"{'file' if in_the_way else 'folder'} there; not adopted (theirs is never removed)"
             )
     return None
 
 
-def decide(listing: Listing, plan: Survey, digests: Mapping[str, str]) -> Adoption:
+def decide(
+    listing: Listing,
+    plan: Survey,
+    digests: Mapping[str, str],
+    confirmed: Mapping[str, str] | None = None,
+) -> Adoption:
     """The adoption, once every file of ``plan.to_hash`` was hashed (``digests``: path -> lowercase
     hex of the check it was given, or of sha256 where none). A file whose digest is missing (it
-    could not be read) is fetched."""
+    could not be read) is fetched; so is one without a source hash unless ``confirmed`` (path -> how
+    its bytes were checked) names it."""
     keep: list[FileEntry] = []
     fetch = set(plan.fetch)
+    confirmed = confirmed or {}
     for path, check in plan.to_hash.items():
         digest = digests.get(path)
-        if digest is None or (check is not None and digest != check.expected):
+        if digest is None or (check.expected != digest if check is not None else path not in confirmed):
             fetch.add(path)
             continue
         f = next(x for x in listing.files if x.path == path)
@@ -178,6 +198,7 @@ def decide(listing: Listing, plan: Survey, digests: Mapping[str, str]) -> Adopti
 
 
 def named(paths: tuple[str, ...]) -> str:
-    """A few paths for a message: 'a, b, c and 4 more'."""
-    shown = ", ".join(paths[:EXAMPLES])
+    """A few paths for a message: 'a, b, c and 4 more', each escaped (:func:`printable`: a newline
+    in a name would forge a line of the Event or the summary)."""
+    shown = ", ".join(printable(p) for p in paths[:EXAMPLES])
     return shown + (f" and {len(paths) - EXAMPLES} more" if len(paths) > EXAMPLES else "")

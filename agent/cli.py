@@ -26,7 +26,7 @@ from agent.standalone import StandaloneSource
 from agent.transfer_flags import add_transfer_flags, positive, transfer_settings
 from localmodel.cliargs import UsageParser, parse_addr, path_arg
 from localmodel.errors import InvalidInput, from_os_error
-from localmodel.folders import cache_path_error
+from localmodel.folders import cache_path_error, unreachable
 from localmodel.logs import setup_logging
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
@@ -56,6 +56,7 @@ def _folder(text: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The agent's flags (over 80 lines because it is one flat list of them, one call each)."""
     p = UsageParser(prog="modelcache agent", description="Keep this node's models in its cache folder.")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
     p.add_argument(
@@ -185,7 +186,11 @@ def check_cache_dir(raw: Path) -> Path:
     one: a system folder or ``/`` (:func:`localmodel.resources.cache_path_error`, also through a
     link), a file, a read-only filesystem or a folder this user may not write."""
     path = Path(os.path.normpath(raw.absolute()))
-    for candidate in (path, path.resolve()):
+    try:
+        real = path.resolve()
+    except OSError as e:  # a folder above it this user may not search
+        raise InvalidInput(f"--cache-dir: {unreachable(path, e)}") from None
+    for candidate in (path, real):
         if (problem := cache_path_error(str(candidate), cluster=False)) is not None:
             raise InvalidInput(f"--cache-dir: {problem}")
     if (problem := folder_error(path)) is not None:
@@ -216,11 +221,13 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput("--node-name is required (or set NODE_NAME, e.g. from the pod's spec.nodeName)")
     if args.retry_max < args.retry_min:
         raise InvalidInput("--retry-max must be at least --retry-min")
-    if (
-        args.standalone is not None
-        and args.standalone.exists()
-        and not (args.standalone.is_file() or args.standalone.is_dir())
-    ):
+    try:
+        odd = args.standalone is not None and (
+            args.standalone.exists() and not (args.standalone.is_file() or args.standalone.is_dir())
+        )
+    except OSError as e:  # the file, or a folder above it, this user may not look at
+        raise InvalidInput(f"--standalone: {unreachable(args.standalone, e)}") from None
+    if odd:
         # /dev/null, a FIFO, a socket: read as "no such file" further down, which it is not.
         raise InvalidInput(
             f"--standalone: {printable(str(args.standalone))} is not a regular file or a folder; pass a "

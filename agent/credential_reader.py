@@ -39,7 +39,13 @@ from agent.credentials import (
 from agent.download.client import ClientSettings, HttpClient
 from agent.download.source_settings import SourceSettings
 from agent.download.transfer import TransferSettings
-from localmodel.errors import AccessDenied, ClusterStateError, NotFound, TransientError
+from localmodel.errors import (
+    AccessDenied,
+    ClusterStateError,
+    InvalidName,
+    NotFound,
+    TransientError,
+)
 from localmodel.kinds import SECRET, SERVICE_ACCOUNT, ResourceKind
 from localmodel.resources import LocalModelInfo
 from localmodel.state.base import ClusterState
@@ -86,6 +92,8 @@ class CredentialReader:
             return await self.state.get(kind, name, namespace=self.namespace)
         except NotFound:
             return None
+        except InvalidName as e:  # the checks in agent.credentials keep names sound; the namespace
+            raise AccessDenied(f"the cache's credentials: cannot read {where}: {e}") from None
         except ClusterStateError as e:
             if getattr(e, "status", None) in (401, 403):
                 raise AccessDenied(

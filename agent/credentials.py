@@ -51,6 +51,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ from typing import Any
 from agent.download.azure import AzureSettings
 from agent.download.s3_settings import S3Settings
 from localmodel.errors import AccessDenied
+from localmodel.k8snames import config_key_error, subdomain_error
 from localmodel.resources import LocalModelInfo
 from localmodel.text import printable
 
@@ -119,11 +121,18 @@ Wanted = StorageConfigWanted | ServiceAccountWanted | None
 
 
 def wanted(info: LocalModelInfo) -> Wanted:
-    """Which objects the cache's credentials come from (controller.go:171-179, 246-274)."""
+    """Which objects the cache's credentials come from (controller.go:171-179, 246-274).
+    AccessDenied naming the field when ``serviceAccountName`` is no ServiceAccount name or
+    ``storage.key`` no Secret key (:mod:`localmodel.k8snames`; KServe's schema takes any string):
+    nothing is read for such a name."""
     if info.storage is not None and info.storage.key:
+        if (why := config_key_error(info.storage.key)) is not None:
+            raise AccessDenied(f"the cache's storage.key: {why}; fix storage.key")
         return StorageConfigWanted(info.storage.key, dict(info.storage.parameters))
     if info.service_account_name or info.storage is not None:
         name = info.service_account_name or DEFAULT_SERVICE_ACCOUNT
+        if (why := subdomain_error(name)) is not None:
+            raise AccessDenied(f"the cache's serviceAccountName: {why}; fix serviceAccountName")
         return ServiceAccountWanted(name, explicit=bool(info.service_account_name))
     return None
 
@@ -191,15 +200,24 @@ def from_storage_config(
             anonymous=merged.get("anonymous"),
             ca_bundle=merged.get("ca_bundle"),
             where=f"{where} entry {printable(want.key)!r}",
+            endpoint_from=f"{where}, entry {printable(want.key)!r}, field endpoint_url",
         )
     )
 
 
 def secret_names(account: Mapping[str, Any]) -> tuple[str, ...]:
-    """The Secrets a ServiceAccount lists (``secrets[].name``), in order."""
+    """The Secrets a ServiceAccount lists (``secrets[].name``), in order. AccessDenied naming the
+    ServiceAccount and the entry when one is no Secret name (:mod:`localmodel.k8snames`): none of
+    them is read then."""
     names = []
-    for ref in account.get("secrets") or ():
+    for i, ref in enumerate(account.get("secrets") or ()):
         if isinstance(ref, Mapping) and isinstance(ref.get("name"), str) and ref["name"]:
+            if (why := subdomain_error(ref["name"])) is not None:
+                account_name = printable(str((account.get("metadata") or {}).get("name", "")))
+                raise AccessDenied(
+                    f"the cache's credentials: ServiceAccount {account_name}: secrets[{i}].name: {why}; "
+                    "fix the ServiceAccount"
+                )
             names.append(ref["name"])
     return tuple(names)
 
@@ -223,9 +241,9 @@ def from_service_account(
     account_name = printable(str((account.get("metadata") or {}).get("name", "")))
     annotations = _annotations(account)
     # IRSA: the ServiceAccount's own annotations give the S3 settings (not its role: see above).
-    s3_layers: list[tuple[Mapping[str, str], Mapping[str, str]]] = []
+    s3_layers: list[tuple[str, Mapping[str, str], Mapping[str, str]]] = []
     if IRSA_ANNOTATION in annotations:
-        s3_layers.append((annotations, {}))
+        s3_layers.append((f"ServiceAccount {namespace}/{account_name}", annotations, {}))
     hf_token: str | None = None
     azure: AzureSettings | None = None
     unused: list[str] = []
@@ -239,7 +257,7 @@ def from_service_account(
             )
         data = secret_data(secret)
         if _S3_SECRET_KEY in data:
-            s3_layers.append((_annotations(secret), data))
+            s3_layers.append((f"Secret {namespace}/{printable(name)}", _annotations(secret), data))
         elif _GCS_KEY_FILE in data:
             unused.append(name)
         elif any(k in data for k in _AZURE_KEYS):
@@ -259,19 +277,23 @@ def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _s3_from_layers(
-    layers: Sequence[tuple[Mapping[str, str], Mapping[str, str]]], account: str
+    layers: Sequence[tuple[str, Mapping[str, str], Mapping[str, str]]], account: str
 ) -> S3Settings | None:
-    """Each layer (annotations, data) sets what it names; later layers win (KServe's MergeEnvs)."""
+    """Each layer (the object it comes from, its annotations, its data) sets what it names; later
+    layers win (KServe's MergeEnvs)."""
     if not layers:
         return None
     values: dict[str, str] = {}
+    origin: dict[str, str] = {}  # setting -> "<object>, <annotation or key>", for errors
     keys: dict[str, str] = {}
-    for notes, data in layers:
+    for source, notes, data in layers:
         for setting, (suffix, data_key) in _S3_FIELDS.items():
             if _ANNOTATION + suffix in notes:
                 values[setting] = notes[_ANNOTATION + suffix]
+                origin[setting] = f"{source}, annotation {_ANNOTATION + suffix}"
             elif data_key in data:
                 values[setting] = data[data_key]
+                origin[setting] = f"{source}, key {data_key}"
         if _S3_SECRET_KEY in data:
             keys = {"id": data.get(_S3_ACCESS_KEY, ""), "secret": data[_S3_SECRET_KEY]}
     return _s3_settings(
@@ -286,6 +308,7 @@ def _s3_from_layers(
         anonymous=values.get("anonymous"),
         ca_bundle=values.get("ca_bundle"),
         where=f"the S3 Secret of ServiceAccount {account}",
+        endpoint_from=origin.get("endpoint", ""),
     )
 
 
@@ -302,12 +325,21 @@ def _s3_settings(
     anonymous: str | None,
     ca_bundle: str | None,
     where: str,
+    endpoint_from: str = "",
 ) -> S3Settings:
+    """The S3 settings of a cache's credentials. AccessDenied naming ``where`` (and, for the
+    endpoint, ``endpoint_from``: the object and key it came from), never a value: half a key pair,
+    or an endpoint that is no ``http(s)://host[:port][/path]`` URL."""
     access_key_id = (access_key_id or "").strip() or None
     secret_access_key = (secret_access_key or "").strip() or None
     if (access_key_id is None) != (secret_access_key is None) and not _true(anonymous):
         raise AccessDenied(f"{where}: give both the access key id and the secret access key, or neither")
     url = _endpoint_url(endpoint, use_https)
+    if url is not None and (why := endpoint_error(url)) is not None:
+        raise AccessDenied(
+            f"the cache's credentials: {endpoint_from or where}: the S3 endpoint {why}; give a URL such "
+            "as https://s3.example.com:9000"
+        )
     region = (region or "").strip() or None
     style = "virtual" if _true(virtual) else None
     if url == "https://s3.amazonaws.com" and region not in (None, "us-east-1"):
@@ -333,6 +365,28 @@ def _endpoint_url(endpoint: str | None, use_https: str | None) -> str | None:
     if endpoint.lower().startswith(("https://", "http://")):
         return endpoint
     return ("http://" if (use_https or "").strip() == "0" else "https://") + endpoint
+
+
+def endpoint_error(url: str) -> str | None:
+    """Why ``url`` is no S3 endpoint botocore can use (``http(s)://host[:port][/path]``, nothing
+    else: no space or control character, no user or password, no query), or None. The reason never
+    repeats the value: it comes from a Secret."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "holds a space or control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "is not a URL (a port that is not a number, or brackets that do not close)"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "names no host"
+    if parts.username is not None or parts.password is not None:
+        return "holds a user or password (give them as the access key id and secret instead)"
+    if parts.query or parts.fragment:
+        return "holds a query or fragment"
+    if port == 0:
+        return "has port 0"
+    return None
 
 
 def _true(value: str | None) -> bool:

@@ -39,8 +39,8 @@ from agent.download.client import HttpClient
 from agent.download.listing import Listing
 from agent.download.pull import http_client, pull
 from agent.download.source_settings import SourceSettings
-from agent.download.staging import LinkRefused, refuse_links
-from agent.download.transfer import TransferSettings
+from agent.download.staging import Destination, LinkRefused, refuse_links
+from agent.download.transfer import PullResult, TransferSettings
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
 from agent.planner import Disk, Plan, Refused, Want, plan
@@ -71,7 +71,7 @@ from localmodel.resources import (
 )
 from localmodel.state.base import ClusterState, Selector, watch
 from localmodel.timestamps import utc_now
-from localmodel.uri import parse_uri, redact
+from localmodel.uri import SourceURI, parse_uri, redact
 
 # How long a stop (SIGTERM) waits for downloads to record their progress and for blocking work to
 # end; the kubelet's default grace period is 30 s.
@@ -616,41 +616,14 @@ class Agent:
         try:
             if await asyncio.to_thread(needs_adoption, dest, rec.key):
                 # Someone else's files at this key (KServe's agent's): checked and kept, not fetched.
-                adopted = await adopt(
-                    uri,
-                    dest,
-                    sources=self.settings.sources,
-                    transfer=self.settings.transfer,
-                    progress=_Progress(rec, self.metrics),
-                    client=self.client,
-                    admit=lambda listing: self._admit(name, rec, listing),
-                    recheck=True,  # only what is not published (trusted) comes here
-                )
-                await self._adopted(name, rec, adopted)
+                await self._adopted(name, rec, await self._adopt(name, rec, uri, dest))
                 return
             if rec.key in self.untrusted:
                 # The folder (ours: its manifest names it) no longer matches the manifest: without this
                 # the pull would find the manifest up to date with the source and fetch nothing.
                 await asyncio.to_thread(self.cache.delete, rec.key)
                 self.untrusted.discard(rec.key)
-            # Read at each attempt: a Secret created or rotated meanwhile is used by the next one.
-            info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
-            found = await self.credentials.credentials(info) if info is not None else None
-            client = own_client(found, self.settings.transfer)
-            try:
-                result = await pull(
-                    uri,
-                    dest,
-                    sources=settings_for(self.settings.sources, found),
-                    transfer=self.settings.transfer,
-                    progress=_Progress(rec, self.metrics),
-                    client=client or self.client,
-                    admit=lambda listing: self._admit(name, rec, listing),
-                    max_bytes=declared,
-                )
-            finally:
-                if client is not None:
-                    client.close()
+            result = await self._pull(name, rec, uri, dest, declared)
         except _RefusedBySize as e:
             rec.progress = records.failed(rec.progress, e.refused.reason, e.refused.message)
             return
@@ -686,6 +659,50 @@ class Agent:
             else f"{readable(result.bytes_total)} in {result.seconds:.1f}s"
         )
         await self.events.emit("DownloadCompleted", f"{name}: {rec.uri} is ready in models/{rec.key} ({how})")
+
+    async def _adopt(self, name: str, rec: Record, uri: SourceURI, dest: Destination) -> AdoptResult:
+        """The adoption of one folder with the credentials its cache names, as :meth:`_pull`."""
+        info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
+        found = await self.credentials.credentials(info) if info is not None else None
+        client = own_client(found, self.settings.transfer)
+        try:
+            return await adopt(
+                uri,
+                dest,
+                sources=settings_for(self.settings.sources, found),
+                transfer=self.settings.transfer,
+                progress=_Progress(rec, self.metrics),
+                client=client or self.client,
+                admit=lambda listing: self._admit(name, rec, listing),
+                recheck=True,  # only what is not published (trusted) comes here
+            )
+        finally:
+            if client is not None:
+                client.close()
+
+    async def _pull(
+        self, name: str, rec: Record, uri: SourceURI, dest: Destination, declared: int | None
+    ) -> PullResult:
+        """The pull of one model with the credentials its cache names, through a client of its own
+        where they need one (closed after)."""
+        # Read at each attempt: a Secret created or rotated meanwhile is used by the next one.
+        info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
+        found = await self.credentials.credentials(info) if info is not None else None
+        client = own_client(found, self.settings.transfer)
+        try:
+            return await pull(
+                uri,
+                dest,
+                sources=settings_for(self.settings.sources, found),
+                transfer=self.settings.transfer,
+                progress=_Progress(rec, self.metrics),
+                client=client or self.client,
+                admit=lambda listing: self._admit(name, rec, listing),
+                max_bytes=declared,
+            )
+        finally:
+            if client is not None:
+                client.close()
 
     async def _adopted(self, name: str, rec: Record, result: AdoptResult) -> None:
         """A folder someone else filled is ours now (:mod:`agent.download.adoption`): shown, counted

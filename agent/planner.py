@@ -70,6 +70,31 @@ class Plan:
         return None if self.limit is None else max(0, self.limit - self.used)
 
 
+def _refused(w: Want, to_write: int, limit: int | None, *, used: int, free: int) -> Refused:
+    """The refusal of a model that does not fit: under the node group's ``limit`` (None: the limit
+    did not refuse it, the filesystem's ``free`` bytes did) with ``used`` bytes taken; bytes
+    throughout. SizeExceedsDeclared when the source holds more than its declared modelSize, else
+    InsufficientStorage (needing ``to_write`` bytes on the filesystem, or the whole need under the limit)."""
+    need = w.need
+    if limit is not None:
+        room = f"{human(max(0, limit - used))} of the node group's {human(limit)} limit"
+    else:
+        # Free space is rarely a round number: exact Ki would be unreadable.
+        amount = human(free) if free % (1 << 20) == 0 else readable(free)
+        room = f"{amount} free on the cache's filesystem"
+    bigger = w.real is not None and w.declared is not None and w.real > w.declared
+    return Refused(
+        w.name,
+        "SizeExceedsDeclared" if bigger else "InsufficientStorage",
+        (
+            f"the source holds {human(need)}, more than the declared modelSize "
+            f"{human(w.declared or 0)}, and only {room} is available"
+        )
+        if bigger
+        else f"needs {human(to_write if limit is None else need)}, {room} is available",
+    )
+
+
 def plan(
     wants: tuple[Want, ...],
     disk: Disk,
@@ -114,25 +139,7 @@ def plan(
             continue
         limited = over_limit and not overcommit  # the limit refuses it (else only the disk can)
         if limited or to_write > free:
-            if limited and limit is not None:
-                room = f"{human(max(0, limit - used))} of the node group's {human(limit)} limit"
-            else:
-                # Free space is rarely a round number: exact Ki would be unreadable.
-                amount = human(free) if free % (1 << 20) == 0 else readable(free)
-                room = f"{amount} free on the cache's filesystem"
-            bigger = w.real is not None and w.declared is not None and w.real > w.declared
-            refuse.append(
-                Refused(
-                    w.name,
-                    "SizeExceedsDeclared" if bigger else "InsufficientStorage",
-                    (
-                        f"the source holds {human(need)}, more than the declared modelSize "
-                        f"{human(w.declared or 0)}, and only {room} is available"
-                    )
-                    if bigger
-                    else f"needs {human(to_write if not limited else need)}, {room} is available",
-                )
-            )
+            refuse.append(_refused(w, to_write, limit if limited else None, used=used, free=free))
             continue
         if w.real is not None and w.declared is not None and w.real > w.declared:
             warnings[w.name] = (

@@ -22,9 +22,10 @@ from agent.download.transfer import PullResult, TransferSettings
 from agent.transfer_flags import add_transfer_flags, transfer_settings
 from localmodel.cliargs import UsageParser
 from localmodel.errors import DownloadError, ForeignFolder, InvalidInput, ModelcacheError, from_os_error
-from localmodel.folders import cache_path_error
+from localmodel.folders import cache_path_error, unreachable
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import HASH_NAMES
+from localmodel.text import printable
 from localmodel.uri import SourceURI, parse_uri
 
 UNITS = (
@@ -46,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "uri",
         metavar="URI",
-        help="hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, http(s)://..., file:///PATH or a plain /PATH",
+        help=(
+            "hf://OWNER/REPO[:REV], s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
+            "https://ACCOUNT.blob.core.windows.net/CONTAINER/PATH (Azure Blob; ADLS Gen2 as "
+            "abfs(s)://CONTAINER@ACCOUNT.dfs.core.windows.net/PATH), http(s)://..., "
+            "file:///PATH or a plain /PATH"
+        ),
     )
     p.add_argument("dest", metavar="DEST", help="the folder to create (published atomically)")
     p.add_argument("--revision", help="hf:// only: branch, tag or commit (overrides :REV in the URI)")
@@ -155,12 +161,15 @@ def folder_error(path: Path) -> str | None:
     there, a read-only filesystem (statvfs ST_RDONLY) or a folder this user may not write
     (access(2) W_OK|X_OK) is an answer naming that path and the fix."""
     at = path
-    while not at.exists() and at.parent != at:
-        if at.is_symlink():
-            return f"{at} is a link to nothing; remove it or name another folder"
-        at = at.parent
-    if not at.is_dir():
-        return f"{at} is a file, not a folder; name a folder (it is created if missing)"
+    try:
+        while not at.exists() and at.parent != at:
+            if at.is_symlink():
+                return f"{at} is a link to nothing; remove it or name another folder"
+            at = at.parent
+        if not at.is_dir():
+            return f"{at} is a file, not a folder; name a folder (it is created if missing)"
+    except OSError as e:  # a folder above it this user may not search (EACCES), an I/O error
+        return unreachable(path, e)
     try:
         read_only = bool(os.statvfs(at).f_flag & os.ST_RDONLY)
     except OSError:
@@ -291,20 +300,10 @@ def mount_point_error(final: Path) -> str | None:
     )
 
 
-def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    uri = parse_uri(args.uri, field="URI").with_revision(args.revision)
-    settings = transfer_settings(
-        args,
-        verify=not args.no_verify,
-        proxies=proxies_from_env(),
-        # Only S3 sources need boto3's CA bundle; resolving it imports botocore (~0.1 s).
-        ca_bundle=aws_ca_bundle() if uri.scheme == "s3" else None,
-    )
-    if args.lock_wait < 0:
-        raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
-    final = check_dest(args.dest, home=Path.home(), key=storage_key(uri.raw))
-    check_replace(final, uri, force=args.force)
+def _check_dest_folder(final: Path) -> None:
+    """Raises InvalidInput (naming DEST) for a DEST that is a system folder (outside the user's home,
+    also through a link), whose parent or itself (a folder there) cannot be written, or that is a
+    mount point."""
     # The agent's rule for its cache folder (never a system folder, also through a link), but for
     # the user's own home, where root's is /root.
     home = Path.home().resolve()
@@ -320,6 +319,24 @@ def main(argv: Sequence[str]) -> int:
         raise InvalidInput(f"DEST: {problem}")
     if (problem := mount_point_error(final)) is not None:
         raise InvalidInput(f"DEST: {problem}")
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    uri = parse_uri(args.uri, field="URI").with_revision(args.revision)
+    settings = transfer_settings(
+        args,
+        verify=not args.no_verify,
+        proxies=proxies_from_env(),
+        # Only S3 sources need boto3's CA bundle; resolving it imports botocore (~0.1 s).
+        ca_bundle=aws_ca_bundle() if uri.scheme == "s3" else None,
+    )
+    if args.lock_wait < 0:
+        raise InvalidInput(f"--lock-wait: {args.lock_wait:g} must be zero or more seconds")
+    try:
+        final = _checked_dest(args, uri)
+    except OSError as e:  # DEST, or a folder above it, this user may not look at
+        raise InvalidInput(f"DEST: {unreachable(args.dest, e)}") from None
     if args.adopt and args.force:
         raise InvalidInput(
             "--adopt and --force: choose one (--adopt keeps DEST's files, --force replaces them)"
@@ -331,6 +348,14 @@ def main(argv: Sequence[str]) -> int:
             placed = CacheLayout.of_model_dir(dest.final)
             if args.adopt and needs_adoption(dest, placed[1] if placed else None):
                 return _adopt(uri, dest, args.dest, settings, bar)
+            if not dest.replaceable() and args.adopt:
+                # Only a folder is adopted: whatever else is there (a link is never followed), --adopt
+                # was passed already, so the hint below would send the user round in a circle.
+                raise InvalidInput(
+                    f"DEST: {dest.final} is {describe(dest.final)}, not a folder; --adopt adopts only "
+                    "a folder (a symbolic link is never followed): name the folder itself, or a new "
+                    "or empty folder"
+                )
             if not dest.replaceable():
                 raise InvalidInput(
                     f"DEST: {dest.final} holds {describe(dest.final)} that modelcache did not publish; "
@@ -364,6 +389,15 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _checked_dest(args: argparse.Namespace, uri: SourceURI) -> Path:
+    """DEST, checked before anything is locked or written (InvalidInput naming the fix); raises the
+    OSError of a folder this user may not look at."""
+    final = check_dest(args.dest, home=Path.home(), key=storage_key(uri.raw))
+    check_replace(final, uri, force=args.force)
+    _check_dest_folder(final)
+    return final
+
+
 def _adopt(uri: SourceURI, dest: Destination, shown: str, settings: TransferSettings, bar: _Bar) -> int:
     """``--adopt``: DEST's files checked against the source, kept where they match, the rest fetched
     in place (:mod:`agent.download.adoption`); one summary line. A DEST that cannot be adopted (a
@@ -382,5 +416,5 @@ def _adopt(uri: SourceURI, dest: Destination, shown: str, settings: TransferSett
         _failed(dest, e, "interrupted")
         return 130
     bar.close()
-    print(adopted_words(uri.redacted(), shown, result))
+    print(adopted_words(uri.redacted(), printable(shown), result))
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from localmodel.logs import redact_message
 from localmodel.resources import ModelProgress, ModelState
 
 # Refusals the planner makes for room: forgotten once the model is planned for download again.
@@ -55,7 +56,8 @@ class Record:
         """What the status shows: the progress, with the plan's warning when there is no message."""
         if self.progress.message:
             return self.progress
-        return dataclasses.replace(self.progress, message=self.warning)
+        warning = redact_message(self.warning) if self.warning else self.warning
+        return dataclasses.replace(self.progress, message=warning)
 
 
 def new_record(key: str, uri: str) -> Record:
@@ -115,7 +117,9 @@ def completed(
 
 
 def failed(p: ModelProgress, reason: str, message: str, *, retry_after: str | None = None) -> ModelProgress:
-    """``Error`` with ``reason`` and ``message``; ``retry_after``: when it is tried again (RFC 3339)."""
+    """``Error`` with ``reason`` and ``message`` (redacted: :func:`localmodel.logs.redact_message`,
+    as it goes to the status and the state file); ``retry_after``: when it is tried again (RFC 3339)."""
+    message = redact_message(message)
     if retry_after is None:
         return dataclasses.replace(p, state=ModelState.ERROR, reason=reason, message=message)
     return dataclasses.replace(

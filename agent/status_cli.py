@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from localmodel.cliargs import UsageParser, path_arg
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.folders import unreachable
 from localmodel.layout import STATE_FILE_VERSION, STORAGE_KEY_RE, CacheLayout
 from localmodel.manifest import Manifest
 from localmodel.quantity import Quantity, readable
@@ -38,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 def read_state(cache_dir: Path) -> dict[str, Any]:
     """The agent's last status, or what the folder holds when no agent ever ran on it."""
     layout = CacheLayout(cache_dir)
-    if cache_dir.exists() and not cache_dir.is_dir():
+    try:
+        exists, is_dir = cache_dir.exists(), cache_dir.is_dir()
+    except OSError as e:  # a folder above it this user may not search
+        raise InvalidInput(f"--cache-dir: {unreachable(cache_dir, e)}") from None
+    if exists and not is_dir:
         raise InvalidInput(f"--cache-dir: {cache_dir} is not a folder; pass the agent's cache folder")
-    if not cache_dir.is_dir():
+    if not is_dir:
         raise InvalidInput(f"--cache-dir: {cache_dir} does not exist")
     try:
         data = json.loads(layout.state_file.read_text())

@@ -2,6 +2,9 @@
 it concerns to a verdict (allowed or not, why, and a JSON Patch). ``controller.webhook`` reads the
 cluster, calls these and serves them over HTTPS.
 
+Over 600 lines because the pod and cache verdicts share their shape checks, messages and KServe's
+rules, each split into named steps beside the verdict it serves.
+
 Pods. A pod annotated ``serving.kserve.io/nodegroup: G`` gets a required node affinity for the
 members of G (the terms of G's PV ``nodeAffinity.required``, ANDed with any the pod has). When the
 pod names its cache (KServe's ``internal.serving.kserve.io/localmodel`` label, or our
@@ -61,6 +64,7 @@ from controller.status import ADMITTED
 from controller.views import named_cache, named_group
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.hosts import internal_host_error
+from localmodel.k8snames import config_key_error, subdomain_error
 from localmodel.layout import model_subpath
 from localmodel.placement import admit
 from localmodel.resources import (
@@ -175,6 +179,30 @@ def place_pod(
     ask = pod_ask(pod)
     if not ask.any:
         return Verdict(True)
+    group_name = _asked_group(pod, ask, cache, namespace)
+    if isinstance(group_name, Verdict):
+        return group_name
+    terms = _group_placement(ask, group, group_name)
+    if isinstance(terms, Verdict):
+        return terms
+    if cache is not None:
+        assert group is not None  # _group_placement refuses a pod whose group is missing
+        terms = _ready_terms(cache, group, ready_nodes, terms)
+        if isinstance(terms, Verdict):
+            return terms
+    affinity = _with_required(pod, terms)
+    mounts, error = serving_mounts(pod, our_claims, cache, foreign_claims)
+    if error is not None:
+        return Verdict.refuse(error, code=422)
+    return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
+
+
+def _asked_group(
+    pod: Mapping[str, Any], ask: PodAsk, cache: LocalModelCache | None, namespace: str | None
+) -> str | Verdict:
+    """The node group the pod is placed in (the cache's first when it names none), or the refusal
+    of a pod naming a cache of another namespace, a cache that does not exist, or a group its cache
+    does not list."""
     group_name = ask.group
     if ask.cache is not None:
         ns = namespace or str((pod.get("metadata") or {}).get("namespace") or "default")
@@ -190,6 +218,14 @@ def place_pod(
                 f"{cache.title} does not list node group {group_name!r} (it lists {listed})"
             )
     assert group_name is not None
+    return group_name
+
+
+def _group_placement(
+    ask: PodAsk, group: LocalModelNodeGroup | None, group_name: str
+) -> list[dict[str, Any]] | Verdict:
+    """The group's node affinity terms; a group missing or selecting no nodes refuses a pod that
+    names a cache and admits one that names only the group, with a warning."""
     if group is None or group.name != group_name:
         missing = f"node group {group_name!r} ({NODEGROUP_ANNOTATION}) does not exist"
         if ask.cache is None:
@@ -204,40 +240,42 @@ def place_pod(
         if ask.cache is None:
             return Verdict(True, warnings=(f"{empty}; the pod is placed without it",))
         return Verdict.refuse(empty)
-    if cache is not None:
-        for c in cache.status.conditions:
-            if c.type == ADMITTED and c.node_group == group_name and c.status == "False":
-                return Verdict.refuse(
-                    f"{cache.title} is not admitted to node group {group_name!r}: " + c.message
-                )
-            # Its claim name is another cache's: a pod would mount that cache's model.
-            if c.type == SERVING and c.node_group == group_name and c.reason == NAME_COLLISION:
-                return Verdict.refuse(
-                    f"{cache.title} is not served from node group {group_name!r}: " + c.message
-                )
-        key = cache.spec.storage_key
-        label = model_label(key)
-        selector = group.spec.node_selector
-        ready = sorted(
-            n.name
-            for n in ready_nodes
-            if n.labels.get(label) == MODEL_LABEL_VALUE
-            and selector is not None
-            and selector.matches(n.name, n.labels)
+    return terms
+
+
+def _ready_terms(
+    cache: LocalModelCache,
+    group: LocalModelNodeGroup,
+    ready_nodes: Iterable[Node],
+    terms: list[dict[str, Any]],
+) -> list[dict[str, Any]] | Verdict:
+    """``terms`` each narrowed to nodes labelled ready for the cache's model; a refusal when the cache
+    is not admitted to or not served from the group, or no node of the group holds the model yet."""
+    group_name = group.name
+    for c in cache.status.conditions:
+        if c.type == ADMITTED and c.node_group == group_name and c.status == "False":
+            return Verdict.refuse(f"{cache.title} is not admitted to node group {group_name!r}: " + c.message)
+        # Its claim name is another cache's: a pod would mount that cache's model.
+        if c.type == SERVING and c.node_group == group_name and c.reason == NAME_COLLISION:
+            return Verdict.refuse(f"{cache.title} is not served from node group {group_name!r}: " + c.message)
+    key = cache.spec.storage_key
+    label = model_label(key)
+    selector = group.spec.node_selector
+    ready = sorted(
+        n.name
+        for n in ready_nodes
+        if n.labels.get(label) == MODEL_LABEL_VALUE
+        and selector is not None
+        and selector.matches(n.name, n.labels)
+    )
+    if not ready:
+        copies = cache.status.copies
+        return Verdict.refuse(
+            f"no node of node group {group_name!r} holds {cache.title} downloaded yet "
+            f"({copies.available} of {copies.total} copies available); retry when one does"
         )
-        if not ready:
-            copies = cache.status.copies
-            return Verdict.refuse(
-                f"no node of node group {group_name!r} holds {cache.title} downloaded yet "
-                f"({copies.available} of {copies.total} copies available); retry when one does"
-            )
-        requirement = {"key": label, "operator": "In", "values": [MODEL_LABEL_VALUE]}
-        terms = [_and_term(t, {"matchExpressions": [requirement]}) for t in terms]
-    affinity = _with_required(pod, terms)
-    mounts, error = serving_mounts(pod, our_claims, cache, foreign_claims)
-    if error is not None:
-        return Verdict.refuse(error, code=422)
-    return Verdict(True, patch=({"op": "add", "path": "/spec/affinity", "value": affinity}, *mounts))
+    requirement = {"key": label, "operator": "In", "values": [MODEL_LABEL_VALUE]}
+    return [_and_term(t, {"matchExpressions": [requirement]}) for t in terms]
 
 
 def _pod_spec_error(pod: Mapping[str, Any]) -> Verdict | None:
@@ -282,10 +320,31 @@ def serving_mounts(
     operation, so a reinvocation changes nothing."""
     own = {claim_name(cache.name, g) for g in cache.spec.node_groups} if cache is not None else set()
     own = {c for c in own if c in ours or c not in foreign}
-    claims = set(ours) | own
     prefix = model_subpath(cache.spec.storage_key) if cache is not None else None
     spec = pod.get("spec") or {}
-    names: dict[str, str] = {}  # volume name -> claim
+    names, ops = _claim_volumes(spec, set(ours) | own)
+    for part in ("initContainers", "containers"):
+        for i, container in enumerate(spec.get(part) or []):
+            if not isinstance(container, Mapping):
+                continue
+            for k, mount in enumerate(container.get("volumeMounts") or []):
+                if not isinstance(mount, Mapping) or mount.get("name") not in names:
+                    continue
+                claim = names[str(mount.get("name"))]
+                strip = prefix is not None and claim in own
+                mount_ops, error = _mount_ops(mount, claim, (part, i, k), prefix if strip else None)
+                if error is not None:
+                    return [], error
+                ops += mount_ops
+    return ops, None
+
+
+def _claim_volumes(
+    spec: Mapping[str, Any], claims: AbstractSet[str]
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """The pod's volumes of ``claims`` (volume name -> claim) and the operations that make each
+    read-only."""
+    names: dict[str, str] = {}
     ops: list[dict[str, Any]] = []
     for j, volume in enumerate(spec.get("volumes") or []):
         source = volume.get("persistentVolumeClaim") if isinstance(volume, Mapping) else None
@@ -295,33 +354,37 @@ def serving_mounts(
                 ops.append(
                     {"op": "add", "path": f"/spec/volumes/{j}/persistentVolumeClaim/readOnly", "value": True}
                 )
-    for part in ("initContainers", "containers"):
-        for i, container in enumerate(spec.get(part) or []):
-            if not isinstance(container, Mapping):
-                continue
-            for k, mount in enumerate(container.get("volumeMounts") or []):
-                if not isinstance(mount, Mapping) or mount.get("name") not in names:
-                    continue
-                claim = names[str(mount.get("name"))]
-                field = f"spec.{part}[{i}].volumeMounts[{k}]"
-                at = f"/spec/{part}/{i}/volumeMounts/{k}"
-                if mount.get("subPathExpr"):
-                    return [], (
-                        f"{field}.subPathExpr: not allowed on the modelcache serving claim {claim!r} "
-                        "(the claim is the model's folder itself: mount it whole)"
-                    )
-                sub = mount.get("subPath")
-                if sub:
-                    if prefix is not None and claim in own and str(sub).strip("/") == prefix:
-                        ops.append({"op": "remove", "path": f"{at}/subPath"})
-                    else:
-                        return [], (
-                            f"{field}.subPath: {str(sub)[:300]!r} is not allowed on the modelcache serving "
-                            f"claim {claim!r}: the claim is the model's folder itself; mount it whole, "
-                            "without subPath (a folder below the model: cache its own URI)"
-                        )
-                if mount.get("readOnly") is not True:
-                    ops.append({"op": "add", "path": f"{at}/readOnly", "value": True})
+    return names, ops
+
+
+def _mount_ops(
+    mount: Mapping[str, Any], claim: str, where: tuple[str, int, int], prefix: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The operations for one mount of our ``claim`` at ``spec.<part>[i].volumeMounts[k]`` (``where``):
+    a ``subPath`` equal to ``prefix`` (None: none may be removed) removed, ``readOnly`` set; or the
+    error naming the field for a ``subPathExpr`` or any other ``subPath`` (rules in
+    :func:`serving_mounts`)."""
+    part, i, k = where
+    field = f"spec.{part}[{i}].volumeMounts[{k}]"
+    at = f"/spec/{part}/{i}/volumeMounts/{k}"
+    if mount.get("subPathExpr"):
+        return [], (
+            f"{field}.subPathExpr: not allowed on the modelcache serving claim {claim!r} "
+            "(the claim is the model's folder itself: mount it whole)"
+        )
+    ops: list[dict[str, Any]] = []
+    sub = mount.get("subPath")
+    if sub:
+        if prefix is not None and str(sub).strip("/") == prefix:
+            ops.append({"op": "remove", "path": f"{at}/subPath"})
+        else:
+            return [], (
+                f"{field}.subPath: {str(sub)[:300]!r} is not allowed on the modelcache serving "
+                f"claim {claim!r}: the claim is the model's folder itself; mount it whole, "
+                "without subPath (a folder below the model: cache its own URI)"
+            )
+    if mount.get("readOnly") is not True:
+        ops.append({"op": "add", "path": f"{at}/readOnly", "value": True})
     return ops, None
 
 
@@ -362,6 +425,18 @@ def _with_required(pod: Mapping[str, Any], terms: Sequence[Mapping[str, Any]]) -
 # -- LocalModelCaches ------------------------------------------------------------------------------
 
 
+def credentials_error(cache: LocalModelCache) -> None:
+    """SpecError naming ``spec.serviceAccountName`` when it is no ServiceAccount name, or
+    ``spec.storage.key`` when it is no Secret key (:mod:`localmodel.k8snames`): KServe's schema
+    takes any string there, and the agent would refuse to read it at every download."""
+    account = cache.spec.service_account_name
+    if account and (why := subdomain_error(account)) is not None:
+        raise SpecError(why, field="spec.serviceAccountName")
+    key = cache.spec.storage.key if cache.spec.storage is not None else None
+    if key and (why := config_key_error(key)) is not None:
+        raise SpecError(why, field="spec.storage.key")
+
+
 def validate_cache(
     operation: str,
     obj: Mapping[str, Any] | None,
@@ -397,6 +472,7 @@ def validate_cache(
             raise SpecError(f"expected an object, got {type(spec).__name__}", field="spec")
         uri = parse_uri(spec.get("sourceModelUri"), field="spec.sourceModelUri")
         cache = parse_cache(obj)
+        credentials_error(cache)
     except (InvalidInput, SpecError) as e:
         return Verdict.refuse(str(e), code=422)
     bad_namespaces = serving_namespaces(cache)[1]
@@ -406,7 +482,24 @@ def validate_cache(
         return refused
     by_name = {g.name: g for g in groups}
     before = _groups_before(operation, old)
-    invalid = invalid_groups or {}
+    if (refused := _listed_groups_error(cache, by_name, before, invalid_groups or {})) is not None:
+        return refused
+    others = [c for c in caches if c.key != cache.key and not c.metadata.deletion_timestamp]
+    # Uniqueness and claim names hold within one scope: cluster caches, or one namespace's caches.
+    peers = [o for o in others if o.namespace == cache.namespace]
+    if (refused := _peer_error(cache, peers, before)) is not None:
+        return refused
+    return _admission_verdict(cache, others, by_name, overcommit=overcommit)
+
+
+def _listed_groups_error(
+    cache: LocalModelCache,
+    by_name: Mapping[str, LocalModelNodeGroup],
+    before: tuple[str, ...],
+    invalid: Mapping[str, str],
+) -> Verdict | None:
+    """The refusal of a cache newly listing a group whose spec is refused, or one that does not exist
+    (groups it listed before are let be)."""
     broken = [g for g in cache.spec.node_groups if g in invalid and g not in before]
     if broken:
         return Verdict.refuse(
@@ -417,9 +510,14 @@ def validate_cache(
         known = ", ".join(sorted(by_name)) or "none"
         names = ", ".join(repr(g) for g in missing)
         return Verdict.refuse(f"node group {names} does not exist (node groups: {known})")
-    others = [c for c in caches if c.key != cache.key and not c.metadata.deletion_timestamp]
-    # Uniqueness and claim names hold within one scope: cluster caches, or one namespace's caches.
-    peers = [o for o in others if o.namespace == cache.namespace]
+    return None
+
+
+def _peer_error(
+    cache: LocalModelCache, peers: Sequence[LocalModelCache], before: tuple[str, ...]
+) -> Verdict | None:
+    """The refusal of a cache whose URI a peer (same scope) already caches, or whose serving claim
+    name in a newly listed group is a peer's."""
     for other in peers:
         if other.spec.source_model_uri == cache.spec.source_model_uri:
             return Verdict.refuse(
@@ -436,6 +534,18 @@ def validate_cache(
                 f"already that of {cache.kind.kind} {owner!r} from node group {owner_group}; "
                 "rename the cache or the group"
             )
+    return None
+
+
+def _admission_verdict(
+    cache: LocalModelCache,
+    others: Sequence[LocalModelCache],
+    by_name: Mapping[str, LocalModelNodeGroup],
+    *,
+    overcommit: bool,
+) -> Verdict:
+    """Refused when no listed group that exists can admit the cache; else admitted, warning of the
+    groups that refuse it and (``overcommit``) of those that admit it over their storageLimit."""
     admission = admit([*others, cache], by_name.values(), overcommit=overcommit)
     refusals = [r for r in admission.refused if r.cache == cache.key]
     existing = [g for g in cache.spec.node_groups if g in by_name]
@@ -446,7 +556,7 @@ def validate_cache(
     over = [
         f"admitted over the storageLimit (--admission warn): {r.message}"
         for r in admission.overcommitted
-        if r.cache == cache.name
+        if r.cache == cache.key
     ]
     return Verdict(True, warnings=(*(r.message for r in refusals), *over))
 

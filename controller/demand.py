@@ -36,19 +36,39 @@ def service_demands(
     return out
 
 
-def deletion_verdict(cache: str, users: Iterable[tuple[str, str, str]]) -> Verdict:
-    """The verdict on deleting LocalModelCache ``cache`` given the services whose localmodel label
-    names it, as ``(kind, namespace, name)``: refused while any exists, as KServe's validating
-    webhook refuses it (pkg/webhook/admission/localmodelcache/localmodelcache_validator.go:96-140 at
-    v0.20: an InferenceService or LLMInferenceService labelled with the cache's name), naming the
-    first (sorted) and how many more."""
-    found = sorted(set(users))
+def deletion_verdict(cache: str, services: Iterable[tuple[str, str, str, str | None]]) -> Verdict:
+    """The verdict on deleting the cache of key ``cache`` (:func:`localmodel.resources.cache_key`:
+    ``<name>``, or ``<namespace>/<name>`` for a LocalModelNamespaceCache) given the services
+    carrying its name in their localmodel label, as ``(kind, namespace, name, key they name)``
+    (:func:`controller.views.named_cache`). Refused while any of them uses it, naming the first
+    (sorted) and how many more. Who uses it, as KServe's validating webhooks decide at v0.20:
+
+    - a LocalModelNamespaceCache ``ns/n``: a service in ``ns`` labelled ``n`` whose
+      ``localmodel-namespace`` label is ``ns``
+      (pkg/webhook/admission/localmodelnamespacecache/local_model_namespace_cache_validation.go:
+      99-136, over status filled from the index at
+      pkg/controller/v1alpha1/localmodel/reconcilers/localmodelnamespacecache_reconciler.go:281-291);
+    - a LocalModelCache ``n``: a service labelled ``n`` without a ``localmodel-namespace`` label
+      (pkg/webhook/admission/localmodelcache/localmodelcache_validator.go:96-140). KServe's status
+      there lists every service labelled ``n`` (localmodelcache_reconciler.go:272-277), but one with
+      the namespace label is served from its namespace's cache (KServe's defaulter writes both labels
+      only for a LocalModelNamespaceCache), so keeping the cluster cache for it would block a
+      deletion nothing depends on."""
+    namespace, _, _ = cache.rpartition("/")
+    found = sorted(
+        {
+            (kind, ns, name)
+            for kind, ns, name, named in services
+            if named == cache and (not namespace or ns == namespace)
+        }
+    )
     if not found:
         return Verdict(True)
-    kind, namespace, name = found[0]
+    kind, ns, name = found[0]
     more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    what = f"LocalModelNamespaceCache {cache}" if namespace else f"LocalModelCache {cache!r}"
     return Verdict.refuse(
-        f"LocalModelCache {cache!r} is being used by {kind} {namespace}/{name}{more}; "
+        f"{what} is being used by {kind} {ns}/{name}{more}; "
         'delete those first (or set serving.kserve.io/disable-localmodel: "true" on them)',
         code=403,
     )

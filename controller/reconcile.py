@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from controller.labels import MODEL_LABEL_VALUE, model_label
 from controller.metrics import ControllerMetrics
@@ -65,6 +66,7 @@ from localmodel.resources import (
     LocalModelCache,
     LocalModelInfo,
     LocalModelNode,
+    LocalModelNodeGroup,
     LocalModelNodeStatus,
     ObjectMeta,
     split_key,
@@ -251,6 +253,8 @@ class Controller(ViewKeeper):
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)
 
     async def _reconcile(self, full: bool) -> Plan:
+        if full:
+            await self._recheck_taken()
         result = self._plan(full)
         self._incomplete = False
         try:
@@ -321,7 +325,13 @@ class Controller(ViewKeeper):
             await self._write_finalizer(fin.cache, add=fin.add)
         for labels in result.labels:
             await self._write_labels(labels)
-        for volume in result.volumes:
+
+        # Volumes made after the claims (a claim naming a volume not made yet waits Pending, then
+        # binds): a claim of that name that is not ours (a 409) then keeps its volume from being made.
+        def made_last(v: VolumeWrite) -> bool:
+            return v.action == "create" and v.kind == "PersistentVolume"
+
+        for volume in sorted(result.volumes, key=made_last):  # stable: the plan's order otherwise
             await self._write_volume(volume)
         for event in result.events:
             await self._emit(event)
@@ -337,6 +347,10 @@ class Controller(ViewKeeper):
 
     async def _write_volume(self, write: VolumeWrite) -> None:
         kind = PERSISTENT_VOLUME if write.kind == "PersistentVolume" else PERSISTENT_VOLUME_CLAIM
+        if write.action == "create" and kind is PERSISTENT_VOLUME and write.body is not None:
+            ref = write.body["spec"].get("claimRef") or {}
+            if (ref.get("namespace"), ref.get("name")) in self._view.taken_claims:
+                return  # its claim turned out to be someone else's in this very pass
         try:
             if write.action == "delete":
                 await self.state.delete(kind, write.name, namespace=write.namespace)
@@ -355,8 +369,46 @@ class Controller(ViewKeeper):
             # Someone's object of that name: ours only if it carries our label; never overwritten.
             stored = await self.state.get(kind, write.name, namespace=write.namespace)
             if volume_ref(stored) is None:
-                log.warning("%s %s exists and is not the controller's; left alone", write.kind, write.name)
+                self._taken(kind, write.name, write.namespace or "default", taken=True)
             self.observe(kind, WatchEvent("ADDED", stored))
+
+    def _taken(self, kind: ResourceKind, name: str, namespace: str, *, taken: bool) -> None:
+        """Remember (or forget) that another party's PV or PVC holds ``name``: the watches, selected
+        by our label, never show it, and the plan must not try to create it on every pass (a 409 and
+        a warning each time, forever, beside every KServe-made serving claim)."""
+        view = self._view
+        where: set[Any] = view.taken_volumes if kind is PERSISTENT_VOLUME else view.taken_claims
+        key: Any = name if kind is PERSISTENT_VOLUME else (namespace, name)
+        if taken and key not in where:
+            log.warning(
+                "%s %s exists and is not the controller's; left alone (it serves as it is)",
+                kind.kind,
+                name if kind is PERSISTENT_VOLUME else f"{namespace}/{name}",
+            )
+            where.add(key)
+        elif not taken and key in where:
+            log.info("%s %s of another party is gone; the controller may make its own", kind.kind, name)
+            where.discard(key)
+        else:
+            return
+        self._volumes_dirty = True
+
+    async def _recheck_taken(self) -> None:
+        """At a full resync: forget the names another party's PV or PVC held once it is gone (or
+        carries our label now), so a serving pair is made again where it is still wanted. Reads
+        only, one per name."""
+        view = self._view
+        held = [(PERSISTENT_VOLUME, n, "") for n in view.taken_volumes]
+        held += [(PERSISTENT_VOLUME_CLAIM, n, ns) for ns, n in view.taken_claims]
+        for kind, name, ns in held:
+            try:
+                stored = await self.state.get(kind, name, namespace=ns or None)
+            except NotFound:
+                self._taken(kind, name, ns, taken=False)
+                continue
+            if volume_ref(stored) is not None:
+                self._taken(kind, name, ns, taken=False)
+                self.observe(kind, WatchEvent("ADDED", stored))
 
     async def _write_node(self, write: NodeWrite, bodies: dict[int, tuple[LocalModelInfo, JSON]]) -> None:
         retained = ",".join(write.retained) or None
@@ -457,43 +509,59 @@ class Controller(ViewKeeper):
                     self._view.caches, write.key, dataclasses.replace(known_cache, status=write.status)
                 )
             return
-
-        def compute(current: JSON) -> JSON | None:
-            status = current.get("status") or {}
-            return None if merge_patch(status, write.patch) == status else dict(write.patch)
-
         is_cache = kind is not LOCAL_MODEL_NODE_GROUP
         known = (self._view.caches if is_cache else self._view.groups).get(write.key)
-        ns = write.namespace
-        stored: JSON | None = None
-        fast = False
         try:
-            if known is not None and known.metadata.resource_version:
-                # The plan diffed against the view: written guarded by the view's resourceVersion,
-                # no read first (a read copies a status of thousands of node entries). A stale view
-                # costs a Conflict, then the read-compute-write below.
-                try:
-                    stored = await self.state.patch_status(
-                        kind,
-                        write.name,
-                        dict(write.patch),
-                        namespace=ns,
-                        resource_version=known.metadata.resource_version,
-                    )
-                    fast = True
-                except Conflict:
-                    stored = None
-            if stored is None:
-                stored = await update_status(self.state, kind, write.name, compute, namespace=ns)
+            stored, fast = await self._send_status(kind, write, known)
         except NotFound:
-            await self._status_missing(kind, write.name, namespace=ns)
+            await self._status_missing(kind, write.name, namespace=write.namespace)
             return
         if retry is not None:
             del self._no_status[kind.kind]
             log.info("%s: /status answers again; status is written", kind.plural)
         if stored is not None:
-            self._learn(kind, write.key, dict(write.patch), section_of(stored, "status"))
-        if fast and stored is not None and write.status is not None and isinstance(known, LocalModelCache):
+            self._status_written(kind, write, known, stored, fast=fast)
+
+    async def _send_status(
+        self, kind: ResourceKind, write: StatusWrite, known: LocalModelCache | LocalModelNodeGroup | None
+    ) -> tuple[JSON | None, bool]:
+        """The object as stored after the status write (None: nothing to change), and whether it was
+        written over the view's resourceVersion. Raises NotFound."""
+        ns = write.namespace
+        if known is not None and known.metadata.resource_version:
+            # The plan diffed against the view: written guarded by the view's resourceVersion,
+            # no read first (a read copies a status of thousands of node entries). A stale view
+            # costs a Conflict, then the read-compute-write below.
+            try:
+                stored = await self.state.patch_status(
+                    kind,
+                    write.name,
+                    dict(write.patch),
+                    namespace=ns,
+                    resource_version=known.metadata.resource_version,
+                )
+                return stored, True
+            except Conflict:
+                pass
+
+        def compute(current: JSON) -> JSON | None:
+            status = current.get("status") or {}
+            return None if merge_patch(status, write.patch) == status else dict(write.patch)
+
+        return await update_status(self.state, kind, write.name, compute, namespace=ns), False
+
+    def _status_written(
+        self,
+        kind: ResourceKind,
+        write: StatusWrite,
+        known: LocalModelCache | LocalModelNodeGroup | None,
+        stored: JSON,
+        *,
+        fast: bool,
+    ) -> None:
+        """Keeps the view in step with a status the API server stored."""
+        self._learn(kind, write.key, dict(write.patch), section_of(stored, "status"))
+        if fast and write.status is not None and isinstance(known, LocalModelCache):
             # Written over the view's version: its spec is the view's and its status the plan's.
             # Taking both as they are spares parsing a status of thousands of node entries.
             self._wrote(kind.kind)
@@ -502,9 +570,8 @@ class Controller(ViewKeeper):
                 self._view.caches, write.key, dataclasses.replace(known, metadata=meta, status=write.status)
             )
             return
-        if stored is not None:
-            self._wrote(kind.kind)
-            self.observe(kind, WatchEvent("MODIFIED", stored))
+        self._wrote(kind.kind)
+        self.observe(kind, WatchEvent("MODIFIED", stored))
 
     async def _status_missing(self, kind: ResourceKind, name: str, *, namespace: str | None = None) -> None:
         """A /status write answered 404: the object is gone (its DELETED event follows), or the

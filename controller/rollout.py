@@ -89,35 +89,56 @@ def node_writes(
                 # embedded backend has none, and a pod cannot run on a deleted node anyway.
                 writes.append(NodeWrite(n, "delete"))
             continue
-        wanted = placed.wanted.get(n, {})
-        models: dict[str, LocalModelInfo] = {}
-        for c, info in wanted.items():
-            nodes = listed_next.get(c)
-            if nodes is None:  # out of scope: keep what the node lists now
-                if lmn is not None and any(m.status_key == c for m in lmn.local_models):
-                    models[c] = info
-            elif n in nodes:
-                models[c] = info
-        retained: list[str] = []
-        in_use = snapshot.in_use.get(n, frozenset())
+        models = _listed_models(n, placed.wanted.get(n, {}), listed_next, lmn)
+        kept = _retained_for_pods(lmn, models, snapshot.in_use.get(n, frozenset()))
+        models.update(kept)
         previously = retained_of(lmn)
-        if lmn is not None:
-            for m in lmn.local_models:
-                key = m.status_key
-                if key not in models and key in in_use:
-                    models[key] = m
-                    retained.append(key)
-                    if key not in previously:
-                        retained_new.setdefault(key, set()).add(n)
-        final = tuple(models[k] for k in sorted(models))
+        for key in kept:
+            if key not in previously:
+                retained_new.setdefault(key, set()).add(n)
         for c in models:
             listed_after.setdefault(c, set()).add(n)
+        final = tuple(models[k] for k in sorted(models))
+        retained = tuple(sorted(kept))
         if lmn is None:
             if n in placed.node_groups or final:
-                writes.append(NodeWrite(n, "create", final, tuple(sorted(retained)), node.uid))
-        elif final != lmn.local_models or tuple(sorted(retained)) != previously:
-            writes.append(NodeWrite(n, "patch", final, tuple(sorted(retained))))
+                writes.append(NodeWrite(n, "create", final, retained, node.uid))
+        elif final != lmn.local_models or retained != previously:
+            writes.append(NodeWrite(n, "patch", final, retained))
     return writes, listed_after, retained_new
+
+
+def _listed_models(
+    node: str,
+    wanted: Mapping[str, LocalModelInfo],
+    listed_next: Mapping[str, set[str]],
+    lmn: LocalModelNode | None,
+) -> dict[str, LocalModelInfo]:
+    """cache -> model the node lists after this plan: each cache placed there that the next listing
+    names on it; a cache out of scope (not in ``listed_next``) only when the node lists it now."""
+    models: dict[str, LocalModelInfo] = {}
+    for c, info in wanted.items():
+        nodes = listed_next.get(c)
+        if nodes is None:  # out of scope: keep what the node lists now
+            if lmn is not None and any(m.status_key == c for m in lmn.local_models):
+                models[c] = info
+        elif node in nodes:
+            models[c] = info
+    return models
+
+
+def _retained_for_pods(
+    lmn: LocalModelNode | None, models: Mapping[str, LocalModelInfo], in_use: AbstractSet[str]
+) -> dict[str, LocalModelInfo]:
+    """cache -> model the node lists now that the plan drops from ``models`` but a pod on the node
+    uses: kept, as it is, while the pod runs."""
+    if lmn is None:
+        return {}
+    kept: dict[str, LocalModelInfo] = {}
+    for m in lmn.local_models:
+        if m.status_key not in models and m.status_key not in kept and m.status_key in in_use:
+            kept[m.status_key] = m
+    return kept
 
 
 def retained_of(lmn: LocalModelNode | None) -> tuple[str, ...]:
@@ -136,7 +157,22 @@ def models_in_use(
     that names the cache (:func:`controller.views.named_cache`), mounts its PVC (``<cache>-<group>``,
     KServe's name; a LocalModelNamespaceCache's only in its namespace, where it wins over a cluster
     cache's claim of that name) or mounts its folder on the node."""
-    caches = list(caches)
+    by_claim, own_claim, by_path = _claim_and_path_owners(caches, groups)
+    used: dict[str, set[str]] = {}
+    for pod in pods:
+        if pod.node is None or pod.finished:
+            continue
+        found = _pod_caches(pod, by_claim, own_claim, by_path)
+        if found:
+            used.setdefault(pod.node, set()).update(found)
+    return {n: frozenset(c) for n, c in used.items()}
+
+
+def _claim_and_path_owners(
+    caches: Iterable[LocalModelCache], groups: Iterable[LocalModelNodeGroup]
+) -> tuple[dict[str, str], dict[tuple[str, str], str], dict[str, str]]:
+    """Cache keys by what names them in a pod: a cluster cache's claim ``<cache>-<group>``,
+    a namespace cache's (namespace, claim), and the model's folder on a group's nodes."""
     by_claim: dict[str, str] = {}
     own_claim: dict[tuple[str, str], str] = {}  # (namespace, claim) -> a namespace cache's key
     by_path: dict[str, str] = {}
@@ -149,22 +185,26 @@ def models_in_use(
                 own_claim[(c.namespace, f"{c.name}-{g}")] = c.key
             if (root := paths.get(g)) is not None:
                 by_path[node_model_folder(root, c.spec.storage_key)] = c.key
-    used: dict[str, set[str]] = {}
-    for pod in pods:
-        if pod.node is None or pod.finished:
-            continue
-        found: set[str] = set()
-        if pod.cache is not None:
-            found.add(pod.cache)  # even for a cache already deleted: its copy stays while the pod runs
-        for claim in pod.claims:
-            owner = own_claim.get((pod.namespace, claim)) or by_claim.get(claim)
-            if owner is not None:
+    return by_claim, own_claim, by_path
+
+
+def _pod_caches(
+    pod: Pod,
+    by_claim: Mapping[str, str],
+    own_claim: Mapping[tuple[str, str], str],
+    by_path: Mapping[str, str],
+) -> set[str]:
+    """The cache keys one pod uses (rules in :func:`models_in_use`)."""
+    found: set[str] = set()
+    if pod.cache is not None:
+        found.add(pod.cache)  # even for a cache already deleted: its copy stays while the pod runs
+    for claim in pod.claims:
+        owner = own_claim.get((pod.namespace, claim)) or by_claim.get(claim)
+        if owner is not None:
+            found.add(owner)
+    for path in pod.host_paths:
+        path = path.rstrip("/")
+        for prefix, owner in by_path.items():
+            if path == prefix or path.startswith(prefix + "/"):
                 found.add(owner)
-        for path in pod.host_paths:
-            path = path.rstrip("/")
-            for prefix, owner in by_path.items():
-                if path == prefix or path.startswith(prefix + "/"):
-                    found.add(owner)
-        if found:
-            used.setdefault(pod.node, set()).update(found)
-    return {n: frozenset(c) for n, c in used.items()}
+    return found

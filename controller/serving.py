@@ -222,59 +222,93 @@ def serving_demands(pods: Iterable[Pod], caches: Mapping[str, LocalModelCache]) 
     return out
 
 
-def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -> list[VolumeWrite]:
-    """Create the serving PV and PVC of every (cache, group, namespace) that is served and whose
-    group admits the cache; delete the controller's others (claims first)."""
-    wanted: dict[tuple[str, str, str], None] = {}
+def _taken(snapshot: Snapshot, cache: str, group: str, namespace: str) -> bool:
+    return (namespace, claim_name(cache, group)) in snapshot.taken_claims or volume_name(
+        cache, group, namespace
+    ) in snapshot.taken_volumes
+
+
+def _served_key(
+    snapshot: Snapshot,
+    admitted: Mapping[str, tuple[str, ...]],
+    owners: Owners,
+    demand: tuple[str, str | None, str],
+) -> tuple[str, str, str] | None:
+    """The (cache, group, namespace) a demand for ``key`` in ``group`` (None: the cache's first)
+    and ``namespace`` serves, or None where it is not served (rules in :func:`volume_writes`)."""
+    key, group, namespace = demand
+    cache = snapshot.caches.get(key)
+    if cache is None or cache.metadata.deletion_timestamp:
+        return None
+    if cache.namespace is not None and cache.namespace != namespace:
+        return None  # a LocalModelNamespaceCache serves its own namespace only
+    if group is None:
+        group = cache.spec.node_groups[0]
+    if claim_owner(owners, namespace, claim_name(cache.name, group)) != (key, group):
+        return None  # a name another cache holds there (a namespace cache's wins in its namespace)
+    if namespace_error(namespace):
+        return None  # a namespace never served in
+    folder = snapshot.groups.get(group)
+    if folder is None or folder.spec.cache_path is None:
+        return None  # no folder on the node to serve from
+    if _taken(snapshot, cache.name, group, namespace):
+        return None  # another party's claim or volume holds the name: theirs serves
+    if group in cache.spec.node_groups and key in admitted.get(group, ()):
+        return (key, group, namespace)
+    return None
+
+
+def _wanted_volumes(
+    snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]
+) -> dict[tuple[str, str, str], None]:
+    """Every (cache, group, namespace) served: asked for by a pod, already made and not going, or
+    listed by the cache's serving namespaces; filtered by :func:`_served_key`."""
     owners = serving_owners(snapshot.caches.values())[0]
+    demands: list[tuple[str, str | None, str]] = [(d.cache, d.group, d.namespace) for d in snapshot.serving]
+    demands += [
+        (ref.cache, ref.group, ref.namespace)
+        for ref in (*snapshot.claims.values(), *snapshot.volumes.values())
+        if not ref.deleting  # once made, kept while the cache is admitted to that group
+    ]
+    demands += [
+        (cache.key, g, ns)
+        for cache in snapshot.caches.values()
+        for ns in serving_namespaces(cache)[0]
+        for g in cache.spec.node_groups
+    ]
+    wanted: dict[tuple[str, str, str], None] = {}
+    for demand in demands:
+        if (served := _served_key(snapshot, admitted, owners, demand)) is not None:
+            wanted[served] = None
+    return wanted
 
-    def want(key: str, group: str | None, namespace: str) -> None:
-        cache = snapshot.caches.get(key)
-        if cache is None or cache.metadata.deletion_timestamp:
-            return
-        if cache.namespace is not None and cache.namespace != namespace:
-            return  # a LocalModelNamespaceCache serves its own namespace only
-        if group is None:
-            group = cache.spec.node_groups[0]
-        if claim_owner(owners, namespace, claim_name(cache.name, group)) != (key, group):
-            return  # a name another cache holds there (a namespace cache's wins in its namespace)
-        if namespace_error(namespace):
-            return  # a namespace never served in
-        folder = snapshot.groups.get(group)
-        if folder is None or folder.spec.cache_path is None:
-            return  # no folder on the node to serve from
-        if group in cache.spec.node_groups and key in admitted.get(group, ()):
-            wanted[(key, group, namespace)] = None
 
-    for d in snapshot.serving:
-        want(d.cache, d.group, d.namespace)
-    for ref in (*snapshot.claims.values(), *snapshot.volumes.values()):
-        if not ref.deleting:  # once made, kept while the cache is admitted to that group
-            want(ref.cache, ref.group, ref.namespace)
-    for cache in snapshot.caches.values():
-        for ns in serving_namespaces(cache)[0]:
-            for g in cache.spec.node_groups:
-                want(cache.key, g, ns)
-
+def _unwanted_deletes(snapshot: Snapshot, wanted: Iterable[tuple[str, str, str]]) -> list[VolumeWrite]:
+    """The controller's claims, then volumes, that no wanted pair names and that are not already going."""
+    names = {(c, g, ns): snapshot.caches[c].name for c, g, ns in wanted}
+    wanted_claims = {(ns, claim_name(n, g)) for (_, g, ns), n in names.items()}
+    wanted_volumes = {volume_name(n, g, ns) for (_, g, ns), n in names.items()}
     out: list[VolumeWrite] = []
-
-    def name_of(key: str) -> str:
-        return snapshot.caches[key].name
-
-    wanted_claims = {(ns, claim_name(name_of(c), g)) for c, g, ns in wanted}
-    wanted_volumes = {volume_name(name_of(c), g, ns) for c, g, ns in wanted}
     for (ns, name), ref in sorted(snapshot.claims.items()):
         if (ns, name) not in wanted_claims and not ref.deleting:
             out.append(VolumeWrite("PersistentVolumeClaim", "delete", name, ns))
     for name, ref in sorted(snapshot.volumes.items()):
         if name not in wanted_volumes and not ref.deleting:
             out.append(VolumeWrite("PersistentVolume", "delete", name))
-    # A pair made from a group's volume specs that have changed since (its path, its affinity) is made
-    # again: the claim and the volume go (the claim first), then the wanted ones are created anew.
-    # Kubernetes keeps a claim that pods mount until they are gone, so this waits for them.
+    return out
+
+
+def _stale_deletes(snapshot: Snapshot, wanted: Iterable[tuple[str, str, str]]) -> list[VolumeWrite]:
+    """The wanted pairs to make again (the claim first, then the volume).
+
+    A pair made from a group's volume specs that have changed since (its path, its affinity) is made
+    again: the claim and the volume go (the claim first), then the wanted ones are created anew.
+    Kubernetes keeps a claim that pods mount until they are gone, so this waits for them."""
+    wanted = sorted(wanted)
     digests = {g: _volume_digest(snapshot.groups[g]) for g in {g for _, g, _ in wanted}}
-    for key, g, ns in sorted(wanted):
-        c = name_of(key)
+    out: list[VolumeWrite] = []
+    for key, g, ns in wanted:
+        c = snapshot.caches[key].name
         pv = snapshot.volumes.get(volume_name(c, g, ns))
         pvc = snapshot.claims.get((ns, claim_name(c, g)))
         # A pair without a digest predates the fixed template (the group's whole folder, as KServe
@@ -286,6 +320,12 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
                 out.append(VolumeWrite("PersistentVolumeClaim", "delete", claim_name(c, g), ns))
             if pv is not None and not pv.deleting:
                 out.append(VolumeWrite("PersistentVolume", "delete", volume_name(c, g, ns)))
+    return out
+
+
+def _missing_creates(snapshot: Snapshot, wanted: Iterable[tuple[str, str, str]]) -> list[VolumeWrite]:
+    """The PV, then the PVC, of each wanted pair not yet made."""
+    out: list[VolumeWrite] = []
     for key, g, ns in sorted(wanted):
         cache, group = snapshot.caches[key], snapshot.groups[g]
         c = cache.name
@@ -303,6 +343,26 @@ def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -
                 )
             )
     return out
+
+
+def volume_writes(snapshot: Snapshot, admitted: Mapping[str, tuple[str, ...]]) -> list[VolumeWrite]:
+    """Create the serving PV and PVC of every (cache, group, namespace) that is served and whose
+    group admits the cache; delete the controller's others (claims first).
+
+    Served: the cache exists and is not being deleted; a namespace cache serves its own namespace
+    only; no group named means the cache's first; the claim name there is this cache's (a namespace
+    cache's wins in its namespace); the namespace may be served in; the group has a folder on the node;
+    the cache lists the group and the group admits it; no other party's object holds the PV or PVC
+    name (``snapshot.taken_*``: KServe's own serving claim, which serves the pods as KServe made it:
+    neither half is made, so no PV of ours is left unbound). Asked for by a pod, by a PV or PVC already made
+    and not going (kept while admitted), or by the cache's serving namespaces (each of its groups).
+    Writes in order: unwanted deletes, deletes of stale pairs (made again), then creates."""
+    wanted = _wanted_volumes(snapshot, admitted)
+    return [
+        *_unwanted_deletes(snapshot, wanted),
+        *_stale_deletes(snapshot, wanted),
+        *_missing_creates(snapshot, wanted),
+    ]
 
 
 def _volume_meta(

@@ -77,6 +77,10 @@ class Snapshot:
     # the serving PVs and PVCs the controller created, as they are
     volumes: Mapping[str, VolumeRef] = field(default_factory=dict)  # PV name ->
     claims: Mapping[tuple[str, str], VolumeRef] = field(default_factory=dict)  # (namespace, name) ->
+    # Names another party's PV or PVC holds (KServe's serving claims, learnt from a create answered
+    # 409): a serving pair that would take one is not made, so it is not tried again every pass.
+    taken_volumes: frozenset[str] = frozenset()  # PV names
+    taken_claims: frozenset[tuple[str, str]] = frozenset()  # (namespace, PVC name)
     # cache -> the InferenceServices that use it (KServe's status.inferenceServices), sorted
     inference_services: Mapping[str, tuple[InferenceServiceRef, ...]] = field(default_factory=dict)
     # cache -> the LLMInferenceServices that use it (KServe's status.llmInferenceServices), sorted

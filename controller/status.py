@@ -105,85 +105,131 @@ def cache_status(
     that newly failed, AllCopiesReady, and one Warning per changed serving problem. A group that
     admitted it over its storageLimit (:attr:`localmodel.placement.Admission.overcommitted`) adds
     a StorageOvercommitted condition, and an OverCommitted Warning when it becomes so."""
-    old = cache.status
-    available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
-    total = len(states)
+    old_conditions = {(c.type, c.node_group): c for c in cache.status.conditions}
+    conditions, events = _group_conditions(placed, cache, states, old_conditions, now)
+    events += _copy_events(snapshot, cache, states)
+    served, served_events = _serving_conditions(cache, problems, old_conditions, now)
+    conditions += served
+    events += served_events
+    refs = snapshot.inference_services.get(cache.key, ())
+    llm = snapshot.llm_inference_services.get(cache.key, ())
+    return status_write(cache, states, tuple(conditions), refs, llm_refs=llm), events
+
+
+_OldConditions = Mapping[tuple[str, str | None], Condition]
+
+
+def _condition(
+    old_conditions: _OldConditions,
+    now: str,
+    ctype: str,
+    group: str | None,
+    ok: bool,
+    reason: str,
+    message: str,
+) -> Condition:
+    """The condition, its transition time kept from the old one of that type and group while its
+    status is unchanged (``now`` otherwise)."""
+    status = "True" if ok else "False"
+    before = old_conditions.get((ctype, group))
+    since = before.last_transition_time if before is not None and before.status == status else None
+    return Condition(ctype, status, reason, message, since or now, group)
+
+
+def _event(cache: LocalModelCache, kind: Literal["Normal", "Warning"], reason: str, message: str) -> Event:
+    return Event(
+        cache.kind.kind,  # type: ignore[arg-type]  # one of the two cache kinds
+        cache.name,
+        cache.metadata.uid,
+        kind,
+        reason,
+        message,
+        cache.namespace,
+    )
+
+
+def _group_conditions(
+    placed: Layout,
+    cache: LocalModelCache,
+    states: Mapping[str, NodeState],
+    old_conditions: _OldConditions,
+    now: str,
+) -> tuple[list[Condition], list[Event]]:
+    """Per group the cache lists: Admitted and Ready (:func:`group_conditions`), StorageOvercommitted
+    where admitted over its storageLimit; Events for an admission that changed and for a group that
+    became overcommitted."""
     refusals = {r.group: r for r in placed.admission.refused if r.cache == cache.key}
     over = {r.group: r for r in placed.admission.overcommitted if r.cache == cache.key}
     usage = placed.admission.usage
     conditions: list[Condition] = []
     events: list[Event] = []
-    old_conditions = {(c.type, c.node_group): c for c in old.conditions}
-
-    def condition(ctype: str, group: str | None, ok: bool, reason: str, message: str) -> Condition:
-        status = "True" if ok else "False"
-        before = old_conditions.get((ctype, group))
-        since = before.last_transition_time if before is not None and before.status == status else None
-        return Condition(ctype, status, reason, message, since or now, group)
-
-    def event(kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        events.append(
-            Event(
-                cache.kind.kind,  # type: ignore[arg-type]  # one of the two cache kinds
-                cache.name,
-                cache.metadata.uid,
-                kind,
-                reason,
-                message,
-                cache.namespace,
-            )
-        )
-
     for g in dict.fromkeys(cache.spec.node_groups):
         admitted_args, ready_args = group_conditions(
             g, refusals.get(g), usage.get(g), placed.members.get(g, ()), states
         )
-        admitted = condition(ADMITTED, g, *admitted_args)
-        ready_c = condition(READY, g, *ready_args)
+        admitted = _condition(old_conditions, now, ADMITTED, g, *admitted_args)
+        ready_c = _condition(old_conditions, now, READY, g, *ready_args)
         before = old_conditions.get((ADMITTED, g))
         if before is None or (before.status, before.reason) != (admitted.status, admitted.reason):
             if admitted.status == "True":
-                event("Normal", ADMITTED, admitted.message)
+                events.append(_event(cache, "Normal", ADMITTED, admitted.message))
             else:
-                event("Warning", admitted.reason, admitted.message)
+                events.append(_event(cache, "Warning", admitted.reason, admitted.message))
         conditions += [admitted, ready_c]
         if (o := over.get(g)) is not None:
             message = (
                 f"admitted over the storageLimit of node group {g} (--admission warn): {o.message}; "
                 "its nodes may run out of disk"
             )
-            flagged = condition(STORAGE_OVERCOMMITTED, g, True, OVERCOMMITTED, message)
+            flagged = _condition(old_conditions, now, STORAGE_OVERCOMMITTED, g, True, OVERCOMMITTED, message)
             before = old_conditions.get((STORAGE_OVERCOMMITTED, g))
             if before is None or before.status != "True":
-                event("Warning", OVERCOMMITTED, message)
+                events.append(_event(cache, "Warning", OVERCOMMITTED, message))
             conditions.append(flagged)
+    return conditions, events
 
+
+def _copy_events(snapshot: Snapshot, cache: LocalModelCache, states: Mapping[str, NodeState]) -> list[Event]:
+    """Placed for new holders, CopyFailed per node that newly failed, AllCopiesReady when every copy
+    became available."""
+    old = cache.status
+    available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
+    total = len(states)
+    events: list[Event] = []
     new_holders = sorted(set(states) - set(old.node_status))
     if new_holders:
         shown = ", ".join(new_holders[:5]) + (
             f" (+{len(new_holders) - 5} more)" if len(new_holders) > 5 else ""
         )
-        event("Normal", "Placed", f"placed on {len(new_holders)} node(s): {shown}")
+        events.append(_event(cache, "Normal", "Placed", f"placed on {len(new_holders)} node(s): {shown}"))
     for n, s in sorted(states.items()):
         if s is NodeState.DOWNLOAD_ERROR and old.node_status.get(n) is not NodeState.DOWNLOAD_ERROR:
-            event("Warning", "CopyFailed", f"copy on node {n} failed{_error_detail(snapshot, n, cache)}")
+            detail = _error_detail(snapshot, n, cache)
+            events.append(_event(cache, "Warning", "CopyFailed", f"copy on node {n} failed{detail}"))
     if total and available == total and not (old.copies.total and old.copies.available == old.copies.total):
-        event("Normal", "AllCopiesReady", f"all {total} node(s) hold the model")
+        events.append(_event(cache, "Normal", "AllCopiesReady", f"all {total} node(s) hold the model"))
+    return events
 
+
+def _serving_conditions(
+    cache: LocalModelCache, problems: Iterable[ServingProblem], old_conditions: _OldConditions, now: str
+) -> tuple[list[Condition], list[Event]]:
+    """A Serving=False condition per problem, and a Warning for each that changed."""
+    conditions: list[Condition] = []
+    events: list[Event] = []
     for problem in problems:
-        served = condition(SERVING, problem.group, False, problem.reason, problem.message)
+        served = _condition(
+            old_conditions, now, SERVING, problem.group, False, problem.reason, problem.message
+        )
         before = old_conditions.get((SERVING, problem.group))
         if before is None or (before.status, before.reason, before.message) != (
             served.status,
             served.reason,
             served.message,
         ):
-            event("Warning", problem.reason, problem.message)
+            events.append(_event(cache, "Warning", problem.reason, problem.message))
         conditions.append(served)
-
-    refs = snapshot.inference_services.get(cache.key, ())
-    llm = snapshot.llm_inference_services.get(cache.key, ())
-    return status_write(cache, states, tuple(conditions), refs, llm_refs=llm), events
+    return conditions, events
 
 
 def status_write(

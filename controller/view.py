@@ -76,6 +76,9 @@ class View:
     node_models: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> keys labelled ready
     volumes: dict[str, VolumeRef] = field(default_factory=dict)  # the PVs we made, by name
     claims: dict[tuple[str, str], VolumeRef] = field(default_factory=dict)  # our PVCs, (namespace, name)
+    # PVs and PVCs of those names that are not ours (the watches see only ours: learnt from a 409)
+    taken_volumes: set[str] = field(default_factory=set)
+    taken_claims: set[tuple[str, str]] = field(default_factory=set)
     isvcs: dict[tuple[str, str], InferenceService] = field(default_factory=dict)  # (namespace, name) ->
     invalid_groups: dict[str, str] = field(default_factory=dict)  # stored, spec refused: name -> why
     isvc_use: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # -> caches it uses
@@ -143,25 +146,14 @@ class ViewKeeper:
             return
         deleted = event.type == "DELETED"
         try:
-            if kind is LOCAL_MODEL_CACHE:
-                self._observe_spec(
-                    self._view.caches, name, None if deleted else LocalModelCache.from_json(obj)
-                )
-            elif kind is LOCAL_MODEL_NAMESPACE_CACHE:
-                key = cache_key(name, obj.get("metadata", {}).get("namespace") or "default")
-                self._observe_spec(
-                    self._view.caches, key, None if deleted else LocalModelNamespaceCache.from_json(obj)
-                )
+            if kind is LOCAL_MODEL_CACHE or kind is LOCAL_MODEL_NAMESPACE_CACHE:
+                self._observe_cache(kind, name, obj, deleted)
             elif kind is LOCAL_MODEL_NODE_GROUP:
                 self._observe_group(name, None if deleted else obj)
             elif kind is NODE:
                 self._observe_node(name, None if deleted else obj)
             elif kind is LOCAL_MODEL_NODE:
-                lmn = None if deleted else LocalModelNode.from_json(obj)
-                if lmn is not None:
-                    self._check_writer(name, self._view.lmns.get(name), lmn, obj)
-                self._observe_lmn(name, lmn)
-                self._check_owner(name)
+                self._observe_lmn_event(name, obj, deleted)
             elif kind is POD:
                 self._observe_pod(obj, deleted)
             elif kind is PERSISTENT_VOLUME or kind is PERSISTENT_VOLUME_CLAIM:
@@ -173,6 +165,25 @@ class ViewKeeper:
         except SpecError as e:
             # One bad object must not stop the controller for everyone else; it is left out.
             log.warning("ignoring %s %s: %s", kind.kind, name, e)
+
+    def _observe_cache(self, kind: ResourceKind, name: str, obj: JSON, deleted: bool) -> None:
+        """A LocalModelCache, under its name, or a LocalModelNamespaceCache, under ``<ns>/<name>``.
+        Raises SpecError."""
+        if kind is LOCAL_MODEL_CACHE:
+            self._observe_spec(self._view.caches, name, None if deleted else LocalModelCache.from_json(obj))
+            return
+        key = cache_key(name, obj.get("metadata", {}).get("namespace") or "default")
+        self._observe_spec(
+            self._view.caches, key, None if deleted else LocalModelNamespaceCache.from_json(obj)
+        )
+
+    def _observe_lmn_event(self, name: str, obj: JSON, deleted: bool) -> None:
+        """A LocalModelNode: its writer checked, then taken in, then its owner checked. Raises SpecError."""
+        lmn = None if deleted else LocalModelNode.from_json(obj)
+        if lmn is not None:
+            self._check_writer(name, self._view.lmns.get(name), lmn, obj)
+        self._observe_lmn(name, lmn)
+        self._check_owner(name)
 
     def _observe_group(self, name: str, obj: JSON | None) -> None:
         """A group whose spec is refused (stored past admission: KServe's CRDs have no rules) holds
@@ -462,6 +473,8 @@ class ViewKeeper:
             serving=self._serving,
             volumes=view.volumes,
             claims=view.claims,
+            taken_volumes=frozenset(view.taken_volumes),
+            taken_claims=frozenset(view.taken_claims),
             inference_services=self._isvc_refs,
             llm_inference_services=self._llm_refs,
             invalid_groups=view.invalid_groups,

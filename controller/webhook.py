@@ -51,6 +51,7 @@ from controller.defaults import default_cache
 from controller.demand import deletion_verdict
 from controller.labels import MODEL_LABEL_VALUE, model_label
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, claim_name
+from controller.views import named_cache
 from localmodel import cliargs
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound, SpecError
 from localmodel.kinds import (
@@ -69,6 +70,7 @@ from localmodel.resources import (
     LocalModelNamespaceCache,
     LocalModelNodeGroup,
     Node,
+    cache_key,
     cluster_group,
     split_key,
 )
@@ -211,22 +213,31 @@ class Webhook:
 
     async def _review_deletion(self, request: JSON) -> Verdict:
         """A cache an (LLM)InferenceService's localmodel label names is kept (one list per kind, by
-        label; a kind the cluster does not serve has none)."""
+        label; a kind the cluster does not serve has none); who counts: :func:`deletion_verdict`."""
         old = request.get("oldObject")
         meta = old.get("metadata") if isinstance(old, dict) else None
         name = request.get("name") or (meta.get("name") if isinstance(meta, dict) else None)
         if not isinstance(name, str) or not name:
             return Verdict(True)
-        users: list[tuple[str, str, str]] = []
+        namespace: str | None = None
+        if (request.get("kind") or {}).get("kind") == LOCAL_MODEL_NAMESPACE_CACHE.kind:
+            ns = request.get("namespace") or (meta.get("namespace") if isinstance(meta, dict) else None)
+            namespace = str(ns) if ns else "default"
+        users: list[tuple[str, str, str, str | None]] = []
         for kind in (INFERENCE_SERVICE, LLM_INFERENCE_SERVICE):
             try:
-                found = await self.state.list(kind, selector=Selector(labels={LOCALMODEL_LABEL: name}))
+                found = await self.state.list(
+                    kind, namespace=namespace, selector=Selector(labels={LOCALMODEL_LABEL: name})
+                )
             except NotFound:
                 continue
             for obj in found.items:
                 m = obj.get("metadata") or {}
-                users.append((kind.kind, str(m.get("namespace") or "default"), str(m.get("name"))))
-        return deletion_verdict(name, users)
+                labels = m.get("labels")
+                labels = labels if isinstance(labels, dict) else {}
+                ns_of = str(m.get("namespace") or "default")
+                users.append((kind.kind, ns_of, str(m.get("name")), named_cache(labels, {})))
+        return deletion_verdict(cache_key(name, namespace), users)
 
     async def default_cache(self, request: JSON) -> Verdict:
         """The alias ``nodeGroup`` stored as ``nodeGroups`` (:mod:`controller.defaults`); no reads."""

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from localmodel.errors import InvalidInput, SpecError
+from localmodel.folders import unreachable
+from localmodel.k8snames import path_segment_error
 from localmodel.kinds import (
     JSON,
     LOCAL_MODEL_CACHE,
@@ -33,6 +35,7 @@ from localmodel.resources import (
     LocalModelNodeGroup,
     Node,
 )
+from localmodel.timestamps import normalised
 
 # kind -> (where it lives, how to validate and normalise it)
 _PARSERS: dict[str, tuple[ResourceKind, Callable[[Any], JSON]]] = {
@@ -75,7 +78,10 @@ def load_documents(
     """Every document under ``path`` (see :func:`document_files`), validated; raises SpecError (one
     line) on the first bad one."""
     allowed = set(kinds) if kinds is not None else set(_PARSERS)
-    files = document_files(path, exclude=exclude)
+    try:
+        files = document_files(path, exclude=exclude)
+    except OSError as e:  # the file, or a folder above it, this user may not look at
+        raise SpecError(unreachable(path, e), where=str(path)) from None
     docs: list[Document] = []
     seen: dict[tuple[str, str], str] = {}
     for file in files:
@@ -168,13 +174,36 @@ def _document(raw: Any, where: str, allowed: set[str]) -> Document:
             field="apiVersion",
             where=where,
         )
+    meta = raw.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    for what in ("name", "namespace"):
+        value = meta.get(what)
+        if isinstance(value, str) and (why := path_segment_error(value)) is not None:
+            raise SpecError(why, field=f"metadata.{what}", where=where)
     try:
-        normalised = parse(raw)
+        normalised = parse(_created_kept(raw))
     except SpecError as e:
         raise e.located(where) from None
     except InvalidInput as e:
         raise SpecError(str(e), where=where) from None
     return Document(where, resource, normalised)
+
+
+def _created_kept(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its ``metadata.creationTimestamp``, when given, in the API server's form: the
+    embedded state keeps it (admission goes oldest first), and YAML makes a ``datetime`` of an
+    unquoted one."""
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict) or meta.get("creationTimestamp") is None:
+        return raw
+    try:
+        created = normalised(meta["creationTimestamp"])
+    except ValueError:
+        raise SpecError(
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z (or leave it out: now)",
+            field="metadata.creationTimestamp",
+        ) from None
+    return {**raw, "metadata": {**meta, "creationTimestamp": created}}
 
 
 def _node(raw: Any) -> JSON:

@@ -95,6 +95,13 @@ class Gone(ClusterStateError):
     status = 410
 
 
+class InvalidName(ClusterStateError):
+    """A name or namespace no object can have (:func:`localmodel.k8snames.path_segment_error`):
+    refused before any request, so it never changes the API path."""
+
+    status = 422
+
+
 class Unavailable(ClusterStateError):
     status = 503
     retry_after: float | None = None  # seconds the server asked to wait (Retry-After), if it did

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from localmodel.errors import NotFound
 from localmodel.kinds import EVENT, JSON, ResourceKind
+from localmodel.logs import redact_message
 from localmodel.state.base import ClusterState
 
 # Cluster-scoped objects have their Events in "default", where kubectl describe looks for them.
@@ -46,7 +47,8 @@ def event_body(
         },
         "type": type_,
         "reason": reason,
-        "message": message[:1024],  # the API server refuses longer messages
+        # Redacted (a library's error may quote a presigned URL); the API server refuses >1024.
+        "message": redact_message(message)[:1024],
         "source": source,
         "reportingComponent": component,
         **({"reportingInstance": host} if host else {}),

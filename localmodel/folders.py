@@ -106,3 +106,24 @@ def system_folder_case() -> str:
     system folder."""
     folders = sorted(SYSTEM_FOLDERS + SCRATCH_FOLDERS)
     return "|".join([*SYSTEM_PARENTS, *(p for f in folders for p in (f, f + "/*")), "/lib*"])
+
+
+def unreachable(path: object, e: OSError) -> str:
+    """The one line for a folder a user named that this user cannot look at (``e``: the OSError of
+    the stat, open or access, whose filename is the path that failed, often a folder above
+    ``path``): what and where, and the fix. Callers prefix the flag (``--cache-dir: ``, ``DEST: ``)
+    and raise it as bad input (exit 2)."""
+    import errno
+    import os
+
+    from localmodel.text import printable
+
+    where = printable(str(e.filename if e.filename is not None else path))
+    why = e.strerror or type(e).__name__
+    fix = (
+        "give this user search (x) permission on every folder above it, or name another folder"
+        if e.errno in (errno.EACCES, errno.EPERM)
+        else "name another folder"
+    )
+    who = f"this user (uid {os.getuid()})"
+    return f"{printable(str(path))} cannot be looked at by {who}: {why} ({where}); {fix}"

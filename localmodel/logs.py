@@ -20,6 +20,7 @@ import re
 import sys
 
 from localmodel.text import printable
+from localmodel.uri import redact
 
 # Loggers of the libraries the download and cluster clients use that log headers or URLs at DEBUG.
 QUIET = (
@@ -36,6 +37,11 @@ QUIET = (
     "aiohttp.client",
     "hpack",
     "h2",
+    # The gs:// and Azure sources' SDKs: azure-core logs request URLs and headers at INFO and its
+    # own complaints about a server's answers at WARNING; google-auth its credential lookups.
+    "azure",
+    "msal",
+    "google",
 )
 
 _SECRET = re.compile(
@@ -51,12 +57,39 @@ def redact_secrets(text: str) -> str:
     return _SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
 
 
+# A URL inside free text: a scheme, "://", and what follows up to a space or a quote.
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_message(text: str) -> str:
+    """``text`` (a message that may quote an exception's text) fit for a log line, a status, an
+    Event or the state file: every URL in it as :func:`localmodel.uri.redact` shows one (no
+    userinfo, no query, no fragment), then :func:`redact_secrets`. Applied where those are written,
+    since a library's error may quote a presigned URL or an endpoint from a Secret."""
+    return redact_secrets(_URL_IN_TEXT.sub(lambda m: redact(m.group(0), limit=1000), text))
+
+
 class OneLineFormatter(logging.Formatter):
     """A Formatter whose message part is one line, with secret-named values masked."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(redact_secrets(record.message), limit=_MESSAGE_LIMIT)
+        record.message = printable(redact_message(record.message), limit=_MESSAGE_LIMIT)
         return super().formatMessage(record)
+
+
+def command_logging(prefix: str) -> None:
+    """For a command that sets up no logging of its own (``pull``, ``status``): records at WARNING
+    and above print as one line of the command's own (``PREFIX: message``, escaped and masked by
+    :class:`OneLineFormatter`) rather than through logging's last resort, which prints a library's
+    message bare. The libraries of :data:`QUIET` print only at ERROR: their warnings about a
+    server's answers (azure-core's "Unexpected return type ... from ContentDecodePolicy") would be a
+    second line beside the command's own error line, which says what failed. A later
+    :func:`setup_logging` replaces all of this."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(f"{prefix}: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def setup_logging(level: str | int, *, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:

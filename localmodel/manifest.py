@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -106,25 +107,32 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # Entries of an adopted folder the source does not list (see the module docstring): not ours.
     extras: tuple[str, ...] = ()
+    # An adopted folder's files, path -> how each was checked before it was kept or placed
+    # (agent.download.adoption: a hash name, "s3-multipart-etag", "source-bytes", "fetched").
+    checked_by: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "sourceModelUri": self.source_model_uri,
-            "storageKey": self.storage_key,
-            "revision": self.revision,
-            "publishedAt": self.published_at,
-            "files": [
-                {"path": f.path, "size": f.size, "sha256": f.sha256, "sha1": f.sha1}
-                | ({"md5": f.md5} if f.md5 else {})
-                | ({"crc32c": f.crc32c} if f.crc32c else {})
-                for f in self.files
-            ],
-        } | ({"extras": list(self.extras)} if self.extras else {})
+        return (
+            {
+                "format": self.format,
+                "sourceModelUri": self.source_model_uri,
+                "storageKey": self.storage_key,
+                "revision": self.revision,
+                "publishedAt": self.published_at,
+                "files": [
+                    {"path": f.path, "size": f.size, "sha256": f.sha256, "sha1": f.sha1}
+                    | ({"md5": f.md5} if f.md5 else {})
+                    | ({"crc32c": f.crc32c} if f.crc32c else {})
+                    for f in self.files
+                ],
+            }
+            | ({"extras": list(self.extras)} if self.extras else {})
+            | ({"checkedBy": dict(self.checked_by)} if self.checked_by else {})
+        )
 
     @classmethod
     def from_json(cls, data: Any, *, where: str = "manifest") -> Manifest:
@@ -160,6 +168,11 @@ class Manifest:
             isinstance(x, str) and is_safe_relative_path(x) for x in extras
         ):
             raise SpecError("not a list of safe relative paths", field="extras", where=where)
+        checked_by = data.get("checkedBy") or {}
+        if not isinstance(checked_by, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in checked_by.items()
+        ):
+            raise SpecError("not an object of paths to words", field="checkedBy", where=where)
         return cls(
             source_model_uri=str(data.get("sourceModelUri", "")),
             storage_key=str(data.get("storageKey", "")),
@@ -168,6 +181,7 @@ class Manifest:
             published_at=data.get("publishedAt"),
             format=fmt,
             extras=tuple(extras),
+            checked_by=dict(checked_by),
         )
 
     @classmethod

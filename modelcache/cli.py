@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("runtime.cli", "the serving launcher: plan and exec vLLM on cached weights"),
 }
 
+# Commands that set up no logging of their own: localmodel.logs.command_logging keeps their stderr ours.
+PLAIN_LOGGING = ("pull", "status")
+
 USAGE = "usage: modelcache {" + ",".join(COMMANDS) + "} [options]\n"
 
 
@@ -54,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"modelcache {name}: not implemented yet in this version\n")
             return 2
         raise
+    if name in PLAIN_LOGGING:
+        from localmodel.logs import command_logging
+
+        command_logging(f"modelcache {name}")
     try:
         code: int = module.main(rest)
     except InvalidInput as e:

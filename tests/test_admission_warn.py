@@ -127,6 +127,12 @@ def test_the_cache_webhook_warns_instead_of_refusing() -> None:
     assert warn.warnings == (f"admitted over the storageLimit (--admission warn): {NEED}",)
     missing = cache("lost", "1Gi", ["gone"])
     assert not validate_cache("CREATE", missing, None, caches=[], groups=groups, overcommit=True).allowed
+    # A LocalModelNamespaceCache is told apart by its key (<namespace>/<name>): warned the same way.
+    meta = {**big["metadata"], "namespace": "team-a"}
+    ns_big = {**big, "kind": "LocalModelNamespaceCache", "metadata": meta}
+    warn = validate_cache("CREATE", ns_big, None, caches=[fits], groups=groups, overcommit=True)
+    assert warn.allowed
+    assert warn.warnings == (f"admitted over the storageLimit (--admission warn): {NEED}",)
 
 
 def test_cli_flag_standalone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ which leaves ``.cache/huggingface/`` beside the files (huggingface_hub 0.32.4 _l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -329,12 +330,16 @@ def test_survey_names_extras_by_their_topmost_path_and_hashes_only_files_of_the_
     assert not wrong.keep and [f.path for f in wrong.fetch] == ["a/w.bin", "b.txt"]
 
 
-def test_a_file_without_a_source_hash_is_kept_by_size_and_its_sha256_recorded() -> None:
+def test_a_file_without_a_source_hash_is_fetched_unless_its_bytes_were_checked_otherwise() -> None:
     listing = _listing(RemoteFile("w.bin", 4))
     plan = survey(listing, (Found("w.bin", Kind.FILE, 4),), where="f")
     assert plan.to_hash == {"w.bin": None}
     digest = hashlib.sha256(b"abcd").hexdigest()
-    (entry,) = decide(listing, plan, {"w.bin": digest}).keep
+    # The right size says nothing of the content: fetched again.
+    by_size = decide(listing, plan, {"w.bin": digest})
+    assert not by_size.keep and [f.path for f in by_size.fetch] == ["w.bin"]
+    # Checked by its multipart ETag or against the file:// source: kept, its sha256 recorded.
+    (entry,) = decide(listing, plan, {"w.bin": digest}, {"w.bin": "s3-multipart-etag"}).keep
     assert entry.sha256 == digest
 
 
@@ -434,3 +439,186 @@ async def test_a_kserve_folder_on_a_nearly_full_disk_is_adopted_not_refused_for_
         async with running_agent(mem.state, cache, store=mem.store) as run:
             await downloaded(run)
             assert gets(hf_hub) == 0
+
+
+async def test_a_private_model_is_adopted_with_the_cache_s_own_credentials(
+    kube_api: Any, hf_hub: Hub, tmp_path: Path
+) -> None:
+    # The listing needs the token the cache's ServiceAccount names, as the download path uses it.
+    from localmodel.kinds import KINDS_BY_NAME
+    from tests.test_credentials import _agent_env, _lmn, _run_agent, account, secret
+
+    hf_hub.add_repo("org/m", FILES, token="hf_adoptTOKEN123")
+    folder = tmp_path / "cache" / "models" / storage_key(URI)
+    fill_like_kserve(folder, hf_hub, "org/m", FILES)
+    model = {"modelName": "good", "sourceModelUri": URI, "serviceAccountName": "good-sa"}
+    for obj in (
+        group_doc("g", path=tmp_path / "cache"),
+        _lmn([model]),
+        account("good-sa", ["good-token"]),
+        secret("good-token", {"HF_TOKEN": "hf_adoptTOKEN123"}),
+    ):
+        await kube_api.store.create(KINDS_BY_NAME[obj["kind"]], obj)
+    env = _agent_env(tmp_path, {"HF_ENDPOINT": hf_hub.endpoint, "HF_HUB_DISABLE_XET": "1"})
+    _, logs = await _run_agent(tmp_path, kube_api, env, "--once", "--retry-min", "3600")
+    node = await kube_api.store.get(LOCAL_MODEL_NODE, "n1")
+    assert node["status"]["modelStatus"]["good"] == "ModelDownloaded", logs[-2000:]
+    assert gets(hf_hub) == 0 and manifest_of(tmp_path / "cache").extras == (".cache",)
+
+
+# -- nothing kept unchecked: sources without a content hash ------------------------------------
+
+
+def _multipart(s3: S3, bucket: str, key: str, body: bytes, part: int) -> str:
+    up = s3.client.create_multipart_upload(Bucket=bucket, Key=key)
+    parts = []
+    for n, start in enumerate(range(0, len(body), part), start=1):
+        answer = s3.client.upload_part(
+            Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=n, Body=body[start : start + part]
+        )
+        parts.append({"ETag": answer["ETag"], "PartNumber": n})
+    s3.client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    return str(s3.client.head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
+
+
+async def test_pull_adopt_checks_an_s3_multipart_object_by_its_etag_and_fetches_a_wrong_one(
+    s3: S3, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelcache.cli import main
+
+    bucket = s3.bucket("multipart")
+    part = 5 * 1024 * 1024  # S3's least part size
+    good = os.urandom(part) + os.urandom(1000)
+    assert _multipart(s3, bucket, "m/w.bin", good, part).endswith("-2")  # no md5, no sha256 given
+    uri = f"s3://{bucket}/m"
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "w.bin").write_bytes(b"\0" * len(good))  # the right size, not the right bytes
+    assert await asyncio.to_thread(main, ["pull", uri, str(dest), "--quiet", "--adopt"]) == 0
+    out = capsys.readouterr().out
+    assert "0 file(s) kept" in out and "1 fetched" in out, out
+    assert (dest / "w.bin").read_bytes() == good
+    assert _published(dest).checked_by == {"w.bin": "fetched"}
+    # Another writer's right copy: kept, checked by the multipart ETag computed from its parts.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "w.bin").write_bytes(good)
+    inode = (other / "w.bin").stat().st_ino
+    assert await asyncio.to_thread(main, ["pull", uri, str(other), "--quiet", "--adopt"]) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s) kept" in out and "1 by S3 multipart ETag" in out and "0 fetched" in out, out
+    assert (other / "w.bin").stat().st_ino == inode
+    assert _published(other).checked_by == {"w.bin": "s3-multipart-etag"}
+
+
+def _published(dest: Path) -> Manifest:
+    from agent.download.staging import Destination
+
+    manifest = Destination.for_folder(dest).published()
+    assert manifest is not None
+    return manifest
+
+
+async def test_pull_adopt_compares_a_file_source_s_bytes_and_fetches_a_file_that_differs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelcache.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * 3000)
+    (src / "b.bin").write_bytes(b"b" * 3000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "a.bin").write_bytes(b"a" * 3000)  # the same bytes: kept
+    (dest / "b.bin").write_bytes(b"B" * 3000)  # the same size only: fetched
+    inode = (dest / "a.bin").stat().st_ino
+    assert await asyncio.to_thread(main, ["pull", f"file://{src}", str(dest), "--quiet", "--adopt"]) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s) kept" in out and "1 by comparing with the source file" in out, out
+    assert "1 fetched (2.9 KiB)" in out, out
+    assert _published(dest).checked_by == {"a.bin": "source-bytes", "b.bin": "fetched"}
+    assert (dest / "b.bin").read_bytes() == b"b" * 3000 and (dest / "a.bin").stat().st_ino == inode
+
+
+def test_the_manifest_records_how_each_adopted_file_was_checked() -> None:
+    checked = {"a": "sha256", "b": "s3-multipart-etag", "c": "fetched"}
+    m = Manifest("s3://b/m", storage_key("s3://b/m"), "abc", (), checked_by=checked)
+    assert Manifest.from_json(json.loads(json.dumps(m.to_json()))).checked_by == checked
+    assert "checkedBy" not in Manifest("u", "k", None, ()).to_json()
+
+
+# -- hard links, names, the words ---------------------------------------------------------------
+
+
+async def test_a_folder_with_a_hard_linked_file_is_not_adopted_and_the_other_path_is_untouched(
+    mem: Cluster, hf_hub: Hub, tmp_path: Path
+) -> None:
+    hf_hub.add_repo("org/m", FILES)
+    cache = tmp_path / "cache"
+    folder = cache / "models" / storage_key(URI)
+    fill_like_kserve(folder, hf_hub, "org/m", FILES)
+    victim = tmp_path / "victim"
+    victim.write_bytes(FILES["model.safetensors"])
+    victim.chmod(0o600)
+    (folder / "model.safetensors").unlink()
+    os.link(victim, folder / "model.safetensors")  # the right bytes, shared with a path not ours
+    await seed(mem.store, group_doc("g", path=cache), node_doc("n1", [("m", URI, "1Mi")]))
+    async with running_agent(mem.state, cache, store=mem.store, retry_base=1.0, retry_cap=1.0) as run:
+        m = await failed_with(run, "ForeignFolder")
+        assert "a file with other hard links (model.safetensors)" in m["message"]
+        assert not CacheLayout(cache).manifest_file(folder.name).exists()
+        assert victim.stat().st_mode & 0o777 == 0o600 and (folder / "model.safetensors").stat().st_nlink == 2
+        victim.unlink()  # the other link gone: the retry adopts
+        await downloaded(run)
+
+
+async def test_pull_adopt_refuses_a_dest_with_a_hard_linked_file_and_changes_nothing(
+    hf_hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelcache.cli import main
+
+    hf_hub.add_repo("org/m", FILES)
+    dest = tmp_path / "dest"
+    fill_like_kserve(dest, hf_hub, "org/m", FILES)
+    os.link(dest / "config.json", tmp_path / "theirs.json")
+    mode = (dest / "config.json").stat().st_mode
+    assert await asyncio.to_thread(main, ["pull", URI, str(dest), "--quiet", "--adopt"]) == 2
+    err = capsys.readouterr().err
+    assert "hard links (config.json)" in err and err.count("\n") == 1
+    assert (tmp_path / "theirs.json").stat().st_mode == mode and gets(hf_hub) == 0
+
+
+async def test_pull_adopt_on_a_link_says_why_and_names_in_the_summary_are_escaped(
+    hf_hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelcache.cli import main
+
+    hf_hub.add_repo("org/m", FILES)
+    real = tmp_path / "real"
+    fill_like_kserve(real, hf_hub, "org/m", FILES)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert await asyncio.to_thread(main, ["pull", URI, str(link), "--quiet", "--adopt"]) == 2
+    err = capsys.readouterr().err
+    assert "is a symbolic link" in err and "pass --adopt" not in err and err.count("\n") == 1, err
+    (real / "x\nERROR forged line").write_bytes(b"theirs")
+    assert await asyncio.to_thread(main, ["pull", URI, str(real), "--quiet", "--adopt"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "x\\nERROR forged line" in out, out
+
+
+def test_the_adopted_words_say_what_was_received_by_this_try() -> None:
+    from agent.download.adoption import AdoptResult, adopted_words
+
+    r = AdoptResult(
+        files=2, bytes_total=3000, kept=1, fetched=1, created=0, bytes_kept=1000, bytes_fetched=2000,
+        extras=(), revision="abc", seconds=1.0, verified=2, size_only=0, bytes_received=0,
+        kept_by={"sha256": 1},
+    )  # fmt: skip
+    words = adopted_words("hf://org/m", "models/k", r)
+    assert "1 file(s) kept (1000 B; checked 1 by sha256), 1 fetched (2.0 KiB, 0 B of it received" in words
+    whole = adopted_words("hf://org/m", "models/k", dataclasses.replace(r, bytes_received=2000))
+    assert "1 fetched (2.0 KiB)" in whole and "received" not in whole

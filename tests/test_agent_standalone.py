@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from agent.standalone import StandaloneSource
+from localmodel.kinds import LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE
 from localmodel.state.memory import MemoryState
 from tests.support.agents import Running, cache_doc, eventually, group_doc, running_agent
 from tests.support.hfhub import Hub
@@ -171,3 +172,22 @@ async def test_a_cache_folder_inside_the_documents_folder_is_not_read_as_documen
         "standalone: 1 cache(s), 1 group(s); this node holds 1 model(s)"
     ]
     assert source.error is None
+
+
+async def test_documents_creation_times_decide_who_is_admitted(tmp_path: Path) -> None:
+    """Oldest first, by the documents' metadata.creationTimestamp (kept, as the controller's
+    standalone mode keeps it): b (2024) fits, a (2025) does not, whatever their names' order."""
+    a = cache_doc("a", "hf://org/a", "8Mi", ["h100"])
+    a["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
+    b = cache_doc("b", "hf://org/b", "8Mi", ["h100"])
+    b["metadata"]["creationTimestamp"] = "2024-01-01T00:00:00Z"
+    docs = tmp_path / "models.yaml"
+    write_docs(docs, group_doc("h100", limit="10Mi", path=tmp_path / "cache"), a, b)
+    state = MemoryState()
+    source = StandaloneSource(docs, node_name="box", labels={"gpu": "h100"}, state=state, interval=0.1)
+    assert await source.load()
+    node = await state.get(LOCAL_MODEL_NODE, "box")
+    assert [m["modelName"] for m in node["spec"]["localModels"]] == ["b"]
+    assert [r.cache for r in source.refused] == ["a"]
+    stored = await state.get(LOCAL_MODEL_CACHE, "b")
+    assert stored["metadata"]["creationTimestamp"] == "2024-01-01T00:00:00Z"

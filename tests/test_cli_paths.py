@@ -3,6 +3,8 @@ is one line naming the path and the fix, exit 2, no traceback: for ``agent`` and
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +100,63 @@ def test_pull_under_a_file(tmp_path: Path) -> None:
         f"modelcache pull: DEST: {tmp_path / 'f'} is a file, not a folder; name a folder (it is "
         "created if missing)",
     )
+
+
+def without_dac(*args: str) -> subprocess.CompletedProcess[str]:
+    """``modelcache ARGS`` as root without the capabilities that pass every permission check
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a folder of another owner's, 0700, is closed to it."""
+    return subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            sys.executable,
+            "-m",
+            "modelcache",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_folder_above_the_cache_or_dest_this_user_may_not_search_is_one_line(tmp_path: Path) -> None:
+    if os.getuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to take away the permission checks' bypass")
+    (tmp_path / "x" / "a").mkdir(parents=True)
+    os.chown(tmp_path / "x", 65532, 65532)
+    (tmp_path / "x").chmod(0o700)  # another user's: nothing below it can even be looked at
+    docs = tmp_path / "docs.yaml"
+    docs.write_text(DOCS)
+    cache = str(tmp_path / "x" / "a" / "cache")
+    hidden = str(tmp_path / "x" / "a" / "docs.yaml")
+    for argv, prefix in (
+        (
+            ["agent", "--node-name", "box", "--cache-dir", cache, "--standalone", str(docs), "--once"],
+            "agent: --cache-dir",
+        ),
+        (["status", "--cache-dir", cache], "status: --cache-dir"),
+        (
+            [
+                "agent",
+                "--node-name",
+                "box",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--standalone",
+                hidden,
+                "--once",
+            ],
+            "agent: --standalone",
+        ),
+        (["controller", "--standalone", hidden, "--once"], "controller"),
+        (["pull", "file:///etc/hostname", str(tmp_path / "x" / "a" / "d")], "pull: DEST"),
+    ):
+        r = without_dac(*argv)
+        if r.returncode == 2 and "setpriv:" in r.stderr:
+            pytest.skip(f"setpriv cannot drop capabilities here: {r.stderr.strip()}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"modelcache {prefix}: {tmp_path / 'x' / 'a'}"), r.stderr
+        assert "Permission denied" in r.stderr and "search (x) permission" in r.stderr, r.stderr
+    (tmp_path / "x").chmod(0o755)  # pytest's clean-up

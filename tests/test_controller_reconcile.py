@@ -621,3 +621,51 @@ def test_dry_run_prints_node_labels_and_serving_volumes(
     ]
     big = next(o for o in objs if o["kind"] == "LocalModelCache")
     assert big["status"]["nodeStatus"] == {"a1": "NodeDownloaded"}
+
+
+def test_cli_once_keeps_the_documents_creation_times(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Admission goes oldest first: a document's metadata.creationTimestamp (quoted as kubectl
+    writes it, or unquoted, which YAML makes a datetime) is kept, so a dry run of a real cluster's
+    objects refuses what the live controller refuses; one without it is created now."""
+    import yaml
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "groups.yaml").write_text(yaml.safe_dump(group("a100", "10Gi")))
+    (docs / "nodes.yaml").write_text(yaml.safe_dump(node("a1", "a100")))
+    newer = cache("a", "8Gi", ["a100"])
+    newer["metadata"]["creationTimestamp"] = "2025-03-01T10:00:00+01:00"
+    older = cache("b", "8Gi", ["a100"])
+    text = yaml.safe_dump_all([newer, older])
+    text += "---\n" + yaml.safe_dump(cache("c", "1Gi", ["a100"]))
+    (docs / "caches.yaml").write_text(
+        text.replace("  name: b\n", "  name: b\n  creationTimestamp: 2024-06-01T00:00:00Z\n")
+    )
+    assert modelcache_main(["controller", "--standalone", str(docs), "--once", "--output", "json"]) == 0
+    objs = {
+        o["metadata"]["name"]: o
+        for o in json.loads(capsys.readouterr().out)
+        if o["kind"] == "LocalModelCache"
+    }
+    assert objs["a"]["metadata"]["creationTimestamp"] == "2025-03-01T09:00:00Z"
+    assert objs["b"]["metadata"]["creationTimestamp"] == "2024-06-01T00:00:00Z"
+    assert objs["c"]["metadata"]["creationTimestamp"] > "2026"  # none given: now
+
+    def admitted(name: str) -> str:
+        return str(next(c["status"] for c in objs[name]["status"]["conditions"] if c["type"] == "Admitted"))
+
+    assert (admitted("b"), admitted("a")) == ("True", "False")
+
+
+def test_cli_refuses_a_bad_creation_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    bad = cache("a", "8Gi", ["a100"])
+    bad["metadata"]["creationTimestamp"] = "last tuesday"
+    (tmp_path / "caches.yaml").write_text(yaml.safe_dump(bad))
+    assert modelcache_main(["controller", "--standalone", str(tmp_path), "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "metadata.creationTimestamp" in err and "RFC 3339" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -361,6 +361,28 @@ def test_place_pod_pure() -> None:
     assert not v.allowed and "selects no nodes" in v.message
 
 
+def test_credentials_names_must_be_object_names_and_secret_keys() -> None:
+    """KServe's schema takes any string for serviceAccountName and storage.key; the agent reads
+    them as object names and a Secret key, so a crafted one is refused at apply, naming the field."""
+    groups = [LocalModelNodeGroup.from_json(group("a100", "100Gi"))]
+    for field, value in (
+        ("serviceAccountName", "../../default/serviceaccounts/sa"),
+        ("serviceAccountName", "Upper"),
+        ("storage", {"key": "../x"}),
+        ("storage", {"key": "a b"}),
+    ):
+        obj = cache("c", "1Gi", ["a100"])
+        obj["spec"][field] = value
+        v = validate_cache("CREATE", obj, None, caches=[], groups=groups)
+        named = "spec.storage.key" if field == "storage" else f"spec.{field}"
+        assert not v.allowed and v.code == 422 and v.message.startswith(f"{named}: "), v
+        assert "\n" not in v.message
+    for field, value in (("serviceAccountName", "sa-1.team"), ("storage", {"key": "my_s3.key-1"})):
+        obj = cache("c", "1Gi", ["a100"])
+        obj["spec"][field] = value
+        assert validate_cache("CREATE", obj, None, caches=[], groups=groups).allowed
+
+
 def test_validate_cache_pure_and_response_shape() -> None:
     groups = [LocalModelNodeGroup.from_json(group("a100", "100Gi"))]
     assert validate_cache("CONNECT", None, None, caches=[], groups=groups).allowed

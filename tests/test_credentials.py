@@ -253,6 +253,40 @@ async def test_reader_reads_only_its_namespace_and_only_named_objects() -> None:
     assert await CredentialReader(state, NS).credentials(LocalModelInfo("hf://org/m", "m")) is None
 
 
+async def test_names_that_are_no_object_names_are_refused_before_any_request(kube_api: KubeAPI) -> None:
+    """A crafted serviceAccountName, storage.key or Secret name listed by a ServiceAccount is
+    AccessDenied naming the field, and nothing is read with it: no request leaves the namespace."""
+    from localmodel.state.kube import KubeState
+
+    await kube_api.store.create(SERVICE_ACCOUNT, account("loc", ["../../default/secrets/tok"]))
+    await kube_api.store.create(SERVICE_ACCOUNT, account("ok", ["fine", "Not_A_Name"]))
+    state = KubeState.for_url(kube_api.url)
+    reader = CredentialReader(state, NS)
+    try:
+        before = len(kube_api.requests)
+        for bad in ("../../default/serviceaccounts/sa", "sa/../x", "SA", "a" * 254):
+            with pytest.raises(
+                AccessDenied, match=r"^the cache's serviceAccountName: .*fix serviceAccountName$"
+            ):
+                await reader.credentials(LocalModelInfo("hf://org/m", "m", service_account_name=bad))
+        for key in ("../x", "a/b", "..", "k y"):
+            info = LocalModelInfo("s3://b/m", "m", storage=StorageSpec(key=key))
+            with pytest.raises(AccessDenied, match=r"^the cache's storage.key: .*fix storage.key$"):
+                await reader.credentials(info)
+        assert kube_api.requests[before:] == []
+        with pytest.raises(AccessDenied, match=r"ServiceAccount loc: secrets\[0\].name: '\.\./\.\./default"):
+            await reader.credentials(LocalModelInfo("hf://org/m", "m", service_account_name="loc"))
+        with pytest.raises(AccessDenied, match=r"ServiceAccount ok: secrets\[1\].name: 'Not_A_Name'"):
+            await reader.credentials(LocalModelInfo("hf://org/m", "m", service_account_name="ok"))
+        # Only the two ServiceAccounts were read; no Secret, listed or not.
+        assert kube_api.requests[before:] == [
+            ("GET", f"/api/v1/namespaces/{NS}/serviceaccounts/loc"),
+            ("GET", f"/api/v1/namespaces/{NS}/serviceaccounts/ok"),
+        ]
+    finally:
+        await state.close()
+
+
 def test_s3_client_takes_the_cache_settings() -> None:
     settings = SourceSettings(
         s3_endpoint="http://agent-default.example:1",
@@ -439,6 +473,95 @@ async def _wait_for_state(api: KubeAPI, model: str, state: str) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"{model} never {state}")
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "PWsecretXYZ host:notaport",
+        "http://127.0.0.1:notaport/PWsecretXYZ",
+        "http://user:PWsecretXYZ@127.0.0.1:1",
+        "http://127.0.0.1:1/?X-Amz-Signature=PWsecretXYZ",
+    ],
+    ids=["space", "port", "userinfo", "query"],
+)
+async def test_a_bad_endpoint_from_a_secret_is_named_never_shown(
+    kube_api: KubeAPI, tmp_path: Path, endpoint: str
+) -> None:
+    """A malformed endpoint_url in the storage-config Secret: one line naming the Secret, entry and
+    field (AccessDenied, no traceback, no request), and the value in no log line, status, Event or
+    state file."""
+    entry = {
+        "type": "s3",
+        "access_key_id": "AKIDLEAK1",
+        "secret_access_key": "PWsecret2",
+        "endpoint_url": endpoint,
+    }
+    for obj in (
+        group_doc("g", path=tmp_path / "cache"),
+        _lmn([{"modelName": "keyed", "sourceModelUri": "s3://bucket1/llm", "storage": {"key": "local"}}]),
+        secret("storage-config", {"local": json.dumps(entry)}),
+    ):
+        await kube_api.store.create(KINDS_BY_NAME[obj["kind"]], obj)
+    rc, logs = await _run_agent(tmp_path, kube_api, _agent_env(tmp_path), "--once", "--retry-min", "3600")
+    assert rc == 1, logs
+    assert "Traceback" not in logs and "unexpectedly" not in logs
+    models = json.loads((tmp_path / "cache" / ".modelcache" / "state.json").read_text())["status"]["models"]
+    assert models["keyed"]["reason"] == "AccessDenied"
+    assert models["keyed"]["message"].startswith(
+        f"the cache's credentials: Secret {NS}/storage-config, entry 'local', field endpoint_url: the S3 "
+        "endpoint "
+    )
+    await _nowhere_shown(kube_api, tmp_path, logs, ["PWsecretXYZ", "PWsecret2"])
+
+
+def test_a_bad_endpoint_of_a_service_account_secret_names_where_it_came_from() -> None:
+    s3 = secret("s3", {"awsAccessKeyID": "AKID", "awsSecretAccessKey": "sk", "S3_ENDPOINT": "PWsecretF h:x"})
+    with pytest.raises(AccessDenied) as e:
+        from_service_account(account("sa", ["s3"]), {"s3": s3}, namespace=NS)
+    assert str(e.value).startswith(
+        f"the cache's credentials: Secret {NS}/s3, key S3_ENDPOINT: the S3 endpoint "
+    )
+    assert "PWsecretF" not in str(e.value)
+    s3["metadata"]["annotations"] = {"serving.kserve.io/s3-endpoint": "h:PWsecretG"}
+    s3["stringData"] = {"S3_ENDPOINT": "fine.example"}
+    with pytest.raises(
+        AccessDenied, match=f"Secret {NS}/s3, annotation serving.kserve.io/s3-endpoint: "
+    ) as e:
+        from_service_account(account("sa", ["s3"]), {"s3": s3}, namespace=NS)
+    assert "PWsecretG" not in str(e.value)
+
+
+def test_messages_written_anywhere_are_redacted() -> None:
+    """What reaches a status, the state file or an Event goes through one redaction, as logs do: a
+    URL quoted in an error loses its user, password and query."""
+    from agent import records
+    from localmodel.events import event_body
+    from localmodel.logs import redact_message
+    from localmodel.resources import ModelProgress, ModelState
+
+    text = (
+        "GET https://u:PWsecretA@h.example/b/k?X-Amz-Signature=PWsecretB&x=1 failed; "
+        "see s3://bucket/k?versionId=PWsecretC, token=PWsecretD"
+    )
+    shown = redact_message(text)
+    assert shown == ("GET https://h.example/b/k?<redacted> failed; see s3://bucket/k?<redacted> token=***")
+    failed = records.failed(ModelProgress(ModelState.PENDING), "TransientError", text)
+    assert failed.message == shown
+    body = event_body(
+        involved=LOCAL_MODEL_NODE, name="n1", uid=None, reason="DownloadFailed", message=text,
+        type_="Warning", component="c", now="2026-01-01T00:00:00Z",
+    )  # fmt: skip
+    assert body["message"] == shown
+
+
+async def test_a_bad_s3_endpoint_of_the_agent_is_one_line() -> None:
+    """The agent's own endpoint (AWS_ENDPOINT_URL) that botocore refuses: AccessDenied at the
+    boundary, the value not repeated, nothing chained."""
+    settings = SourceSettings(s3_endpoint="https://PWsecretE host:1")
+    with pytest.raises(AccessDenied, match="the S3 endpoint is not a URL botocore can use") as e:
+        _client(settings, "s3://b/m")
+    assert "PWsecretE" not in str(e.value) and e.value.__cause__ is None and e.value.__suppress_context__
 
 
 async def test_s3_cache_with_a_storage_key(kube_api: KubeAPI, s3_server: str, tmp_path: Path) -> None:

@@ -439,6 +439,50 @@ async def test_a_cache_in_use_is_kept_from_deletion(https: tuple[ClusterState, C
     assert (await delete())["allowed"] is True
 
 
+async def test_deletion_counts_only_the_users_of_that_cache(https: tuple[ClusterState, Client, Any]) -> None:
+    """A service labelled with a name and ``localmodel-namespace`` uses that namespace's cache: it
+    keeps the LocalModelNamespaceCache of its namespace (KServe's
+    local_model_namespace_cache_validation.go:99-136 at v0.20), never the cluster cache of that name,
+    nor another namespace's cache of that name."""
+    st, client, _ = https
+    cluster = cache("llama", "10Gi", ["a100"])
+    spaced = {**cache("llama", "10Gi", ["a100"]), "kind": "LocalModelNamespaceCache"}
+    spaced["metadata"] = {**spaced["metadata"], "namespace": "team-a"}
+
+    async def delete(obj: dict[str, Any]) -> dict[str, Any]:
+        req = cache_request("DELETE", obj, obj)
+        req["object"] = None
+        if obj["kind"] == "LocalModelNamespaceCache":
+            req["kind"] = {**req["kind"], "kind": "LocalModelNamespaceCache"}
+            req["resource"] = {**req["resource"], "resource": "localmodelnamespacecaches"}
+            req["namespace"] = obj["metadata"]["namespace"]
+        return await client.review(VALIDATE_CACHES, req)
+
+    isvc = service("InferenceService", "isvc1", "team-a", "llama")
+    isvc["metadata"]["labels"]["internal.serving.kserve.io/localmodel-namespace"] = "team-a"
+    await st.create(INFERENCE_SERVICE, isvc)
+    assert (await delete(cluster))["allowed"] is True
+    r = await delete(spaced)
+    assert r["allowed"] is False and r["status"]["code"] == 403
+    assert r["status"]["message"].startswith(
+        "LocalModelNamespaceCache team-a/llama is being used by InferenceService team-a/isvc1; "
+    )
+    other = {**spaced, "metadata": {**spaced["metadata"], "namespace": "team-b"}}
+    assert (await delete(other))["allowed"] is True
+    # A plain label (no namespace label) names the cluster cache, whatever namespace the service is in.
+    await st.create(LLM_INFERENCE_SERVICE, service("LLMInferenceService", "chat", "team-a", "llama"))
+    r = await delete(cluster)
+    assert r["status"]["message"].startswith(
+        "LocalModelCache 'llama' is being used by LLMInferenceService team-a/chat; "
+    )
+    r = await delete(spaced)
+    assert r["status"]["message"].startswith(
+        "LocalModelNamespaceCache team-a/llama is being used by InferenceService"
+    )
+    await st.delete(INFERENCE_SERVICE, "isvc1", namespace="team-a")
+    assert (await delete(spaced))["allowed"] is True
+
+
 # -- e. the serving claim is made when a labelled service appears, before any pod -------------------
 
 

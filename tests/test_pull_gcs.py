@@ -388,3 +388,30 @@ def test_gcsfiles_serves_google_cloud_storage_s_own_downloads(gcs: FilesGcs, tmp
         else:
             with pytest.raises(outcome):
                 list(authed.list_blobs(bucket))
+
+
+async def test_objects_listed_without_hashes_are_checked_by_x_goog_hash(
+    gcs: FilesGcs, tmp_path: Path
+) -> None:
+    """A listing without crc32c or md5Hash (emulators, gateways): each object's hashes come from the
+    x-goog-hash header of its media answer (one 1-byte range), so the files are hash-checked, and a
+    flipped byte is refused as when the listing gives them."""
+    bucket = _bucket(gcs)
+    body = os.urandom(2 * MiB + 3)
+    gcs.put(bucket, "m/weights.bin", body)
+    gcs.put(bucket, "m/config.json", b"{}")
+    gcs.server.listed_hashes = False
+    listed = list_gcs(
+        parse_uri(f"gs://{bucket}/m"), GcsSettings.from_env(os.environ), connect_timeout=5, read_timeout=5
+    )
+    assert {f.path: f.crc32c for f in listed.files} == {
+        "weights.bin": bytes(google_crc32c.Checksum(body).digest()).hex(),
+        "config.json": bytes(google_crc32c.Checksum(b"{}").digest()).hex(),
+    }
+    assert gcs.server.media_gets("m/weights.bin") == ["bytes=0-0"]
+    result = await run(f"gs://{bucket}/m", tmp_path / "m")
+    assert tree(tmp_path / "m") == {"weights.bin": body, "config.json": b"{}"}
+    assert result.verified and result.hash_checked == {"crc32c": 2}  # type: ignore[attr-defined]
+    gcs.corrupt(bucket, "m/weights.bin", MiB + 1)  # the server's hashes are the object's before
+    with pytest.raises(IntegrityError, match=r"weights\.bin: content does not match"):
+        await run(f"gs://{bucket}/m", tmp_path / "again")

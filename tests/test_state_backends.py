@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound
-from localmodel.kinds import EVENT, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
+from localmodel.errors import AlreadyExists, Conflict, Gone, InvalidName, NotFound
+from localmodel.kinds import EVENT, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE, SECRET
 from localmodel.state.base import ClusterState, ObjectList, Selector, WatchEvent, update_status, watch
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
@@ -357,3 +357,41 @@ async def _first(stream: AsyncIterator[WatchEvent], n: int) -> AsyncIterator[Wat
         got += 1
         if got == n:
             return
+
+
+BAD_NAMES = ["..", ".", "", "a/b", "../../default/secrets/tok", "x%2F..%2Fy"]
+
+
+async def test_a_name_never_changes_the_api_path() -> None:
+    """A name or namespace that is no path segment is refused (InvalidName) before any request, by
+    both backends alike; any other character is quoted, so a name cannot add a query either."""
+    api = KubeAPI()
+    await api.start()
+    kube = KubeState.for_url(api.url, watch_timeout=5)
+    memory = MemoryState()
+    try:
+        for state in (kube, memory):
+            await state.create(SECRET, {"metadata": {"name": "tok", "namespace": "default"}})
+            before = len(api.requests)
+            for bad in BAD_NAMES:
+                with pytest.raises(InvalidName):
+                    await state.get(SECRET, bad, namespace="jobs")
+                with pytest.raises(InvalidName):
+                    await state.get(SECRET, "tok", namespace=bad or "..")
+                with pytest.raises(InvalidName):
+                    await state.patch(SECRET, bad, {"metadata": {"labels": {"a": "b"}}}, namespace="jobs")
+                with pytest.raises(InvalidName):
+                    await state.patch_status(LOCAL_MODEL_NODE, bad, {"a": 1})
+                with pytest.raises(InvalidName):
+                    await state.delete(SECRET, bad, namespace="default")
+                with pytest.raises(InvalidName):
+                    await state.create(SECRET, {"metadata": {"name": "x", "namespace": bad or ".."}})
+            assert api.requests[before:] == []
+            # Not a watch of the collection, nor a list: the object of that (impossible) name.
+            with pytest.raises(NotFound):
+                await state.get(SECRET, "tok?watch=true", namespace="default")
+        assert api.requests[-1] == ("GET", "/api/v1/namespaces/default/secrets/tok%3Fwatch%3Dtrue")
+        assert (await kube.get(SECRET, "tok", namespace="default"))["metadata"]["name"] == "tok"
+    finally:
+        await kube.close()
+        await api.close()

@@ -15,20 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.adopt import Adoption, Found, Kind, decide, named, survey
+from agent.adopt import Adoption, Found, Kind, Survey, decide, named, survey
 from agent.download.client import HttpClient
 from agent.download.engine import Transfer
-from agent.download.listing import Listing
+from agent.download.listing import Listing, RemoteFile
+from agent.download.localcopy import open_source
 from agent.download.ownership import Match, folder_match, names_key
 from agent.download.pull import http_client, up_to_date
+from agent.download.s3 import first_part_sizes
 from agent.download.source_settings import SourceSettings
 from agent.download.sources import list_source
 from agent.download.staging import (
@@ -40,7 +44,7 @@ from agent.download.staging import (
     write_atomic,
 )
 from agent.download.transfer import ProgressSink, TransferSettings
-from localmodel.errors import ForeignFolder, from_os_error
+from localmodel.errors import DownloadError, ForeignFolder, from_os_error
 from localmodel.layout import storage_key
 from localmodel.manifest import FileEntry, HashCheck, Manifest
 from localmodel.quantity import readable
@@ -58,13 +62,18 @@ class AdoptResult:
     fetched: int  # files fetched (missing or wrong), renamed into place
     created: int  # empty files created (the source lists them; KServe skips empty S3 objects)
     bytes_kept: int
-    bytes_fetched: int  # bytes received from the source
+    bytes_fetched: int  # the size of the files fetched (placed from the source, this try or before)
     extras: tuple[str, ...]  # entries the source does not list: kept, never ours
     revision: str | None
     seconds: float
-    verified: int  # files checked against a source hash (kept or fetched)
-    size_only: int  # files checked by their size alone
+    verified: int  # files checked by content (kept: by a source hash, a multipart ETag or the
+    # file:// source's bytes; fetched: by the source's hash)
+    size_only: int  # files checked by their size alone (fetched from a source without hashes)
     up_to_date: bool = False  # adopted before, and still what the source holds: nothing checked
+    # Bytes received from the source by this try; less than bytes_fetched when an earlier try,
+    # failed after its transfer (a folder it could not write), left them staged.
+    bytes_received: int = 0
+    kept_by: Mapping[str, int] = field(default_factory=dict)  # how the kept files were checked
 
 
 def needs_adoption(dest: Destination, key: str | None = None) -> bool:
@@ -104,6 +113,8 @@ def inventory(folder: Path) -> tuple[Found, ...]:
                 elif stat.S_ISDIR(st.st_mode):
                     found.append(Found(path, Kind.DIR))
                     pending.append(path)
+                elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    found.append(Found(path, Kind.HARDLINKED))
                 elif stat.S_ISREG(st.st_mode):
                     found.append(Found(path, Kind.FILE, st.st_size))
                 else:
@@ -111,10 +122,22 @@ def inventory(folder: Path) -> tuple[Found, ...]:
     return tuple(found)
 
 
-def hash_files(dest: Destination, to_hash: Mapping[str, HashCheck | None]) -> dict[str, str]:
-    """path -> the hex digest of each file by its check (sha256 where None); a file that cannot be
-    read is left out (fetched again). Opened below the destination's root, no link followed."""
+def hash_files(
+    dest: Destination,
+    to_hash: Mapping[str, HashCheck | None],
+    unhashed: Mapping[str, RemoteFile] | None = None,
+    part_sizes: Mapping[str, int] | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(path -> the hex digest of each file by its check, sha256 where None; path -> how a file of
+    ``unhashed`` (those the source gives no hash for) was checked otherwise: "s3-multipart-etag"
+    when its multipart ETag, computed with the part size of ``part_sizes``, is the source's, or
+    "source-bytes" when its bytes are those of the ``file://`` source file). A file that cannot be
+    read is left out of both (fetched again); so is, from the second, one whose check failed or
+    that has no such check. Opened below the destination's root, no link followed."""
     digests: dict[str, str] = {}
+    confirmed: dict[str, str] = {}
+    unhashed = unhashed or {}
+    part_sizes = part_sizes or {}
     for path, check in to_hash.items():
         try:
             fd = open_below(dest.final / path, os.O_RDONLY, below=dest.root)
@@ -123,14 +146,103 @@ def hash_files(dest: Destination, to_hash: Mapping[str, HashCheck | None]) -> di
         try:
             size = os.fstat(fd).st_size
             h = check.new(size) if check is not None else hashlib.sha256()
+            f = unhashed.get(path) if check is None else None
+            other = _other_check(f, part_sizes.get(path), dest, size) if f is not None else None
             while block := os.read(fd, _BLOCK):
                 h.update(block)
+                if other is not None:
+                    other.update(block)
             digests[path] = h.hexdigest()
-        except OSError:
+            if other is not None and other.matches():
+                confirmed[path] = other.name
+        except (OSError, DownloadError):
             continue
         finally:
             os.close(fd)
-    return digests
+    return digests, confirmed
+
+
+class _MultipartEtag:
+    """S3's ETag of a multipart upload, from the bytes: md5 of the concatenated binary md5s of the
+    parts, "-" and the number of parts (every part but the last ``part_size`` bytes). Not an AWS
+    specification but what S3 (and moto, MinIO, Ceph) compute; a file that does not give the
+    source's ETag is fetched, so a store computing it otherwise costs a fetch, never a wrong keep."""
+
+    name = "s3-multipart-etag"
+
+    def __init__(self, expected: str, part_size: int) -> None:
+        self.expected = expected
+        self.part_size = part_size
+        self.digests: list[bytes] = []
+        self.part = hashlib.md5(usedforsecurity=False)
+        self.filled = 0
+
+    def update(self, block: bytes) -> None:
+        view = memoryview(block)
+        while view:
+            n = min(len(view), self.part_size - self.filled)
+            self.part.update(view[:n])
+            self.filled += n
+            view = view[n:]
+            if self.filled == self.part_size:
+                self.digests.append(self.part.digest())
+                self.part = hashlib.md5(usedforsecurity=False)
+                self.filled = 0
+
+    def matches(self) -> bool:
+        digests = self.digests + ([self.part.digest()] if self.filled else [])
+        whole = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+        return f"{whole}-{len(digests)}" == self.expected
+
+
+class _SameBytes:
+    """The file's bytes against those of the ``file://`` source file (read as the copy reads it,
+    no link followed)."""
+
+    name = "source-bytes"
+
+    def __init__(self, reader: io.BufferedReader, size: int) -> None:
+        self.reader = reader
+        self.same = os.fstat(reader.fileno()).st_size == size
+
+    def update(self, block: bytes) -> None:
+        if self.same:
+            self.same = self.reader.read(len(block)) == block
+
+    def matches(self) -> bool:
+        try:
+            return self.same and self.reader.read(1) == b""
+        finally:
+            self.reader.close()
+
+
+def _other_check(
+    f: RemoteFile, part_size: int | None, dest: Destination, size: int
+) -> _MultipartEtag | _SameBytes | None:
+    if f.multipart_etag is not None and part_size is not None:
+        return _MultipartEtag(f.multipart_etag, part_size)
+    if f.local_path is not None:
+        return _SameBytes(open_source(f.local_path, str(dest.final), f.path), size)
+    return None  # http(s) and the like: nothing to check the bytes by, so fetched again
+
+
+def _unchanged(published: Manifest, listing: Listing, *, seconds: float) -> AdoptResult:
+    """The result of an adoption found up to date: every published file kept, nothing fetched."""
+    return AdoptResult(
+        files=len(published.files),
+        bytes_total=published.total_bytes,
+        kept=len(published.files),
+        fetched=0,
+        created=0,
+        bytes_kept=published.total_bytes,
+        bytes_fetched=0,
+        extras=published.extras,
+        revision=listing.revision,
+        seconds=seconds,
+        verified=0,
+        size_only=0,
+        up_to_date=True,
+    )
 
 
 async def adopt(
@@ -162,32 +274,17 @@ async def adopt(
         key = storage_key(uri.raw)
         fresh = published is not None and not recheck
         if fresh and published and await asyncio.to_thread(up_to_date, dest, published, listing, key):
-            return AdoptResult(
-                files=len(published.files),
-                bytes_total=published.total_bytes,
-                kept=len(published.files),
-                fetched=0,
-                created=0,
-                bytes_kept=published.total_bytes,
-                bytes_fetched=0,
-                extras=published.extras,
-                revision=listing.revision,
-                seconds=time.monotonic() - started,
-                verified=0,
-                size_only=0,
-                up_to_date=True,
-            )
+            return _unchanged(published, listing, seconds=time.monotonic() - started)
         found = await asyncio.to_thread(inventory, dest.final)
         plan = survey(listing, found, where=str(dest.final))
         if plan.refusal is not None:
             raise ForeignFolder(plan.refusal)
-        digests = await asyncio.to_thread(hash_files, dest, plan.to_hash)
-        adoption = decide(listing, plan, digests)
+        adoption, how = await _checked(uri, dest, sources, listing, plan)
         if admit is not None:
             admit(listing)
         fetched: dict[str, FileEntry] = {}
         transferred = 0
-        checked_by_hash = sum(1 for e in adoption.keep if plan.to_hash.get(e.path) is not None)
+        checked_by_hash = len(adoption.keep)
         if adoption.fetch:
             run = Transfer(
                 Listing(listing.source, listing.revision, adoption.fetch),
@@ -203,7 +300,7 @@ async def adopt(
             transferred = result.bytes_transferred
             checked_by_hash += sum(result.hash_checked.values())
             fetched = {e.path: e for e in run.staged.files} if run.staged is not None else {}
-        manifest = await asyncio.to_thread(_place, dest, listing, adoption, fetched, uri)
+        manifest = await asyncio.to_thread(_place, dest, listing, adoption, fetched, uri, how)
     except OSError as e:
         raise from_os_error(e, where) from e
     finally:
@@ -216,13 +313,37 @@ async def adopt(
         fetched=len(adoption.fetch),
         created=len(adoption.create),
         bytes_kept=adoption.kept_bytes,
-        bytes_fetched=transferred,
+        bytes_fetched=adoption.fetch_bytes,
+        bytes_received=transferred,
         extras=adoption.extras,
         revision=listing.revision,
         seconds=time.monotonic() - started,
         verified=checked_by_hash,
         size_only=len(manifest.files) - checked_by_hash,
+        kept_by=dict(Counter(how[e.path] for e in adoption.keep)),
     )
+
+
+async def _checked(
+    uri: SourceURI, dest: Destination, sources: SourceSettings, listing: Listing, plan: Survey
+) -> tuple[Adoption, dict[str, str]]:
+    """The adoption once the folder's files are checked, and path -> how each file kept was checked
+    (the hash's name, or :func:`hash_files`' words) or "fetched"."""
+    listed = {f.path: f for f in listing.files}
+    unhashed = {p: listed[p] for p, check in plan.to_hash.items() if check is None}
+    parts = (
+        await asyncio.to_thread(first_part_sizes, uri, sources, unhashed.values())
+        if uri.scheme == "s3"
+        else {}
+    )
+    digests, confirmed = await asyncio.to_thread(hash_files, dest, plan.to_hash, unhashed, parts)
+    adoption = decide(listing, plan, digests, confirmed)
+    how: dict[str, str] = {}
+    for e in adoption.keep:
+        check = plan.to_hash.get(e.path)
+        how[e.path] = check.name if check is not None else confirmed[e.path]
+    how |= {f.path: "fetched" for f in adoption.fetch}
+    return adoption, how
 
 
 def adopted_words(uri: str, where: str, r: AdoptResult) -> str:
@@ -231,9 +352,16 @@ def adopted_words(uri: str, where: str, r: AdoptResult) -> str:
     if r.up_to_date:
         theirs = f"; {named(r.extras)} not ours, kept" if r.extras else ""
         return f"{uri} in {where} is up to date (adopted before{theirs})"
+    by = ", ".join(f"{n} by {_HOW.get(k, k)}" for k, n in sorted(r.kept_by.items()))
+    received = (
+        f", {readable(r.bytes_received)} of it received by this try, the rest staged by an earlier one"
+        if r.bytes_received < r.bytes_fetched
+        else ""
+    )
     text = (
-        f"{uri} adopted in {where}: {r.kept} file(s) kept ({readable(r.bytes_kept)}), "
-        f"{r.fetched} fetched ({readable(r.bytes_fetched)})"
+        f"{uri} adopted in {where}: {r.kept} file(s) kept ({readable(r.bytes_kept)}"
+        f"{'; checked ' + by if by else ''}), "
+        f"{r.fetched} fetched ({readable(r.bytes_fetched)}{received})"
     )
     if r.created:
         text += f", {r.created} empty file(s) created"
@@ -246,10 +374,22 @@ def adopted_words(uri: str, where: str, r: AdoptResult) -> str:
     return text
 
 
-def _read_only(path: Path, below: Path) -> None:
+_HOW = {
+    "s3-multipart-etag": "S3 multipart ETag",
+    "source-bytes": "comparing with the source file",
+}
+
+
+def _read_only(path: Path, below: Path, *, theirs: bool = False) -> None:
+    """Make the file read-only; ``theirs``: a kept file, which another hard link made since it was
+    surveyed would make reachable from a path not ours: ForeignFolder, nothing changed."""
     fd = open_below(path, os.O_RDONLY, below=below)  # no link followed
     try:
-        os.fchmod(fd, FILE_MODE)
+        if theirs and os.fstat(fd).st_nlink > 1:
+            raise ForeignFolder(f"{path} has other hard links since it was checked; not adopted")
+        with contextlib.suppress(OSError):
+            # Best effort: a file of another owner stays as it is, still checked by the manifest.
+            os.fchmod(fd, FILE_MODE)
     finally:
         os.close(fd)
 
@@ -260,9 +400,16 @@ def _place(
     adoption: Adoption,
     fetched: Mapping[str, FileEntry],
     uri: SourceURI,
+    how: Mapping[str, str],
 ) -> Manifest:
-    """Move the fetched and created files into place (each renamed over what is there), make the
-    kept ones read-only where we may, then write the manifest: the folder is ours from then on."""
+    """Make the kept files read-only where we may (refused, nothing changed, for one hard-linked
+    since the survey), move the fetched and created files into place (each renamed over what is
+    there), then write the manifest, with ``how`` each file was checked: the folder is ours from
+    then on."""
+    for entry in adoption.keep:
+        # Published files are read-only (staging.py); folders are left as found, so the writer
+        # they came from can still manage them after a rollback.
+        _read_only(dest.final / entry.path, dest.root, theirs=True)
     files_dir = dest.staging / "files"
     for f in adoption.create:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -272,12 +419,6 @@ def _place(
         staged = files_dir / path
         _read_only(staged, dest.root)
         rename_below(staged, dest.final / path, src_below=dest.root, dst_below=dest.root)
-    for entry in adoption.keep:
-        # Published files are read-only (staging.py); folders are left as found, so the writer
-        # they came from can still manage them after a rollback. Best effort: a file of another
-        # owner stays as it is, and is still checked by the manifest.
-        with contextlib.suppress(OSError):
-            _read_only(dest.final / entry.path, dest.root)
     kept = {e.path: e for e in adoption.keep}
     created = {f.path: f.entry() for f in adoption.create}
     entries = tuple(kept.get(f.path) or fetched.get(f.path) or created[f.path] for f in listing.files)
@@ -288,6 +429,7 @@ def _place(
         files=entries,
         published_at=utc_now(),
         extras=adoption.extras,
+        checked_by={f.path: how.get(f.path, "created empty") for f in listing.files},
     )
     write_atomic(dest.manifest, json.dumps(manifest.to_json(), indent=1).encode(), below=dest.root)
     remove_tree(dest.staging)

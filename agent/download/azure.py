@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path, parent_folders
+from agent.download.listing import Listing, RemoteFile, check_unique, checked_path, paged, parent_folders
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.uri import SourceURI
 
@@ -77,12 +77,19 @@ def _token_credential(settings: AzureSettings) -> Any | None:
 
 
 def list_azure(
-    uri: SourceURI, settings: AzureSettings, *, connect_timeout: float, read_timeout: float
+    uri: SourceURI,
+    settings: AzureSettings,
+    *,
+    connect_timeout: float,
+    read_timeout: float,
+    deadline: float = 120.0,
 ) -> Listing:
     """The blobs of the URI: the one blob its path names, else every blob under ``PATH/`` (folder
     markers dropped: ADLS Gen2 directories, ``name/`` blobs, empty blobs named like a folder that
     has blobs). Raises AccessDenied (naming the container and account), SourceNotFound (no
-    container, nothing under the prefix), TransientError (timeouts, 429, 5xx)."""
+    container, nothing under the prefix), TransientError (timeouts, 429, 5xx, a listing unfinished
+    after ``deadline`` seconds), DownloadError (pages that repeat or never end:
+    :func:`~agent.download.listing.paged`)."""
     from azure.core.exceptions import (
         ClientAuthenticationError,
         HttpResponseError,
@@ -107,7 +114,7 @@ def list_azure(
     )
     container = service.get_container_client(uri.bucket)
     try:
-        found, base = _find_blobs(container, uri.key, f"{source}: no blobs under this prefix in {where}")
+        found, base = _find_blobs(container, uri.key, source, where, deadline)
         sas_query = sas or _sign(service, settings, uri.bucket, token is not None, account)
     except (ClientAuthenticationError, HttpResponseError, ServiceRequestError, ServiceResponseError) as e:
         raise _azure_error(e, source, where, account_url) from e
@@ -131,10 +138,12 @@ def list_azure(
     return Listing(source=source, revision=etags.hexdigest()[:16], files=result)
 
 
-def _find_blobs(container: Any, prefix: str, nothing: str) -> tuple[list[Any], str]:
+def _find_blobs(
+    container: Any, prefix: str, source: str, where: str, deadline: float
+) -> tuple[list[Any], str]:
     """(the blobs to fetch, the name prefix their paths are relative to): the one blob ``prefix``
-    names, else every blob under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
-    when there is none."""
+    names, else every blob under ``prefix/`` less the folder markers (listed within ``deadline``
+    seconds); SourceNotFound when there is none."""
     from azure.core.exceptions import ResourceNotFoundError
 
     base = prefix
@@ -148,11 +157,12 @@ def _find_blobs(container: Any, prefix: str, nothing: str) -> tuple[list[Any], s
         if props is not None and not _is_folder(props, set()):
             return [props], prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
         prefix = base = prefix + "/"
-    blobs = list(container.list_blobs(name_starts_with=prefix or None, include=["metadata"]))
+    pages = container.list_blobs(name_starts_with=prefix or None, include=["metadata"]).by_page()
+    blobs = paged(pages, lambda: pages.continuation_token, source=source, seconds=deadline)
     folders = parent_folders(b.name for b in blobs)
     found = [b for b in blobs if not _is_folder(b, folders)]
     if not found:
-        raise SourceNotFound(nothing)
+        raise SourceNotFound(f"{source}: no blobs under this prefix in {where}")
     return found, base
 
 

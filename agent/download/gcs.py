@@ -7,7 +7,10 @@ object replaced during the download answers 404 rather than mixing two generatio
 verified by its crc32c, as google-cloud-storage and gcloud verify downloads (``checksum="auto"``:
 CRC32C where google-crc32c's C extension is built, several times cheaper than MD5 on the node's
 CPU); by its md5Hash where that extension is missing (the pure-Python CRC32C is far slower) or GCS
-gives no crc32c.
+gives no crc32c. An object listed with neither (emulators, gateways) takes them from the
+``x-goog-hash`` header of its media answer (one 1-byte ranged GET at listing time: GCS sends the
+whole object's hashes with every media answer); with none there either, it is checked by size only,
+and the summary says so.
 
 Credentials as KServe takes them (kserve_storage.py:909-921, ``_download_gcs``): Application Default
 Credentials (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's, the metadata server), and anonymous
@@ -22,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +37,7 @@ from agent.download.listing import (
     check_unique,
     checked_path,
     folder_marker,
+    paged,
     parent_folders,
 )
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
@@ -162,12 +167,19 @@ def _from_file(path: str) -> Any:
 
 
 def list_gcs(
-    uri: SourceURI, settings: GcsSettings, *, connect_timeout: float, read_timeout: float
+    uri: SourceURI,
+    settings: GcsSettings,
+    *,
+    connect_timeout: float,
+    read_timeout: float,
+    deadline: float = 120.0,
 ) -> Listing:
     """The objects of ``gs://BUCKET/KEY``: the one object KEY names, else every object under
     ``KEY/`` (folder markers dropped: ``name/`` and ``name_$folder$`` objects, and empty objects
     named like a folder that has objects). Raises AccessDenied (401/403, naming the bucket),
-    SourceNotFound (no bucket, nothing under the prefix), TransientError (timeouts, 429, 5xx)."""
+    SourceNotFound (no bucket, nothing under the prefix), TransientError (timeouts, 429, 5xx, a
+    listing unfinished after ``deadline`` seconds), DownloadError (pages that repeat or never end:
+    :func:`~agent.download.listing.paged`)."""
     import google.auth.exceptions
     import requests.exceptions
     from google.api_core import exceptions as api
@@ -182,10 +194,15 @@ def list_gcs(
         client_options={"api_endpoint": settings.endpoint},
     )
     timeout = (connect_timeout, read_timeout)
+    ends = time.monotonic() + deadline
     try:
-        found, base = _find_blobs(
-            client, uri.bucket, uri.key, timeout, f"{source}: no objects under this prefix"
-        )
+        found, base = _find_blobs(client, uri.bucket, uri.key, timeout, source, deadline)
+        # An object listed without a hash (emulators, gateways): the one its media answers carry.
+        hashes = {
+            b.name: _media_hashes(client._http, _media_url(settings, uri, b), timeout, source, ends)
+            for b in found
+            if not (b.crc32c or b.md5_hash)
+        }
     except api.NotFound as e:
         raise SourceNotFound(f"{source}: bucket {uri.bucket} not found (HTTP 404)") from e
     except (api.Unauthorized, api.Forbidden) as e:
@@ -215,50 +232,92 @@ def list_gcs(
     except (requests.exceptions.RequestException, google.auth.exceptions.TransportError) as e:
         raise TransientError(f"{source}: cannot reach {settings.endpoint}: {type(e).__name__}") from e
     headers: Mapping[str, str] = BearerHeaders(creds, read_timeout) if creds is not None else {}
+    result = _remote_files(found, base, hashes, settings, uri, headers)
+    generations = hashlib.sha256("".join(f"{b.name}:{b.generation};" for b in found).encode())
+    return Listing(source=source, revision=generations.hexdigest()[:16], files=result)
+
+
+def _remote_files(
+    found: list[Any],
+    base: str,
+    hashes: Mapping[str, tuple[str | None, str | None]],
+    settings: GcsSettings,
+    uri: SourceURI,
+    headers: Mapping[str, str],
+) -> tuple[RemoteFile, ...]:
+    """The engine's files of the listed blobs, sorted by path, checked by crc32c where
+    google-crc32c's C extension is there (as google-cloud-storage checks), else by md5Hash."""
     import google_crc32c
 
+    source = uri.redacted()
     fast_crc32c = google_crc32c.implementation == "c"
     files = []
     for blob in found:
         path = checked_path(blob.name[len(base) :], source=source)
-        url = (
-            f"{settings.endpoint}/download/storage/v1/b/{quote(uri.bucket, safe='')}/o/"
-            f"{quote(blob.name, safe='')}?alt=media&generation={blob.generation}"
-        )
-        crc32c = _b64_hex(blob.crc32c) if fast_crc32c else None
+        listed_crc32c, listed_md5 = hashes.get(blob.name, (blob.crc32c, blob.md5_hash))
+        crc32c = _b64_hex(listed_crc32c) if fast_crc32c else None
         files.append(
             RemoteFile(
                 path=path,
                 size=int(blob.size or 0),
-                md5=None if crc32c else _b64_hex(blob.md5_hash),
+                md5=None if crc32c else _b64_hex(listed_md5),
                 crc32c=crc32c,
-                url=url,
+                url=_media_url(settings, uri, blob),
                 headers=headers,
                 ranges=True,
             )
         )
     result = tuple(sorted(files, key=lambda f: f.path))
     check_unique(result, source=source)
-    generations = hashlib.sha256("".join(f"{b.name}:{b.generation};" for b in found).encode())
-    return Listing(source=source, revision=generations.hexdigest()[:16], files=result)
+    return result
 
 
 def _find_blobs(
-    client: Any, bucket: str, prefix: str, timeout: tuple[float, float], nothing: str
+    client: Any, bucket: str, prefix: str, timeout: tuple[float, float], source: str, deadline: float
 ) -> tuple[list[Any], str]:
     """(the objects to fetch, the name prefix their paths are relative to): the one object ``prefix``
-    names, else every object under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
-    when there is none."""
+    names, else every object under ``prefix/`` less the folder markers (listed within ``deadline``
+    seconds); SourceNotFound when there is none."""
     base = prefix
     if prefix and not prefix.endswith("/"):
         blob = client.bucket(bucket).get_blob(prefix, timeout=timeout, retry=None)
         if blob is not None and int(blob.size or 0) > 0:
             return [blob], prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
         prefix = base = prefix + "/"
-    found = _drop_folder_markers(list(client.list_blobs(bucket, prefix=prefix, timeout=timeout, retry=None)))
+    pages = client.list_blobs(bucket, prefix=prefix, timeout=timeout, retry=None)
+    found = _drop_folder_markers(
+        paged(pages.pages, lambda: pages.next_page_token, source=source, seconds=deadline)
+    )
     if not found:
-        raise SourceNotFound(nothing)
+        raise SourceNotFound(f"{source}: no objects under this prefix")
     return found, base
+
+
+def _media_url(settings: GcsSettings, uri: SourceURI, blob: Any) -> str:
+    """The JSON API's media URL of ``blob`` at its listed generation."""
+    return (
+        f"{settings.endpoint}/download/storage/v1/b/{quote(uri.bucket, safe='')}/o/"
+        f"{quote(blob.name, safe='')}?alt=media&generation={blob.generation}"
+    )
+
+
+def _media_hashes(
+    session: Any, url: str, timeout: tuple[float, float], source: str, ends: float
+) -> tuple[str | None, str | None]:
+    """(crc32c, md5) in base64, as the ``x-goog-hash`` header of the object's media answer gives them
+    (``crc32c=...,md5=...``, in one header or two), for an object listed without either: GCS sends
+    the whole object's hashes with every media answer, a one-byte range included. (None, None) when
+    the answer has none or is not a success (the download reports what is wrong); TransientError
+    once the listing's time (``ends``, ``time.monotonic()``) is spent."""
+    if time.monotonic() > ends:
+        raise TransientError(f"{source}: no whole listing within the listing deadline")
+    with session.get(url, headers={"Range": "bytes=0-0"}, timeout=timeout, stream=True) as answer:
+        if answer.status_code not in (200, 206):
+            return None, None
+        found = dict(
+            part.strip().partition("=")[::2] for part in answer.headers.get("x-goog-hash", "").split(",")
+        )
+    return found.get("crc32c") or None, found.get("md5") or None
 
 
 def _drop_folder_markers(blobs: list[Any]) -> list[Any]:

@@ -6,10 +6,12 @@ huggingface_hub's errors are mapped into the project's tree."""
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.download.http_status import http_status_error, retry_after_seconds
-from agent.download.listing import Listing, RemoteFile, check_unique, checked_path
+from agent.download.listing import MAX_PAGES, Listing, RemoteFile, check_unique, checked_path
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
 from agent.download.wording import connection_words
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
@@ -33,6 +35,7 @@ def list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
     check_source_endpoint(settings.hf_endpoint, settings, source)
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False)
     revision = uri.revision or "main"
+    _hf_answer.pages = _Pages(source, time.monotonic() + settings.list_deadline, settings.list_deadline)
     try:
         # model_info passes its own timeout (None: none at all) over the client's: give it ours.
         info = api.model_info(uri.repo_id, revision=revision, timeout=settings.read_timeout)
@@ -61,6 +64,8 @@ def list_hf(uri: SourceURI, settings: SourceSettings) -> Listing:
         raise TransientError(f"{source}: {connection_words(e, settings.hf_endpoint)}") from e
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # a body that is not the API's JSON
         raise _not_the_hub(settings.hf_endpoint) from e
+    finally:
+        _hf_answer.pages = None
     headers = {"Authorization": f"Bearer {settings.hf_token}"} if settings.hf_token else {}
     files = []
     for entry in tree:
@@ -115,8 +120,35 @@ def _bound_hf_client(settings: SourceSettings) -> None:
 _hf_answer = threading.local()  # the last answer's (status, content type) in this listing thread
 
 
+@dataclass
+class _Pages:
+    """One listing's pages, as its thread's answers arrive: huggingface_hub follows the ``Link:
+    <...>; rel="next"`` header (utils/_pagination.py) without ever asking whether it was given that
+    link before, nor for how long."""
+
+    source: str
+    deadline: float  # time.monotonic()
+    seconds: float
+    seen: set[str] = field(default_factory=set)
+
+
 def _note_answer(response: Any) -> None:
     _hf_answer.last = (response.status_code, response.headers.get("content-type", "no content type"))
+    pages: _Pages | None = getattr(_hf_answer, "pages", None)
+    if pages is None:
+        return  # not a listing thread
+    following = response.links.get("next", {}).get("url")
+    if following:
+        if following in pages.seen:
+            raise DownloadError(
+                f"the listing of {pages.source} repeats page link '{printable(following[-64:])}'; "
+                "the server is not following the protocol"
+            )
+        pages.seen.add(following)
+    if len(pages.seen) > MAX_PAGES:
+        raise DownloadError(f"the listing of {pages.source} goes past {MAX_PAGES:,} pages")
+    if time.monotonic() > pages.deadline:
+        raise TransientError(f"{pages.source}: no whole listing within {pages.seconds:g} s")
 
 
 def _not_the_hub(endpoint: str) -> DownloadError:

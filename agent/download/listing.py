@@ -7,13 +7,23 @@ checked here, once, before anything touches the disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from localmodel.errors import SourceNotFound, UnsafePath
+from localmodel.errors import DownloadError, SourceNotFound, TransientError, UnsafePath
 from localmodel.manifest import FileEntry, is_safe_relative_path
 from localmodel.text import has_control, printable
+
+T = TypeVar("T")
+
+# No model has this many files (the largest on the hub hold a few thousand); a listing past it is a
+# server that pages without end, stopped before the deadline would.
+MAX_LISTED = 1_000_000
+# Empty pages cost a request each: a server may send a few (GCS after deleted objects), never this many.
+MAX_PAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,11 @@ class RemoteFile:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry a token
     local_path: str | None = None  # file:// sources
     ranges: bool = False  # the source always honours Range (S3): fan out at once, no probe first
+    # An S3 multipart ETag ("<md5 of the parts' md5s>-<parts>", lowercase) and the object's key: no
+    # hash of the content, but a file's own can be computed and compared once the part size is known
+    # (one HeadObject PartNumber=1, asked only when adopting: agent.download.adoption).
+    multipart_etag: str | None = None
+    s3_key: str | None = None
 
     def entry(self, *, sha256: str | None = None) -> FileEntry:
         return FileEntry(
@@ -101,3 +116,42 @@ def check_unique(files: tuple[RemoteFile, ...], *, source: str) -> None:
             if "/".join(parts[:i]) in paths:
                 folder = printable("/".join(parts[:i]))
                 raise UnsafePath(f"{source}: '{printable(f.path)}' needs '{folder}' to be a folder")
+
+
+def paged(
+    pages: Iterable[Iterable[T]],
+    next_token: Callable[[], object],
+    *,
+    source: str,
+    seconds: float,
+    max_entries: int = MAX_LISTED,
+    max_pages: int = MAX_PAGES,
+) -> list[T]:
+    """Every entry of a paginated listing, which must end: ``pages`` yields each page's entries,
+    ``next_token()`` is the continuation token the last page gave (None or "" at the end). A token
+    the server gave before would loop forever (the protocols of GCS, Azure Blob and S3 never repeat
+    one: botocore refuses it the same way): DownloadError "the listing of SOURCE repeats page token
+    ...". More than ``max_entries`` entries or ``max_pages`` pages is DownloadError too; a listing
+    still unfinished after ``seconds`` is TransientError, so that a thread the caller's own deadline
+    abandoned stops asking."""
+    deadline = time.monotonic() + seconds
+    seen: set[str] = set()
+    found: list[T] = []
+    for count, page in enumerate(pages, start=1):
+        found.extend(page)
+        token = next_token()
+        if token:
+            if str(token) in seen:
+                raise DownloadError(
+                    f"the listing of {source} repeats page token '{printable(str(token)[:64])}'; "
+                    "the server is not following the protocol"
+                )
+            seen.add(str(token))
+        if len(found) > max_entries or count > max_pages:
+            raise DownloadError(
+                f"the listing of {source} goes past {max_entries:,} entries or {max_pages:,} pages; "
+                "no model has that many files (the server is not following the protocol)"
+            )
+        if time.monotonic() > deadline:
+            raise TransientError(f"{source}: no whole listing within {seconds:g} s ({count} pages)")
+    return found

@@ -7,6 +7,7 @@ files of the model. The one place botocore's errors are mapped into the project'
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from agent.download.listing import (
     check_unique,
     checked_path,
     folder_marker,
+    paged,
     parent_folders,
 )
 from agent.download.source_settings import SourceSettings, check_source_endpoint, no_answer
@@ -25,6 +27,34 @@ from agent.download.wording import connection_words
 from localmodel.errors import AccessDenied, DownloadError, SourceNotFound, TransientError
 from localmodel.text import printable
 from localmodel.uri import SourceURI
+
+_MULTIPART = re.compile(r"[0-9a-fA-F]{32}-[1-9][0-9]{0,4}")
+
+
+def first_part_sizes(uri: SourceURI, settings: SourceSettings, files: Iterable[RemoteFile]) -> dict[str, int]:
+    """path -> the size of part 1 of each multipart object (``ContentLength`` of HeadObject with
+    ``PartNumber=1``; every part but the last has that size, as S3 requires of a multipart upload),
+    for the files whose ETag is a multipart one. A file whose HEAD fails, or whose ``PartsCount``
+    is not the ETag's, is left out: it cannot be checked, so it is fetched, never kept unchecked.
+    Raises as :func:`list_s3` does for a client that cannot be made."""
+    wanted = [f for f in files if f.multipart_etag and f.s3_key]
+    if not wanted:
+        return {}
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, _ = _client(settings, uri.redacted())
+
+    def head(f: RemoteFile) -> tuple[str, int] | None:
+        try:
+            answer = client.head_object(Bucket=uri.bucket, Key=f.s3_key, PartNumber=1)
+        except (BotoCoreError, ClientError):
+            return None
+        parts = int(str(f.multipart_etag).rsplit("-", 1)[1])
+        if int(answer.get("PartsCount") or 0) != parts or int(answer.get("ContentLength") or 0) <= 0:
+            return None
+        return f.path, int(answer["ContentLength"])
+
+    return dict(x for x in _parallel(head, wanted) if x is not None)
 
 
 def _client(settings: SourceSettings, source: str) -> tuple[Any, str]:
@@ -78,6 +108,13 @@ def _client(settings: SourceSettings, source: str) -> tuple[Any, str]:
         # A profile that does not exist, a config file that does not parse, a bad region: the AWS
         # configuration, which no retry mends. botocore's text names the setting, never a secret.
         raise AccessDenied(f"{source}: the AWS configuration is not usable: {e}") from e
+    except ValueError:
+        # botocore's "Invalid endpoint: <url>" repeats the endpoint, which may come from a Secret:
+        # neither its text nor the exception itself goes on (no chained traceback holds it).
+        raise AccessDenied(
+            f"{source}: the S3 endpoint is not a URL botocore can use (the cache's Secret, "
+            "S3_ENDPOINT or AWS_ENDPOINT_URL); give one such as https://s3.example.com:9000"
+        ) from None
     endpoint = str(client.meta.endpoint_url)
     check_source_endpoint(endpoint, settings, source)
     if own.verify and endpoint.startswith("https:") and bundle and not Path(bundle).is_file():
@@ -97,13 +134,14 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         ClientError,
         ConnectTimeoutError,
         NoCredentialsError,
+        PaginationError,
         ReadTimeoutError,
     )
 
     source = uri.redacted()
     client, endpoint = _client(settings, source)
     try:
-        objects, base = _find_objects(client, uri.bucket, uri.key, f"{source}: no objects under this prefix")
+        objects, base = _find_objects(client, uri.bucket, uri.key, source, settings.list_deadline)
         _fetch_s3_checksums(client, uri.bucket or "", objects)
         files = []
         for obj in objects:
@@ -120,6 +158,8 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
                     md5=etag if len(etag) == 32 and "-" not in etag else None,
                     url=url,
                     ranges=True,
+                    multipart_etag=etag.lower() if _MULTIPART.fullmatch(etag) else None,
+                    s3_key=obj["Key"],
                 )
             )
     except NoCredentialsError as e:
@@ -131,6 +171,11 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
         if code in ("NoSuchBucket", "404", "NoSuchKey"):
             raise SourceNotFound(f"{source}: {code}") from e
         raise TransientError(f"{source}: S3 error {code}") from e
+    except PaginationError as e:
+        # botocore's own check: "The same next token was received twice".
+        raise DownloadError(
+            f"the listing of {source} repeats page token; the server is not following the protocol"
+        ) from e
     except ConnectTimeoutError as e:
         raise no_answer(source, endpoint, settings.connect_timeout, "no connection") from e
     except ReadTimeoutError as e:
@@ -143,10 +188,12 @@ def list_s3(uri: SourceURI, settings: SourceSettings) -> Listing:
     return Listing(source=source, revision=etags.hexdigest()[:16], files=result)
 
 
-def _find_objects(client: Any, bucket: str, prefix: str, nothing: str) -> tuple[list[dict[str, Any]], str]:
+def _find_objects(
+    client: Any, bucket: str, prefix: str, source: str, deadline: float
+) -> tuple[list[dict[str, Any]], str]:
     """(the objects to fetch, the key prefix their paths are relative to): the one object ``prefix``
-    names, else every object under ``prefix/`` less the folder markers; SourceNotFound(``nothing``)
-    when there is none."""
+    names, else every object under ``prefix/`` less the folder markers (listed within ``deadline``
+    seconds; botocore refuses a repeated page token itself); SourceNotFound when there is none."""
     if prefix and not prefix.endswith("/"):
         # A single object, or a "folder" named without its trailing slash: then, or when the
         # object is a folder marker with objects under it, the prefix.
@@ -157,13 +204,12 @@ def _find_objects(client: Any, bucket: str, prefix: str, nothing: str) -> tuple[
             base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
             return [{"Key": prefix, "Size": head["ContentLength"], **head}], base
         prefix += "/"
-    objects: list[dict[str, Any]] = []
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        objects.extend(page.get("Contents", []))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    contents = (page.get("Contents", []) for page in pages)
+    objects: list[dict[str, Any]] = paged(contents, lambda: None, source=source, seconds=deadline)
     objects = _drop_folder_markers(client, bucket, objects)
     if not objects:
-        raise SourceNotFound(nothing)
+        raise SourceNotFound(f"{source}: no objects under this prefix")
     return objects, prefix
 
 

@@ -38,7 +38,7 @@ class SourceSettings:
     read_timeout: float = 30.0
     list_attempts: int = 4
     list_backoff: float = 1.0  # the first wait between listing attempts; doubles, capped at 30 s
-    list_deadline: float = 120.0  # one whole listing attempt (hf, s3, http HEAD), however it trickles
+    list_deadline: float = 120.0  # one whole listing attempt (every source), however it trickles or pages
     file_prefixes: tuple[str, ...] | None = None
     gcs: GcsSettings = dataclasses.field(default_factory=GcsSettings)
     azure: AzureSettings = dataclasses.field(default_factory=AzureSettings)

@@ -110,13 +110,21 @@ async def _list_once(uri: SourceURI, settings: SourceSettings, client: HttpClien
 
 def _list_gcs(uri: SourceURI, settings: SourceSettings) -> Listing:
     return list_gcs(
-        uri, settings.gcs, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
+        uri,
+        settings.gcs,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        deadline=settings.list_deadline,
     )
 
 
 def _list_azure(uri: SourceURI, settings: SourceSettings) -> Listing:
     return list_azure(
-        uri, settings.azure, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
+        uri,
+        settings.azure,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        deadline=settings.list_deadline,
     )
 
 

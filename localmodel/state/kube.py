@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +36,11 @@ from localmodel.errors import (
     ClusterStateError,
     Conflict,
     Gone,
+    InvalidName,
     NotFound,
     Unavailable,
 )
+from localmodel.k8snames import path_segment_error
 from localmodel.kinds import JSON, ResourceKind
 from localmodel.state.base import ObjectList, Selector, WatchEvent
 
@@ -312,11 +315,20 @@ class KubeState:
 
 
 def _url(kind: ResourceKind, namespace: str | None, name: str | None = None) -> str:
+    """The API path of ``kind`` (in ``namespace``; of object ``name``). InvalidName, before any
+    request, for a name or namespace that is no path segment (``..``, ``/``, ``%``); the rest is
+    percent-quoted, so no name adds a query or fragment: a name never changes which object is meant."""
     base = f"/apis/{kind.group}/{kind.version}" if kind.group else f"/api/{kind.version}"
     if kind.namespaced and namespace:
-        base += f"/namespaces/{namespace}"
+        base += f"/namespaces/{_segment(namespace, kind, 'namespace')}"
     base += f"/{kind.plural}"
-    return f"{base}/{name}" if name else base
+    return base if name is None else f"{base}/{_segment(name, kind, 'name')}"
+
+
+def _segment(value: str, kind: ResourceKind, what: str) -> str:
+    if (why := path_segment_error(value)) is not None:
+        raise InvalidName(f"{kind.kind} {what}: {why}")
+    return urllib.parse.quote(value, safe="")
 
 
 def _selector_params(selector: Selector | None) -> dict[str, str]:

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Iterable
 from functools import partial
 from pathlib import Path
 
-from localmodel.errors import AlreadyExists, Conflict, Gone, NotFound, SpecError
+from localmodel.errors import AlreadyExists, Conflict, Gone, InvalidName, NotFound, SpecError
+from localmodel.k8snames import path_segment_error
 from localmodel.kinds import JSON, KINDS_BY_NAME, ResourceKind
 from localmodel.mergepatch import clone, merge_patch
 from localmodel.state.base import ObjectList, Selector, WatchEvent
@@ -101,11 +102,18 @@ class MemoryState:
     # -- writes --------------------------------------------------------------------------------
 
     async def create(
-        self, kind: ResourceKind, obj: JSON, *, manager: str | None = None, handover: bool = False
+        self,
+        kind: ResourceKind,
+        obj: JSON,
+        *,
+        manager: str | None = None,
+        handover: bool = False,
+        created: str | None = None,
     ) -> JSON:
         """As the interface says; ``manager`` (what an API server takes from the writer's
         User-Agent) is recorded in ``metadata.managedFields`` as a real server records it. Handed
-        over, ``obj`` is stored as it is (its top level and metadata are still our own copies)."""
+        over, ``obj`` is stored as it is (its top level and metadata are still our own copies).
+        ``created``: the creationTimestamp to store (:meth:`apply`'s documents), else now."""
         obj = {**obj, "metadata": dict(obj.get("metadata") or {})} if handover else clone(obj)
         meta = obj.setdefault("metadata", {})
         name = meta.get("name")
@@ -119,7 +127,7 @@ class MemoryState:
         if key in self._objects:
             raise AlreadyExists(f"{kind.kind} {name!r} already exists")
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
-        meta.update(uid=str(uuid.uuid4()), creationTimestamp=utc_now(), generation=1)
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=created or utc_now(), generation=1)
         meta.pop("deletionTimestamp", None)
         if manager:
             _managed(obj, manager, kind, obj)
@@ -209,7 +217,10 @@ class MemoryState:
 
     async def apply(self, kind: ResourceKind, objects: Iterable[JSON], *, prune: bool) -> None:
         """Make the specs of ``kind`` equal to ``objects`` (create or patch; delete others if
-        ``prune``), keeping each object's status: what ``kubectl apply --prune`` does for a folder."""
+        ``prune``), keeping each object's status: what ``kubectl apply --prune`` does for a folder.
+        A new object keeps the document's ``metadata.creationTimestamp`` when it gives one (the form
+        :func:`localmodel.timestamps.utc_now` writes; :mod:`localmodel.documents` normalises it),
+        as a dry run of a real cluster's objects must: admission goes oldest first."""
         # Keyed as stored: a namespaced kind's objects of one name in two namespaces are two
         # (LocalModelNamespaceCaches).
         wanted = {self._key(kind, o["metadata"]["name"], o["metadata"].get("namespace")): o for o in objects}
@@ -217,7 +228,8 @@ class MemoryState:
             try:
                 current = await self.get(kind, name, namespace=ns)
             except NotFound:
-                await self.create(kind, obj)
+                given = (obj.get("metadata") or {}).get("creationTimestamp")
+                await self.create(kind, obj, created=given if isinstance(given, str) else None)
                 continue
             patch = {k: v for k, v in obj.items() if k not in ("status", "metadata")}
             # Keys the new document dropped must be removed, not kept by the merge.
@@ -239,6 +251,11 @@ class MemoryState:
 
     @staticmethod
     def _key(kind: ResourceKind, name: str, namespace: str | None) -> Key:
+        # What the API server refuses in a path is refused here too (InvalidName), so code that
+        # passes here does not first fail against a real cluster.
+        for what, value in (("name", name), ("namespace", namespace if kind.namespaced else None)):
+            if value is not None and (why := path_segment_error(value)) is not None:
+                raise InvalidName(f"{kind.kind} {what}: {why}")
         return (kind.kind, (namespace or "default") if kind.namespaced else None, name)
 
     def _current(

@@ -169,6 +169,7 @@ def gcs(gcsfiles_server: GcsFiles, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     finally:
         gcsfiles_server.requests.clear()
         gcsfiles_server.revoke_all()
+        gcsfiles_server.listed_hashes = True
 
 
 @pytest.fixture(params=["gcsfiles", "gcp-storage-emulator"])

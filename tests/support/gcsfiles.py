@@ -90,6 +90,9 @@ class GcsFiles:
         self.endpoint = ""
         self.requests: list[Request] = []
         self.record = True
+        # False: object resources (listings, metadata) carry no md5Hash or crc32c, as some emulators
+        # and gateways give them; media answers still carry x-goog-hash.
+        self.listed_hashes = True
         self._meta: dict[tuple[str, str], Meta] = {}
         self._grants: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -339,8 +342,7 @@ class GcsFiles:
             "contentType": "application/octet-stream",
             "storageClass": "STANDARD",
             "size": str(meta.stamp[0]),
-            "md5Hash": meta.md5,
-            "crc32c": meta.crc32c,
+            **({"md5Hash": meta.md5, "crc32c": meta.crc32c} if self.listed_hashes else {}),
             "etag": _etag(meta),
             "timeCreated": stamp,
             "updated": stamp,
