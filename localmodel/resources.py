@@ -14,6 +14,7 @@ conditions, storage), and each view is one parse/write pair that reads best whol
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Self, TypeVar
@@ -453,9 +454,10 @@ class LocalModelCache:
         """The namespace of a LocalModelNamespaceCache; None for a cluster LocalModelCache."""
         return None
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """:func:`cache_key`: the name, or ``<namespace>/<name>`` for a namespace cache."""
+        """:func:`cache_key`: the name, or ``<namespace>/<name>`` for a namespace cache (computed
+        once: the planners ask it about half a million times a full reconcile of 5,000 nodes)."""
         return cache_key(self.name, self.namespace)
 
     @property

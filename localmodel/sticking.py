@@ -37,18 +37,26 @@ def dropped(intended: Any, stored: Any, at: Path = ()) -> frozenset[Path]:
     """The paths of keys ``intended`` has (with a value other than None) that ``stored`` lacks;
     lists of equal length are compared item by item (as ``ANY``), other values not at all."""
     out: set[Path] = set()
+    _dropped(intended, stored, at, out)
+    return frozenset(out)
+
+
+def _dropped(intended: Any, stored: Any, at: Path, out: set[Path]) -> None:
+    # One set filled in place: every write's answer is walked (a spec of thousands of entries), so
+    # no set is built per level.
     if isinstance(intended, Mapping) and isinstance(stored, Mapping):
         for key, value in intended.items():
             if value is None:
                 continue
             if key not in stored:
                 out.add((*at, str(key)))
-            else:
-                out |= dropped(value, stored[key], (*at, str(key)))
+            elif isinstance(value, (Mapping, list)):
+                _dropped(value, stored[key], (*at, str(key)), out)
     elif isinstance(intended, list) and isinstance(stored, list) and len(intended) == len(stored):
+        if intended and not isinstance(intended[0], (Mapping, list)):
+            return  # scalars hold no keys to drop
         for a, b in zip(intended, stored, strict=True):
-            out |= dropped(a, b, (*at, ANY))
-    return frozenset(out)
+            _dropped(a, b, (*at, ANY), out)
 
 
 def strip(value: Any, paths: frozenset[Path]) -> Any:
