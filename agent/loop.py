@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -660,49 +660,49 @@ class Agent:
         )
         await self.events.emit("DownloadCompleted", f"{name}: {rec.uri} is ready in models/{rec.key} ({how})")
 
-    async def _adopt(self, name: str, rec: Record, uri: SourceURI, dest: Destination) -> AdoptResult:
-        """The adoption of one folder with the credentials its cache names, as :meth:`_pull`."""
+    @contextlib.asynccontextmanager
+    async def _access(self, rec: Record) -> AsyncIterator[tuple[SourceSettings, HttpClient | None]]:
+        """The source settings and client of the credentials the model's cache names, read at each
+        attempt (a Secret created or rotated meanwhile is used by the next one); a client of their
+        own where they need one, closed after."""
         info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
         found = await self.credentials.credentials(info) if info is not None else None
         client = own_client(found, self.settings.transfer)
         try:
-            return await adopt(
-                uri,
-                dest,
-                sources=settings_for(self.settings.sources, found),
-                transfer=self.settings.transfer,
-                progress=_Progress(rec, self.metrics),
-                client=client or self.client,
-                admit=lambda listing: self._admit(name, rec, listing),
-                recheck=True,  # only what is not published (trusted) comes here
-            )
+            yield settings_for(self.settings.sources, found), client or self.client
         finally:
             if client is not None:
                 client.close()
 
+    async def _adopt(self, name: str, rec: Record, uri: SourceURI, dest: Destination) -> AdoptResult:
+        """The adoption of one folder, with the credentials its cache names."""
+        async with self._access(rec) as (sources, client):
+            return await adopt(
+                uri,
+                dest,
+                sources=sources,
+                transfer=self.settings.transfer,
+                progress=_Progress(rec, self.metrics),
+                client=client,
+                admit=lambda listing: self._admit(name, rec, listing),
+                recheck=True,  # only what is not published (trusted) comes here
+            )
+
     async def _pull(
         self, name: str, rec: Record, uri: SourceURI, dest: Destination, declared: int | None
     ) -> PullResult:
-        """The pull of one model with the credentials its cache names, through a client of its own
-        where they need one (closed after)."""
-        # Read at each attempt: a Secret created or rotated meanwhile is used by the next one.
-        info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
-        found = await self.credentials.credentials(info) if info is not None else None
-        client = own_client(found, self.settings.transfer)
-        try:
+        """The pull of one model, with the credentials its cache names."""
+        async with self._access(rec) as (sources, client):
             return await pull(
                 uri,
                 dest,
-                sources=settings_for(self.settings.sources, found),
+                sources=sources,
                 transfer=self.settings.transfer,
                 progress=_Progress(rec, self.metrics),
-                client=client or self.client,
+                client=client,
                 admit=lambda listing: self._admit(name, rec, listing),
                 max_bytes=declared,
             )
-        finally:
-            if client is not None:
-                client.close()
 
     async def _adopted(self, name: str, rec: Record, result: AdoptResult) -> None:
         """A folder someone else filled is ours now (:mod:`agent.download.adoption`): shown, counted

@@ -26,7 +26,7 @@ class Pager:
         self._thread = LoopThread("pager")
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
+        self._runner = web.AppRunner(app, access_log=None)
         self._thread.run(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         self._thread.run(site.start())
