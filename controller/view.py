@@ -352,21 +352,37 @@ class ViewKeeper:
             self._volumes_dirty = True  # e.g. deleted by someone: made again if still wanted
 
     def _observe_isvc(self, obj: JSON, deleted: bool) -> None:
-        isvc = InferenceService.from_json(obj)
-        key = (isvc.namespace, isvc.name)
         view = self._view
-        before = view.isvc_use.pop(key, frozenset())
-        old = view.isvcs.pop(key, None)
+        if self._observe_service(InferenceService.from_json(obj), deleted, view.isvcs, view.isvc_use):
+            self._isvc_refs = None
+
+    def _observe_llm(self, obj: JSON, deleted: bool) -> None:
+        view = self._view
+        if self._observe_service(InferenceService.from_llm_json(obj), deleted, view.llm_isvcs, view.llm_use):
+            self._llm_refs = None
+
+    def _observe_service(
+        self,
+        svc: InferenceService,
+        deleted: bool,
+        services: dict[tuple[str, str], InferenceService],
+        use: dict[tuple[str, str], frozenset[str]],
+    ) -> bool:
+        """An InferenceService or LLMInferenceService into its view (``services``, and ``use``: the
+        caches it uses); True when the caches it uses changed (their references are made again)."""
+        key = (svc.namespace, svc.name)
+        before = use.pop(key, frozenset())
+        old = services.pop(key, None)
         after: frozenset[str] = frozenset()
         if not deleted:
-            view.isvcs[key] = isvc
-            after = isvc_caches(isvc, view.caches)
+            services[key] = svc
+            after = isvc_caches(svc, self._view.caches)
             if after:
-                view.isvc_use[key] = after
+                use[key] = after
         if before != after:
             self._dirty_caches.update(before ^ after)
-            self._isvc_refs = None
-        self._service_changed(old, None if deleted else isvc)
+        self._service_changed(old, None if deleted else svc)
+        return before != after
 
     def _service_changed(self, old: InferenceService | None, new: InferenceService | None) -> None:
         """A labelled (LLM)InferenceService came, went or changed: its serving demand
@@ -374,23 +390,6 @@ class ViewKeeper:
         if old != new and ((old is not None and old.named) or (new is not None and new.named)):
             self._serving = None
             self._volumes_dirty = True
-
-    def _observe_llm(self, obj: JSON, deleted: bool) -> None:
-        svc = InferenceService.from_llm_json(obj)
-        key = (svc.namespace, svc.name)
-        view = self._view
-        before = view.llm_use.pop(key, frozenset())
-        old = view.llm_isvcs.pop(key, None)
-        after: frozenset[str] = frozenset()
-        if not deleted:
-            view.llm_isvcs[key] = svc
-            after = isvc_caches(svc, view.caches)
-            if after:
-                view.llm_use[key] = after
-        if before != after:
-            self._dirty_caches.update(before ^ after)
-            self._llm_refs = None
-        self._service_changed(old, None if deleted else svc)
 
     def _invalidate(self) -> None:
         self._layout = None
