@@ -376,6 +376,9 @@ class LocalModelCacheStatus:
     llm_inference_services: tuple[InferenceServiceRef, ...] = ()
     observed_generation: int | None = None
     conditions: tuple[Condition, ...] = ()
+    # Our addition (peer fill): bytes all nodes together fetched from the model's origin (the sum of
+    # each LocalModelNode's models[...].bytesFromOrigin); None until a node reports it.
+    origin_bytes: int | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> LocalModelCacheStatus:
@@ -396,6 +399,7 @@ class LocalModelCacheStatus:
             llm_inference_services=_refs(st, "llmInferenceServices"),
             observed_generation=st.get("observedGeneration"),
             conditions=_conditions(st, "status"),
+            origin_bytes=_int(st, "originBytes", "status") if "originBytes" in st else None,
         )
 
     def to_json(self) -> JSON:
@@ -415,6 +419,7 @@ class LocalModelCacheStatus:
                 ],
                 "observedGeneration": self.observed_generation,
                 "conditions": [c.to_json() for c in self.conditions],
+                "originBytes": self.origin_bytes,
             }
         )
 
@@ -697,6 +702,29 @@ class LocalModelNodeGroup:
 
 
 @dataclass(frozen=True)
+class PeerRef:
+    """Our addition (peer fill): one node to try before the origin for a model, as the controller
+    lists it in ``spec.localModels[].peers`` (nearest first). ``address`` is the node agent's peer
+    server, ``host:port``; ``state`` is that node's ModelState for the model (ModelDownloaded: it
+    holds all of it; ModelDownloading: it may hold durable chunks)."""
+
+    node: str
+    address: str
+    state: ModelState
+
+    @classmethod
+    def from_json(cls, data: Any, path: str) -> PeerRef:
+        raw = _obj(data, path)
+        node = _str(raw, "node", path, required=True)
+        address = _str(raw, "address", path, required=True)
+        assert node is not None and address is not None
+        return cls(node=node, address=address, state=_enum(ModelState, raw.get("state"), f"{path}.state"))
+
+    def to_json(self) -> JSON:
+        return {"node": self.node, "address": self.address, "state": self.state.value}
+
+
+@dataclass(frozen=True)
 class LocalModelInfo:
     source_model_uri: str
     model_name: str
@@ -705,6 +733,19 @@ class LocalModelInfo:
     service_account_name: str | None = None
     storage: StorageSpec | None = None
     model_size: Quantity | None = None
+    # Our additions (peer fill), written by the controller; KServe's schema has neither (its CRD
+    # prunes them, and the agent then fetches from the origin alone). Not part of what the model IS:
+    # compare models with :meth:`without_peering`.
+    peers: tuple[PeerRef, ...] = ()
+    # sha256 of the first holder's manifest (localmodel.peering.manifest_digest): files the origin
+    # gives no hash for take their sha256 from a peer's manifest that matches it.
+    manifest_sha256: str | None = None
+
+    def without_peering(self) -> LocalModelInfo:
+        """The model with the peer-fill hints cleared: what decides whether a copy is the same."""
+        if not self.peers and self.manifest_sha256 is None:
+            return self
+        return replace(self, peers=(), manifest_sha256=None)
 
     @property
     def storage_key(self) -> str:
@@ -736,6 +777,8 @@ class LocalModelInfo:
             service_account_name=_str(raw, "serviceAccountName", path),
             storage=StorageSpec.from_json(raw.get("storage"), f"{path}.storage"),
             model_size=_quantity(raw, "modelSize", path, required=False),
+            peers=_peers(raw, path),
+            manifest_sha256=_str(raw, "manifestSha256", path),
         )
 
     def to_json(self) -> JSON:
@@ -749,8 +792,25 @@ class LocalModelInfo:
                 "storage": self.storage.to_json() if self.storage else None,
                 "modelSize": self.model_size.to_json() if self.model_size else None,
                 "storageKey": self.storage_key,
+                "peers": [p.to_json() for p in self.peers] or None,
+                "manifestSha256": self.manifest_sha256,
             }
         )
+
+
+def _peers(raw: Mapping[str, Any], path: str) -> tuple[PeerRef, ...]:
+    items = raw.get("peers") or []
+    if not isinstance(items, list):
+        raise SpecError("expected a list", field=f"{path}.peers")
+    return tuple(PeerRef.from_json(p, f"{path}.peers[{i}]") for i, p in enumerate(items))
+
+
+@dataclass(frozen=True)
+class DroppedPeer:
+    """A peer a download stopped using (peer fill), and why, in one line."""
+
+    address: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -774,6 +834,12 @@ class ModelProgress:
     # gave, or by size alone (no hash offered, or verify off). None until a download has finished.
     files_verified: int | None = None
     files_size_only: int | None = None
+    # Peer fill: where this node's bytes came from (None: not reported), the sha256 of the published
+    # manifest (localmodel.peering.manifest_digest), and the peers this download dropped.
+    bytes_from_origin: int | None = None
+    bytes_from_peers: int | None = None
+    manifest_sha256: str | None = None
+    peers_dropped: tuple[DroppedPeer, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any, path: str) -> ModelProgress:
@@ -794,6 +860,10 @@ class ModelProgress:
             retry_after=_str(raw, "retryAfter", path),
             files_verified=_int(raw, "filesVerified", path) if "filesVerified" in raw else None,
             files_size_only=_int(raw, "filesSizeOnly", path) if "filesSizeOnly" in raw else None,
+            bytes_from_origin=_int(raw, "bytesFromOrigin", path) if "bytesFromOrigin" in raw else None,
+            bytes_from_peers=_int(raw, "bytesFromPeers", path) if "bytesFromPeers" in raw else None,
+            manifest_sha256=_str(raw, "manifestSha256", path),
+            peers_dropped=_dropped(raw, path),
         )
 
     def to_json(self) -> JSON:
@@ -814,8 +884,26 @@ class ModelProgress:
                 "retryAfter": self.retry_after,
                 "filesVerified": self.files_verified,
                 "filesSizeOnly": self.files_size_only,
+                "bytesFromOrigin": self.bytes_from_origin,
+                "bytesFromPeers": self.bytes_from_peers,
+                "manifestSha256": self.manifest_sha256,
+                "peersDropped": [{"address": d.address, "reason": d.reason} for d in self.peers_dropped]
+                or None,
             }
         )
+
+
+def _dropped(raw: Mapping[str, Any], path: str) -> tuple[DroppedPeer, ...]:
+    items = raw.get("peersDropped") or []
+    if not isinstance(items, list):
+        raise SpecError("expected a list", field=f"{path}.peersDropped")
+    out = []
+    for i, item in enumerate(items):
+        one = _obj(item, f"{path}.peersDropped[{i}]")
+        address = _str(one, "address", f"{path}.peersDropped[{i}]", required=True)
+        assert address is not None
+        out.append(DroppedPeer(address, _str(one, "reason", f"{path}.peersDropped[{i}]") or ""))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -833,6 +921,8 @@ class LocalModelNodeStatus:
     summary: str | None = None
     observed_generation: int | None = None
     conditions: tuple[Condition, ...] = ()
+    # Peer fill: where this node's agent serves what it holds (host:port); None: it serves nothing.
+    peer_address: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> LocalModelNodeStatus:
@@ -853,6 +943,7 @@ class LocalModelNodeStatus:
             summary=_str(st, "summary", "status"),
             observed_generation=st.get("observedGeneration"),
             conditions=_conditions(st, "status"),
+            peer_address=_str(st, "peerAddress", "status"),
         )
 
     def to_json(self) -> JSON:
@@ -871,6 +962,7 @@ class LocalModelNodeStatus:
                 "summary": self.summary,
                 "observedGeneration": self.observed_generation,
                 "conditions": [c.to_json() for c in self.conditions],
+                "peerAddress": self.peer_address,
             }
         )
 
