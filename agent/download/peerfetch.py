@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from agent.download.body import Body, check_of, status_error
+from agent.download.body import Body, RangeMismatch, check_of, status_error
 from agent.download.client import ClientSettings, HttpClient, Response, Sink
 from agent.download.listing import Listing, RemoteFile
 from agent.download.peers import (
@@ -280,6 +280,7 @@ class PeerFill:
                 plan = self._plan(f, tuple(pending.values()))
                 for index, address in plan.by_peer.items():
                     chunk = pending.pop(index)
+                    self.peers[address].in_flight += 1  # now: the next file's plan counts it
                     running[asyncio.ensure_future(self._from_peer(f, chunk, address))] = (chunk, False)
                 for index in plan.origin:
                     chunk = pending.pop(index)
@@ -334,7 +335,6 @@ class PeerFill:
         """One chunk from one peer: True when it is written and recorded, False when the peer
         failed (dropped, busy or asked again); disk errors raise."""
         peer = self.peers[address]
-        peer.in_flight += 1
         try:
             await self._get_chunk(f, chunk, address)
         except LOCAL:
@@ -398,7 +398,7 @@ class PeerFill:
         text = str(e).removeprefix(f"peer {address}: ")
         if isinstance(e, SpecError | ValueError) and what:
             text = f"{BAD_BYTES}malformed {what}: {text}"
-        elif isinstance(e, IntegrityError):
+        elif isinstance(e, IntegrityError | RangeMismatch):
             text = f"{BAD_BYTES}{text}"
         elif isinstance(e, AccessDenied):
             text = f"{text} (the cluster token was refused)"
