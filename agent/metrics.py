@@ -79,6 +79,20 @@ class AgentMetrics:
         self.disk_used = Gauge(
             "modelcache_disk_used_bytes", "Used bytes on the cache folder's filesystem.", registry=registry
         )
+        # Peer fill (receiving side): where downloaded bytes came from.
+        self.bytes_by_source = Counter(
+            "modelcache_download_bytes",
+            "Bytes of completed downloads by where they came from: origin (the model's source) or "
+            "peer (another node's agent).",
+            ["source"],
+            registry=registry,
+        )
+        self.peers_dropped = Counter(
+            "modelcache_peers_dropped",
+            "Peers a download stopped using (a failure, a stall, bad bytes), by kind: bad_bytes or failed.",
+            ["kind"],
+            registry=registry,
+        )
         self.disk_available = Gauge(
             "modelcache_disk_available_bytes",
             "Free bytes on the cache folder's filesystem (for unprivileged users).",

@@ -31,6 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.download.body import Body, RangeMismatch, check_of, status_error
@@ -117,6 +118,7 @@ class PeerFill:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = source.settings
+        self.on_drop = source.on_drop
         self.manifest_sha256 = source.manifest_sha256
         self.storage_key = storage_key
         self.chunk_size = transfer.chunk_size
@@ -410,6 +412,8 @@ class PeerFill:
             return
         self.dropped[address] = DroppedPeer(address, reason)
         log.warning("%s: peer %s dropped: %s", self.storage_key, address, reason)
+        if self.on_drop is not None:
+            self.on_drop(self.dropped[address])
 
     def blame(self, path: str) -> bool:
         """``path`` failed its hash: drop every peer that gave chunks of it and fetch it again from
@@ -424,3 +428,24 @@ class PeerFill:
         for address in sorted(givers):
             self.drop(address, f"{BAD_BYTES}bytes failed {path}'s {name}")
         return True
+
+
+def token_reader(path: Path) -> Callable[[], str]:
+    """The cluster token in ``path`` (``--peer-token-file``), read again whenever the file changes
+    (kubelet replaces a Secret's file by swapping a link: the stat of the link's target changes).
+    DownloadError naming the file when it cannot be read or is empty; the token is in no message."""
+    seen: list[Any] = [None, ""]
+
+    def read() -> str:
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != seen[0]:
+                seen[:] = [stamp, path.read_text().strip()]
+        except OSError as e:
+            raise DownloadError(f"the peer token file {path} cannot be read: {e.strerror or e}") from e
+        if not seen[1]:
+            raise DownloadError(f"the peer token file {path} is empty")
+        return str(seen[1])
+
+    return read

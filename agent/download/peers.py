@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from localmodel.cliargs import parse_addr
+from localmodel.errors import InvalidInput
 from localmodel.manifest import Manifest
 from localmodel.peering import Holding, manifest_digest
+from localmodel.resources import DroppedPeer
 
 # The start of every reason a peer is dropped for bytes that are not what was asked (a hash that
 # fails, a range or size that lies): the agent raises an Event (PeerDropped) for these.
@@ -55,11 +58,14 @@ class PeerSource:
     list, or ``--peers``), and ``manifest_sha256``, the digest of the first holder's manifest
     (:func:`localmodel.peering.manifest_digest`) that lets files the origin gives no hash for come
     from peers. An empty ``peers`` still means peer fill is on: files without an origin hash are
-    hashed as they land, so that this node's manifest can serve the next ones."""
+    hashed as they land, so that this node's manifest can serve the next ones. ``on_drop``: called
+    on the event loop with each peer dropped, as it is."""
 
     peers: tuple[Peer, ...]
     settings: PeerSettings
     manifest_sha256: str | None = None
+    # Told of each peer the download drops, when it drops it (the agent's status and Events).
+    on_drop: Callable[[DroppedPeer], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -217,3 +223,20 @@ def hashes_from_manifest(
 def dropped_for_bad_bytes(reason: str) -> bool:
     """A drop a user must hear of (an Event): the peer sent bytes or claims that were not true."""
     return reason.startswith(BAD_BYTES)
+
+
+def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
+    """``host:port,host:port,...`` (``--peers``; blanks ignored) -> peers in that order, each once.
+    InvalidInput naming ``flag`` for an entry that is not HOST:PORT with a host."""
+    out: dict[str, Peer] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        parse_addr(item, flag=flag)  # HOST:PORT, the port a number
+        if item.startswith(":"):
+            raise InvalidInput(
+                f"{flag}: {item!r} has no host; write each peer as HOST:PORT, e.g. 10.0.0.7:7071"
+            )
+        out.setdefault(item, Peer(item))
+    return tuple(out.values())
