@@ -648,6 +648,7 @@ class Agent:
         self.published[rec.key] = result.bytes_total
         self.untrusted.discard(rec.key)
         self.foreign.discard(rec.key)
+        await self._sourced(rec, dest, result)  # before the state says Downloaded: shown together
         rec.progress = records.completed(
             rec.progress,
             size=result.bytes_total,
@@ -658,7 +659,6 @@ class Agent:
             now=utc_now(),
         )
         rec.failures = 0
-        await self._sourced(rec, dest, result)
         self.metrics.completed.inc()
         self.metrics.download_seconds.observe(time.monotonic() - started)
         self._update_disk_metrics()

@@ -11,6 +11,8 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        """Every metric, registered in ``registry`` (over 80 lines because it is one flat list of
+        them, one call each)."""
         self.registry = registry
         self.bytes_downloaded = Counter(
             "modelcache_downloaded_bytes",

@@ -211,6 +211,7 @@ async def test_a_peer_of_another_revision_is_not_used_nor_dropped(hf_hub: Hub, t
         ("error500", "HTTP 500", False),
         ("die", "w.bin: ", False),
         ("missing", "which it answers 404 for", False),
+        ("redirect", "HTTP 302", False),
     ],
 )
 async def test_a_hostile_peer_is_dropped_named_and_its_chunks_come_from_the_origin(

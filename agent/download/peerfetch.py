@@ -4,8 +4,9 @@ dropped for this model with a reason.
 
 A peer is asked over plain HTTP (``http://<address>``, :mod:`localmodel.peering`'s paths, the
 cluster token as a bearer), through a client of its own: no proxy (peers are in the cluster),
-private addresses allowed, the peer timeouts and low-speed bound of :class:`PeerSettings`, and the
-download byte-rate cap shared with the origin's client. Each chunk is one ranged GET checked as the
+private addresses allowed, no redirect followed (a peer answers for itself: a 3xx drops it), the
+peer timeouts and low-speed bound of :class:`PeerSettings`, and the download byte-rate cap shared
+with the origin's client. Each chunk is one ranged GET checked as the
 origin's are (:class:`agent.download.body.Body`: the 206's ``Content-Range`` start, end and total,
 never a byte past it) and not retried from the same peer:
 
@@ -143,6 +144,7 @@ class PeerFill:
                 low_speed_limit=self.settings.low_speed_limit,
                 low_speed_time=self.settings.low_speed_time,
                 allow_private=True,
+                follow_redirects=False,
             )
         )
         # One cap for every byte this process downloads, from the origin or a peer.
@@ -362,7 +364,7 @@ class PeerFill:
         try:
             async with self.staging.slots:
                 body.fd = self.staging.open_staged(f)
-                await self.client.request("GET", url, headers=headers, label=body.label, accept=body.accept)
+                await self.client.request("GET", url, headers=headers, label=body.label, accept=_direct(body))
         finally:
             self._report(body.take_unreported())
         if body.written < end - start:
@@ -428,6 +430,19 @@ class PeerFill:
         for address in sorted(givers):
             self.drop(address, f"{BAD_BYTES}bytes failed {path}'s {name}")
         return True
+
+
+def _direct(body: Body) -> Callable[[Response], Sink | None]:
+    """The body's check, with a redirect refused: a peer answers for itself."""
+
+    def accept(response: Response) -> Sink | None:
+        if 300 <= response.status < 400:
+            raise DownloadError(
+                f"{body.label}: HTTP {response.status}, a redirect (not followed from a peer)"
+            )
+        return body.accept(response)
+
+    return accept
 
 
 def token_reader(path: Path) -> Callable[[], str]:

@@ -13,7 +13,8 @@ total is not the file's size), ``wrong_range`` (the same length from one chunk f
 Content-Range saying so), ``trickle`` (ten bytes a second), ``error500``, ``die`` (half the
 bytes, then the connection closed), ``busy`` (503 with ``Retry-After: 1`` for the first
 :attr:`TestPeer.busy_left` file requests), ``missing`` (404 for every file, while its holding says
-it has them). Every file request is recorded as (path, range), and the bytes sent are counted.
+it has them), ``redirect`` (302 to another address). Every file request is recorded as (path,
+range), and the bytes sent are counted.
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ from aiohttp import web
 
 from localmodel.peering import API_PREFIX, FileHolding, Holding
 
-MODES = ("tamper", "lie_size", "lie_total", "wrong_range", "trickle", "error500", "die", "busy", "missing")
+MODES = (
+    "tamper",
+    "lie_size",
+    "lie_total",
+    "wrong_range",
+    "trickle",
+    "error500",
+    "die",
+    "busy",
+    "missing",
+    "redirect",
+)
 
 
 @dataclass
@@ -115,6 +127,8 @@ class TestPeer:
             return web.Response(status=404)
         if self.mode == "error500":
             return web.Response(status=500, text="boom")
+        if self.mode == "redirect":  # elsewhere: a peer must answer for itself
+            return web.Response(status=302, headers={"Location": "http://127.0.0.1:9/elsewhere"})
         if self.mode == "busy" and self.busy_left > 0:
             self.busy_left -= 1
             return web.Response(status=503, headers={"Retry-After": "1"})
