@@ -95,6 +95,11 @@ class AgentMetrics:
             ["kind"],
             registry=registry,
         )
+        # Every series from the start, at 0: a node that never used a peer shows that, not no data.
+        for source in ("origin", "peer"):
+            self.bytes_by_source.labels(source)
+        for kind in ("bad_bytes", "failed"):
+            self.peers_dropped.labels(kind)
         self.disk_available = Gauge(
             "modelcache_disk_available_bytes",
             "Free bytes on the cache folder's filesystem (for unprivileged users).",
