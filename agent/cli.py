@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from agent.credentials import JOB_NAMESPACE
 from agent.desired import parse_labels
 from agent.download.environment import aws_ca_bundle, proxies_from_env
+from agent.download.peerfetch import token_reader
+from agent.download.peers import PeerSettings, parse_peers
 from agent.download.source_settings import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
@@ -25,7 +27,7 @@ from agent.pull_cli import folder_error
 from agent.standalone import StandaloneSource
 from agent.transfer_flags import add_transfer_flags, positive, transfer_settings
 from localmodel.cliargs import UsageParser, parse_addr, path_arg
-from localmodel.errors import InvalidInput, from_os_error
+from localmodel.errors import DownloadError, InvalidInput, from_os_error
 from localmodel.folders import cache_path_error, unreachable
 from localmodel.logs import setup_logging
 from localmodel.state.base import ClusterState
@@ -145,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster mode: sources may be on loopback, link-local or unspecified addresses "
         "(127.0.0.1, 169.254.169.254, 0.0.0.0; refused by default; standalone mode allows them)",
     )
+    # Peer fill, receiving side (the serving flags, --peer-addr and the rest, are agent.peer's).
+    p.add_argument(
+        "--peer-token-file",
+        type=path_arg("--peer-token-file", "/var/run/modelcache/peer/token"),
+        help="the cluster token peers share (the modelcache-peer-token Secret's file, re-read when it "
+        "changes); with it, downloads take what peers hold before asking the source",
+    )
+    p.add_argument(
+        "--peers",
+        default="",
+        metavar="HOST:PORT,...",
+        help="standalone: peers to ask for a model's bytes before its source, nearest first (needs "
+        "--peer-token-file); in a cluster the controller lists them per model",
+    )
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -179,6 +195,21 @@ def file_prefixes(values: Sequence[str], *, standalone: bool) -> tuple[str, ...]
         real.append(str(resolved))
     # Resolved once here: the listing compares real paths with these, and never resolves them again.
     return tuple(real)
+
+
+def peer_fill(token_file: Path | None, peers: str) -> PeerSettings | None:
+    """Peer fill's settings, on with ``--peer-token-file``: the token is read once now, so a
+    missing or empty file is bad input (exit 2), then again whenever the file changes."""
+    if token_file is None:
+        if parse_peers(peers):
+            raise InvalidInput("--peers needs --peer-token-file: the cluster token the peers accept")
+        return None
+    token = token_reader(token_file)
+    try:
+        token()
+    except DownloadError as e:
+        raise InvalidInput(f"--peer-token-file: {e}") from None
+    return PeerSettings(token=token)
 
 
 def check_cache_dir(raw: Path) -> Path:
@@ -261,6 +292,8 @@ def main(argv: Sequence[str]) -> int:
             ca_bundle=aws_ca_bundle(),
             allow_private=private,
         ),
+        peer_fill=peer_fill(args.peer_token_file, args.peers),
+        peers=parse_peers(args.peers),
         sources=SourceSettings.from_env(
             file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None),
             allow_private=private,

@@ -37,12 +37,14 @@ from agent.disk import CacheDir, CompileCacheKept, Scan
 from agent.download.adoption import AdoptResult, adopt, adopted_words, needs_adoption
 from agent.download.client import HttpClient
 from agent.download.listing import Listing
+from agent.download.peers import Peer, PeerSettings
 from agent.download.pull import http_client, pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination, LinkRefused, refuse_links
 from agent.download.transfer import PullResult, TransferSettings
 from agent.events import EventRecorder
 from agent.metrics import AgentMetrics
+from agent.peerfill import dropped_words, peer_source
 from agent.planner import Disk, Plan, Refused, Want, plan
 from agent.records import Record
 from agent.status import CacheFindings, node_limit, node_status
@@ -61,9 +63,11 @@ from localmodel.errors import (
 )
 from localmodel.kinds import JSON, LOCAL_MODEL_NODE, LOCAL_MODEL_NODE_GROUP, ResourceKind
 from localmodel.layout import STATE_FILE_VERSION
+from localmodel.peering import manifest_digest
 from localmodel.placement import Refusal
 from localmodel.quantity import readable
 from localmodel.resources import (
+    DroppedPeer,
     LocalModelNode,
     LocalModelNodeGroup,
     LocalModelNodeStatus,
@@ -102,6 +106,9 @@ class AgentSettings:
     sources: SourceSettings = field(default_factory=SourceSettings)
     # Where a cache's serviceAccountName and storage.key are looked up (KServe's jobNamespace).
     credentials_namespace: str = JOB_NAMESPACE
+    # Peer fill, receiving side: on with --peer-token-file; ``peers`` is --peers (standalone).
+    peer_fill: PeerSettings | None = None
+    peers: tuple[Peer, ...] = ()
 
 
 class _Progress:
@@ -180,6 +187,7 @@ class Agent:
         self.client: HttpClient | None = None
         self.credentials = CredentialReader(state, settings.credentials_namespace)
         self.stopping = False
+        self.notices: set[asyncio.Task[None]] = set()  # Events sent from callbacks, held until sent
 
     # -- readiness -------------------------------------------------------------------------------
 
@@ -640,6 +648,7 @@ class Agent:
         self.published[rec.key] = result.bytes_total
         self.untrusted.discard(rec.key)
         self.foreign.discard(rec.key)
+        await self._sourced(rec, dest, result)  # before the state says Downloaded: shown together
         rec.progress = records.completed(
             rec.progress,
             size=result.bytes_total,
@@ -691,7 +700,16 @@ class Agent:
     async def _pull(
         self, name: str, rec: Record, uri: SourceURI, dest: Destination, declared: int | None
     ) -> PullResult:
-        """The pull of one model, with the credentials its cache names."""
+        """The pull of one model, with the credentials its cache names and, with peer fill on,
+        the peers the controller lists for it (or --peers)."""
+        info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
+        rec.progress = records.peers_cleared(rec.progress)
+        peers = peer_source(
+            self.settings.peer_fill,
+            self.settings.peers,
+            info,
+            lambda d: self._peer_dropped(name, rec, d, peers.peers if peers else ()),
+        )
         async with self._access(rec) as (sources, client):
             return await pull(
                 uri,
@@ -702,7 +720,46 @@ class Agent:
                 client=client,
                 admit=lambda listing: self._admit(name, rec, listing),
                 max_bytes=declared,
+                peers=peers,
             )
+
+    def _peer_dropped(self, name: str, rec: Record, dropped: DroppedPeer, peers: tuple[Peer, ...]) -> None:
+        """A peer the download stopped using: in the status at once, counted, and an Event
+        (PeerDropped) when it sent bad bytes."""
+        rec.progress = records.peer_dropped(rec.progress, dropped)
+        words = dropped_words(name, dropped, peers)
+        self.metrics.peers_dropped.labels("failed" if words is None else "bad_bytes").inc()
+        if words is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.events.emit("PeerDropped", words, warning=True)
+            )
+            self.notices.add(task)
+            task.add_done_callback(self.notices.discard)
+
+    async def _sourced(self, rec: Record, dest: Destination, result: PullResult) -> None:
+        """Where a completed download's bytes came from (status and counters), and the digest of
+        the published manifest (what the controller passes to the next nodes as manifestSha256)."""
+        published = await asyncio.to_thread(dest.published)
+        digest = manifest_digest(published) if published is not None else None
+        p = rec.progress
+        if result.up_to_date:  # nothing moved: the last download's counts stand
+            rec.progress = records.sourced(
+                p,
+                origin=p.bytes_from_origin,
+                peers=p.bytes_from_peers,
+                manifest_sha256=digest,
+                dropped=p.peers_dropped,
+            )
+            return
+        self.metrics.bytes_by_source.labels("origin").inc(result.bytes_from_origin)
+        self.metrics.bytes_by_source.labels("peer").inc(result.bytes_from_peers)
+        rec.progress = records.sourced(
+            p,
+            origin=result.bytes_from_origin,
+            peers=result.bytes_from_peers,
+            manifest_sha256=digest,
+            dropped=result.peers_dropped,
+        )
 
     async def _adopted(self, name: str, rec: Record, result: AdoptResult) -> None:
         """A folder someone else filled is ours now (:mod:`agent.download.adoption`): shown, counted

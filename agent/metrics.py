@@ -11,6 +11,8 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        """Every metric, registered in ``registry`` (over 80 lines because it is one flat list of
+        them, one call each)."""
         self.registry = registry
         self.bytes_downloaded = Counter(
             "modelcache_downloaded_bytes",
@@ -79,6 +81,25 @@ class AgentMetrics:
         self.disk_used = Gauge(
             "modelcache_disk_used_bytes", "Used bytes on the cache folder's filesystem.", registry=registry
         )
+        # Peer fill (receiving side): where downloaded bytes came from.
+        self.bytes_by_source = Counter(
+            "modelcache_download_bytes",
+            "Bytes of completed downloads by where they came from: origin (the model's source) or "
+            "peer (another node's agent).",
+            ["source"],
+            registry=registry,
+        )
+        self.peers_dropped = Counter(
+            "modelcache_peers_dropped",
+            "Peers a download stopped using (a failure, a stall, bad bytes), by kind: bad_bytes or failed.",
+            ["kind"],
+            registry=registry,
+        )
+        # Every series from the start, at 0: a node that never used a peer shows that, not no data.
+        for source in ("origin", "peer"):
+            self.bytes_by_source.labels(source)
+        for kind in ("bad_bytes", "failed"):
+            self.peers_dropped.labels(kind)
         self.disk_available = Gauge(
             "modelcache_disk_available_bytes",
             "Free bytes on the cache folder's filesystem (for unprivileged users).",

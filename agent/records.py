@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from localmodel.logs import redact_message
-from localmodel.resources import ModelProgress, ModelState
+from localmodel.resources import DroppedPeer, ModelProgress, ModelState
 
 # Refusals the planner makes for room: forgotten once the model is planned for download again.
 ROOM_REASONS = ("InsufficientStorage", "SizeExceedsDeclared")
@@ -151,3 +151,34 @@ def listed(p: ModelProgress, *, revision: str | None) -> ModelProgress:
 
 def advanced(p: ModelProgress, nbytes: int) -> ModelProgress:
     return dataclasses.replace(p, bytes_done=p.bytes_done + nbytes)
+
+
+def sourced(
+    p: ModelProgress,
+    *,
+    origin: int | None,
+    peers: int | None,
+    manifest_sha256: str | None,
+    dropped: tuple[DroppedPeer, ...],
+) -> ModelProgress:
+    """Peer fill: where the last download's bytes came from (bytes from the origin and from peers),
+    the digest of the published manifest (:func:`localmodel.peering.manifest_digest`) and the peers
+    it dropped."""
+    return dataclasses.replace(
+        p,
+        bytes_from_origin=origin,
+        bytes_from_peers=peers,
+        manifest_sha256=manifest_sha256,
+        peers_dropped=tuple(DroppedPeer(d.address, redact_message(d.reason)) for d in dropped),
+    )
+
+
+def peers_cleared(p: ModelProgress) -> ModelProgress:
+    """A new download attempt: the peers the last one dropped are asked again."""
+    return dataclasses.replace(p, peers_dropped=())
+
+
+def peer_dropped(p: ModelProgress, dropped: DroppedPeer) -> ModelProgress:
+    """A peer the running download stopped using, shown at once (redacted, as every message)."""
+    one = DroppedPeer(dropped.address, redact_message(dropped.reason))
+    return dataclasses.replace(p, peers_dropped=(*p.peers_dropped, one))

@@ -86,6 +86,7 @@ class Body:
                 if self.probe and self.ranged is None:
                     self.ranged = False  # no range support: this response is the whole file
                     self.end = self.limit or 0
+                    self.written = self.pos = self.start = 0  # from byte 0, whichever range was asked
                 elif self.whole or (self.probe and self.ranged is False):
                     # Resuming from a server that ignores ranges: the file starts over at byte 0.
                     self.written = self.pos = self.start = 0

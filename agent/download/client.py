@@ -154,6 +154,8 @@ class ClientSettings:
     ca_bundle: str | None = None  # trusted besides the system's CAs (aws_ca_bundle())
     allow_private: bool = True  # connections to loopback, link-local, unspecified addresses
     header_timeout: float | None = None  # seconds for the whole response header; None: see HttpClient
+    # Off: a redirect is an answer like any other (a peer's: it must not send us anywhere else).
+    follow_redirects: bool = True
 
 
 class HttpClient:
@@ -279,7 +281,7 @@ class HttpClient:
             conn, answer = self._send(call, key, method, target, {**headers, **extra}, label)
             try:
                 location = answer.getheader("Location")
-                if answer.status in REDIRECTS and location:
+                if answer.status in REDIRECTS and location and self.settings.follow_redirects:
                     answer.read(64 << 10)  # a redirect's body is short: drained, the connection is reused
                     self._checkin(key, conn, answer)
                     nxt = urljoin(url, location)

@@ -34,10 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -45,14 +43,16 @@ from pathlib import Path
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from agent.download.body import Body, Hasher, RangeMismatch, check_of, first_error, sha256_of, verify_fd
+from agent.download.body import Body, Hasher, RangeMismatch, check_of, first_error, verify_fd
 from agent.download.client import HttpClient
-from agent.download.journal import FileProgress, Progress
+from agent.download.journal import FileProgress, Progress, resumable
 from agent.download.listing import Listing, RemoteFile
 from agent.download.localcopy import copy_local, reuse
+from agent.download.manifesting import manifest_of
+from agent.download.peerfetch import PeerFill
+from agent.download.peers import PeerSource
 from agent.download.staging import (
     Destination,
-    check_tree,
     lstat_below,
     open_below,
     publish,
@@ -64,6 +64,7 @@ from agent.download.transfer import (
     ProgressSink,
     PullResult,
     TransferSettings,
+    backoff,
     checked_counts,
     chunks_of,
 )
@@ -74,8 +75,7 @@ from localmodel.errors import (
     TransientError,
     from_os_error,
 )
-from localmodel.manifest import FileEntry, HashCheck, Manifest
-from localmodel.timestamps import utc_now
+from localmodel.manifest import HashCheck, Manifest
 
 
 class Transfer:
@@ -94,7 +94,9 @@ class Transfer:
         clock: Callable[[], float] = time.monotonic,
         previous: Manifest | None = None,
         publish: bool = True,
+        peers: PeerSource | None = None,
     ) -> None:
+        """``peers``: peer fill on (:mod:`agent.download.peerfetch`); None: the origin alone."""
         self.listing = listing
         # False: the verified files stay in the staging folder and the manifest in ``staged`` (an
         # adoption moves them into a folder in place, file by file: agent.download.adoption).
@@ -127,12 +129,24 @@ class Transfer:
         self.slots = asyncio.Semaphore(settings.concurrency)
         # Only files begun or finished have an entry: memory grows with the work in flight.
         self.state = Progress(listing.revision, settings.chunk_size, {})
-        # S3 objects without a stored checksum are not hashed (see the module's docstring).
-        self.hash_unhashed = settings.verify and not listing.source.startswith("s3://")
+        # S3 objects without a stored checksum are not hashed (see the module's docstring), but
+        # with peer fill on they are: the manifest's sha256 is what lets the next nodes take them.
+        self.hash_unhashed = settings.verify and (peers is not None or not listing.source.startswith("s3://"))
+        self.fill = None if peers is None else PeerFill(peers, storage_key, settings, client.limiter, self)
 
     # -- the whole download ----------------------------------------------------------------
 
     async def run(self) -> PullResult:
+        if self.fill is None:
+            return await self._run()
+        try:
+            # Before the resume state is read: a file's hash from a peer's manifest is part of it.
+            self.listing = await self.fill.start(self.listing)
+            return await self._run()
+        finally:
+            self.fill.close()
+
+    async def _run(self) -> PullResult:
         started = self.clock()
         where = f"{self.listing.source}: {self.dest.final}"
         try:
@@ -167,26 +181,42 @@ class Transfer:
         try:
             if self.listing.archive is not None:
                 await asyncio.to_thread(self._unpack)
-            manifest = await asyncio.to_thread(self._manifest)
+            manifest = await asyncio.to_thread(
+                manifest_of,
+                self.listing,
+                self.files_dir,
+                root=self.dest.root,
+                uri=self.uri,
+                storage_key=self.storage_key,
+                computed={p: sha for p, (_, sha) in self.outcome.items()},
+                verify=self.settings.verify,
+            )
             if self.publish:
                 await asyncio.to_thread(publish, self.dest, manifest)
             else:
                 self.staged = manifest
         except OSError as e:
             raise from_os_error(e, where) from e
+        return self._result(manifest, self.clock() - started)
+
+    def _result(self, manifest: Manifest, seconds: float) -> PullResult:
         # An archive's members count as checked the way the archive was.
         each = len(manifest.files) if self.listing.archive is not None else 1
         hashed, size_only, named = checked_counts({p: m for p, (m, _) in self.outcome.items()}, each=each)
+        from_peers = self.fill.peer_bytes if self.fill is not None else 0
         return PullResult(
             files=len(manifest.files),
             bytes_total=manifest.total_bytes,
             bytes_transferred=self.transferred,
-            seconds=self.clock() - started,
+            seconds=seconds,
             revision=self.listing.revision,
             up_to_date=False,
             hash_checked=hashed,
             size_only=size_only,
             size_only_names=named,
+            bytes_from_origin=self.transferred - from_peers,
+            bytes_from_peers=from_peers,
+            peers_dropped=tuple(self.fill.dropped.values()) if self.fill is not None else (),
         )
 
     async def _worker(self, files: Iterator[RemoteFile]) -> None:
@@ -210,32 +240,21 @@ class Transfer:
         return st
 
     def _load_state(self) -> None:
-        old = Progress.load(self.state_path)
-        usable = (
-            old is not None
-            and old.revision == self.listing.revision
-            and old.chunk_size == self.settings.chunk_size
+        kept = resumable(
+            Progress.load(self.state_path), self.listing, self.settings.chunk_size, self._staged_size
         )
-        if usable and old is not None:
-            for f in self.listing.files:
-                kept = old.files.get(f.path)
-                if kept is None or kept.identity() != (f.size, f.sha256, f.git_sha1, f.md5):
-                    continue
-                found = lstat_below(self._target(f), below=self.dest.root)
-                if found is None:
-                    continue
-                size = found.st_size
-                if not (f.size is not None and size == f.size):
-                    kept.chunks.clear()
-                    kept.verified = False
-                if kept.chunks or kept.verified:
-                    self.state.files[f.path] = kept
+        if kept is not None:
+            self.state.files.update(kept)
         else:
             # Files of another revision are overwritten in place; stale ones must not linger.
             shutil.rmtree(self.files_dir, ignore_errors=True)
             shutil.rmtree(self.archive_dir, ignore_errors=True)
         self.partial = {p for p, st in self.state.files.items() if st.chunks and not st.verified}
         self.state.save(self.state_path)
+
+    def _staged_size(self, f: RemoteFile) -> int | None:
+        found = lstat_below(self._target(f), below=self.dest.root)
+        return found.st_size if found is not None else None
 
     def _chunks(self, f: RemoteFile) -> list[tuple[int, int, int]]:
         return chunks_of(f.size, self.settings.chunk_size)
@@ -252,9 +271,8 @@ class Transfer:
 
     async def _fetch_and_verify(self, f: RemoteFile) -> None:
         st = self._st(f)
-        for attempt in (1, 2):
-            if st.verified:
-                break
+        failures = 0  # the origin's; a file whose peers' bytes failed is fetched again uncounted
+        while not st.verified:
             hasher = self._hasher(f)
             if hasher is not None:
                 self.hashers[f.path] = hasher
@@ -265,7 +283,8 @@ class Transfer:
                 # once more from byte 0, then fail.
                 self.hashers.pop(f.path, None)
                 await asyncio.to_thread(self._sync_close, f)
-                if attempt == 2:
+                failures += 1
+                if failures == 2:
                     raise IntegrityError(f"{e}; the same after a second fetch from byte 0") from e
                 self._restart(f, st)
                 continue
@@ -280,7 +299,9 @@ class Transfer:
                 await synced
             ok, digest, method = await asyncio.to_thread(self._verify, f, digest_now)
             if not ok:
-                if attempt == 2:
+                # Peers gave some of it: they are dropped, and the origin alone fetches it again.
+                failures += 0 if self.fill is not None and self.fill.blame(f.path) else 1
+                if failures == 2:
                     raise IntegrityError(
                         f"{self.listing.source}: {f.path}: content does not match the source's "
                         f"checksum after a second fetch ({digest})"
@@ -329,7 +350,7 @@ class Transfer:
                 source=self.listing.source,
                 root=self.dest.root,
                 limiter=self.client.limiter,
-                advance=self._advance,
+                advance=self.advance,
             )
             st.chunks = {i for i, _, _ in self._chunks(f)}
             self.partial.add(f.path)
@@ -337,6 +358,11 @@ class Transfer:
             return
         todo = [c for c in self._chunks(f) if c[0] not in st.chunks]
         if not todo:
+            return
+        if self.fill is not None and self.fill.usable(f):
+            # The origin's ranges probe as the first one would (a server may send the whole file).
+            probe = not f.ranges
+            await self.fill.fetch(f, todo, lambda c: self._request(f, c, whole=False, probe=probe))
             return
         if f.size is None or len(self._chunks(f)) == 1:
             await self._request(f, todo[0], whole=True)
@@ -354,7 +380,7 @@ class Transfer:
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
 
-    def _open(self, f: RemoteFile) -> int:
+    def open_staged(self, f: RemoteFile) -> int:
         """The file's descriptor, opened by its first request once that holds a slot (so open
         descriptors stay bounded by the concurrency), preallocated to the listed size."""
         if f.path in self.fds:
@@ -390,7 +416,7 @@ class Transfer:
         body = Body(
             f,
             source=self.listing.source,
-            report=self._advance,
+            report=self.advance,
             start=start,
             end=end,
             whole=whole,
@@ -414,12 +440,12 @@ class Transfer:
                         headers["Range"] = f"bytes={body.pos}-{last}"
                     try:
                         async with self.slots:
-                            body.fd = self._open(f)
+                            body.fd = self.open_staged(f)
                             await self.client.request(
                                 "GET", f.url or "", headers=headers, label=body.label, accept=body.accept
                             )
                     finally:
-                        self._advance(body.take_unreported())
+                        self.advance(body.take_unreported())
                     expected = (body.end - body.start) if f.size is not None else None
                     if expected is not None and body.written < expected:
                         if body.framed:
@@ -435,28 +461,25 @@ class Transfer:
             raise IntegrityError(f"{e} ({self.settings.attempts} attempts)") from e
         except TransientError as e:
             raise retried(e, retrying.statistics.get("attempt_number", 1), time.monotonic() - began) from e
+        self.record(f, {i for i, _, _ in self._chunks(f)} if (not body.ranged or whole) else {index})
+        return bool(body.ranged) and not whole
+
+    def record(self, f: RemoteFile, chunks: set[int]) -> None:
+        """Chunks of ``f`` written: recorded at the next checkpoint, and hashed as the prefix grows."""
         st = self._st(f)
-        st.chunks.update({i for i, _, _ in self._chunks(f)} if (not body.ranged or whole) else {index})
+        st.chunks.update(chunks)
         self.partial.add(f.path)
         self.dirty = True
         if (hasher := self.hashers.get(f.path)) is not None:
             hasher.poke(st.chunks)
-        return bool(body.ranged) and not whole
 
-    def _advance(self, nbytes: int) -> None:
+    def advance(self, nbytes: int) -> None:
         if nbytes:
             self.transferred += nbytes
             self.progress.advance(nbytes)
 
     def _wait(self, retry_state: object) -> float:
-        attempt = getattr(retry_state, "attempt_number", 1)
-        outcome = getattr(retry_state, "outcome", None)
-        error = outcome.exception() if outcome is not None else None
-        base = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1))
-        delay = random.uniform(base / 2, base)  # noqa: S311 - jitter, not crypto
-        if isinstance(error, TransientError) and error.retry_after is not None:
-            delay = max(delay, min(error.retry_after, self.settings.backoff_max))
-        return delay
+        return backoff(self.settings, retry_state)
 
     # -- verification -----------------------------------------------------------------------
 
@@ -557,43 +580,3 @@ class Transfer:
             archive_type=self.listing.archive or "",
             source=self.listing.source,
         )
-
-    def _manifest(self) -> Manifest:
-        if self.listing.archive is not None:
-            # An archive's members have no hash from the source: ours, for a later re-verify.
-            # Its members' links were checked by the unpack and are again at publish (check_tree).
-            check_tree(self.files_dir, inner_links=True)
-            entries = tuple(
-                FileEntry(
-                    p.relative_to(self.files_dir).as_posix(),
-                    p.stat().st_size,
-                    sha256_of(p) if self.settings.verify else None,
-                )
-                for p in sorted(self.files_dir.rglob("*"))
-                if p.is_file()
-            )
-        else:
-            entries = tuple(
-                FileEntry(
-                    f.path,
-                    self._target_size(f.path),
-                    f.sha256 or self.outcome.get(f.path, ("", None))[1],
-                    f.git_sha1,
-                    f.md5,
-                    f.crc32c,
-                )
-                for f in self.listing.files
-            )
-        return Manifest(
-            source_model_uri=self.uri,
-            storage_key=self.storage_key,
-            revision=self.listing.revision,
-            files=entries,
-            published_at=utc_now(),
-        )
-
-    def _target_size(self, path: str) -> int:
-        st = lstat_below(self.files_dir / path, below=self.dest.root)
-        if st is None:
-            raise FileNotFoundError(errno.ENOENT, "staged file missing", str(self.files_dir / path))
-        return st.st_size

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.download.listing import Listing, RemoteFile
 from agent.download.staging import write_atomic
 
 PROGRESS_VERSION = 2  # 1: every file in progress.json, no journal (still read)
@@ -134,3 +136,28 @@ def _journal_line(path: str, f: FileProgress) -> bytes:
     record = {"path": path, **f.to_json()}
     del record["chunks"]  # a finished file has them all
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def resumable(
+    old: Progress | None, listing: Listing, chunk_size: int, staged_size: Callable[[RemoteFile], int | None]
+) -> dict[str, FileProgress] | None:
+    """What a saved state still holds for ``listing``: its files begun or finished whose identity
+    (size and hashes) is the listing's and whose staged file (``staged_size``: its size, None when
+    missing) has the listed size. None when there is no state, or it is of another revision or
+    chunk size: start over."""
+    if old is None or old.revision != listing.revision or old.chunk_size != chunk_size:
+        return None
+    out = {}
+    for f in listing.files:
+        kept = old.files.get(f.path)
+        if kept is None or kept.identity() != (f.size, f.sha256, f.git_sha1, f.md5):
+            continue
+        size = staged_size(f)
+        if size is None:
+            continue
+        if not (f.size is not None and size == f.size):
+            kept.chunks.clear()
+            kept.verified = False
+        if kept.chunks or kept.verified:
+            out[f.path] = kept
+    return out

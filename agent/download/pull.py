@@ -15,6 +15,7 @@ from agent.download.client import ClientSettings, HttpClient
 from agent.download.engine import Transfer
 from agent.download.listing import Listing
 from agent.download.ownership import Match, folder_match
+from agent.download.peers import PeerSource
 from agent.download.source_settings import SourceSettings
 from agent.download.sources import list_source
 from agent.download.staging import Destination, LinkRefused, finish_publish, remove_tree
@@ -62,12 +63,15 @@ async def pull(
     client: HttpClient | None = None,
     admit: Callable[[Listing], None] | None = None,
     max_bytes: int | None = None,
+    peers: PeerSource | None = None,
 ) -> PullResult:
     """Make ``dest`` hold exactly what ``uri`` holds now, verified; resumes what a crash left.
 
     ``admit`` sees the listing before any byte is fetched and may raise to refuse it (the agent
     checks the real size against the node's capacity there). ``max_bytes`` caps what an archive
     source may unpack to (the declared modelSize), besides the free space and the ratio limit.
+    ``peers``: peer fill on, with these peers to ask before the origin (:mod:`agent.download.peers`);
+    the listing still comes from the origin, and every byte is checked the same way.
 
     Every failure is a :class:`DownloadError`: an OSError from any step (the disk filling while the
     resume state is written, a publish into a read-only folder) is mapped here, once, into
@@ -85,6 +89,7 @@ async def pull(
             client=client,
             admit=admit,
             max_bytes=max_bytes,
+            peers=peers,
         )
     except OSError as e:
         raise _on_dest_filesystem(from_os_error(e), dest) from e
@@ -150,6 +155,7 @@ async def _pull(
     client: HttpClient | None,
     admit: Callable[[Listing], None] | None,
     max_bytes: int | None,
+    peers: PeerSource | None,
 ) -> PullResult:
     started = time.monotonic()
     own = client is None
@@ -181,6 +187,7 @@ async def _pull(
             settings=transfer,
             progress=progress,
             previous=published,
+            peers=peers,
         )
         # The engine unpacks in a thread: the limit travels in the context (asyncio.to_thread copies it).
         token = unpack_limit.set(max_bytes)

@@ -4,12 +4,14 @@ the progress sink, the result, and whether a published copy is what the source h
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.download.listing import Listing, RemoteFile
 from localmodel.manifest import FileEntry, Manifest
+from localmodel.resources import DroppedPeer
 
 MiB = 1 << 20
 
@@ -73,6 +75,11 @@ class PullResult:
     hash_checked: Mapping[str, int] = field(default_factory=dict)
     size_only: int = 0
     size_only_names: tuple[str, ...] = ()
+    # Peer fill: bytes received from the origin and from peers (every attempt; their sum is
+    # bytes_transferred), and the peers this download stopped using, with why.
+    bytes_from_origin: int = 0
+    bytes_from_peers: int = 0
+    peers_dropped: tuple[DroppedPeer, ...] = ()
 
     @property
     def verified(self) -> bool:
@@ -121,3 +128,18 @@ def checked_counts(methods: Mapping[str, str], *, each: int) -> tuple[dict[str, 
         else:
             hashed[method] = hashed.get(method, 0) + each
     return hashed, size_only, tuple(sorted(named)[:SIZE_ONLY_NAMES])
+
+
+def backoff(settings: TransferSettings, retry_state: object) -> float:
+    """Seconds before a request's next attempt (tenacity's ``wait``): exponential from
+    ``backoff_initial`` up to ``backoff_max``, with full jitter over its upper half, and at least a
+    TransientError's ``retry_after`` (capped at ``backoff_max``)."""
+    attempt = getattr(retry_state, "attempt_number", 1)
+    outcome = getattr(retry_state, "outcome", None)
+    error = outcome.exception() if outcome is not None else None
+    base = min(settings.backoff_max, settings.backoff_initial * 2 ** (attempt - 1))
+    delay = random.uniform(base / 2, base)  # noqa: S311 - jitter, not crypto
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.backoff_max))
+    return delay

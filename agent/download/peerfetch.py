@@ -1,0 +1,466 @@
+"""The engine's peer part: one download's peers asked for what they hold, each file's chunks
+spread over them and the origin (:func:`agent.download.peers.plan_file`), and the peers that fail
+dropped for this model with a reason.
+
+A peer is asked over plain HTTP (``http://<address>``, :mod:`localmodel.peering`'s paths, the
+cluster token as a bearer), through a client of its own: no proxy (peers are in the cluster),
+private addresses allowed, no redirect followed (a peer answers for itself: a 3xx drops it), the
+peer timeouts and low-speed bound of :class:`PeerSettings`, and the download byte-rate cap shared
+with the origin's client. Each chunk is one ranged GET checked as the
+origin's are (:class:`agent.download.body.Body`: the 206's ``Content-Range`` start, end and total,
+never a byte past it) and not retried from the same peer:
+
+- a connection error, a timeout, a stall under the low-speed bound, a 5xx (a 503 without
+  ``Retry-After``), a 401/403, a range or size that is not what was asked, a body cut short, a
+  malformed or lying holding, a manifest that does not match the controller's digest: the peer is
+  dropped for this model (:attr:`PeerFill.dropped`) and its chunks go to another peer or the origin;
+- a 404: it may have just published or dropped a chunk: its holding is asked again (three in a row
+  and it is dropped);
+- a 503 or 429 with ``Retry-After``: it is busy (its upload limit); its chunks wait that long (at
+  most 5 s), up to :attr:`PeerSettings.max_busy` times in a row.
+
+A file whose hash fails after peers gave chunks of it: every peer that did is dropped
+(:meth:`PeerFill.blame`) and the file is fetched again from the origin alone. Disk errors are ours,
+not the peer's: they fail the download as they would from the origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.download.body import Body, RangeMismatch, check_of, status_error
+from agent.download.client import ClientSettings, HttpClient, Response, Sink
+from agent.download.listing import Listing, RemoteFile
+from agent.download.peers import (
+    BAD_BYTES,
+    ChunkPlan,
+    FileNeed,
+    PeerSource,
+    PeerView,
+    hashes_from_manifest,
+    held_bytes,
+    holding_fault,
+    plan_file,
+)
+from agent.download.ratelimit import RateLimiter
+from agent.download.transfer import TransferSettings
+from localmodel.errors import (
+    AccessDenied,
+    DiskFull,
+    DownloadError,
+    IntegrityError,
+    PermissionDenied,
+    SourceNotFound,
+    SpecError,
+    TransientError,
+    UnsafePath,
+)
+from localmodel.manifest import Manifest
+from localmodel.peering import Holding, bearer, file_path, holding_path, manifest_path
+from localmodel.resources import DroppedPeer
+
+log = logging.getLogger("modelcache.download")
+
+Chunk = tuple[int, int, int]
+MAX_BUSY_WAIT = 5.0  # seconds a Retry-After from a busy peer is honoured, at most
+MAX_MISSES = 3  # 404s in a row for what its holding names, before a peer is dropped
+# Ours, not the peer's: these fail the download as they would from the origin.
+LOCAL = (DiskFull, PermissionDenied, UnsafePath)
+
+
+class Staging(Protocol):
+    """Where a download's chunks go (:class:`agent.download.engine.Transfer`): ``slots`` bounds
+    its requests in flight, ``open_staged`` gives a file's staged descriptor, ``record`` notes
+    chunks written, ``advance`` counts bytes received."""
+
+    slots: asyncio.Semaphore
+
+    def open_staged(self, f: RemoteFile) -> int: ...
+    def record(self, f: RemoteFile, chunks: set[int]) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+
+
+@dataclasses.dataclass
+class _Peer:
+    """One peer's state in this download (mutated on the event loop only)."""
+
+    address: str
+    holding: Holding | None = None
+    grew_at: float | None = None
+    busy_until: float = 0.0
+    busy: int = 0
+    misses: int = 0
+    in_flight: int = 0
+
+    def view(self) -> PeerView:
+        return PeerView(self.address, self.holding, self.grew_at, self.busy_until, self.in_flight)
+
+
+class PeerFill:
+    """The peers of one download (:class:`agent.download.engine.Transfer`) of the model
+    ``storage_key``. ``limiter``: the download byte-rate cap, shared with the origin's client (None:
+    uncapped); ``staging``: where the chunks go."""
+
+    def __init__(
+        self,
+        source: PeerSource,
+        storage_key: str,
+        transfer: TransferSettings,
+        limiter: RateLimiter | None,
+        staging: Staging,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = source.settings
+        self.on_drop = source.on_drop
+        self.manifest_sha256 = source.manifest_sha256
+        self.storage_key = storage_key
+        self.chunk_size = transfer.chunk_size
+        self.verify = transfer.verify
+        self.staging = staging
+        self.clock = clock
+        self.peers: dict[str, _Peer] = {}  # nearest first, the dropped removed
+        for p in source.peers:
+            self.peers.setdefault(p.address, _Peer(p.address))
+        self.dropped: dict[str, DroppedPeer] = {}
+        self.peer_bytes = 0
+        self.contributors: dict[str, set[str]] = {}  # file -> peers that gave chunks of it
+        self.origin_only: set[str] = set()
+        self.listing: Listing | None = None
+        self.asked_at = 0.0
+        self.client = HttpClient(
+            ClientSettings(
+                concurrency=transfer.concurrency,
+                read_size=transfer.read_size,
+                connect_timeout=self.settings.connect_timeout,
+                read_timeout=self.settings.read_timeout,
+                low_speed_limit=self.settings.low_speed_limit,
+                low_speed_time=self.settings.low_speed_time,
+                allow_private=True,
+                follow_redirects=False,
+            )
+        )
+        # One cap for every byte this process downloads, from the origin or a peer.
+        self.client.limiter = limiter
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- before the first byte -------------------------------------------------------------
+
+    async def start(self, listing: Listing) -> Listing:
+        """Ask every peer's holding; when the controller passed a manifest digest and some file has
+        no hash from the origin, take the sha256s of a peer's manifest that matches it. The listing
+        with those sha256s filled in (the engine checks them as the origin's)."""
+        self.listing = listing
+        if not self.peers or listing.archive is not None or not self.verify:
+            self.peers.clear()  # an archive is unpacked, and unchecked bytes never come from a peer
+            return listing
+        await self._ask_all()
+        self.asked_at = self.clock()
+        unhashed = [f for f in listing.files if check_of(f) is None]
+        if not unhashed or self.manifest_sha256 is None:
+            return listing
+        hashes = await self._manifest_hashes(listing)
+        files = tuple(
+            dataclasses.replace(f, sha256=hashes[f.path]) if check_of(f) is None and f.path in hashes else f
+            for f in listing.files
+        )
+        self.listing = dataclasses.replace(listing, files=files)
+        return self.listing
+
+    async def _manifest_hashes(self, listing: Listing) -> dict[str, str]:
+        assert self.manifest_sha256 is not None
+        wanted = [(f.path, f.size) for f in listing.files]
+        for peer in list(self.peers.values()):
+            if peer.holding is None or not peer.holding.published:
+                continue
+            try:
+                data = await self._get_json(peer.address, manifest_path(self.storage_key))
+                if data is None:
+                    continue
+                manifest = Manifest.from_json(data, where=f"peer {peer.address}'s manifest")
+            except (DownloadError, SpecError, ValueError) as e:
+                self._drop_for(peer.address, e)
+                continue
+            hashes = hashes_from_manifest(manifest, self.manifest_sha256, wanted)
+            if hashes is None:
+                self.drop(peer.address, f"{BAD_BYTES}its manifest is not the one the controller vouched for")
+                continue
+            return hashes
+        return {}
+
+    # -- holdings ----------------------------------------------------------------------------
+
+    async def _ask_all(self) -> None:
+        await asyncio.gather(*(self._ask(p) for p in list(self.peers.values())))
+
+    async def _refresh(self) -> None:
+        """Ask again the peers whose holding may have changed, at most once a poll interval."""
+        if self.clock() - self.asked_at < self.settings.poll_interval:
+            return
+        self.asked_at = self.clock()
+        changing = [p for p in self.peers.values() if p.holding is None or not p.holding.published]
+        await asyncio.gather(*(self._ask(p) for p in changing))
+
+    async def _ask(self, peer: _Peer) -> None:
+        assert self.listing is not None
+        try:
+            data = await self._get_json(peer.address, holding_path(self.storage_key))
+            holding = Holding.from_json(data) if data is not None else None
+        except (DownloadError, SpecError, ValueError) as e:
+            self._drop_for(peer.address, e, what="holding")
+            return
+        if holding is not None and holding.revision != self.listing.revision:
+            holding = None  # another version of the model: of no use, and no fault
+        if holding is not None:
+            sizes = {f.path: f.size for f in self.listing.files}
+            fault = holding_fault(holding, storage_key=self.storage_key, sizes=sizes)
+            if fault is not None:
+                self.drop(peer.address, fault)
+                return
+        if held_bytes(holding) > held_bytes(peer.holding):
+            peer.grew_at = self.clock()
+        peer.holding = holding
+
+    async def _get_json(self, address: str, path: str) -> Any:
+        """A peer's JSON answer at ``path``; None for a 404. DownloadError for any other status or
+        an answer longer than :attr:`PeerSettings.max_holding_bytes`; ValueError for bad JSON."""
+        label = f"peer {address}"
+        buf = bytearray()
+        found = True
+        limit = self.settings.max_holding_bytes
+
+        def sink(block: memoryview) -> None:
+            if len(buf) + len(block) > limit:
+                raise DownloadError(f"{label}: an answer longer than {limit} bytes")
+            buf.extend(block)
+
+        def accept(response: Response) -> Sink | None:
+            nonlocal found
+            if response.status == 404:
+                found = False
+                return None
+            if response.status != 200:
+                raise status_error(label, response)
+            return sink
+
+        headers = bearer(self.settings.token())
+        await self.client.request(
+            "GET", f"http://{address}{path}", headers=headers, label=label, accept=accept
+        )
+        return json.loads(bytes(buf)) if found else None
+
+    # -- one file ------------------------------------------------------------------------------
+
+    def usable(self, f: RemoteFile) -> bool:
+        """Peers may give bytes of ``f``: some peer is left, the file has bytes and a hash to check
+        them against, and it was not handed to the origin alone (:meth:`blame`)."""
+        return (
+            bool(self.peers)
+            and bool(f.size)
+            and f.local_path is None
+            and check_of(f) is not None
+            and f.path not in self.origin_only
+        )
+
+    async def fetch(
+        self, f: RemoteFile, todo: list[Chunk], origin: Callable[[Chunk], Awaitable[bool]]
+    ) -> None:
+        """Fetch ``todo`` of ``f``: each chunk from the source :func:`plan_file` picks, again
+        elsewhere when a peer fails. ``origin(chunk)`` fetches one from the origin (its errors fail
+        the download) and returns False when the origin sent the whole file instead."""
+        pending = {c[0]: c for c in todo}
+        running: dict[asyncio.Future[bool], tuple[Chunk, bool]] = {}
+        try:
+            while pending or running:
+                plan = self._plan(f, tuple(pending.values()))
+                for index, address in plan.by_peer.items():
+                    chunk = pending.pop(index)
+                    self.peers[address].in_flight += 1  # now: the next file's plan counts it
+                    running[asyncio.ensure_future(self._from_peer(f, chunk, address))] = (chunk, False)
+                for index in plan.origin:
+                    chunk = pending.pop(index)
+                    running[asyncio.ensure_future(origin(chunk))] = (chunk, True)
+                if running:
+                    timeout = self.settings.poll_interval if pending else None
+                    done, _ = await asyncio.wait(
+                        running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if self._settle(done, running, pending):
+                        return  # the origin sent the whole file
+                else:
+                    await asyncio.sleep(self.settings.poll_interval)
+                if pending:
+                    await self._refresh()
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def _settle(
+        self,
+        done: set[asyncio.Future[bool]],
+        running: dict[asyncio.Future[bool], tuple[Chunk, bool]],
+        pending: dict[int, Chunk],
+    ) -> bool:
+        """Take the finished requests: a peer's that failed puts its chunk back. True when the
+        origin answered a range with the whole file (nothing else to fetch)."""
+        whole = False
+        for task in done:
+            chunk, from_origin = running.pop(task)
+            ok = task.result()  # an origin request's error fails the download here
+            if not ok and from_origin:
+                whole = True
+            elif not ok:
+                pending[chunk[0]] = chunk
+        return whole
+
+    def _plan(self, f: RemoteFile, chunks: tuple[Chunk, ...]) -> ChunkPlan:
+        assert self.listing is not None and f.size is not None
+        need = FileNeed(f.path, f.size, chunks, peer_ok=self.usable(f))
+        return plan_file(
+            need,
+            [p.view() for p in self.peers.values()],
+            revision=self.listing.revision,
+            chunk_size=self.chunk_size,
+            now=self.clock(),
+            wait_for_fetching=self.settings.wait_for_fetching,
+        )
+
+    async def _from_peer(self, f: RemoteFile, chunk: Chunk, address: str) -> bool:
+        """One chunk from one peer: True when it is written and recorded, False when the peer
+        failed (dropped, busy or asked again); disk errors raise."""
+        peer = self.peers[address]
+        try:
+            await self._get_chunk(f, chunk, address)
+        except LOCAL:
+            raise
+        except DownloadError as e:
+            self._failed(peer, f.path, e)
+            return False
+        finally:
+            peer.in_flight -= 1
+        peer.busy = peer.misses = 0
+        self.contributors.setdefault(f.path, set()).add(address)
+        return True
+
+    async def _get_chunk(self, f: RemoteFile, chunk: Chunk, address: str) -> None:
+        """One ranged GET, checked and written as the origin's are (Body), not retried."""
+        index, start, end = chunk
+        body = Body(
+            f, source=f"peer {address}", report=self._report, start=start, end=end, whole=False, probe=False
+        )
+        body.asked_range = True
+        headers = {**bearer(self.settings.token()), "Range": f"bytes={start}-{end - 1}"}
+        url = f"http://{address}{file_path(self.storage_key, f.path)}"
+        try:
+            async with self.staging.slots:
+                body.fd = self.staging.open_staged(f)
+                await self.client.request("GET", url, headers=headers, label=body.label, accept=_direct(body))
+        finally:
+            self._report(body.take_unreported())
+        if body.written < end - start:
+            raise TransientError(
+                f"{body.label}: the answer ended after {body.written} of {end - start} bytes"
+            )
+        self.staging.record(f, {index})
+
+    def _report(self, nbytes: int) -> None:
+        self.peer_bytes += nbytes
+        self.staging.advance(nbytes)
+
+    def _failed(self, peer: _Peer, path: str, e: DownloadError) -> None:
+        if peer.address not in self.peers:
+            return  # dropped meanwhile, by another of its chunks
+        if isinstance(e, SourceNotFound) and peer.holding is not None:
+            peer.misses += 1
+            if peer.misses >= MAX_MISSES:
+                self.drop(peer.address, f"its holding names {path}, which it answers 404 for")
+                return
+            files = {p: h for p, h in peer.holding.files.items() if p != path}
+            peer.holding = dataclasses.replace(peer.holding, files=files)
+            self.asked_at = 0.0  # ask its holding again at once
+            return
+        if isinstance(e, TransientError) and e.retry_after is not None:
+            peer.busy += 1
+            if peer.busy > self.settings.max_busy:
+                self.drop(peer.address, f"busy (HTTP 503) {peer.busy} times in a row")
+                return
+            peer.busy_until = self.clock() + min(e.retry_after, MAX_BUSY_WAIT)
+            return
+        self._drop_for(peer.address, e)
+
+    def _drop_for(self, address: str, e: Exception, *, what: str = "") -> None:
+        text = str(e).removeprefix(f"peer {address}: ")
+        if isinstance(e, SpecError | ValueError) and what:
+            text = f"{BAD_BYTES}malformed {what}: {text}"
+        elif isinstance(e, IntegrityError | RangeMismatch):
+            text = f"{BAD_BYTES}{text}"
+        elif isinstance(e, AccessDenied):
+            text = f"{text} (the cluster token was refused)"
+        self.drop(address, text)
+
+    def drop(self, address: str, reason: str) -> None:
+        """Stop using a peer for this model, with a one-line reason (kept for the status)."""
+        if self.peers.pop(address, None) is None:
+            return
+        self.dropped[address] = DroppedPeer(address, reason)
+        log.warning("%s: peer %s dropped: %s", self.storage_key, address, reason)
+        if self.on_drop is not None:
+            self.on_drop(self.dropped[address])
+
+    def blame(self, path: str) -> bool:
+        """``path`` failed its hash: drop every peer that gave chunks of it and fetch it again from
+        the origin alone. False when no peer gave any (the origin's bytes failed)."""
+        givers = self.contributors.pop(path, set())
+        if not givers:
+            return False
+        self.origin_only.add(path)
+        assert self.listing is not None
+        check = next((check_of(f) for f in self.listing.files if f.path == path), None)
+        name = check.name if check is not None else "hash"
+        for address in sorted(givers):
+            self.drop(address, f"{BAD_BYTES}bytes failed {path}'s {name}")
+        return True
+
+
+def _direct(body: Body) -> Callable[[Response], Sink | None]:
+    """The body's check, with a redirect refused: a peer answers for itself."""
+
+    def accept(response: Response) -> Sink | None:
+        if 300 <= response.status < 400:
+            raise DownloadError(
+                f"{body.label}: HTTP {response.status}, a redirect (not followed from a peer)"
+            )
+        return body.accept(response)
+
+    return accept
+
+
+def token_reader(path: Path) -> Callable[[], str]:
+    """The cluster token in ``path`` (``--peer-token-file``), read again whenever the file changes
+    (kubelet replaces a Secret's file by swapping a link: the stat of the link's target changes).
+    DownloadError naming the file when it cannot be read or is empty; the token is in no message."""
+    seen: list[Any] = [None, ""]
+
+    def read() -> str:
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != seen[0]:
+                seen[:] = [stamp, path.read_text().strip()]
+        except OSError as e:
+            raise DownloadError(f"the peer token file {path} cannot be read: {e.strerror or e}") from e
+        if not seen[1]:
+            raise DownloadError(f"the peer token file {path} is empty")
+        return str(seen[1])
+
+    return read

@@ -1,0 +1,242 @@
+"""Peer fill, receiving side: which peers a download may ask, how, and the pure rule that decides
+which source serves each chunk of a file (:func:`plan_file`). Pure: no I/O; the engine's peer part
+(:mod:`agent.download.peerfetch`) asks the peers and feeds what they answered back in here.
+
+The listing always comes from the origin; a peer only ever gives bytes of a file the listing names,
+at the listed size, and those bytes are checked exactly as the origin's are (the origin's hash, or
+a sha256 from a peer's manifest whose digest the controller passed: :func:`hashes_from_manifest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from localmodel.cliargs import parse_addr
+from localmodel.errors import InvalidInput
+from localmodel.manifest import Manifest
+from localmodel.peering import Holding, manifest_digest
+from localmodel.resources import DroppedPeer
+
+# The start of every reason a peer is dropped for bytes that are not what was asked (a hash that
+# fails, a range or size that lies): the agent raises an Event (PeerDropped) for these.
+BAD_BYTES = "bad bytes: "
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One node agent to ask: its peer server ``address`` ("host:port") and node name, if known."""
+
+    address: str
+    node: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """How peers are asked, built at the entry point. ``token``: returns the cluster token now (read
+    from the mounted Secret; called per request, so a rotated Secret is picked up). Timeouts and the
+    low-speed bound (bytes/s over seconds, curl's --speed-limit/--speed-time) are per request: a peer
+    is in the cluster, so they are tighter than the origin's, and a peer that misses one is dropped.
+    ``wait_for_fetching``: seconds a chunk no peer holds waits for a peer that is fetching the model
+    (its holding grew within that time) before the origin is asked; ``poll_interval``: seconds
+    between two askings of a fetching peer's holding."""
+
+    token: Callable[[], str]
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    low_speed_limit: int = 256 << 10
+    low_speed_time: float = 10.0
+    wait_for_fetching: float = 30.0
+    poll_interval: float = 1.0
+    max_holding_bytes: int = 16 << 20  # a holding or manifest answer longer than this is malformed
+    max_busy: int = 20  # 503 answers in a row from one peer before it is dropped
+
+
+@dataclass(frozen=True)
+class PeerSource:
+    """What a download may take from peers: the ``peers`` to ask, nearest first (the controller's
+    list, or ``--peers``), and ``manifest_sha256``, the digest of the first holder's manifest
+    (:func:`localmodel.peering.manifest_digest`) that lets files the origin gives no hash for come
+    from peers. An empty ``peers`` still means peer fill is on: files without an origin hash are
+    hashed as they land, so that this node's manifest can serve the next ones. ``on_drop``: called
+    on the event loop with each peer dropped, as it is."""
+
+    peers: tuple[Peer, ...]
+    settings: PeerSettings
+    manifest_sha256: str | None = None
+    # Told of each peer the download drops, when it drops it (the agent's status and Events).
+    on_drop: Callable[[DroppedPeer], None] | None = None
+
+
+@dataclass(frozen=True)
+class FileNeed:
+    """One file's chunks still to fetch: (index, start, end-exclusive) each. ``peer_ok``: its bytes
+    will be checked against a hash (the origin's or the manifest's), so peers may give them."""
+
+    path: str
+    size: int
+    chunks: tuple[tuple[int, int, int], ...]
+    peer_ok: bool
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What is known of one peer that is not dropped. ``holding``: its last answer (None: holds
+    nothing, or not asked yet); ``grew_at``: when its holding was last seen to grow (None: never);
+    ``busy_until``: it answered 503 with a Retry-After reaching then; ``in_flight``: chunks being
+    fetched from it now."""
+
+    address: str
+    holding: Holding | None = None
+    grew_at: float | None = None
+    busy_until: float = 0.0
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Which source serves each chunk index: a peer's address, the origin, or none yet (wait)."""
+
+    by_peer: Mapping[int, str] = field(default_factory=dict)
+    origin: frozenset[int] = frozenset()
+    wait: frozenset[int] = frozenset()
+
+
+def plan_file(
+    need: FileNeed,
+    peers: Sequence[PeerView],
+    *,
+    revision: str | None,
+    chunk_size: int,
+    now: float,
+    wait_for_fetching: float,
+) -> ChunkPlan:
+    """Which source serves each chunk of ``need``; ``peers`` nearest first, the dropped left out.
+
+    Rules:
+
+    - A file whose bytes will not be checked against a hash (``peer_ok`` false) comes from the
+      origin, all of it.
+    - A peer is usable only when its holding's revision equals the listing's (``revision``) and its
+      entry for the file has the listed size; it holds a chunk when it holds the whole file, or that
+      chunk index with a chunk size equal to ours (``chunk_size``).
+    - A chunk a usable peer that is not busy holds goes to one of them: the one with the fewest
+      chunks assigned (in flight before this plan, plus given by it), the nearest on a tie, so the
+      chunks of a file spread round-robin over the peers that hold them.
+    - Else the chunk waits when a peer holding it is busy (``busy_until`` after ``now``), or a usable
+      peer that has not published the model is fetching it (its holding grew within
+      ``wait_for_fetching`` seconds of ``now``) and lacks the chunk: it may have it soon.
+    - Else it comes from the origin.
+    """
+    if not need.peer_ok:
+        return ChunkPlan(origin=frozenset(i for i, _, _ in need.chunks))
+    usable = [p for p in peers if _usable(p, need, revision)]
+    load = {p.address: p.in_flight for p in usable}
+    by_peer: dict[int, str] = {}
+    origin: set[int] = set()
+    wait: set[int] = set()
+    for index, _, _ in need.chunks:
+        holders = [p for p in usable if _holds(p, need.path, index, chunk_size)]
+        ready = [p for p in holders if p.busy_until <= now]
+        if ready:
+            best = min(ready, key=lambda p: load[p.address])  # min keeps the first (nearest) on a tie
+            load[best.address] += 1
+            by_peer[index] = best.address
+        elif holders or any(_fetching(p, need.path, now, wait_for_fetching) for p in usable):
+            wait.add(index)
+        else:
+            origin.add(index)
+    return ChunkPlan(by_peer, frozenset(origin), frozenset(wait))
+
+
+def _usable(p: PeerView, need: FileNeed, revision: str | None) -> bool:
+    if p.holding is None or p.holding.revision != revision:
+        return False
+    held = p.holding.files.get(need.path)
+    return held is None or held.size == need.size
+
+
+def _holds(p: PeerView, path: str, index: int, chunk_size: int) -> bool:
+    assert p.holding is not None
+    held = p.holding.files.get(path)
+    if held is None:
+        return False
+    return held.complete or (p.holding.chunk_size == chunk_size and index in held.chunks)
+
+
+def _fetching(p: PeerView, path: str, now: float, wait_for_fetching: float) -> bool:
+    assert p.holding is not None
+    held = p.holding.files.get(path)
+    if p.holding.published or (held is not None and held.complete):
+        return False
+    return p.grew_at is not None and now - p.grew_at <= wait_for_fetching
+
+
+def held_bytes(holding: Holding | None) -> int:
+    """How much a holding holds, in bytes: to tell whether a fetching peer's holding grew."""
+    if holding is None:
+        return 0
+    total = 0
+    for f in holding.files.values():
+        if f.complete:
+            total += f.size
+        else:
+            total += sum(min(holding.chunk_size, max(0, f.size - i * holding.chunk_size)) for i in f.chunks)
+    return total
+
+
+def holding_fault(holding: Holding, *, storage_key: str, sizes: Mapping[str, int | None]) -> str | None:
+    """Why a holding of the listing's revision cannot be true (a reason to drop the peer), or None.
+    ``sizes``: the listing's path -> size. A holding of another revision is not a fault (the peer
+    holds another version: it is simply not used)."""
+    if holding.storage_key != storage_key:
+        return f"{BAD_BYTES}its holding is of another model ({holding.storage_key})"
+    for path, held in sorted(holding.files.items()):
+        if path not in sizes:
+            continue  # not ours to fetch: never asked for
+        listed = sizes[path]
+        if listed is not None and held.size != listed:
+            return f"{BAD_BYTES}its holding says {path} has {held.size} bytes; the origin lists {listed}"
+        count = -(-held.size // holding.chunk_size)
+        if any(i >= count for i in held.chunks):
+            return f"{BAD_BYTES}its holding names chunks past the end of {path}"
+    return None
+
+
+def hashes_from_manifest(
+    manifest: Manifest, digest: str, files: Sequence[tuple[str, int | None]]
+) -> dict[str, str] | None:
+    """The sha256 of each listed file a peer's manifest records, when that manifest is the one the
+    controller vouched for (its :func:`manifest_digest` equals ``digest``); None when it is not
+    (drop the peer). ``files``: the listing's (path, size); a file is taken only when the manifest
+    has the same path with the same size and a sha256."""
+    if manifest_digest(manifest) != digest:
+        return None
+    listed = dict(files)
+    return {
+        e.path: e.sha256.lower()
+        for e in manifest.files
+        if e.sha256 and e.path in listed and listed[e.path] == e.size
+    }
+
+
+def dropped_for_bad_bytes(reason: str) -> bool:
+    """A drop a user must hear of (an Event): the peer sent bytes or claims that were not true."""
+    return reason.startswith(BAD_BYTES)
+
+
+def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
+    """``host:port,host:port,...`` (``--peers``; blanks ignored) -> peers in that order, each once.
+    InvalidInput naming ``flag`` for an entry that is not HOST:PORT with a host."""
+    out: dict[str, Peer] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        parse_addr(item, flag=flag)  # HOST:PORT, the port a number
+        if item.startswith(":"):
+            raise InvalidInput(
+                f"{flag}: {item!r} has no host; write each peer as HOST:PORT, e.g. 10.0.0.7:7071"
+            )
+        out.setdefault(item, Peer(item))
+    return tuple(out.values())
