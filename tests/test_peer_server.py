@@ -246,7 +246,6 @@ def test_ranges_it_cannot_satisfy_are_416_with_the_size(start: Callable[..., Run
 
 
 def test_parse_range_rules() -> None:
-    assert parse_range(None, 10) == parse_range(None, 10)
     assert (parse_range(None, 10).start, parse_range(None, 10).end, parse_range(None, 10).partial) == (
         0,
         10,
@@ -254,7 +253,8 @@ def test_parse_range_rules() -> None:
     )
     assert (parse_range("bytes=3-3", 10).start, parse_range("bytes=3-3", 10).end) == (3, 4)
     assert (parse_range(" bytes = 2 - 4 ", 10).start, parse_range(" bytes = 2 - 4 ", 10).end) == (2, 5)
-    for bad in ("bytes=10-", "bytes=١-2", "bytes=-", "bytes=1-2-3"):
+    # "\u0661" is a digit to str.isdigit, but not an ASCII one.
+    for bad in ("bytes=10-", "bytes=\u0661-2", "bytes=-", "bytes=1-2-3"):
         with pytest.raises(Unsatisfiable):
             parse_range(bad, 10)
 
