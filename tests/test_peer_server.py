@@ -10,7 +10,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from agent.download.journal import FileProgress, Progress
@@ -27,11 +31,15 @@ from agent.download.staging import Destination, publish
 from agent.metrics import AgentMetrics
 from agent.peer.holdings import Unsatisfiable, parse_range
 from agent.peer.server import PeerServer, ServeSettings, parse_target
+from agent.peer.service import PeerConfig, PeerService, advertise_address
 from agent.peer.token import TokenFile
+from agent.status import peer_condition
 from localmodel.errors import InvalidInput
 from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import FileEntry, Manifest
 from localmodel.peering import Holding, bearer, file_path, holding_path, manifest_digest, manifest_path
+from tests.support.agents import cache_doc, eventually, group_doc
+from tests.support.hfhub import Hub
 
 TOKEN = "peer-token-0123456789abcdef"
 OTHER = "peer-token-fedcba9876543210"
@@ -608,3 +616,175 @@ def test_holding_json_round_trips(start: Callable[..., Running]) -> None:
     raw = peer.get(holding_path(KEY)).json()
     assert raw == Holding.from_json(raw).to_json()
     assert json.loads(json.dumps(raw))["files"]["a.bin"]["chunks"] == [1]
+
+
+# -- in the agent -----------------------------------------------------------------------------------
+
+
+def agent_argv(cache: Path, docs: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "modelcache", "agent", "--node-name", "box", "--cache-dir", str(cache),
+        "--standalone", str(docs), "--node-labels", "gpu=h100", "--metrics-addr", "off",
+        "--health-addr", "off", "--chunk-size", "1Mi", "--status-interval", "0.2", *extra,
+    ]  # fmt: skip
+
+
+def peer_address(cache: Path) -> str | None:
+    try:
+        state = json.loads((cache / ".modelcache" / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    address = state["status"].get("peerAddress")
+    return str(address) if address else None
+
+
+async def test_the_agent_serves_its_download_in_progress_then_its_published_copy(
+    hf_hub: Hub, tmp_path: Path, token_file: Path
+) -> None:
+    big = blob(6 << 20, 7)
+    hf_hub.add_repo("org/m", {"big.safetensors": big, "config.json": b"{}"})
+    hf_hub.file("org/m", "big.safetensors").hold_from = 5 << 20  # mid-download while the test looks
+    cache, docs = tmp_path / "cache", tmp_path / "docs.yaml"
+    docs.write_text(
+        yaml.safe_dump_all([group_doc("h100", path=cache), cache_doc("m", "hf://org/m", "30Mi", ["h100"])])
+    )
+    key = storage_key("hf://org/m")
+    progress = cache / ".modelcache" / "staging" / key / "progress.json"
+    env = dict(os.environ, HF_ENDPOINT=hf_hub.endpoint, HF_HUB_DISABLE_XET="1", POD_IP="127.0.0.1")
+    peer_flags = (
+        "--peer-addr",
+        "127.0.0.1:0",
+        "--peer-token-file",
+        str(token_file),
+        "--peer-max-uploads",
+        "2",
+    )
+    proc = await asyncio.create_subprocess_exec(*agent_argv(cache, docs, *peer_flags), env=env)
+    try:
+        await eventually(lambda: peer_address(cache) is not None, timeout=60, what="status.peerAddress")
+        url = f"http://{peer_address(cache)}"
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+
+        def durable() -> set[int]:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                return set(json.loads(progress.read_text())["files"]["big.safetensors"]["chunks"])
+            return set()
+
+        await eventually(lambda: len(durable()) >= 2, timeout=60, what="2 durable chunks")
+        async with httpx.AsyncClient(base_url=url, headers=bearer(TOKEN), trust_env=False, timeout=30) as c:
+            holding = Holding.from_json((await c.get(holding_path(key))).json())
+            assert not holding.published and holding.chunk_size == 1 << 20
+            held = holding.files["big.safetensors"].chunks
+            assert held <= {*range(6)} and 5 not in held and len(held) >= 2
+            i = min(held)
+            r = await c.get(
+                file_path(key, "big.safetensors"), headers={"Range": f"bytes={i << 20}-{(i + 1 << 20) - 1}"}
+            )
+            assert (r.status_code, r.content) == (206, big[i << 20 : i + 1 << 20])
+            r = await c.get(file_path(key, "big.safetensors"), headers={"Range": f"bytes={5 << 20}-"})
+            assert r.status_code == 404  # held back at the origin: not durable here
+            hf_hub.file("org/m", "big.safetensors").hold_from = None
+            await eventually(lambda: (cache / "models" / key).is_dir(), timeout=60, what="the publish")
+
+            async def published() -> bool:
+                return bool((await c.get(holding_path(key))).json()["published"])
+
+            deadline = time.monotonic() + 60
+            while not await published():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            r = await c.get(file_path(key, "big.safetensors"))
+            assert (r.status_code, r.content) == (200, big)
+            assert (await c.get(holding_path(key), headers=bearer(OTHER))).status_code == 401
+        shown = subprocess.run(
+            [sys.executable, "-m", "modelcache", "status", "--cache-dir", str(cache)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert f"serving peers on {url.removeprefix('http://')}" in shown.stdout
+        state = json.loads((cache / ".modelcache" / "state.json").read_text())
+        serving = [c for c in state["status"]["conditions"] if c["type"] == "PeerServing"]
+        assert serving and serving[0]["status"] == "True"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+def run_agent(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    docs = tmp_path / "docs.yaml"
+    docs.write_text(yaml.safe_dump(group_doc("h100", path=tmp_path / "cache")))
+    return subprocess.run(
+        [*agent_argv(tmp_path / "cache", docs, *extra), "--once"], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (("--peer-addr", "127.0.0.1:0"), "--peer-addr needs --peer-token-file"),
+        (("--peer-addr", "nowhere", "--peer-token-file", "TOKEN"), "--peer-addr: 'nowhere' is not HOST:PORT"),
+        (("--peer-addr", ":0", "--peer-token-file", "EMPTY"), "--peer-token-file: "),
+        (("--peer-addr", ":0", "--peer-token-file", "MISSING"), "--peer-token-file: cannot read"),
+        (("--peer-advertise", "0.0.0.0:7071"), "--peer-advertise: '0.0.0.0:7071' is a wildcard"),
+        (("--peer-advertise", "host"), "--peer-advertise: 'host' is not HOST:PORT"),
+        (("--peer-max-upload-rate", "0"), "--peer-max-upload-rate: '0' must be greater than zero"),
+        (("--peer-max-uploads", "0"), "--peer-max-uploads: must be"),
+        (("--peer-token-file", " "), "--peer-token-file: empty"),
+    ],
+)
+def test_bad_peer_flags_are_one_line_and_exit_2(
+    tmp_path: Path, token_file: Path, flags: tuple[str, ...], words: str
+) -> None:
+    (tmp_path / "empty").write_text("\n")
+    files = {"TOKEN": str(token_file), "EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "nope")}
+    r = run_agent(tmp_path, *(files.get(f, f) for f in flags))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"modelcache agent: {words}"), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert TOKEN not in r.stderr
+
+
+def test_advertise_address_rules() -> None:
+    bound = ("0.0.0.0", 7071)
+    assert (
+        advertise_address(bound=bound, given="peer.example:1", pod_ip="10.0.0.5", node_name="n")
+        == "peer.example:1"
+    )
+    assert advertise_address(bound=bound, given=None, pod_ip="10.0.0.5", node_name="n") == "10.0.0.5:7071"
+    assert advertise_address(bound=bound, given=None, pod_ip="fd00::5", node_name="n") == "[fd00::5]:7071"
+    assert advertise_address(bound=("10.1.1.1", 9), given=None, pod_ip=None, node_name="n") == "10.1.1.1:9"
+    assert advertise_address(bound=bound, given=None, pod_ip=" ", node_name="gpu-7") == "gpu-7:7071"
+
+
+async def test_in_a_cluster_a_missing_token_file_waits_then_serves(tmp_path: Path, token_file: Path) -> None:
+    path = tmp_path / "later" / "token"
+    config = PeerConfig(ServeSettings(bind=("127.0.0.1", 0)), token_file=path)
+    service = PeerService(
+        config,
+        cache_dir=tmp_path,
+        metrics=AgentMetrics(CollectorRegistry()),
+        node_name="n",
+        pod_ip=None,
+        retry=0.05,
+    )
+    await service.start()
+    state = service.state()
+    assert state.address is None and state.problem is not None and str(path) in state.problem
+    assert peer_condition(state).status == "False"
+    task = asyncio.create_task(service.run())
+    try:
+        path.parent.mkdir()
+        path.write_text(TOKEN)
+        deadline = time.monotonic() + 60
+        while service.state().address is None:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.05)
+        address = service.state().address
+        assert address is not None and address.startswith("127.0.0.1:")
+        assert peer_condition(service.state()).status == "True"
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
+            r = await c.get(f"http://{address}{holding_path(KEY)}", headers=bearer(TOKEN))
+            assert r.status_code == 404  # serving, and holding nothing
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    assert service.state().address is None
