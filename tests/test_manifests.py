@@ -606,9 +606,9 @@ def _ports(pod: dict[str, Any]) -> dict[str, int]:
 @needs_kubectl
 def test_network_policies_admit_only_what_is_needed() -> None:
     """Agent: metrics from the monitoring namespace only (probes come from the node, which a
-    NetworkPolicy always allows), the peer port from the other agents only; controller: the webhook port from anywhere (the API server is not a
-    pod), metrics from the monitoring namespace. Every policy selects the pods it is for and names
-    ports they have."""
+    NetworkPolicy always allows), the peer port from the other agents only; controller: the webhook
+    port from anywhere (the API server is not a pod), metrics from the monitoring namespace. Every
+    policy selects the pods it is for and names ports they have."""
     docs = render("base")
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     agents = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "modelcache-agent"}}}
