@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -17,12 +18,14 @@ from prometheus_client import CollectorRegistry
 from agent.credentials import JOB_NAMESPACE
 from agent.desired import parse_labels
 from agent.download.environment import aws_ca_bundle, proxies_from_env
-from agent.download.peerfetch import token_reader
 from agent.download.peers import PeerSettings, parse_peers
 from agent.download.source_settings import SourceSettings
 from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
+from agent.peer.server import ServeSettings
+from agent.peer.service import PeerConfig, PeerService, parse_advertise
+from agent.peer.token import TokenFile
 from agent.pull_cli import folder_error
 from agent.standalone import StandaloneSource
 from agent.transfer_flags import add_transfer_flags, positive, transfer_settings
@@ -30,6 +33,7 @@ from localmodel.cliargs import UsageParser, parse_addr, path_arg
 from localmodel.errors import DownloadError, InvalidInput, from_os_error
 from localmodel.folders import cache_path_error, unreachable
 from localmodel.logs import setup_logging
+from localmodel.quantity import parse_rate
 from localmodel.state.base import ClusterState
 from localmodel.state.memory import MemoryState
 from localmodel.text import printable
@@ -147,12 +151,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster mode: sources may be on loopback, link-local or unspecified addresses "
         "(127.0.0.1, 169.254.169.254, 0.0.0.0; refused by default; standalone mode allows them)",
     )
-    # Peer fill, receiving side (the serving flags, --peer-addr and the rest, are agent.peer's).
+    # Peer fill, serving side (agent.peer): this node's models given to the other nodes' agents.
+    p.add_argument(
+        "--peer-addr",
+        metavar="HOST:PORT",
+        help="serve what this node holds to other nodes' agents on this address (default: off; the "
+        "DaemonSet sets 0.0.0.0:7071); needs --peer-token-file",
+    )
+    p.add_argument(
+        "--peer-advertise",
+        type=parse_advertise,
+        metavar="HOST:PORT",
+        help="the address other nodes reach the peer server at (default: $POD_IP:<port>, else the "
+        "--peer-addr host unless 0.0.0.0, else the node name:<port>)",
+    )
     p.add_argument(
         "--peer-token-file",
         type=path_arg("--peer-token-file", "/var/run/modelcache/peer/token"),
-        help="the cluster token peers share (the modelcache-peer-token Secret's file, re-read when it "
-        "changes); with it, downloads take what peers hold before asking the source",
+        metavar="PATH",
+        help="the cluster's peer token (the modelcache-peer-token Secret, read again when it changes): "
+        "required with --peer-addr and --peers; with it, downloads take what peers hold before "
+        "asking the source",
+    )
+    p.add_argument(
+        "--peer-max-upload-rate",
+        type=lambda text: parse_rate(text, flag="--peer-max-upload-rate"),
+        metavar="RATE",
+        help="a cap in bytes/s for all uploads to peers together, e.g. 500MB/s (default: none; "
+        "--max-bandwidth caps downloads apart)",
+    )
+    p.add_argument(
+        "--peer-max-uploads",
+        type=positive("--peer-max-uploads"),
+        default=8,
+        help="files sent to peers at once; more are answered 503, to ask elsewhere (8)",
     )
     p.add_argument(
         "--peers",
@@ -197,19 +229,30 @@ def file_prefixes(values: Sequence[str], *, standalone: bool) -> tuple[str, ...]
     return tuple(real)
 
 
-def peer_fill(token_file: Path | None, peers: str) -> PeerSettings | None:
-    """Peer fill's settings, on with ``--peer-token-file``: the token is read once now, so a
-    missing or empty file is bad input (exit 2), then again whenever the file changes."""
+def peer_fill(token_file: Path | None, peers: str, *, standalone: bool = True) -> PeerSettings | None:
+    """Peer fill's settings, on with ``--peer-token-file`` (the same :class:`TokenFile` rules the
+    peer server checks requests by). Standalone, a file that holds no token is bad input (exit 2);
+    in a cluster the Secret may not exist yet (the controller makes it, the DaemonSet mounts it
+    optional): peers are asked once it holds a token, the origin until then."""
     if token_file is None:
         if parse_peers(peers):
             raise InvalidInput("--peers needs --peer-token-file: the cluster token the peers accept")
         return None
-    token = token_reader(token_file)
+    tokens = TokenFile(token_file)
     try:
-        token()
-    except DownloadError as e:
-        raise InvalidInput(f"--peer-token-file: {e}") from None
-    return PeerSettings(token=token)
+        tokens.load()
+    except InvalidInput:
+        if standalone:
+            raise
+    return PeerSettings(token=functools.partial(_token_to_send, tokens))
+
+
+def _token_to_send(tokens: TokenFile) -> str:
+    token = tokens.current()
+    if not token:
+        # The peer is then not asked (peerfetch drops it for this model with this reason).
+        raise DownloadError(f"no peer token yet ({tokens.problem or f'{tokens.path} holds none'})")
+    return token
 
 
 def check_cache_dir(raw: Path) -> Path:
@@ -244,6 +287,28 @@ def disable_core_dumps() -> None:
         with contextlib.suppress(OSError, AttributeError):
             pr_set_dumpable = 4  # <linux/prctl.h>
             ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
+def peer_config(args: argparse.Namespace, *, chunk_size: int) -> PeerConfig | None:
+    """``--peer-*`` -> the peer server's settings; None without ``--peer-addr``. InvalidInput for a
+    bad address or ``--peer-addr`` without ``--peer-token-file``."""
+    if args.peer_addr is None or args.peer_addr == "off":
+        return None
+    if args.peer_token_file is None:
+        raise InvalidInput(
+            "--peer-addr needs --peer-token-file: name the file holding the cluster's peer token, "
+            "e.g. --peer-token-file /var/run/modelcache/peer/token"
+        )
+    return PeerConfig(
+        serve=ServeSettings(
+            bind=parse_addr(args.peer_addr, flag="--peer-addr"),
+            max_upload_rate=args.peer_max_upload_rate,
+            max_uploads=int(args.peer_max_uploads),
+            chunk_size=chunk_size,
+        ),
+        token_file=args.peer_token_file,
+        advertise=args.peer_advertise,
+    )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -292,7 +357,7 @@ def main(argv: Sequence[str]) -> int:
             ca_bundle=aws_ca_bundle(),
             allow_private=private,
         ),
-        peer_fill=peer_fill(args.peer_token_file, args.peers),
+        peer_fill=peer_fill(args.peer_token_file, args.peers, standalone=args.standalone is not None),
         peers=parse_peers(args.peers),
         sources=SourceSettings.from_env(
             file_prefixes=file_prefixes(args.allow_file_sources, standalone=args.standalone is not None),
@@ -302,7 +367,36 @@ def main(argv: Sequence[str]) -> int:
     labels = parse_labels(args.node_labels)
     health = None if args.health_addr == "off" else parse_addr(args.health_addr, flag="--health-addr")
     metrics = None if args.metrics_addr == "off" else parse_addr(args.metrics_addr, flag="--metrics-addr")
-    return asyncio.run(_run(args, settings=settings, labels=labels, health=health, metrics_addr=metrics))
+    peer = peer_config(args, chunk_size=settings.transfer.chunk_size)
+    return asyncio.run(
+        _run(args, settings=settings, labels=labels, health=health, metrics_addr=metrics, peer=peer)
+    )
+
+
+def _peer_service(
+    peer: PeerConfig | None, settings: AgentSettings, metrics: AgentMetrics, *, standalone: bool
+) -> PeerService | None:
+    if peer is None:
+        return None
+    service = PeerService(
+        peer,
+        cache_dir=settings.cache_dir,
+        metrics=metrics,
+        node_name=settings.node_name,
+        pod_ip=os.environ.get("POD_IP"),
+    )
+    if standalone:
+        # The user's own path: a typo is said now (exit 2). In a cluster the Secret may come later.
+        service.check_token()
+    return service
+
+
+async def _serve_peers(service: PeerService | None) -> asyncio.Task[None] | None:
+    """Start serving (a taken address: InvalidInput, exit 2) and keep at it in a task."""
+    if service is None:
+        return None
+    await service.start()
+    return asyncio.create_task(service.run(), name="peer-server")
 
 
 async def _run(
@@ -312,12 +406,15 @@ async def _run(
     labels: dict[str, str],
     health: tuple[str, int] | None,
     metrics_addr: tuple[str, int] | None,
+    peer: PeerConfig | None = None,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
+    agent_metrics = AgentMetrics(registry)
+    service = _peer_service(peer, settings, agent_metrics, standalone=args.standalone is not None)
     source: StandaloneSource | None = None
     state: ClusterState
     if args.standalone is not None:
@@ -347,9 +444,10 @@ async def _run(
     agent = Agent(
         state=state,
         settings=settings,
-        metrics=AgentMetrics(registry),
+        metrics=agent_metrics,
         source_error=(lambda: source.error) if source is not None else (lambda: None),
         refused=(lambda: source.refused) if source is not None else (lambda: ()),
+        peer=service.state if service is not None else (lambda: None),
     )
     routes: dict[tuple[str, int], list] = {}  # type: ignore[type-arg]
     names: dict[str, tuple[str, int]] = {}
@@ -361,6 +459,11 @@ async def _run(
         names["metrics"] = metrics_addr
     servers = Servers()
     await servers.start(routes, names)
+    try:
+        serving = await _serve_peers(service)
+    except BaseException:
+        await servers.stop()
+        raise
     poller = asyncio.create_task(source.run()) if source is not None else None
     try:
         code = await agent.run(stop, once=args.once)
@@ -369,6 +472,9 @@ async def _run(
     finally:
         if poller is not None:
             poller.cancel()
+        if serving is not None:
+            serving.cancel()
+            await asyncio.wait([serving])
         await servers.stop()
         await state.close()
     if stop.is_set():

@@ -47,7 +47,7 @@ from agent.metrics import AgentMetrics
 from agent.peerfill import dropped_words, peer_source
 from agent.planner import Disk, Plan, Refused, Want, plan
 from agent.records import Record
-from agent.status import CacheFindings, node_limit, node_status
+from agent.status import CacheFindings, PeerState, node_limit, node_status
 from agent.status_writer import StatusWriter, one_line
 from agent.threads import BoundedExecutor
 from localmodel.errors import (
@@ -151,8 +151,10 @@ class Agent:
         metrics: AgentMetrics,
         source_error: Callable[[], str | None] = lambda: None,
         refused: Callable[[], Sequence[Refusal]] = lambda: (),
+        peer: Callable[[], PeerState | None] = lambda: None,
     ) -> None:
         self.state = state
+        self.peer = peer  # --peer-addr: the peer server's address or why it serves nothing
         self.settings = settings
         self.metrics = metrics
         self.source_error = source_error  # standalone: why the documents could not be loaded
@@ -843,6 +845,7 @@ class Agent:
             ),
             config_problem=self.config_error or self.source_error(),
             generation=self.node.metadata.generation if self.node else None,
+            peer=self.peer(),
         )
 
     async def _status_loop(self) -> None:

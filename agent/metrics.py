@@ -105,3 +105,21 @@ class AgentMetrics:
             "Free bytes on the cache folder's filesystem (for unprivileged users).",
             registry=registry,
         )
+        # Peer fill, serving side (agent.peer.server): what this node gave the other nodes.
+        self.peer_upload_bytes = Counter(
+            "modelcache_peer_upload_bytes",
+            "Bytes of model files served to other nodes' agents (peer fill).",
+            registry=registry,
+        )
+        self.peer_requests = Counter(
+            "modelcache_peer_requests",
+            "Requests to the peer server, by HTTP status code (401: no valid token; 503: over "
+            "--peer-max-uploads; 499: the peer hung up).",
+            ["code"],
+            registry=registry,
+        )
+        self.peer_uploads_in_flight = Gauge(
+            "modelcache_peer_uploads_in_flight",
+            "File answers the peer server is sending now.",
+            registry=registry,
+        )

@@ -11,7 +11,10 @@ Rules:
   plan's (published plus reserved), or the published bytes before any plan.
 - Conditions: ``CacheFolderClean`` lists what the agent left alone in its folder (links, folders
   without our manifest, deletes refused, a state file not written); ``ConfigurationValid`` the
-  configuration problem, if any.
+  configuration problem, if any; with ``--peer-addr``, ``PeerServing`` whether peers are served and,
+  when not (or when the token file stopped being readable), why.
+- ``peerAddress``: where peers reach this agent, only while it serves them (the controller lists
+  a node to others only when it reports one).
 - The patch keeps conditions of types the agent does not write (the controller's
   ``SpecContested``): a merge patch replaces a list whole.
 """
@@ -81,6 +84,26 @@ def config_condition(problem: str | None) -> Condition:
     )
 
 
+@dataclass(frozen=True)
+class PeerState:
+    """The peer server as the status shows it: ``address`` (host:port) while it serves, and the
+    problem in words (a token file that cannot be read), if any."""
+
+    address: str | None
+    problem: str | None = None
+
+
+def peer_condition(peer: PeerState) -> Condition:
+    """``PeerServing``: True while serving with a readable token file; False with why."""
+    if peer.address is None:
+        return Condition("PeerServing", "False", "NotServing", peer.problem or "the peer server is starting")
+    if peer.problem:
+        return Condition(
+            "PeerServing", "False", "TokenUnreadable", f"{peer.problem}; the last token read stays in force"
+        )
+    return Condition("PeerServing", "True", "Serving", f"peers are served on {peer.address}")
+
+
 def summary(model_status: Mapping[str, ModelState]) -> str:
     """'2/3 downloaded, 1 downloading', counting names."""
     counts: dict[str, int] = {}
@@ -143,9 +166,11 @@ def node_status(
     found: CacheFindings,
     config_problem: str | None,
     generation: int | None,
+    peer: PeerState | None = None,
 ) -> LocalModelNodeStatus:
     """The status body: ``progress`` by storage key, ``limit`` and ``used`` in bytes, ``generation``
-    the LocalModelNode's observed generation (None before it was seen)."""
+    the LocalModelNode's observed generation (None before it was seen), ``peer`` the peer server's
+    state (None: ``--peer-addr`` is off)."""
     model_status: dict[str, ModelState] = {}
     models: dict[str, ModelProgress] = {}
     for m in desired.models:
@@ -163,7 +188,12 @@ def node_status(
         capacity=capacity(limit, used),
         summary=summary(model_status),
         observed_generation=generation,
-        conditions=(cache_condition(found), config_condition(config_problem)),
+        conditions=(
+            cache_condition(found),
+            config_condition(config_problem),
+            *((peer_condition(peer),) if peer is not None else ()),
+        ),
+        peer_address=peer.address if peer is not None else None,
     )
 
 

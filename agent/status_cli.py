@@ -131,6 +131,8 @@ def render_table(data: dict[str, Any]) -> str:
     if cap:
         limit = _size(cap["limit"]) if cap.get("limit") else "no limit"
         head += f"; {_size(cap.get('used'))} used of {limit}"
+    if status.get("peerAddress"):
+        head += f"; serving peers on {status['peerAddress']}"
     if data.get("updated"):
         head += f" (as of {data['updated']})"
     problems = [

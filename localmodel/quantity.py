@@ -161,22 +161,22 @@ def _quantity_text(text: str) -> str:
 MAX_RATE = 10**12
 
 
-def parse_rate(text: str) -> float:
+def parse_rate(text: str, *, flag: str = "--max-bandwidth") -> float:
     """'100M', '1.5Gi', '200MB/s', '50MiB/s', '200K' -> bytes per second, greater than zero and at
-    most :data:`MAX_RATE`; InvalidInput naming --max-bandwidth otherwise."""
+    most :data:`MAX_RATE`; InvalidInput naming ``flag`` otherwise."""
     cleaned = _quantity_text(text)
     try:
-        value = Quantity.parse(cleaned, field="--max-bandwidth")
+        value = Quantity.parse(cleaned, field=flag)
     except QuantityError:
         raise InvalidInput(
-            f"--max-bandwidth: {text!r} is not a rate; use bytes per second like 50kB/s, 100MB/s or "
+            f"{flag}: {text!r} is not a rate; use bytes per second like 50kB/s, 100MB/s or "
             "1GiB/s (k, M, G: powers of 1000; Ki, Mi, Gi: of 1024; B and /s optional)"
         ) from None
     if value.value <= 0:
-        raise InvalidInput(f"--max-bandwidth: {text!r} must be greater than zero")
+        raise InvalidInput(f"{flag}: {text!r} must be greater than zero")
     if value.value > MAX_RATE:
         raise InvalidInput(
-            f"--max-bandwidth: {text!r} is more than 1TB/s, which caps nothing; leave the flag out for no cap"
+            f"{flag}: {text!r} is more than 1TB/s, which caps nothing; leave the flag out for no cap"
         )
     return float(value.value)
 

@@ -284,7 +284,9 @@ def test_agent_daemonset() -> None:
     assert c["args"][0] == "agent"
     assert "--health-addr=:8081" in c["args"] and "--metrics-addr=:9090" in c["args"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"health": 8081, "metrics": 9090}
+    assert ports == {"health": 8081, "metrics": 9090, "peer": 7071}
+    assert "--peer-addr=0.0.0.0:7071" in c["args"]
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert pod["nodeSelector"]
@@ -327,6 +329,17 @@ def test_agent_secrets_reach_only_the_container_that_uses_them() -> None:
     assert secret["secretName"] == "modelcache-hf" and secret["optional"] is True
     assert secret["items"] == [{"key": "token", "path": path.rsplit("/", 1)[1]}]
     assert secret["defaultMode"] & 0o007 == 0, "not readable by others"
+    # The peer token: a file read again when the Secret is replaced, mounted read-only.
+    (flag,) = [a for a in c["args"] if a.startswith("--peer-token-file=")]
+    peer_path = flag.split("=", 1)[1]
+    (peer,) = [m for m in c["volumeMounts"] if peer_path.startswith(m["mountPath"] + "/")]
+    assert peer["readOnly"] is True
+    peer_secret = volumes[peer["name"]]["secret"]
+    assert peer_secret["secretName"] == "modelcache-peer-token"
+    assert peer_secret["items"] == [{"key": "token", "path": peer_path.rsplit("/", 1)[1]}]
+    assert peer_secret["defaultMode"] & 0o007 == 0, "not readable by others"
+    for init in pod["initContainers"]:
+        assert all(m["name"] != peer["name"] for m in init.get("volumeMounts", [])), init["name"]
     assert pod["securityContext"]["fsGroup"] == c["securityContext"]["runAsGroup"]
 
 
@@ -593,13 +606,14 @@ def _ports(pod: dict[str, Any]) -> dict[str, int]:
 @needs_kubectl
 def test_network_policies_admit_only_what_is_needed() -> None:
     """Agent: metrics from the monitoring namespace only (probes come from the node, which a
-    NetworkPolicy always allows); controller: the webhook port from anywhere (the API server is not a
-    pod), metrics from the monitoring namespace. Every policy selects the pods it is for and names
-    ports they have."""
+    NetworkPolicy always allows), the peer port from the other agents only; controller: the webhook
+    port from anywhere (the API server is not a pod), metrics from the monitoring namespace. Every
+    policy selects the pods it is for and names ports they have."""
     docs = render("base")
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    agents = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "modelcache-agent"}}}
     for kind, name, expected in (
-        ("DaemonSet", "modelcache-agent", [([monitoring], ["metrics"])]),
+        ("DaemonSet", "modelcache-agent", [([monitoring], ["metrics"]), ([agents], ["peer"])]),
         ("Deployment", "modelcache-controller", [(None, ["webhook"]), ([monitoring], ["metrics"])]),
     ):
         workload = find(docs, kind, name)

@@ -4,10 +4,9 @@ which files are finished and how they were checked."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,19 +84,34 @@ class Progress:
     def load(cls, path: Path) -> Progress | None:
         """The state saved at ``path`` (progress.json) and its journal; None when unreadable."""
         try:
-            data = json.loads(path.read_text())
+            header = path.read_bytes()
+            try:
+                journal = cls.journal_path(path).open("rb")
+            except FileNotFoundError:
+                return cls.parse(header, None)
+            with journal:  # read line by line: a journal of 100,000 files is not held twice
+                return cls.parse(header, journal)
+        except OSError:
+            return None
+
+    @classmethod
+    def parse(cls, header: bytes, journal: Iterable[bytes] | None) -> Progress | None:
+        """The state from the bytes of ``progress.json`` and the lines of ``done.jsonl`` (None: no
+        journal); None when unreadable. For a reader that opens the files its own way (the peer
+        server follows no link: agent.peer.holdings)."""
+        try:
+            data = json.loads(header)
             if data.get("version") not in (1, PROGRESS_VERSION):
                 return None
             files = {p: FileProgress.from_json(f) for p, f in data["files"].items()}
-            if data["version"] == PROGRESS_VERSION:
-                with contextlib.suppress(FileNotFoundError), cls.journal_path(path).open("rb") as journal:
-                    for line in journal:
-                        if not line.endswith(b"\n"):
-                            break  # torn by a crash mid-append
-                        record = json.loads(line)
-                        files[record["path"]] = FileProgress.from_json(record)
+            if data["version"] == PROGRESS_VERSION and journal is not None:
+                for line in journal:
+                    if not line.endswith(b"\n"):
+                        break  # torn by a crash mid-append
+                    record = json.loads(line)
+                    files[record["path"]] = FileProgress.from_json(record)
             return cls(revision=data["revision"], chunk_size=int(data["chunkSize"]), files=files)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None  # unreadable progress: start over, the staging files are overwritten
 
     def save(self, path: Path) -> None:

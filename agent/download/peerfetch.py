@@ -443,24 +443,3 @@ def _direct(body: Body) -> Callable[[Response], Sink | None]:
         return body.accept(response)
 
     return accept
-
-
-def token_reader(path: Path) -> Callable[[], str]:
-    """The cluster token in ``path`` (``--peer-token-file``), read again whenever the file changes
-    (kubelet replaces a Secret's file by swapping a link: the stat of the link's target changes).
-    DownloadError naming the file when it cannot be read or is empty; the token is in no message."""
-    seen: list[Any] = [None, ""]
-
-    def read() -> str:
-        try:
-            st = path.stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp != seen[0]:
-                seen[:] = [stamp, path.read_text().strip()]
-        except OSError as e:
-            raise DownloadError(f"the peer token file {path} cannot be read: {e.strerror or e}") from e
-        if not seen[1]:
-            raise DownloadError(f"the peer token file {path} is empty")
-        return str(seen[1])
-
-    return read

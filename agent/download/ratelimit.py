@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 
 class RateLimiter:
@@ -27,10 +28,12 @@ class RateLimiter:
     MAX_STEP = 64 << 20
     MAX_RECEIVE_BUFFER = 32 << 20
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """``rate`` in bytes per second; ``clock`` in seconds (a test's fake clock)."""
         self.rate = rate
+        self.clock = clock
         self.tokens = 0.0
-        self.stamp = time.monotonic()
+        self.stamp = clock()
         self.lock = threading.Lock()
 
     @property
@@ -50,7 +53,7 @@ class RateLimiter:
     def delay(self, n: int) -> float:
         """Take ``n`` bytes' worth of tokens; the seconds to wait before handing them on."""
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             self.tokens = min(self.rate * self.SAVED, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             self.tokens -= n
