@@ -399,22 +399,11 @@ async def _serve_peers(service: PeerService | None) -> asyncio.Task[None] | None
     return asyncio.create_task(service.run(), name="peer-server")
 
 
-async def _run(
-    args: argparse.Namespace,
-    *,
-    settings: AgentSettings,
-    labels: dict[str, str],
-    health: tuple[str, int] | None,
-    metrics_addr: tuple[str, int] | None,
-    peer: PeerConfig | None = None,
-) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    registry = CollectorRegistry()
-    agent_metrics = AgentMetrics(registry)
-    service = _peer_service(peer, settings, agent_metrics, standalone=args.standalone is not None)
+async def _state_of(
+    args: argparse.Namespace, settings: AgentSettings, labels: dict[str, str]
+) -> tuple[ClusterState, StandaloneSource | None]:
+    """The cluster state the agent works against: the API server, or standalone documents kept in
+    memory (their source, which keeps them up to date, returned with it)."""
     source: StandaloneSource | None = None
     state: ClusterState
     if args.standalone is not None:
@@ -441,6 +430,26 @@ async def _run(
             context=args.context,
             component="modelcache-agent",
         )
+    return state, source
+
+
+async def _run(
+    args: argparse.Namespace,
+    *,
+    settings: AgentSettings,
+    labels: dict[str, str],
+    health: tuple[str, int] | None,
+    metrics_addr: tuple[str, int] | None,
+    peer: PeerConfig | None = None,
+) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    registry = CollectorRegistry()
+    agent_metrics = AgentMetrics(registry)
+    service = _peer_service(peer, settings, agent_metrics, standalone=args.standalone is not None)
+    state, source = await _state_of(args, settings, labels)
     agent = Agent(
         state=state,
         settings=settings,

@@ -32,7 +32,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from agent.download.body import Body, RangeMismatch, check_of, status_error
