@@ -206,7 +206,7 @@ class Fleet:
         return agent
 
     async def _spawn(self, command: str, args: list[str], log: Path) -> asyncio.subprocess.Process:
-        env = dict(os.environ, HF_HUB_DISABLE_XET="1", **self.settings.env)
+        env = {**os.environ, "HF_HUB_DISABLE_XET": "1", **self.settings.env}
         with log.open("ab") as out:  # the child keeps its own descriptor
             return await asyncio.create_subprocess_exec(
                 *MODELCACHE, command, *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
