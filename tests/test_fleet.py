@@ -15,6 +15,7 @@ files) counting the bytes it sends.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from localmodel.layout import storage_key
 from localmodel.peering import Holding, bearer, holding_path
 from tests.support.agents import eventually
 from tests.support.fleet import Fleet, FleetSettings, identical, peer_fill_missing
-from tests.support.hfhub import Hub
+from tests.support.hfhub import Hub, Link
 from tests.support.kubeapi import KubeAPI
 from tests.support.s3files import S3Files
 
@@ -134,6 +135,46 @@ def names(n: int) -> list[str]:
 async def check_copies(fleet: Fleet, origin: Origin, nodes: list[str]) -> None:
     for node in nodes:
         assert identical(fleet.agents[node].copy(origin.uri), origin.files) == [], node
+
+
+# -- the origin's counts and link ---------------------------------------------------------------
+
+
+async def test_the_hub_counts_body_bytes_per_file_and_paces_every_body_through_one_link(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
+    files = model_files(tmp_path / "source")
+    hf_hub.add_repo("org/fleet", dict(files))
+    size = files[BIG].stat().st_size
+    url = f"{hf_hub.endpoint}/org/fleet/resolve/main/{BIG}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        # Unpaced (sendfile): a whole body and a range, counted once sent; HEAD and 404 send none.
+        async with http.get(url) as r:
+            assert len(await r.read()) == size
+        async with http.get(url, headers={"Range": "bytes=100-199"}) as r:
+            assert r.status == 206 and len(await r.read()) == 100
+        async with http.head(url) as r:
+            assert r.status == 200
+        async with http.get(f"{hf_hub.endpoint}/org/fleet/resolve/main/nothing") as r:
+            assert r.status == 404
+        assert hf_hub.bytes_sent == Counter({f"org/fleet/{BIG}": size + 100})
+        assert hf_hub.total_bytes_sent == size + 100
+
+        # Paced: two bodies at once share the link; it has sent their bytes no sooner than their
+        # bytes' time at its rate (the link's own clock, not the wall's).
+        hf_hub.reset_counts()
+        hf_hub.link = Link(64 * MiB)
+        start = asyncio.get_running_loop().time()
+
+        async def body(rng: str) -> bytes:
+            async with http.get(url, headers={"Range": rng}) as r:
+                return await r.read()
+
+        first, second = await asyncio.gather(body("bytes=0-8388607"), body(f"bytes={8 * MiB}-"))
+        assert first + second == files[BIG].read_bytes()
+        assert hf_hub.bytes_sent == Counter({f"org/fleet/{BIG}": size})
+        assert hf_hub.link.free_at >= start + size / (64 * MiB)
+        assert hf_hub.requests and all(r.range for r in hf_hub.requests)
 
 
 # -- today: every node from the origin ----------------------------------------------------------

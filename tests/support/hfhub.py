@@ -82,13 +82,13 @@ class Link:
         if rate <= 0:
             raise ValueError(f"a link rate must be above 0 bytes/s, not {rate}")
         self.rate = rate
-        self._free_at = 0.0  # the event loop's clock: when the link has sent what it was given
+        self.free_at = 0.0  # the event loop's clock: when the link has sent what it was given
 
     async def send(self, n: int) -> None:
         """Wait for ``n`` bytes' turn on the link (returns once they would have been sent)."""
         now = asyncio.get_running_loop().time()
-        self._free_at = max(now, self._free_at) + n / self.rate
-        await asyncio.sleep(self._free_at - now)
+        self.free_at = max(now, self.free_at) + n / self.rate
+        await asyncio.sleep(self.free_at - now)
 
 
 class Hub:
