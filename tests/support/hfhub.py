@@ -275,11 +275,7 @@ class Hub:
         counted = f"{repo_id}/{f.path}"
         plain = f.rate is None and not f.shift and f.hold_from is None and self.link is None
         if plain and (self.ranges or "Range" not in request.headers):
-            response = web.FileResponse(f.disk, headers=headers)
-            await response.prepare(request)  # sends the whole body (raises if the client leaves)
-            if response.status in (200, 206) and response.content_length is not None:
-                self.bytes_sent[counted] += response.content_length
-            return response
+            return _CountedFile(f.disk, headers, self.bytes_sent, counted)
         return await self._slow(request, f, headers, counted)
 
     async def _slow(
@@ -320,6 +316,23 @@ class Hub:
                     await asyncio.sleep(len(data) / f.rate)
         await response.write_eof()
         return response
+
+
+class _CountedFile(web.FileResponse):
+    """FileResponse that adds its body's length to ``counts[key]`` once sent whole: aiohttp calls
+    :meth:`prepare` once, after the handler, and a client that leaves mid-body makes it raise
+    ConnectionError, which aiohttp ends quietly (nothing counted)."""
+
+    def __init__(self, path: Path, headers: dict[str, str], counts: Counter[str], key: str) -> None:
+        super().__init__(path, headers=headers)
+        self._counts = counts
+        self._key = key
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        if self.status in (200, 206) and self.content_length is not None:
+            self._counts[self._key] += self.content_length
+        return writer
 
 
 def _entry(f: HubFile) -> dict[str, Any]:
