@@ -281,18 +281,23 @@ async def test_peer_fill_a_peer_killed_mid_transfer_leaves_the_rest_to_the_origi
     uri = "hf://org/fleet"
     async with Fleet(tmp_path / "fleet", kube_api, peer_settings()) as fleet:
         await fleet.start([])
-        # node-0 uploads at 2 MiB/s: node-1's fill from it takes seconds, so the kill lands mid-file.
-        await fleet.add_node("node-0", agent_args=["--peer-max-upload-rate", "2MiB/s"])
+        # node-0 uploads at 2 MiB/s and node-1 asks on two connections: node-1's fill from node-0
+        # takes seconds, so the kill lands mid-file (and no upload is refused as over the limit).
+        await fleet.add_node(
+            "node-0", agent_args=["--peer-max-upload-rate", "2MiB/s", "--peer-max-uploads", "64"]
+        )
         await fleet.add_cache("m", uri, "100Mi")
         await fleet.wait_downloaded("m", ["node-0"], timeout=120)
         hf_hub.reset_counts()
-        await fleet.add_node("node-1")
+        await fleet.add_node("node-1", agent_args=["--concurrency", "2"])
 
+        # Past two connections' worth of chunks in flight: at least one chunk is whole at node-1.
         async def some_bytes() -> bool:
             p = await fleet.progress("node-1", "m")
-            return p is not None and p.bytes_done >= 2 * MiB
+            return p is not None and p.bytes_done >= 3 * MiB
 
-        await eventually(some_bytes, timeout=60, what="node-1 has bytes from node-0")
+        await eventually(some_bytes, timeout=60, what="3 MiB at node-1")
+        assert hf_hub.bytes_sent[f"org/fleet/{BIG}"] == 0, "node-1 asked the origin while node-0 served"
         await fleet.kill("node-0")
         assert not fleet.agents["node-1"].copy(uri).exists(), "node-1 finished before the kill"
         await fleet.wait_downloaded("m", ["node-1"], timeout=120)
