@@ -13,6 +13,12 @@ offset, its Content-Range saying so), a held range (``hold_from``: a GET from th
 its headers and then nothing until the field is cleared, so a pull cannot finish before a test is
 done with it), no range support, hostile tree entries. Every request is
 recorded, with the client's port (a new port: a new connection).
+
+For fleets of agents (tests/support/fleet.py, bench/fleet.py): :attr:`Hub.bytes_sent` counts the
+body bytes of file GETs per ``repo/path`` (whole bodies sent by sendfile once sent, and every block
+of the paced path as it is written), and ``link_rate`` (bytes/s, off by default) paces every file
+body through one shared link, standing for the WAN link to a real hub: all clients together get at
+most that rate, blocks served in turn.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,12 +71,34 @@ class Repo:
     token: str | None = None  # gated: needs this bearer token
 
 
+class Link:
+    """One link of ``rate`` bytes/s shared by every response: a block waits until the blocks before
+    it (of any response) have had their time on the wire, so the bytes sent in any window of ``w``
+    seconds are at most ``rate * w`` plus one block."""
+
+    BLOCK = 256 << 10  # bytes a paced response writes at a time
+
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise ValueError(f"a link rate must be above 0 bytes/s, not {rate}")
+        self.rate = rate
+        self.free_at = 0.0  # the event loop's clock: when the link has sent what it was given
+
+    async def send(self, n: int) -> None:
+        """Wait for ``n`` bytes' turn on the link (returns once they would have been sent)."""
+        now = asyncio.get_running_loop().time()
+        self.free_at = max(now, self.free_at) + n / self.rate
+        await asyncio.sleep(self.free_at - now)
+
+
 class Hub:
-    def __init__(self, *, page_size: int = 50) -> None:
+    def __init__(self, *, page_size: int = 50, link_rate: float | None = None) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.ranges = True
         self.page_size = page_size
+        self.link = Link(link_rate) if link_rate is not None else None
+        self.bytes_sent: Counter[str] = Counter()  # "repo/path" -> body bytes of file GETs
         self._folder: Path | None = None  # made on first use: a hub serving files by path needs none
         self._runner: web.AppRunner | None = None
         self.endpoint = ""
@@ -132,6 +161,15 @@ class Hub:
 
     def count(self, method: str, fragment: str) -> int:
         return sum(1 for r in self.requests if r.method == method and fragment in r.path)
+
+    @property
+    def total_bytes_sent(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    def reset_counts(self) -> None:
+        """Forget the requests and byte counts so far (a test's next phase counts from zero)."""
+        self.requests.clear()
+        self.bytes_sent.clear()
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -215,7 +253,7 @@ class Hub:
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:
         self._record(request)
-        _, repo = self._repo(request)
+        repo_id, repo = self._repo(request)
         sha = self._commit(repo, request.match_info["rev"])
         f = repo.commits[sha].get(request.match_info["path"])
         if f is None:
@@ -234,12 +272,15 @@ class Hub:
             return web.Response(status=503, text="try again", headers=extra)
         if request.method == "HEAD":
             return web.Response(status=200, headers={**headers, "Content-Length": str(f.size)})
-        plain = f.rate is None and not f.shift and f.hold_from is None
+        counted = f"{repo_id}/{f.path}"
+        plain = f.rate is None and not f.shift and f.hold_from is None and self.link is None
         if plain and (self.ranges or "Range" not in request.headers):
-            return web.FileResponse(f.disk, headers=headers)
-        return await self._slow(request, f, headers)
+            return _CountedFile(f.disk, headers, self.bytes_sent, counted)
+        return await self._slow(request, f, headers, counted)
 
-    async def _slow(self, request: web.Request, f: HubFile, headers: dict[str, str]) -> web.StreamResponse:
+    async def _slow(
+        self, request: web.Request, f: HubFile, headers: dict[str, str], counted: str
+    ) -> web.StreamResponse:
         start, end = 0, f.size - 1
         status = 200
         rng = request.headers.get("Range") if self.ranges else None
@@ -259,17 +300,39 @@ class Hub:
         while f.hold_from is not None and start >= f.hold_from:
             await asyncio.sleep(0.05)  # bounded by the test: it clears the field or stops the hub
         step = max(1, (f.rate or 1 << 20) // 20)
+        if self.link is not None:
+            step = min(step, Link.BLOCK)
         with f.disk.open("rb") as fh:
             fh.seek(start)
             left = end - start + 1
             while left > 0:
                 data = fh.read(min(step, left))
+                if self.link is not None:
+                    await self.link.send(len(data))
                 await response.write(data)
+                self.bytes_sent[counted] += len(data)
                 left -= len(data)
                 if f.rate:
                     await asyncio.sleep(len(data) / f.rate)
         await response.write_eof()
         return response
+
+
+class _CountedFile(web.FileResponse):
+    """FileResponse that adds its body's length to ``counts[key]`` once sent whole: aiohttp calls
+    :meth:`prepare` once, after the handler, and a client that leaves mid-body makes it raise
+    ConnectionError, which aiohttp ends quietly (nothing counted)."""
+
+    def __init__(self, path: Path, headers: dict[str, str], counts: Counter[str], key: str) -> None:
+        super().__init__(path, headers=headers)
+        self._counts = counts
+        self._key = key
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        if self.status in (200, 206) and self.content_length is not None:
+            self._counts[self._key] += self.content_length
+        return writer
 
 
 def _entry(f: HubFile) -> dict[str, Any]:
