@@ -26,7 +26,9 @@ Rules:
   or state changes (a handful of times per node and model), never with progress. Peer hints are
   not part of what a model is (:meth:`localmodel.resources.LocalModelInfo.without_peering`).
 - **Origin bytes** (:func:`origin_bytes`): a cache's ``status.originBytes`` is the sum of the
-  ``bytesFromOrigin`` its nodes report for it (None until one reports).
+  ``bytesFromOrigin`` its nodes (those whose spec lists it) report for it (None until one reports),
+  kept while peer fill is on or the status has it already (a cache never under peer fill has
+  none: the sum is not worth its cost on every plan of a large cluster).
 """
 
 from __future__ import annotations

@@ -103,7 +103,9 @@ def plan(
             finalizers.append(FinalizerWrite(c, add=True))
         states = node_states(snapshot, placed, cache, listed_next.get(c, set()))
         node_status[c] = states
-        origin = origin_bytes(snapshot, c, (*listed_now.get(c, ()), *listed_next.get(c, ())))
+        origin = None
+        if c in fills or cache.status.origin_bytes is not None:  # peer fill's; not summed without
+            origin = origin_bytes(snapshot, c, (*listed_now.get(c, ()), *listed_next.get(c, ())))
         write, evs = cache_status(
             snapshot, placed, cache, states, options.now, problems.get(c, ()), origin_bytes=origin
         )

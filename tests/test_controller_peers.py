@@ -501,11 +501,12 @@ async def test_the_token_secret_is_made_once_and_never_overwritten(
         assert token not in caplog.text
         # Someone replaces it with their own (a rotation): the controller leaves theirs alone.
         await kube.delete(SECRET, PEER_TOKEN_SECRET, namespace=PEER_TOKEN_NAMESPACE)
-        own = {
+        theirs = base64.b64encode(b"theirs").decode()
+        own: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": PEER_TOKEN_SECRET, "namespace": PEER_TOKEN_NAMESPACE},
-            "data": {TOKEN_KEY: base64.b64encode(b"theirs").decode()},
+            "data": {TOKEN_KEY: theirs},
         }
         await kube.create(SECRET, own)
         await controller.reconcile(full=True)
@@ -515,7 +516,7 @@ async def test_the_token_secret_is_made_once_and_never_overwritten(
         await kube.delete(SECRET, PEER_TOKEN_SECRET, namespace=PEER_TOKEN_NAMESPACE)
         await controller.reconcile(full=True)
         again = await kube.get(SECRET, PEER_TOKEN_SECRET, namespace=PEER_TOKEN_NAMESPACE)
-        assert again["data"][TOKEN_KEY] not in (made["data"][TOKEN_KEY], own["data"][TOKEN_KEY])
+        assert again["data"][TOKEN_KEY] not in (made["data"][TOKEN_KEY], theirs)
     finally:
         await kube.close()
 
