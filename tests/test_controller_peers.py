@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,10 +47,11 @@ from localmodel.resources import (
 from localmodel.state.kube import KubeState
 from localmodel.state.memory import MemoryState
 from modelcache.cli import main as modelcache_main
-from tests.support.kubeapi import KubeAPI, path
+from tests.support.kubeapi import KubeAPI, load_crds, path
 from tests.test_controller_plan import cache, group, settle, snap
 from tests.test_controller_reconcile import group as group_json
 
+ROOT = Path(__file__).resolve().parents[1]
 DL = ModelState.DOWNLOADED
 ING = ModelState.DOWNLOADING
 
@@ -343,9 +345,10 @@ def test_a_node_moved_for_one_cache_keeps_the_peer_hints_of_another() -> None:
 # -- the controller against the Kubernetes API emulator --------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def api() -> AsyncIterator[KubeAPI]:
-    server = KubeAPI()
+@pytest_asyncio.fixture(params=["lenient", "our-crds"])
+async def api(request: pytest.FixtureRequest) -> AsyncIterator[KubeAPI]:
+    # our-crds: the API server prunes what manifests/crds does not name (peers, originBytes, ...).
+    server = KubeAPI(crds=load_crds(ROOT / "manifests" / "crds") if request.param == "our-crds" else ())
     server.store = MemoryState()
     await server.start()
     try:
