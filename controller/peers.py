@@ -211,6 +211,27 @@ def origin_bytes(snapshot: Snapshot, cache: str, nodes: Iterable[str]) -> int | 
     return total
 
 
+def origin_totals(
+    snapshot: Snapshot,
+    cache_scope: Iterable[str],
+    fills: Mapping[str, Fill],
+    listed_now: Mapping[str, AbstractSet[str]],
+    listed_next: Mapping[str, AbstractSet[str]],
+) -> dict[str, int]:
+    """cache -> its ``status.originBytes`` (the module's rule: :func:`origin_bytes` over the nodes
+    that list it now or after the plan), for the caches in scope under peer fill (``fills``) or
+    whose status has it already; a cache left out has none."""
+    totals: dict[str, int] = {}
+    for c in cache_scope:
+        cache = snapshot.caches.get(c)
+        if cache is None or (c not in fills and cache.status.origin_bytes is None):
+            continue  # never under peer fill: not worth a walk of its nodes on every plan
+        total = origin_bytes(snapshot, c, (*listed_now.get(c, ()), *listed_next.get(c, ())))
+        if total is not None:
+            totals[c] = total
+    return totals
+
+
 def peer_facts_changed(old: LocalModelNodeStatus, new: LocalModelNodeStatus) -> set[str]:
     """The status keys whose peer-fill facts differ between two reports of one node: all of its
     models when its peer address changed; else each model whose bytes went from none to some (it

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
 from controller.labels import label_writes
-from controller.peers import origin_bytes, peer_entries
+from controller.peers import origin_totals, peer_entries
 from controller.rollout import node_writes, pace
 from controller.serving import serving_problems, volume_writes
 from controller.snapshot import (
@@ -37,7 +37,7 @@ from controller.snapshot import (
 )
 from controller.status import cache_status, group_status, node_states
 from localmodel.placement import Layout, layout
-from localmodel.resources import LocalModelInfo, NodeState
+from localmodel.resources import NodeState
 
 _DEFAULTS = Options()
 
@@ -61,14 +61,10 @@ def plan(
 
     cache_scope, node_scope = _in_scope(snapshot, placed, listed_now, scope)
 
-    listed_next, moved, fills = pace(
-        snapshot, placed, listed_now, cache_scope, options.max_concurrent_downloads, options.origin_seeds
-    )
-    node_scope |= moved
-    hinted: dict[str, dict[str, LocalModelInfo]] = {}
-    if fills:
-        hinted, rehinted = peer_entries(snapshot, placed, listed_next, fills, options.peers_per_model)
-        node_scope |= rehinted
+    listed_next, moved, fills = pace(snapshot, placed, listed_now, cache_scope, options)
+    hinted, rehinted = peer_entries(snapshot, placed, listed_next, fills, options.peers_per_model)
+    node_scope |= moved | rehinted
+    origins = origin_totals(snapshot, cache_scope, fills, listed_now, listed_next)
 
     writes, listed_after, retained_new = node_writes(snapshot, placed, listed_next, node_scope, hinted)
 
@@ -103,11 +99,8 @@ def plan(
             finalizers.append(FinalizerWrite(c, add=True))
         states = node_states(snapshot, placed, cache, listed_next.get(c, set()))
         node_status[c] = states
-        origin = None
-        if c in fills or cache.status.origin_bytes is not None:  # peer fill's; not summed without
-            origin = origin_bytes(snapshot, c, (*listed_now.get(c, ()), *listed_next.get(c, ())))
         write, evs = cache_status(
-            snapshot, placed, cache, states, options.now, problems.get(c, ()), origin_bytes=origin
+            snapshot, placed, cache, states, options.now, problems.get(c, ()), origin_bytes=origins.get(c)
         )
         if write is not None:
             statuses.append(write)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
 from controller.peers import Fill, fill_of, seed_slots, spec_entry
-from controller.snapshot import DEFAULT_ORIGIN_SEEDS, RETAINED_ANNOTATION, NodeWrite, Snapshot
+from controller.snapshot import RETAINED_ANNOTATION, NodeWrite, Options, Snapshot
 from controller.views import Pod
 from localmodel.layout import node_model_folder
 from localmodel.placement import Layout
@@ -37,13 +37,13 @@ def pace(
     placed: Layout,
     listed_now: Mapping[str, AbstractSet[str]],
     cache_scope: Iterable[str],
-    limit: int,
-    origin_seeds: int = DEFAULT_ORIGIN_SEEDS,
+    options: Options,
 ) -> tuple[dict[str, set[str]], set[str], dict[str, Fill]]:
     """Per cache in ``cache_scope``: which nodes' specs list it after this plan (the module's pacing
-    rule; ``limit`` is ``max_concurrent_downloads``, 0: no limit), the nodes whose spec gains or
-    loses a placed cache that way, and the :class:`controller.peers.Fill` of each cache with peer
-    fill on."""
+    rule, by ``options.max_concurrent_downloads``, 0: no limit, and ``options.origin_seeds``), the
+    nodes whose spec gains or loses a placed cache that way, and the :class:`controller.peers.Fill`
+    of each cache with peer fill on."""
+    limit, origin_seeds = options.max_concurrent_downloads, options.origin_seeds
     nobody: frozenset[str] = frozenset()
     listed_next: dict[str, set[str]] = {}
     moved: set[str] = set()
