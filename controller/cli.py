@@ -44,13 +44,19 @@ from controller.metrics import (
     Role,
     readiness,
 )
+from controller.peertoken import PEER_TOKEN_NAMESPACE, PEER_TOKEN_SECRET
 from controller.reconcile import FIELD_MANAGER, OPTIONAL, WATCHED, Controller, Settings
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL
-from controller.snapshot import DEFAULT_MAX_CONCURRENT_DOWNLOADS
+from controller.snapshot import (
+    DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    DEFAULT_ORIGIN_SEEDS,
+    DEFAULT_PEERS_PER_MODEL,
+)
 from controller.webhook import WebhookServer
 from localmodel.cliargs import UsageParser, parse_addr, path_arg
 from localmodel.documents import load_documents
 from localmodel.errors import ClusterStateError, InvalidInput, NotFound
+from localmodel.k8snames import subdomain_error
 from localmodel.kinds import (
     JSON,
     LEASE,
@@ -105,6 +111,27 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CONCURRENT_DOWNLOADS,
         metavar="N",
         help="nodes fetching one model from its origin at once (0: no limit)",
+    )
+    p.add_argument(
+        "--origin-seeds",
+        type=int,
+        default=DEFAULT_ORIGIN_SEEDS,
+        metavar="N",
+        help="with peer fill: nodes that start a model no peer has bytes of yet; the others start "
+        "once one of them has bytes to give",
+    )
+    p.add_argument(
+        "--peers-per-model",
+        type=int,
+        default=DEFAULT_PEERS_PER_MODEL,
+        metavar="N",
+        help="with peer fill: the most peers one node is told to try for a model",
+    )
+    p.add_argument(
+        "--peer-token-secret",
+        default=f"{PEER_TOKEN_NAMESPACE}/{PEER_TOKEN_SECRET}",
+        metavar="NAMESPACE/NAME",
+        help="the peer-fill token Secret, created when missing, never overwritten (off: not managed)",
     )
     p.add_argument(
         "--admission",
@@ -214,6 +241,10 @@ class ControllerSettings:
     ready_window: float = 30.0  # seconds
     metrics_addr: str | None = None  # HOST:PORT (None: no metrics server)
     pod_name: str | None = None  # $POD_NAME: the leader identity's prefix (the host name without)
+    origin_seeds: int = DEFAULT_ORIGIN_SEEDS  # --origin-seeds
+    peers_per_model: int = DEFAULT_PEERS_PER_MODEL  # --peers-per-model
+    # --peer-token-secret: (namespace, name); None: off (and always in standalone mode: no agents)
+    peer_token_secret: tuple[str, str] | None = (PEER_TOKEN_NAMESPACE, PEER_TOKEN_SECRET)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerSettings:
@@ -234,6 +265,9 @@ class ControllerSettings:
             ready_window=args.ready_window,
             metrics_addr=None if args.metrics_addr in (None, "off") else args.metrics_addr,
             pod_name=environ.get("POD_NAME") or None,
+            origin_seeds=args.origin_seeds,
+            peers_per_model=args.peers_per_model,
+            peer_token_secret=token_secret_flag(args.peer_token_secret),
         )
 
     def reconcile(self) -> Settings:
@@ -242,13 +276,37 @@ class ControllerSettings:
             max_concurrent_downloads=self.max_concurrent_downloads,
             standalone=self.standalone is not None,
             overcommit=self.admission == "warn",
+            origin_seeds=self.origin_seeds,
+            peers_per_model=self.peers_per_model,
+            # Standalone has no agents' namespace, and a dry run writes nothing anywhere.
+            peer_token_secret=None if self.standalone is not None or self.output else self.peer_token_secret,
         )
+
+
+def token_secret_flag(text: str) -> tuple[str, str] | None:
+    """``--peer-token-secret``: ``NAMESPACE/NAME`` as (namespace, name), ``off`` as None. Raises
+    InvalidInput naming the flag."""
+    if text == "off":
+        return None
+    namespace, _, name = text.partition("/")
+    why = subdomain_error(namespace) or subdomain_error(name)
+    if why is not None:
+        raise InvalidInput(
+            f"--peer-token-secret must be NAMESPACE/NAME (e.g. {PEER_TOKEN_NAMESPACE}/{PEER_TOKEN_SECRET}) "
+            f"or off: {why}"
+        )
+    return namespace, name
 
 
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     if args.max_concurrent_node_downloads < 0:
         raise InvalidInput("--max-concurrent-node-downloads must be 0 (no limit) or more")
+    if args.origin_seeds < 1:
+        raise InvalidInput("--origin-seeds must be 1 or more")
+    if args.peers_per_model < 1:
+        raise InvalidInput("--peers-per-model must be 1 or more")
+    token_secret_flag(args.peer_token_secret)
     if args.resync <= 0:
         raise InvalidInput("--resync must be more than 0 seconds")
     if args.output and not args.once:

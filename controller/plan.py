@@ -9,6 +9,8 @@ Each decision lives in its own module, and :func:`plan` runs them in order:
   the same code, so both agree); :func:`localmodel.placement.layout` computes them once per change
   of caches, groups or nodes, and :func:`plan` reuses that while only LocalModelNodes or pods change.
 - Which node specs list which models, paced, and what a running pod retains: :mod:`controller.rollout`.
+- Peer fill: the peers each entry names, the fan-out of the pacing, the origin bytes of each cache:
+  :mod:`controller.peers`.
 - Cache and group status with their Events: :mod:`controller.status`.
 - Node labels of the models each node holds ready: :mod:`controller.labels`.
 - Serving PVs and PVCs (KServe's names): :mod:`controller.serving`.
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
 from controller.labels import label_writes
+from controller.peers import origin_totals, peer_entries
 from controller.rollout import node_writes, pace
 from controller.serving import serving_problems, volume_writes
 from controller.snapshot import (
@@ -58,10 +61,12 @@ def plan(
 
     cache_scope, node_scope = _in_scope(snapshot, placed, listed_now, scope)
 
-    listed_next, moved = pace(snapshot, placed, listed_now, cache_scope, options.max_concurrent_downloads)
-    node_scope |= moved
+    listed_next, moved, fills = pace(snapshot, placed, listed_now, cache_scope, options)
+    hinted, rehinted = peer_entries(snapshot, placed, listed_next, fills, options.peers_per_model)
+    node_scope |= moved | rehinted
+    origins = origin_totals(snapshot, cache_scope, fills, listed_now, listed_next)
 
-    writes, listed_after, retained_new = node_writes(snapshot, placed, listed_next, node_scope)
+    writes, listed_after, retained_new = node_writes(snapshot, placed, listed_next, node_scope, hinted)
 
     statuses: list[StatusWrite] = []
     finalizers: list[FinalizerWrite] = []
@@ -94,7 +99,9 @@ def plan(
             finalizers.append(FinalizerWrite(c, add=True))
         states = node_states(snapshot, placed, cache, listed_next.get(c, set()))
         node_status[c] = states
-        write, evs = cache_status(snapshot, placed, cache, states, options.now, problems.get(c, ()))
+        write, evs = cache_status(
+            snapshot, placed, cache, states, options.now, problems.get(c, ()), origin_bytes=origins.get(c)
+        )
         if write is not None:
             statuses.append(write)
         events.extend(evs)

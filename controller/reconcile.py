@@ -25,10 +25,13 @@ from typing import Any
 
 from controller.labels import MODEL_LABEL_VALUE, model_label
 from controller.metrics import ControllerMetrics
+from controller.peertoken import PeerToken
 from controller.plan import plan
 from controller.serving import MANAGED_BY, MANAGED_BY_LABEL, volume_ref
 from controller.snapshot import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    DEFAULT_ORIGIN_SEEDS,
+    DEFAULT_PEERS_PER_MODEL,
     RETAINED_ANNOTATION,
     Event,
     LabelWrite,
@@ -141,6 +144,12 @@ class Settings:
     # --admission warn: a cache over its group's storageLimit is placed anyway, with a Warning Event
     # and a StorageOvercommitted condition (localmodel.placement's overcommit rule).
     overcommit: bool = False
+    # Peer fill (controller.peers): nodes that start a model no peer has bytes of, the most peers a
+    # spec entry names, and the token Secret (namespace, name) made when missing (None: not managed).
+    origin_seeds: int = DEFAULT_ORIGIN_SEEDS
+    peers_per_model: int = DEFAULT_PEERS_PER_MODEL
+    peer_token_secret: tuple[str, str] | None = None
+    peer_token_recheck: float = 300.0  # seconds between looks for that Secret (at full reconciles)
 
 
 class Controller(ViewKeeper):
@@ -170,6 +179,7 @@ class Controller(ViewKeeper):
         self._sticking = Sticking()  # what the API server does not keep of our writes
         self._no_status: dict[str, float] = {}  # kind -> when to try its /status again (monotonic)
         self._events = EventLog()  # Events as client-go's recorder repeats them: one object, a count
+        self._peer_token = PeerToken(self.settings.peer_token_secret, self.settings.peer_token_recheck)
         self.reconciles = 0
 
     def observe(self, kind: ResourceKind, event: WatchEvent) -> None:
@@ -255,6 +265,7 @@ class Controller(ViewKeeper):
     async def _reconcile(self, full: bool) -> Plan:
         if full:
             await self._recheck_taken()
+            await self._peer_token.check(self.state)
         result = self._plan(full)
         self._incomplete = False
         try:
@@ -274,7 +285,8 @@ class Controller(ViewKeeper):
 
     def _plan(self, full: bool) -> Plan:
         snapshot, placed, scope = self.take_snapshot(full)
-        options = Options(self.settings.max_concurrent_downloads, self.settings.clock())
+        s = self.settings
+        options = Options(s.max_concurrent_downloads, s.clock(), s.origin_seeds, s.peers_per_model)
         result = plan(snapshot, options, placed=placed, scope=scope)
         if self.metrics is not None:
             self._count_copies(result, placed, full=full)

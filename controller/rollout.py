@@ -3,7 +3,10 @@
 - Rollout pacing (:func:`pace`): a model is added to at most ``max_concurrent_downloads`` node specs
   that are still fetching it (pending or downloading) at any time; the other nodes that must hold it
   wait as NodeDownloadPending. A failed or NotReady node does not hold a slot, so a broken node
-  never stalls a rollout. Removals are never paced.
+  never stalls a rollout. Removals are never paced. With peer fill on, a cache no peer can give
+  bytes of yet starts on ``origin_seeds`` nodes only (:func:`controller.peers.seed_slots`).
+- Each listed entry carries the peer hints of :func:`controller.peers.peer_entries` where peer fill
+  is on; a cache out of a plan's scope keeps the node's entry as it is, hints included.
 - A model leaves a node's spec when the node left the group, the cache dropped the group, the group
   is gone, the cache is refused or deleted, unless a running pod on that node uses it
   (:func:`models_in_use`): then it stays, listed in the ``RETAINED_ANNOTATION`` of the
@@ -15,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
-from controller.snapshot import RETAINED_ANNOTATION, NodeWrite, Snapshot, model_state
+from controller.peers import Fill, fill_of, seed_slots, spec_entry
+from controller.snapshot import RETAINED_ANNOTATION, NodeWrite, Options, Snapshot
 from controller.views import Pod
 from localmodel.layout import node_model_folder
 from localmodel.placement import Layout
@@ -33,14 +37,18 @@ def pace(
     placed: Layout,
     listed_now: Mapping[str, AbstractSet[str]],
     cache_scope: Iterable[str],
-    limit: int,
-) -> tuple[dict[str, set[str]], set[str]]:
+    options: Options,
+) -> tuple[dict[str, set[str]], set[str], dict[str, Fill]]:
     """Per cache in ``cache_scope``: which nodes' specs list it after this plan (the module's pacing
-    rule; ``limit`` is ``max_concurrent_downloads``, 0: no limit), and the nodes whose spec gains or
-    loses a placed cache that way."""
+    rule, by ``options.max_concurrent_downloads``, 0: no limit, and ``options.origin_seeds``), the
+    nodes whose spec gains or loses a placed cache that way, and the :class:`controller.peers.Fill`
+    of each cache with peer fill on."""
+    limit, origin_seeds = options.max_concurrent_downloads, options.origin_seeds
     nobody: frozenset[str] = frozenset()
     listed_next: dict[str, set[str]] = {}
     moved: set[str] = set()
+    fills: dict[str, Fill] = {}
+    lmns = snapshot.local_model_nodes
     for c in sorted(cache_scope):
         cache = snapshot.caches.get(c)
         holders = placed.holders.get(c, ())
@@ -51,8 +59,14 @@ def pace(
         keep: set[str] = set()
         active = 0
         candidates: list[str] = []
+        addressed: list[str] = []  # holders whose agent serves peers
         for n in holders:
-            state = model_state(snapshot.local_model_nodes.get(n), c)
+            lmn = lmns.get(n)
+            state = None
+            if lmn is not None:
+                state = lmn.status.model_status.get(c)  # controller.snapshot.model_state, inlined
+                if lmn.status.peer_address:
+                    addressed.append(n)
             if n in current:
                 keep.add(n)
                 if n not in snapshot.not_ready and state not in (ModelState.DOWNLOADED, ModelState.ERROR):
@@ -62,10 +76,13 @@ def pace(
             elif n not in snapshot.not_ready:
                 candidates.append(n)
         slots = len(candidates) if limit <= 0 else max(0, limit - active)
-        keep.update(candidates[:slots])
+        fill = fill_of(snapshot, placed, c, addressed) if addressed else None
+        if fill is not None:
+            fills[c] = fill
+        keep.update(candidates[: seed_slots(fill, slots, active, origin_seeds)])
         listed_next[c] = keep
         moved.update(current ^ keep)
-    return listed_next, moved
+    return listed_next, moved, fills
 
 
 def node_writes(
@@ -73,9 +90,13 @@ def node_writes(
     placed: Layout,
     listed_next: Mapping[str, set[str]],
     node_scope: set[str],
+    hinted: Mapping[str, Mapping[str, LocalModelInfo]] | None = None,
 ) -> tuple[list[NodeWrite], dict[str, set[str]], dict[str, set[str]]]:
-    """Per node in scope, its spec after this plan. Returns the writes, cache -> nodes listing it
-    (nodes in scope only), and cache -> nodes that newly retain it for a pod."""
+    """Per node in scope, its spec after this plan, with the entries of ``hinted`` (node -> cache
+    -> entry with peer hints, :func:`controller.peers.peer_entries`) in place of the placed ones.
+    Returns the writes, cache -> nodes listing it (nodes in scope only), and cache -> nodes that
+    newly retain it for a pod."""
+    hinted = hinted or {}
     writes: list[NodeWrite] = []
     listed_after: dict[str, set[str]] = {}
     retained_new: dict[str, set[str]] = {}
@@ -90,6 +111,8 @@ def node_writes(
                 writes.append(NodeWrite(n, "delete"))
             continue
         models = _listed_models(n, placed.wanted.get(n, {}), listed_next, lmn)
+        if n in hinted:
+            models.update((c, m) for c, m in hinted[n].items() if c in models)
         kept = _retained_for_pods(lmn, models, snapshot.in_use.get(n, frozenset()))
         models.update(kept)
         previously = retained_of(lmn)
@@ -115,13 +138,15 @@ def _listed_models(
     lmn: LocalModelNode | None,
 ) -> dict[str, LocalModelInfo]:
     """cache -> model the node lists after this plan: each cache placed there that the next listing
-    names on it; a cache out of scope (not in ``listed_next``) only when the node lists it now."""
+    names on it; a cache out of scope (not in ``listed_next``) only when the node lists it now, and
+    then as it lists it (peer hints included) when that is the same model."""
     models: dict[str, LocalModelInfo] = {}
     for c, info in wanted.items():
         nodes = listed_next.get(c)
         if nodes is None:  # out of scope: keep what the node lists now
-            if lmn is not None and any(m.status_key == c for m in lmn.local_models):
-                models[c] = info
+            current = spec_entry(lmn, c)
+            if current is not None:
+                models[c] = current if current is info or current.without_peering() == info else info
         elif node in nodes:
             models[c] = info
     return models

@@ -25,6 +25,8 @@ from localmodel.resources import (
 
 RETAINED_ANNOTATION = "modelcache.io/retained-in-use"  # on a LocalModelNode: models kept for a pod
 DEFAULT_MAX_CONCURRENT_DOWNLOADS = 8
+DEFAULT_ORIGIN_SEEDS = 1
+DEFAULT_PEERS_PER_MODEL = 4
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -34,6 +36,10 @@ DEFAULT_MAX_CONCURRENT_DOWNLOADS = 8
 class Options:
     max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # 0: no limit
     now: str = "1970-01-01T00:00:00Z"  # for condition transition times
+    # Peer fill (controller.peers): nodes that start a model no peer has bytes of, and the most
+    # peers one spec entry names.
+    origin_seeds: int = DEFAULT_ORIGIN_SEEDS
+    peers_per_model: int = DEFAULT_PEERS_PER_MODEL
 
 
 @dataclass(frozen=True, order=True)

@@ -99,12 +99,15 @@ def cache_status(
     states: Mapping[str, NodeState],
     now: str,
     problems: Iterable[ServingProblem] = (),
+    *,
+    origin_bytes: int | None = None,
 ) -> tuple[StatusWrite | None, list[Event]]:
     """The cache's status after this plan (:func:`status_write`) and the Events its changes make:
     Admitted/Warning per group whose admission changed, Placed for new holders, CopyFailed per node
     that newly failed, AllCopiesReady, and one Warning per changed serving problem. A group that
     admitted it over its storageLimit (:attr:`localmodel.placement.Admission.overcommitted`) adds
-    a StorageOvercommitted condition, and an OverCommitted Warning when it becomes so."""
+    a StorageOvercommitted condition, and an OverCommitted Warning when it becomes so.
+    ``origin_bytes``: its status.originBytes (:func:`controller.peers.origin_bytes`)."""
     old_conditions = {(c.type, c.node_group): c for c in cache.status.conditions}
     conditions, events = _group_conditions(placed, cache, states, old_conditions, now)
     events += _copy_events(snapshot, cache, states)
@@ -113,7 +116,8 @@ def cache_status(
     events += served_events
     refs = snapshot.inference_services.get(cache.key, ())
     llm = snapshot.llm_inference_services.get(cache.key, ())
-    return status_write(cache, states, tuple(conditions), refs, llm_refs=llm), events
+    write = status_write(cache, states, tuple(conditions), refs, llm_refs=llm, origin_bytes=origin_bytes)
+    return write, events
 
 
 _OldConditions = Mapping[tuple[str, str | None], Condition]
@@ -239,9 +243,11 @@ def status_write(
     refs: tuple[InferenceServiceRef, ...],
     *,
     llm_refs: tuple[InferenceServiceRef, ...] = (),
+    origin_bytes: int | None = None,
 ) -> StatusWrite | None:
     """The merge patch that makes the cache's status the one of these node states, conditions,
-    InferenceServices and LLMInferenceServices (``llm_refs``), or None when it is that already."""
+    InferenceServices and LLMInferenceServices (``llm_refs``) and bytes from the origin
+    (``origin_bytes``, None: absent), or None when it is that already."""
     old = cache.status
     available = sum(1 for s in states.values() if s is NodeState.DOWNLOADED)
     failed = sum(1 for s in states.values() if s is NodeState.DOWNLOAD_ERROR)
@@ -263,6 +269,9 @@ def status_write(
         "conditions": old_json.get("conditions", []),
         "observedGeneration": old.observed_generation,
     }
+    if origin_bytes is not None or old.origin_bytes is not None:  # peer fill's; absent without it
+        new_json["originBytes"] = origin_bytes
+        current["originBytes"] = old.origin_bytes
     if current == new_json:
         return None
     patch = dict(new_json)
@@ -279,6 +288,7 @@ def status_write(
         llm_inference_services=tuple(llm_refs),
         observed_generation=cache.metadata.generation,
         conditions=conditions,
+        origin_bytes=origin_bytes,
     )
     return StatusWrite(
         cache.kind.kind,  # type: ignore[arg-type]  # one of the two cache kinds

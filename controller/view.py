@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controller.demand import service_demands
+from controller.peers import peer_facts_changed
 from controller.rollout import models_in_use
 from controller.serving import serving_demands, volume_ref
 from controller.snapshot import Scope, ServingDemand, Snapshot, VolumeRef, isvc_refs, merged_use
@@ -220,6 +221,7 @@ class ViewKeeper:
         # An agent's report: only the models whose state changed need a look (pacing and status).
         before, after = old.status.model_status, new.status.model_status
         changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        changed |= peer_facts_changed(old.status, new.status)  # a seed's first bytes, a peer address
         for m in new.local_models:
             if m.status_key in changed:
                 self._dirty_caches.add(m.status_key)

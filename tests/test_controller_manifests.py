@@ -41,8 +41,21 @@ def test_renders_the_controller(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
-    rules = [r for d in rendered if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
+    roles = [d for d in rendered if d["kind"] in ("ClusterRole", "Role")]
     writes = {"create", "update", "patch", "delete", "deletecollection"}
+    # Secrets: only the peer-fill token, in the agents' namespace: read by its name, and created.
+    token = next(d for d in roles if d["metadata"]["name"] == "modelcache-controller-peer-token")
+    assert token["kind"] == "Role" and token["metadata"]["namespace"] == "modelcache-agent"
+    assert token["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["modelcache-peer-token"],
+            "verbs": ["get"],
+        },
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+    rules = [r for d in roles if d is not token for r in d["rules"]]
     for rule in rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         assert "secrets" not in rule["resources"]
@@ -62,7 +75,11 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
         if d["kind"] == "Role"
         for r in d["rules"]
     }
-    assert namespaced_writes == {("default", "events"), ("modelcache-system", "leases")}
+    assert namespaced_writes == {
+        ("default", "events"),
+        ("modelcache-system", "leases"),
+        ("modelcache-agent", "secrets"),
+    }
 
 
 def test_webhooks_are_wired_to_the_service_and_certificate(rendered: list[dict[str, Any]]) -> None:

@@ -620,8 +620,21 @@ def test_only_a_role_in_the_job_namespace_reads_secrets(overlay: str) -> None:
     charts/kserve-localmodel-resources/files/resources.yaml:107-129); the agent gets ``get`` by name
     in kserve-localmodel-jobs; beside KServe that namespace is KServe's (not in the overlay)."""
     docs = render(overlay)
+    # The one other Secret the project touches: peer fill's token, which the controller makes in the
+    # agents' namespace (get by its name, create; tests/test_controller_manifests.py).
+    token = find(docs, "Role", "modelcache-controller-peer-token")
+    assert token["metadata"]["namespace"] == "modelcache-agent"
+    assert token["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["modelcache-peer-token"],
+            "verbs": ["get"],
+        },
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
     for doc in docs:
-        if doc["kind"] in ("ClusterRole", "Role"):
+        if doc["kind"] in ("ClusterRole", "Role") and doc is not token:
             for rule in doc.get("rules", []):
                 if "secrets" in rule.get("resources", []) or "*" in rule.get("resources", []):
                     assert doc["kind"] == "Role", doc["metadata"]["name"]
