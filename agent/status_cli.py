@@ -110,7 +110,7 @@ def _from_disk(layout: CacheLayout, *, note: str = "no agent state file") -> dic
 def render_table(data: dict[str, Any]) -> str:
     status = data.get("status") or {}
     models = status.get("models") or {}
-    rows = [("NAME", "STORAGE KEY", "STATE", "DONE/TOTAL", "CHECKED", "REASON")]
+    rows = [("NAME", "STORAGE KEY", "STATE", "DONE/TOTAL", "FROM", "CHECKED", "REASON")]
     for name, m in sorted(models.items()):
         done, total = int(m.get("bytesDone") or 0), int(m.get("bytesTotal") or 0)
         pct = f" {100 * done // total}%" if total else ""
@@ -120,6 +120,7 @@ def render_table(data: dict[str, Any]) -> str:
                 str(m.get("storageKey") or ""),
                 str(m.get("state") or ""),
                 f"{readable(done)} / {readable(total)}{pct}",
+                _sources(m),
                 _checked(m),
                 _why(m),
             )
@@ -140,7 +141,21 @@ def render_table(data: dict[str, Any]) -> str:
         for c in status.get("conditions") or []
         if c.get("status") == "False" and c.get("message")
     ]
+    problems += [
+        f"{name}: peer {d.get('address')} dropped: {d.get('reason') or 'no reason given'}"
+        for name, m in sorted(models.items())
+        for d in m.get("peersDropped") or []
+    ]
     return "\n".join([head, *lines, *(f"warning: {p}" for p in problems)])
+
+
+def _sources(model: dict[str, Any]) -> str:
+    """Where the last download's bytes came from (peer fill): '1.2 GiB peers, 300 MiB origin'; '-'
+    when not reported (no download since the agent started, or an agent without peer fill)."""
+    peers, origin = model.get("bytesFromPeers"), model.get("bytesFromOrigin")
+    if peers is None and origin is None:
+        return "-"
+    return f"{readable(int(peers or 0))} peers, {readable(int(origin or 0))} origin"
 
 
 def _checked(model: dict[str, Any]) -> str:

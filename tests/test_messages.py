@@ -112,3 +112,19 @@ def test_status_shows_how_each_model_was_checked() -> None:
     table = render_table({"node": "n", "status": {"models": models}}).splitlines()
     start, end = table[1].index("CHECKED"), table[1].index("REASON")
     assert [line[start:end].strip() for line in table[2:]] == ["3 verified, 1 size only", "-"]
+
+
+def test_status_shows_where_the_bytes_came_from_and_the_peers_dropped() -> None:
+    models = {
+        "a": {
+            "state": "ModelDownloaded",
+            "bytesFromPeers": 1_500_000_000,
+            "bytesFromOrigin": 2_000_000,
+            "peersDropped": [{"address": "10.0.0.7:7071", "reason": "bad bytes: w.bin failed its sha256"}],
+        },
+        "b": {"state": "ModelDownloaded"},
+    }
+    table = render_table({"node": "n", "status": {"models": models}}).splitlines()
+    start, end = table[1].index("FROM"), table[1].index("CHECKED")
+    assert [line[start:end].strip() for line in table[2:4]] == ["1.4 GiB peers, 1.9 MiB origin", "-"]
+    assert table[4] == "warning: a: peer 10.0.0.7:7071 dropped: bad bytes: w.bin failed its sha256"
