@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import random
 import time
@@ -90,6 +91,9 @@ log = logging.getLogger("modelcache.controller")
 COMPONENT = "modelcache-controller"
 # The field manager an API server names for our writes (our User-Agent starts with it).
 FIELD_MANAGER = COMPONENT
+# Objects listed at load() from which the view is kept out of the cyclic collector (a cluster of a few
+# hundred objects gains nothing measurable from it).
+FREEZE_AFTER_LOADING = 2000
 WATCHED: tuple[ResourceKind, ...] = (
     LOCAL_MODEL_CACHE,
     LOCAL_MODEL_NAMESPACE_CACHE,
@@ -220,6 +224,14 @@ class Controller(ViewKeeper):
             for obj in listing.items:
                 self.observe(kind, WatchEvent("ADDED", obj))
         self._full = True
+        if sum(map(len, self._loaded.values())) >= FREEZE_AFTER_LOADING:
+            # The view of a large cluster lives until the next resync: kept out of the cyclic
+            # collector's full passes, each of which would walk all of it again (at 5,000 nodes one
+            # such pass was 0.09 s in the middle of a full reconcile, bench/controller_reconcile.py).
+            # Collected first, so no garbage is frozen; what the view drops later is still freed by
+            # reference counting (it holds no cycles).
+            gc.collect()
+            gc.freeze()
 
     async def _write_owners(self) -> None:
         for name in sorted(self._stale_owners):
