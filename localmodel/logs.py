@@ -10,7 +10,9 @@ a log line at any level and no record can forge another line.
   sequence in a remote name or a path cannot start a second line. A traceback, when a record
   carries one, still follows on its own lines.
 - As a second guard, values of ``Authorization``, ``X-Amz-Security-Token``, ``X-Amz-Signature``,
-  ``X-Amz-Credential`` and ``Signature`` (header or query form) are masked in any message.
+  ``X-Amz-Credential``, ``Signature``, ``AWSAccessKeyId`` and any ``...token`` (header, query,
+  JSON or repr form) are masked in any message; a path that ends in one of those names (a file
+  ``.../token`` in an error) is not a key, and the words after it stay.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ QUIET = (
     "google",
 )
 
+# A name ending a path ("cannot read /run/peer/token: No such file") is not a key: no "/" or "\\"
+# before it, or the word after its colon (an error's text) would be masked for a secret.
 _SECRET = re.compile(
-    r"(?i)(authorization|proxy-authorization|x-amz-security-token|x-amz-signature|x-amz-credential"
+    r"(?i)(?<![/\\])(authorization|proxy-authorization|x-amz-security-token|x-amz-signature|x-amz-credential"
     r"|signature|awsaccesskeyid|token)(['\"]?\s*[:=]\s*['\"]?)(bearer\s+|basic\s+|aws4-hmac-sha256\s+)?"
     r"[^\s&'\",;]+"
 )

@@ -147,3 +147,39 @@ def test_one_line_per_record_and_secret_values_masked() -> None:
     assert "deadbeef" not in lines[2] and "AKIA" not in lines[2] and "x=1" in lines[2]
     assert len(lines) == 3
     assert redact_secrets("tokenizer.json ok") == "tokenizer.json ok"
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("Authorization: Bearer hf_abc", "hf_abc"),
+        ("proxy-authorization: Basic dXNlcjpwdw==", "dXNlcjpwdw=="),
+        ("{'X-Amz-Security-Token': 'FwoGZX'}", "FwoGZX"),
+        ("GET /k?X-Amz-Signature=deadbeef&x=1", "deadbeef"),
+        ("GET /k?X-Amz-Credential=AKIAXYZ%2F&x=1", "AKIAXYZ"),
+        ("GET /c?sv=1&Signature=s1gn4ture", "s1gn4ture"),
+        ("GET /k?AWSAccessKeyId=AKIAOLD&x=1", "AKIAOLD"),
+        ('{"token": "cluster-secret"}', "cluster-secret"),
+        ("GET /x?access_token=ya29.abc&x=1", "ya29.abc"),
+        ("peer token=cluster-secret", "cluster-secret"),
+    ],
+)
+def test_each_secret_pattern_still_masks_its_value(text: str, secret: str) -> None:
+    masked = redact_secrets(text)
+    assert secret not in masked and "***" in masked, masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cannot read sec/token: No such file or directory",
+        "cannot read /var/run/modelcache/peer/token: Permission denied",
+        "cannot read C:\\sec\\token: No such file",
+        "open /etc/x/signature: Is a directory",
+        "cannot read /run/authorization: No such file",
+    ],
+)
+def test_a_path_ending_in_a_secret_name_keeps_the_words_after_it(text: str) -> None:
+    """Regression: "sec/token: No such file" printed as "sec/token: *** such file" (the path's last
+    segment taken for a key and the error's first word for its value)."""
+    assert redact_secrets(text) == text
