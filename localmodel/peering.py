@@ -106,7 +106,7 @@ class Holding:
             raise SpecError("expected a string", field="storageKey")
         if revision is not None and not isinstance(revision, str):
             raise SpecError("expected a string or null", field="revision")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        if not isinstance(chunk_size, int) or not _count(chunk_size) or chunk_size <= 0:
             raise SpecError("expected a whole number > 0", field="chunkSize")
         if not isinstance(published, bool):
             raise SpecError("expected true or false", field="published")
@@ -115,8 +115,13 @@ class Holding:
         return cls(key, revision, chunk_size, published, {str(p): _file(p, f) for p, f in files.items()})
 
 
+# A peer's numbers are input: sizes and chunk indexes past any real file (2**63) are malformed, so
+# no arithmetic on a holding works with thousand-digit integers.
+MAX_COUNT = 1 << 63
+
+
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
 
 
 def _file(path: Any, raw: Any) -> FileHolding:

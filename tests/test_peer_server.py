@@ -253,6 +253,30 @@ def test_ranges_it_cannot_satisfy_are_416_with_the_size(start: Callable[..., Run
     assert r.status_code == 416
 
 
+def test_numbers_past_int_s_digit_limit_are_ranges_not_a_500(
+    start: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: ``bytes=0-`` and 5,000 nines was an HTTP 500 and an ERROR traceback (int()'s
+    4,300-digit limit, a ValueError). A huge end is cut to the file, a huge start is past it."""
+    caplog.set_level(logging.DEBUG)
+    peer = start()
+    publish_model(peer.cache, FILES)
+    url = file_path(KEY, "sub dir/weights#1.bin")
+    weights = FILES["sub dir/weights#1.bin"]
+    r = peer.get(url, Range="bytes=0-" + "9" * 5000)
+    assert (r.status_code, r.headers["Content-Range"]) == (206, "bytes 0-299999/300000")
+    assert r.content == weights
+    r = peer.get(url, Range="bytes=-" + "9" * 5000)
+    assert (r.status_code, r.content) == (206, weights)
+    # Under aiohttp's 8,190-byte header line: past int()'s limit, each number.
+    for header in ("bytes=" + "9" * 5000 + "-", "bytes=" + "1" * 4400 + "-" + "2" * 3700):
+        r = peer.get(url, Range=header)
+        assert (r.status_code, r.headers["Content-Range"]) == (416, "bytes */300000")
+    r = peer.get(url, Range="bytes=" + "0" * 5000 + "5-" + "0" * 3000 + "9")
+    assert (r.status_code, r.content) == (206, weights[5:10])
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
 def test_parse_range_rules() -> None:
     assert (parse_range(None, 10).start, parse_range(None, 10).end, parse_range(None, 10).partial) == (
         0,

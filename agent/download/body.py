@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.download.client import Response
-from agent.download.http_status import http_status_error, retry_after_seconds
+from agent.download.http_status import decimal, http_status_error, retry_after_seconds
 from agent.download.listing import RemoteFile
 from agent.download.transfer import MiB
 from localmodel.errors import DiskFull, DownloadError, IntegrityError, TransientError, from_os_error
 from localmodel.manifest import HashCheck, hash_check
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# A peer's or server's numbers: ASCII digits, at most 18 (no file is larger; a longer one would hit
+# int()'s digit limit, a ValueError out of the worker thread): anything else is not the range asked.
+_CONTENT_RANGE = re.compile(r"bytes 0*(\d{1,18})-0*(\d{1,18})/(?:0*(\d{1,18})|(\*))", re.ASCII)
 
 
 class RangeMismatch(TransientError):
@@ -105,7 +107,7 @@ class Body:
         match = _CONTENT_RANGE.fullmatch(value.strip())
         if not self.asked_range or match is None:
             raise RangeMismatch(f"{self.label}: the server answered {asked} with Content-Range {value!r}")
-        first, last, total = int(match[1]), int(match[2]), match[3]
+        first, last, total = int(match[1]), int(match[2]), match[3] or "*"
         if self.limit is not None and total != "*" and int(total) != self.limit:
             raise IntegrityError(
                 f"{self.label}: the server has {total} of the listed {self.limit} bytes "
@@ -127,12 +129,12 @@ class Body:
                 f"{self.label}: the server sent {self.pos} of the listed {self.limit} bytes and "
                 "refuses the rest (HTTP 416)"
             )
-        size = content_range.strip().removeprefix("bytes */")
-        if not size.isdigit():
+        size = decimal(content_range.strip().removeprefix("bytes */"))
+        if size is None:
             why = "and gives no size of its copy"
-        elif int(size) == self.limit:
+        elif size == self.limit:
             why = f"though it says its copy has the listed {size} bytes: its range support is broken"
-        elif self.limit is not None and int(size) < self.limit:
+        elif self.limit is not None and size < self.limit:
             why = f"its copy has {size} bytes, fewer than listed"
         else:
             why = f"its copy has {size} bytes, more than listed"

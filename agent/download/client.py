@@ -68,6 +68,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from agent.download.addresses import PrivateAddress, check_resolved, private_address
+from agent.download.http_status import decimal
 from agent.download.ratelimit import RateLimiter
 from agent.download.wording import connection_words
 from localmodel.errors import DownloadError, InvalidInput, SourceNotAllowed, TransientError
@@ -89,8 +90,7 @@ class Response:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        return decimal(self.headers.get("Content-Length"))
 
 
 # ``accept(response)`` raises to refuse a response, or returns the sink for its body: called with

@@ -187,7 +187,10 @@ class PeerFill:
                     continue
                 manifest = Manifest.from_json(data, where=f"peer {peer.address}'s manifest")
             except (DownloadError, SpecError, ValueError) as e:
-                self._drop_for(peer.address, e)
+                self._drop_for(peer.address, e, what="manifest")
+                continue
+            except Exception as e:  # one peer's answer never fails the model
+                self._unexpected(peer.address, e, "its manifest")
                 continue
             hashes = hashes_from_manifest(manifest, self.manifest_sha256, wanted)
             if hashes is None:
@@ -216,6 +219,9 @@ class PeerFill:
             holding = Holding.from_json(data) if data is not None else None
         except (DownloadError, SpecError, ValueError) as e:
             self._drop_for(peer.address, e, what="holding")
+            return
+        except Exception as e:  # one peer's answer never fails the model
+            self._unexpected(peer.address, e, "its holding")
             return
         if holding is not None and holding.revision != self.listing.revision:
             holding = None  # another version of the model: of no use, and no fault
@@ -255,7 +261,7 @@ class PeerFill:
         await self.client.request(
             "GET", f"http://{address}{path}", headers=headers, label=label, accept=accept
         )
-        return json.loads(bytes(buf)) if found else None
+        return _parse_json(bytes(buf)) if found else None
 
     # -- one file ------------------------------------------------------------------------------
 
@@ -345,6 +351,9 @@ class PeerFill:
         except DownloadError as e:
             self._failed(peer, f.path, e)
             return False
+        except Exception as e:  # one peer's answer never fails the model
+            self._unexpected(address, e, f"{f.path} from it")
+            return False
         finally:
             peer.in_flight -= 1
         peer.busy = peer.misses = 0
@@ -407,6 +416,12 @@ class PeerFill:
             text = f"{text} (the cluster token was refused)"
         self.drop(address, text)
 
+    def _unexpected(self, address: str, e: Exception, what: str) -> None:
+        """An error no rule above expects, while reading ``what`` of one peer: that peer is
+        dropped, named, with the error's kind; the model goes on with the others and the origin."""
+        log.debug("%s: peer %s: unexpected error reading %s", self.storage_key, address, what, exc_info=e)
+        self.drop(address, f"an unexpected error reading {what} ({type(e).__name__}: {e})"[:300])
+
     def drop(self, address: str, reason: str) -> None:
         """Stop using a peer for this model, with a one-line reason (kept for the status)."""
         if self.peers.pop(address, None) is None:
@@ -429,6 +444,19 @@ class PeerFill:
         for address in sorted(givers):
             self.drop(address, f"{BAD_BYTES}bytes failed {path}'s {name}")
         return True
+
+
+def _parse_json(data: bytes) -> Any:
+    """A peer's JSON answer; ValueError for anything that is not JSON, too deeply nested included
+    (json raises RecursionError for ``[`` * 200000), or a number past int()'s digit limit."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("not JSON: nested too deeply") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):  # int()'s digit limit: its advice is for us
+            raise ValueError("not JSON: a number thousands of digits long") from None
+        raise ValueError(f"not JSON: {str(e)[:200]}") from None
 
 
 def _direct(body: Body) -> Callable[[Response], Sink | None]:
