@@ -6,11 +6,14 @@ Content-Range, a Content-Length, a Retry-After) read without int()'s ValueError.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import pytest
 from aiohttp import web
 
@@ -21,8 +24,10 @@ from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import PullResult, TransferSettings
 from localmodel.layout import storage_key
-from localmodel.peering import Holding
+from localmodel.manifest import Manifest
+from localmodel.peering import Holding, manifest_digest
 from localmodel.uri import parse_uri
+from tests.support.gcs import FilesGcs
 from tests.support.hfhub import Hub
 from tests.support.peer import TestPeer
 
@@ -190,3 +195,107 @@ def test_retry_after_is_delay_seconds_or_absent() -> None:
     # forever: nan compares false with every deadline).
     for bad in ("-5", "nan", "inf", "9" * 5000, "1e400", "Wed, 21 Oct 2015 07:28:00 GMT", None):
         assert retry_after_seconds(bad) is None, bad
+
+
+# -- a hash a peer can forge bytes for ------------------------------------------------------------
+
+
+def crc32c(data: bytes) -> int:
+    return int.from_bytes(google_crc32c.Checksum(data).digest(), "big")
+
+
+def forge_same_crc32c(data: bytes, *, at: int) -> bytes:
+    """``data`` with its first 64 bytes replaced, and 32 bits from offset ``at`` flipped so that its
+    CRC32C is unchanged, as the attacker did: CRC is linear over GF(2), so the 32 one-bit flips'
+    effects on it span the space, and a 32x32 system gives which to flip."""
+    target = crc32c(data)
+    forged = bytearray(data)
+    forged[:64] = b"PWNED-BY-A-HOSTILE-PEER!".ljust(64, b"!")
+    base = crc32c(bytes(forged))
+    basis: list[tuple[int, int]] = []  # (effect on the CRC, the flips giving it), reduced
+    for bit in range(32):
+        probe = bytearray(forged)
+        probe[at + bit // 8] ^= 1 << (bit % 8)
+        vec, combo = crc32c(bytes(probe)) ^ base, 1 << bit
+        for bv, bc in basis:
+            if vec ^ bv < vec:
+                vec, combo = vec ^ bv, combo ^ bc
+        if vec:
+            basis.append((vec, combo))
+            basis.sort(reverse=True)
+    want, flips = base ^ target, 0
+    for bv, bc in basis:
+        if want ^ bv < want:
+            want, flips = want ^ bv, flips ^ bc
+    assert want == 0
+    for bit in range(32):
+        if flips >> bit & 1:
+            forged[at + bit // 8] ^= 1 << (bit % 8)
+    assert crc32c(bytes(forged)) == target and bytes(forged) != data
+    return bytes(forged)
+
+
+async def gcs_seed(gcs: FilesGcs, tmp_path: Path) -> tuple[str, bytes, Manifest]:
+    """A gs:// model (listed with a CRC32C alone) and the manifest of a first node that fetched it
+    from the origin with peer fill on."""
+    bucket = f"b-{uuid.uuid4().hex[:8]}"
+    gcs.bucket(bucket)
+    data = os.urandom(3 * MiB + 7)
+    gcs.put(bucket, "m/w.bin", data)
+    uri = f"gs://{bucket}/m"
+    await fetch(uri, tmp_path / "first", [])
+    manifest = Destination.for_folder(tmp_path / "first").published()
+    assert manifest is not None
+    return uri, data, manifest
+
+
+def gcs_media_gets(gcs: FilesGcs) -> int:
+    return sum(1 for r in gcs.server.requests if r.method == "GET" and "alt=media" in r.path)
+
+
+async def test_a_file_with_only_a_crc32c_never_takes_a_peer_s_bytes_on_that_crc(
+    gcs: FilesGcs, tmp_path: Path
+) -> None:
+    """Regression: a hostile peer got bytes with the origin's CRC32C published for a gs:// model.
+    Without the controller's manifest digest, a CRC32C-only file comes from the origin alone."""
+    uri, data, manifest = await gcs_seed(gcs, tmp_path)
+    (entry,) = manifest.files
+    assert entry.crc32c and entry.md5 is None  # gs:// lists a CRC32C alone here
+    forged = forge_same_crc32c(data, at=100)
+    evil = TestPeer(manifest.storage_key, manifest.revision, MiB)
+    evil.hold("w.bin", forged)
+    async with running(evil):
+        result = await fetch(uri, tmp_path / "second", [evil])
+    assert (tmp_path / "second" / "w.bin").read_bytes() == data
+    assert evil.served("w.bin") == [] and result.bytes_from_peers == 0
+
+
+async def test_a_crc32c_file_is_hashed_as_it_lands_and_comes_from_peers_by_the_manifest_sha256(
+    gcs: FilesGcs, tmp_path: Path
+) -> None:
+    uri, data, manifest = await gcs_seed(gcs, tmp_path)
+    (entry,) = manifest.files
+    # Peer fill on: the first node records a sha256 of its own beside the origin's CRC32C.
+    assert entry.sha256 == hashlib.sha256(data).hexdigest() and entry.crc32c
+    good = TestPeer(manifest.storage_key, manifest.revision, MiB, manifest=manifest.to_json())
+    good.hold("w.bin", data)
+    before = gcs_media_gets(gcs)
+    async with running(good):
+        result = await fetch(uri, tmp_path / "second", [good], manifest_sha256=manifest_digest(manifest))
+    assert (tmp_path / "second" / "w.bin").read_bytes() == data
+    assert gcs_media_gets(gcs) == before and result.bytes_from_peers == len(data)
+    assert result.hash_checked == {"sha256": 1}
+
+
+async def test_forged_crc32c_bytes_fail_the_manifest_sha256_and_drop_the_peer(
+    gcs: FilesGcs, tmp_path: Path
+) -> None:
+    uri, data, manifest = await gcs_seed(gcs, tmp_path)
+    evil = TestPeer(manifest.storage_key, manifest.revision, MiB, manifest=manifest.to_json())
+    evil.hold("w.bin", forge_same_crc32c(data, at=100))
+    async with running(evil):
+        result = await fetch(uri, tmp_path / "second", [evil], manifest_sha256=manifest_digest(manifest))
+    assert (tmp_path / "second" / "w.bin").read_bytes() == data
+    assert [(d.address, d.reason) for d in result.peers_dropped] == [
+        (evil.address, "bad bytes: bytes failed w.bin's sha256")
+    ]

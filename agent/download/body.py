@@ -233,26 +233,53 @@ def check_of(f: RemoteFile) -> HashCheck | None:
     return hash_check(f.sha256, f.git_sha1, f.md5, f.crc32c)
 
 
+class _WithSha256:
+    """A source's hash and a sha256 of our own over the same bytes, in one pass: ``hexdigest`` is
+    ``"<the source's hash>:<sha256>"`` (:func:`verify_fd` reads both)."""
+
+    def __init__(self, h: Any) -> None:
+        self.h = h
+        self.sha256 = hashlib.sha256()
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.h.update(data)
+        self.sha256.update(data)
+
+    def hexdigest(self) -> str:
+        return f"{self.h.hexdigest()}:{self.sha256.hexdigest()}"
+
+
+def file_hash(check: HashCheck | None, own: bool, size: int) -> Any:
+    """The hash object a file of ``size`` bytes is read through: ``check``'s, a sha256 of our own
+    when there is none, or both when ``own`` (a CRC32C file under peer fill: the sha256 goes to
+    the manifest, for the next nodes to take the file from peers)."""
+    if check is None:
+        return hashlib.sha256()
+    return _WithSha256(check.new(size)) if own else check.new(size)
+
+
 def verify_fd(
     f: RemoteFile, fd: int, digest: str | None, *, check: HashCheck | None, own: bool
 ) -> tuple[bool, str, str]:
     """(ok, description, method) of the open file ``fd`` against ``f``: its listed size, then
-    ``check`` (the source's hash), or, with ``own``, a sha256 of our own (described, not compared).
-    ``digest``: the hash already computed while the file downloaded, if any."""
+    ``check`` (the source's hash), and, with ``own``, a sha256 of our own (described, not compared;
+    recorded as the file's sha256). ``digest``: what :func:`file_hash`'s object gave while the file
+    downloaded, if it was hashed then."""
     size = os.fstat(fd).st_size
     if f.size is not None and size != f.size:
         return False, f"size {size}, expected {f.size}", "size"
     if check is None and not own:
         return True, "", "size"
     if digest is None:
-        h = check.new(size) if check is not None else hashlib.sha256()
+        h = file_hash(check, own, size)
         hash_file(h, fd, 0, size)
         digest = h.hexdigest()
     if check is None:
         return True, digest, "size"  # ours, recorded for a later re-verify: nothing to compare
-    if digest != check.expected:
-        return False, f"{check.name} {digest}, expected {check.expected}", check.name
-    return True, digest if check.name == "sha256" else "", check.name
+    found, _, ours = digest.partition(":")
+    if found != check.expected:
+        return False, f"{check.name} {found}, expected {check.expected}", check.name
+    return True, ours or (found if check.name == "sha256" else ""), check.name
 
 
 def first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:

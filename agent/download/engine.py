@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import os
 import shutil
 import time
@@ -43,14 +42,14 @@ from pathlib import Path
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from agent.download.body import Body, Hasher, RangeMismatch, check_of, first_error, verify_fd
+from agent.download.body import Body, Hasher, RangeMismatch, check_of, file_hash, first_error, verify_fd
 from agent.download.client import HttpClient
 from agent.download.journal import FileProgress, Progress, resumable
 from agent.download.listing import Listing, RemoteFile
 from agent.download.localcopy import copy_local, reuse
 from agent.download.manifesting import manifest_of
 from agent.download.peerfetch import PeerFill
-from agent.download.peers import PeerSource
+from agent.download.peers import PeerSource, peer_safe
 from agent.download.staging import (
     Destination,
     lstat_below,
@@ -488,16 +487,20 @@ class Transfer:
         if not self.settings.verify:
             return None, False
         check = check_of(f)
-        return check, check is None and self.hash_unhashed
+        if check is None:
+            return None, self.hash_unhashed
+        # Under peer fill, a file checked by a hash a peer can forge (GCS's CRC32C) is hashed with
+        # sha256 too: the manifest's sha256 is what lets the next nodes take it from peers.
+        return check, self.fill is not None and not peer_safe(check)
 
     def _hasher(self, f: RemoteFile) -> Hasher | None:
         # Worth it only for files fetched as several ranges; the rest are hashed after the fetch.
         if f.size is None or f.local_path is not None or len(self._chunks(f)) < 2:
             return None
         check, own = self._hash_for(f)
-        if check is not None:
-            return Hasher(check.new(f.size), self._reader(f), self._chunks(f))
-        return Hasher(hashlib.sha256(), self._reader(f), self._chunks(f)) if own else None
+        if check is None and not own:
+            return None
+        return Hasher(file_hash(check, own, f.size), self._reader(f), self._chunks(f))
 
     def _reader(self, f: RemoteFile) -> Callable[[], int]:
         target, root = self._target(f), self.dest.root

@@ -46,6 +46,7 @@ from agent.download.peers import (
     hashes_from_manifest,
     held_bytes,
     holding_fault,
+    peer_safe,
     plan_file,
 )
 from agent.download.ratelimit import RateLimiter
@@ -164,12 +165,13 @@ class PeerFill:
             return listing
         await self._ask_all()
         self.asked_at = self.clock()
-        unhashed = [f for f in listing.files if check_of(f) is None]
+        # No hash a peer cannot forge bytes for (none, or a CRC32C alone): the manifest's sha256.
+        unhashed = {f.path for f in listing.files if not peer_safe(check_of(f))}
         if not unhashed or self.manifest_sha256 is None:
             return listing
         hashes = await self._manifest_hashes(listing)
         files = tuple(
-            dataclasses.replace(f, sha256=hashes[f.path]) if check_of(f) is None and f.path in hashes else f
+            dataclasses.replace(f, sha256=hashes[f.path]) if f.path in unhashed and f.path in hashes else f
             for f in listing.files
         )
         self.listing = dataclasses.replace(listing, files=files)
@@ -266,13 +268,14 @@ class PeerFill:
     # -- one file ------------------------------------------------------------------------------
 
     def usable(self, f: RemoteFile) -> bool:
-        """Peers may give bytes of ``f``: some peer is left, the file has bytes and a hash to check
-        them against, and it was not handed to the origin alone (:meth:`blame`)."""
+        """Peers may give bytes of ``f``: some peer is left, the file has bytes and a hash no peer
+        can forge bytes for (:func:`peer_safe`) to check them against, and it was not handed to
+        the origin alone (:meth:`blame`)."""
         return (
             bool(self.peers)
             and bool(f.size)
             and f.local_path is None
-            and check_of(f) is not None
+            and peer_safe(check_of(f))
             and f.path not in self.origin_only
         )
 

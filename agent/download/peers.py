@@ -14,13 +14,27 @@ from dataclasses import dataclass, field
 
 from localmodel.cliargs import parse_addr
 from localmodel.errors import InvalidInput
-from localmodel.manifest import Manifest
+from localmodel.manifest import HashCheck, Manifest
 from localmodel.peering import Holding, manifest_digest
 from localmodel.resources import DroppedPeer
 
 # The start of every reason a peer is dropped for bytes that are not what was asked (a hash that
 # fails, a range or size that lies): the agent raises an Event (PeerDropped) for these.
 BAD_BYTES = "bad bytes: "
+
+
+# The hashes that let a peer's bytes in: no peer can make other bytes with the origin's sha256, git
+# blob sha1 or md5 (a second preimage is out of reach for each; the collisions known for md5 and sha1
+# need both files chosen, and the origin's is not the peer's to choose). A CRC32C is not among them:
+# it is linear, so flipping 32 chosen bits anywhere gives any bytes the listed CRC (GCS lists only
+# a CRC32C for composite objects, and gs:// checks by it): such a file comes from peers only with
+# the sha256 of the controller's manifest (:func:`hashes_from_manifest`).
+PEER_SAFE_HASHES = frozenset({"sha256", "sha1", "md5"})
+
+
+def peer_safe(check: HashCheck | None) -> bool:
+    """True when a file checked by ``check`` may take bytes from peers (:data:`PEER_SAFE_HASHES`)."""
+    return check is not None and check.name in PEER_SAFE_HASHES
 
 
 @dataclass(frozen=True)
