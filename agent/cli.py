@@ -24,7 +24,7 @@ from agent.http import Servers, health_routes, metrics_routes
 from agent.loop import Agent, AgentSettings
 from agent.metrics import AgentMetrics
 from agent.peer.server import ServeSettings
-from agent.peer.service import PeerConfig, PeerService, parse_advertise
+from agent.peer.service import PeerConfig, PeerService, check_pod_ip, parse_advertise
 from agent.peer.token import TokenFile
 from agent.pull_cli import folder_error
 from agent.standalone import StandaloneSource
@@ -183,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peer-max-uploads",
         type=positive("--peer-max-uploads"),
-        default=8,
         help="files sent to peers at once; more are answered 503, to ask elsewhere (8)",
     )
     p.add_argument(
@@ -289,11 +288,29 @@ def disable_core_dumps() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
-def peer_config(args: argparse.Namespace, *, chunk_size: int) -> PeerConfig | None:
+# The flags that set the peer server up: meaningless without --peer-addr, so refused without it.
+_SERVING_FLAGS = {
+    "peer_advertise": "--peer-advertise",
+    "peer_max_uploads": "--peer-max-uploads",
+    "peer_max_upload_rate": "--peer-max-upload-rate",
+}
+
+
+def peer_config(args: argparse.Namespace, *, chunk_size: int, pod_ip: str | None = None) -> PeerConfig | None:
     """``--peer-*`` -> the peer server's settings; None without ``--peer-addr``. InvalidInput for a
-    bad address or ``--peer-addr`` without ``--peer-token-file``."""
+    bad address, ``--peer-addr`` without ``--peer-token-file``, a serving flag without
+    ``--peer-addr`` (it would do nothing), or ``pod_ip`` (``$POD_IP``, advertised by default) set
+    and not an IP address."""
     if args.peer_addr is None or args.peer_addr == "off":
+        for dest, flag in _SERVING_FLAGS.items():
+            if getattr(args, dest) is not None:
+                raise InvalidInput(
+                    f"{flag} sets up the peer server, which is off: add --peer-addr HOST:PORT "
+                    f"(e.g. 0.0.0.0:7071) or drop {flag}"
+                )
         return None
+    if args.peer_advertise is None:
+        check_pod_ip(pod_ip)
     if args.peer_token_file is None:
         raise InvalidInput(
             "--peer-addr needs --peer-token-file: name the file holding the cluster's peer token, "
@@ -303,7 +320,7 @@ def peer_config(args: argparse.Namespace, *, chunk_size: int) -> PeerConfig | No
         serve=ServeSettings(
             bind=parse_addr(args.peer_addr, flag="--peer-addr"),
             max_upload_rate=args.peer_max_upload_rate,
-            max_uploads=int(args.peer_max_uploads),
+            max_uploads=int(args.peer_max_uploads or ServeSettings.max_uploads),
             chunk_size=chunk_size,
         ),
         token_file=args.peer_token_file,
@@ -367,7 +384,7 @@ def main(argv: Sequence[str]) -> int:
     labels = parse_labels(args.node_labels)
     health = None if args.health_addr == "off" else parse_addr(args.health_addr, flag="--health-addr")
     metrics = None if args.metrics_addr == "off" else parse_addr(args.metrics_addr, flag="--metrics-addr")
-    peer = peer_config(args, chunk_size=settings.transfer.chunk_size)
+    peer = peer_config(args, chunk_size=settings.transfer.chunk_size, pod_ip=os.environ.get("POD_IP"))
     return asyncio.run(
         _run(args, settings=settings, labels=labels, health=health, metrics_addr=metrics, peer=peer)
     )

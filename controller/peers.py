@@ -34,11 +34,13 @@ Rules:
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
 from controller.snapshot import Snapshot
+from localmodel.hosts import host_error
 from localmodel.placement import Layout
 from localmodel.resources import (
     LocalModelInfo,
@@ -72,6 +74,20 @@ class Fill:
     seeded: bool = False
 
 
+@functools.lru_cache(maxsize=4096)
+def peer_address_ok(address: str | None) -> bool:
+    """A node's ``status.peerAddress`` is one other agents can be sent to: ``HOST:PORT`` with an IP
+    address or RFC 1123 name (:func:`localmodel.hosts.host_error`) and a port 1-65535. Anything else
+    (an agent's bug, a hand-edited status: a URL, a blank, a space) lists that node to no one.
+    Cached: a cluster has one address per node, asked on every plan."""
+    if not address:
+        return False
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) <= 65535:
+        return False
+    return host_error(host) is None and host.strip("[]") not in ("0.0.0.0", "::")
+
+
 def fill_of(snapshot: Snapshot, placed: Layout, cache: str, addressed: Iterable[str]) -> Fill:
     """The :class:`Fill` of ``cache`` (a key) from the nodes among its holders that report a peer
     address (``addressed``)."""
@@ -82,7 +98,12 @@ def fill_of(snapshot: Snapshot, placed: Layout, cache: str, addressed: Iterable[
     for n in addressed:
         lmn = lmns.get(n)
         node = snapshot.nodes.get(n)
-        if lmn is None or node is None or n in snapshot.not_ready or not lmn.status.peer_address:
+        if (
+            lmn is None
+            or node is None
+            or n in snapshot.not_ready
+            or not peer_address_ok(lmn.status.peer_address)
+        ):
             continue
         state = lmn.status.model_status.get(cache)
         if state is not ModelState.DOWNLOADED and state is not ModelState.DOWNLOADING:

@@ -11,6 +11,7 @@ the agent's part (a name may resolve anywhere).
 from __future__ import annotations
 
 import ipaddress
+import re
 
 # Names that are the node or the cluster's own services whatever they resolve to: localhost (RFC
 # 6761 §6.3), Kubernetes' Service names (<svc>.<ns>.svc[.<cluster domain>]) and the API server's.
@@ -91,4 +92,29 @@ def internal_host_error(host: str) -> str | None:
         return f"{host!r} is the cluster's API server"
     if name.endswith(_INTERNAL_SUFFIXES):
         return f"{host!r} is a name inside the cluster (a Service)"
+    return None
+
+
+# RFC 1123 §2.1 host names: dot-separated labels of letters, digits and hyphens, 1-63 each, not
+# starting or ending with a hyphen, 253 characters in all.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)
+
+
+def host_error(host: str) -> str | None:
+    """Why ``host`` (of a ``HOST:PORT`` another process connects to) is not a host, or None when it
+    is an IPv4 address, an IPv6 address (bracketed or not) or an RFC 1123 name. Catches a URL
+    (``http://10.0.0.7``), a blank or a space (``bad host``) before any connection is tried."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(inner)
+        return None
+    except ValueError:
+        pass
+    name = inner.rstrip(".")
+    if not name:
+        return "no host"
+    if "://" in host:
+        return "a URL, not a host (write HOST:PORT without a scheme)"
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return f"{host!r} is not a host name or an IP address"
     return None

@@ -26,6 +26,7 @@ from controller.peers import (
     Ranking,
     fill_of,
     origin_bytes,
+    peer_address_ok,
     peer_facts_changed,
     peer_list,
     seed_slots,
@@ -162,6 +163,31 @@ def test_fill_takes_ready_addressed_holders_and_fetchers_only() -> None:
     without_holder = fill_of(s, placed, "m", ["n2", "n3", "n4"])
     assert not without_holder.seeded  # n2 fetches but has no bytes yet; n6's bytes serve no one
     assert fill_of(agents(s, {"n2": {"m": (ING, 1, 1, None)}}), placed, "m", ["n2"]).seeded
+
+
+def test_a_garbage_peer_address_lists_that_node_to_no_one() -> None:
+    """An agent's status.peerAddress that is not HOST:PORT (a URL, a blank, a space, port 0) is
+    never handed to other nodes as a peer."""
+    s = snap([cache("m", "10Gi", ["g"])], [group("g", "100Gi")], [gnode(n) for n in ("n1", "n2", "n3")])
+    s, _ = run(s, Options(max_concurrent_downloads=0))
+    s = agents(s, {"n1": {"m": (DL, 10, 10, "sha1")}, "n2": {"m": (DL, 10, 10, "sha2")}})
+    placed = layout(s.caches.values(), s.groups.values(), s.nodes.values())
+    for garbage in (
+        "http://10.0.0.7:7071",
+        "bad host:7071",
+        "10.0.0.7:0",
+        "10.0.0.7",
+        " :7071",
+        "0.0.0.0:7071",
+    ):
+        lmns = dict(s.local_model_nodes)
+        old = lmns["n2"]
+        lmns["n2"] = dataclasses.replace(old, status=dataclasses.replace(old.status, peer_address=garbage))
+        bad = dataclasses.replace(s, local_model_nodes=lmns)
+        fill = fill_of(bad, placed, "m", placed.holders["m"])
+        assert [c.node for c in fill.candidates] == ["n1"], garbage
+    for good in ("10.0.0.7:7071", "[fd00::7]:7071", "node-2.example:7071"):
+        assert peer_address_ok(good), good
 
 
 @pytest.mark.parametrize(

@@ -753,6 +753,24 @@ def run_agent(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         (("--peer-max-upload-rate", "0"), "--peer-max-upload-rate: '0' must be greater than zero"),
         (("--peer-max-uploads", "0"), "--peer-max-uploads: must be"),
         (("--peer-token-file", " "), "--peer-token-file: empty"),
+        (("--peer-advertise", "a b:1"), "--peer-advertise: 'a b' is not a host name"),
+        (
+            ("--peer-advertise", "http://10.0.0.7:7071"),
+            "--peer-advertise: a URL, not a host",
+        ),
+        (
+            ("--peers", "http://127.0.0.1:17071", "--peer-token-file", "TOKEN"),
+            "--peers: 'http://127.0.0.1:17071': a URL",
+        ),
+        (("--peers", "127.0.0.1:0", "--peer-token-file", "TOKEN"), "--peers: '127.0.0.1:0': port 0"),
+        (("--peers", "bad host:1", "--peer-token-file", "TOKEN"), "--peers: 'bad host:1': 'bad host' is not"),
+        # Serving flags without the server: said, not silently ignored.
+        (("--peer-advertise", "10.0.0.7:7071"), "--peer-advertise sets up the peer server, which is off"),
+        (("--peer-max-uploads", "4"), "--peer-max-uploads sets up the peer server, which is off"),
+        (
+            ("--peer-max-upload-rate", "10MB/s"),
+            "--peer-max-upload-rate sets up the peer server, which is off",
+        ),
     ],
 )
 def test_bad_peer_flags_are_one_line_and_exit_2(
@@ -765,6 +783,27 @@ def test_bad_peer_flags_are_one_line_and_exit_2(
     assert r.stderr.startswith(f"modelcache agent: {words}"), r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert TOKEN not in r.stderr
+
+
+def test_a_pod_ip_that_is_not_an_address_is_one_line_naming_the_variable(
+    tmp_path: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POD_IP", "garbage value")
+    r = run_agent(tmp_path, "--peer-addr", "127.0.0.1:0", "--peer-token-file", str(token_file))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("modelcache agent: POD_IP: 'garbage value' is not an IP address; "), r.stderr
+    assert r.stderr.count("\n") == 1
+    # --peer-advertise given: POD_IP is not what is advertised, so not checked.
+    r = run_agent(
+        tmp_path,
+        "--peer-addr",
+        "127.0.0.1:0",
+        "--peer-token-file",
+        str(token_file),
+        "--peer-advertise",
+        "h:1",
+    )
+    assert r.returncode == 0, r.stderr
 
 
 def test_advertise_address_rules() -> None:

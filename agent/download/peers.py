@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from localmodel.cliargs import parse_addr
 from localmodel.errors import InvalidInput
+from localmodel.hosts import host_error
 from localmodel.manifest import HashCheck, Manifest
 from localmodel.peering import Holding, manifest_digest
 from localmodel.resources import DroppedPeer
@@ -241,7 +242,8 @@ def dropped_for_bad_bytes(reason: str) -> bool:
 
 def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
     """``host:port,host:port,...`` (``--peers``; blanks ignored) -> peers in that order, each once.
-    InvalidInput naming ``flag`` for an entry that is not HOST:PORT with a host."""
+    InvalidInput naming ``flag`` for an entry that is not HOST:PORT with a host (an IP address or
+    an RFC 1123 name: not a URL, no blank) and a port 1-65535."""
     out: dict[str, Peer] = {}
     for raw in text.split(","):
         item = raw.strip()
@@ -252,5 +254,9 @@ def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
             raise InvalidInput(
                 f"{flag}: {item!r} has no host; write each peer as HOST:PORT, e.g. 10.0.0.7:7071"
             )
+        host, _, port = item.rpartition(":")
+        if (problem := host_error(host)) is not None or int(port) == 0:
+            why = problem or "port 0 is no peer's port"
+            raise InvalidInput(f"{flag}: {item!r}: {why}; write each peer as HOST:PORT, e.g. 10.0.0.7:7071")
         out.setdefault(item, Peer(item))
     return tuple(out.values())

@@ -26,6 +26,7 @@ from agent.peer.server import PeerServer, ServeSettings
 from agent.peer.token import TokenFile
 from agent.status import PeerState
 from localmodel.errors import InvalidInput
+from localmodel.hosts import host_error
 
 log = logging.getLogger("modelcache.agent")
 
@@ -42,7 +43,8 @@ class PeerConfig:
 
 def parse_advertise(text: str) -> str:
     """``--peer-advertise HOST:PORT`` as given (``[v6]:PORT`` for IPv6); InvalidInput naming the flag
-    for a missing host, a wildcard host or a port outside 1-65535."""
+    for a missing host, one that is not an IP address or RFC 1123 name (a URL, a blank), a
+    wildcard host or a port outside 1-65535."""
     host, sep, port = text.strip().rpartition(":")
     bare = host.strip("[]")
     if not sep or not bare or not port.isdigit() or not 0 < int(port) <= 65535:
@@ -52,7 +54,26 @@ def parse_advertise(text: str) -> str:
         )
     if bare in ("0.0.0.0", "::"):
         raise InvalidInput(f"--peer-advertise: {text!r} is a wildcard; name an address other nodes can reach")
+    if (problem := host_error(host)) is not None:
+        raise InvalidInput(
+            f"--peer-advertise: {problem}; write the address other nodes reach this agent at, "
+            "e.g. 10.0.3.7:7071"
+        )
     return f"{host}:{int(port)}"
+
+
+def check_pod_ip(value: str | None) -> None:
+    """``$POD_IP`` (the downward API's ``status.podIP``), advertised when ``--peer-advertise`` is
+    not given: InvalidInput naming the variable when it is set and not an IP address."""
+    if value is None or not value.strip():
+        return
+    try:
+        ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise InvalidInput(
+            f"POD_IP: {value!r} is not an IP address; set it from the downward API "
+            "(fieldRef: status.podIP) or give --peer-advertise HOST:PORT"
+        ) from None
 
 
 def advertise_address(
