@@ -98,12 +98,10 @@ def fill_of(snapshot: Snapshot, placed: Layout, cache: str, addressed: Iterable[
     for n in addressed:
         lmn = lmns.get(n)
         node = snapshot.nodes.get(n)
-        if (
-            lmn is None
-            or node is None
-            or n in snapshot.not_ready
-            or not peer_address_ok(lmn.status.peer_address)
-        ):
+        if lmn is None or node is None or n in snapshot.not_ready:
+            continue
+        address = lmn.status.peer_address
+        if address is None or not peer_address_ok(address):
             continue
         state = lmn.status.model_status.get(cache)
         if state is not ModelState.DOWNLOADED and state is not ModelState.DOWNLOADING:
@@ -112,7 +110,7 @@ def fill_of(snapshot: Snapshot, placed: Layout, cache: str, addressed: Iterable[
         wanted = placed.wanted.get(n, {}).get(cache)
         candidate = Candidate(
             node=n,
-            address=lmn.status.peer_address,
+            address=address,
             state=state,
             group=None if wanted is None else wanted.node_group,
             zone=node.labels.get(ZONE_LABEL) or None,
