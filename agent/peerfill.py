@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agent.download.peers import Peer, PeerSettings, PeerSource, dropped_for_bad_bytes
+from agent.download.peers import Peer, PeerSettings, PeerSource, blame_words, dropped_for_bad_bytes
 from localmodel.resources import DroppedPeer, LocalModelInfo
 
 
@@ -37,4 +37,4 @@ def dropped_words(name: str, dropped: DroppedPeer, peers: tuple[Peer, ...]) -> s
         return None
     node = next((p.node for p in peers if p.address == dropped.address and p.node), None)
     who = f"node {node} ({dropped.address})" if node else dropped.address
-    return f"{name}: peer {who} dropped: {dropped.reason}"
+    return f"{name}: peer {who} dropped: {blame_words(dropped.reason)}"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from agent.download.peers import blame_words
 from localmodel.cliargs import UsageParser, path_arg
 from localmodel.errors import InvalidInput, SpecError
 from localmodel.folders import unreachable
@@ -142,7 +143,7 @@ def render_table(data: dict[str, Any]) -> str:
         if c.get("status") == "False" and c.get("message")
     ]
     problems += [
-        f"{name}: peer {d.get('address')} dropped: {d.get('reason') or 'no reason given'}"
+        f"{name}: peer {d.get('address')} dropped: {blame_words(str(d.get('reason') or 'no reason given'))}"
         for name, m in sorted(models.items())
         for d in m.get("peersDropped") or []
     ]

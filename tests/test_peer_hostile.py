@@ -18,7 +18,14 @@ import pytest
 from aiohttp import web
 
 from agent.download.http_status import decimal, retry_after_seconds
-from agent.download.peers import Peer, PeerSettings, PeerSource, dropped_for_bad_bytes
+from agent.download.peers import (
+    RELAYED_NOTE,
+    Peer,
+    PeerSettings,
+    PeerSource,
+    blame_words,
+    dropped_for_bad_bytes,
+)
 from agent.download.pull import pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
@@ -299,3 +306,12 @@ async def test_forged_crc32c_bytes_fail_the_manifest_sha256_and_drop_the_peer(
     assert [(d.address, d.reason) for d in result.peers_dropped] == [
         (evil.address, "bad bytes: bytes failed w.bin's sha256")
     ]
+
+
+def test_a_hash_failure_s_blame_says_the_bytes_may_have_been_relayed() -> None:
+    """The node named served the bytes that failed; a fetching peer serves chunks it has not
+    verified, so it may only have relayed another peer's: the words say so. Other drops stay."""
+    failed = "bad bytes: bytes failed w.bin's sha256"
+    assert blame_words(failed) == failed + RELAYED_NOTE and "relayed" in RELAYED_NOTE
+    for other in ("bad bytes: its holding names chunks past the end of w.bin", "HTTP 500"):
+        assert blame_words(other) == other

@@ -260,3 +260,18 @@ def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
             raise InvalidInput(f"{flag}: {item!r}: {why}; write each peer as HOST:PORT, e.g. 10.0.0.7:7071")
         out.setdefault(item, Peer(item))
     return tuple(out.values())
+
+
+# A peer that is fetching a model serves the chunks it has made durable before it verifies the file
+# (that is what lets the fill stream), so bytes that fail a hash may be ones it got from another peer.
+RELAYED_NOTE = (
+    " (it served them, but they may have been relayed: a peer still fetching serves chunks it has not "
+    "verified yet, which may come from another peer)"
+)
+
+
+def blame_words(reason: str) -> str:
+    """``reason`` as an operator reads it in an Event or ``modelcache status``: a drop for bytes that
+    failed a file's hash (:meth:`agent.download.peerfetch.PeerFill.blame`) says the named peer may
+    only have relayed them."""
+    return reason + RELAYED_NOTE if reason.startswith(f"{BAD_BYTES}bytes failed ") else reason
