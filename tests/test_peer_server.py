@@ -32,7 +32,7 @@ from agent.metrics import AgentMetrics
 from agent.peer.holdings import Unsatisfiable, parse_range
 from agent.peer.server import PeerServer, ServeSettings, parse_target
 from agent.peer.service import PeerConfig, PeerService, advertise_address
-from agent.peer.token import TokenFile
+from agent.peer.token import ROTATION_GRACE, TokenFile
 from agent.status import peer_condition
 from localmodel.errors import InvalidInput
 from localmodel.layout import CacheLayout, storage_key
@@ -422,7 +422,7 @@ def kubelet_secret(folder: Path, token: str) -> Path:
     return link
 
 
-def test_a_rotated_token_is_taken_and_the_old_one_kept_for_the_grace_minute(
+def test_a_rotated_token_is_taken_and_the_old_one_kept_for_the_grace_window(
     start: Callable[..., Running], tmp_path: Path
 ) -> None:
     now = [1000.0]
@@ -437,11 +437,14 @@ def test_a_rotated_token_is_taken_and_the_old_one_kept_for_the_grace_minute(
     kubelet_secret(tmp_path / "secret", OTHER)
     assert peer.get(url, token=OTHER).status_code == 200
     assert tokens.current() == OTHER
-    now[0] += 59
-    assert peer.get(url, token=TOKEN).status_code == 200  # the previous one, in its grace minute
+    assert tokens.previous() == TOKEN  # what this node, as a sender, tries on a refusal
+    now[0] += ROTATION_GRACE - 1
+    assert peer.get(url, token=TOKEN).status_code == 200  # the previous one, in its grace window
+    assert tokens.previous() == TOKEN
     now[0] += 2
     assert peer.get(url, token=TOKEN).status_code == 401
     assert peer.get(url, token=OTHER).status_code == 200
+    assert tokens.previous() is None
 
 
 def test_a_token_file_missing_or_empty_refuses_the_start_and_later_keeps_the_last_token(

@@ -62,12 +62,19 @@ def read_token(path: Path) -> tuple[str, tuple[int, int, int, int]]:
     return token, _identity(st)
 
 
+# Seconds the previous token stays good after the file changed. Each node's kubelet refreshes a
+# mounted Secret on its own schedule (its sync period, 1 min by default, plus its cache's TTL), so
+# nodes see a rotated token up to about two minutes apart: within this window both sides of every
+# pair hold a token the other accepts (the sender retries a refusal with its previous one).
+ROTATION_GRACE = 180.0
+
+
 class TokenFile:
     """The accepted tokens: the file's current one and, for ``grace`` seconds after a change was
     seen, the one before. Safe to call from any thread. ``clock``: seconds (a test's fake clock)."""
 
     def __init__(
-        self, path: Path, *, grace: float = 60.0, clock: Callable[[], float] = time.monotonic
+        self, path: Path, *, grace: float = ROTATION_GRACE, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.path = path
         self.grace = grace
@@ -90,6 +97,16 @@ class TokenFile:
         with self._lock:
             self._refresh()
             return self._current.decode()
+
+    def previous(self) -> str | None:
+        """The token before the current one while it is still accepted (``grace`` seconds after the
+        change was seen), else None: what a sender tries when a peer refuses the current one (that
+        peer's kubelet has not brought it the rotated Secret yet)."""
+        with self._lock:
+            self._refresh()
+            if self._previous is not None and self._previous and self.clock() < self._previous_until:
+                return self._previous.decode()
+            return None
 
     def check(self, authorization: str | None) -> bool:
         """True when ``authorization`` (an ``Authorization`` header's value, None when absent) is
