@@ -20,22 +20,8 @@ from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_NODE
 from localmodel.layout import storage_key
 from tests.support.agents import cache_doc, eventually, group_doc, node_doc
 from tests.support.hfhub import Hub
-from tests.support.kubeapi import KubeAPI
+from tests.support.kubeapi import KubeAPI, kubeconfig
 from tests.test_agent_process import argv, env, free_port, setup
-
-
-def kubeconfig(path: Path, url: str) -> Path:
-    path.write_text(
-        f"""
-apiVersion: v1
-kind: Config
-current-context: test
-clusters: [{{name: c, cluster: {{server: "{url}"}}}}]
-users: [{{name: u, user: {{token: agent-token}}}}]
-contexts: [{{name: test, context: {{cluster: c, user: u}}}}]
-"""
-    )
-    return path
 
 
 async def run_cluster_agent(tmp_path: Path, kube_api: KubeAPI, *extra: str) -> int:

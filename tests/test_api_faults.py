@@ -47,9 +47,9 @@ from localmodel.state.kube import (
     parse_retry_after,
 )
 from tests.support.agents import eventually
-from tests.support.kubeapi import KubeAPI, client, every, path, watches, writes
+from tests.support.kubeapi import KubeAPI, client, every, kubeconfig, path, watches, writes
 from tests.test_controller_reconcile import cache, group, node
-from tests.test_e2e import kubeconfig, spawn, stop
+from tests.test_e2e import spawn, stop
 
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 

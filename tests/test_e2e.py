@@ -26,25 +26,11 @@ from localmodel.layout import storage_key
 from localmodel.state.kube import KubeState
 from tests.support.agents import cache_doc, eventually, group_doc
 from tests.support.hfhub import Hub
-from tests.support.kubeapi import KubeAPI
+from tests.support.kubeapi import KubeAPI, kubeconfig
 from tests.test_runtime_preflight import make_model
 
 NODES = {"a100-1": "a100", "a100-2": "a100", "h100-1": "h100"}
 URI = "hf://org/llama-tiny"
-
-
-def kubeconfig(path: Path, url: str) -> Path:
-    path.write_text(
-        f"""
-apiVersion: v1
-kind: Config
-current-context: test
-clusters: [{{name: c, cluster: {{server: "{url}"}}}}]
-users: [{{name: u, user: {{token: e2e-token}}}}]
-contexts: [{{name: test, context: {{cluster: c, user: u}}}}]
-"""
-    )
-    return path
 
 
 def node_obj(name: str, gpu: str) -> dict[str, Any]:

@@ -6,10 +6,8 @@ unchecked is published. The planner's rules are checked apart, pure."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,7 @@ from localmodel.peering import FileHolding, Holding, manifest_digest
 from localmodel.uri import parse_uri
 from tests.support.hfhub import Hub
 from tests.support.httpfiles import HttpFiles
-from tests.support.peer import TestPeer
+from tests.support.peer import TestPeer, running
 from tests.support.s3files import S3Files
 
 MiB = 1 << 20
@@ -77,17 +75,6 @@ async def fetch(
         transfer=TransferSettings(chunk_size=MiB, backoff_initial=0.01, backoff_max=0.05, attempts=2),
         peers=source,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(*peers: TestPeer) -> AsyncIterator[None]:
-    for p in peers:
-        await p.start()
-    try:
-        yield
-    finally:
-        for p in peers:
-            await p.close()
 
 
 def hf_model(hub: Hub, **files: bytes) -> tuple[str, str]:

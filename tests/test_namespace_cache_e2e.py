@@ -43,8 +43,8 @@ from localmodel.resources import (
 from localmodel.state.kube import KubeState
 from tests.support.agents import cache_doc, eventually, group_doc
 from tests.support.hfhub import Hub
-from tests.support.kubeapi import KubeAPI, load_crds
-from tests.test_e2e import kubeconfig, node_obj, spawn, stop
+from tests.support.kubeapi import KubeAPI, kubeconfig, load_crds
+from tests.test_e2e import node_obj, spawn, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = "hf://org/llama-shared"  # the cluster cache's and team-a's

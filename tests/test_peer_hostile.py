@@ -5,11 +5,9 @@ Content-Range, a Content-Length, a Retry-After) read without int()'s ValueError.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from localmodel.peering import Holding, manifest_digest
 from localmodel.uri import parse_uri
 from tests.support.gcs import FilesGcs
 from tests.support.hfhub import Hub
-from tests.support.peer import TestPeer
+from tests.support.peer import TestPeer, running
 
 MiB = 1 << 20
 TOKEN = "cluster-token"
@@ -65,17 +63,6 @@ async def fetch(uri: str, dest: Path, peers: list[TestPeer], **kw: Any) -> PullR
         transfer=TransferSettings(chunk_size=MiB, backoff_initial=0.01, backoff_max=0.05, attempts=2),
         peers=source,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(*peers: TestPeer) -> AsyncIterator[None]:
-    for p in peers:
-        await p.start()
-    try:
-        yield
-    finally:
-        for p in peers:
-            await p.close()
 
 
 def model(hub: Hub) -> tuple[str, str]:

@@ -43,7 +43,7 @@ from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE,
 from localmodel.layout import storage_key
 from localmodel.resources import LocalModelNodeStatus, ModelProgress, ModelState
 from tests.support.agents import cache_doc, group_doc
-from tests.support.kubeapi import KubeAPI
+from tests.support.kubeapi import KubeAPI, kubeconfig
 
 MODELCACHE = (sys.executable, "-m", "modelcache")
 GROUP_LABEL = "modelcache-fleet"  # the Node label the fleet's node group selects on
@@ -67,20 +67,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def kubeconfig(path: Path, url: str) -> Path:
-    path.write_text(
-        f"""
-apiVersion: v1
-kind: Config
-current-context: fleet
-clusters: [{{name: c, cluster: {{server: "{url}"}}}}]
-users: [{{name: u, user: {{token: fleet-token}}}}]
-contexts: [{{name: fleet, context: {{cluster: c, user: u}}}}]
-"""
-    )
-    return path
 
 
 @dataclass(frozen=True)

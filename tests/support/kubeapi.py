@@ -49,6 +49,24 @@ from localmodel.state.memory import MemoryState
 BY_PATH = {(k.group, k.version, k.plural): k for k in KINDS}
 
 
+def kubeconfig(path: Path, url: str, *, token: str = "test-token") -> Path:
+    """Write a kubeconfig for the emulator at ``url`` (one cluster, one bearer-token user) to
+    ``path``; returns ``path``."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "c", "cluster": {"server": url}}],
+                "users": [{"name": "u", "user": {"token": token}}],
+                "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
+    return path
+
+
 def _json(body: Any, status: int = 200) -> web.Response:
     # Bytes, so aiohttp adds no "; charset=utf-8": lightkube turns an error into ApiError only for
     # a Content-Type of exactly application/json, which is what a real server sends.

@@ -20,6 +20,8 @@ range), and the bytes sent are counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,3 +177,15 @@ class TestPeer:
                 await asyncio.sleep(1)
         await response.write_eof()
         return response
+
+
+@contextlib.asynccontextmanager
+async def running(*peers: TestPeer) -> AsyncIterator[None]:
+    """The peers serving for the block, closed after it whatever happens."""
+    for p in peers:
+        await p.start()
+    try:
+        yield
+    finally:
+        for p in peers:
+            await p.close()
