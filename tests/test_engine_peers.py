@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.download.client import ClientSettings, HttpClient
+from agent.download.engine import Transfer
+from agent.download.listing import Listing
 from agent.download.peers import (
     ChunkPlan,
     FileNeed,
@@ -538,3 +541,32 @@ def test_plan_takes_nothing_unchecked_nor_of_another_revision_size_or_chunk_size
     assert dict(plan([PeerView("a", holding(chunk_size=8, f=FileHolding(16, True)))]).by_peer) == {
         i: "a" for i in range(4)
     }
+
+
+async def test_the_prompt_checkpoint_ends_when_cancelled_as_a_chunk_lands(tmp_path: Path) -> None:
+    # The download's end cancels the checkpoint loop; its last chunk may have set "landed" in the
+    # same step. asyncio.wait_for (before 3.12) returned the event's result and lost the cancel:
+    # the loop ran on and the download never ended.
+    listing = Listing("hf://org/m", "r", ())
+    client = HttpClient(
+        ClientSettings(concurrency=1, read_size=1 << 16, connect_timeout=1.0, read_timeout=1.0)
+    )
+    transfer = Transfer(
+        listing,
+        Destination.for_folder(tmp_path / "m"),
+        uri="hf://org/m",
+        storage_key=storage_key("hf://org/m"),
+        client=client,
+        settings=TransferSettings(checkpoint_interval=3600.0),
+        peers=PeerSource((), peer_settings()),
+    )
+    try:
+        loop = asyncio.ensure_future(transfer._checkpoint_loop())
+        await asyncio.sleep(0.01)  # waiting for a chunk to land
+        transfer.landed.set()
+        loop.cancel()
+        await asyncio.wait([loop], timeout=10)
+        assert loop.cancelled(), "the checkpoint loop ran on after it was cancelled"
+    finally:
+        loop.cancel()  # again, should it have run on
+        client.close()

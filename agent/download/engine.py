@@ -550,10 +550,11 @@ class Transfer:
             if self.fill is None:
                 await asyncio.sleep(self.settings.checkpoint_interval)
             else:
-                # Peers are given only what is checkpointed: with peer fill, each chunk or file as
-                # soon as it is done (synced, then recorded), one checkpoint per PROMPT_GAP at most.
+                # Peers get only what is checkpointed: each chunk as it lands (synced, then recorded).
+                # Not wait_for: before 3.12 it loses a cancel that comes as the event is set.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.landed.wait(), self.settings.checkpoint_interval)
+                    async with asyncio.timeout(self.settings.checkpoint_interval):
+                        await self.landed.wait()
                 self.landed.clear()
             if self.dirty:
                 partial, finished, fds = self._snapshot()
