@@ -40,10 +40,7 @@ class Body:
     ``write`` run in the client's worker thread; the event loop reads the fields once the request is
     over, and is told of progress every :data:`REPORT_EVERY` bytes."""
 
-    # Fine enough for the slots that open as bytes arrive (slots.py: the first opens after
-    # chunk_size / concurrency, 1 MiB at 16 MiB on 16): a chunk's bytes told only at its end open
-    # them all at once.
-    REPORT_EVERY = 1 * MiB
+    REPORT_EVERY = 16 * MiB
 
     def __init__(
         self,

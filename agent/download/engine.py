@@ -51,7 +51,6 @@ from agent.download.localcopy import copy_local, reuse
 from agent.download.manifesting import manifest_of
 from agent.download.peerfetch import PeerFill
 from agent.download.peers import PeerSource
-from agent.download.slots import Slots
 from agent.download.staging import (
     Destination,
     lstat_below,
@@ -78,12 +77,8 @@ from localmodel.errors import (
 )
 from localmodel.manifest import HashCheck, Manifest
 
-
-def fill_seed(peers: PeerSource | None) -> bool:
-    return peers is not None and not peers.peers
-
-
-PROMPT_GAP = 0.1  # seconds between two checkpoints at least, with peer fill (each chunk's at once)
+# Seconds between two checkpoints at least, with peer fill (each chunk's as soon as it lands).
+PROMPT_GAP = 0.1
 
 
 class Transfer:
@@ -133,9 +128,9 @@ class Transfer:
         self.outcome: dict[str, tuple[str, str | None]] = {}
         self.fds: dict[str, int] = {}
         self.hashers: dict[str, Hasher] = {}  # files hashed as their finished prefix grows
-        # At most `concurrency` requests of this download in the shared client at once (its workers
-        # take turns between downloads); a seed's opened one by one, so its chunks land in turn.
-        self.slots = Slots(settings.concurrency, settings.chunk_size, ramp=fill_seed(peers))
+        # At most `concurrency` requests of this download queued in the shared client at once, so the
+        # client's workers take turns between downloads rather than serving one model's whole queue.
+        self.slots = asyncio.Semaphore(settings.concurrency)
         # Only files begun or finished have an entry: memory grows with the work in flight.
         self.state = Progress(listing.revision, settings.chunk_size, {})
         # S3 objects without a stored checksum are not hashed (see the module's docstring), but
@@ -488,7 +483,6 @@ class Transfer:
         if nbytes:
             self.transferred += nbytes
             self.progress.advance(nbytes)
-            self.slots.received(self.transferred)
 
     def _wait(self, retry_state: object) -> float:
         return backoff(self.settings, retry_state)
@@ -556,8 +550,8 @@ class Transfer:
             if self.fill is None:
                 await asyncio.sleep(self.settings.checkpoint_interval)
             else:
-                # Peers get only what is checkpointed: each chunk as it lands (synced, then recorded);
-                # not wait_for: before 3.12 it loses a cancel that comes as the event is set.
+                # Peers get only what is checkpointed: each chunk as it lands (synced, then recorded).
+                # Not wait_for: before 3.12 it loses a cancel that comes as the event is set.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.settings.checkpoint_interval):
                         await self.landed.wait()

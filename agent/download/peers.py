@@ -54,7 +54,7 @@ class PeerSettings:
     low_speed_limit: int = 256 << 10
     low_speed_time: float = 10.0
     wait_for_fetching: float = 30.0
-    poll_interval: float = 0.25
+    poll_interval: float = 0.5
     max_holding_bytes: int = 16 << 20  # a holding or manifest answer longer than this is malformed
     max_in_flight: int = 4
     max_busy: int = 20
