@@ -21,7 +21,8 @@ def peer_source(
     spec has them, else ``static`` (``--peers``: state unknown, their holdings tell)."""
     if settings is None:
         return None
-    listed = tuple(Peer(p.address, p.node) for p in info.peers) if info is not None else ()
+    # Their state goes along: a peer fetching the model (ModelDownloading) is waited for.
+    listed = tuple(Peer(p.address, p.node, p.state) for p in info.peers) if info is not None else ()
     return PeerSource(
         listed or static,
         settings,

@@ -21,7 +21,9 @@ In the same run and mode, one node alone first: its time is the anchor. Per N an
     fleet: mode=<origin|peers> n=<N> origin_ratio=<origin bytes / model bytes> time_ratio=<time for all N / time for one alone>
 
 then where the time went (first and last node done, the floor: the model's bytes at the origin's
-rate, bytes by source from the nodes' status). Targets for peers: origin_ratio <= 1.05 for any N,
+rate, bytes by source from the nodes' status; each node's download start and end, from its log;
+the CPU seconds of the agents, the controller and this process (the hub and the API emulator)
+against the machine's cores over the run: near 100% means the run was CPU-bound). Targets for peers: origin_ratio <= 1.05 for any N,
 time_ratio <= 1.3. ``--quick``: a 256 MiB model, N = 3 only (a check of a minute or two).
 
 Time is from the LocalModelCache's creation (every process already up) to the last node seen
@@ -32,10 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import os
+import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,30 @@ class Run:
     origin_bytes: int  # file body bytes the hub sent
     from_origin: int | None  # the nodes' own account (status.models[].bytesFromOrigin), summed
     from_peers: int | None
+    timeline: dict[str, tuple[float | None, float | None]]  # node -> download start, end (s from creation)
+    cpu: dict[str, float]  # "agents", "controller", "bench" (hub and API emulator) -> CPU seconds
+
+
+LOGGED = re.compile(r"^(\S+ \S+) INFO modelcache\.agent: (DownloadStarted|DownloadCompleted): ")
+
+
+def timeline(log: Path, since: float) -> tuple[float | None, float | None]:
+    """When the agent logged the download's start and end, in seconds after ``since`` (epoch)."""
+    found: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if m := LOGGED.match(line):
+            when = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            found.setdefault(m.group(2), when - since)
+    return found.get("DownloadStarted"), found.get("DownloadCompleted")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds of a live process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def build_model(folder: Path, size: int) -> dict[str, Path]:
@@ -112,9 +141,19 @@ async def one_run(hub: Hub, work: Path, mode: str, n: int, model_bytes: int, arg
         async with Fleet(folder, api, settings) as fleet:
             await fleet.start([f"node-{i}" for i in range(n)])
             hub.reset_counts()
+            procs = [a.proc.pid for a in fleet.agents.values() if a.proc is not None]
+            ctl = fleet.controller.pid if fleet.controller is not None else None
+            cpu0 = (sum(cpu_seconds(p) for p in procs), cpu_seconds(ctl), time.process_time())
+            created = time.time()
             await fleet.add_cache("fleet", URI, f"{model_bytes // MiB + 64}Mi")
             done = await fleet.wait_downloaded("fleet", timeout=bound)
+            cpu = {
+                "agents": sum(cpu_seconds(p) for p in procs) - cpu0[0],
+                "controller": cpu_seconds(ctl) - cpu0[1],
+                "bench": time.process_time() - cpu0[2],
+            }
             progress = [await fleet.progress(node, "fleet") for node in fleet.agents]
+            times = {node: timeline(a.log, created) for node, a in fleet.agents.items()}
             codes = await fleet.stop()
             if set(codes.values()) != {0}:
                 print(f"  (exit codes {codes})", file=sys.stderr)
@@ -131,6 +170,8 @@ async def one_run(hub: Hub, work: Path, mode: str, n: int, model_bytes: int, arg
         hub.total_bytes_sent,
         None if None in origin else sum(b or 0 for b in origin),
         None if None in peers else sum(b or 0 for b in peers),
+        times,
+        cpu,
     )
 
 
@@ -152,6 +193,24 @@ def report(run: Run, alone: Run, model_bytes: int, rate: float) -> None:
         f"{run.n * model_bytes / rate:.1f} s; the hub sent {run.origin_bytes / mb:.0f} MB; nodes' status: "
         f"{by_source}",
         flush=True,
+    )
+    print("  " + where_the_time_went(run), flush=True)
+
+
+def where_the_time_went(run: Run) -> str:
+    """Each node's download (start-end, s from the cache's creation) and the CPU the run used."""
+
+    def at(t: float | None) -> str:
+        return "?" if t is None else f"{t:.1f}"
+
+    nodes = ", ".join(f"{n} {at(a)}-{at(b)}" for n, (a, b) in sorted(run.timeline.items()))
+    total = sum(run.cpu.values())
+    cores = os.cpu_count() or 1
+    share = total / (cores * run.seconds) if run.seconds else 0.0
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in run.cpu.items())
+    return (
+        f"downloads (s): {nodes}; CPU s: {parts} = {total:.1f} over {run.seconds:.1f} s on {cores} "
+        f"cores ({share:.0%} of the machine)"
     )
 
 
@@ -176,7 +235,7 @@ async def bench(args: argparse.Namespace) -> None:
                 print(f"fleet: mode={mode} skipped: {missing}", flush=True)
                 continue
             alone = await one_run(hub, work, mode, 1, model_bytes, args)
-            print(f"  {mode}: one node alone {alone.seconds:.1f} s", flush=True)
+            print(f"  {mode}: one node alone {alone.seconds:.1f} s; {where_the_time_went(alone)}", flush=True)
             for n in args.nodes:
                 report(
                     await one_run(hub, work, mode, n, model_bytes, args), alone, model_bytes, args.origin_rate

@@ -14,10 +14,12 @@ import pytest
 from agent.cli import peer_fill
 from agent.download.peers import RELAYED_NOTE, Peer, PeerSettings, parse_peers
 from agent.download.staging import Destination
+from agent.peerfill import peer_source
 from localmodel.errors import DownloadError, InvalidInput
 from localmodel.kinds import EVENT
 from localmodel.layout import storage_key
 from localmodel.peering import manifest_digest
+from localmodel.resources import LocalModelInfo, ModelState, PeerRef
 from tests.support.agents import Cluster, eventually, group_doc, node_doc, running_agent, seed
 from tests.support.hfhub import Hub
 from tests.support.peer import TestPeer
@@ -161,3 +163,22 @@ def test_the_token_file_is_read_again_when_replaced_and_bad_ones_are_refused(tmp
     os.replace(tmp_path / "new", token)
     assert settings.token() == "second"
     assert waiting.token() == "second"
+
+
+def test_the_controllers_peer_states_reach_the_download() -> None:
+    # A seed listed ModelDownloading must reach the planner as such: it is waited for from the
+    # start, before its holding shows a byte (agent.download.peers.plan_file).
+    info = LocalModelInfo(
+        source_model_uri=URI,
+        model_name="m",
+        peers=(
+            PeerRef("n2", "10.0.0.2:7071", ModelState.DOWNLOADED),
+            PeerRef("n3", "10.0.0.3:7071", ModelState.DOWNLOADING),
+        ),
+    )
+    source = peer_source(PeerSettings(token=lambda: "t"), (Peer("10.9.9.9:7071"),), info, lambda d: None)
+    assert source is not None
+    assert source.peers == (
+        Peer("10.0.0.2:7071", "n2", ModelState.DOWNLOADED),
+        Peer("10.0.0.3:7071", "n3", ModelState.DOWNLOADING),
+    )

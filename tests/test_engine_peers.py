@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.download.client import ClientSettings, HttpClient
+from agent.download.engine import Transfer
+from agent.download.listing import Listing
 from agent.download.peers import (
     ChunkPlan,
     FileNeed,
@@ -26,9 +29,11 @@ from agent.download.pull import pull
 from agent.download.source_settings import SourceSettings
 from agent.download.staging import Destination
 from agent.download.transfer import PullResult, TransferSettings
-from localmodel.layout import storage_key
+from agent.peer.holdings import Holdings
+from localmodel.layout import CacheLayout, storage_key
 from localmodel.manifest import Manifest
 from localmodel.peering import FileHolding, Holding, manifest_digest
+from localmodel.resources import ModelState
 from localmodel.uri import parse_uri
 from tests.support.hfhub import Hub
 from tests.support.httpfiles import HttpFiles
@@ -56,23 +61,27 @@ def peer_settings(**kw: float) -> PeerSettings:
 
 async def fetch(
     uri: str,
-    dest: Path,
+    dest: Path | Destination,
     peers: list[TestPeer],
     *,
     sources: SourceSettings | None = None,
     manifest_sha256: str | None = None,
+    state: ModelState | None = None,
+    transfer: TransferSettings | None = None,
     **kw: float,
 ) -> PullResult:
+    """Pull ``uri`` with peer fill, the peers listed in ``state`` (the controller's PeerRef.state)."""
     source = PeerSource(
-        tuple(Peer(p.address, f"node-{i}") for i, p in enumerate(peers)),
+        tuple(Peer(p.address, f"node-{i}", state) for i, p in enumerate(peers)),
         peer_settings(**kw),
         manifest_sha256,
     )
     return await pull(
         parse_uri(uri),
-        Destination.for_folder(dest),
+        dest if isinstance(dest, Destination) else Destination.for_folder(dest),
         sources=sources or SourceSettings.from_env(),
-        transfer=TransferSettings(chunk_size=MiB, backoff_initial=0.01, backoff_max=0.05, attempts=2),
+        transfer=transfer
+        or TransferSettings(chunk_size=MiB, backoff_initial=0.01, backoff_max=0.05, attempts=2),
         peers=source,
     )
 
@@ -164,6 +173,112 @@ async def test_chunks_stream_from_a_peer_that_is_still_fetching(hf_hub: Hub, tmp
     assert same_model(tmp_path / "m")
     assert origin_gets(hf_hub, "w.bin") == [] and origin_gets(hf_hub, "config.json") == []
     assert result.bytes_from_peers == len(WEIGHTS) + len(CONFIG) and result.bytes_from_origin == 0
+
+
+async def landing(peer: TestPeer, *, every: float = 0.2) -> None:
+    """The peer fetches the model: once its holding was asked, w.bin's chunks land one by one, then
+    config.json."""
+    for _ in range(200):
+        if peer.holding_asked:
+            break
+        await asyncio.sleep(0.05)
+    for i in range(5):
+        await asyncio.sleep(every)
+        peer.hold("w.bin", WEIGHTS, chunks={*range(i + 1)})
+    peer.hold("config.json", CONFIG)
+
+
+async def test_a_seed_first_seen_holding_zero_bytes_is_waited_for_not_bypassed(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
+    # A seed that has just begun: its holding names w.bin with no chunk yet (zero bytes), and the
+    # controller's list gives no state (--peers). First seen is a sign of fetching: no growth was
+    # seen yet, and before, every chunk went to the origin.
+    uri, rev = hf_model(hf_hub)
+    peer = TestPeer(storage_key(uri), rev, MiB, published=False)
+    peer.hold("w.bin", WEIGHTS, chunks=set())
+    async with running(peer):
+        lands = asyncio.ensure_future(landing(peer))
+        result = await fetch(uri, tmp_path / "m", [peer], wait_for_fetching=30.0)
+        await lands
+    assert same_model(tmp_path / "m") and result.peers_dropped == ()
+    assert origin_gets(hf_hub, "w.bin") == [] and origin_gets(hf_hub, "config.json") == []
+    assert result.bytes_from_peers == len(WEIGHTS) + len(CONFIG) and result.bytes_from_origin == 0
+
+
+async def test_a_peer_listed_as_downloading_is_waited_for_before_it_holds_anything(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
+    # Listed ModelDownloading by the controller, its holding still 404 (no resume state yet).
+    uri, rev = hf_model(hf_hub)
+    peer = TestPeer(storage_key(uri), rev, MiB, published=False)
+    async with running(peer):
+        lands = asyncio.ensure_future(landing(peer))
+        result = await fetch(
+            uri, tmp_path / "m", [peer], state=ModelState.DOWNLOADING, wait_for_fetching=30.0
+        )
+        await lands
+    assert same_model(tmp_path / "m") and result.peers_dropped == ()
+    assert origin_gets(hf_hub, "w.bin") == [] and origin_gets(hf_hub, "config.json") == []
+    assert result.bytes_from_peers == len(WEIGHTS) + len(CONFIG)
+
+
+@pytest.mark.parametrize("holds", ["nothing", "zero bytes"])
+async def test_a_fetching_peer_that_never_grows_is_waited_for_only_up_to_the_bound(
+    hf_hub: Hub, tmp_path: Path, holds: str
+) -> None:
+    uri, rev = hf_model(hf_hub)
+    peer = TestPeer(storage_key(uri), rev, MiB, published=False)
+    if holds == "zero bytes":
+        peer.hold("w.bin", WEIGHTS, chunks=set())
+    async with running(peer):
+        result = await fetch(uri, tmp_path / "m", [peer], state=ModelState.DOWNLOADING, wait_for_fetching=0.3)
+    assert same_model(tmp_path / "m") and result.peers_dropped == ()
+    assert result.bytes_from_origin == len(WEIGHTS) + len(CONFIG) and result.bytes_from_peers == 0
+
+
+async def test_a_capped_peer_serving_our_other_requests_is_never_dropped_as_busy(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
+    # One upload at a time (its --peer-max-uploads), we ask up to four at once: the others are
+    # answered 503 while it serves one of ours. Before, each 503 counted towards max_busy (here 1).
+    uri, rev = hf_model(hf_hub)
+    peer = full_peer(rev, mode="capped", max_uploads=1, upload_delay=0.1)
+    async with running(peer):
+        result = await fetch(uri, tmp_path / "m", [peer], max_busy=1, max_in_flight=4)
+    assert same_model(tmp_path / "m") and result.peers_dropped == ()
+    assert peer.refused > 0  # it was at its cap
+    assert origin_gets(hf_hub, "w.bin") == [] and result.bytes_from_origin == 0
+
+
+async def test_with_peer_fill_each_chunk_is_given_to_peers_as_it_lands_not_at_the_checkpoint(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
+    # The origin holds back w.bin from chunk 3 on; what landed before must be in the holding the
+    # peer server gives (agent.peer.holdings) although the periodic checkpoint is an hour away.
+    uri, rev = hf_model(hf_hub)
+    held = hf_hub.repos["org/m"].commits[rev]["w.bin"]
+    held.hold_from = 3 * MiB
+    layout = CacheLayout(tmp_path / "cache")
+    key = storage_key(uri)
+    transfer = TransferSettings(chunk_size=MiB, checkpoint_interval=3600.0, attempts=2)
+    pulling = asyncio.ensure_future(fetch(uri, Destination.in_cache(layout, key), [], transfer=transfer))
+    holdings = Holdings(layout.root, chunk_size=MiB)
+    try:
+        seen = None
+        for _ in range(200):  # 20 s at most
+            await asyncio.sleep(0.1)
+            view = await asyncio.to_thread(holdings.view, key)
+            files = view.holding.files if view is not None else {}
+            if "w.bin" in files and files["w.bin"].chunks == {0, 1, 2} and "config.json" in files:
+                seen = files
+                break
+        assert seen is not None, "the chunks that landed were not given before the checkpoint"
+        assert seen["config.json"].complete and not seen["w.bin"].complete
+    finally:
+        held.hold_from = None
+    result = await pulling
+    assert result.verified and (layout.model_dir(key) / "w.bin").read_bytes() == WEIGHTS
 
 
 async def test_a_busy_peer_is_waited_for_not_dropped(hf_hub: Hub, tmp_path: Path) -> None:
@@ -365,10 +480,35 @@ def test_plan_spreads_chunks_round_robin_from_the_nearest() -> None:
 
 def test_plan_sends_chunks_no_peer_holds_to_the_origin_unless_a_peer_is_fetching() -> None:
     some = holding(published=False, f=FileHolding(16, False, frozenset({1})))
-    stale = plan([PeerView("a", some, grew_at=50.0)])
+    stale = plan([PeerView("a", some, active_at=50.0)])
     assert dict(stale.by_peer) == {1: "a"} and stale.origin == {0, 2, 3} and stale.wait == frozenset()
-    live = plan([PeerView("a", some, grew_at=90.0)])
+    live = plan([PeerView("a", some, active_at=90.0)])
     assert dict(live.by_peer) == {1: "a"} and live.wait == {0, 2, 3} and live.origin == frozenset()
+
+
+def test_plan_waits_for_a_peer_that_showed_it_is_fetching_within_the_bound() -> None:
+    # Listed as fetching (or first seen) at active_at, holding nothing yet or zero bytes.
+    empty = holding(published=False, f=FileHolding(16, False, frozenset()))
+    for held in (None, empty, holding(published=False)):
+        assert plan([PeerView("a", held, active_at=95.0)]).wait == {0, 1, 2, 3}
+        assert plan([PeerView("a", held, active_at=60.0)]).origin == {0, 1, 2, 3}
+        assert plan([PeerView("a", held)]).origin == {0, 1, 2, 3}  # never showed it
+    # A published holding, or one of another revision or size, is not fetching this file.
+    for other in (
+        holding(f=FileHolding(16, False, frozenset())),
+        holding(published=False, revision="old"),
+        holding(published=False, f=FileHolding(17, False, frozenset())),
+    ):
+        assert plan([PeerView("a", other, active_at=95.0)]).origin == {0, 1, 2, 3}
+
+
+def test_plan_gives_a_full_peer_no_more_and_waits_rather_than_ask_the_origin() -> None:
+    whole = holding(f=FileHolding(16, True))
+    result = plan([PeerView("a", whole, in_flight=2, max_in_flight=2), PeerView("b", whole, max_in_flight=1)])
+    assert dict(result.by_peer) == {0: "b"} and result.wait == {1, 2, 3} and result.origin == frozenset()
+    # Room for two more: two chunks, the rest wait.
+    result = plan([PeerView("a", whole, in_flight=1, max_in_flight=3)])
+    assert dict(result.by_peer) == {0: "a", 1: "a"} and result.wait == {2, 3}
 
 
 def test_plan_waits_for_a_busy_holder() -> None:
@@ -388,3 +528,32 @@ def test_plan_takes_nothing_unchecked_nor_of_another_revision_size_or_chunk_size
     assert dict(plan([PeerView("a", holding(chunk_size=8, f=FileHolding(16, True)))]).by_peer) == {
         i: "a" for i in range(4)
     }
+
+
+async def test_the_prompt_checkpoint_ends_when_cancelled_as_a_chunk_lands(tmp_path: Path) -> None:
+    # The download's end cancels the checkpoint loop; its last chunk may have set "landed" in the
+    # same step. asyncio.wait_for (before 3.12) returned the event's result and lost the cancel:
+    # the loop ran on and the download never ended.
+    listing = Listing("hf://org/m", "r", ())
+    client = HttpClient(
+        ClientSettings(concurrency=1, read_size=1 << 16, connect_timeout=1.0, read_timeout=1.0)
+    )
+    transfer = Transfer(
+        listing,
+        Destination.for_folder(tmp_path / "m"),
+        uri="hf://org/m",
+        storage_key=storage_key("hf://org/m"),
+        client=client,
+        settings=TransferSettings(checkpoint_interval=3600.0),
+        peers=PeerSource((), peer_settings()),
+    )
+    try:
+        loop = asyncio.ensure_future(transfer._checkpoint_loop())
+        await asyncio.sleep(0.01)  # waiting for a chunk to land
+        transfer.landed.set()
+        loop.cancel()
+        await asyncio.wait([loop], timeout=10)
+        assert loop.cancelled(), "the checkpoint loop ran on after it was cancelled"
+    finally:
+        loop.cancel()  # again, should it have run on
+        client.close()

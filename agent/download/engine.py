@@ -76,6 +76,9 @@ from localmodel.errors import (
 )
 from localmodel.manifest import HashCheck, Manifest
 
+# Seconds between two checkpoints at least, with peer fill (each chunk's as soon as it lands).
+PROMPT_GAP = 0.1
+
 
 class Transfer:
     """One download of one listing into one destination."""
@@ -119,6 +122,7 @@ class Transfer:
         self.partial: set[str] = set()
         self.finished: dict[str, FileProgress] = {}
         self.dirty = False
+        self.landed = asyncio.Event()  # a chunk or a file done since the last checkpoint
         # How each finished file was checked, and the sha256 known for it (the manifest's).
         self.outcome: dict[str, tuple[str, str | None]] = {}
         self.fds: dict[str, int] = {}
@@ -312,6 +316,7 @@ class Transfer:
             self.partial.discard(f.path)
             self.finished[f.path] = st
             self.dirty = True
+            self.landed.set()
         if not st.verified:
             return
         # Kept in memory as one small tuple: the entry itself goes to the journal and is dropped.
@@ -469,6 +474,7 @@ class Transfer:
         st.chunks.update(chunks)
         self.partial.add(f.path)
         self.dirty = True
+        self.landed.set()
         if (hasher := self.hashers.get(f.path)) is not None:
             hasher.poke(st.chunks)
 
@@ -544,10 +550,20 @@ class Transfer:
 
     async def _checkpoint_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.checkpoint_interval)
+            if self.fill is None:
+                await asyncio.sleep(self.settings.checkpoint_interval)
+            else:
+                # Peers get only what is checkpointed: each chunk as it lands (synced, then recorded).
+                # Not wait_for: before 3.12 it loses a cancel that comes as the event is set.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.checkpoint_interval):
+                        await self.landed.wait()
+                self.landed.clear()
             if self.dirty:
                 partial, finished, fds = self._snapshot()
                 await asyncio.to_thread(self._sync_and_save, fds, partial, finished)
+            if self.fill is not None:
+                await asyncio.sleep(PROMPT_GAP)
 
     def _checkpoint(self) -> None:
         if self.dirty:

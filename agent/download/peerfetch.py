@@ -16,8 +16,12 @@ never a byte past it) and not retried from the same peer:
   dropped for this model (:attr:`PeerFill.dropped`) and its chunks go to another peer or the origin;
 - a 404: it may have just published or dropped a chunk: its holding is asked again (three in a row
   and it is dropped);
-- a 503 or 429 with ``Retry-After``: it is busy (its upload limit); its chunks wait that long (at
-  most 5 s), up to :attr:`PeerSettings.max_busy` times in a row.
+- a 503 or 429 with ``Retry-After``: it is busy (its upload limit). While other requests of ours
+  to it are in flight it is serving us fine: its bound (at most :attr:`PeerSettings.max_in_flight`
+  at once) is lowered to those, and the chunk waits for one of them to end (raised again, one by
+  one, as requests succeed). Busy while serving nothing of ours: its chunks wait the Retry-After (at
+  most 5 s), and after :attr:`PeerSettings.max_busy` such answers in a row (none served between) it
+  is dropped.
 
 A file whose hash fails after peers gave chunks of it: every peer that did is dropped
 (:meth:`PeerFill.blame`) and the file is fetched again from the origin alone. Disk errors are ours,
@@ -64,7 +68,7 @@ from localmodel.errors import (
 )
 from localmodel.manifest import Manifest
 from localmodel.peering import Holding, bearer, file_path, holding_path, manifest_path
-from localmodel.resources import DroppedPeer
+from localmodel.resources import DroppedPeer, ModelState
 
 log = logging.getLogger("modelcache.download")
 
@@ -92,15 +96,19 @@ class _Peer:
     """One peer's state in this download (mutated on the event loop only)."""
 
     address: str
+    cap: int  # requests in flight at once (PeerSettings.max_in_flight, lowered when it is busy)
+    listed_fetching: bool = False  # the controller listed it as ModelDownloading
     holding: Holding | None = None
-    grew_at: float | None = None
+    seen: bool = False  # a holding of this revision was seen
+    active_at: float | None = None
     busy_until: float = 0.0
     busy: int = 0
     misses: int = 0
     in_flight: int = 0
+    served: int = 0  # requests served since the cap was last raised
 
     def view(self) -> PeerView:
-        return PeerView(self.address, self.holding, self.grew_at, self.busy_until, self.in_flight)
+        return PeerView(self.address, self.holding, self.active_at, self.busy_until, self.in_flight, self.cap)
 
 
 class PeerFill:
@@ -128,13 +136,15 @@ class PeerFill:
         self.clock = clock
         self.peers: dict[str, _Peer] = {}  # nearest first, the dropped removed
         for p in source.peers:
-            self.peers.setdefault(p.address, _Peer(p.address))
+            fetching = p.state is ModelState.DOWNLOADING
+            self.peers.setdefault(p.address, _Peer(p.address, self.settings.max_in_flight, fetching))
         self.dropped: dict[str, DroppedPeer] = {}
         self.peer_bytes = 0
         self.contributors: dict[str, set[str]] = {}  # file -> peers that gave chunks of it
         self.origin_only: set[str] = set()
         self.listing: Listing | None = None
         self.asked_at = 0.0
+        self.changed: asyncio.Future[bool] | None = None  # resolved when a peer request ends
         self.client = HttpClient(
             ClientSettings(
                 concurrency=transfer.concurrency,
@@ -163,6 +173,9 @@ class PeerFill:
         if not self.peers or listing.archive is not None or not self.verify:
             self.peers.clear()  # an archive is unpacked, and unchecked bytes never come from a peer
             return listing
+        for peer in self.peers.values():
+            if peer.listed_fetching:
+                peer.active_at = self.clock()  # waited for from now, even while it holds nothing yet
         await self._ask_all()
         self.asked_at = self.clock()
         # No hash a peer cannot forge bytes for (none, or a CRC32C alone): the manifest's sha256.
@@ -226,15 +239,20 @@ class PeerFill:
             self._unexpected(peer.address, e, "its holding")
             return
         if holding is not None and holding.revision != self.listing.revision:
-            holding = None  # another version of the model: of no use, and no fault
+            # Another version of the model: of no use, and no fault; nor is it fetching ours.
+            peer.holding = peer.active_at = None
+            return
         if holding is not None:
             sizes = {f.path: f.size for f in self.listing.files}
             fault = holding_fault(holding, storage_key=self.storage_key, sizes=sizes)
             if fault is not None:
                 self.drop(peer.address, fault)
                 return
-        if held_bytes(holding) > held_bytes(peer.holding):
-            peer.grew_at = self.clock()
+            # First seen holding this revision (zero bytes, maybe: a seed that has just begun), or
+            # grown since: fetching, so what it lacks is waited for (bounded by wait_for_fetching).
+            if not peer.seen or held_bytes(holding) > held_bytes(peer.holding):
+                peer.active_at = self.clock()
+            peer.seen = True
         peer.holding = holding
 
     async def _get_json(self, address: str, path: str) -> Any:
@@ -297,21 +315,27 @@ class PeerFill:
                 for index in plan.origin:
                     chunk = pending.pop(index)
                     running[asyncio.ensure_future(origin(chunk))] = (chunk, True)
-                if running:
-                    timeout = self.settings.poll_interval if pending else None
-                    done, _ = await asyncio.wait(
-                        running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if self._settle(done, running, pending):
-                        return  # the origin sent the whole file
-                else:
-                    await asyncio.sleep(self.settings.poll_interval)
+                # Until a request of this file ends, or (chunks waiting) one to a peer ends anywhere
+                # in the download (a full peer has room again), or the holdings are due again.
+                changed = [self._change()] if pending else []
+                done, _ = await asyncio.wait(
+                    [*running, *changed],
+                    timeout=self.settings.poll_interval if pending else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if self._settle(done.difference(changed), running, pending):
+                    return  # the origin sent the whole file
                 if pending:
                     await self._refresh()
         finally:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+
+    def _change(self) -> asyncio.Future[bool]:
+        if self.changed is None or self.changed.done():
+            self.changed = asyncio.get_running_loop().create_future()
+        return self.changed
 
     def _settle(
         self,
@@ -359,7 +383,12 @@ class PeerFill:
             return False
         finally:
             peer.in_flight -= 1
+            if self.changed is not None and not self.changed.done():
+                self.changed.set_result(True)
         peer.busy = peer.misses = 0
+        peer.served += 1
+        if peer.served >= peer.cap and peer.cap < self.settings.max_in_flight:
+            peer.cap, peer.served = peer.cap + 1, 0  # a window served without a 503: one more
         self.contributors.setdefault(f.path, set()).add(address)
         return True
 
@@ -401,9 +430,14 @@ class PeerFill:
             self.asked_at = 0.0  # ask its holding again at once
             return
         if isinstance(e, TransientError) and e.retry_after is not None:
+            others = peer.in_flight - 1  # this request is still counted
+            if others > 0:
+                # At its upload limit while serving others of ours: ask no more at once than those.
+                peer.cap, peer.served = max(1, min(peer.cap, others)), 0
+                return
             peer.busy += 1
             if peer.busy > self.settings.max_busy:
-                self.drop(peer.address, f"busy (HTTP 503) {peer.busy} times in a row")
+                self.drop(peer.address, f"busy (HTTP 503) {peer.busy} times in a row, serving none of ours")
                 return
             peer.busy_until = self.clock() + min(e.retry_after, MAX_BUSY_WAIT)
             return

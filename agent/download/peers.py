@@ -17,7 +17,7 @@ from localmodel.errors import InvalidInput
 from localmodel.hosts import host_error
 from localmodel.manifest import HashCheck, Manifest
 from localmodel.peering import Holding, manifest_digest
-from localmodel.resources import DroppedPeer
+from localmodel.resources import DroppedPeer, ModelState
 
 # The start of every reason a peer is dropped for bytes that are not what was asked (a hash that
 # fails, a range or size that lies): the agent raises an Event (PeerDropped) for these.
@@ -40,10 +40,13 @@ def peer_safe(check: HashCheck | None) -> bool:
 
 @dataclass(frozen=True)
 class Peer:
-    """One node agent to ask: its peer server ``address`` ("host:port") and node name, if known."""
+    """One node agent to ask: its peer server ``address`` ("host:port"), node name and its state
+    for the model (the controller's ``PeerRef.state``), if known. A peer listed as
+    ModelDownloading is fetching the model: chunks it lacks wait for it (:func:`plan_file`)."""
 
     address: str
     node: str | None = None
+    state: ModelState | None = None
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,12 @@ class PeerSettings:
     low-speed bound (bytes/s over seconds, curl's --speed-limit/--speed-time) are per request: a peer
     is in the cluster, so they are tighter than the origin's, and a peer that misses one is dropped.
     ``wait_for_fetching``: seconds a chunk no peer holds waits for a peer that is fetching the model
-    (its holding grew within that time) before the origin is asked; ``poll_interval``: seconds
-    between two askings of a fetching peer's holding."""
+    (listed as ModelDownloading, first seen holding this revision, or its holding grew, within that
+    time) before the origin is asked; ``poll_interval``: seconds between two askings of a fetching
+    peer's holding. ``max_in_flight``: requests of one download to one peer at once, below the peer
+    server's default ``--peer-max-uploads`` (8) so that a peer is rarely answered busy; lowered for a
+    peer that answers 503 while serving others of ours. ``max_busy``: 503 answers in a row from a
+    peer serving nothing of ours before it is dropped."""
 
     token: Callable[[], str]
     connect_timeout: float = 5.0
@@ -62,9 +69,10 @@ class PeerSettings:
     low_speed_limit: int = 256 << 10
     low_speed_time: float = 10.0
     wait_for_fetching: float = 30.0
-    poll_interval: float = 1.0
+    poll_interval: float = 0.5
     max_holding_bytes: int = 16 << 20  # a holding or manifest answer longer than this is malformed
-    max_busy: int = 20  # 503 answers in a row from one peer before it is dropped
+    max_in_flight: int = 4
+    max_busy: int = 20
 
 
 @dataclass(frozen=True)
@@ -96,16 +104,19 @@ class FileNeed:
 
 @dataclass(frozen=True)
 class PeerView:
-    """What is known of one peer that is not dropped. ``holding``: its last answer (None: holds
-    nothing, or not asked yet); ``grew_at``: when its holding was last seen to grow (None: never);
-    ``busy_until``: it answered 503 with a Retry-After reaching then; ``in_flight``: chunks being
-    fetched from it now."""
+    """What is known of one peer that is not dropped. ``holding``: its last answer of the listing's
+    revision (None: holds nothing yet, or not asked yet); ``active_at``: when it last showed it is
+    fetching the model (listed as ModelDownloading when the download began, first seen with a
+    holding of this revision, its holding seen to grow; None: never); ``busy_until``: it answered 503
+    with a Retry-After reaching then; ``in_flight``: chunks being fetched from it now, at most
+    ``max_in_flight`` (None: no bound)."""
 
     address: str
     holding: Holding | None = None
-    grew_at: float | None = None
+    active_at: float | None = None
     busy_until: float = 0.0
     in_flight: int = 0
+    max_in_flight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,33 +146,42 @@ def plan_file(
     - A peer is usable only when its holding's revision equals the listing's (``revision``) and its
       entry for the file has the listed size; it holds a chunk when it holds the whole file, or that
       chunk index with a chunk size equal to ours (``chunk_size``).
-    - A chunk a usable peer that is not busy holds goes to one of them: the one with the fewest
-      chunks assigned (in flight before this plan, plus given by it), the nearest on a tie, so the
-      chunks of a file spread round-robin over the peers that hold them.
-    - Else the chunk waits when a peer holding it is busy (``busy_until`` after ``now``), or a usable
-      peer that has not published the model is fetching it (its holding grew within
-      ``wait_for_fetching`` seconds of ``now``) and lacks the chunk: it may have it soon.
+    - A chunk a usable peer that is neither busy nor full holds goes to one of them: the one with
+      the fewest chunks assigned (in flight before this plan, plus given by it), the nearest on a
+      tie, so the chunks of a file spread round-robin over the peers that hold them. A peer is full
+      when that count has reached its ``max_in_flight``.
+    - Else the chunk waits when a peer holding it is busy (``busy_until`` after ``now``) or full, or
+      a peer that has not published the model and lacks the chunk is fetching it: it showed so
+      (``active_at``) within ``wait_for_fetching`` seconds of ``now`` and holds nothing yet, or
+      holds this revision without the whole file at the listed size. A fetching peer is waited for
+      from its first sign, not from the first growth seen: a seed that has just begun holds zero
+      bytes, and bypassing it would send every node to the origin.
     - Else it comes from the origin.
     """
     if not need.peer_ok:
         return ChunkPlan(origin=frozenset(i for i, _, _ in need.chunks))
     usable = [p for p in peers if _usable(p, need, revision)]
     load = {p.address: p.in_flight for p in usable}
+    fetching = any(_fetching(p, need, revision, now, wait_for_fetching) for p in peers)
     by_peer: dict[int, str] = {}
     origin: set[int] = set()
     wait: set[int] = set()
     for index, _, _ in need.chunks:
         holders = [p for p in usable if _holds(p, need.path, index, chunk_size)]
-        ready = [p for p in holders if p.busy_until <= now]
+        ready = [p for p in holders if p.busy_until <= now and not _full(p, load[p.address])]
         if ready:
             best = min(ready, key=lambda p: load[p.address])  # min keeps the first (nearest) on a tie
             load[best.address] += 1
             by_peer[index] = best.address
-        elif holders or any(_fetching(p, need.path, now, wait_for_fetching) for p in usable):
+        elif holders or fetching:
             wait.add(index)
         else:
             origin.add(index)
     return ChunkPlan(by_peer, frozenset(origin), frozenset(wait))
+
+
+def _full(p: PeerView, load: int) -> bool:
+    return p.max_in_flight is not None and load >= p.max_in_flight
 
 
 def _usable(p: PeerView, need: FileNeed, revision: str | None) -> bool:
@@ -179,12 +199,15 @@ def _holds(p: PeerView, path: str, index: int, chunk_size: int) -> bool:
     return held.complete or (p.holding.chunk_size == chunk_size and index in held.chunks)
 
 
-def _fetching(p: PeerView, path: str, now: float, wait_for_fetching: float) -> bool:
-    assert p.holding is not None
-    held = p.holding.files.get(path)
-    if p.holding.published or (held is not None and held.complete):
+def _fetching(p: PeerView, need: FileNeed, revision: str | None, now: float, window: float) -> bool:
+    if p.active_at is None or now - p.active_at > window:
         return False
-    return p.grew_at is not None and now - p.grew_at <= wait_for_fetching
+    if p.holding is None:
+        return True  # listed as fetching, nothing held yet
+    if not _usable(p, need, revision) or p.holding.published:
+        return False
+    held = p.holding.files.get(need.path)
+    return held is None or not held.complete
 
 
 def held_bytes(holding: Holding | None) -> int:

@@ -155,6 +155,25 @@ class Fleet:
         self._started = True
         await self._ready("controller", self.controller, f"127.0.0.1:{port}")
         await asyncio.gather(*(self.add_node(n) for n in nodes))
+        if s.peer_fill:
+            await self._peers_reported(list(nodes))
+
+    async def _peers_reported(self, nodes: list[str]) -> None:
+        """Each of ``nodes`` reports its peer address in its LocalModelNode status: before that the
+        controller cannot know the group has peer fill, and starts every node on the origin."""
+        deadline = time.monotonic() + self.settings.ready_timeout
+        left = [n for n in nodes if self.agents[n].peer is not None]
+        while left:
+            left = [n for n in left if (await self.status(n)).peer_address != self.agents[n].peer]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no status.peerAddress from {left}\n{self.tails()}")
+            for n in left:
+                proc = self.agents[n].proc
+                assert proc is not None
+                self._alive(n, proc)
+            await asyncio.sleep(0.1)
 
     async def add_node(
         self, node: str, *, token: str | None = None, agent_args: Iterable[str] = ()

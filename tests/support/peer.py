@@ -12,9 +12,11 @@ looked at. Faults (:attr:`TestPeer.mode`): ``tamper`` (one byte of each answer f
 total is not the file's size), ``wrong_range`` (the same length from one chunk further on, its
 Content-Range saying so), ``trickle`` (ten bytes a second), ``error500``, ``die`` (half the
 bytes, then the connection closed), ``busy`` (503 with ``Retry-After: 1`` for the first
-:attr:`TestPeer.busy_left` file requests), ``missing`` (404 for every file, while its holding says
-it has them), ``redirect`` (302 to another address). Every file request is recorded as (path,
-range), and the bytes sent are counted.
+:attr:`TestPeer.busy_left` file requests), ``capped`` (at most :attr:`TestPeer.max_uploads` file
+answers at once, each held :attr:`TestPeer.upload_delay` seconds; more are 503 with
+``Retry-After: 1``, as the agent's ``--peer-max-uploads``), ``missing`` (404 for every file,
+while its holding says it has them), ``redirect`` (302 to another address). Every file request is
+recorded as (path, range), and the bytes sent are counted.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ MODES = (
     "error500",
     "die",
     "busy",
+    "capped",
     "missing",
     "redirect",
 )
@@ -60,6 +63,11 @@ class TestPeer:
     manifest: dict[str, Any] | None = None
     mode: str | None = None
     busy_left: int = 2
+    max_uploads: int = 1
+    upload_delay: float = 0.05
+    uploading: int = 0
+    refused: int = 0  # 503s sent
+    holding_asked: int = 0
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     sent: int = 0
     unauthorized: int = 0
@@ -111,6 +119,7 @@ class TestPeer:
         return response
 
     async def _holding(self, request: web.Request) -> web.Response:
+        self.holding_asked += 1
         if request.match_info["key"] != self.storage_key or not self.files:
             return web.Response(status=404)
         return web.json_response(self.holding().to_json())
@@ -133,7 +142,21 @@ class TestPeer:
             return web.Response(status=302, headers={"Location": "http://127.0.0.1:9/elsewhere"})
         if self.mode == "busy" and self.busy_left > 0:
             self.busy_left -= 1
+            self.refused += 1
             return web.Response(status=503, headers={"Retry-After": "1"})
+        if self.mode == "capped":
+            if self.uploading >= self.max_uploads:
+                self.refused += 1
+                return web.Response(status=503, headers={"Retry-After": "1"})
+            self.uploading += 1
+            try:
+                await asyncio.sleep(self.upload_delay)
+                return await self._answer(request, held, rng)
+            finally:
+                self.uploading -= 1
+        return await self._answer(request, held, rng)
+
+    async def _answer(self, request: web.Request, held: Held, rng: str | None) -> web.StreamResponse:
         size = len(held.data)
         start, end = 0, size - 1
         if rng is not None:
