@@ -243,7 +243,7 @@ def peer_fill(token_file: Path | None, peers: str, *, standalone: bool = True) -
     except InvalidInput:
         if standalone:
             raise
-    return PeerSettings(token=functools.partial(_token_to_send, tokens))
+    return PeerSettings(token=functools.partial(_token_to_send, tokens), previous_token=tokens.previous)
 
 
 def _token_to_send(tokens: TokenFile) -> str:

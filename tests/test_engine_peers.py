@@ -6,6 +6,7 @@ unchecked is published. The planner's rules are checked apart, pure."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -346,6 +347,41 @@ async def test_a_peer_that_refuses_our_token_is_dropped_before_any_byte(hf_hub: 
     assert peer.requests == [] and peer.unauthorized == 1 and result.bytes_from_peers == 0
 
 
+async def test_a_peer_that_has_not_got_the_rotated_token_yet_is_sent_the_previous_one(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
+    """Kubelets bring a rotated Secret to nodes minutes apart: this node reads the new token, the
+    peer still accepts only the old one, which is sent to it (once refused), and no peer is dropped."""
+    uri, rev = hf_model(hf_hub)
+    peer = full_peer(rev, token="old-token")
+    rotated = dataclasses.replace(
+        peer_settings(), token=lambda: "new-token", previous_token=lambda: "old-token"
+    )
+    async with running(peer):
+        source = PeerSource((Peer(peer.address, "node-0"),), rotated)  # its port is known once it runs
+        result = await pull(
+            parse_uri(uri),
+            Destination.for_folder(tmp_path / "m"),
+            sources=SourceSettings.from_env(),
+            transfer=TransferSettings(chunk_size=MiB, backoff_initial=0.01, backoff_max=0.05, attempts=2),
+            peers=source,
+        )
+    assert same_model(tmp_path / "m")
+    assert result.peers_dropped == () and peer.unauthorized >= 1
+    assert result.bytes_from_peers == result.bytes_total and result.bytes_from_origin == 0
+    # Without a previous token in its grace window, the refusal drops the peer as before.
+    neither = dataclasses.replace(peer_settings(), token=lambda: "new-token")
+    async with running(peer):
+        again = await pull(
+            parse_uri(uri),
+            Destination.for_folder(tmp_path / "n"),
+            sources=SourceSettings.from_env(),
+            transfer=TransferSettings(chunk_size=MiB, backoff_initial=0.01, backoff_max=0.05, attempts=2),
+            peers=PeerSource((Peer(peer.address, "node-0"),), neither),
+        )
+    assert [d.address for d in again.peers_dropped] == [peer.address] and again.bytes_from_peers == 0
+
+
 async def test_bad_bytes_drop_every_peer_that_gave_chunks_of_the_file(hf_hub: Hub, tmp_path: Path) -> None:
     uri, rev = hf_model(hf_hub, **{"w.bin": WEIGHTS})
     good = TestPeer(storage_key(uri), rev, MiB)
@@ -359,6 +395,10 @@ async def test_bad_bytes_drop_every_peer_that_gave_chunks_of_the_file(hf_hub: Hu
     assert reasons == {a: "bad bytes: bytes failed w.bin's sha256" for a in (good.address, bad.address)}
     # Fetched again from the origin alone, all of it.
     assert sorted(r or "" for r in origin_gets(hf_hub, "w.bin")) == sorted(chunk_range(i) for i in range(5))
+    # The peers' bytes of w.bin were thrown away: none of the published copy came from a peer, and
+    # the origin's count is everything it sent (the other files and all of w.bin).
+    assert (result.bytes_from_peers, result.bytes_from_origin) == (0, result.bytes_total)
+    assert result.bytes_transferred == result.bytes_total + len(WEIGHTS)
 
 
 async def test_an_unreachable_peer_is_dropped(hf_hub: Hub, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -206,7 +207,9 @@ class Transfer:
         # An archive's members count as checked the way the archive was.
         each = len(manifest.files) if self.listing.archive is not None else 1
         hashed, size_only, named = checked_counts({p: m for p, (m, _) in self.outcome.items()}, each=each)
-        from_peers = self.fill.peer_bytes if self.fill is not None else 0
+        origin, peers = (
+            self.fill.sources(self.transferred) if self.fill is not None else (self.transferred, 0)
+        )
         return PullResult(
             files=len(manifest.files),
             bytes_total=manifest.total_bytes,
@@ -217,8 +220,8 @@ class Transfer:
             hash_checked=hashed,
             size_only=size_only,
             size_only_names=named,
-            bytes_from_origin=self.transferred - from_peers,
-            bytes_from_peers=from_peers,
+            bytes_from_origin=origin,
+            bytes_from_peers=peers,
             peers_dropped=tuple(self.fill.dropped.values()) if self.fill is not None else (),
         )
 
@@ -264,10 +267,8 @@ class Transfer:
 
     def _durable_bytes(self, f: RemoteFile) -> int:
         st = self.state.files.get(f.path)
-        if st is None:
-            return 0
-        if st.verified:
-            return f.size or 0
+        if st is None or st.verified:
+            return 0 if st is None else f.size or 0
         return sum(end - start for i, start, end in self._chunks(f) if i in st.chunks) if f.size else 0
 
     # -- one file ---------------------------------------------------------------------------
@@ -430,7 +431,7 @@ class Transfer:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self.settings.attempts),
-            wait=self._wait,
+            wait=functools.partial(backoff, self.settings),
             reraise=True,
         )
         try:
@@ -482,9 +483,6 @@ class Transfer:
         if nbytes:
             self.transferred += nbytes
             self.progress.advance(nbytes)
-
-    def _wait(self, retry_state: object) -> float:
-        return backoff(self.settings, retry_state)
 
     # -- verification -----------------------------------------------------------------------
 

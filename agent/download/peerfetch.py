@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -106,6 +107,7 @@ class _Peer:
     misses: int = 0
     in_flight: int = 0
     served: int = 0  # requests served since the cap was last raised
+    previous_token: str | None = None  # sent instead of the current one: it refused that
 
     def view(self) -> PeerView:
         return PeerView(self.address, self.holding, self.active_at, self.busy_until, self.in_flight, self.cap)
@@ -139,7 +141,9 @@ class PeerFill:
             fetching = p.state is ModelState.DOWNLOADING
             self.peers.setdefault(p.address, _Peer(p.address, self.settings.max_in_flight, fetching))
         self.dropped: dict[str, DroppedPeer] = {}
-        self.peer_bytes = 0
+        self.peer_bytes = 0  # every byte peers sent, bytes that failed a hash included
+        self.by_file: dict[str, int] = {}  # of those, per file not yet known to be good or bad
+        self.discarded = 0  # peers' bytes of files that failed their hash
         self.contributors: dict[str, set[str]] = {}  # file -> peers that gave chunks of it
         self.origin_only: set[str] = set()
         self.listing: Listing | None = None
@@ -234,6 +238,8 @@ class PeerFill:
             holding = Holding.from_json(data) if data is not None else None
         except (DownloadError, SpecError, ValueError) as e:
             self._drop_for(peer.address, e, what="holding")
+            if peer.previous_token is not None and peer.holding is None and peer.address in self.peers:
+                await self._ask(peer)  # refused our new token: asked at once with the previous one
             return
         except Exception as e:  # one peer's answer never fails the model
             self._unexpected(peer.address, e, "its holding")
@@ -277,7 +283,7 @@ class PeerFill:
                 raise status_error(label, response)
             return sink
 
-        headers = bearer(self.settings.token())
+        headers = bearer(self._token(address))
         await self.client.request(
             "GET", f"http://{address}{path}", headers=headers, label=label, accept=accept
         )
@@ -396,26 +402,63 @@ class PeerFill:
         """One ranged GET, checked and written as the origin's are (Body), not retried."""
         index, start, end = chunk
         body = Body(
-            f, source=f"peer {address}", report=self._report, start=start, end=end, whole=False, probe=False
+            f,
+            source=f"peer {address}",
+            report=functools.partial(self._report, f.path),
+            start=start,
+            end=end,
+            whole=False,
+            probe=False,
         )
         body.asked_range = True
-        headers = {**bearer(self.settings.token()), "Range": f"bytes={start}-{end - 1}"}
+        headers = {**bearer(self._token(address)), "Range": f"bytes={start}-{end - 1}"}
         url = f"http://{address}{file_path(self.storage_key, f.path)}"
         try:
             async with self.staging.slots:
                 body.fd = self.staging.open_staged(f)
                 await self.client.request("GET", url, headers=headers, label=body.label, accept=_direct(body))
         finally:
-            self._report(body.take_unreported())
+            self._report(f.path, body.take_unreported())
         if body.written < end - start:
             raise TransientError(
                 f"{body.label}: the answer ended after {body.written} of {end - start} bytes"
             )
         self.staging.record(f, {index})
 
-    def _report(self, nbytes: int) -> None:
+    def _report(self, path: str, nbytes: int) -> None:
         self.peer_bytes += nbytes
+        self.by_file[path] = self.by_file.get(path, 0) + nbytes
         self.staging.advance(nbytes)
+
+    def sources(self, transferred: int) -> tuple[int, int]:
+        """(bytes from the origin, bytes from peers) of a download that moved ``transferred``
+        bytes: the origin's count everything it sent (what it was asked for, refetches included);
+        the peers' only bytes of files that passed their hash (those in the published copy)."""
+        return transferred - self.peer_bytes, self.peer_bytes - self.discarded
+
+    def _token(self, address: str) -> str:
+        peer = self.peers.get(address)
+        if peer is not None and peer.previous_token is not None:
+            return peer.previous_token
+        return self.settings.token()
+
+    def _refused_new_token(self, address: str) -> bool:
+        """A peer refused our current token: True (not dropped) when it is the first refusal and a
+        previous token is still in its grace window, to be sent instead: that peer's kubelet has not
+        brought it the rotated Secret yet (nodes get it up to about two minutes apart)."""
+        peer = self.peers.get(address)
+        if peer is None or peer.previous_token is not None:
+            return False
+        previous = self.settings.previous_token()
+        if not previous or previous == self.settings.token():
+            return False
+        peer.previous_token = previous
+        peer.holding = peer.active_at = None
+        self.asked_at = 0.0  # ask its holding again at once, with the previous token
+        log.info(
+            "%s: peer %s refused the current token; the previous one is sent to it", self.storage_key, address
+        )
+        return True
 
     def _failed(self, peer: _Peer, path: str, e: DownloadError) -> None:
         if peer.address not in self.peers:
@@ -444,6 +487,8 @@ class PeerFill:
         self._drop_for(peer.address, e)
 
     def _drop_for(self, address: str, e: Exception, *, what: str = "") -> None:
+        if isinstance(e, AccessDenied) and self._refused_new_token(address):
+            return
         text = str(e).removeprefix(f"peer {address}: ")
         if isinstance(e, SpecError | ValueError) and what:
             text = f"{BAD_BYTES}malformed {what}: {text}"
@@ -472,6 +517,7 @@ class PeerFill:
         """``path`` failed its hash: drop every peer that gave chunks of it and fetch it again from
         the origin alone. False when no peer gave any (the origin's bytes failed)."""
         givers = self.contributors.pop(path, set())
+        self.discarded += self.by_file.pop(path, 0)
         if not givers:
             return False
         self.origin_only.add(path)

@@ -64,6 +64,9 @@ class PeerSettings:
     peer serving nothing of ours before it is dropped."""
 
     token: Callable[[], str]
+    # The token before a rotation, while still accepted (agent.peer.token.TokenFile.previous): sent
+    # once more to a peer that refuses the current one (its node has not got the new Secret yet).
+    previous_token: Callable[[], str | None] = lambda: None
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
     low_speed_limit: int = 256 << 10
