@@ -46,10 +46,10 @@ from localmodel.state.kube import (
     KubeState,
     parse_retry_after,
 )
-from tests.support.agents import eventually
+from tests.support.agents import eventually, stop
 from tests.support.kubeapi import KubeAPI, client, every, kubeconfig, path, watches, writes
 from tests.test_controller_reconcile import cache, group, node
-from tests.test_e2e import spawn, stop
+from tests.test_e2e import spawn
 
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 

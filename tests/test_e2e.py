@@ -11,10 +11,8 @@ node's copy."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from controller.webhook import Webhook
 from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE, NODE
 from localmodel.layout import storage_key
 from localmodel.state.kube import KubeState
-from tests.support.agents import cache_doc, eventually, group_doc
+from tests.support.agents import cache_doc, eventually, group_doc, stop
 from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI, kubeconfig
 from tests.test_runtime_preflight import make_model
@@ -45,18 +43,6 @@ async def spawn(*args: str, env: dict[str, str], log: Path) -> asyncio.subproces
         )
     finally:
         out.close()  # the child holds its own descriptor
-
-
-async def stop(proc: asyncio.subprocess.Process) -> int | None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode
 
 
 async def test_cache_for_two_groups_end_to_end(hf_hub: Hub, kube_api: KubeAPI, tmp_path: Path) -> None:

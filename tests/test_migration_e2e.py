@@ -77,7 +77,7 @@ from localmodel.resources import (
 from localmodel.state.base import ClusterState
 from localmodel.state.kube import KubeState
 from tests import test_controller_reconcile as base
-from tests.support.agents import eventually
+from tests.support.agents import eventually, stop
 from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI, kubeconfig, load_crds
 from tests.test_adoption import fill_like_kserve
@@ -85,7 +85,7 @@ from tests.test_controller_reconcile import setup_two_groups
 from tests.test_controller_serving import exists
 from tests.test_controller_serving import pod as plain_pod
 from tests.test_credentials import account, secret
-from tests.test_e2e import spawn, stop
+from tests.test_e2e import spawn
 from tests.test_kserve_users import kserve_claim
 
 state = base.state  # the fixture: the embedded backend and the API emulator

@@ -41,10 +41,10 @@ from localmodel.resources import (
     NAMESPACE_CACHE_FINALIZER,
 )
 from localmodel.state.kube import KubeState
-from tests.support.agents import cache_doc, eventually, group_doc
+from tests.support.agents import cache_doc, eventually, group_doc, stop
 from tests.support.hfhub import Hub
 from tests.support.kubeapi import KubeAPI, kubeconfig, load_crds
-from tests.test_e2e import node_obj, spawn, stop
+from tests.test_e2e import node_obj, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = "hf://org/llama-shared"  # the cluster cache's and team-a's

@@ -43,6 +43,7 @@ from localmodel.kinds import KINDS_BY_NAME, LOCAL_MODEL_CACHE, LOCAL_MODEL_NODE,
 from localmodel.layout import storage_key
 from localmodel.resources import LocalModelNodeStatus, ModelProgress, ModelState
 from tests.support.agents import cache_doc, group_doc
+from tests.support.agents import stop as stop_process
 from tests.support.kubeapi import KubeAPI, kubeconfig
 
 MODELCACHE = (sys.executable, "-m", "modelcache")
@@ -311,7 +312,7 @@ class Fleet:
         procs = {name: a.proc for name, a in self.agents.items() if a.proc is not None}
         if self.controller is not None:
             procs["controller"] = self.controller
-        codes = await asyncio.gather(*(_stop(p) for p in procs.values()))
+        codes = await asyncio.gather(*(stop_process(p) for p in procs.values()))
         return dict(zip(procs, codes, strict=True))
 
     def tails(self, chars: int = 3000) -> str:
@@ -321,19 +322,6 @@ class Fleet:
         return "\n".join(
             f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(self.logs.iterdir())
         )
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> int | None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    return proc.returncode
 
 
 def identical(copy: Path, source: Mapping[str, Path]) -> list[str]:
