@@ -138,6 +138,14 @@ def test_peers_flag_is_checked_in_one_line() -> None:
         parse_peers("node-b")
     with pytest.raises(InvalidInput, match=r"^--peers: ':7071' has no host"):
         parse_peers(":7071")
+    with pytest.raises(InvalidInput, match=r"^--peers: '127.0.0.1:99999' is not HOST:PORT with a port 1-"):
+        parse_peers("127.0.0.1:99999")
+    for wildcard in ("0.0.0.0:8081", "[::]:8081"):
+        with pytest.raises(InvalidInput, match=r"is a wildcard address \(one to listen on, not to reach\)"):
+            parse_peers(wildcard)
+    with pytest.raises(InvalidInput, match=r"^--peers: ' , ,' names no peer"):
+        parse_peers(" , ,")
+    assert parse_peers("") == ()
     with pytest.raises(InvalidInput, match=r"^--peers needs --peer-token-file"):
         peer_fill(None, "10.0.0.7:7071")
     assert peer_fill(None, "") is None

@@ -763,7 +763,10 @@ def run_agent(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
             ("--peers", "http://127.0.0.1:17071", "--peer-token-file", "TOKEN"),
             "--peers: 'http://127.0.0.1:17071': a URL",
         ),
-        (("--peers", "127.0.0.1:0", "--peer-token-file", "TOKEN"), "--peers: '127.0.0.1:0': port 0"),
+        (
+            ("--peers", "127.0.0.1:0", "--peer-token-file", "TOKEN"),
+            "--peers: '127.0.0.1:0' is not HOST:PORT with a port 1-65535",
+        ),
         (("--peers", "bad host:1", "--peer-token-file", "TOKEN"), "--peers: 'bad host:1': 'bad host' is not"),
         # Serving flags without the server: said, not silently ignored.
         (("--peer-advertise", "10.0.0.7:7071"), "--peer-advertise sets up the peer server, which is off"),

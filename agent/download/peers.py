@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from localmodel.cliargs import parse_addr
 from localmodel.errors import InvalidInput
 from localmodel.hosts import host_error
 from localmodel.manifest import HashCheck, Manifest
@@ -267,25 +266,35 @@ def dropped_for_bad_bytes(reason: str) -> bool:
 
 
 def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
-    """``host:port,host:port,...`` (``--peers``; blanks ignored) -> peers in that order, each once.
-    InvalidInput naming ``flag`` for an entry that is not HOST:PORT with a host (an IP address or
-    an RFC 1123 name: not a URL, no blank) and a port 1-65535."""
+    """``host:port,host:port,...`` (``--peers``; blanks between commas ignored) -> peers in that
+    order, each once. InvalidInput naming ``flag`` for an entry that is not HOST:PORT with a host (an
+    IP address or an RFC 1123 name: not a URL, no blank, not a wildcard such as 0.0.0.0, which is
+    an address to listen on, not to reach) and a port 1-65535, or for a value of commas alone."""
     out: dict[str, Peer] = {}
+    fix = "write each peer as HOST:PORT, e.g. 10.0.0.7:7071"
     for raw in text.split(","):
         item = raw.strip()
         if not item:
             continue
-        parse_addr(item, flag=flag)  # HOST:PORT, the port a number
-        if item.startswith(":"):
-            raise InvalidInput(
-                f"{flag}: {item!r} has no host; write each peer as HOST:PORT, e.g. 10.0.0.7:7071"
-            )
-        host, _, port = item.rpartition(":")
-        if (problem := host_error(host)) is not None or int(port) == 0:
-            why = problem or "port 0 is no peer's port"
-            raise InvalidInput(f"{flag}: {item!r}: {why}; write each peer as HOST:PORT, e.g. 10.0.0.7:7071")
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise InvalidInput(f"{flag}: {item!r} is not HOST:PORT with a port 1-65535; {fix}")
+        if not host:
+            raise InvalidInput(f"{flag}: {item!r} has no host; {fix}")
+        problem = host_error(host) or (
+            f"{host} is a wildcard address (one to listen on, not to reach)"
+            if host.strip("[]") in WILDCARDS
+            else None
+        )
+        if problem is not None:
+            raise InvalidInput(f"{flag}: {item!r}: {problem}; {fix}")
         out.setdefault(item, Peer(item))
+    if text.strip() and not out:
+        raise InvalidInput(f"{flag}: {text!r} names no peer; {fix}, or leave the flag out")
     return tuple(out.values())
+
+
+WILDCARDS = frozenset({"0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
 
 
 # A peer that is fetching a model serves the chunks it has made durable before it verifies the file
