@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ from localmodel.manifest import Manifest
 from localmodel.peering import FileHolding, Holding, manifest_digest
 from localmodel.resources import ModelState
 from localmodel.uri import parse_uri
-from tests.support.hfhub import Hub
+from tests.support.hfhub import Hub, Link
 from tests.support.httpfiles import HttpFiles
 from tests.support.peer import TestPeer, running
 from tests.support.s3files import S3Files
@@ -345,6 +346,41 @@ async def test_a_peer_that_refuses_our_token_is_dropped_before_any_byte(hf_hub: 
         "access denied (HTTP 401); check the credentials (the cluster token was refused)"
     )
     assert peer.requests == [] and peer.unauthorized == 1 and result.bytes_from_peers == 0
+
+
+async def test_a_peer_not_listening_yet_is_asked_again_not_dropped(hf_hub: Hub, tmp_path: Path) -> None:
+    """Agents that start together: a peer's port refuses connections for a moment. It is asked again
+    at each poll (STARTING_GRACE) and, once it answers, gives what it holds; it is never dropped."""
+    files = {f"w{i}.bin": os.urandom(MiB) for i in range(6)}
+    uri, rev = hf_model(hf_hub, **files)
+    hf_hub.link = Link(1 << 20)  # the origin at 1 MiB/s: 6 s for the whole model alone
+    peer = TestPeer(storage_key(uri), rev, MiB)
+    for name, data in files.items():
+        peer.hold(name, data)
+    with socket.socket() as s:  # a port nothing listens on yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+
+    async def late() -> None:
+        await asyncio.sleep(1.0)
+        await peer.start(port)
+
+    starting = asyncio.ensure_future(late())
+    try:
+        result = await pull(
+            parse_uri(uri),
+            Destination.for_folder(tmp_path / "m"),
+            sources=SourceSettings.from_env(),
+            transfer=TransferSettings(chunk_size=MiB, concurrency=1, backoff_initial=0.01, backoff_max=0.05),
+            peers=PeerSource((Peer(address, "node-1"),), peer_settings()),
+        )
+    finally:
+        await starting
+        await peer.close()
+    assert all((tmp_path / "m" / n).read_bytes() == d for n, d in files.items())
+    assert result.peers_dropped == ()
+    assert result.bytes_from_peers >= MiB and result.bytes_from_origin < result.bytes_total
 
 
 async def test_a_peer_that_has_not_got_the_rotated_token_yet_is_sent_the_previous_one(

@@ -208,7 +208,7 @@ class Transfer:
         each = len(manifest.files) if self.listing.archive is not None else 1
         hashed, size_only, named = checked_counts({p: m for p, (m, _) in self.outcome.items()}, each=each)
         origin, peers = (
-            self.fill.sources(self.transferred) if self.fill is not None else (self.transferred, 0)
+            self.fill.tally(self.transferred) if self.fill is not None else (self.transferred, 0)
         )
         return PullResult(
             files=len(manifest.files),

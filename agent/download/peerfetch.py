@@ -92,6 +92,11 @@ class Staging(Protocol):
     def advance(self, nbytes: int) -> None: ...
 
 
+# Seconds a peer that refuses connections before it ever answered is asked again before it is
+# dropped: agents that start together are listening within a few seconds of each other.
+STARTING_GRACE = 15.0
+
+
 @dataclasses.dataclass
 class _Peer:
     """One peer's state in this download (mutated on the event loop only)."""
@@ -108,6 +113,7 @@ class _Peer:
     in_flight: int = 0
     served: int = 0  # requests served since the cap was last raised
     previous_token: str | None = None  # sent instead of the current one: it refused that
+    refused_since: float | None = None  # when its port first refused us, before it ever answered
 
     def view(self) -> PeerView:
         return PeerView(self.address, self.holding, self.active_at, self.busy_until, self.in_flight, self.cap)
@@ -237,6 +243,8 @@ class PeerFill:
             data = await self._get_json(peer.address, holding_path(self.storage_key))
             holding = Holding.from_json(data) if data is not None else None
         except (DownloadError, SpecError, ValueError) as e:
+            if self._starting(peer, e):
+                return
             self._drop_for(peer.address, e, what="holding")
             if peer.previous_token is not None and peer.holding is None and peer.address in self.peers:
                 await self._ask(peer)  # refused our new token: asked at once with the previous one
@@ -311,6 +319,9 @@ class PeerFill:
         the download) and returns False when the origin sent the whole file instead."""
         pending = {c[0]: c for c in todo}
         running: dict[asyncio.Future[bool], tuple[Chunk, bool]] = {}
+        # Holdings as of now (at most once a poll interval): a peer that came up or grew since the
+        # last file counts for this one, even when no chunk of any file had to wait.
+        await self._refresh()
         try:
             while pending or running:
                 plan = self._plan(f, tuple(pending.values()))
@@ -430,11 +441,26 @@ class PeerFill:
         self.by_file[path] = self.by_file.get(path, 0) + nbytes
         self.staging.advance(nbytes)
 
-    def sources(self, transferred: int) -> tuple[int, int]:
-        """(bytes from the origin, bytes from peers) of a download that moved ``transferred``
-        bytes: the origin's count everything it sent (what it was asked for, refetches included);
-        the peers' only bytes of files that passed their hash (those in the published copy)."""
+    def tally(self, transferred: int) -> tuple[int, int]:
+        """At the end of a download that moved ``transferred`` bytes: (bytes from the origin, bytes
+        from peers). The origin's count everything it sent (what it was asked for, refetches
+        included); the peers' only bytes of files that passed their hash (those in the published
+        copy). A peer that refused connections all along (never up while this download ran) is
+        reported dropped now, so the status names it."""
+        for peer in list(self.peers.values()):
+            if peer.refused_since is not None and not peer.seen:
+                self.drop(peer.address, f"connection refused by {peer.address} all through the download")
         return transferred - self.peer_bytes, self.peer_bytes - self.discarded
+
+    def _starting(self, peer: _Peer, e: Exception) -> bool:
+        """True (not dropped: asked again at the next poll) while a peer that never answered yet
+        refuses connections, for :data:`STARTING_GRACE` seconds: an agent still starting (the pods of
+        a DaemonSet, or agents given each other in ``--peers``, start together)."""
+        if peer.seen or not _refused(e):
+            return False
+        if peer.refused_since is None:
+            peer.refused_since = self.clock()
+        return self.clock() - peer.refused_since < STARTING_GRACE
 
     def _token(self, address: str) -> str:
         peer = self.peers.get(address)
@@ -553,3 +579,18 @@ def _direct(body: Body) -> Callable[[Response], Sink | None]:
         return body.accept(response)
 
     return accept
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether a ConnectionRefusedError is behind ``e`` (nothing listens on the peer's port yet)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        cause = todo.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        todo += [cause.__cause__, cause.__context__]
+    return False

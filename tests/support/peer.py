@@ -94,14 +94,15 @@ class TestPeer:
         """The ranges asked of ``path``, in order ("" for a request without one)."""
         return [r or "" for p, r in self.requests if p == path]
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Serve on 127.0.0.1:``port`` (0: a free one); :attr:`address` says which."""
         app = web.Application(middlewares=[self._auth])
         app.router.add_get(API_PREFIX + "/{key}/holding", self._holding)
         app.router.add_get(API_PREFIX + "/{key}/manifest", self._manifest)
         app.router.add_get(API_PREFIX + "/{key}/files/{path:.+}", self._file)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.address = f"127.0.0.1:{port}"
