@@ -207,9 +207,7 @@ class Transfer:
         # An archive's members count as checked the way the archive was.
         each = len(manifest.files) if self.listing.archive is not None else 1
         hashed, size_only, named = checked_counts({p: m for p, (m, _) in self.outcome.items()}, each=each)
-        origin, peers = (
-            self.fill.tally(self.transferred) if self.fill is not None else (self.transferred, 0)
-        )
+        origin, peers = self.fill.tally(self.transferred) if self.fill is not None else (self.transferred, 0)
         return PullResult(
             files=len(manifest.files),
             bytes_total=manifest.total_bytes,
