@@ -68,6 +68,7 @@ from localmodel.placement import Refusal
 from localmodel.quantity import readable
 from localmodel.resources import (
     DroppedPeer,
+    LocalModelInfo,
     LocalModelNode,
     LocalModelNodeGroup,
     LocalModelNodeStatus,
@@ -671,12 +672,16 @@ class Agent:
         )
         await self.events.emit("DownloadCompleted", f"{name}: {rec.uri} is ready in models/{rec.key} ({how})")
 
+    def _desired(self, rec: Record) -> LocalModelInfo | None:
+        """The spec entry of the record's model (None: no longer wanted)."""
+        return next((m for m in self.desired.models if m.storage_key == rec.key), None)
+
     @contextlib.asynccontextmanager
     async def _access(self, rec: Record) -> AsyncIterator[tuple[SourceSettings, HttpClient | None]]:
         """The source settings and client of the credentials the model's cache names, read at each
         attempt (a Secret created or rotated meanwhile is used by the next one); a client of their
         own where they need one, closed after."""
-        info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
+        info = self._desired(rec)
         found = await self.credentials.credentials(info) if info is not None else None
         client = own_client(found, self.settings.transfer)
         try:
@@ -704,7 +709,7 @@ class Agent:
     ) -> PullResult:
         """The pull of one model, with the credentials its cache names and, with peer fill on,
         the peers the controller lists for it (or --peers)."""
-        info = next((m for m in self.desired.models if m.storage_key == rec.key), None)
+        info = self._desired(rec)
         rec.progress = records.peers_cleared(rec.progress)
         peers = peer_source(
             self.settings.peer_fill,

@@ -40,7 +40,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
 from controller.snapshot import Snapshot
-from localmodel.hosts import host_error
+from localmodel.hosts import host_error, is_wildcard, port_number
 from localmodel.placement import Layout
 from localmodel.resources import (
     LocalModelInfo,
@@ -83,9 +83,9 @@ def peer_address_ok(address: str | None) -> bool:
     if not address:
         return False
     host, sep, port = address.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) <= 65535:
+    if not sep or port_number(port) is None:
         return False
-    return host_error(host) is None and host.strip("[]") not in ("0.0.0.0", "::")
+    return host_error(host) is None and not is_wildcard(host)
 
 
 def fill_of(snapshot: Snapshot, placed: Layout, cache: str, addressed: Iterable[str]) -> Fill:

@@ -118,3 +118,21 @@ def host_error(host: str) -> str | None:
     if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
         return f"{host!r} is not a host name or an IP address"
     return None
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` (bracketed or not) is an unspecified address (``0.0.0.0``, ``::`` in any
+    spelling): one to listen on, never one to reach."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return ipaddress.ip_address(inner).is_unspecified
+    except ValueError:
+        return False
+
+
+def port_number(text: str) -> int | None:
+    """The TCP port ``text`` spells in ASCII digits, 1-65535; None for anything else."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
+        return None
+    port = int(text)
+    return port if 0 < port <= 65535 else None

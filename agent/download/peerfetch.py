@@ -56,6 +56,7 @@ from agent.download.peers import (
 )
 from agent.download.ratelimit import RateLimiter
 from agent.download.transfer import TransferSettings
+from agent.download.wording import causes
 from localmodel.errors import (
     AccessDenied,
     DiskFull,
@@ -583,14 +584,4 @@ def _direct(body: Body) -> Callable[[Response], Sink | None]:
 
 def _refused(e: BaseException) -> bool:
     """Whether a ConnectionRefusedError is behind ``e`` (nothing listens on the peer's port yet)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [e]
-    while todo:
-        cause = todo.pop()
-        if cause is None or id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if isinstance(cause, ConnectionRefusedError):
-            return True
-        todo += [cause.__cause__, cause.__context__]
-    return False
+    return any(isinstance(cause, ConnectionRefusedError) for cause in causes(e))

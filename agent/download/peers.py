@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from localmodel.errors import InvalidInput
-from localmodel.hosts import host_error
+from localmodel.hosts import host_error, is_wildcard, port_number
 from localmodel.manifest import HashCheck, Manifest
 from localmodel.peering import Holding, manifest_digest
 from localmodel.resources import DroppedPeer, ModelState
@@ -277,14 +277,12 @@ def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
         if not item:
             continue
         host, sep, port = item.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        if not sep or port_number(port) is None:
             raise InvalidInput(f"{flag}: {item!r} is not HOST:PORT with a port 1-65535; {fix}")
         if not host:
             raise InvalidInput(f"{flag}: {item!r} has no host; {fix}")
         problem = host_error(host) or (
-            f"{host} is a wildcard address (one to listen on, not to reach)"
-            if host.strip("[]") in WILDCARDS
-            else None
+            f"{host} is a wildcard address (one to listen on, not to reach)" if is_wildcard(host) else None
         )
         if problem is not None:
             raise InvalidInput(f"{flag}: {item!r}: {problem}; {fix}")
@@ -292,9 +290,6 @@ def parse_peers(text: str, *, flag: str = "--peers") -> tuple[Peer, ...]:
     if text.strip() and not out:
         raise InvalidInput(f"{flag}: {text!r} names no peer; {fix}, or leave the flag out")
     return tuple(out.values())
-
-
-WILDCARDS = frozenset({"0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
 
 
 # A peer that is fetching a model serves the chunks it has made durable before it verifies the file

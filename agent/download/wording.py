@@ -5,9 +5,25 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from localmodel.errors import TransientError
+
+
+def causes(e: BaseException) -> Iterator[BaseException]:
+    """``e``, then what is behind it, breadth first, each once: its ``__cause__``, ``__context__`` and
+    exceptions among its arguments (httpx, urllib3 and botocore wrap the OS's error, some as one)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        cause = todo.pop(0)
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        yield cause
+        todo += [c for c in (cause.__cause__, cause.__context__) if c is not None]
+        todo += [a for a in cause.args if isinstance(a, BaseException)]
 
 
 def connection_words(e: BaseException, endpoint: str) -> str:
@@ -22,13 +38,7 @@ def connection_words(e: BaseException, endpoint: str) -> str:
         where = f"{host}:{parts.port}" if parts.port else host
     except ValueError:
         where = host
-    seen: set[int] = set()
-    todo: list[BaseException] = [e]
-    while todo:
-        cause = todo.pop(0)
-        if id(cause) in seen:
-            continue
-        seen.add(id(cause))
+    for cause in causes(e):
         if isinstance(cause, socket.gaierror):
             return f"cannot resolve host {host} ({cause.strerror or cause})"
         if isinstance(cause, http.client.IncompleteRead):
@@ -44,8 +54,6 @@ def connection_words(e: BaseException, endpoint: str) -> str:
             return f"TLS with {where} failed ({cause.reason or cause})"
         if isinstance(cause, OSError) and cause.strerror:
             return f"{cause.strerror} ({where})"
-        todo += [c for c in (cause.__cause__, cause.__context__) if c is not None]
-        todo += [a for a in cause.args if isinstance(a, BaseException)]
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__} from {where}: {text}" if text else f"{type(e).__name__} from {where}"
 

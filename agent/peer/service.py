@@ -26,7 +26,7 @@ from agent.peer.server import PeerServer, ServeSettings
 from agent.peer.token import TokenFile
 from agent.status import PeerState
 from localmodel.errors import InvalidInput
-from localmodel.hosts import host_error
+from localmodel.hosts import host_error, is_wildcard, port_number
 
 log = logging.getLogger("modelcache.agent")
 
@@ -46,13 +46,12 @@ def parse_advertise(text: str) -> str:
     for a missing host, one that is not an IP address or RFC 1123 name (a URL, a blank), a
     wildcard host or a port outside 1-65535."""
     host, sep, port = text.strip().rpartition(":")
-    bare = host.strip("[]")
-    if not sep or not bare or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not sep or not host.strip("[]") or port_number(port) is None:
         raise InvalidInput(
             f"--peer-advertise: {text!r} is not HOST:PORT; write the address other nodes reach this "
             "agent at, e.g. 10.0.3.7:7071"
         )
-    if bare in ("0.0.0.0", "::"):
+    if is_wildcard(host):
         raise InvalidInput(f"--peer-advertise: {text!r} is a wildcard; name an address other nodes can reach")
     if (problem := host_error(host)) is not None:
         raise InvalidInput(
@@ -85,7 +84,7 @@ def advertise_address(
     if given:
         return given
     port = bound[1]
-    for host in (pod_ip or "", "" if bound[0] in ("", "0.0.0.0", "::") else bound[0], node_name):
+    for host in (pod_ip or "", "" if not bound[0] or is_wildcard(bound[0]) else bound[0], node_name):
         if host.strip():
             return f"{_bracketed(host.strip())}:{port}"
     return f"{node_name}:{port}"
